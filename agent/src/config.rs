@@ -1,0 +1,126 @@
+//! Agent configuration (TOML). Every field is documented here and in
+//! `systemd/agent.toml`; unknown fields are rejected.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `/etc/gpupool/agent.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Scheduler gRPC address, e.g. `http://10.0.0.1:7070`.
+    pub scheduler_addr: String,
+    /// Stable node id. Default: the contents of `/etc/machine-id`.
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// Directory for instance logs and working directories.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Where to serve Prometheus `/metrics`; omit to disable.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Simulated GPUs instead of NVML, e.g. `8xH100-80GB`.
+    #[serde(default)]
+    pub fake_gpus: Option<String>,
+    /// Availability-zone label reported to the scheduler (`AZ1`..`AZ3`).
+    #[serde(default)]
+    pub az: String,
+    /// Free-form labels reported with the inventory.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Cluster join token, sent as a bearer token. Must match the scheduler's.
+    #[serde(default)]
+    pub join_token: Option<String>,
+    /// Longest wait between reconnect attempts, in milliseconds.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/gpupool/agent")
+}
+
+fn default_max_backoff_ms() -> u64 {
+    10_000
+}
+
+/// A config file that cannot be used; the message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+impl AgentConfig {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses TOML text; the error text names the offending field.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Self = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
+        if config.scheduler_addr.trim().is_empty() {
+            return Err("field `scheduler_addr` must not be empty".into());
+        }
+        Ok(config)
+    }
+
+    /// The node id: configured, else `/etc/machine-id`, else the hostname.
+    pub fn resolved_node_id(&self, hostname: &str) -> String {
+        if let Some(id) = self.node_id.as_ref().filter(|s| !s.trim().is_empty()) {
+            return id.trim().to_string();
+        }
+        std::fs::read_to_string("/etc/machine-id")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| hostname.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = AgentConfig::parse("scheduler_addr = \"http://127.0.0.1:7070\"").unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/gpupool/agent"));
+        assert!(c.metrics_listen.is_none());
+        assert_eq!(c.max_backoff_ms, 10_000);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = AgentConfig::parse("scheduler_addr = \"x\"\nbogus = 1").unwrap_err();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_field() {
+        let err = AgentConfig::parse("scheduler_addr = \"x\"\nmetrics_listen = 5").unwrap_err();
+        assert!(err.contains("metrics_listen"), "{err}");
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/agent.toml");
+        AgentConfig::load(&path).unwrap();
+    }
+}

@@ -1,0 +1,80 @@
+//! `gpupool-agent`: runs on every node. Probes the hardware (NVML, sysinfo),
+//! registers with the scheduler and holds one session with it, runs the job
+//! instances it is given as supervised process groups, and serves
+//! Prometheus `/metrics`.
+//!
+//! Modules: [`probe`] (hardware, behind `GpuProbe`), [`runtime`] (processes),
+//! [`session`] (the gRPC protocol), [`metrics`], [`config`].
+
+pub mod config;
+pub mod metrics;
+pub mod probe;
+pub mod runtime;
+pub mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+pub use config::AgentConfig;
+
+/// Runs the agent until `shutdown` resolves. `probe` overrides the GPU probe
+/// (tests, failure injection); `None` picks fakes from the config or NVML.
+pub async fn run(
+    config: AgentConfig,
+    probe: Option<Arc<dyn probe::GpuProbe>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let host = probe::host_info();
+    let node_id = config.resolved_node_id(&host.hostname);
+    let probe: Arc<dyn probe::GpuProbe> = match probe {
+        Some(p) => p,
+        None => Arc::from(probe::select_probe(config.fake_gpus.as_deref(), &node_id)?),
+    };
+    let runtime = runtime::Runtime::new(&config.state_dir)
+        .with_context(|| format!("cannot create state dir {}", config.state_dir.display()))?;
+    let ctx = Arc::new(session::AgentCtx {
+        node_id: node_id.clone(),
+        host,
+        az: config.az.clone(),
+        labels: config.labels.clone(),
+        scheduler_addr: config.scheduler_addr.clone(),
+        join_token: config.join_token.clone(),
+        max_backoff: Duration::from_millis(config.max_backoff_ms),
+        probe,
+        runtime,
+        connected: Default::default(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot bind metrics address {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "agent metrics listening");
+            let mut rx = stop_rx.clone();
+            let ctx = ctx.clone();
+            Some(tokio::spawn(async move {
+                let stop = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                if let Err(err) = metrics::serve(listener, ctx, stop).await {
+                    tracing::error!(error = %err, "metrics server failed");
+                }
+            }))
+        }
+        None => None,
+    };
+    tracing::info!(node = %node_id, scheduler = %config.scheduler_addr, "agent starting");
+    let session = tokio::spawn(session::run(ctx.clone(), stop_rx));
+    shutdown.await;
+    tracing::info!("agent shutting down; running instances are left running");
+    let _ = stop_tx.send(true);
+    let _ = session.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    Ok(())
+}

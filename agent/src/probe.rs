@@ -1,0 +1,306 @@
+//! Hardware probing: GPUs behind the [`GpuProbe`] trait (NVML for real,
+//! [`FakeGpus`] for clusters on a laptop and CI), host facts via sysinfo.
+//!
+//! Nothing here talks to the scheduler; the session converts these plain
+//! structs into protobuf at its boundary.
+
+use std::sync::Mutex;
+
+use nvml_wrapper::Nvml;
+use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+
+/// One GPU as probed: static facts plus the latest samples.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub uuid: String,
+    pub model: String,
+    pub pci_bus_id: String,
+    pub memory_total_mib: u64,
+    pub memory_used_mib: u64,
+    pub utilization_pct: u32,
+    pub temperature_c: u32,
+    pub power_mw: u32,
+    pub mig_enabled: bool,
+    pub healthy: bool,
+    pub health_reason: String,
+}
+
+/// Where the agent learns about its GPUs. The real implementation is NVML;
+/// fakes are chosen by the caller (`--fake-gpus`), never by `cfg!(test)`.
+pub trait GpuProbe: Send + Sync {
+    /// Every GPU with fresh samples.
+    fn gpus(&self) -> Vec<GpuInfo>;
+    /// True for simulated GPUs.
+    fn is_fake(&self) -> bool {
+        false
+    }
+}
+
+/// A machine with no NVIDIA driver: no GPUs.
+#[derive(Debug, Default)]
+pub struct NoGpus;
+
+impl GpuProbe for NoGpus {
+    fn gpus(&self) -> Vec<GpuInfo> {
+        Vec::new()
+    }
+}
+
+/// The real probe: one NVML handle for the agent's life.
+pub struct NvmlProbe {
+    nvml: Nvml,
+}
+
+impl NvmlProbe {
+    /// Loads libnvidia-ml. Fails (with a libloading error inside) on
+    /// machines without the NVIDIA driver.
+    pub fn init() -> Result<Self, nvml_wrapper::error::NvmlError> {
+        Ok(Self { nvml: Nvml::init()? })
+    }
+}
+
+impl GpuProbe for NvmlProbe {
+    fn gpus(&self) -> Vec<GpuInfo> {
+        let count = match self.nvml.device_count() {
+            Ok(n) => n,
+            Err(err) => {
+                tracing::warn!(error = %err, "NVML device_count failed");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::with_capacity(count as usize);
+        for index in 0..count {
+            let device = match self.nvml.device_by_index(index) {
+                Ok(d) => d,
+                Err(err) => {
+                    out.push(GpuInfo {
+                        index,
+                        uuid: format!("unknown-{index}"),
+                        model: "unknown".into(),
+                        pci_bus_id: String::new(),
+                        memory_total_mib: 0,
+                        memory_used_mib: 0,
+                        utilization_pct: 0,
+                        temperature_c: 0,
+                        power_mw: 0,
+                        mig_enabled: false,
+                        healthy: false,
+                        health_reason: format!("NVML cannot open device: {err}"),
+                    });
+                    continue;
+                }
+            };
+            let memory = device.memory_info().ok();
+            out.push(GpuInfo {
+                index,
+                uuid: device.uuid().unwrap_or_else(|_| format!("unknown-{index}")),
+                model: device.name().unwrap_or_else(|_| "unknown".into()),
+                pci_bus_id: device.pci_info().map(|p| p.bus_id).unwrap_or_default(),
+                memory_total_mib: memory.as_ref().map_or(0, |m| m.total / (1024 * 1024)),
+                memory_used_mib: memory.as_ref().map_or(0, |m| m.used / (1024 * 1024)),
+                utilization_pct: device.utilization_rates().map_or(0, |u| u.gpu),
+                temperature_c: device.temperature(TemperatureSensor::Gpu).unwrap_or(0),
+                power_mw: device.power_usage().unwrap_or(0),
+                mig_enabled: device.mig_mode().is_ok_and(|m| m.current == 1),
+                healthy: true,
+                health_reason: String::new(),
+            });
+        }
+        out
+    }
+}
+
+/// Simulated GPUs, e.g. `8xH100-80GB` or `2xA100-40GB,1xT4-16GB`.
+/// Utilization and health can be changed at run time (failure injection).
+pub struct FakeGpus {
+    gpus: Mutex<Vec<GpuInfo>>,
+}
+
+/// A `--fake-gpus` value that cannot be parsed.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid fake GPU spec {spec:?}: expected COUNTxMODEL[,COUNTxMODEL...], e.g. 8xH100-80GB")]
+pub struct FakeSpecError {
+    spec: String,
+}
+
+impl FakeGpus {
+    /// Parses a spec; `seed` (the node id) makes the UUIDs unique per node.
+    pub fn parse(spec: &str, seed: &str) -> Result<Self, FakeSpecError> {
+        let err = || FakeSpecError { spec: spec.to_string() };
+        let mut gpus = Vec::new();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (count, model) = part.split_once(['x', 'X']).ok_or_else(err)?;
+            let count: u32 = count.trim().parse().map_err(|_| err())?;
+            let model = model.trim();
+            if count == 0 || count > 64 || model.is_empty() {
+                return Err(err());
+            }
+            let memory_total_mib = memory_from_model(model).unwrap_or(16 * 1024);
+            for _ in 0..count {
+                let index = gpus.len() as u32;
+                gpus.push(GpuInfo {
+                    index,
+                    uuid: fake_uuid(seed, index),
+                    model: model.to_string(),
+                    pci_bus_id: format!("00000000:{:02X}:00.0", 0x10 + index),
+                    memory_total_mib,
+                    memory_used_mib: 0,
+                    utilization_pct: 0,
+                    temperature_c: 35,
+                    power_mw: 60_000,
+                    mig_enabled: false,
+                    healthy: true,
+                    health_reason: String::new(),
+                });
+            }
+        }
+        if gpus.is_empty() {
+            return Err(err());
+        }
+        Ok(Self { gpus: Mutex::new(gpus) })
+    }
+
+    /// Failure injection: mark a GPU unhealthy (or healthy again).
+    pub fn set_health(&self, index: u32, healthy: bool, reason: &str) {
+        let mut gpus = self.gpus.lock().unwrap();
+        if let Some(gpu) = gpus.iter_mut().find(|g| g.index == index) {
+            gpu.healthy = healthy;
+            gpu.health_reason = reason.to_string();
+        }
+    }
+}
+
+impl GpuProbe for FakeGpus {
+    fn gpus(&self) -> Vec<GpuInfo> {
+        self.gpus.lock().unwrap().clone()
+    }
+    fn is_fake(&self) -> bool {
+        true
+    }
+}
+
+/// "H100-80GB" -> 80 GiB in MiB.
+fn memory_from_model(model: &str) -> Option<u64> {
+    let upper = model.to_ascii_uppercase();
+    let digits = upper.strip_suffix("GB").or_else(|| upper.strip_suffix('G'))?;
+    let start = digits.rfind(|c: char| !c.is_ascii_digit()).map_or(0, |i| i + 1);
+    digits[start..].parse::<u64>().ok().map(|g| g * 1024)
+}
+
+/// A stable UUID-shaped id from the node seed and index (FNV-1a).
+fn fake_uuid(seed: &str, index: u32) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.bytes().chain(index.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let h2 = h.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15;
+    format!(
+        "GPU-{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        (h >> 32) as u32,
+        (h >> 16) as u16,
+        h as u16,
+        (h2 >> 48) as u16,
+        h2 & 0xffff_ffff_ffff
+    )
+}
+
+/// Picks the GPU probe: fakes when asked, else NVML, else CPU-only with one
+/// clear log line.
+pub fn select_probe(fake: Option<&str>, seed: &str) -> anyhow::Result<Box<dyn GpuProbe>> {
+    if let Some(spec) = fake {
+        let fake = FakeGpus::parse(spec, seed)?;
+        tracing::info!(spec, "using simulated GPUs");
+        return Ok(Box::new(fake));
+    }
+    match NvmlProbe::init() {
+        Ok(probe) => {
+            tracing::info!(gpus = probe.gpus().len(), "NVML initialised");
+            Ok(Box::new(probe))
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "NVML not available (no NVIDIA driver?); running as a CPU-only node");
+            Ok(Box::new(NoGpus))
+        }
+    }
+}
+
+/// Host facts from sysinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostInfo {
+    pub hostname: String,
+    pub cpu_cores: u32,
+    pub cpu_model: String,
+    pub memory_mib: u64,
+    pub os: String,
+    pub kernel: String,
+}
+
+/// Reads host facts once.
+pub fn host_info() -> HostInfo {
+    let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "localhost".into());
+    let os = sysinfo::System::long_os_version().unwrap_or_default();
+    let kernel = sysinfo::System::kernel_version().unwrap_or_default();
+    let Ok(mut sys) = sysinfo::System::new() else {
+        tracing::warn!("sysinfo cannot read this host; reporting no CPU or memory");
+        return HostInfo { hostname, cpu_cores: 0, cpu_model: String::new(), memory_mib: 0, os, kernel };
+    };
+    sys.refresh_cpu_all();
+    sys.refresh_memory();
+    HostInfo {
+        hostname,
+        cpu_cores: sys.cpus().len() as u32,
+        cpu_model: sys.cpus().first().map(|c| c.brand().to_string()).unwrap_or_default(),
+        memory_mib: sys.total_memory() / (1024 * 1024),
+        os,
+        kernel,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_spec_parses_count_model_and_memory() {
+        let fake = FakeGpus::parse("2xA100-40GB,1xT4-16GB", "node-a").unwrap();
+        let gpus = fake.gpus();
+        assert_eq!(gpus.len(), 3);
+        assert_eq!(gpus[0].model, "A100-40GB");
+        assert_eq!(gpus[0].memory_total_mib, 40 * 1024);
+        assert_eq!(gpus[2].model, "T4-16GB");
+        assert_eq!(gpus[2].index, 2);
+        assert!(gpus.iter().all(|g| g.healthy));
+    }
+
+    #[test]
+    fn fake_uuids_are_unique_per_node_and_stable() {
+        let a = FakeGpus::parse("8xH100-80GB", "node-a").unwrap().gpus();
+        let b = FakeGpus::parse("8xH100-80GB", "node-b").unwrap().gpus();
+        let a2 = FakeGpus::parse("8xH100-80GB", "node-a").unwrap().gpus();
+        let mut all: Vec<_> = a.iter().chain(&b).map(|g| g.uuid.clone()).collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 16);
+        assert_eq!(a, a2);
+        assert!(a[0].uuid.starts_with("GPU-"));
+    }
+
+    #[test]
+    fn bad_fake_specs_are_rejected() {
+        for bad in ["", "8", "xH100", "0xH100", "ax", "8x"] {
+            assert!(FakeGpus::parse(bad, "n").is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn health_can_be_injected() {
+        let fake = FakeGpus::parse("2xH100-80GB", "n").unwrap();
+        fake.set_health(1, false, "XID 79");
+        let gpus = fake.gpus();
+        assert!(gpus[0].healthy);
+        assert!(!gpus[1].healthy);
+        assert_eq!(gpus[1].health_reason, "XID 79");
+    }
+}

@@ -1,0 +1,470 @@
+//! Job instances as real child processes: one process group each, exact GPU
+//! visibility, a log file per instance, stop = SIGTERM to the group then
+//! SIGKILL after a grace.
+//!
+//! The runtime knows nothing of gRPC: the session feeds it plain
+//! [`InstanceSpec`]s and reads [`InstanceReport`]s back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::Notify;
+
+/// What the scheduler asked to run.
+#[derive(Debug, Clone, Default)]
+pub struct InstanceSpec {
+    pub instance_id: String,
+    pub job_id: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub working_dir: Option<PathBuf>,
+    pub gpu_uuids: Vec<String>,
+    pub rank: u32,
+    pub world_size: u32,
+}
+
+/// Lifecycle of an instance on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    Stopping,
+    Succeeded,
+    Failed,
+    Stopped,
+}
+
+impl Phase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Stopped)
+    }
+}
+
+/// What the agent reports about one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceReport {
+    pub instance_id: String,
+    pub phase: Phase,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub reason: String,
+    pub pid: u32,
+}
+
+struct Entry {
+    report: InstanceReport,
+    pgid: Option<i32>,
+    stop_requested: bool,
+}
+
+/// Errors reading an instance's log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("invalid instance id {0:?}")]
+    BadId(String),
+    #[error("no log for instance {0}")]
+    NotFound(String),
+    #[error("cannot read log of instance {instance_id}")]
+    Io {
+        instance_id: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The set of instances this agent supervises.
+#[derive(Clone)]
+pub struct Runtime {
+    state_dir: PathBuf,
+    entries: Arc<Mutex<HashMap<String, Entry>>>,
+    changed: Arc<Notify>,
+}
+
+impl Runtime {
+    pub fn new(state_dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(state_dir.join("logs"))?;
+        std::fs::create_dir_all(state_dir.join("work"))?;
+        Ok(Self {
+            state_dir: state_dir.to_path_buf(),
+            entries: Arc::default(),
+            changed: Arc::default(),
+        })
+    }
+
+    /// Notified whenever an instance changes phase.
+    pub fn changed(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+
+    /// Every known instance, running or finished-but-not-forgotten.
+    pub fn snapshot(&self) -> Vec<InstanceReport> {
+        let entries = self.entries.lock().unwrap();
+        let mut out: Vec<_> = entries.values().map(|e| e.report.clone()).collect();
+        out.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        out
+    }
+
+    fn log_path(&self, instance_id: &str) -> Result<PathBuf, LogError> {
+        if !valid_id(instance_id) {
+            return Err(LogError::BadId(instance_id.to_string()));
+        }
+        Ok(self.state_dir.join("logs").join(format!("{instance_id}.log")))
+    }
+
+    /// Starts an instance. Idempotent: a known id is left alone.
+    pub fn start(&self, spec: InstanceSpec) {
+        {
+            let mut entries = self.entries.lock().unwrap();
+            if entries.contains_key(&spec.instance_id) {
+                return;
+            }
+            entries.insert(
+                spec.instance_id.clone(),
+                Entry {
+                    report: InstanceReport {
+                        instance_id: spec.instance_id.clone(),
+                        phase: Phase::Running,
+                        exit_code: None,
+                        signal: None,
+                        reason: String::new(),
+                        pid: 0,
+                    },
+                    pgid: None,
+                    stop_requested: false,
+                },
+            );
+        }
+        match self.spawn(&spec) {
+            Ok(child) => {
+                let pid = child.id().unwrap_or(0);
+                self.update(&spec.instance_id, |e| {
+                    e.report.pid = pid;
+                    e.pgid = Some(pid as i32);
+                });
+                tracing::info!(instance = %spec.instance_id, pid, "instance started");
+                let this = self.clone();
+                tokio::spawn(async move { this.wait(spec.instance_id, child).await });
+            }
+            Err(err) => {
+                tracing::warn!(instance = %spec.instance_id, error = %err, "instance failed to start");
+                self.update(&spec.instance_id, |e| {
+                    e.report.phase = Phase::Failed;
+                    e.report.reason = format!("failed to start: {err}");
+                });
+            }
+        }
+        self.changed.notify_one();
+    }
+
+    fn spawn(&self, spec: &InstanceSpec) -> anyhow::Result<tokio::process::Child> {
+        let (program, args) = spec
+            .command
+            .split_first()
+            .ok_or_else(|| anyhow::anyhow!("empty command"))?;
+        let log_path = self.log_path(&spec.instance_id)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let workdir = match &spec.working_dir {
+            Some(dir) => dir.clone(),
+            None => self.state_dir.join("work").join(&spec.instance_id),
+        };
+        std::fs::create_dir_all(&workdir)?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .env_clear()
+            .envs(instance_env(spec, &workdir))
+            .current_dir(&workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .process_group(0)
+            .kill_on_drop(false);
+        Ok(cmd.spawn()?)
+    }
+
+    async fn wait(&self, instance_id: String, mut child: tokio::process::Child) {
+        let status = child.wait().await;
+        let pgid = self.entries.lock().unwrap().get(&instance_id).and_then(|e| e.pgid);
+        // Whatever the leader left behind in its group goes with it.
+        if let Some(pgid) = pgid {
+            signal_group(pgid, libc::SIGKILL);
+        }
+        self.update(&instance_id, |e| {
+            match &status {
+                Ok(status) => {
+                    e.report.exit_code = status.code();
+                    e.report.signal = status.signal();
+                    e.report.phase = if e.stop_requested {
+                        Phase::Stopped
+                    } else if status.success() {
+                        Phase::Succeeded
+                    } else {
+                        Phase::Failed
+                    };
+                    if e.report.phase == Phase::Failed {
+                        e.report.reason = match (status.code(), status.signal()) {
+                            (Some(code), _) => format!("exited with code {code}"),
+                            (None, Some(sig)) => format!("killed by signal {sig}"),
+                            _ => "exited".into(),
+                        };
+                    }
+                }
+                Err(err) => {
+                    e.report.phase = Phase::Failed;
+                    e.report.reason = format!("wait failed: {err}");
+                }
+            }
+            tracing::info!(instance = %e.report.instance_id, phase = ?e.report.phase,
+                exit_code = ?e.report.exit_code, signal = ?e.report.signal, "instance ended");
+        });
+        self.changed.notify_one();
+    }
+
+    fn update(&self, instance_id: &str, f: impl FnOnce(&mut Entry)) {
+        if let Some(entry) = self.entries.lock().unwrap().get_mut(instance_id) {
+            f(entry);
+        }
+    }
+
+    /// Stops an instance: SIGTERM to its process group, SIGKILL to the group
+    /// after `grace` if anything in it is still alive.
+    pub fn stop(&self, instance_id: &str, grace: Duration, reason: &str) {
+        let pgid = {
+            let mut entries = self.entries.lock().unwrap();
+            let Some(entry) = entries.get_mut(instance_id) else {
+                return;
+            };
+            if entry.report.phase.is_terminal() {
+                return;
+            }
+            entry.stop_requested = true;
+            entry.report.phase = Phase::Stopping;
+            entry.report.reason = reason.to_string();
+            entry.pgid
+        };
+        self.changed.notify_one();
+        let Some(pgid) = pgid else { return };
+        tracing::info!(instance = %instance_id, pgid, ?grace, "stopping instance");
+        signal_group(pgid, libc::SIGTERM);
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + grace;
+            while tokio::time::Instant::now() < deadline {
+                if !group_alive(pgid) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if group_alive(pgid) {
+                tracing::info!(pgid, "grace expired, sending SIGKILL to the group");
+                signal_group(pgid, libc::SIGKILL);
+            }
+        });
+    }
+
+    /// Drops a finished instance the scheduler has recorded. Its log stays.
+    pub fn forget(&self, instance_id: &str) {
+        let mut entries = self.entries.lock().unwrap();
+        if entries.get(instance_id).is_some_and(|e| e.report.phase.is_terminal()) {
+            entries.remove(instance_id);
+        }
+    }
+
+    /// Reads up to `max` bytes of an instance's log from `offset`.
+    /// Returns the bytes and the offset after them.
+    pub async fn read_log(
+        &self,
+        instance_id: &str,
+        offset: u64,
+        max: usize,
+    ) -> Result<(Vec<u8>, u64), LogError> {
+        let path = self.log_path(instance_id)?;
+        let io = |source| LogError::Io { instance_id: instance_id.to_string(), source };
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(LogError::NotFound(instance_id.to_string()));
+            }
+            Err(e) => return Err(io(e)),
+        };
+        file.seek(std::io::SeekFrom::Start(offset)).await.map_err(io)?;
+        let mut buf = Vec::with_capacity(max.min(64 * 1024));
+        file.take(max as u64).read_to_end(&mut buf).await.map_err(io)?;
+        let next = offset + buf.len() as u64;
+        Ok((buf, next))
+    }
+}
+
+/// The environment an instance sees: nothing of the agent's but PATH and
+/// LANG, then the job's own variables, then what gpupool sets (which wins).
+fn instance_env(spec: &InstanceSpec, workdir: &Path) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for key in ["PATH", "LANG"] {
+        if let Ok(value) = std::env::var(key) {
+            env.insert(key.to_string(), value);
+        }
+    }
+    env.entry("PATH".into())
+        .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
+    env.extend(spec.env.clone());
+    let visible = spec.gpu_uuids.join(",");
+    env.insert("NVIDIA_VISIBLE_DEVICES".into(), if visible.is_empty() { "void".into() } else { visible.clone() });
+    env.insert("CUDA_VISIBLE_DEVICES".into(), visible);
+    env.insert("HOME".into(), workdir.display().to_string());
+    env.insert("GPUPOOL_JOB_ID".into(), spec.job_id.clone());
+    env.insert("GPUPOOL_INSTANCE_ID".into(), spec.instance_id.clone());
+    env.insert("RANK".into(), spec.rank.to_string());
+    env.insert("WORLD_SIZE".into(), spec.world_size.max(1).to_string());
+    env
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn signal_group(pgid: i32, signal: i32) -> bool {
+    if pgid <= 1 {
+        return false;
+    }
+    // SAFETY: kill(2) with a negative pid signals a process group; no memory is touched.
+    unsafe { libc::kill(-pgid, signal) == 0 }
+}
+
+/// True while any non-zombie process is left in the group. Zombies count as
+/// gone: they hold no resources and may belong to a parent that never reaps.
+fn group_alive(pgid: i32) -> bool {
+    if !signal_group(pgid, 0) {
+        return false;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .any(|stat| {
+            // pid (comm) state ppid pgrp ...; comm may hold spaces, so cut at the last ')'.
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                return false;
+            };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next();
+            let pgrp = fields.nth(1).and_then(|p| p.parse::<i32>().ok());
+            pgrp == Some(pgid) && state != Some("Z")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str, command: &[&str]) -> InstanceSpec {
+        InstanceSpec {
+            instance_id: id.into(),
+            job_id: "j1".into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            gpu_uuids: vec!["GPU-a".into(), "GPU-b".into()],
+            world_size: 1,
+            ..Default::default()
+        }
+    }
+
+    async fn wait_terminal(rt: &Runtime, id: &str) -> InstanceReport {
+        for _ in 0..400 {
+            if let Some(r) = rt.snapshot().into_iter().find(|r| r.instance_id == id) {
+                if r.phase.is_terminal() {
+                    return r;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("instance {id} did not end");
+    }
+
+    #[tokio::test]
+    async fn runs_with_exact_gpu_visibility_and_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(dir.path()).unwrap();
+        rt.start(spec("i1", &["sh", "-c", "echo cuda=$CUDA_VISIBLE_DEVICES nv=$NVIDIA_VISIBLE_DEVICES; echo oops >&2"]));
+        let r = wait_terminal(&rt, "i1").await;
+        assert_eq!(r.phase, Phase::Succeeded);
+        assert_eq!(r.exit_code, Some(0));
+        let (log, next) = rt.read_log("i1", 0, 1 << 20).await.unwrap();
+        let log = String::from_utf8(log).unwrap();
+        assert!(log.contains("cuda=GPU-a,GPU-b nv=GPU-a,GPU-b"), "{log}");
+        assert!(log.contains("oops"), "{log}");
+        assert_eq!(next as usize, log.len());
+        let (tail, _) = rt.read_log("i1", 5, 3).await.unwrap();
+        assert_eq!(tail, log.as_bytes()[5..8]);
+    }
+
+    #[tokio::test]
+    async fn nonzero_exit_is_failed_with_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(dir.path()).unwrap();
+        rt.start(spec("i2", &["sh", "-c", "exit 3"]));
+        let r = wait_terminal(&rt, "i2").await;
+        assert_eq!(r.phase, Phase::Failed);
+        assert_eq!(r.exit_code, Some(3));
+        assert!(r.reason.contains("code 3"));
+    }
+
+    #[tokio::test]
+    async fn missing_program_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(dir.path()).unwrap();
+        rt.start(spec("i3", &["/nonexistent/program"]));
+        let r = wait_terminal(&rt, "i3").await;
+        assert_eq!(r.phase, Phase::Failed);
+        assert!(r.reason.contains("failed to start"), "{}", r.reason);
+    }
+
+    #[tokio::test]
+    async fn stop_kills_group_including_sigterm_ignorer() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(dir.path()).unwrap();
+        let pidfile = dir.path().join("child.pid");
+        let script = format!(
+            "sh -c 'trap \"\" TERM; echo $$ > {}; while true; do sleep 0.1; done' & wait",
+            pidfile.display()
+        );
+        rt.start(spec("i4", &["sh", "-c", &script]));
+        let mut child_pid = None;
+        for _ in 0..200 {
+            if let Ok(s) = std::fs::read_to_string(&pidfile) {
+                if let Ok(p) = s.trim().parse::<i32>() {
+                    child_pid = Some(p);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let child_pid = child_pid.expect("child wrote its pid");
+        rt.stop("i4", Duration::from_millis(300), "killed by user");
+        let r = wait_terminal(&rt, "i4").await;
+        assert_eq!(r.phase, Phase::Stopped);
+        let mut dead = false;
+        for _ in 0..100 {
+            let stat = std::fs::read_to_string(format!("/proc/{child_pid}/stat")).unwrap_or_default();
+            if stat.is_empty() || stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')) {
+                dead = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(dead, "SIGTERM-ignoring child {child_pid} survived stop");
+    }
+
+    #[tokio::test]
+    async fn log_ids_cannot_escape_the_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(dir.path()).unwrap();
+        assert!(matches!(rt.read_log("../etc/passwd", 0, 10).await, Err(LogError::BadId(_))));
+        assert!(matches!(rt.read_log("nope", 0, 10).await, Err(LogError::NotFound(_))));
+    }
+}

@@ -1,0 +1,251 @@
+//! The agent's side of the protocol: register, hold one Session stream,
+//! heartbeat, obey StartInstance/StopInstance/ForgetInstance/ReadLogs, and
+//! reconnect with exponential backoff when the scheduler goes away.
+//!
+//! Protobuf types are converted to and from the runtime's plain types here
+//! and nowhere else.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use gpupool_proto::v1 as pb;
+use gpupool_proto::v1::agent_service_client::AgentServiceClient;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+
+use crate::probe::{GpuInfo, GpuProbe, HostInfo};
+use crate::runtime::{InstanceReport, InstanceSpec, Phase, Runtime};
+
+/// Most bytes returned for one log read.
+const MAX_LOG_CHUNK: usize = 1 << 20;
+
+/// Everything the session needs about this node.
+pub struct AgentCtx {
+    pub node_id: String,
+    pub host: HostInfo,
+    pub az: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub scheduler_addr: String,
+    pub join_token: Option<String>,
+    pub max_backoff: Duration,
+    pub probe: Arc<dyn GpuProbe>,
+    pub runtime: Runtime,
+    pub connected: AtomicBool,
+}
+
+#[derive(Clone)]
+struct BearerToken(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            req.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Runs sessions until `shutdown` turns true, reconnecting after failures.
+pub async fn run(ctx: Arc<AgentCtx>, mut shutdown: watch::Receiver<bool>) {
+    let min_backoff = Duration::from_millis(200);
+    let mut backoff = min_backoff;
+    loop {
+        let started = tokio::time::Instant::now();
+        let result = serve_once(&ctx, &mut shutdown).await;
+        ctx.connected.store(false, Ordering::Relaxed);
+        match result {
+            Ok(()) => return,
+            Err(err) => {
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff = min_backoff;
+                }
+                tracing::warn!(error = %format!("{err:#}"), retry_in = ?backoff, "scheduler session ended");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(ctx.max_backoff.max(min_backoff));
+    }
+}
+
+async fn serve_once(ctx: &AgentCtx, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+    if *shutdown.borrow() {
+        return Ok(());
+    }
+    let endpoint = tonic::transport::Endpoint::from_shared(ctx.scheduler_addr.clone())?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await?;
+    let token = match &ctx.join_token {
+        Some(t) => Some(format!("Bearer {t}").parse()?),
+        None => None,
+    };
+    let mut client = AgentServiceClient::with_interceptor(channel, BearerToken(token));
+
+    let mut gpus = ctx.probe.gpus();
+    let registered = client
+        .register(pb::RegisterRequest {
+            node_id: ctx.node_id.clone(),
+            inventory: Some(inventory(ctx, &gpus)),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        })
+        .await?
+        .into_inner();
+    let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
+
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(256);
+    let hello = pb::SessionHello {
+        node_id: ctx.node_id.clone(),
+        instances: ctx.runtime.snapshot().iter().map(status_to_pb).collect(),
+    };
+    tx.send(msg(pb::agent_message::Msg::Hello(hello))).await?;
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    ctx.connected.store(true, Ordering::Relaxed);
+    tracing::info!(node = %ctx.node_id, scheduler = %ctx.scheduler_addr, "session established");
+
+    let changed = ctx.runtime.changed();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sent_inventory = gpus.iter().map(static_part).collect::<Vec<_>>();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return Ok(()),
+            _ = ticker.tick() => {}
+            _ = changed.notified() => {}
+            incoming = inbound.message() => {
+                match incoming? {
+                    Some(m) => handle(ctx, m, &tx).await?,
+                    None => anyhow::bail!("scheduler closed the session"),
+                }
+                continue;
+            }
+        }
+        gpus = ctx.probe.gpus();
+        let now_static: Vec<_> = gpus.iter().map(static_part).collect();
+        let inventory_changed = now_static != last_sent_inventory;
+        if inventory_changed {
+            last_sent_inventory = now_static;
+        }
+        let hb = pb::Heartbeat {
+            sent_at: Some(gpupool_proto::prost_types::Timestamp::from(std::time::SystemTime::now())),
+            inventory: inventory_changed.then(|| inventory(ctx, &gpus)),
+            instances: ctx.runtime.snapshot().iter().map(status_to_pb).collect(),
+            gpu_samples: gpus.iter().map(gpu_to_pb).collect(),
+        };
+        tx.send(msg(pb::agent_message::Msg::Heartbeat(hb))).await?;
+    }
+}
+
+async fn handle(
+    ctx: &AgentCtx,
+    message: pb::SchedulerMessage,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+) -> anyhow::Result<()> {
+    use pb::scheduler_message::Msg;
+    match message.msg {
+        Some(Msg::Start(start)) => ctx.runtime.start(spec_from_pb(start)),
+        Some(Msg::Stop(stop)) => ctx.runtime.stop(
+            &stop.instance_id,
+            Duration::from_millis(u64::from(stop.grace_ms)),
+            &stop.reason,
+        ),
+        Some(Msg::Forget(forget)) => ctx.runtime.forget(&forget.instance_id),
+        Some(Msg::ReadLogs(read)) => {
+            let max = (read.max_bytes as usize).clamp(1, MAX_LOG_CHUNK);
+            let chunk = match ctx.runtime.read_log(&read.instance_id, read.offset, max).await {
+                Ok((data, next_offset)) => pb::LogChunk {
+                    request_id: read.request_id,
+                    data,
+                    next_offset,
+                    error: String::new(),
+                },
+                Err(err) => pb::LogChunk {
+                    request_id: read.request_id,
+                    data: Vec::new(),
+                    next_offset: read.offset,
+                    error: err.to_string(),
+                },
+            };
+            tx.send(msg(pb::agent_message::Msg::LogChunk(chunk))).await?;
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+fn msg(m: pb::agent_message::Msg) -> pb::AgentMessage {
+    pb::AgentMessage { msg: Some(m) }
+}
+
+/// The parts of a GPU whose change must be announced as an inventory delta.
+fn static_part(g: &GpuInfo) -> (u32, String, String, u64, bool, String, bool) {
+    (g.index, g.uuid.clone(), g.model.clone(), g.memory_total_mib, g.healthy, g.health_reason.clone(), g.mig_enabled)
+}
+
+fn inventory(ctx: &AgentCtx, gpus: &[GpuInfo]) -> pb::Inventory {
+    pb::Inventory {
+        hostname: ctx.host.hostname.clone(),
+        cpu_cores: ctx.host.cpu_cores,
+        cpu_model: ctx.host.cpu_model.clone(),
+        memory_mib: ctx.host.memory_mib,
+        gpus: gpus.iter().map(gpu_to_pb).collect(),
+        os: ctx.host.os.clone(),
+        kernel: ctx.host.kernel.clone(),
+        az: ctx.az.clone(),
+        labels: ctx.labels.clone().into_iter().collect(),
+        fake_gpus: ctx.probe.is_fake(),
+    }
+}
+
+fn gpu_to_pb(g: &GpuInfo) -> pb::Gpu {
+    pb::Gpu {
+        index: g.index,
+        uuid: g.uuid.clone(),
+        model: g.model.clone(),
+        memory_total_mib: g.memory_total_mib,
+        healthy: g.healthy,
+        health_reason: g.health_reason.clone(),
+        mig_enabled: g.mig_enabled,
+        pci_bus_id: g.pci_bus_id.clone(),
+        utilization_pct: g.utilization_pct,
+        memory_used_mib: g.memory_used_mib,
+        temperature_c: g.temperature_c,
+        power_mw: g.power_mw,
+    }
+}
+
+fn status_to_pb(r: &InstanceReport) -> pb::InstanceStatus {
+    let state = match r.phase {
+        Phase::Running => pb::InstanceState::Running,
+        Phase::Stopping => pb::InstanceState::Stopping,
+        Phase::Succeeded => pb::InstanceState::Succeeded,
+        Phase::Failed => pb::InstanceState::Failed,
+        Phase::Stopped => pb::InstanceState::Stopped,
+    };
+    pb::InstanceStatus {
+        instance_id: r.instance_id.clone(),
+        state: state as i32,
+        exit_code: r.exit_code,
+        signal: r.signal,
+        reason: r.reason.clone(),
+        pid: r.pid,
+    }
+}
+
+fn spec_from_pb(s: pb::StartInstance) -> InstanceSpec {
+    InstanceSpec {
+        instance_id: s.instance_id,
+        job_id: s.job_id,
+        command: s.command,
+        env: s.env.into_iter().collect(),
+        working_dir: Some(s.working_dir).filter(|d| !d.is_empty()).map(Into::into),
+        gpu_uuids: s.gpu_uuids,
+        rank: s.rank,
+        world_size: s.world_size,
+    }
+}
