@@ -25,7 +25,9 @@ pub struct AgentMetrics {
     sys: Mutex<Option<sysinfo::System>>,
 }
 
-const GPU_LABELS: &[&str] = &["gpu", "UUID", "modelName", "Hostname"];
+/// dcgm-exporter calls the model label `modelName`; promtool rejects camelCase
+/// label names, so it is `model_name` here (the other labels match).
+const GPU_LABELS: &[&str] = &["gpu", "UUID", "model_name", "Hostname"];
 
 fn gpu_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
     let g = GaugeVec::new(Opts::new(name, help), GPU_LABELS).expect("valid metric");

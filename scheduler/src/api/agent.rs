@@ -1,0 +1,132 @@
+//! `AgentService`: registration and the per-node session stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpupool_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{inventory_from_pb, reported_from_pb, status};
+use crate::server::{Shared, now_ms};
+
+/// How long a new session may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct AgentApi {
+    pub shared: Arc<Shared>,
+}
+
+impl AgentApi {
+    /// Checks the cluster join token, when one is configured.
+    fn authenticate<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(expected) = &self.shared.config.join_token else {
+            return Ok(());
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
+            Some(_) => Err(Status::unauthenticated("wrong cluster join token")),
+            None => Err(Status::unauthenticated("missing cluster join token (authorization: Bearer ...)")),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::SchedulerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.authenticate(&req)?;
+        let req = req.into_inner();
+        let node_id = req.node_id.trim().to_string();
+        if node_id.is_empty() {
+            return Err(Status::invalid_argument("node_id must not be empty"));
+        }
+        let inventory = req
+            .inventory
+            .map(inventory_from_pb)
+            .ok_or_else(|| Status::invalid_argument("inventory is required"))?;
+        self.shared
+            .with(|core, _| core.cluster.register_node(&node_id, inventory, now_ms()))
+            .map_err(status)?;
+        Ok(Response::new(pb::RegisterResponse {
+            node_id,
+            heartbeat_interval_ms: self.shared.config.heartbeat_interval_ms,
+            grace_ms: self.shared.config.node_grace_ms,
+        }))
+    }
+
+    type SessionStream = SessionStream;
+
+    async fn session(&self, req: Request<Streaming<pb::AgentMessage>>) -> Result<Response<SessionStream>, Status> {
+        self.authenticate(&req)?;
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10s"))??;
+        let Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) }) = first else {
+            return Err(Status::invalid_argument("the first session message must be a hello"));
+        };
+        let node_id = hello.node_id.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let session_id = self.shared.with(|core, out| {
+            core.cluster.node(&node_id).map_err(status)?;
+            let id = core.open_session(&node_id, tx);
+            let reported = hello.instances.into_iter().filter_map(reported_from_pb).collect();
+            core.cluster.hello(&node_id, reported, now_ms(), out);
+            Ok::<_, Status>(id)
+        })?;
+        self.shared.metrics.sessions_opened.inc();
+        tracing::info!(node = %node_id, session = session_id, "agent session opened");
+
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(msg)) => handle(&shared, &node_id, msg),
+                    Ok(None) => {
+                        tracing::info!(node = %node_id, "agent closed its session");
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::warn!(node = %node_id, error = %err, "agent session broke");
+                        break;
+                    }
+                }
+            }
+            shared.with(|core, _| core.close_session(&node_id, session_id));
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+}
+
+fn handle(shared: &Shared, node_id: &str, msg: pb::AgentMessage) {
+    use pb::agent_message::Msg;
+    match msg.msg {
+        Some(Msg::Heartbeat(hb)) => shared.with(|core, out| {
+            let reported = hb.instances.into_iter().filter_map(reported_from_pb).collect();
+            core.cluster
+                .heartbeat(node_id, hb.inventory.map(inventory_from_pb), reported, now_ms(), out);
+        }),
+        Some(Msg::InstanceUpdate(update)) => {
+            if let Some(r) = update.status.and_then(reported_from_pb) {
+                shared.with(|core, out| core.cluster.apply_report(node_id, r, now_ms(), out));
+            }
+        }
+        Some(Msg::LogChunk(chunk)) => shared.with(|core, _| core.resolve_log(chunk)),
+        Some(Msg::Hello(_)) => tracing::warn!(node = %node_id, "ignoring a second hello in one session"),
+        None => {}
+    }
+}

@@ -1,0 +1,287 @@
+//! The gRPC edge: services, the one place errors become `tonic::Status`,
+//! and conversions between protobuf and domain types.
+
+pub mod agent;
+pub mod client;
+
+use gpupool_proto::v1 as pb;
+use gpupool_proto::timestamp_from_unix_ms as ts;
+use tonic::Status;
+
+use crate::cluster::{AgentCommand, ClusterError, NodeUsage, ReportedInstance};
+use crate::domain::{self, InstanceState, JobKind, JobState, NodeStatus, job::RawJobSpec};
+
+/// The single mapping from domain errors to gRPC statuses.
+pub fn status(err: ClusterError) -> Status {
+    match &err {
+        ClusterError::InvalidSpec(_) => Status::invalid_argument(err.to_string()),
+        ClusterError::NotFound { .. } => Status::not_found(err.to_string()),
+        ClusterError::FailedPrecondition(_) => Status::failed_precondition(err.to_string()),
+        ClusterError::Store(source) => {
+            tracing::error!(error = %source, cause = ?std::error::Error::source(source), "storage failure");
+            Status::unavailable("storage failure; the request was not applied")
+        }
+    }
+}
+
+pub fn kind_from_pb(k: i32) -> Option<JobKind> {
+    match pb::JobKind::try_from(k).ok()? {
+        pb::JobKind::Notebook => Some(JobKind::Notebook),
+        pb::JobKind::Training => Some(JobKind::Training),
+        pb::JobKind::Tensorboard => Some(JobKind::Tensorboard),
+        pb::JobKind::OnlineService => Some(JobKind::OnlineService),
+        pb::JobKind::BatchService => Some(JobKind::BatchService),
+        pb::JobKind::Unspecified => None,
+    }
+}
+
+fn kind_to_pb(k: JobKind) -> pb::JobKind {
+    match k {
+        JobKind::Notebook => pb::JobKind::Notebook,
+        JobKind::Training => pb::JobKind::Training,
+        JobKind::Tensorboard => pb::JobKind::Tensorboard,
+        JobKind::OnlineService => pb::JobKind::OnlineService,
+        JobKind::BatchService => pb::JobKind::BatchService,
+    }
+}
+
+pub fn raw_spec_from_pb(s: pb::JobSpec) -> RawJobSpec {
+    let res = s.resources.unwrap_or_default();
+    RawJobSpec {
+        name: s.name,
+        kind: kind_from_pb(s.kind),
+        pool: s.pool,
+        gpus: i64::from(res.gpus),
+        gpu_milli: i64::from(res.gpu_milli),
+        gpu_models: res.gpu_models,
+        cpu_milli: res.cpu_milli,
+        memory_mib: res.memory_mib,
+        instances: i64::from(s.instances),
+        command: s.command,
+        env: s.env.into_iter().collect(),
+        working_dir: s.working_dir,
+        priority: s.priority,
+        max_runtime_secs: s.max_runtime_secs,
+        max_retries: s.max_retries,
+        port: s.port,
+        completions: s.completions,
+    }
+}
+
+fn resources_to_pb(r: &domain::Resources) -> pb::Resources {
+    pb::Resources {
+        gpus: r.gpus as i32,
+        gpu_milli: r.gpu_milli as i32,
+        gpu_models: r.gpu_models.clone(),
+        cpu_milli: r.cpu_milli as i64,
+        memory_mib: r.memory_mib as i64,
+    }
+}
+
+fn job_state_to_pb(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Scheduled => pb::JobState::Scheduled,
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+        JobState::Lost => pb::JobState::Lost,
+        JobState::Unavailable => pb::JobState::Unavailable,
+    }
+}
+
+pub fn job_state_from_pb(s: i32) -> Option<JobState> {
+    Some(match pb::JobState::try_from(s).ok()? {
+        pb::JobState::Queued => JobState::Queued,
+        pb::JobState::Scheduled => JobState::Scheduled,
+        pb::JobState::Running => JobState::Running,
+        pb::JobState::Succeeded => JobState::Succeeded,
+        pb::JobState::Failed => JobState::Failed,
+        pb::JobState::Cancelled => JobState::Cancelled,
+        pb::JobState::Lost => JobState::Lost,
+        pb::JobState::Unavailable => JobState::Unavailable,
+        pb::JobState::Unspecified => return None,
+    })
+}
+
+fn instance_state_to_pb(s: InstanceState) -> pb::InstanceState {
+    match s {
+        InstanceState::Scheduled => pb::InstanceState::Scheduled,
+        InstanceState::Running => pb::InstanceState::Running,
+        InstanceState::Stopping => pb::InstanceState::Stopping,
+        InstanceState::Succeeded => pb::InstanceState::Succeeded,
+        InstanceState::Failed => pb::InstanceState::Failed,
+        InstanceState::Stopped => pb::InstanceState::Stopped,
+        InstanceState::Lost => pb::InstanceState::Lost,
+    }
+}
+
+pub fn job_to_pb(j: &domain::Job) -> pb::Job {
+    let s = &j.spec;
+    pb::Job {
+        job_id: j.job_id.clone(),
+        spec: Some(pb::JobSpec {
+            name: s.name.clone(),
+            kind: kind_to_pb(s.kind) as i32,
+            pool: s.pool.clone(),
+            resources: Some(resources_to_pb(&s.resources)),
+            instances: s.instances as i32,
+            command: s.command.clone(),
+            env: s.env.clone().into_iter().collect(),
+            working_dir: s.working_dir.clone().unwrap_or_default(),
+            priority: s.priority,
+            max_runtime_secs: s.max_runtime_secs,
+            max_retries: s.max_retries,
+            port: s.port,
+            completions: s.completions,
+        }),
+        state: job_state_to_pb(j.state) as i32,
+        reason: j.reason.clone(),
+        tenant: j.tenant.clone(),
+        pool_id: j.pool_id.clone(),
+        instances: j
+            .instances
+            .iter()
+            .map(|i| pb::Instance {
+                instance_id: i.instance_id.clone(),
+                rank: i.rank,
+                node_id: i.node_id.clone(),
+                gpu_indexes: i.gpu_indexes.clone(),
+                state: instance_state_to_pb(i.state) as i32,
+                exit_code: i.exit_code,
+                signal: i.signal,
+                reason: i.reason.clone(),
+                started_at: i.started_at_ms.map(ts),
+                finished_at: i.finished_at_ms.map(ts),
+                gpu_uuids: i.gpu_uuids.clone(),
+            })
+            .collect(),
+        submitted_at: Some(ts(j.submitted_at_ms)),
+        started_at: j.started_at_ms.map(ts),
+        finished_at: j.finished_at_ms.map(ts),
+    }
+}
+
+pub fn inventory_from_pb(inv: pb::Inventory) -> domain::Inventory {
+    domain::Inventory {
+        hostname: inv.hostname,
+        cpu_cores: inv.cpu_cores,
+        cpu_model: inv.cpu_model,
+        memory_mib: inv.memory_mib,
+        gpus: inv
+            .gpus
+            .into_iter()
+            .map(|g| domain::Gpu {
+                index: g.index,
+                uuid: g.uuid,
+                model: g.model,
+                memory_total_mib: g.memory_total_mib,
+                healthy: g.healthy,
+                health_reason: g.health_reason,
+                mig_enabled: g.mig_enabled,
+                pci_bus_id: g.pci_bus_id,
+            })
+            .collect(),
+        os: inv.os,
+        kernel: inv.kernel,
+        az: inv.az,
+        labels: inv.labels.into_iter().collect(),
+        fake_gpus: inv.fake_gpus,
+    }
+}
+
+fn inventory_to_pb(inv: &domain::Inventory) -> pb::Inventory {
+    pb::Inventory {
+        hostname: inv.hostname.clone(),
+        cpu_cores: inv.cpu_cores,
+        cpu_model: inv.cpu_model.clone(),
+        memory_mib: inv.memory_mib,
+        gpus: inv
+            .gpus
+            .iter()
+            .map(|g| pb::Gpu {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                model: g.model.clone(),
+                memory_total_mib: g.memory_total_mib,
+                healthy: g.healthy,
+                health_reason: g.health_reason.clone(),
+                mig_enabled: g.mig_enabled,
+                pci_bus_id: g.pci_bus_id.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        os: inv.os.clone(),
+        kernel: inv.kernel.clone(),
+        az: inv.az.clone(),
+        labels: inv.labels.clone().into_iter().collect(),
+        fake_gpus: inv.fake_gpus,
+    }
+}
+
+pub fn node_to_pb(n: &domain::Node, usage: Option<&NodeUsage>) -> pb::Node {
+    let usage = usage.cloned().unwrap_or_default();
+    pb::Node {
+        node_id: n.node_id.clone(),
+        inventory: Some(inventory_to_pb(&n.inventory)),
+        status: match n.status {
+            NodeStatus::Ready => pb::NodeStatus::Ready,
+            NodeStatus::NotReady => pb::NodeStatus::NotReady,
+        } as i32,
+        last_heartbeat: Some(ts(n.last_heartbeat_ms)),
+        registered_at: Some(ts(n.registered_at_ms)),
+        pool: n.pool.clone(),
+        spec: n.spec_name(),
+        cordoned: n.cordoned,
+        gpus_allocated_milli: usage.gpu_milli.iter().sum(),
+        cpu_allocated_milli: usage.cpu_milli,
+        memory_allocated_mib: usage.memory_mib,
+        gpu_allocated_milli: usage.gpu_milli,
+        instance_ids: usage.instance_ids,
+    }
+}
+
+pub fn reported_from_pb(s: pb::InstanceStatus) -> Option<ReportedInstance> {
+    let state = match pb::InstanceState::try_from(s.state).ok()? {
+        pb::InstanceState::Running => InstanceState::Running,
+        pb::InstanceState::Stopping => InstanceState::Stopping,
+        pb::InstanceState::Succeeded => InstanceState::Succeeded,
+        pb::InstanceState::Failed => InstanceState::Failed,
+        pb::InstanceState::Stopped => InstanceState::Stopped,
+        pb::InstanceState::Lost => InstanceState::Lost,
+        pb::InstanceState::Scheduled | pb::InstanceState::Unspecified => return None,
+    };
+    Some(ReportedInstance {
+        instance_id: s.instance_id,
+        state,
+        exit_code: s.exit_code,
+        signal: s.signal,
+        reason: s.reason,
+    })
+}
+
+pub fn command_to_pb(cmd: AgentCommand) -> pb::SchedulerMessage {
+    use pb::scheduler_message::Msg;
+    let msg = match cmd {
+        AgentCommand::Start(s) => Msg::Start(pb::StartInstance {
+            instance_id: s.instance_id,
+            job_id: s.job_id,
+            kind: kind_to_pb(s.kind) as i32,
+            command: s.command,
+            env: s.env.into_iter().collect(),
+            working_dir: s.working_dir.unwrap_or_default(),
+            gpu_indexes: s.gpu_indexes,
+            gpu_uuids: s.gpu_uuids,
+            resources: Some(resources_to_pb(&s.resources)),
+            rank: s.rank,
+            world_size: s.world_size,
+            metadata: Default::default(),
+        }),
+        AgentCommand::Stop { instance_id, grace_ms, reason } => {
+            Msg::Stop(pb::StopInstance { instance_id, grace_ms, reason })
+        }
+        AgentCommand::Forget { instance_id } => Msg::Forget(pb::ForgetInstance { instance_id }),
+    };
+    pb::SchedulerMessage { msg: Some(msg) }
+}

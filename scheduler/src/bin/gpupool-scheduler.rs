@@ -1,0 +1,69 @@
+//! `gpupool-scheduler`: `serve --config FILE` runs the daemon, `dev` runs a
+//! one-machine cluster (scheduler + local agent) for trying gpupool out.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gpupool_scheduler::config::SchedulerConfig;
+
+/// gpupool central scheduler.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the scheduler daemon.
+    Serve {
+        /// TOML config file.
+        #[arg(long, default_value = "/etc/gpupool/scheduler.toml")]
+        config: PathBuf,
+    },
+    /// Run a scheduler and a local agent on localhost (development).
+    Dev(gpupool_scheduler::dev::DevArgs),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    gpupool_scheduler::init_tracing(args.log_json);
+    let result = tokio::runtime::Runtime::new()
+        .context("cannot start the async runtime")
+        .and_then(|rt| rt.block_on(run(args.command)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { config } => {
+            let config = SchedulerConfig::load(&config)?;
+            let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.grpc_listen))?;
+            let metrics = match config.metrics_listen {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr}"))?,
+                ),
+                None => None,
+            };
+            let shared = gpupool_scheduler::server::open(config)?;
+            gpupool_scheduler::server::serve(shared, grpc, metrics, gpupool_scheduler::shutdown_signal()).await
+        }
+        Command::Dev(args) => gpupool_scheduler::dev::run(args).await,
+    }
+}

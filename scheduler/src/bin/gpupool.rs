@@ -1,0 +1,5 @@
+//! `gpupool`: command-line client of the gpupool scheduler (see `gpupool --help`).
+
+fn main() -> std::process::ExitCode {
+    gpupool_scheduler::cli::main()
+}

@@ -1,0 +1,394 @@
+//! Human-readable rendering shared by the table and JSON outputs: enum
+//! names, times, money, quantities, and aligned tables.
+
+use gpupool_proto::v1::{
+    BillingMode, InstanceState, JobKind, JobState, NodeStatus, PoolStatus, PoolType,
+};
+
+/// Job state: `Queued`, `Scheduled`, `Running`, `Succeeded`, `Failed`,
+/// `Cancelled`, `Lost`, `Unavailable`.
+pub fn job_state_name(v: i32) -> &'static str {
+    match JobState::try_from(v) {
+        Ok(JobState::Unspecified) => "Unspecified",
+        Ok(JobState::Queued) => "Queued",
+        Ok(JobState::Scheduled) => "Scheduled",
+        Ok(JobState::Running) => "Running",
+        Ok(JobState::Succeeded) => "Succeeded",
+        Ok(JobState::Failed) => "Failed",
+        Ok(JobState::Cancelled) => "Cancelled",
+        Ok(JobState::Lost) => "Lost",
+        Ok(JobState::Unavailable) => "Unavailable",
+        Err(_) => "Unknown",
+    }
+}
+
+/// Instance state: `Scheduled`, `Running`, `Succeeded`, `Failed`, `Stopped`,
+/// `Lost`, `Stopping`.
+pub fn instance_state_name(v: i32) -> &'static str {
+    match InstanceState::try_from(v) {
+        Ok(InstanceState::Unspecified) => "Unspecified",
+        Ok(InstanceState::Scheduled) => "Scheduled",
+        Ok(InstanceState::Running) => "Running",
+        Ok(InstanceState::Succeeded) => "Succeeded",
+        Ok(InstanceState::Failed) => "Failed",
+        Ok(InstanceState::Stopped) => "Stopped",
+        Ok(InstanceState::Lost) => "Lost",
+        Ok(InstanceState::Stopping) => "Stopping",
+        Err(_) => "Unknown",
+    }
+}
+
+/// Job kind: `notebook`, `training`, `tensorboard`, `online-service`,
+/// `batch-service`.
+pub fn job_kind_name(v: i32) -> &'static str {
+    match JobKind::try_from(v) {
+        Ok(JobKind::Unspecified) => "unspecified",
+        Ok(JobKind::Notebook) => "notebook",
+        Ok(JobKind::Training) => "training",
+        Ok(JobKind::Tensorboard) => "tensorboard",
+        Ok(JobKind::OnlineService) => "online-service",
+        Ok(JobKind::BatchService) => "batch-service",
+        Err(_) => "unknown",
+    }
+}
+
+/// Node status: `Ready`, `NotReady`.
+pub fn node_status_name(v: i32) -> &'static str {
+    match NodeStatus::try_from(v) {
+        Ok(NodeStatus::Unspecified) => "Unspecified",
+        Ok(NodeStatus::Ready) => "Ready",
+        Ok(NodeStatus::NotReady) => "NotReady",
+        Err(_) => "Unknown",
+    }
+}
+
+/// Pool type: `public`, `train`, `deploy`.
+pub fn pool_type_name(v: i32) -> &'static str {
+    match PoolType::try_from(v) {
+        Ok(PoolType::Unspecified) => "unspecified",
+        Ok(PoolType::Public) => "public",
+        Ok(PoolType::Train) => "train",
+        Ok(PoolType::Deploy) => "deploy",
+        Err(_) => "unknown",
+    }
+}
+
+/// Pool status: `Creating`, `Running`, `Scaling`, `Abnormal`, `Unavailable`,
+/// `CreateFailed`, `Deleting`, `Frozen`, `Deleted`.
+pub fn pool_status_name(v: i32) -> &'static str {
+    match PoolStatus::try_from(v) {
+        Ok(PoolStatus::Unspecified) => "Unspecified",
+        Ok(PoolStatus::Creating) => "Creating",
+        Ok(PoolStatus::Running) => "Running",
+        Ok(PoolStatus::Scaling) => "Scaling",
+        Ok(PoolStatus::Abnormal) => "Abnormal",
+        Ok(PoolStatus::Unavailable) => "Unavailable",
+        Ok(PoolStatus::CreateFailed) => "CreateFailed",
+        Ok(PoolStatus::Deleting) => "Deleting",
+        Ok(PoolStatus::Frozen) => "Frozen",
+        Ok(PoolStatus::Deleted) => "Deleted",
+        Err(_) => "Unknown",
+    }
+}
+
+/// Billing mode: `on-demand`, `subscription`.
+pub fn billing_mode_name(v: i32) -> &'static str {
+    match BillingMode::try_from(v) {
+        Ok(BillingMode::Unspecified) => "unspecified",
+        Ok(BillingMode::OnDemand) => "on-demand",
+        Ok(BillingMode::Subscription) => "subscription",
+        Err(_) => "unknown",
+    }
+}
+
+/// Milliseconds since the Unix epoch of an optional timestamp.
+pub fn ts_ms(ts: Option<&prost_types::Timestamp>) -> Option<i64> {
+    ts.map(gpupool_proto::unix_ms_from_timestamp)
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// RFC 3339 UTC time, to the second: `2023-11-14T22:13:20Z`.
+pub fn format_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let sod = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+/// An optional time with its age: `2023-11-14T22:13:20Z (5m ago)`, or `-`.
+pub fn format_time_ago(ms: Option<i64>, now: i64) -> String {
+    match ms {
+        Some(ms) => format!("{} ({} ago)", format_time(ms), format_age(ms, now)),
+        None => "-".to_string(),
+    }
+}
+
+/// Time elapsed since `ms`, in its largest unit: `45s`, `12m`, `3h`, `2d`.
+pub fn format_age(ms: i64, now: i64) -> String {
+    let secs = now.saturating_sub(ms).max(0) / 1000;
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86_400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// (year, month, day) of a day count since 1970-01-01 (proleptic Gregorian).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// A fixed-point value in thousandths, without trailing zeros: `1500` ->
+/// `1.5`, `2000` -> `2`, `-250` -> `-0.25`.
+pub fn format_milli(milli: i64) -> String {
+    format_fixed(milli, 1000, 0)
+}
+
+/// Money in micro-units, with 2 to 6 decimals: `12500000` -> `12.50`.
+pub fn format_micros(micros: i64) -> String {
+    format_fixed(micros, 1_000_000, 2)
+}
+
+/// `value / unit` as a decimal with at least `min_decimals` decimals.
+fn format_fixed(value: i64, unit: u64, min_decimals: usize) -> String {
+    let sign = if value < 0 { "-" } else { "" };
+    let abs = value.unsigned_abs();
+    let whole = abs / unit;
+    let width = unit.ilog10() as usize;
+    let frac = format!("{:0width$}", abs % unit);
+    let mut frac = frac.trim_end_matches('0').to_string();
+    while frac.len() < min_decimals {
+        frac.push('0');
+    }
+    if frac.is_empty() {
+        format!("{sign}{whole}")
+    } else {
+        format!("{sign}{whole}.{frac}")
+    }
+}
+
+/// Memory in MiB, in GiB from 1 GiB up: `512MiB`, `4GiB`, `1.5GiB`.
+pub fn format_mib(mib: i64) -> String {
+    if mib.abs() >= 1024 {
+        // Thousandths of a GiB, rounded to a tenth.
+        let tenths = (mib as f64 / 1024.0 * 10.0).round() as i64;
+        format!("{}GiB", format_milli(tenths * 100))
+    } else {
+        format!("{mib}MiB")
+    }
+}
+
+/// `-` for an empty table cell, so that columns stay readable.
+pub fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+/// A command line, with arguments quoted where a shell would need it.
+pub fn format_command(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            let plain = !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+            if plain {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A table with upper-case headers and columns aligned on the widest cell.
+#[derive(Debug)]
+pub struct Table {
+    headers: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// An empty table with these column headers (upper-cased).
+    pub fn new(headers: &[&str]) -> Self {
+        Self {
+            headers: headers.iter().map(|h| h.to_uppercase()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Adds a row; empty cells are shown as `-`.
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells.iter().map(|c| dash(c)).collect());
+    }
+
+    /// The table, one line per row, each ending with a newline.
+    pub fn render(&self) -> String {
+        let columns = self.headers.len();
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate().take(columns) {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for line in std::iter::once(&self.headers).chain(&self.rows) {
+            let mut text = String::new();
+            for (i, cell) in line.iter().enumerate().take(columns) {
+                if i > 0 {
+                    text.push_str("   ");
+                }
+                text.push_str(cell);
+                let pad = widths[i].saturating_sub(cell.chars().count());
+                text.extend(std::iter::repeat_n(' ', pad));
+            }
+            out.push_str(text.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// `Key:   value` lines with the values aligned.
+#[derive(Debug, Default)]
+pub struct Details {
+    lines: Vec<(String, String)>,
+}
+
+impl Details {
+    /// Adds a line; an empty value is shown as `-`.
+    pub fn add(&mut self, key: &str, value: impl Into<String>) {
+        self.lines.push((key.to_string(), dash(&value.into())));
+    }
+
+    /// The lines, each ending with a newline.
+    pub fn render(&self) -> String {
+        let width = self
+            .lines
+            .iter()
+            .map(|(k, _)| k.chars().count() + 1)
+            .max()
+            .unwrap_or(0);
+        let mut out = String::new();
+        for (key, value) in &self.lines {
+            out.push_str(&format!("{:<width$} {value}\n", format!("{key}:")));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_time(1_700_000_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(format_time(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(format_time(-1000), "1969-12-31T23:59:59Z");
+        assert_eq!(format_age(0, 45_000), "45s");
+        assert_eq!(format_age(0, 12 * 60_000 + 5), "12m");
+        assert_eq!(format_age(0, 3 * 3_600_000), "3h");
+        assert_eq!(format_age(0, 2 * 86_400_000 + 1), "2d");
+        assert_eq!(format_age(10_000, 0), "0s");
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(format_milli(1500), "1.5");
+        assert_eq!(format_milli(2000), "2");
+        assert_eq!(format_milli(250), "0.25");
+        assert_eq!(format_milli(-250), "-0.25");
+        assert_eq!(format_micros(12_500_000), "12.50");
+        assert_eq!(format_micros(1_234_567), "1.234567");
+        assert_eq!(format_micros(0), "0.00");
+        assert_eq!(format_micros(-3_000_000), "-3.00");
+        assert_eq!(format_mib(512), "512MiB");
+        assert_eq!(format_mib(4096), "4GiB");
+        assert_eq!(format_mib(1536), "1.5GiB");
+    }
+
+    #[test]
+    fn enum_names() {
+        assert_eq!(job_state_name(JobState::Cancelled as i32), "Cancelled");
+        assert_eq!(job_state_name(99), "Unknown");
+        assert_eq!(
+            job_kind_name(JobKind::OnlineService as i32),
+            "online-service"
+        );
+        assert_eq!(node_status_name(NodeStatus::NotReady as i32), "NotReady");
+        assert_eq!(
+            instance_state_name(InstanceState::Stopping as i32),
+            "Stopping"
+        );
+        assert_eq!(
+            pool_status_name(PoolStatus::CreateFailed as i32),
+            "CreateFailed"
+        );
+        assert_eq!(billing_mode_name(BillingMode::OnDemand as i32), "on-demand");
+        assert_eq!(pool_type_name(PoolType::Deploy as i32), "deploy");
+    }
+
+    #[test]
+    fn command_quoting() {
+        let args: Vec<String> = ["python", "-c", "print('hi there')", ""]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            format_command(&args),
+            r"python -c 'print('\''hi there'\'')' ''"
+        );
+    }
+
+    #[test]
+    fn table_alignment() {
+        let mut t = Table::new(&["job", "state", "reason"]);
+        t.row(vec!["j-1".into(), "Running".into(), String::new()]);
+        t.row(vec![
+            "j-10000".into(),
+            "Queued".into(),
+            "no capacity".into(),
+        ]);
+        assert_eq!(
+            t.render(),
+            "JOB       STATE     REASON\n\
+             j-1       Running   -\n\
+             j-10000   Queued    no capacity\n"
+        );
+    }
+
+    #[test]
+    fn details_alignment() {
+        let mut d = Details::default();
+        d.add("Job", "j-1");
+        d.add("Reason", "");
+        assert_eq!(d.render(), "Job:    j-1\nReason: -\n");
+    }
+}

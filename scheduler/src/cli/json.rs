@@ -1,0 +1,369 @@
+//! JSON output (`--output json`): hand-written converters from the protobuf
+//! messages (which do not implement `Serialize`) to `serde_json` values.
+//!
+//! Keys are the protobuf field names in snake_case; enums use the readable
+//! names of [`super::format`]; timestamps become `<name>_ms` (milliseconds
+//! since the Unix epoch, `null` when absent).
+
+use std::collections::BTreeMap;
+
+use gpupool_proto::v1::{
+    Gpu, Instance, Job, ListUsageResponse, Network, Node, Order, Pool, Spec, Subscription,
+    UnsubscribeResponse, UsageRecord, network,
+};
+use serde_json::{Value, json};
+
+use super::format::{
+    billing_mode_name, instance_state_name, job_kind_name, job_state_name, node_status_name,
+    pool_status_name, pool_type_name, ts_ms,
+};
+
+/// Milliseconds of an optional timestamp, `null` when absent.
+fn ts(t: Option<&prost_types::Timestamp>) -> Value {
+    ts_ms(t).map_or(Value::Null, Value::from)
+}
+
+/// A job; see the crate documentation of the CLI for the shape.
+pub fn job(j: &Job) -> Value {
+    let spec = j.spec.clone().unwrap_or_default();
+    let res = spec.resources.clone().unwrap_or_default();
+    let env: BTreeMap<&String, &String> = spec.env.iter().collect();
+    json!({
+        "job_id": j.job_id,
+        "name": spec.name,
+        "kind": job_kind_name(spec.kind),
+        "pool": spec.pool,
+        "pool_id": j.pool_id,
+        "tenant": j.tenant,
+        "state": job_state_name(j.state),
+        "reason": j.reason,
+        "priority": spec.priority,
+        "instances_requested": spec.instances,
+        "resources": {
+            "gpus": res.gpus,
+            "gpu_milli": res.gpu_milli,
+            "gpu_models": res.gpu_models,
+            "cpu_milli": res.cpu_milli,
+            "memory_mib": res.memory_mib,
+        },
+        "command": spec.command,
+        "env": env,
+        "working_dir": spec.working_dir,
+        "max_runtime_secs": spec.max_runtime_secs,
+        "max_retries": spec.max_retries,
+        "port": spec.port,
+        "completions": spec.completions,
+        "submitted_at_ms": ts(j.submitted_at.as_ref()),
+        "started_at_ms": ts(j.started_at.as_ref()),
+        "finished_at_ms": ts(j.finished_at.as_ref()),
+        "instances": j.instances.iter().map(instance).collect::<Vec<_>>(),
+    })
+}
+
+/// One instance of a job.
+pub fn instance(i: &Instance) -> Value {
+    json!({
+        "instance_id": i.instance_id,
+        "rank": i.rank,
+        "node_id": i.node_id,
+        "gpu_indexes": i.gpu_indexes,
+        "gpu_uuids": i.gpu_uuids,
+        "state": instance_state_name(i.state),
+        "exit_code": i.exit_code,
+        "signal": i.signal,
+        "reason": i.reason,
+        "started_at_ms": ts(i.started_at.as_ref()),
+        "finished_at_ms": ts(i.finished_at.as_ref()),
+    })
+}
+
+/// A list of jobs.
+pub fn jobs(jobs: &[Job]) -> Value {
+    Value::Array(jobs.iter().map(job).collect())
+}
+
+/// A node, with its inventory flattened in.
+pub fn node(n: &Node) -> Value {
+    let inv = n.inventory.clone().unwrap_or_default();
+    let labels: BTreeMap<&String, &String> = inv.labels.iter().collect();
+    let gpus: Vec<Value> = inv
+        .gpus
+        .iter()
+        .map(|g| gpu(g, allocated_milli(n, g)))
+        .collect();
+    json!({
+        "node_id": n.node_id,
+        "hostname": inv.hostname,
+        "status": node_status_name(n.status),
+        "pool": n.pool,
+        "spec": n.spec,
+        "cordoned": n.cordoned,
+        "cpu_cores": inv.cpu_cores,
+        "cpu_model": inv.cpu_model,
+        "memory_mib": inv.memory_mib,
+        "az": inv.az,
+        "os": inv.os,
+        "kernel": inv.kernel,
+        "labels": labels,
+        "fake_gpus": inv.fake_gpus,
+        "gpus": gpus,
+        "gpus_allocated_milli": n.gpus_allocated_milli,
+        "cpu_allocated_milli": n.cpu_allocated_milli,
+        "memory_allocated_mib": n.memory_allocated_mib,
+        "instance_ids": n.instance_ids,
+        "last_heartbeat_ms": ts(n.last_heartbeat.as_ref()),
+        "registered_at_ms": ts(n.registered_at.as_ref()),
+    })
+}
+
+/// Thousandths of GPU `g` allocated on node `n` (0 when not reported).
+pub fn allocated_milli(n: &Node, g: &Gpu) -> u32 {
+    usize::try_from(g.index)
+        .ok()
+        .and_then(|i| n.gpu_allocated_milli.get(i))
+        .copied()
+        .unwrap_or(0)
+}
+
+fn gpu(g: &Gpu, allocated_milli: u32) -> Value {
+    json!({
+        "index": g.index,
+        "uuid": g.uuid,
+        "model": g.model,
+        "memory_total_mib": g.memory_total_mib,
+        "healthy": g.healthy,
+        "health_reason": g.health_reason,
+        "allocated_milli": allocated_milli,
+        "mig_enabled": g.mig_enabled,
+        "pci_bus_id": g.pci_bus_id,
+        "utilization_pct": g.utilization_pct,
+        "memory_used_mib": g.memory_used_mib,
+        "temperature_c": g.temperature_c,
+        "power_mw": g.power_mw,
+    })
+}
+
+/// A list of nodes.
+pub fn nodes(nodes: &[Node]) -> Value {
+    Value::Array(nodes.iter().map(node).collect())
+}
+
+/// A pool. `network` is `{"custom": {...}}`, `{"isolated": {...}}` or
+/// `null`; `subscription` is an object or `null`.
+pub fn pool(p: &Pool) -> Value {
+    json!({
+        "pool_id": p.pool_id,
+        "name": p.name,
+        "type": pool_type_name(p.r#type),
+        "description": p.description,
+        "tenant": p.tenant,
+        "spec": p.spec,
+        "node_count": p.node_count,
+        "az": p.az,
+        "resolved_az": p.resolved_az,
+        "network": p.network.as_ref().map_or(Value::Null, network_json),
+        "billing_mode": billing_mode_name(p.billing_mode),
+        "subscription": p.subscription.as_ref().map_or(Value::Null, subscription),
+        "region": p.region,
+        "status": pool_status_name(p.status),
+        "status_reason": p.status_reason,
+        "node_ids": p.node_ids,
+        "created_at_ms": ts(p.created_at.as_ref()),
+        "deleted_at_ms": ts(p.deleted_at.as_ref()),
+        "gpus_total": p.gpus_total,
+        "gpus_allocated_milli": p.gpus_allocated_milli,
+        "nodes_ready": p.nodes_ready,
+    })
+}
+
+fn network_json(n: &Network) -> Value {
+    match &n.network {
+        Some(network::Network::Custom(c)) => json!({
+            "custom": {
+                "vpc_id": c.vpc_id,
+                "subnet_id": c.subnet_id,
+                "security_group_ids": c.security_group_ids,
+            }
+        }),
+        Some(network::Network::Isolated(i)) => json!({
+            "isolated": { "network_id": i.network_id }
+        }),
+        None => Value::Null,
+    }
+}
+
+fn subscription(s: &Subscription) -> Value {
+    json!({
+        "months": s.months,
+        "auto_renew": s.auto_renew,
+        "convert_to_on_demand_at_expiry": s.convert_to_on_demand_at_expiry,
+        "starts_at_ms": ts(s.starts_at.as_ref()),
+        "ends_at_ms": ts(s.ends_at.as_ref()),
+        "billed_months": s.billed_months,
+    })
+}
+
+/// A list of pools.
+pub fn pools(pools: &[Pool]) -> Value {
+    Value::Array(pools.iter().map(pool).collect())
+}
+
+/// The answer to `pool unsubscribe`: `{"pool": <pool or null>, "refund_micros"}`.
+pub fn unsubscribe(r: &UnsubscribeResponse) -> Value {
+    json!({
+        "pool": r.pool.as_ref().map_or(Value::Null, pool),
+        "refund_micros": r.refund_micros,
+    })
+}
+
+/// A node spec (flavor) with its free capacity.
+pub fn spec(s: &Spec) -> Value {
+    json!({
+        "name": s.name,
+        "gpu_model": s.gpu_model,
+        "gpu_count": s.gpu_count,
+        "cpu_cores": s.cpu_cores,
+        "memory_mib": s.memory_mib,
+        "nodes_total": s.nodes_total,
+        "nodes_free": s.nodes_free,
+        "sold_out": s.sold_out,
+    })
+}
+
+/// A list of specs.
+pub fn specs(specs: &[Spec]) -> Value {
+    Value::Array(specs.iter().map(spec).collect())
+}
+
+/// One usage record.
+pub fn usage_record(r: &UsageRecord) -> Value {
+    json!({
+        "record_id": r.record_id,
+        "tenant": r.tenant,
+        "pool_id": r.pool_id,
+        "job_id": r.job_id,
+        "instance_id": r.instance_id,
+        "spec": r.spec,
+        "hour_start_ms": ts(r.hour_start.as_ref()),
+        "seconds": r.seconds,
+        "quantity": r.quantity,
+        "unit_price_micros": r.unit_price_micros,
+        "amount_micros": r.amount_micros,
+        "billing_mode": billing_mode_name(r.billing_mode),
+        "entry_kind": r.entry_kind,
+    })
+}
+
+/// The answer to `usage list`: `{"records": [...], "total_micros"}`.
+pub fn usage(r: &ListUsageResponse) -> Value {
+    json!({
+        "records": r.records.iter().map(usage_record).collect::<Vec<_>>(),
+        "total_micros": r.total_micros,
+    })
+}
+
+/// One subscription order.
+pub fn order(o: &Order) -> Value {
+    json!({
+        "order_id": o.order_id,
+        "pool_id": o.pool_id,
+        "tenant": o.tenant,
+        "months": o.months,
+        "billed_months": o.billed_months,
+        "amount_micros": o.amount_micros,
+        "starts_at_ms": ts(o.starts_at.as_ref()),
+        "ends_at_ms": ts(o.ends_at.as_ref()),
+    })
+}
+
+/// A list of orders.
+pub fn orders(orders: &[Order]) -> Value {
+    Value::Array(orders.iter().map(order).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpupool_proto::v1::{InstanceState, JobKind, JobSpec, JobState, Resources};
+
+    #[test]
+    fn job_shape() {
+        let j = Job {
+            job_id: "j-1".into(),
+            spec: Some(JobSpec {
+                name: "train".into(),
+                kind: JobKind::Training as i32,
+                pool: "p1".into(),
+                resources: Some(Resources {
+                    gpus: 2,
+                    gpu_milli: 0,
+                    gpu_models: vec!["H100".into()],
+                    cpu_milli: 1500,
+                    memory_mib: 4096,
+                }),
+                instances: 1,
+                command: vec!["sleep".into(), "10".into()],
+                env: [("A".to_string(), "1".to_string())].into_iter().collect(),
+                ..Default::default()
+            }),
+            state: JobState::Running as i32,
+            pool_id: "pool-1".into(),
+            instances: vec![Instance {
+                instance_id: "j-1-0".into(),
+                node_id: "n1".into(),
+                gpu_indexes: vec![0, 1],
+                state: InstanceState::Running as i32,
+                exit_code: Some(3),
+                ..Default::default()
+            }],
+            submitted_at: Some(gpupool_proto::timestamp_from_unix_ms(1234)),
+            ..Default::default()
+        };
+        let v = job(&j);
+        assert_eq!(v["job_id"], "j-1");
+        assert_eq!(v["kind"], "training");
+        assert_eq!(v["state"], "Running");
+        assert_eq!(v["pool"], "p1");
+        assert_eq!(v["pool_id"], "pool-1");
+        assert_eq!(v["instances_requested"], 1);
+        assert_eq!(v["resources"]["gpus"], 2);
+        assert_eq!(v["resources"]["gpu_models"], json!(["H100"]));
+        assert_eq!(v["resources"]["cpu_milli"], 1500);
+        assert_eq!(v["resources"]["memory_mib"], 4096);
+        assert_eq!(v["command"], json!(["sleep", "10"]));
+        assert_eq!(v["env"], json!({"A": "1"}));
+        assert_eq!(v["submitted_at_ms"], 1234);
+        assert!(v["started_at_ms"].is_null());
+        assert!(v["finished_at_ms"].is_null());
+        let i = &v["instances"][0];
+        assert_eq!(i["state"], "Running");
+        assert_eq!(i["gpu_indexes"], json!([0, 1]));
+        assert_eq!(i["exit_code"], 3);
+        assert!(i["signal"].is_null());
+        for key in ["tenant", "reason", "priority"] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+    }
+
+    #[test]
+    fn pool_shape() {
+        let p = Pool {
+            pool_id: "p-1".into(),
+            r#type: gpupool_proto::v1::PoolType::Train as i32,
+            status: gpupool_proto::v1::PoolStatus::Running as i32,
+            billing_mode: gpupool_proto::v1::BillingMode::Subscription as i32,
+            subscription: Some(Subscription {
+                months: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let v = pool(&p);
+        assert_eq!(v["type"], "train");
+        assert_eq!(v["status"], "Running");
+        assert_eq!(v["billing_mode"], "subscription");
+        assert_eq!(v["subscription"]["months"], 3);
+        assert!(v["network"].is_null());
+        assert!(v["created_at_ms"].is_null());
+    }
+}

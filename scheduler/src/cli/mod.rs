@@ -1,0 +1,1831 @@
+//! `gpupool`: the command-line client of the scheduler's gRPC API.
+//!
+//! One subcommand per user-facing RPC (`node`, `pool`, `spec`, `usage`,
+//! `order`, `job`), global `--addr`, `--token` and `--output table|json`
+//! flags. Values are only parsed here; the scheduler validates them and its
+//! gRPC status is reported as `error: <message> (<code>)` with exit code 1.
+//!
+//! With `--output json` every command prints one pretty-printed JSON value
+//! built by the converters of [`json`] (jobs, nodes, pools... with
+//! snake_case keys, readable enum names and `*_ms` timestamps); list
+//! commands print an array, except `usage list` which prints
+//! `{"records": [...], "total_micros": N}`.
+
+mod args;
+mod format;
+mod json;
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use gpupool_proto::v1::{
+    self as pb, job_service_client::JobServiceClient, node_service_client::NodeServiceClient,
+    pool_service_client::PoolServiceClient, usage_service_client::UsageServiceClient,
+};
+use serde_json::Value;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use self::args::{DEFAULT_ADDR, normalize_addr, parse_cpu, parse_env, parse_memory};
+use self::format::{
+    Details, Table, billing_mode_name, dash, format_age, format_command, format_mib, format_micros,
+    format_milli, format_time, format_time_ago, instance_state_name, job_kind_name, job_state_name,
+    node_status_name, now_ms, pool_status_name, pool_type_name, ts_ms,
+};
+
+/// Runs the `gpupool` command line: parses the arguments, runs the command on
+/// its own tokio runtime and returns the process exit code (0 on success, 1
+/// on an error, 2 on a usage error).
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            report(&CliError::Message(format!("cannot start the runtime: {e}")));
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e);
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Prints `error: ...` on stderr.
+fn report(e: &CliError) {
+    let _ = writeln!(std::io::stderr(), "error: {e}");
+}
+
+// ---------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------
+
+/// Command-line client of the gpupool GPU cluster manager.
+#[derive(Debug, Parser)]
+#[command(name = "gpupool", version, propagate_version = true)]
+pub struct Cli {
+    /// Scheduler address: `http://host:port` or `host:port`.
+    #[arg(long, global = true, env = "GPUPOOL_ADDR", default_value = DEFAULT_ADDR, value_name = "URL")]
+    pub addr: String,
+    /// API token, sent as `authorization: Bearer <token>` with every request.
+    #[arg(long, global = true, env = "GPUPOOL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns or `Key: value` lines.
+    Table,
+    /// One pretty-printed JSON value.
+    Json,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// GPU nodes.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Resource pools (public, dedicated train and deploy pools).
+    Pool {
+        #[command(subcommand)]
+        command: PoolCommand,
+    },
+    /// Node specs (flavors) and their free capacity.
+    Spec {
+        #[command(subcommand)]
+        command: SpecCommand,
+    },
+    /// Metered usage records.
+    Usage {
+        #[command(subcommand)]
+        command: BillingListCommand,
+    },
+    /// Subscription orders.
+    Order {
+        #[command(subcommand)]
+        command: BillingListCommand,
+    },
+    /// Jobs: notebooks, training, tensorboards, online and batch services.
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+    },
+}
+
+/// `gpupool node ...`
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List nodes.
+    List {
+        /// Only the nodes of this pool (id or name).
+        #[arg(long)]
+        pool: Option<String>,
+    },
+    /// Show one node and its GPUs.
+    Get {
+        /// Node id.
+        node_id: String,
+    },
+    /// Stop placing new work on a node.
+    Cordon {
+        /// Node id.
+        node_id: String,
+    },
+    /// Allow new work on a cordoned node again.
+    Uncordon {
+        /// Node id.
+        node_id: String,
+    },
+}
+
+/// `gpupool pool ...`
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// List pools.
+    List,
+    /// Show one pool.
+    Get {
+        /// Pool id or name.
+        pool: String,
+    },
+    /// Create a dedicated pool.
+    Create(PoolCreateArgs),
+    /// Delete a pool (asks for confirmation unless --yes).
+    Delete {
+        /// Pool id or name.
+        pool: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Add nodes to a pool or remove given nodes from it.
+    Scale {
+        /// Pool id or name.
+        pool: String,
+        /// Scale out by this many nodes.
+        #[arg(
+            long,
+            value_name = "K",
+            required_unless_present = "remove",
+            conflicts_with = "remove"
+        )]
+        add: Option<u32>,
+        /// Scale in: remove exactly these nodes.
+        #[arg(long, value_name = "NODE", num_args = 1..)]
+        remove: Vec<String>,
+    },
+    /// Convert an on-demand pool to a subscription.
+    Convert {
+        /// Pool id or name.
+        pool: String,
+        /// Subscription length in months.
+        #[arg(long)]
+        months: u32,
+        /// Renew the subscription automatically.
+        #[arg(long)]
+        auto_renew: bool,
+    },
+    /// Change the renewal settings of a subscription pool; settings not given
+    /// keep their current values.
+    Renewal {
+        /// Pool id or name.
+        pool: String,
+        /// Renew the subscription automatically.
+        #[arg(long, value_name = "BOOL")]
+        auto_renew: Option<bool>,
+        /// Switch to on-demand billing when the subscription ends.
+        #[arg(long, value_name = "BOOL")]
+        convert_at_expiry: Option<bool>,
+    },
+    /// End a subscription early: refund and delete the pool (asks for
+    /// confirmation unless --yes).
+    Unsubscribe {
+        /// Pool id or name.
+        pool: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+}
+
+/// Arguments of `gpupool pool create`.
+#[derive(Debug, Args)]
+pub struct PoolCreateArgs {
+    /// Pool type.
+    #[arg(long = "type", value_enum)]
+    pub pool_type: PoolTypeArg,
+    /// Pool name.
+    #[arg(long)]
+    pub name: String,
+    /// Node spec (see `gpupool spec list`).
+    #[arg(long)]
+    pub spec: String,
+    /// Number of nodes.
+    #[arg(long, value_name = "K")]
+    pub nodes: u32,
+    /// Free-form description.
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Availability zone of a deploy pool: random, AZ1, AZ2 or AZ3.
+    #[arg(long)]
+    pub az: Option<String>,
+    /// Billing mode (default: subscription when --months is given, else
+    /// on-demand).
+    #[arg(long, value_enum)]
+    pub billing: Option<BillingArg>,
+    /// Subscription length in months.
+    #[arg(long)]
+    pub months: Option<u32>,
+    /// Renew the subscription automatically.
+    #[arg(long)]
+    pub auto_renew: bool,
+    /// Region (subscription availability).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Custom network: VPC id.
+    #[arg(long)]
+    pub vpc: Option<String>,
+    /// Custom network: subnet id.
+    #[arg(long)]
+    pub subnet: Option<String>,
+    /// Custom network: security group id (repeatable).
+    #[arg(long = "security-group", value_name = "ID")]
+    pub security_groups: Vec<String>,
+}
+
+/// `--type` of `pool create`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PoolTypeArg {
+    /// Development and training: notebooks, training, tensorboards.
+    Train,
+    /// Deployment: online and batch services.
+    Deploy,
+}
+
+/// `--billing` of `pool create`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BillingArg {
+    /// Pay per hour.
+    OnDemand,
+    /// Pay for months in advance.
+    Subscription,
+}
+
+/// `gpupool spec ...`
+#[derive(Debug, Subcommand)]
+pub enum SpecCommand {
+    /// List node specs with their free capacity.
+    List,
+}
+
+/// `gpupool usage ...` and `gpupool order ...`
+#[derive(Debug, Subcommand)]
+pub enum BillingListCommand {
+    /// List records.
+    List {
+        /// Only this tenant's records.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this pool's records (id or name).
+        #[arg(long)]
+        pool: Option<String>,
+    },
+}
+
+/// `gpupool job ...`
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Submit a job: `gpupool job submit [OPTIONS] -- COMMAND ARGS...`
+    Submit(SubmitArgs),
+    /// List jobs.
+    List {
+        /// Only the jobs of this pool (id or name).
+        #[arg(long)]
+        pool: Option<String>,
+        /// Only jobs in these states (repeatable or comma-separated).
+        #[arg(long = "state", value_enum, value_delimiter = ',', ignore_case = true)]
+        states: Vec<JobStateArg>,
+    },
+    /// Show one job and its instances.
+    Get {
+        /// Job id.
+        job_id: String,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// Job id.
+        job_id: String,
+    },
+    /// Print an instance's log.
+    Logs {
+        /// Job id.
+        job_id: String,
+        /// Instance rank.
+        #[arg(long, default_value_t = 0)]
+        instance: u32,
+        /// Keep streaming until the instance ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+}
+
+/// Arguments of `gpupool job submit`. Ranges are checked by the scheduler,
+/// so negative numbers are passed through.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// Job name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Job kind.
+    #[arg(long, value_enum, default_value_t = KindArg::Training)]
+    pub kind: KindArg,
+    /// Pool id or name (default: the public pool).
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// Whole GPUs per instance.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub gpus: i32,
+    /// A fraction of one GPU per instance, in thousandths (1..999).
+    #[arg(
+        long,
+        value_name = "MILLI",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub gpu_milli: i32,
+    /// Allowed GPU model (repeatable; default: any).
+    #[arg(long = "gpu-model", value_name = "MODEL")]
+    pub gpu_models: Vec<String>,
+    /// CPU per instance: cores (`2`, `0.5`) or millicores (`500m`).
+    #[arg(long, value_name = "CPU", value_parser = parse_cpu, default_value = "1", allow_hyphen_values = true)]
+    pub cpu: i64,
+    /// Memory per instance: `512MiB`, `4GiB`, `1.5GiB`, `2G`, `1024M`; a
+    /// plain number is MiB.
+    #[arg(long, value_name = "MEM", value_parser = parse_memory, default_value = "1024", allow_hyphen_values = true)]
+    pub memory: i64,
+    /// Training workers or service replicas.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub instances: i32,
+    /// Environment variable (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Working directory of the command.
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Scheduling priority.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// Maximum run time in seconds (default: the kind's default).
+    #[arg(long, value_name = "SECS")]
+    pub max_runtime: Option<u64>,
+    /// Restarts allowed after a failure or crash.
+    #[arg(long, value_name = "N")]
+    pub max_retries: Option<u32>,
+    /// Service port inside the instance (online services).
+    #[arg(long)]
+    pub port: Option<u32>,
+    /// Completions needed (batch services).
+    #[arg(long, value_name = "N")]
+    pub completions: Option<u32>,
+    /// The command to run and its arguments (after `--`).
+    #[arg(value_name = "COMMAND", trailing_var_arg = true)]
+    pub command: Vec<String>,
+}
+
+/// `--kind` of `job submit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KindArg {
+    /// Interactive notebook.
+    Notebook,
+    /// Training (one or more workers).
+    Training,
+    /// TensorBoard.
+    Tensorboard,
+    /// Online service (replicas serving a port).
+    OnlineService,
+    /// Batch service (runs to a number of completions).
+    BatchService,
+}
+
+impl KindArg {
+    fn proto(self) -> pb::JobKind {
+        match self {
+            KindArg::Notebook => pb::JobKind::Notebook,
+            KindArg::Training => pb::JobKind::Training,
+            KindArg::Tensorboard => pb::JobKind::Tensorboard,
+            KindArg::OnlineService => pb::JobKind::OnlineService,
+            KindArg::BatchService => pb::JobKind::BatchService,
+        }
+    }
+}
+
+/// `--state` of `job list`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JobStateArg {
+    Queued,
+    Scheduled,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Lost,
+    Unavailable,
+}
+
+impl JobStateArg {
+    fn proto(self) -> pb::JobState {
+        match self {
+            JobStateArg::Queued => pb::JobState::Queued,
+            JobStateArg::Scheduled => pb::JobState::Scheduled,
+            JobStateArg::Running => pb::JobState::Running,
+            JobStateArg::Succeeded => pb::JobState::Succeeded,
+            JobStateArg::Failed => pb::JobState::Failed,
+            JobStateArg::Cancelled => pb::JobState::Cancelled,
+            JobStateArg::Lost => pb::JobState::Lost,
+            JobStateArg::Unavailable => pb::JobState::Unavailable,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Errors, connection, output
+// ---------------------------------------------------------------------------
+
+/// Why a command failed.
+#[derive(Debug)]
+enum CliError {
+    /// The scheduler answered with an error status.
+    Status(tonic::Status),
+    /// No connection to the scheduler.
+    Connect { addr: String, cause: String },
+    /// Anything else, already worded for the user.
+    Message(String),
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        CliError::Status(s)
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Status(s) => {
+                let message = if s.message().is_empty() {
+                    s.code().description()
+                } else {
+                    s.message()
+                };
+                write!(f, "{message} ({:?})", s.code())
+            }
+            CliError::Connect { addr, cause } => write!(f, "cannot connect to {addr}: {cause}"),
+            CliError::Message(m) => f.write_str(m),
+        }
+    }
+}
+
+/// An error and its sources: `transport error: tcp connect error: ...`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Adds `authorization: Bearer <token>` to every request when a token is set.
+#[derive(Debug, Clone)]
+struct BearerAuth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            req.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Svc = InterceptedService<Channel, BearerAuth>;
+
+/// Where and how to reach the scheduler.
+#[derive(Debug)]
+struct Conn {
+    addr: String,
+    token: Option<String>,
+}
+
+impl Conn {
+    async fn channel(&self) -> Result<(Channel, BearerAuth), CliError> {
+        let auth = match &self.token {
+            Some(token) => {
+                let value = format!("Bearer {token}")
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| {
+                        CliError::Message(
+                            "invalid token: it must be printable ASCII without newlines".into(),
+                        )
+                    })?;
+                BearerAuth(Some(value))
+            }
+            None => BearerAuth(None),
+        };
+        let endpoint = Endpoint::from_shared(self.addr.clone())
+            .map_err(|e| {
+                CliError::Message(format!(
+                    "invalid address `{}`: {}",
+                    self.addr,
+                    error_chain(&e)
+                ))
+            })?
+            .connect_timeout(Duration::from_secs(10));
+        let channel = endpoint.connect().await.map_err(|e| CliError::Connect {
+            addr: self.addr.clone(),
+            cause: error_chain(&e),
+        })?;
+        Ok((channel, auth))
+    }
+
+    async fn jobs(&self) -> Result<JobServiceClient<Svc>, CliError> {
+        let (channel, auth) = self.channel().await?;
+        Ok(JobServiceClient::with_interceptor(channel, auth))
+    }
+
+    async fn nodes(&self) -> Result<NodeServiceClient<Svc>, CliError> {
+        let (channel, auth) = self.channel().await?;
+        Ok(NodeServiceClient::with_interceptor(channel, auth))
+    }
+
+    async fn pools(&self) -> Result<PoolServiceClient<Svc>, CliError> {
+        let (channel, auth) = self.channel().await?;
+        Ok(PoolServiceClient::with_interceptor(channel, auth))
+    }
+
+    async fn usage(&self) -> Result<UsageServiceClient<Svc>, CliError> {
+        let (channel, auth) = self.channel().await?;
+        Ok(UsageServiceClient::with_interceptor(channel, auth))
+    }
+}
+
+/// Writes to stdout; a closed pipe (`gpupool ... | head`) is not an error.
+fn emit_bytes(bytes: &[u8]) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(CliError::Message(format!("cannot write to stdout: {e}"))),
+    }
+}
+
+/// Prints the table text, or the JSON value (pretty, one value).
+fn emit(
+    output: OutputFormat,
+    table: impl FnOnce() -> String,
+    json: impl FnOnce() -> Value,
+) -> Result<(), CliError> {
+    let text = match output {
+        OutputFormat::Table => table(),
+        OutputFormat::Json => format!("{:#}\n", json()),
+    };
+    emit_bytes(text.as_bytes())
+}
+
+/// Asks the user to type the pool's name (or the id given) on the terminal.
+async fn confirm_pool(
+    pools: &mut PoolServiceClient<Svc>,
+    pool: &str,
+    action: &str,
+) -> Result<(), CliError> {
+    let p = pools
+        .get_pool(pb::GetPoolRequest {
+            pool: pool.to_string(),
+        })
+        .await?
+        .into_inner();
+    let prompt = format!(
+        "{action} pool {} ({}). This cannot be undone.\nType the pool name to confirm: ",
+        p.name, p.pool_id
+    );
+    let mut stderr = std::io::stderr();
+    let _ = stderr
+        .write_all(prompt.as_bytes())
+        .and_then(|()| stderr.flush());
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| CliError::Message(format!("cannot read the confirmation: {e}")))?;
+    let typed = line.trim();
+    if !typed.is_empty() && (typed == p.name || typed == pool || typed == p.pool_id) {
+        Ok(())
+    } else {
+        Err(CliError::Message(format!(
+            "confirmation did not match the pool name `{}`; nothing done",
+            p.name
+        )))
+    }
+}
+
+/// Refuses to prompt when stdin is not a terminal and `--yes` was not given.
+fn require_terminal(yes: bool, pool: &str, action: &str) -> Result<(), CliError> {
+    if yes || std::io::stdin().is_terminal() {
+        Ok(())
+    } else {
+        Err(CliError::Message(format!(
+            "refusing to {action} pool `{pool}` without confirmation: stdin is not a terminal; pass --yes to confirm"
+        )))
+    }
+}
+
+fn opt(s: Option<String>) -> String {
+    s.unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let conn = Conn {
+        addr: normalize_addr(&cli.addr),
+        token: cli.token.filter(|t| !t.is_empty()),
+    };
+    let out = cli.output;
+    match cli.command {
+        Command::Node { command } => node_command(&conn, out, command).await,
+        Command::Pool { command } => pool_command(&conn, out, command).await,
+        Command::Spec {
+            command: SpecCommand::List,
+        } => spec_list(&conn, out).await,
+        Command::Usage {
+            command: BillingListCommand::List { tenant, pool },
+        } => usage_list(&conn, out, opt(tenant), opt(pool)).await,
+        Command::Order {
+            command: BillingListCommand::List { tenant, pool },
+        } => order_list(&conn, out, opt(tenant), opt(pool)).await,
+        Command::Job { command } => job_command(&conn, out, command).await,
+    }
+}
+
+// --- nodes -----------------------------------------------------------------
+
+async fn node_command(
+    conn: &Conn,
+    out: OutputFormat,
+    command: NodeCommand,
+) -> Result<(), CliError> {
+    let mut nodes = conn.nodes().await?;
+    let now = now_ms();
+    match command {
+        NodeCommand::List { pool } => {
+            let list = nodes
+                .list_nodes(pb::ListNodesRequest { pool: opt(pool) })
+                .await?
+                .into_inner()
+                .nodes;
+            emit(out, || node_table(&list), || json::nodes(&list))
+        }
+        NodeCommand::Get { node_id } => {
+            let n = nodes
+                .get_node(pb::GetNodeRequest { node_id })
+                .await?
+                .into_inner();
+            emit(out, || node_detail(&n, now), || json::node(&n))
+        }
+        NodeCommand::Cordon { node_id } => {
+            let n = nodes
+                .cordon_node(pb::CordonNodeRequest { node_id })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                || format!("node {} cordoned\n", n.node_id),
+                || json::node(&n),
+            )
+        }
+        NodeCommand::Uncordon { node_id } => {
+            let n = nodes
+                .uncordon_node(pb::CordonNodeRequest { node_id })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                || format!("node {} uncordoned\n", n.node_id),
+                || json::node(&n),
+            )
+        }
+    }
+}
+
+fn node_status_text(n: &pb::Node) -> String {
+    let status = node_status_name(n.status);
+    if n.cordoned {
+        format!("{status},Cordoned")
+    } else {
+        status.to_string()
+    }
+}
+
+fn node_table(nodes: &[pb::Node]) -> String {
+    let mut t = Table::new(&[
+        "node", "hostname", "status", "pool", "spec", "gpus", "cpu", "memory", "az",
+    ]);
+    for n in nodes {
+        let inv = n.inventory.clone().unwrap_or_default();
+        t.row(vec![
+            n.node_id.clone(),
+            inv.hostname.clone(),
+            node_status_text(n),
+            n.pool.clone(),
+            n.spec.clone(),
+            format!(
+                "{}/{}",
+                format_milli(i64::from(n.gpus_allocated_milli)),
+                inv.gpus.len()
+            ),
+            format!("{}/{}", format_milli(n.cpu_allocated_milli), inv.cpu_cores),
+            format!(
+                "{}/{}",
+                format_mib(n.memory_allocated_mib),
+                format_mib(i64::try_from(inv.memory_mib).unwrap_or(i64::MAX))
+            ),
+            inv.az.clone(),
+        ]);
+    }
+    t.render()
+}
+
+fn node_detail(n: &pb::Node, now: i64) -> String {
+    let inv = n.inventory.clone().unwrap_or_default();
+    let mut d = Details::default();
+    d.add("Node", &n.node_id);
+    d.add("Hostname", &inv.hostname);
+    d.add("Status", node_status_name(n.status));
+    d.add("Cordoned", n.cordoned.to_string());
+    d.add("Pool", &n.pool);
+    d.add("Spec", &n.spec);
+    d.add("AZ", &inv.az);
+    d.add(
+        "GPUs",
+        format!(
+            "{}/{} allocated{}",
+            format_milli(i64::from(n.gpus_allocated_milli)),
+            inv.gpus.len(),
+            if inv.fake_gpus { " (fake)" } else { "" }
+        ),
+    );
+    d.add(
+        "CPU",
+        format!(
+            "{}/{} cores allocated",
+            format_milli(n.cpu_allocated_milli),
+            inv.cpu_cores
+        ),
+    );
+    d.add("CPU model", &inv.cpu_model);
+    d.add(
+        "Memory",
+        format!(
+            "{}/{} allocated",
+            format_mib(n.memory_allocated_mib),
+            format_mib(i64::try_from(inv.memory_mib).unwrap_or(i64::MAX))
+        ),
+    );
+    d.add(
+        "OS",
+        format!("{} {}", inv.os, inv.kernel).trim().to_string(),
+    );
+    let mut labels: Vec<String> = inv.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    d.add("Labels", labels.join(","));
+    d.add(
+        "Last heartbeat",
+        format_time_ago(ts_ms(n.last_heartbeat.as_ref()), now),
+    );
+    d.add(
+        "Registered",
+        format_time_ago(ts_ms(n.registered_at.as_ref()), now),
+    );
+    d.add("Instances", n.instance_ids.join(","));
+    let mut text = d.render();
+    if !inv.gpus.is_empty() {
+        let mut t = Table::new(&[
+            "index",
+            "model",
+            "memory",
+            "healthy",
+            "allocated",
+            "util",
+            "uuid",
+            "reason",
+        ]);
+        for g in &inv.gpus {
+            t.row(vec![
+                g.index.to_string(),
+                g.model.clone(),
+                format_mib(i64::try_from(g.memory_total_mib).unwrap_or(i64::MAX)),
+                if g.healthy { "yes" } else { "no" }.to_string(),
+                format_milli(i64::from(json::allocated_milli(n, g))),
+                format!("{}%", g.utilization_pct),
+                g.uuid.clone(),
+                g.health_reason.clone(),
+            ]);
+        }
+        text.push('\n');
+        text.push_str(&t.render());
+    }
+    text
+}
+
+// --- pools -----------------------------------------------------------------
+
+async fn pool_command(
+    conn: &Conn,
+    out: OutputFormat,
+    command: PoolCommand,
+) -> Result<(), CliError> {
+    let now = now_ms();
+    match command {
+        PoolCommand::List => {
+            let list = conn
+                .pools()
+                .await?
+                .list_pools(pb::ListPoolsRequest {})
+                .await?
+                .into_inner()
+                .pools;
+            emit(out, || pool_table(&list), || json::pools(&list))
+        }
+        PoolCommand::Get { pool } => {
+            let p = conn
+                .pools()
+                .await?
+                .get_pool(pb::GetPoolRequest { pool })
+                .await?
+                .into_inner();
+            emit(out, || pool_detail(&p, now), || json::pool(&p))
+        }
+        PoolCommand::Create(a) => {
+            let req = create_pool_request(a);
+            let p = conn.pools().await?.create_pool(req).await?.into_inner();
+            emit(out, || pool_summary(&p, "created"), || json::pool(&p))
+        }
+        PoolCommand::Delete { pool, yes } => {
+            require_terminal(yes, &pool, "delete")?;
+            let mut pools = conn.pools().await?;
+            if !yes {
+                confirm_pool(&mut pools, &pool, "Delete").await?;
+            }
+            let p = pools
+                .delete_pool(pb::DeletePoolRequest {
+                    pool,
+                    confirm: true,
+                })
+                .await?
+                .into_inner();
+            emit(out, || pool_summary(&p, "deleted"), || json::pool(&p))
+        }
+        PoolCommand::Scale { pool, add, remove } => {
+            let change = match add {
+                Some(k) => pb::scale_pool_request::Change::AddNodes(k),
+                None => {
+                    pb::scale_pool_request::Change::RemoveNodes(pb::NodeIds { node_ids: remove })
+                }
+            };
+            let p = conn
+                .pools()
+                .await?
+                .scale_pool(pb::ScalePoolRequest {
+                    pool,
+                    change: Some(change),
+                })
+                .await?
+                .into_inner();
+            emit(out, || pool_summary(&p, "scaled"), || json::pool(&p))
+        }
+        PoolCommand::Convert {
+            pool,
+            months,
+            auto_renew,
+        } => {
+            let p = conn
+                .pools()
+                .await?
+                .convert_to_subscription(pb::ConvertToSubscriptionRequest {
+                    pool,
+                    months,
+                    auto_renew,
+                })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                || pool_summary(&p, "converted to a subscription"),
+                || json::pool(&p),
+            )
+        }
+        PoolCommand::Renewal {
+            pool,
+            auto_renew,
+            convert_at_expiry,
+        } => {
+            let mut pools = conn.pools().await?;
+            let (auto_renew, convert) = match (auto_renew, convert_at_expiry) {
+                (Some(a), Some(c)) => (a, c),
+                (a, c) => {
+                    let current = pools
+                        .get_pool(pb::GetPoolRequest { pool: pool.clone() })
+                        .await?
+                        .into_inner()
+                        .subscription
+                        .unwrap_or_default();
+                    (
+                        a.unwrap_or(current.auto_renew),
+                        c.unwrap_or(current.convert_to_on_demand_at_expiry),
+                    )
+                }
+            };
+            let p = pools
+                .set_renewal(pb::SetRenewalRequest {
+                    pool,
+                    auto_renew,
+                    convert_to_on_demand_at_expiry: convert,
+                })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                || {
+                    let s = p.subscription.unwrap_or_default();
+                    format!(
+                        "pool {} ({}): auto-renew {}, convert to on-demand at expiry {}\n",
+                        p.name, p.pool_id, s.auto_renew, s.convert_to_on_demand_at_expiry
+                    )
+                },
+                || json::pool(&p),
+            )
+        }
+        PoolCommand::Unsubscribe { pool, yes } => {
+            require_terminal(yes, &pool, "unsubscribe")?;
+            let mut pools = conn.pools().await?;
+            if !yes {
+                confirm_pool(&mut pools, &pool, "Unsubscribe (refund and delete)").await?;
+            }
+            let r = pools
+                .unsubscribe(pb::UnsubscribeRequest {
+                    pool: pool.clone(),
+                    confirm: true,
+                })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                || {
+                    let name = r.pool.as_ref().map_or(pool.clone(), |p| {
+                        format!(
+                            "{} ({}) is {}",
+                            p.name,
+                            p.pool_id,
+                            pool_status_name(p.status)
+                        )
+                    });
+                    format!(
+                        "pool {name}: unsubscribed, refund {}\n",
+                        format_micros(r.refund_micros)
+                    )
+                },
+                || json::unsubscribe(&r),
+            )
+        }
+    }
+}
+
+fn create_pool_request(a: PoolCreateArgs) -> pb::CreatePoolRequest {
+    let billing = a.billing.unwrap_or(if a.months.is_some() {
+        BillingArg::Subscription
+    } else {
+        BillingArg::OnDemand
+    });
+    let subscription = (billing == BillingArg::Subscription || a.months.is_some() || a.auto_renew)
+        .then(|| pb::Subscription {
+            months: a.months.unwrap_or(0),
+            auto_renew: a.auto_renew,
+            ..Default::default()
+        });
+    let network =
+        (a.vpc.is_some() || a.subnet.is_some() || !a.security_groups.is_empty()).then(|| {
+            pb::Network {
+                network: Some(pb::network::Network::Custom(pb::CustomNetwork {
+                    vpc_id: a.vpc.unwrap_or_default(),
+                    subnet_id: a.subnet.unwrap_or_default(),
+                    security_group_ids: a.security_groups,
+                })),
+            }
+        });
+    pb::CreatePoolRequest {
+        r#type: match a.pool_type {
+            PoolTypeArg::Train => pb::PoolType::Train,
+            PoolTypeArg::Deploy => pb::PoolType::Deploy,
+        } as i32,
+        name: a.name,
+        description: opt(a.description),
+        spec: a.spec,
+        node_count: a.nodes,
+        az: opt(a.az),
+        network,
+        billing_mode: match billing {
+            BillingArg::OnDemand => pb::BillingMode::OnDemand,
+            BillingArg::Subscription => pb::BillingMode::Subscription,
+        } as i32,
+        subscription,
+        region: opt(a.region),
+    }
+}
+
+/// `pool <name> (<id>) <verb> (<Status>)` plus the status reason.
+fn pool_summary(p: &pb::Pool, verb: &str) -> String {
+    let mut text = format!(
+        "pool {} ({}) {verb} ({})",
+        p.name,
+        p.pool_id,
+        pool_status_name(p.status)
+    );
+    if !p.status_reason.is_empty() {
+        text.push_str(": ");
+        text.push_str(&p.status_reason);
+    }
+    text.push('\n');
+    text
+}
+
+fn pool_gpus(p: &pb::Pool) -> String {
+    format!(
+        "{}/{}",
+        format_milli(i64::from(p.gpus_allocated_milli)),
+        p.gpus_total
+    )
+}
+
+fn pool_az(p: &pb::Pool) -> String {
+    match (p.az.as_str(), p.resolved_az.as_str()) {
+        (asked, resolved) if asked == resolved || resolved.is_empty() => asked.to_string(),
+        ("", resolved) => resolved.to_string(),
+        (asked, resolved) => format!("{resolved} ({asked})"),
+    }
+}
+
+fn pool_table(pools: &[pb::Pool]) -> String {
+    let mut t = Table::new(&[
+        "pool", "name", "type", "status", "spec", "nodes", "gpus", "billing", "az", "tenant",
+    ]);
+    for p in pools {
+        t.row(vec![
+            p.pool_id.clone(),
+            p.name.clone(),
+            pool_type_name(p.r#type).to_string(),
+            pool_status_name(p.status).to_string(),
+            p.spec.clone(),
+            format!("{}/{}", p.nodes_ready, p.node_count),
+            pool_gpus(p),
+            billing_mode_name(p.billing_mode).to_string(),
+            pool_az(p),
+            p.tenant.clone(),
+        ]);
+    }
+    t.render()
+}
+
+fn pool_detail(p: &pb::Pool, now: i64) -> String {
+    let mut d = Details::default();
+    d.add("Pool", &p.pool_id);
+    d.add("Name", &p.name);
+    d.add("Type", pool_type_name(p.r#type));
+    d.add("Status", pool_status_name(p.status));
+    d.add("Status reason", &p.status_reason);
+    d.add("Tenant", &p.tenant);
+    d.add("Description", &p.description);
+    d.add("Spec", &p.spec);
+    d.add(
+        "Nodes",
+        format!("{} ready / {}", p.nodes_ready, p.node_count),
+    );
+    d.add("GPUs", format!("{} allocated", pool_gpus(p)));
+    d.add("AZ", pool_az(p));
+    d.add("Region", &p.region);
+    let network = match p.network.as_ref().and_then(|n| n.network.as_ref()) {
+        Some(pb::network::Network::Custom(c)) => format!(
+            "custom: vpc {}, subnet {}, security groups {}",
+            dash(&c.vpc_id),
+            dash(&c.subnet_id),
+            dash(&c.security_group_ids.join(","))
+        ),
+        Some(pb::network::Network::Isolated(i)) => format!("isolated: {}", dash(&i.network_id)),
+        None => String::new(),
+    };
+    d.add("Network", network);
+    d.add("Billing", billing_mode_name(p.billing_mode));
+    if let Some(s) = &p.subscription {
+        d.add(
+            "Months",
+            format!("{} (billed {})", s.months, s.billed_months),
+        );
+        d.add("Auto-renew", s.auto_renew.to_string());
+        d.add(
+            "Convert at expiry",
+            s.convert_to_on_demand_at_expiry.to_string(),
+        );
+        d.add(
+            "Starts",
+            ts_ms(s.starts_at.as_ref())
+                .map(format_time)
+                .unwrap_or_default(),
+        );
+        d.add(
+            "Ends",
+            ts_ms(s.ends_at.as_ref())
+                .map(format_time)
+                .unwrap_or_default(),
+        );
+    }
+    d.add(
+        "Created",
+        format_time_ago(ts_ms(p.created_at.as_ref()), now),
+    );
+    if p.deleted_at.is_some() {
+        d.add(
+            "Deleted",
+            format_time_ago(ts_ms(p.deleted_at.as_ref()), now),
+        );
+    }
+    d.add("Node ids", p.node_ids.join(","));
+    d.render()
+}
+
+// --- specs, usage, orders --------------------------------------------------
+
+async fn spec_list(conn: &Conn, out: OutputFormat) -> Result<(), CliError> {
+    let specs = conn
+        .pools()
+        .await?
+        .list_specs(pb::ListSpecsRequest {})
+        .await?
+        .into_inner()
+        .specs;
+    emit(
+        out,
+        || {
+            let mut t = Table::new(&[
+                "spec",
+                "gpu model",
+                "gpus",
+                "cpu",
+                "memory",
+                "free nodes",
+                "status",
+            ]);
+            for s in &specs {
+                t.row(vec![
+                    s.name.clone(),
+                    s.gpu_model.clone(),
+                    s.gpu_count.to_string(),
+                    s.cpu_cores.to_string(),
+                    format_mib(i64::try_from(s.memory_mib).unwrap_or(i64::MAX)),
+                    format!("{}/{}", s.nodes_free, s.nodes_total),
+                    if s.sold_out { "sold out" } else { "available" }.to_string(),
+                ]);
+            }
+            t.render()
+        },
+        || json::specs(&specs),
+    )
+}
+
+async fn usage_list(
+    conn: &Conn,
+    out: OutputFormat,
+    tenant: String,
+    pool: String,
+) -> Result<(), CliError> {
+    let r = conn
+        .usage()
+        .await?
+        .list_usage(pb::ListUsageRequest {
+            tenant,
+            pool,
+            from: None,
+            to: None,
+        })
+        .await?
+        .into_inner();
+    emit(
+        out,
+        || {
+            let mut t = Table::new(&[
+                "hour",
+                "tenant",
+                "pool",
+                "job",
+                "instance",
+                "spec",
+                "billing",
+                "entry",
+                "seconds",
+                "qty",
+                "unit price",
+                "amount",
+            ]);
+            for u in &r.records {
+                t.row(vec![
+                    ts_ms(u.hour_start.as_ref())
+                        .map(format_time)
+                        .unwrap_or_default(),
+                    u.tenant.clone(),
+                    u.pool_id.clone(),
+                    u.job_id.clone(),
+                    u.instance_id.clone(),
+                    u.spec.clone(),
+                    billing_mode_name(u.billing_mode).to_string(),
+                    u.entry_kind.clone(),
+                    u.seconds.to_string(),
+                    u.quantity.to_string(),
+                    format_micros(u.unit_price_micros),
+                    format_micros(u.amount_micros),
+                ]);
+            }
+            format!("{}TOTAL: {}\n", t.render(), format_micros(r.total_micros))
+        },
+        || json::usage(&r),
+    )
+}
+
+async fn order_list(
+    conn: &Conn,
+    out: OutputFormat,
+    tenant: String,
+    pool: String,
+) -> Result<(), CliError> {
+    let orders = conn
+        .usage()
+        .await?
+        .list_orders(pb::ListOrdersRequest { tenant, pool })
+        .await?
+        .into_inner()
+        .orders;
+    emit(
+        out,
+        || {
+            let mut t = Table::new(&[
+                "order", "pool", "tenant", "months", "billed", "amount", "starts", "ends",
+            ]);
+            for o in &orders {
+                t.row(vec![
+                    o.order_id.clone(),
+                    o.pool_id.clone(),
+                    o.tenant.clone(),
+                    o.months.to_string(),
+                    o.billed_months.to_string(),
+                    format_micros(o.amount_micros),
+                    ts_ms(o.starts_at.as_ref())
+                        .map(format_time)
+                        .unwrap_or_default(),
+                    ts_ms(o.ends_at.as_ref())
+                        .map(format_time)
+                        .unwrap_or_default(),
+                ]);
+            }
+            t.render()
+        },
+        || json::orders(&orders),
+    )
+}
+
+// --- jobs ------------------------------------------------------------------
+
+async fn job_command(conn: &Conn, out: OutputFormat, command: JobCommand) -> Result<(), CliError> {
+    let now = now_ms();
+    match command {
+        JobCommand::Submit(a) => {
+            let spec = job_spec(a);
+            let j = conn
+                .jobs()
+                .await?
+                .submit_job(pb::SubmitJobRequest { spec: Some(spec) })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                || {
+                    let mut text =
+                        format!("job {} submitted ({})", j.job_id, job_state_name(j.state));
+                    if !j.reason.is_empty() {
+                        text.push_str(": ");
+                        text.push_str(&j.reason);
+                    }
+                    text.push('\n');
+                    text
+                },
+                || json::job(&j),
+            )
+        }
+        JobCommand::List { pool, states } => {
+            let list = conn
+                .jobs()
+                .await?
+                .list_jobs(pb::ListJobsRequest {
+                    pool: opt(pool),
+                    states: states.into_iter().map(|s| s.proto() as i32).collect(),
+                })
+                .await?
+                .into_inner()
+                .jobs;
+            emit(out, || job_table(&list, now), || json::jobs(&list))
+        }
+        JobCommand::Get { job_id } => {
+            let j = conn
+                .jobs()
+                .await?
+                .get_job(pb::GetJobRequest { job_id })
+                .await?
+                .into_inner();
+            emit(out, || job_detail(&j, now), || json::job(&j))
+        }
+        JobCommand::Cancel { job_id } => {
+            let j = conn
+                .jobs()
+                .await?
+                .cancel_job(pb::CancelJobRequest { job_id })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                || {
+                    format!(
+                        "job {} cancel requested ({})\n",
+                        j.job_id,
+                        job_state_name(j.state)
+                    )
+                },
+                || json::job(&j),
+            )
+        }
+        JobCommand::Logs {
+            job_id,
+            instance,
+            follow,
+        } => {
+            let mut stream = conn
+                .jobs()
+                .await?
+                .get_job_logs(pb::GetJobLogsRequest {
+                    job_id,
+                    instance,
+                    follow,
+                    offset: 0,
+                })
+                .await?
+                .into_inner();
+            let mut stdout = std::io::stdout();
+            while let Some(chunk) = stream.message().await? {
+                let written = stdout.write_all(&chunk.data).and_then(|()| stdout.flush());
+                match written {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                    Err(e) => {
+                        return Err(CliError::Message(format!("cannot write to stdout: {e}")));
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn job_spec(a: SubmitArgs) -> pb::JobSpec {
+    pb::JobSpec {
+        name: opt(a.name),
+        kind: a.kind.proto() as i32,
+        pool: opt(a.pool),
+        resources: Some(pb::Resources {
+            gpus: a.gpus,
+            gpu_milli: a.gpu_milli,
+            gpu_models: a.gpu_models,
+            cpu_milli: a.cpu,
+            memory_mib: a.memory,
+        }),
+        instances: a.instances,
+        command: a.command,
+        env: a.env.into_iter().collect(),
+        working_dir: opt(a.workdir),
+        priority: a.priority,
+        max_runtime_secs: a.max_runtime.unwrap_or(0),
+        max_retries: a.max_retries.unwrap_or(0),
+        port: a.port.unwrap_or(0),
+        completions: a.completions.unwrap_or(0),
+    }
+}
+
+/// GPUs asked per instance: `2`, `0.25` (a fraction) or `0`.
+fn job_gpus(r: &pb::Resources) -> String {
+    if r.gpu_milli != 0 && r.gpus == 0 {
+        format_milli(i64::from(r.gpu_milli))
+    } else {
+        r.gpus.to_string()
+    }
+}
+
+fn job_pool(j: &pb::Job) -> String {
+    let asked = j.spec.as_ref().map(|s| s.pool.as_str()).unwrap_or_default();
+    if j.pool_id.is_empty() {
+        asked.to_string()
+    } else {
+        j.pool_id.clone()
+    }
+}
+
+fn job_table(jobs: &[pb::Job], now: i64) -> String {
+    let mut t = Table::new(&[
+        "job",
+        "name",
+        "kind",
+        "pool",
+        "state",
+        "instances",
+        "gpus",
+        "age",
+        "reason",
+    ]);
+    for j in jobs {
+        let spec = j.spec.clone().unwrap_or_default();
+        let res = spec.resources.clone().unwrap_or_default();
+        t.row(vec![
+            j.job_id.clone(),
+            spec.name.clone(),
+            job_kind_name(spec.kind).to_string(),
+            job_pool(j),
+            job_state_name(j.state).to_string(),
+            spec.instances.to_string(),
+            job_gpus(&res),
+            ts_ms(j.submitted_at.as_ref())
+                .map(|ms| format_age(ms, now))
+                .unwrap_or_default(),
+            j.reason.clone(),
+        ]);
+    }
+    t.render()
+}
+
+fn job_detail(j: &pb::Job, now: i64) -> String {
+    let spec = j.spec.clone().unwrap_or_default();
+    let res = spec.resources.clone().unwrap_or_default();
+    let mut d = Details::default();
+    d.add("Job", &j.job_id);
+    d.add("Name", &spec.name);
+    d.add("Kind", job_kind_name(spec.kind));
+    let pool = match (spec.pool.as_str(), j.pool_id.as_str()) {
+        (asked, id) if asked.is_empty() || asked == id => id.to_string(),
+        (asked, "") => asked.to_string(),
+        (asked, id) => format!("{asked} ({id})"),
+    };
+    d.add("Pool", pool);
+    d.add("Tenant", &j.tenant);
+    d.add("State", job_state_name(j.state));
+    d.add("Reason", &j.reason);
+    d.add("Priority", spec.priority.to_string());
+    d.add("Instances", spec.instances.to_string());
+    d.add("GPUs", job_gpus(&res));
+    d.add("GPU models", res.gpu_models.join(","));
+    d.add("CPU", format!("{} cores", format_milli(res.cpu_milli)));
+    d.add("Memory", format_mib(res.memory_mib));
+    d.add("Command", format_command(&spec.command));
+    d.add("Working dir", &spec.working_dir);
+    let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    env.sort();
+    d.add("Env", env.join(" "));
+    if spec.max_runtime_secs != 0 {
+        d.add("Max runtime", format!("{}s", spec.max_runtime_secs));
+    }
+    d.add("Max retries", spec.max_retries.to_string());
+    if spec.port != 0 {
+        d.add("Port", spec.port.to_string());
+    }
+    if spec.completions != 0 {
+        d.add("Completions", spec.completions.to_string());
+    }
+    d.add(
+        "Submitted",
+        format_time_ago(ts_ms(j.submitted_at.as_ref()), now),
+    );
+    d.add(
+        "Started",
+        format_time_ago(ts_ms(j.started_at.as_ref()), now),
+    );
+    d.add(
+        "Finished",
+        format_time_ago(ts_ms(j.finished_at.as_ref()), now),
+    );
+    let mut text = d.render();
+    text.push('\n');
+    let mut t = Table::new(&[
+        "rank", "instance", "node", "gpus", "state", "exit", "reason",
+    ]);
+    for i in &j.instances {
+        let exit = match (i.exit_code, i.signal) {
+            (Some(code), _) => code.to_string(),
+            (None, Some(signal)) => format!("signal {signal}"),
+            (None, None) => String::new(),
+        };
+        t.row(vec![
+            i.rank.to_string(),
+            i.instance_id.clone(),
+            i.node_id.clone(),
+            i.gpu_indexes
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            instance_state_name(i.state).to_string(),
+            exit,
+            i.reason.clone(),
+        ]);
+    }
+    text.push_str(&t.render());
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Parses a command line given as one string split on whitespace.
+    fn parse(line: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("gpupool").chain(line.split_whitespace()))
+    }
+
+    fn submit_spec(line: &str) -> pb::JobSpec {
+        match parse(line).unwrap().command {
+            Command::Job {
+                command: JobCommand::Submit(a),
+            } => job_spec(a),
+            other => panic!("not a submit: {other:?}"),
+        }
+    }
+
+    fn create_request(line: &str) -> pb::CreatePoolRequest {
+        match parse(line).unwrap().command {
+            Command::Pool {
+                command: PoolCommand::Create(a),
+            } => create_pool_request(a),
+            other => panic!("not a create: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn clap_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn submit_parses_quantities_and_command() {
+        let spec = submit_spec(
+            "job submit --name t --gpus -1 --cpu 500m --memory 1.5GiB --env A=1 --env B=x=y \
+             --gpu-model H100 --instances 2 -- python -c print(1) --lr 0.1",
+        );
+        let res = spec.resources.clone().unwrap();
+        assert_eq!(res.gpus, -1);
+        assert_eq!(res.cpu_milli, 500);
+        assert_eq!(res.memory_mib, 1536);
+        assert_eq!(res.gpu_models, vec!["H100"]);
+        assert_eq!(spec.instances, 2);
+        assert_eq!(spec.kind, pb::JobKind::Training as i32);
+        assert_eq!(spec.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(spec.env.get("B").map(String::as_str), Some("x=y"));
+        assert_eq!(spec.command, ["python", "-c", "print(1)", "--lr", "0.1"]);
+    }
+
+    #[test]
+    fn submit_defaults() {
+        let spec = submit_spec("job submit");
+        let res = spec.resources.clone().unwrap();
+        assert_eq!(res.cpu_milli, 1000);
+        assert_eq!(res.memory_mib, 1024);
+        assert_eq!(res.gpus, 0);
+        assert_eq!(spec.instances, 1);
+        assert_eq!(spec.kind, pb::JobKind::Training as i32);
+        assert!(spec.command.is_empty());
+        let spec = submit_spec("job submit --kind online-service --port 8080 sleep 5");
+        assert_eq!(spec.kind, pb::JobKind::OnlineService as i32);
+        assert_eq!(spec.port, 8080);
+        assert_eq!(spec.command, ["sleep", "5"]);
+    }
+
+    #[test]
+    fn submit_rejects_bad_values() {
+        assert!(parse("job submit --env NOEQUALS -- true").is_err());
+        assert!(parse("job submit --cpu lots -- true").is_err());
+        assert!(parse("job submit --memory 4XB -- true").is_err());
+        assert!(parse("job submit --kind weird -- true").is_err());
+    }
+
+    #[test]
+    fn submit_passes_negative_numbers_through() {
+        let spec = submit_spec(
+            "job submit --cpu -1 --memory -5 --gpu-milli -3 --instances -2 --priority -1 -- true",
+        );
+        let res = spec.resources.clone().unwrap();
+        assert_eq!(res.cpu_milli, -1000);
+        assert_eq!(res.memory_mib, -5);
+        assert_eq!(res.gpu_milli, -3);
+        assert_eq!(spec.instances, -2);
+        assert_eq!(spec.priority, -1);
+    }
+
+    #[test]
+    fn global_flags_anywhere() {
+        let cli = parse("job list --output json --addr h:1 --token t").unwrap();
+        assert_eq!(cli.output, OutputFormat::Json);
+        assert_eq!(normalize_addr(&cli.addr), "http://h:1");
+        assert_eq!(cli.token.as_deref(), Some("t"));
+        let cli = parse("-o json node list").unwrap();
+        assert_eq!(cli.output, OutputFormat::Json);
+        assert!(parse("job list --output yaml").is_err());
+    }
+
+    #[test]
+    fn job_list_states() {
+        let cli = parse("job list --state running --state Queued,failed").unwrap();
+        let Command::Job {
+            command: JobCommand::List { states, .. },
+        } = cli.command
+        else {
+            panic!("not a list");
+        };
+        use JobStateArg::*;
+        assert_eq!(states, [Running, Queued, Failed]);
+    }
+
+    #[test]
+    fn pool_scale_needs_exactly_one_change() {
+        assert!(parse("pool scale p").is_err());
+        assert!(parse("pool scale p --add 1 --remove n1").is_err());
+        assert!(parse("pool scale p --add 2").is_ok());
+        let cli = parse("pool scale p --remove n1 n2").unwrap();
+        let Command::Pool {
+            command: PoolCommand::Scale { remove, add, .. },
+        } = cli.command
+        else {
+            panic!("not a scale");
+        };
+        assert_eq!(add, None);
+        assert_eq!(remove, ["n1", "n2"]);
+    }
+
+    #[test]
+    fn pool_create_request() {
+        let req = create_request(
+            "pool create --type deploy --name p --spec s --nodes 2 --months 3 --vpc v \
+             --subnet sn --security-group g1 --security-group g2 --az AZ2",
+        );
+        assert_eq!(req.r#type, pb::PoolType::Deploy as i32);
+        assert_eq!(req.billing_mode, pb::BillingMode::Subscription as i32);
+        assert_eq!(req.subscription.unwrap().months, 3);
+        assert_eq!(req.az, "AZ2");
+        let Some(pb::network::Network::Custom(c)) = req.network.unwrap().network else {
+            panic!("no custom network");
+        };
+        assert_eq!(c.security_group_ids, ["g1", "g2"]);
+
+        let req = create_request("pool create --type train --name p --spec s --nodes 1");
+        assert_eq!(req.r#type, pb::PoolType::Train as i32);
+        assert_eq!(req.billing_mode, pb::BillingMode::OnDemand as i32);
+        assert!(req.subscription.is_none());
+        assert!(req.network.is_none());
+    }
+
+    #[test]
+    fn renewal_flags_take_booleans() {
+        assert!(parse("pool renewal p --auto-renew true --convert-at-expiry false").is_ok());
+        assert!(parse("pool renewal p --auto-renew maybe").is_err());
+    }
+
+    #[test]
+    fn status_errors_name_the_code() {
+        let e = CliError::from(tonic::Status::not_found("job j-9 not found"));
+        assert_eq!(e.to_string(), "job j-9 not found (NotFound)");
+        let e = CliError::Connect {
+            addr: "http://x:1".into(),
+            cause: "refused".into(),
+        };
+        assert_eq!(e.to_string(), "cannot connect to http://x:1: refused");
+    }
+
+    #[test]
+    fn tables_render_nodes_and_pools() {
+        let node = pb::Node {
+            node_id: "n1".into(),
+            inventory: Some(pb::Inventory {
+                hostname: "gpu-01".into(),
+                cpu_cores: 64,
+                memory_mib: 512 * 1024,
+                az: "AZ1".into(),
+                gpus: (0..8)
+                    .map(|i| pb::Gpu {
+                        index: i,
+                        model: "H100".into(),
+                        memory_total_mib: 81_559,
+                        healthy: i != 3,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            status: pb::NodeStatus::Ready as i32,
+            pool: "public".into(),
+            spec: "8xH100".into(),
+            cordoned: true,
+            gpus_allocated_milli: 4500,
+            cpu_allocated_milli: 2500,
+            memory_allocated_mib: 8192,
+            gpu_allocated_milli: vec![1000, 1000, 1000, 1000, 500],
+            ..Default::default()
+        };
+        let table = node_table(std::slice::from_ref(&node));
+        assert!(table.starts_with("NODE "), "{table}");
+        assert!(table.contains("Ready,Cordoned"), "{table}");
+        assert!(table.contains("4.5/8"), "{table}");
+        assert!(table.contains("8GiB/512GiB"), "{table}");
+        let detail = node_detail(&node, 0);
+        assert!(detail.contains("INDEX"), "{detail}");
+        assert_eq!(json::node(&node)["gpus"][4]["allocated_milli"], 500);
+
+        let pool = pb::Pool {
+            pool_id: "pool-1".into(),
+            name: "team-a".into(),
+            r#type: pb::PoolType::Deploy as i32,
+            az: "random".into(),
+            resolved_az: "AZ2".into(),
+            status: pb::PoolStatus::Running as i32,
+            node_count: 2,
+            nodes_ready: 1,
+            gpus_total: 16,
+            subscription: Some(pb::Subscription {
+                months: 12,
+                billed_months: 10,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let table = pool_table(std::slice::from_ref(&pool));
+        assert!(table.contains("AZ2 (random)"), "{table}");
+        assert!(table.contains("1/2"), "{table}");
+        assert!(pool_detail(&pool, 0).contains("12 (billed 10)"));
+        assert_eq!(
+            pool_summary(&pool, "created"),
+            "pool team-a (pool-1) created (Running)\n"
+        );
+    }
+
+    #[test]
+    fn bearer_interceptor_sets_authorization() {
+        let mut auth = BearerAuth(Some("Bearer s3cret".parse().unwrap()));
+        let req = auth.call(tonic::Request::new(())).unwrap();
+        assert_eq!(
+            req.metadata().get("authorization").unwrap(),
+            "Bearer s3cret"
+        );
+        let mut none = BearerAuth(None);
+        let req = none.call(tonic::Request::new(())).unwrap();
+        assert!(req.metadata().get("authorization").is_none());
+    }
+}

@@ -1,0 +1,604 @@
+//! The scheduler's state machine: nodes, jobs and instances in memory,
+//! written through to the [`Store`] on every change. Every operation takes
+//! `now_ms` and appends what the agents must be told to an outbox; the gRPC
+//! layer delivers it. No tonic or tokio here.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::domain::placement::{self, GpuSlot, NodeCapacity};
+use crate::domain::{
+    Instance, InstanceState, Inventory, Job, JobKind, JobState, Node, NodeStatus, PUBLIC_POOL, Resources,
+    SpecError, job::RawJobSpec,
+};
+use crate::store::{Store, StoreError};
+
+/// What an agent must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentCommand {
+    Start(StartSpec),
+    Stop { instance_id: String, grace_ms: u32, reason: String },
+    Forget { instance_id: String },
+}
+
+/// Everything the agent needs to start one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartSpec {
+    pub instance_id: String,
+    pub job_id: String,
+    pub kind: JobKind,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub working_dir: Option<String>,
+    pub gpu_indexes: Vec<u32>,
+    pub gpu_uuids: Vec<String>,
+    pub resources: Resources,
+    pub rank: u32,
+    pub world_size: u32,
+}
+
+/// Commands for agents, by node id, in order.
+pub type Outbox = Vec<(String, AgentCommand)>;
+
+/// An instance's state as an agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportedInstance {
+    pub instance_id: String,
+    pub state: InstanceState,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// A node without a heartbeat for this long is NotReady.
+    pub node_grace_ms: i64,
+    /// SIGTERM -> SIGKILL grace when stopping instances.
+    pub stop_grace_ms: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{0}")]
+    InvalidSpec(#[from] SpecError),
+    #[error("{what} {id:?} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("storage failure")]
+    Store(#[from] StoreError),
+}
+
+/// Resources in use on one node, derived from its active instances.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeUsage {
+    pub gpu_milli: Vec<u32>,
+    pub cpu_milli: i64,
+    pub memory_mib: i64,
+    pub instance_ids: Vec<String>,
+}
+
+pub struct Cluster {
+    settings: Settings,
+    nodes: BTreeMap<String, Node>,
+    jobs: BTreeMap<String, Job>,
+    /// instance id -> job id
+    instance_job: HashMap<String, String>,
+    next_seq: u64,
+    store: Box<dyn Store>,
+}
+
+impl Cluster {
+    /// Loads everything from the store. Nodes get a fresh grace period from
+    /// `now_ms` to reconnect before anything on them is declared lost.
+    pub fn load(store: Box<dyn Store>, settings: Settings, now_ms: i64) -> Result<Self, StoreError> {
+        let snapshot = store.load()?;
+        let mut cluster = Self {
+            settings,
+            nodes: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            instance_job: HashMap::new(),
+            next_seq: 1,
+            store,
+        };
+        for mut node in snapshot.nodes {
+            if node.status == NodeStatus::Ready {
+                node.last_heartbeat_ms = node.last_heartbeat_ms.max(now_ms);
+            }
+            cluster.nodes.insert(node.node_id.clone(), node);
+        }
+        for job in snapshot.jobs {
+            cluster.next_seq = cluster.next_seq.max(job.seq + 1);
+            for inst in &job.instances {
+                cluster.instance_job.insert(inst.instance_id.clone(), job.job_id.clone());
+            }
+            cluster.jobs.insert(job.job_id.clone(), job);
+        }
+        Ok(cluster)
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.settings
+    }
+
+    // ---- queries -------------------------------------------------------
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    pub fn node(&self, node_id: &str) -> Result<&Node, ClusterError> {
+        self.nodes
+            .get(node_id)
+            .ok_or_else(|| ClusterError::NotFound { what: "node", id: node_id.to_string() })
+    }
+
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
+    pub fn job(&self, job_id: &str) -> Result<&Job, ClusterError> {
+        self.jobs
+            .get(job_id)
+            .ok_or_else(|| ClusterError::NotFound { what: "job", id: job_id.to_string() })
+    }
+
+    /// Pools that exist. Dedicated pools arrive with the pools issue.
+    pub fn pool_exists(&self, pool: &str) -> bool {
+        pool == PUBLIC_POOL
+    }
+
+    /// What is allocated on every node, from the active instances.
+    pub fn usage(&self) -> HashMap<String, NodeUsage> {
+        let mut usage: HashMap<String, NodeUsage> = HashMap::new();
+        for (id, node) in &self.nodes {
+            usage.insert(
+                id.clone(),
+                NodeUsage { gpu_milli: vec![0; node.inventory.gpus.len()], ..Default::default() },
+            );
+        }
+        for job in self.jobs.values() {
+            let res = &job.spec.resources;
+            let per_gpu = if res.gpus > 0 { 1000 } else { res.gpu_milli };
+            for inst in job.active_instances() {
+                let Some(u) = usage.get_mut(&inst.node_id) else { continue };
+                u.cpu_milli += res.cpu_milli as i64;
+                u.memory_mib += res.memory_mib as i64;
+                u.instance_ids.push(inst.instance_id.clone());
+                if let Some(node) = self.nodes.get(&inst.node_id) {
+                    for idx in &inst.gpu_indexes {
+                        if let Some(pos) = node.inventory.gpus.iter().position(|g| g.index == *idx) {
+                            u.gpu_milli[pos] += per_gpu;
+                        }
+                    }
+                }
+            }
+        }
+        usage
+    }
+
+    // ---- agents --------------------------------------------------------
+
+    /// An agent (re)registers with its inventory.
+    pub fn register_node(&mut self, node_id: &str, inventory: Inventory, now_ms: i64) -> Result<(), ClusterError> {
+        let node = match self.nodes.get(node_id) {
+            Some(existing) => Node {
+                inventory,
+                status: NodeStatus::Ready,
+                last_heartbeat_ms: now_ms,
+                ..existing.clone()
+            },
+            None => Node {
+                node_id: node_id.to_string(),
+                inventory,
+                status: NodeStatus::Ready,
+                registered_at_ms: now_ms,
+                last_heartbeat_ms: now_ms,
+                pool: PUBLIC_POOL.to_string(),
+                cordoned: false,
+            },
+        };
+        self.store.put_node(&node, now_ms)?;
+        tracing::info!(node = %node_id, gpus = node.inventory.gpus.len(), "node registered");
+        self.nodes.insert(node_id.to_string(), node);
+        Ok(())
+    }
+
+    /// A session opened: the agent lists what it runs. Known instances are
+    /// reattached, unknown ones stopped, and instances the agent should run
+    /// but does not are started again (if never started) or lost.
+    pub fn hello(&mut self, node_id: &str, reported: Vec<ReportedInstance>, now_ms: i64, out: &mut Outbox) {
+        self.touch(node_id, None, now_ms);
+        let reported_ids: std::collections::HashSet<String> =
+            reported.iter().map(|r| r.instance_id.clone()).collect();
+        for r in reported {
+            self.apply_report(node_id, r, now_ms, out);
+        }
+        let mut changed_jobs = Vec::new();
+        for job in self.jobs.values_mut() {
+            let mut changed = false;
+            for inst in job.instances.iter_mut().filter(|i| i.node_id == node_id && !i.state.is_terminal()) {
+                if reported_ids.contains(&inst.instance_id) {
+                    continue;
+                }
+                if inst.state == InstanceState::Scheduled {
+                    out.push((node_id.to_string(), AgentCommand::Start(start_spec(&job.job_id, &job.spec, inst))));
+                } else {
+                    inst.state = InstanceState::Lost;
+                    inst.reason = format!("node {node_id} no longer runs it (agent restarted?)");
+                    inst.finished_at_ms = Some(now_ms);
+                    changed = true;
+                }
+            }
+            if changed {
+                job.refresh_state(now_ms);
+                changed_jobs.push(job.job_id.clone());
+            }
+        }
+        for id in changed_jobs {
+            self.persist_job(&id, now_ms);
+        }
+        self.schedule(now_ms, out);
+    }
+
+    /// A heartbeat: readiness, maybe a new inventory, instance states.
+    pub fn heartbeat(
+        &mut self,
+        node_id: &str,
+        inventory: Option<Inventory>,
+        reported: Vec<ReportedInstance>,
+        now_ms: i64,
+        out: &mut Outbox,
+    ) {
+        self.touch(node_id, inventory, now_ms);
+        for r in reported {
+            self.apply_report(node_id, r, now_ms, out);
+        }
+    }
+
+    fn touch(&mut self, node_id: &str, inventory: Option<Inventory>, now_ms: i64) {
+        let Some(node) = self.nodes.get_mut(node_id) else { return };
+        node.last_heartbeat_ms = now_ms;
+        let mut persist = false;
+        if node.status != NodeStatus::Ready {
+            tracing::info!(node = %node_id, "node Ready again");
+            node.status = NodeStatus::Ready;
+            persist = true;
+        }
+        if let Some(inv) = inventory {
+            if inv != node.inventory {
+                node.inventory = inv;
+                persist = true;
+            }
+        }
+        if persist {
+            let node = node.clone();
+            if let Err(err) = self.store.put_node(&node, now_ms) {
+                tracing::error!(node = %node_id, error = %err, "cannot persist node");
+            }
+        }
+    }
+
+    /// Applies one instance report from `node_id`.
+    pub fn apply_report(&mut self, node_id: &str, r: ReportedInstance, now_ms: i64, out: &mut Outbox) {
+        let job_id = self.instance_job.get(&r.instance_id).cloned();
+        let Some(job) = job_id.as_ref().and_then(|id| self.jobs.get_mut(id)) else {
+            if !r.state.is_terminal() {
+                tracing::warn!(node = %node_id, instance = %r.instance_id, "agent runs an unknown instance; stopping it");
+                out.push((node_id.to_string(), AgentCommand::Stop {
+                    instance_id: r.instance_id.clone(),
+                    grace_ms: self.settings.stop_grace_ms,
+                    reason: "unknown to the scheduler".into(),
+                }));
+            } else {
+                out.push((node_id.to_string(), AgentCommand::Forget { instance_id: r.instance_id }));
+            }
+            return;
+        };
+        let Some(inst) = job.instances.iter_mut().find(|i| i.instance_id == r.instance_id && i.node_id == node_id)
+        else {
+            return;
+        };
+        if inst.state.is_terminal() {
+            let cmd = if r.state.is_terminal() {
+                AgentCommand::Forget { instance_id: r.instance_id }
+            } else {
+                AgentCommand::Stop {
+                    instance_id: r.instance_id,
+                    grace_ms: self.settings.stop_grace_ms,
+                    reason: format!("instance already {:?}", inst.state),
+                }
+            };
+            out.push((node_id.to_string(), cmd));
+            return;
+        }
+        let mut changed = false;
+        if inst.state != r.state {
+            if r.state == InstanceState::Running && inst.state == InstanceState::Stopping {
+                // Our stop request has not reached the agent yet; keep Stopping.
+            } else {
+                inst.state = r.state;
+                changed = true;
+            }
+        }
+        if r.state == InstanceState::Running && inst.started_at_ms.is_none() {
+            inst.started_at_ms = Some(now_ms);
+            changed = true;
+        }
+        if r.state.is_terminal() {
+            inst.exit_code = r.exit_code;
+            inst.signal = r.signal;
+            if !r.reason.is_empty() {
+                inst.reason = r.reason.clone();
+            }
+            inst.finished_at_ms = Some(now_ms);
+            out.push((node_id.to_string(), AgentCommand::Forget { instance_id: inst.instance_id.clone() }));
+        }
+        if !changed {
+            return;
+        }
+        job.refresh_state(now_ms);
+        // A failed or lost gang member ends the job: stop the rest.
+        if matches!(job.state, JobState::Failed | JobState::Lost) {
+            for other in job.instances.iter_mut() {
+                if matches!(other.state, InstanceState::Running | InstanceState::Scheduled) {
+                    other.state = InstanceState::Stopping;
+                    out.push((other.node_id.clone(), AgentCommand::Stop {
+                        instance_id: other.instance_id.clone(),
+                        grace_ms: self.settings.stop_grace_ms,
+                        reason: format!("job {:?}", job.state),
+                    }));
+                }
+            }
+        }
+        let job_id = job.job_id.clone();
+        tracing::info!(job = %job_id, instance = %r.instance_id, state = ?r.state, "instance update");
+        self.persist_job(&job_id, now_ms);
+        if r.state.is_terminal() {
+            self.schedule(now_ms, out);
+        }
+    }
+
+    fn persist_job(&self, job_id: &str, now_ms: i64) {
+        if let Some(job) = self.jobs.get(job_id) {
+            if let Err(err) = self.store.put_job(job, now_ms) {
+                tracing::error!(job = %job_id, error = %err, "cannot persist job");
+            }
+        }
+    }
+
+    // ---- time ----------------------------------------------------------
+
+    /// Declares silent nodes NotReady (their instances Lost), then places
+    /// queued jobs.
+    pub fn tick(&mut self, now_ms: i64, out: &mut Outbox) {
+        let grace = self.settings.node_grace_ms;
+        let expired: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| n.status == NodeStatus::Ready && n.heartbeat_expired(now_ms, grace))
+            .map(|n| n.node_id.clone())
+            .collect();
+        for node_id in expired {
+            tracing::warn!(node = %node_id, grace_ms = grace, "node missed heartbeats; NotReady");
+            if let Some(node) = self.nodes.get_mut(&node_id) {
+                node.status = NodeStatus::NotReady;
+                let node = node.clone();
+                if let Err(err) = self.store.put_node(&node, now_ms) {
+                    tracing::error!(node = %node_id, error = %err, "cannot persist node");
+                }
+            }
+            let mut changed = Vec::new();
+            for job in self.jobs.values_mut() {
+                let mut hit = false;
+                for inst in job.instances.iter_mut().filter(|i| i.node_id == node_id && !i.state.is_terminal()) {
+                    inst.state = InstanceState::Lost;
+                    inst.reason = format!("node {node_id} NotReady (no heartbeat for {grace} ms)");
+                    inst.finished_at_ms = Some(now_ms);
+                    hit = true;
+                }
+                if hit {
+                    job.refresh_state(now_ms);
+                    changed.push(job.job_id.clone());
+                }
+            }
+            for id in changed {
+                self.persist_job(&id, now_ms);
+            }
+        }
+        self.schedule(now_ms, out);
+    }
+
+    // ---- jobs ----------------------------------------------------------
+
+    /// Validates and records a job, then tries to place it at once.
+    pub fn submit(&mut self, raw: RawJobSpec, tenant: &str, now_ms: i64, out: &mut Outbox) -> Result<Job, ClusterError> {
+        let spec = raw.validate()?;
+        let pool = if spec.pool.is_empty() { PUBLIC_POOL.to_string() } else { spec.pool.clone() };
+        if !self.pool_exists(&pool) {
+            return Err(ClusterError::NotFound { what: "pool", id: pool });
+        }
+        let seq = self.next_seq;
+        let job = Job {
+            job_id: format!("j-{seq:06}"),
+            seq,
+            spec,
+            pool_id: pool,
+            tenant: tenant.to_string(),
+            state: JobState::Queued,
+            reason: "waiting to be placed".into(),
+            submitted_at_ms: now_ms,
+            started_at_ms: None,
+            finished_at_ms: None,
+            instances: Vec::new(),
+            cancel_requested: false,
+        };
+        self.store.put_job(&job, now_ms)?;
+        self.next_seq += 1;
+        let job_id = job.job_id.clone();
+        tracing::info!(job = %job_id, kind = ?job.spec.kind, "job submitted");
+        self.jobs.insert(job_id.clone(), job);
+        self.schedule(now_ms, out);
+        Ok(self.jobs[&job_id].clone())
+    }
+
+    /// Cancels a job: queued jobs end at once, running instances get
+    /// SIGTERM to their process group and SIGKILL after the grace.
+    pub fn cancel(&mut self, job_id: &str, now_ms: i64, out: &mut Outbox) -> Result<Job, ClusterError> {
+        let grace_ms = self.settings.stop_grace_ms;
+        let job = self
+            .jobs
+            .get_mut(job_id)
+            .ok_or_else(|| ClusterError::NotFound { what: "job", id: job_id.to_string() })?;
+        if job.state.is_terminal() {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "job {job_id} already ended ({:?}); nothing to cancel",
+                job.state
+            )));
+        }
+        job.cancel_requested = true;
+        for inst in job.instances.iter_mut().filter(|i| !i.state.is_terminal()) {
+            inst.state = InstanceState::Stopping;
+            inst.reason = "killed by user".into();
+            out.push((inst.node_id.clone(), AgentCommand::Stop {
+                instance_id: inst.instance_id.clone(),
+                grace_ms,
+                reason: "killed by user".into(),
+            }));
+        }
+        job.refresh_state(now_ms);
+        let job = job.clone();
+        self.store.put_job(&job, now_ms)?;
+        tracing::info!(job = %job_id, "job cancelled");
+        Ok(job)
+    }
+
+    /// Places queued jobs, highest priority first, then oldest.
+    pub fn schedule(&mut self, now_ms: i64, out: &mut Outbox) {
+        let mut queued: Vec<(i32, u64, String)> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued)
+            .map(|j| (j.spec.priority, j.seq, j.job_id.clone()))
+            .collect();
+        if queued.is_empty() {
+            return;
+        }
+        queued.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut capacity = self.capacity();
+        for (_, _, job_id) in queued {
+            let job = self.jobs.get_mut(&job_id).expect("queued job exists");
+            match placement::place(&mut capacity, &job.pool_id, &job.spec.resources, job.spec.instances) {
+                Ok(assignments) => {
+                    job.instances = assignments
+                        .into_iter()
+                        .enumerate()
+                        .map(|(rank, a)| Instance {
+                            instance_id: format!("{}-{rank}", job.job_id),
+                            rank: rank as u32,
+                            node_id: a.node_id,
+                            gpu_indexes: a.gpu_indexes,
+                            gpu_uuids: a.gpu_uuids,
+                            state: InstanceState::Scheduled,
+                            exit_code: None,
+                            signal: None,
+                            reason: String::new(),
+                            started_at_ms: None,
+                            finished_at_ms: None,
+                        })
+                        .collect();
+                    job.refresh_state(now_ms);
+                    for inst in &job.instances {
+                        self.instance_job.insert(inst.instance_id.clone(), job.job_id.clone());
+                        out.push((inst.node_id.clone(), AgentCommand::Start(start_spec(&job.job_id, &job.spec, inst))));
+                    }
+                    tracing::info!(job = %job_id, instances = job.instances.len(), "job placed");
+                    self.persist_job(&job_id, now_ms);
+                }
+                Err(reason) => {
+                    if job.reason != reason {
+                        job.reason = reason;
+                        self.persist_job(&job_id, now_ms);
+                    }
+                }
+            }
+        }
+    }
+
+    fn capacity(&self) -> Vec<NodeCapacity> {
+        let usage = self.usage();
+        self.nodes
+            .values()
+            .map(|n| {
+                let u = &usage[&n.node_id];
+                NodeCapacity {
+                    node_id: n.node_id.clone(),
+                    pool: n.pool.clone(),
+                    schedulable: n.status == NodeStatus::Ready && !n.cordoned,
+                    cpu_free_milli: i64::from(n.inventory.cpu_cores) * 1000 - u.cpu_milli,
+                    memory_free_mib: n.inventory.memory_mib as i64 - u.memory_mib,
+                    gpus: n
+                        .inventory
+                        .gpus
+                        .iter()
+                        .zip(&u.gpu_milli)
+                        .map(|(g, used)| GpuSlot {
+                            index: g.index,
+                            uuid: g.uuid.clone(),
+                            model: g.model.clone(),
+                            healthy: g.healthy,
+                            free_milli: 1000u32.saturating_sub(*used),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Cordons or uncordons a node (no new work when cordoned).
+    pub fn set_cordon(&mut self, node_id: &str, cordoned: bool, now_ms: i64, out: &mut Outbox) -> Result<Node, ClusterError> {
+        let node = self
+            .nodes
+            .get_mut(node_id)
+            .ok_or_else(|| ClusterError::NotFound { what: "node", id: node_id.to_string() })?;
+        node.cordoned = cordoned;
+        let node = node.clone();
+        self.store.put_node(&node, now_ms)?;
+        if !cordoned {
+            self.schedule(now_ms, out);
+        }
+        Ok(node)
+    }
+
+    /// The node and instance of a job's instance with the given rank.
+    pub fn instance(&self, job_id: &str, rank: u32) -> Result<(&Job, &Instance), ClusterError> {
+        let job = self.job(job_id)?;
+        if job.instances.is_empty() {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "job {job_id} is {:?} and has no instances yet: {}",
+                job.state, job.reason
+            )));
+        }
+        let inst = job.instances.iter().find(|i| i.rank == rank).ok_or_else(|| ClusterError::NotFound {
+            what: "instance",
+            id: format!("{job_id} rank {rank}"),
+        })?;
+        Ok((job, inst))
+    }
+}
+
+fn start_spec(job_id: &str, spec: &crate::domain::JobSpec, inst: &Instance) -> StartSpec {
+    StartSpec {
+        instance_id: inst.instance_id.clone(),
+        job_id: job_id.to_string(),
+        kind: spec.kind,
+        command: spec.command.clone(),
+        env: spec.env.clone(),
+        working_dir: spec.working_dir.clone(),
+        gpu_indexes: inst.gpu_indexes.clone(),
+        gpu_uuids: inst.gpu_uuids.clone(),
+        resources: spec.resources.clone(),
+        rank: inst.rank,
+        world_size: spec.instances,
+    }
+}

@@ -1,0 +1,162 @@
+//! Scheduler configuration (TOML). Every field is documented here and in
+//! `systemd/scheduler.toml`; unknown fields are rejected and errors name the
+//! file and the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `/etc/gpupool/scheduler.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// gRPC listen address (agents, CLI, any gRPC client).
+    #[serde(default = "default_grpc_listen")]
+    pub grpc_listen: SocketAddr,
+    /// Prometheus `/metrics` listen address; omit to disable.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Directory of the SQLite database `gpupool.db`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Heartbeat interval asked of agents, in milliseconds.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u32,
+    /// A node without a heartbeat for this long becomes NotReady and its
+    /// instances Lost, in milliseconds. Must exceed the heartbeat interval.
+    #[serde(default = "default_grace_ms")]
+    pub node_grace_ms: u32,
+    /// SIGTERM -> SIGKILL grace when stopping instances, in milliseconds.
+    #[serde(default = "default_stop_grace_ms")]
+    pub stop_grace_ms: u32,
+    /// Cluster join token agents must present; omit to accept any agent
+    /// (development only).
+    #[serde(default)]
+    pub join_token: Option<String>,
+}
+
+fn default_grpc_listen() -> SocketAddr {
+    "127.0.0.1:7070".parse().expect("valid address")
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/gpupool/scheduler")
+}
+fn default_heartbeat_ms() -> u32 {
+    1_000
+}
+fn default_grace_ms() -> u32 {
+    15_000
+}
+fn default_stop_grace_ms() -> u32 {
+    10_000
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            grpc_listen: default_grpc_listen(),
+            metrics_listen: None,
+            data_dir: default_data_dir(),
+            heartbeat_interval_ms: default_heartbeat_ms(),
+            node_grace_ms: default_grace_ms(),
+            stop_grace_ms: default_stop_grace_ms(),
+            join_token: None,
+        }
+    }
+}
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+impl SchedulerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses and checks TOML text; errors name the field.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Self = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Cross-field checks.
+    pub fn check(&self) -> Result<(), String> {
+        if self.heartbeat_interval_ms < 100 {
+            return Err("field `heartbeat_interval_ms` must be at least 100".into());
+        }
+        if self.node_grace_ms <= self.heartbeat_interval_ms {
+            return Err(format!(
+                "field `node_grace_ms` ({}) must be greater than `heartbeat_interval_ms` ({})",
+                self.node_grace_ms, self.heartbeat_interval_ms
+            ));
+        }
+        if self.join_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err("field `join_token` must not be empty when set".into());
+        }
+        Ok(())
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("gpupool.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        let c = SchedulerConfig::parse("").unwrap();
+        assert_eq!(c.grpc_listen.port(), 7070);
+        assert_eq!(c.node_grace_ms, 15_000);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (text, field) in [
+            ("grpc_listen = \"nonsense\"", "grpc_listen"),
+            ("node_grace_ms = -1", "node_grace_ms"),
+            ("no_such_field = 1", "no_such_field"),
+            ("node_grace_ms = 500\nheartbeat_interval_ms = 1000", "node_grace_ms"),
+            ("join_token = \" \"", "join_token"),
+        ] {
+            let err = SchedulerConfig::parse(text).unwrap_err();
+            assert!(err.contains(field), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "metrics_listen = 12").unwrap();
+        let err = SchedulerConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("bad.toml") && err.contains("metrics_listen"), "{err}");
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/scheduler.toml");
+        SchedulerConfig::load(&path).unwrap();
+    }
+}

@@ -1,0 +1,92 @@
+//! `gpupool-scheduler dev`: a scheduler on an SQLite file in a data dir plus
+//! a local agent in the same process, on localhost (like `nomad agent -dev`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::config::SchedulerConfig;
+
+/// Options of the dev command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DevArgs {
+    /// Where the database and the agent's logs live.
+    #[arg(long, default_value = ".gpupool-dev")]
+    pub data_dir: PathBuf,
+    /// Simulated GPUs for the local agent, e.g. 8xH100-80GB (default: real NVML, or CPU-only).
+    #[arg(long)]
+    pub fake_gpus: Option<String>,
+    /// gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub grpc_listen: SocketAddr,
+    /// Scheduler metrics listen address.
+    #[arg(long, default_value = "127.0.0.1:9400")]
+    pub metrics_listen: SocketAddr,
+    /// Local agent metrics listen address.
+    #[arg(long, default_value = "127.0.0.1:9401")]
+    pub agent_metrics_listen: SocketAddr,
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let data_dir = std::path::absolute(&args.data_dir)?;
+    let config = SchedulerConfig {
+        grpc_listen: args.grpc_listen,
+        metrics_listen: Some(args.metrics_listen),
+        data_dir: data_dir.join("scheduler"),
+        stop_grace_ms: 5_000,
+        ..SchedulerConfig::default()
+    };
+    let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (another gpupool running? use --grpc-listen)", config.grpc_listen))?;
+    let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (use --metrics-listen)", args.metrics_listen))?;
+    let grpc_addr = grpc.local_addr()?;
+    let shared = crate::server::open(config)?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let scheduler = tokio::spawn(crate::server::serve(shared, grpc, Some(metrics), wait(stop_rx.clone())));
+
+    let agent_config = gpupool_agent::AgentConfig {
+        scheduler_addr: format!("http://{grpc_addr}"),
+        node_id: None,
+        state_dir: data_dir.join("agent"),
+        metrics_listen: Some(args.agent_metrics_listen),
+        fake_gpus: args.fake_gpus.clone(),
+        az: "AZ1".into(),
+        labels: Default::default(),
+        join_token: None,
+        max_backoff_ms: 2_000,
+    };
+    let agent = tokio::spawn(gpupool_agent::run(agent_config, None, wait(stop_rx)));
+
+    let gpus = args.fake_gpus.as_deref().map_or("real GPUs via NVML (CPU-only if no driver)".to_string(), |s| format!("simulated {s}"));
+    println!(
+        "gpupool dev cluster is up\n\
+         \x20 scheduler gRPC : http://{grpc_addr}\n\
+         \x20 metrics        : http://{}/metrics (scheduler), http://{}/metrics (agent)\n\
+         \x20 local agent    : {gpus}\n\
+         \x20 data           : {}\n\n\
+         In another terminal:\n\
+         \x20 gpupool node list\n\
+         \x20 gpupool job submit --kind training -- echo hello\n\
+         \x20 gpupool job list\n\
+         \x20 gpupool job logs <JOB_ID>\n\
+         (set GPUPOOL_ADDR=http://{grpc_addr} if you changed --grpc-listen)\n\
+         Ctrl-C stops the cluster; its state stays in the data dir.",
+        args.metrics_listen,
+        args.agent_metrics_listen,
+        data_dir.display()
+    );
+
+    crate::shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    agent.await??;
+    scheduler.await??;
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! The scheduler's pure core: nodes, jobs, their validation and lifecycle,
+//! and placement. Plain data in, decisions out: nothing here imports tonic,
+//! the store, a clock or tokio. Time is passed in as `now_ms` (milliseconds
+//! since the Unix epoch).
+
+pub mod job;
+pub mod node;
+pub mod placement;
+
+pub use job::{Instance, InstanceState, Job, JobKind, JobSpec, JobState, Resources, SpecError};
+pub use node::{Gpu, Inventory, Node, NodeStatus};
+
+/// The built-in shared pool (R-POOL-1).
+pub const PUBLIC_POOL: &str = "public";

@@ -1,0 +1,44 @@
+//! `gpupool-scheduler`: the central daemon. Owns nodes, pools and jobs,
+//! places jobs on nodes, talks to agents over one gRPC session each, stores
+//! everything in SQLite, and serves Prometheus `/metrics`. Also home of the
+//! `gpupool` CLI.
+//!
+//! Rooms: [`domain`] is the pure core (no I/O, no clock); [`cluster`] is the
+//! state machine over it with write-through to the [`store`]; [`api`] is the
+//! gRPC edge; [`server`] wires it up; [`dev`] is the one-command dev cluster.
+
+pub mod api;
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod dev;
+pub mod domain;
+pub mod metrics;
+pub mod server;
+pub mod store;
+
+pub use server::now_ms;
+
+/// Sets up logging once: text (journald-friendly) or JSON, filtered by
+/// `RUST_LOG` (default `info`).
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

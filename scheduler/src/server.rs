@@ -1,0 +1,264 @@
+//! Wiring: the shared state behind every service, the gRPC server (with the
+//! standard health and reflection services), the metrics endpoint, the
+//! heartbeat clock, and graceful shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use gpupool_proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::Status;
+
+use crate::cluster::{Cluster, Outbox, Settings};
+use crate::config::SchedulerConfig;
+use crate::metrics::Metrics;
+use crate::store::SqliteStore;
+
+/// One agent's open session.
+pub struct SessionHandle {
+    pub id: u64,
+    pub tx: mpsc::UnboundedSender<Result<pb::SchedulerMessage, Status>>,
+}
+
+/// Mutable state guarded by one lock. Never held across an `.await`.
+pub struct Core {
+    pub cluster: Cluster,
+    pub sessions: HashMap<String, SessionHandle>,
+    next_session: u64,
+    pending_logs: HashMap<u64, oneshot::Sender<pb::LogChunk>>,
+    next_request: u64,
+}
+
+impl Core {
+    /// Sends commands to connected agents. Commands for a node without a
+    /// session are dropped here and re-derived when it reconnects (hello).
+    pub fn deliver(&mut self, out: Outbox) {
+        for (node_id, cmd) in out {
+            match self.sessions.get(&node_id) {
+                Some(session) => {
+                    let _ = session.tx.send(Ok(crate::api::command_to_pb(cmd)));
+                }
+                None => tracing::debug!(node = %node_id, ?cmd, "node not connected; command waits for reconnect"),
+            }
+        }
+    }
+
+    pub fn open_session(&mut self, node_id: &str, tx: mpsc::UnboundedSender<Result<pb::SchedulerMessage, Status>>) -> u64 {
+        self.next_session += 1;
+        let id = self.next_session;
+        if self.sessions.insert(node_id.to_string(), SessionHandle { id, tx }).is_some() {
+            tracing::info!(node = %node_id, "replacing an older session of the node");
+        }
+        id
+    }
+
+    pub fn close_session(&mut self, node_id: &str, id: u64) {
+        if self.sessions.get(node_id).is_some_and(|s| s.id == id) {
+            self.sessions.remove(node_id);
+        }
+    }
+
+    /// Sends a ReadLogs to a node; the answer arrives on the receiver.
+    pub fn request_log(
+        &mut self,
+        node_id: &str,
+        instance_id: &str,
+        offset: u64,
+        max_bytes: u32,
+    ) -> Result<oneshot::Receiver<pb::LogChunk>, Status> {
+        let session = self
+            .sessions
+            .get(node_id)
+            .ok_or_else(|| Status::unavailable(format!("node {node_id} is not connected; its logs cannot be read now")))?;
+        self.next_request += 1;
+        let request_id = self.next_request;
+        let (tx, rx) = oneshot::channel();
+        let msg = pb::SchedulerMessage {
+            msg: Some(pb::scheduler_message::Msg::ReadLogs(pb::ReadLogs {
+                request_id,
+                instance_id: instance_id.to_string(),
+                offset,
+                max_bytes,
+            })),
+        };
+        session
+            .tx
+            .send(Ok(msg))
+            .map_err(|_| Status::unavailable(format!("node {node_id} disconnected")))?;
+        self.pending_logs.insert(request_id, tx);
+        Ok(rx)
+    }
+
+    pub fn resolve_log(&mut self, chunk: pb::LogChunk) {
+        if let Some(tx) = self.pending_logs.remove(&chunk.request_id) {
+            let _ = tx.send(chunk);
+        }
+    }
+}
+
+/// What every service holds.
+pub struct Shared {
+    core: Mutex<Core>,
+    pub config: SchedulerConfig,
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    /// Runs `f` on the core with an outbox, then delivers the outbox.
+    pub fn with<T>(&self, f: impl FnOnce(&mut Core, &mut Outbox) -> T) -> T {
+        let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Outbox::new();
+        let result = f(&mut core, &mut out);
+        core.deliver(out);
+        result
+    }
+}
+
+/// Milliseconds since the Unix epoch (the only clock the scheduler reads).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Opens the store and loads the cluster.
+pub fn open(config: SchedulerConfig) -> anyhow::Result<Arc<Shared>> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let db = config.database_path();
+    let store = SqliteStore::open(&db)?;
+    let settings = Settings {
+        node_grace_ms: i64::from(config.node_grace_ms),
+        stop_grace_ms: config.stop_grace_ms,
+    };
+    let cluster = Cluster::load(Box::new(store), settings, now_ms())?;
+    tracing::info!(
+        database = %db.display(),
+        nodes = cluster.nodes().count(),
+        jobs = cluster.jobs().count(),
+        "state loaded"
+    );
+    Ok(Arc::new(Shared {
+        core: Mutex::new(Core {
+            cluster,
+            sessions: HashMap::new(),
+            next_session: 0,
+            pending_logs: HashMap::new(),
+            next_request: 0,
+        }),
+        config,
+        metrics: Metrics::new(),
+    }))
+}
+
+/// Serves gRPC on `grpc` and metrics on `metrics` until `shutdown`
+/// resolves, then stops taking requests, ends agent sessions and returns.
+pub async fn serve(
+    shared: Arc<Shared>,
+    grpc: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    for name in [
+        "gpupool.v1.AgentService",
+        "gpupool.v1.JobService",
+        "gpupool.v1.NodeService",
+        "gpupool.v1.PoolService",
+        "gpupool.v1.UsageService",
+        "",
+    ] {
+        health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+    }
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(gpupool_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(gpupool_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let api = crate::api::client::Api { shared: shared.clone() };
+    let agent = crate::api::agent::AgentApi { shared: shared.clone() };
+    let addr = grpc.local_addr()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+    let grpc_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(pb::agent_service_server::AgentServiceServer::new(agent))
+        .add_service(pb::job_service_server::JobServiceServer::new(api.clone()))
+        .add_service(pb::node_service_server::NodeServiceServer::new(api.clone()))
+        .add_service(pb::pool_service_server::PoolServiceServer::new(api.clone()))
+        .add_service(pb::usage_service_server::UsageServiceServer::new(api))
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+    tracing::info!(%addr, "gRPC listening");
+    let mut grpc_task = tokio::spawn(grpc_server);
+
+    let metrics_task = match metrics {
+        Some(listener) => {
+            tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+            let shared = shared.clone();
+            let stop = stopped(stop_rx.clone());
+            Some(tokio::spawn(async move {
+                if let Err(err) = crate::metrics::serve(listener, shared, stop).await {
+                    tracing::error!(error = %err, "metrics server failed");
+                }
+            }))
+        }
+        None => None,
+    };
+
+    // The clock: readiness and queued jobs.
+    let ticker = {
+        let shared = shared.clone();
+        let period = Duration::from_millis(u64::from(shared.config.heartbeat_interval_ms.clamp(100, 1000)) / 2);
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => shared.with(|core, out| core.cluster.tick(now_ms(), out)),
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        })
+    };
+
+    tokio::select! {
+        _ = shutdown => {}
+        result = &mut grpc_task => {
+            result??;
+            anyhow::bail!("gRPC server stopped unexpectedly");
+        }
+    }
+    tracing::info!("shutting down");
+    let _ = health_reporter;
+    let _ = stop_tx.send(true);
+    // End agent sessions so the server's graceful shutdown can finish.
+    shared.with(|core, _| core.sessions.clear());
+    let _ = ticker.await;
+    match tokio::time::timeout(Duration::from_secs(5), &mut grpc_task).await {
+        Ok(result) => result??,
+        Err(_) => {
+            tracing::warn!("open streams did not finish within 5s; closing them");
+            grpc_task.abort();
+        }
+    }
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
