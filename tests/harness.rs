@@ -1,0 +1,412 @@
+//! Test harness for end-to-end tests: starts the real `gpupool-scheduler`
+//! and `gpupool-agent` binaries on free localhost ports, talks to them over
+//! real gRPC, and runs the real `gpupool` CLI.
+//!
+//! The binaries are taken from the cargo target dir the tests were built in
+//! (`cargo test --workspace` builds them, since the agent and scheduler
+//! crates have integration tests of their own), or from `GPUPOOL_BIN_DIR`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use gpupool_proto::v1 as pb;
+use tonic::transport::Channel;
+
+/// Directory holding the gpupool binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GPUPOOL_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/debug/deps/<test> -> target/debug
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Path of one gpupool binary; panics with advice when it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo test --workspace` (which builds it) or set GPUPOOL_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// True under CI, where a test that cannot run must fail instead of skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Finds a host tool; outside CI a missing tool skips the check loudly.
+pub fn require_tool(tool: &str, package: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| p.is_file())
+    });
+    match found {
+        Some(path) => Some(path),
+        None if in_ci() => {
+            panic!("{tool} is required under CI=true: install Debian's {package} package")
+        }
+        None => {
+            eprintln!(
+                "SKIPPED CHECK: {tool} not found (install Debian's {package}); this check fails under CI=true"
+            );
+            None
+        }
+    }
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).unwrap();
+        cmd.stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .stdin(Stdio::null());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Self { child, log }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit after SIGTERM; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A scheduler process with its ports and data dir.
+pub struct Scheduler {
+    pub proc: Proc,
+    pub grpc_port: u16,
+    pub metrics_port: u16,
+    pub config_path: PathBuf,
+}
+
+/// Heartbeat and grace used by the tests (ms).
+pub const HEARTBEAT_MS: u32 = 200;
+pub const GRACE_MS: u32 = 2_000;
+
+impl Scheduler {
+    /// Writes a config in `dir` and starts the scheduler on fresh ports.
+    pub async fn start(dir: &Path) -> Self {
+        let grpc_port = free_port();
+        let metrics_port = free_port();
+        let config_path = dir.join("scheduler.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                "grpc_listen = \"127.0.0.1:{grpc_port}\"\n\
+                 metrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+                 data_dir = \"{}\"\n\
+                 heartbeat_interval_ms = {HEARTBEAT_MS}\n\
+                 node_grace_ms = {GRACE_MS}\n\
+                 stop_grace_ms = 1000\n\
+                 join_token = \"test-join-token\"\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        Self::start_with(dir, config_path, grpc_port, metrics_port).await
+    }
+
+    async fn start_with(
+        dir: &Path,
+        config_path: PathBuf,
+        grpc_port: u16,
+        metrics_port: u16,
+    ) -> Self {
+        let mut cmd = Command::new(bin("gpupool-scheduler"));
+        cmd.arg("serve").arg("--config").arg(&config_path);
+        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        let proc = Proc::spawn(cmd, dir.join(format!("scheduler-{n}.log")));
+        let s = Self {
+            proc,
+            grpc_port,
+            metrics_port,
+            config_path,
+        };
+        s.wait_serving().await;
+        s
+    }
+
+    /// Restarts on the same config, ports and database.
+    pub async fn restart(mut self, dir: &Path) -> Self {
+        let status = self.proc.terminate(Duration::from_secs(15));
+        assert!(
+            status.success(),
+            "scheduler exit on SIGTERM: {status}; log:\n{}",
+            self.proc.log_text()
+        );
+        let (config, grpc, metrics) = (self.config_path.clone(), self.grpc_port, self.metrics_port);
+        drop(self);
+        Self::start_with(dir, config, grpc, metrics).await
+    }
+
+    pub fn addr(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.addr())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Polls the standard health service until it answers SERVING.
+    async fn wait_serving(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(ch) = Channel::from_shared(self.addr()).unwrap().connect().await {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+                if let Ok(resp) = health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                {
+                    if resp.into_inner().status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                    {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "scheduler not serving; log:\n{}",
+                self.proc.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn jobs(&self) -> pb::job_service_client::JobServiceClient<Channel> {
+        pb::job_service_client::JobServiceClient::new(self.channel().await)
+    }
+
+    pub async fn nodes(&self) -> pb::node_service_client::NodeServiceClient<Channel> {
+        pb::node_service_client::NodeServiceClient::new(self.channel().await)
+    }
+
+    /// Runs the real `gpupool` CLI against this scheduler.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("gpupool"))
+            .args(args)
+            .env("GPUPOOL_ADDR", self.addr())
+            .env_remove("GPUPOOL_TOKEN")
+            .output()
+            .unwrap()
+    }
+}
+
+/// An agent process.
+pub struct Agent {
+    pub proc: Proc,
+    pub node_id: String,
+    pub metrics_port: u16,
+}
+
+impl Agent {
+    pub fn start(dir: &Path, scheduler: &Scheduler, node_id: &str, fake_gpus: &str) -> Self {
+        let metrics_port = free_port();
+        let state = dir.join(format!("agent-{node_id}"));
+        std::fs::create_dir_all(&state).unwrap();
+        let config = state.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "scheduler_addr = \"{}\"\nnode_id = \"{node_id}\"\nstate_dir = \"{}\"\n\
+                 metrics_listen = \"127.0.0.1:{metrics_port}\"\njoin_token = \"test-join-token\"\n\
+                 max_backoff_ms = 500\naz = \"AZ1\"\n",
+                scheduler.addr(),
+                state.join("state").display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(bin("gpupool-agent"));
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--fake-gpus")
+            .arg(fake_gpus);
+        let proc = Proc::spawn(cmd, state.join("agent.log"));
+        Self {
+            proc,
+            node_id: node_id.to_string(),
+            metrics_port,
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// GET over plain HTTP/1.0 on localhost; returns the body.
+pub async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    stream.read_to_string(&mut buf).await.unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_string()
+}
+
+/// A training job spec with the given GPUs and command.
+pub fn training(gpus: i32, command: &[&str]) -> pb::JobSpec {
+    pb::JobSpec {
+        kind: pb::JobKind::Training as i32,
+        resources: Some(pb::Resources {
+            gpus,
+            cpu_milli: 100,
+            memory_mib: 64,
+            ..Default::default()
+        }),
+        instances: 1,
+        command: command.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Submits a job over gRPC.
+pub async fn submit(s: &Scheduler, spec: pb::JobSpec) -> Result<pb::Job, tonic::Status> {
+    s.jobs()
+        .await
+        .submit_job(pb::SubmitJobRequest { spec: Some(spec) })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Fetches a job over gRPC.
+pub async fn get_job(s: &Scheduler, id: &str) -> pb::Job {
+    s.jobs()
+        .await
+        .get_job(pb::GetJobRequest {
+            job_id: id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Waits until the job is in `state`.
+pub async fn wait_job(s: &Scheduler, id: &str, state: pb::JobState, timeout: Duration) -> pb::Job {
+    let mut last = None;
+    let found = tokio::time::timeout(timeout, async {
+        loop {
+            let job = get_job(s, id).await;
+            if job.state == state as i32 {
+                return job;
+            }
+            last = Some(job);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    match found {
+        Ok(job) => job,
+        Err(_) => panic!("job {id} never reached {state:?}; last seen: {last:#?}"),
+    }
+}
+
+/// Lists nodes over gRPC.
+pub async fn list_nodes(s: &Scheduler) -> Vec<pb::Node> {
+    s.nodes()
+        .await
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+}
+
+/// True when the process is gone or a zombie.
+pub fn process_dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}

@@ -31,26 +31,37 @@ const GPU_LABELS: &[&str] = &["gpu", "UUID", "model_name", "Hostname"];
 
 fn gpu_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
     let g = GaugeVec::new(Opts::new(name, help), GPU_LABELS).expect("valid metric");
-    registry.register(Box::new(g.clone())).expect("unique metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
     g
 }
 
 impl AgentMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let reg = |c: Box<dyn prometheus::core::Collector>| registry.register(c).expect("unique metric");
+        let reg =
+            |c: Box<dyn prometheus::core::Collector>| registry.register(c).expect("unique metric");
         let cpu_utilization = prometheus::Gauge::new(
             "gpupool_agent_host_cpu_utilization_ratio",
             "Host CPU utilization over all cores (0..1).",
         )
         .unwrap();
         reg(Box::new(cpu_utilization.clone()));
-        let memory_total = IntGauge::new("gpupool_agent_host_memory_total_bytes", "Host memory.").unwrap();
+        let memory_total =
+            IntGauge::new("gpupool_agent_host_memory_total_bytes", "Host memory.").unwrap();
         reg(Box::new(memory_total.clone()));
-        let memory_used = IntGauge::new("gpupool_agent_host_memory_used_bytes", "Host memory in use.").unwrap();
+        let memory_used = IntGauge::new(
+            "gpupool_agent_host_memory_used_bytes",
+            "Host memory in use.",
+        )
+        .unwrap();
         reg(Box::new(memory_used.clone()));
         let instances = IntGaugeVec::new(
-            Opts::new("gpupool_agent_instances", "Job instances known to the agent, by phase."),
+            Opts::new(
+                "gpupool_agent_instances",
+                "Job instances known to the agent, by phase.",
+            ),
             &["phase"],
         )
         .unwrap();
@@ -63,11 +74,23 @@ impl AgentMetrics {
         reg(Box::new(connected.clone()));
         Self {
             gpu_util: gpu_gauge(&registry, "DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %)."),
-            fb_used: gpu_gauge(&registry, "DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB)."),
-            fb_free: gpu_gauge(&registry, "DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB)."),
+            fb_used: gpu_gauge(
+                &registry,
+                "DCGM_FI_DEV_FB_USED",
+                "Framebuffer memory used (in MiB).",
+            ),
+            fb_free: gpu_gauge(
+                &registry,
+                "DCGM_FI_DEV_FB_FREE",
+                "Framebuffer memory free (in MiB).",
+            ),
             gpu_temp: gpu_gauge(&registry, "DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C)."),
             power: gpu_gauge(&registry, "DCGM_FI_DEV_POWER_USAGE", "Power draw (in W)."),
-            gpu_healthy: gpu_gauge(&registry, "gpupool_agent_gpu_healthy", "1 when the GPU is healthy."),
+            gpu_healthy: gpu_gauge(
+                &registry,
+                "gpupool_agent_gpu_healthy",
+                "1 when the GPU is healthy.",
+            ),
             registry,
             cpu_utilization,
             memory_total,
@@ -83,14 +106,17 @@ impl AgentMetrics {
         {
             let mut sys = self.sys.lock().unwrap();
             if let Some(sys) = sys.as_mut() {
-            sys.refresh_cpu_usage();
-            sys.refresh_memory();
-            self.cpu_utilization.set(f64::from(sys.global_cpu_usage()) / 100.0);
-            self.memory_total.set(sys.total_memory() as i64);
-            self.memory_used.set(sys.used_memory() as i64);
+                sys.refresh_cpu_usage();
+                sys.refresh_memory();
+                self.cpu_utilization
+                    .set(f64::from(sys.global_cpu_usage()) / 100.0);
+                self.memory_total.set(sys.total_memory() as i64);
+                self.memory_used.set(sys.used_memory() as i64);
             }
         }
-        self.connected.set(i64::from(ctx.connected.load(std::sync::atomic::Ordering::Relaxed)));
+        self.connected.set(i64::from(
+            ctx.connected.load(std::sync::atomic::Ordering::Relaxed),
+        ));
         self.instances.reset();
         for phase in ["running", "stopping", "succeeded", "failed", "stopped"] {
             self.instances.with_label_values(&[phase]).set(0);
@@ -99,20 +125,42 @@ impl AgentMetrics {
             let phase = format!("{:?}", report.phase).to_lowercase();
             self.instances.with_label_values(&[phase.as_str()]).inc();
         }
-        for g in [&self.gpu_util, &self.fb_used, &self.fb_free, &self.gpu_temp, &self.power, &self.gpu_healthy] {
+        for g in [
+            &self.gpu_util,
+            &self.fb_used,
+            &self.fb_free,
+            &self.gpu_temp,
+            &self.power,
+            &self.gpu_healthy,
+        ] {
             g.reset();
         }
         for gpu in ctx.probe.gpus() {
             let index = gpu.index.to_string();
-            let labels = [index.as_str(), gpu.uuid.as_str(), gpu.model.as_str(), ctx.host.hostname.as_str()];
-            self.gpu_util.with_label_values(&labels).set(f64::from(gpu.utilization_pct));
-            self.fb_used.with_label_values(&labels).set(gpu.memory_used_mib as f64);
+            let labels = [
+                index.as_str(),
+                gpu.uuid.as_str(),
+                gpu.model.as_str(),
+                ctx.host.hostname.as_str(),
+            ];
+            self.gpu_util
+                .with_label_values(&labels)
+                .set(f64::from(gpu.utilization_pct));
+            self.fb_used
+                .with_label_values(&labels)
+                .set(gpu.memory_used_mib as f64);
             self.fb_free
                 .with_label_values(&labels)
                 .set(gpu.memory_total_mib.saturating_sub(gpu.memory_used_mib) as f64);
-            self.gpu_temp.with_label_values(&labels).set(f64::from(gpu.temperature_c));
-            self.power.with_label_values(&labels).set(f64::from(gpu.power_mw) / 1000.0);
-            self.gpu_healthy.with_label_values(&labels).set(if gpu.healthy { 1.0 } else { 0.0 });
+            self.gpu_temp
+                .with_label_values(&labels)
+                .set(f64::from(gpu.temperature_c));
+            self.power
+                .with_label_values(&labels)
+                .set(f64::from(gpu.power_mw) / 1000.0);
+            self.gpu_healthy
+                .with_label_values(&labels)
+                .set(if gpu.healthy { 1.0 } else { 0.0 });
         }
         let mut buf = Vec::new();
         TextEncoder::new()
@@ -144,9 +192,14 @@ pub async fn serve(
                 let body = tokio::task::spawn_blocking(move || metrics.render(&ctx))
                     .await
                     .unwrap_or_default();
-                ([(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body)
+                (
+                    [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+                    body,
+                )
             }
         }),
     );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -56,7 +56,9 @@ impl NvmlProbe {
     /// Loads libnvidia-ml. Fails (with a libloading error inside) on
     /// machines without the NVIDIA driver.
     pub fn init() -> Result<Self, nvml_wrapper::error::NvmlError> {
-        Ok(Self { nvml: Nvml::init()? })
+        Ok(Self {
+            nvml: Nvml::init()?,
+        })
     }
 }
 
@@ -127,7 +129,9 @@ pub struct FakeSpecError {
 impl FakeGpus {
     /// Parses a spec; `seed` (the node id) makes the UUIDs unique per node.
     pub fn parse(spec: &str, seed: &str) -> Result<Self, FakeSpecError> {
-        let err = || FakeSpecError { spec: spec.to_string() };
+        let err = || FakeSpecError {
+            spec: spec.to_string(),
+        };
         let mut gpus = Vec::new();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (count, model) = part.split_once(['x', 'X']).ok_or_else(err)?;
@@ -158,7 +162,9 @@ impl FakeGpus {
         if gpus.is_empty() {
             return Err(err());
         }
-        Ok(Self { gpus: Mutex::new(gpus) })
+        Ok(Self {
+            gpus: Mutex::new(gpus),
+        })
     }
 
     /// Failure injection: mark a GPU unhealthy (or healthy again).
@@ -183,8 +189,12 @@ impl GpuProbe for FakeGpus {
 /// "H100-80GB" -> 80 GiB in MiB.
 fn memory_from_model(model: &str) -> Option<u64> {
     let upper = model.to_ascii_uppercase();
-    let digits = upper.strip_suffix("GB").or_else(|| upper.strip_suffix('G'))?;
-    let start = digits.rfind(|c: char| !c.is_ascii_digit()).map_or(0, |i| i + 1);
+    let digits = upper
+        .strip_suffix("GB")
+        .or_else(|| upper.strip_suffix('G'))?;
+    let start = digits
+        .rfind(|c: char| !c.is_ascii_digit())
+        .map_or(0, |i| i + 1);
     digits[start..].parse::<u64>().ok().map(|g| g * 1024)
 }
 
@@ -244,14 +254,25 @@ pub fn host_info() -> HostInfo {
     let kernel = sysinfo::System::kernel_version().unwrap_or_default();
     let Ok(mut sys) = sysinfo::System::new() else {
         tracing::warn!("sysinfo cannot read this host; reporting no CPU or memory");
-        return HostInfo { hostname, cpu_cores: 0, cpu_model: String::new(), memory_mib: 0, os, kernel };
+        return HostInfo {
+            hostname,
+            cpu_cores: 0,
+            cpu_model: String::new(),
+            memory_mib: 0,
+            os,
+            kernel,
+        };
     };
     sys.refresh_cpu_all();
     sys.refresh_memory();
     HostInfo {
         hostname,
         cpu_cores: sys.cpus().len() as u32,
-        cpu_model: sys.cpus().first().map(|c| c.brand().to_string()).unwrap_or_default(),
+        cpu_model: sys
+            .cpus()
+            .first()
+            .map(|c| c.brand().to_string())
+            .unwrap_or_default(),
         memory_mib: sys.total_memory() / (1024 * 1024),
         os,
         kernel,

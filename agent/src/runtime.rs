@@ -112,7 +112,10 @@ impl Runtime {
         if !valid_id(instance_id) {
             return Err(LogError::BadId(instance_id.to_string()));
         }
-        Ok(self.state_dir.join("logs").join(format!("{instance_id}.log")))
+        Ok(self
+            .state_dir
+            .join("logs")
+            .join(format!("{instance_id}.log")))
     }
 
     /// Starts an instance. Idempotent: a known id is left alone.
@@ -166,7 +169,10 @@ impl Runtime {
             .split_first()
             .ok_or_else(|| anyhow::anyhow!("empty command"))?;
         let log_path = self.log_path(&spec.instance_id)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
         let workdir = match &spec.working_dir {
             Some(dir) => dir.clone(),
             None => self.state_dir.join("work").join(&spec.instance_id),
@@ -187,7 +193,12 @@ impl Runtime {
 
     async fn wait(&self, instance_id: String, mut child: tokio::process::Child) {
         let status = child.wait().await;
-        let pgid = self.entries.lock().unwrap().get(&instance_id).and_then(|e| e.pgid);
+        let pgid = self
+            .entries
+            .lock()
+            .unwrap()
+            .get(&instance_id)
+            .and_then(|e| e.pgid);
         // Whatever the leader left behind in its group goes with it.
         if let Some(pgid) = pgid {
             signal_group(pgid, libc::SIGKILL);
@@ -267,7 +278,10 @@ impl Runtime {
     /// Drops a finished instance the scheduler has recorded. Its log stays.
     pub fn forget(&self, instance_id: &str) {
         let mut entries = self.entries.lock().unwrap();
-        if entries.get(instance_id).is_some_and(|e| e.report.phase.is_terminal()) {
+        if entries
+            .get(instance_id)
+            .is_some_and(|e| e.report.phase.is_terminal())
+        {
             entries.remove(instance_id);
         }
     }
@@ -281,7 +295,10 @@ impl Runtime {
         max: usize,
     ) -> Result<(Vec<u8>, u64), LogError> {
         let path = self.log_path(instance_id)?;
-        let io = |source| LogError::Io { instance_id: instance_id.to_string(), source };
+        let io = |source| LogError::Io {
+            instance_id: instance_id.to_string(),
+            source,
+        };
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -289,9 +306,14 @@ impl Runtime {
             }
             Err(e) => return Err(io(e)),
         };
-        file.seek(std::io::SeekFrom::Start(offset)).await.map_err(io)?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(io)?;
         let mut buf = Vec::with_capacity(max.min(64 * 1024));
-        file.take(max as u64).read_to_end(&mut buf).await.map_err(io)?;
+        file.take(max as u64)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(io)?;
         let next = offset + buf.len() as u64;
         Ok((buf, next))
     }
@@ -310,7 +332,14 @@ fn instance_env(spec: &InstanceSpec, workdir: &Path) -> BTreeMap<String, String>
         .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
     env.extend(spec.env.clone());
     let visible = spec.gpu_uuids.join(",");
-    env.insert("NVIDIA_VISIBLE_DEVICES".into(), if visible.is_empty() { "void".into() } else { visible.clone() });
+    env.insert(
+        "NVIDIA_VISIBLE_DEVICES".into(),
+        if visible.is_empty() {
+            "void".into()
+        } else {
+            visible.clone()
+        },
+    );
     env.insert("CUDA_VISIBLE_DEVICES".into(), visible);
     env.insert("HOME".into(), workdir.display().to_string());
     env.insert("GPUPOOL_JOB_ID".into(), spec.job_id.clone());
@@ -324,7 +353,9 @@ fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
         && !id.starts_with('.')
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn signal_group(pgid: i32, signal: i32) -> bool {
@@ -345,7 +376,12 @@ fn group_alive(pgid: i32) -> bool {
         return true;
     };
     dir.filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
         .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
         .any(|stat| {
             // pid (comm) state ppid pgrp ...; comm may hold spaces, so cut at the last ')'.
@@ -390,7 +426,14 @@ mod tests {
     async fn runs_with_exact_gpu_visibility_and_logs() {
         let dir = tempfile::tempdir().unwrap();
         let rt = Runtime::new(dir.path()).unwrap();
-        rt.start(spec("i1", &["sh", "-c", "echo cuda=$CUDA_VISIBLE_DEVICES nv=$NVIDIA_VISIBLE_DEVICES; echo oops >&2"]));
+        rt.start(spec(
+            "i1",
+            &[
+                "sh",
+                "-c",
+                "echo cuda=$CUDA_VISIBLE_DEVICES nv=$NVIDIA_VISIBLE_DEVICES; echo oops >&2",
+            ],
+        ));
         let r = wait_terminal(&rt, "i1").await;
         assert_eq!(r.phase, Phase::Succeeded);
         assert_eq!(r.exit_code, Some(0));
@@ -450,8 +493,13 @@ mod tests {
         assert_eq!(r.phase, Phase::Stopped);
         let mut dead = false;
         for _ in 0..100 {
-            let stat = std::fs::read_to_string(format!("/proc/{child_pid}/stat")).unwrap_or_default();
-            if stat.is_empty() || stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')) {
+            let stat =
+                std::fs::read_to_string(format!("/proc/{child_pid}/stat")).unwrap_or_default();
+            if stat.is_empty()
+                || stat
+                    .rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            {
                 dead = true;
                 break;
             }
@@ -464,7 +512,13 @@ mod tests {
     async fn log_ids_cannot_escape_the_state_dir() {
         let dir = tempfile::tempdir().unwrap();
         let rt = Runtime::new(dir.path()).unwrap();
-        assert!(matches!(rt.read_log("../etc/passwd", 0, 10).await, Err(LogError::BadId(_))));
-        assert!(matches!(rt.read_log("nope", 0, 10).await, Err(LogError::NotFound(_))));
+        assert!(matches!(
+            rt.read_log("../etc/passwd", 0, 10).await,
+            Err(LogError::BadId(_))
+        ));
+        assert!(matches!(
+            rt.read_log("nope", 0, 10).await,
+            Err(LogError::NotFound(_))
+        ));
     }
 }

@@ -132,7 +132,9 @@ async fn serve_once(ctx: &AgentCtx, shutdown: &mut watch::Receiver<bool>) -> any
             last_sent_inventory = now_static;
         }
         let hb = pb::Heartbeat {
-            sent_at: Some(gpupool_proto::prost_types::Timestamp::from(std::time::SystemTime::now())),
+            sent_at: Some(gpupool_proto::prost_types::Timestamp::from(
+                std::time::SystemTime::now(),
+            )),
             inventory: inventory_changed.then(|| inventory(ctx, &gpus)),
             instances: ctx.runtime.snapshot().iter().map(status_to_pb).collect(),
             gpu_samples: gpus.iter().map(gpu_to_pb).collect(),
@@ -157,7 +159,11 @@ async fn handle(
         Some(Msg::Forget(forget)) => ctx.runtime.forget(&forget.instance_id),
         Some(Msg::ReadLogs(read)) => {
             let max = (read.max_bytes as usize).clamp(1, MAX_LOG_CHUNK);
-            let chunk = match ctx.runtime.read_log(&read.instance_id, read.offset, max).await {
+            let chunk = match ctx
+                .runtime
+                .read_log(&read.instance_id, read.offset, max)
+                .await
+            {
                 Ok((data, next_offset)) => pb::LogChunk {
                     request_id: read.request_id,
                     data,
@@ -171,7 +177,8 @@ async fn handle(
                     error: err.to_string(),
                 },
             };
-            tx.send(msg(pb::agent_message::Msg::LogChunk(chunk))).await?;
+            tx.send(msg(pb::agent_message::Msg::LogChunk(chunk)))
+                .await?;
         }
         None => {}
     }
@@ -184,7 +191,15 @@ fn msg(m: pb::agent_message::Msg) -> pb::AgentMessage {
 
 /// The parts of a GPU whose change must be announced as an inventory delta.
 fn static_part(g: &GpuInfo) -> (u32, String, String, u64, bool, String, bool) {
-    (g.index, g.uuid.clone(), g.model.clone(), g.memory_total_mib, g.healthy, g.health_reason.clone(), g.mig_enabled)
+    (
+        g.index,
+        g.uuid.clone(),
+        g.model.clone(),
+        g.memory_total_mib,
+        g.healthy,
+        g.health_reason.clone(),
+        g.mig_enabled,
+    )
 }
 
 fn inventory(ctx: &AgentCtx, gpus: &[GpuInfo]) -> pb::Inventory {
@@ -243,7 +258,9 @@ fn spec_from_pb(s: pb::StartInstance) -> InstanceSpec {
         job_id: s.job_id,
         command: s.command,
         env: s.env.into_iter().collect(),
-        working_dir: Some(s.working_dir).filter(|d| !d.is_empty()).map(Into::into),
+        working_dir: Some(s.working_dir)
+            .filter(|d| !d.is_empty())
+            .map(Into::into),
         gpu_uuids: s.gpu_uuids,
         rank: s.rank,
         world_size: s.world_size,

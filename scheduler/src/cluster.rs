@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::domain::placement::{self, GpuSlot, NodeCapacity};
 use crate::domain::{
-    Instance, InstanceState, Inventory, Job, JobKind, JobState, Node, NodeStatus, PUBLIC_POOL, Resources,
-    SpecError, job::RawJobSpec,
+    Instance, InstanceState, Inventory, Job, JobKind, JobState, Node, NodeStatus, PUBLIC_POOL,
+    Resources, SpecError, job::RawJobSpec,
 };
 use crate::store::{Store, StoreError};
 
@@ -16,8 +16,14 @@ use crate::store::{Store, StoreError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentCommand {
     Start(StartSpec),
-    Stop { instance_id: String, grace_ms: u32, reason: String },
-    Forget { instance_id: String },
+    Stop {
+        instance_id: String,
+        grace_ms: u32,
+        reason: String,
+    },
+    Forget {
+        instance_id: String,
+    },
 }
 
 /// Everything the agent needs to start one instance.
@@ -91,7 +97,11 @@ pub struct Cluster {
 impl Cluster {
     /// Loads everything from the store. Nodes get a fresh grace period from
     /// `now_ms` to reconnect before anything on them is declared lost.
-    pub fn load(store: Box<dyn Store>, settings: Settings, now_ms: i64) -> Result<Self, StoreError> {
+    pub fn load(
+        store: Box<dyn Store>,
+        settings: Settings,
+        now_ms: i64,
+    ) -> Result<Self, StoreError> {
         let snapshot = store.load()?;
         let mut cluster = Self {
             settings,
@@ -110,7 +120,9 @@ impl Cluster {
         for job in snapshot.jobs {
             cluster.next_seq = cluster.next_seq.max(job.seq + 1);
             for inst in &job.instances {
-                cluster.instance_job.insert(inst.instance_id.clone(), job.job_id.clone());
+                cluster
+                    .instance_job
+                    .insert(inst.instance_id.clone(), job.job_id.clone());
             }
             cluster.jobs.insert(job.job_id.clone(), job);
         }
@@ -130,7 +142,10 @@ impl Cluster {
     pub fn node(&self, node_id: &str) -> Result<&Node, ClusterError> {
         self.nodes
             .get(node_id)
-            .ok_or_else(|| ClusterError::NotFound { what: "node", id: node_id.to_string() })
+            .ok_or_else(|| ClusterError::NotFound {
+                what: "node",
+                id: node_id.to_string(),
+            })
     }
 
     pub fn jobs(&self) -> impl Iterator<Item = &Job> {
@@ -138,9 +153,10 @@ impl Cluster {
     }
 
     pub fn job(&self, job_id: &str) -> Result<&Job, ClusterError> {
-        self.jobs
-            .get(job_id)
-            .ok_or_else(|| ClusterError::NotFound { what: "job", id: job_id.to_string() })
+        self.jobs.get(job_id).ok_or_else(|| ClusterError::NotFound {
+            what: "job",
+            id: job_id.to_string(),
+        })
     }
 
     /// Pools that exist. Dedicated pools arrive with the pools issue.
@@ -154,20 +170,26 @@ impl Cluster {
         for (id, node) in &self.nodes {
             usage.insert(
                 id.clone(),
-                NodeUsage { gpu_milli: vec![0; node.inventory.gpus.len()], ..Default::default() },
+                NodeUsage {
+                    gpu_milli: vec![0; node.inventory.gpus.len()],
+                    ..Default::default()
+                },
             );
         }
         for job in self.jobs.values() {
             let res = &job.spec.resources;
             let per_gpu = if res.gpus > 0 { 1000 } else { res.gpu_milli };
             for inst in job.active_instances() {
-                let Some(u) = usage.get_mut(&inst.node_id) else { continue };
+                let Some(u) = usage.get_mut(&inst.node_id) else {
+                    continue;
+                };
                 u.cpu_milli += res.cpu_milli as i64;
                 u.memory_mib += res.memory_mib as i64;
                 u.instance_ids.push(inst.instance_id.clone());
                 if let Some(node) = self.nodes.get(&inst.node_id) {
                     for idx in &inst.gpu_indexes {
-                        if let Some(pos) = node.inventory.gpus.iter().position(|g| g.index == *idx) {
+                        if let Some(pos) = node.inventory.gpus.iter().position(|g| g.index == *idx)
+                        {
                             u.gpu_milli[pos] += per_gpu;
                         }
                     }
@@ -180,7 +202,12 @@ impl Cluster {
     // ---- agents --------------------------------------------------------
 
     /// An agent (re)registers with its inventory.
-    pub fn register_node(&mut self, node_id: &str, inventory: Inventory, now_ms: i64) -> Result<(), ClusterError> {
+    pub fn register_node(
+        &mut self,
+        node_id: &str,
+        inventory: Inventory,
+        now_ms: i64,
+    ) -> Result<(), ClusterError> {
         let node = match self.nodes.get(node_id) {
             Some(existing) => Node {
                 inventory,
@@ -207,7 +234,13 @@ impl Cluster {
     /// A session opened: the agent lists what it runs. Known instances are
     /// reattached, unknown ones stopped, and instances the agent should run
     /// but does not are started again (if never started) or lost.
-    pub fn hello(&mut self, node_id: &str, reported: Vec<ReportedInstance>, now_ms: i64, out: &mut Outbox) {
+    pub fn hello(
+        &mut self,
+        node_id: &str,
+        reported: Vec<ReportedInstance>,
+        now_ms: i64,
+        out: &mut Outbox,
+    ) {
         self.touch(node_id, None, now_ms);
         let reported_ids: std::collections::HashSet<String> =
             reported.iter().map(|r| r.instance_id.clone()).collect();
@@ -217,12 +250,19 @@ impl Cluster {
         let mut changed_jobs = Vec::new();
         for job in self.jobs.values_mut() {
             let mut changed = false;
-            for inst in job.instances.iter_mut().filter(|i| i.node_id == node_id && !i.state.is_terminal()) {
+            for inst in job
+                .instances
+                .iter_mut()
+                .filter(|i| i.node_id == node_id && !i.state.is_terminal())
+            {
                 if reported_ids.contains(&inst.instance_id) {
                     continue;
                 }
                 if inst.state == InstanceState::Scheduled {
-                    out.push((node_id.to_string(), AgentCommand::Start(start_spec(&job.job_id, &job.spec, inst))));
+                    out.push((
+                        node_id.to_string(),
+                        AgentCommand::Start(start_spec(&job.job_id, &job.spec, inst)),
+                    ));
                 } else {
                     inst.state = InstanceState::Lost;
                     inst.reason = format!("node {node_id} no longer runs it (agent restarted?)");
@@ -257,7 +297,9 @@ impl Cluster {
     }
 
     fn touch(&mut self, node_id: &str, inventory: Option<Inventory>, now_ms: i64) {
-        let Some(node) = self.nodes.get_mut(node_id) else { return };
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return;
+        };
         node.last_heartbeat_ms = now_ms;
         let mut persist = false;
         if node.status != NodeStatus::Ready {
@@ -280,28 +322,47 @@ impl Cluster {
     }
 
     /// Applies one instance report from `node_id`.
-    pub fn apply_report(&mut self, node_id: &str, r: ReportedInstance, now_ms: i64, out: &mut Outbox) {
+    pub fn apply_report(
+        &mut self,
+        node_id: &str,
+        r: ReportedInstance,
+        now_ms: i64,
+        out: &mut Outbox,
+    ) {
         let job_id = self.instance_job.get(&r.instance_id).cloned();
         let Some(job) = job_id.as_ref().and_then(|id| self.jobs.get_mut(id)) else {
             if !r.state.is_terminal() {
                 tracing::warn!(node = %node_id, instance = %r.instance_id, "agent runs an unknown instance; stopping it");
-                out.push((node_id.to_string(), AgentCommand::Stop {
-                    instance_id: r.instance_id.clone(),
-                    grace_ms: self.settings.stop_grace_ms,
-                    reason: "unknown to the scheduler".into(),
-                }));
+                out.push((
+                    node_id.to_string(),
+                    AgentCommand::Stop {
+                        instance_id: r.instance_id.clone(),
+                        grace_ms: self.settings.stop_grace_ms,
+                        reason: "unknown to the scheduler".into(),
+                    },
+                ));
             } else {
-                out.push((node_id.to_string(), AgentCommand::Forget { instance_id: r.instance_id }));
+                out.push((
+                    node_id.to_string(),
+                    AgentCommand::Forget {
+                        instance_id: r.instance_id,
+                    },
+                ));
             }
             return;
         };
-        let Some(inst) = job.instances.iter_mut().find(|i| i.instance_id == r.instance_id && i.node_id == node_id)
+        let Some(inst) = job
+            .instances
+            .iter_mut()
+            .find(|i| i.instance_id == r.instance_id && i.node_id == node_id)
         else {
             return;
         };
         if inst.state.is_terminal() {
             let cmd = if r.state.is_terminal() {
-                AgentCommand::Forget { instance_id: r.instance_id }
+                AgentCommand::Forget {
+                    instance_id: r.instance_id,
+                }
             } else {
                 AgentCommand::Stop {
                     instance_id: r.instance_id,
@@ -332,7 +393,12 @@ impl Cluster {
                 inst.reason = r.reason.clone();
             }
             inst.finished_at_ms = Some(now_ms);
-            out.push((node_id.to_string(), AgentCommand::Forget { instance_id: inst.instance_id.clone() }));
+            out.push((
+                node_id.to_string(),
+                AgentCommand::Forget {
+                    instance_id: inst.instance_id.clone(),
+                },
+            ));
         }
         if !changed {
             return;
@@ -341,13 +407,19 @@ impl Cluster {
         // A failed or lost gang member ends the job: stop the rest.
         if matches!(job.state, JobState::Failed | JobState::Lost) {
             for other in job.instances.iter_mut() {
-                if matches!(other.state, InstanceState::Running | InstanceState::Scheduled) {
+                if matches!(
+                    other.state,
+                    InstanceState::Running | InstanceState::Scheduled
+                ) {
                     other.state = InstanceState::Stopping;
-                    out.push((other.node_id.clone(), AgentCommand::Stop {
-                        instance_id: other.instance_id.clone(),
-                        grace_ms: self.settings.stop_grace_ms,
-                        reason: format!("job {:?}", job.state),
-                    }));
+                    out.push((
+                        other.node_id.clone(),
+                        AgentCommand::Stop {
+                            instance_id: other.instance_id.clone(),
+                            grace_ms: self.settings.stop_grace_ms,
+                            reason: format!("job {:?}", job.state),
+                        },
+                    ));
                 }
             }
         }
@@ -391,7 +463,11 @@ impl Cluster {
             let mut changed = Vec::new();
             for job in self.jobs.values_mut() {
                 let mut hit = false;
-                for inst in job.instances.iter_mut().filter(|i| i.node_id == node_id && !i.state.is_terminal()) {
+                for inst in job
+                    .instances
+                    .iter_mut()
+                    .filter(|i| i.node_id == node_id && !i.state.is_terminal())
+                {
                     inst.state = InstanceState::Lost;
                     inst.reason = format!("node {node_id} NotReady (no heartbeat for {grace} ms)");
                     inst.finished_at_ms = Some(now_ms);
@@ -412,11 +488,24 @@ impl Cluster {
     // ---- jobs ----------------------------------------------------------
 
     /// Validates and records a job, then tries to place it at once.
-    pub fn submit(&mut self, raw: RawJobSpec, tenant: &str, now_ms: i64, out: &mut Outbox) -> Result<Job, ClusterError> {
+    pub fn submit(
+        &mut self,
+        raw: RawJobSpec,
+        tenant: &str,
+        now_ms: i64,
+        out: &mut Outbox,
+    ) -> Result<Job, ClusterError> {
         let spec = raw.validate()?;
-        let pool = if spec.pool.is_empty() { PUBLIC_POOL.to_string() } else { spec.pool.clone() };
+        let pool = if spec.pool.is_empty() {
+            PUBLIC_POOL.to_string()
+        } else {
+            spec.pool.clone()
+        };
         if !self.pool_exists(&pool) {
-            return Err(ClusterError::NotFound { what: "pool", id: pool });
+            return Err(ClusterError::NotFound {
+                what: "pool",
+                id: pool,
+            });
         }
         let seq = self.next_seq;
         let job = Job {
@@ -444,12 +533,20 @@ impl Cluster {
 
     /// Cancels a job: queued jobs end at once, running instances get
     /// SIGTERM to their process group and SIGKILL after the grace.
-    pub fn cancel(&mut self, job_id: &str, now_ms: i64, out: &mut Outbox) -> Result<Job, ClusterError> {
+    pub fn cancel(
+        &mut self,
+        job_id: &str,
+        now_ms: i64,
+        out: &mut Outbox,
+    ) -> Result<Job, ClusterError> {
         let grace_ms = self.settings.stop_grace_ms;
         let job = self
             .jobs
             .get_mut(job_id)
-            .ok_or_else(|| ClusterError::NotFound { what: "job", id: job_id.to_string() })?;
+            .ok_or_else(|| ClusterError::NotFound {
+                what: "job",
+                id: job_id.to_string(),
+            })?;
         if job.state.is_terminal() {
             return Err(ClusterError::FailedPrecondition(format!(
                 "job {job_id} already ended ({:?}); nothing to cancel",
@@ -460,11 +557,14 @@ impl Cluster {
         for inst in job.instances.iter_mut().filter(|i| !i.state.is_terminal()) {
             inst.state = InstanceState::Stopping;
             inst.reason = "killed by user".into();
-            out.push((inst.node_id.clone(), AgentCommand::Stop {
-                instance_id: inst.instance_id.clone(),
-                grace_ms,
-                reason: "killed by user".into(),
-            }));
+            out.push((
+                inst.node_id.clone(),
+                AgentCommand::Stop {
+                    instance_id: inst.instance_id.clone(),
+                    grace_ms,
+                    reason: "killed by user".into(),
+                },
+            ));
         }
         job.refresh_state(now_ms);
         let job = job.clone();
@@ -488,7 +588,12 @@ impl Cluster {
         let mut capacity = self.capacity();
         for (_, _, job_id) in queued {
             let job = self.jobs.get_mut(&job_id).expect("queued job exists");
-            match placement::place(&mut capacity, &job.pool_id, &job.spec.resources, job.spec.instances) {
+            match placement::place(
+                &mut capacity,
+                &job.pool_id,
+                &job.spec.resources,
+                job.spec.instances,
+            ) {
                 Ok(assignments) => {
                     job.instances = assignments
                         .into_iter()
@@ -509,8 +614,12 @@ impl Cluster {
                         .collect();
                     job.refresh_state(now_ms);
                     for inst in &job.instances {
-                        self.instance_job.insert(inst.instance_id.clone(), job.job_id.clone());
-                        out.push((inst.node_id.clone(), AgentCommand::Start(start_spec(&job.job_id, &job.spec, inst))));
+                        self.instance_job
+                            .insert(inst.instance_id.clone(), job.job_id.clone());
+                        out.push((
+                            inst.node_id.clone(),
+                            AgentCommand::Start(start_spec(&job.job_id, &job.spec, inst)),
+                        ));
                     }
                     tracing::info!(job = %job_id, instances = job.instances.len(), "job placed");
                     self.persist_job(&job_id, now_ms);
@@ -556,11 +665,20 @@ impl Cluster {
     }
 
     /// Cordons or uncordons a node (no new work when cordoned).
-    pub fn set_cordon(&mut self, node_id: &str, cordoned: bool, now_ms: i64, out: &mut Outbox) -> Result<Node, ClusterError> {
+    pub fn set_cordon(
+        &mut self,
+        node_id: &str,
+        cordoned: bool,
+        now_ms: i64,
+        out: &mut Outbox,
+    ) -> Result<Node, ClusterError> {
         let node = self
             .nodes
             .get_mut(node_id)
-            .ok_or_else(|| ClusterError::NotFound { what: "node", id: node_id.to_string() })?;
+            .ok_or_else(|| ClusterError::NotFound {
+                what: "node",
+                id: node_id.to_string(),
+            })?;
         node.cordoned = cordoned;
         let node = node.clone();
         self.store.put_node(&node, now_ms)?;
@@ -579,10 +697,14 @@ impl Cluster {
                 job.state, job.reason
             )));
         }
-        let inst = job.instances.iter().find(|i| i.rank == rank).ok_or_else(|| ClusterError::NotFound {
-            what: "instance",
-            id: format!("{job_id} rank {rank}"),
-        })?;
+        let inst = job
+            .instances
+            .iter()
+            .find(|i| i.rank == rank)
+            .ok_or_else(|| ClusterError::NotFound {
+                what: "instance",
+                id: format!("{job_id} rank {rank}"),
+            })?;
         Ok((job, inst))
     }
 }

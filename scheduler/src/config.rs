@@ -109,7 +109,11 @@ impl SchedulerConfig {
                 self.node_grace_ms, self.heartbeat_interval_ms
             ));
         }
-        if self.join_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        if self
+            .join_token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
             return Err("field `join_token` must not be empty when set".into());
         }
         Ok(())
@@ -137,7 +141,10 @@ mod tests {
             ("grpc_listen = \"nonsense\"", "grpc_listen"),
             ("node_grace_ms = -1", "node_grace_ms"),
             ("no_such_field = 1", "no_such_field"),
-            ("node_grace_ms = 500\nheartbeat_interval_ms = 1000", "node_grace_ms"),
+            (
+                "node_grace_ms = 500\nheartbeat_interval_ms = 1000",
+                "node_grace_ms",
+            ),
             ("join_token = \" \"", "join_token"),
         ] {
             let err = SchedulerConfig::parse(text).unwrap_err();
@@ -151,7 +158,10 @@ mod tests {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "metrics_listen = 12").unwrap();
         let err = SchedulerConfig::load(&path).unwrap_err().to_string();
-        assert!(err.contains("bad.toml") && err.contains("metrics_listen"), "{err}");
+        assert!(
+            err.contains("bad.toml") && err.contains("metrics_listen"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -39,10 +39,20 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
-        .with_context(|| format!("cannot listen on {} (another gpupool running? use --grpc-listen)", config.grpc_listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (another gpupool running? use --grpc-listen)",
+                config.grpc_listen
+            )
+        })?;
     let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
-        .with_context(|| format!("cannot listen on {} (use --metrics-listen)", args.metrics_listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (use --metrics-listen)",
+                args.metrics_listen
+            )
+        })?;
     let grpc_addr = grpc.local_addr()?;
     let shared = crate::server::open(config)?;
 
@@ -50,7 +60,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let scheduler = tokio::spawn(crate::server::serve(shared, grpc, Some(metrics), wait(stop_rx.clone())));
+    let scheduler = tokio::spawn(crate::server::serve(
+        shared,
+        grpc,
+        Some(metrics),
+        wait(stop_rx.clone()),
+    ));
 
     let agent_config = gpupool_agent::AgentConfig {
         scheduler_addr: format!("http://{grpc_addr}"),
@@ -65,7 +80,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     let agent = tokio::spawn(gpupool_agent::run(agent_config, None, wait(stop_rx)));
 
-    let gpus = args.fake_gpus.as_deref().map_or("real GPUs via NVML (CPU-only if no driver)".to_string(), |s| format!("simulated {s}"));
+    let gpus = args.fake_gpus.as_deref().map_or(
+        "real GPUs via NVML (CPU-only if no driver)".to_string(),
+        |s| format!("simulated {s}"),
+    );
     println!(
         "gpupool dev cluster is up\n\
          \x20 scheduler gRPC : http://{grpc_addr}\n\

@@ -22,18 +22,28 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let nodes = IntGaugeVec::new(Opts::new("gpupool_nodes", "Registered nodes by status."), &["status"]).unwrap();
-        let jobs = IntGaugeVec::new(Opts::new("gpupool_jobs", "Jobs by state."), &["state"]).unwrap();
+        let nodes = IntGaugeVec::new(
+            Opts::new("gpupool_nodes", "Registered nodes by status."),
+            &["status"],
+        )
+        .unwrap();
+        let jobs =
+            IntGaugeVec::new(Opts::new("gpupool_jobs", "Jobs by state."), &["state"]).unwrap();
         let gpus = IntGauge::new("gpupool_gpus", "GPUs on registered nodes.").unwrap();
         let gpus_allocated_milli = IntGauge::new(
             "gpupool_gpus_allocated_milli",
             "GPU thousandths allocated to instances (1000 = one whole GPU).",
         )
         .unwrap();
-        let sessions = IntGauge::new("gpupool_agent_sessions", "Agent sessions currently open.").unwrap();
-        let jobs_submitted = IntCounter::new("gpupool_jobs_submitted_total", "Jobs accepted.").unwrap();
-        let sessions_opened =
-            IntCounter::new("gpupool_agent_sessions_opened_total", "Agent sessions opened.").unwrap();
+        let sessions =
+            IntGauge::new("gpupool_agent_sessions", "Agent sessions currently open.").unwrap();
+        let jobs_submitted =
+            IntCounter::new("gpupool_jobs_submitted_total", "Jobs accepted.").unwrap();
+        let sessions_opened = IntCounter::new(
+            "gpupool_agent_sessions_opened_total",
+            "Agent sessions opened.",
+        )
+        .unwrap();
         for c in [
             Box::new(nodes.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(jobs.clone()),
@@ -45,14 +55,26 @@ impl Metrics {
         ] {
             registry.register(c).expect("unique metric");
         }
-        Self { registry, nodes, jobs, gpus, gpus_allocated_milli, sessions, jobs_submitted, sessions_opened }
+        Self {
+            registry,
+            nodes,
+            jobs,
+            gpus,
+            gpus_allocated_milli,
+            sessions,
+            jobs_submitted,
+            sessions_opened,
+        }
     }
 
     /// Samples the cluster and renders the text format.
     pub fn render(&self, shared: &Shared) -> String {
         shared.with(|core, _| {
             let cluster = &core.cluster;
-            for (status, label) in [(NodeStatus::Ready, "Ready"), (NodeStatus::NotReady, "NotReady")] {
+            for (status, label) in [
+                (NodeStatus::Ready, "Ready"),
+                (NodeStatus::NotReady, "NotReady"),
+            ] {
                 self.nodes
                     .with_label_values(&[label])
                     .set(cluster.nodes().filter(|n| n.status == status).count() as i64);
@@ -72,13 +94,22 @@ impl Metrics {
                     .with_label_values(&[label.as_str()])
                     .set(cluster.jobs().filter(|j| j.state == state).count() as i64);
             }
-            self.gpus.set(cluster.nodes().map(|n| n.inventory.gpus.len() as i64).sum());
-            self.gpus_allocated_milli
-                .set(cluster.usage().values().flat_map(|u| u.gpu_milli.iter()).map(|m| i64::from(*m)).sum());
+            self.gpus
+                .set(cluster.nodes().map(|n| n.inventory.gpus.len() as i64).sum());
+            self.gpus_allocated_milli.set(
+                cluster
+                    .usage()
+                    .values()
+                    .flat_map(|u| u.gpu_milli.iter())
+                    .map(|m| i64::from(*m))
+                    .sum(),
+            );
             self.sessions.set(core.sessions.len() as i64);
         });
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
         String::from_utf8(buf).expect("UTF-8")
     }
 }
@@ -101,9 +132,14 @@ pub async fn serve(
             let shared = shared.clone();
             async move {
                 let body = shared.metrics.render(&shared);
-                ([(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body)
+                (
+                    [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+                    body,
+                )
             }
         }),
     );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

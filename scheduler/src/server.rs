@@ -41,15 +41,25 @@ impl Core {
                 Some(session) => {
                     let _ = session.tx.send(Ok(crate::api::command_to_pb(cmd)));
                 }
-                None => tracing::debug!(node = %node_id, ?cmd, "node not connected; command waits for reconnect"),
+                None => {
+                    tracing::debug!(node = %node_id, ?cmd, "node not connected; command waits for reconnect")
+                }
             }
         }
     }
 
-    pub fn open_session(&mut self, node_id: &str, tx: mpsc::UnboundedSender<Result<pb::SchedulerMessage, Status>>) -> u64 {
+    pub fn open_session(
+        &mut self,
+        node_id: &str,
+        tx: mpsc::UnboundedSender<Result<pb::SchedulerMessage, Status>>,
+    ) -> u64 {
         self.next_session += 1;
         let id = self.next_session;
-        if self.sessions.insert(node_id.to_string(), SessionHandle { id, tx }).is_some() {
+        if self
+            .sessions
+            .insert(node_id.to_string(), SessionHandle { id, tx })
+            .is_some()
+        {
             tracing::info!(node = %node_id, "replacing an older session of the node");
         }
         id
@@ -69,10 +79,11 @@ impl Core {
         offset: u64,
         max_bytes: u32,
     ) -> Result<oneshot::Receiver<pb::LogChunk>, Status> {
-        let session = self
-            .sessions
-            .get(node_id)
-            .ok_or_else(|| Status::unavailable(format!("node {node_id} is not connected; its logs cannot be read now")))?;
+        let session = self.sessions.get(node_id).ok_or_else(|| {
+            Status::unavailable(format!(
+                "node {node_id} is not connected; its logs cannot be read now"
+            ))
+        })?;
         self.next_request += 1;
         let request_id = self.next_request;
         let (tx, rx) = oneshot::channel();
@@ -177,7 +188,9 @@ pub async fn serve(
         "gpupool.v1.UsageService",
         "",
     ] {
-        health_reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+        health_reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
     }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(gpupool_proto::FILE_DESCRIPTOR_SET)
@@ -188,8 +201,12 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let api = crate::api::client::Api { shared: shared.clone() };
-    let agent = crate::api::agent::AgentApi { shared: shared.clone() };
+    let api = crate::api::client::Api {
+        shared: shared.clone(),
+    };
+    let agent = crate::api::agent::AgentApi {
+        shared: shared.clone(),
+    };
     let addr = grpc.local_addr()?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
     let grpc_server = tonic::transport::Server::builder()
@@ -223,7 +240,9 @@ pub async fn serve(
     // The clock: readiness and queued jobs.
     let ticker = {
         let shared = shared.clone();
-        let period = Duration::from_millis(u64::from(shared.config.heartbeat_interval_ms.clamp(100, 1000)) / 2);
+        let period = Duration::from_millis(
+            u64::from(shared.config.heartbeat_interval_ms.clamp(100, 1000)) / 2,
+        );
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(period);

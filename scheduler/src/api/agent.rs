@@ -34,7 +34,9 @@ impl AgentApi {
         match given {
             Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
             Some(_) => Err(Status::unauthenticated("wrong cluster join token")),
-            None => Err(Status::unauthenticated("missing cluster join token (authorization: Bearer ...)")),
+            None => Err(Status::unauthenticated(
+                "missing cluster join token (authorization: Bearer ...)",
+            )),
         }
     }
 }
@@ -47,7 +49,10 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::SchedulerMessage, Stat
 
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentApi {
-    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         self.authenticate(&req)?;
         let req = req.into_inner();
         let node_id = req.node_id.trim().to_string();
@@ -70,21 +75,33 @@ impl pb::agent_service_server::AgentService for AgentApi {
 
     type SessionStream = SessionStream;
 
-    async fn session(&self, req: Request<Streaming<pb::AgentMessage>>) -> Result<Response<SessionStream>, Status> {
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
         self.authenticate(&req)?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no hello within 10s"))??;
-        let Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) }) = first else {
-            return Err(Status::invalid_argument("the first session message must be a hello"));
+        let Some(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first session message must be a hello",
+            ));
         };
         let node_id = hello.node_id.clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let session_id = self.shared.with(|core, out| {
             core.cluster.node(&node_id).map_err(status)?;
             let id = core.open_session(&node_id, tx);
-            let reported = hello.instances.into_iter().filter_map(reported_from_pb).collect();
+            let reported = hello
+                .instances
+                .into_iter()
+                .filter_map(reported_from_pb)
+                .collect();
             core.cluster.hello(&node_id, reported, now_ms(), out);
             Ok::<_, Status>(id)
         })?;
@@ -116,9 +133,18 @@ fn handle(shared: &Shared, node_id: &str, msg: pb::AgentMessage) {
     use pb::agent_message::Msg;
     match msg.msg {
         Some(Msg::Heartbeat(hb)) => shared.with(|core, out| {
-            let reported = hb.instances.into_iter().filter_map(reported_from_pb).collect();
-            core.cluster
-                .heartbeat(node_id, hb.inventory.map(inventory_from_pb), reported, now_ms(), out);
+            let reported = hb
+                .instances
+                .into_iter()
+                .filter_map(reported_from_pb)
+                .collect();
+            core.cluster.heartbeat(
+                node_id,
+                hb.inventory.map(inventory_from_pb),
+                reported,
+                now_ms(),
+                out,
+            );
         }),
         Some(Msg::InstanceUpdate(update)) => {
             if let Some(r) = update.status.and_then(reported_from_pb) {
@@ -126,7 +152,9 @@ fn handle(shared: &Shared, node_id: &str, msg: pb::AgentMessage) {
             }
         }
         Some(Msg::LogChunk(chunk)) => shared.with(|core, _| core.resolve_log(chunk)),
-        Some(Msg::Hello(_)) => tracing::warn!(node = %node_id, "ignoring a second hello in one session"),
+        Some(Msg::Hello(_)) => {
+            tracing::warn!(node = %node_id, "ignoring a second hello in one session")
+        }
         None => {}
     }
 }

@@ -33,7 +33,10 @@ type LogStream = Pin<Box<dyn Stream<Item = Result<pb::JobLogChunk, Status>> + Se
 
 #[tonic::async_trait]
 impl pb::job_service_server::JobService for Api {
-    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
         let spec = req
             .into_inner()
             .spec
@@ -55,11 +58,17 @@ impl pb::job_service_server::JobService for Api {
             .map_err(status)
     }
 
-    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let req = req.into_inner();
         let mut states = Vec::new();
         for s in &req.states {
-            states.push(job_state_from_pb(*s).ok_or_else(|| Status::invalid_argument(format!("unknown job state {s}")))?);
+            states.push(
+                job_state_from_pb(*s)
+                    .ok_or_else(|| Status::invalid_argument(format!("unknown job state {s}")))?,
+            );
         }
         let jobs = self.shared.with(|core, _| {
             core.cluster
@@ -72,7 +81,10 @@ impl pb::job_service_server::JobService for Api {
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 
-    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
         let id = req.into_inner().job_id;
         self.shared
             .with(|core, out| core.cluster.cancel(&id, now_ms(), out))
@@ -82,7 +94,10 @@ impl pb::job_service_server::JobService for Api {
 
     type GetJobLogsStream = LogStream;
 
-    async fn get_job_logs(&self, req: Request<pb::GetJobLogsRequest>) -> Result<Response<LogStream>, Status> {
+    async fn get_job_logs(
+        &self,
+        req: Request<pb::GetJobLogsRequest>,
+    ) -> Result<Response<LogStream>, Status> {
         let req = req.into_inner();
         // Fail fast on unknown jobs and instances.
         let (node_id, instance_id) = self.shared.with(|core, _| {
@@ -102,7 +117,9 @@ impl pb::job_service_server::JobService for Api {
                         .map(|(_, i)| i.state.is_terminal())
                         .unwrap_or(true)
                 });
-                let rx = match shared.with(|core, _| core.request_log(&node_id, &instance_id, offset, LOG_CHUNK)) {
+                let rx = match shared
+                    .with(|core, _| core.request_log(&node_id, &instance_id, offset, LOG_CHUNK))
+                {
                     Ok(rx) => rx,
                     Err(s) => {
                         let _ = tx.send(Err(s)).await;
@@ -112,11 +129,19 @@ impl pb::job_service_server::JobService for Api {
                 let chunk = match tokio::time::timeout(LOG_TIMEOUT, rx).await {
                     Ok(Ok(chunk)) => chunk,
                     Ok(Err(_)) => {
-                        let _ = tx.send(Err(Status::unavailable(format!("node {node_id} disconnected")))).await;
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!(
+                                "node {node_id} disconnected"
+                            ))))
+                            .await;
                         return;
                     }
                     Err(_) => {
-                        let _ = tx.send(Err(Status::deadline_exceeded(format!("node {node_id} did not answer")))).await;
+                        let _ = tx
+                            .send(Err(Status::deadline_exceeded(format!(
+                                "node {node_id} did not answer"
+                            ))))
+                            .await;
                         return;
                     }
                 };
@@ -127,7 +152,10 @@ impl pb::job_service_server::JobService for Api {
                 let got = !chunk.data.is_empty();
                 if got {
                     offset = chunk.next_offset;
-                    let out = pb::JobLogChunk { data: chunk.data, next_offset: chunk.next_offset };
+                    let out = pb::JobLogChunk {
+                        data: chunk.data,
+                        next_offset: chunk.next_offset,
+                    };
                     if tx.send(Ok(out)).await.is_err() {
                         return;
                     }
@@ -139,13 +167,18 @@ impl pb::job_service_server::JobService for Api {
                 tokio::time::sleep(FOLLOW_POLL).await;
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
 #[tonic::async_trait]
 impl pb::node_service_server::NodeService for Api {
-    async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let pool = req.into_inner().pool;
         let nodes = self.shared.with(|core, _| {
             let usage = core.cluster.usage();
@@ -158,22 +191,33 @@ impl pb::node_service_server::NodeService for Api {
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
-    async fn get_node(&self, req: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
+    async fn get_node(
+        &self,
+        req: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
         let id = req.into_inner().node_id;
         self.shared
             .with(|core, _| {
                 let usage = core.cluster.usage();
-                core.cluster.node(&id).map(|n| node_to_pb(n, usage.get(&n.node_id)))
+                core.cluster
+                    .node(&id)
+                    .map(|n| node_to_pb(n, usage.get(&n.node_id)))
             })
             .map(Response::new)
             .map_err(status)
     }
 
-    async fn cordon_node(&self, req: Request<pb::CordonNodeRequest>) -> Result<Response<pb::Node>, Status> {
+    async fn cordon_node(
+        &self,
+        req: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
         self.set_cordon(req.into_inner().node_id, true)
     }
 
-    async fn uncordon_node(&self, req: Request<pb::CordonNodeRequest>) -> Result<Response<pb::Node>, Status> {
+    async fn uncordon_node(
+        &self,
+        req: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
         self.set_cordon(req.into_inner().node_id, false)
     }
 }
@@ -184,7 +228,9 @@ impl Api {
             .with(|core, out| {
                 core.cluster.set_cordon(&id, cordoned, now_ms(), out)?;
                 let usage = core.cluster.usage();
-                core.cluster.node(&id).map(|n| node_to_pb(n, usage.get(&n.node_id)))
+                core.cluster
+                    .node(&id)
+                    .map(|n| node_to_pb(n, usage.get(&n.node_id)))
             })
             .map(Response::new)
             .map_err(status)
@@ -194,12 +240,22 @@ impl Api {
     fn public_pool(&self) -> pb::Pool {
         self.shared.with(|core, _| {
             let usage = core.cluster.usage();
-            let nodes: Vec<_> = core.cluster.nodes().filter(|n| n.pool == PUBLIC_POOL).collect();
-            let ready = nodes.iter().filter(|n| n.status == NodeStatus::Ready).count() as u32;
+            let nodes: Vec<_> = core
+                .cluster
+                .nodes()
+                .filter(|n| n.pool == PUBLIC_POOL)
+                .collect();
+            let ready = nodes
+                .iter()
+                .filter(|n| n.status == NodeStatus::Ready)
+                .count() as u32;
             let (status, reason) = if ready > 0 {
                 (pb::PoolStatus::Running, String::new())
             } else if nodes.is_empty() {
-                (pb::PoolStatus::Unavailable, "no nodes registered".to_string())
+                (
+                    pb::PoolStatus::Unavailable,
+                    "no nodes registered".to_string(),
+                )
             } else {
                 (pb::PoolStatus::Unavailable, "no node Ready".to_string())
             };
@@ -228,11 +284,19 @@ impl Api {
 
 #[tonic::async_trait]
 impl pb::pool_service_server::PoolService for Api {
-    async fn list_pools(&self, _: Request<pb::ListPoolsRequest>) -> Result<Response<pb::ListPoolsResponse>, Status> {
-        Ok(Response::new(pb::ListPoolsResponse { pools: vec![self.public_pool()] }))
+    async fn list_pools(
+        &self,
+        _: Request<pb::ListPoolsRequest>,
+    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        Ok(Response::new(pb::ListPoolsResponse {
+            pools: vec![self.public_pool()],
+        }))
     }
 
-    async fn get_pool(&self, req: Request<pb::GetPoolRequest>) -> Result<Response<pb::Pool>, Status> {
+    async fn get_pool(
+        &self,
+        req: Request<pb::GetPoolRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
         let pool = req.into_inner().pool;
         if pool == PUBLIC_POOL {
             Ok(Response::new(self.public_pool()))
@@ -241,16 +305,28 @@ impl pb::pool_service_server::PoolService for Api {
         }
     }
 
-    async fn create_pool(&self, _: Request<pb::CreatePoolRequest>) -> Result<Response<pb::Pool>, Status> {
+    async fn create_pool(
+        &self,
+        _: Request<pb::CreatePoolRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
         Err(unimplemented("CreatePool", "dedicated pools"))
     }
-    async fn delete_pool(&self, _: Request<pb::DeletePoolRequest>) -> Result<Response<pb::Pool>, Status> {
+    async fn delete_pool(
+        &self,
+        _: Request<pb::DeletePoolRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
         Err(unimplemented("DeletePool", "dedicated pools"))
     }
-    async fn scale_pool(&self, _: Request<pb::ScalePoolRequest>) -> Result<Response<pb::Pool>, Status> {
+    async fn scale_pool(
+        &self,
+        _: Request<pb::ScalePoolRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
         Err(unimplemented("ScalePool", "dedicated pools"))
     }
-    async fn list_specs(&self, _: Request<pb::ListSpecsRequest>) -> Result<Response<pb::ListSpecsResponse>, Status> {
+    async fn list_specs(
+        &self,
+        _: Request<pb::ListSpecsRequest>,
+    ) -> Result<Response<pb::ListSpecsResponse>, Status> {
         Err(unimplemented("ListSpecs", "dedicated pools"))
     }
     async fn convert_to_subscription(
@@ -259,20 +335,32 @@ impl pb::pool_service_server::PoolService for Api {
     ) -> Result<Response<pb::Pool>, Status> {
         Err(unimplemented("ConvertToSubscription", "billing"))
     }
-    async fn set_renewal(&self, _: Request<pb::SetRenewalRequest>) -> Result<Response<pb::Pool>, Status> {
+    async fn set_renewal(
+        &self,
+        _: Request<pb::SetRenewalRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
         Err(unimplemented("SetRenewal", "billing"))
     }
-    async fn unsubscribe(&self, _: Request<pb::UnsubscribeRequest>) -> Result<Response<pb::UnsubscribeResponse>, Status> {
+    async fn unsubscribe(
+        &self,
+        _: Request<pb::UnsubscribeRequest>,
+    ) -> Result<Response<pb::UnsubscribeResponse>, Status> {
         Err(unimplemented("Unsubscribe", "billing"))
     }
 }
 
 #[tonic::async_trait]
 impl pb::usage_service_server::UsageService for Api {
-    async fn list_usage(&self, _: Request<pb::ListUsageRequest>) -> Result<Response<pb::ListUsageResponse>, Status> {
+    async fn list_usage(
+        &self,
+        _: Request<pb::ListUsageRequest>,
+    ) -> Result<Response<pb::ListUsageResponse>, Status> {
         Err(unimplemented("ListUsage", "billing"))
     }
-    async fn list_orders(&self, _: Request<pb::ListOrdersRequest>) -> Result<Response<pb::ListOrdersResponse>, Status> {
+    async fn list_orders(
+        &self,
+        _: Request<pb::ListOrdersRequest>,
+    ) -> Result<Response<pb::ListOrdersResponse>, Status> {
         Err(unimplemented("ListOrders", "billing"))
     }
 }

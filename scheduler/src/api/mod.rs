@@ -4,8 +4,8 @@
 pub mod agent;
 pub mod client;
 
-use gpupool_proto::v1 as pb;
 use gpupool_proto::timestamp_from_unix_ms as ts;
+use gpupool_proto::v1 as pb;
 use tonic::Status;
 
 use crate::cluster::{AgentCommand, ClusterError, NodeUsage, ReportedInstance};
@@ -278,9 +278,15 @@ pub fn command_to_pb(cmd: AgentCommand) -> pb::SchedulerMessage {
             world_size: s.world_size,
             metadata: Default::default(),
         }),
-        AgentCommand::Stop { instance_id, grace_ms, reason } => {
-            Msg::Stop(pb::StopInstance { instance_id, grace_ms, reason })
-        }
+        AgentCommand::Stop {
+            instance_id,
+            grace_ms,
+            reason,
+        } => Msg::Stop(pb::StopInstance {
+            instance_id,
+            grace_ms,
+            reason,
+        }),
         AgentCommand::Forget { instance_id } => Msg::Forget(pb::ForgetInstance { instance_id }),
     };
     pb::SchedulerMessage { msg: Some(msg) }

@@ -62,7 +62,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 None => None,
             };
             let shared = gpupool_scheduler::server::open(config)?;
-            gpupool_scheduler::server::serve(shared, grpc, metrics, gpupool_scheduler::shutdown_signal()).await
+            gpupool_scheduler::server::serve(
+                shared,
+                grpc,
+                metrics,
+                gpupool_scheduler::shutdown_signal(),
+            )
+            .await
         }
         Command::Dev(args) => gpupool_scheduler::dev::run(args).await,
     }

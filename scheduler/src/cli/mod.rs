@@ -1525,7 +1525,13 @@ fn job_detail(j: &pb::Job, now: i64) -> String {
     d.add("Instances", spec.instances.to_string());
     d.add("GPUs", job_gpus(&res));
     d.add("GPU models", res.gpu_models.join(","));
-    d.add("CPU", format!("{} cores", format_milli(res.cpu_milli)));
+    d.add(
+        "CPU",
+        match res.cpu_milli {
+            1000 => "1 core".to_string(),
+            milli => format!("{} cores", format_milli(milli)),
+        },
+    );
     d.add("Memory", format_mib(res.memory_mib));
     d.add("Command", format_command(&spec.command));
     d.add("Working dir", &spec.working_dir);

@@ -46,7 +46,10 @@ impl Resources {
         } else {
             format!(" ({})", self.gpu_models.join("|"))
         };
-        format!("{gpu}{models}, {}m CPU, {} MiB", self.cpu_milli, self.memory_mib)
+        format!(
+            "{gpu}{models}, {}m CPU, {} MiB",
+            self.cpu_milli, self.memory_mib
+        )
     }
 }
 
@@ -108,7 +111,9 @@ pub enum SpecError {
     EmptyCommand,
     #[error("{field} must not be negative (got {value})")]
     Negative { field: &'static str, value: i64 },
-    #[error("gpu_milli must be 1..999 thousandths of one GPU (got {0}); ask for whole GPUs with gpus")]
+    #[error(
+        "gpu_milli must be 1..999 thousandths of one GPU (got {0}); ask for whole GPUs with gpus"
+    )]
     GpuFractionTooLarge(i64),
     #[error("gpus and gpu_milli are exclusive: ask for whole GPUs or a fraction of one, not both")]
     GpusAndFraction,
@@ -118,7 +123,9 @@ pub enum SpecError {
     ZeroInstances(i64),
     #[error("instances must be at most {MAX_INSTANCES} (got {0})")]
     TooManyInstances(i64),
-    #[error("env name {0:?} is invalid: use letters, digits and underscores, not starting with a digit")]
+    #[error(
+        "env name {0:?} is invalid: use letters, digits and underscores, not starting with a digit"
+    )]
     BadEnvName(String),
     #[error("name must be at most 128 characters")]
     NameTooLong,
@@ -176,7 +183,11 @@ impl RawJobSpec {
             resources: Resources {
                 gpus: self.gpus as u32,
                 gpu_milli: self.gpu_milli as u32,
-                gpu_models: self.gpu_models.into_iter().filter(|m| !m.is_empty()).collect(),
+                gpu_models: self
+                    .gpu_models
+                    .into_iter()
+                    .filter(|m| !m.is_empty())
+                    .collect(),
                 cpu_milli: or_default(self.cpu_milli, DEFAULT_CPU_MILLI),
                 memory_mib: or_default(self.memory_mib, DEFAULT_MEMORY_MIB),
             },
@@ -206,7 +217,10 @@ pub enum InstanceState {
 
 impl InstanceState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Stopped | Self::Lost)
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Stopped | Self::Lost
+        )
     }
 }
 
@@ -281,10 +295,24 @@ impl Job {
         let any = |s: InstanceState| states.contains(&s);
         let (state, reason) = if self.cancel_requested {
             (JobState::Cancelled, "cancelled by user".to_string())
-        } else if let Some(lost) = self.instances.iter().find(|i| i.state == InstanceState::Lost) {
-            (JobState::Lost, format!("instance {} lost: {}", lost.rank, lost.reason))
-        } else if let Some(failed) = self.instances.iter().find(|i| i.state == InstanceState::Failed) {
-            (JobState::Failed, format!("instance {} failed: {}", failed.rank, failed.reason))
+        } else if let Some(lost) = self
+            .instances
+            .iter()
+            .find(|i| i.state == InstanceState::Lost)
+        {
+            (
+                JobState::Lost,
+                format!("instance {} lost: {}", lost.rank, lost.reason),
+            )
+        } else if let Some(failed) = self
+            .instances
+            .iter()
+            .find(|i| i.state == InstanceState::Failed)
+        {
+            (
+                JobState::Failed,
+                format!("instance {} failed: {}", failed.rank, failed.reason),
+            )
         } else if all(InstanceState::Succeeded) {
             (JobState::Succeeded, String::new())
         } else if any(InstanceState::Running) || any(InstanceState::Succeeded) {
@@ -328,17 +356,81 @@ mod tests {
     #[test]
     fn bad_specs_name_the_problem() {
         let cases: Vec<(RawJobSpec, &str)> = vec![
-            (RawJobSpec { command: vec![], ..raw() }, "command must not be empty"),
-            (RawJobSpec { command: vec!["  ".into()], ..raw() }, "command must not be empty"),
-            (RawJobSpec { gpus: -1, ..raw() }, "gpus must not be negative"),
-            (RawJobSpec { cpu_milli: -5, ..raw() }, "cpu_milli must not be negative"),
-            (RawJobSpec { memory_mib: -5, ..raw() }, "memory_mib must not be negative"),
-            (RawJobSpec { gpu_milli: 1500, ..raw() }, "gpu_milli must be 1..999"),
-            (RawJobSpec { gpu_milli: 1000, ..raw() }, "gpu_milli must be 1..999"),
-            (RawJobSpec { gpus: 1, gpu_milli: 500, ..raw() }, "exclusive"),
-            (RawJobSpec { instances: 0, ..raw() }, "instances must be at least 1"),
-            (RawJobSpec { instances: -2, ..raw() }, "instances must not be negative"),
-            (RawJobSpec { kind: None, ..raw() }, "kind is required"),
+            (
+                RawJobSpec {
+                    command: vec![],
+                    ..raw()
+                },
+                "command must not be empty",
+            ),
+            (
+                RawJobSpec {
+                    command: vec!["  ".into()],
+                    ..raw()
+                },
+                "command must not be empty",
+            ),
+            (
+                RawJobSpec { gpus: -1, ..raw() },
+                "gpus must not be negative",
+            ),
+            (
+                RawJobSpec {
+                    cpu_milli: -5,
+                    ..raw()
+                },
+                "cpu_milli must not be negative",
+            ),
+            (
+                RawJobSpec {
+                    memory_mib: -5,
+                    ..raw()
+                },
+                "memory_mib must not be negative",
+            ),
+            (
+                RawJobSpec {
+                    gpu_milli: 1500,
+                    ..raw()
+                },
+                "gpu_milli must be 1..999",
+            ),
+            (
+                RawJobSpec {
+                    gpu_milli: 1000,
+                    ..raw()
+                },
+                "gpu_milli must be 1..999",
+            ),
+            (
+                RawJobSpec {
+                    gpus: 1,
+                    gpu_milli: 500,
+                    ..raw()
+                },
+                "exclusive",
+            ),
+            (
+                RawJobSpec {
+                    instances: 0,
+                    ..raw()
+                },
+                "instances must be at least 1",
+            ),
+            (
+                RawJobSpec {
+                    instances: -2,
+                    ..raw()
+                },
+                "instances must not be negative",
+            ),
+            (
+                RawJobSpec {
+                    kind: None,
+                    ..raw()
+                },
+                "kind is required",
+            ),
             (RawJobSpec { gpus: 65, ..raw() }, "at most 64"),
         ];
         for (spec, want) in cases {
@@ -347,7 +439,10 @@ mod tests {
         }
         let mut env = BTreeMap::new();
         env.insert("1BAD".to_string(), "x".to_string());
-        assert!(matches!(RawJobSpec { env, ..raw() }.validate(), Err(SpecError::BadEnvName(_))));
+        assert!(matches!(
+            RawJobSpec { env, ..raw() }.validate(),
+            Err(SpecError::BadEnvName(_))
+        ));
     }
 
     fn job_with(states: &[InstanceState]) -> Job {

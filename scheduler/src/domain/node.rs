@@ -73,9 +73,21 @@ impl Node {
                     .model
                     .trim_start_matches("NVIDIA ")
                     .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
                     .collect();
-                format!("gpu-{}x{}-{}c-{}g", inv.gpus.len(), model, inv.cpu_cores, mem_gib)
+                format!(
+                    "gpu-{}x{}-{}c-{}g",
+                    inv.gpus.len(),
+                    model,
+                    inv.cpu_cores,
+                    mem_gib
+                )
             }
             None => format!("cpu-{}c-{}g", inv.cpu_cores, mem_gib),
         }

@@ -110,11 +110,7 @@ pub fn place(
 
 fn no_fit_reason(nodes: &[NodeCapacity], pool: &str, req: &Resources, instances: u32) -> String {
     let in_pool: Vec<&NodeCapacity> = nodes.iter().filter(|n| n.pool == pool).collect();
-    let want = format!(
-        "{} instance(s) of {}",
-        instances,
-        req.describe()
-    );
+    let want = format!("{} instance(s) of {}", instances, req.describe());
     if in_pool.is_empty() {
         return format!("waiting for capacity: pool {pool:?} has no nodes; needs {want}");
     }
@@ -125,19 +121,33 @@ fn no_fit_reason(nodes: &[NodeCapacity], pool: &str, req: &Resources, instances:
     if req.gpus > 0 {
         let largest = in_pool
             .iter()
-            .map(|n| n.gpus.iter().filter(|g| model_allowed(&req.gpu_models, &g.model)).count())
+            .map(|n| {
+                n.gpus
+                    .iter()
+                    .filter(|g| model_allowed(&req.gpu_models, &g.model))
+                    .count()
+            })
             .max()
             .unwrap_or(0);
         if largest < req.gpus as usize {
             return format!(
                 "waiting for capacity: no node in pool {pool:?} has {} GPUs{} (largest has {largest}); needs {want}",
                 req.gpus,
-                if req.gpu_models.is_empty() { String::new() } else { format!(" of model {}", req.gpu_models.join("|")) },
+                if req.gpu_models.is_empty() {
+                    String::new()
+                } else {
+                    format!(" of model {}", req.gpu_models.join("|"))
+                },
             );
         }
         let most_free = schedulable
             .iter()
-            .map(|n| n.gpus.iter().filter(|g| g.healthy && g.free_milli == 1000).count())
+            .map(|n| {
+                n.gpus
+                    .iter()
+                    .filter(|g| g.healthy && g.free_milli == 1000)
+                    .count()
+            })
             .max()
             .unwrap_or(0);
         return format!(
@@ -171,7 +181,12 @@ mod tests {
     }
 
     fn gpus(n: u32) -> Resources {
-        Resources { gpus: n, cpu_milli: 1000, memory_mib: 1024, ..Default::default() }
+        Resources {
+            gpus: n,
+            cpu_milli: 1000,
+            memory_mib: 1024,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -180,7 +195,14 @@ mod tests {
         let placed = place(&mut nodes, "public", &gpus(4), 1).unwrap();
         assert_eq!(placed[0].node_id, "b");
         assert_eq!(placed[0].gpu_indexes, vec![0, 1, 2, 3]);
-        assert_eq!(nodes[1].gpus.iter().filter(|g| g.free_milli == 1000).count(), 4);
+        assert_eq!(
+            nodes[1]
+                .gpus
+                .iter()
+                .filter(|g| g.free_milli == 1000)
+                .count(),
+            4
+        );
     }
 
     #[test]
@@ -218,7 +240,12 @@ mod tests {
     #[test]
     fn fractions_pack_onto_a_shared_gpu() {
         let mut nodes = vec![node("a", 2)];
-        let half = Resources { gpu_milli: 500, cpu_milli: 100, memory_mib: 100, ..Default::default() };
+        let half = Resources {
+            gpu_milli: 500,
+            cpu_milli: 100,
+            memory_mib: 100,
+            ..Default::default()
+        };
         let a = place(&mut nodes, "public", &half, 1).unwrap();
         let b = place(&mut nodes, "public", &half, 1).unwrap();
         assert_eq!(a[0].gpu_indexes, b[0].gpu_indexes);
@@ -232,7 +259,11 @@ mod tests {
         let mut small = node("a", 0);
         small.cpu_free_milli = 1500;
         let mut nodes = vec![small];
-        let req = Resources { cpu_milli: 1000, memory_mib: 10, ..Default::default() };
+        let req = Resources {
+            cpu_milli: 1000,
+            memory_mib: 10,
+            ..Default::default()
+        };
         assert!(place(&mut nodes, "public", &req, 1).is_ok());
         assert!(place(&mut nodes, "public", &req, 1).is_err());
         assert_eq!(nodes[0].cpu_free_milli, 500);
@@ -241,7 +272,11 @@ mod tests {
     #[test]
     fn gpu_models_are_respected() {
         let mut nodes = vec![node("a", 2)];
-        let req = Resources { gpus: 1, gpu_models: vec!["A100".into()], ..gpus(1) };
+        let req = Resources {
+            gpus: 1,
+            gpu_models: vec!["A100".into()],
+            ..gpus(1)
+        };
         let err = place(&mut nodes, "public", &req, 1).unwrap_err();
         assert!(err.contains("of model A100"), "{err}");
     }

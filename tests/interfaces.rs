@@ -1,0 +1,348 @@
+//! The interfaces other tools rely on: clear gRPC statuses on bad input,
+//! the standard health and reflection services, Prometheus text that
+//! promtool accepts, systemd units that systemd-analyze accepts, and config
+//! errors that name the file and the field.
+
+use std::process::Command;
+use std::time::Duration;
+
+use gpupool_e2e::*;
+use gpupool_proto::v1 as pb;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_statuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(dir.path()).await;
+    let ok = training(0, &["true"]);
+    let with_res = |f: &dyn Fn(&mut pb::Resources)| {
+        let mut spec = ok.clone();
+        f(spec.resources.as_mut().unwrap());
+        spec
+    };
+    let cases: Vec<(pb::JobSpec, Code, &str)> = vec![
+        (
+            pb::JobSpec {
+                command: vec![],
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "command must not be empty",
+        ),
+        (
+            with_res(&|r| r.gpus = -1),
+            Code::InvalidArgument,
+            "gpus must not be negative",
+        ),
+        (
+            with_res(&|r| r.cpu_milli = -100),
+            Code::InvalidArgument,
+            "cpu_milli must not be negative",
+        ),
+        (
+            with_res(&|r| r.memory_mib = -1),
+            Code::InvalidArgument,
+            "memory_mib must not be negative",
+        ),
+        (
+            with_res(&|r| r.gpu_milli = 1500),
+            Code::InvalidArgument,
+            "gpu_milli must be 1..999",
+        ),
+        (
+            pb::JobSpec {
+                instances: 0,
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "instances must be at least 1",
+        ),
+        (
+            pb::JobSpec {
+                kind: 0,
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "kind is required",
+        ),
+        (
+            pb::JobSpec {
+                pool: "no-such-pool".into(),
+                ..ok.clone()
+            },
+            Code::NotFound,
+            "pool \"no-such-pool\" not found",
+        ),
+    ];
+    for (spec, code, text) in cases {
+        let err = submit(&sched, spec.clone()).await.expect_err(text);
+        assert_eq!(err.code(), code, "{text}: {err:?}");
+        assert!(
+            err.message().contains(text),
+            "{text}: got {:?}",
+            err.message()
+        );
+    }
+    let mut jobs = sched.jobs().await;
+    let err = jobs
+        .get_job(pb::GetJobRequest {
+            job_id: "j-999999".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("j-999999"));
+    let err = jobs
+        .cancel_job(pb::CancelJobRequest {
+            job_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = jobs
+        .submit_job(pb::SubmitJobRequest { spec: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // Not yet built calls say so instead of inventing data.
+    let mut usage = pb::usage_service_client::UsageServiceClient::new(sched.channel().await);
+    let err = usage
+        .list_usage(pb::ListUsageRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+
+    // Agents need the join token.
+    let mut agent = pb::agent_service_client::AgentServiceClient::new(sched.channel().await);
+    let err = agent
+        .register(pb::RegisterRequest {
+            node_id: "x".into(),
+            inventory: Some(Default::default()),
+            agent_version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // The CLI passes statuses on with a non-zero exit.
+    let out = sched.cli(&["job", "get", "j-424242"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not found"), "{stderr}");
+    let out = sched.cli(&["job", "submit", "--gpu-milli", "1500", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gpu_milli"));
+
+    // The scheduler survived all of it.
+    assert!(submit(&sched, ok).await.is_ok());
+}
+
+#[test]
+fn malformed_config_names_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, field) in [
+        ("grpc_listen = \"127.0.0.1:notaport\"\n", "grpc_listen"),
+        ("node_grace_ms = \"soon\"\n", "node_grace_ms"),
+        ("unknown_knob = true\n", "unknown_knob"),
+    ] {
+        let path = dir.path().join("broken-scheduler.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(bin("gpupool-scheduler"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("broken-scheduler.toml") && stderr.contains(field),
+            "{text}: {stderr}"
+        );
+    }
+    let path = dir.path().join("broken-agent.toml");
+    std::fs::write(&path, "scheduler_addr = \"http://x\"\nmetrics_listen = 9\n").unwrap();
+    let out = Command::new(bin("gpupool-agent"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("broken-agent.toml") && stderr.contains("metrics_listen"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reflection_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(dir.path()).await;
+    let agent = Agent::start(dir.path(), &sched, "metrics-node", "2xH100-80GB");
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(sched.channel().await);
+    for service in ["", "gpupool.v1.JobService", "gpupool.v1.AgentService"] {
+        let resp = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            resp.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+
+    // Reflection, both protocol versions, lists the gpupool.v1 services.
+    {
+        use tonic_reflection::pb::v1::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let mut client = ServerReflectionClient::new(sched.channel().await);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = client
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let resp = stream.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+            panic!("{resp:?}")
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for want in [
+            "gpupool.v1.AgentService",
+            "gpupool.v1.JobService",
+            "gpupool.v1.NodeService",
+            "gpupool.v1.PoolService",
+            "gpupool.v1.UsageService",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                names.iter().any(|n| n == want),
+                "{want} missing from {names:?}"
+            );
+        }
+    }
+    {
+        use tonic_reflection::pb::v1alpha::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let mut client = ServerReflectionClient::new(sched.channel().await);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = client
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let resp = stream.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+            panic!("{resp:?}")
+        };
+        assert!(
+            list.service
+                .iter()
+                .any(|s| s.name == "gpupool.v1.JobService")
+        );
+    }
+
+    // Metrics from both daemons, once the node is up and a job has run.
+    eventually(Duration::from_secs(20), "node Ready", || async {
+        list_nodes(&sched)
+            .await
+            .first()
+            .is_some_and(|n| n.status == pb::NodeStatus::Ready as i32)
+            .then_some(())
+    })
+    .await;
+    let job = submit(&sched, training(1, &["true"])).await.unwrap();
+    wait_job(
+        &sched,
+        &job.job_id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(20),
+    )
+    .await;
+    let sched_metrics = http_get(sched.metrics_port, "/metrics").await;
+    assert!(
+        sched_metrics.contains("gpupool_nodes{status=\"Ready\"} 1"),
+        "{sched_metrics}"
+    );
+    assert!(
+        sched_metrics.contains("gpupool_jobs{state=\"Succeeded\"} 1"),
+        "{sched_metrics}"
+    );
+    assert!(sched_metrics.contains("gpupool_gpus 2"), "{sched_metrics}");
+    let agent_metrics = eventually(Duration::from_secs(10), "agent metrics", || async {
+        let body = http_get(agent.metrics_port, "/metrics").await;
+        body.contains("DCGM_FI_DEV_GPU_UTIL").then_some(body)
+    })
+    .await;
+    assert_eq!(
+        agent_metrics.matches("DCGM_FI_DEV_FB_FREE{").count(),
+        2,
+        "{agent_metrics}"
+    );
+    assert!(agent_metrics.contains("gpupool_agent_scheduler_connected 1"));
+    if let Some(promtool) = require_tool("promtool", "prometheus") {
+        for (name, body) in [("scheduler", &sched_metrics), ("agent", &agent_metrics)] {
+            let path = dir.path().join(format!("{name}.prom"));
+            std::fs::write(&path, body).unwrap();
+            let out = Command::new(&promtool)
+                .args(["check", "metrics"])
+                .stdin(std::fs::File::open(&path).unwrap())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check metrics rejects the {name} metrics:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// `systemd-analyze verify` checks that ExecStart exists, so the units are
+/// verified as copies whose `/usr/local/bin/` points at the built binaries;
+/// everything else in them is verified as shipped.
+#[test]
+fn systemd_units_verify() {
+    let Some(analyze) = require_tool("systemd-analyze", "systemd") else {
+        return;
+    };
+    let units = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+    let dir = tempfile::tempdir().unwrap();
+    let bins = format!("{}/", bin_dir().canonicalize().unwrap().display());
+    let mut copies = Vec::new();
+    for name in ["gpupool-scheduler.service", "gpupool-agent.service"] {
+        let text = std::fs::read_to_string(units.join(name)).unwrap();
+        assert!(text.contains("ExecStart=/usr/local/bin/"), "{name}");
+        let copy = dir.path().join(name);
+        std::fs::write(&copy, text.replace("/usr/local/bin/", &bins)).unwrap();
+        copies.push(copy);
+    }
+    let out = Command::new(analyze)
+        .arg("verify")
+        .args(&copies)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
