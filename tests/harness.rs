@@ -223,12 +223,10 @@ impl Scheduler {
                         service: String::new(),
                     })
                     .await
-                {
-                    if resp.into_inner().status
+                    && resp.into_inner().status
                         == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                    {
-                        return;
-                    }
+                {
+                    return;
                 }
             }
             assert!(

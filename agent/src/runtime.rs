@@ -412,10 +412,10 @@ mod tests {
 
     async fn wait_terminal(rt: &Runtime, id: &str) -> InstanceReport {
         for _ in 0..400 {
-            if let Some(r) = rt.snapshot().into_iter().find(|r| r.instance_id == id) {
-                if r.phase.is_terminal() {
-                    return r;
-                }
+            if let Some(r) = rt.snapshot().into_iter().find(|r| r.instance_id == id)
+                && r.phase.is_terminal()
+            {
+                return r;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -479,11 +479,11 @@ mod tests {
         rt.start(spec("i4", &["sh", "-c", &script]));
         let mut child_pid = None;
         for _ in 0..200 {
-            if let Ok(s) = std::fs::read_to_string(&pidfile) {
-                if let Ok(p) = s.trim().parse::<i32>() {
-                    child_pid = Some(p);
-                    break;
-                }
+            if let Ok(s) = std::fs::read_to_string(&pidfile)
+                && let Ok(p) = s.trim().parse::<i32>()
+            {
+                child_pid = Some(p);
+                break;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

@@ -307,11 +307,11 @@ impl Cluster {
             node.status = NodeStatus::Ready;
             persist = true;
         }
-        if let Some(inv) = inventory {
-            if inv != node.inventory {
-                node.inventory = inv;
-                persist = true;
-            }
+        if let Some(inv) = inventory
+            && inv != node.inventory
+        {
+            node.inventory = inv;
+            persist = true;
         }
         if persist {
             let node = node.clone();
@@ -432,10 +432,10 @@ impl Cluster {
     }
 
     fn persist_job(&self, job_id: &str, now_ms: i64) {
-        if let Some(job) = self.jobs.get(job_id) {
-            if let Err(err) = self.store.put_job(job, now_ms) {
-                tracing::error!(job = %job_id, error = %err, "cannot persist job");
-            }
+        if let Some(job) = self.jobs.get(job_id)
+            && let Err(err) = self.store.put_job(job, now_ms)
+        {
+            tracing::error!(job = %job_id, error = %err, "cannot persist job");
         }
     }
 
