@@ -248,7 +248,8 @@ impl Runtime {
             let Some(entry) = entries.get_mut(instance_id) else {
                 return;
             };
-            if entry.report.phase.is_terminal() {
+            // Idempotent: a repeated stop neither re-signals nor adds timers.
+            if entry.report.phase.is_terminal() || entry.stop_requested {
                 return;
             }
             entry.stop_requested = true;

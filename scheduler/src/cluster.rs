@@ -376,7 +376,16 @@ impl Cluster {
         let mut changed = false;
         if inst.state != r.state {
             if r.state == InstanceState::Running && inst.state == InstanceState::Stopping {
-                // Our stop request has not reached the agent yet; keep Stopping.
+                // The agent has not seen our stop (it was disconnected, or the
+                // stop is in flight): ask again; the agent ignores repeats.
+                out.push((
+                    node_id.to_string(),
+                    AgentCommand::Stop {
+                        instance_id: inst.instance_id.clone(),
+                        grace_ms: self.settings.stop_grace_ms,
+                        reason: inst.reason.clone(),
+                    },
+                ));
             } else {
                 inst.state = r.state;
                 changed = true;
@@ -722,5 +731,216 @@ fn start_spec(job_id: &str, spec: &crate::domain::JobSpec, inst: &Instance) -> S
         resources: spec.resources.clone(),
         rank: inst.rank,
         world_size: spec.instances,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Gpu;
+    use crate::store::SqliteStore;
+
+    const SETTINGS: Settings = Settings {
+        node_grace_ms: 1_000,
+        stop_grace_ms: 500,
+    };
+
+    fn open(dir: &std::path::Path, now: i64) -> Cluster {
+        let store = SqliteStore::open(&dir.join("t.db")).unwrap();
+        Cluster::load(Box::new(store), SETTINGS, now).unwrap()
+    }
+
+    fn inventory(gpus: u32) -> Inventory {
+        Inventory {
+            hostname: "h".into(),
+            cpu_cores: 8,
+            memory_mib: 32 * 1024,
+            gpus: (0..gpus)
+                .map(|i| Gpu {
+                    index: i,
+                    uuid: format!("GPU-{i}"),
+                    model: "H100".into(),
+                    memory_total_mib: 80 * 1024,
+                    healthy: true,
+                    health_reason: String::new(),
+                    mig_enabled: false,
+                    pci_bus_id: String::new(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn raw(gpus: i64) -> RawJobSpec {
+        RawJobSpec {
+            kind: Some(JobKind::Training),
+            command: vec!["true".into()],
+            instances: 1,
+            gpus,
+            ..Default::default()
+        }
+    }
+
+    fn report(id: &str, state: InstanceState, code: Option<i32>) -> ReportedInstance {
+        ReportedInstance {
+            instance_id: id.into(),
+            state,
+            exit_code: code,
+            signal: None,
+            reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn job_runs_through_its_lifecycle_and_frees_its_gpus() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path(), 0);
+        c.register_node("n1", inventory(2), 0).unwrap();
+        let mut out = Outbox::new();
+        let job = c.submit(raw(2), "", 10, &mut out).unwrap();
+        assert_eq!(job.state, JobState::Scheduled);
+        assert!(
+            matches!(&out[..], [(n, AgentCommand::Start(s))] if n == "n1" && s.gpu_uuids == ["GPU-0", "GPU-1"])
+        );
+        // A second job waits: both GPUs are taken.
+        let waiting = c.submit(raw(1), "", 11, &mut out).unwrap();
+        assert_eq!(waiting.state, JobState::Queued);
+        let id = format!("{}-0", job.job_id);
+        out.clear();
+        c.heartbeat(
+            "n1",
+            None,
+            vec![report(&id, InstanceState::Running, None)],
+            20,
+            &mut out,
+        );
+        assert_eq!(c.job(&job.job_id).unwrap().state, JobState::Running);
+        c.heartbeat(
+            "n1",
+            None,
+            vec![report(&id, InstanceState::Succeeded, Some(0))],
+            30,
+            &mut out,
+        );
+        let done = c.job(&job.job_id).unwrap();
+        assert_eq!(done.state, JobState::Succeeded);
+        assert_eq!(done.finished_at_ms, Some(30));
+        // The agent is told to forget it, and the waiting job gets a GPU.
+        assert!(out.iter().any(|(_, cmd)| *cmd
+            == AgentCommand::Forget {
+                instance_id: id.clone()
+            }));
+        assert_eq!(c.job(&waiting.job_id).unwrap().state, JobState::Scheduled);
+    }
+
+    #[test]
+    fn silent_node_goes_not_ready_and_its_instances_are_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path(), 0);
+        c.register_node("n1", inventory(1), 0).unwrap();
+        let mut out = Outbox::new();
+        let job = c.submit(raw(1), "", 0, &mut out).unwrap();
+        c.tick(1_000, &mut out);
+        assert_eq!(c.node("n1").unwrap().status, NodeStatus::Ready);
+        c.tick(1_001, &mut out);
+        assert_eq!(c.node("n1").unwrap().status, NodeStatus::NotReady);
+        let lost = c.job(&job.job_id).unwrap();
+        assert_eq!(lost.state, JobState::Lost);
+        assert!(lost.reason.contains("NotReady"), "{}", lost.reason);
+        // When it comes back running the lost instance, the agent is told to stop it.
+        out.clear();
+        let id = format!("{}-0", job.job_id);
+        c.hello(
+            "n1",
+            vec![report(&id, InstanceState::Running, None)],
+            2_000,
+            &mut out,
+        );
+        assert_eq!(c.node("n1").unwrap().status, NodeStatus::Ready);
+        assert!(out.iter().any(
+            |(_, cmd)| matches!(cmd, AgentCommand::Stop { instance_id, .. } if *instance_id == id)
+        ));
+    }
+
+    #[test]
+    fn unknown_instances_are_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path(), 0);
+        c.register_node("n1", inventory(0), 0).unwrap();
+        let mut out = Outbox::new();
+        c.hello(
+            "n1",
+            vec![report("stray-0", InstanceState::Running, None)],
+            1,
+            &mut out,
+        );
+        assert!(
+            matches!(&out[..], [(_, AgentCommand::Stop { instance_id, .. })] if instance_id == "stray-0")
+        );
+    }
+
+    #[test]
+    fn state_survives_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let (job_id, queued_id) = {
+            let mut c = open(dir.path(), 0);
+            c.register_node("n1", inventory(1), 0).unwrap();
+            let mut out = Outbox::new();
+            let a = c.submit(raw(1), "", 1, &mut out).unwrap();
+            let b = c.submit(raw(4), "", 2, &mut out).unwrap();
+            (a.job_id, b.job_id)
+        };
+        let mut c = open(dir.path(), 5_000);
+        assert_eq!(c.nodes().count(), 1);
+        assert_eq!(c.job(&job_id).unwrap().state, JobState::Scheduled);
+        assert_eq!(c.job(&queued_id).unwrap().state, JobState::Queued);
+        // Reloaded nodes get a fresh grace to reconnect; ids keep counting.
+        let mut out = Outbox::new();
+        c.tick(5_500, &mut out);
+        assert_eq!(c.node("n1").unwrap().status, NodeStatus::Ready);
+        let next = c.submit(raw(0), "", 5_600, &mut out).unwrap();
+        assert_eq!(next.seq, 3);
+        // A reconnecting agent that never got the Start is sent it again.
+        out.clear();
+        c.hello("n1", vec![], 5_700, &mut out);
+        assert!(
+            out.iter()
+                .any(|(_, cmd)| matches!(cmd, AgentCommand::Start(s) if s.job_id == job_id))
+        );
+    }
+
+    #[test]
+    fn cancel_stops_running_instances_and_refuses_ended_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path(), 0);
+        c.register_node("n1", inventory(1), 0).unwrap();
+        let mut out = Outbox::new();
+        let job = c.submit(raw(1), "", 0, &mut out).unwrap();
+        out.clear();
+        let cancelled = c.cancel(&job.job_id, 5, &mut out).unwrap();
+        assert_eq!(cancelled.state, JobState::Cancelled);
+        assert!(matches!(
+            &out[..],
+            [(_, AgentCommand::Stop { grace_ms: 500, .. })]
+        ));
+        // GPUs stay allocated until the agent confirms the stop.
+        assert_eq!(c.usage()["n1"].gpu_milli, vec![1000]);
+        let id = format!("{}-0", job.job_id);
+        c.heartbeat(
+            "n1",
+            None,
+            vec![report(&id, InstanceState::Stopped, None)],
+            9,
+            &mut out,
+        );
+        assert_eq!(c.usage()["n1"].gpu_milli, vec![0]);
+        assert!(matches!(
+            c.cancel(&job.job_id, 10, &mut out),
+            Err(ClusterError::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            c.cancel("nope", 10, &mut out),
+            Err(ClusterError::NotFound { .. })
+        ));
     }
 }
