@@ -59,26 +59,48 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
 }
 
+/// Reads a TOML file into `T` and runs `check` on it. Errors name the file,
+/// and (from serde or `check`) the field. Shared by both daemons.
+pub fn load_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    check: impl FnOnce(&T) -> Result<(), String>,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_toml(&text, check).map_err(|message| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
+/// Parses TOML text into `T` and runs `check` on it.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    check: impl FnOnce(&T) -> Result<(), String>,
+) -> Result<T, String> {
+    let value: T = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
+    check(&value)?;
+    Ok(value)
+}
+
 impl AgentConfig {
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message,
-        })
+        load_toml(path, Self::check)
     }
 
     /// Parses TOML text; the error text names the offending field.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let config: Self = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
-        if config.scheduler_addr.trim().is_empty() {
+        parse_toml(text, Self::check)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.scheduler_addr.trim().is_empty() {
             return Err("field `scheduler_addr` must not be empty".into());
         }
-        Ok(config)
+        Ok(())
     }
 
     /// The node id: configured, else `/etc/machine-id`, else the hostname.

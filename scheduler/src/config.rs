@@ -5,7 +5,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use gpupool_agent::config::{load_toml, parse_toml};
 use serde::Deserialize;
+
+pub use gpupool_agent::config::ConfigError;
 
 /// `/etc/gpupool/scheduler.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -66,36 +69,14 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// A config file that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-}
-
 impl SchedulerConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message,
-        })
+        load_toml(path, Self::check)
     }
 
     /// Parses and checks TOML text; errors name the field.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let config: Self = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
-        config.check()?;
-        Ok(config)
+        parse_toml(text, Self::check)
     }
 
     /// Cross-field checks.
