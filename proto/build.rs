@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "gpupool/v1/pool.proto",
     "gpupool/v1/job.proto",
     "gpupool/v1/usage.proto",
+    "gpupool/v1/tenant.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
