@@ -37,6 +37,15 @@ pub struct SchedulerConfig {
     /// (development only).
     #[serde(default)]
     pub join_token: Option<String>,
+    /// Token of the admin tenant (creates tenants, sees everything). Omit
+    /// to run without authentication: every caller is then the admin
+    /// (development only; `gpupool-scheduler dev` does this).
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// Regions where deploy pools may be bought by subscription
+    /// (R-CREATE-11); pools name their region at creation.
+    #[serde(default)]
+    pub subscription_regions: Vec<String>,
 }
 
 fn default_grpc_listen() -> SocketAddr {
@@ -65,6 +74,8 @@ impl Default for SchedulerConfig {
             node_grace_ms: default_grace_ms(),
             stop_grace_ms: default_stop_grace_ms(),
             join_token: None,
+            admin_token: None,
+            subscription_regions: Vec::new(),
         }
     }
 }
@@ -96,6 +107,13 @@ impl SchedulerConfig {
             .is_some_and(|t| t.trim().is_empty())
         {
             return Err("field `join_token` must not be empty when set".into());
+        }
+        if self
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| t.trim().len() < 16)
+        {
+            return Err("field `admin_token` must be at least 16 characters".into());
         }
         Ok(())
     }

@@ -145,6 +145,7 @@ pub fn open(config: SchedulerConfig) -> anyhow::Result<Arc<Shared>> {
     let settings = Settings {
         node_grace_ms: i64::from(config.node_grace_ms),
         stop_grace_ms: config.stop_grace_ms,
+        subscription_regions: config.subscription_regions.clone(),
     };
     let cluster = Cluster::load(Box::new(store), settings, now_ms())?;
     tracing::info!(
@@ -186,6 +187,7 @@ pub async fn serve(
         "gpupool.v1.NodeService",
         "gpupool.v1.PoolService",
         "gpupool.v1.UsageService",
+        "gpupool.v1.TenantService",
         "",
     ] {
         health_reporter
@@ -218,7 +220,10 @@ pub async fn serve(
         .add_service(pb::job_service_server::JobServiceServer::new(api.clone()))
         .add_service(pb::node_service_server::NodeServiceServer::new(api.clone()))
         .add_service(pb::pool_service_server::PoolServiceServer::new(api.clone()))
-        .add_service(pb::usage_service_server::UsageServiceServer::new(api))
+        .add_service(pb::usage_service_server::UsageServiceServer::new(
+            api.clone(),
+        ))
+        .add_service(pb::tenant_service_server::TenantServiceServer::new(api))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
     tracing::info!(%addr, "gRPC listening");
     let mut grpc_task = tokio::spawn(grpc_server);

@@ -8,10 +8,15 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::domain::pool::Pool;
+use crate::domain::tenant::Tenant;
 use crate::domain::{Job, Node};
 
 /// Ordered migrations: (version, SQL).
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_tenants_pools.sql")),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,13 +50,34 @@ pub enum StoreError {
 pub struct Snapshot {
     pub nodes: Vec<Node>,
     pub jobs: Vec<Job>,
+    pub pools: Vec<Pool>,
+    pub tenants: Vec<Tenant>,
+    /// (token SHA-256 hex, tenant)
+    pub tokens: Vec<(String, String)>,
+}
+
+/// One row to write.
+#[derive(Debug, Clone, Copy)]
+pub enum Record<'a> {
+    Node(&'a Node),
+    Job(&'a Job),
+    Pool(&'a Pool),
+    Tenant(&'a Tenant),
+    Token { sha256: &'a str, tenant: &'a str },
 }
 
 /// Durable storage for the scheduler's state.
 pub trait Store: Send {
     fn load(&self) -> Result<Snapshot, StoreError>;
-    fn put_node(&self, node: &Node, now_ms: i64) -> Result<(), StoreError>;
-    fn put_job(&self, job: &Job, now_ms: i64) -> Result<(), StoreError>;
+    /// Writes all records in one transaction: all or none.
+    fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError>;
+
+    fn put_node(&self, node: &Node, now_ms: i64) -> Result<(), StoreError> {
+        self.write(&[Record::Node(node)], now_ms)
+    }
+    fn put_job(&self, job: &Job, now_ms: i64) -> Result<(), StoreError> {
+        self.write(&[Record::Job(job)], now_ms)
+    }
 }
 
 /// The embedded store.
@@ -114,54 +140,107 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn decode<T: serde::de::DeserializeOwned>(
+/// Decodes `(id, json)` rows of `table` into domain objects.
+fn rows<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
     table: &'static str,
-    id: String,
-    data: &str,
-) -> Result<T, StoreError> {
-    serde_json::from_str(data).map_err(|source| StoreError::Corrupt { table, id, source })
+    sql: &str,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare(sql)?;
+    let mut out = Vec::new();
+    let mut cursor = stmt.query([])?;
+    while let Some(row) = cursor.next()? {
+        let id: String = row.get(0)?;
+        let data: String = row.get(1)?;
+        out.push(
+            serde_json::from_str(&data).map_err(|source| StoreError::Corrupt {
+                table,
+                id,
+                source,
+            })?,
+        );
+    }
+    Ok(out)
 }
 
 impl Store for SqliteStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         let conn = self.conn.lock().unwrap();
-        let mut snapshot = Snapshot::default();
-        let mut stmt = conn.prepare("SELECT node_id, data FROM nodes ORDER BY node_id")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-        for row in rows {
-            let (id, data) = row?;
-            snapshot.nodes.push(decode("nodes", id, &data)?);
-        }
-        let mut stmt = conn.prepare("SELECT job_id, data FROM jobs ORDER BY seq")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-        for row in rows {
-            let (id, data) = row?;
-            snapshot.jobs.push(decode("jobs", id, &data)?);
-        }
-        Ok(snapshot)
+        let mut stmt = conn.prepare("SELECT token_sha256, tenant FROM tokens")?;
+        let tokens = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(Snapshot {
+            nodes: rows(
+                &conn,
+                "nodes",
+                "SELECT node_id, data FROM nodes ORDER BY node_id",
+            )?,
+            jobs: rows(&conn, "jobs", "SELECT job_id, data FROM jobs ORDER BY seq")?,
+            pools: rows(
+                &conn,
+                "pools",
+                "SELECT pool_id, data FROM pools ORDER BY seq",
+            )?,
+            tenants: rows(
+                &conn,
+                "tenants",
+                "SELECT name, data FROM tenants ORDER BY name",
+            )?,
+            tokens,
+        })
     }
 
-    fn put_node(&self, node: &Node, now_ms: i64) -> Result<(), StoreError> {
-        let data = serde_json::to_string(node).expect("node serializes");
-        self.conn.lock().unwrap().execute(
-            "INSERT INTO nodes (node_id, data, updated_at_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (node_id) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
-            params![node.node_id, data, now_ms],
-        )?;
+    fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction()?;
+        for record in records {
+            match *record {
+                Record::Node(node) => {
+                    tx.execute(
+                        "INSERT INTO nodes (node_id, data, updated_at_ms) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (node_id) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
+                        params![node.node_id, encode(node), now_ms],
+                    )?;
+                }
+                Record::Job(job) => {
+                    tx.execute(
+                        "INSERT INTO jobs (job_id, seq, state, data, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, data = excluded.data,
+                             updated_at_ms = excluded.updated_at_ms",
+                        params![job.job_id, job.seq as i64, format!("{:?}", job.state), encode(job), now_ms],
+                    )?;
+                }
+                Record::Pool(pool) => {
+                    tx.execute(
+                        "INSERT INTO pools (pool_id, seq, tenant, status, data, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (pool_id) DO UPDATE SET status = excluded.status, data = excluded.data,
+                             updated_at_ms = excluded.updated_at_ms",
+                        params![pool.pool_id, pool.seq as i64, pool.tenant, format!("{:?}", pool.status), encode(pool), now_ms],
+                    )?;
+                }
+                Record::Tenant(tenant) => {
+                    tx.execute(
+                        "INSERT INTO tenants (name, data, updated_at_ms) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
+                        params![tenant.name, encode(tenant), now_ms],
+                    )?;
+                }
+                Record::Token { sha256, tenant } => {
+                    tx.execute(
+                        "INSERT INTO tokens (token_sha256, tenant, created_at_ms) VALUES (?1, ?2, ?3)",
+                        params![sha256, tenant, now_ms],
+                    )?;
+                }
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
+}
 
-    fn put_job(&self, job: &Job, now_ms: i64) -> Result<(), StoreError> {
-        let data = serde_json::to_string(job).expect("job serializes");
-        let state = format!("{:?}", job.state);
-        self.conn.lock().unwrap().execute(
-            "INSERT INTO jobs (job_id, seq, state, data, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, data = excluded.data,
-                 updated_at_ms = excluded.updated_at_ms",
-            params![job.job_id, job.seq as i64, state, data, now_ms],
-        )?;
-        Ok(())
-    }
+fn encode<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("domain types serialize")
 }
 
 impl SqliteStore {

@@ -26,23 +26,17 @@ impl AgentApi {
         let Some(expected) = &self.shared.config.join_token else {
             return Ok(());
         };
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+        let given = super::auth::bearer(req.metadata());
         match given {
-            Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
+            Some(token) if super::auth::constant_time_eq(token.as_bytes(), expected.as_bytes()) => {
+                Ok(())
+            }
             Some(_) => Err(Status::unauthenticated("wrong cluster join token")),
             None => Err(Status::unauthenticated(
                 "missing cluster join token (authorization: Bearer ...)",
             )),
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::SchedulerMessage, Status>> + Send>>;

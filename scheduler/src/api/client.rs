@@ -9,8 +9,11 @@ use gpupool_proto::v1 as pb;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::auth::caller;
 use super::{job_state_from_pb, job_to_pb, node_to_pb, raw_spec_from_pb, status};
-use crate::domain::{NodeStatus, PUBLIC_POOL};
+use crate::cluster::{Cluster, PoolRef};
+use crate::domain::PUBLIC_POOL;
+use crate::domain::tenant::Caller;
 use crate::server::{Shared, now_ms};
 
 /// Bytes asked of the agent per log read.
@@ -25,7 +28,7 @@ pub struct Api {
     pub shared: Arc<Shared>,
 }
 
-fn unimplemented(what: &str, issue: &str) -> Status {
+pub(super) fn unimplemented(what: &str, issue: &str) -> Status {
     Status::unimplemented(format!("{what} is not implemented yet ({issue})"))
 }
 
@@ -37,6 +40,7 @@ impl pb::job_service_server::JobService for Api {
         &self,
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let caller = caller(&self.shared, req.metadata())?;
         let spec = req
             .into_inner()
             .spec
@@ -44,16 +48,17 @@ impl pb::job_service_server::JobService for Api {
         let raw = raw_spec_from_pb(spec);
         let job = self
             .shared
-            .with(|core, out| core.cluster.submit(raw, "", now_ms(), out))
+            .with(|core, out| core.cluster.submit(&caller, raw, now_ms(), out))
             .map_err(status)?;
         self.shared.metrics.jobs_submitted.inc();
         Ok(Response::new(job_to_pb(&job)))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let caller = caller(&self.shared, req.metadata())?;
         let id = req.into_inner().job_id;
         self.shared
-            .with(|core, _| core.cluster.job(&id).map(job_to_pb))
+            .with(|core, _| core.cluster.job(&caller, &id).map(job_to_pb))
             .map(Response::new)
             .map_err(status)
     }
@@ -62,6 +67,7 @@ impl pb::job_service_server::JobService for Api {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let caller = caller(&self.shared, req.metadata())?;
         let req = req.into_inner();
         let mut states = Vec::new();
         for s in &req.states {
@@ -71,13 +77,19 @@ impl pb::job_service_server::JobService for Api {
             );
         }
         let jobs = self.shared.with(|core, _| {
-            core.cluster
-                .jobs()
-                .filter(|j| req.pool.is_empty() || j.pool_id == req.pool)
-                .filter(|j| states.is_empty() || states.contains(&j.state))
-                .map(job_to_pb)
-                .collect()
-        });
+            let pool = match req.pool.as_str() {
+                "" => None,
+                key => Some(pool_id_of(&core.cluster, &caller, key)?),
+            };
+            Ok::<_, Status>(
+                core.cluster
+                    .visible_jobs(&caller)
+                    .filter(|j| pool.as_ref().is_none_or(|p| j.pool_id == *p))
+                    .filter(|j| states.is_empty() || states.contains(&j.state))
+                    .map(job_to_pb)
+                    .collect(),
+            )
+        })?;
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 
@@ -85,9 +97,10 @@ impl pb::job_service_server::JobService for Api {
         &self,
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let caller = caller(&self.shared, req.metadata())?;
         let id = req.into_inner().job_id;
         self.shared
-            .with(|core, out| core.cluster.cancel(&id, now_ms(), out))
+            .with(|core, out| core.cluster.cancel(&caller, &id, now_ms(), out))
             .map(|j| Response::new(job_to_pb(&j)))
             .map_err(status)
     }
@@ -98,11 +111,12 @@ impl pb::job_service_server::JobService for Api {
         &self,
         req: Request<pb::GetJobLogsRequest>,
     ) -> Result<Response<LogStream>, Status> {
+        let caller = caller(&self.shared, req.metadata())?;
         let req = req.into_inner();
         // Fail fast on unknown jobs and instances.
         let (node_id, instance_id) = self.shared.with(|core, _| {
             core.cluster
-                .instance(&req.job_id, req.instance)
+                .instance(&caller, &req.job_id, req.instance)
                 .map(|(_, i)| (i.node_id.clone(), i.instance_id.clone()))
                 .map_err(status)
         })?;
@@ -113,7 +127,7 @@ impl pb::job_service_server::JobService for Api {
             loop {
                 let done = shared.with(|core, _| {
                     core.cluster
-                        .instance(&req.job_id, req.instance)
+                        .instance(&caller, &req.job_id, req.instance)
                         .map(|(_, i)| i.state.is_terminal())
                         .unwrap_or(true)
                 });
@@ -179,15 +193,23 @@ impl pb::node_service_server::NodeService for Api {
         &self,
         req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let caller = caller(&self.shared, req.metadata())?;
         let pool = req.into_inner().pool;
         let nodes = self.shared.with(|core, _| {
+            let pool = match pool.as_str() {
+                "" => None,
+                key => Some(pool_id_of(&core.cluster, &caller, key)?),
+            };
             let usage = core.cluster.usage();
-            core.cluster
-                .nodes()
-                .filter(|n| pool.is_empty() || n.pool == pool)
-                .map(|n| node_to_pb(n, usage.get(&n.node_id)))
-                .collect()
-        });
+            Ok::<_, Status>(
+                core.cluster
+                    .nodes()
+                    .filter(|n| core.cluster.node_visible(&caller, n))
+                    .filter(|n| pool.as_ref().is_none_or(|p| n.pool == *p))
+                    .map(|n| node_to_pb(n, usage.get(&n.node_id)))
+                    .collect(),
+            )
+        })?;
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
@@ -195,35 +217,50 @@ impl pb::node_service_server::NodeService for Api {
         &self,
         req: Request<pb::GetNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
+        let caller = caller(&self.shared, req.metadata())?;
         let id = req.into_inner().node_id;
         self.shared
             .with(|core, _| {
                 let usage = core.cluster.usage();
                 core.cluster
                     .node(&id)
+                    .ok()
+                    .filter(|n| core.cluster.node_visible(&caller, n))
                     .map(|n| node_to_pb(n, usage.get(&n.node_id)))
+                    .ok_or_else(|| Status::not_found(format!("node {id:?} not found")))
             })
             .map(Response::new)
-            .map_err(status)
     }
 
     async fn cordon_node(
         &self,
         req: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        self.set_cordon(req.into_inner().node_id, true)
+        let caller = caller(&self.shared, req.metadata())?;
+        self.set_cordon(&caller, req.into_inner().node_id, true)
     }
 
     async fn uncordon_node(
         &self,
         req: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        self.set_cordon(req.into_inner().node_id, false)
+        let caller = caller(&self.shared, req.metadata())?;
+        self.set_cordon(&caller, req.into_inner().node_id, false)
     }
 }
 
 impl Api {
-    fn set_cordon(&self, id: String, cordoned: bool) -> Result<Response<pb::Node>, Status> {
+    fn set_cordon(
+        &self,
+        caller: &Caller,
+        id: String,
+        cordoned: bool,
+    ) -> Result<Response<pb::Node>, Status> {
+        if !caller.admin {
+            return Err(Status::permission_denied(
+                "cordoning nodes is for the admin only",
+            ));
+        }
         self.shared
             .with(|core, out| {
                 core.cluster.set_cordon(&id, cordoned, now_ms(), out)?;
@@ -235,117 +272,13 @@ impl Api {
             .map(Response::new)
             .map_err(status)
     }
-
-    /// The built-in public pool, summarised from its nodes.
-    fn public_pool(&self) -> pb::Pool {
-        self.shared.with(|core, _| {
-            let usage = core.cluster.usage();
-            let nodes: Vec<_> = core
-                .cluster
-                .nodes()
-                .filter(|n| n.pool == PUBLIC_POOL)
-                .collect();
-            let ready = nodes
-                .iter()
-                .filter(|n| n.status == NodeStatus::Ready)
-                .count() as u32;
-            let (status, reason) = if ready > 0 {
-                (pb::PoolStatus::Running, String::new())
-            } else if nodes.is_empty() {
-                (
-                    pb::PoolStatus::Unavailable,
-                    "no nodes registered".to_string(),
-                )
-            } else {
-                (pb::PoolStatus::Unavailable, "no node Ready".to_string())
-            };
-            pb::Pool {
-                pool_id: PUBLIC_POOL.into(),
-                name: PUBLIC_POOL.into(),
-                r#type: pb::PoolType::Public as i32,
-                description: "Shared pool; resources are allocated per job (R-POOL-1)".into(),
-                node_count: nodes.len() as u32,
-                status: status as i32,
-                status_reason: reason,
-                node_ids: nodes.iter().map(|n| n.node_id.clone()).collect(),
-                gpus_total: nodes.iter().map(|n| n.inventory.gpus.len() as u32).sum(),
-                gpus_allocated_milli: nodes
-                    .iter()
-                    .filter_map(|n| usage.get(&n.node_id))
-                    .map(|u| u.gpu_milli.iter().sum::<u32>())
-                    .sum(),
-                nodes_ready: ready,
-                billing_mode: pb::BillingMode::OnDemand as i32,
-                ..Default::default()
-            }
-        })
-    }
 }
 
-#[tonic::async_trait]
-impl pb::pool_service_server::PoolService for Api {
-    async fn list_pools(
-        &self,
-        _: Request<pb::ListPoolsRequest>,
-    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
-        Ok(Response::new(pb::ListPoolsResponse {
-            pools: vec![self.public_pool()],
-        }))
-    }
-
-    async fn get_pool(
-        &self,
-        req: Request<pb::GetPoolRequest>,
-    ) -> Result<Response<pb::Pool>, Status> {
-        let pool = req.into_inner().pool;
-        if pool == PUBLIC_POOL {
-            Ok(Response::new(self.public_pool()))
-        } else {
-            Err(Status::not_found(format!("pool {pool:?} not found")))
-        }
-    }
-
-    async fn create_pool(
-        &self,
-        _: Request<pb::CreatePoolRequest>,
-    ) -> Result<Response<pb::Pool>, Status> {
-        Err(unimplemented("CreatePool", "dedicated pools"))
-    }
-    async fn delete_pool(
-        &self,
-        _: Request<pb::DeletePoolRequest>,
-    ) -> Result<Response<pb::Pool>, Status> {
-        Err(unimplemented("DeletePool", "dedicated pools"))
-    }
-    async fn scale_pool(
-        &self,
-        _: Request<pb::ScalePoolRequest>,
-    ) -> Result<Response<pb::Pool>, Status> {
-        Err(unimplemented("ScalePool", "dedicated pools"))
-    }
-    async fn list_specs(
-        &self,
-        _: Request<pb::ListSpecsRequest>,
-    ) -> Result<Response<pb::ListSpecsResponse>, Status> {
-        Err(unimplemented("ListSpecs", "dedicated pools"))
-    }
-    async fn convert_to_subscription(
-        &self,
-        _: Request<pb::ConvertToSubscriptionRequest>,
-    ) -> Result<Response<pb::Pool>, Status> {
-        Err(unimplemented("ConvertToSubscription", "billing"))
-    }
-    async fn set_renewal(
-        &self,
-        _: Request<pb::SetRenewalRequest>,
-    ) -> Result<Response<pb::Pool>, Status> {
-        Err(unimplemented("SetRenewal", "billing"))
-    }
-    async fn unsubscribe(
-        &self,
-        _: Request<pb::UnsubscribeRequest>,
-    ) -> Result<Response<pb::UnsubscribeResponse>, Status> {
-        Err(unimplemented("Unsubscribe", "billing"))
+/// The pool id a filter names ("public" or a dedicated pool id).
+fn pool_id_of(cluster: &Cluster, caller: &Caller, key: &str) -> Result<String, Status> {
+    match cluster.resolve_pool(caller, key).map_err(status)? {
+        PoolRef::Public => Ok(PUBLIC_POOL.to_string()),
+        PoolRef::Dedicated(p) => Ok(p.pool_id.clone()),
     }
 }
 
@@ -353,14 +286,16 @@ impl pb::pool_service_server::PoolService for Api {
 impl pb::usage_service_server::UsageService for Api {
     async fn list_usage(
         &self,
-        _: Request<pb::ListUsageRequest>,
+        req: Request<pb::ListUsageRequest>,
     ) -> Result<Response<pb::ListUsageResponse>, Status> {
+        caller(&self.shared, req.metadata())?;
         Err(unimplemented("ListUsage", "billing"))
     }
     async fn list_orders(
         &self,
-        _: Request<pb::ListOrdersRequest>,
+        req: Request<pb::ListOrdersRequest>,
     ) -> Result<Response<pb::ListOrdersResponse>, Status> {
+        caller(&self.shared, req.metadata())?;
         Err(unimplemented("ListOrders", "billing"))
     }
 }

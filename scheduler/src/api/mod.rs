@@ -2,7 +2,9 @@
 //! and conversions between protobuf and domain types.
 
 pub mod agent;
+pub mod auth;
 pub mod client;
+pub mod pools;
 
 use gpupool_proto::timestamp_from_unix_ms as ts;
 use gpupool_proto::v1 as pb;
@@ -12,11 +14,34 @@ use crate::cluster::{AgentCommand, ClusterError, NodeUsage, ReportedInstance};
 use crate::domain::{self, InstanceState, JobKind, JobState, NodeStatus, job::RawJobSpec};
 
 /// The single mapping from domain errors to gRPC statuses.
+///
+/// Another tenant's pool, job or node is reported as `NOT_FOUND` (never
+/// `PERMISSION_DENIED`), so existence does not leak; `PERMISSION_DENIED` is
+/// for admin-only calls made by a tenant.
 pub fn status(err: ClusterError) -> Status {
+    use crate::domain::pool::PoolError as P;
+    use crate::domain::tenant::TenantError as T;
+    let msg = err.to_string();
     match &err {
-        ClusterError::InvalidSpec(_) => Status::invalid_argument(err.to_string()),
-        ClusterError::NotFound { .. } => Status::not_found(err.to_string()),
-        ClusterError::FailedPrecondition(_) => Status::failed_precondition(err.to_string()),
+        ClusterError::InvalidSpec(_) => Status::invalid_argument(msg),
+        ClusterError::NotFound { .. } => Status::not_found(msg),
+        ClusterError::FailedPrecondition(_) => Status::failed_precondition(msg),
+        ClusterError::PermissionDenied(_) => Status::permission_denied(msg),
+        ClusterError::AlreadyExists(_) => Status::already_exists(msg),
+        ClusterError::Pool(p) => match p {
+            P::SoldOut { .. } => Status::resource_exhausted(msg),
+            P::NameTaken(_) => Status::already_exists(msg),
+            P::UnknownSpec(_) => Status::not_found(msg),
+            P::NotRunning { .. }
+            | P::WrongKind { .. }
+            | P::SubscriptionDelete(_)
+            | P::Busy { .. }
+            | P::NodeBusy { .. }
+            | P::WouldBeEmpty(_) => Status::failed_precondition(msg),
+            _ => Status::invalid_argument(msg),
+        },
+        ClusterError::Tenant(T::QuotaExceeded { .. }) => Status::resource_exhausted(msg),
+        ClusterError::Tenant(_) => Status::invalid_argument(msg),
         ClusterError::Store(source) => {
             tracing::error!(error = %source, cause = ?std::error::Error::source(source), "storage failure");
             Status::unavailable("storage failure; the request was not applied")
@@ -276,7 +301,7 @@ pub fn command_to_pb(cmd: AgentCommand) -> pb::SchedulerMessage {
             resources: Some(resources_to_pb(&s.resources)),
             rank: s.rank,
             world_size: s.world_size,
-            metadata: Default::default(),
+            metadata: s.metadata.into_iter().collect(),
         }),
         AgentCommand::Stop {
             instance_id,

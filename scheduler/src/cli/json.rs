@@ -8,8 +8,9 @@
 use std::collections::BTreeMap;
 
 use gpupool_proto::v1::{
-    Gpu, Instance, Job, ListUsageResponse, Network, Node, Order, Pool, Spec, Subscription,
-    UnsubscribeResponse, UsageRecord, network,
+    Gpu, Instance, IssueTokenResponse, Job, ListUsageResponse, Network, Node, Order, Pool,
+    ScaleInPick, Spec, Subscription, Tenant, UnsubscribeResponse, UsageRecord, WhoAmIResponse,
+    network,
 };
 use serde_json::{Value, json};
 
@@ -173,6 +174,7 @@ pub fn pool(p: &Pool) -> Value {
         "gpus_total": p.gpus_total,
         "gpus_allocated_milli": p.gpus_allocated_milli,
         "nodes_ready": p.nodes_ready,
+        "target_node_count": p.target_node_count,
     })
 }
 
@@ -213,6 +215,60 @@ pub fn unsubscribe(r: &UnsubscribeResponse) -> Value {
     json!({
         "pool": r.pool.as_ref().map_or(Value::Null, pool),
         "refund_micros": r.refund_micros,
+    })
+}
+
+/// One pick of `pool scale-in-plan`.
+pub fn scale_in_pick(p: &ScaleInPick) -> Value {
+    json!({
+        "node_id": p.node_id,
+        "instances_disrupted": p.instances_disrupted,
+        "job_ids": p.job_ids,
+        "free_gpus": p.free_gpus,
+        "pool_free_gpus_after": p.pool_free_gpus_after,
+        "pool_fragmented_gpus_after": p.pool_fragmented_gpus_after,
+        "explanation": p.explanation,
+    })
+}
+
+/// The picks of `pool scale-in-plan`, in order.
+pub fn scale_in_picks(picks: &[ScaleInPick]) -> Value {
+    Value::Array(picks.iter().map(scale_in_pick).collect())
+}
+
+/// A tenant, with its quota flattened in.
+pub fn tenant(t: &Tenant) -> Value {
+    let quota = t.quota.unwrap_or_default();
+    json!({
+        "name": t.name,
+        "max_dedicated_nodes": quota.max_dedicated_nodes,
+        "max_gpus": quota.max_gpus,
+        "dedicated_nodes_used": t.dedicated_nodes_used,
+        "gpus_used": t.gpus_used,
+        "tokens": t.tokens,
+        "network_id": t.network_id,
+        "created_at_ms": ts(t.created_at.as_ref()),
+    })
+}
+
+/// A list of tenants.
+pub fn tenants(tenants: &[Tenant]) -> Value {
+    Value::Array(tenants.iter().map(tenant).collect())
+}
+
+/// The answer to `tenant token`: `{"tenant", "token"}`.
+pub fn token(r: &IssueTokenResponse) -> Value {
+    json!({
+        "tenant": r.tenant,
+        "token": r.token,
+    })
+}
+
+/// The answer to `whoami`: `{"tenant", "admin"}`.
+pub fn whoami(r: &WhoAmIResponse) -> Value {
+    json!({
+        "tenant": r.tenant,
+        "admin": r.admin,
     })
 }
 
@@ -365,5 +421,105 @@ mod tests {
         assert_eq!(v["subscription"]["months"], 3);
         assert!(v["network"].is_null());
         assert!(v["created_at_ms"].is_null());
+        assert_eq!(v["target_node_count"], 0);
+    }
+
+    /// The keys of a JSON object, sorted.
+    fn keys(v: &Value) -> Vec<&str> {
+        let mut keys: Vec<&str> = v
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    #[test]
+    fn tenant_shape() {
+        let t = Tenant {
+            name: "acme".into(),
+            quota: Some(gpupool_proto::v1::Quota {
+                max_dedicated_nodes: 4,
+                max_gpus: 32,
+            }),
+            created_at: Some(gpupool_proto::timestamp_from_unix_ms(5000)),
+            dedicated_nodes_used: 2,
+            gpus_used: 16,
+            tokens: 1,
+            network_id: "net-acme".into(),
+        };
+        let v = tenant(&t);
+        let mut expected = [
+            "name",
+            "max_dedicated_nodes",
+            "max_gpus",
+            "dedicated_nodes_used",
+            "gpus_used",
+            "tokens",
+            "network_id",
+            "created_at_ms",
+        ];
+        expected.sort_unstable();
+        assert_eq!(keys(&v), expected);
+        assert_eq!(v["name"], "acme");
+        assert_eq!(v["max_dedicated_nodes"], 4);
+        assert_eq!(v["max_gpus"], 32);
+        assert_eq!(v["dedicated_nodes_used"], 2);
+        assert_eq!(v["gpus_used"], 16);
+        assert_eq!(v["tokens"], 1);
+        assert_eq!(v["network_id"], "net-acme");
+        assert_eq!(v["created_at_ms"], 5000);
+
+        // No quota and no creation time: zeros and null.
+        let v = tenant(&Tenant::default());
+        assert_eq!(v["max_dedicated_nodes"], 0);
+        assert_eq!(v["max_gpus"], 0);
+        assert!(v["created_at_ms"].is_null());
+        assert_eq!(
+            tenants(&[Tenant::default()]).as_array().map(Vec::len),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn token_and_whoami_shapes() {
+        let v = token(&IssueTokenResponse {
+            tenant: "acme".into(),
+            token: "gp_secret".into(),
+        });
+        assert_eq!(v, json!({"tenant": "acme", "token": "gp_secret"}));
+        let v = whoami(&WhoAmIResponse {
+            tenant: "admin".into(),
+            admin: true,
+        });
+        assert_eq!(v, json!({"tenant": "admin", "admin": true}));
+    }
+
+    #[test]
+    fn scale_in_pick_shape() {
+        let p = ScaleInPick {
+            node_id: "n2".into(),
+            instances_disrupted: 1,
+            job_ids: vec!["j-1".into()],
+            free_gpus: 7,
+            pool_free_gpus_after: 8,
+            pool_fragmented_gpus_after: 0,
+            explanation: "n2 runs 1 instance".into(),
+        };
+        let v = scale_in_picks(std::slice::from_ref(&p));
+        assert_eq!(
+            v,
+            json!([{
+                "node_id": "n2",
+                "instances_disrupted": 1,
+                "job_ids": ["j-1"],
+                "free_gpus": 7,
+                "pool_free_gpus_after": 8,
+                "pool_fragmented_gpus_after": 0,
+                "explanation": "n2 runs 1 instance",
+            }])
+        );
     }
 }

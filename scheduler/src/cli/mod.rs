@@ -1,19 +1,22 @@
 //! `gpupool`: the command-line client of the scheduler's gRPC API.
 //!
 //! One subcommand per user-facing RPC (`node`, `pool`, `spec`, `usage`,
-//! `order`, `job`), global `--addr`, `--token` and `--output table|json`
-//! flags. Values are only parsed here; the scheduler validates them and its
+//! `order`, `job`, `tenant`, `whoami`), global `--addr`, `--token` and
+//! `--output table|json` flags. Values are only parsed here; the scheduler validates them and its
 //! gRPC status is reported as `error: <message> (<code>)` with exit code 1.
 //!
 //! With `--output json` every command prints one pretty-printed JSON value
 //! built by the converters of [`json`] (jobs, nodes, pools... with
 //! snake_case keys, readable enum names and `*_ms` timestamps); list
 //! commands print an array, except `usage list` which prints
-//! `{"records": [...], "total_micros": N}`.
+//! `{"records": [...], "total_micros": N}`. `tenant token` prints
+//! `{"tenant", "token"}`, `whoami` prints `{"tenant", "admin"}` and
+//! `pool scale-in-plan` an array of picks.
 
 mod args;
 mod format;
 mod json;
+mod tenant;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -22,7 +25,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use gpupool_proto::v1::{
     self as pb, job_service_client::JobServiceClient, node_service_client::NodeServiceClient,
-    pool_service_client::PoolServiceClient, usage_service_client::UsageServiceClient,
+    pool_service_client::PoolServiceClient, tenant_service_client::TenantServiceClient,
+    usage_service_client::UsageServiceClient,
 };
 use serde_json::Value;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -36,6 +40,7 @@ use self::format::{
     format_milli, format_time, format_time_ago, instance_state_name, job_kind_name, job_state_name,
     node_status_name, now_ms, pool_status_name, pool_type_name, ts_ms,
 };
+pub use self::tenant::TenantCommand;
 
 /// Runs the `gpupool` command line: parses the arguments, runs the command on
 /// its own tokio runtime and returns the process exit code (0 on success, 1
@@ -135,6 +140,13 @@ pub enum Command {
         #[command(subcommand)]
         command: JobCommand,
     },
+    /// Tenants, their API tokens and quotas (admin only).
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Show which tenant the token belongs to.
+    Whoami,
 }
 
 /// `gpupool node ...`
@@ -167,9 +179,18 @@ pub enum NodeCommand {
 #[derive(Debug, Subcommand)]
 pub enum PoolCommand {
     /// List pools.
-    List,
+    List {
+        /// Also list deleted pools.
+        #[arg(long)]
+        all: bool,
+    },
     /// Show one pool.
     Get {
+        /// Pool id or name.
+        pool: String,
+    },
+    /// List the nodes of a pool.
+    Nodes {
         /// Pool id or name.
         pool: String,
     },
@@ -183,21 +204,35 @@ pub enum PoolCommand {
         #[arg(long, short = 'y')]
         yes: bool,
     },
-    /// Add nodes to a pool or remove given nodes from it.
-    Scale {
+    /// Add nodes to a pool.
+    ScaleOut {
         /// Pool id or name.
         pool: String,
-        /// Scale out by this many nodes.
-        #[arg(
-            long,
-            value_name = "K",
-            required_unless_present = "remove",
-            conflicts_with = "remove"
-        )]
-        add: Option<u32>,
-        /// Scale in: remove exactly these nodes.
-        #[arg(long, value_name = "NODE", num_args = 1..)]
-        remove: Vec<String>,
+        /// Number of nodes to add.
+        #[arg(long, value_name = "N")]
+        count: u32,
+    },
+    /// Remove exactly these nodes from a pool (see `scale-in-plan` for which
+    /// to pick).
+    ScaleIn {
+        /// Pool id or name.
+        pool: String,
+        /// Node ids to remove.
+        #[arg(value_name = "NODE_ID", required = true, num_args = 1..)]
+        node_ids: Vec<String>,
+        /// Stop the instances running on the removed nodes instead of
+        /// refusing.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show which nodes to remove to shrink a pool, least disruptive first
+    /// (changes nothing).
+    ScaleInPlan {
+        /// Pool id or name.
+        pool: String,
+        /// Number of nodes to remove.
+        #[arg(long, value_name = "N")]
+        count: u32,
     },
     /// Convert an on-demand pool to a subscription.
     Convert {
@@ -597,6 +632,11 @@ impl Conn {
         let (channel, auth) = self.channel().await?;
         Ok(UsageServiceClient::with_interceptor(channel, auth))
     }
+
+    async fn tenants(&self) -> Result<TenantServiceClient<Svc>, CliError> {
+        let (channel, auth) = self.channel().await?;
+        Ok(TenantServiceClient::with_interceptor(channel, auth))
+    }
 }
 
 /// Writes to stdout; a closed pipe (`gpupool ... | head`) is not an error.
@@ -695,6 +735,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             command: BillingListCommand::List { tenant, pool },
         } => order_list(&conn, out, opt(tenant), opt(pool)).await,
         Command::Job { command } => job_command(&conn, out, command).await,
+        Command::Tenant { command } => tenant::tenant_command(&conn, out, command).await,
+        Command::Whoami => tenant::whoami(&conn, out).await,
     }
 }
 
@@ -877,11 +919,13 @@ async fn pool_command(
 ) -> Result<(), CliError> {
     let now = now_ms();
     match command {
-        PoolCommand::List => {
+        PoolCommand::List { all } => {
             let list = conn
                 .pools()
                 .await?
-                .list_pools(pb::ListPoolsRequest {})
+                .list_pools(pb::ListPoolsRequest {
+                    include_deleted: all,
+                })
                 .await?
                 .into_inner()
                 .pools;
@@ -895,6 +939,22 @@ async fn pool_command(
                 .await?
                 .into_inner();
             emit(out, || pool_detail(&p, now), || json::pool(&p))
+        }
+        PoolCommand::Nodes { pool } => {
+            let p = conn
+                .pools()
+                .await?
+                .get_pool(pb::GetPoolRequest { pool })
+                .await?
+                .into_inner();
+            let list = conn
+                .nodes()
+                .await?
+                .list_nodes(pb::ListNodesRequest { pool: p.pool_id })
+                .await?
+                .into_inner()
+                .nodes;
+            emit(out, || node_table(&list), || json::nodes(&list))
         }
         PoolCommand::Create(a) => {
             let req = create_pool_request(a);
@@ -916,23 +976,30 @@ async fn pool_command(
                 .into_inner();
             emit(out, || pool_summary(&p, "deleted"), || json::pool(&p))
         }
-        PoolCommand::Scale { pool, add, remove } => {
-            let change = match add {
-                Some(k) => pb::scale_pool_request::Change::AddNodes(k),
-                None => {
-                    pb::scale_pool_request::Change::RemoveNodes(pb::NodeIds { node_ids: remove })
-                }
-            };
-            let p = conn
+        PoolCommand::ScaleOut { pool, count } => {
+            scale_pool(conn, out, scale_out_request(pool, count), "scaling out").await
+        }
+        PoolCommand::ScaleIn {
+            pool,
+            node_ids,
+            force,
+        } => {
+            let req = scale_in_request(pool, node_ids, force);
+            scale_pool(conn, out, req, "scaling in").await
+        }
+        PoolCommand::ScaleInPlan { pool, count } => {
+            let picks = conn
                 .pools()
                 .await?
-                .scale_pool(pb::ScalePoolRequest {
-                    pool,
-                    change: Some(change),
-                })
+                .scale_in_plan(pb::ScaleInPlanRequest { pool, count })
                 .await?
-                .into_inner();
-            emit(out, || pool_summary(&p, "scaled"), || json::pool(&p))
+                .into_inner()
+                .picks;
+            emit(
+                out,
+                || scale_in_plan_text(&picks),
+                || json::scale_in_picks(&picks),
+            )
         }
         PoolCommand::Convert {
             pool,
@@ -1031,6 +1098,70 @@ async fn pool_command(
     }
 }
 
+/// Sends a `ScalePool` request and prints the pool.
+async fn scale_pool(
+    conn: &Conn,
+    out: OutputFormat,
+    req: pb::ScalePoolRequest,
+    verb: &str,
+) -> Result<(), CliError> {
+    let p = conn.pools().await?.scale_pool(req).await?.into_inner();
+    emit(
+        out,
+        || pool_summary(&p, &format!("{verb}, nodes {}", pool_nodes(&p))),
+        || json::pool(&p),
+    )
+}
+
+/// `pool scale-out POOL --count N`.
+fn scale_out_request(pool: String, count: u32) -> pb::ScalePoolRequest {
+    pb::ScalePoolRequest {
+        pool,
+        change: Some(pb::scale_pool_request::Change::AddNodes(count)),
+        force: false,
+    }
+}
+
+/// `pool scale-in POOL NODE_ID... [--force]`.
+fn scale_in_request(pool: String, node_ids: Vec<String>, force: bool) -> pb::ScalePoolRequest {
+    pb::ScalePoolRequest {
+        pool,
+        change: Some(pb::scale_pool_request::Change::RemoveNodes(pb::NodeIds {
+            node_ids,
+        })),
+        force,
+    }
+}
+
+/// The scale-in plan: one row per pick, then each pick's explanation.
+fn scale_in_plan_text(picks: &[pb::ScaleInPick]) -> String {
+    let mut t = Table::new(&[
+        "rank",
+        "node",
+        "disrupted",
+        "jobs",
+        "free gpus",
+        "pool free after",
+        "fragmented after",
+    ]);
+    for (i, p) in picks.iter().enumerate() {
+        t.row(vec![
+            (i + 1).to_string(),
+            p.node_id.clone(),
+            p.instances_disrupted.to_string(),
+            p.job_ids.join(","),
+            p.free_gpus.to_string(),
+            p.pool_free_gpus_after.to_string(),
+            p.pool_fragmented_gpus_after.to_string(),
+        ]);
+    }
+    let mut text = t.render();
+    for (i, p) in picks.iter().enumerate() {
+        text.push_str(&format!("  {}. {}\n", i + 1, dash(&p.explanation)));
+    }
+    text
+}
+
 fn create_pool_request(a: PoolCreateArgs) -> pb::CreatePoolRequest {
     let billing = a.billing.unwrap_or(if a.months.is_some() {
         BillingArg::Subscription
@@ -1097,6 +1228,24 @@ fn pool_gpus(p: &pb::Pool) -> String {
     )
 }
 
+/// The node count the pool is scaling to, when it differs from its current
+/// one. A target of 0 counts only while the pool is Scaling: a scheduler
+/// that does not fill the field in sends 0 too.
+fn pool_target(p: &pb::Pool) -> Option<u32> {
+    let target = p.target_node_count;
+    let scaling = p.status == pb::PoolStatus::Scaling as i32;
+    (target != p.node_count && (target != 0 || scaling)).then_some(target)
+}
+
+/// `ready/node_count`, with `→target` while the pool scales to another size.
+fn pool_nodes(p: &pb::Pool) -> String {
+    let mut text = format!("{}/{}", p.nodes_ready, p.node_count);
+    if let Some(target) = pool_target(p) {
+        text.push_str(&format!("→{target}"));
+    }
+    text
+}
+
 fn pool_az(p: &pb::Pool) -> String {
     match (p.az.as_str(), p.resolved_az.as_str()) {
         (asked, resolved) if asked == resolved || resolved.is_empty() => asked.to_string(),
@@ -1107,20 +1256,25 @@ fn pool_az(p: &pb::Pool) -> String {
 
 fn pool_table(pools: &[pb::Pool]) -> String {
     let mut t = Table::new(&[
-        "pool", "name", "type", "status", "spec", "nodes", "gpus", "billing", "az", "tenant",
+        "pool", "name", "type", "tenant", "spec", "nodes", "status", "billing", "az", "reason",
     ]);
     for p in pools {
+        let az = if p.resolved_az.is_empty() {
+            &p.az
+        } else {
+            &p.resolved_az
+        };
         t.row(vec![
             p.pool_id.clone(),
             p.name.clone(),
             pool_type_name(p.r#type).to_string(),
-            pool_status_name(p.status).to_string(),
-            p.spec.clone(),
-            format!("{}/{}", p.nodes_ready, p.node_count),
-            pool_gpus(p),
-            billing_mode_name(p.billing_mode).to_string(),
-            pool_az(p),
             p.tenant.clone(),
+            p.spec.clone(),
+            pool_nodes(p),
+            pool_status_name(p.status).to_string(),
+            billing_mode_name(p.billing_mode).to_string(),
+            az.clone(),
+            p.status_reason.clone(),
         ]);
     }
     t.render()
@@ -1136,10 +1290,11 @@ fn pool_detail(p: &pb::Pool, now: i64) -> String {
     d.add("Tenant", &p.tenant);
     d.add("Description", &p.description);
     d.add("Spec", &p.spec);
-    d.add(
-        "Nodes",
-        format!("{} ready / {}", p.nodes_ready, p.node_count),
-    );
+    let mut nodes = format!("{} ready / {}", p.nodes_ready, p.node_count);
+    if let Some(target) = pool_target(p) {
+        nodes.push_str(&format!(" (scaling to {target})"));
+    }
+    d.add("Nodes", nodes);
     d.add("GPUs", format!("{} allocated", pool_gpus(p)));
     d.add("AZ", pool_az(p));
     d.add("Region", &p.region);
@@ -1701,36 +1856,177 @@ mod tests {
         assert_eq!(states, [Running, Queued, Failed]);
     }
 
+    fn pool_command(line: &str) -> PoolCommand {
+        match parse(line).unwrap().command {
+            Command::Pool { command } => command,
+            other => panic!("not a pool command: {other:?}"),
+        }
+    }
+
     #[test]
-    fn pool_scale_needs_exactly_one_change() {
-        assert!(parse("pool scale p").is_err());
-        assert!(parse("pool scale p --add 1 --remove n1").is_err());
-        assert!(parse("pool scale p --add 2").is_ok());
-        let cli = parse("pool scale p --remove n1 n2").unwrap();
-        let Command::Pool {
-            command: PoolCommand::Scale { remove, add, .. },
-        } = cli.command
+    fn pool_list_all() {
+        assert!(matches!(
+            pool_command("pool list"),
+            PoolCommand::List { all: false }
+        ));
+        assert!(matches!(
+            pool_command("pool list --all"),
+            PoolCommand::List { all: true }
+        ));
+    }
+
+    #[test]
+    fn pool_nodes_takes_a_pool() {
+        assert!(matches!(
+            pool_command("pool nodes team-a"),
+            PoolCommand::Nodes { pool } if pool == "team-a"
+        ));
+        assert!(parse("pool nodes").is_err());
+    }
+
+    #[test]
+    fn pool_scale_out_and_in() {
+        use pb::scale_pool_request::Change;
+        let PoolCommand::ScaleOut { pool, count } = pool_command("pool scale-out p --count 3")
         else {
-            panic!("not a scale");
+            panic!("not a scale-out");
         };
-        assert_eq!(add, None);
-        assert_eq!(remove, ["n1", "n2"]);
+        let req = scale_out_request(pool, count);
+        assert_eq!(req.pool, "p");
+        assert_eq!(req.change, Some(Change::AddNodes(3)));
+        assert!(!req.force);
+        assert!(parse("pool scale-out p").is_err());
+
+        let PoolCommand::ScaleIn {
+            pool,
+            node_ids,
+            force,
+        } = pool_command("pool scale-in p n1 n2 --force")
+        else {
+            panic!("not a scale-in");
+        };
+        let req = scale_in_request(pool, node_ids, force);
+        assert_eq!(req.pool, "p");
+        assert_eq!(
+            req.change,
+            Some(Change::RemoveNodes(pb::NodeIds {
+                node_ids: vec!["n1".into(), "n2".into()]
+            }))
+        );
+        assert!(req.force);
+        assert!(matches!(
+            pool_command("pool scale-in p n1"),
+            PoolCommand::ScaleIn { force: false, .. }
+        ));
+        assert!(parse("pool scale-in p").is_err());
+        assert!(parse("pool scale-in p --force").is_err());
+        // The old command is gone.
+        assert!(parse("pool scale p --add 1").is_err());
+    }
+
+    #[test]
+    fn pool_scale_in_plan() {
+        assert!(matches!(
+            pool_command("pool scale-in-plan p --count 2"),
+            PoolCommand::ScaleInPlan { pool, count: 2 } if pool == "p"
+        ));
+        assert!(parse("pool scale-in-plan p").is_err());
+
+        let picks = [
+            pb::ScaleInPick {
+                node_id: "n3".into(),
+                free_gpus: 8,
+                pool_free_gpus_after: 8,
+                explanation: "n3 is idle".into(),
+                ..Default::default()
+            },
+            pb::ScaleInPick {
+                node_id: "n1".into(),
+                instances_disrupted: 2,
+                job_ids: vec!["j-1".into(), "j-2".into()],
+                free_gpus: 4,
+                pool_free_gpus_after: 4,
+                pool_fragmented_gpus_after: 4,
+                explanation: "n1 runs 2 instances".into(),
+            },
+        ];
+        let text = scale_in_plan_text(&picks);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            [
+                "RANK",
+                "NODE",
+                "DISRUPTED",
+                "JOBS",
+                "FREE",
+                "GPUS",
+                "POOL",
+                "FREE",
+                "AFTER",
+                "FRAGMENTED",
+                "AFTER"
+            ]
+        );
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            ["1", "n3", "0", "-", "8", "8", "0"]
+        );
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["2", "n1", "2", "j-1,j-2", "4", "4", "4"]
+        );
+        assert_eq!(lines[3], "  1. n3 is idle");
+        assert_eq!(lines[4], "  2. n1 runs 2 instances");
+    }
+
+    #[test]
+    fn pool_delete_confirmation_flag() {
+        assert!(matches!(
+            pool_command("pool delete p --yes"),
+            PoolCommand::Delete { yes: true, .. }
+        ));
+        assert!(matches!(
+            pool_command("pool delete p"),
+            PoolCommand::Delete { yes: false, .. }
+        ));
     }
 
     #[test]
     fn pool_create_request() {
         let req = create_request(
             "pool create --type deploy --name p --spec s --nodes 2 --months 3 --vpc v \
-             --subnet sn --security-group g1 --security-group g2 --az AZ2",
+             --subnet sn --security-group g1 --security-group g2 --az AZ2 --description d \
+             --region r1 --auto-renew",
         );
         assert_eq!(req.r#type, pb::PoolType::Deploy as i32);
+        assert_eq!(req.name, "p");
+        assert_eq!(req.spec, "s");
+        assert_eq!(req.node_count, 2);
+        assert_eq!(req.description, "d");
+        assert_eq!(req.region, "r1");
         assert_eq!(req.billing_mode, pb::BillingMode::Subscription as i32);
-        assert_eq!(req.subscription.unwrap().months, 3);
+        let sub = req.subscription.unwrap();
+        assert_eq!(sub.months, 3);
+        assert!(sub.auto_renew);
         assert_eq!(req.az, "AZ2");
         let Some(pb::network::Network::Custom(c)) = req.network.unwrap().network else {
             panic!("no custom network");
         };
+        assert_eq!(c.vpc_id, "v");
+        assert_eq!(c.subnet_id, "sn");
         assert_eq!(c.security_group_ids, ["g1", "g2"]);
+
+        let req = create_request(
+            "pool create --type train --name p --spec s --nodes 1 --billing subscription --months 12",
+        );
+        assert_eq!(req.billing_mode, pb::BillingMode::Subscription as i32);
+        let req = create_request(
+            "pool create --type train --name p --spec s --nodes 1 --billing on-demand",
+        );
+        assert_eq!(req.billing_mode, pb::BillingMode::OnDemand as i32);
+        assert!(parse("pool create --type public --name p --spec s --nodes 1").is_err());
 
         let req = create_request("pool create --type train --name p --spec s --nodes 1");
         assert_eq!(req.r#type, pb::PoolType::Train as i32);
@@ -1795,14 +2091,18 @@ mod tests {
         assert!(detail.contains("INDEX"), "{detail}");
         assert_eq!(json::node(&node)["gpus"][4]["allocated_milli"], 500);
 
-        let pool = pb::Pool {
+        let mut pool = pb::Pool {
             pool_id: "pool-1".into(),
             name: "team-a".into(),
             r#type: pb::PoolType::Deploy as i32,
+            tenant: "acme".into(),
+            spec: "8xH100".into(),
             az: "random".into(),
             resolved_az: "AZ2".into(),
             status: pb::PoolStatus::Running as i32,
+            billing_mode: pb::BillingMode::Subscription as i32,
             node_count: 2,
+            target_node_count: 2,
             nodes_ready: 1,
             gpus_total: 16,
             subscription: Some(pb::Subscription {
@@ -1813,13 +2113,52 @@ mod tests {
             ..Default::default()
         };
         let table = pool_table(std::slice::from_ref(&pool));
-        assert!(table.contains("AZ2 (random)"), "{table}");
-        assert!(table.contains("1/2"), "{table}");
+        let lines: Vec<Vec<&str>> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            lines[0],
+            [
+                "POOL", "NAME", "TYPE", "TENANT", "SPEC", "NODES", "STATUS", "BILLING", "AZ",
+                "REASON"
+            ]
+        );
+        assert_eq!(
+            lines[1],
+            [
+                "pool-1",
+                "team-a",
+                "deploy",
+                "acme",
+                "8xH100",
+                "1/2",
+                "Running",
+                "subscription",
+                "AZ2",
+                "-"
+            ]
+        );
         assert!(pool_detail(&pool, 0).contains("12 (billed 10)"));
         assert_eq!(
             pool_summary(&pool, "created"),
             "pool team-a (pool-1) created (Running)\n"
         );
+
+        // A scheduler that leaves the target at 0 shows no target.
+        pool.target_node_count = 0;
+        assert!(pool_table(std::slice::from_ref(&pool)).contains(" 1/2 "));
+        pool.status = pb::PoolStatus::Scaling as i32;
+        assert!(pool_table(std::slice::from_ref(&pool)).contains("1/2→0"));
+
+        pool.target_node_count = 4;
+        pool.status_reason = "adding 2 nodes".into();
+        pool.resolved_az = String::new();
+        let table = pool_table(std::slice::from_ref(&pool));
+        assert!(table.contains("1/2→4"), "{table}");
+        assert!(table.contains("random"), "{table}");
+        assert!(table.contains("adding 2 nodes"), "{table}");
+        assert!(pool_detail(&pool, 0).contains("(scaling to 4)"));
     }
 
     #[test]

@@ -274,7 +274,36 @@ pub struct Job {
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
     pub instances: Vec<Instance>,
-    pub cancel_requested: bool,
+    /// Why gpupool is ending the job, once it decided to.
+    #[serde(default)]
+    pub stop_cause: Option<StopCause>,
+}
+
+/// Why the scheduler stops a job's instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StopCause {
+    /// `gpupool job cancel`.
+    User,
+    /// R-DEL-1: the job's pool was deleted.
+    PoolDeleted { pool: String },
+    /// R-SCALE-3 with force: the node it ran on left the pool.
+    ScaleIn { node: String, pool: String },
+}
+
+impl StopCause {
+    fn outcome(&self) -> (JobState, String) {
+        match self {
+            StopCause::User => (JobState::Cancelled, "cancelled by user".into()),
+            StopCause::PoolDeleted { pool } => (
+                JobState::Unavailable,
+                format!("pool {pool} was deleted (R-DEL-1)"),
+            ),
+            StopCause::ScaleIn { node, pool } => (
+                JobState::Failed,
+                format!("node {node} was removed from pool {pool} by a forced scale-in"),
+            ),
+        }
+    }
 }
 
 impl Job {
@@ -287,14 +316,15 @@ impl Job {
     /// true when the state changed.
     pub fn refresh_state(&mut self, now_ms: i64) -> bool {
         let before = (self.state, self.reason.clone());
-        if self.state == JobState::Queued && self.instances.is_empty() && !self.cancel_requested {
+        if self.state == JobState::Queued && self.instances.is_empty() && self.stop_cause.is_none()
+        {
             return false;
         }
         let states: Vec<_> = self.instances.iter().map(|i| i.state).collect();
         let all = |s: InstanceState| !states.is_empty() && states.iter().all(|x| *x == s);
         let any = |s: InstanceState| states.contains(&s);
-        let (state, reason) = if self.cancel_requested {
-            (JobState::Cancelled, "cancelled by user".to_string())
+        let (state, reason) = if let Some(cause) = &self.stop_cause {
+            cause.outcome()
         } else if let Some(lost) = self
             .instances
             .iter()
@@ -312,6 +342,15 @@ impl Job {
             (
                 JobState::Failed,
                 format!("instance {} failed: {}", failed.rank, failed.reason),
+            )
+        } else if let Some(stopped) = self
+            .instances
+            .iter()
+            .find(|i| i.state == InstanceState::Stopped)
+        {
+            (
+                JobState::Failed,
+                format!("instance {} stopped: {}", stopped.rank, stopped.reason),
             )
         } else if all(InstanceState::Succeeded) {
             (JobState::Succeeded, String::new())
@@ -474,7 +513,7 @@ mod tests {
                     finished_at_ms: None,
                 })
                 .collect(),
-            cancel_requested: false,
+            stop_cause: None,
         }
     }
 
@@ -500,9 +539,24 @@ mod tests {
     #[test]
     fn cancel_wins() {
         let mut job = job_with(&[InstanceState::Running]);
-        job.cancel_requested = true;
+        job.stop_cause = Some(StopCause::User);
         assert!(job.refresh_state(5));
         assert_eq!(job.state, JobState::Cancelled);
         assert_eq!(job.finished_at_ms, Some(5));
+    }
+
+    #[test]
+    fn r_del_1_jobs_of_a_deleted_pool_become_unavailable() {
+        let mut job = job_with(&[InstanceState::Running]);
+        job.stop_cause = Some(StopCause::PoolDeleted { pool: "p-1".into() });
+        job.refresh_state(5);
+        assert_eq!(job.state, JobState::Unavailable);
+        assert!(job.reason.contains("p-1") && job.reason.contains("R-DEL-1"));
+        // A queued job of the pool too.
+        let mut queued = job_with(&[]);
+        queued.state = JobState::Queued;
+        queued.stop_cause = Some(StopCause::PoolDeleted { pool: "p-1".into() });
+        queued.refresh_state(6);
+        assert_eq!(queued.state, JobState::Unavailable);
     }
 }

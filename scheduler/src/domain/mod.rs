@@ -6,8 +6,12 @@
 pub mod job;
 pub mod node;
 pub mod placement;
+pub mod pool;
+pub mod tenant;
 
-pub use job::{Instance, InstanceState, Job, JobKind, JobSpec, JobState, Resources, SpecError};
+pub use job::{
+    Instance, InstanceState, Job, JobKind, JobSpec, JobState, Resources, SpecError, StopCause,
+};
 pub use node::{Gpu, Inventory, Node, NodeStatus};
 
 /// The built-in shared pool (R-POOL-1).

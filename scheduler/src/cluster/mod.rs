@@ -5,12 +5,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+mod pools;
+
 use crate::domain::placement::{self, GpuSlot, NodeCapacity};
+use crate::domain::pool::{Pool, PoolError};
+use crate::domain::tenant::{Caller, Tenant, TenantError};
 use crate::domain::{
     Instance, InstanceState, Inventory, Job, JobKind, JobState, Node, NodeStatus, PUBLIC_POOL,
-    Resources, SpecError, job::RawJobSpec,
+    Resources, SpecError, StopCause, job::RawJobSpec,
 };
 use crate::store::{Store, StoreError};
+
+pub use pools::{PoolRef, SpecInfo};
 
 /// What an agent must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +46,8 @@ pub struct StartSpec {
     pub resources: Resources,
     pub rank: u32,
     pub world_size: u32,
+    /// Pool metadata for the instance (network settings, R-CREATE-14).
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// Commands for agents, by node id, in order.
@@ -55,12 +63,14 @@ pub struct ReportedInstance {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// A node without a heartbeat for this long is NotReady.
     pub node_grace_ms: i64,
     /// SIGTERM -> SIGKILL grace when stopping instances.
     pub stop_grace_ms: u32,
+    /// Regions where deploy pools may be bought by subscription (R-CREATE-11).
+    pub subscription_regions: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +81,14 @@ pub enum ClusterError {
     NotFound { what: &'static str, id: String },
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Tenant(#[from] TenantError),
     #[error("storage failure")]
     Store(#[from] StoreError),
 }
@@ -91,6 +109,11 @@ pub struct Cluster {
     /// instance id -> job id
     instance_job: HashMap<String, String>,
     next_seq: u64,
+    pools: BTreeMap<String, Pool>,
+    next_pool_seq: u64,
+    tenants: BTreeMap<String, Tenant>,
+    /// token SHA-256 hex -> tenant
+    tokens: HashMap<String, String>,
     store: Box<dyn Store>,
 }
 
@@ -109,8 +132,19 @@ impl Cluster {
             jobs: BTreeMap::new(),
             instance_job: HashMap::new(),
             next_seq: 1,
+            pools: BTreeMap::new(),
+            next_pool_seq: 1,
+            tenants: BTreeMap::new(),
+            tokens: snapshot.tokens.into_iter().collect(),
             store,
         };
+        for pool in snapshot.pools {
+            cluster.next_pool_seq = cluster.next_pool_seq.max(pool.seq + 1);
+            cluster.pools.insert(pool.pool_id.clone(), pool);
+        }
+        for tenant in snapshot.tenants {
+            cluster.tenants.insert(tenant.name.clone(), tenant);
+        }
         for mut node in snapshot.nodes {
             if node.status == NodeStatus::Ready {
                 node.last_heartbeat_ms = node.last_heartbeat_ms.max(now_ms);
@@ -129,8 +163,8 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn settings(&self) -> Settings {
-        self.settings
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     // ---- queries -------------------------------------------------------
@@ -152,16 +186,23 @@ impl Cluster {
         self.jobs.values()
     }
 
-    pub fn job(&self, job_id: &str) -> Result<&Job, ClusterError> {
-        self.jobs.get(job_id).ok_or_else(|| ClusterError::NotFound {
-            what: "job",
-            id: job_id.to_string(),
-        })
+    /// The job, if it exists and the caller may see it; another tenant's
+    /// job is "not found".
+    pub fn job(&self, caller: &Caller, job_id: &str) -> Result<&Job, ClusterError> {
+        self.jobs
+            .get(job_id)
+            .filter(|j| caller.may_access(&j.tenant))
+            .ok_or_else(|| ClusterError::NotFound {
+                what: "job",
+                id: job_id.to_string(),
+            })
     }
 
-    /// Pools that exist. Dedicated pools arrive with the pools issue.
-    pub fn pool_exists(&self, pool: &str) -> bool {
-        pool == PUBLIC_POOL
+    /// Jobs the caller may see.
+    pub fn visible_jobs<'a>(&'a self, caller: &'a Caller) -> impl Iterator<Item = &'a Job> + 'a {
+        self.jobs
+            .values()
+            .filter(move |j| caller.may_access(&j.tenant))
     }
 
     /// What is allocated on every node, from the active instances.
@@ -250,6 +291,7 @@ impl Cluster {
         let mut changed_jobs = Vec::new();
         for job in self.jobs.values_mut() {
             let mut changed = false;
+            let mut restart = Vec::new();
             for inst in job
                 .instances
                 .iter_mut()
@@ -259,16 +301,20 @@ impl Cluster {
                     continue;
                 }
                 if inst.state == InstanceState::Scheduled {
-                    out.push((
-                        node_id.to_string(),
-                        AgentCommand::Start(start_spec(&job.job_id, &job.spec, inst)),
-                    ));
+                    // Never reached the agent: send it again.
+                    restart.push(inst.rank);
                 } else {
                     inst.state = InstanceState::Lost;
                     inst.reason = format!("node {node_id} no longer runs it (agent restarted?)");
                     inst.finished_at_ms = Some(now_ms);
                     changed = true;
                 }
+            }
+            for inst in job.instances.iter().filter(|i| restart.contains(&i.rank)) {
+                out.push((
+                    node_id.to_string(),
+                    AgentCommand::Start(start_spec(job, inst, &self.pools)),
+                ));
             }
             if changed {
                 job.refresh_state(now_ms);
@@ -491,6 +537,7 @@ impl Cluster {
                 self.persist_job(&id, now_ms);
             }
         }
+        self.advance_pools(now_ms);
         self.schedule(now_ms, out);
     }
 
@@ -499,42 +546,44 @@ impl Cluster {
     /// Validates and records a job, then tries to place it at once.
     pub fn submit(
         &mut self,
+        caller: &Caller,
         raw: RawJobSpec,
-        tenant: &str,
         now_ms: i64,
         out: &mut Outbox,
     ) -> Result<Job, ClusterError> {
         let spec = raw.validate()?;
-        let pool = if spec.pool.is_empty() {
-            PUBLIC_POOL.to_string()
-        } else {
-            spec.pool.clone()
+        let pool_id = match self.resolve_pool(caller, &spec.pool)? {
+            PoolRef::Public => PUBLIC_POOL.to_string(),
+            PoolRef::Dedicated(pool) => {
+                crate::domain::pool::admit_job(
+                    &pool.pool_id,
+                    pool.pool_type,
+                    pool.status,
+                    &pool.status_reason,
+                    spec.kind,
+                )?;
+                pool.pool_id.clone()
+            }
         };
-        if !self.pool_exists(&pool) {
-            return Err(ClusterError::NotFound {
-                what: "pool",
-                id: pool,
-            });
-        }
         let seq = self.next_seq;
         let job = Job {
             job_id: format!("j-{seq:06}"),
             seq,
             spec,
-            pool_id: pool,
-            tenant: tenant.to_string(),
+            pool_id,
+            tenant: caller.tenant.clone(),
             state: JobState::Queued,
             reason: "waiting to be placed".into(),
             submitted_at_ms: now_ms,
             started_at_ms: None,
             finished_at_ms: None,
             instances: Vec::new(),
-            cancel_requested: false,
+            stop_cause: None,
         };
         self.store.put_job(&job, now_ms)?;
         self.next_seq += 1;
         let job_id = job.job_id.clone();
-        tracing::info!(job = %job_id, kind = ?job.spec.kind, "job submitted");
+        tracing::info!(job = %job_id, kind = ?job.spec.kind, pool = %job.pool_id, "job submitted");
         self.jobs.insert(job_id.clone(), job);
         self.schedule(now_ms, out);
         Ok(self.jobs[&job_id].clone())
@@ -544,42 +593,54 @@ impl Cluster {
     /// SIGTERM to their process group and SIGKILL after the grace.
     pub fn cancel(
         &mut self,
+        caller: &Caller,
         job_id: &str,
         now_ms: i64,
         out: &mut Outbox,
     ) -> Result<Job, ClusterError> {
+        let state = self.job(caller, job_id)?.state;
+        if state.is_terminal() {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "job {job_id} already ended ({state:?}); nothing to cancel"
+            )));
+        }
+        let job = self.stop_job(job_id, StopCause::User, "killed by user", now_ms, out);
+        self.store.put_job(&job, now_ms)?;
+        tracing::info!(job = %job_id, "job cancelled");
+        Ok(job)
+    }
+
+    /// Ends a job for `cause`: running instances get SIGTERM to their
+    /// process group, SIGKILL after the grace; their resources stay
+    /// allocated until the agent confirms. Returns the job, not persisted.
+    fn stop_job(
+        &mut self,
+        job_id: &str,
+        cause: StopCause,
+        reason: &str,
+        now_ms: i64,
+        out: &mut Outbox,
+    ) -> Job {
         let grace_ms = self.settings.stop_grace_ms;
         let job = self
             .jobs
             .get_mut(job_id)
-            .ok_or_else(|| ClusterError::NotFound {
-                what: "job",
-                id: job_id.to_string(),
-            })?;
-        if job.state.is_terminal() {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "job {job_id} already ended ({:?}); nothing to cancel",
-                job.state
-            )));
-        }
-        job.cancel_requested = true;
+            .expect("the caller checked the job");
+        job.stop_cause = Some(cause);
         for inst in job.instances.iter_mut().filter(|i| !i.state.is_terminal()) {
             inst.state = InstanceState::Stopping;
-            inst.reason = "killed by user".into();
+            inst.reason = reason.to_string();
             out.push((
                 inst.node_id.clone(),
                 AgentCommand::Stop {
                     instance_id: inst.instance_id.clone(),
                     grace_ms,
-                    reason: "killed by user".into(),
+                    reason: reason.to_string(),
                 },
             ));
         }
         job.refresh_state(now_ms);
-        let job = job.clone();
-        self.store.put_job(&job, now_ms)?;
-        tracing::info!(job = %job_id, "job cancelled");
-        Ok(job)
+        job.clone()
     }
 
     /// Places queued jobs, highest priority first, then oldest.
@@ -627,7 +688,7 @@ impl Cluster {
                             .insert(inst.instance_id.clone(), job.job_id.clone());
                         out.push((
                             inst.node_id.clone(),
-                            AgentCommand::Start(start_spec(&job.job_id, &job.spec, inst)),
+                            AgentCommand::Start(start_spec(job, inst, &self.pools)),
                         ));
                     }
                     tracing::info!(job = %job_id, instances = job.instances.len(), "job placed");
@@ -698,8 +759,13 @@ impl Cluster {
     }
 
     /// The node and instance of a job's instance with the given rank.
-    pub fn instance(&self, job_id: &str, rank: u32) -> Result<(&Job, &Instance), ClusterError> {
-        let job = self.job(job_id)?;
+    pub fn instance(
+        &self,
+        caller: &Caller,
+        job_id: &str,
+        rank: u32,
+    ) -> Result<(&Job, &Instance), ClusterError> {
+        let job = self.job(caller, job_id)?;
         if job.instances.is_empty() {
             return Err(ClusterError::FailedPrecondition(format!(
                 "job {job_id} is {:?} and has no instances yet: {}",
@@ -718,10 +784,11 @@ impl Cluster {
     }
 }
 
-fn start_spec(job_id: &str, spec: &crate::domain::JobSpec, inst: &Instance) -> StartSpec {
+fn start_spec(job: &Job, inst: &Instance, pools: &BTreeMap<String, Pool>) -> StartSpec {
+    let spec = &job.spec;
     StartSpec {
         instance_id: inst.instance_id.clone(),
-        job_id: job_id.to_string(),
+        job_id: job.job_id.clone(),
         kind: spec.kind,
         command: spec.command.clone(),
         env: spec.env.clone(),
@@ -731,6 +798,10 @@ fn start_spec(job_id: &str, spec: &crate::domain::JobSpec, inst: &Instance) -> S
         resources: spec.resources.clone(),
         rank: inst.rank,
         world_size: spec.instances,
+        metadata: pools
+            .get(&job.pool_id)
+            .map(Pool::instance_metadata)
+            .unwrap_or_default(),
     }
 }
 
@@ -740,14 +811,21 @@ mod tests {
     use crate::domain::Gpu;
     use crate::store::SqliteStore;
 
-    const SETTINGS: Settings = Settings {
-        node_grace_ms: 1_000,
-        stop_grace_ms: 500,
-    };
+    fn settings() -> Settings {
+        Settings {
+            node_grace_ms: 1_000,
+            stop_grace_ms: 500,
+            subscription_regions: vec!["region-1".into()],
+        }
+    }
 
     fn open(dir: &std::path::Path, now: i64) -> Cluster {
         let store = SqliteStore::open(&dir.join("t.db")).unwrap();
-        Cluster::load(Box::new(store), SETTINGS, now).unwrap()
+        Cluster::load(Box::new(store), settings(), now).unwrap()
+    }
+
+    fn admin() -> Caller {
+        Caller::admin()
     }
 
     fn inventory(gpus: u32) -> Inventory {
@@ -797,13 +875,13 @@ mod tests {
         let mut c = open(dir.path(), 0);
         c.register_node("n1", inventory(2), 0).unwrap();
         let mut out = Outbox::new();
-        let job = c.submit(raw(2), "", 10, &mut out).unwrap();
+        let job = c.submit(&admin(), raw(2), 10, &mut out).unwrap();
         assert_eq!(job.state, JobState::Scheduled);
         assert!(
             matches!(&out[..], [(n, AgentCommand::Start(s))] if n == "n1" && s.gpu_uuids == ["GPU-0", "GPU-1"])
         );
         // A second job waits: both GPUs are taken.
-        let waiting = c.submit(raw(1), "", 11, &mut out).unwrap();
+        let waiting = c.submit(&admin(), raw(1), 11, &mut out).unwrap();
         assert_eq!(waiting.state, JobState::Queued);
         let id = format!("{}-0", job.job_id);
         out.clear();
@@ -814,7 +892,10 @@ mod tests {
             20,
             &mut out,
         );
-        assert_eq!(c.job(&job.job_id).unwrap().state, JobState::Running);
+        assert_eq!(
+            c.job(&admin(), &job.job_id).unwrap().state,
+            JobState::Running
+        );
         c.heartbeat(
             "n1",
             None,
@@ -822,7 +903,7 @@ mod tests {
             30,
             &mut out,
         );
-        let done = c.job(&job.job_id).unwrap();
+        let done = c.job(&admin(), &job.job_id).unwrap();
         assert_eq!(done.state, JobState::Succeeded);
         assert_eq!(done.finished_at_ms, Some(30));
         // The agent is told to forget it, and the waiting job gets a GPU.
@@ -830,7 +911,10 @@ mod tests {
             == AgentCommand::Forget {
                 instance_id: id.clone()
             }));
-        assert_eq!(c.job(&waiting.job_id).unwrap().state, JobState::Scheduled);
+        assert_eq!(
+            c.job(&admin(), &waiting.job_id).unwrap().state,
+            JobState::Scheduled
+        );
     }
 
     #[test]
@@ -839,12 +923,12 @@ mod tests {
         let mut c = open(dir.path(), 0);
         c.register_node("n1", inventory(1), 0).unwrap();
         let mut out = Outbox::new();
-        let job = c.submit(raw(1), "", 0, &mut out).unwrap();
+        let job = c.submit(&admin(), raw(1), 0, &mut out).unwrap();
         c.tick(1_000, &mut out);
         assert_eq!(c.node("n1").unwrap().status, NodeStatus::Ready);
         c.tick(1_001, &mut out);
         assert_eq!(c.node("n1").unwrap().status, NodeStatus::NotReady);
-        let lost = c.job(&job.job_id).unwrap();
+        let lost = c.job(&admin(), &job.job_id).unwrap();
         assert_eq!(lost.state, JobState::Lost);
         assert!(lost.reason.contains("NotReady"), "{}", lost.reason);
         // When it comes back running the lost instance, the agent is told to stop it.
@@ -886,19 +970,19 @@ mod tests {
             let mut c = open(dir.path(), 0);
             c.register_node("n1", inventory(1), 0).unwrap();
             let mut out = Outbox::new();
-            let a = c.submit(raw(1), "", 1, &mut out).unwrap();
-            let b = c.submit(raw(4), "", 2, &mut out).unwrap();
+            let a = c.submit(&admin(), raw(1), 1, &mut out).unwrap();
+            let b = c.submit(&admin(), raw(4), 2, &mut out).unwrap();
             (a.job_id, b.job_id)
         };
         let mut c = open(dir.path(), 5_000);
         assert_eq!(c.nodes().count(), 1);
-        assert_eq!(c.job(&job_id).unwrap().state, JobState::Scheduled);
-        assert_eq!(c.job(&queued_id).unwrap().state, JobState::Queued);
+        assert_eq!(c.job(&admin(), &job_id).unwrap().state, JobState::Scheduled);
+        assert_eq!(c.job(&admin(), &queued_id).unwrap().state, JobState::Queued);
         // Reloaded nodes get a fresh grace to reconnect; ids keep counting.
         let mut out = Outbox::new();
         c.tick(5_500, &mut out);
         assert_eq!(c.node("n1").unwrap().status, NodeStatus::Ready);
-        let next = c.submit(raw(0), "", 5_600, &mut out).unwrap();
+        let next = c.submit(&admin(), raw(0), 5_600, &mut out).unwrap();
         assert_eq!(next.seq, 3);
         // A reconnecting agent that never got the Start is sent it again.
         out.clear();
@@ -915,9 +999,9 @@ mod tests {
         let mut c = open(dir.path(), 0);
         c.register_node("n1", inventory(1), 0).unwrap();
         let mut out = Outbox::new();
-        let job = c.submit(raw(1), "", 0, &mut out).unwrap();
+        let job = c.submit(&admin(), raw(1), 0, &mut out).unwrap();
         out.clear();
-        let cancelled = c.cancel(&job.job_id, 5, &mut out).unwrap();
+        let cancelled = c.cancel(&admin(), &job.job_id, 5, &mut out).unwrap();
         assert_eq!(cancelled.state, JobState::Cancelled);
         assert!(matches!(
             &out[..],
@@ -935,11 +1019,11 @@ mod tests {
         );
         assert_eq!(c.usage()["n1"].gpu_milli, vec![0]);
         assert!(matches!(
-            c.cancel(&job.job_id, 10, &mut out),
+            c.cancel(&admin(), &job.job_id, 10, &mut out),
             Err(ClusterError::FailedPrecondition(_))
         ));
         assert!(matches!(
-            c.cancel("nope", 10, &mut out),
+            c.cancel(&admin(), "nope", 10, &mut out),
             Err(ClusterError::NotFound { .. })
         ));
     }

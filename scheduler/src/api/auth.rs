@@ -1,0 +1,80 @@
+//! Authentication at the gRPC edge: bearer tokens to callers. The admin
+//! token comes from the config; tenant tokens are random, shown once, and
+//! only their SHA-256 is stored.
+
+use std::io::Read;
+
+use sha2::{Digest, Sha256};
+use tonic::Status;
+use tonic::metadata::MetadataMap;
+
+use crate::domain::tenant::Caller;
+use crate::server::Shared;
+
+/// The bearer token of a request, if any.
+pub fn bearer(metadata: &MetadataMap) -> Option<&str> {
+    metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Compares secrets without an early exit.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub fn sha256_hex(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A new random token: `gpt_` and 64 hex digits from the kernel's CSPRNG.
+pub fn new_token() -> std::io::Result<String> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(format!(
+        "gpt_{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+/// Who sends this request. Without a configured admin token nobody is
+/// authenticated and every caller is the admin (development mode).
+pub fn caller(shared: &Shared, metadata: &MetadataMap) -> Result<Caller, Status> {
+    let Some(admin) = &shared.config.admin_token else {
+        return Ok(Caller::admin());
+    };
+    let token = bearer(metadata).filter(|t| !t.is_empty()).ok_or_else(|| {
+        Status::unauthenticated(
+            "missing API token (send authorization: Bearer <token>; the CLI reads GPUPOOL_TOKEN)",
+        )
+    })?;
+    if constant_time_eq(token.as_bytes(), admin.as_bytes()) {
+        return Ok(Caller::admin());
+    }
+    let hash = sha256_hex(token);
+    shared
+        .with(|core, _| core.cluster.tenant_of_token(&hash).map(Caller::tenant))
+        .ok_or_else(|| Status::unauthenticated("invalid API token"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_and_hash_stably() {
+        let a = new_token().unwrap();
+        let b = new_token().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 4 + 64);
+        assert_eq!(
+            sha256_hex("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,323 @@
+//! `gpupool tenant ...` (TenantService, admin only) and `gpupool whoami`.
+
+use clap::Subcommand;
+use gpupool_proto::v1 as pb;
+
+use super::format::{Table, format_time, ts_ms};
+use super::{CliError, Conn, OutputFormat, emit, json};
+
+/// `gpupool tenant ...`
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant (and its isolated network).
+    Create {
+        /// Tenant name.
+        name: String,
+        /// Most nodes in the tenant's dedicated pools together (0: none).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        max_nodes: u32,
+        /// Most GPUs on those nodes together (0: none).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        max_gpus: u32,
+    },
+    /// List tenants with their quotas and use.
+    List,
+    /// Show one tenant.
+    Get {
+        /// Tenant name.
+        name: String,
+    },
+    /// Issue a new API token for a tenant (shown once).
+    Token {
+        /// Tenant name.
+        name: String,
+    },
+    /// Set a tenant's quotas.
+    Quota {
+        /// Tenant name.
+        name: String,
+        /// Most nodes in the tenant's dedicated pools together (0: none).
+        #[arg(long, value_name = "N")]
+        max_nodes: u32,
+        /// Most GPUs on those nodes together (0: none).
+        #[arg(long, value_name = "N")]
+        max_gpus: u32,
+    },
+}
+
+pub(super) async fn tenant_command(
+    conn: &Conn,
+    out: OutputFormat,
+    command: TenantCommand,
+) -> Result<(), CliError> {
+    let mut tenants = conn.tenants().await?;
+    match command {
+        TenantCommand::Create {
+            name,
+            max_nodes,
+            max_gpus,
+        } => {
+            let t = tenants
+                .create_tenant(pb::CreateTenantRequest {
+                    name,
+                    quota: Some(quota(max_nodes, max_gpus)),
+                })
+                .await?
+                .into_inner();
+            emit_tenant(out, &t)
+        }
+        TenantCommand::List => {
+            let list = tenants
+                .list_tenants(pb::ListTenantsRequest {})
+                .await?
+                .into_inner()
+                .tenants;
+            emit(out, || tenant_table(&list), || json::tenants(&list))
+        }
+        TenantCommand::Get { name } => {
+            let t = tenants
+                .get_tenant(pb::GetTenantRequest { name })
+                .await?
+                .into_inner();
+            emit_tenant(out, &t)
+        }
+        TenantCommand::Token { name } => {
+            let mut r = tenants
+                .issue_token(pb::IssueTokenRequest {
+                    tenant: name.clone(),
+                })
+                .await?
+                .into_inner();
+            if r.tenant.is_empty() {
+                r.tenant = name;
+            }
+            emit(out, || token_text(&r), || json::token(&r))
+        }
+        TenantCommand::Quota {
+            name,
+            max_nodes,
+            max_gpus,
+        } => {
+            let t = tenants
+                .set_quota(pb::SetQuotaRequest {
+                    tenant: name,
+                    quota: Some(quota(max_nodes, max_gpus)),
+                })
+                .await?
+                .into_inner();
+            emit_tenant(out, &t)
+        }
+    }
+}
+
+pub(super) async fn whoami(conn: &Conn, out: OutputFormat) -> Result<(), CliError> {
+    let r = conn
+        .tenants()
+        .await?
+        .who_am_i(pb::WhoAmIRequest {})
+        .await?
+        .into_inner();
+    emit(out, || whoami_text(&r), || json::whoami(&r))
+}
+
+fn quota(max_nodes: u32, max_gpus: u32) -> pb::Quota {
+    pb::Quota {
+        max_dedicated_nodes: max_nodes,
+        max_gpus,
+    }
+}
+
+/// One tenant: a one-row table, or its JSON object.
+fn emit_tenant(out: OutputFormat, t: &pb::Tenant) -> Result<(), CliError> {
+    emit(
+        out,
+        || tenant_table(std::slice::from_ref(t)),
+        || json::tenant(t),
+    )
+}
+
+fn tenant_table(tenants: &[pb::Tenant]) -> String {
+    let mut table = Table::new(&[
+        "tenant",
+        "max nodes",
+        "nodes used",
+        "max gpus",
+        "gpus used",
+        "tokens",
+        "network",
+        "created",
+    ]);
+    for t in tenants {
+        let quota = t.quota.unwrap_or_default();
+        table.row(vec![
+            t.name.clone(),
+            quota.max_dedicated_nodes.to_string(),
+            t.dedicated_nodes_used.to_string(),
+            quota.max_gpus.to_string(),
+            t.gpus_used.to_string(),
+            t.tokens.to_string(),
+            t.network_id.clone(),
+            ts_ms(t.created_at.as_ref())
+                .map(format_time)
+                .unwrap_or_default(),
+        ]);
+    }
+    table.render()
+}
+
+/// The token alone on its own line, so that it can be copied or cut out.
+fn token_text(r: &pb::IssueTokenResponse) -> String {
+    format!(
+        "token for {} (shown once, store it now):\n{}\n",
+        r.tenant, r.token
+    )
+}
+
+fn whoami_text(r: &pb::WhoAmIResponse) -> String {
+    if r.admin {
+        format!("tenant: {} (admin)\n", r.tenant)
+    } else {
+        format!("tenant: {}\n", r.tenant)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn tenant_command(line: &str) -> TenantCommand {
+        let args = std::iter::once("gpupool").chain(line.split_whitespace());
+        match Cli::try_parse_from(args).unwrap().command {
+            Command::Tenant { command } => command,
+            other => panic!("not a tenant command: {other:?}"),
+        }
+    }
+
+    fn parses(line: &str) -> bool {
+        Cli::try_parse_from(std::iter::once("gpupool").chain(line.split_whitespace())).is_ok()
+    }
+
+    #[test]
+    fn create_defaults_quota_to_zero() {
+        let TenantCommand::Create {
+            name,
+            max_nodes,
+            max_gpus,
+        } = tenant_command("tenant create acme")
+        else {
+            panic!("not a create");
+        };
+        assert_eq!((name.as_str(), max_nodes, max_gpus), ("acme", 0, 0));
+        let TenantCommand::Create {
+            max_nodes,
+            max_gpus,
+            ..
+        } = tenant_command("tenant create acme --max-nodes 4 --max-gpus 32")
+        else {
+            panic!("not a create");
+        };
+        assert_eq!((max_nodes, max_gpus), (4, 32));
+        assert!(!parses("tenant create"));
+        assert!(!parses("tenant create acme --max-gpus -1"));
+    }
+
+    #[test]
+    fn list_get_token_quota() {
+        assert!(matches!(tenant_command("tenant list"), TenantCommand::List));
+        assert!(matches!(
+            tenant_command("tenant get acme"),
+            TenantCommand::Get { name } if name == "acme"
+        ));
+        assert!(matches!(
+            tenant_command("tenant token acme"),
+            TenantCommand::Token { name } if name == "acme"
+        ));
+        assert!(matches!(
+            tenant_command("tenant quota acme --max-nodes 2 --max-gpus 16"),
+            TenantCommand::Quota { name, max_nodes: 2, max_gpus: 16 } if name == "acme"
+        ));
+        // Both quotas are required: SetQuota replaces the whole quota.
+        assert!(!parses("tenant quota acme --max-nodes 2"));
+        assert!(!parses("tenant quota acme --max-gpus 2"));
+        assert!(!parses("tenant get"));
+    }
+
+    #[test]
+    fn whoami_parses_and_prints() {
+        let cli = Cli::try_parse_from(["gpupool", "whoami", "-o", "json"]).unwrap();
+        assert!(matches!(cli.command, Command::Whoami));
+        let admin = pb::WhoAmIResponse {
+            tenant: "root".into(),
+            admin: true,
+        };
+        assert_eq!(whoami_text(&admin), "tenant: root (admin)\n");
+        let user = pb::WhoAmIResponse {
+            tenant: "acme".into(),
+            admin: false,
+        };
+        assert_eq!(whoami_text(&user), "tenant: acme\n");
+    }
+
+    #[test]
+    fn token_is_alone_on_its_line() {
+        let r = pb::IssueTokenResponse {
+            tenant: "acme".into(),
+            token: "gp_abc123".into(),
+        };
+        assert_eq!(
+            token_text(&r),
+            "token for acme (shown once, store it now):\ngp_abc123\n"
+        );
+    }
+
+    #[test]
+    fn tenant_table_columns() {
+        let t = pb::Tenant {
+            name: "acme".into(),
+            quota: Some(quota(4, 32)),
+            created_at: Some(gpupool_proto::timestamp_from_unix_ms(1_700_000_000_000)),
+            dedicated_nodes_used: 1,
+            gpus_used: 8,
+            tokens: 2,
+            network_id: "net-acme".into(),
+        };
+        let text = tenant_table(&[t]);
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .unwrap()
+            .split("   ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect();
+        assert_eq!(
+            header,
+            [
+                "TENANT",
+                "MAX NODES",
+                "NODES USED",
+                "MAX GPUS",
+                "GPUS USED",
+                "TOKENS",
+                "NETWORK",
+                "CREATED"
+            ]
+        );
+        let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "acme",
+                "4",
+                "1",
+                "32",
+                "8",
+                "2",
+                "net-acme",
+                "2023-11-14T22:13:20Z"
+            ]
+        );
+    }
+}
