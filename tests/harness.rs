@@ -12,7 +12,47 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use gpupool_proto::v1 as pb;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// The admin token every test scheduler is configured with.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// Sends `authorization: Bearer <token>` with every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    pub fn new(token: &str) -> Self {
+        Self(Some(format!("Bearer {token}").parse().unwrap()))
+    }
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel that authenticates as someone.
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// Clients of every client-facing service, as one caller.
+pub struct Clients {
+    pub jobs: pb::job_service_client::JobServiceClient<Authed>,
+    pub nodes: pb::node_service_client::NodeServiceClient<Authed>,
+    pub pools: pb::pool_service_client::PoolServiceClient<Authed>,
+    pub tenants: pb::tenant_service_client::TenantServiceClient<Authed>,
+    pub usage: pb::usage_service_client::UsageServiceClient<Authed>,
+}
 
 /// Directory holding the gpupool binaries.
 pub fn bin_dir() -> PathBuf {
@@ -159,7 +199,9 @@ impl Scheduler {
                  heartbeat_interval_ms = {HEARTBEAT_MS}\n\
                  node_grace_ms = {GRACE_MS}\n\
                  stop_grace_ms = 1000\n\
-                 join_token = \"test-join-token\"\n",
+                 join_token = \"test-join-token\"\n\
+                 admin_token = \"{ADMIN_TOKEN}\"\n\
+                 subscription_regions = [\"region-1\"]\n",
                 dir.join("data").display()
             ),
         )
@@ -238,20 +280,52 @@ impl Scheduler {
         }
     }
 
-    pub async fn jobs(&self) -> pb::job_service_client::JobServiceClient<Channel> {
-        pb::job_service_client::JobServiceClient::new(self.channel().await)
+    /// Clients that authenticate with `token` (None: send no token).
+    pub async fn clients(&self, token: Option<&str>) -> Clients {
+        let ch = self.channel().await;
+        let b = token.map_or_else(Bearer::none, Bearer::new);
+        Clients {
+            jobs: pb::job_service_client::JobServiceClient::with_interceptor(ch.clone(), b.clone()),
+            nodes: pb::node_service_client::NodeServiceClient::with_interceptor(
+                ch.clone(),
+                b.clone(),
+            ),
+            pools: pb::pool_service_client::PoolServiceClient::with_interceptor(
+                ch.clone(),
+                b.clone(),
+            ),
+            tenants: pb::tenant_service_client::TenantServiceClient::with_interceptor(
+                ch.clone(),
+                b.clone(),
+            ),
+            usage: pb::usage_service_client::UsageServiceClient::with_interceptor(ch, b),
+        }
     }
 
-    pub async fn nodes(&self) -> pb::node_service_client::NodeServiceClient<Channel> {
-        pb::node_service_client::NodeServiceClient::new(self.channel().await)
+    /// Admin clients.
+    pub async fn admin(&self) -> Clients {
+        self.clients(Some(ADMIN_TOKEN)).await
     }
 
-    /// Runs the real `gpupool` CLI against this scheduler.
+    pub async fn jobs(&self) -> pb::job_service_client::JobServiceClient<Authed> {
+        self.admin().await.jobs
+    }
+
+    pub async fn nodes(&self) -> pb::node_service_client::NodeServiceClient<Authed> {
+        self.admin().await.nodes
+    }
+
+    /// Runs the real `gpupool` CLI against this scheduler as the admin.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_as(ADMIN_TOKEN, args)
+    }
+
+    /// Runs the real `gpupool` CLI with `token`.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
         Command::new(bin("gpupool"))
             .args(args)
             .env("GPUPOOL_ADDR", self.addr())
-            .env_remove("GPUPOOL_TOKEN")
+            .env("GPUPOOL_TOKEN", token)
             .output()
             .unwrap()
     }
@@ -266,6 +340,17 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(dir: &Path, scheduler: &Scheduler, node_id: &str, fake_gpus: &str) -> Self {
+        Self::start_in(dir, scheduler, node_id, fake_gpus, "AZ1")
+    }
+
+    /// An agent whose node carries availability-zone label `az`.
+    pub fn start_in(
+        dir: &Path,
+        scheduler: &Scheduler,
+        node_id: &str,
+        fake_gpus: &str,
+        az: &str,
+    ) -> Self {
         let metrics_port = free_port();
         let state = dir.join(format!("agent-{node_id}"));
         std::fs::create_dir_all(&state).unwrap();
@@ -275,7 +360,7 @@ impl Agent {
             format!(
                 "scheduler_addr = \"{}\"\nnode_id = \"{node_id}\"\nstate_dir = \"{}\"\n\
                  metrics_listen = \"127.0.0.1:{metrics_port}\"\njoin_token = \"test-join-token\"\n\
-                 max_backoff_ms = 500\naz = \"AZ1\"\n",
+                 max_backoff_ms = 500\naz = \"{az}\"\n",
                 scheduler.addr(),
                 state.join("state").display()
             ),

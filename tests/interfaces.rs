@@ -106,12 +106,31 @@ async fn bad_input_gets_clear_statuses() {
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // Not yet built calls say so instead of inventing data.
-    let mut usage = pb::usage_service_client::UsageServiceClient::new(sched.channel().await);
-    let err = usage
+    let mut admin = sched.admin().await;
+    let err = admin
+        .usage
         .list_usage(pb::ListUsageRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
+
+    // Every client call needs a token; a wrong one is refused too.
+    for token in [None, Some("not-a-token")] {
+        let mut c = sched.clients(token).await;
+        let jobs = c.jobs.list_jobs(pb::ListJobsRequest::default()).await;
+        assert_eq!(jobs.unwrap_err().code(), Code::Unauthenticated);
+        let nodes = c.nodes.list_nodes(pb::ListNodesRequest::default()).await;
+        assert_eq!(nodes.unwrap_err().code(), Code::Unauthenticated);
+        let pools = c.pools.list_pools(pb::ListPoolsRequest::default()).await;
+        assert_eq!(pools.unwrap_err().code(), Code::Unauthenticated);
+        let me = c.tenants.who_am_i(pb::WhoAmIRequest::default()).await;
+        assert_eq!(me.unwrap_err().code(), Code::Unauthenticated);
+        let usage = c.usage.list_usage(pb::ListUsageRequest::default()).await;
+        assert_eq!(usage.unwrap_err().code(), Code::Unauthenticated);
+    }
+    let out = sched.cli_as("wrong-token", &["node", "list"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid API token"));
 
     // Agents need the join token.
     let mut agent = pb::agent_service_client::AgentServiceClient::new(sched.channel().await);

@@ -26,6 +26,8 @@ pub struct InstanceSpec {
     pub gpu_uuids: Vec<String>,
     pub rank: u32,
     pub world_size: u32,
+    /// Pool metadata (network settings), exported as `GPUPOOL_<KEY>`.
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// Lifecycle of an instance on this node.
@@ -345,6 +347,19 @@ fn instance_env(spec: &InstanceSpec, workdir: &Path) -> BTreeMap<String, String>
     env.insert("HOME".into(), workdir.display().to_string());
     env.insert("GPUPOOL_JOB_ID".into(), spec.job_id.clone());
     env.insert("GPUPOOL_INSTANCE_ID".into(), spec.instance_id.clone());
+    for (key, value) in &spec.metadata {
+        let name: String = key
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        env.insert(format!("GPUPOOL_{name}"), value.clone());
+    }
     env.insert("RANK".into(), spec.rank.to_string());
     env.insert("WORLD_SIZE".into(), spec.world_size.max(1).to_string());
     env
@@ -427,20 +442,25 @@ mod tests {
     async fn runs_with_exact_gpu_visibility_and_logs() {
         let dir = tempfile::tempdir().unwrap();
         let rt = Runtime::new(dir.path()).unwrap();
-        rt.start(spec(
+        let mut s = spec(
             "i1",
             &[
                 "sh",
                 "-c",
-                "echo cuda=$CUDA_VISIBLE_DEVICES nv=$NVIDIA_VISIBLE_DEVICES; echo oops >&2",
+                "echo cuda=$CUDA_VISIBLE_DEVICES nv=$NVIDIA_VISIBLE_DEVICES vpc=$GPUPOOL_NETWORK_VPC_ID; echo oops >&2",
             ],
-        ));
+        );
+        s.metadata.insert("network.vpc_id".into(), "vpc-7".into());
+        rt.start(s);
         let r = wait_terminal(&rt, "i1").await;
         assert_eq!(r.phase, Phase::Succeeded);
         assert_eq!(r.exit_code, Some(0));
         let (log, next) = rt.read_log("i1", 0, 1 << 20).await.unwrap();
         let log = String::from_utf8(log).unwrap();
-        assert!(log.contains("cuda=GPU-a,GPU-b nv=GPU-a,GPU-b"), "{log}");
+        assert!(
+            log.contains("cuda=GPU-a,GPU-b nv=GPU-a,GPU-b vpc=vpc-7"),
+            "{log}"
+        );
         assert!(log.contains("oops"), "{log}");
         assert_eq!(next as usize, log.len());
         let (tail, _) = rt.read_log("i1", 5, 3).await.unwrap();

@@ -264,5 +264,6 @@ fn spec_from_pb(s: pb::StartInstance) -> InstanceSpec {
         gpu_uuids: s.gpu_uuids,
         rank: s.rank,
         world_size: s.world_size,
+        metadata: s.metadata.into_iter().collect(),
     }
 }

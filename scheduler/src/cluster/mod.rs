@@ -21,7 +21,7 @@ pub use pools::{PoolRef, SpecInfo};
 /// What an agent must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentCommand {
-    Start(StartSpec),
+    Start(Box<StartSpec>),
     Stop {
         instance_id: String,
         grace_ms: u32,
@@ -313,7 +313,7 @@ impl Cluster {
             for inst in job.instances.iter().filter(|i| restart.contains(&i.rank)) {
                 out.push((
                     node_id.to_string(),
-                    AgentCommand::Start(start_spec(job, inst, &self.pools)),
+                    AgentCommand::Start(Box::new(start_spec(job, inst, &self.pools))),
                 ));
             }
             if changed {
@@ -688,7 +688,7 @@ impl Cluster {
                             .insert(inst.instance_id.clone(), job.job_id.clone());
                         out.push((
                             inst.node_id.clone(),
-                            AgentCommand::Start(start_spec(job, inst, &self.pools)),
+                            AgentCommand::Start(Box::new(start_spec(job, inst, &self.pools))),
                         ));
                     }
                     tracing::info!(job = %job_id, instances = job.instances.len(), "job placed");

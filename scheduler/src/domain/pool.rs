@@ -291,9 +291,7 @@ pub fn validate_create(
                 }
                 _ => {}
             }
-            if pool_type == PoolType::Deploy
-                && !subscription_regions.iter().any(|r| *r == req.region)
-            {
+            if pool_type == PoolType::Deploy && !subscription_regions.contains(&req.region) {
                 return Err(PoolError::RegionNotSold {
                     region: req.region.clone(),
                     allowed: if subscription_regions.is_empty() {
@@ -1361,14 +1359,14 @@ mod tests {
             unhealthy_gpus: vec![],
         };
         assert_eq!(
-            derive_status(PoolStatus::Creating, &[ready.clone()], false).0,
+            derive_status(PoolStatus::Creating, std::slice::from_ref(&ready), false).0,
             PoolStatus::Running
         );
         let down = NodeHealth {
             ready: false,
             ..ready
         };
-        let (s, why) = derive_status(PoolStatus::Creating, &[down.clone()], false);
+        let (s, why) = derive_status(PoolStatus::Creating, std::slice::from_ref(&down), false);
         assert_eq!(s, PoolStatus::CreateFailed);
         assert!(why.contains("not Ready during creation"));
         // A failed creation stays failed until deleted (R-DEL-4).
@@ -1398,7 +1396,7 @@ mod tests {
         };
         // While nodes are being removed the pool shows Scaling, then Running.
         assert_eq!(
-            derive_status(PoolStatus::Scaling, &[ready.clone()], true).0,
+            derive_status(PoolStatus::Scaling, std::slice::from_ref(&ready), true).0,
             PoolStatus::Scaling
         );
         assert_eq!(
