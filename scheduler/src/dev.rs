@@ -26,6 +26,11 @@ pub struct DevArgs {
     /// Local agent metrics listen address.
     #[arg(long, default_value = "127.0.0.1:9401")]
     pub agent_metrics_listen: SocketAddr,
+    /// Require this admin token (and tenant tokens) on every call. Without
+    /// it the dev cluster runs without authentication: every caller is the
+    /// admin.
+    #[arg(long, env = "GPUPOOL_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -35,8 +40,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         metrics_listen: Some(args.metrics_listen),
         data_dir: data_dir.join("scheduler"),
         stop_grace_ms: 5_000,
+        admin_token: args.admin_token.clone(),
         ..SchedulerConfig::default()
     };
+    config
+        .check()
+        .map_err(|e| anyhow::anyhow!("--admin-token: {e}"))?;
     let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| {
@@ -89,7 +98,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          \x20 scheduler gRPC : http://{grpc_addr}\n\
          \x20 metrics        : http://{}/metrics (scheduler), http://{}/metrics (agent)\n\
          \x20 local agent    : {gpus}\n\
-         \x20 data           : {}\n\n\
+         \x20 data           : {}\n\
+         \x20 authentication : {}\n\n\
          In another terminal:\n\
          \x20 gpupool node list\n\
          \x20 gpupool job submit --kind training -- echo hello\n\
@@ -99,7 +109,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          Ctrl-C stops the cluster; its state stays in the data dir.",
         args.metrics_listen,
         args.agent_metrics_listen,
-        data_dir.display()
+        data_dir.display(),
+        if args.admin_token.is_some() {
+            "on (export GPUPOOL_TOKEN=<admin token> for the CLI)"
+        } else {
+            "off: every caller is the admin (pass --admin-token to turn it on)"
+        }
     );
 
     crate::shutdown_signal().await;

@@ -226,6 +226,11 @@ pub async fn serve(
         .add_service(pb::tenant_service_server::TenantServiceServer::new(api))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
     tracing::info!(%addr, "gRPC listening");
+    if shared.config.admin_token.is_none() {
+        tracing::warn!(
+            "no admin_token configured: authentication is OFF and every caller is the admin"
+        );
+    }
     let mut grpc_task = tokio::spawn(grpc_server);
 
     let metrics_task = match metrics {

@@ -15,6 +15,19 @@ pub enum JobKind {
     BatchService,
 }
 
+impl JobKind {
+    /// The name users type (`online_service`).
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::Notebook => "notebook",
+            JobKind::Training => "training",
+            JobKind::Tensorboard => "tensorboard",
+            JobKind::OnlineService => "online_service",
+            JobKind::BatchService => "batch_service",
+        }
+    }
+}
+
 /// Per-instance resources.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resources {

@@ -238,6 +238,29 @@ mod tests {
     }
 
     #[test]
+    fn r_pool_1_public_pool_never_gives_a_gpu_to_two_jobs() {
+        // Per-job isolation: whole-GPU jobs never share a GPU; only requests
+        // that explicitly ask for a fraction share one.
+        let mut nodes = vec![node("a", 2)];
+        let first = place(&mut nodes, "public", &gpus(1), 1).unwrap();
+        let second = place(&mut nodes, "public", &gpus(1), 1).unwrap();
+        assert_ne!(first[0].gpu_indexes, second[0].gpu_indexes);
+        assert!(place(&mut nodes, "public", &gpus(1), 1).is_err());
+        let mut nodes = vec![node("a", 1)];
+        let half = Resources {
+            gpu_milli: 500,
+            cpu_milli: 1,
+            memory_mib: 1,
+            ..Default::default()
+        };
+        place(&mut nodes, "public", &half, 1).unwrap();
+        assert!(
+            place(&mut nodes, "public", &gpus(1), 1).is_err(),
+            "a whole GPU was given on top of a fraction"
+        );
+    }
+
+    #[test]
     fn fractions_pack_onto_a_shared_gpu() {
         let mut nodes = vec![node("a", 2)];
         let half = Resources {

@@ -177,7 +177,7 @@ pub enum PoolError {
         status: PoolStatus,
         reason: String,
     },
-    #[error("R-DED-2: pool {pool} is a {pool_type} pool: it runs {kinds} only, not {kind:?}")]
+    #[error("R-DED-2: pool {pool} is a {pool_type} pool: it runs {kinds} only, not {}", kind.name())]
     WrongKind {
         pool: String,
         pool_type: &'static str,
