@@ -201,7 +201,11 @@ impl Scheduler {
                  stop_grace_ms = 1000\n\
                  join_token = \"test-join-token\"\n\
                  admin_token = \"{ADMIN_TOKEN}\"\n\
-                 subscription_regions = [\"region-1\"]\n",
+                 subscription_regions = [\"region-1\"]\n\
+                 [billing.default_price]\n\
+                 on_demand_node_hour_micros = 3600000\n\
+                 subscription_node_month_micros = 1000000000\n\
+                 public_instance_hour_micros = 360000\n",
                 dir.join("data").display()
             ),
         )
@@ -237,6 +241,15 @@ impl Scheduler {
             "scheduler exit on SIGTERM: {status}; log:\n{}",
             self.proc.log_text()
         );
+        let (config, grpc, metrics) = (self.config_path.clone(), self.grpc_port, self.metrics_port);
+        drop(self);
+        Self::start_with(dir, config, grpc, metrics).await
+    }
+
+    /// SIGKILL (no clean shutdown), then start again on the same config,
+    /// ports and database.
+    pub async fn kill_and_restart(mut self, dir: &Path) -> Self {
+        self.proc.kill();
         let (config, grpc, metrics) = (self.config_path.clone(), self.grpc_port, self.metrics_port);
         drop(self);
         Self::start_with(dir, config, grpc, metrics).await

@@ -105,14 +105,28 @@ async fn bad_input_gets_clear_statuses() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
-    // Not yet built calls say so instead of inventing data.
+    // Usage with a bad range is refused; a bad month too.
     let mut admin = sched.admin().await;
     let err = admin
         .usage
-        .list_usage(pb::ListUsageRequest::default())
+        .list_usage(pb::ListUsageRequest {
+            from: Some(gpupool_proto::timestamp_from_unix_ms(4_000_000_000_000)),
+            to: Some(gpupool_proto::timestamp_from_unix_ms(1_000)),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = admin
+        .usage
+        .get_bill(pb::GetBillRequest {
+            tenant: String::new(),
+            month: "2026-13".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("YYYY-MM"));
 
     // Every client call needs a token; a wrong one is refused too.
     for token in [None, Some("not-a-token")] {

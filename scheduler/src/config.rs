@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use gpupool_agent::config::{load_toml, parse_toml};
 use serde::Deserialize;
 
+use crate::domain::billing::SpecPrice;
+
 pub use gpupool_agent::config::ConfigError;
 
 /// `/etc/gpupool/scheduler.toml`.
@@ -46,6 +48,47 @@ pub struct SchedulerConfig {
     /// (R-CREATE-11); pools name their region at creation.
     #[serde(default)]
     pub subscription_regions: Vec<String>,
+    /// Prices and billing behaviour.
+    #[serde(default)]
+    pub billing: BillingConfig,
+}
+
+/// `[billing]`: the price catalog. Money is integer micro-units of
+/// `currency` (1 unit = 1,000,000 micros).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingConfig {
+    /// Currency code shown on bills.
+    #[serde(default = "default_currency")]
+    pub currency: String,
+    /// Prices for specs not listed under `[billing.prices]`.
+    #[serde(default)]
+    pub default_price: SpecPrice,
+    /// Prices per spec name (`gpupool spec list`).
+    #[serde(default)]
+    pub prices: std::collections::BTreeMap<String, SpecPrice>,
+    /// How long a frozen pool (subscription lapsed, neither auto-renew nor
+    /// convert-at-expiry) is kept before it is released, in hours.
+    #[serde(default = "default_retention_hours")]
+    pub frozen_retention_hours: u32,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        Self {
+            currency: default_currency(),
+            default_price: SpecPrice::default(),
+            prices: Default::default(),
+            frozen_retention_hours: default_retention_hours(),
+        }
+    }
+}
+
+fn default_currency() -> String {
+    "USD".into()
+}
+fn default_retention_hours() -> u32 {
+    168
 }
 
 fn default_grpc_listen() -> SocketAddr {
@@ -76,6 +119,7 @@ impl Default for SchedulerConfig {
             join_token: None,
             admin_token: None,
             subscription_regions: Vec::new(),
+            billing: BillingConfig::default(),
         }
     }
 }

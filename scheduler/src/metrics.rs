@@ -17,6 +17,8 @@ pub struct Metrics {
     sessions: IntGauge,
     pub jobs_submitted: IntCounter,
     pub sessions_opened: IntCounter,
+    billable_seconds: prometheus::IntCounterVec,
+    billed_amount: prometheus::IntCounterVec,
 }
 
 impl Metrics {
@@ -44,8 +46,27 @@ impl Metrics {
             "Agent sessions opened.",
         )
         .unwrap();
+        let billing_labels = &["tenant", "pool", "spec", "mode"];
+        let billable_seconds = prometheus::IntCounterVec::new(
+            Opts::new(
+                "gpupool_billable_seconds_total",
+                "Metered unit-seconds in closed ledger hours.",
+            ),
+            billing_labels,
+        )
+        .unwrap();
+        let billed_amount = prometheus::IntCounterVec::new(
+            Opts::new(
+                "gpupool_billed_amount_micros_total",
+                "Usage amounts in closed ledger hours, in micro-units of the currency.",
+            ),
+            billing_labels,
+        )
+        .unwrap();
         for c in [
-            Box::new(nodes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(billable_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(billed_amount.clone()),
+            Box::new(nodes.clone()),
             Box::new(jobs.clone()),
             Box::new(gpus.clone()),
             Box::new(gpus_allocated_milli.clone()),
@@ -64,6 +85,25 @@ impl Metrics {
             sessions,
             jobs_submitted,
             sessions_opened,
+            billable_seconds,
+            billed_amount,
+        }
+    }
+
+    /// Counts rows of newly closed ledger hours.
+    pub fn count_ledger(&self, rows: &[crate::domain::billing::LedgerRow]) {
+        for r in rows {
+            let mode = match r.mode {
+                crate::domain::pool::BillingMode::OnDemand => "on_demand",
+                crate::domain::pool::BillingMode::Subscription => "subscription",
+            };
+            let labels = [r.tenant.as_str(), r.pool_id.as_str(), r.spec.as_str(), mode];
+            self.billable_seconds
+                .with_label_values(&labels)
+                .inc_by(r.seconds().max(0) as u64);
+            self.billed_amount
+                .with_label_values(&labels)
+                .inc_by(r.amount_micros.max(0) as u64);
         }
     }
 

@@ -146,6 +146,10 @@ pub fn open(config: SchedulerConfig) -> anyhow::Result<Arc<Shared>> {
         node_grace_ms: i64::from(config.node_grace_ms),
         stop_grace_ms: config.stop_grace_ms,
         subscription_regions: config.subscription_regions.clone(),
+        currency: config.billing.currency.clone(),
+        prices: config.billing.prices.clone(),
+        default_price: config.billing.default_price,
+        frozen_retention_ms: i64::from(config.billing.frozen_retention_hours) * 3_600_000,
     };
     let cluster = Cluster::load(Box::new(store), settings, now_ms())?;
     tracing::info!(
@@ -258,7 +262,14 @@ pub async fn serve(
             let mut interval = tokio::time::interval(period);
             loop {
                 tokio::select! {
-                    _ = interval.tick() => shared.with(|core, out| core.cluster.tick(now_ms(), out)),
+                    _ = interval.tick() => {
+                        let closed = shared.with(|core, out| {
+                            let now = now_ms();
+                            core.cluster.tick(now, out);
+                            core.cluster.close_hours(now)
+                        });
+                        shared.metrics.count_ledger(&closed);
+                    }
                     _ = stop.wait_for(|s| *s) => return,
                 }
             }

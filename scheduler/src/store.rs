@@ -8,6 +8,7 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::domain::billing::{LedgerRow, Order};
 use crate::domain::pool::Pool;
 use crate::domain::tenant::Tenant;
 use crate::domain::{Job, Node};
@@ -16,6 +17,7 @@ use crate::domain::{Job, Node};
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_tenants_pools.sql")),
+    (3, include_str!("../migrations/0003_billing.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,9 @@ pub struct Snapshot {
     pub tenants: Vec<Tenant>,
     /// (token SHA-256 hex, tenant)
     pub tokens: Vec<(String, String)>,
+    pub orders: Vec<Order>,
+    /// The ledger holds every hour before this (see `Record::LedgerClosed`).
+    pub ledger_closed_until_ms: Option<i64>,
 }
 
 /// One row to write.
@@ -63,12 +68,22 @@ pub enum Record<'a> {
     Job(&'a Job),
     Pool(&'a Pool),
     Tenant(&'a Tenant),
-    Token { sha256: &'a str, tenant: &'a str },
+    Token {
+        sha256: &'a str,
+        tenant: &'a str,
+    },
+    Order(&'a Order),
+    /// Written once per (subject, hour, mode); a repeat is ignored.
+    Ledger(&'a LedgerRow),
+    /// Hours before this are in the ledger.
+    LedgerClosed(i64),
 }
 
 /// Durable storage for the scheduler's state.
 pub trait Store: Send {
     fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Closed ledger rows with `from_ms <= hour_start_ms < to_ms`.
+    fn ledger(&self, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError>;
     /// Writes all records in one transaction: all or none.
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError>;
 
@@ -188,7 +203,42 @@ impl Store for SqliteStore {
                 "SELECT name, data FROM tenants ORDER BY name",
             )?,
             tokens,
+            orders: rows(
+                &conn,
+                "orders",
+                "SELECT order_id, data FROM orders ORDER BY seq",
+            )?,
+            ledger_closed_until_ms: conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'ledger_closed_until_ms'",
+                    [],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?
+                .and_then(|v| v.parse().ok()),
         })
+    }
+
+    fn ledger(&self, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare(
+            "SELECT subject, data FROM ledger WHERE hour_start_ms >= ?1 AND hour_start_ms < ?2
+             ORDER BY hour_start_ms, subject, mode",
+        )?;
+        let mut out = Vec::new();
+        let mut cursor = stmt.query(params![from_ms, to_ms])?;
+        while let Some(row) = cursor.next()? {
+            let id: String = row.get(0)?;
+            let data: String = row.get(1)?;
+            out.push(
+                serde_json::from_str(&data).map_err(|source| StoreError::Corrupt {
+                    table: "ledger",
+                    id,
+                    source,
+                })?,
+            );
+        }
+        Ok(out)
     }
 
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
@@ -224,6 +274,42 @@ impl Store for SqliteStore {
                         "INSERT INTO tenants (name, data, updated_at_ms) VALUES (?1, ?2, ?3)
                          ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
                         params![tenant.name, encode(tenant), now_ms],
+                    )?;
+                }
+                Record::Order(order) => {
+                    tx.execute(
+                        "INSERT INTO orders (order_id, seq, tenant, pool_id, data, created_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![
+                            order.order_id,
+                            order.seq as i64,
+                            order.tenant,
+                            order.pool_id,
+                            encode(order),
+                            order.created_at_ms
+                        ],
+                    )?;
+                }
+                Record::Ledger(row) => {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO ledger (subject, hour_start_ms, mode, tenant, pool_id, job_id, data)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        params![
+                            row.subject,
+                            row.hour_start_ms,
+                            format!("{:?}", row.mode),
+                            row.tenant,
+                            row.pool_id,
+                            row.job_id,
+                            encode(row)
+                        ],
+                    )?;
+                }
+                Record::LedgerClosed(until) => {
+                    tx.execute(
+                        "INSERT INTO meta (key, value) VALUES ('ledger_closed_until_ms', ?1)
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        params![until.to_string()],
                     )?;
                 }
                 Record::Token { sha256, tenant } => {

@@ -28,10 +28,6 @@ pub struct Api {
     pub shared: Arc<Shared>,
 }
 
-pub(super) fn unimplemented(what: &str, issue: &str) -> Status {
-    Status::unimplemented(format!("{what} is not implemented yet ({issue})"))
-}
-
 type LogStream = Pin<Box<dyn Stream<Item = Result<pb::JobLogChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -279,23 +275,5 @@ fn pool_id_of(cluster: &Cluster, caller: &Caller, key: &str) -> Result<String, S
     match cluster.resolve_pool(caller, key).map_err(status)? {
         PoolRef::Public => Ok(PUBLIC_POOL.to_string()),
         PoolRef::Dedicated(p) => Ok(p.pool_id.clone()),
-    }
-}
-
-#[tonic::async_trait]
-impl pb::usage_service_server::UsageService for Api {
-    async fn list_usage(
-        &self,
-        req: Request<pb::ListUsageRequest>,
-    ) -> Result<Response<pb::ListUsageResponse>, Status> {
-        caller(&self.shared, req.metadata())?;
-        Err(unimplemented("ListUsage", "billing"))
-    }
-    async fn list_orders(
-        &self,
-        req: Request<pb::ListOrdersRequest>,
-    ) -> Result<Response<pb::ListOrdersResponse>, Status> {
-        caller(&self.shared, req.metadata())?;
-        Err(unimplemented("ListOrders", "billing"))
     }
 }

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod auth;
 pub mod client;
 pub mod pools;
+pub mod usage;
 
 use gpupool_proto::timestamp_from_unix_ms as ts;
 use gpupool_proto::v1 as pb;

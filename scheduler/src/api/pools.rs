@@ -7,7 +7,7 @@ use gpupool_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::auth::{caller, new_token, sha256_hex};
-use super::client::{Api, unimplemented};
+use super::client::Api;
 use super::status;
 use crate::cluster::{Cluster, PoolRef};
 use crate::domain::pool::{
@@ -34,6 +34,7 @@ fn status_to_pb(s: PoolStatus) -> pb::PoolStatus {
         PoolStatus::CreateFailed => pb::PoolStatus::CreateFailed,
         PoolStatus::Deleting => pb::PoolStatus::Deleting,
         PoolStatus::Deleted => pb::PoolStatus::Deleted,
+        PoolStatus::Frozen => pb::PoolStatus::Frozen,
     }
 }
 
@@ -89,7 +90,9 @@ fn pool_to_pb(p: &Pool, cluster: &Cluster) -> pb::Pool {
             months: s.months,
             auto_renew: s.auto_renew,
             convert_to_on_demand_at_expiry: s.convert_to_on_demand_at_expiry,
-            ..Default::default()
+            starts_at: p.term.map(|t| ts(t.start_ms)),
+            ends_at: p.term.map(|t| ts(t.end_ms)),
+            billed_months: crate::domain::billing::billed_months(p.pool_type, s.months),
         }),
         region: p.region.clone(),
         status: status_to_pb(p.status) as i32,
@@ -350,24 +353,62 @@ impl pb::pool_service_server::PoolService for Api {
         &self,
         req: Request<pb::ConvertToSubscriptionRequest>,
     ) -> Result<Response<pb::Pool>, Status> {
-        caller(&self.shared, req.metadata())?;
-        Err(unimplemented("ConvertToSubscription", "billing"))
+        let caller = caller(&self.shared, req.metadata())?;
+        let req = req.into_inner();
+        self.shared
+            .with(|core, _| {
+                let pool = core.cluster.convert_to_subscription(
+                    &caller,
+                    &req.pool,
+                    req.months,
+                    req.auto_renew,
+                    now_ms(),
+                )?;
+                Ok(pool_to_pb(&pool, &core.cluster))
+            })
+            .map(Response::new)
+            .map_err(status)
     }
 
     async fn set_renewal(
         &self,
         req: Request<pb::SetRenewalRequest>,
     ) -> Result<Response<pb::Pool>, Status> {
-        caller(&self.shared, req.metadata())?;
-        Err(unimplemented("SetRenewal", "billing"))
+        let caller = caller(&self.shared, req.metadata())?;
+        let req = req.into_inner();
+        self.shared
+            .with(|core, _| {
+                let pool = core.cluster.set_renewal(
+                    &caller,
+                    &req.pool,
+                    req.auto_renew,
+                    req.convert_to_on_demand_at_expiry,
+                    now_ms(),
+                )?;
+                Ok(pool_to_pb(&pool, &core.cluster))
+            })
+            .map(Response::new)
+            .map_err(status)
     }
 
     async fn unsubscribe(
         &self,
         req: Request<pb::UnsubscribeRequest>,
     ) -> Result<Response<pb::UnsubscribeResponse>, Status> {
-        caller(&self.shared, req.metadata())?;
-        Err(unimplemented("Unsubscribe", "billing"))
+        let caller = caller(&self.shared, req.metadata())?;
+        let req = req.into_inner();
+        self.shared
+            .with(|core, out| {
+                let (pool, refund) =
+                    core.cluster
+                        .unsubscribe(&caller, &req.pool, req.confirm, now_ms(), out)?;
+                Ok(pb::UnsubscribeResponse {
+                    pool: Some(pool_to_pb(&pool, &core.cluster)),
+                    refund_micros: refund,
+                })
+            })
+            .map(Response::new)
+            .map_err(status)
     }
 }
 

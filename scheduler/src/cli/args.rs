@@ -1,5 +1,5 @@
 //! Parsers for command-line values: CPU and memory quantities, `KEY=VALUE`
-//! environment variables and the scheduler address.
+//! environment variables, times and months, and the scheduler address.
 //!
 //! They only parse: ranges (negative or zero quantities, too many GPUs...)
 //! are the scheduler's to check, so that the user gets the same error from
@@ -70,6 +70,145 @@ pub fn normalize_addr(addr: &str) -> String {
     } else {
         format!("http://{addr}")
     }
+}
+
+/// Parses a time into a protobuf timestamp. Accepted forms:
+///
+/// * RFC 3339: `2026-11-27T10:00:00Z`, `2026-11-27T10:00:00.250+02:00`;
+/// * `YYYY-MM-DDTHH:MM` or `YYYY-MM-DDTHH:MM:SS` without a zone: UTC;
+/// * `YYYY-MM-DD`: midnight UTC.
+///
+/// `t` and `z` may be lower-case, and a space may stand for the `T`.
+pub fn parse_time(s: &str) -> Result<prost_types::Timestamp, String> {
+    let invalid = |why: &str| {
+        format!(
+            "invalid time `{s}`: {why}; expected RFC 3339 (e.g. `2026-11-27T10:00:00Z`), \
+             `YYYY-MM-DDTHH:MM` (UTC) or `YYYY-MM-DD` (UTC midnight)"
+        )
+    };
+    let t = s.trim();
+    let (date, clock) = match t.find(['T', 't', ' ']) {
+        Some(i) => (&t[..i], Some(&t[i + 1..])),
+        None => (t, None),
+    };
+    let (year, month, day) = parse_date(date).ok_or_else(|| invalid("bad date"))?;
+    let mut seconds = days_from_civil(year, month, day) * 86_400;
+    let mut nanos = 0;
+    if let Some(clock) = clock {
+        let (clock, offset) = split_zone(clock).ok_or_else(|| invalid("bad time zone"))?;
+        let (secs_of_day, frac) = parse_clock(clock).ok_or_else(|| invalid("bad time of day"))?;
+        seconds += secs_of_day - offset;
+        nanos = frac;
+    }
+    Ok(prost_types::Timestamp { seconds, nanos })
+}
+
+/// Parses a calendar month `YYYY-MM` (`2026-11`).
+pub fn parse_month(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    let valid = t.len() == 7
+        && t.as_bytes()[4] == b'-'
+        && digits(&t[..4]).is_some()
+        && digits(&t[5..]).is_some_and(|m| (1..=12).contains(&m));
+    if valid {
+        Ok(t.to_string())
+    } else {
+        Err(format!(
+            "invalid month `{s}`: expected YYYY-MM (e.g. `2026-11`)"
+        ))
+    }
+}
+
+/// Days since 1970-01-01 of a date of the proleptic Gregorian calendar
+/// (the inverse of `format::civil_from_days`).
+pub fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    // Years start in March, so that the leap day ends the year.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400); // [0, 399]
+    let mp = (month + 9) % 12; // March = 0 ... February = 11
+    let doy = (153 * mp + 2) / 5 + day - 1; // [0, 365]
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy; // [0, 146096]
+    era * 146_097 + doe - 719_468
+}
+
+/// Days in a month of the proleptic Gregorian calendar.
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// The value of a non-empty run of ASCII digits (no sign, no spaces).
+fn digits(s: &str) -> Option<i64> {
+    if s.is_empty() || s.len() > 18 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// `YYYY-MM-DD`, checked against the calendar.
+fn parse_date(s: &str) -> Option<(i64, i64, i64)> {
+    let b = s.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let (year, month, day) = (digits(&s[..4])?, digits(&s[5..7])?, digits(&s[8..])?);
+    ((1..=12).contains(&month) && (1..=days_in_month(year, month)).contains(&day))
+        .then_some((year, month, day))
+}
+
+/// Splits a clock from its zone: `Z` (UTC), `+HH:MM`/`-HH:MM`, or none
+/// (UTC). Returns the clock and the zone's offset east of UTC in seconds.
+fn split_zone(s: &str) -> Option<(&str, i64)> {
+    if let Some(clock) = s.strip_suffix(['Z', 'z']) {
+        return Some((clock, 0));
+    }
+    let Some(i) = s.find(['+', '-']) else {
+        return Some((s, 0));
+    };
+    let (clock, zone) = s.split_at(i);
+    let sign = if zone.starts_with('-') { -1 } else { 1 };
+    let zone = &zone[1..];
+    let b = zone.as_bytes();
+    if b.len() != 5 || b[2] != b':' {
+        return None;
+    }
+    let (hours, minutes) = (digits(&zone[..2])?, digits(&zone[3..])?);
+    (hours <= 23 && minutes <= 59).then_some((clock, sign * (hours * 3600 + minutes * 60)))
+}
+
+/// `HH:MM`, `HH:MM:SS` or `HH:MM:SS.fraction` (1 to 9 digits): the seconds
+/// of the day and the nanoseconds. A leap second (`:60`) counts as the
+/// first second of the next minute.
+fn parse_clock(s: &str) -> Option<(i64, i32)> {
+    let (hms, frac) = match s.split_once('.') {
+        Some((hms, frac)) => (hms, Some(frac)),
+        None => (s, None),
+    };
+    let b = hms.as_bytes();
+    let (hours, minutes, seconds) = match b.len() {
+        5 if b[2] == b':' && frac.is_none() => (digits(&hms[..2])?, digits(&hms[3..])?, 0),
+        8 if b[2] == b':' && b[5] == b':' => {
+            (digits(&hms[..2])?, digits(&hms[3..5])?, digits(&hms[6..])?)
+        }
+        _ => return None,
+    };
+    if hours > 23 || minutes > 59 || seconds > 60 {
+        return None;
+    }
+    let nanos = match frac {
+        None => 0,
+        Some(f) if (1..=9).contains(&f.len()) => {
+            let value = i32::try_from(digits(f)?).ok()?;
+            value * 10_i32.pow(9 - f.len() as u32)
+        }
+        Some(_) => return None,
+    };
+    Some((hours * 3600 + minutes * 60 + seconds, nanos))
 }
 
 /// A plain decimal number (optional sign, digits, at most one dot); no
@@ -164,6 +303,115 @@ mod tests {
         assert!(parse_env("NOEQUALS").is_err());
         assert!(parse_env("=value").is_err());
         assert!(parse_env("").is_err());
+    }
+
+    fn ts(s: &str) -> (i64, i32) {
+        let t = parse_time(s).unwrap_or_else(|e| panic!("{s:?}: {e}"));
+        (t.seconds, t.nanos)
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(1970, 1, 2), 1);
+        assert_eq!(days_from_civil(1969, 12, 31), -1);
+        assert_eq!(days_from_civil(2000, 2, 29), 11_016);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        assert_eq!(days_from_civil(2023, 11, 14), 19_675);
+        assert_eq!(days_from_civil(1600, 1, 1), -135_140);
+        assert_eq!(days_from_civil(0, 3, 1), -719_468);
+        // The inverse of the formatter, across leap years and centuries
+        // (years 0001 to 9909).
+        for day in (-719_000_i64..2_900_000).step_by(997) {
+            let text = crate::cli::format::format_time(day * 86_400_000);
+            let (y, m, d) = parse_date(&text[..10]).unwrap();
+            assert_eq!(days_from_civil(y, m, d), day, "{text}");
+        }
+        assert_eq!(days_in_month(2024, 2), 29);
+        assert_eq!(days_in_month(1900, 2), 28);
+        assert_eq!(days_in_month(2000, 2), 29);
+        assert_eq!(days_in_month(2026, 2), 28);
+        assert_eq!(days_in_month(2026, 11), 30);
+    }
+
+    #[test]
+    fn times_in_every_form() {
+        // 2026-11-27T00:00:00Z
+        let midnight = 1_795_737_600;
+        assert_eq!(ts("2026-11-27"), (midnight, 0));
+        assert_eq!(ts("2026-11-27T10:00"), (midnight + 36_000, 0));
+        assert_eq!(ts("2026-11-27T10:00:00Z"), (midnight + 36_000, 0));
+        assert_eq!(ts("2026-11-27t10:00:00z"), (midnight + 36_000, 0));
+        assert_eq!(ts("2026-11-27 10:00:00Z"), (midnight + 36_000, 0));
+        assert_eq!(ts("2026-11-27T10:00:05"), (midnight + 36_005, 0));
+        assert_eq!(ts("2026-11-27T10:00:00+02:00"), (midnight + 28_800, 0));
+        assert_eq!(ts("2026-11-27T10:00:00-05:30"), (midnight + 55_800, 0));
+        assert_eq!(ts("2026-11-27T00:30:00+01:00"), (midnight - 1800, 0));
+        assert_eq!(
+            ts("2026-11-27T10:00:00.25Z"),
+            (midnight + 36_000, 250_000_000)
+        );
+        assert_eq!(
+            ts("2026-11-27T10:00:00.123456789Z"),
+            (midnight + 36_000, 123_456_789)
+        );
+        assert_eq!(ts("2026-12-31T23:59:60Z"), (midnight + 35 * 86_400, 0));
+        assert_eq!(ts("1970-01-01T00:00:00Z"), (0, 0));
+        assert_eq!(ts("1969-12-31T23:59:59Z"), (-1, 0));
+        assert_eq!(ts("2000-02-29"), (951_782_400, 0));
+        assert_eq!(ts(" 2023-11-14T22:13:20Z "), (1_700_000_000, 0));
+    }
+
+    #[test]
+    fn times_reject_garbage() {
+        for bad in [
+            "",
+            "yesterday",
+            "2026-11",
+            "2026-11-27T",
+            "2026-11-27T10",
+            "2026-11-27T10:00:00+2",
+            "2026-11-27T10:00:00+02",
+            "2026-11-27T10:00:00+24:00",
+            "2026-11-27T10:00:00.Z",
+            "2026-11-27T10:00:00.1234567890Z",
+            "2026-11-27T10:00.5",
+            "2026-11-27T24:00",
+            "2026-11-27T10:60",
+            "2026-11-27T10:00:61",
+            "2026-02-29",
+            "2026-13-01",
+            "2026-00-10",
+            "2026-11-00",
+            "2026-11-31",
+            "26-11-27",
+            "2026/11/27",
+            "+2026-11-27",
+            "2026-1-27",
+            "1700000000",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad:?} should not parse");
+        }
+        let e = parse_time("soon").unwrap_err();
+        assert!(e.contains("RFC 3339"), "{e}");
+    }
+
+    #[test]
+    fn months() {
+        assert_eq!(parse_month("2026-11"), Ok("2026-11".into()));
+        assert_eq!(parse_month("2026-01"), Ok("2026-01".into()));
+        for bad in [
+            "",
+            "2026",
+            "2026-13",
+            "2026-00",
+            "2026-1",
+            "26-11",
+            "2026-11-01",
+            "2026/11",
+        ] {
+            assert!(parse_month(bad).is_err(), "{bad:?} should not parse");
+        }
     }
 
     #[test]

@@ -166,9 +166,10 @@ pub fn format_milli(milli: i64) -> String {
     format_fixed(milli, 1000, 0)
 }
 
-/// Money in micro-units, with 2 to 6 decimals: `12500000` -> `12.50`.
+/// Money in micro-units, with exactly 6 decimals: `12500000` ->
+/// `12.500000`, `-3000000` -> `-3.000000`.
 pub fn format_micros(micros: i64) -> String {
-    format_fixed(micros, 1_000_000, 2)
+    format_fixed(micros, 1_000_000, 6)
 }
 
 /// `value / unit` as a decimal with at least `min_decimals` decimals.
@@ -224,6 +225,26 @@ pub fn format_command(args: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// One CSV record (RFC 4180): fields joined by commas, a field holding a
+/// comma, a double quote, CR or LF quoted with its quotes doubled, and the
+/// line ended by CRLF.
+pub fn csv_line<S: AsRef<str>>(fields: &[S]) -> String {
+    let mut line = fields
+        .iter()
+        .map(|f| {
+            let f = f.as_ref();
+            if f.contains([',', '"', '\r', '\n']) {
+                format!("\"{}\"", f.replace('"', "\"\""))
+            } else {
+                f.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    line.push_str("\r\n");
+    line
 }
 
 /// A table with upper-case headers and columns aligned on the widest cell.
@@ -325,10 +346,13 @@ mod tests {
         assert_eq!(format_milli(2000), "2");
         assert_eq!(format_milli(250), "0.25");
         assert_eq!(format_milli(-250), "-0.25");
-        assert_eq!(format_micros(12_500_000), "12.50");
+        assert_eq!(format_micros(12_500_000), "12.500000");
         assert_eq!(format_micros(1_234_567), "1.234567");
-        assert_eq!(format_micros(0), "0.00");
-        assert_eq!(format_micros(-3_000_000), "-3.00");
+        assert_eq!(format_micros(0), "0.000000");
+        assert_eq!(format_micros(1), "0.000001");
+        assert_eq!(format_micros(-3_000_000), "-3.000000");
+        assert_eq!(format_micros(-500_000), "-0.500000");
+        assert_eq!(format_micros(i64::MIN), "-9223372036854.775808");
         assert_eq!(format_mib(512), "512MiB");
         assert_eq!(format_mib(4096), "4GiB");
         assert_eq!(format_mib(1536), "1.5GiB");
@@ -365,6 +389,17 @@ mod tests {
             format_command(&args),
             r"python -c 'print('\''hi there'\'')' ''"
         );
+    }
+
+    #[test]
+    fn csv_quoting() {
+        assert_eq!(csv_line(&["a", "b", ""]), "a,b,\r\n");
+        assert_eq!(
+            csv_line(&["team, a", "say \"hi\"", "x"]),
+            "\"team, a\",\"say \"\"hi\"\"\",x\r\n"
+        );
+        assert_eq!(csv_line(&["two\nlines"]), "\"two\nlines\"\r\n");
+        assert_eq!(csv_line(&[String::from("-12")]), "-12\r\n");
     }
 
     #[test]

@@ -8,9 +8,9 @@
 use std::collections::BTreeMap;
 
 use gpupool_proto::v1::{
-    Gpu, Instance, IssueTokenResponse, Job, ListUsageResponse, Network, Node, Order, Pool,
-    ScaleInPick, Spec, Subscription, Tenant, UnsubscribeResponse, UsageRecord, WhoAmIResponse,
-    network,
+    Bill, BillLine, Gpu, Instance, IssueTokenResponse, Job, ListUsageResponse, Network, Node,
+    Order, Pool, ScaleInPick, Spec, Subscription, Tenant, UnsubscribeResponse, UsageRecord,
+    WhoAmIResponse, network,
 };
 use serde_json::{Value, json};
 
@@ -307,10 +307,12 @@ pub fn usage_record(r: &UsageRecord) -> Value {
         "amount_micros": r.amount_micros,
         "billing_mode": billing_mode_name(r.billing_mode),
         "entry_kind": r.entry_kind,
+        "unit_ms": r.unit_ms,
+        "period": r.period,
     })
 }
 
-/// The answer to `usage list`: `{"records": [...], "total_micros"}`.
+/// The answer to `usage`: `{"records": [...], "total_micros"}`.
 pub fn usage(r: &ListUsageResponse) -> Value {
     json!({
         "records": r.records.iter().map(usage_record).collect::<Vec<_>>(),
@@ -318,10 +320,12 @@ pub fn usage(r: &ListUsageResponse) -> Value {
     })
 }
 
-/// One subscription order.
+/// One subscription order (or refund: `kind` is `refund`).
 pub fn order(o: &Order) -> Value {
     json!({
         "order_id": o.order_id,
+        "kind": o.kind,
+        "created_at_ms": ts(o.created_at.as_ref()),
         "pool_id": o.pool_id,
         "tenant": o.tenant,
         "months": o.months,
@@ -335,6 +339,33 @@ pub fn order(o: &Order) -> Value {
 /// A list of orders.
 pub fn orders(orders: &[Order]) -> Value {
     Value::Array(orders.iter().map(order).collect())
+}
+
+/// One usage line of a bill.
+pub fn bill_line(l: &BillLine) -> Value {
+    json!({
+        "pool_id": l.pool_id,
+        "job_id": l.job_id,
+        "spec": l.spec,
+        "billing_mode": billing_mode_name(l.billing_mode),
+        "seconds": l.seconds,
+        "amount_micros": l.amount_micros,
+    })
+}
+
+/// The answer to `bill`: a tenant's bill for one month.
+pub fn bill(b: &Bill) -> Value {
+    json!({
+        "tenant": b.tenant,
+        "month": b.month,
+        "currency": b.currency,
+        "usage": b.usage.iter().map(bill_line).collect::<Vec<_>>(),
+        "orders": orders(&b.orders),
+        "usage_micros": b.usage_micros,
+        "orders_micros": b.orders_micros,
+        "refunds_micros": b.refunds_micros,
+        "total_micros": b.total_micros,
+    })
 }
 
 #[cfg(test)]
@@ -495,6 +526,126 @@ mod tests {
             admin: true,
         });
         assert_eq!(v, json!({"tenant": "admin", "admin": true}));
+    }
+
+    #[test]
+    fn usage_shape() {
+        let r = ListUsageResponse {
+            records: vec![UsageRecord {
+                record_id: 7,
+                tenant: "acme".into(),
+                pool_id: "public".into(),
+                job_id: "j-1".into(),
+                instance_id: "j-1-0".into(),
+                spec: "1xH100".into(),
+                hour_start: Some(gpupool_proto::timestamp_from_unix_ms(3_600_000)),
+                seconds: 90,
+                quantity: 1,
+                unit_price_micros: 2_000_000,
+                amount_micros: 50_000,
+                billing_mode: gpupool_proto::v1::BillingMode::OnDemand as i32,
+                entry_kind: "usage".into(),
+                unit_ms: 90_400,
+                period: "2026-11-27".into(),
+            }],
+            total_micros: 50_000,
+        };
+        let v = usage(&r);
+        assert_eq!(keys(&v), ["records", "total_micros"]);
+        assert_eq!(v["total_micros"], 50_000);
+        let rec = &v["records"][0];
+        let mut expected = [
+            "record_id",
+            "tenant",
+            "pool_id",
+            "job_id",
+            "instance_id",
+            "spec",
+            "hour_start_ms",
+            "seconds",
+            "quantity",
+            "unit_price_micros",
+            "amount_micros",
+            "billing_mode",
+            "entry_kind",
+            "unit_ms",
+            "period",
+        ];
+        expected.sort_unstable();
+        assert_eq!(keys(rec), expected);
+        assert_eq!(rec["billing_mode"], "on-demand");
+        assert_eq!(rec["hour_start_ms"], 3_600_000);
+        assert_eq!(rec["unit_ms"], 90_400);
+        assert_eq!(rec["period"], "2026-11-27");
+    }
+
+    #[test]
+    fn order_and_bill_shapes() {
+        let o = Order {
+            order_id: "o-1".into(),
+            kind: "refund".into(),
+            created_at: Some(gpupool_proto::timestamp_from_unix_ms(9000)),
+            pool_id: "pool-1".into(),
+            tenant: "acme".into(),
+            months: 3,
+            billed_months: 1,
+            amount_micros: -1_500_000,
+            starts_at: None,
+            ends_at: Some(gpupool_proto::timestamp_from_unix_ms(10_000)),
+        };
+        let v = order(&o);
+        assert_eq!(v["kind"], "refund");
+        assert_eq!(v["created_at_ms"], 9000);
+        assert_eq!(v["amount_micros"], -1_500_000);
+        assert!(v["starts_at_ms"].is_null());
+        assert_eq!(v["ends_at_ms"], 10_000);
+
+        let b = Bill {
+            tenant: "acme".into(),
+            month: "2026-11".into(),
+            currency: "USD".into(),
+            usage: vec![BillLine {
+                pool_id: "public".into(),
+                job_id: "j-1".into(),
+                spec: "1xH100".into(),
+                billing_mode: gpupool_proto::v1::BillingMode::OnDemand as i32,
+                seconds: 3600,
+                amount_micros: 2_000_000,
+            }],
+            orders: vec![o],
+            usage_micros: 2_000_000,
+            orders_micros: 0,
+            refunds_micros: -1_500_000,
+            total_micros: 500_000,
+        };
+        let v = bill(&b);
+        let mut expected = [
+            "tenant",
+            "month",
+            "currency",
+            "usage",
+            "orders",
+            "usage_micros",
+            "orders_micros",
+            "refunds_micros",
+            "total_micros",
+        ];
+        expected.sort_unstable();
+        assert_eq!(keys(&v), expected);
+        assert_eq!(
+            v["usage"],
+            json!([{
+                "pool_id": "public",
+                "job_id": "j-1",
+                "spec": "1xH100",
+                "billing_mode": "on-demand",
+                "seconds": 3600,
+                "amount_micros": 2_000_000,
+            }])
+        );
+        assert_eq!(v["orders"][0]["order_id"], "o-1");
+        assert_eq!(v["refunds_micros"], -1_500_000);
+        assert_eq!(v["total_micros"], 500_000);
     }
 
     #[test]

@@ -1,19 +1,21 @@
 //! `gpupool`: the command-line client of the scheduler's gRPC API.
 //!
 //! One subcommand per user-facing RPC (`node`, `pool`, `spec`, `usage`,
-//! `order`, `job`, `tenant`, `whoami`), global `--addr`, `--token` and
+//! `order`, `bill`, `job`, `tenant`, `whoami`), global `--addr`, `--token` and
 //! `--output table|json` flags. Values are only parsed here; the scheduler validates them and its
 //! gRPC status is reported as `error: <message> (<code>)` with exit code 1.
 //!
 //! With `--output json` every command prints one pretty-printed JSON value
 //! built by the converters of [`json`] (jobs, nodes, pools... with
 //! snake_case keys, readable enum names and `*_ms` timestamps); list
-//! commands print an array, except `usage list` which prints
-//! `{"records": [...], "total_micros": N}`. `tenant token` prints
+//! commands print an array, except `usage` which prints
+//! `{"records": [...], "total_micros": N}` (and `usage --csv` prints RFC 4180
+//! CSV whatever `--output` says). `bill` prints the bill's object, `tenant token` prints
 //! `{"tenant", "token"}`, `whoami` prints `{"tenant", "admin"}` and
 //! `pool scale-in-plan` an array of picks.
 
 mod args;
+mod billing;
 mod format;
 mod json;
 mod tenant;
@@ -35,6 +37,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use self::args::{DEFAULT_ADDR, normalize_addr, parse_cpu, parse_env, parse_memory};
+pub use self::billing::{BillArgs, OrderCommand, RollupArg, UsageArgs};
 use self::format::{
     Details, Table, billing_mode_name, dash, format_age, format_command, format_mib, format_micros,
     format_milli, format_time, format_time_ago, instance_state_name, job_kind_name, job_state_name,
@@ -125,16 +128,15 @@ pub enum Command {
         #[command(subcommand)]
         command: SpecCommand,
     },
-    /// Metered usage records.
-    Usage {
-        #[command(subcommand)]
-        command: BillingListCommand,
-    },
-    /// Subscription orders.
+    /// Metered usage records, by hour or rolled up by day or month.
+    Usage(UsageArgs),
+    /// Subscription orders and refunds.
     Order {
         #[command(subcommand)]
-        command: BillingListCommand,
+        command: OrderCommand,
     },
+    /// A tenant's bill for one calendar month.
+    Bill(BillArgs),
     /// Jobs: notebooks, training, tensorboards, online and batch services.
     Job {
         #[command(subcommand)]
@@ -336,20 +338,6 @@ pub enum BillingArg {
 pub enum SpecCommand {
     /// List node specs with their free capacity.
     List,
-}
-
-/// `gpupool usage ...` and `gpupool order ...`
-#[derive(Debug, Subcommand)]
-pub enum BillingListCommand {
-    /// List records.
-    List {
-        /// Only this tenant's records.
-        #[arg(long)]
-        tenant: Option<String>,
-        /// Only this pool's records (id or name).
-        #[arg(long)]
-        pool: Option<String>,
-    },
 }
 
 /// `gpupool job ...`
@@ -728,12 +716,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Spec {
             command: SpecCommand::List,
         } => spec_list(&conn, out).await,
-        Command::Usage {
-            command: BillingListCommand::List { tenant, pool },
-        } => usage_list(&conn, out, opt(tenant), opt(pool)).await,
-        Command::Order {
-            command: BillingListCommand::List { tenant, pool },
-        } => order_list(&conn, out, opt(tenant), opt(pool)).await,
+        Command::Usage(args) => billing::usage_command(&conn, out, args).await,
+        Command::Order { command } => billing::order_command(&conn, out, command).await,
+        Command::Bill(args) => billing::bill_command(&conn, out, args).await,
         Command::Job { command } => job_command(&conn, out, command).await,
         Command::Tenant { command } => tenant::tenant_command(&conn, out, command).await,
         Command::Whoami => tenant::whoami(&conn, out).await,
@@ -1347,7 +1332,7 @@ fn pool_detail(p: &pb::Pool, now: i64) -> String {
     d.render()
 }
 
-// --- specs, usage, orders --------------------------------------------------
+// --- specs -----------------------------------------------------------------
 
 async fn spec_list(conn: &Conn, out: OutputFormat) -> Result<(), CliError> {
     let specs = conn
@@ -1383,105 +1368,6 @@ async fn spec_list(conn: &Conn, out: OutputFormat) -> Result<(), CliError> {
             t.render()
         },
         || json::specs(&specs),
-    )
-}
-
-async fn usage_list(
-    conn: &Conn,
-    out: OutputFormat,
-    tenant: String,
-    pool: String,
-) -> Result<(), CliError> {
-    let r = conn
-        .usage()
-        .await?
-        .list_usage(pb::ListUsageRequest {
-            tenant,
-            pool,
-            from: None,
-            to: None,
-        })
-        .await?
-        .into_inner();
-    emit(
-        out,
-        || {
-            let mut t = Table::new(&[
-                "hour",
-                "tenant",
-                "pool",
-                "job",
-                "instance",
-                "spec",
-                "billing",
-                "entry",
-                "seconds",
-                "qty",
-                "unit price",
-                "amount",
-            ]);
-            for u in &r.records {
-                t.row(vec![
-                    ts_ms(u.hour_start.as_ref())
-                        .map(format_time)
-                        .unwrap_or_default(),
-                    u.tenant.clone(),
-                    u.pool_id.clone(),
-                    u.job_id.clone(),
-                    u.instance_id.clone(),
-                    u.spec.clone(),
-                    billing_mode_name(u.billing_mode).to_string(),
-                    u.entry_kind.clone(),
-                    u.seconds.to_string(),
-                    u.quantity.to_string(),
-                    format_micros(u.unit_price_micros),
-                    format_micros(u.amount_micros),
-                ]);
-            }
-            format!("{}TOTAL: {}\n", t.render(), format_micros(r.total_micros))
-        },
-        || json::usage(&r),
-    )
-}
-
-async fn order_list(
-    conn: &Conn,
-    out: OutputFormat,
-    tenant: String,
-    pool: String,
-) -> Result<(), CliError> {
-    let orders = conn
-        .usage()
-        .await?
-        .list_orders(pb::ListOrdersRequest { tenant, pool })
-        .await?
-        .into_inner()
-        .orders;
-    emit(
-        out,
-        || {
-            let mut t = Table::new(&[
-                "order", "pool", "tenant", "months", "billed", "amount", "starts", "ends",
-            ]);
-            for o in &orders {
-                t.row(vec![
-                    o.order_id.clone(),
-                    o.pool_id.clone(),
-                    o.tenant.clone(),
-                    o.months.to_string(),
-                    o.billed_months.to_string(),
-                    format_micros(o.amount_micros),
-                    ts_ms(o.starts_at.as_ref())
-                        .map(format_time)
-                        .unwrap_or_default(),
-                    ts_ms(o.ends_at.as_ref())
-                        .map(format_time)
-                        .unwrap_or_default(),
-                ]);
-            }
-            t.render()
-        },
-        || json::orders(&orders),
     )
 }
 

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+mod billing;
 mod pools;
 
 use crate::domain::placement::{self, GpuSlot, NodeCapacity};
@@ -71,6 +72,13 @@ pub struct Settings {
     pub stop_grace_ms: u32,
     /// Regions where deploy pools may be bought by subscription (R-CREATE-11).
     pub subscription_regions: Vec<String>,
+    /// Currency of all amounts.
+    pub currency: String,
+    /// Price catalog by spec, and the price of unlisted specs.
+    pub prices: BTreeMap<String, crate::domain::billing::SpecPrice>,
+    pub default_price: crate::domain::billing::SpecPrice,
+    /// How long a frozen pool is kept before it is released.
+    pub frozen_retention_ms: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +122,9 @@ pub struct Cluster {
     tenants: BTreeMap<String, Tenant>,
     /// token SHA-256 hex -> tenant
     tokens: HashMap<String, String>,
+    orders: Vec<crate::domain::billing::Order>,
+    /// Hours before this are in the ledger table.
+    ledger_closed_until_ms: i64,
     store: Box<dyn Store>,
 }
 
@@ -136,6 +147,8 @@ impl Cluster {
             next_pool_seq: 1,
             tenants: BTreeMap::new(),
             tokens: snapshot.tokens.into_iter().collect(),
+            orders: snapshot.orders,
+            ledger_closed_until_ms: 0,
             store,
         };
         for pool in snapshot.pools {
@@ -160,6 +173,24 @@ impl Cluster {
             }
             cluster.jobs.insert(job.job_id.clone(), job);
         }
+        // Resume closing the ledger where it stopped; a database without a
+        // ledger yet starts at the earliest metered moment.
+        let earliest = cluster
+            .pools
+            .values()
+            .map(|p| p.created_at_ms)
+            .chain(
+                cluster
+                    .jobs
+                    .values()
+                    .flat_map(|j| j.instances.iter().filter_map(|i| i.started_at_ms)),
+            )
+            .min()
+            .unwrap_or(now_ms)
+            .min(now_ms);
+        cluster.ledger_closed_until_ms = snapshot
+            .ledger_closed_until_ms
+            .unwrap_or_else(|| crate::domain::billing::hour_floor(earliest));
         Ok(cluster)
     }
 
@@ -537,6 +568,7 @@ impl Cluster {
                 self.persist_job(&id, now_ms);
             }
         }
+        self.advance_subscriptions(now_ms, out);
         self.advance_pools(now_ms);
         self.schedule(now_ms, out);
     }
@@ -811,11 +843,21 @@ mod tests {
     use crate::domain::Gpu;
     use crate::store::SqliteStore;
 
+    mod billing;
+
     fn settings() -> Settings {
         Settings {
             node_grace_ms: 1_000,
             stop_grace_ms: 500,
             subscription_regions: vec!["region-1".into()],
+            currency: "USD".into(),
+            prices: BTreeMap::new(),
+            default_price: crate::domain::billing::SpecPrice {
+                on_demand_node_hour_micros: 3_600_000,
+                subscription_node_month_micros: 1_000_000_000,
+                public_instance_hour_micros: 360_000,
+            },
+            frozen_retention_ms: 24 * 3_600_000,
         }
     }
 

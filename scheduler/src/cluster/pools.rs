@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 
 use super::{Cluster, ClusterError, Outbox};
+use crate::domain::billing::{self, ModeSpan, OrderKind, Span, Term};
+use crate::domain::pool::BillingMode;
 use crate::domain::pool::{
     self, CreateRequest, FreeNode, Network, NodeHealth, Pool, PoolError, PoolNode, PoolStatus,
     PoolType, ScaleInPick,
@@ -272,7 +274,7 @@ impl Cluster {
         }
     }
 
-    fn dedicated(&self, caller: &Caller, key: &str) -> Result<Pool, ClusterError> {
+    pub(super) fn dedicated(&self, caller: &Caller, key: &str) -> Result<Pool, ClusterError> {
         match self.resolve_pool(caller, key)? {
             PoolRef::Dedicated(p) => Ok(p.clone()),
             PoolRef::Public => Err(ClusterError::FailedPrecondition(
@@ -390,8 +392,46 @@ impl Cluster {
             status_reason: "taking nodes".into(),
             created_at_ms: now_ms,
             deleted_at_ms: None,
+            meter: node_ids
+                .iter()
+                .map(|n| Span {
+                    unit: n.clone(),
+                    from_ms: now_ms,
+                    to_ms: None,
+                })
+                .collect(),
+            modes: vec![ModeSpan {
+                from_ms: now_ms,
+                mode: v.billing_mode,
+            }],
+            term: None,
+            frozen_at_ms: None,
         };
-        self.move_nodes(&pool, &node_ids, &pool_id, now_ms)?;
+        let mut pool = pool;
+        // R-DED-4/5: billing starts now; a subscription is paid by an order.
+        let order = match v.subscription {
+            Some(terms) if v.billing_mode == BillingMode::Subscription => {
+                let end = billing::add_months(now_ms, terms.months);
+                pool.term = Some(Term {
+                    start_ms: now_ms,
+                    end_ms: end,
+                });
+                let billed = billing::billed_months(pool.pool_type, terms.months);
+                let price = self.price_of(&pool.spec).subscription_node_month_micros;
+                Some(self.new_order(
+                    OrderKind::New,
+                    &pool,
+                    v.node_count,
+                    terms.months,
+                    billed,
+                    billing::order_amount(price, v.node_count, billed),
+                    (now_ms, end),
+                    now_ms,
+                ))
+            }
+            _ => None,
+        };
+        self.move_nodes(&pool, &node_ids, &pool_id, now_ms, order)?;
         self.next_pool_seq += 1;
         tracing::info!(pool = %pool_id, tenant = %pool.tenant, nodes = ?node_ids, "pool created");
         self.pools.insert(pool_id, pool.clone());
@@ -405,6 +445,7 @@ impl Cluster {
         node_ids: &[String],
         target: &str,
         now_ms: i64,
+        order: Option<crate::domain::billing::Order>,
     ) -> Result<(), ClusterError> {
         let moved: Vec<Node> = node_ids
             .iter()
@@ -415,9 +456,15 @@ impl Cluster {
             .collect();
         let mut records: Vec<Record<'_>> = moved.iter().map(Record::Node).collect();
         records.push(Record::Pool(pool));
+        if let Some(order) = &order {
+            records.push(Record::Order(order));
+        }
         self.store.write(&records, now_ms)?;
         for node in moved {
             self.nodes.insert(node.node_id.clone(), node);
+        }
+        if let Some(order) = order {
+            self.orders.push(order);
         }
         Ok(())
     }
@@ -460,16 +507,44 @@ impl Cluster {
             seed,
         )?;
         pool.node_ids.extend(added.iter().cloned());
+        pool.meter.extend(added.iter().map(|n| Span {
+            unit: n.clone(),
+            from_ms: now_ms,
+            to_ms: None,
+        }));
         pool.status = PoolStatus::Scaling;
         pool.status_reason = format!("adding {}", added.join(", "));
         let pool_id = pool.pool_id.clone();
-        self.move_nodes(&pool, &added, &pool_id, now_ms)?;
+        // A subscription pool pays for added nodes pro rata to its term's end.
+        let order = match (pool.term, pool.subscription) {
+            (Some(term), Some(terms)) => {
+                let billed = billing::billed_months(pool.pool_type, terms.months);
+                let price = self.price_of(&pool.spec).subscription_node_month_micros;
+                let full = billing::order_amount(price, count, billed);
+                Some(self.new_order(
+                    OrderKind::ScaleOut,
+                    &pool,
+                    count,
+                    terms.months,
+                    billed,
+                    billing::pro_rata(full, term.start_ms, term.end_ms, now_ms),
+                    (now_ms, term.end_ms),
+                    now_ms,
+                ))
+            }
+            _ => None,
+        };
+        self.move_nodes(&pool, &added, &pool_id, now_ms, order)?;
         tracing::info!(pool = %pool_id, added = ?added, "pool scaling out");
         self.pools.insert(pool_id, pool.clone());
         Ok(pool)
     }
 
-    fn require_steady(&self, pool: &Pool, what: &'static str) -> Result<(), ClusterError> {
+    pub(super) fn require_steady(
+        &self,
+        pool: &Pool,
+        what: &'static str,
+    ) -> Result<(), ClusterError> {
         match pool.status {
             PoolStatus::Running | PoolStatus::Abnormal | PoolStatus::Unavailable => Ok(()),
             status => Err(PoolError::Busy {
@@ -546,6 +621,7 @@ impl Cluster {
                 pool.draining.push(id.clone());
             }
         }
+        close_spans(&mut pool.meter, Some(remove), now_ms);
         pool.status = PoolStatus::Scaling;
         pool.status_reason = format!("removing {}", remove.join(", "));
         self.store.write(&[Record::Pool(&pool)], now_ms)?;
@@ -576,8 +652,23 @@ impl Cluster {
         now_ms: i64,
         out: &mut Outbox,
     ) -> Result<Pool, ClusterError> {
-        let mut pool = self.dedicated(caller, key)?;
+        let pool = self.dedicated(caller, key)?;
         pool::check_delete(&pool.pool_id, pool.status, pool.billing_mode, confirm)?;
+        self.begin_delete(pool, "pool deleted", now_ms, out, None)
+    }
+
+    /// Deletes a pool: its jobs become Unavailable (R-DEL-1) and their
+    /// processes are stopped, its meter stops now (R-DEL-2), and its nodes
+    /// return to the public pool once empty. `extra` (a refund) is written
+    /// in the same transaction.
+    pub(super) fn begin_delete(
+        &mut self,
+        mut pool: Pool,
+        why: &str,
+        now_ms: i64,
+        out: &mut Outbox,
+        extra: Option<crate::domain::billing::Order>,
+    ) -> Result<Pool, ClusterError> {
         let job_ids: Vec<String> = self
             .jobs
             .values()
@@ -589,14 +680,22 @@ impl Cluster {
             let cause = StopCause::PoolDeleted {
                 pool: pool.pool_id.clone(),
             };
-            jobs.push(self.stop_job(job_id, cause, "pool deleted", now_ms, out));
+            jobs.push(self.stop_job(job_id, cause, why, now_ms, out));
         }
         pool.status = PoolStatus::Deleting;
         pool.status_reason = "stopping jobs and releasing nodes".into();
         pool.draining = pool.node_ids.clone();
+        pool.term = None;
+        close_spans(&mut pool.meter, None, now_ms);
         let mut records: Vec<Record<'_>> = jobs.iter().map(Record::Job).collect();
         records.push(Record::Pool(&pool));
+        if let Some(order) = &extra {
+            records.push(Record::Order(order));
+        }
         self.store.write(&records, now_ms)?;
+        if let Some(order) = extra {
+            self.orders.push(order);
+        }
         tracing::info!(pool = %pool.pool_id, jobs = ?job_ids, "pool deleting");
         self.pools.insert(pool.pool_id.clone(), pool.clone());
         self.advance_pools(now_ms);
@@ -681,6 +780,19 @@ impl Cluster {
                 self.nodes.insert(node.node_id.clone(), node);
             }
             self.pools.insert(id, pool);
+        }
+    }
+}
+
+/// Closes the open meter spans (of `only` nodes, or all) at `at_ms`.
+pub(super) fn close_spans(
+    meter: &mut [crate::domain::billing::Span],
+    only: Option<&[String]>,
+    at_ms: i64,
+) {
+    for span in meter.iter_mut().filter(|s| s.to_ms.is_none()) {
+        if only.is_none_or(|nodes| nodes.contains(&span.unit)) {
+            span.to_ms = Some(at_ms.max(span.from_ms));
         }
     }
 }

@@ -301,6 +301,8 @@ pub enum StopCause {
     PoolDeleted { pool: String },
     /// R-SCALE-3 with force: the node it ran on left the pool.
     ScaleIn { node: String, pool: String },
+    /// The pool's subscription lapsed and the pool was frozen.
+    PoolFrozen { pool: String },
 }
 
 impl StopCause {
@@ -310,6 +312,10 @@ impl StopCause {
             StopCause::PoolDeleted { pool } => (
                 JobState::Unavailable,
                 format!("pool {pool} was deleted (R-DEL-1)"),
+            ),
+            StopCause::PoolFrozen { pool } => (
+                JobState::Failed,
+                format!("pool {pool} was frozen: its subscription expired"),
             ),
             StopCause::ScaleIn { node, pool } => (
                 JobState::Failed,

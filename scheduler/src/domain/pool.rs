@@ -54,9 +54,12 @@ pub enum PoolStatus {
     CreateFailed,
     Deleting,
     Deleted,
+    /// A subscription lapsed without renewal or conversion: no jobs run;
+    /// released after the retention.
+    Frozen,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum BillingMode {
     OnDemand,
     Subscription,
@@ -433,7 +436,7 @@ pub fn derive_status(
     draining: bool,
 ) -> (PoolStatus, String) {
     use PoolStatus::*;
-    if matches!(current, Deleting | Deleted | CreateFailed) {
+    if matches!(current, Deleting | Deleted | CreateFailed | Frozen) {
         return (current, String::new());
     }
     let not_ready: Vec<&str> = nodes
@@ -1578,6 +1581,19 @@ pub struct Pool {
     pub status_reason: String,
     pub created_at_ms: i64,
     pub deleted_at_ms: Option<i64>,
+    /// Billing meter: one span per node while it belongs to the pool
+    /// (R-DED-4), closed at scale-in, deletion or freeze.
+    #[serde(default)]
+    pub meter: Vec<super::billing::Span>,
+    /// Billing mode over time (conversions, R-BILL-1/2).
+    #[serde(default)]
+    pub modes: Vec<super::billing::ModeSpan>,
+    /// The paid subscription term, while subscribed.
+    #[serde(default)]
+    pub term: Option<super::billing::Term>,
+    /// When the pool was frozen (subscription lapsed).
+    #[serde(default)]
+    pub frozen_at_ms: Option<i64>,
 }
 
 impl Pool {

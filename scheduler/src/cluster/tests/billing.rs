@@ -1,0 +1,591 @@
+//! Billing over real cluster timelines (with the SQLite store): the
+//! subscription lifecycle, and a randomized comparison of the ledger with an
+//! independent integration of the allocation timeline.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::domain::billing::{HOUR_MS, OrderKind, add_months, hour_floor};
+use crate::domain::pool::{BillingMode, CreateRequest, PoolStatus, PoolType, SubscriptionTerms};
+use crate::domain::tenant::Quota;
+
+/// 2026-11-27T10:00:00Z
+const T0: i64 = 1_795_773_600_000;
+const NODE_HOUR: i64 = 3_600_000; // settings(): on-demand price per node-hour
+const NODE_MONTH: i64 = 1_000_000_000; // subscription price per node-month
+const INSTANCE_HOUR: i64 = 360_000; // public price per instance-hour
+
+fn cluster_with_nodes(dir: &std::path::Path, n: usize, now: i64) -> Cluster {
+    let mut c = open(dir, now);
+    for i in 0..n {
+        let inv = Inventory {
+            az: "AZ1".into(),
+            ..inventory(2)
+        };
+        c.register_node(&format!("n{i}"), inv, now).unwrap();
+    }
+    c.create_tenant(
+        &admin(),
+        "t",
+        Quota {
+            max_dedicated_nodes: 100,
+            max_gpus: 1000,
+        },
+        now,
+    )
+    .unwrap();
+    c
+}
+
+fn keep_alive(c: &mut Cluster, now: i64, out: &mut Outbox) {
+    let ids: Vec<String> = c.nodes().map(|n| n.node_id.clone()).collect();
+    for id in ids {
+        c.heartbeat(&id, None, vec![], now, out);
+    }
+}
+
+fn spec(c: &Cluster) -> String {
+    c.nodes().next().unwrap().spec_name()
+}
+
+fn train(c: &Cluster, name: &str, nodes: u32, sub: Option<SubscriptionTerms>) -> CreateRequest {
+    CreateRequest {
+        pool_type: Some(PoolType::Train),
+        name: name.into(),
+        spec: spec(c),
+        node_count: nodes,
+        billing_mode: Some(if sub.is_some() {
+            BillingMode::Subscription
+        } else {
+            BillingMode::OnDemand
+        }),
+        subscription: sub,
+        ..Default::default()
+    }
+}
+
+fn tenant() -> Caller {
+    Caller::tenant("t")
+}
+
+fn terms(months: u32, auto_renew: bool, convert: bool) -> Option<SubscriptionTerms> {
+    Some(SubscriptionTerms {
+        months,
+        auto_renew,
+        convert_to_on_demand_at_expiry: convert,
+    })
+}
+
+#[test]
+fn r_create_8_a_year_subscription_orders_ten_months() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster_with_nodes(dir.path(), 2, T0);
+    let pool = c
+        .create_pool(&tenant(), train(&c, "p", 2, terms(12, false, false)), 0, T0)
+        .unwrap();
+    let orders: Vec<_> = c.orders(&admin()).cloned().collect();
+    assert_eq!(orders.len(), 1);
+    assert_eq!(
+        (orders[0].kind, orders[0].billed_months),
+        (OrderKind::New, 10)
+    );
+    assert_eq!(orders[0].amount_micros, 2 * 10 * NODE_MONTH);
+    assert_eq!(pool.term.unwrap().end_ms, add_months(T0, 12));
+    // Covered time is recorded at zero.
+    let rows = c.live_usage(T0, T0 + HOUR_MS);
+    assert_eq!((rows[0].amount_micros, rows[0].unit_ms), (0, 2 * HOUR_MS));
+}
+
+#[test]
+fn r_create_11_deploy_subscriptions_only_in_configured_regions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster_with_nodes(dir.path(), 1, T0);
+    let mut req = train(&c, "x", 1, terms(3, false, false));
+    req.pool_type = Some(PoolType::Deploy);
+    req.name = "serve".into();
+    req.region = "elsewhere".into();
+    let err = c.create_pool(&tenant(), req.clone(), 0, T0).unwrap_err();
+    assert!(err.to_string().contains("R-CREATE-11"), "{err}");
+    req.region = "region-1".into();
+    c.create_pool(&tenant(), req, 0, T0).unwrap();
+    assert!(c.orders(&admin()).all(|o| o.billed_months == 3));
+}
+
+#[test]
+fn r_create_9_auto_renew_orders_the_next_term_at_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster_with_nodes(dir.path(), 1, T0);
+    let mut out = Outbox::new();
+    let pool = c
+        .create_pool(&tenant(), train(&c, "p", 1, terms(1, true, false)), 0, T0)
+        .unwrap();
+    let end = add_months(T0, 1);
+    keep_alive(&mut c, end - 1, &mut out);
+    c.tick(end - 1, &mut out);
+    assert_eq!(c.orders(&admin()).count(), 1);
+    // Down for three months: every missed term is renewed, back to back.
+    let later = add_months(T0, 3) + 5;
+    keep_alive(&mut c, later, &mut out);
+    c.tick(later, &mut out);
+    let orders: Vec<_> = c.orders(&admin()).cloned().collect();
+    assert_eq!(
+        orders.iter().map(|o| o.kind).collect::<Vec<_>>(),
+        [
+            OrderKind::New,
+            OrderKind::Renewal,
+            OrderKind::Renewal,
+            OrderKind::Renewal
+        ]
+    );
+    assert_eq!(orders[1].starts_at_ms, end);
+    assert_eq!(orders[3].ends_at_ms, add_months(T0, 4));
+    let p = c.dedicated(&admin(), &pool.pool_id).unwrap();
+    assert_eq!(p.status, PoolStatus::Running);
+    assert_eq!(
+        c.live_usage(T0, later)
+            .iter()
+            .map(|r| r.amount_micros)
+            .sum::<i64>(),
+        0
+    );
+}
+
+#[test]
+fn r_bill_2_convert_at_expiry_bills_on_demand_from_the_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster_with_nodes(dir.path(), 1, T0);
+    let mut out = Outbox::new();
+    let pool = c
+        .create_pool(&tenant(), train(&c, "p", 1, terms(1, false, false)), 0, T0)
+        .unwrap();
+    c.set_renewal(&tenant(), &pool.pool_id, false, true, T0 + 1)
+        .unwrap();
+    let end = add_months(T0, 1);
+    let after = end + 2 * HOUR_MS;
+    keep_alive(&mut c, after, &mut out);
+    c.tick(after, &mut out);
+    let p = c.dedicated(&admin(), &pool.pool_id).unwrap();
+    assert_eq!(
+        (p.status, p.billing_mode),
+        (PoolStatus::Running, BillingMode::OnDemand)
+    );
+    let rows = c.live_usage(end - HOUR_MS, after);
+    let paid: i64 = rows.iter().map(|r| r.amount_micros).sum();
+    assert_eq!(
+        paid,
+        2 * NODE_HOUR,
+        "two on-demand hours after the expiry: {rows:?}"
+    );
+}
+
+#[test]
+fn frozen_without_renewal_stops_jobs_then_released_after_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster_with_nodes(dir.path(), 1, T0);
+    let mut out = Outbox::new();
+    let pool = c
+        .create_pool(&tenant(), train(&c, "p", 1, terms(1, false, false)), 0, T0)
+        .unwrap();
+    keep_alive(&mut c, T0 + 10, &mut out);
+    c.tick(T0 + 10, &mut out);
+    let mut spec = raw(1);
+    spec.pool = pool.pool_id.clone();
+    let job = c.submit(&tenant(), spec, T0 + 20, &mut out).unwrap();
+    let end = add_months(T0, 1);
+    keep_alive(&mut c, end + 1, &mut out);
+    out.clear();
+    c.tick(end + 1, &mut out);
+    let p = c.dedicated(&admin(), &pool.pool_id).unwrap();
+    assert_eq!(p.status, PoolStatus::Frozen);
+    assert!(
+        out.iter()
+            .any(|(_, cmd)| matches!(cmd, AgentCommand::Stop { .. })),
+        "running instances are stopped"
+    );
+    assert_eq!(
+        c.job(&admin(), &job.job_id).unwrap().state,
+        JobState::Failed
+    );
+    // No new jobs, no charge while frozen.
+    let mut spec = raw(0);
+    spec.pool = pool.pool_id.clone();
+    assert!(c.submit(&tenant(), spec, end + 2, &mut out).is_err());
+    assert!(c.live_usage(end, end + 5 * HOUR_MS).is_empty());
+    // Released after the retention (24 h in these settings).
+    let gone = end + 24 * HOUR_MS + 1;
+    keep_alive(&mut c, gone, &mut out);
+    let id = format!("{}-0", job.job_id);
+    c.heartbeat(
+        "n0",
+        None,
+        vec![report(&id, InstanceState::Stopped, None)],
+        gone,
+        &mut out,
+    );
+    c.tick(gone, &mut out);
+    assert_eq!(
+        c.dedicated(&admin(), &pool.pool_id).unwrap().status,
+        PoolStatus::Deleted
+    );
+    assert_eq!(c.node("n0").unwrap().pool, "public");
+}
+
+#[test]
+fn r_bill_1_conversion_is_refused_without_a_consumption_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster_with_nodes(dir.path(), 1, T0);
+    let mut out = Outbox::new();
+    let pool = c
+        .create_pool(&tenant(), train(&c, "p", 1, None), 0, T0)
+        .unwrap();
+    keep_alive(&mut c, T0, &mut out);
+    c.tick(T0, &mut out);
+    // Nothing billed yet.
+    let err = c
+        .convert_to_subscription(&tenant(), &pool.pool_id, 6, false, T0)
+        .unwrap_err();
+    assert!(
+        matches!(err, ClusterError::FailedPrecondition(ref m) if m.contains("no consumption record")),
+        "{err}"
+    );
+    // Mid-hour conversion splits the hour exactly.
+    let at = T0 + 25 * 60_000 + 300;
+    keep_alive(&mut c, at, &mut out);
+    c.tick(at, &mut out);
+    let p = c
+        .convert_to_subscription(&tenant(), &pool.pool_id, 6, true, at)
+        .unwrap();
+    assert_eq!(p.billing_mode, BillingMode::Subscription);
+    let rows = c.live_usage(T0, T0 + HOUR_MS);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0].mode, rows[0].unit_ms),
+        (BillingMode::OnDemand, at - T0)
+    );
+    assert_eq!(
+        (rows[1].mode, rows[1].unit_ms, rows[1].amount_micros),
+        (BillingMode::Subscription, T0 + HOUR_MS - at, 0)
+    );
+    assert_eq!(
+        c.orders(&admin()).last().unwrap().kind,
+        OrderKind::Conversion
+    );
+}
+
+#[test]
+fn r_del_3_unsubscribe_refunds_the_unused_part_then_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster_with_nodes(dir.path(), 2, T0);
+    let mut out = Outbox::new();
+    let pool = c
+        .create_pool(&tenant(), train(&c, "p", 1, terms(12, false, false)), 0, T0)
+        .unwrap();
+    // Delete is refused for subscription pools.
+    let err = c
+        .delete_pool(&tenant(), &pool.pool_id, true, T0 + 1, &mut out)
+        .unwrap_err();
+    assert!(err.to_string().contains("unsubscrib"), "{err}");
+    // Scale out at the middle of the term: charged pro rata to the end.
+    let end = add_months(T0, 12);
+    let mid = T0 + (end - T0) / 2;
+    keep_alive(&mut c, mid, &mut out);
+    c.tick(mid, &mut out);
+    c.scale_out(&tenant(), &pool.pool_id, 1, 0, mid).unwrap();
+    let scale = c.orders(&admin()).last().unwrap().clone();
+    assert_eq!(scale.kind, OrderKind::ScaleOut);
+    assert_eq!(scale.amount_micros, 10 * NODE_MONTH / 2);
+    keep_alive(&mut c, mid + 1, &mut out);
+    c.tick(mid + 1, &mut out);
+    // Unsubscribe three quarters in: a quarter of both orders comes back.
+    let at = T0 + (end - T0) / 4 * 3;
+    keep_alive(&mut c, at, &mut out);
+    c.tick(at, &mut out);
+    let (p, refund) = c
+        .unsubscribe(&tenant(), &pool.pool_id, true, at, &mut out)
+        .unwrap();
+    let new_part = crate::domain::billing::pro_rata(10 * NODE_MONTH, T0, end, at);
+    let scale_part = crate::domain::billing::pro_rata(scale.amount_micros, mid, end, at);
+    assert_eq!(refund, new_part + scale_part);
+    // A quarter of the year order, and half of the half-year scale-out order.
+    assert!(
+        (refund - (10 * NODE_MONTH / 4 + 10 * NODE_MONTH / 2 / 2)).abs() <= 2,
+        "{refund}"
+    );
+    let last = c.orders(&admin()).last().unwrap().clone();
+    assert_eq!(
+        (last.kind, last.amount_micros),
+        (OrderKind::Refund, -refund)
+    );
+    assert!(matches!(
+        p.status,
+        PoolStatus::Deleting | PoolStatus::Deleted
+    ));
+    // R-DEL-2: nothing is metered after it.
+    assert!(c.live_usage(at + 1, at + 10 * HOUR_MS).is_empty());
+}
+
+/// A small deterministic PRNG (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The test's own model of what was allocated when.
+#[derive(Default)]
+struct Model {
+    /// subject -> [(from, to)] unit spans
+    spans: BTreeMap<String, Vec<(i64, Option<i64>)>>,
+    /// pool subject -> [(from, mode)]
+    modes: BTreeMap<String, Vec<(i64, BillingMode)>>,
+    price: BTreeMap<String, i64>,
+}
+
+impl Model {
+    /// Expected (unit_ms, amount upper and lower bound) per (subject, mode) over [from, to).
+    fn integrate(&self, to: i64) -> BTreeMap<(String, BillingMode), i64> {
+        let mut out = BTreeMap::new();
+        for (subject, spans) in &self.spans {
+            let modes = self
+                .modes
+                .get(subject)
+                .cloned()
+                .unwrap_or_else(|| vec![(i64::MIN, BillingMode::OnDemand)]);
+            for (i, (m0, mode)) in modes.iter().enumerate() {
+                let m1 = modes.get(i + 1).map_or(to, |m| m.0).min(to);
+                let mut ms = 0;
+                for (a, b) in spans {
+                    let (s0, s1) = ((*a).max(*m0), b.unwrap_or(to).min(m1));
+                    ms += (s1 - s0).max(0);
+                }
+                if ms > 0 {
+                    *out.entry((subject.clone(), *mode)).or_insert(0) += ms;
+                }
+            }
+        }
+        out
+    }
+}
+
+#[test]
+fn ledger_equals_an_independent_integration_of_random_timelines() {
+    let (mut pools_seen, mut instances_seen, mut conversions_seen) = (0, 0, 0);
+    for seed in 1..=12u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut now = T0 + rng.below(HOUR_MS as u64) as i64;
+        let mut c = cluster_with_nodes(dir.path(), 6, now);
+        let mut out = Outbox::new();
+        let mut model = Model::default();
+        let mut running: Vec<String> = Vec::new();
+        let mut pools: Vec<String> = Vec::new();
+        for step in 0..60 {
+            now += 1 + rng.below(2 * HOUR_MS as u64) as i64;
+            keep_alive(&mut c, now, &mut out);
+            c.tick(now, &mut out);
+            match rng.below(9) {
+                0 | 1 => {
+                    let n = 1 + rng.below(2) as u32;
+                    if let Ok(p) = c.create_pool(
+                        &tenant(),
+                        train(&c, &format!("p{step}"), n, None),
+                        rng.next(),
+                        now,
+                    ) {
+                        let subject = format!("pool:{}", p.pool_id);
+                        for node in &p.node_ids {
+                            let _ = node;
+                            model
+                                .spans
+                                .entry(subject.clone())
+                                .or_default()
+                                .push((now, None));
+                        }
+                        model
+                            .modes
+                            .insert(subject.clone(), vec![(now, BillingMode::OnDemand)]);
+                        model.price.insert(subject, NODE_HOUR);
+                        pools.push(p.pool_id);
+                    }
+                }
+                2 if !pools.is_empty() => {
+                    let id = pools[rng.below(pools.len() as u64) as usize].clone();
+                    if c.scale_out(&tenant(), &id, 1, rng.next(), now).is_ok() {
+                        model
+                            .spans
+                            .get_mut(&format!("pool:{id}"))
+                            .unwrap()
+                            .push((now, None));
+                    }
+                }
+                3 if !pools.is_empty() => {
+                    let id = pools[rng.below(pools.len() as u64) as usize].clone();
+                    let p = c.dedicated(&admin(), &id).unwrap();
+                    if p.target_node_count() > 1 {
+                        let node = p
+                            .node_ids
+                            .iter()
+                            .find(|n| !p.draining.contains(n))
+                            .unwrap()
+                            .clone();
+                        if c.scale_in(
+                            &tenant(),
+                            &id,
+                            std::slice::from_ref(&node),
+                            true,
+                            now,
+                            &mut out,
+                        )
+                        .is_ok()
+                        {
+                            // The model closes the span of that node: the one whose start matches the meter.
+                            let start = p
+                                .meter
+                                .iter()
+                                .find(|s| s.unit == node && s.to_ms.is_none())
+                                .unwrap()
+                                .from_ms;
+                            let spans = model.spans.get_mut(&format!("pool:{id}")).unwrap();
+                            let open = spans
+                                .iter_mut()
+                                .find(|s| s.0 == start && s.1.is_none())
+                                .unwrap();
+                            open.1 = Some(now);
+                        }
+                    }
+                }
+                4 if !pools.is_empty() => {
+                    let id = pools.remove(rng.below(pools.len() as u64) as usize);
+                    if c.delete_pool(&tenant(), &id, true, now, &mut out).is_err() {
+                        // A converted pool is released by unsubscribing (R-DEL-3).
+                        c.unsubscribe(&tenant(), &id, true, now, &mut out).unwrap();
+                    }
+                    for s in model
+                        .spans
+                        .get_mut(&format!("pool:{id}"))
+                        .unwrap()
+                        .iter_mut()
+                        .filter(|s| s.1.is_none())
+                    {
+                        s.1 = Some(now);
+                    }
+                }
+                5 => {
+                    let job = c.submit(&tenant(), raw(0), now, &mut out).unwrap();
+                    if let Some(inst) = job.instances.first() {
+                        let node = inst.node_id.clone();
+                        let id = inst.instance_id.clone();
+                        c.heartbeat(
+                            &node,
+                            None,
+                            vec![report(&id, InstanceState::Running, None)],
+                            now,
+                            &mut out,
+                        );
+                        model
+                            .spans
+                            .insert(format!("instance:{id}"), vec![(now, None)]);
+                        model.price.insert(format!("instance:{id}"), INSTANCE_HOUR);
+                        running.push(id);
+                    }
+                }
+                6 if !running.is_empty() => {
+                    let id = running.remove(rng.below(running.len() as u64) as usize);
+                    let node = c
+                        .jobs()
+                        .flat_map(|j| j.instances.iter())
+                        .find(|i| i.instance_id == id)
+                        .unwrap()
+                        .node_id
+                        .clone();
+                    c.heartbeat(
+                        &node,
+                        None,
+                        vec![report(&id, InstanceState::Succeeded, Some(0))],
+                        now,
+                        &mut out,
+                    );
+                    model.spans.get_mut(&format!("instance:{id}")).unwrap()[0].1 = Some(now);
+                }
+                7 => {
+                    // Restart from the database at this instant.
+                    drop(c);
+                    c = open(dir.path(), now);
+                }
+                8 if !pools.is_empty() => {
+                    let id = pools[rng.below(pools.len() as u64) as usize].clone();
+                    if c.convert_to_subscription(&tenant(), &id, 1, true, now)
+                        .is_ok()
+                    {
+                        model
+                            .modes
+                            .get_mut(&format!("pool:{id}"))
+                            .unwrap()
+                            .push((now, BillingMode::Subscription));
+                    }
+                }
+                _ => {}
+            }
+            if rng.below(3) == 0 {
+                c.close_hours(now);
+            }
+        }
+        now += 1 + rng.below(HOUR_MS as u64) as i64;
+        c.close_hours(now);
+        let rows = c.usage_rows(T0 - HOUR_MS, now).unwrap();
+        let mut got: BTreeMap<(String, BillingMode), (i64, i64, i64)> = BTreeMap::new();
+        for r in &rows {
+            let e = got.entry((r.subject.clone(), r.mode)).or_default();
+            e.0 += r.unit_ms;
+            e.1 += r.amount_micros;
+            e.2 += 1;
+        }
+        // Closed hours never repeat a (subject, hour, mode).
+        let mut keys: Vec<_> = rows
+            .iter()
+            .map(|r| (r.subject.clone(), r.hour_start_ms, r.mode))
+            .collect();
+        let n = keys.len();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), n, "seed {seed}: duplicated ledger rows");
+        let want = model.integrate(now);
+        pools_seen += want.keys().filter(|k| k.0.starts_with("pool:")).count();
+        instances_seen += want.keys().filter(|k| k.0.starts_with("instance:")).count();
+        conversions_seen += want
+            .keys()
+            .filter(|k| k.1 == BillingMode::Subscription)
+            .count();
+        let got_ms: BTreeMap<_, _> = got.iter().map(|(k, v)| (k.clone(), v.0)).collect();
+        assert_eq!(
+            got_ms, want,
+            "seed {seed}: ledger milliseconds differ from the timeline"
+        );
+        for ((subject, mode), (ms, amount, records)) in &got {
+            let price = if *mode == BillingMode::OnDemand {
+                model.price[subject]
+            } else {
+                0
+            };
+            let exact = (i128::from(price) * i128::from(*ms)) as f64 / HOUR_MS as f64;
+            assert!(
+                (*amount as f64 - exact).abs() <= *records as f64 * 0.5 + 1e-6,
+                "seed {seed} {subject}: {amount} vs {exact}"
+            );
+        }
+        assert!(hour_floor(now) >= hour_floor(T0));
+    }
+    // The timelines really exercised pools, public instances and conversions.
+    assert!(
+        pools_seen > 20 && instances_seen > 20 && conversions_seen > 3,
+        "{pools_seen} {instances_seen} {conversions_seen}"
+    );
+}
