@@ -260,12 +260,18 @@ pub async fn serve(
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(period);
+            let mut flushed = now_ms();
             loop {
                 tokio::select! {
                     _ = interval.tick() => {
                         let closed = shared.with(|core, out| {
                             let now = now_ms();
                             core.cluster.tick(now, out);
+                            // Utilization samples reach the store once a minute.
+                            if now - flushed >= 60_000 {
+                                core.cluster.flush_samples(flushed, now);
+                                flushed = now;
+                            }
                             core.cluster.close_hours(now)
                         });
                         shared.metrics.count_ledger(&closed);

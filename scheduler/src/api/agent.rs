@@ -132,13 +132,20 @@ fn handle(shared: &Shared, node_id: &str, msg: pb::AgentMessage) {
                 .into_iter()
                 .filter_map(reported_from_pb)
                 .collect();
+            let now = now_ms();
+            let samples: Vec<(u32, u32)> = hb
+                .gpu_samples
+                .iter()
+                .map(|g| (g.index, g.utilization_pct))
+                .collect();
             core.cluster.heartbeat(
                 node_id,
                 hb.inventory.map(inventory_from_pb),
                 reported,
-                now_ms(),
+                now,
                 out,
             );
+            core.cluster.record_gpu_samples(node_id, &samples, now);
         }),
         Some(Msg::InstanceUpdate(update)) => {
             if let Some(r) = update.status.and_then(reported_from_pb) {

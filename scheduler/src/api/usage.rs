@@ -103,6 +103,8 @@ fn row_to_pb(r: &LedgerRow, period_label: String) -> pb::UsageRecord {
         entry_kind: "usage".into(),
         unit_ms: r.unit_ms,
         period: period_label,
+        gpu_allocated_ms: r.gpu_allocated_ms,
+        gpu_used_ms: r.gpu_used_ms,
     }
 }
 
@@ -116,6 +118,8 @@ fn roll_up(rows: Vec<LedgerRow>, by: pb::Rollup) -> Vec<pb::UsageRecord> {
             Some((acc, _)) => {
                 acc.unit_ms += r.unit_ms;
                 acc.amount_micros += r.amount_micros;
+                acc.gpu_allocated_ms += r.gpu_allocated_ms;
+                acc.gpu_used_ms += r.gpu_used_ms;
                 acc.quantity = acc.quantity.max(r.quantity);
             }
             None => {

@@ -83,7 +83,7 @@ pub struct BillArgs {
 }
 
 /// The CSV header of `usage --csv`.
-const USAGE_CSV_HEADER: [&str; 13] = [
+const USAGE_CSV_HEADER: [&str; 15] = [
     "period",
     "tenant",
     "pool_id",
@@ -97,6 +97,8 @@ const USAGE_CSV_HEADER: [&str; 13] = [
     "unit_ms",
     "unit_price_micros",
     "amount_micros",
+    "gpu_allocated_ms",
+    "gpu_used_ms",
 ];
 
 pub(super) async fn usage_command(
@@ -195,6 +197,9 @@ fn usage_table(r: &pb::ListUsageResponse) -> String {
         "kind",
         "qty",
         "seconds",
+        "gpu s",
+        "gpu used s",
+        "used",
         "unit price",
         "amount",
     ]);
@@ -210,11 +215,23 @@ fn usage_table(r: &pb::ListUsageResponse) -> String {
             u.entry_kind.clone(),
             u.quantity.to_string(),
             u.seconds.to_string(),
+            (u.gpu_allocated_ms / 1000).to_string(),
+            (u.gpu_used_ms / 1000).to_string(),
+            used_ratio(u),
             format_micros(u.unit_price_micros),
             format_micros(u.amount_micros),
         ]);
     }
     format!("{}total: {}\n", t.render(), format_micros(r.total_micros))
+}
+
+/// Used GPU time as a share of allocated GPU time, or `-` without GPUs.
+fn used_ratio(u: &pb::UsageRecord) -> String {
+    if u.gpu_allocated_ms > 0 {
+        format!("{}%", u.gpu_used_ms * 100 / u.gpu_allocated_ms)
+    } else {
+        "-".into()
+    }
 }
 
 /// The records as CSV: a header, then one line per record, raw integers.
@@ -235,6 +252,8 @@ fn usage_csv(records: &[pb::UsageRecord]) -> String {
             u.unit_ms.to_string(),
             u.unit_price_micros.to_string(),
             u.amount_micros.to_string(),
+            u.gpu_allocated_ms.to_string(),
+            u.gpu_used_ms.to_string(),
         ]));
     }
     text
@@ -427,6 +446,8 @@ mod tests {
             entry_kind: entry_kind.into(),
             unit_ms: 3_600_000,
             period: period.into(),
+            gpu_allocated_ms: 3_600_000,
+            gpu_used_ms: 900_000,
         }
     }
 
@@ -460,6 +481,9 @@ mod tests {
                 "KIND",
                 "QTY",
                 "SECONDS",
+                "GPU S",
+                "GPU USED S",
+                "USED",
                 "UNIT PRICE",
                 "AMOUNT"
             ]
@@ -477,6 +501,9 @@ mod tests {
                 "usage",
                 "2",
                 "1800",
+                "3600",
+                "900",
+                "25%",
                 "2.500000",
                 "2.500000"
             ]
@@ -494,6 +521,9 @@ mod tests {
                 "refund",
                 "2",
                 "1800",
+                "3600",
+                "900",
+                "25%",
                 "2.500000",
                 "-12.500000"
             ]
@@ -516,17 +546,17 @@ mod tests {
         assert_eq!(
             lines[0],
             "period,tenant,pool_id,job_id,instance_id,spec,billing_mode,entry_kind,\
-             quantity,seconds,unit_ms,unit_price_micros,amount_micros"
+             quantity,seconds,unit_ms,unit_price_micros,amount_micros,gpu_allocated_ms,gpu_used_ms"
         );
         assert_eq!(
             lines[1],
             "2026-11-27T10:00:00Z,acme,public,j-1,j-1-0,1xH100,on-demand,usage,\
-             2,1800,3600000,2500000,2500000"
+             2,1800,3600000,2500000,2500000,3600000,900000"
         );
         assert_eq!(
             lines[2],
             "2026-11,acme,\"team, \"\"a\"\"\",j-1,j-1-0,1xH100,on-demand,refund,\
-             2,1800,3600000,2500000,-12500000"
+             2,1800,3600000,2500000,-12500000,3600000,900000"
         );
         assert!(text.ends_with("\r\n"));
         // No records: the header alone.

@@ -309,6 +309,8 @@ pub fn usage_record(r: &UsageRecord) -> Value {
         "entry_kind": r.entry_kind,
         "unit_ms": r.unit_ms,
         "period": r.period,
+        "gpu_allocated_ms": r.gpu_allocated_ms,
+        "gpu_used_ms": r.gpu_used_ms,
     })
 }
 
@@ -547,6 +549,8 @@ mod tests {
                 entry_kind: "usage".into(),
                 unit_ms: 90_400,
                 period: "2026-11-27".into(),
+                gpu_allocated_ms: 90_400,
+                gpu_used_ms: 45_200,
             }],
             total_micros: 50_000,
         };
@@ -570,6 +574,8 @@ mod tests {
             "entry_kind",
             "unit_ms",
             "period",
+            "gpu_allocated_ms",
+            "gpu_used_ms",
         ];
         expected.sort_unstable();
         assert_eq!(keys(rec), expected);

@@ -77,6 +77,16 @@ impl Cluster {
     /// Hourly rows over `[from_ms, to_ms)` computed from the timeline.
     pub fn live_usage(&self, from_ms: i64, to_ms: i64) -> Vec<LedgerRow> {
         let mut rows = Vec::new();
+        // Used GPU-ms of dedicated pools, by (pool, hour).
+        let mut pool_used: std::collections::HashMap<(&str, i64), i64> =
+            std::collections::HashMap::new();
+        for job in self.jobs.values().filter(|j| j.pool_id != PUBLIC_POOL) {
+            for inst in &job.instances {
+                for (hour, used) in inst.gpu_used_ms_by_hour.range(hour_floor(from_ms)..to_ms) {
+                    *pool_used.entry((job.pool_id.as_str(), *hour)).or_insert(0) += used;
+                }
+            }
+        }
         for pool in self.pools.values() {
             if pool
                 .meter
@@ -86,8 +96,29 @@ impl Cluster {
                 continue;
             }
             let price = self.price_of(&pool.spec).on_demand_node_hour_micros;
-            for r in billing::meter(&pool.meter, &pool.modes, price, from_ms, to_ms) {
+            let gpus_per_node = pool
+                .meter
+                .iter()
+                .find_map(|s| self.nodes.get(&s.unit))
+                .map_or(0, |n| n.inventory.gpus.len() as i64);
+            let records = billing::meter(&pool.meter, &pool.modes, price, from_ms, to_ms);
+            for r in &records {
+                // Split an hour's use across its mode rows by metered time.
+                let hour_ms: i64 = records
+                    .iter()
+                    .filter(|x| x.hour_start_ms == r.hour_start_ms)
+                    .map(|x| x.unit_ms)
+                    .sum();
+                let used = pool_used
+                    .get(&(pool.pool_id.as_str(), r.hour_start_ms))
+                    .copied()
+                    .unwrap_or(0);
                 rows.push(LedgerRow {
+                    gpu_allocated_ms: r.unit_ms * gpus_per_node,
+                    gpu_used_ms: billing::round_div(
+                        i128::from(used) * i128::from(r.unit_ms),
+                        i128::from(hour_ms.max(1)),
+                    ),
                     subject: format!("pool:{}", pool.pool_id),
                     tenant: pool.tenant.clone(),
                     pool_id: pool.pool_id.clone(),
@@ -118,6 +149,8 @@ impl Cluster {
                     .map(|n| n.spec_name())
                     .unwrap_or_default();
                 let price = self.price_of(&spec).public_instance_hour_micros;
+                let res = &job.spec.resources;
+                let share_milli = i64::from(res.gpus) * 1000 + i64::from(res.gpu_milli);
                 let span = Span {
                     unit: inst.instance_id.clone(),
                     from_ms: start,
@@ -125,6 +158,12 @@ impl Cluster {
                 };
                 for r in billing::meter(&[span], &ALWAYS_ON_DEMAND, price, from_ms, to_ms) {
                     rows.push(LedgerRow {
+                        gpu_allocated_ms: r.unit_ms * share_milli / 1000,
+                        gpu_used_ms: inst
+                            .gpu_used_ms_by_hour
+                            .get(&r.hour_start_ms)
+                            .copied()
+                            .unwrap_or(0),
                         subject: format!("instance:{}", inst.instance_id),
                         tenant: job.tenant.clone(),
                         pool_id: PUBLIC_POOL.to_string(),

@@ -15,7 +15,7 @@ use crate::domain::{
     Instance, InstanceState, Inventory, Job, JobKind, JobState, Node, NodeStatus, PUBLIC_POOL,
     Resources, SpecError, StopCause, job::RawJobSpec,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{Record, Store, StoreError};
 
 pub use pools::{PoolRef, SpecInfo};
 
@@ -373,6 +373,62 @@ impl Cluster {
         }
     }
 
+    /// Utilization samples `(gpu index, percent)` from a node: each running
+    /// instance with GPUs accrues used GPU-milliseconds for the time since
+    /// its previous sample (at most the node grace), weighted by its share
+    /// of each GPU. Kept in memory and persisted with the next job write or
+    /// the periodic flush ([`Cluster::flush_samples`]).
+    pub fn record_gpu_samples(&mut self, node_id: &str, samples: &[(u32, u32)], now_ms: i64) {
+        let hour = crate::domain::billing::hour_floor(now_ms);
+        let cap = self.settings.node_grace_ms;
+        for job in self.jobs.values_mut() {
+            let share_milli = if job.spec.resources.gpus > 0 {
+                1000
+            } else {
+                i64::from(job.spec.resources.gpu_milli)
+            };
+            for inst in job.instances.iter_mut().filter(|i| {
+                i.node_id == node_id
+                    && i.state == InstanceState::Running
+                    && !i.gpu_indexes.is_empty()
+            }) {
+                if let Some(last) = inst.last_sample_ms {
+                    let dt = (now_ms - last).clamp(0, cap);
+                    let util: i64 = inst
+                        .gpu_indexes
+                        .iter()
+                        .filter_map(|g| samples.iter().find(|(i, _)| i == g))
+                        .map(|(_, u)| i64::from((*u).min(100)))
+                        .sum();
+                    // dt x (util / 100) x (share / 1000)
+                    *inst.gpu_used_ms_by_hour.entry(hour).or_insert(0) +=
+                        dt * util * share_milli / 100_000;
+                }
+                inst.last_sample_ms = Some(now_ms);
+            }
+        }
+    }
+
+    /// Persists jobs whose instances took utilization samples since `since_ms`.
+    pub fn flush_samples(&self, since_ms: i64, now_ms: i64) {
+        let jobs: Vec<&Job> = self
+            .jobs
+            .values()
+            .filter(|j| {
+                j.instances
+                    .iter()
+                    .any(|i| i.last_sample_ms.is_some_and(|t| t >= since_ms))
+            })
+            .collect();
+        if jobs.is_empty() {
+            return;
+        }
+        let records: Vec<Record<'_>> = jobs.into_iter().map(Record::Job).collect();
+        if let Err(err) = self.store.write(&records, now_ms) {
+            tracing::error!(error = %err, "cannot persist utilization samples");
+        }
+    }
+
     fn touch(&mut self, node_id: &str, inventory: Option<Inventory>, now_ms: i64) {
         let Some(node) = self.nodes.get_mut(node_id) else {
             return;
@@ -712,6 +768,8 @@ impl Cluster {
                             reason: String::new(),
                             started_at_ms: None,
                             finished_at_ms: None,
+                            gpu_used_ms_by_hour: BTreeMap::new(),
+                            last_sample_ms: None,
                         })
                         .collect();
                     job.refresh_state(now_ms);

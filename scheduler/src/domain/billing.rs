@@ -288,6 +288,12 @@ pub struct LedgerRow {
     pub quantity: u32,
     pub unit_price_micros: i64,
     pub amount_micros: i64,
+    /// GPU-milliseconds allocated (whole GPUs count 1000‰, fractions their share).
+    #[serde(default)]
+    pub gpu_allocated_ms: i64,
+    /// GPU-milliseconds used, from utilization samples.
+    #[serde(default)]
+    pub gpu_used_ms: i64,
 }
 
 impl LedgerRow {

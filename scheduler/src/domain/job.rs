@@ -250,6 +250,13 @@ pub struct Instance {
     pub reason: String,
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
+    /// GPU-milliseconds actually used (utilization-weighted agent
+    /// samples), by UTC hour start.
+    #[serde(default)]
+    pub gpu_used_ms_by_hour: BTreeMap<i64, i64>,
+    /// When the last utilization sample was taken.
+    #[serde(default)]
+    pub last_sample_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -530,6 +537,8 @@ mod tests {
                     reason: "why".into(),
                     started_at_ms: None,
                     finished_at_ms: None,
+                    gpu_used_ms_by_hour: BTreeMap::new(),
+                    last_sample_ms: None,
                 })
                 .collect(),
             stop_cause: None,

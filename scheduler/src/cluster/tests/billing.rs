@@ -589,3 +589,37 @@ fn ledger_equals_an_independent_integration_of_random_timelines() {
         "{pools_seen} {instances_seen} {conversions_seen}"
     );
 }
+
+#[test]
+fn used_gpu_time_is_metered_next_to_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster_with_nodes(dir.path(), 1, T0);
+    let mut out = Outbox::new();
+    // A public job with both GPUs of n0, running from T0.
+    let job = c.submit(&tenant(), raw(2), T0, &mut out).unwrap();
+    let id = job.instances[0].instance_id.clone();
+    c.heartbeat(
+        "n0",
+        None,
+        vec![report(&id, InstanceState::Running, None)],
+        T0,
+        &mut out,
+    );
+    // Samples every 500 ms for ten minutes: GPU 0 at 80 %, GPU 1 at 20 %.
+    let mut now = T0;
+    c.record_gpu_samples("n0", &[(0, 80), (1, 20)], now);
+    for _ in 0..1200 {
+        now += 500;
+        c.record_gpu_samples("n0", &[(0, 80), (1, 20)], now);
+    }
+    let rows = c.live_usage(T0, now);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].gpu_allocated_ms, 2 * 600_000);
+    // (0.8 + 0.2) GPUs busy for ten minutes.
+    assert_eq!(rows[0].gpu_used_ms, 600_000);
+    // Persisted by the periodic flush: survives a restart.
+    c.flush_samples(T0, now);
+    drop(c);
+    let c = open(dir.path(), now);
+    assert_eq!(c.live_usage(T0, now)[0].gpu_used_ms, 600_000);
+}
