@@ -5,6 +5,8 @@
 //! are the scheduler's to check, so that the user gets the same error from
 //! every client.
 
+use crate::domain::calendar::{days_from_civil, days_in_month};
+
 /// Default scheduler address.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7070";
 
@@ -116,29 +118,6 @@ pub fn parse_month(s: &str) -> Result<String, String> {
         Err(format!(
             "invalid month `{s}`: expected YYYY-MM (e.g. `2026-11`)"
         ))
-    }
-}
-
-/// Days since 1970-01-01 of a date of the proleptic Gregorian calendar
-/// (the inverse of `format::civil_from_days`).
-pub fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    // Years start in March, so that the leap day ends the year.
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400); // [0, 399]
-    let mp = (month + 9) % 12; // March = 0 ... February = 11
-    let doy = (153 * mp + 2) / 5 + day - 1; // [0, 365]
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy; // [0, 146096]
-    era * 146_097 + doe - 719_468
-}
-
-/// Days in a month of the proleptic Gregorian calendar.
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
     }
 }
 

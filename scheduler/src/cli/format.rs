@@ -1,6 +1,7 @@
 //! Human-readable rendering shared by the table and JSON outputs: enum
 //! names, times, money, quantities, and aligned tables.
 
+use crate::domain::calendar::civil_from_days;
 use gpupool_proto::v1::{
     BillingMode, InstanceState, JobKind, JobState, NodeStatus, PoolStatus, PoolType,
 };
@@ -144,20 +145,6 @@ pub fn format_age(ms: i64, now: i64) -> String {
         s if s < 86_400 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86_400),
     }
-}
-
-/// (year, month, day) of a day count since 1970-01-01 (proleptic Gregorian).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 /// A fixed-point value in thousandths, without trailing zeros: `1500` ->

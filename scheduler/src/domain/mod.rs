@@ -4,6 +4,7 @@
 //! since the Unix epoch).
 
 pub mod billing;
+pub mod calendar;
 pub mod job;
 pub mod node;
 pub mod placement;
