@@ -307,3 +307,56 @@ async fn failing_job_reports_exit_code() {
     let out = sched.cli(&["job", "logs", &job.job_id]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "bad");
 }
+
+/// Exceeding the memory limit gets the instance OOM-killed in its cgroup
+/// and the job reports OOM; the node is unharmed. The agent runs with
+/// `confinement = "required"`: where cgroups are not writable the job fails
+/// to start instead of eating the machine's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_kill_is_reported_as_oom() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(dir.path()).await;
+    let _a = Agent::start_with(
+        dir.path(),
+        &sched,
+        "n1",
+        "1xT4-16GB",
+        "AZ1",
+        "confinement = \"required\"",
+    );
+    eventually(Duration::from_secs(20), "node Ready", || async {
+        list_nodes(&sched)
+            .await
+            .first()
+            .is_some_and(|n| n.status == READY)
+            .then_some(())
+    })
+    .await;
+    let mut spec = training(0, &["tail", "/dev/zero"]);
+    spec.resources.as_mut().unwrap().memory_mib = 32;
+    let job = submit(&sched, spec).await.unwrap();
+    let failed = wait_job(
+        &sched,
+        &job.job_id,
+        pb::JobState::Failed,
+        Duration::from_secs(30),
+    )
+    .await;
+    let reason = &failed.instances[0].reason;
+    if reason.contains("no writable cgroup") || reason.contains("cannot create cgroup") {
+        assert!(!in_ci(), "cgroups must be writable under CI: {reason}");
+        eprintln!("SKIPPED CHECK: cgroups not writable here ({reason})");
+        return;
+    }
+    assert!(reason.starts_with("OOM"), "{reason}");
+    assert!(failed.reason.contains("OOM"), "{}", failed.reason);
+    // The node still runs work.
+    let ok = submit(&sched, training(0, &["true"])).await.unwrap();
+    wait_job(
+        &sched,
+        &ok.job_id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(20),
+    )
+    .await;
+}

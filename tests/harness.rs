@@ -364,7 +364,40 @@ impl Agent {
         fake_gpus: &str,
         az: &str,
     ) -> Self {
-        let metrics_port = free_port();
+        Self::start_with(dir, scheduler, node_id, fake_gpus, az, "")
+    }
+
+    /// An agent serving `/metrics` on a fresh port (only tests that read
+    /// metrics ask for one: every extra port is a chance of a collision).
+    pub fn start_with_metrics(
+        dir: &Path,
+        scheduler: &Scheduler,
+        node_id: &str,
+        fake_gpus: &str,
+    ) -> Self {
+        let port = free_port();
+        let mut agent = Self::start_with(
+            dir,
+            scheduler,
+            node_id,
+            fake_gpus,
+            "AZ1",
+            &format!("metrics_listen = \"127.0.0.1:{port}\""),
+        );
+        agent.metrics_port = port;
+        agent
+    }
+
+    /// An agent with extra TOML lines appended to its config.
+    pub fn start_with(
+        dir: &Path,
+        scheduler: &Scheduler,
+        node_id: &str,
+        fake_gpus: &str,
+        az: &str,
+        extra: &str,
+    ) -> Self {
+        let metrics_port = 0;
         let state = dir.join(format!("agent-{node_id}"));
         std::fs::create_dir_all(&state).unwrap();
         let config = state.join("agent.toml");
@@ -372,8 +405,8 @@ impl Agent {
             &config,
             format!(
                 "scheduler_addr = \"{}\"\nnode_id = \"{node_id}\"\nstate_dir = \"{}\"\n\
-                 metrics_listen = \"127.0.0.1:{metrics_port}\"\njoin_token = \"test-join-token\"\n\
-                 max_backoff_ms = 500\naz = \"{az}\"\n",
+                 join_token = \"test-join-token\"\n\
+                 max_backoff_ms = 500\naz = \"{az}\"\n{extra}\n",
                 scheduler.addr(),
                 state.join("state").display()
             ),

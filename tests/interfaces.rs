@@ -212,7 +212,7 @@ fn malformed_config_names_file_and_field() {
 async fn health_reflection_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Scheduler::start(dir.path()).await;
-    let agent = Agent::start(dir.path(), &sched, "metrics-node", "2xH100-80GB");
+    let agent = Agent::start_with_metrics(dir.path(), &sched, "metrics-node", "2xH100-80GB");
 
     let mut health = tonic_health::pb::health_client::HealthClient::new(sched.channel().await);
     for service in ["", "gpupool.v1.JobService", "gpupool.v1.AgentService"] {

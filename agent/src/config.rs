@@ -36,6 +36,25 @@ pub struct AgentConfig {
     /// Longest wait between reconnect attempts, in milliseconds.
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
+    /// Cgroup confinement of instances: `best-effort` (default: confine when
+    /// cgroups are writable, else run unconfined with a warning),
+    /// `required` (refuse to start unconfined) or `off`.
+    #[serde(default)]
+    pub confinement: crate::runtime::Confinement,
+    /// Where the cgroup hierarchies are mounted.
+    #[serde(default = "default_cgroup_root")]
+    pub cgroup_root: PathBuf,
+    /// Most processes per instance (cgroup pids.max); 0 = unlimited.
+    #[serde(default = "default_pids_max")]
+    pub pids_max: u64,
+}
+
+fn default_cgroup_root() -> PathBuf {
+    PathBuf::from("/sys/fs/cgroup")
+}
+
+fn default_pids_max() -> u64 {
+    4096
 }
 
 fn default_state_dir() -> PathBuf {

@@ -6,6 +6,7 @@
 //! Modules: [`probe`] (hardware, behind `GpuProbe`), [`runtime`] (processes),
 //! [`session`] (the gRPC protocol), [`metrics`], [`config`].
 
+pub mod cgroup;
 pub mod config;
 pub mod metrics;
 pub mod probe;
@@ -33,8 +34,22 @@ pub async fn run(
         Some(p) => p,
         None => Arc::from(probe::select_probe(config.fake_gpus.as_deref(), &node_id)?),
     };
+    let cgroups: Option<Arc<dyn cgroup::CgroupManager>> =
+        cgroup::detect(&config.cgroup_root).map(Arc::from);
+    match (&cgroups, config.confinement) {
+        (_, runtime::Confinement::Off) => tracing::info!("cgroup confinement off"),
+        (Some(m), _) => tracing::info!(version = m.version(), "confining instances in cgroups"),
+        (None, runtime::Confinement::Required) => anyhow::bail!(
+            "confinement = \"required\" but no cgroup hierarchy was found under {}",
+            config.cgroup_root.display()
+        ),
+        (None, _) => {
+            tracing::warn!(root = %config.cgroup_root.display(), "no cgroup hierarchy found; instances run unconfined")
+        }
+    }
     let runtime = runtime::Runtime::new(&config.state_dir)
-        .with_context(|| format!("cannot create state dir {}", config.state_dir.display()))?;
+        .with_context(|| format!("cannot create state dir {}", config.state_dir.display()))?
+        .with_cgroups(cgroups, config.confinement);
     let ctx = Arc::new(session::AgentCtx {
         node_id: node_id.clone(),
         host,
@@ -46,6 +61,7 @@ pub async fn run(
         probe,
         runtime,
         connected: Default::default(),
+        pids_max: (config.pids_max > 0).then_some(config.pids_max),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics_task = match config.metrics_listen {

@@ -15,6 +15,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::Notify;
 
+use crate::cgroup::{Cgroup, CgroupManager, Limits};
+
 /// What the scheduler asked to run.
 #[derive(Debug, Clone, Default)]
 pub struct InstanceSpec {
@@ -28,6 +30,21 @@ pub struct InstanceSpec {
     pub world_size: u32,
     /// Pool metadata (network settings), exported as `GPUPOOL_<KEY>`.
     pub metadata: BTreeMap<String, String>,
+    /// Cgroup limits (memory, CPU, pids, GPU devices).
+    pub limits: Limits,
+}
+
+/// How strictly instances are confined in cgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Confinement {
+    /// Confine when cgroups are available; otherwise log and run unconfined.
+    #[default]
+    BestEffort,
+    /// Refuse to start an instance that cannot be confined.
+    Required,
+    /// Never use cgroups.
+    Off,
 }
 
 /// Lifecycle of an instance on this node.
@@ -61,6 +78,8 @@ struct Entry {
     report: InstanceReport,
     pgid: Option<i32>,
     stop_requested: bool,
+    cgroup: Option<Arc<dyn Cgroup>>,
+    memory_limit: Option<u64>,
 }
 
 /// Errors reading an instance's log.
@@ -84,6 +103,8 @@ pub struct Runtime {
     state_dir: PathBuf,
     entries: Arc<Mutex<HashMap<String, Entry>>>,
     changed: Arc<Notify>,
+    cgroups: Option<Arc<dyn CgroupManager>>,
+    confinement: Confinement,
 }
 
 impl Runtime {
@@ -94,7 +115,24 @@ impl Runtime {
             state_dir: state_dir.to_path_buf(),
             entries: Arc::default(),
             changed: Arc::default(),
+            cgroups: None,
+            confinement: Confinement::Off,
         })
+    }
+
+    /// Confines instances with `manager` (None: cgroups unavailable).
+    pub fn with_cgroups(
+        mut self,
+        manager: Option<Arc<dyn CgroupManager>>,
+        confinement: Confinement,
+    ) -> Self {
+        self.cgroups = if confinement == Confinement::Off {
+            None
+        } else {
+            manager
+        };
+        self.confinement = confinement;
+        self
     }
 
     /// Notified whenever an instance changes phase.
@@ -140,15 +178,18 @@ impl Runtime {
                     },
                     pgid: None,
                     stop_requested: false,
+                    cgroup: None,
+                    memory_limit: spec.limits.memory_bytes,
                 },
             );
         }
         match self.spawn(&spec) {
-            Ok(child) => {
+            Ok((child, cgroup)) => {
                 let pid = child.id().unwrap_or(0);
                 self.update(&spec.instance_id, |e| {
                     e.report.pid = pid;
                     e.pgid = Some(pid as i32);
+                    e.cgroup = cgroup;
                 });
                 tracing::info!(instance = %spec.instance_id, pid, "instance started");
                 let this = self.clone();
@@ -165,7 +206,28 @@ impl Runtime {
         self.changed.notify_one();
     }
 
-    fn spawn(&self, spec: &InstanceSpec) -> anyhow::Result<tokio::process::Child> {
+    /// The instance's cgroup, per the confinement policy.
+    fn cgroup_for(&self, spec: &InstanceSpec) -> anyhow::Result<Option<Arc<dyn Cgroup>>> {
+        let Some(manager) = &self.cgroups else {
+            if self.confinement == Confinement::Required {
+                anyhow::bail!("confinement is required but no writable cgroup hierarchy was found");
+            }
+            return Ok(None);
+        };
+        match manager.create(&spec.instance_id, &spec.limits) {
+            Ok(group) => Ok(Some(Arc::from(group))),
+            Err(err) if self.confinement == Confinement::BestEffort => {
+                tracing::warn!(instance = %spec.instance_id, error = %err, "cannot create cgroup; running unconfined");
+                Ok(None)
+            }
+            Err(err) => Err(anyhow::anyhow!("cannot create cgroup: {err}")),
+        }
+    }
+
+    fn spawn(
+        &self,
+        spec: &InstanceSpec,
+    ) -> anyhow::Result<(tokio::process::Child, Option<Arc<dyn Cgroup>>)> {
         let (program, args) = spec
             .command
             .split_first()
@@ -190,7 +252,43 @@ impl Runtime {
             .stderr(Stdio::from(log))
             .process_group(0)
             .kill_on_drop(false);
-        Ok(cmd.spawn()?)
+        let cgroup = self.cgroup_for(spec)?;
+        if let Some(group) = &cgroup {
+            // The child joins its cgroup before exec, so nothing it starts
+            // escapes. Paths are prepared here: pre_exec may not allocate.
+            let files: Vec<std::ffi::CString> = group
+                .procs_files()
+                .iter()
+                .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()))
+                .collect::<Result<_, _>>()?;
+            // SAFETY: the closure only calls open/write/close (async-signal-safe)
+            // on memory prepared before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for f in &files {
+                        let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                        if fd < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                        libc::close(fd);
+                        if !ok {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        match cmd.spawn() {
+            Ok(child) => Ok((child, cgroup)),
+            Err(err) => {
+                if let Some(group) = cgroup {
+                    let _ = group.remove();
+                }
+                Err(err.into())
+            }
+        }
     }
 
     async fn wait(&self, instance_id: String, mut child: tokio::process::Child) {
@@ -205,6 +303,33 @@ impl Runtime {
         if let Some(pgid) = pgid {
             signal_group(pgid, libc::SIGKILL);
         }
+        let cgroup = self
+            .entries
+            .lock()
+            .unwrap()
+            .get(&instance_id)
+            .and_then(|e| e.cgroup.clone());
+        let oom_killed = cgroup.as_ref().is_some_and(|g| g.oom_kills() > 0);
+        if let Some(group) = &cgroup {
+            // Also what left the process group but not the cgroup.
+            for pid in group.pids() {
+                // SAFETY: kill(2) on a pid read from our own cgroup.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            let group = group.clone();
+            let id = instance_id.clone();
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    if group.remove().is_ok() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                tracing::warn!(instance = %id, "cgroup not removed: processes still in it");
+            });
+        }
         self.update(&instance_id, |e| {
             match &status {
                 Ok(status) => {
@@ -217,7 +342,13 @@ impl Runtime {
                     } else {
                         Phase::Failed
                     };
-                    if e.report.phase == Phase::Failed {
+                    if oom_killed && !e.stop_requested {
+                        e.report.phase = Phase::Failed;
+                        e.report.reason = format!(
+                            "OOM: killed for exceeding its memory limit ({} MiB)",
+                            e.memory_limit.unwrap_or(0) >> 20
+                        );
+                    } else if e.report.phase == Phase::Failed {
                         e.report.reason = match (status.code(), status.signal()) {
                             (Some(code), _) => format!("exited with code {code}"),
                             (None, Some(sig)) => format!("killed by signal {sig}"),
@@ -527,6 +658,107 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(dead, "SIGTERM-ignoring child {child_pid} survived stop");
+    }
+
+    /// A runtime confining in the machine's real cgroups, or None (the
+    /// test is skipped, loudly; under CI=true it fails instead).
+    fn confined_runtime(dir: &Path) -> Option<Runtime> {
+        let manager = crate::cgroup::detect(Path::new("/sys/fs/cgroup"));
+        let probe = manager
+            .as_ref()
+            .map(|m| m.create("gpupool-probe", &Limits::default()));
+        let usable = matches!(&probe, Some(Ok(g)) if g.remove().is_ok());
+        let probe = probe.map(|r| r.map(|_| ()));
+        if !usable {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(
+                !ci,
+                "cgroups are not writable here ({probe:?}); CI must run these tests as root"
+            );
+            eprintln!("SKIPPED: no writable cgroup hierarchy (run as root to test confinement)");
+            return None;
+        }
+        Some(
+            Runtime::new(dir)
+                .unwrap()
+                .with_cgroups(manager.map(Arc::from), Confinement::Required),
+        )
+    }
+
+    #[tokio::test]
+    async fn memory_limit_oom_kills_and_reports_oom() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(rt) = confined_runtime(dir.path()) else {
+            return;
+        };
+        let mut s = spec(
+            "oom-1",
+            &[
+                "sh",
+                "-c",
+                "grep -E 'memory|0::' /proc/self/cgroup; exec tail /dev/zero",
+            ],
+        );
+        s.limits = Limits {
+            memory_bytes: Some(32 << 20),
+            cpu_milli: Some(500),
+            pids_max: Some(64),
+            gpu_minors: Some(vec![]),
+        };
+        rt.start(s);
+        let r = wait_terminal(&rt, "oom-1").await;
+        assert_eq!(r.phase, Phase::Failed);
+        assert!(r.reason.starts_with("OOM"), "{r:?}");
+        assert!(r.reason.contains("32 MiB"), "{}", r.reason);
+        let (log, _) = rt.read_log("oom-1", 0, 1 << 20).await.unwrap();
+        assert!(
+            String::from_utf8_lossy(&log).contains("gpupool/oom-1"),
+            "the process ran in its cgroup: {}",
+            String::from_utf8_lossy(&log)
+        );
+    }
+
+    #[tokio::test]
+    async fn confined_instance_within_limits_succeeds_and_its_cgroup_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(rt) = confined_runtime(dir.path()) else {
+            return;
+        };
+        let mut s = spec("fits-1", &["sh", "-c", "echo fine > /dev/null && echo ok"]);
+        s.limits = Limits {
+            memory_bytes: Some(64 << 20),
+            cpu_milli: Some(1000),
+            pids_max: Some(32),
+            gpu_minors: Some(vec![0]),
+        };
+        rt.start(s);
+        let r = wait_terminal(&rt, "fits-1").await;
+        assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+        // The cgroup is removed once empty.
+        let mut gone = false;
+        for _ in 0..50 {
+            let left = walk_find(Path::new("/sys/fs/cgroup"), "fits-1", 6);
+            if !left {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(gone, "the instance's cgroup was not removed");
+    }
+
+    /// True if a directory named `name` exists within `depth` levels.
+    fn walk_find(dir: &Path, name: &str, depth: u32) -> bool {
+        if depth == 0 {
+            return false;
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return false;
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .any(|e| e.file_name() == name || walk_find(&e.path(), name, depth - 1))
     }
 
     #[tokio::test]

@@ -34,6 +34,8 @@ pub struct AgentCtx {
     pub probe: Arc<dyn GpuProbe>,
     pub runtime: Runtime,
     pub connected: AtomicBool,
+    /// Process limit per instance.
+    pub pids_max: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -150,7 +152,7 @@ async fn handle(
 ) -> anyhow::Result<()> {
     use pb::scheduler_message::Msg;
     match message.msg {
-        Some(Msg::Start(start)) => ctx.runtime.start(spec_from_pb(start)),
+        Some(Msg::Start(start)) => ctx.runtime.start(spec_from_pb(start, ctx.pids_max)),
         Some(Msg::Stop(stop)) => ctx.runtime.stop(
             &stop.instance_id,
             Duration::from_millis(u64::from(stop.grace_ms)),
@@ -252,8 +254,17 @@ fn status_to_pb(r: &InstanceReport) -> pb::InstanceStatus {
     }
 }
 
-fn spec_from_pb(s: pb::StartInstance) -> InstanceSpec {
+fn spec_from_pb(s: pb::StartInstance, pids_max: Option<u64>) -> InstanceSpec {
+    let res = s.resources.unwrap_or_default();
+    let limits = crate::cgroup::Limits {
+        memory_bytes: (res.memory_mib > 0).then(|| res.memory_mib as u64 * 1024 * 1024),
+        cpu_milli: (res.cpu_milli > 0).then_some(res.cpu_milli as u64),
+        pids_max,
+        // NVIDIA device minors follow the NVML index on standard installs.
+        gpu_minors: Some(s.gpu_indexes.clone()),
+    };
     InstanceSpec {
+        limits,
         instance_id: s.instance_id,
         job_id: s.job_id,
         command: s.command,

@@ -86,6 +86,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         labels: Default::default(),
         join_token: None,
         max_backoff_ms: 2_000,
+        confinement: Default::default(),
+        cgroup_root: "/sys/fs/cgroup".into(),
+        pids_max: 4096,
     };
     let agent = tokio::spawn(gpupool_agent::run(agent_config, None, wait(stop_rx)));
 
