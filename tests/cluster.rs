@@ -360,3 +360,52 @@ async fn oom_kill_is_reported_as_oom() {
     )
     .await;
 }
+
+/// An agent SIGKILLed and restarted (within the grace) does not lose its
+/// instances: the job keeps running, is never Lost, and ends with its real
+/// exit code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restart_reattaches_running_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(dir.path()).await;
+    let mut agent = Agent::start(dir.path(), &sched, "n1", "1xT4-16GB");
+    eventually(Duration::from_secs(20), "node Ready", || async {
+        list_nodes(&sched)
+            .await
+            .first()
+            .is_some_and(|n| n.status == READY)
+            .then_some(())
+    })
+    .await;
+    let job = submit(
+        &sched,
+        training(1, &["sh", "-c", "sleep 3; echo finished; exit 4"]),
+    )
+    .await
+    .unwrap();
+    let running = wait_job(
+        &sched,
+        &job.job_id,
+        pb::JobState::Running,
+        Duration::from_secs(20),
+    )
+    .await;
+    agent.proc.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _agent = Agent::start(dir.path(), &sched, "n1", "1xT4-16GB");
+    let done = wait_job(
+        &sched,
+        &job.job_id,
+        pb::JobState::Failed,
+        Duration::from_secs(30),
+    )
+    .await;
+    let inst = &done.instances[0];
+    assert_eq!(inst.exit_code, Some(4), "{inst:?}");
+    assert_eq!(
+        inst.started_at, running.instances[0].started_at,
+        "the instance was reattached, not restarted"
+    );
+    let out = sched.cli(&["job", "logs", &job.job_id]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "finished");
+}

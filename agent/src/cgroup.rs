@@ -40,6 +40,8 @@ pub trait Cgroup: Send + Sync {
 pub trait CgroupManager: Send + Sync {
     fn version(&self) -> &'static str;
     fn create(&self, name: &str, limits: &Limits) -> std::io::Result<Box<dyn Cgroup>>;
+    /// An existing instance cgroup (after an agent restart).
+    fn open(&self, name: &str) -> Box<dyn Cgroup>;
 }
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -67,7 +69,7 @@ pub fn detect(root: &Path) -> Option<Box<dyn CgroupManager>> {
         let own = |controller: &str| {
             self_cgroups
                 .lines()
-                .filter_map(|l| l.splitn(3, ':').nth(1).zip(l.splitn(3, ':').nth(2)))
+                .filter_map(|l| l.split(':').nth(1).zip(l.splitn(3, ':').nth(2)))
                 .find(|(names, _)| names.split(',').any(|n| n == controller))
                 .map(|(_, path)| path.to_string())
                 .unwrap_or_else(|| "/".into())
@@ -208,6 +210,15 @@ impl CgroupManager for V1 {
         }
         Ok(Box::new(group))
     }
+
+    fn open(&self, name: &str) -> Box<dyn Cgroup> {
+        let dirs = Self::CONTROLLERS
+            .iter()
+            .filter(|c| self.root.join(c).is_dir())
+            .map(|c| (c.to_string(), self.dir(c, name)))
+            .collect();
+        Box::new(V1Group { dirs })
+    }
 }
 
 /// The devices every process needs, plus the instance's GPUs.
@@ -328,6 +339,15 @@ impl CgroupManager for V2 {
             write(&dir.join("pids.max"), &max.to_string())?;
         }
         Ok(Box::new(V2Group { dir }))
+    }
+
+    fn open(&self, name: &str) -> Box<dyn Cgroup> {
+        Box::new(V2Group {
+            dir: self
+                .root
+                .join(self.parent.trim_start_matches('/'))
+                .join(name),
+        })
     }
 }
 

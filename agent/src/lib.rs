@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod probe;
 pub mod runtime;
 pub mod session;
+pub mod shim;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +50,18 @@ pub async fn run(
     }
     let runtime = runtime::Runtime::new(&config.state_dir)
         .with_context(|| format!("cannot create state dir {}", config.state_dir.display()))?
-        .with_cgroups(cgroups, config.confinement);
+        .with_cgroups(cgroups, config.confinement)
+        .with_cgroup_scope(&cgroup_scope(&node_id, &config.state_dir));
+    // Instances run under this binary's `shim` so their exit status survives
+    // an agent restart; reattach to those that ran before this start.
+    let runtime = match std::env::current_exe() {
+        Ok(exe) => runtime.with_shim(exe),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot find the agent binary; instances run without the shim");
+            runtime
+        }
+    };
+    runtime.recover();
     let ctx = Arc::new(session::AgentCtx {
         node_id: node_id.clone(),
         host,
@@ -93,4 +105,14 @@ pub async fn run(
         let _ = task.await;
     }
     Ok(())
+}
+
+/// The node id plus a hash of the state dir: stable across restarts of one
+/// agent, distinct for two agents sharing a host (tests, dev clusters).
+fn cgroup_scope(node_id: &str, state_dir: &std::path::Path) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in state_dir.as_os_str().as_encoded_bytes() {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    format!("{node_id}-{h:08x}")
 }

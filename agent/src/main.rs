@@ -21,6 +21,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // `shim EXIT_FILE -- CMD...`: the wrapper the agent starts instances with.
+    gpupool_agent::shim::run_if_shim(&std::env::args().skip(1).collect::<Vec<_>>());
     let args = Args::parse();
     init_tracing(&args.log_format);
     let mut config = match gpupool_agent::AgentConfig::load(&args.config) {

@@ -105,6 +105,24 @@ pub struct Runtime {
     changed: Arc<Notify>,
     cgroups: Option<Arc<dyn CgroupManager>>,
     confinement: Confinement,
+    /// The binary that runs `shim` (this agent); None runs commands directly
+    /// (their exit status is then lost if the agent restarts).
+    shim: Option<PathBuf>,
+    /// Prefix of instance cgroup names, unique per agent on a host.
+    cgroup_scope: String,
+}
+
+/// What the agent remembers of a running instance across its own restarts
+/// (`STATE_DIR/instances/<id>.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Record {
+    instance_id: String,
+    pid: u32,
+    /// Kernel start time of the process, to tell it from a reused pid.
+    start_ticks: u64,
+    memory_limit: Option<u64>,
+    stop_requested: bool,
+    cgroup: bool,
 }
 
 impl Runtime {
@@ -117,7 +135,113 @@ impl Runtime {
             changed: Arc::default(),
             cgroups: None,
             confinement: Confinement::Off,
+            shim: None,
+            cgroup_scope: "local".into(),
         })
+    }
+
+    /// Names this agent's instance cgroups `<scope>_<instance>` (the node
+    /// id), so several agents on one host never share a cgroup.
+    pub fn with_cgroup_scope(mut self, scope: &str) -> Self {
+        self.cgroup_scope = scope
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '-' | '.') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self
+    }
+
+    fn cgroup_name(&self, instance_id: &str) -> String {
+        format!("{}_{instance_id}", self.cgroup_scope)
+    }
+
+    /// Starts instances through `binary shim ...` so their exit status
+    /// survives an agent restart.
+    pub fn with_shim(mut self, binary: PathBuf) -> Self {
+        self.shim = Some(binary);
+        self
+    }
+
+    fn record_path(&self, instance_id: &str) -> PathBuf {
+        self.state_dir
+            .join("instances")
+            .join(format!("{instance_id}.json"))
+    }
+
+    fn exit_path(&self, instance_id: &str) -> PathBuf {
+        self.state_dir
+            .join("instances")
+            .join(format!("{instance_id}.exit"))
+    }
+
+    fn save_record(&self, record: &Record) {
+        let path = self.record_path(&record.instance_id);
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string(record).expect("record serializes");
+        if let Err(err) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+            tracing::warn!(instance = %record.instance_id, error = %err, "cannot persist instance record");
+        }
+    }
+
+    /// Reattaches to instances started before this agent restarted: still
+    /// running ones are adopted and watched; ended ones report how they
+    /// ended (from the shim's exit file).
+    pub fn recover(&self) {
+        let Ok(dir) = std::fs::read_dir(self.state_dir.join("instances")) else {
+            return;
+        };
+        for entry in dir.filter_map(Result::ok) {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let Some(record) = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Record>(&t).ok())
+            else {
+                continue;
+            };
+            let cgroup: Option<Arc<dyn Cgroup>> = match (&self.cgroups, record.cgroup) {
+                (Some(m), true) => Some(Arc::from(m.open(&self.cgroup_name(&record.instance_id)))),
+                _ => None,
+            };
+            let alive = process_start_ticks(record.pid) == Some(record.start_ticks);
+            tracing::info!(instance = %record.instance_id, pid = record.pid, alive, "recovered instance");
+            self.entries.lock().unwrap().insert(
+                record.instance_id.clone(),
+                Entry {
+                    report: InstanceReport {
+                        instance_id: record.instance_id.clone(),
+                        phase: if record.stop_requested {
+                            Phase::Stopping
+                        } else {
+                            Phase::Running
+                        },
+                        exit_code: None,
+                        signal: None,
+                        reason: String::new(),
+                        pid: record.pid,
+                    },
+                    pgid: Some(record.pid as i32),
+                    stop_requested: record.stop_requested,
+                    cgroup,
+                    memory_limit: record.memory_limit,
+                },
+            );
+            let this = self.clone();
+            tokio::spawn(async move {
+                while process_start_ticks(record.pid) == Some(record.start_ticks) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                this.finish(&record.instance_id, None).await;
+            });
+        }
+        self.changed.notify_one();
     }
 
     /// Confines instances with `manager` (None: cgroups unavailable).
@@ -186,6 +310,14 @@ impl Runtime {
         match self.spawn(&spec) {
             Ok((child, cgroup)) => {
                 let pid = child.id().unwrap_or(0);
+                self.save_record(&Record {
+                    instance_id: spec.instance_id.clone(),
+                    pid,
+                    start_ticks: process_start_ticks(pid).unwrap_or(0),
+                    memory_limit: spec.limits.memory_bytes,
+                    stop_requested: false,
+                    cgroup: cgroup.is_some(),
+                });
                 self.update(&spec.instance_id, |e| {
                     e.report.pid = pid;
                     e.pgid = Some(pid as i32);
@@ -214,7 +346,7 @@ impl Runtime {
             }
             return Ok(None);
         };
-        match manager.create(&spec.instance_id, &spec.limits) {
+        match manager.create(&self.cgroup_name(&spec.instance_id), &spec.limits) {
             Ok(group) => Ok(Some(Arc::from(group))),
             Err(err) if self.confinement == Confinement::BestEffort => {
                 tracing::warn!(instance = %spec.instance_id, error = %err, "cannot create cgroup; running unconfined");
@@ -242,7 +374,18 @@ impl Runtime {
             None => self.state_dir.join("work").join(&spec.instance_id),
         };
         std::fs::create_dir_all(&workdir)?;
-        let mut cmd = tokio::process::Command::new(program);
+        std::fs::create_dir_all(self.state_dir.join("instances"))?;
+        let mut cmd = match &self.shim {
+            Some(shim) => {
+                let mut c = tokio::process::Command::new(shim);
+                c.arg("shim")
+                    .arg(self.exit_path(&spec.instance_id))
+                    .arg("--")
+                    .arg(program);
+                c
+            }
+            None => tokio::process::Command::new(program),
+        };
         cmd.args(args)
             .env_clear()
             .envs(instance_env(spec, &workdir))
@@ -293,6 +436,28 @@ impl Runtime {
 
     async fn wait(&self, instance_id: String, mut child: tokio::process::Child) {
         let status = child.wait().await;
+        self.finish(&instance_id, Some(status)).await;
+    }
+
+    /// Records how an instance ended: the shim's exit file when there is
+    /// one, else the waited status, else (an adopted process that left no
+    /// file) unknown.
+    async fn finish(
+        &self,
+        instance_id: &str,
+        waited: Option<std::io::Result<std::process::ExitStatus>>,
+    ) {
+        let instance_id = instance_id.to_string();
+        let status: std::io::Result<(Option<i32>, Option<i32>)> = match (
+            crate::shim::read_exit(&self.exit_path(&instance_id)),
+            waited,
+        ) {
+            (Some(crate::shim::Exit::Code(c)), _) => Ok((Some(c), None)),
+            (Some(crate::shim::Exit::Signal(s)), _) => Ok((None, Some(s))),
+            (None, Some(Ok(st))) => Ok((st.code(), st.signal())),
+            (None, Some(Err(e))) => Err(e),
+            (None, None) => Ok((None, Some(libc::SIGKILL))),
+        };
         let pgid = self
             .entries
             .lock()
@@ -332,12 +497,12 @@ impl Runtime {
         }
         self.update(&instance_id, |e| {
             match &status {
-                Ok(status) => {
-                    e.report.exit_code = status.code();
-                    e.report.signal = status.signal();
+                Ok((code, signal)) => {
+                    e.report.exit_code = *code;
+                    e.report.signal = *signal;
                     e.report.phase = if e.stop_requested {
                         Phase::Stopped
-                    } else if status.success() {
+                    } else if *code == Some(0) {
                         Phase::Succeeded
                     } else {
                         Phase::Failed
@@ -349,7 +514,7 @@ impl Runtime {
                             e.memory_limit.unwrap_or(0) >> 20
                         );
                     } else if e.report.phase == Phase::Failed {
-                        e.report.reason = match (status.code(), status.signal()) {
+                        e.report.reason = match (*code, *signal) {
                             (Some(code), _) => format!("exited with code {code}"),
                             (None, Some(sig)) => format!("killed by signal {sig}"),
                             _ => "exited".into(),
@@ -386,6 +551,12 @@ impl Runtime {
                 return;
             }
             entry.stop_requested = true;
+            if let Ok(text) = std::fs::read_to_string(self.record_path(instance_id))
+                && let Ok(mut record) = serde_json::from_str::<Record>(&text)
+            {
+                record.stop_requested = true;
+                self.save_record(&record);
+            }
             entry.report.phase = Phase::Stopping;
             entry.report.reason = reason.to_string();
             entry.pgid
@@ -417,6 +588,8 @@ impl Runtime {
             .is_some_and(|e| e.report.phase.is_terminal())
         {
             entries.remove(instance_id);
+            let _ = std::fs::remove_file(self.record_path(instance_id));
+            let _ = std::fs::remove_file(self.exit_path(instance_id));
         }
     }
 
@@ -494,6 +667,17 @@ fn instance_env(spec: &InstanceSpec, workdir: &Path) -> BTreeMap<String, String>
     env.insert("RANK".into(), spec.rank.to_string());
     env.insert("WORLD_SIZE".into(), spec.world_size.max(1).to_string());
     env
+}
+
+/// The kernel start time of a live (non-zombie) process, in clock ticks.
+fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
 }
 
 fn valid_id(id: &str) -> bool {
@@ -712,7 +896,7 @@ mod tests {
         assert!(r.reason.contains("32 MiB"), "{}", r.reason);
         let (log, _) = rt.read_log("oom-1", 0, 1 << 20).await.unwrap();
         assert!(
-            String::from_utf8_lossy(&log).contains("gpupool/oom-1"),
+            String::from_utf8_lossy(&log).contains("gpupool/local_oom-1"),
             "the process ran in its cgroup: {}",
             String::from_utf8_lossy(&log)
         );
@@ -737,7 +921,7 @@ mod tests {
         // The cgroup is removed once empty.
         let mut gone = false;
         for _ in 0..50 {
-            let left = walk_find(Path::new("/sys/fs/cgroup"), "fits-1", 6);
+            let left = walk_find(Path::new("/sys/fs/cgroup"), "local_fits-1", 6);
             if !left {
                 gone = true;
                 break;

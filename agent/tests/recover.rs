@@ -1,0 +1,93 @@
+//! An agent restart does not lose instances: a new runtime on the same
+//! state dir reattaches to a running instance and reports its real exit
+//! code (recorded by the shim, the real agent binary).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gpupool_agent::runtime::{InstanceSpec, Phase, Runtime};
+
+fn shim() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_gpupool-agent"))
+}
+
+#[tokio::test]
+async fn restarted_runtime_reattaches_and_reports_the_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Runtime::new(dir.path()).unwrap().with_shim(shim());
+    first.start(InstanceSpec {
+        instance_id: "j-1-0".into(),
+        job_id: "j-1".into(),
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            "sleep 1; echo done; exit 3".into(),
+        ],
+        world_size: 1,
+        ..Default::default()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let running = first.snapshot();
+    assert_eq!(running[0].phase, Phase::Running);
+    // "Restart": a new runtime on the same state dir.
+    let second = Runtime::new(dir.path()).unwrap().with_shim(shim());
+    second.recover();
+    let adopted = second.snapshot();
+    assert_eq!(adopted.len(), 1);
+    assert_eq!(
+        (adopted[0].phase, adopted[0].pid),
+        (Phase::Running, running[0].pid)
+    );
+    let mut end = None;
+    for _ in 0..100 {
+        let r = second.snapshot().remove(0);
+        if r.phase.is_terminal() {
+            end = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let end = end.expect("the adopted instance ended");
+    assert_eq!(
+        (end.phase, end.exit_code),
+        (Phase::Failed, Some(3)),
+        "{end:?}"
+    );
+    let (log, _) = second.read_log("j-1-0", 0, 1024).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&log).trim(), "done");
+    // Once forgotten, nothing is recovered again.
+    second.forget("j-1-0");
+    let third = Runtime::new(dir.path()).unwrap().with_shim(shim());
+    third.recover();
+    assert!(third.snapshot().is_empty());
+}
+
+#[tokio::test]
+async fn shim_passes_success_and_signals_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::new(dir.path()).unwrap().with_shim(shim());
+    for (id, cmd) in [("ok-0", "exit 0"), ("sig-0", "kill -KILL $$")] {
+        rt.start(InstanceSpec {
+            instance_id: id.into(),
+            command: vec!["sh".into(), "-c".into(), cmd.into()],
+            world_size: 1,
+            ..Default::default()
+        });
+    }
+    let mut done = Vec::new();
+    for _ in 0..100 {
+        done = rt
+            .snapshot()
+            .into_iter()
+            .filter(|r| r.phase.is_terminal())
+            .collect();
+        if done.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ok = done.iter().find(|r| r.instance_id == "ok-0").unwrap();
+    assert_eq!((ok.phase, ok.exit_code), (Phase::Succeeded, Some(0)));
+    let sig = done.iter().find(|r| r.instance_id == "sig-0").unwrap();
+    assert_eq!((sig.phase, sig.signal), (Phase::Failed, Some(9)), "{sig:?}");
+}
