@@ -47,6 +47,14 @@ pub struct AgentConfig {
     /// Most processes per instance (cgroup pids.max); 0 = unlimited.
     #[serde(default = "default_pids_max")]
     pub pids_max: u64,
+    /// Run instances as this unprivileged user (default: the agent's user).
+    #[serde(default)]
+    pub run_as_user: Option<String>,
+    /// CUDA MPS pipe directory of the node's MPS daemon; when set,
+    /// fractional-GPU instances get CUDA_MPS_ACTIVE_THREAD_PERCENTAGE and
+    /// CUDA_MPS_PINNED_DEVICE_MEM_LIMIT from their share.
+    #[serde(default)]
+    pub mps_pipe_dir: Option<PathBuf>,
 }
 
 fn default_cgroup_root() -> PathBuf {

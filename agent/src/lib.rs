@@ -61,6 +61,10 @@ pub async fn run(
             runtime
         }
     };
+    let runtime = match &config.run_as_user {
+        Some(user) => runtime.with_user(user)?,
+        None => runtime,
+    };
     runtime.recover();
     let ctx = Arc::new(session::AgentCtx {
         node_id: node_id.clone(),
@@ -74,6 +78,7 @@ pub async fn run(
         runtime,
         connected: Default::default(),
         pids_max: (config.pids_max > 0).then_some(config.pids_max),
+        mps_pipe_dir: config.mps_pipe_dir.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics_task = match config.metrics_listen {

@@ -32,6 +32,19 @@ pub struct InstanceSpec {
     pub metadata: BTreeMap<String, String>,
     /// Cgroup limits (memory, CPU, pids, GPU devices).
     pub limits: Limits,
+    /// MPS settings for an instance sharing a GPU (when an MPS daemon is
+    /// configured).
+    pub mps: Option<Mps>,
+}
+
+/// CUDA MPS limits of a fractional-GPU instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mps {
+    pub pipe_dir: PathBuf,
+    /// CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (the GPU share, 1..100).
+    pub active_thread_pct: u32,
+    /// (GPU UUID, MiB) for CUDA_MPS_PINNED_DEVICE_MEM_LIMIT.
+    pub pinned_mem_mib: Vec<(String, u64)>,
 }
 
 /// How strictly instances are confined in cgroups.
@@ -110,6 +123,8 @@ pub struct Runtime {
     shim: Option<PathBuf>,
     /// Prefix of instance cgroup names, unique per agent on a host.
     cgroup_scope: String,
+    /// Run instances as this (uid, gid) instead of the agent's user.
+    run_as: Option<(u32, u32)>,
 }
 
 /// What the agent remembers of a running instance across its own restarts
@@ -137,7 +152,14 @@ impl Runtime {
             confinement: Confinement::Off,
             shim: None,
             cgroup_scope: "local".into(),
+            run_as: None,
         })
+    }
+
+    /// Runs instances as `user` (a name from the passwd database).
+    pub fn with_user(mut self, user: &str) -> anyhow::Result<Self> {
+        self.run_as = Some(lookup_user(user)?);
+        Ok(self)
     }
 
     /// Names this agent's instance cgroups `<scope>_<instance>` (the node
@@ -375,6 +397,15 @@ impl Runtime {
         };
         std::fs::create_dir_all(&workdir)?;
         std::fs::create_dir_all(self.state_dir.join("instances"))?;
+        if let Some((uid, gid)) = self.run_as {
+            if spec.working_dir.is_none() {
+                std::os::unix::fs::chown(&workdir, Some(uid), Some(gid))?;
+            }
+            // The shim runs as that user too and writes the exit status here.
+            let exit = self.exit_path(&spec.instance_id);
+            std::fs::write(&exit, "")?;
+            std::os::unix::fs::chown(&exit, Some(uid), Some(gid))?;
+        }
         let mut cmd = match &self.shim {
             Some(shim) => {
                 let mut c = tokio::process::Command::new(shim);
@@ -395,6 +426,9 @@ impl Runtime {
             .stderr(Stdio::from(log))
             .process_group(0)
             .kill_on_drop(false);
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
         let cgroup = self.cgroup_for(spec)?;
         if let Some(group) = &cgroup {
             // The child joins its cgroup before exec, so nothing it starts
@@ -664,9 +698,38 @@ fn instance_env(spec: &InstanceSpec, workdir: &Path) -> BTreeMap<String, String>
             .collect();
         env.insert(format!("GPUPOOL_{name}"), value.clone());
     }
+    if let Some(mps) = &spec.mps {
+        env.insert(
+            "CUDA_MPS_PIPE_DIRECTORY".into(),
+            mps.pipe_dir.display().to_string(),
+        );
+        env.insert(
+            "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE".into(),
+            mps.active_thread_pct.to_string(),
+        );
+        let limits: Vec<String> = mps
+            .pinned_mem_mib
+            .iter()
+            .map(|(uuid, mib)| format!("{uuid}={mib}M"))
+            .collect();
+        env.insert("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT".into(), limits.join(","));
+    }
     env.insert("RANK".into(), spec.rank.to_string());
     env.insert("WORLD_SIZE".into(), spec.world_size.max(1).to_string());
     env
+}
+
+/// (uid, gid) of a user name.
+fn lookup_user(name: &str) -> anyhow::Result<(u32, u32)> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: getpwnam returns a pointer into static storage or null; we copy
+    // the two integers out before any other call.
+    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+    if pw.is_null() {
+        anyhow::bail!("user {name:?} not found");
+    }
+    // SAFETY: pw is non-null and points to a valid passwd entry.
+    Ok(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
 }
 
 /// The kernel start time of a live (non-zombie) process, in clock ticks.
@@ -943,6 +1006,52 @@ mod tests {
             .filter_map(Result::ok)
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .any(|e| e.file_name() == name || walk_find(&e.path(), name, depth - 1))
+    }
+
+    #[tokio::test]
+    async fn runs_as_the_configured_user_with_mps_limits() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var("CI").is_err(), "CI runs as root");
+            eprintln!("SKIPPED: not root, cannot switch users");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(dir.path())
+            .unwrap()
+            .with_user("nobody")
+            .unwrap();
+        let mut s = spec(
+            "user-1",
+            &[
+                "sh",
+                "-c",
+                "id -u; touch here && echo wrote; echo $CUDA_MPS_ACTIVE_THREAD_PERCENTAGE $CUDA_MPS_PINNED_DEVICE_MEM_LIMIT",
+            ],
+        );
+        s.mps = Some(Mps {
+            pipe_dir: "/tmp/mps".into(),
+            active_thread_pct: 25,
+            pinned_mem_mib: vec![("GPU-a".into(), 20480)],
+        });
+        rt.start(s);
+        let r = wait_terminal(&rt, "user-1").await;
+        assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+        let (log, _) = rt.read_log("user-1", 0, 1024).await.unwrap();
+        let log = String::from_utf8_lossy(&log);
+        let (uid, _) = lookup_user("nobody").unwrap();
+        assert!(log.starts_with(&format!("{uid}\n")), "{log}");
+        assert!(
+            log.contains("wrote"),
+            "its working directory is writable: {log}"
+        );
+        assert!(log.contains("25 GPU-a=20480M"), "{log}");
+        assert!(
+            Runtime::new(dir.path())
+                .unwrap()
+                .with_user("no-such-user-x")
+                .is_err()
+        );
     }
 
     #[tokio::test]

@@ -36,6 +36,8 @@ pub struct AgentCtx {
     pub connected: AtomicBool,
     /// Process limit per instance.
     pub pids_max: Option<u64>,
+    /// MPS pipe directory, when an MPS daemon serves fractional GPUs.
+    pub mps_pipe_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone)]
@@ -152,7 +154,7 @@ async fn handle(
 ) -> anyhow::Result<()> {
     use pb::scheduler_message::Msg;
     match message.msg {
-        Some(Msg::Start(start)) => ctx.runtime.start(spec_from_pb(start, ctx.pids_max)),
+        Some(Msg::Start(start)) => ctx.runtime.start(spec_from_pb(start, ctx)),
         Some(Msg::Stop(stop)) => ctx.runtime.stop(
             &stop.instance_id,
             Duration::from_millis(u64::from(stop.grace_ms)),
@@ -254,8 +256,27 @@ fn status_to_pb(r: &InstanceReport) -> pb::InstanceStatus {
     }
 }
 
-fn spec_from_pb(s: pb::StartInstance, pids_max: Option<u64>) -> InstanceSpec {
+fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
+    let pids_max = ctx.pids_max;
     let res = s.resources.unwrap_or_default();
+    // A fraction of a GPU, with an MPS daemon configured: limit its threads
+    // and its memory to its share.
+    let mps = match (&ctx.mps_pipe_dir, res.gpu_milli) {
+        (Some(dir), milli) if milli > 0 => {
+            let gpus = ctx.probe.gpus();
+            Some(crate::runtime::Mps {
+                pipe_dir: dir.clone(),
+                active_thread_pct: (milli as u32).div_ceil(10).clamp(1, 100),
+                pinned_mem_mib: s
+                    .gpu_indexes
+                    .iter()
+                    .filter_map(|i| gpus.iter().find(|g| g.index == *i))
+                    .map(|g| (g.uuid.clone(), g.memory_total_mib * milli as u64 / 1000))
+                    .collect(),
+            })
+        }
+        _ => None,
+    };
     let limits = crate::cgroup::Limits {
         memory_bytes: (res.memory_mib > 0).then(|| res.memory_mib as u64 * 1024 * 1024),
         cpu_milli: (res.cpu_milli > 0).then_some(res.cpu_milli as u64),
@@ -265,6 +286,7 @@ fn spec_from_pb(s: pb::StartInstance, pids_max: Option<u64>) -> InstanceSpec {
     };
     InstanceSpec {
         limits,
+        mps,
         instance_id: s.instance_id,
         job_id: s.job_id,
         command: s.command,

@@ -88,9 +88,12 @@ fn shim(args: &[String]) -> i32 {
 
 fn write_exit(path: &str, text: &str) {
     let tmp = format!("{path}.tmp");
-    if std::fs::write(&tmp, text).is_ok() {
-        let _ = std::fs::rename(&tmp, path);
+    if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, path).is_ok() {
+        return;
     }
+    // An unprivileged instance cannot create files in the agent's state
+    // dir; the agent pre-creates the exit file for it, owned by its user.
+    let _ = std::fs::write(path, text);
 }
 
 #[cfg(test)]

@@ -91,3 +91,43 @@ async fn shim_passes_success_and_signals_through() {
     let sig = done.iter().find(|r| r.instance_id == "sig-0").unwrap();
     assert_eq!((sig.phase, sig.signal), (Phase::Failed, Some(9)), "{sig:?}");
 }
+
+#[tokio::test]
+async fn shim_records_the_exit_of_an_unprivileged_instance() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var("CI").is_err(), "CI runs as root");
+        eprintln!("SKIPPED: not root, cannot switch users");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The shim runs as `nobody`: use a copy it can reach whatever the
+    // permissions of the checkout's parents.
+    let bin_dir = tempfile::tempdir().unwrap();
+    let shim_copy = bin_dir.path().join("gpupool-agent");
+    std::fs::copy(shim(), &shim_copy).unwrap();
+    for p in [bin_dir.path(), dir.path()] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let rt = Runtime::new(dir.path())
+        .unwrap()
+        .with_shim(shim_copy)
+        .with_user("nobody")
+        .unwrap();
+    rt.start(InstanceSpec {
+        instance_id: "u-0".into(),
+        command: vec!["sh".into(), "-c".into(), "exit 5".into()],
+        world_size: 1,
+        ..Default::default()
+    });
+    for _ in 0..100 {
+        if rt.snapshot()[0].phase.is_terminal() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = rt.snapshot().remove(0);
+    assert_eq!((r.phase, r.exit_code), (Phase::Failed, Some(5)), "{r:?}");
+    let exit = std::fs::read_to_string(dir.path().join("instances/u-0.exit")).unwrap();
+    assert_eq!(exit, "code 5");
+}

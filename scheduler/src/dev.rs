@@ -89,6 +89,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         confinement: Default::default(),
         cgroup_root: "/sys/fs/cgroup".into(),
         pids_max: 4096,
+        run_as_user: None,
+        mps_pipe_dir: None,
     };
     let agent = tokio::spawn(gpupool_agent::run(agent_config, None, wait(stop_rx)));
 
