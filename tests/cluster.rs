@@ -409,3 +409,52 @@ async fn agent_restart_reattaches_running_instances() {
     let out = sched.cli(&["job", "logs", &job.job_id]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "finished");
 }
+
+/// A critical XID takes the GPU out of service: the scheduler places
+/// nothing on it, and the node shows why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn critical_xid_takes_a_gpu_out_of_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(dir.path()).await;
+    let _a = Agent::start(dir.path(), &sched, "xid-node", "2xA100-40GB");
+    eventually(Duration::from_secs(20), "node Ready", || async {
+        list_nodes(&sched)
+            .await
+            .first()
+            .is_some_and(|n| n.status == READY)
+            .then_some(())
+    })
+    .await;
+    // Failure injection into the fake GPUs: XID 79 on GPU 1.
+    let inject = dir.path().join("agent-xid-node/state/inject-gpu-events");
+    std::fs::write(&inject, "1 79\n").unwrap();
+    let gpu = eventually(Duration::from_secs(20), "GPU 1 unhealthy", || async {
+        let node = list_nodes(&sched).await.remove(0);
+        node.inventory
+            .unwrap()
+            .gpus
+            .into_iter()
+            .find(|g| g.index == 1 && !g.healthy)
+    })
+    .await;
+    assert!(
+        gpu.health_reason.contains("XID 79") && gpu.health_reason.contains("reboot"),
+        "{}",
+        gpu.health_reason
+    );
+    // Two GPUs no longer fit; one does, on the healthy GPU.
+    let two = submit(&sched, training(2, &["true"])).await.unwrap();
+    let one = submit(&sched, training(1, &["true"])).await.unwrap();
+    let done = wait_job(
+        &sched,
+        &one.job_id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(done.instances[0].gpu_indexes, vec![0]);
+    assert_eq!(
+        get_job(&sched, &two.job_id).await.state,
+        pb::JobState::Queued as i32
+    );
+}

@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod config;
+pub mod health;
 pub mod metrics;
 pub mod probe;
 pub mod runtime;
@@ -33,7 +34,11 @@ pub async fn run(
     let node_id = config.resolved_node_id(&host.hostname);
     let probe: Arc<dyn probe::GpuProbe> = match probe {
         Some(p) => p,
-        None => Arc::from(probe::select_probe(config.fake_gpus.as_deref(), &node_id)?),
+        None => Arc::from(probe::select_probe(
+            config.fake_gpus.as_deref(),
+            &node_id,
+            &config.state_dir,
+        )?),
     };
     let cgroups: Option<Arc<dyn cgroup::CgroupManager>> =
         cgroup::detect(&config.cgroup_root).map(Arc::from);
@@ -79,6 +84,7 @@ pub async fn run(
         connected: Default::default(),
         pids_max: (config.pids_max > 0).then_some(config.pids_max),
         mps_pipe_dir: config.mps_pipe_dir.clone(),
+        health: std::sync::Mutex::new(health::Tracker::load(&config.state_dir)),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics_task = match config.metrics_listen {

@@ -22,6 +22,7 @@ pub struct AgentMetrics {
     gpu_temp: GaugeVec,
     power: GaugeVec,
     gpu_healthy: GaugeVec,
+    xid: GaugeVec,
     sys: Mutex<Option<sysinfo::System>>,
 }
 
@@ -86,6 +87,11 @@ impl AgentMetrics {
             ),
             gpu_temp: gpu_gauge(&registry, "DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C)."),
             power: gpu_gauge(&registry, "DCGM_FI_DEV_POWER_USAGE", "Power draw (in W)."),
+            xid: gpu_gauge(
+                &registry,
+                "DCGM_FI_DEV_XID_ERRORS",
+                "Value of the last XID error seen.",
+            ),
             gpu_healthy: gpu_gauge(
                 &registry,
                 "gpupool_agent_gpu_healthy",
@@ -132,10 +138,11 @@ impl AgentMetrics {
             &self.gpu_temp,
             &self.power,
             &self.gpu_healthy,
+            &self.xid,
         ] {
             g.reset();
         }
-        for gpu in ctx.probe.gpus() {
+        for gpu in crate::session::probe_gpus(ctx) {
             let index = gpu.index.to_string();
             let labels = [
                 index.as_str(),
@@ -161,6 +168,8 @@ impl AgentMetrics {
             self.gpu_healthy
                 .with_label_values(&labels)
                 .set(if gpu.healthy { 1.0 } else { 0.0 });
+            let xid = ctx.health.lock().unwrap().last_xid(&gpu.uuid);
+            self.xid.with_label_values(&labels).set(xid as f64);
         }
         let mut buf = Vec::new();
         TextEncoder::new()

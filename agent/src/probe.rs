@@ -4,7 +4,10 @@
 //! Nothing here talks to the scheduler; the session converts these plain
 //! structs into protobuf at its boundary.
 
-use std::sync::Mutex;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::health::GpuEvent;
 
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
@@ -35,6 +38,10 @@ pub trait GpuProbe: Send + Sync {
     fn is_fake(&self) -> bool {
         false
     }
+    /// Critical events (XID, uncorrectable ECC) since the last call.
+    fn events(&self) -> Vec<GpuEvent> {
+        Vec::new()
+    }
 }
 
 /// A machine with no NVIDIA driver: no GPUs.
@@ -49,20 +56,82 @@ impl GpuProbe for NoGpus {
 
 /// The real probe: one NVML handle for the agent's life.
 pub struct NvmlProbe {
-    nvml: Nvml,
+    nvml: Arc<Nvml>,
+    events: Arc<Mutex<Vec<GpuEvent>>>,
 }
 
 impl NvmlProbe {
     /// Loads libnvidia-ml. Fails (with a libloading error inside) on
-    /// machines without the NVIDIA driver.
+    /// machines without the NVIDIA driver. Starts a thread that waits on an
+    /// NVML event set for critical XIDs and double-bit ECC errors.
     pub fn init() -> Result<Self, nvml_wrapper::error::NvmlError> {
-        Ok(Self {
-            nvml: Nvml::init()?,
-        })
+        let nvml = Arc::new(Nvml::init()?);
+        let events: Arc<Mutex<Vec<GpuEvent>>> = Arc::default();
+        let (n, e) = (nvml.clone(), events.clone());
+        std::thread::Builder::new()
+            .name("nvml-events".into())
+            .spawn(move || watch_events(&n, &e))
+            .map_err(|_| nvml_wrapper::error::NvmlError::Unknown)?;
+        Ok(Self { nvml, events })
+    }
+}
+
+/// Blocks on NVML events for the agent's life.
+fn watch_events(nvml: &Nvml, out: &Mutex<Vec<GpuEvent>>) {
+    use nvml_wrapper::bitmasks::event::EventTypes;
+    use nvml_wrapper::enums::event::XidError;
+    let mut set = match nvml.create_event_set() {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::warn!(error = %err, "NVML events unavailable; XIDs will not be seen");
+            return;
+        }
+    };
+    for index in 0..nvml.device_count().unwrap_or(0) {
+        let Ok(device) = nvml.device_by_index(index) else {
+            continue;
+        };
+        match device.register_events(
+            EventTypes::CRITICAL_XID_ERROR | EventTypes::DOUBLE_BIT_ECC_ERROR,
+            set,
+        ) {
+            Ok(s) => set = s,
+            Err(err) => {
+                tracing::warn!(gpu = index, error = %err.error, "cannot watch GPU events");
+                return;
+            }
+        }
+    }
+    loop {
+        match set.wait(5_000) {
+            Ok(event) => {
+                let index = event.device.index().unwrap_or(u32::MAX);
+                let e = if event.event_type.contains(EventTypes::DOUBLE_BIT_ECC_ERROR) {
+                    GpuEvent::DoubleBitEcc { index }
+                } else {
+                    let xid = match event.event_data {
+                        Some(XidError::Value(v)) => v,
+                        _ => 999,
+                    };
+                    GpuEvent::Xid { index, xid }
+                };
+                tracing::warn!(gpu = index, event = ?e, "GPU event");
+                out.lock().unwrap().push(e);
+            }
+            Err(nvml_wrapper::error::NvmlError::Timeout) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, "NVML event wait failed; stopping the event watch");
+                return;
+            }
+        }
     }
 }
 
 impl GpuProbe for NvmlProbe {
+    fn events(&self) -> Vec<GpuEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap())
+    }
+
     fn gpus(&self) -> Vec<GpuInfo> {
         let count = match self.nvml.device_count() {
             Ok(n) => n,
@@ -117,6 +186,9 @@ impl GpuProbe for NvmlProbe {
 /// Utilization and health can be changed at run time (failure injection).
 pub struct FakeGpus {
     gpus: Mutex<Vec<GpuInfo>>,
+    /// Failure injection: a file of `INDEX XID` or `INDEX dbe` lines, read
+    /// and removed on the next probe.
+    inject: Option<PathBuf>,
 }
 
 /// A `--fake-gpus` value that cannot be parsed.
@@ -164,7 +236,14 @@ impl FakeGpus {
         }
         Ok(Self {
             gpus: Mutex::new(gpus),
+            inject: None,
         })
+    }
+
+    /// Reads injected events from `path` (see [`FakeGpus::events`]).
+    pub fn with_injection(mut self, path: PathBuf) -> Self {
+        self.inject = Some(path);
+        self
     }
 
     /// Failure injection: mark a GPU unhealthy (or healthy again).
@@ -183,6 +262,28 @@ impl GpuProbe for FakeGpus {
     }
     fn is_fake(&self) -> bool {
         true
+    }
+    fn events(&self) -> Vec<GpuEvent> {
+        let Some(path) = &self.inject else {
+            return Vec::new();
+        };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Vec::new();
+        };
+        let _ = std::fs::remove_file(path);
+        text.lines()
+            .filter_map(|l| {
+                let (index, what) = l.trim().split_once(' ')?;
+                let index = index.parse().ok()?;
+                Some(match what.trim() {
+                    "dbe" => GpuEvent::DoubleBitEcc { index },
+                    xid => GpuEvent::Xid {
+                        index,
+                        xid: xid.parse().ok()?,
+                    },
+                })
+            })
+            .collect()
     }
 }
 
@@ -218,9 +319,13 @@ fn fake_uuid(seed: &str, index: u32) -> String {
 
 /// Picks the GPU probe: fakes when asked, else NVML, else CPU-only with one
 /// clear log line.
-pub fn select_probe(fake: Option<&str>, seed: &str) -> anyhow::Result<Box<dyn GpuProbe>> {
+pub fn select_probe(
+    fake: Option<&str>,
+    seed: &str,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<Box<dyn GpuProbe>> {
     if let Some(spec) = fake {
-        let fake = FakeGpus::parse(spec, seed)?;
+        let fake = FakeGpus::parse(spec, seed)?.with_injection(state_dir.join("inject-gpu-events"));
         tracing::info!(spec, "using simulated GPUs");
         return Ok(Box::new(fake));
     }

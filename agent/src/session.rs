@@ -38,6 +38,25 @@ pub struct AgentCtx {
     pub pids_max: Option<u64>,
     /// MPS pipe directory, when an MPS daemon serves fractional GPUs.
     pub mps_pipe_dir: Option<std::path::PathBuf>,
+    /// GPU health from critical events.
+    pub health: std::sync::Mutex<crate::health::Tracker>,
+}
+
+/// Probes the GPUs and applies GPU health: new critical events take a GPU
+/// out of service, observed recovery actions bring it back.
+pub fn probe_gpus(ctx: &AgentCtx) -> Vec<GpuInfo> {
+    let mut gpus = ctx.probe.gpus();
+    let events = ctx.probe.events();
+    let present: Vec<(u32, String)> = gpus.iter().map(|g| (g.index, g.uuid.clone())).collect();
+    let mut health = ctx.health.lock().unwrap();
+    health.observe(&events, &present, &crate::health::boot_id());
+    for g in gpus.iter_mut() {
+        if let Some(reason) = health.reason(&g.uuid) {
+            g.healthy = false;
+            g.health_reason = reason;
+        }
+    }
+    gpus
 }
 
 #[derive(Clone)]
@@ -91,7 +110,7 @@ async fn serve_once(ctx: &AgentCtx, shutdown: &mut watch::Receiver<bool>) -> any
     };
     let mut client = AgentServiceClient::with_interceptor(channel, BearerToken(token));
 
-    let mut gpus = ctx.probe.gpus();
+    let mut gpus = probe_gpus(ctx);
     let registered = client
         .register(pb::RegisterRequest {
             node_id: ctx.node_id.clone(),
@@ -129,7 +148,7 @@ async fn serve_once(ctx: &AgentCtx, shutdown: &mut watch::Receiver<bool>) -> any
                 continue;
             }
         }
-        gpus = ctx.probe.gpus();
+        gpus = probe_gpus(ctx);
         let now_static: Vec<_> = gpus.iter().map(static_part).collect();
         let inventory_changed = now_static != last_sent_inventory;
         if inventory_changed {
@@ -263,7 +282,7 @@ fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
     // and its memory to its share.
     let mps = match (&ctx.mps_pipe_dir, res.gpu_milli) {
         (Some(dir), milli) if milli > 0 => {
-            let gpus = ctx.probe.gpus();
+            let gpus = probe_gpus(ctx);
             Some(crate::runtime::Mps {
                 pipe_dir: dir.clone(),
                 active_thread_pct: (milli as u32).div_ceil(10).clamp(1, 100),
