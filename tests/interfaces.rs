@@ -318,11 +318,35 @@ async fn health_reflection_and_metrics() {
         "{sched_metrics}"
     );
     assert!(sched_metrics.contains("gpupool_gpus 2"), "{sched_metrics}");
+    // A running job labels its GPU, as dcgm-exporter's pod labels do.
+    let running = submit(&sched, training(1, &["sleep", "5"])).await.unwrap();
+    wait_job(
+        &sched,
+        &running.job_id,
+        pb::JobState::Running,
+        Duration::from_secs(20),
+    )
+    .await;
     let agent_metrics = eventually(Duration::from_secs(10), "agent metrics", || async {
         let body = http_get(agent.metrics_port, "/metrics").await;
         body.contains("DCGM_FI_DEV_GPU_UTIL").then_some(body)
     })
     .await;
+    let job_label = format!("job=\"{}\"", running.job_id);
+    assert_eq!(
+        agent_metrics
+            .lines()
+            .filter(|l| l.starts_with("DCGM_FI_DEV_FB_USED{")
+                && l.contains(&job_label)
+                && l.contains("pool=\"public\""))
+            .count(),
+        1,
+        "{agent_metrics}"
+    );
+    assert!(
+        agent_metrics.contains("DCGM_FI_DEV_XID_ERRORS{"),
+        "{agent_metrics}"
+    );
     assert_eq!(
         agent_metrics.matches("DCGM_FI_DEV_FB_FREE{").count(),
         2,

@@ -28,7 +28,7 @@ pub struct AgentMetrics {
 
 /// dcgm-exporter calls the model label `modelName`; promtool rejects camelCase
 /// label names, so it is `model_name` here (the other labels match).
-const GPU_LABELS: &[&str] = &["gpu", "UUID", "model_name", "Hostname"];
+const GPU_LABELS: &[&str] = &["gpu", "UUID", "model_name", "Hostname", "pool", "job"];
 
 fn gpu_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
     let g = GaugeVec::new(Opts::new(name, help), GPU_LABELS).expect("valid metric");
@@ -142,13 +142,17 @@ impl AgentMetrics {
         ] {
             g.reset();
         }
+        let owners = ctx.runtime.gpu_owners();
         for gpu in crate::session::probe_gpus(ctx) {
             let index = gpu.index.to_string();
+            let (pool, job) = owners.get(&gpu.uuid).cloned().unwrap_or_default();
             let labels = [
                 index.as_str(),
                 gpu.uuid.as_str(),
                 gpu.model.as_str(),
                 ctx.host.hostname.as_str(),
+                pool.as_str(),
+                job.as_str(),
             ];
             self.gpu_util
                 .with_label_values(&labels)

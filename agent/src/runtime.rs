@@ -93,6 +93,8 @@ struct Entry {
     stop_requested: bool,
     cgroup: Option<Arc<dyn Cgroup>>,
     memory_limit: Option<u64>,
+    /// (GPU UUIDs, pool, job) for the metrics labels.
+    owner: (Vec<String>, String, String),
 }
 
 /// Errors reading an instance's log.
@@ -138,6 +140,12 @@ struct Record {
     memory_limit: Option<u64>,
     stop_requested: bool,
     cgroup: bool,
+    #[serde(default)]
+    gpu_uuids: Vec<String>,
+    #[serde(default)]
+    pool: String,
+    #[serde(default)]
+    job_id: String,
 }
 
 impl Runtime {
@@ -253,6 +261,11 @@ impl Runtime {
                     stop_requested: record.stop_requested,
                     cgroup,
                     memory_limit: record.memory_limit,
+                    owner: (
+                        record.gpu_uuids.clone(),
+                        record.pool.clone(),
+                        record.job_id.clone(),
+                    ),
                 },
             );
             let this = self.clone();
@@ -284,6 +297,30 @@ impl Runtime {
     /// Notified whenever an instance changes phase.
     pub fn changed(&self) -> Arc<Notify> {
         self.changed.clone()
+    }
+
+    /// Pool and job(s) using each GPU (by UUID), from running instances.
+    pub fn gpu_owners(&self) -> HashMap<String, (String, String)> {
+        let mut out: HashMap<String, (String, String)> = HashMap::new();
+        for e in self
+            .entries
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|e| !e.report.phase.is_terminal())
+        {
+            let (uuids, pool, job) = &e.owner;
+            for uuid in uuids {
+                let slot = out
+                    .entry(uuid.clone())
+                    .or_insert_with(|| (pool.clone(), String::new()));
+                if !slot.1.is_empty() {
+                    slot.1.push(',');
+                }
+                slot.1.push_str(job);
+            }
+        }
+        out
     }
 
     /// Every known instance, running or finished-but-not-forgotten.
@@ -326,6 +363,14 @@ impl Runtime {
                     stop_requested: false,
                     cgroup: None,
                     memory_limit: spec.limits.memory_bytes,
+                    owner: (
+                        spec.gpu_uuids.clone(),
+                        spec.metadata
+                            .get("pool")
+                            .cloned()
+                            .unwrap_or_else(|| "public".into()),
+                        spec.job_id.clone(),
+                    ),
                 },
             );
         }
@@ -339,6 +384,13 @@ impl Runtime {
                     memory_limit: spec.limits.memory_bytes,
                     stop_requested: false,
                     cgroup: cgroup.is_some(),
+                    gpu_uuids: spec.gpu_uuids.clone(),
+                    pool: spec
+                        .metadata
+                        .get("pool")
+                        .cloned()
+                        .unwrap_or_else(|| "public".into()),
+                    job_id: spec.job_id.clone(),
                 });
                 self.update(&spec.instance_id, |e| {
                     e.report.pid = pid;
