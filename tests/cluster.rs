@@ -458,3 +458,52 @@ async fn critical_xid_takes_a_gpu_out_of_service() {
         pb::JobState::Queued as i32
     );
 }
+
+/// A 2-instance training job gets consistent torchrun-style variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_training_env_is_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(dir.path()).await;
+    let _a = Agent::start(dir.path(), &sched, "t1", "4xH100-80GB");
+    eventually(Duration::from_secs(20), "node Ready", || async {
+        list_nodes(&sched)
+            .await
+            .first()
+            .is_some_and(|n| n.status == READY)
+            .then_some(())
+    })
+    .await;
+    let mut spec = training(
+        1,
+        &[
+            "sh",
+            "-c",
+            "echo $RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT",
+        ],
+    );
+    spec.instances = 2;
+    let job = submit(&sched, spec).await.unwrap();
+    wait_job(
+        &sched,
+        &job.job_id,
+        pb::JobState::Succeeded,
+        Duration::from_secs(20),
+    )
+    .await;
+    let line = |rank: &str| {
+        let out = sched.cli(&["job", "logs", &job.job_id, "--instance", rank]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let (r0, r1) = (line("0"), line("1"));
+    let f0: Vec<&str> = r0.split(' ').collect();
+    let f1: Vec<&str> = r1.split(' ').collect();
+    assert_eq!(&f0[..5], ["0", "2", "0", "2", "127.0.0.1"], "{r0}");
+    assert_eq!(&f1[..5], ["1", "2", "1", "2", "127.0.0.1"], "{r1}");
+    assert_eq!(f0[5], f1[5], "both ranks agree on MASTER_PORT");
+    assert!(
+        f0[5]
+            .parse::<u32>()
+            .is_ok_and(|p| (29_500..30_500).contains(&p)),
+        "{r0}"
+    );
+}

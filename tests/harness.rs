@@ -406,7 +406,7 @@ impl Agent {
             format!(
                 "scheduler_addr = \"{}\"\nnode_id = \"{node_id}\"\nstate_dir = \"{}\"\n\
                  join_token = \"test-join-token\"\n\
-                 max_backoff_ms = 500\naz = \"{az}\"\n{extra}\n",
+                 max_backoff_ms = 500\naz = \"{az}\"\nadvertise_address = \"127.0.0.1\"\n{extra}\n",
                 scheduler.addr(),
                 state.join("state").display()
             ),

@@ -55,6 +55,10 @@ pub struct AgentConfig {
     /// CUDA_MPS_PINNED_DEVICE_MEM_LIMIT from their share.
     #[serde(default)]
     pub mps_pipe_dir: Option<PathBuf>,
+    /// Address other nodes reach this one at (MASTER_ADDR of distributed
+    /// training). Default: the hostname.
+    #[serde(default)]
+    pub advertise_address: Option<String>,
 }
 
 fn default_cgroup_root() -> PathBuf {

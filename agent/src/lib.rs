@@ -31,6 +31,10 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let host = probe::host_info();
+    let address = config
+        .advertise_address
+        .clone()
+        .unwrap_or_else(|| host.hostname.clone());
     let node_id = config.resolved_node_id(&host.hostname);
     let probe: Arc<dyn probe::GpuProbe> = match probe {
         Some(p) => p,
@@ -85,6 +89,7 @@ pub async fn run(
         pids_max: (config.pids_max > 0).then_some(config.pids_max),
         mps_pipe_dir: config.mps_pipe_dir.clone(),
         health: std::sync::Mutex::new(health::Tracker::load(&config.state_dir)),
+        address,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics_task = match config.metrics_listen {

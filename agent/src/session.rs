@@ -40,6 +40,8 @@ pub struct AgentCtx {
     pub mps_pipe_dir: Option<std::path::PathBuf>,
     /// GPU health from critical events.
     pub health: std::sync::Mutex<crate::health::Tracker>,
+    /// Address other nodes reach this one at.
+    pub address: String,
 }
 
 /// Probes the GPUs and applies GPU health: new critical events take a GPU
@@ -237,6 +239,7 @@ fn inventory(ctx: &AgentCtx, gpus: &[GpuInfo]) -> pb::Inventory {
         az: ctx.az.clone(),
         labels: ctx.labels.clone().into_iter().collect(),
         fake_gpus: ctx.probe.is_fake(),
+        address: ctx.address.clone(),
     }
 }
 

@@ -91,6 +91,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         pids_max: 4096,
         run_as_user: None,
         mps_pipe_dir: None,
+        advertise_address: Some(args.grpc_listen.ip().to_string()),
     };
     let agent = tokio::spawn(gpupool_agent::run(agent_config, None, wait(stop_rx)));
 

@@ -214,6 +214,7 @@ pub fn inventory_from_pb(inv: pb::Inventory) -> domain::Inventory {
         az: inv.az,
         labels: inv.labels.into_iter().collect(),
         fake_gpus: inv.fake_gpus,
+        address: inv.address,
     }
 }
 
@@ -243,6 +244,7 @@ fn inventory_to_pb(inv: &domain::Inventory) -> pb::Inventory {
         az: inv.az.clone(),
         labels: inv.labels.clone().into_iter().collect(),
         fake_gpus: inv.fake_gpus,
+        address: inv.address.clone(),
     }
 }
 

@@ -344,7 +344,7 @@ impl Cluster {
             for inst in job.instances.iter().filter(|i| restart.contains(&i.rank)) {
                 out.push((
                     node_id.to_string(),
-                    AgentCommand::Start(Box::new(start_spec(job, inst, &self.pools))),
+                    AgentCommand::Start(Box::new(start_spec(job, inst, &self.pools, &self.nodes))),
                 ));
             }
             if changed {
@@ -778,7 +778,12 @@ impl Cluster {
                             .insert(inst.instance_id.clone(), job.job_id.clone());
                         out.push((
                             inst.node_id.clone(),
-                            AgentCommand::Start(Box::new(start_spec(job, inst, &self.pools))),
+                            AgentCommand::Start(Box::new(start_spec(
+                                job,
+                                inst,
+                                &self.pools,
+                                &self.nodes,
+                            ))),
                         ));
                     }
                     tracing::info!(job = %job_id, instances = job.instances.len(), "job placed");
@@ -874,14 +879,59 @@ impl Cluster {
     }
 }
 
-fn start_spec(job: &Job, inst: &Instance, pools: &BTreeMap<String, Pool>) -> StartSpec {
+/// First port of the range MASTER_PORT is taken from (rank 0 listens there).
+const MASTER_PORT_BASE: u32 = 29_500;
+
+fn start_spec(
+    job: &Job,
+    inst: &Instance,
+    pools: &BTreeMap<String, Pool>,
+    nodes: &BTreeMap<String, Node>,
+) -> StartSpec {
     let spec = &job.spec;
+    // Distributed training (torchrun-style): rank 0's node is the master;
+    // LOCAL_RANK numbers the job's instances on one node. The port is
+    // derived from the job's sequence number (29500..30499), so concurrent
+    // jobs rarely share one; RANK and WORLD_SIZE are set by the agent.
+    let mut env = spec.env.clone();
+    let master = job
+        .instances
+        .iter()
+        .find(|i| i.rank == 0)
+        .and_then(|i| nodes.get(&i.node_id));
+    if let Some(master) = master {
+        let addr = if master.inventory.address.is_empty() {
+            master.inventory.hostname.clone()
+        } else {
+            master.inventory.address.clone()
+        };
+        env.insert("MASTER_ADDR".into(), addr);
+        env.insert(
+            "MASTER_PORT".into(),
+            (MASTER_PORT_BASE + (job.seq % 1000) as u32).to_string(),
+        );
+    }
+    let same_node: Vec<u32> = job
+        .instances
+        .iter()
+        .filter(|i| i.node_id == inst.node_id)
+        .map(|i| i.rank)
+        .collect();
+    env.insert(
+        "LOCAL_RANK".into(),
+        same_node
+            .iter()
+            .filter(|r| **r < inst.rank)
+            .count()
+            .to_string(),
+    );
+    env.insert("LOCAL_WORLD_SIZE".into(), same_node.len().to_string());
     StartSpec {
         instance_id: inst.instance_id.clone(),
         job_id: job.job_id.clone(),
         kind: spec.kind,
         command: spec.command.clone(),
-        env: spec.env.clone(),
+        env,
         working_dir: spec.working_dir.clone(),
         gpu_indexes: inst.gpu_indexes.clone(),
         gpu_uuids: inst.gpu_uuids.clone(),

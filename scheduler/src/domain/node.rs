@@ -35,6 +35,9 @@ pub struct Inventory {
     pub labels: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub fake_gpus: bool,
+    /// Address other nodes reach this one at.
+    #[serde(default)]
+    pub address: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
