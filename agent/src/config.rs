@@ -59,6 +59,20 @@ pub struct AgentConfig {
     /// training). Default: the hostname.
     #[serde(default)]
     pub advertise_address: Option<String>,
+    /// Instance logs are rotated past this size, in bytes.
+    #[serde(default = "default_log_max_bytes")]
+    pub log_max_bytes: u64,
+    /// Rotated copies kept per instance (`.1` newest).
+    #[serde(default = "default_log_keep")]
+    pub log_keep: u32,
+}
+
+fn default_log_max_bytes() -> u64 {
+    100 * 1024 * 1024
+}
+
+fn default_log_keep() -> u32 {
+    3
 }
 
 fn default_cgroup_root() -> PathBuf {

@@ -112,11 +112,22 @@ pub async fn run(
         None => None,
     };
     tracing::info!(node = %node_id, scheduler = %config.scheduler_addr, "agent starting");
+    let rotation = {
+        let runtime = ctx.runtime.clone();
+        let (max, keep) = (config.log_max_bytes, config.log_keep.max(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                runtime.rotate_logs(max, keep);
+            }
+        })
+    };
     let session = tokio::spawn(session::run(ctx.clone(), stop_rx));
     shutdown.await;
     tracing::info!("agent shutting down; running instances are left running");
     let _ = stop_tx.send(true);
     let _ = session.await;
+    rotation.abort();
     if let Some(task) = metrics_task {
         let _ = task.await;
     }

@@ -299,6 +299,40 @@ impl Runtime {
         self.changed.clone()
     }
 
+    /// Rotates the logs of running instances larger than `max_bytes`: the
+    /// file is copied to `.1` (older copies shift up to `.keep`) and
+    /// truncated in place, so the instance keeps writing to the same file
+    /// (it was opened with O_APPEND). Lines written between the copy and
+    /// the truncation can be lost.
+    pub fn rotate_logs(&self, max_bytes: u64, keep: u32) {
+        let running: Vec<String> = self
+            .entries
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|e| !e.report.phase.is_terminal())
+            .map(|e| e.report.instance_id.clone())
+            .collect();
+        for id in running {
+            let Ok(path) = self.log_path(&id) else {
+                continue;
+            };
+            if std::fs::metadata(&path).map_or(true, |m| m.len() <= max_bytes) {
+                continue;
+            }
+            let rotated = |n: u32| path.with_extension(format!("log.{n}"));
+            for n in (1..keep).rev() {
+                let _ = std::fs::rename(rotated(n), rotated(n + 1));
+            }
+            let result = std::fs::copy(&path, rotated(1))
+                .and_then(|_| std::fs::OpenOptions::new().write(true).open(&path))
+                .and_then(|f| f.set_len(0));
+            if let Err(err) = result {
+                tracing::warn!(instance = %id, error = %err, "cannot rotate log");
+            }
+        }
+    }
+
     /// Pool and job(s) using each GPU (by UUID), from running instances.
     pub fn gpu_owners(&self) -> HashMap<String, (String, String)> {
         let mut out: HashMap<String, (String, String)> = HashMap::new();
@@ -699,6 +733,10 @@ impl Runtime {
             }
             Err(e) => return Err(io(e)),
         };
+        // After a rotation the file is shorter than the reader's offset:
+        // start again from the top of the new file.
+        let len = file.metadata().await.map_err(io)?.len();
+        let offset = if offset > len { 0 } else { offset };
         file.seek(std::io::SeekFrom::Start(offset))
             .await
             .map_err(io)?;
@@ -1104,6 +1142,31 @@ mod tests {
                 .with_user("no-such-user-x")
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn logs_rotate_by_size_and_readers_restart_at_the_top() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(dir.path()).unwrap();
+        rt.start(spec(
+            "rot-1",
+            &[
+                "sh",
+                "-c",
+                "i=0; while [ $i -lt 200 ]; do echo line-$i; i=$((i+1)); done; sleep 2; echo after",
+            ],
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (before, offset) = rt.read_log("rot-1", 0, 1 << 20).await.unwrap();
+        assert!(before.len() > 1000);
+        rt.rotate_logs(1000, 2);
+        let old = std::fs::read_to_string(dir.path().join("logs/rot-1.log.1")).unwrap();
+        assert!(old.contains("line-199"));
+        let r = wait_terminal(&rt, "rot-1").await;
+        assert_eq!(r.phase, Phase::Succeeded);
+        // The reader's old offset is past the new end: it gets the new file.
+        let (after, _) = rt.read_log("rot-1", offset, 1 << 20).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&after).trim(), "after");
     }
 
     #[tokio::test]

@@ -92,6 +92,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         run_as_user: None,
         mps_pipe_dir: None,
         advertise_address: Some(args.grpc_listen.ip().to_string()),
+        log_max_bytes: 100 * 1024 * 1024,
+        log_keep: 3,
     };
     let agent = tokio::spawn(gpupool_agent::run(agent_config, None, wait(stop_rx)));
 
