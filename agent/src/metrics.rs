@@ -23,6 +23,10 @@ pub struct AgentMetrics {
     power: GaugeVec,
     gpu_healthy: GaugeVec,
     xid: GaugeVec,
+    mem_copy_util: GaugeVec,
+    energy: GaugeVec,
+    ecc_sbe: GaugeVec,
+    ecc_dbe: GaugeVec,
     sys: Mutex<Option<sysinfo::System>>,
 }
 
@@ -87,6 +91,26 @@ impl AgentMetrics {
             ),
             gpu_temp: gpu_gauge(&registry, "DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C)."),
             power: gpu_gauge(&registry, "DCGM_FI_DEV_POWER_USAGE", "Power draw (in W)."),
+            mem_copy_util: gpu_gauge(
+                &registry,
+                "DCGM_FI_DEV_MEM_COPY_UTIL",
+                "Memory utilization (in %).",
+            ),
+            energy: gpu_gauge(
+                &registry,
+                "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+                "Total energy consumption since boot (in mJ).",
+            ),
+            ecc_sbe: gpu_gauge(
+                &registry,
+                "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
+                "Total number of single-bit volatile ECC errors.",
+            ),
+            ecc_dbe: gpu_gauge(
+                &registry,
+                "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+                "Total number of double-bit volatile ECC errors.",
+            ),
             xid: gpu_gauge(
                 &registry,
                 "DCGM_FI_DEV_XID_ERRORS",
@@ -139,6 +163,10 @@ impl AgentMetrics {
             &self.power,
             &self.gpu_healthy,
             &self.xid,
+            &self.mem_copy_util,
+            &self.energy,
+            &self.ecc_sbe,
+            &self.ecc_dbe,
         ] {
             g.reset();
         }
@@ -174,6 +202,18 @@ impl AgentMetrics {
                 .set(if gpu.healthy { 1.0 } else { 0.0 });
             let xid = ctx.health.lock().unwrap().last_xid(&gpu.uuid);
             self.xid.with_label_values(&labels).set(xid as f64);
+            self.mem_copy_util
+                .with_label_values(&labels)
+                .set(f64::from(gpu.memory_util_pct));
+            self.energy
+                .with_label_values(&labels)
+                .set(gpu.energy_mj as f64);
+            self.ecc_sbe
+                .with_label_values(&labels)
+                .set(gpu.ecc_corrected as f64);
+            self.ecc_dbe
+                .with_label_values(&labels)
+                .set(gpu.ecc_uncorrected as f64);
         }
         let mut buf = Vec::new();
         TextEncoder::new()

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use crate::health::GpuEvent;
 
 use nvml_wrapper::Nvml;
-use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureSensor};
 
 /// One GPU as probed: static facts plus the latest samples.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GpuInfo {
     pub index: u32,
     pub uuid: String,
@@ -27,6 +27,15 @@ pub struct GpuInfo {
     pub mig_enabled: bool,
     pub healthy: bool,
     pub health_reason: String,
+    /// Memory-controller utilization (%).
+    pub memory_util_pct: u32,
+    /// Energy since the driver loaded (mJ).
+    pub energy_mj: u64,
+    /// Volatile ECC error counts (corrected, uncorrected).
+    pub ecc_corrected: u64,
+    pub ecc_uncorrected: u64,
+    /// Compute processes on the GPU: (pid, GPU memory MiB).
+    pub processes: Vec<(u32, u64)>,
 }
 
 /// Where the agent learns about its GPUs. The real implementation is NVML;
@@ -158,6 +167,7 @@ impl GpuProbe for NvmlProbe {
                         mig_enabled: false,
                         healthy: false,
                         health_reason: format!("NVML cannot open device: {err}"),
+                        ..Default::default()
                     });
                     continue;
                 }
@@ -171,6 +181,28 @@ impl GpuProbe for NvmlProbe {
                 memory_total_mib: memory.as_ref().map_or(0, |m| m.total / (1024 * 1024)),
                 memory_used_mib: memory.as_ref().map_or(0, |m| m.used / (1024 * 1024)),
                 utilization_pct: device.utilization_rates().map_or(0, |u| u.gpu),
+                memory_util_pct: device.utilization_rates().map_or(0, |u| u.memory),
+                energy_mj: device.total_energy_consumption().unwrap_or(0),
+                ecc_corrected: device
+                    .total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile)
+                    .unwrap_or(0),
+                ecc_uncorrected: device
+                    .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
+                    .unwrap_or(0),
+                processes: device
+                    .running_compute_processes()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|p| {
+                        let used = match p.used_gpu_memory {
+                            nvml_wrapper::enums::device::UsedGpuMemory::Used(b) => {
+                                b / (1024 * 1024)
+                            }
+                            nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => 0,
+                        };
+                        (p.pid, used)
+                    })
+                    .collect(),
                 temperature_c: device.temperature(TemperatureSensor::Gpu).unwrap_or(0),
                 power_mw: device.power_usage().unwrap_or(0),
                 mig_enabled: device.mig_mode().is_ok_and(|m| m.current == 1),
@@ -228,6 +260,7 @@ impl FakeGpus {
                     mig_enabled: false,
                     healthy: true,
                     health_reason: String::new(),
+                    ..Default::default()
                 });
             }
         }
