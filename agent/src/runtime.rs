@@ -1056,6 +1056,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn cpu_quota_caps_a_busy_loop_near_its_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(rt) = confined_runtime(dir.path()) else {
+            return;
+        };
+        // A busy loop for ~1.5 s of wall time, then its own CPU ticks.
+        let script = "sh -c 'while :; do :; done' & p=$!; sleep 1.5; cut -d' ' -f14,15 /proc/$p/stat; kill $p";
+        let mut s = spec("cpu-1", &["sh", "-c", script]);
+        s.limits = Limits {
+            memory_bytes: None,
+            cpu_milli: Some(200),
+            pids_max: None,
+            gpu_minors: None,
+        };
+        rt.start(s);
+        let r = wait_terminal(&rt, "cpu-1").await;
+        assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+        let (log, _) = rt.read_log("cpu-1", 0, 1024).await.unwrap();
+        let text = String::from_utf8_lossy(&log);
+        let ticks: u64 = text
+            .split_whitespace()
+            .filter_map(|t| t.parse::<u64>().ok())
+            .sum();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let cpu_s = ticks as f64 / hz;
+        // 200m of one core over 1.5 s is 0.3 s; an uncapped loop burns ~1.5 s.
+        assert!(
+            cpu_s <= 0.45,
+            "busy loop used {cpu_s:.2} s of CPU in 1.5 s with a 200m quota ({text})"
+        );
+        assert!(cpu_s >= 0.1, "the loop barely ran ({cpu_s:.2} s): {text}");
+    }
+
+    #[tokio::test]
     async fn confined_instance_within_limits_succeeds_and_its_cgroup_goes() {
         let dir = tempfile::tempdir().unwrap();
         let Some(rt) = confined_runtime(dir.path()) else {
