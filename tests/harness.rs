@@ -59,12 +59,14 @@ pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("GPUPOOL_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    // target/debug/deps/<test> -> target/debug
+    // target/debug/deps/<test> -> target/debug; target/debug/<bin> -> target/debug
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf()
+    let dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of one gpupool binary; panics with advice when it is missing.
