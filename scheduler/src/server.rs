@@ -251,7 +251,7 @@ pub async fn serve(
         None => None,
     };
 
-    // The clock: readiness and queued jobs.
+    // The clock: readiness, subscriptions, queued jobs, ledger hours.
     let ticker = {
         let shared = shared.clone();
         let period = Duration::from_millis(
@@ -276,7 +276,10 @@ pub async fn serve(
                         });
                         shared.metrics.count_ledger(&closed);
                     }
-                    _ = stop.wait_for(|s| *s) => return,
+                    _ = stop.wait_for(|s| *s) => {
+                        shared.with(|core, _| core.cluster.flush_samples(flushed, now_ms()));
+                        return;
+                    }
                 }
             }
         })
