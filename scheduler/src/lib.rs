@@ -8,6 +8,7 @@
 //! gRPC edge; [`server`] wires it up; [`dev`] is the one-command dev cluster.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod config;

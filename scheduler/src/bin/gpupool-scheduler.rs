@@ -29,6 +29,9 @@ enum Command {
     },
     /// Run a scheduler and a local agent on localhost (development).
     Dev(gpupool_scheduler::dev::DevArgs),
+    /// Benchmarks (e.g. `bench replay`: the FGD paper's trace replay).
+    #[command(subcommand)]
+    Bench(gpupool_scheduler::bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -73,5 +76,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .await
         }
         Command::Dev(args) => gpupool_scheduler::dev::run(args).await,
+        Command::Bench(cmd) => gpupool_scheduler::bench::run(&cmd),
     }
 }

@@ -1,0 +1,114 @@
+//! `gpupool-scheduler bench`: offline benchmarks of gpupool's placement.
+//!
+//! `bench replay` replays an Alibaba openb trace (cluster-trace-gpu-v2023)
+//! on its 1,213-node GPU cluster exactly as the FGD paper's simulator does
+//! (see the data set's `REPLAY.md`) and reports the allocation rate at 100%
+//! and 130% of GPU capacity arrived:
+//!
+//! ```text
+//! gpupool-scheduler bench replay --nodes openb_node_list_gpu_node.csv \
+//!     --pods openb_pod_list_default.csv --policy fgd --seed 42 --output json
+//! ```
+//!
+//! Rooms: [`data`] reads the CSV files, [`replay`] is the pure engine (no
+//! I/O), [`policy`] holds random, best-fit, FGD and gpupool's `default`
+//! policy, [`rng`] the seeded PRNG. Figures and commands are in
+//! `BENCHMARKS.md` at the repository root.
+
+pub mod data;
+pub mod policy;
+pub mod replay;
+pub mod rng;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub use policy::PolicyName;
+
+/// `bench` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Replay an openb trace (FGD paper's discrete experiment) under a policy.
+    Replay(ReplayArgs),
+}
+
+/// Output format of `bench replay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+/// Options of `bench replay`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayArgs {
+    /// Cluster: node list CSV (`sn,cpu_milli,memory_mib,gpu,model`), e.g. openb_node_list_gpu_node.csv.
+    #[arg(long)]
+    pub nodes: PathBuf,
+    /// Trace: pod list CSV, e.g. openb_pod_list_default.csv.
+    #[arg(long)]
+    pub pods: PathBuf,
+    /// Placement policy (`default-online`: `default` with shapes learned from arrivals only).
+    #[arg(long, value_enum, default_value = "default")]
+    pub policy: PolicyName,
+    /// Seed of the arrival shuffle/inflation, the tie-break node order and random choices.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// `text` (a short summary) or `json` (one JSON object on one line).
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+}
+
+/// Runs a `bench` subcommand.
+pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Replay(args) => run_replay(args),
+    }
+}
+
+/// `bench replay`: reads the files, replays, prints the result.
+pub fn run_replay(args: &ReplayArgs) -> anyhow::Result<()> {
+    let nodes = data::read_nodes(&args.nodes)?;
+    let pods = data::read_pods(&args.pods)?;
+    let workload = replay::Workload::new(&nodes, &pods)?;
+    let start = Instant::now();
+    let result = replay::replay(&workload, args.policy, args.seed);
+    let elapsed = start.elapsed();
+    match args.output {
+        OutputFormat::Json => {
+            let mut value = serde_json::to_value(&result)?;
+            if let Some(obj) = value.as_object_mut() {
+                obj.insert("nodes_file".into(), args.nodes.display().to_string().into());
+                obj.insert("pods_file".into(), args.pods.display().to_string().into());
+                obj.insert(
+                    "replay_ms".into(),
+                    serde_json::json!(elapsed.as_secs_f64() * 1000.0),
+                );
+            }
+            println!("{}", serde_json::to_string(&value)?);
+        }
+        OutputFormat::Text => {
+            let pct = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.2}%"));
+            println!(
+                "replay {} on {} ({} nodes, {} GPUs), policy {}, seed {}",
+                args.pods.display(),
+                args.nodes.display(),
+                nodes.len(),
+                result.capacity_milli / 1000,
+                result.policy.as_str(),
+                result.seed
+            );
+            println!(
+                "pods: {} arrived ({} in the trace), {} failed ({} GPU pods)",
+                result.pods, result.original_pods, result.failed, result.failed_gpu
+            );
+            println!(
+                "GPU allocation rate: {} at 100% arrived, {} at 130% arrived",
+                pct(result.alloc_pct_at_100),
+                pct(result.alloc_pct_at_130)
+            );
+            println!("replay time: {:.0} ms", elapsed.as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,662 @@
+//! Placement policies of the replay benchmark (REPLAY.md §8–13) and
+//! gpupool's own `default` policy.
+//!
+//! Every policy sees the feasible nodes of a pod listed in the run's random
+//! node order (drawn once per run) and picks the highest score; ties go to
+//! the earliest node in that order. Scores are cached per (node, pod shape)
+//! and recomputed only when the node changed (or the policy's typical shapes
+//! did), which keeps a 1,213-node, 10,000-pod replay well under a second.
+
+use super::replay::{Cluster, NodeState, Req, Shape, Workload};
+use super::rng::Rng;
+
+/// Policy names of the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyName {
+    /// A uniformly random feasible node (and a random fitting GPU).
+    Random,
+    /// Best-fit (REPLAY §9).
+    Bestfit,
+    /// Fragmentation Gradient Descent, as published (REPLAY §13).
+    Fgd,
+    /// gpupool's policy: FGD for GPU pods with idle nodes kept whole on
+    /// ties; CPU-only pods onto GPU-full nodes (see [`DefaultScorer`]).
+    Default,
+    /// `default` with typical shapes learned from the arrivals so far.
+    DefaultOnline,
+}
+
+impl PolicyName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyName::Random => "random",
+            PolicyName::Bestfit => "bestfit",
+            PolicyName::Fgd => "fgd",
+            PolicyName::Default => "default",
+            PolicyName::DefaultOnline => "default-online",
+        }
+    }
+}
+
+/// A placement policy, driven by [`super::replay::replay`].
+pub trait Policy {
+    /// Sees each arriving pod before it is placed (online learning).
+    fn observe(&mut self, _r: &Req) {}
+    /// GPUs for `r` on `node` (the only feasible node; no node scoring).
+    fn gpus(&mut self, cluster: &Cluster, node: usize, r: &Req, rng: &mut Rng) -> Vec<usize>;
+    /// Picks a node among `feasible` (≥ 2, in tie-break order) and its GPUs.
+    fn choose(
+        &mut self,
+        cluster: &Cluster,
+        feasible: &[usize],
+        r: &Req,
+        rng: &mut Rng,
+    ) -> (usize, Vec<usize>);
+    /// Number of typical shapes in use (0 where not applicable).
+    fn typical_shapes(&self) -> usize {
+        0
+    }
+}
+
+/// Builds the policy `name` for workload `w`.
+pub fn make(name: PolicyName, w: &Workload) -> Box<dyn Policy> {
+    match name {
+        PolicyName::Random => Box::new(RandomPolicy),
+        PolicyName::Bestfit => Box::new(Scored::new(BestFit, w)),
+        PolicyName::Fgd => Box::new(Scored::new(Fgd::published(w), w)),
+        PolicyName::Default => Box::new(Scored::new(DefaultScorer::new(w, ShapeSource::Trace), w)),
+        PolicyName::DefaultOnline => {
+            Box::new(Scored::new(DefaultScorer::new(w, ShapeSource::Online), w))
+        }
+    }
+}
+
+// ---------------------------------------------------------------- random
+
+/// REPLAY §10: a uniformly random feasible node; shared pods get a uniformly
+/// random fitting GPU, whole-GPU pods the lowest-index free GPUs.
+struct RandomPolicy;
+
+impl RandomPolicy {
+    fn pick(node: &NodeState, r: &Req, rng: &mut Rng) -> Vec<usize> {
+        if !r.is_shared() {
+            return node.lowest_fitting(r);
+        }
+        let fitting: Vec<usize> = (0..node.free.len())
+            .filter(|&g| node.free[g] >= r.milli)
+            .collect();
+        vec![fitting[rng.below(fitting.len())]]
+    }
+}
+
+impl Policy for RandomPolicy {
+    fn gpus(&mut self, cluster: &Cluster, node: usize, r: &Req, rng: &mut Rng) -> Vec<usize> {
+        Self::pick(&cluster.nodes[node], r, rng)
+    }
+
+    fn choose(
+        &mut self,
+        cluster: &Cluster,
+        feasible: &[usize],
+        r: &Req,
+        rng: &mut Rng,
+    ) -> (usize, Vec<usize>) {
+        let node = feasible[rng.below(feasible.len())];
+        (node, Self::pick(&cluster.nodes[node], r, rng))
+    }
+}
+
+// ---------------------------------------------------------- scored policies
+
+/// A lexicographic score key; higher is better.
+pub type Key = (f64, f64, f64);
+
+/// A node-scoring policy.
+pub trait Scorer {
+    /// Sees each arriving pod; returns true when cached scores are stale.
+    fn observe(&mut self, _r: &Req) -> bool {
+        false
+    }
+    /// Score of placing `r` on `node` (feasible), and for a shared-GPU pod
+    /// the GPU it would take.
+    fn score(&mut self, node: &NodeState, r: &Req) -> (Key, Option<usize>);
+    fn typical_shapes(&self) -> usize {
+        0
+    }
+}
+
+#[derive(Clone, Copy)]
+struct CacheEntry {
+    stamp: u64,
+    key: Key,
+    gpu: i32,
+}
+
+/// Drives a [`Scorer`] with a (node, shape) score cache.
+struct Scored<S> {
+    scorer: S,
+    shapes: usize,
+    version: u32,
+    cache: Vec<CacheEntry>,
+}
+
+impl<S: Scorer> Scored<S> {
+    fn new(scorer: S, w: &Workload) -> Self {
+        let shapes = w.shapes.len();
+        Scored {
+            scorer,
+            shapes,
+            version: 0,
+            cache: vec![
+                CacheEntry {
+                    stamp: 0,
+                    key: (0.0, 0.0, 0.0),
+                    gpu: -1
+                };
+                shapes * w.nodes.len()
+            ],
+        }
+    }
+
+    fn eval(&mut self, cluster: &Cluster, node: usize, r: &Req) -> (Key, Option<usize>) {
+        let stamp = ((cluster.epoch[node] as u64) << 32 | self.version as u64) + 1;
+        let slot = node * self.shapes + r.shape as usize;
+        let e = self.cache[slot];
+        if e.stamp == stamp {
+            return (e.key, (e.gpu >= 0).then_some(e.gpu as usize));
+        }
+        let (key, gpu) = self.scorer.score(&cluster.nodes[node], r);
+        self.cache[slot] = CacheEntry {
+            stamp,
+            key,
+            gpu: gpu.map_or(-1, |g| g as i32),
+        };
+        (key, gpu)
+    }
+
+    fn gpus_for(node: &NodeState, r: &Req, gpu: Option<usize>) -> Vec<usize> {
+        match gpu {
+            Some(g) if r.is_shared() => vec![g],
+            _ => node.lowest_fitting(r),
+        }
+    }
+}
+
+impl<S: Scorer> Policy for Scored<S> {
+    fn observe(&mut self, r: &Req) {
+        if self.scorer.observe(r) {
+            self.version = self.version.wrapping_add(1);
+        }
+    }
+
+    fn gpus(&mut self, cluster: &Cluster, node: usize, r: &Req, _rng: &mut Rng) -> Vec<usize> {
+        let gpu = if r.is_shared() {
+            self.eval(cluster, node, r).1
+        } else {
+            None
+        };
+        Self::gpus_for(&cluster.nodes[node], r, gpu)
+    }
+
+    fn choose(
+        &mut self,
+        cluster: &Cluster,
+        feasible: &[usize],
+        r: &Req,
+        _rng: &mut Rng,
+    ) -> (usize, Vec<usize>) {
+        let mut best: Option<(Key, usize, Option<usize>)> = None;
+        for &n in feasible {
+            let (key, gpu) = self.eval(cluster, n, r);
+            if best.as_ref().is_none_or(|b| key > b.0) {
+                best = Some((key, n, gpu));
+            }
+        }
+        let (_, node, gpu) = best.expect("at least one feasible node");
+        (node, Self::gpus_for(&cluster.nodes[node], r, gpu))
+    }
+
+    fn typical_shapes(&self) -> usize {
+        self.scorer.typical_shapes()
+    }
+}
+
+// ------------------------------------------------------------------ best-fit
+
+/// REPLAY §9 best-fit: `s = 0.5·(cpu_free − cpu)/128000 +
+/// 0.5·(gpu_free_total − num_gpu·milli)/8000`, score `int64((1 − s)·100)`;
+/// a CPU request of 0 counts as 100 milli. Shared pods take the fitting GPU
+/// with the least free milli (lowest index on ties).
+struct BestFit;
+
+/// The best-fit score of placing `r` on `node`.
+pub fn bestfit_score(node: &NodeState, r: &Req) -> i64 {
+    let cpu = if r.cpu == 0 { 100 } else { r.cpu };
+    let s = 0.5 * (node.cpu - cpu) as f64 / 128_000.0
+        + 0.5 * (node.free_total - r.gpu_total()) as f64 / 8_000.0;
+    ((1.0 - s) * 100.0) as i64
+}
+
+/// The fitting GPU with the least free milli, lowest index on ties.
+pub fn least_free_fitting(node: &NodeState, milli: i64) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (g, &f) in node.free.iter().enumerate() {
+        if f >= milli && best.is_none_or(|b| f < node.free[b]) {
+            best = Some(g);
+        }
+    }
+    best
+}
+
+impl Scorer for BestFit {
+    fn score(&mut self, node: &NodeState, r: &Req) -> (Key, Option<usize>) {
+        let gpu = if r.is_shared() {
+            least_free_fitting(node, r.milli)
+        } else {
+            None
+        };
+        ((bestfit_score(node, r) as f64, 0.0, 0.0), gpu)
+    }
+}
+
+// ---------------------------------------------------------------------- FGD
+
+/// A typical pod shape with its renormalised frequency `p`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Typical {
+    pub cpu: i64,
+    pub milli: i64,
+    pub num_gpu: u32,
+    pub spec: u64,
+    pub p: f64,
+}
+
+/// REPLAY §13: distinct shapes most frequent first (ties: first seen in
+/// name order), the shortest prefix covering ≥ 95% of the pods, with the
+/// frequencies renormalised over that prefix. `counts[i]` counts shape `i`.
+pub fn typical_shapes(counts: &[u64], shapes: &[Shape]) -> Vec<Typical> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    let mut order: Vec<usize> = (0..counts.len()).filter(|&i| counts[i] > 0).collect();
+    order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
+    let mut covered = 0u64;
+    let mut len = 0;
+    for &i in &order {
+        covered += counts[i];
+        len += 1;
+        if covered * 100 >= total * 95 {
+            break;
+        }
+    }
+    order[..len]
+        .iter()
+        .map(|&i| {
+            let s = &shapes[i];
+            Typical {
+                cpu: s.cpu,
+                milli: s.milli,
+                num_gpu: s.num_gpu,
+                spec: s.spec,
+                p: counts[i] as f64 / covered as f64,
+            }
+        })
+        .collect()
+}
+
+/// REPLAY §13 node fragmentation `F = Σ p_t·x_t`: `x_t` is the free milli of
+/// the GPUs with less free than shape t needs when t fits the node (model,
+/// CPU, enough GPUs with that much free), else all free GPU milli (always so
+/// for CPU-only shapes).
+pub fn fragmentation(typical: &[Typical], model: u64, cpu: i64, free: &[i64]) -> f64 {
+    let total: i64 = free.iter().sum();
+    let mut f = 0.0;
+    for t in typical {
+        let x = if t.num_gpu == 0 || cpu < t.cpu || (t.spec != 0 && t.spec & model == 0) {
+            total
+        } else {
+            let (mut fit, mut below) = (0u32, 0i64);
+            for &g in free {
+                if g >= t.milli {
+                    fit += 1;
+                } else {
+                    below += g;
+                }
+            }
+            if fit >= t.num_gpu { below } else { total }
+        };
+        f += t.p * x as f64;
+    }
+    f
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// FGD's score of a fragmentation change: `int64(100·sigmoid(ΔF/1000))`.
+pub fn fgd_score(f_before: f64, f_after: f64) -> i64 {
+    (100.0 * sigmoid((f_before - f_after) / 1000.0)) as i64
+}
+
+/// Fragmentation of `node` before, and after placing `r` there for every
+/// distinct choice of GPU. Calls `each(gpu, f_after)` (gpu = None for
+/// whole-GPU and CPU-only pods, which take the lowest-index fitting GPUs).
+fn frag_options(
+    typical: &[Typical],
+    node: &NodeState,
+    r: &Req,
+    scratch: &mut Vec<i64>,
+    mut each: impl FnMut(Option<usize>, f64),
+) -> f64 {
+    let before = fragmentation(typical, node.model, node.cpu, &node.free);
+    let cpu = node.cpu - r.cpu;
+    scratch.clear();
+    scratch.extend_from_slice(&node.free);
+    if r.is_shared() {
+        for g in 0..node.free.len() {
+            let f = node.free[g];
+            // GPUs with the same free milli give the same result; the first wins ties.
+            if f < r.milli || node.free[..g].contains(&f) {
+                continue;
+            }
+            scratch[g] = f - r.milli;
+            each(Some(g), fragmentation(typical, node.model, cpu, scratch));
+            scratch[g] = f;
+        }
+    } else {
+        for g in node.lowest_fitting(r) {
+            scratch[g] -= r.milli;
+        }
+        each(None, fragmentation(typical, node.model, cpu, scratch));
+    }
+    before
+}
+
+/// FGD as published: typical shapes from the whole trace file; the node
+/// score is the best [`fgd_score`] over the GPU choices (lowest index on
+/// ties), and that GPU is the one taken.
+struct Fgd {
+    typical: Vec<Typical>,
+    scratch: Vec<i64>,
+}
+
+impl Fgd {
+    fn published(w: &Workload) -> Self {
+        let mut counts = vec![0u64; w.shapes.len()];
+        for r in &w.pods {
+            counts[r.shape as usize] += 1;
+        }
+        Fgd {
+            typical: typical_shapes(&counts, &w.shapes),
+            scratch: Vec::new(),
+        }
+    }
+}
+
+impl Scorer for Fgd {
+    fn score(&mut self, node: &NodeState, r: &Req) -> (Key, Option<usize>) {
+        let mut best: Option<(i64, Option<usize>)> = None;
+        let mut after = Vec::with_capacity(8);
+        let before = frag_options(&self.typical, node, r, &mut self.scratch, |g, fa| {
+            after.push((g, fa))
+        });
+        for (g, fa) in after {
+            let s = fgd_score(before, fa);
+            if best.is_none_or(|b| s > b.0) {
+                best = Some((s, g));
+            }
+        }
+        let (s, g) = best.expect("feasible node has a GPU choice");
+        ((s as f64, 0.0, 0.0), g)
+    }
+
+    fn typical_shapes(&self) -> usize {
+        self.typical.len()
+    }
+}
+
+// ------------------------------------------------------------------ default
+
+/// Where [`DefaultScorer`] takes its typical shapes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShapeSource {
+    /// The whole trace file's shape statistics (what FGD is given).
+    Trace,
+    /// Only the pods that arrived so far (refreshed after 1, 2, 4, … 256
+    /// arrivals and every 512 after that).
+    Online,
+}
+
+/// gpupool's `default` policy: FGD's fragmentation score with two changes to
+/// how ties and CPU-only pods are handled.
+///
+/// * **GPU pods** are scored exactly like FGD (typical shapes, REPLAY §13
+///   fragmentation, `int64(100·sigmoid(ΔF/1000))`, GPU inside the node = the
+///   one giving the best score, lowest index on ties). Among nodes with the
+///   same score, a node that already runs something beats a fully idle node
+///   (all GPUs free), so idle nodes stay whole for multi-GPU pods; remaining
+///   ties go to the run's random node order. (Finer tie-breakers — the
+///   untruncated ΔF, best-fit — were tried and lose badly: the random order
+///   inside FGD's coarse score buckets spreads load across node types.)
+/// * **CPU-only pods** ignore the fragmentation score: they go to the node
+///   with the least free GPU milli (GPU-full nodes first, where CPU is worth
+///   nothing to GPU pods), then the best best-fit score (REPLAY §9), then the
+///   random node order. FGD scores them ≤ 50 almost everywhere and lets the
+///   node order decide, which strands GPUs behind exhausted CPUs.
+///
+/// `default` uses [`ShapeSource::Trace`], the same shape statistics FGD is
+/// given; `default-online` learns them from the arrivals seen so far.
+pub struct DefaultScorer {
+    source: ShapeSource,
+    counts: Vec<u64>,
+    seen: u64,
+    shapes: Vec<Shape>,
+    typical: Vec<Typical>,
+    scratch: Vec<i64>,
+}
+
+impl DefaultScorer {
+    pub fn new(w: &Workload, source: ShapeSource) -> Self {
+        let mut s = DefaultScorer {
+            source,
+            counts: vec![0; w.shapes.len()],
+            seen: 0,
+            shapes: w.shapes.clone(),
+            typical: Vec::new(),
+            scratch: Vec::new(),
+        };
+        if source == ShapeSource::Trace {
+            for r in &w.pods {
+                s.counts[r.shape as usize] += 1;
+            }
+            s.typical = typical_shapes(&s.counts, &s.shapes);
+        }
+        s
+    }
+}
+
+impl Scorer for DefaultScorer {
+    fn observe(&mut self, r: &Req) -> bool {
+        if self.source != ShapeSource::Online {
+            return false;
+        }
+        self.counts[r.shape as usize] += 1;
+        self.seen += 1;
+        if self.seen.is_power_of_two() && self.seen <= 256 || self.seen.is_multiple_of(512) {
+            self.typical = typical_shapes(&self.counts, &self.shapes);
+            return true;
+        }
+        false
+    }
+
+    fn score(&mut self, node: &NodeState, r: &Req) -> (Key, Option<usize>) {
+        if r.num_gpu == 0 {
+            return (
+                (
+                    -(node.free_total as f64),
+                    bestfit_score(node, r) as f64,
+                    0.0,
+                ),
+                None,
+            );
+        }
+        let mut best: Option<(i64, Option<usize>)> = None;
+        let mut after = Vec::with_capacity(8);
+        let before = frag_options(&self.typical, node, r, &mut self.scratch, |g, fa| {
+            after.push((g, fa))
+        });
+        for (g, fa) in after {
+            let s = fgd_score(before, fa);
+            if best.is_none_or(|b| s > b.0) {
+                best = Some((s, g));
+            }
+        }
+        let (s, g) = best.expect("feasible node has a GPU choice");
+        let busy = if node.free.iter().all(|&f| f == 1000) {
+            0.0
+        } else {
+            1.0
+        };
+        ((s as f64, busy, 0.0), g)
+    }
+
+    fn typical_shapes(&self) -> usize {
+        self.typical.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(cpu: i64, num_gpu: u32, milli: i64) -> Req {
+        Req {
+            cpu,
+            mem: 0,
+            num_gpu,
+            milli,
+            spec: 0,
+            shape: 0,
+        }
+    }
+
+    fn node(cpu: i64, free: &[i64]) -> NodeState {
+        NodeState {
+            cpu,
+            mem: 1 << 20,
+            model: 1,
+            free: free.to_vec(),
+            free_total: free.iter().sum(),
+        }
+    }
+
+    fn typical(cpu: i64, num_gpu: u32, milli: i64, spec: u64, p: f64) -> Typical {
+        Typical {
+            cpu,
+            milli,
+            num_gpu,
+            spec,
+            p,
+        }
+    }
+
+    #[test]
+    fn bestfit_score_truncates_and_counts_cpu_zero_as_100() {
+        // s = 0.5·56000/128000 + 0.5·1500/8000 = 0.3125 -> 68.75 -> 68
+        assert_eq!(
+            bestfit_score(&node(64_000, &[1000, 1000]), &req(8000, 1, 500)),
+            68
+        );
+        // CPU 0 counts as 100: s = 0.5·128000/128000 = 0.5 -> 50 (49 with 0).
+        assert_eq!(bestfit_score(&node(128_100, &[]), &req(0, 0, 0)), 50);
+        assert_eq!(bestfit_score(&node(128_000, &[]), &req(100, 0, 0)), 50);
+        assert_eq!(
+            least_free_fitting(&node(0, &[700, 300, 500, 300]), 300),
+            Some(1)
+        );
+        assert_eq!(least_free_fitting(&node(0, &[700, 200]), 300), Some(0));
+    }
+
+    #[test]
+    fn fragmentation_of_a_small_node() {
+        let n = node(8000, &[1000, 500, 300, 0]); // 1800 free
+        let t = [
+            typical(4000, 1, 400, 0, 0.5),     // fits: 300 + 0 below 400 -> 300
+            typical(0, 0, 0, 0, 0.25),         // CPU-only: all 1800
+            typical(16_000, 1, 100, 0, 0.125), // CPU does not fit: 1800
+            typical(0, 2, 1000, 0, 0.0625),    // one full GPU only: 1800
+            typical(0, 1, 200, 0b10, 0.0625),  // other model: 1800
+        ];
+        let f = fragmentation(&t, n.model, n.cpu, &n.free);
+        assert!(
+            (f - (150.0 + 450.0 + 225.0 + 112.5 + 112.5)).abs() < 1e-9,
+            "{f}"
+        );
+        assert_eq!(fgd_score(f, f), 50);
+        assert_eq!(fgd_score(1000.0, 0.0), 73); // 100·sigmoid(1) = 73.1
+    }
+
+    #[test]
+    fn typical_shapes_take_the_95_percent_prefix() {
+        let shape = |cpu| Shape {
+            cpu,
+            milli: 0,
+            num_gpu: 0,
+            spec: 0,
+            spec_text: String::new(),
+        };
+        let shapes: Vec<Shape> = (0..4).map(shape).collect();
+        // 60 + 30 = 90% < 95%, + 6 = 96%: three shapes, renormalised over 96.
+        let t = typical_shapes(&[6, 60, 4, 30], &shapes);
+        assert_eq!(t.iter().map(|t| t.cpu).collect::<Vec<_>>(), vec![1, 3, 0]);
+        assert!((t[0].p - 60.0 / 96.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn fgd_picks_the_gpu_with_the_best_score() {
+        let w_shapes = [typical(0, 1, 500, 0, 0.5), typical(0, 1, 1000, 0, 0.5)];
+        let mut fgd = Fgd {
+            typical: w_shapes.to_vec(),
+            scratch: Vec::new(),
+        };
+        // Half a GPU on [1000, 500]: filling GPU 1 keeps a whole GPU (F 250 -> 0).
+        let (key, gpu) = fgd.score(&node(0, &[1000, 500]), &req(0, 1, 500));
+        assert_eq!((key.0, gpu), (56.0, Some(1)));
+    }
+
+    #[test]
+    fn default_keeps_idle_nodes_whole_and_sends_cpu_pods_to_full_nodes() {
+        let w = Workload::new(
+            &[super::super::replay::NodeSpec {
+                name: "n".into(),
+                cpu_milli: 1,
+                memory_mib: 1,
+                gpus: 1,
+                model: "T4".into(),
+            }],
+            &[super::super::replay::PodSpec {
+                name: "p".into(),
+                cpu_milli: 1,
+                memory_mib: 1,
+                num_gpu: 1,
+                gpu_milli: 1000,
+                gpu_spec: String::new(),
+            }],
+        )
+        .unwrap();
+        let mut d = DefaultScorer::new(&w, ShapeSource::Trace);
+        // Same FGD score (whole GPU, one typical whole-GPU shape): busy node wins.
+        let (idle, _) = d.score(&node(8000, &[1000, 1000]), &req(0, 1, 1000));
+        let (busy, _) = d.score(&node(8000, &[1000, 0, 1000]), &req(0, 1, 1000));
+        assert_eq!(idle.0, busy.0);
+        assert!(busy > idle);
+        // CPU-only: fewer free GPU milli first, then best-fit.
+        let (full, _) = d.score(&node(8000, &[0, 0]), &req(1000, 0, 0));
+        let (half, _) = d.score(&node(64_000, &[500, 0]), &req(1000, 0, 0));
+        let (full_roomy, _) = d.score(&node(64_000, &[0, 0]), &req(1000, 0, 0));
+        assert!(full > half && full > full_roomy);
+    }
+}
