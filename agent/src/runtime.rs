@@ -997,13 +997,23 @@ mod tests {
         assert!(dead, "SIGTERM-ignoring child {child_pid} survived stop");
     }
 
+    /// Tests probe cgroups concurrently: each probe gets its own name.
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
     /// A runtime confining in the machine's real cgroups, or None (the
     /// test is skipped, loudly; under CI=true it fails instead).
     fn confined_runtime(dir: &Path) -> Option<Runtime> {
         let manager = crate::cgroup::detect(Path::new("/sys/fs/cgroup"));
-        let probe = manager
-            .as_ref()
-            .map(|m| m.create("gpupool-probe", &Limits::default()));
+        let probe = manager.as_ref().map(|m| {
+            m.create(
+                &format!(
+                    "gpupool-probe-{}-{}",
+                    std::process::id(),
+                    PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ),
+                &Limits::default(),
+            )
+        });
         let usable = matches!(&probe, Some(Ok(g)) if g.remove().is_ok());
         let probe = probe.map(|r| r.map(|_| ()));
         if !usable {
