@@ -19,6 +19,7 @@ pub mod data;
 pub mod policy;
 pub mod replay;
 pub mod rng;
+pub mod speed;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -30,6 +31,8 @@ pub use policy::PolicyName;
 pub enum BenchCommand {
     /// Replay an openb trace (FGD paper's discrete experiment) under a policy.
     Replay(ReplayArgs),
+    /// Placement speed on synthetic clusters (production policy vs best fit).
+    Speed(speed::SpeedArgs),
 }
 
 /// Output format of `bench replay`.
@@ -63,6 +66,7 @@ pub struct ReplayArgs {
 pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Replay(args) => run_replay(args),
+        BenchCommand::Speed(args) => speed::run_speed(args),
     }
 }
 
