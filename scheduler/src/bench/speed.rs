@@ -122,15 +122,14 @@ fn best_fit(nodes: &mut [NodeCapacity], req: &Resources) -> bool {
         {
             g.free_milli = 0;
         }
-    } else if req.gpu_milli > 0 {
-        if let Some(g) = n
+    } else if req.gpu_milli > 0
+        && let Some(g) = n
             .gpus
             .iter_mut()
             .filter(|g| g.free_milli >= req.gpu_milli)
             .min_by_key(|g| g.free_milli)
-        {
-            g.free_milli -= req.gpu_milli;
-        }
+    {
+        g.free_milli -= req.gpu_milli;
     }
     true
 }
