@@ -21,15 +21,7 @@ async fn sigkill_neither_loses_nor_double_counts_a_second() {
     let mut sched = Scheduler::start(dir.path()).await;
     let _a = Agent::start(dir.path(), &sched, "pool-node", "1xH100-80GB");
     let _b = Agent::start(dir.path(), &sched, "public-node", "1xL4-24GB");
-    eventually(Duration::from_secs(30), "nodes Ready", || async {
-        let nodes = list_nodes(&sched).await;
-        (nodes.len() == 2
-            && nodes
-                .iter()
-                .all(|n| n.status == pb::NodeStatus::Ready as i32))
-        .then_some(())
-    })
-    .await;
+    wait_ready(&sched, 2).await;
     let mut admin = sched.admin().await;
     admin
         .tenants

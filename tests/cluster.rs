@@ -263,14 +263,7 @@ async fn queued_job_is_placed_when_capacity_appears() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Scheduler::start(dir.path()).await;
     let _small = Agent::start(dir.path(), &sched, "only-small", "2xA100-40GB");
-    eventually(Duration::from_secs(20), "node Ready", || async {
-        (list_nodes(&sched)
-            .await
-            .first()
-            .is_some_and(|n| n.status == READY))
-        .then_some(())
-    })
-    .await;
+    wait_ready(&sched, 1).await;
     let job = submit(&sched, training(4, &["sh", "-c", "echo placed-later"]))
         .await
         .unwrap();
@@ -324,14 +317,7 @@ async fn oom_kill_is_reported_as_oom() {
         "AZ1",
         "confinement = \"required\"",
     );
-    eventually(Duration::from_secs(20), "node Ready", || async {
-        list_nodes(&sched)
-            .await
-            .first()
-            .is_some_and(|n| n.status == READY)
-            .then_some(())
-    })
-    .await;
+    wait_ready(&sched, 1).await;
     let mut spec = training(0, &["tail", "/dev/zero"]);
     spec.resources.as_mut().unwrap().memory_mib = 32;
     let job = submit(&sched, spec).await.unwrap();
@@ -369,14 +355,7 @@ async fn agent_restart_reattaches_running_instances() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Scheduler::start(dir.path()).await;
     let mut agent = Agent::start(dir.path(), &sched, "n1", "1xT4-16GB");
-    eventually(Duration::from_secs(20), "node Ready", || async {
-        list_nodes(&sched)
-            .await
-            .first()
-            .is_some_and(|n| n.status == READY)
-            .then_some(())
-    })
-    .await;
+    wait_ready(&sched, 1).await;
     let job = submit(
         &sched,
         training(1, &["sh", "-c", "sleep 3; echo finished; exit 4"]),
@@ -417,14 +396,7 @@ async fn critical_xid_takes_a_gpu_out_of_service() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Scheduler::start(dir.path()).await;
     let _a = Agent::start(dir.path(), &sched, "xid-node", "2xA100-40GB");
-    eventually(Duration::from_secs(20), "node Ready", || async {
-        list_nodes(&sched)
-            .await
-            .first()
-            .is_some_and(|n| n.status == READY)
-            .then_some(())
-    })
-    .await;
+    wait_ready(&sched, 1).await;
     // Failure injection into the fake GPUs: XID 79 on GPU 1.
     let inject = dir.path().join("agent-xid-node/state/inject-gpu-events");
     std::fs::write(&inject, "1 79\n").unwrap();
@@ -465,14 +437,7 @@ async fn distributed_training_env_is_consistent() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Scheduler::start(dir.path()).await;
     let _a = Agent::start(dir.path(), &sched, "t1", "4xH100-80GB");
-    eventually(Duration::from_secs(20), "node Ready", || async {
-        list_nodes(&sched)
-            .await
-            .first()
-            .is_some_and(|n| n.status == READY)
-            .then_some(())
-    })
-    .await;
+    wait_ready(&sched, 1).await;
     let mut spec = training(
         1,
         &[

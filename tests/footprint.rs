@@ -40,14 +40,7 @@ async fn main() {
     // The harness uses fast heartbeats; the agent follows the scheduler's 200 ms.
     let agent = Agent::start_with_metrics(dir.path(), &sched, "bench", "8xH100-80GB");
     let pid = agent.proc.child.id();
-    eventually(Duration::from_secs(30), "node Ready", || async {
-        list_nodes(&sched)
-            .await
-            .first()
-            .is_some_and(|n| n.status == pb::NodeStatus::Ready as i32)
-            .then_some(())
-    })
-    .await;
+    wait_ready(&sched, 1).await;
     let mut jobs = Vec::new();
     for i in 0..16 {
         let mut spec = training(0, &["sleep", "600"]);

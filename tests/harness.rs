@@ -444,6 +444,19 @@ where
     }
 }
 
+/// Waits until exactly `n` nodes are registered and all are Ready.
+pub async fn wait_ready(s: &Scheduler, n: usize) {
+    eventually(Duration::from_secs(30), "nodes Ready", || async {
+        let nodes = list_nodes(s).await;
+        (nodes.len() == n
+            && nodes
+                .iter()
+                .all(|x| x.status == pb::NodeStatus::Ready as i32))
+        .then_some(())
+    })
+    .await;
+}
+
 /// GET over plain HTTP/1.0 on localhost; returns the body.
 pub async fn http_get(port: u16, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

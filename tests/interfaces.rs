@@ -292,14 +292,7 @@ async fn health_reflection_and_metrics() {
     }
 
     // Metrics from both daemons, once the node is up and a job has run.
-    eventually(Duration::from_secs(20), "node Ready", || async {
-        list_nodes(&sched)
-            .await
-            .first()
-            .is_some_and(|n| n.status == pb::NodeStatus::Ready as i32)
-            .then_some(())
-    })
-    .await;
+    wait_ready(&sched, 1).await;
     let job = submit(&sched, training(1, &["true"])).await.unwrap();
     wait_job(
         &sched,

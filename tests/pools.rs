@@ -8,16 +8,6 @@ use gpupool_e2e::*;
 use gpupool_proto::v1 as pb;
 use tonic::Code;
 
-const READY: i32 = pb::NodeStatus::Ready as i32;
-
-async fn all_ready(s: &Scheduler, n: usize) {
-    eventually(Duration::from_secs(30), "nodes Ready", || async {
-        let nodes = list_nodes(s).await;
-        (nodes.len() == n && nodes.iter().all(|x| x.status == READY)).then_some(())
-    })
-    .await;
-}
-
 fn create(kind: pb::PoolType, name: &str, spec: &str, nodes: u32) -> pb::CreatePoolRequest {
     pb::CreatePoolRequest {
         r#type: kind as i32,
@@ -112,7 +102,7 @@ async fn dedicated_pools_end_to_end() {
         .iter()
         .map(|(id, az)| Agent::start_in(dir.path(), &sched, id, "2xH100-80GB", az))
         .collect();
-    all_ready(&sched, 4).await;
+    wait_ready(&sched, 4).await;
 
     let mut admin = sched.admin().await;
     let token_a = issue_token(&mut admin, "team-a", 3, 6).await;
@@ -644,7 +634,7 @@ async fn concurrent_creates_never_allocate_a_node_twice() {
     let _agents: Vec<Agent> = (1..=4)
         .map(|i| Agent::start(dir.path(), &sched, &format!("c{i}"), "1xA100-40GB"))
         .collect();
-    all_ready(&sched, 4).await;
+    wait_ready(&sched, 4).await;
     let mut admin = sched.admin().await;
     let token = issue_token(&mut admin, "many", 100, 100).await;
     let spec = spec_info(&mut admin).await.name;

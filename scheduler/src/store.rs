@@ -328,17 +328,3 @@ impl Store for SqliteStore {
 fn encode<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("domain types serialize")
 }
-
-impl SqliteStore {
-    /// The schema version (for diagnostics and tests).
-    pub fn schema_version(&self) -> Result<i64, StoreError> {
-        let conn = self.conn.lock().unwrap();
-        Ok(conn
-            .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
-                r.get::<_, Option<i64>>(0)
-            })
-            .optional()?
-            .flatten()
-            .unwrap_or(0))
-    }
-}

@@ -1,5 +1,5 @@
-//! The client-facing services: jobs, nodes, pools, usage. Calls that later
-//! issues fill in answer `UNIMPLEMENTED`, never made-up data.
+//! The client-facing job and node services (pools and tenants are in
+//! `pools.rs`, usage and bills in `usage.rs`).
 
 use std::pin::Pin;
 use std::sync::Arc;

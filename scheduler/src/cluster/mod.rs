@@ -194,10 +194,6 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     // ---- queries -------------------------------------------------------
 
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
