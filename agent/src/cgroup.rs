@@ -1,6 +1,6 @@
 //! Confinement of job instances in cgroups: a memory limit, a CPU quota from
-//! millicores, a pids limit, and (v1) device access limited to the
-//! instance's own GPUs. One cgroup per instance, created under the agent's
+//! millicores, a pids limit, and device access limited to the instance's own
+//! GPUs (v1 `devices.allow`, v2 an eBPF program). One cgroup per instance, created under the agent's
 //! own cgroup (so a systemd unit with `Delegate=yes`, or a container, keeps
 //! the whole tree), in `gpupool/<instance>`.
 //!
@@ -11,6 +11,8 @@
 //! quota) is tested end to end where cgroups are writable.
 
 use std::path::{Path, PathBuf};
+
+pub use crate::devfilter::DeviceRule;
 
 /// What an instance may use.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,6 +36,17 @@ pub trait Cgroup: Send + Sync {
     fn pids(&self) -> Vec<i32>;
     /// Removes the (empty) cgroup.
     fn remove(&self) -> std::io::Result<()>;
+    /// CPU time and memory in use, for the metrics.
+    fn usage(&self) -> Usage;
+}
+
+/// What an instance's cgroup has used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time used so far (µs).
+    pub cpu_usec: u64,
+    /// Memory in use now (bytes).
+    pub memory_bytes: u64,
 }
 
 /// Creates cgroups; v1 or v2.
@@ -62,7 +75,7 @@ pub fn detect(root: &Path) -> Option<Box<dyn CgroupManager>> {
             .to_string();
         return Some(Box::new(V2 {
             root: root.to_path_buf(),
-            parent: join(&path, "gpupool"),
+            parent: v2_parent(root, &path, std::process::id() as i32),
         }));
     }
     if root.join("memory").is_dir() {
@@ -83,6 +96,33 @@ pub fn detect(root: &Path) -> Option<Box<dyn CgroupManager>> {
         }));
     }
     None
+}
+
+/// Where the instance cgroups go on cgroup v2: `gpupool` below the agent's
+/// own cgroup when the agent is alone there (a systemd unit with
+/// `Delegate=yes`; the agent then moves itself into the leaf `agent` to
+/// delegate), else `/gpupool` at the root — a cgroup shared with other
+/// processes (a login shell's scope, a CI job) cannot delegate controllers.
+fn v2_parent(root: &Path, own: &str, me: i32) -> String {
+    // Our own leaf from an earlier delegation: the unit's cgroup is above.
+    let own = own.strip_suffix("/agent").unwrap_or(own);
+    if own.trim_matches('/').is_empty() {
+        return "/gpupool".into();
+    }
+    let dir = root.join(own.trim_start_matches('/'));
+    let others = read_pids(&dir.join("cgroup.procs"))
+        .into_iter()
+        .any(|p| p != me);
+    if others {
+        tracing::warn!(
+            cgroup = own,
+            "the agent's cgroup holds other processes and cannot delegate controllers; \
+             instance cgroups go under /gpupool (run the agent as a unit with Delegate=yes)"
+        );
+        "/gpupool".into()
+    } else {
+        join(own, "gpupool")
+    }
 }
 
 fn is_cgroup2(path: &Path) -> bool {
@@ -130,7 +170,7 @@ pub struct V1 {
 }
 
 impl V1 {
-    const CONTROLLERS: [&'static str; 4] = ["memory", "cpu", "pids", "devices"];
+    const CONTROLLERS: [&'static str; 5] = ["memory", "cpu", "cpuacct", "pids", "devices"];
 
     /// A manager over `root` with parents given explicitly (tests).
     pub fn new(root: &Path, parent: &str) -> Self {
@@ -201,7 +241,7 @@ impl CgroupManager for V1 {
                     if let Some(minors) = &limits.gpu_minors {
                         write(&dir.join("devices.deny"), "a")?;
                         for rule in device_rules(minors) {
-                            write(&dir.join("devices.allow"), &rule)?;
+                            write(&dir.join("devices.allow"), &rule.v1_line())?;
                         }
                     }
                 }
@@ -222,27 +262,23 @@ impl CgroupManager for V1 {
 }
 
 /// The devices every process needs, plus the instance's GPUs.
-fn device_rules(minors: &[u32]) -> Vec<String> {
-    let mut rules: Vec<String> = [
-        "c 1:3 rwm",   // null
-        "c 1:5 rwm",   // zero
-        "c 1:7 rwm",   // full
-        "c 1:8 rwm",   // random
-        "c 1:9 rwm",   // urandom
-        "c 5:0 rwm",   // tty
-        "c 5:2 rwm",   // ptmx
-        "c 136:* rwm", // pts
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    rules.push(format!("c {NVIDIA_MAJOR}:{NVIDIACTL_MINOR} rwm"));
-    for m in minors {
-        rules.push(format!("c {NVIDIA_MAJOR}:{m} rwm"));
-    }
+pub fn device_rules(minors: &[u32]) -> Vec<DeviceRule> {
+    let rule = |major, minor| DeviceRule { major, minor };
+    let mut rules = vec![
+        rule(1, Some(3)), // null
+        rule(1, Some(5)), // zero
+        rule(1, Some(7)), // full
+        rule(1, Some(8)), // random
+        rule(1, Some(9)), // urandom
+        rule(5, Some(0)), // tty
+        rule(5, Some(2)), // ptmx
+        rule(136, None),  // pts
+        rule(NVIDIA_MAJOR, Some(NVIDIACTL_MINOR)),
+    ];
+    rules.extend(minors.iter().map(|m| rule(NVIDIA_MAJOR, Some(*m))));
     // nvidia-uvm has a dynamic major.
     if let Some(major) = char_major("nvidia-uvm") {
-        rules.push(format!("c {major}:* rwm"));
+        rules.push(rule(major, None));
     }
     rules
 }
@@ -289,10 +325,25 @@ impl Cgroup for V1Group {
         }
         Ok(())
     }
+
+    fn usage(&self) -> Usage {
+        let file = |controller: &str, name: &str| {
+            self.dirs
+                .iter()
+                .find(|(c, _)| c == controller)
+                .and_then(|(_, d)| std::fs::read_to_string(d.join(name)).ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Usage {
+            cpu_usec: file("cpuacct", "cpuacct.usage") / 1000,
+            memory_bytes: file("memory", "memory.usage_in_bytes"),
+        }
+    }
 }
 
-/// cgroup v2: the unified hierarchy. Device filtering there needs eBPF and
-/// is not done; GPU visibility relies on CUDA_VISIBLE_DEVICES.
+/// cgroup v2: the unified hierarchy. Device access is an eBPF program
+/// attached to each instance cgroup ([`crate::devfilter`]).
 pub struct V2 {
     root: PathBuf,
     parent: String,
@@ -304,6 +355,64 @@ impl V2 {
             root: root.to_path_buf(),
             parent: parent.to_string(),
         }
+    }
+
+    /// Enables the controllers the limits need on every level from the root
+    /// down to the instances' parent (`cgroup.subtree_control`). The
+    /// agent's own cgroup holds the agent, and a non-root cgroup with
+    /// processes cannot delegate (the "no internal processes" rule), so the
+    /// agent first moves itself into a leaf `agent` beside `gpupool` — what
+    /// systemd documents for units with `Delegate=yes`.
+    fn delegate(&self, limits: &Limits) -> std::io::Result<()> {
+        let wanted: Vec<&str> = [
+            ("memory", limits.memory_bytes.is_some()),
+            ("cpu", limits.cpu_milli.is_some()),
+            ("pids", limits.pids_max.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(c, needed)| needed.then_some(c))
+        .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut levels = vec![self.root.clone()];
+        for part in self.parent.split('/').filter(|p| !p.is_empty()) {
+            let next = levels[levels.len() - 1].join(part);
+            levels.push(next);
+        }
+        let own_level = levels.len().saturating_sub(2);
+        for (depth, level) in levels.iter().enumerate() {
+            let file = level.join("cgroup.subtree_control");
+            let enabled = std::fs::read_to_string(&file).unwrap_or_default();
+            for c in &wanted {
+                if enabled.split_whitespace().any(|e| e == *c) {
+                    continue;
+                }
+                let mut result = write(&file, &format!("+{c}"));
+                if depth == own_level
+                    && depth > 0
+                    && result
+                        .as_ref()
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::ResourceBusy)
+                {
+                    let leaf = level.join("agent");
+                    std::fs::create_dir_all(&leaf)?;
+                    write(&leaf.join("cgroup.procs"), &std::process::id().to_string())?;
+                    tracing::info!(cgroup = %leaf.display(), "agent moved into a leaf cgroup to delegate controllers");
+                    result = write(&file, &format!("+{c}"));
+                }
+                result.map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "cgroup v2 controller {c} cannot be delegated below {}: {e}",
+                            level.display()
+                        ),
+                    )
+                })?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -319,10 +428,16 @@ impl CgroupManager for V2 {
     fn create(&self, name: &str, limits: &Limits) -> std::io::Result<Box<dyn Cgroup>> {
         let parent = self.root.join(self.parent.trim_start_matches('/'));
         std::fs::create_dir_all(&parent)?;
-        // Delegate the controllers to the instance cgroups.
-        let _ = write(&parent.join("cgroup.subtree_control"), "+memory +cpu +pids");
+        self.delegate(limits)?;
         let dir = parent.join(name);
         std::fs::create_dir_all(&dir)?;
+        let group = V2Group { dir: dir.clone() };
+        if let Some(minors) = &limits.gpu_minors
+            && let Err(err) = crate::devfilter::attach(&dir, &device_rules(minors))
+        {
+            let _ = group.remove();
+            return Err(err);
+        }
         if let Some(bytes) = limits.memory_bytes {
             write(&dir.join("memory.max"), &bytes.to_string())?;
         }
@@ -338,7 +453,7 @@ impl CgroupManager for V2 {
         if let Some(max) = limits.pids_max {
             write(&dir.join("pids.max"), &max.to_string())?;
         }
-        Ok(Box::new(V2Group { dir }))
+        Ok(Box::new(group))
     }
 
     fn open(&self, name: &str) -> Box<dyn Cgroup> {
@@ -366,6 +481,15 @@ impl Cgroup for V2Group {
             std::fs::remove_dir(&self.dir)?;
         }
         Ok(())
+    }
+    fn usage(&self) -> Usage {
+        Usage {
+            cpu_usec: keyed(&self.dir.join("cpu.stat"), "usage_usec "),
+            memory_bytes: std::fs::read_to_string(self.dir.join("memory.current"))
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0),
+        }
     }
 }
 
@@ -405,7 +529,10 @@ mod tests {
         assert_eq!(read("pids", "pids.max"), "128");
         assert_eq!(read("devices", "devices.deny"), "a");
         // The last allow written on a plain file; the rule list itself:
-        let rules = device_rules(&[0, 3]);
+        let rules: Vec<String> = device_rules(&[0, 3])
+            .iter()
+            .map(DeviceRule::v1_line)
+            .collect();
         assert!(
             rules.contains(&"c 195:0 rwm".to_string())
                 && rules.contains(&"c 195:3 rwm".to_string())
@@ -415,7 +542,7 @@ mod tests {
                 && rules.contains(&"c 1:3 rwm".to_string())
         );
         assert!(!rules.contains(&"c 195:1 rwm".to_string()));
-        assert_eq!(g.procs_files().len(), 4);
+        assert_eq!(g.procs_files().len(), 5);
     }
 
     #[test]
@@ -463,5 +590,100 @@ mod tests {
         .unwrap();
         assert_eq!(g.oom_kills(), 1);
         assert_eq!(g.procs_files(), vec![dir.join("cgroup.procs")]);
+    }
+
+    /// A cgroup2 mount: `/sys/fs/cgroup` itself, the hybrid layout's
+    /// `unified`, or one this test mounts.
+    fn cgroup2_mount() -> Option<PathBuf> {
+        for p in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+            if is_cgroup2(Path::new(p)) {
+                return Some(p.into());
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("gpupool-cg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "cgroup2", "none"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(dir)
+    }
+
+    /// The eBPF device program on a real cgroup2 hierarchy: a process in
+    /// the cgroup opens /dev/null (allowed) but not /dev/kmsg (not on the
+    /// list), while the test process itself still can.
+    #[test]
+    fn v2_device_program_enforces_the_allowlist_in_the_kernel() {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        let Some(root) = cgroup2_mount() else {
+            assert!(
+                !ci,
+                "no cgroup2 mount and none can be mounted; CI runs as root"
+            );
+            eprintln!("SKIPPED: no cgroup2 mount (run as root)");
+            return;
+        };
+        let parent = format!("/gpupool-devtest-{}", std::process::id());
+        let m = V2::new(&root, &parent);
+        let limits = Limits {
+            gpu_minors: Some(vec![]),
+            ..Limits::default()
+        };
+        let g = match m.create("dev", &limits) {
+            Ok(g) => g,
+            Err(err) => {
+                assert!(
+                    !ci,
+                    "cannot attach a device program under {}: {err}",
+                    root.display()
+                );
+                eprintln!("SKIPPED: {err}");
+                return;
+            }
+        };
+        let procs = g.procs_files()[0].clone();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}; : < /dev/null && echo null-ok; : < /dev/kmsg && echo kmsg-ok; true",
+                procs.display()
+            ))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::fs::File::open("/dev/kmsg").is_ok(),
+            "outside the cgroup kmsg opens"
+        );
+        g.remove().unwrap();
+        let _ = std::fs::remove_dir(root.join(parent.trim_start_matches('/')));
+        assert!(text.contains("null-ok"), "{text}");
+        assert!(
+            !text.contains("kmsg-ok"),
+            "kmsg opened inside the cgroup: {text}"
+        );
+        assert!(text.contains("Operation not permitted"), "{text}");
+    }
+
+    #[test]
+    fn v2_parent_is_below_the_agent_only_when_it_is_alone_there() {
+        let root = tempfile::tempdir().unwrap();
+        let unit = root.path().join("system.slice/gpupool-agent.service");
+        std::fs::create_dir_all(&unit).unwrap();
+        std::fs::write(unit.join("cgroup.procs"), "42\n").unwrap();
+        let own = "/system.slice/gpupool-agent.service";
+        assert_eq!(v2_parent(root.path(), own, 42), format!("{own}/gpupool"));
+        // After the agent moved itself into its leaf.
+        std::fs::write(unit.join("cgroup.procs"), "").unwrap();
+        assert_eq!(
+            v2_parent(root.path(), &format!("{own}/agent"), 42),
+            format!("{own}/gpupool")
+        );
+        // A shell's scope: shared, so the root.
+        std::fs::write(unit.join("cgroup.procs"), "42\n7\n").unwrap();
+        assert_eq!(v2_parent(root.path(), own, 42), "/gpupool");
+        assert_eq!(v2_parent(root.path(), "/", 42), "/gpupool");
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod config;
+pub mod devfilter;
 pub mod health;
 pub mod metrics;
 pub mod probe;

@@ -18,6 +18,19 @@ struct Args {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print what this node's probe sees (host and GPUs) as JSON and exit;
+    /// NVML unless --fake-gpus is given.
+    Probe {
+        /// Also run the probe conformance checks; exit 1 on a violation.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -25,6 +38,9 @@ fn main() -> ExitCode {
     gpupool_agent::shim::run_if_shim(&std::env::args().skip(1).collect::<Vec<_>>());
     let args = Args::parse();
     init_tracing(&args.log_format);
+    if let Some(Command::Probe { check }) = args.command {
+        return probe(args.fake_gpus.as_deref(), check);
+    }
     let mut config = match gpupool_agent::AgentConfig::load(&args.config) {
         Ok(c) => c,
         Err(err) => {
@@ -49,6 +65,50 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `gpupool-agent probe`: the probe's view as JSON on stdout.
+fn probe(fake: Option<&str>, check: bool) -> ExitCode {
+    use gpupool_agent::probe::{FakeGpus, GpuProbe, NvmlProbe, check_probe, host_info};
+    let probe: Box<dyn GpuProbe> = match fake {
+        Some(spec) => match FakeGpus::parse(spec, "probe") {
+            Ok(f) => Box::new(f),
+            Err(err) => {
+                eprintln!("error: {err}");
+                return ExitCode::from(2);
+            }
+        },
+        None => match NvmlProbe::init() {
+            Ok(p) => Box::new(p),
+            Err(err) => {
+                eprintln!(
+                    "error: NVML cannot be initialised (is the NVIDIA driver installed?): {err}"
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let violations = if check {
+        check_probe(probe.as_ref())
+    } else {
+        Vec::new()
+    };
+    let out = serde_json::json!({
+        "host": host_info(),
+        "probe": if probe.is_fake() { "fake" } else { "nvml" },
+        "gpus": probe.gpus(),
+        "check": if check { serde_json::json!(violations) } else { serde_json::Value::Null },
+    });
+    println!("{}", serde_json::to_string_pretty(&out).expect("JSON"));
+    if violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "error: the probe breaks {} conformance check(s)",
+            violations.len()
+        );
+        ExitCode::FAILURE
     }
 }
 

@@ -27,12 +27,34 @@ pub struct AgentMetrics {
     energy: GaugeVec,
     ecc_sbe: GaugeVec,
     ecc_dbe: GaugeVec,
+    sm_clock: GaugeVec,
+    mem_clock: GaugeVec,
+    instance_cpu: GaugeVec,
+    instance_memory: GaugeVec,
     sys: Mutex<Option<sysinfo::System>>,
 }
 
 /// dcgm-exporter calls the model label `modelName`; promtool rejects camelCase
 /// label names, so it is `model_name` here (the other labels match).
-const GPU_LABELS: &[&str] = &["gpu", "UUID", "model_name", "Hostname", "pool", "job"];
+/// `pool`, `job` and `tenant` are empty on GPUs no instance holds.
+const GPU_LABELS: &[&str] = &[
+    "gpu",
+    "UUID",
+    "device",
+    "model_name",
+    "Hostname",
+    "pool",
+    "job",
+    "tenant",
+];
+
+fn instance_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), &["instance", "job"]).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
 
 fn gpu_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
     let g = GaugeVec::new(Opts::new(name, help), GPU_LABELS).expect("valid metric");
@@ -121,6 +143,26 @@ impl AgentMetrics {
                 "gpupool_agent_gpu_healthy",
                 "1 when the GPU is healthy.",
             ),
+            sm_clock: gpu_gauge(
+                &registry,
+                "DCGM_FI_DEV_SM_CLOCK",
+                "SM clock frequency (in MHz).",
+            ),
+            mem_clock: gpu_gauge(
+                &registry,
+                "DCGM_FI_DEV_MEM_CLOCK",
+                "Memory clock frequency (in MHz).",
+            ),
+            instance_cpu: instance_gauge(
+                &registry,
+                "gpupool_agent_instance_cpu_seconds",
+                "CPU time used by the instance's cgroup so far (seconds).",
+            ),
+            instance_memory: instance_gauge(
+                &registry,
+                "gpupool_agent_instance_memory_bytes",
+                "Memory in use by the instance's cgroup.",
+            ),
             registry,
             cpu_utilization,
             memory_total,
@@ -167,21 +209,43 @@ impl AgentMetrics {
             &self.energy,
             &self.ecc_sbe,
             &self.ecc_dbe,
+            &self.sm_clock,
+            &self.mem_clock,
+            &self.instance_cpu,
+            &self.instance_memory,
         ] {
             g.reset();
+        }
+        for (instance, job, usage) in ctx.runtime.cgroup_usage() {
+            let labels = [instance.as_str(), job.as_str()];
+            self.instance_cpu
+                .with_label_values(&labels)
+                .set(usage.cpu_usec as f64 / 1e6);
+            self.instance_memory
+                .with_label_values(&labels)
+                .set(usage.memory_bytes as f64);
         }
         let owners = ctx.runtime.gpu_owners();
         for gpu in crate::session::probe_gpus(ctx) {
             let index = gpu.index.to_string();
-            let (pool, job) = owners.get(&gpu.uuid).cloned().unwrap_or_default();
+            let owner = owners.get(&gpu.uuid).cloned().unwrap_or_default();
+            let device = format!("nvidia{}", gpu.minor_number);
             let labels = [
                 index.as_str(),
                 gpu.uuid.as_str(),
+                device.as_str(),
                 gpu.model.as_str(),
                 ctx.host.hostname.as_str(),
-                pool.as_str(),
-                job.as_str(),
+                owner.pool.as_str(),
+                owner.job.as_str(),
+                owner.tenant.as_str(),
             ];
+            self.sm_clock
+                .with_label_values(&labels)
+                .set(f64::from(gpu.sm_clock_mhz));
+            self.mem_clock
+                .with_label_values(&labels)
+                .set(f64::from(gpu.mem_clock_mhz));
             self.gpu_util
                 .with_label_values(&labels)
                 .set(f64::from(gpu.utilization_pct));

@@ -12,10 +12,18 @@ use crate::health::GpuEvent;
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureSensor};
 
-/// One GPU as probed: static facts plus the latest samples.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// One schedulable GPU as probed: static facts plus the latest samples. A
+/// GPU in MIG mode is not itself schedulable: each of its MIG devices is
+/// one `GpuInfo` (UUID `MIG-...`, `parent_index` set). `index` numbers the
+/// schedulable devices of the node; it equals the NVML index when no GPU is
+/// in MIG mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GpuInfo {
     pub index: u32,
+    /// Minor number of its `/dev/nvidiaN` (the parent's, for a MIG device).
+    pub minor_number: u32,
+    /// NVML index of the physical GPU, for a MIG device.
+    pub parent_index: Option<u32>,
     pub uuid: String,
     pub model: String,
     pub pci_bus_id: String,
@@ -36,6 +44,9 @@ pub struct GpuInfo {
     pub ecc_uncorrected: u64,
     /// Compute processes on the GPU: (pid, GPU memory MiB).
     pub processes: Vec<(u32, u64)>,
+    /// Current SM and memory clocks (MHz).
+    pub sm_clock_mhz: u32,
+    pub mem_clock_mhz: u32,
 }
 
 /// Where the agent learns about its GPUs. The real implementation is NVML;
@@ -150,67 +161,102 @@ impl GpuProbe for NvmlProbe {
             }
         };
         let mut out = Vec::with_capacity(count as usize);
-        for index in 0..count {
-            let device = match self.nvml.device_by_index(index) {
+        for nvml_index in 0..count {
+            let next = out.len() as u32;
+            let device = match self.nvml.device_by_index(nvml_index) {
                 Ok(d) => d,
                 Err(err) => {
                     out.push(GpuInfo {
-                        index,
-                        uuid: format!("unknown-{index}"),
+                        index: next,
+                        minor_number: nvml_index,
+                        uuid: format!("unknown-{nvml_index}"),
                         model: "unknown".into(),
-                        pci_bus_id: String::new(),
-                        memory_total_mib: 0,
-                        memory_used_mib: 0,
-                        utilization_pct: 0,
-                        temperature_c: 0,
-                        power_mw: 0,
-                        mig_enabled: false,
-                        healthy: false,
                         health_reason: format!("NVML cannot open device: {err}"),
                         ..Default::default()
                     });
                     continue;
                 }
             };
-            let memory = device.memory_info().ok();
-            out.push(GpuInfo {
-                index,
-                uuid: device.uuid().unwrap_or_else(|_| format!("unknown-{index}")),
-                model: device.name().unwrap_or_else(|_| "unknown".into()),
-                pci_bus_id: device.pci_info().map(|p| p.bus_id).unwrap_or_default(),
-                memory_total_mib: memory.as_ref().map_or(0, |m| m.total / (1024 * 1024)),
-                memory_used_mib: memory.as_ref().map_or(0, |m| m.used / (1024 * 1024)),
-                utilization_pct: device.utilization_rates().map_or(0, |u| u.gpu),
-                memory_util_pct: device.utilization_rates().map_or(0, |u| u.memory),
-                energy_mj: device.total_energy_consumption().unwrap_or(0),
-                ecc_corrected: device
-                    .total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile)
-                    .unwrap_or(0),
-                ecc_uncorrected: device
-                    .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
-                    .unwrap_or(0),
-                processes: device
-                    .running_compute_processes()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|p| {
-                        let used = match p.used_gpu_memory {
-                            nvml_wrapper::enums::device::UsedGpuMemory::Used(b) => {
-                                b / (1024 * 1024)
-                            }
-                            nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => 0,
-                        };
-                        (p.pid, used)
-                    })
-                    .collect(),
-                temperature_c: device.temperature(TemperatureSensor::Gpu).unwrap_or(0),
-                power_mw: device.power_usage().unwrap_or(0),
-                mig_enabled: device.mig_mode().is_ok_and(|m| m.current == 1),
-                healthy: true,
-                health_reason: String::new(),
-            });
+            let mut gpu = sample(&device, next);
+            gpu.minor_number = device.minor_number().unwrap_or(nvml_index);
+            if !gpu.mig_enabled {
+                out.push(gpu);
+                continue;
+            }
+            // MIG mode: each MIG device is schedulable on its own.
+            let max = device.mig_device_count().unwrap_or(0);
+            let migs: Vec<_> = (0..max)
+                .filter_map(|m| device.mig_device_by_index(m).ok())
+                .collect();
+            if migs.is_empty() {
+                gpu.healthy = false;
+                gpu.health_reason = "MIG mode is on but no MIG devices are configured".into();
+                out.push(gpu);
+                continue;
+            }
+            for mig in migs {
+                let mut m = sample(&mig, out.len() as u32);
+                m.minor_number = gpu.minor_number;
+                m.parent_index = Some(nvml_index);
+                m.pci_bus_id = gpu.pci_bus_id.clone();
+                m.mig_enabled = true;
+                // Per-MIG power, temperature and clocks are the parent's.
+                m.temperature_c = gpu.temperature_c;
+                m.power_mw = gpu.power_mw;
+                m.sm_clock_mhz = gpu.sm_clock_mhz;
+                m.mem_clock_mhz = gpu.mem_clock_mhz;
+                m.ecc_corrected = gpu.ecc_corrected;
+                m.ecc_uncorrected = gpu.ecc_uncorrected;
+                out.push(m);
+            }
         }
         out
+    }
+}
+
+/// Reads one device (a physical GPU or a MIG device); fields a device does
+/// not support read as zero.
+fn sample(device: &nvml_wrapper::Device<'_>, index: u32) -> GpuInfo {
+    use nvml_wrapper::enum_wrappers::device::Clock;
+    let memory = device.memory_info().ok();
+    let utilization = device.utilization_rates().ok();
+    GpuInfo {
+        index,
+        minor_number: 0,
+        parent_index: None,
+        uuid: device.uuid().unwrap_or_else(|_| format!("unknown-{index}")),
+        model: device.name().unwrap_or_else(|_| "unknown".into()),
+        pci_bus_id: device.pci_info().map(|p| p.bus_id).unwrap_or_default(),
+        memory_total_mib: memory.as_ref().map_or(0, |m| m.total / (1024 * 1024)),
+        memory_used_mib: memory.as_ref().map_or(0, |m| m.used / (1024 * 1024)),
+        utilization_pct: utilization.as_ref().map_or(0, |u| u.gpu),
+        memory_util_pct: utilization.as_ref().map_or(0, |u| u.memory),
+        energy_mj: device.total_energy_consumption().unwrap_or(0),
+        ecc_corrected: device
+            .total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile)
+            .unwrap_or(0),
+        ecc_uncorrected: device
+            .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
+            .unwrap_or(0),
+        processes: device
+            .running_compute_processes()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let used = match p.used_gpu_memory {
+                    nvml_wrapper::enums::device::UsedGpuMemory::Used(b) => b / (1024 * 1024),
+                    nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => 0,
+                };
+                (p.pid, used)
+            })
+            .collect(),
+        temperature_c: device.temperature(TemperatureSensor::Gpu).unwrap_or(0),
+        power_mw: device.power_usage().unwrap_or(0),
+        sm_clock_mhz: device.clock_info(Clock::SM).unwrap_or(0),
+        mem_clock_mhz: device.clock_info(Clock::Memory).unwrap_or(0),
+        mig_enabled: device.mig_mode().is_ok_and(|m| m.current == 1),
+        healthy: true,
+        health_reason: String::new(),
     }
 }
 
@@ -249,6 +295,10 @@ impl FakeGpus {
                 let index = gpus.len() as u32;
                 gpus.push(GpuInfo {
                     index,
+                    minor_number: index,
+                    parent_index: None,
+                    sm_clock_mhz: 1980,
+                    mem_clock_mhz: 2619,
                     uuid: fake_uuid(seed, index),
                     model: model.to_string(),
                     pci_bus_id: format!("00000000:{:02X}:00.0", 0x10 + index),
@@ -374,8 +424,82 @@ pub fn select_probe(
     }
 }
 
+/// What the rest of the agent relies on from any [`GpuProbe`]. The fake and
+/// the NVML probe are held to the same list: by the unit tests (fakes), by
+/// `tests/nvml.rs` on a GPU node, and by `gpupool-agent probe --check`.
+/// Returns every violation found (empty: the probe conforms).
+pub fn check_probe(probe: &dyn GpuProbe) -> Vec<String> {
+    let mut bad = Vec::new();
+    let first = probe.gpus();
+    let second = probe.gpus();
+    let _ = probe.events(); // must return at once, never block
+    for (i, g) in first.iter().enumerate() {
+        let at = format!("gpu {i} ({})", g.uuid);
+        if g.index != i as u32 {
+            bad.push(format!("{at}: index {} out of order", g.index));
+        }
+        let is_mig = g.uuid.starts_with("MIG-");
+        if !(g.uuid.starts_with("GPU-") || is_mig) {
+            bad.push(format!("{at}: UUID is neither GPU-... nor MIG-..."));
+        }
+        if is_mig != g.parent_index.is_some() {
+            bad.push(format!(
+                "{at}: a MIG device needs a parent index, and only it"
+            ));
+        }
+        if g.model.trim().is_empty() {
+            bad.push(format!("{at}: empty model"));
+        }
+        if g.healthy && g.memory_total_mib == 0 {
+            bad.push(format!("{at}: healthy with no memory"));
+        }
+        if g.memory_used_mib > g.memory_total_mib {
+            bad.push(format!(
+                "{at}: {} MiB used of {} MiB",
+                g.memory_used_mib, g.memory_total_mib
+            ));
+        }
+        if g.utilization_pct > 100 || g.memory_util_pct > 100 {
+            bad.push(format!("{at}: utilization over 100%"));
+        }
+        if !g.healthy && g.health_reason.is_empty() {
+            bad.push(format!("{at}: unhealthy without a reason"));
+        }
+    }
+    let mut uuids: Vec<&str> = first.iter().map(|g| g.uuid.as_str()).collect();
+    uuids.sort_unstable();
+    uuids.dedup();
+    if uuids.len() != first.len() {
+        bad.push("duplicate UUIDs".into());
+    }
+    let mut minors: Vec<u32> = first
+        .iter()
+        .filter(|g| g.parent_index.is_none())
+        .map(|g| g.minor_number)
+        .collect();
+    minors.sort_unstable();
+    minors.dedup();
+    if minors.len() != first.iter().filter(|g| g.parent_index.is_none()).count() {
+        bad.push("two GPUs share a /dev/nvidiaN minor".into());
+    }
+    let identity = |gs: &[GpuInfo]| -> Vec<(u32, String, String, u64)> {
+        gs.iter()
+            .map(|g| (g.index, g.uuid.clone(), g.model.clone(), g.memory_total_mib))
+            .collect()
+    };
+    if identity(&first) != identity(&second) {
+        bad.push("two successive probes disagree on the devices".into());
+    }
+    for (a, b) in first.iter().zip(&second) {
+        if b.energy_mj < a.energy_mj {
+            bad.push(format!("gpu {}: energy went backwards", a.index));
+        }
+    }
+    bad
+}
+
 /// Host facts from sysinfo.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct HostInfo {
     pub hostname: String,
     pub cpu_cores: u32,
@@ -383,6 +507,32 @@ pub struct HostInfo {
     pub memory_mib: u64,
     pub os: String,
     pub kernel: String,
+    pub uptime_s: u64,
+    pub disks: Vec<DiskInfo>,
+}
+
+/// One mounted disk.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DiskInfo {
+    pub mount_point: String,
+    pub file_system: String,
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+fn disks() -> Vec<DiskInfo> {
+    let Ok(disks) = sysinfo::Disks::new_with_refreshed_list() else {
+        return Vec::new();
+    };
+    disks
+        .iter()
+        .map(|d| DiskInfo {
+            mount_point: d.mount_point().display().to_string(),
+            file_system: d.file_system().to_string_lossy().into_owned(),
+            total_bytes: d.total_space(),
+            available_bytes: d.available_space(),
+        })
+        .collect()
 }
 
 /// Reads host facts once.
@@ -390,6 +540,7 @@ pub fn host_info() -> HostInfo {
     let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "localhost".into());
     let os = sysinfo::System::long_os_version().unwrap_or_default();
     let kernel = sysinfo::System::kernel_version().unwrap_or_default();
+    let uptime_s = sysinfo::System::uptime().unwrap_or(0);
     let Ok(mut sys) = sysinfo::System::new() else {
         tracing::warn!("sysinfo cannot read this host; reporting no CPU or memory");
         return HostInfo {
@@ -399,6 +550,8 @@ pub fn host_info() -> HostInfo {
             memory_mib: 0,
             os,
             kernel,
+            uptime_s,
+            disks: disks(),
         };
     };
     sys.refresh_cpu_all();
@@ -414,6 +567,8 @@ pub fn host_info() -> HostInfo {
         memory_mib: sys.total_memory() / (1024 * 1024),
         os,
         kernel,
+        uptime_s,
+        disks: disks(),
     }
 }
 
@@ -451,6 +606,47 @@ mod tests {
         for bad in ["", "8", "xH100", "0xH100", "ax", "8x"] {
             assert!(FakeGpus::parse(bad, "n").is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn fake_probes_conform() {
+        for spec in ["1xT4-16GB", "8xH100-80GB", "2xA100-40GB,1xT4-16GB"] {
+            let fake = FakeGpus::parse(spec, "node-a").unwrap();
+            assert_eq!(check_probe(&fake), Vec::<String>::new(), "{spec}");
+            fake.set_health(0, false, "XID 79");
+            assert_eq!(check_probe(&fake), Vec::<String>::new(), "{spec} unhealthy");
+        }
+        assert!(check_probe(&NoGpus).is_empty());
+    }
+
+    /// The checks catch a probe that breaks the contract.
+    #[test]
+    fn conformance_catches_broken_probes() {
+        struct Broken(Vec<GpuInfo>);
+        impl GpuProbe for Broken {
+            fn gpus(&self) -> Vec<GpuInfo> {
+                self.0.clone()
+            }
+        }
+        let good = FakeGpus::parse("2xH100-80GB", "n").unwrap().gpus();
+        let mut dup = good.clone();
+        dup[1].uuid = dup[0].uuid.clone();
+        dup[1].minor_number = 0;
+        let found = check_probe(&Broken(dup));
+        assert!(
+            found.iter().any(|f| f.contains("duplicate UUIDs")),
+            "{found:?}"
+        );
+        assert!(found.iter().any(|f| f.contains("minor")), "{found:?}");
+        let mut over = good.clone();
+        over[0].memory_used_mib = over[0].memory_total_mib + 1;
+        over[1].healthy = false;
+        over[1].index = 5;
+        let found = check_probe(&Broken(over));
+        assert_eq!(found.len(), 3, "{found:?}");
+        let mut mig = good;
+        mig[0].uuid = "MIG-0b1f".into();
+        assert_eq!(check_probe(&Broken(mig)).len(), 1);
     }
 
     #[test]

@@ -93,8 +93,33 @@ struct Entry {
     stop_requested: bool,
     cgroup: Option<Arc<dyn Cgroup>>,
     memory_limit: Option<u64>,
-    /// (GPU UUIDs, pool, job) for the metrics labels.
-    owner: (Vec<String>, String, String),
+    /// Who holds the instance's GPUs, for the metrics labels.
+    owner: Owner,
+}
+
+/// The labels of an instance's GPUs in the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub gpu_uuids: Vec<String>,
+    pub pool: String,
+    /// Job ids, comma-separated when instances share a GPU.
+    pub job: String,
+    pub tenant: String,
+}
+
+impl Owner {
+    fn from_spec(spec: &InstanceSpec) -> Self {
+        Self {
+            gpu_uuids: spec.gpu_uuids.clone(),
+            pool: spec
+                .metadata
+                .get("pool")
+                .cloned()
+                .unwrap_or_else(|| "public".into()),
+            job: spec.job_id.clone(),
+            tenant: spec.metadata.get("tenant").cloned().unwrap_or_default(),
+        }
+    }
 }
 
 /// Errors reading an instance's log.
@@ -146,6 +171,8 @@ struct Record {
     pool: String,
     #[serde(default)]
     job_id: String,
+    #[serde(default)]
+    tenant: String,
 }
 
 impl Runtime {
@@ -261,11 +288,12 @@ impl Runtime {
                     stop_requested: record.stop_requested,
                     cgroup,
                     memory_limit: record.memory_limit,
-                    owner: (
-                        record.gpu_uuids.clone(),
-                        record.pool.clone(),
-                        record.job_id.clone(),
-                    ),
+                    owner: Owner {
+                        gpu_uuids: record.gpu_uuids.clone(),
+                        pool: record.pool.clone(),
+                        job: record.job_id.clone(),
+                        tenant: record.tenant.clone(),
+                    },
                 },
             );
             let this = self.clone();
@@ -333,9 +361,28 @@ impl Runtime {
         }
     }
 
-    /// Pool and job(s) using each GPU (by UUID), from running instances.
-    pub fn gpu_owners(&self) -> HashMap<String, (String, String)> {
-        let mut out: HashMap<String, (String, String)> = HashMap::new();
+    /// CPU and memory of each running instance's cgroup:
+    /// (instance, job, usage).
+    pub fn cgroup_usage(&self) -> Vec<(String, String, crate::cgroup::Usage)> {
+        let mut out: Vec<_> = self
+            .entries
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| !e.report.phase.is_terminal())
+            .filter_map(|(id, e)| {
+                let cg = e.cgroup.as_ref()?;
+                Some((id.clone(), e.owner.job.clone(), cg.usage()))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Pool, tenant and job(s) using each GPU (by UUID), from running
+    /// instances.
+    pub fn gpu_owners(&self) -> HashMap<String, Owner> {
+        let mut out: HashMap<String, Owner> = HashMap::new();
         for e in self
             .entries
             .lock()
@@ -343,15 +390,17 @@ impl Runtime {
             .values()
             .filter(|e| !e.report.phase.is_terminal())
         {
-            let (uuids, pool, job) = &e.owner;
-            for uuid in uuids {
-                let slot = out
-                    .entry(uuid.clone())
-                    .or_insert_with(|| (pool.clone(), String::new()));
-                if !slot.1.is_empty() {
-                    slot.1.push(',');
+            for uuid in &e.owner.gpu_uuids {
+                let slot = out.entry(uuid.clone()).or_insert_with(|| Owner {
+                    gpu_uuids: Vec::new(),
+                    pool: e.owner.pool.clone(),
+                    job: String::new(),
+                    tenant: e.owner.tenant.clone(),
+                });
+                if !slot.job.is_empty() {
+                    slot.job.push(',');
                 }
-                slot.1.push_str(job);
+                slot.job.push_str(&e.owner.job);
             }
         }
         out
@@ -397,20 +446,14 @@ impl Runtime {
                     stop_requested: false,
                     cgroup: None,
                     memory_limit: spec.limits.memory_bytes,
-                    owner: (
-                        spec.gpu_uuids.clone(),
-                        spec.metadata
-                            .get("pool")
-                            .cloned()
-                            .unwrap_or_else(|| "public".into()),
-                        spec.job_id.clone(),
-                    ),
+                    owner: Owner::from_spec(&spec),
                 },
             );
         }
         match self.spawn(&spec) {
             Ok((child, cgroup)) => {
                 let pid = child.id().unwrap_or(0);
+                let owner = Owner::from_spec(&spec);
                 self.save_record(&Record {
                     instance_id: spec.instance_id.clone(),
                     pid,
@@ -418,13 +461,10 @@ impl Runtime {
                     memory_limit: spec.limits.memory_bytes,
                     stop_requested: false,
                     cgroup: cgroup.is_some(),
-                    gpu_uuids: spec.gpu_uuids.clone(),
-                    pool: spec
-                        .metadata
-                        .get("pool")
-                        .cloned()
-                        .unwrap_or_else(|| "public".into()),
-                    job_id: spec.job_id.clone(),
+                    gpu_uuids: owner.gpu_uuids,
+                    pool: owner.pool,
+                    job_id: owner.job,
+                    tenant: owner.tenant,
                 });
                 self.update(&spec.instance_id, |e| {
                     e.report.pid = pid;

@@ -278,6 +278,20 @@ fn status_to_pb(r: &InstanceReport) -> pb::InstanceStatus {
     }
 }
 
+/// The `/dev/nvidiaN` minors behind the scheduler's device indexes (a MIG
+/// device opens its parent's). An index the probe no longer knows maps to
+/// nothing: the instance then sees no GPU rather than another one.
+fn gpu_minors(indexes: &[u32], gpus: &[GpuInfo]) -> Vec<u32> {
+    let mut minors: Vec<u32> = indexes
+        .iter()
+        .filter_map(|i| gpus.iter().find(|g| g.index == *i))
+        .map(|g| g.minor_number)
+        .collect();
+    minors.sort_unstable();
+    minors.dedup();
+    minors
+}
+
 fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
     let pids_max = ctx.pids_max;
     let res = s.resources.unwrap_or_default();
@@ -303,8 +317,7 @@ fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
         memory_bytes: (res.memory_mib > 0).then(|| res.memory_mib as u64 * 1024 * 1024),
         cpu_milli: (res.cpu_milli > 0).then_some(res.cpu_milli as u64),
         pids_max,
-        // NVIDIA device minors follow the NVML index on standard installs.
-        gpu_minors: Some(s.gpu_indexes.clone()),
+        gpu_minors: Some(gpu_minors(&s.gpu_indexes, &probe_gpus(ctx))),
     };
     InstanceSpec {
         limits,

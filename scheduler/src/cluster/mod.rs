@@ -934,10 +934,15 @@ fn start_spec(
         resources: spec.resources.clone(),
         rank: inst.rank,
         world_size: spec.instances,
-        metadata: pools
-            .get(&job.pool_id)
-            .map(Pool::instance_metadata)
-            .unwrap_or_default(),
+        metadata: {
+            let mut m = pools
+                .get(&job.pool_id)
+                .map(Pool::instance_metadata)
+                .unwrap_or_default();
+            // The agent labels the GPU metrics with the tenant.
+            m.insert("tenant".into(), job.tenant.clone());
+            m
+        },
     }
 }
 
