@@ -346,6 +346,16 @@ async fn health_reflection_and_metrics() {
         "{agent_metrics}"
     );
     assert!(agent_metrics.contains("gpupool_agent_scheduler_connected 1"));
+    assert!(
+        agent_metrics
+            .lines()
+            .any(|l| l.starts_with("DCGM_FI_DEV_SM_CLOCK{")
+                && l.contains(&job_label)
+                && l.contains("tenant=\"admin\"")
+                && l.contains("device=\"nvidia")),
+        "{agent_metrics}"
+    );
+    dashboard_uses_only_exported_metrics(&sched_metrics, &agent_metrics);
     if let Some(promtool) = require_tool("promtool", "prometheus") {
         for (name, body) in [("scheduler", &sched_metrics), ("agent", &agent_metrics)] {
             let path = dir.path().join(format!("{name}.prom"));
@@ -395,4 +405,57 @@ fn systemd_units_verify() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The shipped Grafana dashboard: four views, and every metric its queries
+/// use is one the daemons export (checked against the live outputs above).
+fn dashboard_uses_only_exported_metrics(sched: &str, agent: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/gpupool.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    let rows: Vec<&str> = panels
+        .iter()
+        .filter(|p| p["type"] == "row")
+        .filter_map(|p| p["title"].as_str())
+        .collect();
+    assert_eq!(rows, ["Cluster", "Pool", "Node", "Job"]);
+    let mut ids: Vec<u64> = panels.iter().filter_map(|p| p["id"].as_u64()).collect();
+    let n = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "panel ids repeat");
+    // The instance cgroup metrics exist only where instances run in cgroups.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let exported = |name: &str| {
+        [sched, agent].iter().any(|body| {
+            body.lines().any(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|r| r.starts_with(['{', ' ']))
+            })
+        })
+    };
+    let mut used = 0;
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for token in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !(token.starts_with("DCGM_") || token.starts_with("gpupool_")) {
+                    continue;
+                }
+                used += 1;
+                if token.starts_with("gpupool_agent_instance_") && !root {
+                    eprintln!("not checked without root (no cgroups): {token}");
+                    continue;
+                }
+                assert!(
+                    exported(token),
+                    "panel {:?} uses {token}, which nothing exports",
+                    p["title"]
+                );
+            }
+        }
+    }
+    assert!(used > 30, "{used} metric uses");
 }

@@ -65,6 +65,14 @@ pub struct AgentConfig {
     /// Rotated copies kept per instance (`.1` newest).
     #[serde(default = "default_log_keep")]
     pub log_keep: u32,
+    /// GPUs are sampled (NVML read) at most this often; `/metrics` scrapes
+    /// and heartbeats in between reuse the last sample.
+    #[serde(default = "default_sample_interval_ms")]
+    pub sample_interval_ms: u64,
+}
+
+fn default_sample_interval_ms() -> u64 {
+    1000
 }
 
 fn default_log_max_bytes() -> u64 {

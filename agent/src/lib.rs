@@ -91,6 +91,8 @@ pub async fn run(
         mps_pipe_dir: config.mps_pipe_dir.clone(),
         health: std::sync::Mutex::new(health::Tracker::load(&config.state_dir)),
         address,
+        sample_interval: Duration::from_millis(config.sample_interval_ms),
+        last_sample: Default::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics_task = match config.metrics_listen {

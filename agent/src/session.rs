@@ -42,12 +42,26 @@ pub struct AgentCtx {
     pub health: std::sync::Mutex<crate::health::Tracker>,
     /// Address other nodes reach this one at.
     pub address: String,
+    /// The GPUs are read at most this often.
+    pub sample_interval: Duration,
+    /// The last GPU sample and when it was taken.
+    pub last_sample: std::sync::Mutex<Option<(std::time::Instant, Vec<GpuInfo>)>>,
 }
 
 /// Probes the GPUs and applies GPU health: new critical events take a GPU
 /// out of service, observed recovery actions bring it back.
 pub fn probe_gpus(ctx: &AgentCtx) -> Vec<GpuInfo> {
-    let mut gpus = ctx.probe.gpus();
+    let mut gpus = {
+        let mut last = ctx.last_sample.lock().unwrap();
+        match &*last {
+            Some((at, gpus)) if at.elapsed() < ctx.sample_interval => gpus.clone(),
+            _ => {
+                let gpus = ctx.probe.gpus();
+                *last = Some((std::time::Instant::now(), gpus.clone()));
+                gpus
+            }
+        }
+    };
     let events = ctx.probe.events();
     let present: Vec<(u32, String)> = gpus.iter().map(|g| (g.index, g.uuid.clone())).collect();
     let mut health = ctx.health.lock().unwrap();

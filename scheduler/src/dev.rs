@@ -94,6 +94,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         advertise_address: Some(args.grpc_listen.ip().to_string()),
         log_max_bytes: 100 * 1024 * 1024,
         log_keep: 3,
+        sample_interval_ms: 1000,
     };
     let agent = tokio::spawn(gpupool_agent::run(agent_config, None, wait(stop_rx)));
 
