@@ -42,6 +42,7 @@ fn cluster(n: usize, rng: &mut Rng) -> Vec<NodeCapacity> {
             NodeCapacity {
                 node_id: format!("n{i:06}"),
                 pool: "public".into(),
+                az: format!("AZ{}", i % 3 + 1),
                 schedulable: true,
                 cpu_free_milli: 64_000 - busy as i64 * 4_000,
                 memory_free_mib: 512 * 1024 - busy as i64 * 32 * 1024,

@@ -820,6 +820,7 @@ impl Cluster {
                             free_milli: 1000u32.saturating_sub(*used),
                         })
                         .collect(),
+                    az: n.inventory.az.clone(),
                 }
             })
             .collect()

@@ -77,6 +77,8 @@ pub struct NodeCapacity {
     pub cpu_free_milli: i64,
     pub memory_free_mib: i64,
     pub gpus: Vec<GpuSlot>,
+    /// Availability zone (services spread across them).
+    pub az: String,
 }
 
 /// Where one instance goes.
@@ -87,342 +89,684 @@ pub struct Assignment {
     pub gpu_uuids: Vec<String>,
 }
 
-/// A typical request shape that fragmentation is measured against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TypicalShape {
-    /// Whole GPUs (0 for a fraction or CPU-only).
-    pub gpus: u32,
-    /// A fraction of one GPU in thousandths when `gpus == 0` (0 = CPU-only).
-    pub gpu_milli: u32,
-    pub cpu_milli: i64,
-    pub memory_mib: i64,
-    /// Relative frequency (any scale; only ratios matter).
-    pub weight: i64,
-}
-
-const fn shape(
-    gpus: u32,
-    gpu_milli: u32,
-    cpu_milli: i64,
-    memory_mib: i64,
-    weight: i64,
-) -> TypicalShape {
-    TypicalShape {
-        gpus,
-        gpu_milli,
-        cpu_milli,
-        memory_mib,
-        weight,
-    }
-}
-
-/// The built-in typical shapes (weights sum to 100): mostly single GPUs, a
-/// fair share of fractions and CPU-only work, and multi-GPU training jobs
-/// whose room on idle nodes is worth keeping.
-pub const DEFAULT_SHAPES: &[TypicalShape] = &[
-    shape(0, 0, 2000, 4096, 10),     // CPU-only
-    shape(0, 100, 1000, 2048, 5),    // 0.1 GPU
-    shape(0, 250, 1000, 4096, 10),   // 0.25 GPU
-    shape(0, 500, 2000, 8192, 15),   // 0.5 GPU
-    shape(1, 0, 4000, 16_384, 35),   // 1 GPU
-    shape(2, 0, 8000, 32_768, 10),   // 2 GPUs
-    shape(4, 0, 16_000, 65_536, 8),  // 4 GPUs
-    shape(8, 0, 32_000, 131_072, 7), // 8 GPUs
-];
-
 fn model_allowed(allowed: &[String], model: &str) -> bool {
     allowed.is_empty() || allowed.iter().any(|m| m == model)
 }
 
-/// What one instance asks of the GPUs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Want {
-    Whole(u32),
-    Fraction(u32),
-    CpuOnly,
+/// A typical request shape that fragmentation is measured against (FGD,
+/// REPLAY §13): `num_gpu` GPUs with at least `milli` free each (1000 for
+/// whole GPUs; `num_gpu == 0` is CPU-only work), `cpu_milli` of CPU, GPU
+/// models it accepts (empty = any), and its relative frequency `p`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypicalShape {
+    pub num_gpu: u32,
+    pub milli: i64,
+    pub cpu_milli: i64,
+    pub models: Vec<String>,
+    pub p: f64,
+}
+
+/// The built-in typical shapes (frequencies sum to 1): mostly single GPUs,
+/// a fair share of fractions and CPU-only work, and multi-GPU training jobs
+/// whose room on idle nodes is worth keeping.
+pub fn default_shapes() -> Vec<TypicalShape> {
+    let shape = |num_gpu, milli, cpu_milli, p| TypicalShape {
+        num_gpu,
+        milli,
+        cpu_milli,
+        models: Vec::new(),
+        p,
+    };
+    vec![
+        shape(0, 0, 2000, 0.10),      // CPU-only
+        shape(1, 100, 1000, 0.05),    // 0.1 GPU
+        shape(1, 250, 1000, 0.10),    // 0.25 GPU
+        shape(1, 500, 2000, 0.15),    // 0.5 GPU
+        shape(1, 1000, 4000, 0.35),   // 1 GPU
+        shape(2, 1000, 8000, 0.10),   // 2 GPUs
+        shape(4, 1000, 16_000, 0.08), // 4 GPUs
+        shape(8, 1000, 32_000, 0.07), // 8 GPUs
+    ]
+}
+
+/// A typical shape with its models as a bit set over the placer's model
+/// table (`spec == 0`: any model).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Typical {
+    pub cpu: i64,
+    pub milli: i64,
+    pub num_gpu: u32,
+    pub spec: u64,
+    pub p: f64,
+}
+
+/// Whether a GPU of model bit `model` is allowed by the set `spec`.
+fn spec_ok(spec: u64, model: u64) -> bool {
+    spec == 0 || spec & model != 0
+}
+
+/// REPLAY §13 node fragmentation `F = Σ p_t·x_t`: `x_t` is the free milli of
+/// the GPUs that cannot host shape t (less free than it needs, or a model it
+/// does not accept) when t fits the node (CPU, and enough GPUs that can host
+/// it), else all the node's free GPU milli (always so for CPU-only shapes).
+/// `models[i]` is GPU i's model bit.
+pub fn fragmentation(typical: &[Typical], cpu: i64, free: &[i64], models: &[u64]) -> f64 {
+    let total: i64 = free.iter().sum();
+    let mut f = 0.0;
+    for t in typical {
+        let x = if t.num_gpu == 0 || cpu < t.cpu {
+            total
+        } else {
+            let (mut fit, mut below) = (0u32, 0i64);
+            for (i, &g) in free.iter().enumerate() {
+                if g >= t.milli && spec_ok(t.spec, models[i]) {
+                    fit += 1;
+                } else {
+                    below += g;
+                }
+            }
+            if fit >= t.num_gpu { below } else { total }
+        };
+        f += t.p * x as f64;
+    }
+    f
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// FGD's score of a fragmentation change: `int64(100·sigmoid(ΔF/1000))`
+/// with `ΔF = F_before − F_after` (higher is better).
+pub fn fgd_score(f_before: f64, f_after: f64) -> i64 {
+    (100.0 * sigmoid((f_before - f_after) / 1000.0)) as i64
+}
+
+/// REPLAY §9 best-fit score of a request (`cpu` milli, `gpu_total` milli)
+/// on a node with `cpu_free` and `gpu_free` left: `s = 0.5·(cpu_free −
+/// cpu)/128000 + 0.5·(gpu_free − gpu_total)/8000`, score `int64((1 −
+/// s)·100)`; a CPU request of 0 counts as 100.
+pub fn bestfit_score(cpu_free: i64, gpu_free: i64, cpu: i64, gpu_total: i64) -> i64 {
+    let cpu = if cpu == 0 { 100 } else { cpu };
+    let s =
+        0.5 * (cpu_free - cpu) as f64 / 128_000.0 + 0.5 * (gpu_free - gpu_total) as f64 / 8_000.0;
+    ((1.0 - s) * 100.0) as i64
+}
+
+/// One instance's request in scoring terms: `num_gpu` GPUs with `milli`
+/// each (a fraction when `num_gpu == 1 && milli < 1000`), model set `spec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Want {
+    pub cpu: i64,
+    pub mem: i64,
+    pub num_gpu: u32,
+    pub milli: i64,
+    pub spec: u64,
 }
 
 impl Want {
-    fn of(req: &Resources) -> Want {
-        if req.gpus > 0 {
-            Want::Whole(req.gpus)
-        } else if req.gpu_milli > 0 {
-            Want::Fraction(req.gpu_milli)
-        } else {
-            Want::CpuOnly
-        }
-    }
-
-    /// Milli taken from each GPU an instance uses.
-    fn per_gpu(self) -> u32 {
-        match self {
-            Want::Whole(_) => 1000,
-            Want::Fraction(m) => m,
-            Want::CpuOnly => 0,
-        }
+    fn shared(&self) -> bool {
+        self.num_gpu == 1 && self.milli < 1000
     }
 }
 
-/// A node's state during a placement attempt (GPUs by position).
-#[derive(Debug, Clone)]
-struct Sim {
+/// The GPUs a request takes on a node and FGD's score of taking them: for a
+/// fraction, every distinct choice (GPUs with equal free milli give equal
+/// results; the lowest index stands for them) is scored and the best wins,
+/// lowest index on ties; whole GPUs are the lowest-index fully free ones
+/// (all alike to `F`). None when the GPUs do not fit (CPU and memory are the
+/// caller's).
+pub fn gpu_choice(
+    typical: &[Typical],
     cpu: i64,
-    mem: i64,
-    free: Vec<u32>,
-    healthy: Vec<bool>,
-    /// Healthy and of a model the request allows.
-    usable: Vec<bool>,
-}
-
-impl Sim {
-    fn new(node: &NodeCapacity, req: &Resources) -> Sim {
-        Sim {
-            cpu: node.cpu_free_milli,
-            mem: node.memory_free_mib,
-            free: node.gpus.iter().map(|g| g.free_milli.min(1000)).collect(),
-            healthy: node.gpus.iter().map(|g| g.healthy).collect(),
-            usable: node
-                .gpus
-                .iter()
-                .map(|g| g.healthy && model_allowed(&req.gpu_models, &g.model))
-                .collect(),
-        }
-    }
-
-    /// Free milli of the healthy GPUs.
-    fn healthy_free(&self) -> i64 {
-        self.free
-            .iter()
-            .zip(&self.healthy)
-            .filter(|&(_, &h)| h)
-            .map(|(&f, _)| f as i64)
-            .sum()
-    }
-
-    /// F of this state against `shapes`; with `over = Some((pos, free))`, as
-    /// if GPU `pos` had `free` milli free.
-    fn fragmentation(&self, shapes: &[TypicalShape], over: Option<(usize, u32)>) -> i64 {
-        let free_of = |i: usize| match over {
-            Some((p, f)) if p == i => f,
-            _ => self.free[i],
-        };
-        let mut total = 0i64;
-        for i in 0..self.free.len() {
-            if self.healthy[i] {
-                total += free_of(i) as i64;
+    free: &[i64],
+    models: &[u64],
+    w: &Want,
+    scratch: &mut Vec<i64>,
+) -> Option<(i64, Vec<usize>)> {
+    let fits = |i: usize| free[i] >= w.milli && spec_ok(w.spec, models[i]);
+    let before = fragmentation(typical, cpu, free, models);
+    let cpu_after = cpu - w.cpu;
+    scratch.clear();
+    scratch.extend_from_slice(free);
+    if w.shared() {
+        let mut best: Option<(i64, usize)> = None;
+        for g in 0..free.len() {
+            if !fits(g) || (0..g).any(|e| fits(e) && free[e] == free[g]) {
+                continue;
+            }
+            scratch[g] = free[g] - w.milli;
+            let s = fgd_score(before, fragmentation(typical, cpu_after, scratch, models));
+            scratch[g] = free[g];
+            if best.is_none_or(|b| s > b.0) {
+                best = Some((s, g));
             }
         }
-        let mut f = 0i64;
-        for t in shapes {
-            let x = if (t.gpus == 0 && t.gpu_milli == 0)
-                || self.cpu < t.cpu_milli
-                || self.mem < t.memory_mib
-            {
-                total
-            } else {
-                let need = if t.gpus > 0 { 1000 } else { t.gpu_milli };
-                let count = t.gpus.max(1);
-                let (mut fit, mut below) = (0u32, 0i64);
-                for i in 0..self.free.len() {
-                    if !self.healthy[i] {
-                        continue;
-                    }
-                    let g = free_of(i);
-                    if g >= need {
-                        fit += 1;
-                    } else {
-                        below += g as i64;
-                    }
-                }
-                if fit >= count { below } else { total }
-            };
-            f += t.weight * x;
-        }
-        f
-    }
-
-    /// How many instances (at most `cap`) still fit.
-    fn fit_count(&self, req: &Resources, want: Want, cap: u32) -> u32 {
-        let by = |free: i64, need: u64| -> u64 {
-            if free < need as i64 {
-                0
-            } else {
-                (free as u64).checked_div(need).unwrap_or(u64::MAX)
-            }
-        };
-        let gpu = match want {
-            Want::Whole(n) => {
-                let full = (0..self.free.len())
-                    .filter(|&i| self.usable[i] && self.free[i] == 1000)
-                    .count() as u64;
-                full / n as u64
-            }
-            Want::Fraction(m) => (0..self.free.len())
-                .filter(|&i| self.usable[i])
-                .map(|i| (self.free[i] / m) as u64)
-                .sum(),
-            Want::CpuOnly => u64::MAX,
-        };
-        by(self.cpu, req.cpu_milli)
-            .min(by(self.mem, req.memory_mib))
-            .min(gpu)
-            .min(cap as u64) as u32
-    }
-
-    /// Takes one instance; returns the GPU positions, or None if it does not
-    /// fit.
-    fn take_one(
-        &mut self,
-        shapes: &[TypicalShape],
-        req: &Resources,
-        want: Want,
-    ) -> Option<Vec<usize>> {
-        if self.cpu < req.cpu_milli as i64 || self.mem < req.memory_mib as i64 {
+        best.map(|(s, g)| (s, vec![g]))
+    } else {
+        let gpus: Vec<usize> = (0..free.len())
+            .filter(|&i| fits(i))
+            .take(w.num_gpu as usize)
+            .collect();
+        if gpus.len() < w.num_gpu as usize {
             return None;
         }
-        let chosen = match want {
-            Want::Whole(n) => {
-                let free: Vec<usize> = (0..self.free.len())
-                    .filter(|&i| self.usable[i] && self.free[i] == 1000)
-                    .take(n as usize)
-                    .collect();
-                if free.len() < n as usize {
-                    return None;
-                }
-                free
-            }
-            Want::Fraction(m) => {
-                self.cpu -= req.cpu_milli as i64;
-                self.mem -= req.memory_mib as i64;
-                // (F after, free, position); equal free gives equal F.
-                let mut best: Option<(i64, u32, usize)> = None;
-                let mut seen: Vec<(u32, i64)> = Vec::new();
-                for i in 0..self.free.len() {
-                    let f = self.free[i];
-                    if !self.usable[i] || f < m {
-                        continue;
-                    }
-                    let after = match seen.iter().find(|s| s.0 == f) {
-                        Some(s) => s.1,
-                        None => {
-                            let a = self.fragmentation(shapes, Some((i, f - m)));
-                            seen.push((f, a));
-                            a
-                        }
-                    };
-                    if best.is_none_or(|b| (after, f) < (b.0, b.1)) {
-                        best = Some((after, f, i));
-                    }
-                }
-                self.cpu += req.cpu_milli as i64;
-                self.mem += req.memory_mib as i64;
-                vec![best?.2]
-            }
-            Want::CpuOnly => Vec::new(),
-        };
-        for &i in &chosen {
-            self.free[i] -= want.per_gpu();
+        for &g in &gpus {
+            scratch[g] -= w.milli;
         }
-        self.cpu -= req.cpu_milli as i64;
-        self.mem -= req.memory_mib as i64;
-        Some(chosen)
+        let s = fgd_score(before, fragmentation(typical, cpu_after, scratch, models));
+        Some((s, gpus))
     }
 }
 
-/// Places `instances` copies of `req` in `pool`, all or none, scoring with
-/// [`DEFAULT_SHAPES`]. On success the capacities are reduced by what was
-/// taken; on failure they are unchanged and the error says why the job must
-/// wait.
+/// A node as the placer scores it. Unhealthy GPUs count as fully taken.
+#[derive(Debug, Clone)]
+struct NodeState {
+    cpu: i64,
+    mem: i64,
+    free: Vec<i64>,
+    models: Vec<u64>,
+    free_total: i64,
+}
+
+impl NodeState {
+    /// How many instances (at most `cap`) fit.
+    fn fit_count(&self, w: &Want, cap: u32) -> u32 {
+        let by = |free: i64, need: i64| -> u64 {
+            if free < need {
+                0
+            } else if need <= 0 {
+                u64::MAX
+            } else {
+                (free / need) as u64
+            }
+        };
+        let usable = |i: usize| spec_ok(w.spec, self.models[i]);
+        let gpu = if w.num_gpu == 0 {
+            u64::MAX
+        } else if w.shared() {
+            (0..self.free.len())
+                .filter(|&i| usable(i))
+                .map(|i| (self.free[i] / w.milli.max(1)) as u64)
+                .sum()
+        } else {
+            let full = (0..self.free.len())
+                .filter(|&i| usable(i) && self.free[i] >= w.milli)
+                .count() as u64;
+            full / u64::from(w.num_gpu)
+        };
+        by(self.cpu, w.cpu)
+            .min(by(self.mem, w.mem))
+            .min(gpu)
+            .min(u64::from(cap)) as u32
+    }
+
+    fn take(&mut self, w: &Want, gpus: &[usize]) {
+        self.cpu -= w.cpu;
+        self.mem -= w.mem;
+        for &g in gpus {
+            self.free[g] -= w.milli;
+            self.free_total -= w.milli;
+        }
+    }
+}
+
+/// Ordering of candidate nodes; the largest wins. For GPU requests:
+/// (instances placed here, spread penalty, FGD score, busy, rank); for
+/// CPU-only requests: (instances placed here, spread penalty, −free GPU
+/// milli, best-fit score, rank).
+type Key = (i64, i64, i64, i64, std::cmp::Reverse<u64>);
+
+/// A request class's index of feasible nodes by key (single instances).
+struct ClassIndex {
+    pool: String,
+    want: Want,
+    keys: Vec<Option<Key>>,
+    order: std::collections::BTreeSet<(Key, usize)>,
+    last_used: u64,
+}
+
+/// Most request classes indexed at once.
+const MAX_CLASSES: usize = 32;
+
+/// The placement engine over a set of nodes. See the module docs for the
+/// policy. Single-instance requests are answered from a per-request-class
+/// index of node keys, kept current as nodes change, so a placement costs
+/// O(classes · log n) after the first request of its class (O(n)).
+pub struct Placer {
+    typical: Vec<Typical>,
+    models: Vec<String>,
+    nodes: Vec<NodeCapacity>,
+    state: Vec<NodeState>,
+    rank: Vec<u64>,
+    classes: Vec<ClassIndex>,
+    clock: u64,
+    scratch: Vec<i64>,
+}
+
+/// A stable pseudo-random rank of a node id under `seed` (SplitMix64 over
+/// FNV-1a).
+fn seeded_rank(seed: u64, node_id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in node_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+impl Placer {
+    /// A placer whose ties go to a pseudo-random node order drawn from
+    /// `seed` (stable per node id, so the same across scheduling passes).
+    pub fn new(nodes: Vec<NodeCapacity>, shapes: &[TypicalShape], seed: u64) -> Placer {
+        let rank = nodes
+            .iter()
+            .map(|n| seeded_rank(seed, &n.node_id))
+            .collect();
+        Placer::with_rank(nodes, shapes, rank)
+    }
+
+    /// A placer whose ties go to the node order given (position `order[k]`
+    /// ranks k-th).
+    pub fn with_order(
+        nodes: Vec<NodeCapacity>,
+        shapes: &[TypicalShape],
+        order: &[usize],
+    ) -> Placer {
+        let mut rank = vec![u64::MAX; nodes.len()];
+        for (k, &pos) in order.iter().enumerate() {
+            rank[pos] = k as u64;
+        }
+        Placer::with_rank(nodes, shapes, rank)
+    }
+
+    fn with_rank(nodes: Vec<NodeCapacity>, shapes: &[TypicalShape], rank: Vec<u64>) -> Placer {
+        let mut p = Placer {
+            typical: Vec::new(),
+            models: Vec::new(),
+            state: Vec::with_capacity(nodes.len()),
+            nodes,
+            rank,
+            classes: Vec::new(),
+            clock: 0,
+            scratch: Vec::new(),
+        };
+        for i in 0..p.nodes.len() {
+            let models = p.nodes[i]
+                .gpus
+                .iter()
+                .map(|g| g.model.clone())
+                .collect::<Vec<_>>();
+            let bits = models.iter().map(|m| p.model_bit(m)).collect();
+            let n = &p.nodes[i];
+            let free: Vec<i64> = n
+                .gpus
+                .iter()
+                .map(|g| {
+                    if g.healthy {
+                        i64::from(g.free_milli.min(1000))
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            p.state.push(NodeState {
+                cpu: n.cpu_free_milli,
+                mem: n.memory_free_mib,
+                free_total: free.iter().sum(),
+                free,
+                models: bits,
+            });
+        }
+        p.typical = shapes
+            .iter()
+            .map(|t| Typical {
+                cpu: t.cpu_milli,
+                milli: t.milli,
+                num_gpu: t.num_gpu,
+                spec: t.models.iter().fold(0, |s, m| s | p.model_bit(m)),
+                p: t.p,
+            })
+            .collect();
+        p
+    }
+
+    /// The bit of a model name. Past 64 distinct models the rest share the
+    /// last bit: scoring treats them alike, feasibility still compares names.
+    fn model_bit(&mut self, model: &str) -> u64 {
+        let i = match self.models.iter().position(|m| m == model) {
+            Some(i) => i,
+            None => {
+                self.models.push(model.to_string());
+                self.models.len() - 1
+            }
+        };
+        1u64 << i.min(63)
+    }
+
+    /// The nodes with what they have left.
+    pub fn nodes(&self) -> &[NodeCapacity] {
+        &self.nodes
+    }
+
+    /// The nodes, consumed.
+    pub fn into_nodes(self) -> Vec<NodeCapacity> {
+        self.nodes
+    }
+
+    fn want(&mut self, req: &Resources) -> Want {
+        let (num_gpu, milli) = if req.gpus > 0 {
+            (req.gpus, 1000)
+        } else if req.gpu_milli > 0 {
+            (1, i64::from(req.gpu_milli.min(1000)))
+        } else {
+            (0, 0)
+        };
+        let spec = if num_gpu == 0 {
+            0
+        } else {
+            req.gpu_models.iter().fold(0, |s, m| s | self.model_bit(m))
+        };
+        Want {
+            cpu: req.cpu_milli as i64,
+            mem: req.memory_mib as i64,
+            num_gpu,
+            milli,
+            spec,
+        }
+    }
+
+    /// Whether node `pos` may host `req` at all (pool, readiness); names are
+    /// compared here, so models beyond the 64th are still told apart.
+    fn eligible(&self, pos: usize, pool: &str, req: &Resources) -> bool {
+        let n = &self.nodes[pos];
+        n.pool == pool
+            && n.schedulable
+            && (req.gpus == 0 && req.gpu_milli == 0
+                || req.gpu_models.is_empty()
+                || self.models.len() <= 64
+                || n.gpus
+                    .iter()
+                    .any(|g| model_allowed(&req.gpu_models, &g.model)))
+    }
+
+    /// The key of placing `k` instances (fewer if fewer fit) on node `pos`,
+    /// with the GPUs each takes; None if none fits.
+    fn key(
+        &mut self,
+        pos: usize,
+        w: &Want,
+        cap: u32,
+        penalty: i64,
+    ) -> Option<(Key, Vec<Vec<usize>>)> {
+        let k = self.state[pos].fit_count(w, cap);
+        if k == 0 {
+            return None;
+        }
+        let rank = std::cmp::Reverse(self.rank[pos]);
+        let node = &self.state[pos];
+        if w.num_gpu == 0 {
+            let key = (
+                i64::from(k),
+                penalty,
+                -node.free_total,
+                bestfit_score(node.cpu, node.free_total, w.cpu, 0),
+                rank,
+            );
+            return Some((key, vec![Vec::new(); k as usize]));
+        }
+        let busy = i64::from(node.free.iter().any(|&f| f < 1000));
+        let mut sim = node.clone();
+        let mut taken = Vec::with_capacity(k as usize);
+        let mut score = 0;
+        for _ in 0..k {
+            let (s, gpus) = gpu_choice(
+                &self.typical,
+                sim.cpu,
+                &sim.free,
+                &sim.models,
+                w,
+                &mut self.scratch,
+            )?;
+            score = s;
+            sim.take(w, &gpus);
+            taken.push(gpus);
+        }
+        if k > 1 {
+            // The score of taking all k together.
+            let node = &self.state[pos];
+            score = fgd_score(
+                fragmentation(&self.typical, node.cpu, &node.free, &node.models),
+                fragmentation(&self.typical, sim.cpu, &sim.free, &sim.models),
+            );
+        }
+        Some(((i64::from(k), penalty, score, busy, rank), taken))
+    }
+
+    /// Places `instances` copies of `req` on nodes of `pool`, all or none.
+    /// With `spread`, instances prefer nodes, then availability zones, that
+    /// hold fewer of this job's instances (services); otherwise a gang
+    /// prefers as few nodes as possible. On failure nothing is taken and
+    /// the error says why the job must wait.
+    pub fn place(
+        &mut self,
+        pool: &str,
+        req: &Resources,
+        instances: u32,
+        spread: bool,
+    ) -> Result<Vec<Assignment>, String> {
+        let w = self.want(req);
+        let exact_names = self.models.len() > 64 && !req.gpu_models.is_empty();
+        if instances == 1 && !exact_names {
+            return self.place_indexed(pool, req, &w);
+        }
+        self.place_scan(pool, req, &w, instances, spread)
+    }
+
+    /// Node-by-node placement of several instances (or of one whose models
+    /// are past the bit table): each round takes the best node by key.
+    fn place_scan(
+        &mut self,
+        pool: &str,
+        req: &Resources,
+        w: &Want,
+        instances: u32,
+        spread: bool,
+    ) -> Result<Vec<Assignment>, String> {
+        let w = *w;
+        let eligible: Vec<usize> = (0..self.nodes.len())
+            .filter(|&p| self.eligible(p, pool, req))
+            .collect();
+        let room: u64 = eligible
+            .iter()
+            .map(|&p| u64::from(self.state[p].fit_count(&w, instances)))
+            .sum();
+        if room < u64::from(instances) {
+            return Err(no_fit_reason(&self.nodes, pool, req, instances));
+        }
+        let saved: Vec<(usize, NodeState)> = eligible
+            .iter()
+            .map(|&p| (p, self.state[p].clone()))
+            .collect();
+        let mut picks: Vec<(usize, Vec<usize>)> = Vec::new();
+        let mut on_node: std::collections::HashMap<usize, i64> = Default::default();
+        let mut in_az: std::collections::HashMap<String, i64> = Default::default();
+        let mut used = vec![false; self.nodes.len()];
+        let mut remaining = instances;
+        while remaining > 0 {
+            let mut best: Option<(Key, usize, Vec<Vec<usize>>)> = None;
+            for &pos in &eligible {
+                if !spread && used[pos] {
+                    continue;
+                }
+                let (cap, penalty) = if spread {
+                    let az = &self.nodes[pos].az;
+                    (
+                        1,
+                        -(on_node.get(&pos).copied().unwrap_or(0) * 1_000_000
+                            + in_az.get(az).copied().unwrap_or(0)),
+                    )
+                } else {
+                    (remaining, 0)
+                };
+                if let Some((key, taken)) = self.key(pos, &w, cap, penalty)
+                    && best.as_ref().is_none_or(|b| key > b.0)
+                {
+                    best = Some((key, pos, taken));
+                }
+            }
+            let Some((_, pos, taken)) = best else {
+                for (p, s) in saved {
+                    self.state[p] = s;
+                }
+                return Err(no_fit_reason(&self.nodes, pool, req, instances));
+            };
+            for gpus in taken {
+                self.state[pos].take(&w, &gpus);
+                remaining -= 1;
+                *on_node.entry(pos).or_default() += 1;
+                *in_az.entry(self.nodes[pos].az.clone()).or_default() += 1;
+                picks.push((pos, gpus));
+            }
+            used[pos] = true;
+        }
+        // Commit: the states already hold the result; mirror it in the
+        // capacities and refresh the indexes of the nodes touched.
+        drop(saved);
+        Ok(self.commit(&w, req, picks))
+    }
+
+    fn commit(
+        &mut self,
+        w: &Want,
+        req: &Resources,
+        picks: Vec<(usize, Vec<usize>)>,
+    ) -> Vec<Assignment> {
+        let mut touched: Vec<usize> = Vec::new();
+        let mut out = Vec::with_capacity(picks.len());
+        for (pos, gpus) in picks {
+            let node = &mut self.nodes[pos];
+            for &g in &gpus {
+                node.gpus[g].free_milli -= w.milli as u32;
+            }
+            node.cpu_free_milli -= req.cpu_milli as i64;
+            node.memory_free_mib -= req.memory_mib as i64;
+            out.push(Assignment {
+                node_id: node.node_id.clone(),
+                gpu_indexes: gpus.iter().map(|&g| node.gpus[g].index).collect(),
+                gpu_uuids: gpus.iter().map(|&g| node.gpus[g].uuid.clone()).collect(),
+            });
+            if !touched.contains(&pos) {
+                touched.push(pos);
+            }
+        }
+        for pos in touched {
+            self.refresh(pos);
+        }
+        out
+    }
+
+    /// Re-keys node `pos` in every class index.
+    fn refresh(&mut self, pos: usize) {
+        for c in 0..self.classes.len() {
+            let (pool, want) = (self.classes[c].pool.clone(), self.classes[c].want);
+            let new = self.class_key(pos, &pool, &want);
+            let class = &mut self.classes[c];
+            if let Some(old) = class.keys[pos].take() {
+                class.order.remove(&(old, pos));
+            }
+            if let Some(k) = new {
+                class.order.insert((k, pos));
+            }
+            class.keys[pos] = new;
+        }
+    }
+
+    fn class_key(&mut self, pos: usize, pool: &str, w: &Want) -> Option<Key> {
+        let n = &self.nodes[pos];
+        if n.pool != pool || !n.schedulable {
+            return None;
+        }
+        self.key(pos, w, 1, 0).map(|(k, _)| k)
+    }
+
+    fn place_indexed(
+        &mut self,
+        pool: &str,
+        req: &Resources,
+        w: &Want,
+    ) -> Result<Vec<Assignment>, String> {
+        self.clock += 1;
+        let c = match self
+            .classes
+            .iter()
+            .position(|c| c.pool == pool && c.want == *w)
+        {
+            Some(c) => c,
+            None => {
+                if self.classes.len() >= MAX_CLASSES {
+                    let oldest = (0..self.classes.len())
+                        .min_by_key(|&c| self.classes[c].last_used)
+                        .expect("classes is full");
+                    self.classes.swap_remove(oldest);
+                }
+                let mut keys = Vec::with_capacity(self.nodes.len());
+                let mut order = std::collections::BTreeSet::new();
+                for pos in 0..self.nodes.len() {
+                    let k = self.class_key(pos, pool, w);
+                    if let Some(k) = k {
+                        order.insert((k, pos));
+                    }
+                    keys.push(k);
+                }
+                self.classes.push(ClassIndex {
+                    pool: pool.to_string(),
+                    want: *w,
+                    keys,
+                    order,
+                    last_used: 0,
+                });
+                self.classes.len() - 1
+            }
+        };
+        self.classes[c].last_used = self.clock;
+        let Some(&(_, pos)) = self.classes[c].order.last() else {
+            return Err(no_fit_reason(&self.nodes, pool, req, 1));
+        };
+        let (_, mut taken) = self.key(pos, w, 1, 0).expect("an indexed node fits");
+        let gpus = taken.pop().expect("one instance");
+        self.state[pos].take(w, &gpus);
+        Ok(self.commit(w, req, vec![(pos, gpus)]))
+    }
+
+    /// How many instances of `req` fit in `pool` now, in total.
+    pub fn room(&mut self, pool: &str, req: &Resources, cap: u32) -> u64 {
+        let w = self.want(req);
+        (0..self.nodes.len())
+            .filter(|&p| self.eligible(p, pool, req))
+            .map(|p| u64::from(self.state[p].fit_count(&w, cap)))
+            .sum()
+    }
+}
+
+/// Places `instances` copies of `req` in `pool`, all or none, with the
+/// built-in shapes and ties to the node order given. On success the
+/// capacities are reduced by what was taken; on failure they are unchanged
+/// and the error says why the job must wait.
 pub fn place(
     nodes: &mut [NodeCapacity],
     pool: &str,
     req: &Resources,
     instances: u32,
 ) -> Result<Vec<Assignment>, String> {
-    place_with(DEFAULT_SHAPES, nodes, pool, req, instances)
-}
-
-/// [`place`] measuring fragmentation against `shapes`.
-pub fn place_with(
-    shapes: &[TypicalShape],
-    nodes: &mut [NodeCapacity],
-    pool: &str,
-    req: &Resources,
-    instances: u32,
-) -> Result<Vec<Assignment>, String> {
-    let want = Want::of(req);
-    let mut sims: Vec<Option<Sim>> = nodes
-        .iter()
-        .map(|n| (n.pool == pool && n.schedulable).then(|| Sim::new(n, req)))
-        .collect();
-    let room: u64 = sims
-        .iter()
-        .flatten()
-        .map(|s| s.fit_count(req, want, instances) as u64)
-        .sum();
-    if room < instances as u64 {
-        return Err(no_fit_reason(nodes, pool, req, instances));
-    }
-    // (node position, GPU positions of each instance placed there)
-    let mut picks: Vec<(usize, Vec<Vec<usize>>)> = Vec::new();
-    let mut remaining = instances;
-    while remaining > 0 {
-        type Key = (i64, i64, i64, i64, usize);
-        let mut best: Option<(Key, Vec<Vec<usize>>)> = None;
-        for (pos, sim) in sims.iter().enumerate() {
-            let Some(sim) = sim else { continue };
-            let k = sim.fit_count(req, want, remaining);
-            if k == 0 {
-                continue;
-            }
-            let mut after = sim.clone();
-            let mut taken = Vec::with_capacity(k as usize);
-            for _ in 0..k {
-                match after.take_one(shapes, req, want) {
-                    Some(g) => taken.push(g),
-                    None => break,
-                }
-            }
-            debug_assert_eq!(taken.len(), k as usize, "fit_count and take_one agree");
-            if taken.is_empty() {
-                continue;
-            }
-            let placed = -(taken.len() as i64);
-            let key: Key = if want == Want::CpuOnly {
-                (placed, sim.healthy_free(), after.cpu, after.mem, pos)
-            } else {
-                let delta = after.fragmentation(shapes, None) - sim.fragmentation(shapes, None);
-                let idle = sim.free.iter().all(|&f| f == 1000) as i64;
-                (placed, delta, idle, after.healthy_free(), pos)
-            };
-            if best.as_ref().is_none_or(|b| key < b.0) {
-                best = Some((key, taken));
-            }
-        }
-        let Some((key, taken)) = best else {
-            // Unreachable while fit_count and take_one agree; stay safe.
-            return Err(no_fit_reason(nodes, pool, req, instances));
-        };
-        let pos = key.4;
-        remaining -= taken.len() as u32;
-        sims[pos] = None; // it was filled to what it can host or to the end
-        picks.push((pos, taken));
-    }
-    let mut out = Vec::with_capacity(instances as usize);
-    for (pos, taken) in picks {
-        let node = &mut nodes[pos];
-        for gpus in taken {
-            for &i in &gpus {
-                node.gpus[i].free_milli -= want.per_gpu();
-            }
-            node.cpu_free_milli -= req.cpu_milli as i64;
-            node.memory_free_mib -= req.memory_mib as i64;
-            out.push(Assignment {
-                node_id: node.node_id.clone(),
-                gpu_indexes: gpus.iter().map(|&i| node.gpus[i].index).collect(),
-                gpu_uuids: gpus.iter().map(|&i| node.gpus[i].uuid.clone()).collect(),
-            });
-        }
+    let order: Vec<usize> = (0..nodes.len()).collect();
+    let mut placer = Placer::with_order(nodes.to_vec(), &default_shapes(), &order);
+    let out = placer.place(pool, req, instances, false)?;
+    for (n, placed) in nodes.iter_mut().zip(placer.into_nodes()) {
+        *n = placed;
     }
     Ok(out)
 }
@@ -484,6 +828,7 @@ mod tests {
         NodeCapacity {
             node_id: id.into(),
             pool: "public".into(),
+            az: String::new(),
             schedulable: true,
             cpu_free_milli: 64_000,
             memory_free_mib: 512 * 1024,
@@ -856,6 +1201,7 @@ mod tests {
                 NodeCapacity {
                     node_id: id.clone(),
                     pool: if rng.chance(85) { "public" } else { "p1" }.into(),
+                    az: format!("AZ{}", n % 3),
                     schedulable: rng.chance(85),
                     cpu_free_milli: rng.range(-1000, 64_000),
                     memory_free_mib: rng.range(-100, 256 * 1024),
@@ -1098,5 +1444,70 @@ mod tests {
         }
         // Both outcomes are exercised.
         assert!(ok > 5000 && err > 5000, "ok {ok}, err {err}");
+    }
+
+    /// One long-lived placer (class indexes kept current across requests)
+    /// decides exactly as a fresh node-by-node scan over the same nodes, and
+    /// every decision passes the independent validator.
+    #[test]
+    fn property_indexed_placer_matches_a_fresh_scan() {
+        let mut rng = Rng::new(7);
+        let mut steps = 0;
+        for _ in 0..40 {
+            let nodes = random_cluster(&mut rng);
+            let order: Vec<usize> = (0..nodes.len()).collect();
+            let mut live = Placer::with_order(nodes, &default_shapes(), &order);
+            for _ in 0..150 {
+                let (pool, mut req, _) = random_request(&mut rng);
+                if rng.chance(50) {
+                    // Repeat common classes so the indexes get reused.
+                    req = gpus([1, 2][rng.below(2) as usize]);
+                }
+                let before = live.nodes().to_vec();
+                let mut fresh = Placer::with_order(before.clone(), &default_shapes(), &order);
+                let w = fresh.want(&req);
+                let expected = fresh.place_scan(&pool, &req, &w, 1, false);
+                let got = live.place(&pool, &req, 1, false);
+                assert_eq!(got, expected, "request {req:?} in {pool}");
+                validate(&before, live.nodes(), &pool, &req, 1, &got);
+                steps += 1;
+            }
+        }
+        assert_eq!(steps, 6000);
+    }
+
+    #[test]
+    fn service_replicas_spread_over_nodes_and_zones() {
+        let mut nodes: Vec<NodeCapacity> = (0..6)
+            .map(|i| {
+                let mut n = node(&format!("n{i}"), 8);
+                n.az = format!("AZ{}", i % 3 + 1);
+                n
+            })
+            .collect();
+        let order: Vec<usize> = (0..nodes.len()).collect();
+        let mut p = Placer::with_order(nodes.clone(), &default_shapes(), &order);
+        let placed = p.place("public", &gpus(1), 3, true).unwrap();
+        let mut used: Vec<&str> = placed.iter().map(|a| a.node_id.as_str()).collect();
+        used.sort_unstable();
+        used.dedup();
+        assert_eq!(used.len(), 3, "three replicas on three nodes: {placed:?}");
+        let zones: std::collections::BTreeSet<String> = placed
+            .iter()
+            .map(|a| {
+                let n: usize = a.node_id[1..].parse().unwrap();
+                format!("AZ{}", n % 3 + 1)
+            })
+            .collect();
+        assert_eq!(zones.len(), 3, "one replica per zone: {placed:?}");
+        // A gang, by contrast, packs onto one node.
+        let gang = place(&mut nodes, "public", &gpus(1), 3).unwrap();
+        assert!(
+            gang.iter().all(|a| a.node_id == gang[0].node_id),
+            "{gang:?}"
+        );
+        // More replicas than nodes still place (spread is a preference).
+        let many = p.place("public", &gpus(1), 9, true).unwrap();
+        assert_eq!(many.len(), 9);
     }
 }
