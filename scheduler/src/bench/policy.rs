@@ -9,6 +9,8 @@
 
 use super::replay::{Cluster, NodeState, Req, Shape, Workload};
 use super::rng::Rng;
+use crate::domain::Resources;
+use crate::domain::placement::{GpuSlot, NodeCapacity, Placer, TypicalShape};
 
 /// Policy names of the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -20,8 +22,9 @@ pub enum PolicyName {
     Bestfit,
     /// Fragmentation Gradient Descent, as published (REPLAY §13).
     Fgd,
-    /// gpupool's policy: FGD for GPU pods with idle nodes kept whole on
-    /// ties; CPU-only pods onto GPU-full nodes (see [`DefaultScorer`]).
+    /// gpupool's production placement ([`crate::domain::placement::Placer`])
+    /// with the trace's typical shapes: FGD for GPU pods with idle nodes
+    /// kept whole on ties; CPU-only pods onto GPU-full nodes.
     Default,
     /// `default` with typical shapes learned from the arrivals so far.
     DefaultOnline,
@@ -59,16 +62,138 @@ pub trait Policy {
     }
 }
 
-/// Builds the policy `name` for workload `w`.
-pub fn make(name: PolicyName, w: &Workload) -> Box<dyn Policy> {
+/// Builds the policy `name` for workload `w`; `order` is the run's node
+/// order (ties go to the earliest).
+pub fn make(name: PolicyName, w: &Workload, order: &[usize]) -> Box<dyn Policy> {
     match name {
         PolicyName::Random => Box::new(RandomPolicy),
         PolicyName::Bestfit => Box::new(Scored::new(BestFit, w)),
         PolicyName::Fgd => Box::new(Scored::new(Fgd::published(w), w)),
-        PolicyName::Default => Box::new(Scored::new(DefaultScorer::new(w, ShapeSource::Trace), w)),
+        PolicyName::Default => Box::new(Production::new(w, order)),
         PolicyName::DefaultOnline => {
             Box::new(Scored::new(DefaultScorer::new(w, ShapeSource::Online), w))
         }
+    }
+}
+
+// ------------------------------------------------------------ production
+
+/// The scheduler's own placement engine, unchanged: the replay's nodes and
+/// pods are handed to a [`Placer`] (node `i` is `n{i}`, its GPUs of the
+/// node's model), which keeps its own copy of the cluster. Every choice is
+/// checked against the replay's independent feasibility rules (REPLAY §6).
+struct Production {
+    placer: Placer,
+    models: Vec<String>,
+    typical: usize,
+}
+
+impl Production {
+    fn new(w: &Workload, order: &[usize]) -> Self {
+        let names = |spec: u64| -> Vec<String> {
+            (0..w.models.len())
+                .filter(|&b| spec & (1u64 << b) != 0)
+                .map(|b| w.models[b].clone())
+                .collect()
+        };
+        let nodes = w
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let model = names(n.model).pop().unwrap_or_default();
+                NodeCapacity {
+                    node_id: format!("n{i}"),
+                    pool: "public".into(),
+                    schedulable: true,
+                    cpu_free_milli: n.cpu,
+                    memory_free_mib: n.mem,
+                    gpus: (0..n.free.len() as u32)
+                        .map(|g| GpuSlot {
+                            index: g,
+                            uuid: format!("n{i}-{g}"),
+                            model: model.clone(),
+                            healthy: true,
+                            free_milli: n.free[g as usize] as u32,
+                        })
+                        .collect(),
+                    az: String::new(),
+                }
+            })
+            .collect();
+        let mut counts = vec![0u64; w.shapes.len()];
+        for r in &w.pods {
+            counts[r.shape as usize] += 1;
+        }
+        let shapes: Vec<TypicalShape> = typical_shapes(&counts, &w.shapes)
+            .into_iter()
+            .map(|t| TypicalShape {
+                num_gpu: t.num_gpu,
+                milli: t.milli,
+                cpu_milli: t.cpu,
+                models: names(t.spec),
+                p: t.p,
+            })
+            .collect();
+        Production {
+            typical: shapes.len(),
+            placer: Placer::with_order(nodes, &shapes, order),
+            models: w.models.clone(),
+        }
+    }
+
+    fn place(&mut self, cluster: &Cluster, r: &Req) -> (usize, Vec<usize>) {
+        let req = Resources {
+            gpus: if r.num_gpu > 0 && !r.is_shared() {
+                r.num_gpu
+            } else {
+                0
+            },
+            gpu_milli: if r.is_shared() { r.milli as u32 } else { 0 },
+            gpu_models: (0..self.models.len())
+                .filter(|&b| r.spec & (1u64 << b) != 0)
+                .map(|b| self.models[b].clone())
+                .collect(),
+            cpu_milli: r.cpu as u64,
+            memory_mib: r.mem as u64,
+        };
+        let a = self
+            .placer
+            .place("public", &req, 1, false)
+            .unwrap_or_else(|e| {
+                panic!("the replay found a feasible node, the placer did not: {e}")
+            });
+        let node: usize = a[0].node_id[1..].parse().expect("node ids are n<i>");
+        let gpus: Vec<usize> = a[0].gpu_indexes.iter().map(|&g| g as usize).collect();
+        assert!(
+            cluster.nodes[node].feasible(r),
+            "the placer chose node {node}, infeasible by REPLAY §6"
+        );
+        (node, gpus)
+    }
+}
+
+impl Policy for Production {
+    fn gpus(&mut self, cluster: &Cluster, node: usize, r: &Req, _rng: &mut Rng) -> Vec<usize> {
+        let (chosen, gpus) = self.place(cluster, r);
+        assert_eq!(chosen, node, "the only feasible node");
+        gpus
+    }
+
+    fn choose(
+        &mut self,
+        cluster: &Cluster,
+        feasible: &[usize],
+        r: &Req,
+        _rng: &mut Rng,
+    ) -> (usize, Vec<usize>) {
+        let (node, gpus) = self.place(cluster, r);
+        debug_assert!(feasible.contains(&node));
+        (node, gpus)
+    }
+
+    fn typical_shapes(&self) -> usize {
+        self.typical
     }
 }
 
@@ -232,10 +357,7 @@ struct BestFit;
 
 /// The best-fit score of placing `r` on `node`.
 pub fn bestfit_score(node: &NodeState, r: &Req) -> i64 {
-    let cpu = if r.cpu == 0 { 100 } else { r.cpu };
-    let s = 0.5 * (node.cpu - cpu) as f64 / 128_000.0
-        + 0.5 * (node.free_total - r.gpu_total()) as f64 / 8_000.0;
-    ((1.0 - s) * 100.0) as i64
+    crate::domain::placement::bestfit_score(node.cpu, node.free_total, r.cpu, r.gpu_total())
 }
 
 /// The fitting GPU with the least free milli, lowest index on ties.
@@ -262,15 +384,7 @@ impl Scorer for BestFit {
 
 // ---------------------------------------------------------------------- FGD
 
-/// A typical pod shape with its renormalised frequency `p`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Typical {
-    pub cpu: i64,
-    pub milli: i64,
-    pub num_gpu: u32,
-    pub spec: u64,
-    pub p: f64,
-}
+pub use crate::domain::placement::{Typical, fgd_score};
 
 /// REPLAY §13: distinct shapes most frequent first (ties: first seen in
 /// name order), the shortest prefix covering ≥ 95% of the pods, with the
@@ -306,39 +420,10 @@ pub fn typical_shapes(counts: &[u64], shapes: &[Shape]) -> Vec<Typical> {
         .collect()
 }
 
-/// REPLAY §13 node fragmentation `F = Σ p_t·x_t`: `x_t` is the free milli of
-/// the GPUs with less free than shape t needs when t fits the node (model,
-/// CPU, enough GPUs with that much free), else all free GPU milli (always so
-/// for CPU-only shapes).
+/// REPLAY §13 node fragmentation of a node whose GPUs are all of `model`
+/// (the production [`crate::domain::placement::fragmentation`]).
 pub fn fragmentation(typical: &[Typical], model: u64, cpu: i64, free: &[i64]) -> f64 {
-    let total: i64 = free.iter().sum();
-    let mut f = 0.0;
-    for t in typical {
-        let x = if t.num_gpu == 0 || cpu < t.cpu || (t.spec != 0 && t.spec & model == 0) {
-            total
-        } else {
-            let (mut fit, mut below) = (0u32, 0i64);
-            for &g in free {
-                if g >= t.milli {
-                    fit += 1;
-                } else {
-                    below += g;
-                }
-            }
-            if fit >= t.num_gpu { below } else { total }
-        };
-        f += t.p * x as f64;
-    }
-    f
-}
-
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-/// FGD's score of a fragmentation change: `int64(100·sigmoid(ΔF/1000))`.
-pub fn fgd_score(f_before: f64, f_after: f64) -> i64 {
-    (100.0 * sigmoid((f_before - f_after) / 1000.0)) as i64
+    crate::domain::placement::fragmentation(typical, cpu, free, |_| model)
 }
 
 /// Fragmentation of `node` before, and after placing `r` there for every

@@ -411,7 +411,7 @@ pub fn replay(w: &Workload, policy: PolicyName, seed: u64) -> ReplayResult {
         nodes: w.nodes.clone(),
         epoch: vec![0; w.nodes.len()],
     };
-    let mut pol = policy::make(policy, w);
+    let mut pol = policy::make(policy, w, &order);
     let mut curve = Curve::new(w.capacity);
     let (mut arrived, mut used, mut failed, mut failed_gpu) = (0i64, 0i64, 0usize, 0usize);
     let mut feasible = Vec::with_capacity(w.nodes.len());

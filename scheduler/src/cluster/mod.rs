@@ -728,6 +728,14 @@ impl Cluster {
     }
 
     /// Places queued jobs, highest priority first, then oldest.
+    ///
+    /// Backfill: the first job of a pool that does not fit becomes that
+    /// pool's *head*. A later job of the pool may still start, but only on
+    /// nodes the head could never use (even idle: another GPU model, too few
+    /// GPUs, CPU or memory in total), so it cannot delay the head: with no
+    /// run-time estimates, anything started on a node the head can use might
+    /// hold what the head is waiting for. A head that cannot fit even on the
+    /// idle pool (it waits for nodes to be added) reserves nothing.
     pub fn schedule(&mut self, now_ms: i64, out: &mut Outbox) {
         let mut queued: Vec<(i32, u64, String)> = self
             .jobs
@@ -739,15 +747,44 @@ impl Cluster {
             return;
         }
         queued.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        let mut capacity = self.capacity();
+        let mut placer = placement::Placer::new(
+            self.capacity(),
+            &placement::default_shapes(),
+            PLACEMENT_SEED,
+        );
+        // pool -> (head job, nodes reserved for it by position)
+        let mut heads: HashMap<String, (String, Vec<bool>)> = HashMap::new();
         for (_, _, job_id) in queued {
-            let job = self.jobs.get_mut(&job_id).expect("queued job exists");
-            match placement::place(
-                &mut capacity,
-                &job.pool_id,
-                &job.spec.resources,
+            let job = self.jobs.get(&job_id).expect("queued job exists");
+            let (pool_id, res, instances) = (
+                job.pool_id.clone(),
+                job.spec.resources.clone(),
                 job.spec.instances,
-            ) {
+            );
+            let spread = job.spec.kind == JobKind::OnlineService;
+            let avoid = heads.get(&pool_id).map_or(&[][..], |h| &h.1[..]);
+            let result = placer.place_avoiding(&pool_id, &res, instances, spread, avoid);
+            if let Err(reason) = &result {
+                let reason = match heads.get(&pool_id) {
+                    Some((head, _)) => format!(
+                        "{reason} (behind {head}, which keeps the nodes it can use; others may be backfilled)"
+                    ),
+                    None => {
+                        if let Some(reserved) = self.reserved_for(&pool_id, &res, instances) {
+                            heads.insert(pool_id.clone(), (job_id.clone(), reserved));
+                        }
+                        reason.clone()
+                    }
+                };
+                let job = self.jobs.get_mut(&job_id).expect("queued job exists");
+                if job.reason != reason {
+                    job.reason = reason;
+                    self.persist_job(&job_id, now_ms);
+                }
+                continue;
+            }
+            let job = self.jobs.get_mut(&job_id).expect("queued job exists");
+            match result {
                 Ok(assignments) => {
                     job.instances = assignments
                         .into_iter()
@@ -785,14 +822,47 @@ impl Cluster {
                     tracing::info!(job = %job_id, instances = job.instances.len(), "job placed");
                     self.persist_job(&job_id, now_ms);
                 }
-                Err(reason) => {
-                    if job.reason != reason {
-                        job.reason = reason;
-                        self.persist_job(&job_id, now_ms);
-                    }
-                }
+                Err(_) => unreachable!("handled above"),
             }
         }
+    }
+
+    /// The nodes (by position in [`Cluster::capacity`]) a job of `pool`
+    /// asking `instances` x `res` could use if they were idle; None when
+    /// even the idle pool cannot host it all (nothing worth reserving).
+    fn reserved_for(&self, pool: &str, res: &Resources, instances: u32) -> Option<Vec<bool>> {
+        let mut room = 0u64;
+        let reserved: Vec<bool> = self
+            .nodes
+            .values()
+            .map(|n| {
+                if n.pool != pool || n.status != NodeStatus::Ready || n.cordoned {
+                    return false;
+                }
+                let gpus = n
+                    .inventory
+                    .gpus
+                    .iter()
+                    .filter(|g| {
+                        g.healthy
+                            && (res.gpu_models.is_empty() || res.gpu_models.contains(&g.model))
+                    })
+                    .count() as u64;
+                let by = |have: u64, need: u64| have.checked_div(need).unwrap_or(u64::MAX);
+                let fit = by(u64::from(n.inventory.cpu_cores) * 1000, res.cpu_milli)
+                    .min(by(n.inventory.memory_mib, res.memory_mib))
+                    .min(if res.gpus > 0 {
+                        gpus / u64::from(res.gpus)
+                    } else if res.gpu_milli > 0 {
+                        gpus * 1000 / u64::from(res.gpu_milli)
+                    } else {
+                        u64::MAX
+                    });
+                room = room.saturating_add(fit.min(u64::from(instances)));
+                fit > 0
+            })
+            .collect();
+        (room >= u64::from(instances)).then_some(reserved)
     }
 
     fn capacity(&self) -> Vec<NodeCapacity> {
@@ -878,6 +948,9 @@ impl Cluster {
 
 /// First port of the range MASTER_PORT is taken from (rank 0 listens there).
 const MASTER_PORT_BASE: u32 = 29_500;
+
+/// Seed of the placement's tie-breaking node order (stable per node id).
+const PLACEMENT_SEED: u64 = 0x6770_7570_6f6f_6c00;
 
 fn start_spec(
     job: &Job,
@@ -1067,6 +1140,49 @@ mod tests {
             c.job(&admin(), &waiting.job_id).unwrap().state,
             JobState::Scheduled
         );
+    }
+
+    /// Backfill never uses a node the blocked head job could use; a head
+    /// that cannot fit even on the idle pool blocks nothing.
+    #[test]
+    fn backfill_keeps_off_the_nodes_the_head_job_can_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path(), 0);
+        c.register_node("big", inventory(8), 0).unwrap();
+        let mut small = inventory(2);
+        for g in &mut small.gpus {
+            g.model = "L4".into();
+        }
+        c.register_node("small", small, 0).unwrap();
+        let mut out = Outbox::new();
+        let node_of = |c: &Cluster, id: &str| {
+            let j = c.job(&admin(), id).unwrap();
+            (j.state, j.instances.first().map(|i| i.node_id.clone()))
+        };
+        let a = c.submit(&admin(), raw(4), 1, &mut out).unwrap();
+        assert_eq!(node_of(&c, &a.job_id).1.as_deref(), Some("big"));
+        let head = c.submit(&admin(), raw(8), 2, &mut out).unwrap();
+        assert_eq!(head.state, JobState::Queued);
+        // 1-GPU jobs would fit on "big" (4 free) but it is the head's.
+        let b = c.submit(&admin(), raw(1), 3, &mut out).unwrap();
+        assert_eq!(
+            node_of(&c, &b.job_id),
+            (JobState::Scheduled, Some("small".into()))
+        );
+        let d = c.submit(&admin(), raw(1), 4, &mut out).unwrap();
+        assert_eq!(node_of(&c, &d.job_id).1.as_deref(), Some("small"));
+        let e = c.submit(&admin(), raw(1), 5, &mut out).unwrap();
+        let e = c.job(&admin(), &e.job_id).unwrap();
+        assert_eq!(e.state, JobState::Queued);
+        assert!(e.reason.contains(&head.job_id), "{}", e.reason);
+        // A job nothing can ever host (16 GPUs) reserves nothing.
+        let dir2 = tempfile::tempdir().unwrap();
+        let mut c2 = open(dir2.path(), 0);
+        c2.register_node("big", inventory(8), 0).unwrap();
+        let never = c2.submit(&admin(), raw(16), 1, &mut out).unwrap();
+        assert_eq!(never.state, JobState::Queued);
+        let f = c2.submit(&admin(), raw(1), 2, &mut out).unwrap();
+        assert_eq!(f.state, JobState::Scheduled);
     }
 
     #[test]

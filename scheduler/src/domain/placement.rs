@@ -1,58 +1,57 @@
-//! Placement: fragmentation-aware choice of node and GPUs for every instance
-//! of a job, all instances or none (gang).
+//! Placement: the choice of node and GPUs for every instance of a job, all
+//! instances or none (gang), for every pool. Pure: no I/O, no clock;
+//! randomness only from the seed given to [`Placer::new`].
 //!
-//! # Scoring
+//! This is the policy `gpupool-scheduler bench replay --policy default`
+//! runs (the replay drives this very [`Placer`]; BENCHMARKS.md has its
+//! figures against the FGD paper's).
 //!
-//! The score of putting instances on a node is the change of the node's
-//! *fragmentation* (FGD, REPLAY.md §13) measured against a fixed set of
-//! typical request shapes ([`DEFAULT_SHAPES`]: fractions of 0.1, 0.25 and 0.5
-//! GPU, 1, 2, 4 and 8 whole GPUs, and CPU-only, with weights):
-//! `F = Σ weight_t · x_t`, where `x_t` is the free milli of the node's
-//! healthy GPUs that have less free than shape `t` needs when `t` fits the
-//! node (CPU, memory, enough GPUs with that much free), else all the node's
-//! free GPU milli (always so for the CPU-only shape). The placement with the
-//! smallest increase `ΔF = F_after − F_before` wins. It is computed exactly in
-//! integers (no sigmoid, no truncation), so results are deterministic.
+//! # Scoring (GPU requests)
 //!
-//! Feasible nodes: same pool, schedulable, CPU and memory fit, and the GPUs
-//! are healthy and of an allowed model; whole GPUs need fully free GPUs (a
-//! whole-GPU instance never shares a GPU), a fraction needs one GPU with
-//! enough free milli.
+//! FGD (Weng et al., ATC'23; REPLAY.md §13): a node's fragmentation
+//! `F = Σ p_t·x_t` over typical request shapes `t` with frequencies `p_t`
+//! ([`default_shapes`] in production; the replay derives them from the trace
+//! as FGD does), where `x_t` is the free milli of the GPUs that cannot host
+//! `t` when `t` fits the node at all, else all its free GPU milli. A
+//! placement scores `int(100·sigmoid((F_before − F_after)/1000))` — FGD's
+//! coarse buckets — and the highest score wins.
 //!
 //! # Tie-breaking (lexicographic, first difference decides)
 //!
-//! GPU requests (whole or fraction), per candidate node:
-//! 1. more instances of the gang placed on this node (see *Gangs*);
-//! 2. smaller `ΔF`;
-//! 3. a node that already runs something (some GPU not fully free) beats a
-//!    fully idle one, so idle nodes stay whole for large requests;
-//! 4. less free healthy GPU milli left on the node afterwards (fewer free
-//!    GPUs left stranded: best fit);
-//! 5. node order as given (the caller sorts nodes by id).
+//! GPU requests: 1. more instances of the job on this node (gangs, see
+//! below); 2. fewer of the job's instances already on this node, then in its
+//! zone (services only); 3. the FGD score; 4. a node that already runs
+//! something beats a fully idle one, so idle nodes stay whole for multi-GPU
+//! jobs; 5. the node order drawn from the seed (a pseudo-random rank per node
+//! id, stable across passes). Finer tie-breakers (the exact ΔF, best fit)
+//! were measured and lose 2–7 points on the replay: inside FGD's coarse
+//! buckets the random order spreads load across node types.
 //!
-//! CPU-only requests ignore `ΔF` (they take no GPU; FGD scores them alike
-//! nearly everywhere): 1. more instances of the gang on this node; 2. less
-//! free healthy GPU milli on the node (GPU-less and GPU-full nodes first,
-//! where CPU is worth nothing to GPU jobs); 3. less CPU left afterwards;
-//! 4. less memory left afterwards; 5. node order.
+//! CPU-only requests ignore fragmentation: 1.–2. as above; 3. the node with
+//! the least free GPU milli (GPU-full nodes first, where CPU is worth nothing
+//! to GPU jobs); 4. the best-fit score (REPLAY §9); 5. the node order.
 //!
-//! Inside a node: whole-GPU instances take the lowest-positioned fully free
-//! usable GPUs (all fully free GPUs are alike to `F`); a fraction takes the
-//! usable GPU giving the smallest `F` after, then the one with the least free
-//! milli that fits, then the lowest GPU index.
+//! Inside a node: whole GPUs are the lowest-index fully free usable GPUs
+//! (all alike to `F`); a fraction takes the usable GPU with the best score,
+//! the lowest index on ties. Unhealthy GPUs count as fully taken.
 //!
-//! # Gangs
+//! # Gangs and services
 //!
-//! Instances of one job are placed node by node: each round picks, by the
-//! keys above, the node that can host the most of the remaining instances
-//! (capped at what remains), and places that many there (each instance
-//! choosing its GPUs as above; `ΔF` is the total over them). So a gang that
-//! fits on one node lands on one node, and otherwise uses few nodes.
-//! Every instance has the same shape, and taking one instance from a node
-//! lowers the number of instances that node can still host by exactly one
-//! whatever GPU it takes, so the gang is placed whenever the pool has room
-//! for all instances in total; otherwise nothing is taken and the error
-//! says why the job must wait.
+//! Several instances are placed node by node: each round picks, by the keys
+//! above, the node that can host the most of the remaining instances, and
+//! places that many there. So a gang that fits on one node lands on one
+//! node, otherwise on few; it is placed whenever the pool has room for all
+//! instances in total, else nothing is taken and the error says why the job
+//! waits. Online-service replicas (`spread`) take one instance per round and
+//! prefer nodes, then zones, holding fewer of the job's replicas (a soft
+//! spread: more replicas than nodes still place).
+//!
+//! # Speed
+//!
+//! A [`Placer`] keeps, per request class (pool and request shape), an
+//! ordered index of the feasible nodes' keys, updated for the nodes each
+//! placement changes; a single-instance placement costs O(classes · log n)
+//! once its class is indexed (building the index is one O(n) pass).
 
 use super::job::Resources;
 
@@ -149,8 +148,13 @@ fn spec_ok(spec: u64, model: u64) -> bool {
 /// the GPUs that cannot host shape t (less free than it needs, or a model it
 /// does not accept) when t fits the node (CPU, and enough GPUs that can host
 /// it), else all the node's free GPU milli (always so for CPU-only shapes).
-/// `models[i]` is GPU i's model bit.
-pub fn fragmentation(typical: &[Typical], cpu: i64, free: &[i64], models: &[u64]) -> f64 {
+/// `model_of(i)` is GPU i's model bit.
+pub fn fragmentation(
+    typical: &[Typical],
+    cpu: i64,
+    free: &[i64],
+    model_of: impl Fn(usize) -> u64,
+) -> f64 {
     let total: i64 = free.iter().sum();
     let mut f = 0.0;
     for t in typical {
@@ -159,7 +163,7 @@ pub fn fragmentation(typical: &[Typical], cpu: i64, free: &[i64], models: &[u64]
         } else {
             let (mut fit, mut below) = (0u32, 0i64);
             for (i, &g) in free.iter().enumerate() {
-                if g >= t.milli && spec_ok(t.spec, models[i]) {
+                if g >= t.milli && spec_ok(t.spec, model_of(i)) {
                     fit += 1;
                 } else {
                     below += g;
@@ -225,7 +229,7 @@ pub fn gpu_choice(
     scratch: &mut Vec<i64>,
 ) -> Option<(i64, Vec<usize>)> {
     let fits = |i: usize| free[i] >= w.milli && spec_ok(w.spec, models[i]);
-    let before = fragmentation(typical, cpu, free, models);
+    let before = fragmentation(typical, cpu, free, |i| models[i]);
     let cpu_after = cpu - w.cpu;
     scratch.clear();
     scratch.extend_from_slice(free);
@@ -236,7 +240,10 @@ pub fn gpu_choice(
                 continue;
             }
             scratch[g] = free[g] - w.milli;
-            let s = fgd_score(before, fragmentation(typical, cpu_after, scratch, models));
+            let s = fgd_score(
+                before,
+                fragmentation(typical, cpu_after, scratch, |i| models[i]),
+            );
             scratch[g] = free[g];
             if best.is_none_or(|b| s > b.0) {
                 best = Some((s, g));
@@ -254,7 +261,10 @@ pub fn gpu_choice(
         for &g in &gpus {
             scratch[g] -= w.milli;
         }
-        let s = fgd_score(before, fragmentation(typical, cpu_after, scratch, models));
+        let s = fgd_score(
+            before,
+            fragmentation(typical, cpu_after, scratch, |i| models[i]),
+        );
         Some((s, gpus))
     }
 }
@@ -539,8 +549,8 @@ impl Placer {
             // The score of taking all k together.
             let node = &self.state[pos];
             score = fgd_score(
-                fragmentation(&self.typical, node.cpu, &node.free, &node.models),
-                fragmentation(&self.typical, sim.cpu, &sim.free, &sim.models),
+                fragmentation(&self.typical, node.cpu, &node.free, |i| node.models[i]),
+                fragmentation(&self.typical, sim.cpu, &sim.free, |i| sim.models[i]),
             );
         }
         Some(((i64::from(k), penalty, score, busy, rank), taken))
@@ -558,12 +568,26 @@ impl Placer {
         instances: u32,
         spread: bool,
     ) -> Result<Vec<Assignment>, String> {
+        self.place_avoiding(pool, req, instances, spread, &[])
+    }
+
+    /// [`Placer::place`] without using the nodes whose position is `true` in
+    /// `avoid` (nodes reserved for a job ahead in the queue; an empty slice
+    /// avoids nothing).
+    pub fn place_avoiding(
+        &mut self,
+        pool: &str,
+        req: &Resources,
+        instances: u32,
+        spread: bool,
+        avoid: &[bool],
+    ) -> Result<Vec<Assignment>, String> {
         let w = self.want(req);
         let exact_names = self.models.len() > 64 && !req.gpu_models.is_empty();
         if instances == 1 && !exact_names {
-            return self.place_indexed(pool, req, &w);
+            return self.place_indexed(pool, req, &w, avoid);
         }
-        self.place_scan(pool, req, &w, instances, spread)
+        self.place_scan(pool, req, &w, instances, spread, avoid)
     }
 
     /// Node-by-node placement of several instances (or of one whose models
@@ -575,10 +599,11 @@ impl Placer {
         w: &Want,
         instances: u32,
         spread: bool,
+        avoid: &[bool],
     ) -> Result<Vec<Assignment>, String> {
         let w = *w;
         let eligible: Vec<usize> = (0..self.nodes.len())
-            .filter(|&p| self.eligible(p, pool, req))
+            .filter(|&p| !avoid.get(p).copied().unwrap_or(false) && self.eligible(p, pool, req))
             .collect();
         let room: u64 = eligible
             .iter()
@@ -698,6 +723,7 @@ impl Placer {
         pool: &str,
         req: &Resources,
         w: &Want,
+        avoid: &[bool],
     ) -> Result<Vec<Assignment>, String> {
         self.clock += 1;
         let c = match self
@@ -733,7 +759,12 @@ impl Placer {
             }
         };
         self.classes[c].last_used = self.clock;
-        let Some(&(_, pos)) = self.classes[c].order.last() else {
+        let Some(&(_, pos)) = self.classes[c]
+            .order
+            .iter()
+            .rev()
+            .find(|(_, p)| !avoid.get(*p).copied().unwrap_or(false))
+        else {
             return Err(no_fit_reason(&self.nodes, pool, req, 1));
         };
         let (_, mut taken) = self.key(pos, w, 1, 0).expect("an indexed node fits");
@@ -1466,7 +1497,7 @@ mod tests {
                 let before = live.nodes().to_vec();
                 let mut fresh = Placer::with_order(before.clone(), &default_shapes(), &order);
                 let w = fresh.want(&req);
-                let expected = fresh.place_scan(&pool, &req, &w, 1, false);
+                let expected = fresh.place_scan(&pool, &req, &w, 1, false, &[]);
                 let got = live.place(&pool, &req, 1, false);
                 assert_eq!(got, expected, "request {req:?} in {pool}");
                 validate(&before, live.nodes(), &pool, &req, 1, &got);
