@@ -459,3 +459,97 @@ fn dashboard_uses_only_exported_metrics(sched: &str, agent: &str) {
     }
     assert!(used > 30, "{used} metric uses");
 }
+
+/// Both daemons speak systemd's notify protocol (their units are
+/// `Type=notify` with `WatchdogSec=`): READY once serving, WATCHDOG while
+/// their main loop turns, STOPPING on SIGTERM.
+#[test]
+fn daemons_notify_systemd_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let grpc = free_port();
+    let config = dir.path().join("scheduler.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "grpc_listen = \"127.0.0.1:{grpc}\"\ndata_dir = \"{}\"\nheartbeat_interval_ms = 200\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let agent_config = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "scheduler_addr = \"http://127.0.0.1:{grpc}\"\nnode_id = \"notify-node\"\nstate_dir = \"{}\"\nconfinement = \"off\"\n",
+            dir.path().join("agent").display()
+        ),
+    )
+    .unwrap();
+    let daemons: [(&str, Vec<&str>); 2] = [
+        (
+            "gpupool-scheduler",
+            vec!["serve", "--config", config.to_str().unwrap()],
+        ),
+        (
+            "gpupool-agent",
+            vec![
+                "--config",
+                agent_config.to_str().unwrap(),
+                "--fake-gpus",
+                "1xH100-80GB",
+            ],
+        ),
+    ];
+    /// SIGKILLs what is left if the test fails half-way.
+    struct Reap(Vec<i32>);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            for pid in &self.0 {
+                // SAFETY: kill(2) on a pid this test spawned.
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let mut reap = Reap(Vec::new());
+    let mut children = Vec::new();
+    for (name, args) in daemons {
+        let socket = dir.path().join(format!("{name}.notify"));
+        let rx = UnixDatagram::bind(&socket).unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let child = Command::new(bin(name))
+            .args(&args)
+            .env("NOTIFY_SOCKET", &socket)
+            .env("WATCHDOG_USEC", "400000")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap())
+            .spawn()
+            .unwrap();
+        reap.0.push(child.id() as i32);
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 512];
+        while !seen.iter().any(|m: &String| m.contains("WATCHDOG=1")) {
+            let n = rx
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("{name}: no notification ({e}); got {seen:?}"));
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        assert!(seen[0].starts_with("READY=1"), "{name}: {seen:?}");
+        children.push((name, child, rx));
+    }
+    // Stop the agent first, then the scheduler.
+    for (name, mut child, rx) in children.into_iter().rev() {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let mut buf = [0u8; 512];
+        loop {
+            let n = rx
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("{name}: no STOPPING ({e})"));
+            if &buf[..n] == b"STOPPING=1" {
+                break;
+            }
+        }
+        assert!(child.wait().unwrap().success(), "{name} exit");
+    }
+}

@@ -13,6 +13,7 @@ pub mod health;
 pub mod metrics;
 pub mod probe;
 pub mod runtime;
+pub mod sdnotify;
 pub mod session;
 pub mod shim;
 
@@ -126,7 +127,23 @@ pub async fn run(
         })
     };
     let session = tokio::spawn(session::run(ctx.clone(), stop_rx));
+    sdnotify::notify("READY=1\nSTATUS=running");
+    // The watchdog is fed only while the runtime's state can be read.
+    let watchdog = sdnotify::watchdog_interval().map(|every| {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = ctx.runtime.snapshot();
+                sdnotify::notify("WATCHDOG=1");
+                tokio::time::sleep(every).await;
+            }
+        })
+    });
     shutdown.await;
+    sdnotify::notify("STOPPING=1");
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     tracing::info!("agent shutting down; running instances are left running");
     let _ = stop_tx.send(true);
     let _ = session.await;

@@ -58,7 +58,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(gpupool_agent::run(config, None, shutdown_signal())) {
+    // Handlers installed now: a SIGTERM right after READY must not kill us.
+    let shutdown = {
+        let _inside = runtime.enter();
+        shutdown_signal()
+    };
+    match runtime.block_on(gpupool_agent::run(config, None, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %format!("{err:#}"), "agent failed");
@@ -125,13 +130,15 @@ fn init_tracing(format: &str) {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT; the handlers are installed by the call.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }

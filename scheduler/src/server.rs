@@ -236,6 +236,8 @@ pub async fn serve(
         );
     }
     let mut grpc_task = tokio::spawn(grpc_server);
+    gpupool_agent::sdnotify::notify("READY=1\nSTATUS=serving");
+    let watchdog = gpupool_agent::sdnotify::watchdog_interval();
 
     let metrics_task = match metrics {
         Some(listener) => {
@@ -261,9 +263,18 @@ pub async fn serve(
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(period);
             let mut flushed = now_ms();
+            let mut fed = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = interval.tick() => {
+                        // systemd's watchdog is fed from this clock, which
+                        // takes the cluster lock: a wedged scheduler starves it.
+                        if let Some(every) = watchdog
+                            && fed.elapsed() >= every.min(period)
+                        {
+                            gpupool_agent::sdnotify::notify("WATCHDOG=1");
+                            fed = tokio::time::Instant::now();
+                        }
                         let closed = shared.with(|core, out| {
                             let now = now_ms();
                             core.cluster.tick(now, out);
@@ -293,6 +304,7 @@ pub async fn serve(
         }
     }
     tracing::info!("shutting down");
+    gpupool_agent::sdnotify::notify("STOPPING=1");
     let _ = health_reporter;
     let _ = stop_tx.send(true);
     // End agent sessions so the server's graceful shutdown can finish.
