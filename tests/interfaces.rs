@@ -553,3 +553,136 @@ fn daemons_notify_systemd_ready_watchdog_and_stopping() {
         assert!(child.wait().unwrap().success(), "{name} exit");
     }
 }
+
+/// The permission table, as the product states it (independent of the
+/// scheduler's own table, which a unit test holds to the proto files):
+/// every RPC called with every role over real gRPC.
+#[tokio::test]
+async fn every_rpc_enforces_its_role() {
+    use gpupool_proto::tonic_prost::ProstCodec;
+    use tonic::codegen::http::uri::PathAndQuery;
+
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Role {
+        Agent,
+        Tenant,
+        Admin,
+    }
+    const TABLE: &[(&str, Role)] = &[
+        ("AgentService/Register", Role::Agent),
+        ("AgentService/Session", Role::Agent),
+        ("JobService/SubmitJob", Role::Tenant),
+        ("JobService/GetJob", Role::Tenant),
+        ("JobService/ListJobs", Role::Tenant),
+        ("JobService/CancelJob", Role::Tenant),
+        ("JobService/GetJobLogs", Role::Tenant),
+        ("NodeService/ListNodes", Role::Tenant),
+        ("NodeService/GetNode", Role::Tenant),
+        ("NodeService/CordonNode", Role::Admin),
+        ("NodeService/UncordonNode", Role::Admin),
+        ("PoolService/ListPools", Role::Tenant),
+        ("PoolService/GetPool", Role::Tenant),
+        ("PoolService/CreatePool", Role::Tenant),
+        ("PoolService/DeletePool", Role::Tenant),
+        ("PoolService/ScalePool", Role::Tenant),
+        ("PoolService/ListSpecs", Role::Tenant),
+        ("PoolService/ConvertToSubscription", Role::Tenant),
+        ("PoolService/SetRenewal", Role::Tenant),
+        ("PoolService/Unsubscribe", Role::Tenant),
+        ("PoolService/ScaleInPlan", Role::Tenant),
+        ("TenantService/CreateTenant", Role::Admin),
+        ("TenantService/ListTenants", Role::Admin),
+        ("TenantService/GetTenant", Role::Tenant),
+        ("TenantService/IssueToken", Role::Admin),
+        ("TenantService/SetQuota", Role::Admin),
+        ("TenantService/WhoAmI", Role::Tenant),
+        ("UsageService/ListUsage", Role::Tenant),
+        ("UsageService/ListOrders", Role::Tenant),
+        ("UsageService/GetBill", Role::Tenant),
+    ];
+
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(dir.path()).await;
+    let mut admin = sched.admin().await;
+    admin
+        .tenants
+        .create_tenant(pb::CreateTenantRequest {
+            name: "acme".into(),
+            quota: None,
+        })
+        .await
+        .unwrap();
+    let tenant_token = admin
+        .tenants
+        .issue_token(pb::IssueTokenRequest {
+            tenant: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let channel = sched.channel().await;
+    // An empty protobuf message is a valid encoding of every request type.
+    let call = |path: String, token: Option<String>| {
+        let channel = channel.clone();
+        async move {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.unwrap();
+            let mut req = tonic::Request::new(());
+            if let Some(t) = token {
+                req.metadata_mut()
+                    .insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+            let path = PathAndQuery::try_from(path).unwrap();
+            let codec = ProstCodec::<(), ()>::default();
+            match tokio::time::timeout(Duration::from_secs(2), grpc.unary(req, path, codec)).await {
+                Ok(Ok(_)) => None,
+                Ok(Err(status)) => Some(status),
+                // A session stream waiting for its hello: let in.
+                Err(_) => None,
+            }
+        }
+    };
+    let tokens = [
+        ("anonymous", None),
+        ("bad token", Some("not-a-token".to_string())),
+        ("tenant", Some(tenant_token)),
+        ("admin", Some(ADMIN_TOKEN.to_string())),
+        ("agent", Some("test-join-token".to_string())),
+    ];
+    let mut checked = 0;
+    for (method, role) in TABLE {
+        for (who, token) in &tokens {
+            let status = call(format!("/gpupool.v1.{method}"), token.clone()).await;
+            let code = status.as_ref().map(|s| s.code());
+            let msg = status
+                .as_ref()
+                .map(|s| s.message().to_string())
+                .unwrap_or_default();
+            let allowed = match (role, *who) {
+                (Role::Agent, "agent") => true,
+                (Role::Agent, _) => false,
+                (_, "anonymous" | "bad token" | "agent") => false,
+                (Role::Admin, "tenant") => false,
+                _ => true,
+            };
+            if allowed {
+                assert!(
+                    !matches!(code, Some(Code::Unauthenticated))
+                        && !(matches!(code, Some(Code::PermissionDenied))
+                            && msg.contains("admin only")),
+                    "{method} as {who} must be let in: {status:?}"
+                );
+            } else {
+                let expected = if *who == "tenant" && *role == Role::Admin {
+                    Code::PermissionDenied
+                } else {
+                    Code::Unauthenticated
+                };
+                assert_eq!(code, Some(expected), "{method} as {who}: {status:?}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 30 * 5);
+}

@@ -27,4 +27,6 @@ pub fn unix_ms_from_timestamp(ts: &prost_types::Timestamp) -> i64 {
     ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000
 }
 
+pub use prost;
 pub use prost_types;
+pub use tonic_prost;

@@ -2,6 +2,7 @@
 //! standard health and reflection services), the metrics endpoint, the
 //! heartbeat clock, and graceful shutdown.
 
+use crate::api::access::Guard;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -220,14 +221,30 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pb::agent_service_server::AgentServiceServer::new(agent))
-        .add_service(pb::job_service_server::JobServiceServer::new(api.clone()))
-        .add_service(pb::node_service_server::NodeServiceServer::new(api.clone()))
-        .add_service(pb::pool_service_server::PoolServiceServer::new(api.clone()))
-        .add_service(pb::usage_service_server::UsageServiceServer::new(
-            api.clone(),
+        .add_service(Guard::new(
+            pb::agent_service_server::AgentServiceServer::new(agent),
+            shared.clone(),
         ))
-        .add_service(pb::tenant_service_server::TenantServiceServer::new(api))
+        .add_service(Guard::new(
+            pb::job_service_server::JobServiceServer::new(api.clone()),
+            shared.clone(),
+        ))
+        .add_service(Guard::new(
+            pb::node_service_server::NodeServiceServer::new(api.clone()),
+            shared.clone(),
+        ))
+        .add_service(Guard::new(
+            pb::pool_service_server::PoolServiceServer::new(api.clone()),
+            shared.clone(),
+        ))
+        .add_service(Guard::new(
+            pb::usage_service_server::UsageServiceServer::new(api.clone()),
+            shared.clone(),
+        ))
+        .add_service(Guard::new(
+            pb::tenant_service_server::TenantServiceServer::new(api),
+            shared.clone(),
+        ))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
     tracing::info!(%addr, "gRPC listening");
     if shared.config.admin_token.is_none() {

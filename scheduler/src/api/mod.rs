@@ -1,6 +1,7 @@
 //! The gRPC edge: services, the one place errors become `tonic::Status`,
 //! and conversions between protobuf and domain types.
 
+pub mod access;
 pub mod agent;
 pub mod auth;
 pub mod client;

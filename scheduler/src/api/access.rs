@@ -1,0 +1,185 @@
+//! Who may call what: the one table of every RPC and the role it needs
+//! ([`ACCESS`]), enforced in front of every service by [`Guard`] before a
+//! handler runs. Handlers still check *ownership* (a tenant's own jobs,
+//! pools, usage) in the domain; the role is decided here.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
+use tonic::metadata::MetadataMap;
+use tonic::server::NamedService;
+
+use crate::server::Shared;
+
+/// The role an RPC needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Node agents: the cluster join token.
+    Agent,
+    /// Any authenticated caller: a tenant token or the admin token.
+    Tenant,
+    /// The admin token only.
+    Admin,
+}
+
+/// Every RPC of the gRPC API and its role (a test checks that the table
+/// lists exactly the methods of the proto files).
+pub const ACCESS: &[(&str, Access)] = &[
+    ("/gpupool.v1.AgentService/Register", Access::Agent),
+    ("/gpupool.v1.AgentService/Session", Access::Agent),
+    ("/gpupool.v1.JobService/SubmitJob", Access::Tenant),
+    ("/gpupool.v1.JobService/GetJob", Access::Tenant),
+    ("/gpupool.v1.JobService/ListJobs", Access::Tenant),
+    ("/gpupool.v1.JobService/CancelJob", Access::Tenant),
+    ("/gpupool.v1.JobService/GetJobLogs", Access::Tenant),
+    ("/gpupool.v1.NodeService/ListNodes", Access::Tenant),
+    ("/gpupool.v1.NodeService/GetNode", Access::Tenant),
+    ("/gpupool.v1.NodeService/CordonNode", Access::Admin),
+    ("/gpupool.v1.NodeService/UncordonNode", Access::Admin),
+    ("/gpupool.v1.PoolService/ListPools", Access::Tenant),
+    ("/gpupool.v1.PoolService/GetPool", Access::Tenant),
+    ("/gpupool.v1.PoolService/CreatePool", Access::Tenant),
+    ("/gpupool.v1.PoolService/DeletePool", Access::Tenant),
+    ("/gpupool.v1.PoolService/ScalePool", Access::Tenant),
+    ("/gpupool.v1.PoolService/ListSpecs", Access::Tenant),
+    (
+        "/gpupool.v1.PoolService/ConvertToSubscription",
+        Access::Tenant,
+    ),
+    ("/gpupool.v1.PoolService/SetRenewal", Access::Tenant),
+    ("/gpupool.v1.PoolService/Unsubscribe", Access::Tenant),
+    ("/gpupool.v1.PoolService/ScaleInPlan", Access::Tenant),
+    ("/gpupool.v1.TenantService/CreateTenant", Access::Admin),
+    ("/gpupool.v1.TenantService/ListTenants", Access::Admin),
+    ("/gpupool.v1.TenantService/GetTenant", Access::Tenant),
+    ("/gpupool.v1.TenantService/IssueToken", Access::Admin),
+    ("/gpupool.v1.TenantService/SetQuota", Access::Admin),
+    ("/gpupool.v1.TenantService/WhoAmI", Access::Tenant),
+    ("/gpupool.v1.UsageService/ListUsage", Access::Tenant),
+    ("/gpupool.v1.UsageService/ListOrders", Access::Tenant),
+    ("/gpupool.v1.UsageService/GetBill", Access::Tenant),
+];
+
+/// The role `path` needs; None for paths outside the gpupool API (health,
+/// reflection: open to all).
+pub fn access_of(path: &str) -> Option<Access> {
+    ACCESS.iter().find(|(p, _)| *p == path).map(|(_, a)| *a)
+}
+
+/// Decides a request for `path` with these headers: Ok to go on, else the
+/// status to answer with.
+pub fn check(shared: &Shared, path: &str, headers: &http::HeaderMap) -> Result<(), tonic::Status> {
+    let Some(access) = access_of(path) else {
+        if path.starts_with("/gpupool.") {
+            return Err(tonic::Status::unimplemented(format!(
+                "unknown method {path}"
+            )));
+        }
+        return Ok(());
+    };
+    let metadata = MetadataMap::from_headers(headers.clone());
+    match access {
+        Access::Agent => {
+            let Some(expected) = &shared.config.join_token else {
+                return Ok(());
+            };
+            match super::auth::bearer(&metadata) {
+                Some(t) if super::auth::constant_time_eq(t.as_bytes(), expected.as_bytes()) => {
+                    Ok(())
+                }
+                Some(_) => Err(tonic::Status::unauthenticated("wrong cluster join token")),
+                None => Err(tonic::Status::unauthenticated(
+                    "missing cluster join token (authorization: Bearer ...)",
+                )),
+            }
+        }
+        Access::Tenant => super::auth::caller(shared, &metadata).map(|_| ()),
+        Access::Admin => {
+            let caller = super::auth::caller(shared, &metadata)?;
+            if caller.admin {
+                Ok(())
+            } else {
+                let method = path.rsplit('/').next().unwrap_or(path);
+                Err(tonic::Status::permission_denied(format!(
+                    "{method} is for the admin only (tenant {} asked)",
+                    caller.tenant
+                )))
+            }
+        }
+    }
+}
+
+/// A service behind the [`ACCESS`] table.
+#[derive(Clone)]
+pub struct Guard<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Guard<S> {
+    pub fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+}
+
+impl<S: NamedService> NamedService for Guard<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<Body>> for Guard<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        match check(&self.shared, req.uri().path(), req.headers()) {
+            Ok(()) => Box::pin(self.inner.call(req)),
+            Err(status) => Box::pin(async move { Ok(status.into_http()) }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table names every RPC of the proto files exactly once.
+    #[test]
+    fn access_table_covers_every_rpc() {
+        use gpupool_proto::prost::Message;
+        let set = gpupool_proto::prost_types::FileDescriptorSet::decode(
+            gpupool_proto::FILE_DESCRIPTOR_SET,
+        )
+        .expect("descriptor set");
+        let mut methods: Vec<String> = set
+            .file
+            .iter()
+            .flat_map(|f| {
+                let package = f.package().to_string();
+                f.service.iter().flat_map(move |s| {
+                    let service = format!("{package}.{}", s.name());
+                    s.method
+                        .iter()
+                        .map(move |m| format!("/{service}/{}", m.name()))
+                })
+            })
+            .collect();
+        methods.sort();
+        let mut table: Vec<String> = ACCESS.iter().map(|(p, _)| p.to_string()).collect();
+        table.sort();
+        assert_eq!(methods, table);
+    }
+}
