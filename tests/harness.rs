@@ -189,13 +189,19 @@ pub const GRACE_MS: u32 = 2_000;
 impl Scheduler {
     /// Writes a config in `dir` and starts the scheduler on fresh ports.
     pub async fn start(dir: &Path) -> Self {
+        Self::start_on(dir, "127.0.0.1").await
+    }
+
+    /// [`Scheduler::start`] listening for gRPC on `ip` (e.g. `0.0.0.0` for
+    /// agents in another network namespace).
+    pub async fn start_on(dir: &Path, ip: &str) -> Self {
         let grpc_port = free_port();
         let metrics_port = free_port();
         let config_path = dir.join("scheduler.toml");
         std::fs::write(
             &config_path,
             format!(
-                "grpc_listen = \"127.0.0.1:{grpc_port}\"\n\
+                "grpc_listen = \"{ip}:{grpc_port}\"\n\
                  metrics_listen = \"127.0.0.1:{metrics_port}\"\n\
                  data_dir = \"{}\"\n\
                  heartbeat_interval_ms = {HEARTBEAT_MS}\n\
@@ -399,6 +405,30 @@ impl Agent {
         az: &str,
         extra: &str,
     ) -> Self {
+        Self::spawn(dir, &scheduler.addr(), node_id, fake_gpus, az, extra, None)
+    }
+
+    /// An agent run with `ip netns exec NETNS`, reaching the scheduler at
+    /// `scheduler_addr`.
+    pub fn start_in_netns(
+        dir: &Path,
+        scheduler_addr: &str,
+        node_id: &str,
+        fake_gpus: &str,
+        netns: &str,
+    ) -> Self {
+        Self::spawn(dir, scheduler_addr, node_id, fake_gpus, "", "", Some(netns))
+    }
+
+    fn spawn(
+        dir: &Path,
+        scheduler_addr: &str,
+        node_id: &str,
+        fake_gpus: &str,
+        az: &str,
+        extra: &str,
+        netns: Option<&str>,
+    ) -> Self {
         let metrics_port = 0;
         let state = dir.join(format!("agent-{node_id}"));
         std::fs::create_dir_all(&state).unwrap();
@@ -409,12 +439,19 @@ impl Agent {
                 "scheduler_addr = \"{}\"\nnode_id = \"{node_id}\"\nstate_dir = \"{}\"\n\
                  join_token = \"test-join-token\"\n\
                  max_backoff_ms = 500\naz = \"{az}\"\nadvertise_address = \"127.0.0.1\"\n{extra}\n",
-                scheduler.addr(),
+                scheduler_addr,
                 state.join("state").display()
             ),
         )
         .unwrap();
-        let mut cmd = Command::new(bin("gpupool-agent"));
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("gpupool-agent"));
+                c
+            }
+            None => Command::new(bin("gpupool-agent")),
+        };
         cmd.arg("--config")
             .arg(&config)
             .arg("--fake-gpus")

@@ -182,11 +182,13 @@ pub fn job_to_pb(j: &domain::Job) -> pb::Job {
                 started_at: i.started_at_ms.map(ts),
                 finished_at: i.finished_at_ms.map(ts),
                 gpu_uuids: i.gpu_uuids.clone(),
+                attempt: i.attempt,
             })
             .collect(),
         submitted_at: Some(ts(j.submitted_at_ms)),
         started_at: j.started_at_ms.map(ts),
         finished_at: j.finished_at_ms.map(ts),
+        retries: j.retries,
     }
 }
 

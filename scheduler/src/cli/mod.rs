@@ -1582,7 +1582,10 @@ fn job_detail(j: &pb::Job, now: i64) -> String {
     if spec.max_runtime_secs != 0 {
         d.add("Max runtime", format!("{}s", spec.max_runtime_secs));
     }
-    d.add("Max retries", spec.max_retries.to_string());
+    d.add(
+        "Retries",
+        format!("{} of {} used", j.retries, spec.max_retries),
+    );
     if spec.port != 0 {
         d.add("Port", spec.port.to_string());
     }

@@ -337,7 +337,10 @@ impl Cluster {
                     changed = true;
                 }
             }
-            for inst in job.instances.iter().filter(|i| restart.contains(&i.rank)) {
+            for inst in job
+                .current()
+                .filter(|i| i.state == InstanceState::Scheduled && restart.contains(&i.rank))
+            {
                 out.push((
                     node_id.to_string(),
                     AgentCommand::Start(Box::new(start_spec(job, inst, &self.pools, &self.nodes))),
@@ -349,6 +352,7 @@ impl Cluster {
             }
         }
         for id in changed_jobs {
+            self.settle(&id, out);
             self.persist_job(&id, now_ms);
         }
         self.schedule(now_ms, out);
@@ -542,31 +546,58 @@ impl Cluster {
             return;
         }
         job.refresh_state(now_ms);
-        // A failed or lost gang member ends the job: stop the rest.
-        if matches!(job.state, JobState::Failed | JobState::Lost) {
-            for other in job.instances.iter_mut() {
-                if matches!(
-                    other.state,
-                    InstanceState::Running | InstanceState::Scheduled
-                ) {
-                    other.state = InstanceState::Stopping;
-                    out.push((
-                        other.node_id.clone(),
-                        AgentCommand::Stop {
-                            instance_id: other.instance_id.clone(),
-                            grace_ms: self.settings.stop_grace_ms,
-                            reason: format!("job {:?}", job.state),
-                        },
-                    ));
-                }
-            }
-        }
         let job_id = job.job_id.clone();
         tracing::info!(job = %job_id, instance = %r.instance_id, state = ?r.state, "instance update");
+        self.settle(&job_id, out);
         self.persist_job(&job_id, now_ms);
         if r.state.is_terminal() {
             self.schedule(now_ms, out);
         }
+    }
+
+    /// After a job's state changed: a failed or lost instance ends the run,
+    /// so the rest of the gang is stopped; while retries are left
+    /// (`max_retries`) the job is queued again once every instance of the
+    /// run has ended (a lost node's instances end at once). Returns true
+    /// when it requeued the job.
+    fn settle(&mut self, job_id: &str, out: &mut Outbox) -> bool {
+        let grace_ms = self.settings.stop_grace_ms;
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return false;
+        };
+        if job.stop_cause.is_some() || !matches!(job.state, JobState::Failed | JobState::Lost) {
+            return false;
+        }
+        let (attempt, state) = (job.retries, job.state);
+        for other in job.instances.iter_mut().filter(|i| i.attempt == attempt) {
+            if matches!(
+                other.state,
+                InstanceState::Running | InstanceState::Scheduled
+            ) {
+                other.state = InstanceState::Stopping;
+                out.push((
+                    other.node_id.clone(),
+                    AgentCommand::Stop {
+                        instance_id: other.instance_id.clone(),
+                        grace_ms,
+                        reason: format!("job {state:?}"),
+                    },
+                ));
+            }
+        }
+        if job.retries >= job.spec.max_retries || job.current().any(|i| !i.state.is_terminal()) {
+            return false;
+        }
+        let why = std::mem::take(&mut job.reason);
+        job.retries += 1;
+        job.state = JobState::Queued;
+        job.finished_at_ms = None;
+        job.reason = format!(
+            "requeued (retry {} of {}) after: {why}",
+            job.retries, job.spec.max_retries
+        );
+        tracing::info!(job = %job_id, retry = job.retries, %why, "job requeued");
+        true
     }
 
     fn persist_job(&self, job_id: &str, now_ms: i64) {
@@ -617,6 +648,7 @@ impl Cluster {
                 }
             }
             for id in changed {
+                self.settle(&id, out);
                 self.persist_job(&id, now_ms);
             }
         }
@@ -663,6 +695,7 @@ impl Cluster {
             finished_at_ms: None,
             instances: Vec::new(),
             stop_cause: None,
+            retries: 0,
         };
         self.store.put_job(&job, now_ms)?;
         self.next_seq += 1;
@@ -786,11 +819,17 @@ impl Cluster {
             let job = self.jobs.get_mut(&job_id).expect("queued job exists");
             match result {
                 Ok(assignments) => {
-                    job.instances = assignments
+                    let attempt = job.retries;
+                    let suffix = if attempt == 0 {
+                        String::new()
+                    } else {
+                        format!("-r{attempt}")
+                    };
+                    let placed: Vec<Instance> = assignments
                         .into_iter()
                         .enumerate()
                         .map(|(rank, a)| Instance {
-                            instance_id: format!("{}-{rank}", job.job_id),
+                            instance_id: format!("{}-{rank}{suffix}", job.job_id),
                             rank: rank as u32,
                             node_id: a.node_id,
                             gpu_indexes: a.gpu_indexes,
@@ -803,10 +842,13 @@ impl Cluster {
                             finished_at_ms: None,
                             gpu_used_ms_by_hour: BTreeMap::new(),
                             last_sample_ms: None,
+                            attempt,
                         })
                         .collect();
+                    // Earlier runs' instances stay (billing, history).
+                    job.instances.extend(placed);
                     job.refresh_state(now_ms);
-                    for inst in &job.instances {
+                    for inst in job.current() {
                         self.instance_job
                             .insert(inst.instance_id.clone(), job.job_id.clone());
                         out.push((
@@ -819,7 +861,7 @@ impl Cluster {
                             ))),
                         ));
                     }
-                    tracing::info!(job = %job_id, instances = job.instances.len(), "job placed");
+                    tracing::info!(job = %job_id, attempt, "job placed");
                     self.persist_job(&job_id, now_ms);
                 }
                 Err(_) => unreachable!("handled above"),
@@ -934,10 +976,11 @@ impl Cluster {
                 job.state, job.reason
             )));
         }
+        // The current run's instance, else the latest earlier one.
         let inst = job
-            .instances
-            .iter()
+            .current()
             .find(|i| i.rank == rank)
+            .or_else(|| job.instances.iter().rev().find(|i| i.rank == rank))
             .ok_or_else(|| ClusterError::NotFound {
                 what: "instance",
                 id: format!("{job_id} rank {rank}"),
@@ -965,8 +1008,7 @@ fn start_spec(
     // jobs rarely share one; RANK and WORLD_SIZE are set by the agent.
     let mut env = spec.env.clone();
     let master = job
-        .instances
-        .iter()
+        .current()
         .find(|i| i.rank == 0)
         .and_then(|i| nodes.get(&i.node_id));
     if let Some(master) = master {
@@ -982,8 +1024,7 @@ fn start_spec(
         );
     }
     let same_node: Vec<u32> = job
-        .instances
-        .iter()
+        .current()
         .filter(|i| i.node_id == inst.node_id)
         .map(|i| i.rank)
         .collect();
@@ -1183,6 +1224,49 @@ mod tests {
         assert_eq!(never.state, JobState::Queued);
         let f = c2.submit(&admin(), raw(1), 2, &mut out).unwrap();
         assert_eq!(f.state, JobState::Scheduled);
+    }
+
+    /// max_retries: a job on a node that dies is queued again and placed
+    /// elsewhere as a new run; when its retries are spent, a failure ends it.
+    #[test]
+    fn lost_and_failed_runs_are_retried_up_to_max_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path(), 0);
+        c.register_node("n1", inventory(1), 0).unwrap();
+        let mut out = Outbox::new();
+        let mut spec = raw(1);
+        spec.max_retries = 1;
+        let job = c.submit(&admin(), spec, 0, &mut out).unwrap();
+        assert_eq!(job.instances[0].node_id, "n1");
+        c.register_node("n2", inventory(1), 500).unwrap();
+        // n1 falls silent; n2 keeps heartbeating.
+        c.heartbeat("n2", None, vec![], 1_000, &mut out);
+        out.clear();
+        c.tick(1_001, &mut out);
+        let j = c.job(&admin(), &job.job_id).unwrap();
+        assert_eq!(j.retries, 1);
+        assert_eq!(j.state, JobState::Scheduled, "{}", j.reason);
+        let run: Vec<&Instance> = j.current().collect();
+        assert_eq!(run.len(), 1);
+        assert_eq!(run[0].node_id, "n2");
+        assert_eq!(run[0].instance_id, format!("{}-0-r1", job.job_id));
+        assert_eq!(j.instances.len(), 2, "the lost run stays for the record");
+        assert!(
+            out.iter()
+                .any(|(n, cmd)| n == "n2" && matches!(cmd, AgentCommand::Start(_)))
+        );
+        // The retry fails: no retries left, the job ends Failed.
+        let id = run[0].instance_id.clone();
+        c.heartbeat(
+            "n2",
+            None,
+            vec![report(&id, InstanceState::Failed, Some(3))],
+            1_100,
+            &mut out,
+        );
+        let j = c.job(&admin(), &job.job_id).unwrap();
+        assert_eq!(j.state, JobState::Failed);
+        assert_eq!(j.retries, 1);
     }
 
     #[test]

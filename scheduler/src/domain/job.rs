@@ -257,6 +257,10 @@ pub struct Instance {
     /// When the last utilization sample was taken.
     #[serde(default)]
     pub last_sample_ms: Option<i64>,
+    /// Which run of the job this instance belongs to (0 = the first; a
+    /// retry places a new set of instances with the next number).
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,6 +301,10 @@ pub struct Job {
     /// Why gpupool is ending the job, once it decided to.
     #[serde(default)]
     pub stop_cause: Option<StopCause>,
+    /// Times the job was requeued after a failure or a lost node (at most
+    /// `spec.max_retries`); instances of earlier runs stay for the record.
+    #[serde(default)]
+    pub retries: u32,
 }
 
 /// Why the scheduler stops a job's instances.
@@ -338,42 +346,37 @@ impl Job {
         self.instances.iter().filter(|i| !i.state.is_terminal())
     }
 
+    /// The instances of the current run.
+    pub fn current(&self) -> impl Iterator<Item = &Instance> {
+        self.instances.iter().filter(|i| i.attempt == self.retries)
+    }
+
     /// Recomputes the job state from its instances at `now_ms`. Returns
     /// true when the state changed.
     pub fn refresh_state(&mut self, now_ms: i64) -> bool {
         let before = (self.state, self.reason.clone());
-        if self.state == JobState::Queued && self.instances.is_empty() && self.stop_cause.is_none()
+        if self.state == JobState::Queued
+            && self.current().next().is_none()
+            && self.stop_cause.is_none()
         {
             return false;
         }
-        let states: Vec<_> = self.instances.iter().map(|i| i.state).collect();
+        let states: Vec<_> = self.current().map(|i| i.state).collect();
         let all = |s: InstanceState| !states.is_empty() && states.iter().all(|x| *x == s);
         let any = |s: InstanceState| states.contains(&s);
         let (state, reason) = if let Some(cause) = &self.stop_cause {
             cause.outcome()
-        } else if let Some(lost) = self
-            .instances
-            .iter()
-            .find(|i| i.state == InstanceState::Lost)
-        {
+        } else if let Some(lost) = self.current().find(|i| i.state == InstanceState::Lost) {
             (
                 JobState::Lost,
                 format!("instance {} lost: {}", lost.rank, lost.reason),
             )
-        } else if let Some(failed) = self
-            .instances
-            .iter()
-            .find(|i| i.state == InstanceState::Failed)
-        {
+        } else if let Some(failed) = self.current().find(|i| i.state == InstanceState::Failed) {
             (
                 JobState::Failed,
                 format!("instance {} failed: {}", failed.rank, failed.reason),
             )
-        } else if let Some(stopped) = self
-            .instances
-            .iter()
-            .find(|i| i.state == InstanceState::Stopped)
-        {
+        } else if let Some(stopped) = self.current().find(|i| i.state == InstanceState::Stopped) {
             (
                 JobState::Failed,
                 format!("instance {} stopped: {}", stopped.rank, stopped.reason),
@@ -539,9 +542,11 @@ mod tests {
                     finished_at_ms: None,
                     gpu_used_ms_by_hour: BTreeMap::new(),
                     last_sample_ms: None,
+                    attempt: 0,
                 })
                 .collect(),
             stop_cause: None,
+            retries: 0,
         }
     }
 
