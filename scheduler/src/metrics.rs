@@ -19,6 +19,9 @@ pub struct Metrics {
     pub sessions_opened: IntCounter,
     billable_seconds: prometheus::IntCounterVec,
     billed_amount: prometheus::IntCounterVec,
+    /// Time to handle one agent heartbeat, waiting for the cluster lock
+    /// included.
+    pub heartbeat_seconds: prometheus::Histogram,
 }
 
 impl Metrics {
@@ -63,8 +66,20 @@ impl Metrics {
             billing_labels,
         )
         .unwrap();
+        let heartbeat_seconds = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "gpupool_heartbeat_handle_seconds",
+                "Time to handle one agent heartbeat, the wait for the cluster lock included.",
+            )
+            .buckets(vec![
+                25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
+                100e-3, 250e-3, 1.0,
+            ]),
+        )
+        .unwrap();
         for c in [
-            Box::new(billable_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(heartbeat_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(billable_seconds.clone()),
             Box::new(billed_amount.clone()),
             Box::new(nodes.clone()),
             Box::new(jobs.clone()),
@@ -87,6 +102,7 @@ impl Metrics {
             sessions_opened,
             billable_seconds,
             billed_amount,
+            heartbeat_seconds,
         }
     }
 

@@ -126,27 +126,30 @@ impl pb::agent_service_server::AgentService for AgentApi {
 fn handle(shared: &Shared, node_id: &str, msg: pb::AgentMessage) {
     use pb::agent_message::Msg;
     match msg.msg {
-        Some(Msg::Heartbeat(hb)) => shared.with(|core, out| {
-            let reported = hb
-                .instances
-                .into_iter()
-                .filter_map(reported_from_pb)
-                .collect();
-            let now = now_ms();
-            let samples: Vec<(u32, u32)> = hb
-                .gpu_samples
-                .iter()
-                .map(|g| (g.index, g.utilization_pct))
-                .collect();
-            core.cluster.heartbeat(
-                node_id,
-                hb.inventory.map(inventory_from_pb),
-                reported,
-                now,
-                out,
-            );
-            core.cluster.record_gpu_samples(node_id, &samples, now);
-        }),
+        Some(Msg::Heartbeat(hb)) => {
+            let _timer = shared.metrics.heartbeat_seconds.start_timer();
+            shared.with(|core, out| {
+                let reported = hb
+                    .instances
+                    .into_iter()
+                    .filter_map(reported_from_pb)
+                    .collect();
+                let now = now_ms();
+                let samples: Vec<(u32, u32)> = hb
+                    .gpu_samples
+                    .iter()
+                    .map(|g| (g.index, g.utilization_pct))
+                    .collect();
+                core.cluster.heartbeat(
+                    node_id,
+                    hb.inventory.map(inventory_from_pb),
+                    reported,
+                    now,
+                    out,
+                );
+                core.cluster.record_gpu_samples(node_id, &samples, now);
+            })
+        }
         Some(Msg::InstanceUpdate(update)) => {
             if let Some(r) = update.status.and_then(reported_from_pb) {
                 shared.with(|core, out| core.cluster.apply_report(node_id, r, now_ms(), out));

@@ -16,6 +16,7 @@
 //! `BENCHMARKS.md` at the repository root.
 
 pub mod data;
+pub mod load;
 pub mod policy;
 pub mod replay;
 pub mod rng;
@@ -33,6 +34,8 @@ pub enum BenchCommand {
     Replay(ReplayArgs),
     /// Placement speed on synthetic clusters (production policy vs best fit).
     Speed(speed::SpeedArgs),
+    /// A real scheduler under N simulated agents and a submission stream.
+    Load(load::LoadArgs),
 }
 
 /// Output format of `bench replay`.
@@ -67,6 +70,7 @@ pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Replay(args) => run_replay(args),
         BenchCommand::Speed(args) => speed::run_speed(args),
+        BenchCommand::Load(args) => load::run_load(args),
     }
 }
 

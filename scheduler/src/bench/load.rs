@@ -1,0 +1,528 @@
+//! `gpupool-scheduler bench load`: a real scheduler process (this binary's
+//! `serve`, SQLite in a temp dir) driven over loopback gRPC by N simulated
+//! agents in this process (fake GPUs, the real agent protocol: register,
+//! session, hello, heartbeats with GPU samples) while a client submits
+//! 1-GPU jobs at a fixed rate. Reports the scheduler's CPU and RSS, its
+//! heartbeat handling time (its own `gpupool_heartbeat_handle_seconds`
+//! histogram), submit-to-scheduled latency as the client sees it, and the
+//! time a restart takes to serve again with everything in the store.
+//!
+//! `gpupool-scheduler bench load [--nodes 1000,10000] [--heartbeat-ms 5000] [--seconds 30] [--rate 500]`
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use gpupool_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+/// Options of `bench load`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadArgs {
+    /// Cluster sizes (simulated nodes), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    pub nodes: Vec<usize>,
+    /// Heartbeat interval the scheduler asks of agents (ms).
+    #[arg(long, default_value_t = 5000)]
+    pub heartbeat_ms: u32,
+    /// Length of the measured window (s).
+    #[arg(long, default_value_t = 30)]
+    pub seconds: u64,
+    /// Job submissions per second during the window.
+    #[arg(long, default_value_t = 500)]
+    pub rate: u64,
+}
+
+const ADMIN: &str = "bench-admin-token-0123456789";
+const JOIN: &str = "bench-join-token";
+/// Sessions multiplexed on one HTTP/2 connection.
+const SESSIONS_PER_CONNECTION: usize = 100;
+
+/// Runs the benchmark on its own runtime (the caller may be inside one).
+pub fn run_load(args: &LoadArgs) -> anyhow::Result<()> {
+    let args = args.clone();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(load(&args))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the load benchmark panicked"))?
+}
+
+async fn load(args: &LoadArgs) -> anyhow::Result<()> {
+    println!(
+        "load: heartbeat every {} ms, {} submissions/s for {} s, scheduler = {}",
+        args.heartbeat_ms,
+        args.rate,
+        args.seconds,
+        std::env::current_exe()?.display()
+    );
+    for &n in &args.nodes {
+        let dir = TempDir::new(n)?;
+        let mut sched = Daemon::start(dir.path(), args.heartbeat_ms).await?;
+        let t = Instant::now();
+        let agents = start_agents(&sched, n).await?;
+        wait_ready(&sched, n).await?;
+        println!(
+            "{n} nodes: all registered, in session and Ready after {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        // Let one full heartbeat round pass before measuring.
+        tokio::time::sleep(Duration::from_millis(u64::from(args.heartbeat_ms))).await;
+        let before_metrics = sched.metrics().await?;
+        let (cpu0, t0) = (sched.cpu_ticks(), Instant::now());
+        let submits = submit_stream(&sched, args.rate, Duration::from_secs(args.seconds)).await?;
+        let (cpu1, wall) = (sched.cpu_ticks(), t0.elapsed());
+        let after_metrics = sched.metrics().await?;
+        let hb = histogram_delta(
+            &before_metrics,
+            &after_metrics,
+            "gpupool_heartbeat_handle_seconds",
+        );
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let cpu_pct = (cpu1 - cpu0) as f64 / hz / wall.as_secs_f64() * 100.0;
+        let mut lat: Vec<f64> = submits.iter().map(|s| s.0).collect();
+        lat.sort_by(f64::total_cmp);
+        let placed = submits.iter().filter(|s| s.1).count();
+        println!(
+            "{n} nodes: scheduler CPU {cpu_pct:.0}% of one core, RSS {:.0} MiB; \
+             heartbeats {:.0}/s, handling p50 <= {} p99 <= {}; \
+             submits {:.0}/s ({placed} of {} scheduled at once), latency p50 {:.2} ms p99 {:.2} ms",
+            sched.rss_kib() as f64 / 1024.0,
+            hb.count as f64 / wall.as_secs_f64(),
+            hb.quantile(0.5),
+            hb.quantile(0.99),
+            submits.len() as f64 / wall.as_secs_f64(),
+            submits.len(),
+            pct(&lat, 0.5),
+            pct(&lat, 0.99),
+        );
+        drop(agents);
+        // Restart: SIGTERM, start again on the same store, time to serving.
+        sched.stop();
+        let t = Instant::now();
+        let restarted = Daemon::start_in(dir.path(), args.heartbeat_ms, sched.port).await?;
+        println!(
+            "{n} nodes: restart to serving {:.2} s ({n} nodes, {} jobs in the store)",
+            t.elapsed().as_secs_f64(),
+            submits.len()
+        );
+        drop(restarted);
+    }
+    Ok(())
+}
+
+/// A scratch directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(n: usize) -> anyhow::Result<TempDir> {
+        let p = std::env::temp_dir().join(format!("gpupool-load-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pct(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+/// The scheduler process.
+struct Daemon {
+    child: std::process::Child,
+    port: u16,
+    metrics_port: u16,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Daemon {
+    async fn start(dir: &Path, heartbeat_ms: u32) -> anyhow::Result<Daemon> {
+        Daemon::start_in(dir, heartbeat_ms, free_port()?).await
+    }
+
+    async fn start_in(dir: &Path, heartbeat_ms: u32, port: u16) -> anyhow::Result<Daemon> {
+        let metrics_port = free_port()?;
+        let config = dir.join("scheduler.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "grpc_listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+                 data_dir = \"{}\"\nheartbeat_interval_ms = {heartbeat_ms}\n\
+                 node_grace_ms = {}\njoin_token = \"{JOIN}\"\nadmin_token = \"{ADMIN}\"\n",
+                dir.join("data").display(),
+                heartbeat_ms * 4
+            ),
+        )?;
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("scheduler.log"))?)
+            .spawn()
+            .context("starting the scheduler")?;
+        let d = Daemon {
+            child,
+            port,
+            metrics_port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(ch) = d.channel().await {
+                let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+                if h.check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                    .is_ok()
+                {
+                    return Ok(d);
+                }
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the scheduler did not serve");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(
+            Channel::from_shared(format!("http://127.0.0.1:{}", self.port))?
+                .connect()
+                .await?,
+        )
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+
+    fn stat(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default()
+    }
+
+    fn cpu_ticks(&self) -> u64 {
+        let stat = self.stat();
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    async fn metrics(&self) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await?;
+        Ok(buf)
+    }
+
+    fn bearer(token: &str) -> MetadataValue<tonic::metadata::Ascii> {
+        format!("Bearer {token}").parse().expect("ASCII token")
+    }
+}
+
+/// A simulated agent's inventory: 8 fake H100s, 64 cores, 512 GiB.
+fn inventory(i: usize) -> pb::Inventory {
+    pb::Inventory {
+        hostname: format!("sim-{i:05}"),
+        cpu_cores: 64,
+        cpu_model: "simulated".into(),
+        memory_mib: 512 * 1024,
+        gpus: (0..8)
+            .map(|g| pb::Gpu {
+                index: g,
+                uuid: format!("GPU-sim-{i:05}-{g}"),
+                model: "H100-80GB".into(),
+                memory_total_mib: 80 * 1024,
+                healthy: true,
+                ..Default::default()
+            })
+            .collect(),
+        az: format!("AZ{}", i % 3 + 1),
+        fake_gpus: true,
+        ..Default::default()
+    }
+}
+
+/// Registers `n` agents and opens their sessions; each then heartbeats at
+/// the interval the scheduler asked for, from a random phase. Dropping the
+/// returned handles ends them.
+async fn start_agents(d: &Daemon, n: usize) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut handles = Vec::with_capacity(n);
+    let mut channel = d.channel().await?;
+    for i in 0..n {
+        if i % SESSIONS_PER_CONNECTION == 0 {
+            channel = d.channel().await?;
+        }
+        let channel = channel.clone();
+        let token = Daemon::bearer(JOIN);
+        handles.push(tokio::spawn(async move {
+            if let Err(err) = agent(channel, token, i).await {
+                eprintln!("simulated agent {i}: {err:#}");
+            }
+        }));
+        if i % 256 == 255 {
+            tokio::task::yield_now().await;
+        }
+    }
+    Ok(handles)
+}
+
+async fn agent(
+    channel: Channel,
+    token: MetadataValue<tonic::metadata::Ascii>,
+    i: usize,
+) -> anyhow::Result<()> {
+    let t = token.clone();
+    let mut client = pb::agent_service_client::AgentServiceClient::with_interceptor(
+        channel,
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", t.clone());
+            Ok(req)
+        },
+    );
+    let node_id = format!("sim-{i:05}");
+    let reg = client
+        .register(pb::RegisterRequest {
+            node_id: node_id.clone(),
+            inventory: Some(inventory(i)),
+            agent_version: "bench".into(),
+        })
+        .await?
+        .into_inner();
+    let every = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.max(100)));
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::SessionHello {
+            node_id,
+            instances: Vec::new(),
+        })),
+    })
+    .await?;
+    let mut inbound = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // Commands (StartInstance...) are read and dropped.
+    tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+    let phase = every.mul_f64((i as f64 * 0.618_034) % 1.0);
+    tokio::time::sleep(phase).await;
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let hb = pb::Heartbeat {
+            sent_at: None,
+            inventory: None,
+            instances: Vec::new(),
+            gpu_samples: (0..8)
+                .map(|g| pb::Gpu {
+                    index: g,
+                    utilization_pct: 50,
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        if tx
+            .send(pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Heartbeat(hb)),
+            })
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+}
+
+async fn wait_ready(d: &Daemon, n: usize) -> anyhow::Result<()> {
+    let token = Daemon::bearer(ADMIN);
+    let mut nodes = pb::node_service_client::NodeServiceClient::with_interceptor(
+        d.channel().await?,
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", token.clone());
+            Ok(req)
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let ready = nodes
+            .list_nodes(pb::ListNodesRequest::default())
+            .await?
+            .into_inner()
+            .nodes
+            .iter()
+            .filter(|n| n.status == pb::NodeStatus::Ready as i32)
+            .count();
+        if ready >= n {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "only {ready} of {n} nodes Ready");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Submits 1-GPU jobs at `rate`/s for `window`; returns (latency ms,
+/// scheduled at once) per acknowledged submission.
+async fn submit_stream(
+    d: &Daemon,
+    rate: u64,
+    window: Duration,
+) -> anyhow::Result<Vec<(f64, bool)>> {
+    let token = Daemon::bearer(ADMIN);
+    let channel = d.channel().await?;
+    let results: Arc<std::sync::Mutex<Vec<Result<(f64, bool), String>>>> = Arc::default();
+    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let end = Instant::now() + window;
+    let mut tasks = Vec::new();
+    while Instant::now() < end {
+        tick.tick().await;
+        let (channel, token, results) = (channel.clone(), token.clone(), results.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut jobs = pb::job_service_client::JobServiceClient::with_interceptor(
+                channel,
+                move |mut req: tonic::Request<()>| {
+                    req.metadata_mut().insert("authorization", token.clone());
+                    Ok(req)
+                },
+            );
+            let spec = pb::JobSpec {
+                kind: pb::JobKind::Training as i32,
+                resources: Some(pb::Resources {
+                    gpus: 1,
+                    cpu_milli: 1000,
+                    memory_mib: 1024,
+                    ..Default::default()
+                }),
+                instances: 1,
+                command: vec!["true".into()],
+                ..Default::default()
+            };
+            let t = Instant::now();
+            let r = jobs
+                .submit_job(pb::SubmitJobRequest { spec: Some(spec) })
+                .await;
+            let entry = match r {
+                Ok(r) => Ok((
+                    t.elapsed().as_secs_f64() * 1000.0,
+                    r.into_inner().state == pb::JobState::Scheduled as i32,
+                )),
+                Err(status) => Err(format!("{:?}: {}", status.code(), status.message())),
+            };
+            results.lock().unwrap().push(entry);
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let all = std::mem::take(&mut *results.lock().unwrap());
+    let errors: Vec<&String> = all.iter().filter_map(|r| r.as_ref().err()).collect();
+    if let Some(first) = errors.first() {
+        println!("  {} submissions failed, e.g. {first}", errors.len());
+    }
+    Ok(all.into_iter().filter_map(Result::ok).collect())
+}
+
+/// A Prometheus histogram's increase between two scrapes.
+struct Histogram {
+    count: u64,
+    /// (upper bound, cumulative count)
+    buckets: Vec<(f64, u64)>,
+}
+
+impl Histogram {
+    /// The upper bound of the bucket holding quantile `q`, as text.
+    fn quantile(&self, q: f64) -> String {
+        if self.count == 0 {
+            return "-".into();
+        }
+        let want = (self.count as f64 * q).ceil() as u64;
+        for (le, c) in &self.buckets {
+            if *c >= want {
+                return if le.is_infinite() {
+                    "> 1 s".into()
+                } else if *le < 1e-3 {
+                    format!("{:.0} µs", le * 1e6)
+                } else {
+                    format!("{:.1} ms", le * 1e3)
+                };
+            }
+        }
+        "-".into()
+    }
+}
+
+fn histogram_delta(before: &str, after: &str, name: &str) -> Histogram {
+    let parse = |text: &str| -> (u64, Vec<(f64, u64)>) {
+        let mut count = 0;
+        let mut buckets = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{le=\"")) {
+                let (le, value) = rest.split_once("\"} ").unwrap_or(("", "0"));
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap_or(f64::INFINITY)
+                };
+                buckets.push((le, value.trim().parse().unwrap_or(0)));
+            } else if let Some(v) = line.strip_prefix(&format!("{name}_count ")) {
+                count = v.trim().parse().unwrap_or(0);
+            }
+        }
+        (count, buckets)
+    };
+    let (c0, b0) = parse(before);
+    let (c1, b1) = parse(after);
+    Histogram {
+        count: c1.saturating_sub(c0),
+        buckets: b1
+            .iter()
+            .map(|(le, c)| {
+                let old = b0.iter().find(|(l, _)| l == le).map_or(0, |(_, c)| *c);
+                (*le, c.saturating_sub(old))
+            })
+            .collect(),
+    }
+}
