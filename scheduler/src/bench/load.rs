@@ -403,6 +403,9 @@ async fn wait_ready(d: &Daemon, n: usize) -> anyhow::Result<()> {
     }
 }
 
+/// One submission: (latency ms, scheduled at once), or why it failed.
+type Outcome = Result<(f64, bool), String>;
+
 /// Submits 1-GPU jobs at `rate`/s for `window`; returns (latency ms,
 /// scheduled at once) per acknowledged submission.
 async fn submit_stream(
@@ -412,7 +415,7 @@ async fn submit_stream(
 ) -> anyhow::Result<Vec<(f64, bool)>> {
     let token = Daemon::bearer(ADMIN);
     let channel = d.channel().await?;
-    let results: Arc<std::sync::Mutex<Vec<Result<(f64, bool), String>>>> = Arc::default();
+    let results: Arc<std::sync::Mutex<Vec<Outcome>>> = Arc::default();
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let end = Instant::now() + window;
