@@ -70,14 +70,8 @@ async fn scheduler_sigkill_during_submissions_loses_no_acknowledged_job() {
         attempts += submitter.await.unwrap();
 
         // Every acknowledged job survived the kill.
-        let known: HashSet<String> = sched
-            .jobs()
+        let known: HashSet<String> = all_jobs(&sched)
             .await
-            .list_jobs(pb::ListJobsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .jobs
             .into_iter()
             .map(|j| j.job_id)
             .collect();
@@ -114,15 +108,19 @@ async fn scheduler_sigkill_during_submissions_loses_no_acknowledged_job() {
     eprintln!("{kills} kills, {attempts} submissions tried, {acked} acknowledged, none lost");
 }
 
-async fn assert_gpus_unique(sched: &Scheduler, round: u64) {
-    let jobs = sched
+async fn all_jobs(sched: &Scheduler) -> Vec<pb::Job> {
+    sched
         .jobs()
         .await
         .list_jobs(pb::ListJobsRequest::default())
         .await
         .unwrap()
         .into_inner()
-        .jobs;
+        .jobs
+}
+
+async fn assert_gpus_unique(sched: &Scheduler, round: u64) {
+    let jobs = all_jobs(sched).await;
     let mut held: HashSet<(String, String)> = HashSet::new();
     for j in &jobs {
         for i in &j.instances {
