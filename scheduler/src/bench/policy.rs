@@ -426,38 +426,39 @@ pub fn fragmentation(typical: &[Typical], model: u64, cpu: i64, free: &[i64]) ->
     crate::domain::placement::fragmentation(typical, cpu, free, |_| model)
 }
 
-/// Fragmentation of `node` before, and after placing `r` there for every
-/// distinct choice of GPU. Calls `each(gpu, f_after)` (gpu = None for
-/// whole-GPU and CPU-only pods, which take the lowest-index fitting GPUs).
-fn frag_options(
+/// FGD's best score of placing `r` on the (feasible) `node` and, for a
+/// shared pod, the GPU giving it — the production
+/// [`crate::domain::placement::gpu_choice`] on a node of one model.
+fn fgd_choice(
     typical: &[Typical],
     node: &NodeState,
     r: &Req,
     scratch: &mut Vec<i64>,
-    mut each: impl FnMut(Option<usize>, f64),
-) -> f64 {
-    let before = fragmentation(typical, node.model, node.cpu, &node.free);
-    let cpu = node.cpu - r.cpu;
-    scratch.clear();
-    scratch.extend_from_slice(&node.free);
-    if r.is_shared() {
-        for g in 0..node.free.len() {
-            let f = node.free[g];
-            // GPUs with the same free milli give the same result; the first wins ties.
-            if f < r.milli || node.free[..g].contains(&f) {
-                continue;
-            }
-            scratch[g] = f - r.milli;
-            each(Some(g), fragmentation(typical, node.model, cpu, scratch));
-            scratch[g] = f;
-        }
-    } else {
-        for g in node.lowest_fitting(r) {
-            scratch[g] -= r.milli;
-        }
-        each(None, fragmentation(typical, node.model, cpu, scratch));
-    }
-    before
+) -> (i64, Option<usize>) {
+    let w = crate::domain::placement::Want {
+        cpu: r.cpu,
+        mem: r.mem,
+        num_gpu: r.num_gpu,
+        milli: r.milli,
+        spec: r.spec,
+    };
+    let (s, gpus) = crate::domain::placement::gpu_choice(
+        typical,
+        node.cpu,
+        &node.free,
+        |_| node.model,
+        &w,
+        scratch,
+    )
+    .expect("feasible node has a GPU choice");
+    (
+        s,
+        if r.is_shared() {
+            gpus.first().copied()
+        } else {
+            None
+        },
+    )
 }
 
 /// FGD as published: typical shapes from the whole trace file; the node
@@ -483,18 +484,7 @@ impl Fgd {
 
 impl Scorer for Fgd {
     fn score(&mut self, node: &NodeState, r: &Req) -> (Key, Option<usize>) {
-        let mut best: Option<(i64, Option<usize>)> = None;
-        let mut after = Vec::with_capacity(8);
-        let before = frag_options(&self.typical, node, r, &mut self.scratch, |g, fa| {
-            after.push((g, fa))
-        });
-        for (g, fa) in after {
-            let s = fgd_score(before, fa);
-            if best.is_none_or(|b| s > b.0) {
-                best = Some((s, g));
-            }
-        }
-        let (s, g) = best.expect("feasible node has a GPU choice");
+        let (s, g) = fgd_choice(&self.typical, node, r, &mut self.scratch);
         ((s as f64, 0.0, 0.0), g)
     }
 
@@ -588,18 +578,7 @@ impl Scorer for DefaultScorer {
                 None,
             );
         }
-        let mut best: Option<(i64, Option<usize>)> = None;
-        let mut after = Vec::with_capacity(8);
-        let before = frag_options(&self.typical, node, r, &mut self.scratch, |g, fa| {
-            after.push((g, fa))
-        });
-        for (g, fa) in after {
-            let s = fgd_score(before, fa);
-            if best.is_none_or(|b| s > b.0) {
-                best = Some((s, g));
-            }
-        }
-        let (s, g) = best.expect("feasible node has a GPU choice");
+        let (s, g) = fgd_choice(&self.typical, node, r, &mut self.scratch);
         let busy = if node.free.iter().all(|&f| f == 1000) {
             0.0
         } else {

@@ -219,17 +219,17 @@ impl Want {
 /// results; the lowest index stands for them) is scored and the best wins,
 /// lowest index on ties; whole GPUs are the lowest-index fully free ones
 /// (all alike to `F`). None when the GPUs do not fit (CPU and memory are the
-/// caller's).
+/// caller's). `model_of(i)` is GPU i's model bit.
 pub fn gpu_choice(
     typical: &[Typical],
     cpu: i64,
     free: &[i64],
-    models: &[u64],
+    model_of: impl Fn(usize) -> u64 + Copy,
     w: &Want,
     scratch: &mut Vec<i64>,
 ) -> Option<(i64, Vec<usize>)> {
-    let fits = |i: usize| free[i] >= w.milli && spec_ok(w.spec, models[i]);
-    let before = fragmentation(typical, cpu, free, |i| models[i]);
+    let fits = |i: usize| free[i] >= w.milli && spec_ok(w.spec, model_of(i));
+    let before = fragmentation(typical, cpu, free, model_of);
     let cpu_after = cpu - w.cpu;
     scratch.clear();
     scratch.extend_from_slice(free);
@@ -240,10 +240,7 @@ pub fn gpu_choice(
                 continue;
             }
             scratch[g] = free[g] - w.milli;
-            let s = fgd_score(
-                before,
-                fragmentation(typical, cpu_after, scratch, |i| models[i]),
-            );
+            let s = fgd_score(before, fragmentation(typical, cpu_after, scratch, model_of));
             scratch[g] = free[g];
             if best.is_none_or(|b| s > b.0) {
                 best = Some((s, g));
@@ -261,10 +258,7 @@ pub fn gpu_choice(
         for &g in &gpus {
             scratch[g] -= w.milli;
         }
-        let s = fgd_score(
-            before,
-            fragmentation(typical, cpu_after, scratch, |i| models[i]),
-        );
+        let s = fgd_score(before, fragmentation(typical, cpu_after, scratch, model_of));
         Some((s, gpus))
     }
 }
@@ -537,7 +531,7 @@ impl Placer {
                 &self.typical,
                 sim.cpu,
                 &sim.free,
-                &sim.models,
+                |i| sim.models[i],
                 w,
                 &mut self.scratch,
             )?;
