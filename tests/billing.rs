@@ -23,26 +23,7 @@ async fn sigkill_neither_loses_nor_double_counts_a_second() {
     let _b = Agent::start(dir.path(), &sched, "public-node", "1xL4-24GB");
     wait_ready(&sched, 2).await;
     let mut admin = sched.admin().await;
-    admin
-        .tenants
-        .create_tenant(pb::CreateTenantRequest {
-            name: "acme".into(),
-            quota: Some(pb::Quota {
-                max_dedicated_nodes: 2,
-                max_gpus: 8,
-            }),
-        })
-        .await
-        .unwrap();
-    let token = admin
-        .tenants
-        .issue_token(pb::IssueTokenRequest {
-            tenant: "acme".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let token = tenant_with_token(&mut admin, "acme", 2, 8).await;
     let mut t = sched.clients(Some(&token)).await;
     let spec = admin
         .pools

@@ -591,3 +591,28 @@ pub fn process_dead(pid: i32) -> bool {
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
     }
 }
+
+/// Creates `tenant` with a quota (dedicated nodes, GPUs) and returns a new
+/// API token of it.
+pub async fn tenant_with_token(admin: &mut Clients, tenant: &str, nodes: u32, gpus: u32) -> String {
+    admin
+        .tenants
+        .create_tenant(pb::CreateTenantRequest {
+            name: tenant.into(),
+            quota: Some(pb::Quota {
+                max_dedicated_nodes: nodes,
+                max_gpus: gpus,
+            }),
+        })
+        .await
+        .unwrap();
+    admin
+        .tenants
+        .issue_token(pb::IssueTokenRequest {
+            tenant: tenant.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}

@@ -604,23 +604,7 @@ async fn every_rpc_enforces_its_role() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Scheduler::start(dir.path()).await;
     let mut admin = sched.admin().await;
-    admin
-        .tenants
-        .create_tenant(pb::CreateTenantRequest {
-            name: "acme".into(),
-            quota: None,
-        })
-        .await
-        .unwrap();
-    let tenant_token = admin
-        .tenants
-        .issue_token(pb::IssueTokenRequest {
-            tenant: "acme".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let tenant_token = tenant_with_token(&mut admin, "acme", 0, 0).await;
     let channel = sched.channel().await;
     // An empty protobuf message is a valid encoding of every request type.
     let call = |path: String, token: Option<String>| {

@@ -43,29 +43,6 @@ async fn wait_pool(c: &mut Clients, pool: &str, status: pb::PoolStatus) -> pb::P
     }
 }
 
-async fn issue_token(admin: &mut Clients, tenant: &str, nodes: u32, gpus: u32) -> String {
-    admin
-        .tenants
-        .create_tenant(pb::CreateTenantRequest {
-            name: tenant.into(),
-            quota: Some(pb::Quota {
-                max_dedicated_nodes: nodes,
-                max_gpus: gpus,
-            }),
-        })
-        .await
-        .unwrap();
-    admin
-        .tenants
-        .issue_token(pb::IssueTokenRequest {
-            tenant: tenant.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
-}
-
 fn job(kind: pb::JobKind, pool: &str, command: &[&str]) -> pb::JobSpec {
     pb::JobSpec {
         kind: kind as i32,
@@ -105,8 +82,8 @@ async fn dedicated_pools_end_to_end() {
     wait_ready(&sched, 4).await;
 
     let mut admin = sched.admin().await;
-    let token_a = issue_token(&mut admin, "team-a", 3, 6).await;
-    let token_b = issue_token(&mut admin, "team-b", 4, 8).await;
+    let token_a = tenant_with_token(&mut admin, "team-a", 3, 6).await;
+    let token_b = tenant_with_token(&mut admin, "team-b", 4, 8).await;
     let mut a = sched.clients(Some(&token_a)).await;
     let mut b = sched.clients(Some(&token_b)).await;
     let me = a
@@ -636,7 +613,7 @@ async fn concurrent_creates_never_allocate_a_node_twice() {
         .collect();
     wait_ready(&sched, 4).await;
     let mut admin = sched.admin().await;
-    let token = issue_token(&mut admin, "many", 100, 100).await;
+    let token = tenant_with_token(&mut admin, "many", 100, 100).await;
     let spec = spec_info(&mut admin).await.name;
 
     let mut tasks = Vec::new();

@@ -48,20 +48,20 @@ const GPU_LABELS: &[&str] = &[
     "tenant",
 ];
 
-fn instance_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
-    let g = GaugeVec::new(Opts::new(name, help), &["instance", "job"]).expect("valid metric");
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     registry
         .register(Box::new(g.clone()))
         .expect("unique metric");
     g
 }
 
+fn instance_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
+    gauge(registry, name, help, &["instance", "job"])
+}
+
 fn gpu_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
-    let g = GaugeVec::new(Opts::new(name, help), GPU_LABELS).expect("valid metric");
-    registry
-        .register(Box::new(g.clone()))
-        .expect("unique metric");
-    g
+    gauge(registry, name, help, GPU_LABELS)
 }
 
 impl AgentMetrics {

@@ -309,29 +309,27 @@ fn gpu_minors(indexes: &[u32], gpus: &[GpuInfo]) -> Vec<u32> {
 fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
     let pids_max = ctx.pids_max;
     let res = s.resources.unwrap_or_default();
+    let gpus = probe_gpus(ctx);
     // A fraction of a GPU, with an MPS daemon configured: limit its threads
     // and its memory to its share.
     let mps = match (&ctx.mps_pipe_dir, res.gpu_milli) {
-        (Some(dir), milli) if milli > 0 => {
-            let gpus = probe_gpus(ctx);
-            Some(crate::runtime::Mps {
-                pipe_dir: dir.clone(),
-                active_thread_pct: (milli as u32).div_ceil(10).clamp(1, 100),
-                pinned_mem_mib: s
-                    .gpu_indexes
-                    .iter()
-                    .filter_map(|i| gpus.iter().find(|g| g.index == *i))
-                    .map(|g| (g.uuid.clone(), g.memory_total_mib * milli as u64 / 1000))
-                    .collect(),
-            })
-        }
+        (Some(dir), milli) if milli > 0 => Some(crate::runtime::Mps {
+            pipe_dir: dir.clone(),
+            active_thread_pct: (milli as u32).div_ceil(10).clamp(1, 100),
+            pinned_mem_mib: s
+                .gpu_indexes
+                .iter()
+                .filter_map(|i| gpus.iter().find(|g| g.index == *i))
+                .map(|g| (g.uuid.clone(), g.memory_total_mib * milli as u64 / 1000))
+                .collect(),
+        }),
         _ => None,
     };
     let limits = crate::cgroup::Limits {
         memory_bytes: (res.memory_mib > 0).then(|| res.memory_mib as u64 * 1024 * 1024),
         cpu_milli: (res.cpu_milli > 0).then_some(res.cpu_milli as u64),
         pids_max,
-        gpu_minors: Some(gpu_minors(&s.gpu_indexes, &probe_gpus(ctx))),
+        gpu_minors: Some(gpu_minors(&s.gpu_indexes, &gpus)),
     };
     InstanceSpec {
         limits,

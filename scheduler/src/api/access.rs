@@ -81,20 +81,7 @@ pub fn check(shared: &Shared, path: &str, headers: &http::HeaderMap) -> Result<(
     };
     let metadata = MetadataMap::from_headers(headers.clone());
     match access {
-        Access::Agent => {
-            let Some(expected) = &shared.config.join_token else {
-                return Ok(());
-            };
-            match super::auth::bearer(&metadata) {
-                Some(t) if super::auth::constant_time_eq(t.as_bytes(), expected.as_bytes()) => {
-                    Ok(())
-                }
-                Some(_) => Err(tonic::Status::unauthenticated("wrong cluster join token")),
-                None => Err(tonic::Status::unauthenticated(
-                    "missing cluster join token (authorization: Bearer ...)",
-                )),
-            }
-        }
+        Access::Agent => super::auth::agent(shared, &metadata),
         Access::Tenant => super::auth::caller(shared, &metadata).map(|_| ()),
         Access::Admin => {
             let caller = super::auth::caller(shared, &metadata)?;

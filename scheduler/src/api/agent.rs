@@ -16,27 +16,9 @@ use crate::server::{Shared, now_ms};
 /// How long a new session may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The join token is checked in front of it ([`super::access::Guard`]).
 pub struct AgentApi {
     pub shared: Arc<Shared>,
-}
-
-impl AgentApi {
-    /// Checks the cluster join token, when one is configured.
-    fn authenticate<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let Some(expected) = &self.shared.config.join_token else {
-            return Ok(());
-        };
-        let given = super::auth::bearer(req.metadata());
-        match given {
-            Some(token) if super::auth::constant_time_eq(token.as_bytes(), expected.as_bytes()) => {
-                Ok(())
-            }
-            Some(_) => Err(Status::unauthenticated("wrong cluster join token")),
-            None => Err(Status::unauthenticated(
-                "missing cluster join token (authorization: Bearer ...)",
-            )),
-        }
-    }
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::SchedulerMessage, Status>> + Send>>;
@@ -47,7 +29,6 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        self.authenticate(&req)?;
         let req = req.into_inner();
         let node_id = req.node_id.trim().to_string();
         if node_id.is_empty() {
@@ -73,7 +54,6 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
-        self.authenticate(&req)?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await

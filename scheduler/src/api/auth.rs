@@ -42,6 +42,20 @@ pub fn new_token() -> std::io::Result<String> {
     ))
 }
 
+/// Checks an agent's cluster join token, when one is configured.
+pub fn agent(shared: &Shared, metadata: &MetadataMap) -> Result<(), Status> {
+    let Some(expected) = &shared.config.join_token else {
+        return Ok(());
+    };
+    match bearer(metadata) {
+        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(Status::unauthenticated("wrong cluster join token")),
+        None => Err(Status::unauthenticated(
+            "missing cluster join token (authorization: Bearer ...)",
+        )),
+    }
+}
+
 /// Who sends this request. Without a configured admin token nobody is
 /// authenticated and every caller is the admin (development mode).
 pub fn caller(shared: &Shared, metadata: &MetadataMap) -> Result<Caller, Status> {

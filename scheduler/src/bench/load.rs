@@ -257,9 +257,15 @@ impl Daemon {
         s.read_to_string(&mut buf).await?;
         Ok(buf)
     }
+}
 
-    fn bearer(token: &str) -> MetadataValue<tonic::metadata::Ascii> {
-        format!("Bearer {token}").parse().expect("ASCII token")
+/// An interceptor sending `authorization: Bearer TOKEN`.
+fn bearer(token: &str) -> impl tonic::service::Interceptor + Clone + Send + 'static {
+    let value: MetadataValue<tonic::metadata::Ascii> =
+        format!("Bearer {token}").parse().expect("ASCII token");
+    move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", value.clone());
+        Ok(req)
     }
 }
 
@@ -297,9 +303,8 @@ async fn start_agents(d: &Daemon, n: usize) -> anyhow::Result<Vec<tokio::task::J
             channel = d.channel().await?;
         }
         let channel = channel.clone();
-        let token = Daemon::bearer(JOIN);
         handles.push(tokio::spawn(async move {
-            if let Err(err) = agent(channel, token, i).await {
+            if let Err(err) = agent(channel, i).await {
                 eprintln!("simulated agent {i}: {err:#}");
             }
         }));
@@ -310,19 +315,9 @@ async fn start_agents(d: &Daemon, n: usize) -> anyhow::Result<Vec<tokio::task::J
     Ok(handles)
 }
 
-async fn agent(
-    channel: Channel,
-    token: MetadataValue<tonic::metadata::Ascii>,
-    i: usize,
-) -> anyhow::Result<()> {
-    let t = token.clone();
-    let mut client = pb::agent_service_client::AgentServiceClient::with_interceptor(
-        channel,
-        move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", t.clone());
-            Ok(req)
-        },
-    );
+async fn agent(channel: Channel, i: usize) -> anyhow::Result<()> {
+    let mut client =
+        pb::agent_service_client::AgentServiceClient::with_interceptor(channel, bearer(JOIN));
     let node_id = format!("sim-{i:05}");
     let reg = client
         .register(pb::RegisterRequest {
@@ -377,13 +372,9 @@ async fn agent(
 }
 
 async fn wait_ready(d: &Daemon, n: usize) -> anyhow::Result<()> {
-    let token = Daemon::bearer(ADMIN);
     let mut nodes = pb::node_service_client::NodeServiceClient::with_interceptor(
         d.channel().await?,
-        move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", token.clone());
-            Ok(req)
-        },
+        bearer(ADMIN),
     );
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -413,7 +404,7 @@ async fn submit_stream(
     rate: u64,
     window: Duration,
 ) -> anyhow::Result<Vec<(f64, bool)>> {
-    let token = Daemon::bearer(ADMIN);
+    let token = bearer(ADMIN);
     let channel = d.channel().await?;
     let results: Arc<std::sync::Mutex<Vec<Outcome>>> = Arc::default();
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
@@ -424,13 +415,8 @@ async fn submit_stream(
         tick.tick().await;
         let (channel, token, results) = (channel.clone(), token.clone(), results.clone());
         tasks.push(tokio::spawn(async move {
-            let mut jobs = pb::job_service_client::JobServiceClient::with_interceptor(
-                channel,
-                move |mut req: tonic::Request<()>| {
-                    req.metadata_mut().insert("authorization", token.clone());
-                    Ok(req)
-                },
-            );
+            let mut jobs =
+                pb::job_service_client::JobServiceClient::with_interceptor(channel, token);
             let spec = pb::JobSpec {
                 kind: pb::JobKind::Training as i32,
                 resources: Some(pb::Resources {

@@ -796,76 +796,69 @@ impl Cluster {
             );
             let spread = job.spec.kind == JobKind::OnlineService;
             let avoid = heads.get(&pool_id).map_or(&[][..], |h| &h.1[..]);
-            let result = placer.place_avoiding(&pool_id, &res, instances, spread, avoid);
-            if let Err(reason) = &result {
-                let reason = match heads.get(&pool_id) {
-                    Some((head, _)) => format!(
-                        "{reason} (behind {head}, which keeps the nodes it can use; others may be backfilled)"
-                    ),
-                    None => {
-                        if let Some(reserved) = self.reserved_for(&pool_id, &res, instances) {
-                            heads.insert(pool_id.clone(), (job_id.clone(), reserved));
+            let assignments = match placer.place_avoiding(&pool_id, &res, instances, spread, avoid)
+            {
+                Ok(a) => a,
+                Err(reason) => {
+                    let reason = match heads.get(&pool_id) {
+                        Some((head, _)) => format!(
+                            "{reason} (behind {head}, which keeps the nodes it can use; others may be backfilled)"
+                        ),
+                        None => {
+                            if let Some(reserved) = self.reserved_for(&pool_id, &res, instances) {
+                                heads.insert(pool_id.clone(), (job_id.clone(), reserved));
+                            }
+                            reason
                         }
-                        reason.clone()
-                    }
-                };
-                let job = self.jobs.get_mut(&job_id).expect("queued job exists");
-                if job.reason != reason {
-                    job.reason = reason;
-                    self.persist_job(&job_id, now_ms);
-                }
-                continue;
-            }
-            let job = self.jobs.get_mut(&job_id).expect("queued job exists");
-            match result {
-                Ok(assignments) => {
-                    let attempt = job.retries;
-                    let suffix = if attempt == 0 {
-                        String::new()
-                    } else {
-                        format!("-r{attempt}")
                     };
-                    let placed: Vec<Instance> = assignments
-                        .into_iter()
-                        .enumerate()
-                        .map(|(rank, a)| Instance {
-                            instance_id: format!("{}-{rank}{suffix}", job.job_id),
-                            rank: rank as u32,
-                            node_id: a.node_id,
-                            gpu_indexes: a.gpu_indexes,
-                            gpu_uuids: a.gpu_uuids,
-                            state: InstanceState::Scheduled,
-                            exit_code: None,
-                            signal: None,
-                            reason: String::new(),
-                            started_at_ms: None,
-                            finished_at_ms: None,
-                            gpu_used_ms_by_hour: BTreeMap::new(),
-                            last_sample_ms: None,
-                            attempt,
-                        })
-                        .collect();
-                    // Earlier runs' instances stay (billing, history).
-                    job.instances.extend(placed);
-                    job.refresh_state(now_ms);
-                    for inst in job.current() {
-                        self.instance_job
-                            .insert(inst.instance_id.clone(), job.job_id.clone());
-                        out.push((
-                            inst.node_id.clone(),
-                            AgentCommand::Start(Box::new(start_spec(
-                                job,
-                                inst,
-                                &self.pools,
-                                &self.nodes,
-                            ))),
-                        ));
+                    let job = self.jobs.get_mut(&job_id).expect("queued job exists");
+                    if job.reason != reason {
+                        job.reason = reason;
+                        self.persist_job(&job_id, now_ms);
                     }
-                    tracing::info!(job = %job_id, attempt, "job placed");
-                    self.persist_job(&job_id, now_ms);
+                    continue;
                 }
-                Err(_) => unreachable!("handled above"),
+            };
+            let job = self.jobs.get_mut(&job_id).expect("queued job exists");
+            let attempt = job.retries;
+            let suffix = if attempt == 0 {
+                String::new()
+            } else {
+                format!("-r{attempt}")
+            };
+            let placed: Vec<Instance> = assignments
+                .into_iter()
+                .enumerate()
+                .map(|(rank, a)| Instance {
+                    instance_id: format!("{}-{rank}{suffix}", job.job_id),
+                    rank: rank as u32,
+                    node_id: a.node_id,
+                    gpu_indexes: a.gpu_indexes,
+                    gpu_uuids: a.gpu_uuids,
+                    state: InstanceState::Scheduled,
+                    exit_code: None,
+                    signal: None,
+                    reason: String::new(),
+                    started_at_ms: None,
+                    finished_at_ms: None,
+                    gpu_used_ms_by_hour: BTreeMap::new(),
+                    last_sample_ms: None,
+                    attempt,
+                })
+                .collect();
+            // Earlier runs' instances stay (billing, history).
+            job.instances.extend(placed);
+            job.refresh_state(now_ms);
+            for inst in job.current() {
+                self.instance_job
+                    .insert(inst.instance_id.clone(), job.job_id.clone());
+                out.push((
+                    inst.node_id.clone(),
+                    AgentCommand::Start(Box::new(start_spec(job, inst, &self.pools, &self.nodes))),
+                ));
             }
+            tracing::info!(job = %job_id, attempt, "job placed");
+            self.persist_job(&job_id, now_ms);
         }
     }
 
