@@ -69,6 +69,15 @@ pub struct AgentConfig {
     /// and heartbeats in between reuse the last sample.
     #[serde(default = "default_sample_interval_ms")]
     pub sample_interval_ms: u64,
+    /// Ports given to notebooks, TensorBoards and services that ask for
+    /// none, as `[first, last]`.
+    #[serde(default = "default_port_range")]
+    pub port_range: [u16; 2],
+}
+
+fn default_port_range() -> [u16; 2] {
+    let (first, last) = crate::runtime::DEFAULT_PORT_RANGE;
+    [first, last]
 }
 
 fn default_sample_interval_ms() -> u64 {
@@ -152,6 +161,12 @@ impl AgentConfig {
     fn check(&self) -> Result<(), String> {
         if self.scheduler_addr.trim().is_empty() {
             return Err("field `scheduler_addr` must not be empty".into());
+        }
+        let [first, last] = self.port_range;
+        if first == 0 || first > last {
+            return Err(format!(
+                "field `port_range` must be [first, last] with 0 < first <= last (got [{first}, {last}])"
+            ));
         }
         Ok(())
     }

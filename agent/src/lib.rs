@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod probe;
 pub mod runtime;
 pub mod sdnotify;
+pub mod serving;
 pub mod session;
 pub mod shim;
 
@@ -62,7 +63,8 @@ pub async fn run(
     let runtime = runtime::Runtime::new(&config.state_dir)
         .with_context(|| format!("cannot create state dir {}", config.state_dir.display()))?
         .with_cgroups(cgroups, config.confinement)
-        .with_cgroup_scope(&cgroup_scope(&node_id, &config.state_dir));
+        .with_cgroup_scope(&cgroup_scope(&node_id, &config.state_dir))
+        .with_port_range(config.port_range[0], config.port_range[1]);
     // Instances run under this binary's `shim` so their exit status survives
     // an agent restart; reattach to those that ran before this start.
     let runtime = match std::env::current_exe() {

@@ -35,6 +35,21 @@ pub struct InstanceSpec {
     /// MPS settings for an instance sharing a GPU (when an MPS daemon is
     /// configured).
     pub mps: Option<Mps>,
+    /// The instance serves on a port (notebooks, TensorBoards, services).
+    pub serve: Option<Serve>,
+}
+
+/// How an instance serves: its port, readiness check and activity watch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Serve {
+    /// This port, or (0) a free one from the agent's range.
+    pub port: u16,
+    pub health: Option<crate::serving::HealthSpec>,
+    /// Report user activity (idle time).
+    pub watch_activity: bool,
+    /// Token of the notebook server's API (for the activity watch).
+    #[serde(default)]
+    pub token: String,
 }
 
 /// CUDA MPS limits of a fractional-GPU instance.
@@ -85,6 +100,12 @@ pub struct InstanceReport {
     pub signal: Option<i32>,
     pub reason: String,
     pub pid: u32,
+    /// The port it serves on; 0 = none.
+    pub port: u16,
+    /// Passes its readiness check.
+    pub ready: bool,
+    /// Time since user activity was last seen (watched instances only).
+    pub idle_ms: Option<u64>,
 }
 
 struct Entry {
@@ -95,6 +116,8 @@ struct Entry {
     memory_limit: Option<u64>,
     /// Who holds the instance's GPUs, for the metrics labels.
     owner: Owner,
+    /// Last user activity seen (watched instances).
+    last_activity: Option<std::time::Instant>,
 }
 
 /// The labels of an instance's GPUs in the metrics.
@@ -152,6 +175,9 @@ pub struct Runtime {
     cgroup_scope: String,
     /// Run instances as this (uid, gid) instead of the agent's user.
     run_as: Option<(u32, u32)>,
+    /// Ports given to serving instances.
+    port_range: (u16, u16),
+    port_cursor: Arc<std::sync::atomic::AtomicU16>,
 }
 
 /// What the agent remembers of a running instance across its own restarts
@@ -173,6 +199,10 @@ struct Record {
     job_id: String,
     #[serde(default)]
     tenant: String,
+    #[serde(default)]
+    port: u16,
+    #[serde(default)]
+    serve: Option<Serve>,
 }
 
 impl Runtime {
@@ -188,7 +218,15 @@ impl Runtime {
             shim: None,
             cgroup_scope: "local".into(),
             run_as: None,
+            port_range: DEFAULT_PORT_RANGE,
+            port_cursor: Arc::default(),
         })
+    }
+
+    /// Gives serving instances ports from `first..=last`.
+    pub fn with_port_range(mut self, first: u16, last: u16) -> Self {
+        self.port_range = (first, last);
+        self
     }
 
     /// Runs instances as `user` (a name from the passwd database).
@@ -283,6 +321,9 @@ impl Runtime {
                         signal: None,
                         reason: String::new(),
                         pid: record.pid,
+                        port: record.port,
+                        ready: false,
+                        idle_ms: None,
                     },
                     pgid: Some(record.pid as i32),
                     stop_requested: record.stop_requested,
@@ -294,8 +335,14 @@ impl Runtime {
                         job: record.job_id.clone(),
                         tenant: record.tenant.clone(),
                     },
+                    last_activity: Some(std::time::Instant::now()),
                 },
             );
+            if let Some(serve) = record.serve.clone()
+                && record.port != 0
+            {
+                self.watch(record.instance_id.clone(), record.port, serve);
+            }
             let this = self.clone();
             tokio::spawn(async move {
                 while process_start_ticks(record.pid) == Some(record.start_ticks) {
@@ -409,7 +456,16 @@ impl Runtime {
     /// Every known instance, running or finished-but-not-forgotten.
     pub fn snapshot(&self) -> Vec<InstanceReport> {
         let entries = self.entries.lock().unwrap();
-        let mut out: Vec<_> = entries.values().map(|e| e.report.clone()).collect();
+        let mut out: Vec<_> = entries
+            .values()
+            .map(|e| {
+                let mut r = e.report.clone();
+                r.idle_ms = e
+                    .last_activity
+                    .map(|t| t.elapsed().as_millis().min(u128::from(u64::MAX)) as u64);
+                r
+            })
+            .collect();
         out.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
         out
     }
@@ -425,12 +481,41 @@ impl Runtime {
     }
 
     /// Starts an instance. Idempotent: a known id is left alone.
-    pub fn start(&self, spec: InstanceSpec) {
-        {
+    pub fn start(&self, mut spec: InstanceSpec) {
+        let port = {
             let mut entries = self.entries.lock().unwrap();
             if entries.contains_key(&spec.instance_id) {
                 return;
             }
+            let port = match &spec.serve {
+                None => Ok(0),
+                Some(serve) if serve.port != 0 => {
+                    if crate::serving::port_free(serve.port) {
+                        Ok(serve.port)
+                    } else {
+                        Err(format!("port {} is in use on this node", serve.port))
+                    }
+                }
+                Some(_) => {
+                    let held: std::collections::HashSet<u16> = entries
+                        .values()
+                        .filter(|e| !e.report.phase.is_terminal())
+                        .map(|e| e.report.port)
+                        .collect();
+                    let cursor = self.port_cursor.load(std::sync::atomic::Ordering::Relaxed);
+                    match crate::serving::allocate_port(self.port_range, &held, cursor) {
+                        Some(p) => {
+                            self.port_cursor
+                                .store(p.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
+                            Ok(p)
+                        }
+                        None => Err(format!(
+                            "no free port in {}-{}",
+                            self.port_range.0, self.port_range.1
+                        )),
+                    }
+                }
+            };
             entries.insert(
                 spec.instance_id.clone(),
                 Entry {
@@ -441,14 +526,48 @@ impl Runtime {
                         signal: None,
                         reason: String::new(),
                         pid: 0,
+                        port: 0,
+                        ready: false,
+                        idle_ms: None,
                     },
                     pgid: None,
                     stop_requested: false,
                     cgroup: None,
                     memory_limit: spec.limits.memory_bytes,
                     owner: Owner::from_spec(&spec),
+                    last_activity: spec
+                        .serve
+                        .as_ref()
+                        .filter(|s| s.watch_activity)
+                        .map(|_| std::time::Instant::now()),
                 },
             );
+            port
+        };
+        let port = match port {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::warn!(instance = %spec.instance_id, %why, "instance failed to start");
+                self.update(&spec.instance_id, |e| {
+                    e.report.phase = Phase::Failed;
+                    e.report.reason = format!("failed to start: {why}");
+                });
+                self.changed.notify_one();
+                return;
+            }
+        };
+        if port != 0 {
+            for key in ["PORT", "GPUPOOL_PORT"] {
+                spec.env.insert(key.into(), port.to_string());
+            }
+            let var = |k: &str| spec.env.get(k).cloned().unwrap_or_default();
+            spec.command = crate::serving::expand(
+                &spec.command,
+                Some(port),
+                &var("GPUPOOL_TOKEN"),
+                &var("GPUPOOL_LOG_DIR"),
+            );
+            self.update(&spec.instance_id, |e| e.report.port = port);
         }
         match self.spawn(&spec) {
             Ok((child, cgroup)) => {
@@ -465,13 +584,18 @@ impl Runtime {
                     pool: owner.pool,
                     job_id: owner.job,
                     tenant: owner.tenant,
+                    port,
+                    serve: spec.serve.clone(),
                 });
                 self.update(&spec.instance_id, |e| {
                     e.report.pid = pid;
                     e.pgid = Some(pid as i32);
                     e.cgroup = cgroup;
                 });
-                tracing::info!(instance = %spec.instance_id, pid, "instance started");
+                tracing::info!(instance = %spec.instance_id, pid, port, "instance started");
+                if let Some(serve) = spec.serve.clone() {
+                    self.watch(spec.instance_id.clone(), port, serve);
+                }
                 let this = self.clone();
                 tokio::spawn(async move { this.wait(spec.instance_id, child).await });
             }
@@ -692,6 +816,56 @@ impl Runtime {
         self.changed.notify_one();
     }
 
+    /// Runs an instance's readiness check and activity watch until it
+    /// ends.
+    fn watch(&self, instance_id: String, port: u16, serve: Serve) {
+        if serve.health.is_none() && !serve.watch_activity {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let period = serve.health.as_ref().map_or(ACTIVITY_PERIOD, |h| {
+                Duration::from_millis(u64::from(h.interval_ms.max(100)))
+            });
+            if let Some(h) = &serve.health {
+                tokio::time::sleep(Duration::from_millis(u64::from(h.initial_delay_ms))).await;
+            }
+            let mut readiness = crate::serving::Readiness::default();
+            let mut activity = crate::serving::ActivityWatch::default();
+            let mut next_activity = tokio::time::Instant::now();
+            loop {
+                let running = this
+                    .entries
+                    .lock()
+                    .unwrap()
+                    .get(&instance_id)
+                    .is_some_and(|e| e.report.phase == Phase::Running);
+                if !running {
+                    this.update(&instance_id, |e| e.report.ready = false);
+                    return;
+                }
+                if let Some(h) = &serve.health {
+                    let ok = crate::serving::probe_ready(port, h).await;
+                    if readiness.observe(ok, h.failure_threshold) {
+                        let ready = readiness.ready;
+                        tracing::info!(instance = %instance_id, ready, "readiness changed");
+                        this.update(&instance_id, |e| e.report.ready = ready);
+                        this.changed.notify_one();
+                    }
+                }
+                if serve.watch_activity && tokio::time::Instant::now() >= next_activity {
+                    next_activity = tokio::time::Instant::now() + ACTIVITY_PERIOD;
+                    if activity.active(port, &serve.token).await {
+                        this.update(&instance_id, |e| {
+                            e.last_activity = Some(std::time::Instant::now());
+                        });
+                    }
+                }
+                tokio::time::sleep(period).await;
+            }
+        });
+    }
+
     fn update(&self, instance_id: &str, f: impl FnOnce(&mut Entry)) {
         if let Some(entry) = self.entries.lock().unwrap().get_mut(instance_id) {
             f(entry);
@@ -789,6 +963,12 @@ impl Runtime {
         Ok((buf, next))
     }
 }
+
+/// Ports given to serving instances unless configured otherwise.
+pub const DEFAULT_PORT_RANGE: (u16, u16) = (30_000, 32_767);
+
+/// How often a watched instance is checked for user activity.
+const ACTIVITY_PERIOD: Duration = Duration::from_secs(1);
 
 /// The environment an instance sees: nothing of the agent's but PATH and
 /// LANG, then the job's own variables, then what gpupool sets (which wins).

@@ -289,6 +289,9 @@ fn status_to_pb(r: &InstanceReport) -> pb::InstanceStatus {
         signal: r.signal,
         reason: r.reason.clone(),
         pid: r.pid,
+        port: u32::from(r.port),
+        ready: r.ready,
+        idle_ms: r.idle_ms,
     }
 }
 
@@ -331,6 +334,7 @@ fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
         pids_max,
         gpu_minors: Some(gpu_minors(&s.gpu_indexes, &gpus)),
     };
+    let token = s.env.get("GPUPOOL_TOKEN").cloned().unwrap_or_default();
     InstanceSpec {
         limits,
         mps,
@@ -345,5 +349,17 @@ fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
         rank: s.rank,
         world_size: s.world_size,
         metadata: s.metadata.into_iter().collect(),
+        serve: s.needs_port.then(|| crate::runtime::Serve {
+            port: u16::try_from(s.port).unwrap_or(0),
+            health: s.health_check.map(|h| crate::serving::HealthSpec {
+                http_path: Some(h.http_path).filter(|p| !p.is_empty()),
+                interval_ms: h.interval_ms,
+                timeout_ms: h.timeout_ms,
+                failure_threshold: h.failure_threshold,
+                initial_delay_ms: h.initial_delay_ms,
+            }),
+            watch_activity: s.watch_activity,
+            token: token.clone(),
+        }),
     }
 }

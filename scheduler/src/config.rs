@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use gpupool_agent::config::{load_toml, parse_toml};
 use serde::Deserialize;
 
+use crate::domain::JobKind;
 use crate::domain::billing::SpecPrice;
+use crate::domain::job::KindTable;
 
 pub use gpupool_agent::config::ConfigError;
 
@@ -51,6 +53,35 @@ pub struct SchedulerConfig {
     /// Prices and billing behaviour.
     #[serde(default)]
     pub billing: BillingConfig,
+    /// Per-kind defaults and limits: `[kinds.notebook]`, `[kinds.training]`,
+    /// `[kinds.tensorboard]`, `[kinds.online_service]`,
+    /// `[kinds.batch_service]`. Fields left out keep the built-in values
+    /// (`gpupool job kinds` shows the result).
+    #[serde(default)]
+    pub kinds: std::collections::BTreeMap<String, KindConfig>,
+}
+
+/// `[kinds.<kind>]`: overrides of one kind's built-in settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindConfig {
+    /// Command run when a job gives none; `{port}`, `{token}` and
+    /// `{log_dir}` are replaced by the agent.
+    pub command: Option<Vec<String>>,
+    /// Default whole GPUs per instance.
+    pub gpus: Option<u32>,
+    /// Default GPU fraction per instance, in thousandths.
+    pub gpu_milli: Option<u32>,
+    pub cpu_milli: Option<u64>,
+    pub memory_mib: Option<u64>,
+    /// Maximum run time of jobs that set none; 0 = unlimited.
+    pub max_runtime_secs: Option<u64>,
+    /// Longest maximum run time a job may ask; 0 = no limit.
+    pub max_runtime_limit_secs: Option<u64>,
+    /// Notebooks and TensorBoards: stopped after this long idle; 0 = never.
+    pub idle_timeout_secs: Option<u64>,
+    /// Notebooks: GPU utilization (%) that counts as activity.
+    pub idle_gpu_util_pct: Option<u32>,
 }
 
 /// `[billing]`: the price catalog. Money is integer micro-units of
@@ -120,6 +151,7 @@ impl Default for SchedulerConfig {
             admin_token: None,
             subscription_regions: Vec::new(),
             billing: BillingConfig::default(),
+            kinds: Default::default(),
         }
     }
 }
@@ -159,7 +191,52 @@ impl SchedulerConfig {
         {
             return Err("field `admin_token` must be at least 16 characters".into());
         }
+        self.kind_table()?;
         Ok(())
+    }
+
+    /// The built-in kind settings with the config's overrides applied.
+    pub fn kind_table(&self) -> Result<KindTable, String> {
+        let mut table = KindTable::default();
+        for (name, c) in &self.kinds {
+            let kind = JobKind::from_name(name).ok_or_else(|| {
+                format!(
+                    "unknown kind `kinds.{name}`: expected one of {}",
+                    JobKind::ALL.map(JobKind::name).join(", ")
+                )
+            })?;
+            let k = table.get_mut(kind);
+            if let Some(v) = &c.command {
+                k.command = v.clone();
+            }
+            macro_rules! set {
+                ($($f:ident),*) => { $(if let Some(v) = c.$f { k.$f = v; })* };
+            }
+            set!(
+                gpus,
+                gpu_milli,
+                cpu_milli,
+                memory_mib,
+                max_runtime_secs,
+                max_runtime_limit_secs,
+                idle_timeout_secs,
+                idle_gpu_util_pct
+            );
+            if k.gpus > 0 && k.gpu_milli > 0 || k.gpu_milli >= 1000 {
+                return Err(format!(
+                    "`kinds.{name}`: give gpus or gpu_milli (1..999), not both"
+                ));
+            }
+            if k.idle_gpu_util_pct > 100 {
+                return Err(format!("`kinds.{name}.idle_gpu_util_pct` must be 0..100"));
+            }
+            if k.max_runtime_limit_secs > 0 && k.max_runtime_secs > k.max_runtime_limit_secs {
+                return Err(format!(
+                    "`kinds.{name}.max_runtime_secs` exceeds its `max_runtime_limit_secs`"
+                ));
+            }
+        }
+        Ok(table)
     }
 
     pub fn database_path(&self) -> PathBuf {
@@ -189,6 +266,12 @@ mod tests {
                 "node_grace_ms",
             ),
             ("join_token = \" \"", "join_token"),
+            ("[kinds.notbook]\nidle_timeout_secs = 5", "kinds.notbook"),
+            ("[kinds.notebook]\nidle_secs = 5", "idle_secs"),
+            (
+                "[kinds.notebook]\ngpus = 1\ngpu_milli = 5",
+                "kinds.notebook",
+            ),
         ] {
             let err = SchedulerConfig::parse(text).unwrap_err();
             assert!(err.contains(field), "{text:?}: {err}");

@@ -151,6 +151,7 @@ pub fn open(config: SchedulerConfig) -> anyhow::Result<Arc<Shared>> {
         prices: config.billing.prices.clone(),
         default_price: config.billing.default_price,
         frozen_retention_ms: i64::from(config.billing.frozen_retention_hours) * 3_600_000,
+        kinds: config.kind_table().map_err(anyhow::Error::msg)?,
     };
     let cluster = Cluster::load(Box::new(store), settings, now_ms())?;
     tracing::info!(

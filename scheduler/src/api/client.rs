@@ -101,6 +101,44 @@ impl pb::job_service_server::JobService for Api {
             .map_err(status)
     }
 
+    async fn scale_service(
+        &self,
+        req: Request<pb::ScaleServiceRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = caller(&self.shared, req.metadata())?;
+        let req = req.into_inner();
+        self.shared
+            .with(|core, out| {
+                core.cluster
+                    .scale_service(&caller, &req.job_id, req.replicas, now_ms(), out)
+            })
+            .map(|j| Response::new(job_to_pb(&j)))
+            .map_err(status)
+    }
+
+    async fn restart_service(
+        &self,
+        req: Request<pb::RestartServiceRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = caller(&self.shared, req.metadata())?;
+        let id = req.into_inner().job_id;
+        self.shared
+            .with(|core, out| core.cluster.restart_service(&caller, &id, now_ms(), out))
+            .map(|j| Response::new(job_to_pb(&j)))
+            .map_err(status)
+    }
+
+    async fn list_job_kinds(
+        &self,
+        req: Request<pb::ListJobKindsRequest>,
+    ) -> Result<Response<pb::ListJobKindsResponse>, Status> {
+        caller(&self.shared, req.metadata())?;
+        let kinds = self
+            .shared
+            .with(|core, _| super::kinds_to_pb(core.cluster.kinds()));
+        Ok(Response::new(kinds))
+    }
+
     type GetJobLogsStream = LogStream;
 
     async fn get_job_logs(

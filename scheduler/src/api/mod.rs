@@ -44,6 +44,7 @@ pub fn status(err: ClusterError) -> Status {
         },
         ClusterError::Tenant(T::QuotaExceeded { .. }) => Status::resource_exhausted(msg),
         ClusterError::Tenant(_) => Status::invalid_argument(msg),
+        ClusterError::Internal(_) => Status::internal(msg),
         ClusterError::Store(source) => {
             tracing::error!(error = %source, cause = ?std::error::Error::source(source), "storage failure");
             Status::unavailable("storage failure; the request was not applied")
@@ -92,6 +93,60 @@ pub fn raw_spec_from_pb(s: pb::JobSpec) -> RawJobSpec {
         max_retries: s.max_retries,
         port: s.port,
         completions: s.completions,
+        health_check: s.health_check.map(health_from_pb),
+        idle_timeout_secs: s.idle_timeout_secs,
+        log_dir: s.log_dir,
+        for_job: s.for_job,
+        cpu_only: s.cpu_only,
+    }
+}
+
+/// A health check with its defaults filled in.
+fn health_from_pb(h: pb::HealthCheck) -> domain::job::HealthCheck {
+    let or = |v: u32, d: u32| if v == 0 { d } else { v };
+    domain::job::HealthCheck {
+        http_path: Some(h.http_path).filter(|p| !p.is_empty()),
+        interval_ms: or(h.interval_ms, 1000),
+        timeout_ms: or(h.timeout_ms, 1000),
+        failure_threshold: or(h.failure_threshold, 3),
+        initial_delay_ms: h.initial_delay_ms,
+    }
+}
+
+fn health_to_pb(h: &domain::job::HealthCheck) -> pb::HealthCheck {
+    pb::HealthCheck {
+        http_path: h.http_path.clone().unwrap_or_default(),
+        interval_ms: h.interval_ms,
+        timeout_ms: h.timeout_ms,
+        failure_threshold: h.failure_threshold,
+        initial_delay_ms: h.initial_delay_ms,
+    }
+}
+
+/// The kinds' settings as `ListJobKinds` returns them.
+pub fn kinds_to_pb(kinds: &domain::job::KindTable) -> pb::ListJobKindsResponse {
+    pb::ListJobKindsResponse {
+        kinds: JobKind::ALL
+            .into_iter()
+            .map(|kind| {
+                let k = kinds.get(kind);
+                pb::JobKindInfo {
+                    kind: kind_to_pb(kind) as i32,
+                    command: k.command.clone(),
+                    resources: Some(pb::Resources {
+                        gpus: k.gpus as i32,
+                        gpu_milli: k.gpu_milli as i32,
+                        gpu_models: Vec::new(),
+                        cpu_milli: k.cpu_milli as i64,
+                        memory_mib: k.memory_mib as i64,
+                    }),
+                    max_runtime_secs: k.max_runtime_secs,
+                    max_runtime_limit_secs: k.max_runtime_limit_secs,
+                    idle_timeout_secs: k.idle_timeout_secs,
+                    idle_gpu_util_pct: k.idle_gpu_util_pct,
+                }
+            })
+            .collect(),
     }
 }
 
@@ -162,6 +217,11 @@ pub fn job_to_pb(j: &domain::Job) -> pb::Job {
             max_retries: s.max_retries,
             port: s.port,
             completions: s.completions,
+            health_check: s.health_check.as_ref().map(health_to_pb),
+            idle_timeout_secs: s.idle_timeout_secs,
+            log_dir: s.log_dir.clone(),
+            for_job: s.for_job.clone(),
+            cpu_only: false,
         }),
         state: job_state_to_pb(j.state) as i32,
         reason: j.reason.clone(),
@@ -183,12 +243,26 @@ pub fn job_to_pb(j: &domain::Job) -> pb::Job {
                 finished_at: i.finished_at_ms.map(ts),
                 gpu_uuids: i.gpu_uuids.clone(),
                 attempt: i.attempt,
+                port: i.port,
+                ready: i.ready,
+                endpoint: i.endpoint().unwrap_or_default(),
+                replaced: i.replaced,
             })
             .collect(),
         submitted_at: Some(ts(j.submitted_at_ms)),
         started_at: j.started_at_ms.map(ts),
         finished_at: j.finished_at_ms.map(ts),
         retries: j.retries,
+        url: j.url().unwrap_or_default(),
+        restarts: j.restarts,
+        ready_replicas: j
+            .current()
+            .filter(|i| i.ready && i.state == InstanceState::Running)
+            .count() as u32,
+        succeeded: j
+            .current()
+            .filter(|i| i.state == InstanceState::Succeeded)
+            .count() as u32,
     }
 }
 
@@ -289,6 +363,9 @@ pub fn reported_from_pb(s: pb::InstanceStatus) -> Option<ReportedInstance> {
         exit_code: s.exit_code,
         signal: s.signal,
         reason: s.reason,
+        port: s.port,
+        ready: s.ready,
+        idle_ms: s.idle_ms,
     })
 }
 
@@ -308,6 +385,10 @@ pub fn command_to_pb(cmd: AgentCommand) -> pb::SchedulerMessage {
             rank: s.rank,
             world_size: s.world_size,
             metadata: s.metadata.into_iter().collect(),
+            needs_port: s.needs_port,
+            port: s.port,
+            health_check: s.health_check.as_ref().map(health_to_pb),
+            watch_activity: s.watch_activity,
         }),
         AgentCommand::Stop {
             instance_id,

@@ -54,6 +54,21 @@ pub fn job(j: &Job) -> Value {
         "max_retries": spec.max_retries,
         "port": spec.port,
         "completions": spec.completions,
+        "health_check": spec.health_check.as_ref().map(|h| json!({
+            "http_path": h.http_path,
+            "interval_ms": h.interval_ms,
+            "timeout_ms": h.timeout_ms,
+            "failure_threshold": h.failure_threshold,
+            "initial_delay_ms": h.initial_delay_ms,
+        })),
+        "idle_timeout_secs": spec.idle_timeout_secs,
+        "log_dir": spec.log_dir,
+        "for_job": spec.for_job,
+        "url": j.url,
+        "retries": j.retries,
+        "restarts": j.restarts,
+        "ready_replicas": j.ready_replicas,
+        "succeeded": j.succeeded,
         "submitted_at_ms": ts(j.submitted_at.as_ref()),
         "started_at_ms": ts(j.started_at.as_ref()),
         "finished_at_ms": ts(j.finished_at.as_ref()),
@@ -75,7 +90,38 @@ pub fn instance(i: &Instance) -> Value {
         "reason": i.reason,
         "started_at_ms": ts(i.started_at.as_ref()),
         "finished_at_ms": ts(i.finished_at.as_ref()),
+        "attempt": i.attempt,
+        "port": i.port,
+        "ready": i.ready,
+        "endpoint": i.endpoint,
+        "replaced": i.replaced,
     })
+}
+
+/// The kinds' defaults and limits.
+pub fn kinds(k: &gpupool_proto::v1::ListJobKindsResponse) -> Value {
+    Value::Array(
+        k.kinds
+            .iter()
+            .map(|k| {
+                let res = k.resources.clone().unwrap_or_default();
+                json!({
+                    "kind": job_kind_name(k.kind),
+                    "command": k.command,
+                    "resources": {
+                        "gpus": res.gpus,
+                        "gpu_milli": res.gpu_milli,
+                        "cpu_milli": res.cpu_milli,
+                        "memory_mib": res.memory_mib,
+                    },
+                    "max_runtime_secs": k.max_runtime_secs,
+                    "max_runtime_limit_secs": k.max_runtime_limit_secs,
+                    "idle_timeout_secs": k.idle_timeout_secs,
+                    "idle_gpu_util_pct": k.idle_gpu_util_pct,
+                })
+            })
+            .collect(),
+    )
 }
 
 /// A list of jobs.

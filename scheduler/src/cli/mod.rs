@@ -142,6 +142,21 @@ pub enum Command {
         #[command(subcommand)]
         command: JobCommand,
     },
+    /// Notebooks (submit with `gpupool job submit --kind notebook`).
+    Notebook {
+        #[command(subcommand)]
+        command: NotebookCommand,
+    },
+    /// TensorBoards for training jobs' logs.
+    Tensorboard {
+        #[command(subcommand)]
+        command: TensorboardCommand,
+    },
+    /// Online services: endpoints, scaling, rolling restarts.
+    Service {
+        #[command(subcommand)]
+        command: ServiceCommand,
+    },
     /// Tenants, their API tokens and quotas (admin only).
     Tenant {
         #[command(subcommand)]
@@ -340,11 +355,76 @@ pub enum SpecCommand {
     List,
 }
 
+/// `gpupool notebook ...`
+#[derive(Debug, Subcommand)]
+pub enum NotebookCommand {
+    /// Print a running notebook's URL (with its access token).
+    Open {
+        /// Job id.
+        job_id: String,
+    },
+}
+
+/// `gpupool tensorboard ...`
+#[derive(Debug, Subcommand)]
+pub enum TensorboardCommand {
+    /// Start a TensorBoard for a training job's log directory (in its
+    /// pool) or for a path.
+    Start {
+        /// Training job whose `--log-dir` to serve.
+        #[arg(long = "job", value_name = "JOB", required_unless_present = "logdir")]
+        job: Option<String>,
+        /// Directory to serve (default: the training job's).
+        #[arg(long, value_name = "DIR")]
+        logdir: Option<String>,
+        /// Pool id or name (default: the training job's, else public).
+        #[arg(long)]
+        pool: Option<String>,
+        /// Stop after this long without a connection (default: the kind's).
+        #[arg(long, value_name = "SECS")]
+        idle_timeout: Option<u64>,
+        /// Job name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Print a running TensorBoard's URL.
+    Open {
+        /// Job id.
+        job_id: String,
+    },
+}
+
+/// `gpupool service ...`
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// List the ready replicas' addresses (host:port).
+    Endpoints {
+        /// Job id of the online service.
+        job_id: String,
+    },
+    /// Set the number of replicas.
+    Scale {
+        /// Job id of the online service.
+        job_id: String,
+        /// Replicas wanted.
+        #[arg(long)]
+        replicas: u32,
+    },
+    /// Restart every replica in turn, keeping all but one ready.
+    Restart {
+        /// Job id of the online service.
+        job_id: String,
+    },
+}
+
 /// `gpupool job ...`
 #[derive(Debug, Subcommand)]
 pub enum JobCommand {
+    /// Show each kind's defaults and limits (resources, run time, idle
+    /// timeout) as the operator configured them.
+    Kinds,
     /// Submit a job: `gpupool job submit [OPTIONS] -- COMMAND ARGS...`
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// List jobs.
     List {
         /// Only the jobs of this pool (id or name).
@@ -404,12 +484,16 @@ pub struct SubmitArgs {
     /// Allowed GPU model (repeatable; default: any).
     #[arg(long = "gpu-model", value_name = "MODEL")]
     pub gpu_models: Vec<String>,
-    /// CPU per instance: cores (`2`, `0.5`) or millicores (`500m`).
-    #[arg(long, value_name = "CPU", value_parser = parse_cpu, default_value = "1", allow_hyphen_values = true)]
+    /// No GPU, even when the kind's default has one (notebooks).
+    #[arg(long)]
+    pub cpu_only: bool,
+    /// CPU per instance: cores (`2`, `0.5`) or millicores (`500m`);
+    /// default: the kind's (`gpupool job kinds`).
+    #[arg(long, value_name = "CPU", value_parser = parse_cpu, default_value = "0", hide_default_value = true, allow_hyphen_values = true)]
     pub cpu: i64,
     /// Memory per instance: `512MiB`, `4GiB`, `1.5GiB`, `2G`, `1024M`; a
-    /// plain number is MiB.
-    #[arg(long, value_name = "MEM", value_parser = parse_memory, default_value = "1024", allow_hyphen_values = true)]
+    /// plain number is MiB; default: the kind's.
+    #[arg(long, value_name = "MEM", value_parser = parse_memory, default_value = "0", hide_default_value = true, allow_hyphen_values = true)]
     pub memory: i64,
     /// Training workers or service replicas.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
@@ -432,9 +516,29 @@ pub struct SubmitArgs {
     /// Service port inside the instance (online services).
     #[arg(long)]
     pub port: Option<u32>,
-    /// Completions needed (batch services).
+    /// Completions needed (batch services; `--instances` run at a time).
     #[arg(long, value_name = "N")]
     pub completions: Option<u32>,
+    /// Readiness check of online service replicas: HTTP GET of this path
+    /// on `$PORT`, ready on 2xx/3xx.
+    #[arg(long, value_name = "PATH", conflicts_with = "health_tcp")]
+    pub health_http: Option<String>,
+    /// Readiness check: a TCP connection to `$PORT` accepted.
+    #[arg(long)]
+    pub health_tcp: bool,
+    /// Health check period in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub health_interval_ms: u32,
+    /// Consecutive failed checks that make a replica unready.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub health_failures: u32,
+    /// Notebooks and TensorBoards: stop after this long idle (default: the
+    /// kind's).
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+    /// Training: TensorBoard log directory (exported as GPUPOOL_LOG_DIR).
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<String>,
     /// The command to run and its arguments (after `--`).
     #[arg(value_name = "COMMAND", trailing_var_arg = true)]
     pub command: Vec<String>,
@@ -720,6 +824,52 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Order { command } => billing::order_command(&conn, out, command).await,
         Command::Bill(args) => billing::bill_command(&conn, out, args).await,
         Command::Job { command } => job_command(&conn, out, command).await,
+        Command::Notebook {
+            command: NotebookCommand::Open { job_id },
+        }
+        | Command::Tensorboard {
+            command: TensorboardCommand::Open { job_id },
+        } => open_url(&conn, out, job_id).await,
+        Command::Tensorboard {
+            command:
+                TensorboardCommand::Start {
+                    job,
+                    logdir,
+                    pool,
+                    idle_timeout,
+                    name,
+                },
+        } => {
+            let spec = pb::JobSpec {
+                name: opt(name),
+                kind: pb::JobKind::Tensorboard as i32,
+                pool: opt(pool),
+                instances: 1,
+                idle_timeout_secs: idle_timeout.unwrap_or(0),
+                log_dir: opt(logdir),
+                for_job: opt(job),
+                ..Default::default()
+            };
+            let j = conn
+                .jobs()
+                .await?
+                .submit_job(pb::SubmitJobRequest { spec: Some(spec) })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                || {
+                    format!(
+                        "tensorboard {} started ({}); `gpupool tensorboard open {}` prints its URL\n",
+                        j.job_id,
+                        job_state_name(j.state),
+                        j.job_id
+                    )
+                },
+                || json::job(&j),
+            )
+        }
+        Command::Service { command } => service_command(&conn, out, command).await,
         Command::Tenant { command } => tenant::tenant_command(&conn, out, command).await,
         Command::Whoami => tenant::whoami(&conn, out).await,
     }
@@ -1376,8 +1526,17 @@ async fn spec_list(conn: &Conn, out: OutputFormat) -> Result<(), CliError> {
 async fn job_command(conn: &Conn, out: OutputFormat, command: JobCommand) -> Result<(), CliError> {
     let now = now_ms();
     match command {
+        JobCommand::Kinds => {
+            let kinds = conn
+                .jobs()
+                .await?
+                .list_job_kinds(pb::ListJobKindsRequest {})
+                .await?
+                .into_inner();
+            emit(out, || kinds_table(&kinds), || json::kinds(&kinds))
+        }
         JobCommand::Submit(a) => {
-            let spec = job_spec(a);
+            let spec = job_spec(*a);
             let j = conn
                 .jobs()
                 .await?
@@ -1472,6 +1631,151 @@ async fn job_command(conn: &Conn, out: OutputFormat, command: JobCommand) -> Res
     }
 }
 
+/// Prints a notebook's or TensorBoard's URL.
+async fn open_url(conn: &Conn, out: OutputFormat, job_id: String) -> Result<(), CliError> {
+    let j = conn
+        .jobs()
+        .await?
+        .get_job(pb::GetJobRequest { job_id })
+        .await?
+        .into_inner();
+    if j.url.is_empty() {
+        let kind = j.spec.as_ref().map_or(0, |s| s.kind);
+        return Err(CliError::Message(format!(
+            "job {} ({}) has no URL: it is {}{}",
+            j.job_id,
+            job_kind_name(kind),
+            job_state_name(j.state),
+            if j.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", j.reason)
+            }
+        )));
+    }
+    emit(
+        out,
+        || format!("{}\n", j.url),
+        || serde_json::json!({"job_id": j.job_id, "url": j.url}),
+    )
+}
+
+async fn service_command(
+    conn: &Conn,
+    out: OutputFormat,
+    command: ServiceCommand,
+) -> Result<(), CliError> {
+    let mut jobs = conn.jobs().await?;
+    match command {
+        ServiceCommand::Endpoints { job_id } => {
+            let j = jobs
+                .get_job(pb::GetJobRequest { job_id })
+                .await?
+                .into_inner();
+            let ready: Vec<&pb::Instance> = j
+                .instances
+                .iter()
+                .filter(|i| i.ready && !i.replaced && !i.endpoint.is_empty())
+                .collect();
+            emit(
+                out,
+                || {
+                    let mut t = Table::new(&["rank", "instance", "node", "endpoint"]);
+                    for i in &ready {
+                        t.row(vec![
+                            i.rank.to_string(),
+                            i.instance_id.clone(),
+                            i.node_id.clone(),
+                            i.endpoint.clone(),
+                        ]);
+                    }
+                    t.render()
+                },
+                || {
+                    serde_json::Value::Array(
+                        ready
+                            .iter()
+                            .map(|i| {
+                                serde_json::json!({
+                                    "rank": i.rank,
+                                    "instance_id": i.instance_id,
+                                    "node_id": i.node_id,
+                                    "endpoint": i.endpoint,
+                                })
+                            })
+                            .collect(),
+                    )
+                },
+            )
+        }
+        ServiceCommand::Scale { job_id, replicas } => {
+            let j = jobs
+                .scale_service(pb::ScaleServiceRequest { job_id, replicas })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                || format!("service {} scaled to {replicas} replicas\n", j.job_id),
+                || json::job(&j),
+            )
+        }
+        ServiceCommand::Restart { job_id } => {
+            let j = jobs
+                .restart_service(pb::RestartServiceRequest { job_id })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                || {
+                    format!(
+                        "service {}: rolling restart of {} replicas started\n",
+                        j.job_id,
+                        j.spec.as_ref().map_or(0, |s| s.instances)
+                    )
+                },
+                || json::job(&j),
+            )
+        }
+    }
+}
+
+fn kinds_table(k: &pb::ListJobKindsResponse) -> String {
+    let secs = |s: u64| {
+        if s == 0 {
+            "-".to_string()
+        } else {
+            format!("{s}s")
+        }
+    };
+    let mut t = Table::new(&[
+        "kind",
+        "gpus",
+        "cpu",
+        "memory",
+        "max runtime",
+        "runtime limit",
+        "idle timeout",
+        "command",
+    ]);
+    for k in &k.kinds {
+        let res = k.resources.clone().unwrap_or_default();
+        t.row(vec![
+            job_kind_name(k.kind).to_string(),
+            job_gpus(&res),
+            format_milli(res.cpu_milli),
+            format_mib(res.memory_mib),
+            secs(k.max_runtime_secs),
+            secs(k.max_runtime_limit_secs),
+            match k.idle_timeout_secs {
+                0 => "-".to_string(),
+                s => format!("{s}s (GPU < {}%)", k.idle_gpu_util_pct.max(1)),
+            },
+            format_command(&k.command),
+        ]);
+    }
+    t.render()
+}
+
 fn job_spec(a: SubmitArgs) -> pb::JobSpec {
     pb::JobSpec {
         name: opt(a.name),
@@ -1493,6 +1797,17 @@ fn job_spec(a: SubmitArgs) -> pb::JobSpec {
         max_retries: a.max_retries.unwrap_or(0),
         port: a.port.unwrap_or(0),
         completions: a.completions.unwrap_or(0),
+        health_check: (a.health_http.is_some() || a.health_tcp).then(|| pb::HealthCheck {
+            http_path: a.health_http.unwrap_or_default(),
+            interval_ms: a.health_interval_ms,
+            timeout_ms: a.health_interval_ms.min(1000),
+            failure_threshold: a.health_failures,
+            initial_delay_ms: 0,
+        }),
+        idle_timeout_secs: a.idle_timeout.unwrap_or(0),
+        log_dir: opt(a.log_dir),
+        for_job: String::new(),
+        cpu_only: a.cpu_only,
     }
 }
 
@@ -1589,9 +1904,46 @@ fn job_detail(j: &pb::Job, now: i64) -> String {
     if spec.port != 0 {
         d.add("Port", spec.port.to_string());
     }
-    if spec.completions != 0 {
-        d.add("Completions", spec.completions.to_string());
+    if spec.completions != 0 || spec.kind == pb::JobKind::BatchService as i32 {
+        let needed = if spec.completions == 0 {
+            spec.instances as u32
+        } else {
+            spec.completions
+        };
+        d.add(
+            "Completions",
+            format!("{} of {needed} succeeded", j.succeeded),
+        );
     }
+    if spec.kind == pb::JobKind::OnlineService as i32 {
+        d.add(
+            "Replicas",
+            format!("{} of {} ready", j.ready_replicas, spec.instances),
+        );
+        if let Some(h) = &spec.health_check {
+            let what = if h.http_path.is_empty() {
+                "TCP connect".to_string()
+            } else {
+                format!("HTTP GET {}", h.http_path)
+            };
+            d.add(
+                "Health check",
+                format!(
+                    "{what} every {} ms, unready after {} failures",
+                    h.interval_ms, h.failure_threshold
+                ),
+            );
+        }
+    }
+    if j.restarts != 0 {
+        d.add("Restarts", j.restarts.to_string());
+    }
+    if spec.idle_timeout_secs != 0 {
+        d.add("Idle timeout", format!("{}s", spec.idle_timeout_secs));
+    }
+    d.add("Log dir", &spec.log_dir);
+    d.add("For job", &spec.for_job);
+    d.add("URL", &j.url);
     d.add(
         "Submitted",
         format_time_ago(ts_ms(j.submitted_at.as_ref()), now),
@@ -1607,7 +1959,7 @@ fn job_detail(j: &pb::Job, now: i64) -> String {
     let mut text = d.render();
     text.push('\n');
     let mut t = Table::new(&[
-        "rank", "instance", "node", "gpus", "state", "exit", "reason",
+        "rank", "instance", "node", "gpus", "state", "ready", "endpoint", "exit", "reason",
     ]);
     for i in &j.instances {
         let exit = match (i.exit_code, i.signal) {
@@ -1625,6 +1977,8 @@ fn job_detail(j: &pb::Job, now: i64) -> String {
                 .collect::<Vec<_>>()
                 .join(","),
             instance_state_name(i.state).to_string(),
+            if i.ready { "yes" } else { "" }.to_string(),
+            i.endpoint.clone(),
             exit,
             i.reason.clone(),
         ]);
@@ -1647,7 +2001,7 @@ mod tests {
         match parse(line).unwrap().command {
             Command::Job {
                 command: JobCommand::Submit(a),
-            } => job_spec(a),
+            } => job_spec(*a),
             other => panic!("not a submit: {other:?}"),
         }
     }
@@ -1688,8 +2042,10 @@ mod tests {
     fn submit_defaults() {
         let spec = submit_spec("job submit");
         let res = spec.resources.clone().unwrap();
-        assert_eq!(res.cpu_milli, 1000);
-        assert_eq!(res.memory_mib, 1024);
+        // 0 = the kind's default, filled in by the scheduler.
+        assert_eq!(res.cpu_milli, 0);
+        assert_eq!(res.memory_mib, 0);
+        assert!(spec.health_check.is_none() && !spec.cpu_only);
         assert_eq!(res.gpus, 0);
         assert_eq!(spec.instances, 1);
         assert_eq!(spec.kind, pb::JobKind::Training as i32);

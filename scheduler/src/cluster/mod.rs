@@ -6,8 +6,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 mod billing;
+mod kinds;
 mod pools;
 
+use crate::domain::job::{HealthCheck, KindTable, PendingRank};
 use crate::domain::placement::{self, GpuSlot, NodeCapacity};
 use crate::domain::pool::{Pool, PoolError};
 use crate::domain::tenant::{Caller, Tenant, TenantError};
@@ -49,6 +51,14 @@ pub struct StartSpec {
     pub world_size: u32,
     /// Pool metadata for the instance (network settings, R-CREATE-14).
     pub metadata: BTreeMap<String, String>,
+    /// The agent gives the instance a port (exported as `PORT`): this one,
+    /// or (0) a free one from its range.
+    pub needs_port: bool,
+    pub port: u32,
+    /// Readiness check the agent runs (online services).
+    pub health_check: Option<HealthCheck>,
+    /// The agent reports user activity (notebooks, TensorBoards).
+    pub watch_activity: bool,
 }
 
 /// Commands for agents, by node id, in order.
@@ -62,6 +72,12 @@ pub struct ReportedInstance {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub reason: String,
+    /// The port the agent gave it (0 = none).
+    pub port: u32,
+    /// Passes its health check.
+    pub ready: bool,
+    /// Time since the agent last saw user activity, when it watches.
+    pub idle_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -79,6 +95,8 @@ pub struct Settings {
     pub default_price: crate::domain::billing::SpecPrice,
     /// How long a frozen pool is kept before it is released.
     pub frozen_retention_ms: i64,
+    /// Per-kind defaults and limits.
+    pub kinds: KindTable,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +117,8 @@ pub enum ClusterError {
     Tenant(#[from] TenantError),
     #[error("storage failure")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// Resources in use on one node, derived from its active instances.
@@ -352,7 +372,7 @@ impl Cluster {
             }
         }
         for id in changed_jobs {
-            self.settle(&id, out);
+            self.settle(&id, now_ms, out);
             self.persist_job(&id, now_ms);
         }
         self.schedule(now_ms, out);
@@ -387,6 +407,12 @@ impl Cluster {
             } else {
                 i64::from(job.spec.resources.gpu_milli)
             };
+            let active_pct = self
+                .settings
+                .kinds
+                .get(job.spec.kind)
+                .idle_gpu_util_pct
+                .max(1);
             for inst in job.instances.iter_mut().filter(|i| {
                 i.node_id == node_id
                     && i.state == InstanceState::Running
@@ -403,6 +429,13 @@ impl Cluster {
                     // dt x (util / 100) x (share / 1000)
                     *inst.gpu_used_ms_by_hour.entry(hour).or_insert(0) +=
                         dt * util * share_milli / 100_000;
+                }
+                if inst
+                    .gpu_indexes
+                    .iter()
+                    .any(|g| samples.iter().any(|(i, u)| i == g && *u >= active_pct))
+                {
+                    inst.gpu_active_ms = Some(now_ms);
                 }
                 inst.last_sample_ms = Some(now_ms);
             }
@@ -507,6 +540,15 @@ impl Cluster {
             return;
         }
         let mut changed = false;
+        if r.port != 0 && inst.port != r.port {
+            inst.port = r.port;
+            changed = true;
+        }
+        if let Some(idle) = r.idle_ms {
+            // Kept in memory; written with the next change of the job.
+            let at = now_ms - idle.min(i64::MAX as u64) as i64;
+            inst.last_activity_ms = Some(inst.last_activity_ms.map_or(at, |t| t.max(at)));
+        }
         if inst.state != r.state {
             if r.state == InstanceState::Running && inst.state == InstanceState::Stopping {
                 // The agent has not seen our stop (it was disconnected, or the
@@ -524,11 +566,20 @@ impl Cluster {
                 changed = true;
             }
         }
+        // Ready: it runs (not being stopped) and passes its health check.
+        let ready = r.state == InstanceState::Running
+            && inst.state == InstanceState::Running
+            && (r.ready || job.spec.health_check.is_none());
+        if inst.ready != ready {
+            inst.ready = ready;
+            changed = true;
+        }
         if r.state == InstanceState::Running && inst.started_at_ms.is_none() {
             inst.started_at_ms = Some(now_ms);
             changed = true;
         }
         if r.state.is_terminal() {
+            inst.ready = false;
             inst.exit_code = r.exit_code;
             inst.signal = r.signal;
             if !r.reason.is_empty() {
@@ -548,7 +599,7 @@ impl Cluster {
         job.refresh_state(now_ms);
         let job_id = job.job_id.clone();
         tracing::info!(job = %job_id, instance = %r.instance_id, state = ?r.state, "instance update");
-        self.settle(&job_id, out);
+        self.settle(&job_id, now_ms, out);
         self.persist_job(&job_id, now_ms);
         if r.state.is_terminal() {
             self.schedule(now_ms, out);
@@ -560,11 +611,15 @@ impl Cluster {
     /// (`max_retries`) the job is queued again once every instance of the
     /// run has ended (a lost node's instances end at once). Returns true
     /// when it requeued the job.
-    fn settle(&mut self, job_id: &str, out: &mut Outbox) -> bool {
+    fn settle(&mut self, job_id: &str, now_ms: i64, out: &mut Outbox) -> bool {
         let grace_ms = self.settings.stop_grace_ms;
         let Some(job) = self.jobs.get_mut(job_id) else {
             return false;
         };
+        if job.spec.kind.has_replicas() {
+            self.settle_replicas(job_id, now_ms, out);
+            return false;
+        }
         if job.stop_cause.is_some() || !matches!(job.state, JobState::Failed | JobState::Lost) {
             return false;
         }
@@ -648,12 +703,14 @@ impl Cluster {
                 }
             }
             for id in changed {
-                self.settle(&id, out);
+                self.settle(&id, now_ms, out);
                 self.persist_job(&id, now_ms);
             }
         }
         self.advance_subscriptions(now_ms, out);
         self.advance_pools(now_ms);
+        self.enforce_time_limits(now_ms, out);
+        self.advance_rollouts(now_ms, out);
         self.schedule(now_ms, out);
     }
 
@@ -667,7 +724,25 @@ impl Cluster {
         now_ms: i64,
         out: &mut Outbox,
     ) -> Result<Job, ClusterError> {
-        let spec = raw.validate()?;
+        let mut raw = raw;
+        if raw.kind == Some(JobKind::Tensorboard) && !raw.for_job.is_empty() {
+            let training = self.job(caller, &raw.for_job)?;
+            if training.spec.kind != JobKind::Training {
+                return Err(ClusterError::FailedPrecondition(format!(
+                    "job {} is a {}: a tensorboard serves a training job's logs",
+                    training.job_id,
+                    training.spec.kind.name()
+                )));
+            }
+            if raw.log_dir.is_empty() {
+                raw.log_dir = training.spec.log_dir.clone();
+            }
+            if raw.pool.is_empty() && training.pool_id != PUBLIC_POOL {
+                // In the training job's pool: deleting the pool stops it too.
+                raw.pool = training.pool_id.clone();
+            }
+        }
+        let spec = raw.validate_for(&self.settings.kinds)?;
         let pool_id = match self.resolve_pool(caller, &spec.pool)? {
             PoolRef::Public => PUBLIC_POOL.to_string(),
             PoolRef::Dedicated(pool) => {
@@ -682,6 +757,28 @@ impl Cluster {
             }
         };
         let seq = self.next_seq;
+        let access_token = if spec.kind == JobKind::Notebook {
+            crate::api::auth::new_token()
+                .map_err(|e| ClusterError::Internal(format!("cannot make a notebook token: {e}")))?
+        } else {
+            String::new()
+        };
+        let pending = if spec.kind.has_replicas() {
+            let first = match spec.kind {
+                JobKind::BatchService if spec.completions > 0 => {
+                    spec.instances.min(spec.completions)
+                }
+                _ => spec.instances,
+            };
+            (0..first)
+                .map(|rank| PendingRank {
+                    rank,
+                    not_before_ms: 0,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let job = Job {
             job_id: format!("j-{seq:06}"),
             seq,
@@ -696,6 +793,11 @@ impl Cluster {
             instances: Vec::new(),
             stop_cause: None,
             retries: 0,
+            access_token,
+            pending,
+            restarts: 0,
+            rollout: Vec::new(),
+            gave_up: None,
         };
         self.store.put_job(&job, now_ms)?;
         self.next_seq += 1;
@@ -773,7 +875,13 @@ impl Cluster {
         let mut queued: Vec<(i32, u64, String)> = self
             .jobs
             .values()
-            .filter(|j| j.state == JobState::Queued)
+            .filter(|j| {
+                if j.spec.kind.has_replicas() {
+                    j.stop_cause.is_none() && j.pending.iter().any(|p| p.not_before_ms <= now_ms)
+                } else {
+                    j.state == JobState::Queued
+                }
+            })
             .map(|j| (j.spec.priority, j.seq, j.job_id.clone()))
             .collect();
         if queued.is_empty() {
@@ -789,67 +897,81 @@ impl Cluster {
         let mut heads: HashMap<String, (String, Vec<bool>)> = HashMap::new();
         for (_, _, job_id) in queued {
             let job = self.jobs.get(&job_id).expect("queued job exists");
-            let (pool_id, res, instances) = (
-                job.pool_id.clone(),
-                job.spec.resources.clone(),
-                job.spec.instances,
-            );
-            let spread = job.spec.kind == JobKind::OnlineService;
+            let (pool_id, res) = (job.pool_id.clone(), job.spec.resources.clone());
             let avoid = heads.get(&pool_id).map_or(&[][..], |h| &h.1[..]);
-            let assignments = match placer.place_avoiding(&pool_id, &res, instances, spread, avoid)
-            {
-                Ok(a) => a,
-                Err(reason) => {
-                    let reason = match heads.get(&pool_id) {
-                        Some((head, _)) => format!(
-                            "{reason} (behind {head}, which keeps the nodes it can use; others may be backfilled)"
-                        ),
-                        None => {
-                            if let Some(reserved) = self.reserved_for(&pool_id, &res, instances) {
-                                heads.insert(pool_id.clone(), (job_id.clone(), reserved));
-                            }
-                            reason
-                        }
-                    };
-                    let job = self.jobs.get_mut(&job_id).expect("queued job exists");
-                    if job.reason != reason {
-                        job.reason = reason;
-                        self.persist_job(&job_id, now_ms);
-                    }
-                    continue;
+            let (placed, failure) = if job.spec.kind.has_replicas() {
+                self.place_replicas(job, &mut placer, avoid, now_ms)
+            } else {
+                let ranks: Vec<u32> = (0..job.spec.instances).collect();
+                match placer.place_avoiding(&pool_id, &res, job.spec.instances, false, avoid) {
+                    Ok(a) => (ranks.into_iter().zip(a).collect(), None),
+                    Err(reason) => (Vec::new(), Some(reason)),
                 }
             };
+            if let Some(reason) = failure {
+                let wanted = job.pending.len().max(1) as u32;
+                let instances = if job.spec.kind.has_replicas() {
+                    wanted
+                } else {
+                    job.spec.instances
+                };
+                let reason = match heads.get(&pool_id) {
+                    Some((head, _)) => format!(
+                        "{reason} (behind {head}, which keeps the nodes it can use; others may be backfilled)"
+                    ),
+                    None => {
+                        if let Some(reserved) = self.reserved_for(&pool_id, &res, instances) {
+                            heads.insert(pool_id.clone(), (job_id.clone(), reserved));
+                        }
+                        reason
+                    }
+                };
+                let job = self.jobs.get_mut(&job_id).expect("queued job exists");
+                if job.reason != reason && placed.is_empty() {
+                    job.reason = reason;
+                    self.persist_job(&job_id, now_ms);
+                }
+            }
+            if placed.is_empty() {
+                continue;
+            }
             let job = self.jobs.get_mut(&job_id).expect("queued job exists");
             let attempt = job.retries;
-            let suffix = if attempt == 0 {
-                String::new()
-            } else {
-                format!("-r{attempt}")
-            };
-            let placed: Vec<Instance> = assignments
-                .into_iter()
-                .enumerate()
-                .map(|(rank, a)| Instance {
-                    instance_id: format!("{}-{rank}{suffix}", job.job_id),
-                    rank: rank as u32,
-                    node_id: a.node_id,
-                    gpu_indexes: a.gpu_indexes,
-                    gpu_uuids: a.gpu_uuids,
-                    state: InstanceState::Scheduled,
-                    exit_code: None,
-                    signal: None,
-                    reason: String::new(),
-                    started_at_ms: None,
-                    finished_at_ms: None,
-                    gpu_used_ms_by_hour: BTreeMap::new(),
-                    last_sample_ms: None,
-                    attempt,
-                })
-                .collect();
-            // Earlier runs' instances stay (billing, history).
-            job.instances.extend(placed);
+            let mut new_ids = Vec::new();
+            for (rank, a) in placed {
+                let replacement = job
+                    .instances
+                    .iter()
+                    .any(|i| i.rank == rank && i.attempt == attempt);
+                let suffix = match (attempt, replacement) {
+                    (_, true) => {
+                        job.restarts += 1;
+                        format!("-n{}", job.restarts)
+                    }
+                    (0, false) => String::new(),
+                    (k, false) => format!("-r{k}"),
+                };
+                let mut inst =
+                    Instance::scheduled(format!("{}-{rank}{suffix}", job.job_id), rank, attempt);
+                inst.node_id = a.node_id;
+                inst.gpu_indexes = a.gpu_indexes;
+                inst.gpu_uuids = a.gpu_uuids;
+                inst.address = self
+                    .nodes
+                    .get(&inst.node_id)
+                    .map(|n| n.address().to_string())
+                    .unwrap_or_default();
+                job.pending.retain(|p| p.rank != rank);
+                new_ids.push(inst.instance_id.clone());
+                // Earlier runs' instances stay (billing, history).
+                job.instances.push(inst);
+            }
             job.refresh_state(now_ms);
-            for inst in job.current() {
+            for inst in job
+                .instances
+                .iter()
+                .filter(|i| new_ids.contains(&i.instance_id))
+            {
                 self.instance_job
                     .insert(inst.instance_id.clone(), job.job_id.clone());
                 out.push((
@@ -857,9 +979,65 @@ impl Cluster {
                     AgentCommand::Start(Box::new(start_spec(job, inst, &self.pools, &self.nodes))),
                 ));
             }
-            tracing::info!(job = %job_id, attempt, "job placed");
+            tracing::info!(job = %job_id, attempt, instances = new_ids.len(), "job placed");
             self.persist_job(&job_id, now_ms);
         }
+    }
+
+    /// Places a replica job's due pending ranks one by one; online service
+    /// replicas keep off the nodes of their siblings when they can. Returns
+    /// what was placed and, if a rank could not be, why.
+    fn place_replicas(
+        &self,
+        job: &Job,
+        placer: &mut placement::Placer,
+        avoid: &[bool],
+        now_ms: i64,
+    ) -> (Vec<(u32, placement::Assignment)>, Option<String>) {
+        let res = &job.spec.resources;
+        let mut taken: Vec<String> = job.active_instances().map(|i| i.node_id.clone()).collect();
+        let due: Vec<u32> = job
+            .pending
+            .iter()
+            .filter(|p| p.not_before_ms <= now_ms)
+            .map(|p| p.rank)
+            .collect();
+        if job.spec.kind == JobKind::OnlineService && taken.is_empty() && due.len() > 1 {
+            // A fresh service: all its replicas at once, spread over nodes,
+            // then zones.
+            let n = due.len() as u32;
+            if let Ok(a) = placer.place_avoiding(&job.pool_id, res, n, true, avoid) {
+                return (due.into_iter().zip(a).collect(), None);
+            }
+        }
+        let mut placed = Vec::new();
+        for p in job.pending.iter().filter(|p| p.not_before_ms <= now_ms) {
+            let spread_mask =
+                (job.spec.kind == JobKind::OnlineService && !taken.is_empty()).then(|| {
+                    self.nodes
+                        .keys()
+                        .enumerate()
+                        .map(|(pos, id)| {
+                            avoid.get(pos).copied().unwrap_or(false) || taken.contains(id)
+                        })
+                        .collect::<Vec<bool>>()
+                });
+            let attempt = match spread_mask {
+                Some(mask) => placer
+                    .place_avoiding(&job.pool_id, res, 1, false, &mask)
+                    .or_else(|_| placer.place_avoiding(&job.pool_id, res, 1, false, avoid)),
+                None => placer.place_avoiding(&job.pool_id, res, 1, false, avoid),
+            };
+            match attempt {
+                Ok(mut a) => {
+                    let a = a.pop().expect("one instance placed");
+                    taken.push(a.node_id.clone());
+                    placed.push((p.rank, a));
+                }
+                Err(reason) => return (placed, Some(reason)),
+            }
+        }
+        (placed, None)
     }
 
     /// The nodes (by position in [`Cluster::capacity`]) a job of `pool`
@@ -1005,12 +1183,7 @@ fn start_spec(
         .find(|i| i.rank == 0)
         .and_then(|i| nodes.get(&i.node_id));
     if let Some(master) = master {
-        let addr = if master.inventory.address.is_empty() {
-            master.inventory.hostname.clone()
-        } else {
-            master.inventory.address.clone()
-        };
-        env.insert("MASTER_ADDR".into(), addr);
+        env.insert("MASTER_ADDR".into(), master.address().to_string());
         env.insert(
             "MASTER_PORT".into(),
             (MASTER_PORT_BASE + (job.seq % 1000) as u32).to_string(),
@@ -1030,6 +1203,14 @@ fn start_spec(
             .to_string(),
     );
     env.insert("LOCAL_WORLD_SIZE".into(), same_node.len().to_string());
+    if !spec.log_dir.is_empty() {
+        env.insert("GPUPOOL_LOG_DIR".into(), spec.log_dir.clone());
+    }
+    if !job.access_token.is_empty() {
+        // Jupyter reads its token from JUPYTER_TOKEN too.
+        env.insert("GPUPOOL_TOKEN".into(), job.access_token.clone());
+        env.insert("JUPYTER_TOKEN".into(), job.access_token.clone());
+    }
     StartSpec {
         instance_id: inst.instance_id.clone(),
         job_id: job.job_id.clone(),
@@ -1051,6 +1232,10 @@ fn start_spec(
             m.insert("tenant".into(), job.tenant.clone());
             m
         },
+        needs_port: spec.kind.serves(),
+        port: spec.port,
+        health_check: spec.health_check.clone(),
+        watch_activity: spec.kind.interactive(),
     }
 }
 
@@ -1061,6 +1246,7 @@ mod tests {
     use crate::store::SqliteStore;
 
     mod billing;
+    mod kinds;
 
     fn settings() -> Settings {
         Settings {
@@ -1075,6 +1261,7 @@ mod tests {
                 public_instance_hour_micros: 360_000,
             },
             frozen_retention_ms: 24 * 3_600_000,
+            kinds: KindTable::default(),
         }
     }
 
@@ -1125,6 +1312,9 @@ mod tests {
             exit_code: code,
             signal: None,
             reason: String::new(),
+            port: 0,
+            ready: false,
+            idle_ms: None,
         }
     }
 

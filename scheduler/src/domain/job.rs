@@ -83,6 +83,32 @@ pub struct JobSpec {
     pub max_retries: u32,
     pub port: u32,
     pub completions: u32,
+    /// Online services: the agent's readiness check of each replica.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    /// Notebooks and TensorBoards: stopped after this long idle; 0 = never.
+    #[serde(default)]
+    pub idle_timeout_secs: u64,
+    /// Training: where it writes TensorBoard logs (exported as
+    /// `GPUPOOL_LOG_DIR`); TensorBoard: the directory it serves.
+    #[serde(default)]
+    pub log_dir: String,
+    /// TensorBoard: the training job whose logs it serves.
+    #[serde(default)]
+    pub for_job: String,
+}
+
+/// How the agent checks that a replica is ready to serve: an HTTP GET of
+/// `http_path` answered 2xx/3xx, or (no path) a TCP connection accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub http_path: Option<String>,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    /// Consecutive failures that take a ready replica out of the endpoints.
+    pub failure_threshold: u32,
+    /// No check before this long after the start.
+    pub initial_delay_ms: u32,
 }
 
 /// A job spec as it arrives, before validation (signed, so that negative
@@ -106,11 +132,163 @@ pub struct RawJobSpec {
     pub max_retries: u32,
     pub port: u32,
     pub completions: u32,
+    pub health_check: Option<HealthCheck>,
+    pub idle_timeout_secs: u64,
+    pub log_dir: String,
+    pub for_job: String,
+    /// Ask no GPU even when the kind's default has one.
+    pub cpu_only: bool,
 }
 
 /// Defaults applied when a field is left at zero.
 pub const DEFAULT_CPU_MILLI: u64 = 1000;
 pub const DEFAULT_MEMORY_MIB: u64 = 1024;
+
+/// The operator's defaults and limits for one job kind (`[kinds.<kind>]`
+/// in the scheduler config; `gpupool job kinds` shows them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KindSettings {
+    /// Command run when a job gives none (notebooks, TensorBoards). The
+    /// agent replaces `{port}`, `{token}` and `{log_dir}` in it.
+    pub command: Vec<String>,
+    /// Default GPUs per instance (whole, or a fraction in thousandths).
+    pub gpus: u32,
+    pub gpu_milli: u32,
+    pub cpu_milli: u64,
+    pub memory_mib: u64,
+    /// Maximum run time when a job sets none; 0 = unlimited.
+    pub max_runtime_secs: u64,
+    /// Longest maximum run time a job may ask; 0 = no limit.
+    pub max_runtime_limit_secs: u64,
+    /// Idle time after which a notebook or TensorBoard is stopped; 0 = never.
+    pub idle_timeout_secs: u64,
+    /// GPU utilization (%) at or above which a notebook counts as active.
+    pub idle_gpu_util_pct: u32,
+}
+
+impl KindSettings {
+    fn plain() -> Self {
+        Self {
+            command: Vec::new(),
+            gpus: 0,
+            gpu_milli: 0,
+            cpu_milli: DEFAULT_CPU_MILLI,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            max_runtime_secs: 0,
+            max_runtime_limit_secs: 0,
+            idle_timeout_secs: 0,
+            idle_gpu_util_pct: 0,
+        }
+    }
+}
+
+/// Settings of the five kinds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindTable {
+    pub notebook: KindSettings,
+    pub training: KindSettings,
+    pub tensorboard: KindSettings,
+    pub online_service: KindSettings,
+    pub batch_service: KindSettings,
+}
+
+impl Default for KindTable {
+    /// Built-in defaults: JupyterLab on a quarter GPU, culled after an idle
+    /// hour; TensorBoard without GPU, culled after an idle hour.
+    fn default() -> Self {
+        Self {
+            notebook: KindSettings {
+                command: [
+                    "jupyter",
+                    "lab",
+                    "--no-browser",
+                    "--ip=0.0.0.0",
+                    "--port={port}",
+                    "--ServerApp.token={token}",
+                ]
+                .map(String::from)
+                .to_vec(),
+                gpu_milli: 250,
+                cpu_milli: 2000,
+                memory_mib: 8192,
+                idle_timeout_secs: 3600,
+                idle_gpu_util_pct: 5,
+                ..KindSettings::plain()
+            },
+            training: KindSettings::plain(),
+            tensorboard: KindSettings {
+                command: [
+                    "tensorboard",
+                    "--logdir={log_dir}",
+                    "--port={port}",
+                    "--bind_all",
+                ]
+                .map(String::from)
+                .to_vec(),
+                memory_mib: 2048,
+                idle_timeout_secs: 3600,
+                ..KindSettings::plain()
+            },
+            online_service: KindSettings::plain(),
+            batch_service: KindSettings::plain(),
+        }
+    }
+}
+
+impl KindTable {
+    pub fn get(&self, kind: JobKind) -> &KindSettings {
+        match kind {
+            JobKind::Notebook => &self.notebook,
+            JobKind::Training => &self.training,
+            JobKind::Tensorboard => &self.tensorboard,
+            JobKind::OnlineService => &self.online_service,
+            JobKind::BatchService => &self.batch_service,
+        }
+    }
+
+    pub fn get_mut(&mut self, kind: JobKind) -> &mut KindSettings {
+        match kind {
+            JobKind::Notebook => &mut self.notebook,
+            JobKind::Training => &mut self.training,
+            JobKind::Tensorboard => &mut self.tensorboard,
+            JobKind::OnlineService => &mut self.online_service,
+            JobKind::BatchService => &mut self.batch_service,
+        }
+    }
+}
+
+impl JobKind {
+    pub const ALL: [JobKind; 5] = [
+        JobKind::Notebook,
+        JobKind::Training,
+        JobKind::Tensorboard,
+        JobKind::OnlineService,
+        JobKind::BatchService,
+    ];
+
+    /// Kinds whose instances are replicas managed one by one (restarted,
+    /// scaled, completed) rather than one gang run.
+    pub fn has_replicas(self) -> bool {
+        matches!(self, JobKind::OnlineService | JobKind::BatchService)
+    }
+
+    /// Kinds the agent gives a port (notebooks, TensorBoards, services).
+    pub fn serves(self) -> bool {
+        matches!(
+            self,
+            JobKind::Notebook | JobKind::Tensorboard | JobKind::OnlineService
+        )
+    }
+
+    /// Kinds that are stopped when idle.
+    pub fn interactive(self) -> bool {
+        matches!(self, JobKind::Notebook | JobKind::Tensorboard)
+    }
+
+    pub fn from_name(name: &str) -> Option<JobKind> {
+        JobKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
 /// Upper bounds that catch typos before they become unschedulable jobs.
 pub const MAX_INSTANCES: i64 = 10_000;
 pub const MAX_GPUS_PER_INSTANCE: i64 = 64;
@@ -122,6 +300,28 @@ pub enum SpecError {
     MissingKind,
     #[error("command must not be empty")]
     EmptyCommand,
+    #[error("a {0} has exactly one instance")]
+    SingleInstance(&'static str),
+    #[error("{field} applies to {applies} jobs only, not to a {kind}")]
+    NotForKind {
+        field: &'static str,
+        applies: &'static str,
+        kind: &'static str,
+    },
+    #[error("max_runtime_secs {asked} exceeds the {kind} limit of {limit} s")]
+    RuntimeOverLimit {
+        asked: u64,
+        limit: u64,
+        kind: &'static str,
+    },
+    #[error(
+        "a tensorboard needs a log directory: give log_dir, or for_job with a training job that sets log_dir"
+    )]
+    NoLogDir,
+    #[error("port must be 1..65535 (got {0})")]
+    BadPort(u32),
+    #[error("health_check: {0}")]
+    BadHealthCheck(String),
     #[error("{field} must not be negative (got {value})")]
     Negative { field: &'static str, value: i64 },
     #[error(
@@ -145,11 +345,75 @@ pub enum SpecError {
 }
 
 impl RawJobSpec {
-    /// Validates and fills defaults.
+    /// Validates and fills the built-in kind defaults.
     pub fn validate(self) -> Result<JobSpec, SpecError> {
+        self.validate_for(&KindTable::default())
+    }
+
+    /// Validates and fills defaults from the operator's kind settings.
+    pub fn validate_for(mut self, kinds: &KindTable) -> Result<JobSpec, SpecError> {
         let kind = self.kind.ok_or(SpecError::MissingKind)?;
+        let defaults = kinds.get(kind);
+        if self.command.is_empty() {
+            self.command = defaults.command.clone();
+        }
         if self.command.first().is_none_or(|c| c.trim().is_empty()) {
             return Err(SpecError::EmptyCommand);
+        }
+        let not_for = |field, applies| SpecError::NotForKind {
+            field,
+            applies,
+            kind: kind.name(),
+        };
+        if kind.interactive() && self.instances > 1 {
+            return Err(SpecError::SingleInstance(kind.name()));
+        }
+        if self.completions != 0 && kind != JobKind::BatchService {
+            return Err(not_for("completions", "batch_service"));
+        }
+        if self.health_check.is_some() && kind != JobKind::OnlineService {
+            return Err(not_for("health_check", "online_service"));
+        }
+        if self.idle_timeout_secs != 0 && !kind.interactive() {
+            return Err(not_for("idle_timeout_secs", "notebook and tensorboard"));
+        }
+        if self.port > 65_535 {
+            return Err(SpecError::BadPort(self.port));
+        }
+        if kind == JobKind::Tensorboard && self.log_dir.trim().is_empty() {
+            return Err(SpecError::NoLogDir);
+        }
+        if let Some(h) = &self.health_check {
+            if let Some(path) = &h.http_path
+                && !path.starts_with('/')
+            {
+                return Err(SpecError::BadHealthCheck(format!(
+                    "http_path must start with / (got {path:?})"
+                )));
+            }
+            if h.interval_ms < 100 || h.timeout_ms == 0 || h.timeout_ms > h.interval_ms.max(1000) {
+                return Err(SpecError::BadHealthCheck(format!(
+                    "interval_ms must be at least 100 and timeout_ms 1..max(interval_ms, 1000) (got {} and {})",
+                    h.interval_ms, h.timeout_ms
+                )));
+            }
+        }
+        let limit = defaults.max_runtime_limit_secs;
+        let max_runtime_secs = match (self.max_runtime_secs, defaults.max_runtime_secs) {
+            (0, 0) => limit,
+            (0, default) => default,
+            (asked, _) => asked,
+        };
+        if limit > 0 && max_runtime_secs > limit {
+            return Err(SpecError::RuntimeOverLimit {
+                asked: max_runtime_secs,
+                limit,
+                kind: kind.name(),
+            });
+        }
+        if self.gpus == 0 && self.gpu_milli == 0 && !self.cpu_only {
+            self.gpus = i64::from(defaults.gpus);
+            self.gpu_milli = i64::from(defaults.gpu_milli);
         }
         for (field, value) in [
             ("gpus", self.gpus),
@@ -189,6 +453,10 @@ impl RawJobSpec {
             }
         }
         let or_default = |v: i64, d: u64| if v == 0 { d } else { v as u64 };
+        let idle_timeout_secs = match self.idle_timeout_secs {
+            0 if kind.interactive() => defaults.idle_timeout_secs,
+            secs => secs,
+        };
         Ok(JobSpec {
             name: self.name,
             kind,
@@ -201,18 +469,22 @@ impl RawJobSpec {
                     .into_iter()
                     .filter(|m| !m.is_empty())
                     .collect(),
-                cpu_milli: or_default(self.cpu_milli, DEFAULT_CPU_MILLI),
-                memory_mib: or_default(self.memory_mib, DEFAULT_MEMORY_MIB),
+                cpu_milli: or_default(self.cpu_milli, defaults.cpu_milli),
+                memory_mib: or_default(self.memory_mib, defaults.memory_mib),
             },
             instances: self.instances as u32,
             command: self.command,
             env: self.env,
             working_dir: Some(self.working_dir).filter(|d| !d.is_empty()),
             priority: self.priority,
-            max_runtime_secs: self.max_runtime_secs,
+            max_runtime_secs,
             max_retries: self.max_retries,
             port: self.port,
             completions: self.completions,
+            health_check: self.health_check,
+            idle_timeout_secs,
+            log_dir: self.log_dir,
+            for_job: self.for_job,
         })
     }
 }
@@ -261,6 +533,74 @@ pub struct Instance {
     /// retry places a new set of instances with the next number).
     #[serde(default)]
     pub attempt: u32,
+    /// The port the agent gave the instance (notebooks, TensorBoards,
+    /// services); 0 = none yet.
+    #[serde(default)]
+    pub port: u32,
+    /// Passes its health check (or, without one, runs): listed as an
+    /// endpoint.
+    #[serde(default)]
+    pub ready: bool,
+    /// A later instance took this one's rank (a restarted replica, a
+    /// retried completion, a rolling restart, a scale-down).
+    #[serde(default)]
+    pub replaced: bool,
+    /// Last user activity the agent saw (notebook kernels, connections).
+    #[serde(default)]
+    pub last_activity_ms: Option<i64>,
+    /// Last GPU sample at or above the kind's activity threshold.
+    #[serde(default)]
+    pub gpu_active_ms: Option<i64>,
+    /// Address of its node, for endpoints and URLs.
+    #[serde(default)]
+    pub address: String,
+}
+
+impl Instance {
+    /// A new instance of `job_id`, not yet started.
+    pub fn scheduled(instance_id: String, rank: u32, attempt: u32) -> Self {
+        Self {
+            instance_id,
+            rank,
+            node_id: String::new(),
+            gpu_indexes: Vec::new(),
+            gpu_uuids: Vec::new(),
+            state: InstanceState::Scheduled,
+            exit_code: None,
+            signal: None,
+            reason: String::new(),
+            started_at_ms: None,
+            finished_at_ms: None,
+            gpu_used_ms_by_hour: BTreeMap::new(),
+            last_sample_ms: None,
+            attempt,
+            port: 0,
+            ready: false,
+            replaced: false,
+            last_activity_ms: None,
+            gpu_active_ms: None,
+            address: String::new(),
+        }
+    }
+
+    /// `host:port` where it serves, once the agent gave it a port.
+    pub fn endpoint(&self) -> Option<String> {
+        (self.port != 0 && !self.address.is_empty()).then(|| {
+            if self.address.contains(':') {
+                format!("[{}]:{}", self.address, self.port)
+            } else {
+                format!("{}:{}", self.address, self.port)
+            }
+        })
+    }
+}
+
+/// A replica rank waiting to be placed (services, batch completions).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRank {
+    pub rank: u32,
+    /// Not before this time (restart backoff).
+    pub not_before_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -305,6 +645,22 @@ pub struct Job {
     /// `spec.max_retries`); instances of earlier runs stay for the record.
     #[serde(default)]
     pub retries: u32,
+    /// Notebook access token (part of its URL).
+    #[serde(default)]
+    pub access_token: String,
+    /// Replica kinds: ranks to place, in order.
+    #[serde(default)]
+    pub pending: Vec<PendingRank>,
+    /// Replica kinds: replacement instances started so far (restarts,
+    /// retried completions, rolling restarts).
+    #[serde(default)]
+    pub restarts: u32,
+    /// Rolling restart: ranks still to restart, one at a time.
+    #[serde(default)]
+    pub rollout: Vec<u32>,
+    /// Batch services: why the job gave up (retries spent).
+    #[serde(default)]
+    pub gave_up: Option<String>,
 }
 
 /// Why the scheduler stops a job's instances.
@@ -318,6 +674,10 @@ pub enum StopCause {
     ScaleIn { node: String, pool: String },
     /// The pool's subscription lapsed and the pool was frozen.
     PoolFrozen { pool: String },
+    /// It ran past its maximum run time.
+    Timeout { secs: u64 },
+    /// A notebook or TensorBoard idle past its idle timeout.
+    Idle { secs: u64, why: String },
 }
 
 impl StopCause {
@@ -336,6 +696,14 @@ impl StopCause {
                 JobState::Failed,
                 format!("node {node} was removed from pool {pool} by a forced scale-in"),
             ),
+            StopCause::Timeout { secs } => (
+                JobState::Failed,
+                format!("timeout: ran past its maximum run time of {secs} s"),
+            ),
+            StopCause::Idle { secs, why } => (
+                JobState::Cancelled,
+                format!("culled: idle for {secs} s ({why})"),
+            ),
         }
     }
 }
@@ -346,9 +714,69 @@ impl Job {
         self.instances.iter().filter(|i| !i.state.is_terminal())
     }
 
-    /// The instances of the current run.
+    /// The instances of the current run (for replica kinds: the latest
+    /// instance of each rank).
     pub fn current(&self) -> impl Iterator<Item = &Instance> {
-        self.instances.iter().filter(|i| i.attempt == self.retries)
+        self.instances
+            .iter()
+            .filter(|i| i.attempt == self.retries && !i.replaced)
+    }
+
+    /// The URL of a running notebook (with its token) or TensorBoard.
+    pub fn url(&self) -> Option<String> {
+        if !self.spec.kind.interactive() || self.state.is_terminal() {
+            return None;
+        }
+        let endpoint = self
+            .current()
+            .find(|i| i.state == InstanceState::Running)?
+            .endpoint()?;
+        Some(match self.spec.kind {
+            JobKind::Notebook => format!("http://{endpoint}/?token={}", self.access_token),
+            _ => format!("http://{endpoint}/"),
+        })
+    }
+
+    /// Batch services: completions needed (default: one per instance).
+    pub fn completions(&self) -> u32 {
+        match self.spec.completions {
+            0 => self.spec.instances,
+            n => n,
+        }
+    }
+
+    /// Replica kinds: the job's state from its replicas. A service runs
+    /// while any replica runs and never ends by itself; a batch service
+    /// succeeds once every completion index has succeeded.
+    fn replica_state(&self) -> (JobState, String) {
+        let current: Vec<&Instance> = self.current().collect();
+        let count = |s: InstanceState| current.iter().filter(|i| i.state == s).count();
+        if let Some(why) = &self.gave_up {
+            return (JobState::Failed, why.clone());
+        }
+        if self.spec.kind == JobKind::BatchService
+            && count(InstanceState::Succeeded) as u32 >= self.completions()
+        {
+            return (JobState::Succeeded, String::new());
+        }
+        let waiting = match self.pending.first() {
+            Some(p) => {
+                format!("{} replica(s) waiting to be placed", self.pending.len())
+                    + &if p.not_before_ms > 0 {
+                        " (restart backoff)".to_string()
+                    } else {
+                        String::new()
+                    }
+            }
+            None => String::new(),
+        };
+        if count(InstanceState::Running) > 0 || count(InstanceState::Succeeded) > 0 {
+            (JobState::Running, waiting)
+        } else if count(InstanceState::Scheduled) > 0 {
+            (JobState::Scheduled, waiting)
+        } else {
+            (JobState::Queued, waiting)
+        }
     }
 
     /// Recomputes the job state from its instances at `now_ms`. Returns
@@ -366,6 +794,8 @@ impl Job {
         let any = |s: InstanceState| states.contains(&s);
         let (state, reason) = if let Some(cause) = &self.stop_cause {
             cause.outcome()
+        } else if self.spec.kind.has_replicas() {
+            self.replica_state()
         } else if let Some(lost) = self.current().find(|i| i.state == InstanceState::Lost) {
             (
                 JobState::Lost,
@@ -529,24 +959,19 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(rank, s)| Instance {
-                    instance_id: format!("j-{rank}"),
-                    rank: rank as u32,
                     node_id: "n".into(),
-                    gpu_indexes: vec![],
-                    gpu_uuids: vec![],
                     state: *s,
-                    exit_code: None,
-                    signal: None,
                     reason: "why".into(),
-                    started_at_ms: None,
-                    finished_at_ms: None,
-                    gpu_used_ms_by_hour: BTreeMap::new(),
-                    last_sample_ms: None,
-                    attempt: 0,
+                    ..Instance::scheduled(format!("j-{rank}"), rank as u32, 0)
                 })
                 .collect(),
             stop_cause: None,
             retries: 0,
+            access_token: String::new(),
+            pending: Vec::new(),
+            restarts: 0,
+            rollout: Vec::new(),
+            gave_up: None,
         }
     }
 

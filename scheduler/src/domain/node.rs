@@ -60,6 +60,16 @@ pub struct Node {
 }
 
 impl Node {
+    /// The address other nodes and clients reach it at (its hostname when
+    /// the agent advertises none).
+    pub fn address(&self) -> &str {
+        if self.inventory.address.is_empty() {
+            &self.inventory.hostname
+        } else {
+            &self.inventory.address
+        }
+    }
+
     /// True when the last heartbeat is older than `grace_ms` at `now_ms`.
     pub fn heartbeat_expired(&self, now_ms: i64, grace_ms: i64) -> bool {
         now_ms - self.last_heartbeat_ms > grace_ms

@@ -1,0 +1,457 @@
+//! The job kinds over the cluster state machine: service replicas,
+//! batch completions, maximum run time, idle culling, TensorBoards.
+
+use super::*;
+use crate::cluster::kinds::BASE_BACKOFF_MS;
+
+fn cluster(dir: &std::path::Path, nodes: usize, gpus: u32) -> Cluster {
+    let mut c = open(dir, 0);
+    for i in 0..nodes {
+        c.register_node(&format!("n{i}"), inventory(gpus), 0)
+            .unwrap();
+    }
+    c
+}
+
+fn spec(kind: JobKind, instances: i64, command: &[&str]) -> RawJobSpec {
+    RawJobSpec {
+        kind: Some(kind),
+        instances,
+        command: command.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Reports every active instance of `job` Running (and ready) on its node.
+fn run_all(c: &mut Cluster, job_id: &str, now: i64, out: &mut Outbox) {
+    let running: Vec<(String, String)> = c
+        .job(&admin(), job_id)
+        .unwrap()
+        .current()
+        .filter(|i| i.state == InstanceState::Scheduled || i.state == InstanceState::Running)
+        .map(|i| (i.node_id.clone(), i.instance_id.clone()))
+        .collect();
+    for (node, id) in running {
+        let mut r = report(&id, InstanceState::Running, None);
+        r.ready = true;
+        r.port = 31_000;
+        c.heartbeat(&node, None, vec![r], now, out);
+    }
+}
+
+/// Every node heartbeats, then the clock ticks.
+fn tick(c: &mut Cluster, now: i64, out: &mut Outbox) {
+    let nodes: Vec<String> = c.nodes().map(|n| n.node_id.clone()).collect();
+    for n in nodes {
+        c.heartbeat(&n, None, vec![], now, out);
+    }
+    c.tick(now, out);
+}
+
+fn current(c: &Cluster, job_id: &str) -> Vec<Instance> {
+    c.job(&admin(), job_id)
+        .unwrap()
+        .current()
+        .cloned()
+        .collect()
+}
+
+fn end(
+    c: &mut Cluster,
+    inst: &Instance,
+    state: InstanceState,
+    code: i32,
+    now: i64,
+    out: &mut Outbox,
+) {
+    c.heartbeat(
+        &inst.node_id,
+        None,
+        vec![report(&inst.instance_id, state, Some(code))],
+        now,
+        out,
+    );
+}
+
+#[test]
+fn a_crashed_replica_is_restarted_after_its_backoff_on_another_node_when_it_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 3, 1);
+    let mut out = Outbox::new();
+    let job = c
+        .submit(
+            &admin(),
+            spec(JobKind::OnlineService, 3, &["serve"]),
+            0,
+            &mut out,
+        )
+        .unwrap();
+    let nodes: std::collections::BTreeSet<String> = current(&c, &job.job_id)
+        .iter()
+        .map(|i| i.node_id.clone())
+        .collect();
+    assert_eq!(nodes.len(), 3, "replicas spread over the nodes");
+    run_all(&mut c, &job.job_id, 10, &mut out);
+    let j = c.job(&admin(), &job.job_id).unwrap();
+    assert_eq!(j.state, JobState::Running);
+    let first = current(&c, &job.job_id)[1].clone();
+    end(&mut c, &first, InstanceState::Failed, 1, 100, &mut out);
+    // Still a running service; rank 1 waits for its backoff.
+    let j = c.job(&admin(), &job.job_id).unwrap();
+    assert_eq!(j.state, JobState::Running);
+    assert_eq!(j.pending.len(), 1);
+    assert_eq!(j.pending[0].not_before_ms, 100 + BASE_BACKOFF_MS);
+    out.clear();
+    tick(&mut c, 100 + BASE_BACKOFF_MS - 1, &mut out);
+    assert!(
+        !out.iter()
+            .any(|(_, cmd)| matches!(cmd, AgentCommand::Start(_)))
+    );
+    tick(&mut c, 100 + BASE_BACKOFF_MS, &mut out);
+    let started: Vec<&StartSpec> = out
+        .iter()
+        .filter_map(|(_, cmd)| match cmd {
+            AgentCommand::Start(s) => Some(&**s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0].rank, 1);
+    assert_eq!(started[0].instance_id, format!("{}-1-n1", job.job_id));
+    assert!(started[0].needs_port);
+    let j = c.job(&admin(), &job.job_id).unwrap();
+    assert_eq!(j.restarts, 1);
+    assert_eq!(j.current().count(), 3);
+    // A quick second crash doubles the wait.
+    let again = current(&c, &job.job_id)
+        .into_iter()
+        .find(|i| i.rank == 1)
+        .unwrap();
+    run_all(&mut c, &job.job_id, 1_200, &mut out);
+    end(&mut c, &again, InstanceState::Failed, 1, 1_300, &mut out);
+    let j = c.job(&admin(), &job.job_id).unwrap();
+    assert_eq!(j.pending[0].not_before_ms, 1_300 + 2 * BASE_BACKOFF_MS);
+}
+
+#[test]
+fn scaling_adds_and_stops_replicas_and_endpoints_are_the_ready_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 2, 2);
+    let mut out = Outbox::new();
+    let job = c
+        .submit(
+            &admin(),
+            spec(JobKind::OnlineService, 2, &["serve"]),
+            0,
+            &mut out,
+        )
+        .unwrap();
+    run_all(&mut c, &job.job_id, 10, &mut out);
+    c.scale_service(&admin(), &job.job_id, 4, 20, &mut out)
+        .unwrap();
+    let j = c.job(&admin(), &job.job_id).unwrap();
+    assert_eq!(j.current().count(), 4, "{}", j.reason);
+    run_all(&mut c, &job.job_id, 30, &mut out);
+    let j = c.job(&admin(), &job.job_id).unwrap();
+    assert_eq!(j.current().filter(|i| i.ready).count(), 4);
+    assert!(
+        j.current()
+            .all(|i| i.endpoint().is_some_and(|e| e.ends_with(":31000")))
+    );
+    out.clear();
+    c.scale_service(&admin(), &job.job_id, 1, 40, &mut out)
+        .unwrap();
+    let stops = out
+        .iter()
+        .filter(|(_, cmd)| matches!(cmd, AgentCommand::Stop { .. }))
+        .count();
+    assert_eq!(stops, 3);
+    let j = c.job(&admin(), &job.job_id).unwrap();
+    assert_eq!(j.current().map(|i| i.rank).collect::<Vec<_>>(), [0]);
+    assert!(matches!(
+        c.scale_service(&admin(), &job.job_id, 0, 50, &mut out),
+        Err(ClusterError::FailedPrecondition(_))
+    ));
+    let training = c.submit(&admin(), raw(0), 60, &mut out).unwrap();
+    assert!(matches!(
+        c.scale_service(&admin(), &training.job_id, 2, 60, &mut out),
+        Err(ClusterError::FailedPrecondition(_))
+    ));
+}
+
+#[test]
+fn a_rolling_restart_replaces_one_replica_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 3, 1);
+    let mut out = Outbox::new();
+    let job = c
+        .submit(
+            &admin(),
+            spec(JobKind::OnlineService, 3, &["serve"]),
+            0,
+            &mut out,
+        )
+        .unwrap();
+    run_all(&mut c, &job.job_id, 10, &mut out);
+    let before: Vec<String> = current(&c, &job.job_id)
+        .iter()
+        .map(|i| i.instance_id.clone())
+        .collect();
+    c.restart_service(&admin(), &job.job_id, 20, &mut out)
+        .unwrap();
+    let mut now = 20;
+    for round in 0..3 {
+        let j = c.job(&admin(), &job.job_id).unwrap();
+        let ready = j.current().filter(|i| i.ready).count();
+        assert_eq!(ready, 2, "round {round}: exactly one replica is down");
+        // The old one confirms its stop; the new one comes up ready.
+        let stopping: Vec<Instance> = j
+            .instances
+            .iter()
+            .filter(|i| i.state == InstanceState::Stopping)
+            .cloned()
+            .collect();
+        assert_eq!(stopping.len(), 1);
+        now += 10;
+        end(
+            &mut c,
+            &stopping[0],
+            InstanceState::Stopped,
+            0,
+            now,
+            &mut out,
+        );
+        tick(&mut c, now, &mut out);
+        run_all(&mut c, &job.job_id, now, &mut out);
+        tick(&mut c, now, &mut out);
+    }
+    let j = c.job(&admin(), &job.job_id).unwrap();
+    assert!(j.rollout.is_empty());
+    let after: Vec<String> = j.current().map(|i| i.instance_id.clone()).collect();
+    assert_eq!(after.len(), 3);
+    assert!(after.iter().all(|id| !before.contains(id)), "{after:?}");
+    assert_eq!(j.current().filter(|i| i.ready).count(), 3);
+}
+
+#[test]
+fn a_batch_service_runs_its_parallelism_until_its_completions_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 1, 0);
+    let mut out = Outbox::new();
+    let mut raw = spec(JobKind::BatchService, 2, &["work"]);
+    raw.completions = 5;
+    raw.max_retries = 1;
+    let job = c.submit(&admin(), raw, 0, &mut out).unwrap();
+    let mut now = 0;
+    let mut failed_once = false;
+    for _ in 0..20 {
+        let running = current(&c, &job.job_id)
+            .into_iter()
+            .filter(|i| !i.state.is_terminal())
+            .collect::<Vec<_>>();
+        if running.is_empty() {
+            break;
+        }
+        assert!(running.len() <= 2, "parallelism 2: {running:?}");
+        now += 10;
+        for inst in running {
+            if inst.rank == 3 && !failed_once {
+                failed_once = true;
+                end(&mut c, &inst, InstanceState::Failed, 1, now, &mut out);
+            } else {
+                end(&mut c, &inst, InstanceState::Succeeded, 0, now, &mut out);
+            }
+        }
+        tick(&mut c, now + 10_000, &mut out);
+    }
+    let j = c.job(&admin(), &job.job_id).unwrap();
+    assert_eq!(j.state, JobState::Succeeded, "{}", j.reason);
+    let mut ranks: Vec<u32> = j
+        .current()
+        .filter(|i| i.state == InstanceState::Succeeded)
+        .map(|i| i.rank)
+        .collect();
+    ranks.sort_unstable();
+    assert_eq!(ranks, [0, 1, 2, 3, 4]);
+    assert_eq!(j.restarts, 1, "completion 3 was retried once");
+
+    // With no retries left, a failure fails the job and stops the rest.
+    let mut raw = spec(JobKind::BatchService, 2, &["work"]);
+    raw.completions = 4;
+    let job = c.submit(&admin(), raw, now, &mut out).unwrap();
+    let insts = current(&c, &job.job_id);
+    out.clear();
+    end(
+        &mut c,
+        &insts[0],
+        InstanceState::Failed,
+        3,
+        now + 1,
+        &mut out,
+    );
+    let j = c.job(&admin(), &job.job_id).unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    assert!(j.reason.contains("instance 0 failed"), "{}", j.reason);
+    assert!(out.iter().any(|(_, cmd)| matches!(
+        cmd,
+        AgentCommand::Stop { instance_id, .. } if *instance_id == insts[1].instance_id
+    )));
+}
+
+#[test]
+fn a_job_past_its_maximum_run_time_is_stopped_as_timed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 1, 1);
+    let mut out = Outbox::new();
+    let mut raw = raw(1);
+    raw.max_runtime_secs = 5;
+    let job = c.submit(&admin(), raw, 0, &mut out).unwrap();
+    run_all(&mut c, &job.job_id, 1_000, &mut out);
+    tick(&mut c, 5_999, &mut out);
+    assert_eq!(
+        c.job(&admin(), &job.job_id).unwrap().state,
+        JobState::Running
+    );
+    out.clear();
+    tick(&mut c, 6_000, &mut out);
+    let j = c.job(&admin(), &job.job_id).unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    assert!(j.reason.contains("timeout"), "{}", j.reason);
+    assert!(
+        out.iter()
+            .any(|(_, cmd)| matches!(cmd, AgentCommand::Stop { .. }))
+    );
+}
+
+#[test]
+fn an_idle_notebook_is_culled_but_not_while_its_kernel_or_gpu_is_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 1, 1);
+    let mut out = Outbox::new();
+    let mut raw = spec(JobKind::Notebook, 1, &[]);
+    raw.idle_timeout_secs = 10;
+    let job = c.submit(&admin(), raw, 0, &mut out).unwrap();
+    // The kind's defaults: JupyterLab, a quarter GPU, a token.
+    assert_eq!(job.spec.command[0], "jupyter");
+    assert_eq!(job.spec.resources.gpu_milli, 250);
+    assert!(job.access_token.len() >= 32);
+    let inst = current(&c, &job.job_id)[0].clone();
+    let seen = |idle: u64, now: i64, c: &mut Cluster, out: &mut Outbox| {
+        let mut r = report(&inst.instance_id, InstanceState::Running, None);
+        r.port = 31_000;
+        r.idle_ms = Some(idle);
+        c.heartbeat(&inst.node_id, None, vec![r], now, out);
+    };
+    seen(0, 1_000, &mut c, &mut out);
+    let url = c.job(&admin(), &job.job_id).unwrap().url().unwrap();
+    assert_eq!(url, format!("http://h:31000/?token={}", job.access_token));
+    // Kernel activity at 8 s keeps it alive past 11 s.
+    seen(0, 8_000, &mut c, &mut out);
+    tick(&mut c, 12_000, &mut out);
+    assert_eq!(
+        c.job(&admin(), &job.job_id).unwrap().state,
+        JobState::Running
+    );
+    // GPU use at 15 s (40% >= the 5% threshold) keeps it alive past 18 s.
+    c.record_gpu_samples(&inst.node_id, &[(0, 40)], 15_000);
+    seen(7_000, 15_000, &mut c, &mut out);
+    tick(&mut c, 20_000, &mut out);
+    assert_eq!(
+        c.job(&admin(), &job.job_id).unwrap().state,
+        JobState::Running
+    );
+    // A GPU under the threshold is idle: culled 10 s after the last use.
+    c.record_gpu_samples(&inst.node_id, &[(0, 2)], 21_000);
+    seen(13_000, 21_000, &mut c, &mut out);
+    tick(&mut c, 24_999, &mut out);
+    assert_eq!(
+        c.job(&admin(), &job.job_id).unwrap().state,
+        JobState::Running
+    );
+    tick(&mut c, 25_000, &mut out);
+    let j = c.job(&admin(), &job.job_id).unwrap();
+    assert_eq!(j.state, JobState::Cancelled);
+    assert!(
+        j.reason.starts_with("culled: idle for 10 s"),
+        "{}",
+        j.reason
+    );
+    assert!(
+        j.reason.contains("GPU utilization under 5%"),
+        "{}",
+        j.reason
+    );
+    assert!(j.url().is_none());
+}
+
+#[test]
+fn a_tensorboard_for_a_job_uses_its_log_dir_and_pool_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 1, 1);
+    let mut out = Outbox::new();
+    let mut train = raw(0);
+    train.log_dir = "/shared/run1".into();
+    let train = c.submit(&admin(), train, 0, &mut out).unwrap();
+    let tb = RawJobSpec {
+        kind: Some(JobKind::Tensorboard),
+        instances: 1,
+        for_job: train.job_id.clone(),
+        ..Default::default()
+    };
+    let tb = c.submit(&admin(), tb, 1, &mut out).unwrap();
+    assert_eq!(tb.spec.log_dir, "/shared/run1");
+    assert_eq!(tb.spec.command[0], "tensorboard");
+    assert_eq!(tb.spec.resources.gpus + tb.spec.resources.gpu_milli, 0);
+    let start = out
+        .iter()
+        .find_map(|(_, cmd)| match cmd {
+            AgentCommand::Start(s) if s.job_id == tb.job_id => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(start.env["GPUPOOL_LOG_DIR"], "/shared/run1");
+    assert!(start.watch_activity && start.needs_port);
+    // No log dir anywhere: refused with a clear error.
+    let bare = c.submit(&admin(), raw(0), 2, &mut out).unwrap();
+    let err = c
+        .submit(
+            &admin(),
+            RawJobSpec {
+                kind: Some(JobKind::Tensorboard),
+                instances: 1,
+                for_job: bare.job_id,
+                ..Default::default()
+            },
+            3,
+            &mut out,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("log directory"), "{err}");
+}
+
+#[test]
+fn kind_settings_give_defaults_and_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 1, 1);
+    c.settings.kinds.training.max_runtime_limit_secs = 3_600;
+    c.settings.kinds.training.memory_mib = 2_048;
+    let mut out = Outbox::new();
+    let job = c.submit(&admin(), raw(0), 0, &mut out).unwrap();
+    assert_eq!(job.spec.max_runtime_secs, 3_600, "the limit is the default");
+    assert_eq!(job.spec.resources.memory_mib, 2_048);
+    let mut long = raw(0);
+    long.max_runtime_secs = 7_200;
+    let err = c.submit(&admin(), long, 0, &mut out).unwrap_err();
+    assert!(
+        err.to_string().contains("exceeds the training limit"),
+        "{err}"
+    );
+    let mut two = spec(JobKind::Notebook, 2, &[]);
+    two.cpu_only = true;
+    let err = c.submit(&admin(), two, 0, &mut out).unwrap_err();
+    assert!(err.to_string().contains("exactly one instance"), "{err}");
+    let mut cpu = spec(JobKind::Notebook, 1, &[]);
+    cpu.cpu_only = true;
+    let nb = c.submit(&admin(), cpu, 0, &mut out).unwrap();
+    assert_eq!(nb.spec.resources.gpu_demand_milli(), 0);
+}
