@@ -195,6 +195,16 @@ impl Scheduler {
     /// [`Scheduler::start`] listening for gRPC on `ip` (e.g. `0.0.0.0` for
     /// agents in another network namespace).
     pub async fn start_on(dir: &Path, ip: &str) -> Self {
+        Self::start_configured(dir, ip, "").await
+    }
+
+    /// [`Scheduler::start`] with TOML appended to its config (tables such
+    /// as `[kinds.notebook]`).
+    pub async fn start_with_config(dir: &Path, extra: &str) -> Self {
+        Self::start_configured(dir, "127.0.0.1", extra).await
+    }
+
+    async fn start_configured(dir: &Path, ip: &str, extra: &str) -> Self {
         let grpc_port = free_port();
         let metrics_port = free_port();
         let config_path = dir.join("scheduler.toml");
@@ -213,7 +223,7 @@ impl Scheduler {
                  [billing.default_price]\n\
                  on_demand_node_hour_micros = 3600000\n\
                  subscription_node_month_micros = 1000000000\n\
-                 public_instance_hour_micros = 360000\n",
+                 public_instance_hour_micros = 360000\n{extra}\n",
                 dir.join("data").display()
             ),
         )

@@ -226,6 +226,17 @@ impl Runtime {
     /// Gives serving instances ports from `first..=last`.
     pub fn with_port_range(mut self, first: u16, last: u16) -> Self {
         self.port_range = (first, last);
+        // Start at a point of the range that differs between agents (and
+        // agent restarts), so agents sharing a host rarely race for one.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+            ^ std::process::id().wrapping_mul(2_654_435_761);
+        let span = u32::from(last.saturating_sub(first)) + 1;
+        self.port_cursor.store(
+            first.saturating_add((seed % span) as u16),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self
     }
 

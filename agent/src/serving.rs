@@ -201,7 +201,8 @@ impl ActivityWatch {
         // Connections first: our own API requests below are then closed
         // (TIME_WAIT), not counted.
         let connections = established_connections(port);
-        let status = http_get(port, "/api/status", headers, timeout).await;
+        // `no_track_activity`: our own requests must not count as activity.
+        let status = http_get(port, "/api/status?no_track_activity=1", headers, timeout).await;
         let last = status
             .ok()
             .filter(|a| a.status == 200)
@@ -212,7 +213,7 @@ impl ActivityWatch {
         };
         let changed = self.last_seen.as_ref().is_some_and(|seen| *seen != last);
         self.last_seen = Some(last);
-        let busy = http_get(port, "/api/kernels", headers, timeout)
+        let busy = http_get(port, "/api/kernels?no_track_activity=1", headers, timeout)
             .await
             .ok()
             .filter(|a| a.status == 200)
