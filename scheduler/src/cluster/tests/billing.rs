@@ -623,3 +623,48 @@ fn used_gpu_time_is_metered_next_to_allocated() {
     let c = open(dir.path(), now);
     assert_eq!(c.live_usage(T0, now)[0].gpu_used_ms, 600_000);
 }
+
+/// R-DEL-1 for TensorBoards: started for a training job, it runs in that
+/// job's pool, so deleting the pool ends both.
+#[test]
+fn r_del_1_a_tensorboard_ends_with_its_training_jobs_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster_with_nodes(dir.path(), 1, T0);
+    let mut out = Outbox::new();
+    let pool = c
+        .create_pool(&tenant(), train(&c, "p", 1, None), 0, T0)
+        .unwrap();
+    keep_alive(&mut c, T0 + 1, &mut out);
+    c.tick(T0 + 1, &mut out);
+    let train_job = c
+        .submit(
+            &tenant(),
+            RawJobSpec {
+                pool: "p".into(),
+                log_dir: "/shared/logs".into(),
+                ..raw(0)
+            },
+            T0 + 2,
+            &mut out,
+        )
+        .unwrap();
+    let tb = c
+        .submit(
+            &tenant(),
+            RawJobSpec {
+                kind: Some(JobKind::Tensorboard),
+                instances: 1,
+                for_job: train_job.job_id.clone(),
+                ..Default::default()
+            },
+            T0 + 3,
+            &mut out,
+        )
+        .unwrap();
+    assert_eq!(tb.pool_id, pool.pool_id);
+    c.delete_pool(&tenant(), "p", true, T0 + 4, &mut out).unwrap();
+    for id in [&train_job.job_id, &tb.job_id] {
+        let j = c.job(&tenant(), id).unwrap();
+        assert_eq!(j.state, JobState::Unavailable, "{id}: {}", j.reason);
+    }
+}
