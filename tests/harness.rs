@@ -231,6 +231,55 @@ impl Scheduler {
         Self::start_with(dir, config_path, grpc_port, metrics_port).await
     }
 
+    /// Starts a scheduler replica on `database_url` without waiting for it
+    /// to lead (a standby answers UNAVAILABLE until it takes over).
+    pub async fn start_replica(dir: &Path, database_url: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let grpc_port = free_port();
+        let metrics_port = free_port();
+        let config_path = dir.join("scheduler.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                "grpc_listen = \"127.0.0.1:{grpc_port}\"\n\
+                 metrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+                 database_url = \"{database_url}\"\n\
+                 heartbeat_interval_ms = {HEARTBEAT_MS}\n\
+                 node_grace_ms = {GRACE_MS}\n\
+                 stop_grace_ms = 1000\n\
+                 join_token = \"test-join-token\"\n\
+                 admin_token = \"{ADMIN_TOKEN}\"\n"
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(bin("gpupool-scheduler"));
+        cmd.arg("serve").arg("--config").arg(&config_path);
+        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        let proc = Proc::spawn(cmd, dir.join(format!("scheduler-{n}.log")));
+        Self {
+            proc,
+            grpc_port,
+            metrics_port,
+            config_path,
+        }
+    }
+
+    /// True when this replica answers its health check SERVING (it leads).
+    pub async fn serving(&self) -> bool {
+        let Ok(ch) = Channel::from_shared(self.addr()).unwrap().connect().await else {
+            return false;
+        };
+        tonic_health::pb::health_client::HealthClient::new(ch)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .is_ok_and(|r| {
+                r.into_inner().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            })
+    }
+
     async fn start_with(
         dir: &Path,
         config_path: PathBuf,
@@ -286,7 +335,7 @@ impl Scheduler {
     }
 
     /// Polls the standard health service until it answers SERVING.
-    async fn wait_serving(&self) {
+    pub async fn wait_serving(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(ch) = Channel::from_shared(self.addr()).unwrap().connect().await {
@@ -416,6 +465,11 @@ impl Agent {
         extra: &str,
     ) -> Self {
         Self::spawn(dir, &scheduler.addr(), node_id, fake_gpus, az, extra, None)
+    }
+
+    /// An agent reaching the scheduler at `addr` (replicas comma-separated).
+    pub fn start_at(dir: &Path, addr: &str, node_id: &str, fake_gpus: &str) -> Self {
+        Self::spawn(dir, addr, node_id, fake_gpus, "AZ1", "", None)
     }
 
     /// An agent run with `ip netns exec NETNS`, reaching the scheduler at
@@ -625,4 +679,167 @@ pub async fn tenant_with_token(admin: &mut Clients, tenant: &str, nodes: u32, gp
         .unwrap()
         .into_inner()
         .token
+}
+
+/// A real PostgreSQL server in a temporary directory on a free port
+/// (initdb + pg_ctl; as the `postgres` user when the tests run as root,
+/// since PostgreSQL refuses to run as root). Stopped when dropped.
+pub struct Postgres {
+    pub port: u16,
+    bin: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+    run_as: Option<String>,
+}
+
+impl Postgres {
+    /// Starts one; None (outside CI, after saying so) when PostgreSQL is
+    /// not installed. Under CI=true a missing PostgreSQL fails the test.
+    pub fn start(dir: &Path) -> Option<Self> {
+        let bin = Self::bin_dir()?;
+        let root = dir.join("pg");
+        std::fs::create_dir_all(&root).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let run_as = (unsafe { libc::geteuid() } == 0).then(|| "postgres".to_string());
+        if let Some(user) = &run_as {
+            let ok = Command::new("chown")
+                .args(["-R", &format!("{user}:"), root.to_str().unwrap()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "cannot give {} to {user}", root.display());
+            // The user must reach the directory through the test's tempdir.
+            for dir in [dir, root.parent().unwrap()] {
+                std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                    .unwrap();
+            }
+        }
+        let pg = Self {
+            port: free_port(),
+            data: root.join("data"),
+            log: root.join("postgres.log"),
+            bin,
+            run_as,
+        };
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                pg.data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        pg.start_server();
+        Some(pg)
+    }
+
+    fn bin_dir() -> Option<PathBuf> {
+        if let Some(dir) = std::env::var_os("GPUPOOL_PG_BIN") {
+            return Some(PathBuf::from(dir));
+        }
+        // Debian keeps the server binaries out of PATH.
+        let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path().join("bin"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        versions.retain(|d| d.join("pg_ctl").is_file());
+        versions.sort();
+        if let Some(dir) = versions.pop() {
+            return Some(dir);
+        }
+        require_tool("pg_ctl", "postgresql").map(|p| p.parent().unwrap().to_path_buf())
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let exe = self.bin.join(tool);
+        let mut cmd = match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let out = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}{}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    /// Starts (again) the server on its port and waits until it accepts.
+    pub fn start_server(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.data.parent().unwrap().display()
+        );
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-l",
+                self.log.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    /// Stops the server (fast shutdown: clients are disconnected).
+    pub fn stop_server(&self) {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let exe = self.bin.join("pg_ctl");
+        let mut cmd = match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let _ = cmd
+            .args(["-D", self.data.to_str().unwrap(), "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
 }

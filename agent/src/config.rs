@@ -10,7 +10,9 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// Scheduler gRPC address, e.g. `http://10.0.0.1:7070`.
+    /// Scheduler gRPC address, e.g. `http://10.0.0.1:7070`; replicas
+    /// sharing a PostgreSQL database comma-separated (the agent follows the
+    /// leader).
     pub scheduler_addr: String,
     /// Stable node id. Default: the contents of `/etc/machine-id`.
     #[serde(default)]

@@ -85,6 +85,7 @@ pub async fn run(
         az: config.az.clone(),
         labels: config.labels.clone(),
         scheduler_addr: config.scheduler_addr.clone(),
+        next_addr: Default::default(),
         join_token: config.join_token.clone(),
         max_backoff: Duration::from_millis(config.max_backoff_ms),
         probe,

@@ -28,7 +28,10 @@ pub struct AgentCtx {
     pub host: HostInfo,
     pub az: String,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Scheduler replicas (comma-separated in the config); the agent
+    /// moves to the next when one fails or is a standby.
     pub scheduler_addr: String,
+    pub next_addr: std::sync::atomic::AtomicUsize,
     pub join_token: Option<String>,
     pub max_backoff: Duration,
     pub probe: Arc<dyn GpuProbe>,
@@ -95,8 +98,24 @@ pub async fn run(ctx: Arc<AgentCtx>, mut shutdown: watch::Receiver<bool>) {
         let started = tokio::time::Instant::now();
         let result = serve_once(&ctx, &mut shutdown).await;
         ctx.connected.store(false, Ordering::Relaxed);
+        let replicas = ctx
+            .scheduler_addr
+            .split(',')
+            .filter(|a| !a.trim().is_empty())
+            .count();
         match result {
             Ok(()) => return,
+            Err(err) if replicas > 1 => {
+                // Try the next replica at once; back off after a full round.
+                let tried = ctx.next_addr.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(error = %format!("{err:#}"), "scheduler session ended; trying the next replica");
+                if !tried.is_multiple_of(replicas) {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    continue;
+                }
+            }
             Err(err) => {
                 if started.elapsed() > Duration::from_secs(10) {
                     backoff = min_backoff;
@@ -116,7 +135,14 @@ async fn serve_once(ctx: &AgentCtx, shutdown: &mut watch::Receiver<bool>) -> any
     if *shutdown.borrow() {
         return Ok(());
     }
-    let endpoint = tonic::transport::Endpoint::from_shared(ctx.scheduler_addr.clone())?
+    let addrs: Vec<&str> = ctx
+        .scheduler_addr
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    let addr = addrs[ctx.next_addr.load(Ordering::Relaxed) % addrs.len().max(1)].to_string();
+    let endpoint = tonic::transport::Endpoint::from_shared(addr.clone())?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true);
     let channel = endpoint.connect().await?;
@@ -145,7 +171,7 @@ async fn serve_once(ctx: &AgentCtx, shutdown: &mut watch::Receiver<bool>) -> any
     tx.send(msg(pb::agent_message::Msg::Hello(hello))).await?;
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
     ctx.connected.store(true, Ordering::Relaxed);
-    tracing::info!(node = %ctx.node_id, scheduler = %ctx.scheduler_addr, "session established");
+    tracing::info!(node = %ctx.node_id, scheduler = %addr, "session established");
 
     let changed = ctx.runtime.changed();
     let mut ticker = tokio::time::interval(interval);

@@ -3,15 +3,15 @@
 CREATE TABLE nodes (
     node_id       TEXT PRIMARY KEY,
     data          TEXT NOT NULL,
-    updated_at_ms INTEGER NOT NULL
+    updated_at_ms BIGINT NOT NULL
 );
 
 CREATE TABLE jobs (
     job_id        TEXT PRIMARY KEY,
-    seq           INTEGER NOT NULL UNIQUE,
+    seq           BIGINT NOT NULL UNIQUE,
     state         TEXT NOT NULL,
     data          TEXT NOT NULL,
-    updated_at_ms INTEGER NOT NULL
+    updated_at_ms BIGINT NOT NULL
 );
 
 CREATE INDEX jobs_by_state ON jobs (state);

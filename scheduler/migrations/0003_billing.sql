@@ -2,16 +2,16 @@
 -- hourly usage ledger, written idempotently per (subject, hour, mode).
 CREATE TABLE orders (
     order_id      TEXT PRIMARY KEY,
-    seq           INTEGER NOT NULL UNIQUE,
+    seq           BIGINT NOT NULL UNIQUE,
     tenant        TEXT NOT NULL,
     pool_id       TEXT NOT NULL,
     data          TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL
+    created_at_ms BIGINT NOT NULL
 );
 
 CREATE TABLE ledger (
     subject       TEXT NOT NULL,
-    hour_start_ms INTEGER NOT NULL,
+    hour_start_ms BIGINT NOT NULL,
     mode          TEXT NOT NULL,
     tenant        TEXT NOT NULL,
     pool_id       TEXT NOT NULL,

@@ -27,6 +27,15 @@ pub struct SchedulerConfig {
     /// Directory of the SQLite database `gpupool.db`.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// PostgreSQL instead of SQLite: `postgres://user:password@host:5432/db`.
+    /// Several scheduler replicas may share it; one leads (a lease in the
+    /// database), the others stand by and take over when it dies.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// The address clients and agents reach this replica at, told to them
+    /// by standbys. Default: `http://` + `grpc_listen`.
+    #[serde(default)]
+    pub advertise_url: Option<String>,
     /// Heartbeat interval asked of agents, in milliseconds.
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_interval_ms: u32,
@@ -144,6 +153,8 @@ impl Default for SchedulerConfig {
             grpc_listen: default_grpc_listen(),
             metrics_listen: None,
             data_dir: default_data_dir(),
+            database_url: None,
+            advertise_url: None,
             heartbeat_interval_ms: default_heartbeat_ms(),
             node_grace_ms: default_grace_ms(),
             stop_grace_ms: default_stop_grace_ms(),

@@ -15,6 +15,8 @@ pub mod config;
 pub mod dev;
 pub mod domain;
 pub mod metrics;
+pub mod pgstore;
+pub mod replica;
 pub mod server;
 pub mod store;
 

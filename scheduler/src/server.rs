@@ -137,12 +137,21 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Opens the store and loads the cluster.
+/// Opens the SQLite store and loads the cluster.
 pub fn open(config: SchedulerConfig) -> anyhow::Result<Arc<Shared>> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let db = config.database_path();
     let store = SqliteStore::open(&db)?;
+    open_with(config, Box::new(store), &db.display().to_string())
+}
+
+/// Loads the cluster from `store` (described as `what` in the log).
+pub fn open_with(
+    config: SchedulerConfig,
+    store: Box<dyn crate::store::Store>,
+    what: &str,
+) -> anyhow::Result<Arc<Shared>> {
     let settings = Settings {
         node_grace_ms: i64::from(config.node_grace_ms),
         stop_grace_ms: config.stop_grace_ms,
@@ -153,9 +162,9 @@ pub fn open(config: SchedulerConfig) -> anyhow::Result<Arc<Shared>> {
         frozen_retention_ms: i64::from(config.billing.frozen_retention_hours) * 3_600_000,
         kinds: config.kind_table().map_err(anyhow::Error::msg)?,
     };
-    let cluster = Cluster::load(Box::new(store), settings, now_ms())?;
+    let cluster = Cluster::load(store, settings, now_ms())?;
     tracing::info!(
-        database = %db.display(),
+        database = %what,
         nodes = cluster.nodes().count(),
         jobs = cluster.jobs().count(),
         "state loaded"

@@ -1,7 +1,8 @@
 //! Durable state behind the [`Store`] trait. The default is one SQLite file
 //! (rusqlite, WAL, `synchronous=FULL`): every accepted mutation is committed
 //! before the API call returns. Migrations live in `scheduler/migrations/`
-//! and are applied in order at open; PostgreSQL comes behind the same trait.
+//! and are applied in order at open. PostgreSQL ([`crate::pgstore`]) runs
+//! the same migrations behind the same trait.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -14,10 +15,11 @@ use crate::domain::tenant::Tenant;
 use crate::domain::{Job, Node};
 
 /// Ordered migrations: (version, SQL).
-const MIGRATIONS: &[(i64, &str)] = &[
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_tenants_pools.sql")),
     (3, include_str!("../migrations/0003_billing.sql")),
+    (4, include_str!("../migrations/0004_leader.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,12 @@ pub enum StoreError {
     TooNew { found: i64, known: i64 },
     #[error("database error")]
     Sql(#[from] rusqlite::Error),
+    #[error("PostgreSQL error")]
+    Postgres(#[from] postgres::Error),
+    #[error("PostgreSQL is unreachable: {0}")]
+    Unreachable(String),
+    #[error("this scheduler no longer holds the leader lease (the leader is now {0})")]
+    NotLeader(String),
     #[error("corrupt row {id} in {table}")]
     Corrupt {
         table: &'static str,
@@ -125,7 +133,7 @@ impl SqliteStore {
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at_ms INTEGER NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
     )?;
     let current: i64 = conn
         .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
@@ -325,6 +333,6 @@ impl Store for SqliteStore {
     }
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> String {
+pub(crate) fn encode<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("domain types serialize")
 }

@@ -66,6 +66,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 ),
                 None => None,
             };
+            if let Some(url) = config.database_url.clone() {
+                return gpupool_scheduler::replica::run(
+                    config,
+                    url,
+                    grpc,
+                    metrics,
+                    gpupool_scheduler::shutdown_signal(),
+                )
+                .await;
+            }
             let shared = gpupool_scheduler::server::open(config)?;
             gpupool_scheduler::server::serve(
                 shared,

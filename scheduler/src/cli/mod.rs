@@ -88,7 +88,8 @@ fn report(e: &CliError) {
 #[derive(Debug, Parser)]
 #[command(name = "gpupool", version, propagate_version = true)]
 pub struct Cli {
-    /// Scheduler address: `http://host:port` or `host:port`.
+    /// Scheduler address: `http://host:port` or `host:port`; several
+    /// replicas comma-separated (the leader among them is used).
     #[arg(long, global = true, env = "GPUPOOL_ADDR", default_value = DEFAULT_ADDR, value_name = "URL")]
     pub addr: String,
     /// API token, sent as `authorization: Bearer <token>` with every request.
@@ -689,20 +690,61 @@ impl Conn {
             }
             None => BearerAuth(None),
         };
-        let endpoint = Endpoint::from_shared(self.addr.clone())
-            .map_err(|e| {
-                CliError::Message(format!(
-                    "invalid address `{}`: {}",
-                    self.addr,
-                    error_chain(&e)
-                ))
-            })?
-            .connect_timeout(Duration::from_secs(10));
-        let channel = endpoint.connect().await.map_err(|e| CliError::Connect {
-            addr: self.addr.clone(),
-            cause: error_chain(&e),
-        })?;
-        Ok((channel, auth))
+        // Several addresses (scheduler replicas): the first whose health
+        // check says SERVING is the leader; standbys answer UNAVAILABLE.
+        let addrs: Vec<String> = self
+            .addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(normalize_addr)
+            .collect();
+        let mut failures = Vec::new();
+        for addr in &addrs {
+            let endpoint = Endpoint::from_shared(addr.clone())
+                .map_err(|e| {
+                    CliError::Message(format!("invalid address `{addr}`: {}", error_chain(&e)))
+                })?
+                .connect_timeout(Duration::from_secs(if addrs.len() > 1 { 3 } else { 10 }));
+            let channel = match endpoint.connect().await {
+                Ok(c) => c,
+                Err(e) => {
+                    failures.push((addr.clone(), error_chain(&e)));
+                    continue;
+                }
+            };
+            if addrs.len() == 1 {
+                return Ok((channel, auth));
+            }
+            let serving = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            match serving {
+                Ok(r)
+                    if r.get_ref().status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving
+                            as i32 =>
+                {
+                    return Ok((channel, auth));
+                }
+                Ok(_) => failures.push((addr.clone(), "not serving".into())),
+                Err(s) => failures.push((addr.clone(), s.message().to_string())),
+            }
+        }
+        let (addr, cause) = match &failures[..] {
+            [(addr, cause)] => (addr.clone(), cause.clone()),
+            _ => (
+                self.addr.clone(),
+                failures
+                    .iter()
+                    .map(|(a, c)| format!("{a}: {c}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+        };
+        Err(CliError::Connect { addr, cause })
     }
 
     async fn jobs(&self) -> Result<JobServiceClient<Svc>, CliError> {
@@ -810,7 +852,7 @@ fn opt(s: Option<String>) -> String {
 
 async fn run(cli: Cli) -> Result<(), CliError> {
     let conn = Conn {
-        addr: normalize_addr(&cli.addr),
+        addr: cli.addr.clone(),
         token: cli.token.filter(|t| !t.is_empty()),
     };
     let out = cli.output;

@@ -662,7 +662,8 @@ fn r_del_1_a_tensorboard_ends_with_its_training_jobs_pool() {
         )
         .unwrap();
     assert_eq!(tb.pool_id, pool.pool_id);
-    c.delete_pool(&tenant(), "p", true, T0 + 4, &mut out).unwrap();
+    c.delete_pool(&tenant(), "p", true, T0 + 4, &mut out)
+        .unwrap();
     for id in [&train_job.job_id, &tb.job_id] {
         let j = c.job(&tenant(), id).unwrap();
         assert_eq!(j.state, JobState::Unavailable, "{id}: {}", j.reason);

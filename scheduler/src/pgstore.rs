@@ -1,0 +1,407 @@
+//! The PostgreSQL store: the same tables, migrations and JSON rows as the
+//! SQLite store, for several scheduler replicas sharing one database.
+//!
+//! One replica leads: it holds a lease row (`leader`, renewed every
+//! [`LEASE_RENEW`] against the database clock, valid for [`LEASE_TTL_MS`])
+//! and every write transaction first checks, under a row lock, that it
+//! still holds it, so a replica that lost the lease can never write.
+//!
+//! The `postgres` client is synchronous and runs its own runtime, so it
+//! lives on a worker thread: callers (inside tokio or not) send it work and
+//! wait for the answer. A broken connection (PostgreSQL restarted) is
+//! dropped and opened again for the next request; the request that met it
+//! fails with [`StoreError::Unreachable`] and nothing of it is applied.
+
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use postgres::types::ToSql;
+use postgres::{Client, NoTls};
+
+use crate::domain::billing::LedgerRow;
+use crate::store::{MIGRATIONS, Record, Snapshot, Store, StoreError, encode};
+
+/// A lease not renewed for this long may be taken by another replica.
+pub const LEASE_TTL_MS: i64 = 5_000;
+/// The leader renews its lease this often.
+pub const LEASE_RENEW: Duration = Duration::from_millis(1_000);
+
+/// The database clock, in milliseconds since the Unix epoch.
+const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+type Work = Box<dyn FnOnce(Result<&mut Client, StoreError>) + Send>;
+
+/// Who holds the lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// This replica holds it.
+    pub mine: bool,
+    pub holder: String,
+    /// The holder's client address (`http://host:port`).
+    pub address: String,
+}
+
+pub struct PgStore {
+    work: Mutex<mpsc::Sender<Work>>,
+    /// This replica's lease holder id; writes are fenced by it when set.
+    holder: Option<String>,
+}
+
+impl PgStore {
+    /// Connects to `url` (e.g. `postgres://gpupool@db/gpupool`), migrates,
+    /// and fences writes with lease holder `holder` (None: no fencing, for
+    /// tools and tests that are not a scheduler replica).
+    pub fn open(url: &str, holder: Option<String>) -> Result<Self, StoreError> {
+        let url = url.to_string();
+        let (tx, rx) = mpsc::channel::<Work>();
+        std::thread::Builder::new()
+            .name("pgstore".into())
+            .spawn(move || worker(&url, &rx))
+            .map_err(|e| StoreError::Unreachable(format!("cannot start the store thread: {e}")))?;
+        let store = Self {
+            work: Mutex::new(tx),
+            holder,
+        };
+        store.call(|c| {
+            migrate(c)?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// Runs `f` on the worker's connection and waits for it.
+    fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = mpsc::channel();
+        let work: Work = Box::new(move |client| {
+            let _ = tx.send(client.and_then(f));
+        });
+        self.work
+            .lock()
+            .unwrap()
+            .send(work)
+            .map_err(|_| StoreError::Unreachable("the store thread is gone".into()))?;
+        rx.recv()
+            .map_err(|_| StoreError::Unreachable("the store thread is gone".into()))?
+    }
+
+    /// Takes or renews the lease for `holder` (reachable at `address`)
+    /// when it is free, expired or already ours.
+    pub fn acquire(&self, holder: &str, address: &str) -> Result<Lease, StoreError> {
+        let (holder, address) = (holder.to_string(), address.to_string());
+        self.call(move |c| {
+            let sql = format!(
+                "INSERT INTO leader (id, holder, address, expires_at_ms) VALUES (1, $1, $2, {DB_NOW_MS} + $3)
+                 ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, address = excluded.address,
+                     expires_at_ms = excluded.expires_at_ms
+                 WHERE leader.holder = excluded.holder OR leader.expires_at_ms < {DB_NOW_MS}"
+            );
+            c.execute(&sql, &[&holder, &address, &LEASE_TTL_MS])?;
+            let row = c.query_one("SELECT holder, address FROM leader WHERE id = 1", &[])?;
+            let (h, a): (String, String) = (row.get(0), row.get(1));
+            Ok(Lease {
+                mine: h == holder,
+                holder: h,
+                address: a,
+            })
+        })
+    }
+
+    /// Gives the lease up at once (clean shutdown), so a standby need not
+    /// wait for it to expire.
+    pub fn release(&self, holder: &str) -> Result<(), StoreError> {
+        let holder = holder.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE leader SET expires_at_ms = 0 WHERE id = 1 AND holder = $1",
+                &[&holder],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The current lease, if any replica ever held one.
+    pub fn lease(&self) -> Result<Option<(String, String)>, StoreError> {
+        self.call(|c| {
+            Ok(
+                c.query_opt("SELECT holder, address FROM leader WHERE id = 1", &[])?
+                    .map(|r| (r.get(0), r.get(1))),
+            )
+        })
+    }
+}
+
+fn worker(url: &str, rx: &mpsc::Receiver<Work>) {
+    let mut client: Option<Client> = None;
+    while let Ok(work) = rx.recv() {
+        if client.as_ref().is_none_or(Client::is_closed) {
+            client = connect(url);
+        }
+        match client.as_mut() {
+            Some(c) => work(Ok(c)),
+            None => work(Err(StoreError::Unreachable(format!(
+                "cannot connect to {}",
+                redact(url)
+            )))),
+        }
+        if client.as_ref().is_some_and(Client::is_closed) {
+            tracing::warn!("PostgreSQL connection lost; reconnecting on the next request");
+            client = None;
+        }
+    }
+}
+
+fn connect(url: &str) -> Option<Client> {
+    let mut config: postgres::Config = match url.parse() {
+        Ok(c) => c,
+        Err(err) => {
+            tracing::error!(error = %err, url = %redact(url), "invalid database_url");
+            return None;
+        }
+    };
+    config.connect_timeout(Duration::from_secs(3));
+    match config.connect(NoTls) {
+        Ok(c) => {
+            tracing::info!(url = %redact(url), "connected to PostgreSQL");
+            Some(c)
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, url = %redact(url), "cannot connect to PostgreSQL");
+            None
+        }
+    }
+}
+
+/// The URL without its password, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn migrate(c: &mut Client) -> Result<(), StoreError> {
+    // One replica migrates at a time.
+    let mut tx = c.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock(7107)", &[])?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
+    )?;
+    let current: i64 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            &[],
+        )?
+        .get(0);
+    let known = MIGRATIONS.last().map_or(0, |m| m.0);
+    if current > known {
+        return Err(StoreError::TooNew {
+            found: current,
+            known,
+        });
+    }
+    for &(version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.batch_execute(sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)",
+            &[&version, &crate::now_ms()],
+        )?;
+        tracing::info!(version, "applied database migration (PostgreSQL)");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn rows<T: serde::de::DeserializeOwned>(
+    c: &mut Client,
+    table: &'static str,
+    sql: &str,
+) -> Result<Vec<T>, StoreError> {
+    c.query(sql, &[])?
+        .into_iter()
+        .map(|row| {
+            let (id, data): (String, String) = (row.get(0), row.get(1));
+            serde_json::from_str(&data).map_err(|source| StoreError::Corrupt { table, id, source })
+        })
+        .collect()
+}
+
+/// One statement with owned parameters.
+type Statement = (&'static str, Vec<Box<dyn ToSql + Sync + Send>>);
+
+fn statement(record: &Record<'_>, now_ms: i64) -> Statement {
+    fn p<T: ToSql + Sync + Send + 'static>(v: T) -> Box<dyn ToSql + Sync + Send> {
+        Box::new(v)
+    }
+    match *record {
+        Record::Node(node) => (
+            "INSERT INTO nodes (node_id, data, updated_at_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (node_id) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
+            vec![p(node.node_id.clone()), p(encode(node)), p(now_ms)],
+        ),
+        Record::Job(job) => (
+            "INSERT INTO jobs (job_id, seq, state, data, updated_at_ms) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, data = excluded.data,
+                 updated_at_ms = excluded.updated_at_ms",
+            vec![
+                p(job.job_id.clone()),
+                p(job.seq as i64),
+                p(format!("{:?}", job.state)),
+                p(encode(job)),
+                p(now_ms),
+            ],
+        ),
+        Record::Pool(pool) => (
+            "INSERT INTO pools (pool_id, seq, tenant, status, data, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (pool_id) DO UPDATE SET status = excluded.status, data = excluded.data,
+                 updated_at_ms = excluded.updated_at_ms",
+            vec![
+                p(pool.pool_id.clone()),
+                p(pool.seq as i64),
+                p(pool.tenant.clone()),
+                p(format!("{:?}", pool.status)),
+                p(encode(pool)),
+                p(now_ms),
+            ],
+        ),
+        Record::Tenant(tenant) => (
+            "INSERT INTO tenants (name, data, updated_at_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
+            vec![p(tenant.name.clone()), p(encode(tenant)), p(now_ms)],
+        ),
+        Record::Order(order) => (
+            "INSERT INTO orders (order_id, seq, tenant, pool_id, data, created_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            vec![
+                p(order.order_id.clone()),
+                p(order.seq as i64),
+                p(order.tenant.clone()),
+                p(order.pool_id.clone()),
+                p(encode(order)),
+                p(order.created_at_ms),
+            ],
+        ),
+        Record::Ledger(row) => (
+            "INSERT INTO ledger (subject, hour_start_ms, mode, tenant, pool_id, job_id, data)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+            vec![
+                p(row.subject.clone()),
+                p(row.hour_start_ms),
+                p(format!("{:?}", row.mode)),
+                p(row.tenant.clone()),
+                p(row.pool_id.clone()),
+                p(row.job_id.clone()),
+                p(encode(row)),
+            ],
+        ),
+        Record::LedgerClosed(until) => (
+            "INSERT INTO meta (key, value) VALUES ('ledger_closed_until_ms', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            vec![p(until.to_string())],
+        ),
+        Record::Token { sha256, tenant } => (
+            "INSERT INTO tokens (token_sha256, tenant, created_at_ms) VALUES ($1, $2, $3)",
+            vec![p(sha256.to_string()), p(tenant.to_string()), p(now_ms)],
+        ),
+    }
+}
+
+impl Store for PgStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        self.call(|c| {
+            let tokens = c
+                .query("SELECT token_sha256, tenant FROM tokens", &[])?
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            Ok(Snapshot {
+                nodes: rows(
+                    c,
+                    "nodes",
+                    "SELECT node_id, data FROM nodes ORDER BY node_id",
+                )?,
+                jobs: rows(c, "jobs", "SELECT job_id, data FROM jobs ORDER BY seq")?,
+                pools: rows(c, "pools", "SELECT pool_id, data FROM pools ORDER BY seq")?,
+                tenants: rows(c, "tenants", "SELECT name, data FROM tenants ORDER BY name")?,
+                tokens,
+                orders: rows(
+                    c,
+                    "orders",
+                    "SELECT order_id, data FROM orders ORDER BY seq",
+                )?,
+                ledger_closed_until_ms: c
+                    .query_opt(
+                        "SELECT value FROM meta WHERE key = 'ledger_closed_until_ms'",
+                        &[],
+                    )?
+                    .and_then(|r| r.get::<_, String>(0).parse().ok()),
+            })
+        })
+    }
+
+    fn ledger(&self, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError> {
+        self.call(move |c| {
+            c.query(
+                "SELECT subject, data FROM ledger WHERE hour_start_ms >= $1 AND hour_start_ms < $2
+                 ORDER BY hour_start_ms, subject, mode",
+                &[&from_ms, &to_ms],
+            )?
+            .into_iter()
+            .map(|row| {
+                let (id, data): (String, String) = (row.get(0), row.get(1));
+                serde_json::from_str(&data).map_err(|source| StoreError::Corrupt {
+                    table: "ledger",
+                    id,
+                    source,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
+        let statements: Vec<Statement> = records.iter().map(|r| statement(r, now_ms)).collect();
+        let holder = self.holder.clone();
+        self.call(move |c| {
+            let mut tx = c.transaction()?;
+            if let Some(me) = &holder {
+                // Fencing: only the lease holder writes.
+                let row = tx.query_opt("SELECT holder FROM leader WHERE id = 1 FOR UPDATE", &[])?;
+                let current: Option<String> = row.map(|r| r.get(0));
+                if current.as_deref() != Some(me.as_str()) {
+                    return Err(StoreError::NotLeader(
+                        current.unwrap_or_else(|| "nobody".into()),
+                    ));
+                }
+            }
+            for (sql, params) in &statements {
+                let refs: Vec<&(dyn ToSql + Sync)> =
+                    params.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
+                tx.execute(*sql, &refs)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://gp:secret@db:5432/gpupool"),
+            "postgres://gp:***@db:5432/gpupool"
+        );
+        assert_eq!(redact("postgres://db/gpupool"), "postgres://db/gpupool");
+    }
+}
