@@ -407,6 +407,50 @@ fn systemd_units_verify() {
     );
 }
 
+/// The sysusers.d and tmpfiles.d snippets, applied by the real tools to an
+/// empty root: the user exists and the directories get their owners.
+#[test]
+fn sysusers_and_tmpfiles_snippets_apply() {
+    let (Some(sysusers), Some(tmpfiles)) = (
+        require_tool("systemd-sysusers", "systemd"),
+        require_tool("systemd-tmpfiles", "systemd"),
+    ) else {
+        return;
+    };
+    let snippets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("etc")).unwrap();
+    for (tool, args, file) in [
+        (&sysusers, &[][..], "gpupool.sysusers.conf"),
+        (&tmpfiles, &["--create"][..], "gpupool.tmpfiles.conf"),
+    ] {
+        let out = Command::new(tool)
+            .args(args)
+            .arg(format!("--root={}", root.path().display()))
+            .arg(snippets.join(file))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{} {file}: {}",
+            tool.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    let uid: u32 = passwd
+        .lines()
+        .find(|l| l.starts_with("gpupool:"))
+        .and_then(|l| l.split(':').nth(2)?.parse().ok())
+        .expect("gpupool user created");
+    use std::os::unix::fs::MetadataExt;
+    let meta = |p: &str| std::fs::metadata(root.path().join(p)).unwrap();
+    assert_eq!(meta("var/lib/gpupool/scheduler").uid(), uid);
+    assert_eq!(meta("var/lib/gpupool/scheduler").mode() & 0o777, 0o750);
+    assert_eq!(meta("var/lib/gpupool/agent").mode() & 0o777, 0o700);
+    assert_eq!(meta("etc/gpupool").gid(), uid);
+}
+
 /// The shipped Grafana dashboard: four views, and every metric its queries
 /// use is one the daemons export (checked against the live outputs above).
 fn dashboard_uses_only_exported_metrics(sched: &str, agent: &str) {
