@@ -62,12 +62,52 @@ pub struct SchedulerConfig {
     /// Prices and billing behaviour.
     #[serde(default)]
     pub billing: BillingConfig,
+    /// Request size and rate limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Per-kind defaults and limits: `[kinds.notebook]`, `[kinds.training]`,
     /// `[kinds.tensorboard]`, `[kinds.online_service]`,
     /// `[kinds.batch_service]`. Fields left out keep the built-in values
     /// (`gpupool job kinds` shows the result).
     #[serde(default)]
     pub kinds: std::collections::BTreeMap<String, KindConfig>,
+}
+
+/// `[limits]`: what one request and one caller may send.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request message of the client API, in bytes (agents' session
+    /// messages may be 4 times this). Larger: `OUT_OF_RANGE`.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// Requests per second each caller (tenant token, or the admin) may
+    /// make, sustained; 0 = unlimited. Past it: `RESOURCE_EXHAUSTED`.
+    #[serde(default = "default_rate")]
+    pub requests_per_second: u32,
+    /// Requests a caller may make at once after being idle.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: default_max_request_bytes(),
+            requests_per_second: default_rate(),
+            burst: default_burst(),
+        }
+    }
+}
+
+fn default_max_request_bytes() -> usize {
+    4 << 20
+}
+fn default_rate() -> u32 {
+    200
+}
+fn default_burst() -> u32 {
+    400
 }
 
 /// `[kinds.<kind>]`: overrides of one kind's built-in settings.
@@ -163,6 +203,7 @@ impl Default for SchedulerConfig {
             subscription_regions: Vec::new(),
             billing: BillingConfig::default(),
             kinds: Default::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -203,6 +244,9 @@ impl SchedulerConfig {
             return Err("field `admin_token` must be at least 16 characters".into());
         }
         self.kind_table()?;
+        if self.limits.max_request_bytes < 1024 {
+            return Err("field `limits.max_request_bytes` must be at least 1024".into());
+        }
         Ok(())
     }
 

@@ -17,6 +17,8 @@ pub struct Metrics {
     sessions: IntGauge,
     pub jobs_submitted: IntCounter,
     pub sessions_opened: IntCounter,
+    /// Requests refused by the per-caller rate limit.
+    pub requests_limited: IntCounter,
     billable_seconds: prometheus::IntCounterVec,
     billed_amount: prometheus::IntCounterVec,
     /// Time to handle one agent heartbeat, waiting for the cluster lock
@@ -44,6 +46,11 @@ impl Metrics {
             IntGauge::new("gpupool_agent_sessions", "Agent sessions currently open.").unwrap();
         let jobs_submitted =
             IntCounter::new("gpupool_jobs_submitted_total", "Jobs accepted.").unwrap();
+        let requests_limited = IntCounter::new(
+            "gpupool_requests_rate_limited_total",
+            "Client requests refused with RESOURCE_EXHAUSTED by the per-caller rate limit.",
+        )
+        .unwrap();
         let sessions_opened = IntCounter::new(
             "gpupool_agent_sessions_opened_total",
             "Agent sessions opened.",
@@ -88,6 +95,7 @@ impl Metrics {
             Box::new(sessions.clone()),
             Box::new(jobs_submitted.clone()),
             Box::new(sessions_opened.clone()),
+            Box::new(requests_limited.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -100,6 +108,7 @@ impl Metrics {
             sessions,
             jobs_submitted,
             sessions_opened,
+            requests_limited,
             billable_seconds,
             billed_amount,
             heartbeat_seconds,

@@ -116,6 +116,8 @@ pub struct Shared {
     core: Mutex<Core>,
     pub config: SchedulerConfig,
     pub metrics: Metrics,
+    /// Per-caller request budgets (`[limits]`).
+    pub limiter: Mutex<crate::api::limits::RateLimiter>,
 }
 
 impl Shared {
@@ -177,6 +179,10 @@ pub fn open_with(
             pending_logs: HashMap::new(),
             next_request: 0,
         }),
+        limiter: Mutex::new(crate::api::limits::RateLimiter::new(
+            config.limits.requests_per_second,
+            config.limits.burst,
+        )),
         config,
         metrics: Metrics::new(),
     }))
@@ -224,6 +230,7 @@ pub async fn serve(
     let agent = crate::api::agent::AgentApi {
         shared: shared.clone(),
     };
+    let max_request = shared.config.limits.max_request_bytes;
     let addr = grpc.local_addr()?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
     let grpc_server = tonic::transport::Server::builder()
@@ -232,27 +239,33 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(Guard::new(
-            pb::agent_service_server::AgentServiceServer::new(agent),
+            pb::agent_service_server::AgentServiceServer::new(agent)
+                .max_decoding_message_size(max_request.saturating_mul(4)),
             shared.clone(),
         ))
         .add_service(Guard::new(
-            pb::job_service_server::JobServiceServer::new(api.clone()),
+            pb::job_service_server::JobServiceServer::new(api.clone())
+                .max_decoding_message_size(max_request),
             shared.clone(),
         ))
         .add_service(Guard::new(
-            pb::node_service_server::NodeServiceServer::new(api.clone()),
+            pb::node_service_server::NodeServiceServer::new(api.clone())
+                .max_decoding_message_size(max_request),
             shared.clone(),
         ))
         .add_service(Guard::new(
-            pb::pool_service_server::PoolServiceServer::new(api.clone()),
+            pb::pool_service_server::PoolServiceServer::new(api.clone())
+                .max_decoding_message_size(max_request),
             shared.clone(),
         ))
         .add_service(Guard::new(
-            pb::usage_service_server::UsageServiceServer::new(api.clone()),
+            pb::usage_service_server::UsageServiceServer::new(api.clone())
+                .max_decoding_message_size(max_request),
             shared.clone(),
         ))
         .add_service(Guard::new(
-            pb::tenant_service_server::TenantServiceServer::new(api),
+            pb::tenant_service_server::TenantServiceServer::new(api)
+                .max_decoding_message_size(max_request),
             shared.clone(),
         ))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));

@@ -83,22 +83,40 @@ pub fn check(shared: &Shared, path: &str, headers: &http::HeaderMap) -> Result<(
         return Ok(());
     };
     let metadata = MetadataMap::from_headers(headers.clone());
-    match access {
-        Access::Agent => super::auth::agent(shared, &metadata),
-        Access::Tenant => super::auth::caller(shared, &metadata).map(|_| ()),
+    let caller = match access {
+        Access::Agent => return super::auth::agent(shared, &metadata),
+        Access::Tenant => super::auth::caller(shared, &metadata)?,
         Access::Admin => {
             let caller = super::auth::caller(shared, &metadata)?;
-            if caller.admin {
-                Ok(())
-            } else {
+            if !caller.admin {
                 let method = path.rsplit('/').next().unwrap_or(path);
-                Err(tonic::Status::permission_denied(format!(
+                return Err(tonic::Status::permission_denied(format!(
                     "{method} is for the admin only (tenant {} asked)",
                     caller.tenant
-                )))
+                )));
             }
+            caller
         }
-    }
+    };
+    let key = if caller.admin {
+        "(admin)"
+    } else {
+        &caller.tenant
+    };
+    let allowed = shared
+        .limiter
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .allow(key, std::time::Instant::now());
+    allowed.map_err(|wait| {
+        shared.metrics.requests_limited.inc();
+        tonic::Status::resource_exhausted(format!(
+            "rate limit: {} requests/s (burst {}) for {key}; retry in {} ms",
+            shared.config.limits.requests_per_second,
+            shared.config.limits.burst,
+            wait.as_millis().max(1)
+        ))
+    })
 }
 
 /// A service behind the [`ACCESS`] table.

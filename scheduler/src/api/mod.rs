@@ -5,6 +5,7 @@ pub mod access;
 pub mod agent;
 pub mod auth;
 pub mod client;
+pub mod limits;
 pub mod pools;
 pub mod usage;
 

@@ -179,7 +179,8 @@ impl Daemon {
             format!(
                 "grpc_listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
                  data_dir = \"{}\"\nheartbeat_interval_ms = {heartbeat_ms}\n\
-                 node_grace_ms = {}\njoin_token = \"{JOIN}\"\nadmin_token = \"{ADMIN}\"\n",
+                 node_grace_ms = {}\njoin_token = \"{JOIN}\"\nadmin_token = \"{ADMIN}\"\n\
+                 [limits]\nrequests_per_second = 0\n",
                 dir.join("data").display(),
                 heartbeat_ms * 4
             ),
