@@ -205,6 +205,27 @@ impl Scheduler {
     }
 
     async fn start_configured(dir: &Path, ip: &str, extra: &str) -> Self {
+        let (config_path, grpc_port, metrics_port) = Self::write_config(dir, ip, extra);
+        Self::start_with(dir, config_path, grpc_port, metrics_port).await
+    }
+
+    /// Starts a scheduler with TOML appended to its config without waiting
+    /// for it (e.g. one that serves TLS, which the plaintext wait cannot
+    /// reach).
+    pub fn spawn_with_config(dir: &Path, extra: &str) -> Self {
+        let (config_path, grpc_port, metrics_port) = Self::write_config(dir, "127.0.0.1", extra);
+        let mut cmd = Command::new(bin("gpupool-scheduler"));
+        cmd.arg("serve").arg("--config").arg(&config_path);
+        let proc = Proc::spawn(cmd, dir.join("scheduler-0.log"));
+        Self {
+            proc,
+            grpc_port,
+            metrics_port,
+            config_path,
+        }
+    }
+
+    fn write_config(dir: &Path, ip: &str, extra: &str) -> (PathBuf, u16, u16) {
         let grpc_port = free_port();
         let metrics_port = free_port();
         let config_path = dir.join("scheduler.toml");
@@ -228,7 +249,7 @@ impl Scheduler {
             ),
         )
         .unwrap();
-        Self::start_with(dir, config_path, grpc_port, metrics_port).await
+        (config_path, grpc_port, metrics_port)
     }
 
     /// Starts a scheduler replica on `database_url` without waiting for it
@@ -470,6 +491,17 @@ impl Agent {
     /// An agent reaching the scheduler at `addr` (replicas comma-separated).
     pub fn start_at(dir: &Path, addr: &str, node_id: &str, fake_gpus: &str) -> Self {
         Self::spawn(dir, addr, node_id, fake_gpus, "AZ1", "", None)
+    }
+
+    /// [`Agent::start_at`] with TOML lines added to its config.
+    pub fn start_at_with(
+        dir: &Path,
+        addr: &str,
+        node_id: &str,
+        fake_gpus: &str,
+        extra: &str,
+    ) -> Self {
+        Self::spawn(dir, addr, node_id, fake_gpus, "AZ1", extra, None)
     }
 
     /// An agent run with `ip netns exec NETNS`, reaching the scheduler at

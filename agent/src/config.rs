@@ -32,6 +32,19 @@ pub struct AgentConfig {
     /// Free-form labels reported with the inventory.
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// TLS (with an `https://` scheduler address): the CA that signed the
+    /// scheduler's certificate.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Mutual TLS: this node's client certificate and key (PEM).
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// Name to verify in the scheduler's certificate instead of the
+    /// address's host.
+    #[serde(default)]
+    pub tls_domain: Option<String>,
     /// Cluster join token, sent as a bearer token. Must match the scheduler's.
     #[serde(default)]
     pub join_token: Option<String>,

@@ -17,6 +17,7 @@ pub mod sdnotify;
 pub mod serving;
 pub mod session;
 pub mod shim;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,6 +87,12 @@ pub async fn run(
         labels: config.labels.clone(),
         scheduler_addr: config.scheduler_addr.clone(),
         next_addr: Default::default(),
+        tls: tls::ClientTls {
+            ca_file: config.tls_ca_file.clone(),
+            cert_file: config.tls_cert_file.clone(),
+            key_file: config.tls_key_file.clone(),
+            domain: config.tls_domain.clone(),
+        },
         join_token: config.join_token.clone(),
         max_backoff: Duration::from_millis(config.max_backoff_ms),
         probe,

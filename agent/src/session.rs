@@ -32,6 +32,8 @@ pub struct AgentCtx {
     /// moves to the next when one fails or is a standby.
     pub scheduler_addr: String,
     pub next_addr: std::sync::atomic::AtomicUsize,
+    /// TLS files for `https://` addresses.
+    pub tls: crate::tls::ClientTls,
     pub join_token: Option<String>,
     pub max_backoff: Duration,
     pub probe: Arc<dyn GpuProbe>,
@@ -142,9 +144,7 @@ async fn serve_once(ctx: &AgentCtx, shutdown: &mut watch::Receiver<bool>) -> any
         .filter(|a| !a.is_empty())
         .collect();
     let addr = addrs[ctx.next_addr.load(Ordering::Relaxed) % addrs.len().max(1)].to_string();
-    let endpoint = tonic::transport::Endpoint::from_shared(addr.clone())?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true);
+    let endpoint = ctx.tls.endpoint(&addr, Duration::from_secs(3))?;
     let channel = endpoint.connect().await?;
     let token = match &ctx.join_token {
         Some(t) => Some(format!("Bearer {t}").parse()?),

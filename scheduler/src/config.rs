@@ -65,12 +65,32 @@ pub struct SchedulerConfig {
     /// Request size and rate limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// TLS for gRPC (omit for plaintext).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Per-kind defaults and limits: `[kinds.notebook]`, `[kinds.training]`,
     /// `[kinds.tensorboard]`, `[kinds.online_service]`,
     /// `[kinds.batch_service]`. Fields left out keep the built-in values
     /// (`gpupool job kinds` shows the result).
     #[serde(default)]
     pub kinds: std::collections::BTreeMap<String, KindConfig>,
+}
+
+/// `[tls]`: the scheduler's certificate, and mutual TLS for agents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM) clients verify.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM). Never logged.
+    pub key_file: PathBuf,
+    /// CA whose client certificates are accepted (mutual TLS); clients
+    /// without a certificate may still connect unless required below.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Agent RPCs need a client certificate signed by `client_ca_file`.
+    #[serde(default)]
+    pub require_agent_client_cert: bool,
 }
 
 /// `[limits]`: what one request and one caller may send.
@@ -204,6 +224,7 @@ impl Default for SchedulerConfig {
             billing: BillingConfig::default(),
             kinds: Default::default(),
             limits: LimitsConfig::default(),
+            tls: None,
         }
     }
 }
@@ -244,6 +265,12 @@ impl SchedulerConfig {
             return Err("field `admin_token` must be at least 16 characters".into());
         }
         self.kind_table()?;
+        if let Some(tls) = &self.tls
+            && tls.require_agent_client_cert
+            && tls.client_ca_file.is_none()
+        {
+            return Err("field `tls.require_agent_client_cert` needs `tls.client_ca_file`".into());
+        }
         if self.limits.max_request_bytes < 1024 {
             return Err("field `limits.max_request_bytes` must be at least 1024".into());
         }

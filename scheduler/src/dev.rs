@@ -95,6 +95,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         log_max_bytes: 100 * 1024 * 1024,
         log_keep: 3,
         sample_interval_ms: 1000,
+        tls_ca_file: None,
+        tls_cert_file: None,
+        tls_key_file: None,
+        tls_domain: None,
         port_range: [
             gpupool_agent::runtime::DEFAULT_PORT_RANGE.0,
             gpupool_agent::runtime::DEFAULT_PORT_RANGE.1,

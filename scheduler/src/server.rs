@@ -188,6 +188,27 @@ pub fn open_with(
     }))
 }
 
+/// The server side of `[tls]`.
+fn server_tls(tls: &crate::config::TlsConfig) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path).with_context(|| format!("cannot read TLS {what} {}", path.display()))
+    };
+    let mut config =
+        tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
+            read(&tls.cert_file, "certificate")?,
+            read(&tls.key_file, "key")?,
+        ));
+    if let Some(ca) = &tls.client_ca_file {
+        config = config
+            .client_ca_root(tonic::transport::Certificate::from_pem(read(
+                ca,
+                "client CA",
+            )?))
+            .client_auth_optional(true);
+    }
+    Ok(config)
+}
+
 /// Serves gRPC on `grpc` and metrics on `metrics` until `shutdown`
 /// resolves, then stops taking requests, ends agent sessions and returns.
 pub async fn serve(
@@ -233,7 +254,16 @@ pub async fn serve(
     let max_request = shared.config.limits.max_request_bytes;
     let addr = grpc.local_addr()?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
-    let grpc_server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &shared.config.tls {
+        builder = builder.tls_config(server_tls(tls)?)?;
+        tracing::info!(
+            mutual = tls.client_ca_file.is_some(),
+            agents_need_cert = tls.require_agent_client_cert,
+            "gRPC over TLS"
+        );
+    }
+    let grpc_server = builder
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -73,7 +73,12 @@ pub fn access_of(path: &str) -> Option<Access> {
 
 /// Decides a request for `path` with these headers: Ok to go on, else the
 /// status to answer with.
-pub fn check(shared: &Shared, path: &str, headers: &http::HeaderMap) -> Result<(), tonic::Status> {
+pub fn check(
+    shared: &Shared,
+    path: &str,
+    headers: &http::HeaderMap,
+    client_cert: bool,
+) -> Result<(), tonic::Status> {
     let Some(access) = access_of(path) else {
         if path.starts_with("/gpupool.") {
             return Err(tonic::Status::unimplemented(format!(
@@ -84,7 +89,20 @@ pub fn check(shared: &Shared, path: &str, headers: &http::HeaderMap) -> Result<(
     };
     let metadata = MetadataMap::from_headers(headers.clone());
     let caller = match access {
-        Access::Agent => return super::auth::agent(shared, &metadata),
+        Access::Agent => {
+            if shared
+                .config
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.require_agent_client_cert)
+                && !client_cert
+            {
+                return Err(tonic::Status::unauthenticated(
+                    "agents must present a client certificate signed by the cluster CA (mutual TLS)",
+                ));
+            }
+            return super::auth::agent(shared, &metadata);
+        }
         Access::Tenant => super::auth::caller(shared, &metadata)?,
         Access::Admin => {
             let caller = super::auth::caller(shared, &metadata)?;
@@ -153,7 +171,14 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        match check(&self.shared, req.uri().path(), req.headers()) {
+        // With TLS, did the peer present a certificate (verified by the
+        // handshake against `client_ca_file`)?
+        let client_cert = req
+            .extensions()
+            .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs())
+            .is_some_and(|certs| !certs.is_empty());
+        match check(&self.shared, req.uri().path(), req.headers(), client_cert) {
             Ok(()) => Box::pin(self.inner.call(req)),
             Err(status) => Box::pin(async move { Ok(status.into_http()) }),
         }

@@ -34,7 +34,7 @@ use serde_json::Value;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use self::args::{DEFAULT_ADDR, normalize_addr, parse_cpu, parse_env, parse_memory};
 pub use self::billing::{BillArgs, OrderCommand, RollupArg, UsageArgs};
@@ -95,6 +95,28 @@ pub struct Cli {
     /// API token, sent as `authorization: Bearer <token>` with every request.
     #[arg(long, global = true, env = "GPUPOOL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA (PEM) that signed the scheduler's certificate, for `https://`
+    /// addresses.
+    #[arg(long, global = true, env = "GPUPOOL_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(
+        long,
+        global = true,
+        env = "GPUPOOL_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(
+        long,
+        global = true,
+        env = "GPUPOOL_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
@@ -673,6 +695,7 @@ type Svc = InterceptedService<Channel, BearerAuth>;
 struct Conn {
     addr: String,
     token: Option<String>,
+    tls: gpupool_agent::tls::ClientTls,
 }
 
 impl Conn {
@@ -701,11 +724,11 @@ impl Conn {
             .collect();
         let mut failures = Vec::new();
         for addr in &addrs {
-            let endpoint = Endpoint::from_shared(addr.clone())
-                .map_err(|e| {
-                    CliError::Message(format!("invalid address `{addr}`: {}", error_chain(&e)))
-                })?
-                .connect_timeout(Duration::from_secs(if addrs.len() > 1 { 3 } else { 10 }));
+            let timeout = Duration::from_secs(if addrs.len() > 1 { 3 } else { 10 });
+            let endpoint = self
+                .tls
+                .endpoint(addr, timeout)
+                .map_err(|e| CliError::Message(format!("{e:#}")))?;
             let channel = match endpoint.connect().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -854,6 +877,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let conn = Conn {
         addr: cli.addr.clone(),
         token: cli.token.filter(|t| !t.is_empty()),
+        tls: gpupool_agent::tls::ClientTls {
+            ca_file: cli.tls_ca.clone(),
+            cert_file: cli.tls_cert.clone(),
+            key_file: cli.tls_key.clone(),
+            domain: None,
+        },
     };
     let out = cli.output;
     match cli.command {
