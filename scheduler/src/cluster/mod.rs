@@ -146,6 +146,14 @@ pub struct Cluster {
     /// Hours before this are in the ledger table.
     ledger_closed_until_ms: i64,
     store: Box<dyn Store>,
+    /// The placement engine of the last scheduling pass, still current:
+    /// it saw every allocation since (its own placements). Dropped by
+    /// anything else that changes capacity (a node changes, an instance
+    /// ends) and at every tick; rebuilt by the next pass.
+    placer: Option<placement::Placer>,
+    /// node id -> jobs that have (or had) instances there; pruned as their
+    /// instances end. Spares heartbeats a walk over every job.
+    jobs_on_node: HashMap<String, std::collections::BTreeSet<String>>,
 }
 
 impl Cluster {
@@ -170,6 +178,8 @@ impl Cluster {
             orders: snapshot.orders,
             ledger_closed_until_ms: 0,
             store,
+            placer: None,
+            jobs_on_node: HashMap::new(),
         };
         for pool in snapshot.pools {
             cluster.next_pool_seq = cluster.next_pool_seq.max(pool.seq + 1);
@@ -190,6 +200,13 @@ impl Cluster {
                 cluster
                     .instance_job
                     .insert(inst.instance_id.clone(), job.job_id.clone());
+                if !inst.state.is_terminal() {
+                    cluster
+                        .jobs_on_node
+                        .entry(inst.node_id.clone())
+                        .or_default()
+                        .insert(job.job_id.clone());
+                }
             }
             cluster.jobs.insert(job.job_id.clone(), job);
         }
@@ -314,6 +331,7 @@ impl Cluster {
             },
         };
         self.store.put_node(&node, now_ms)?;
+        self.placer = None;
         tracing::info!(node = %node_id, gpus = node.inventory.gpus.len(), "node registered");
         self.nodes.insert(node_id.to_string(), node);
         Ok(())
@@ -330,6 +348,7 @@ impl Cluster {
         out: &mut Outbox,
     ) {
         self.touch(node_id, None, now_ms);
+        self.placer = None;
         let reported_ids: std::collections::HashSet<String> =
             reported.iter().map(|r| r.instance_id.clone()).collect();
         for r in reported {
@@ -401,7 +420,22 @@ impl Cluster {
     pub fn record_gpu_samples(&mut self, node_id: &str, samples: &[(u32, u32)], now_ms: i64) {
         let hour = crate::domain::billing::hour_floor(now_ms);
         let cap = self.settings.node_grace_ms;
-        for job in self.jobs.values_mut() {
+        let Some(on_node) = self.jobs_on_node.get_mut(node_id) else {
+            return;
+        };
+        // Jobs with nothing left on the node leave its index.
+        on_node.retain(|id| {
+            self.jobs.get(id).is_some_and(|j| {
+                j.instances
+                    .iter()
+                    .any(|i| i.node_id == node_id && !i.state.is_terminal())
+            })
+        });
+        let ids: Vec<String> = on_node.iter().cloned().collect();
+        for id in &ids {
+            let Some(job) = self.jobs.get_mut(id) else {
+                continue;
+            };
             let share_milli = if job.spec.resources.gpus > 0 {
                 1000
             } else {
@@ -481,6 +515,7 @@ impl Cluster {
         }
         if persist {
             let node = node.clone();
+            self.placer = None;
             if let Err(err) = self.store.put_node(&node, now_ms) {
                 tracing::error!(node = %node_id, error = %err, "cannot persist node");
             }
@@ -579,6 +614,8 @@ impl Cluster {
             changed = true;
         }
         if r.state.is_terminal() {
+            // Its resources are free again.
+            self.placer = None;
             inst.ready = false;
             inst.exit_code = r.exit_code;
             inst.signal = r.signal;
@@ -668,6 +705,8 @@ impl Cluster {
     /// Declares silent nodes NotReady (their instances Lost), then places
     /// queued jobs.
     pub fn tick(&mut self, now_ms: i64, out: &mut Outbox) {
+        // Pools, subscriptions and expiries below may change capacity.
+        self.placer = None;
         let grace = self.settings.node_grace_ms;
         let expired: Vec<String> = self
             .nodes
@@ -888,11 +927,14 @@ impl Cluster {
             return;
         }
         queued.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        let mut placer = placement::Placer::new(
-            self.capacity(),
-            &placement::default_shapes(),
-            PLACEMENT_SEED,
-        );
+        let mut placer = match self.placer.take() {
+            Some(p) => p,
+            None => placement::Placer::new(
+                self.capacity(),
+                &placement::default_shapes(),
+                PLACEMENT_SEED,
+            ),
+        };
         // pool -> (head job, nodes reserved for it by position)
         let mut heads: HashMap<String, (String, Vec<bool>)> = HashMap::new();
         for (_, _, job_id) in queued {
@@ -979,9 +1021,20 @@ impl Cluster {
                     AgentCommand::Start(Box::new(start_spec(job, inst, &self.pools, &self.nodes))),
                 ));
             }
+            for inst in job
+                .instances
+                .iter()
+                .filter(|i| new_ids.contains(&i.instance_id))
+            {
+                self.jobs_on_node
+                    .entry(inst.node_id.clone())
+                    .or_default()
+                    .insert(job_id.clone());
+            }
             tracing::info!(job = %job_id, attempt, instances = new_ids.len(), "job placed");
             self.persist_job(&job_id, now_ms);
         }
+        self.placer = Some(placer);
     }
 
     /// Places a replica job's due pending ranks one by one; online service
@@ -1127,6 +1180,7 @@ impl Cluster {
         node.cordoned = cordoned;
         let node = node.clone();
         self.store.put_node(&node, now_ms)?;
+        self.placer = None;
         if !cordoned {
             self.schedule(now_ms, out);
         }

@@ -462,6 +462,7 @@ impl Cluster {
         self.store.write(&records, now_ms)?;
         for node in moved {
             self.nodes.insert(node.node_id.clone(), node);
+            self.placer = None;
         }
         if let Some(order) = order {
             self.orders.push(order);
@@ -778,6 +779,7 @@ impl Cluster {
             }
             for node in freed {
                 self.nodes.insert(node.node_id.clone(), node);
+                self.placer = None;
             }
             self.pools.insert(id, pool);
         }

@@ -455,3 +455,66 @@ fn kind_settings_give_defaults_and_limits() {
     let nb = c.submit(&admin(), cpu, 0, &mut out).unwrap();
     assert_eq!(nb.spec.resources.gpu_demand_milli(), 0);
 }
+
+/// The placer kept between scheduling passes always holds exactly what a
+/// fresh one built from the cluster would: random submissions, instance
+/// ends, cordons and ticks.
+#[test]
+fn the_cached_placer_matches_a_fresh_one_after_every_operation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 4, 4);
+    let mut out = Outbox::new();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut now = 10;
+    for step in 0..400 {
+        now += 10;
+        match rnd(6) {
+            0..=2 => {
+                let mut raw = raw(rnd(3) as i64);
+                if raw.gpus == 0 && rnd(2) == 0 {
+                    raw.gpu_milli = 250;
+                }
+                raw.instances = 1 + rnd(2) as i64;
+                let _ = c.submit(&admin(), raw, now, &mut out);
+            }
+            3 => {
+                let live: Vec<Instance> = c
+                    .jobs()
+                    .flat_map(|j| j.instances.iter())
+                    .filter(|i| !i.state.is_terminal())
+                    .cloned()
+                    .collect();
+                if !live.is_empty() {
+                    let inst = &live[rnd(live.len() as u64) as usize];
+                    let state = if rnd(2) == 0 {
+                        InstanceState::Succeeded
+                    } else {
+                        InstanceState::Running
+                    };
+                    c.heartbeat(
+                        &inst.node_id,
+                        None,
+                        vec![report(&inst.instance_id, state, Some(0))],
+                        now,
+                        &mut out,
+                    );
+                }
+            }
+            4 => {
+                let node = format!("n{}", rnd(4));
+                let cordon = rnd(3) == 0;
+                c.set_cordon(&node, cordon, now, &mut out).unwrap();
+            }
+            _ => tick(&mut c, now, &mut out),
+        }
+        if let Some(placer) = &c.placer {
+            assert_eq!(placer.nodes(), &c.capacity()[..], "step {step}");
+        }
+    }
+}
