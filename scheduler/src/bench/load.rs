@@ -7,7 +7,13 @@
 //! histogram), submit-to-scheduled latency as the client sees it, and the
 //! time a restart takes to serve again with everything in the store.
 //!
-//! `gpupool-scheduler bench load [--nodes 1000,10000] [--heartbeat-ms 5000] [--seconds 30] [--rate 500]`
+//! `gpupool-scheduler bench load [--nodes 1000,10000] [--heartbeat-ms 5000] [--seconds 30] [--rate 500]
+//! [--preload-jobs 100000] [--database-url postgres://...]`
+//!
+//! Restart-to-serving is measured with `--preload-jobs` finished jobs
+//! written to the store (besides the window's) while the scheduler is
+//! stopped. With `--database-url` the scheduler runs on that PostgreSQL
+//! database, whose `public` schema is emptied before each cluster size.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +40,13 @@ pub struct LoadArgs {
     /// Job submissions per second during the window.
     #[arg(long, default_value_t = 500)]
     pub rate: u64,
+    /// Finished jobs added to the store before the restart measurement.
+    #[arg(long, default_value_t = 100_000)]
+    pub preload_jobs: u64,
+    /// Run the scheduler on this PostgreSQL database instead of SQLite
+    /// (its `public` schema is dropped and recreated: use a scratch one).
+    #[arg(long)]
+    pub database_url: Option<String>,
 }
 
 const ADMIN: &str = "bench-admin-token-0123456789";
@@ -62,9 +75,24 @@ async fn load(args: &LoadArgs) -> anyhow::Result<()> {
         args.seconds,
         std::env::current_exe()?.display()
     );
+    let store = match &args.database_url {
+        Some(url) => format!("PostgreSQL {}", crate::pgstore::redact(url)),
+        None => "SQLite".to_string(),
+    };
+    println!("store: {store}");
     for &n in &args.nodes {
         let dir = TempDir::new(n)?;
-        let mut sched = Daemon::start(dir.path(), args.heartbeat_ms).await?;
+        if let Some(url) = &args.database_url {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let mut c = postgres::Client::connect(&url, postgres::NoTls)?;
+                c.batch_execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")?;
+                Ok(())
+            })
+            .await??;
+        }
+        let db = args.database_url.clone();
+        let mut sched = Daemon::start(dir.path(), args.heartbeat_ms, db.as_deref()).await?;
         let t = Instant::now();
         let agents = start_agents(&sched, n).await?;
         wait_ready(&sched, n).await?;
@@ -104,18 +132,66 @@ async fn load(args: &LoadArgs) -> anyhow::Result<()> {
             pct(&lat, 0.99),
         );
         drop(agents);
-        // Restart: SIGTERM, start again on the same store, time to serving.
+        // Restart: SIGTERM, add the preloaded jobs, start again on the same
+        // store, time to serving.
         sched.stop();
+        let total = preload(dir.path(), db.as_deref(), args.preload_jobs).await?;
         let t = Instant::now();
-        let restarted = Daemon::start_in(dir.path(), args.heartbeat_ms, sched.port).await?;
+        let restarted =
+            Daemon::start_in(dir.path(), args.heartbeat_ms, sched.port, db.as_deref()).await?;
         println!(
-            "{n} nodes: restart to serving {:.2} s ({n} nodes, {} jobs in the store)",
+            "{n} nodes: restart to serving {:.2} s ({n} nodes, {total} jobs in the store)",
             t.elapsed().as_secs_f64(),
-            submits.len()
         );
         drop(restarted);
     }
     Ok(())
+}
+
+/// Adds `n` finished 1-GPU training jobs (one instance each, on nodes of
+/// the store) after the jobs already there; returns the jobs now stored.
+async fn preload(dir: &Path, db: Option<&str>, n: u64) -> anyhow::Result<u64> {
+    let path = dir.join("data").join("gpupool.db");
+    let url = db.map(String::from);
+    tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        use crate::store::{Record, Store};
+        let store: Box<dyn Store> = match &url {
+            Some(url) => Box::new(crate::pgstore::PgStore::open(url, None)?),
+            None => Box::new(crate::store::SqliteStore::open(&path)?),
+        };
+        let snapshot = store.load()?;
+        let template = snapshot
+            .jobs
+            .iter()
+            .find(|j| !j.instances.is_empty())
+            .cloned()
+            .context("no placed job to copy")?;
+        let nodes: Vec<String> = snapshot.nodes.iter().map(|n| n.node_id.clone()).collect();
+        let first = snapshot.jobs.iter().map(|j| j.seq).max().unwrap_or(0) + 1;
+        let now = crate::now_ms();
+        let mut batch = Vec::with_capacity(5_000);
+        for seq in first..first + n {
+            let mut job = template.clone();
+            job.seq = seq;
+            job.job_id = format!("j-{seq:06}");
+            job.state = crate::domain::JobState::Succeeded;
+            job.finished_at_ms = Some(now);
+            for inst in &mut job.instances {
+                inst.instance_id = format!("{}-{}", job.job_id, inst.rank);
+                inst.node_id = nodes[(seq as usize) % nodes.len().max(1)].clone();
+                inst.state = crate::domain::InstanceState::Succeeded;
+                inst.finished_at_ms = Some(now);
+            }
+            batch.push(job);
+            if batch.len() == 5_000 || seq + 1 == first + n {
+                let records: Vec<Record<'_>> = batch.iter().map(Record::Job).collect();
+                store.write(&records, now)?;
+                batch.clear();
+            }
+        }
+        Ok(snapshot.jobs.len() as u64 + n)
+    })
+    .await?
 }
 
 /// A scratch directory removed on drop.
@@ -167,11 +243,16 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Daemon {
-    async fn start(dir: &Path, heartbeat_ms: u32) -> anyhow::Result<Daemon> {
-        Daemon::start_in(dir, heartbeat_ms, free_port()?).await
+    async fn start(dir: &Path, heartbeat_ms: u32, db: Option<&str>) -> anyhow::Result<Daemon> {
+        Daemon::start_in(dir, heartbeat_ms, free_port()?, db).await
     }
 
-    async fn start_in(dir: &Path, heartbeat_ms: u32, port: u16) -> anyhow::Result<Daemon> {
+    async fn start_in(
+        dir: &Path,
+        heartbeat_ms: u32,
+        port: u16,
+        db: Option<&str>,
+    ) -> anyhow::Result<Daemon> {
         let metrics_port = free_port()?;
         let config = dir.join("scheduler.toml");
         std::fs::write(
@@ -180,9 +261,11 @@ impl Daemon {
                 "grpc_listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
                  data_dir = \"{}\"\nheartbeat_interval_ms = {heartbeat_ms}\n\
                  node_grace_ms = {}\njoin_token = \"{JOIN}\"\nadmin_token = \"{ADMIN}\"\n\
-                 [limits]\nrequests_per_second = 0\n",
+                 {}\n[limits]\nrequests_per_second = 0\n",
                 dir.join("data").display(),
-                heartbeat_ms * 4
+                heartbeat_ms * 4,
+                db.map(|url| format!("database_url = \"{url}\""))
+                    .unwrap_or_default()
             ),
         )?;
         let child = std::process::Command::new(std::env::current_exe()?)
@@ -376,7 +459,8 @@ async fn wait_ready(d: &Daemon, n: usize) -> anyhow::Result<()> {
     let mut nodes = pb::node_service_client::NodeServiceClient::with_interceptor(
         d.channel().await?,
         bearer(ADMIN),
-    );
+    )
+    .max_decoding_message_size(256 << 20);
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let ready = nodes

@@ -690,6 +690,9 @@ impl Interceptor for BearerAuth {
 
 type Svc = InterceptedService<Channel, BearerAuth>;
 
+/// Largest response the CLI reads (lists of 10,000 nodes pass 4 MiB).
+const MAX_RESPONSE: usize = 256 << 20;
+
 /// Where and how to reach the scheduler.
 #[derive(Debug)]
 struct Conn {
@@ -772,27 +775,32 @@ impl Conn {
 
     async fn jobs(&self) -> Result<JobServiceClient<Svc>, CliError> {
         let (channel, auth) = self.channel().await?;
-        Ok(JobServiceClient::with_interceptor(channel, auth))
+        Ok(JobServiceClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(MAX_RESPONSE))
     }
 
     async fn nodes(&self) -> Result<NodeServiceClient<Svc>, CliError> {
         let (channel, auth) = self.channel().await?;
-        Ok(NodeServiceClient::with_interceptor(channel, auth))
+        Ok(NodeServiceClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(MAX_RESPONSE))
     }
 
     async fn pools(&self) -> Result<PoolServiceClient<Svc>, CliError> {
         let (channel, auth) = self.channel().await?;
-        Ok(PoolServiceClient::with_interceptor(channel, auth))
+        Ok(PoolServiceClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(MAX_RESPONSE))
     }
 
     async fn usage(&self) -> Result<UsageServiceClient<Svc>, CliError> {
         let (channel, auth) = self.channel().await?;
-        Ok(UsageServiceClient::with_interceptor(channel, auth))
+        Ok(UsageServiceClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(MAX_RESPONSE))
     }
 
     async fn tenants(&self) -> Result<TenantServiceClient<Svc>, CliError> {
         let (channel, auth) = self.channel().await?;
-        Ok(TenantServiceClient::with_interceptor(channel, auth))
+        Ok(TenantServiceClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(MAX_RESPONSE))
     }
 }
 
