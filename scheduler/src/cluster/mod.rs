@@ -148,8 +148,9 @@ pub struct Cluster {
     store: Box<dyn Store>,
     /// The placement engine of the last scheduling pass, still current:
     /// it saw every allocation since (its own placements). Dropped by
-    /// anything else that changes capacity (a node changes, an instance
-    /// ends) and at every tick; rebuilt by the next pass.
+    /// anything else that changes capacity (a node registers, changes
+    /// status, inventory, cordon or pool; an instance ends); rebuilt by the
+    /// next pass.
     placer: Option<placement::Placer>,
     /// node id -> jobs that have (or had) instances there; pruned as their
     /// instances end. Spares heartbeats a walk over every job.
@@ -705,8 +706,6 @@ impl Cluster {
     /// Declares silent nodes NotReady (their instances Lost), then places
     /// queued jobs.
     pub fn tick(&mut self, now_ms: i64, out: &mut Outbox) {
-        // Pools, subscriptions and expiries below may change capacity.
-        self.placer = None;
         let grace = self.settings.node_grace_ms;
         let expired: Vec<String> = self
             .nodes
@@ -716,6 +715,7 @@ impl Cluster {
             .collect();
         for node_id in expired {
             tracing::warn!(node = %node_id, grace_ms = grace, "node missed heartbeats; NotReady");
+            self.placer = None;
             if let Some(node) = self.nodes.get_mut(&node_id) {
                 node.status = NodeStatus::NotReady;
                 let node = node.clone();
@@ -937,11 +937,28 @@ impl Cluster {
         };
         // pool -> (head job, nodes reserved for it by position)
         let mut heads: HashMap<String, (String, Vec<bool>)> = HashMap::new();
+        // Requests that failed earlier in this pass fail again without
+        // asking the placer (capacity only shrinks within a pass): a long
+        // queue of alike jobs costs one attempt per shape, not per job.
+        type Shape = (String, Resources, u32, Option<String>);
+        let mut failed: HashMap<Shape, String> = HashMap::new();
         for (_, _, job_id) in queued {
             let job = self.jobs.get(&job_id).expect("queued job exists");
             let (pool_id, res) = (job.pool_id.clone(), job.spec.resources.clone());
             let avoid = heads.get(&pool_id).map_or(&[][..], |h| &h.1[..]);
-            let (placed, failure) = if job.spec.kind.has_replicas() {
+            let shape: Shape = (
+                pool_id.clone(),
+                res.clone(),
+                if job.spec.kind.has_replicas() {
+                    0
+                } else {
+                    job.spec.instances
+                },
+                heads.get(&pool_id).map(|h| h.0.clone()),
+            );
+            let (placed, failure) = if let Some(reason) = failed.get(&shape) {
+                (Vec::new(), Some(reason.clone()))
+            } else if job.spec.kind.has_replicas() {
                 self.place_replicas(job, &mut placer, avoid, now_ms)
             } else {
                 let ranks: Vec<u32> = (0..job.spec.instances).collect();
@@ -950,6 +967,9 @@ impl Cluster {
                     Err(reason) => (Vec::new(), Some(reason)),
                 }
             };
+            if let Some(reason) = &failure {
+                failed.entry(shape).or_insert_with(|| reason.clone());
+            }
             if let Some(reason) = failure {
                 let wanted = job.pending.len().max(1) as u32;
                 let instances = if job.spec.kind.has_replicas() {

@@ -29,7 +29,7 @@ impl JobKind {
 }
 
 /// Per-instance resources.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Resources {
     /// Whole GPUs, all on one node.
     pub gpus: u32,

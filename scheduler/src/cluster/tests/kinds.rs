@@ -458,7 +458,7 @@ fn kind_settings_give_defaults_and_limits() {
 
 /// The placer kept between scheduling passes always holds exactly what a
 /// fresh one built from the cluster would: random submissions, instance
-/// ends, cordons and ticks.
+/// ends, cordons, ticks, and nodes falling silent and coming back.
 #[test]
 fn the_cached_placer_matches_a_fresh_one_after_every_operation() {
     let dir = tempfile::tempdir().unwrap();
@@ -474,7 +474,7 @@ fn the_cached_placer_matches_a_fresh_one_after_every_operation() {
     let mut now = 10;
     for step in 0..400 {
         now += 10;
-        match rnd(6) {
+        match rnd(7) {
             0..=2 => {
                 let mut raw = raw(rnd(3) as i64);
                 if raw.gpus == 0 && rnd(2) == 0 {
@@ -511,7 +511,27 @@ fn the_cached_placer_matches_a_fresh_one_after_every_operation() {
                 let cordon = rnd(3) == 0;
                 c.set_cordon(&node, cordon, now, &mut out).unwrap();
             }
-            _ => tick(&mut c, now, &mut out),
+            5 => tick(&mut c, now, &mut out),
+            _ => {
+                // One node falls silent past the grace (NotReady, its
+                // instances lost), the others keep heartbeating; later it
+                // comes back.
+                let silent = format!("n{}", rnd(4));
+                now += 1_500;
+                let others: Vec<String> = c
+                    .nodes()
+                    .map(|n| n.node_id.clone())
+                    .filter(|n| *n != silent)
+                    .collect();
+                for n in others {
+                    c.heartbeat(&n, None, vec![], now, &mut out);
+                }
+                c.tick(now, &mut out);
+                if let Some(placer) = &c.placer {
+                    assert_eq!(placer.nodes(), &c.capacity()[..], "step {step} (silent)");
+                }
+                c.hello(&silent, vec![], now + 1, &mut out);
+            }
         }
         if let Some(placer) = &c.placer {
             assert_eq!(placer.nodes(), &c.capacity()[..], "step {step}");
