@@ -283,3 +283,51 @@ async fn a_postgres_restart_loses_no_accepted_work() {
         .collect();
     assert_eq!(ids, acked, "accepted jobs only, none lost");
 }
+
+/// A leader that cannot renew its lease for most of it stops serving
+/// (a standby could take over after the lease), and leads again from the
+/// database once PostgreSQL is back; the running job is reattached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_without_postgres_steps_down_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(pg) = Postgres::start(dir.path()) else {
+        return;
+    };
+    let s = Scheduler::start_replica(&dir.path().join("s"), &pg.url()).await;
+    s.wait_serving().await;
+    let _agent = Agent::start_at(dir.path(), &s.addr(), "sd1", "1xH100-80GB");
+    wait_ready(&s, 1).await;
+    let long = submit_at(&s.addr(), &["--", "sleep", "300"]).unwrap();
+    let running = wait_job(&s, &long, pb::JobState::Running, Duration::from_secs(20)).await;
+    pg.stop_server();
+    let down = Instant::now();
+    eventually(Duration::from_secs(15), "the leader steps down", || async {
+        (!s.serving().await).then_some(())
+    })
+    .await;
+    let stepped = down.elapsed();
+    assert!(
+        stepped < Duration::from_secs(8),
+        "stepped down after {stepped:?}"
+    );
+    pg.start_server();
+    eventually(Duration::from_secs(30), "leads again", || async {
+        s.serving().await.then_some(())
+    })
+    .await;
+    let after = eventually(Duration::from_secs(30), "job reattached", || async {
+        let j = get_job(&s, &long).await;
+        let ready = list_nodes(&s)
+            .await
+            .first()
+            .is_some_and(|n| n.status == pb::NodeStatus::Ready as i32);
+        (ready && j.state == pb::JobState::Running as i32).then_some(j)
+    })
+    .await;
+    assert_eq!(after.instances.len(), 1);
+    assert_eq!(
+        after.instances[0].instance_id,
+        running.instances[0].instance_id
+    );
+    assert!(s.proc.log_text().contains("stands by again"));
+}

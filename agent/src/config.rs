@@ -174,8 +174,8 @@ impl AgentConfig {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.scheduler_addr.trim().is_empty() {
-            return Err("field `scheduler_addr` must not be empty".into());
+        if self.scheduler_addr.split(',').all(|a| a.trim().is_empty()) {
+            return Err("field `scheduler_addr` must name at least one address".into());
         }
         let [first, last] = self.port_range;
         if first == 0 || first > last {

@@ -498,21 +498,21 @@ impl Runtime {
             if entries.contains_key(&spec.instance_id) {
                 return;
             }
+            let held: std::collections::HashSet<u16> = entries
+                .values()
+                .filter(|e| !e.report.phase.is_terminal())
+                .map(|e| e.report.port)
+                .collect();
             let port = match &spec.serve {
                 None => Ok(0),
                 Some(serve) if serve.port != 0 => {
-                    if crate::serving::port_free(serve.port) {
+                    if !held.contains(&serve.port) && crate::serving::port_free(serve.port) {
                         Ok(serve.port)
                     } else {
                         Err(format!("port {} is in use on this node", serve.port))
                     }
                 }
                 Some(_) => {
-                    let held: std::collections::HashSet<u16> = entries
-                        .values()
-                        .filter(|e| !e.report.phase.is_terminal())
-                        .map(|e| e.report.port)
-                        .collect();
                     let cursor = self.port_cursor.load(std::sync::atomic::Ordering::Relaxed);
                     match crate::serving::allocate_port(self.port_range, &held, cursor) {
                         Some(p) => {

@@ -100,6 +100,10 @@ pub async fn run(ctx: Arc<AgentCtx>, mut shutdown: watch::Receiver<bool>) {
         let started = tokio::time::Instant::now();
         let result = serve_once(&ctx, &mut shutdown).await;
         ctx.connected.store(false, Ordering::Relaxed);
+        // A session that lasted starts the next round of retries afresh.
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = min_backoff;
+        }
         let replicas = ctx
             .scheduler_addr
             .split(',')
@@ -119,9 +123,6 @@ pub async fn run(ctx: Arc<AgentCtx>, mut shutdown: watch::Receiver<bool>) {
                 }
             }
             Err(err) => {
-                if started.elapsed() > Duration::from_secs(10) {
-                    backoff = min_backoff;
-                }
                 tracing::warn!(error = %format!("{err:#}"), retry_in = ?backoff, "scheduler session ended");
             }
         }

@@ -46,6 +46,8 @@ pub struct PgStore {
     work: Mutex<mpsc::Sender<Work>>,
     /// This replica's lease holder id; writes are fenced by it when set.
     holder: Option<String>,
+    /// Set when a write found another holder: this replica must stop.
+    fenced_out: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PgStore {
@@ -62,12 +64,19 @@ impl PgStore {
         let store = Self {
             work: Mutex::new(tx),
             holder,
+            fenced_out: Default::default(),
         };
         store.call(|c| {
             migrate(c)?;
             Ok(())
         })?;
         Ok(store)
+    }
+
+    /// Raised when a write was refused because another replica holds the
+    /// lease.
+    pub fn fenced_out(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.fenced_out.clone()
     }
 
     /// Runs `f` on the worker's connection and waits for it.
@@ -369,6 +378,7 @@ impl Store for PgStore {
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
         let statements: Vec<Statement> = records.iter().map(|r| statement(r, now_ms)).collect();
         let holder = self.holder.clone();
+        let fenced_out = self.fenced_out.clone();
         self.call(move |c| {
             let mut tx = c.transaction()?;
             if let Some(me) = &holder {
@@ -376,6 +386,7 @@ impl Store for PgStore {
                 let row = tx.query_opt("SELECT holder FROM leader WHERE id = 1 FOR UPDATE", &[])?;
                 let current: Option<String> = row.map(|r| r.get(0));
                 if current.as_deref() != Some(me.as_str()) {
+                    fenced_out.store(true, std::sync::atomic::Ordering::SeqCst);
                     return Err(StoreError::NotLeader(
                         current.unwrap_or_else(|| "nobody".into()),
                     ));

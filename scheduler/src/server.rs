@@ -118,6 +118,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Per-caller request budgets (`[limits]`).
     pub limiter: Mutex<crate::api::limits::RateLimiter>,
+    /// Set when a replica stops serving to stand by again (not a process
+    /// shutdown: systemd is not told STOPPING).
+    pub stepping_down: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -185,6 +188,7 @@ pub fn open_with(
         )),
         config,
         metrics: Metrics::new(),
+        stepping_down: Default::default(),
     }))
 }
 
@@ -374,7 +378,12 @@ pub async fn serve(
         }
     }
     tracing::info!("shutting down");
-    gpupool_agent::sdnotify::notify("STOPPING=1");
+    if !shared
+        .stepping_down
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        gpupool_agent::sdnotify::notify("STOPPING=1");
+    }
     let _ = health_reporter;
     let _ = stop_tx.send(true);
     // End agent sessions so the server's graceful shutdown can finish.

@@ -62,7 +62,7 @@ impl Cluster {
             .map(|(pos, i)| (pos, i.rank, i.state, i.reason.clone()))
             .collect();
         for (pos, rank, state, reason) in ended {
-            if kind == JobKind::BatchService && job.restarts >= job.spec.max_retries {
+            if kind == JobKind::BatchService && job.failures >= job.spec.max_retries {
                 job.gave_up = Some(format!(
                     "instance {rank} {}: {reason} (all {} retries used)",
                     format!("{state:?}").to_lowercase(),
@@ -85,6 +85,9 @@ impl Cluster {
                 break;
             }
             job.instances[pos].replaced = true;
+            if kind == JobKind::BatchService {
+                job.failures += 1;
+            }
             let delay = if state == InstanceState::Lost {
                 0
             } else {
@@ -201,6 +204,7 @@ impl Cluster {
         tracing::info!(job = %job_id, replicas = job.spec.instances, "rolling restart started");
         self.store.put_job(&self.jobs[job_id], now_ms)?;
         self.advance_rollouts(now_ms, out);
+        self.schedule(now_ms, out);
         Ok(self.jobs[job_id].clone())
     }
 
@@ -283,7 +287,7 @@ impl Cluster {
             let secs = job.spec.max_runtime_secs;
             if secs > 0
                 && let Some(started) = job.started_at_ms
-                && now_ms - started >= secs as i64 * 1000
+                && now_ms - started >= (secs as i64).saturating_mul(1000)
             {
                 stops.push((
                     job.job_id.clone(),
@@ -308,7 +312,7 @@ impl Cluster {
             .flatten()
             .max()
             .unwrap_or(now_ms);
-            if now_ms - since >= idle as i64 * 1000 {
+            if now_ms - since >= (idle as i64).saturating_mul(1000) {
                 let threshold = self.settings.kinds.get(job.spec.kind).idle_gpu_util_pct;
                 let why = if inst.gpu_indexes.is_empty() {
                     "no kernel or connection activity".to_string()

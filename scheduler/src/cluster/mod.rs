@@ -372,6 +372,7 @@ impl Cluster {
                     restart.push(inst.rank);
                 } else {
                     inst.state = InstanceState::Lost;
+                    self.placer = None;
                     inst.reason = format!("node {node_id} no longer runs it (agent restarted?)");
                     inst.finished_at_ms = Some(now_ms);
                     changed = true;
@@ -685,6 +686,8 @@ impl Cluster {
         job.retries += 1;
         job.state = JobState::Queued;
         job.finished_at_ms = None;
+        // The maximum run time counts per run.
+        job.started_at_ms = None;
         job.reason = format!(
             "requeued (retry {} of {}) after: {why}",
             job.retries, job.spec.max_retries
@@ -837,6 +840,7 @@ impl Cluster {
             restarts: 0,
             rollout: Vec::new(),
             gave_up: None,
+            failures: 0,
         };
         self.store.put_job(&job, now_ms)?;
         self.next_seq += 1;
@@ -1095,7 +1099,15 @@ impl Cluster {
                         })
                         .collect::<Vec<bool>>()
                 });
+            // A fixed port can be held once per node: then spreading is
+            // a rule, not a preference.
+            let fixed_port = job.spec.port != 0;
             let attempt = match spread_mask {
+                Some(mask) if fixed_port => placer
+                    .place_avoiding(&job.pool_id, res, 1, false, &mask)
+                    .map_err(|e| {
+                        format!("{e} (port {} is taken on the other nodes)", job.spec.port)
+                    }),
                 Some(mask) => placer
                     .place_avoiding(&job.pool_id, res, 1, false, &mask)
                     .or_else(|_| placer.place_avoiding(&job.pool_id, res, 1, false, avoid)),

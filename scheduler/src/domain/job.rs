@@ -292,6 +292,8 @@ impl JobKind {
 /// Upper bounds that catch typos before they become unschedulable jobs.
 pub const MAX_INSTANCES: i64 = 10_000;
 pub const MAX_GPUS_PER_INSTANCE: i64 = 64;
+/// Longest run time or idle timeout a job may ask (ten years).
+pub const MAX_DURATION_SECS: u64 = 10 * 365 * 86_400;
 
 /// Why a job spec was rejected; the message names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -318,6 +320,8 @@ pub enum SpecError {
         "a tensorboard needs a log directory: give log_dir, or for_job with a training job that sets log_dir"
     )]
     NoLogDir,
+    #[error("{field} must be at most {MAX_DURATION_SECS} s, ten years (got {value})")]
+    TooLong { field: &'static str, value: u64 },
     #[error("port must be 1..65535 (got {0})")]
     BadPort(u32),
     #[error("health_check: {0}")]
@@ -376,6 +380,14 @@ impl RawJobSpec {
         }
         if self.idle_timeout_secs != 0 && !kind.interactive() {
             return Err(not_for("idle_timeout_secs", "notebook and tensorboard"));
+        }
+        for (field, value) in [
+            ("max_runtime_secs", self.max_runtime_secs),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+        ] {
+            if value > MAX_DURATION_SECS {
+                return Err(SpecError::TooLong { field, value });
+            }
         }
         if self.port > 65_535 {
             return Err(SpecError::BadPort(self.port));
@@ -661,6 +673,10 @@ pub struct Job {
     /// Batch services: why the job gave up (retries spent).
     #[serde(default)]
     pub gave_up: Option<String>,
+    /// Batch services: failed completions retried so far (counted when the
+    /// retry is decided, not when it is placed).
+    #[serde(default)]
+    pub failures: u32,
 }
 
 /// Why the scheduler stops a job's instances.
@@ -930,6 +946,13 @@ mod tests {
                 "kind is required",
             ),
             (RawJobSpec { gpus: 65, ..raw() }, "at most 64"),
+            (
+                RawJobSpec {
+                    max_runtime_secs: u64::MAX,
+                    ..raw()
+                },
+                "max_runtime_secs must be at most",
+            ),
         ];
         for (spec, want) in cases {
             let err = spec.clone().validate().unwrap_err().to_string();
@@ -972,6 +995,7 @@ mod tests {
             restarts: 0,
             rollout: Vec::new(),
             gave_up: None,
+            failures: 0,
         }
     }
 

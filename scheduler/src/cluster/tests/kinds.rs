@@ -298,6 +298,27 @@ fn a_batch_service_runs_its_parallelism_until_its_completions_succeed() {
     )));
 }
 
+/// Retries are counted when decided: eight completions failing at once
+/// with one retry allowed retry once, then the job fails.
+#[test]
+fn batch_retries_are_counted_when_decided() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 1, 0);
+    let mut out = Outbox::new();
+    let mut raw = spec(JobKind::BatchService, 8, &["work"]);
+    raw.max_retries = 1;
+    let job = c.submit(&admin(), raw, 0, &mut out).unwrap();
+    for inst in current(&c, &job.job_id) {
+        end(&mut c, &inst, InstanceState::Failed, 1, 10, &mut out);
+    }
+    let j = c.job(&admin(), &job.job_id).unwrap();
+    assert_eq!(j.state, JobState::Failed, "{}", j.reason);
+    assert_eq!(j.failures, 1);
+    assert!(j.reason.contains("all 1 retries used"), "{}", j.reason);
+    tick(&mut c, 60_000, &mut out);
+    assert!(c.job(&admin(), &job.job_id).unwrap().restarts <= 1);
+}
+
 #[test]
 fn a_job_past_its_maximum_run_time_is_stopped_as_timed_out() {
     let dir = tempfile::tempdir().unwrap();
@@ -474,7 +495,7 @@ fn the_cached_placer_matches_a_fresh_one_after_every_operation() {
     let mut now = 10;
     for step in 0..400 {
         now += 10;
-        match rnd(7) {
+        match rnd(8) {
             0..=2 => {
                 let mut raw = raw(rnd(3) as i64);
                 if raw.gpus == 0 && rnd(2) == 0 {
@@ -512,6 +533,32 @@ fn the_cached_placer_matches_a_fresh_one_after_every_operation() {
                 c.set_cordon(&node, cordon, now, &mut out).unwrap();
             }
             5 => tick(&mut c, now, &mut out),
+            6 => {
+                // An agent reconnects reporting only some of what it runs:
+                // the rest is lost (and its resources freed).
+                let node = format!("n{}", rnd(4));
+                let live: Vec<String> = c
+                    .jobs()
+                    .flat_map(|j| j.instances.iter())
+                    .filter(|i| i.node_id == node && !i.state.is_terminal())
+                    .map(|i| i.instance_id.clone())
+                    .collect();
+                // The first reported one has ended (a scheduling pass runs
+                // mid-hello), the others run.
+                let reported = live
+                    .iter()
+                    .take(live.len().div_ceil(2))
+                    .enumerate()
+                    .map(|(k, id)| {
+                        if k == 0 {
+                            report(id, InstanceState::Succeeded, Some(0))
+                        } else {
+                            report(id, InstanceState::Running, None)
+                        }
+                    })
+                    .collect();
+                c.hello(&node, reported, now, &mut out);
+            }
             _ => {
                 // One node falls silent past the grace (NotReady, its
                 // instances lost), the others keep heartbeating; later it
