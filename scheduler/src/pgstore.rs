@@ -20,7 +20,7 @@ use postgres::types::ToSql;
 use postgres::{Client, NoTls};
 
 use crate::domain::billing::LedgerRow;
-use crate::store::{MIGRATIONS, Record, Snapshot, Store, StoreError, encode};
+use crate::store::{Record, Snapshot, Store, StoreError, encode, pending_migrations};
 
 /// A lease not renewed for this long may be taken by another replica.
 pub const LEASE_TTL_MS: i64 = 5_000;
@@ -209,14 +209,7 @@ fn migrate(c: &mut Client) -> Result<(), StoreError> {
             &[],
         )?
         .get(0);
-    let known = MIGRATIONS.last().map_or(0, |m| m.0);
-    if current > known {
-        return Err(StoreError::TooNew {
-            found: current,
-            known,
-        });
-    }
-    for &(version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+    for &(version, sql) in pending_migrations(current)? {
         tx.batch_execute(sql)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)",

@@ -140,14 +140,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
             r.get::<_, Option<i64>>(0)
         })?
         .unwrap_or(0);
-    let known = MIGRATIONS.last().map_or(0, |m| m.0);
-    if current > known {
-        return Err(StoreError::TooNew {
-            found: current,
-            known,
-        });
-    }
-    for &(version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+    for &(version, sql) in pending_migrations(current)? {
         let apply = || -> rusqlite::Result<()> {
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(sql)?;
@@ -161,6 +154,21 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         tracing::info!(version, "applied database migration");
     }
     Ok(())
+}
+
+/// The migrations a database at schema version `current` still needs;
+/// an error when it is newer than this binary.
+pub(crate) fn pending_migrations(
+    current: i64,
+) -> Result<&'static [(i64, &'static str)], StoreError> {
+    let known = MIGRATIONS.last().map_or(0, |m| m.0);
+    if current > known {
+        return Err(StoreError::TooNew {
+            found: current,
+            known,
+        });
+    }
+    Ok(&MIGRATIONS[MIGRATIONS.partition_point(|m| m.0 <= current)..])
 }
 
 /// Decodes `(id, json)` rows of `table` into domain objects.
