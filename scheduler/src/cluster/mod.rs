@@ -155,6 +155,8 @@ pub struct Cluster {
     /// node id -> jobs that have (or had) instances there; pruned as their
     /// instances end. Spares heartbeats a walk over every job.
     jobs_on_node: HashMap<String, std::collections::BTreeSet<String>>,
+    /// The job `submit` is placing, written by `submit` itself.
+    unwritten: Option<String>,
 }
 
 impl Cluster {
@@ -181,6 +183,7 @@ impl Cluster {
             store,
             placer: None,
             jobs_on_node: HashMap::new(),
+            unwritten: None,
         };
         for pool in snapshot.pools {
             cluster.next_pool_seq = cluster.next_pool_seq.max(pool.seq + 1);
@@ -697,6 +700,10 @@ impl Cluster {
     }
 
     fn persist_job(&self, job_id: &str, now_ms: i64) {
+        if self.unwritten.as_deref() == Some(job_id) {
+            // Being submitted: `submit` writes it once placed.
+            return;
+        }
         if let Some(job) = self.jobs.get(job_id)
             && let Err(err) = self.store.put_job(job, now_ms)
         {
@@ -842,13 +849,40 @@ impl Cluster {
             gave_up: None,
             failures: 0,
         };
-        self.store.put_job(&job, now_ms)?;
-        self.next_seq += 1;
+        // Place it first, then write it once, placed or queued: one
+        // transaction per submission. If that write fails, the job and its
+        // placement are undone and the caller is told (nothing was applied).
         let job_id = job.job_id.clone();
-        tracing::info!(job = %job_id, kind = ?job.spec.kind, pool = %job.pool_id, "job submitted");
         self.jobs.insert(job_id.clone(), job);
+        self.unwritten = Some(job_id.clone());
         self.schedule(now_ms, out);
-        Ok(self.jobs[&job_id].clone())
+        self.unwritten = None;
+        if let Err(err) = self.store.put_job(&self.jobs[&job_id], now_ms) {
+            self.undo_submit(&job_id, out);
+            return Err(err.into());
+        }
+        self.next_seq += 1;
+        let job = &self.jobs[&job_id];
+        tracing::info!(job = %job_id, kind = ?job.spec.kind, pool = %job.pool_id, state = ?job.state, "job submitted");
+        Ok(job.clone())
+    }
+
+    /// Forgets a submission whose write failed, placement included.
+    fn undo_submit(&mut self, job_id: &str, out: &mut Outbox) {
+        let Some(job) = self.jobs.remove(job_id) else {
+            return;
+        };
+        for inst in &job.instances {
+            self.instance_job.remove(&inst.instance_id);
+            if let Some(on_node) = self.jobs_on_node.get_mut(&inst.node_id) {
+                on_node.remove(job_id);
+            }
+        }
+        if !job.instances.is_empty() {
+            // The kept placer counted its placement.
+            self.placer = None;
+        }
+        out.retain(|(_, cmd)| !matches!(cmd, AgentCommand::Start(s) if s.job_id == job_id));
     }
 
     /// Cancels a job: queued jobs end at once, running instances get

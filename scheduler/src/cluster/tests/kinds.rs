@@ -585,3 +585,61 @@ fn the_cached_placer_matches_a_fresh_one_after_every_operation() {
         }
     }
 }
+
+/// A store whose writes fail while `fail` is set.
+struct Flaky {
+    inner: crate::store::SqliteStore,
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Store for Flaky {
+    fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
+        self.inner.load()
+    }
+    fn ledger(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<crate::domain::billing::LedgerRow>, StoreError> {
+        self.inner.ledger(from_ms, to_ms)
+    }
+    fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unreachable("test: writes fail".into()));
+        }
+        self.inner.write(records, now_ms)
+    }
+}
+
+/// A submission whose single write fails leaves nothing behind: no job, no
+/// Start sent, its GPU free again; the next one takes its id and the GPU.
+#[test]
+fn a_submission_whose_write_fails_is_undone_placement_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = Flaky {
+        inner: crate::store::SqliteStore::open(&dir.path().join("t.db")).unwrap(),
+        fail: fail.clone(),
+    };
+    let mut c = Cluster::load(Box::new(store), settings(), 0).unwrap();
+    c.register_node("n1", inventory(1), 0).unwrap();
+    let mut out = Outbox::new();
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = c.submit(&admin(), raw(1), 1, &mut out).unwrap_err();
+    assert!(matches!(err, ClusterError::Store(_)), "{err}");
+    assert_eq!(c.jobs().count(), 0);
+    assert!(out.is_empty(), "{out:?}");
+    if let Some(placer) = &c.placer {
+        assert_eq!(placer.nodes(), &c.capacity()[..]);
+    }
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    let job = c.submit(&admin(), raw(1), 2, &mut out).unwrap();
+    assert_eq!(job.job_id, "j-000001");
+    assert_eq!(job.state, JobState::Scheduled);
+    assert!(matches!(&out[..], [(_, AgentCommand::Start(s))] if s.job_id == "j-000001"));
+    // Written once, placed: a reload has it with its instance.
+    drop(c);
+    let c = open(dir.path(), 3);
+    let j = c.job(&admin(), "j-000001").unwrap();
+    assert_eq!(j.instances.len(), 1);
+}
