@@ -1845,9 +1845,10 @@ fn kinds_table(k: &pb::ListJobKindsResponse) -> String {
             format_mib(res.memory_mib),
             secs(k.max_runtime_secs),
             secs(k.max_runtime_limit_secs),
-            match k.idle_timeout_secs {
-                0 => "-".to_string(),
-                s => format!("{s}s (GPU < {}%)", k.idle_gpu_util_pct.max(1)),
+            match (k.idle_timeout_secs, k.idle_gpu_util_pct) {
+                (0, _) => "-".to_string(),
+                (s, 0) => format!("{s}s"),
+                (s, pct) => format!("{s}s (GPU < {pct}%)"),
             },
             format_command(&k.command),
         ]);
