@@ -173,9 +173,7 @@ async fn call(channel: &tonic::transport::Channel, path: &str, body: Vec<u8>) ->
 fn clear(status: &Status) -> bool {
     match status.code() {
         Code::Ok => true,
-        // tonic's answer to bytes that are not the request message.
-        Code::Internal => status.message().contains("failed to decode"),
-        Code::Unknown | Code::DataLoss => false,
+        Code::Internal | Code::Unknown | Code::DataLoss => false,
         _ => !status.message().is_empty(),
     }
 }

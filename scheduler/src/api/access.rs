@@ -137,6 +137,38 @@ pub fn check(
     })
 }
 
+/// tonic answers a request body that is not the request message with
+/// INTERNAL "failed to decode Protobuf message"; it is the caller's bad
+/// input: INVALID_ARGUMENT, message kept.
+fn decode_error_is_bad_input(resp: http::Response<Body>) -> http::Response<Body> {
+    fn fix(headers: &mut http::HeaderMap) {
+        let internal = headers
+            .get("grpc-status")
+            .is_some_and(|s| s.as_bytes() == b"13");
+        let decode = headers.get("grpc-message").is_some_and(|m| {
+            // tonic percent-encodes the message (spaces as %20).
+            let m = m.as_bytes();
+            m.starts_with(b"failed to decode") || m.starts_with(b"failed%20to%20decode")
+        });
+        if internal && decode {
+            headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+        }
+    }
+    use http_body_util::BodyExt;
+    let (mut parts, body) = resp.into_parts();
+    // A trailers-only answer carries the status in its headers, others in
+    // the trailers.
+    fix(&mut parts.headers);
+    let body = body.map_frame(|frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            fix(&mut trailers);
+            http_body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    });
+    http::Response::from_parts(parts, Body::new(body))
+}
+
 /// A service behind the [`ACCESS`] table.
 #[derive(Clone)]
 pub struct Guard<S> {
@@ -179,7 +211,10 @@ where
             .and_then(|info| info.peer_certs())
             .is_some_and(|certs| !certs.is_empty());
         match check(&self.shared, req.uri().path(), req.headers(), client_cert) {
-            Ok(()) => Box::pin(self.inner.call(req)),
+            Ok(()) => {
+                let call = self.inner.call(req);
+                Box::pin(async move { call.await.map(decode_error_is_bad_input) })
+            }
             Err(status) => Box::pin(async move { Ok(status.into_http()) }),
         }
     }
