@@ -205,8 +205,39 @@ impl Scheduler {
     }
 
     async fn start_configured(dir: &Path, ip: &str, extra: &str) -> Self {
-        let (config_path, grpc_port, metrics_port) = Self::write_config(dir, ip, extra);
-        Self::start_with(dir, config_path, grpc_port, metrics_port).await
+        // A free port can be taken (by another process's outgoing
+        // connection, say) between the probe and the bind: then retry on
+        // fresh ports.
+        for _ in 0..3 {
+            let (config_path, grpc_port, metrics_port) = Self::write_config(dir, ip, extra);
+            let mut cmd = Command::new(bin("gpupool-scheduler"));
+            cmd.arg("serve").arg("--config").arg(&config_path);
+            let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+            let proc = Proc::spawn(cmd, dir.join(format!("scheduler-{n}.log")));
+            let mut s = Self {
+                proc,
+                grpc_port,
+                metrics_port,
+                config_path,
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if s.serving().await {
+                    return s;
+                }
+                if s.proc.child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let log = s.proc.log_text();
+            assert!(
+                log.contains("Address already in use"),
+                "scheduler not serving; log:\n{log}"
+            );
+            eprintln!("port taken before the scheduler bound it; retrying on fresh ports");
+        }
+        panic!("no free ports for the scheduler after 3 tries");
     }
 
     /// Starts a scheduler with TOML appended to its config without waiting
