@@ -1136,14 +1136,20 @@ impl Cluster {
             // A fixed port can be held once per node: then spreading is
             // a rule, not a preference.
             let fixed_port = job.spec.port != 0;
+            let zone_mask = spread_mask
+                .as_ref()
+                .and_then(|mask| self.fewest_siblings_zones(&job.pool_id, &taken, mask));
+            let spread_first = |placer: &mut placement::Placer, mask: &[bool]| match &zone_mask {
+                Some(zm) => placer
+                    .place_avoiding(&job.pool_id, res, 1, false, zm)
+                    .or_else(|_| placer.place_avoiding(&job.pool_id, res, 1, false, mask)),
+                None => placer.place_avoiding(&job.pool_id, res, 1, false, mask),
+            };
             let attempt = match spread_mask {
-                Some(mask) if fixed_port => placer
-                    .place_avoiding(&job.pool_id, res, 1, false, &mask)
-                    .map_err(|e| {
-                        format!("{e} (port {} is taken on the other nodes)", job.spec.port)
-                    }),
-                Some(mask) => placer
-                    .place_avoiding(&job.pool_id, res, 1, false, &mask)
+                Some(mask) if fixed_port => spread_first(placer, &mask).map_err(|e| {
+                    format!("{e} (port {} is taken on the other nodes)", job.spec.port)
+                }),
+                Some(mask) => spread_first(placer, &mask)
                     .or_else(|_| placer.place_avoiding(&job.pool_id, res, 1, false, avoid)),
                 None => placer.place_avoiding(&job.pool_id, res, 1, false, avoid),
             };
@@ -1157,6 +1163,38 @@ impl Cluster {
             }
         }
         (placed, None)
+    }
+
+    /// `mask` (nodes to avoid, by position) extended with every node
+    /// outside the zones of `pool` holding the fewest of `siblings`' nodes;
+    /// None when all its zones hold as many (no zone to prefer).
+    fn fewest_siblings_zones(
+        &self,
+        pool: &str,
+        siblings: &[String],
+        mask: &[bool],
+    ) -> Option<Vec<bool>> {
+        let zone = |id: &str| self.nodes.get(id).map_or("", |n| n.inventory.az.as_str());
+        let mut per_zone: HashMap<&str, usize> = HashMap::new();
+        for n in self.nodes.values().filter(|n| n.pool == pool) {
+            per_zone.entry(n.inventory.az.as_str()).or_insert(0);
+        }
+        for id in siblings {
+            *per_zone.entry(zone(id)).or_insert(0) += 1;
+        }
+        let fewest = *per_zone.values().min()?;
+        let zones: Vec<&str> = per_zone
+            .iter()
+            .filter(|(_, c)| **c == fewest)
+            .map(|(z, _)| *z)
+            .collect();
+        (zones.len() < per_zone.len()).then(|| {
+            self.nodes
+                .values()
+                .zip(mask)
+                .map(|(n, m)| *m || !zones.contains(&n.inventory.az.as_str()))
+                .collect()
+        })
     }
 
     /// The nodes (by position in [`Cluster::capacity`]) a job of `pool`

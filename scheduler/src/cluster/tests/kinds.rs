@@ -643,3 +643,88 @@ fn a_submission_whose_write_fails_is_undone_placement_included() {
     let j = c.job(&admin(), "j-000001").unwrap();
     assert_eq!(j.instances.len(), 1);
 }
+
+/// The zones a replacement may prefer: those holding the fewest siblings.
+#[test]
+fn replacements_prefer_the_zones_with_the_fewest_siblings() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = open(dir.path(), 0);
+    for (i, az) in ["AZ1", "AZ1", "AZ2", "AZ2", "AZ3"].iter().enumerate() {
+        let inv = Inventory {
+            az: az.to_string(),
+            ..inventory(0)
+        };
+        c.register_node(&format!("n{i}"), inv, 0).unwrap();
+    }
+    let none = vec![false; 5];
+    let taken = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // Siblings in AZ1 and AZ2: AZ3 is preferred.
+    assert_eq!(
+        c.fewest_siblings_zones("public", &taken(&["n0", "n2"]), &none),
+        Some(vec![true, true, true, true, false])
+    );
+    // One in AZ1: AZ2 and AZ3 are, and the given mask is kept.
+    let mut mask = none.clone();
+    mask[3] = true;
+    assert_eq!(
+        c.fewest_siblings_zones("public", &taken(&["n0"]), &mask),
+        Some(vec![true, true, false, true, false])
+    );
+    // One in each zone: nothing to prefer.
+    assert_eq!(
+        c.fewest_siblings_zones("public", &taken(&["n0", "n2", "n4"]), &none),
+        None
+    );
+}
+
+/// A replacement replica goes to the zone with the fewest siblings.
+#[test]
+fn a_replacement_replica_prefers_the_zone_its_service_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = open(dir.path(), 0);
+    for (i, az) in ["AZ1", "AZ1", "AZ1", "AZ1", "AZ2", "AZ2"]
+        .iter()
+        .enumerate()
+    {
+        let inv = Inventory {
+            az: az.to_string(),
+            ..inventory(0)
+        };
+        c.register_node(&format!("n{i}"), inv, 0).unwrap();
+    }
+    let zone = |c: &Cluster, node: &str| c.node(node).unwrap().inventory.az.clone();
+    let mut out = Outbox::new();
+    for s in 0..4 {
+        let job = c
+            .submit(
+                &admin(),
+                spec(JobKind::OnlineService, 2, &["serve"]),
+                s,
+                &mut out,
+            )
+            .unwrap();
+        run_all(&mut c, &job.job_id, s + 1, &mut out);
+        let replicas = current(&c, &job.job_id);
+        let zones: std::collections::BTreeSet<String> =
+            replicas.iter().map(|i| zone(&c, &i.node_id)).collect();
+        assert_eq!(zones.len(), 2, "first placement spreads over zones");
+        let in_az2 = replicas
+            .iter()
+            .find(|i| zone(&c, &i.node_id) == "AZ2")
+            .unwrap()
+            .clone();
+        // Its node is cordoned: the other AZ2 node is the zone's only room.
+        c.set_cordon(&in_az2.node_id, true, s + 2, &mut out)
+            .unwrap();
+        end(&mut c, &in_az2, InstanceState::Failed, 1, s + 2, &mut out);
+        tick(&mut c, s + 2 + BASE_BACKOFF_MS, &mut out);
+        c.set_cordon(&in_az2.node_id, false, s + 3 + BASE_BACKOFF_MS, &mut out)
+            .unwrap();
+        let again = current(&c, &job.job_id)
+            .into_iter()
+            .find(|i| i.rank == in_az2.rank)
+            .unwrap();
+        assert_ne!(again.instance_id, in_az2.instance_id);
+        assert_eq!(zone(&c, &again.node_id), "AZ2", "service {s}");
+    }
+}
