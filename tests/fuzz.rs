@@ -118,50 +118,43 @@ fn message(rng: &mut Rng) -> Vec<u8> {
     }
 }
 
-/// Calls `path` with `body` as admin; the status (Ok for success).
+/// The first message of a response stream, or its error; a stream that
+/// goes on (a followed log, a session) is Ok.
+async fn first(
+    resp: Result<tonic::Response<tonic::codec::Streaming<Vec<u8>>>, Status>,
+) -> Result<(), Status> {
+    let mut stream = resp?.into_inner();
+    match tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
+        Ok(Err(status)) => Err(status),
+        _ => Ok(()),
+    }
+}
+
+fn with_token<T>(mut req: Request<T>, token: &str) -> Request<T> {
+    req.metadata_mut()
+        .insert("authorization", token.parse().unwrap());
+    req
+}
+
+/// Calls `path` with `body` (as admin; agent calls with the join token);
+/// the status (Ok for success).
 async fn call(channel: &tonic::transport::Channel, path: &str, body: Vec<u8>) -> Status {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await.unwrap();
     let path = PathAndQuery::from_str(path).unwrap();
-    let mut req = Request::new(body);
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
-    );
-    let result = if path.as_str().ends_with("/GetJobLogs") {
-        match grpc.server_streaming(req, path, Raw).await {
-            Ok(resp) => {
-                let mut stream = resp.into_inner();
-                // The first item or the error; a followed log may go on.
-                match tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
-                    Ok(Err(status)) => Err(status),
-                    _ => Ok(()),
-                }
-            }
-            Err(status) => Err(status),
-        }
-    } else if path.as_str().ends_with("/Session") {
-        let (body, _) = (req.into_inner(), ());
-        let mut req = Request::new(tokio_stream::iter(vec![body]));
-        req.metadata_mut()
-            .insert("authorization", "Bearer test-join-token".parse().unwrap());
-        match grpc.streaming(req, path, Raw).await {
-            Ok(resp) => {
-                let mut stream = resp.into_inner();
-                match tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
-                    Ok(Err(status)) => Err(status),
-                    _ => Ok(()),
-                }
-            }
-            Err(status) => Err(status),
-        }
-    } else if path.as_str().ends_with("/Register") {
-        let mut req = Request::new(req.into_inner());
-        req.metadata_mut()
-            .insert("authorization", "Bearer test-join-token".parse().unwrap());
-        grpc.unary(req, path, Raw).await.map(|_| ())
+    let token = if path.as_str().starts_with("/gpupool.v1.AgentService/") {
+        "Bearer test-join-token".to_string()
     } else {
-        grpc.unary(req, path, Raw).await.map(|_| ())
+        format!("Bearer {ADMIN_TOKEN}")
+    };
+    let authed = |body| with_token(Request::new(body), &token);
+    let result = if path.as_str().ends_with("/GetJobLogs") {
+        first(grpc.server_streaming(authed(body), path, Raw).await).await
+    } else if path.as_str().ends_with("/Session") {
+        let req = with_token(Request::new(tokio_stream::iter(vec![body])), &token);
+        first(grpc.streaming(req, path, Raw).await).await
+    } else {
+        grpc.unary(authed(body), path, Raw).await.map(|_| ())
     };
     match result {
         Ok(()) => Status::ok(""),

@@ -210,16 +210,7 @@ impl Scheduler {
         // fresh ports.
         for _ in 0..3 {
             let (config_path, grpc_port, metrics_port) = Self::write_config(dir, ip, extra);
-            let mut cmd = Command::new(bin("gpupool-scheduler"));
-            cmd.arg("serve").arg("--config").arg(&config_path);
-            let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
-            let proc = Proc::spawn(cmd, dir.join(format!("scheduler-{n}.log")));
-            let mut s = Self {
-                proc,
-                grpc_port,
-                metrics_port,
-                config_path,
-            };
+            let mut s = Self::spawn(dir, config_path, grpc_port, metrics_port);
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 if s.serving().await {
@@ -245,9 +236,16 @@ impl Scheduler {
     /// reach).
     pub fn spawn_with_config(dir: &Path, extra: &str) -> Self {
         let (config_path, grpc_port, metrics_port) = Self::write_config(dir, "127.0.0.1", extra);
+        Self::spawn(dir, config_path, grpc_port, metrics_port)
+    }
+
+    /// Starts `gpupool-scheduler serve` on a written config, logging to a
+    /// new file in `dir`; does not wait.
+    fn spawn(dir: &Path, config_path: PathBuf, grpc_port: u16, metrics_port: u16) -> Self {
         let mut cmd = Command::new(bin("gpupool-scheduler"));
         cmd.arg("serve").arg("--config").arg(&config_path);
-        let proc = Proc::spawn(cmd, dir.join("scheduler-0.log"));
+        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        let proc = Proc::spawn(cmd, dir.join(format!("scheduler-{n}.log")));
         Self {
             proc,
             grpc_port,
@@ -304,16 +302,7 @@ impl Scheduler {
             ),
         )
         .unwrap();
-        let mut cmd = Command::new(bin("gpupool-scheduler"));
-        cmd.arg("serve").arg("--config").arg(&config_path);
-        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
-        let proc = Proc::spawn(cmd, dir.join(format!("scheduler-{n}.log")));
-        Self {
-            proc,
-            grpc_port,
-            metrics_port,
-            config_path,
-        }
+        Self::spawn(dir, config_path, grpc_port, metrics_port)
     }
 
     /// True when this replica answers its health check SERVING (it leads).
@@ -338,16 +327,7 @@ impl Scheduler {
         grpc_port: u16,
         metrics_port: u16,
     ) -> Self {
-        let mut cmd = Command::new(bin("gpupool-scheduler"));
-        cmd.arg("serve").arg("--config").arg(&config_path);
-        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
-        let proc = Proc::spawn(cmd, dir.join(format!("scheduler-{n}.log")));
-        let s = Self {
-            proc,
-            grpc_port,
-            metrics_port,
-            config_path,
-        };
+        let s = Self::spawn(dir, config_path, grpc_port, metrics_port);
         s.wait_serving().await;
         s
     }

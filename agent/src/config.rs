@@ -174,7 +174,7 @@ impl AgentConfig {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.scheduler_addr.split(',').all(|a| a.trim().is_empty()) {
+        if self.scheduler_addrs().is_empty() {
             return Err("field `scheduler_addr` must name at least one address".into());
         }
         let [first, last] = self.port_range;
@@ -184,6 +184,16 @@ impl AgentConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The scheduler replicas of `scheduler_addr` (comma-separated).
+    pub fn scheduler_addrs(&self) -> Vec<String> {
+        self.scheduler_addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(String::from)
+            .collect()
     }
 
     /// The node id: configured, else `/etc/machine-id`, else the hostname.

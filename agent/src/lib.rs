@@ -85,7 +85,7 @@ pub async fn run(
         host,
         az: config.az.clone(),
         labels: config.labels.clone(),
-        scheduler_addr: config.scheduler_addr.clone(),
+        scheduler_addrs: config.scheduler_addrs(),
         next_addr: Default::default(),
         tls: tls::ClientTls {
             ca_file: config.tls_ca_file.clone(),

@@ -28,9 +28,9 @@ pub struct AgentCtx {
     pub host: HostInfo,
     pub az: String,
     pub labels: std::collections::BTreeMap<String, String>,
-    /// Scheduler replicas (comma-separated in the config); the agent
-    /// moves to the next when one fails or is a standby.
-    pub scheduler_addr: String,
+    /// Scheduler replicas (comma-separated in the config, at least one);
+    /// the agent moves to the next when one fails or is a standby.
+    pub scheduler_addrs: Vec<String>,
     pub next_addr: std::sync::atomic::AtomicUsize,
     /// TLS files for `https://` addresses.
     pub tls: crate::tls::ClientTls,
@@ -104,11 +104,7 @@ pub async fn run(ctx: Arc<AgentCtx>, mut shutdown: watch::Receiver<bool>) {
         if started.elapsed() > Duration::from_secs(10) {
             backoff = min_backoff;
         }
-        let replicas = ctx
-            .scheduler_addr
-            .split(',')
-            .filter(|a| !a.trim().is_empty())
-            .count();
+        let replicas = ctx.scheduler_addrs.len();
         match result {
             Ok(()) => return,
             Err(err) if replicas > 1 => {
@@ -138,13 +134,8 @@ async fn serve_once(ctx: &AgentCtx, shutdown: &mut watch::Receiver<bool>) -> any
     if *shutdown.borrow() {
         return Ok(());
     }
-    let addrs: Vec<&str> = ctx
-        .scheduler_addr
-        .split(',')
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-        .collect();
-    let addr = addrs[ctx.next_addr.load(Ordering::Relaxed) % addrs.len().max(1)].to_string();
+    let addrs = &ctx.scheduler_addrs;
+    let addr = addrs[ctx.next_addr.load(Ordering::Relaxed) % addrs.len()].clone();
     let endpoint = ctx.tls.endpoint(&addr, Duration::from_secs(3))?;
     let channel = endpoint.connect().await?;
     let token = match &ctx.join_token {

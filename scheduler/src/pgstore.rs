@@ -221,12 +221,23 @@ fn migrate(c: &mut Client) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Decodes `(id, json)` rows of `table` into domain objects.
 fn rows<T: serde::de::DeserializeOwned>(
     c: &mut Client,
     table: &'static str,
     sql: &str,
 ) -> Result<Vec<T>, StoreError> {
-    c.query(sql, &[])?
+    rows_with(c, table, sql, &[])
+}
+
+/// [`rows`] of a query with parameters.
+fn rows_with<T: serde::de::DeserializeOwned>(
+    c: &mut Client,
+    table: &'static str,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<T>, StoreError> {
+    c.query(sql, params)?
         .into_iter()
         .map(|row| {
             let (id, data): (String, String) = (row.get(0), row.get(1));
@@ -350,21 +361,13 @@ impl Store for PgStore {
 
     fn ledger(&self, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError> {
         self.call(move |c| {
-            c.query(
+            rows_with(
+                c,
+                "ledger",
                 "SELECT subject, data FROM ledger WHERE hour_start_ms >= $1 AND hour_start_ms < $2
                  ORDER BY hour_start_ms, subject, mode",
                 &[&from_ms, &to_ms],
-            )?
-            .into_iter()
-            .map(|row| {
-                let (id, data): (String, String) = (row.get(0), row.get(1));
-                serde_json::from_str(&data).map_err(|source| StoreError::Corrupt {
-                    table: "ledger",
-                    id,
-                    source,
-                })
-            })
-            .collect()
+            )
         })
     }
 

@@ -256,14 +256,8 @@ pub fn job_to_pb(j: &domain::Job) -> pb::Job {
         retries: j.retries,
         url: j.url().unwrap_or_default(),
         restarts: j.restarts,
-        ready_replicas: j
-            .current()
-            .filter(|i| i.ready && i.state == InstanceState::Running)
-            .count() as u32,
-        succeeded: j
-            .current()
-            .filter(|i| i.state == InstanceState::Succeeded)
-            .count() as u32,
+        ready_replicas: j.ready_replicas(),
+        succeeded: j.succeeded(),
     }
 }
 

@@ -4,7 +4,7 @@
 //! the completions succeed), maximum run times, and idle culling of
 //! notebooks and TensorBoards.
 
-use super::{AgentCommand, Cluster, ClusterError, Outbox};
+use super::{Cluster, ClusterError, Outbox, stop_instance};
 use crate::domain::job::{KindTable, PendingRank};
 use crate::domain::tenant::Caller;
 use crate::domain::{InstanceState, JobKind, JobState, StopCause};
@@ -72,15 +72,7 @@ impl Cluster {
                 for other in job.instances.iter_mut().filter(|i| {
                     matches!(i.state, InstanceState::Running | InstanceState::Scheduled)
                 }) {
-                    other.state = InstanceState::Stopping;
-                    out.push((
-                        other.node_id.clone(),
-                        AgentCommand::Stop {
-                            instance_id: other.instance_id.clone(),
-                            grace_ms,
-                            reason: "batch job failed".into(),
-                        },
-                    ));
+                    stop_instance(other, grace_ms, "batch job failed", out);
                 }
                 break;
             }
@@ -167,17 +159,10 @@ impl Cluster {
         {
             inst.replaced = true;
             if !inst.state.is_terminal() {
-                inst.state = InstanceState::Stopping;
                 inst.ready = false;
                 inst.reason = format!("scaled down to {replicas} replicas");
-                out.push((
-                    inst.node_id.clone(),
-                    AgentCommand::Stop {
-                        instance_id: inst.instance_id.clone(),
-                        grace_ms,
-                        reason: inst.reason.clone(),
-                    },
-                ));
+                let reason = inst.reason.clone();
+                stop_instance(inst, grace_ms, &reason, out);
             }
         }
         job.refresh_state(now_ms);
@@ -235,10 +220,7 @@ impl Cluster {
                 job.rollout.clear();
                 continue;
             }
-            let ready = job
-                .current()
-                .filter(|i| i.ready && i.state == InstanceState::Running)
-                .count() as u32;
+            let ready = job.ready_replicas();
             if ready < job.spec.instances || !job.pending.is_empty() {
                 continue;
             }
@@ -251,16 +233,8 @@ impl Cluster {
             {
                 inst.replaced = true;
                 inst.ready = false;
-                inst.state = InstanceState::Stopping;
                 inst.reason = "rolling restart".into();
-                out.push((
-                    inst.node_id.clone(),
-                    AgentCommand::Stop {
-                        instance_id: inst.instance_id.clone(),
-                        grace_ms,
-                        reason: "rolling restart".into(),
-                    },
-                ));
+                stop_instance(inst, grace_ms, "rolling restart", out);
             }
             job.pending.push(PendingRank {
                 rank,

@@ -666,21 +666,12 @@ impl Cluster {
             return false;
         }
         let (attempt, state) = (job.retries, job.state);
-        for other in job.instances.iter_mut().filter(|i| i.attempt == attempt) {
-            if matches!(
-                other.state,
-                InstanceState::Running | InstanceState::Scheduled
-            ) {
-                other.state = InstanceState::Stopping;
-                out.push((
-                    other.node_id.clone(),
-                    AgentCommand::Stop {
-                        instance_id: other.instance_id.clone(),
-                        grace_ms,
-                        reason: format!("job {state:?}"),
-                    },
-                ));
-            }
+        let reason = format!("job {state:?}");
+        for other in job.instances.iter_mut().filter(|i| {
+            i.attempt == attempt
+                && matches!(i.state, InstanceState::Running | InstanceState::Scheduled)
+        }) {
+            stop_instance(other, grace_ms, &reason, out);
         }
         if job.retries >= job.spec.max_retries || job.current().any(|i| !i.state.is_terminal()) {
             return false;
@@ -924,16 +915,8 @@ impl Cluster {
             .expect("the caller checked the job");
         job.stop_cause = Some(cause);
         for inst in job.instances.iter_mut().filter(|i| !i.state.is_terminal()) {
-            inst.state = InstanceState::Stopping;
             inst.reason = reason.to_string();
-            out.push((
-                inst.node_id.clone(),
-                AgentCommand::Stop {
-                    instance_id: inst.instance_id.clone(),
-                    grace_ms,
-                    reason: reason.to_string(),
-                },
-            ));
+            stop_instance(inst, grace_ms, reason, out);
         }
         job.refresh_state(now_ms);
         job.clone()
@@ -1316,6 +1299,21 @@ impl Cluster {
             })?;
         Ok((job, inst))
     }
+}
+
+/// Marks `inst` Stopping and tells its agent to stop it: SIGTERM to its
+/// process group, SIGKILL after `grace_ms`. Its resources stay allocated
+/// until the agent reports it ended.
+fn stop_instance(inst: &mut Instance, grace_ms: u32, reason: &str, out: &mut Outbox) {
+    inst.state = InstanceState::Stopping;
+    out.push((
+        inst.node_id.clone(),
+        AgentCommand::Stop {
+            instance_id: inst.instance_id.clone(),
+            grace_ms,
+            reason: reason.to_string(),
+        },
+    ));
 }
 
 /// First port of the range MASTER_PORT is taken from (rank 0 listens there).

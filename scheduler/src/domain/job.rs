@@ -753,6 +753,20 @@ impl Job {
         })
     }
 
+    /// Replicas of the current run that run and pass their health check.
+    pub fn ready_replicas(&self) -> u32 {
+        self.current()
+            .filter(|i| i.ready && i.state == InstanceState::Running)
+            .count() as u32
+    }
+
+    /// Instances of the current run that succeeded (batch completions).
+    pub fn succeeded(&self) -> u32 {
+        self.current()
+            .filter(|i| i.state == InstanceState::Succeeded)
+            .count() as u32
+    }
+
     /// Batch services: completions needed (default: one per instance).
     pub fn completions(&self) -> u32 {
         match self.spec.completions {
@@ -770,20 +784,19 @@ impl Job {
         if let Some(why) = &self.gave_up {
             return (JobState::Failed, why.clone());
         }
-        if self.spec.kind == JobKind::BatchService
-            && count(InstanceState::Succeeded) as u32 >= self.completions()
-        {
+        if self.spec.kind == JobKind::BatchService && self.succeeded() >= self.completions() {
             return (JobState::Succeeded, String::new());
         }
         let waiting = match self.pending.first() {
-            Some(p) => {
-                format!("{} replica(s) waiting to be placed", self.pending.len())
-                    + &if p.not_before_ms > 0 {
-                        " (restart backoff)".to_string()
-                    } else {
-                        String::new()
-                    }
-            }
+            Some(p) => format!(
+                "{} replica(s) waiting to be placed{}",
+                self.pending.len(),
+                if p.not_before_ms > 0 {
+                    " (restart backoff)"
+                } else {
+                    ""
+                }
+            ),
             None => String::new(),
         };
         if count(InstanceState::Running) > 0 || count(InstanceState::Succeeded) > 0 {
