@@ -94,6 +94,7 @@ pub async fn run(
             domain: config.tls_domain.clone(),
         },
         join_token: config.join_token.clone(),
+        credential_file: config.state_dir.join(session::CREDENTIAL_FILE),
         max_backoff: Duration::from_millis(config.max_backoff_ms),
         probe,
         runtime,

@@ -19,6 +19,33 @@ use tonic::service::Interceptor;
 use crate::probe::{GpuInfo, GpuProbe, HostInfo};
 use crate::runtime::{InstanceReport, InstanceSpec, Phase, Runtime};
 
+/// The file in the state dir holding the node's credential.
+pub const CREDENTIAL_FILE: &str = "node-credential";
+
+/// The node's credential, if it has one.
+fn read_credential(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let token = text.trim();
+    (!token.is_empty()).then(|| token.to_string())
+}
+
+/// Keeps a newly issued credential: written to a 0600 temporary file, synced,
+/// then renamed over the old one, so a crash leaves the old or the new.
+fn save_credential(path: &std::path::Path, token: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Most bytes returned for one log read.
 const MAX_LOG_CHUNK: usize = 1 << 20;
 
@@ -35,6 +62,8 @@ pub struct AgentCtx {
     /// TLS files for `https://` addresses.
     pub tls: crate::tls::ClientTls,
     pub join_token: Option<String>,
+    /// This node's own credential (issued at enrolment), 0600.
+    pub credential_file: std::path::PathBuf,
     pub max_backoff: Duration,
     pub probe: Arc<dyn GpuProbe>,
     pub runtime: Runtime,
@@ -80,13 +109,22 @@ pub fn probe_gpus(ctx: &AgentCtx) -> Vec<GpuInfo> {
     gpus
 }
 
+/// The agent's credentials on every call: the join token (to enrol) and
+/// the node's own credential (once it has one).
 #[derive(Clone)]
-struct BearerToken(Option<MetadataValue<tonic::metadata::Ascii>>);
+struct AgentCredentials {
+    join: Option<MetadataValue<tonic::metadata::Ascii>>,
+    node: Arc<std::sync::Mutex<Option<MetadataValue<tonic::metadata::Ascii>>>>,
+}
 
-impl Interceptor for BearerToken {
+impl Interceptor for AgentCredentials {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
+        if let Some(value) = &self.join {
             req.metadata_mut().insert("authorization", value.clone());
+        }
+        if let Some(value) = self.node.lock().unwrap().as_ref() {
+            req.metadata_mut()
+                .insert("gpupool-node-token", value.clone());
         }
         Ok(req)
     }
@@ -138,11 +176,19 @@ async fn serve_once(ctx: &AgentCtx, shutdown: &mut watch::Receiver<bool>) -> any
     let addr = addrs[ctx.next_addr.load(Ordering::Relaxed) % addrs.len()].clone();
     let endpoint = ctx.tls.endpoint(&addr, Duration::from_secs(3))?;
     let channel = endpoint.connect().await?;
-    let token = match &ctx.join_token {
+    let join = match &ctx.join_token {
         Some(t) => Some(format!("Bearer {t}").parse()?),
         None => None,
     };
-    let mut client = AgentServiceClient::with_interceptor(channel, BearerToken(token));
+    let node = match read_credential(&ctx.credential_file) {
+        Some(t) => Some(t.parse()?),
+        None => None,
+    };
+    let creds = AgentCredentials {
+        join,
+        node: Arc::new(std::sync::Mutex::new(node)),
+    };
+    let mut client = AgentServiceClient::with_interceptor(channel, creds.clone());
 
     let mut gpus = probe_gpus(ctx);
     let registered = client
@@ -151,8 +197,26 @@ async fn serve_once(ctx: &AgentCtx, shutdown: &mut watch::Receiver<bool>) -> any
             inventory: Some(inventory(ctx, &gpus)),
             agent_version: env!("CARGO_PKG_VERSION").into(),
         })
-        .await?
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!(
+                "registration as node {} refused: {} (credential file {})",
+                ctx.node_id,
+                status.message(),
+                ctx.credential_file.display()
+            )
+        })?
         .into_inner();
+    if !registered.node_token.is_empty() {
+        save_credential(&ctx.credential_file, &registered.node_token).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot keep the node credential in {}: {e}",
+                ctx.credential_file.display()
+            )
+        })?;
+        *creds.node.lock().unwrap() = Some(registered.node_token.parse()?);
+        tracing::info!(node = %ctx.node_id, file = %ctx.credential_file.display(), "enrolled: node credential issued and kept");
+    }
     let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(100)));
 
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(256);

@@ -46,8 +46,10 @@ pub struct SchedulerConfig {
     /// SIGTERM -> SIGKILL grace when stopping instances, in milliseconds.
     #[serde(default = "default_stop_grace_ms")]
     pub stop_grace_ms: u32,
-    /// Cluster join token agents must present; omit to accept any agent
-    /// (development only).
+    /// Cluster join token: a node without a credential of its own enrols
+    /// with it (and is then issued one, bound to its node id). Required when
+    /// `grpc_listen` reaches beyond loopback, unless agents must present a
+    /// client certificate (`tls.require_agent_client_cert`).
     #[serde(default)]
     pub join_token: Option<String>,
     /// Token of the admin tenant (creates tenants, sees everything). Omit
@@ -277,6 +279,48 @@ impl SchedulerConfig {
         Ok(())
     }
 
+    /// What `serve` checks on top of [`SchedulerConfig::check`]: no
+    /// placeholder secret of the example config, and beyond loopback no
+    /// listener without agent and caller authentication.
+    pub fn check_serving(&self) -> Result<(), String> {
+        for (field, value) in [
+            ("admin_token", &self.admin_token),
+            ("join_token", &self.join_token),
+        ] {
+            if value
+                .as_deref()
+                .is_some_and(|v| v.to_ascii_lowercase().contains("change-me"))
+            {
+                return Err(format!(
+                    "field `{field}` is still the example's placeholder: set a long random value \
+                     (e.g. `openssl rand -hex 32`)"
+                ));
+            }
+        }
+        if !self.grpc_listen.ip().is_loopback() {
+            let agents_need_cert = self
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.require_agent_client_cert);
+            if self.join_token.is_none() && !agents_need_cert {
+                return Err(format!(
+                    "field `grpc_listen` ({}) reaches beyond loopback, but agents would enrol \
+                     without authentication: set `join_token` (or require agent client \
+                     certificates with `tls.require_agent_client_cert`)",
+                    self.grpc_listen
+                ));
+            }
+            if self.admin_token.is_none() {
+                return Err(format!(
+                    "field `grpc_listen` ({}) reaches beyond loopback, but without `admin_token` \
+                     every caller is the admin: set `admin_token`",
+                    self.grpc_listen
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The built-in kind settings with the config's overrides applied.
     pub fn kind_table(&self) -> Result<KindTable, String> {
         let mut table = KindTable::default();
@@ -373,8 +417,38 @@ mod tests {
     }
 
     #[test]
-    fn shipped_example_parses() {
+    fn shipped_example_parses_but_does_not_serve_with_its_placeholders() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/scheduler.toml");
-        SchedulerConfig::load(&path).unwrap();
+        let mut c = SchedulerConfig::load(&path).unwrap();
+        let err = c.check_serving().unwrap_err();
+        assert!(
+            err.contains("admin_token") && err.contains("placeholder"),
+            "{err}"
+        );
+        c.admin_token = Some("a-long-random-admin-token".into());
+        let err = c.check_serving().unwrap_err();
+        assert!(
+            err.contains("join_token") && err.contains("placeholder"),
+            "{err}"
+        );
+        c.join_token = Some("a-long-random-join-token".into());
+        c.check_serving().unwrap();
+    }
+
+    #[test]
+    fn beyond_loopback_needs_agent_and_caller_authentication() {
+        let mut c = SchedulerConfig::parse("grpc_listen = \"0.0.0.0:7070\"").unwrap();
+        let err = c.check_serving().unwrap_err();
+        assert!(
+            err.contains("join_token") && err.contains("loopback"),
+            "{err}"
+        );
+        c.join_token = Some("join-join-join-join".into());
+        let err = c.check_serving().unwrap_err();
+        assert!(err.contains("admin_token"), "{err}");
+        c.admin_token = Some("admin-admin-admin-admin".into());
+        c.check_serving().unwrap();
+        // Loopback (dev) may run open.
+        SchedulerConfig::parse("").unwrap().check_serving().unwrap();
     }
 }

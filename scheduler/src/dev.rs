@@ -33,19 +33,52 @@ pub struct DevArgs {
     pub admin_token: Option<String>,
 }
 
+/// The dev cluster's join token: `DATA_DIR/join-token` (0600), made once.
+fn dev_join_token(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("join-token");
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && !text.trim().is_empty()
+    {
+        return Ok(text.trim().to_string());
+    }
+    let token = crate::api::auth::new_token()
+        .with_context(|| "cannot read /dev/urandom for the join token")?
+        .replacen("gpt_", "gpj_", 1);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(token.as_bytes())?;
+    Ok(token)
+}
+
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let data_dir = std::path::absolute(&args.data_dir)?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    // Even on loopback, nodes enrol with a join token (kept for agents
+    // started by hand); each then holds its own credential.
+    let join_token = dev_join_token(&data_dir)?;
     let config = SchedulerConfig {
         grpc_listen: args.grpc_listen,
         metrics_listen: Some(args.metrics_listen),
         data_dir: data_dir.join("scheduler"),
         stop_grace_ms: 5_000,
         admin_token: args.admin_token.clone(),
+        join_token: Some(join_token.clone()),
         ..SchedulerConfig::default()
     };
     config
         .check()
         .map_err(|e| anyhow::anyhow!("--admin-token: {e}"))?;
+    config.check_serving().map_err(|e| {
+        anyhow::anyhow!("{e} (in dev: --grpc-listen beyond loopback needs --admin-token)")
+    })?;
     let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| {
@@ -84,7 +117,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         fake_gpus: args.fake_gpus.clone(),
         az: "AZ1".into(),
         labels: Default::default(),
-        join_token: None,
+        join_token: Some(join_token),
         max_backoff_ms: 2_000,
         confinement: Default::default(),
         cgroup_root: "/sys/fs/cgroup".into(),
@@ -115,7 +148,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          \x20 scheduler gRPC : http://{grpc_addr}\n\
          \x20 metrics        : http://{}/metrics (scheduler), http://{}/metrics (agent)\n\
          \x20 local agent    : {gpus}\n\
-         \x20 data           : {}\n\
+         \x20 data           : {} (agents started by hand enrol with the join_token in join-token)\n\
          \x20 authentication : {}\n\n\
          In another terminal:\n\
          \x20 gpupool node list\n\

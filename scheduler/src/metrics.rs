@@ -19,6 +19,8 @@ pub struct Metrics {
     pub sessions_opened: IntCounter,
     /// Requests refused by the per-caller rate limit.
     pub requests_limited: IntCounter,
+    /// Agent registrations and sessions refused for their identity.
+    pub agent_auth_refused: IntCounter,
     billable_seconds: prometheus::IntCounterVec,
     billed_amount: prometheus::IntCounterVec,
     /// Time to handle one agent heartbeat, waiting for the cluster lock
@@ -49,6 +51,11 @@ impl Metrics {
         let requests_limited = IntCounter::new(
             "gpupool_requests_rate_limited_total",
             "Client requests refused with RESOURCE_EXHAUSTED by the per-caller rate limit.",
+        )
+        .unwrap();
+        let agent_auth_refused = IntCounter::new(
+            "gpupool_agent_auth_refused_total",
+            "Agent registrations and sessions refused: not the node's own credential, or a revoked node.",
         )
         .unwrap();
         let sessions_opened = IntCounter::new(
@@ -96,6 +103,7 @@ impl Metrics {
             Box::new(jobs_submitted.clone()),
             Box::new(sessions_opened.clone()),
             Box::new(requests_limited.clone()),
+            Box::new(agent_auth_refused.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -109,6 +117,7 @@ impl Metrics {
             jobs_submitted,
             sessions_opened,
             requests_limited,
+            agent_auth_refused,
             billable_seconds,
             billed_amount,
             heartbeat_seconds,

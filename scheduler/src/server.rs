@@ -29,7 +29,8 @@ pub struct Core {
     pub cluster: Cluster,
     pub sessions: HashMap<String, SessionHandle>,
     next_session: u64,
-    pending_logs: HashMap<u64, oneshot::Sender<pb::LogChunk>>,
+    /// request id -> (the node asked, where its answer goes)
+    pending_logs: HashMap<u64, (String, oneshot::Sender<pb::LogChunk>)>,
     next_request: u64,
 }
 
@@ -100,13 +101,25 @@ impl Core {
             .tx
             .send(Ok(msg))
             .map_err(|_| Status::unavailable(format!("node {node_id} disconnected")))?;
-        self.pending_logs.insert(request_id, tx);
+        self.pending_logs
+            .insert(request_id, (node_id.to_string(), tx));
         Ok(rx)
     }
 
-    pub fn resolve_log(&mut self, chunk: pb::LogChunk) {
-        if let Some(tx) = self.pending_logs.remove(&chunk.request_id) {
-            let _ = tx.send(chunk);
+    /// An answer to a log read, from `node_id`'s session: accepted only
+    /// from the node that was asked.
+    pub fn resolve_log(&mut self, node_id: &str, chunk: pb::LogChunk) {
+        match self.pending_logs.get(&chunk.request_id) {
+            Some((asked, _)) if asked == node_id => {
+                if let Some((_, tx)) = self.pending_logs.remove(&chunk.request_id) {
+                    let _ = tx.send(chunk);
+                }
+            }
+            Some((asked, _)) => tracing::warn!(
+                node = %node_id, asked = %asked, request = chunk.request_id,
+                "ignoring a log answer from a node that was not asked"
+            ),
+            None => {}
         }
     }
 }

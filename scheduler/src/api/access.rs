@@ -11,12 +11,14 @@ use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
 
+use crate::domain::AgentIdentity;
 use crate::server::Shared;
 
 /// The role an RPC needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// Node agents: the cluster join token.
+    /// Node agents: a node's own credential, or the join token to enrol
+    /// (the handlers check the node id against it).
     Agent,
     /// Any authenticated caller: a tenant token or the admin token.
     Tenant,
@@ -41,6 +43,8 @@ pub const ACCESS: &[(&str, Access)] = &[
     ("/gpupool.v1.NodeService/GetNode", Access::Tenant),
     ("/gpupool.v1.NodeService/CordonNode", Access::Admin),
     ("/gpupool.v1.NodeService/UncordonNode", Access::Admin),
+    ("/gpupool.v1.NodeService/RevokeNode", Access::Admin),
+    ("/gpupool.v1.NodeService/ReadmitNode", Access::Admin),
     ("/gpupool.v1.PoolService/ListPools", Access::Tenant),
     ("/gpupool.v1.PoolService/GetPool", Access::Tenant),
     ("/gpupool.v1.PoolService/CreatePool", Access::Tenant),
@@ -71,21 +75,21 @@ pub fn access_of(path: &str) -> Option<Access> {
     ACCESS.iter().find(|(p, _)| *p == path).map(|(_, a)| *a)
 }
 
-/// Decides a request for `path` with these headers: Ok to go on, else the
-/// status to answer with.
+/// Decides a request for `path` with these headers: Ok to go on (with the
+/// agent's identity for agent RPCs), else the status to answer with.
 pub fn check(
     shared: &Shared,
     path: &str,
     headers: &http::HeaderMap,
     client_cert: bool,
-) -> Result<(), tonic::Status> {
+) -> Result<Option<AgentIdentity>, tonic::Status> {
     let Some(access) = access_of(path) else {
         if path.starts_with("/gpupool.") {
             return Err(tonic::Status::unimplemented(format!(
                 "unknown method {path}"
             )));
         }
-        return Ok(());
+        return Ok(None);
     };
     let metadata = MetadataMap::from_headers(headers.clone());
     let caller = match access {
@@ -101,7 +105,9 @@ pub fn check(
                     "agents must present a client certificate signed by the cluster CA (mutual TLS)",
                 ));
             }
-            return super::auth::agent(shared, &metadata);
+            return super::auth::agent(shared, &metadata)
+                .map(Some)
+                .inspect_err(|_| shared.metrics.agent_auth_refused.inc());
         }
         Access::Tenant => super::auth::caller(shared, &metadata)?,
         Access::Admin => {
@@ -126,7 +132,7 @@ pub fn check(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .allow(key, std::time::Instant::now());
-    allowed.map_err(|wait| {
+    allowed.map(|()| None).map_err(|wait| {
         shared.metrics.requests_limited.inc();
         tonic::Status::resource_exhausted(format!(
             "rate limit: {} requests/s (burst {}) for {key}; retry in {} ms",
@@ -211,7 +217,11 @@ where
             .and_then(|info| info.peer_certs())
             .is_some_and(|certs| !certs.is_empty());
         match check(&self.shared, req.uri().path(), req.headers(), client_cert) {
-            Ok(()) => {
+            Ok(identity) => {
+                let mut req = req;
+                if let Some(identity) = identity {
+                    req.extensions_mut().insert(identity);
+                }
                 let call = self.inner.call(req);
                 Box::pin(async move { call.await.map(decode_error_is_bad_input) })
             }

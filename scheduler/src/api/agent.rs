@@ -11,6 +11,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{inventory_from_pb, reported_from_pb, status};
+use crate::domain::AgentIdentity;
 use crate::server::{Shared, now_ms};
 
 /// How long a new session may take to send its hello.
@@ -29,6 +30,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let identity = identity_of(&req)?;
         let req = req.into_inner();
         let node_id = req.node_id.trim().to_string();
         if node_id.is_empty() {
@@ -38,13 +40,29 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .inventory
             .map(inventory_from_pb)
             .ok_or_else(|| Status::invalid_argument("inventory is required"))?;
-        self.shared
-            .with(|core, _| core.cluster.register_node(&node_id, inventory, now_ms()))
-            .map_err(status)?;
+        // Made before the check so the lock is not held over the read; used
+        // only if this registration enrols the node.
+        let fresh = super::auth::new_node_token()
+            .map_err(|e| Status::internal(format!("cannot read /dev/urandom: {e}")))?;
+        let fresh_sha = super::auth::sha256_hex(&fresh);
+        let enrolled = self
+            .shared
+            .with(|core, _| {
+                core.cluster
+                    .register_agent(&node_id, inventory, &identity, &fresh_sha, now_ms())
+            })
+            .map_err(|e| {
+                if matches!(e, crate::cluster::ClusterError::NodeAuth(_)) {
+                    self.shared.metrics.agent_auth_refused.inc();
+                    tracing::warn!(node = %node_id, ?identity, error = %e, "registration refused");
+                }
+                status(e)
+            })?;
         Ok(Response::new(pb::RegisterResponse {
             node_id,
             heartbeat_interval_ms: self.shared.config.heartbeat_interval_ms,
             grace_ms: self.shared.config.node_grace_ms,
+            node_token: if enrolled { fresh } else { String::new() },
         }))
     }
 
@@ -54,6 +72,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
+        let identity = identity_of(&req)?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -67,6 +86,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
             ));
         };
         let node_id = hello.node_id.clone();
+        // Only the node's own credential opens (or replaces) its session.
+        if let Err(e) = crate::domain::node::admit_session(&node_id, &identity) {
+            self.shared.metrics.agent_auth_refused.inc();
+            tracing::warn!(node = %node_id, ?identity, error = %e, "session refused");
+            return Err(Status::unauthenticated(e.to_string()));
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let session_id = self.shared.with(|core, out| {
             core.cluster.node(&node_id).map_err(status)?;
@@ -103,6 +128,14 @@ impl pb::agent_service_server::AgentService for AgentApi {
     }
 }
 
+/// The identity the access layer established for an agent call.
+fn identity_of<T>(req: &Request<T>) -> Result<AgentIdentity, Status> {
+    req.extensions()
+        .get::<AgentIdentity>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no agent identity (not behind the access layer)"))
+}
+
 fn handle(shared: &Shared, node_id: &str, msg: pb::AgentMessage) {
     use pb::agent_message::Msg;
     match msg.msg {
@@ -135,7 +168,7 @@ fn handle(shared: &Shared, node_id: &str, msg: pb::AgentMessage) {
                 shared.with(|core, out| core.cluster.apply_report(node_id, r, now_ms(), out));
             }
         }
-        Some(Msg::LogChunk(chunk)) => shared.with(|core, _| core.resolve_log(chunk)),
+        Some(Msg::LogChunk(chunk)) => shared.with(|core, _| core.resolve_log(node_id, chunk)),
         Some(Msg::Hello(_)) => {
             tracing::warn!(node = %node_id, "ignoring a second hello in one session")
         }

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
+use crate::domain::AgentIdentity;
 use crate::domain::tenant::Caller;
 use crate::server::Shared;
 
@@ -42,16 +43,49 @@ pub fn new_token() -> std::io::Result<String> {
     ))
 }
 
-/// Checks an agent's cluster join token, when one is configured.
-pub fn agent(shared: &Shared, metadata: &MetadataMap) -> Result<(), Status> {
+/// The metadata key of a node's own credential.
+pub const NODE_TOKEN_HEADER: &str = "gpupool-node-token";
+
+/// A new node credential: `gpn_` and 64 hex digits.
+pub fn new_node_token() -> std::io::Result<String> {
+    new_token().map(|t| format!("gpn_{}", &t[4..]))
+}
+
+/// Who an agent call comes from: a node's own credential
+/// ([`NODE_TOKEN_HEADER`]) makes it that node; else the cluster join token
+/// (when one is configured) makes it a bootstrap, which may only enrol a
+/// node that has no credential yet. A tenant's or the admin's token is
+/// neither.
+pub fn agent(shared: &Shared, metadata: &MetadataMap) -> Result<AgentIdentity, Status> {
+    if let Some(token) = metadata
+        .get(NODE_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        let hash = sha256_hex(token);
+        if let Some(node) =
+            shared.with(|core, _| core.cluster.node_of_credential(&hash).map(str::to_string))
+        {
+            return Ok(AgentIdentity::Node(node));
+        }
+        // Unknown (revoked, or the scheduler's state was reset): the join
+        // token may still enrol it again below.
+    }
     let Some(expected) = &shared.config.join_token else {
-        return Ok(());
+        // No join token: the scheduler listens on loopback only
+        // (`SchedulerConfig::check`), and new nodes enrol freely.
+        return Ok(AgentIdentity::Bootstrap);
     };
     match bearer(metadata) {
-        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
-        Some(_) => Err(Status::unauthenticated("wrong cluster join token")),
+        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => {
+            Ok(AgentIdentity::Bootstrap)
+        }
+        Some(_) => Err(Status::unauthenticated(
+            "not a node credential and not the cluster join token",
+        )),
         None => Err(Status::unauthenticated(
-            "missing cluster join token (authorization: Bearer ...)",
+            "missing node credential (gpupool-node-token) and cluster join token (authorization: Bearer ...)",
         )),
     }
 }

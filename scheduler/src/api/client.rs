@@ -234,7 +234,7 @@ impl pb::node_service_server::NodeService for Api {
                 "" => None,
                 key => Some(pool_id_of(&core.cluster, &caller, key)?),
             };
-            let usage = core.cluster.usage();
+            let usage = visible_usage(&core.cluster, &caller);
             Ok::<_, Status>(
                 core.cluster
                     .nodes()
@@ -255,7 +255,7 @@ impl pb::node_service_server::NodeService for Api {
         let id = req.into_inner().node_id;
         self.shared
             .with(|core, _| {
-                let usage = core.cluster.usage();
+                let usage = visible_usage(&core.cluster, &caller);
                 core.cluster
                     .node(&id)
                     .ok()
@@ -280,6 +280,40 @@ impl pb::node_service_server::NodeService for Api {
     ) -> Result<Response<pb::Node>, Status> {
         let caller = caller(&self.shared, req.metadata())?;
         self.set_cordon(&caller, req.into_inner().node_id, false)
+    }
+
+    async fn revoke_node(
+        &self,
+        req: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let id = req.into_inner().node_id;
+        let node = self
+            .shared
+            .with(|core, out| {
+                let node = core.cluster.revoke_node(&id, now_ms(), out)?;
+                // Its session ends now: the stream closes when its sender goes.
+                core.sessions.remove(&id);
+                let usage = core.cluster.usage();
+                Ok::<_, crate::cluster::ClusterError>(node_to_pb(&node, usage.get(&id)))
+            })
+            .map_err(status)?;
+        Ok(Response::new(node))
+    }
+
+    async fn readmit_node(
+        &self,
+        req: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let id = req.into_inner().node_id;
+        let node = self
+            .shared
+            .with(|core, _| {
+                let node = core.cluster.readmit_node(&id, now_ms())?;
+                let usage = core.cluster.usage();
+                Ok::<_, crate::cluster::ClusterError>(node_to_pb(&node, usage.get(&id)))
+            })
+            .map_err(status)?;
+        Ok(Response::new(node))
     }
 }
 
@@ -306,6 +340,25 @@ impl Api {
             .map(Response::new)
             .map_err(status)
     }
+}
+
+/// Allocation per node, listing only the caller's own instances (a tenant
+/// does not learn another tenant's instance ids from a shared node).
+fn visible_usage(
+    cluster: &Cluster,
+    caller: &Caller,
+) -> std::collections::HashMap<String, crate::cluster::NodeUsage> {
+    let mut usage = cluster.usage();
+    if !caller.admin {
+        for u in usage.values_mut() {
+            u.instance_ids.retain(|id| {
+                cluster
+                    .instance_tenant(id)
+                    .is_some_and(|t| caller.may_access(t))
+            });
+        }
+    }
+    usage
 }
 
 /// The pool id a filter names ("public" or a dedicated pool id).

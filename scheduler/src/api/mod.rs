@@ -45,6 +45,10 @@ pub fn status(err: ClusterError) -> Status {
         },
         ClusterError::Tenant(T::QuotaExceeded { .. }) => Status::resource_exhausted(msg),
         ClusterError::Tenant(_) => Status::invalid_argument(msg),
+        ClusterError::NodeAuth(crate::domain::node::NodeAuthError::Revoked { .. }) => {
+            Status::permission_denied(msg)
+        }
+        ClusterError::NodeAuth(_) => Status::unauthenticated(msg),
         ClusterError::Internal(_) => Status::internal(msg),
         ClusterError::Store(source) => {
             tracing::error!(error = %source, cause = ?std::error::Error::source(source), "storage failure");
@@ -339,6 +343,7 @@ pub fn node_to_pb(n: &domain::Node, usage: Option<&NodeUsage>) -> pb::Node {
         memory_allocated_mib: usage.memory_mib,
         gpu_allocated_milli: usage.gpu_milli,
         instance_ids: usage.instance_ids,
+        revoked: n.revoked,
     }
 }
 

@@ -420,10 +420,12 @@ async fn agent(channel: Channel, i: usize) -> anyhow::Result<()> {
         })),
     })
     .await?;
-    let mut inbound = client
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    // The session needs the node's own credential, issued at enrolment.
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("gpupool-node-token", reg.node_token.parse()?);
+    let mut inbound = client.session(request).await?.into_inner();
     // Commands (StartInstance...) are read and dropped.
     tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
     let phase = every.mul_f64((i as f64 * 0.618_034) % 1.0);

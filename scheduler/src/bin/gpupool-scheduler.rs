@@ -54,7 +54,11 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve { config } => {
-            let config = SchedulerConfig::load(&config)?;
+            let path = config;
+            let config = SchedulerConfig::load(&path)?;
+            config
+                .check_serving()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.grpc_listen))?;

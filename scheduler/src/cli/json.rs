@@ -145,6 +145,7 @@ pub fn node(n: &Node) -> Value {
         "pool": n.pool,
         "spec": n.spec,
         "cordoned": n.cordoned,
+        "revoked": n.revoked,
         "cpu_cores": inv.cpu_cores,
         "cpu_model": inv.cpu_model,
         "memory_mib": inv.memory_mib,

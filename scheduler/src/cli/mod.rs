@@ -213,6 +213,17 @@ pub enum NodeCommand {
         /// Node id.
         node_id: String,
     },
+    /// Revoke a node's credential: its session ends, its instances are
+    /// Lost, and it cannot register again until readmitted (admin).
+    Revoke {
+        /// Node id.
+        node_id: String,
+    },
+    /// Let a revoked node enrol again with the join token (admin).
+    Readmit {
+        /// Node id.
+        node_id: String,
+    },
 }
 
 /// `gpupool pool ...`
@@ -1001,16 +1012,50 @@ async fn node_command(
                 || json::node(&n),
             )
         }
+        NodeCommand::Revoke { node_id } => {
+            let n = nodes
+                .revoke_node(pb::CordonNodeRequest { node_id })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                || {
+                    format!(
+                        "node {} revoked: its credential no longer works; `gpupool node readmit {}` lets it enrol again\n",
+                        n.node_id, n.node_id
+                    )
+                },
+                || json::node(&n),
+            )
+        }
+        NodeCommand::Readmit { node_id } => {
+            let n = nodes
+                .readmit_node(pb::CordonNodeRequest { node_id })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                || {
+                    format!(
+                        "node {} readmitted: it may enrol again with the join token\n",
+                        n.node_id
+                    )
+                },
+                || json::node(&n),
+            )
+        }
     }
 }
 
 fn node_status_text(n: &pb::Node) -> String {
-    let status = node_status_name(n.status);
+    let mut status = node_status_name(n.status).to_string();
     if n.cordoned {
-        format!("{status},Cordoned")
-    } else {
-        status.to_string()
+        status.push_str(",Cordoned");
     }
+    if n.revoked {
+        status.push_str(",Revoked");
+    }
+    status
 }
 
 fn node_table(nodes: &[pb::Node]) -> String {
@@ -1049,6 +1094,12 @@ fn node_detail(n: &pb::Node, now: i64) -> String {
     d.add("Hostname", &inv.hostname);
     d.add("Status", node_status_name(n.status));
     d.add("Cordoned", n.cordoned.to_string());
+    if n.revoked {
+        d.add(
+            "Revoked",
+            "true (gpupool node readmit to let it enrol again)".to_string(),
+        );
+    }
     d.add("Pool", &n.pool);
     d.add("Spec", &n.spec);
     d.add("AZ", &inv.az);

@@ -14,8 +14,8 @@ use crate::domain::placement::{self, GpuSlot, NodeCapacity};
 use crate::domain::pool::{Pool, PoolError};
 use crate::domain::tenant::{Caller, Tenant, TenantError};
 use crate::domain::{
-    Instance, InstanceState, Inventory, Job, JobKind, JobState, Node, NodeStatus, PUBLIC_POOL,
-    Resources, SpecError, StopCause, job::RawJobSpec,
+    AgentIdentity, Instance, InstanceState, Inventory, Job, JobKind, JobState, Node, NodeStatus,
+    PUBLIC_POOL, Resources, SpecError, StopCause, job::RawJobSpec,
 };
 use crate::store::{Record, Store, StoreError};
 
@@ -115,6 +115,8 @@ pub enum ClusterError {
     Pool(#[from] PoolError),
     #[error(transparent)]
     Tenant(#[from] TenantError),
+    #[error(transparent)]
+    NodeAuth(#[from] crate::domain::node::NodeAuthError),
     #[error("storage failure")]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -142,6 +144,8 @@ pub struct Cluster {
     tenants: BTreeMap<String, Tenant>,
     /// token SHA-256 hex -> tenant
     tokens: HashMap<String, String>,
+    /// node credential SHA-256 hex -> node id
+    node_credentials: HashMap<String, String>,
     orders: Vec<crate::domain::billing::Order>,
     /// Hours before this are in the ledger table.
     ledger_closed_until_ms: i64,
@@ -178,6 +182,7 @@ impl Cluster {
             next_pool_seq: 1,
             tenants: BTreeMap::new(),
             tokens: snapshot.tokens.into_iter().collect(),
+            node_credentials: HashMap::new(),
             orders: snapshot.orders,
             ledger_closed_until_ms: 0,
             store,
@@ -193,6 +198,11 @@ impl Cluster {
             cluster.tenants.insert(tenant.name.clone(), tenant);
         }
         for mut node in snapshot.nodes {
+            if let Some(sha) = &node.credential_sha256 {
+                cluster
+                    .node_credentials
+                    .insert(sha.clone(), node.node_id.clone());
+            }
             if node.status == NodeStatus::Ready {
                 node.last_heartbeat_ms = node.last_heartbeat_ms.max(now_ms);
             }
@@ -273,6 +283,12 @@ impl Cluster {
             .filter(move |j| caller.may_access(&j.tenant))
     }
 
+    /// The tenant whose job an instance belongs to.
+    pub fn instance_tenant(&self, instance_id: &str) -> Option<&str> {
+        let job = self.jobs.get(self.instance_job.get(instance_id)?)?;
+        Some(&job.tenant)
+    }
+
     /// What is allocated on every node, from the active instances.
     pub fn usage(&self) -> HashMap<String, NodeUsage> {
         let mut usage: HashMap<String, NodeUsage> = HashMap::new();
@@ -310,14 +326,36 @@ impl Cluster {
 
     // ---- agents --------------------------------------------------------
 
-    /// An agent (re)registers with its inventory.
+    /// Registers a node as the node itself (in-process callers: tests and
+    /// benchmarks); agents over gRPC go through [`Cluster::register_agent`].
     pub fn register_node(
         &mut self,
         node_id: &str,
         inventory: Inventory,
         now_ms: i64,
     ) -> Result<(), ClusterError> {
-        let node = match self.nodes.get(node_id) {
+        let me = AgentIdentity::Node(node_id.to_string());
+        // Not a SHA-256 digest, so no token over gRPC can ever match it.
+        let sha = format!("in-process:{node_id}");
+        self.register_agent(node_id, inventory, &me, &sha, now_ms)
+            .map(|_| ())
+    }
+
+    /// An agent (re)registers with its inventory, as `identity`
+    /// ([`crate::domain::node::admit_registration`]). A node that enrols now
+    /// takes `fresh_credential_sha256` as its credential (the caller hands
+    /// the token itself to the agent); returns whether it did.
+    pub fn register_agent(
+        &mut self,
+        node_id: &str,
+        inventory: Inventory,
+        identity: &AgentIdentity,
+        fresh_credential_sha256: &str,
+        now_ms: i64,
+    ) -> Result<bool, ClusterError> {
+        let known = self.nodes.get(node_id);
+        let admission = crate::domain::node::admit_registration(node_id, known, identity)?;
+        let mut node = match known {
             Some(existing) => Node {
                 inventory,
                 status: NodeStatus::Ready,
@@ -332,13 +370,69 @@ impl Cluster {
                 last_heartbeat_ms: now_ms,
                 pool: PUBLIC_POOL.to_string(),
                 cordoned: false,
+                credential_sha256: None,
+                revoked: false,
             },
         };
+        let enrol = admission == crate::domain::node::Admission::Enrol;
+        if enrol {
+            node.credential_sha256 = Some(fresh_credential_sha256.to_string());
+        }
         self.store.put_node(&node, now_ms)?;
         self.placer = None;
-        tracing::info!(node = %node_id, gpus = node.inventory.gpus.len(), "node registered");
+        if enrol {
+            if let Some(old) = known.and_then(|n| n.credential_sha256.clone()) {
+                self.node_credentials.remove(&old);
+            }
+            self.node_credentials
+                .insert(fresh_credential_sha256.to_string(), node_id.to_string());
+        }
+        tracing::info!(node = %node_id, gpus = node.inventory.gpus.len(), enrolled = enrol, "node registered");
         self.nodes.insert(node_id.to_string(), node);
-        Ok(())
+        Ok(enrol)
+    }
+
+    /// The node whose credential has this SHA-256, if any.
+    pub fn node_of_credential(&self, sha256: &str) -> Option<&str> {
+        self.node_credentials.get(sha256).map(String::as_str)
+    }
+
+    /// Revokes a node's credential (admin): it may not register again until
+    /// readmitted; it is NotReady at once and its instances are Lost. The
+    /// caller ends its session.
+    pub fn revoke_node(
+        &mut self,
+        node_id: &str,
+        now_ms: i64,
+        out: &mut Outbox,
+    ) -> Result<Node, ClusterError> {
+        let mut node = self.node(node_id)?.clone();
+        let old = node.credential_sha256.take();
+        node.revoked = true;
+        node.status = NodeStatus::NotReady;
+        self.store.put_node(&node, now_ms)?;
+        if let Some(old) = old {
+            self.node_credentials.remove(&old);
+        }
+        tracing::warn!(node = %node_id, "node credential revoked");
+        self.nodes.insert(node_id.to_string(), node.clone());
+        self.lose_instances_on(node_id, &format!("node {node_id} revoked"), now_ms, out);
+        self.schedule(now_ms, out);
+        Ok(node)
+    }
+
+    /// Lets a revoked node enrol again with the join token (admin).
+    pub fn readmit_node(&mut self, node_id: &str, now_ms: i64) -> Result<Node, ClusterError> {
+        let mut node = self.node(node_id)?.clone();
+        if !node.revoked {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "node {node_id} is not revoked"
+            )));
+        }
+        node.revoked = false;
+        self.store.put_node(&node, now_ms)?;
+        self.nodes.insert(node_id.to_string(), node.clone());
+        Ok(node)
     }
 
     /// A session opened: the agent lists what it runs. Known instances are
@@ -716,7 +810,6 @@ impl Cluster {
             .collect();
         for node_id in expired {
             tracing::warn!(node = %node_id, grace_ms = grace, "node missed heartbeats; NotReady");
-            self.placer = None;
             if let Some(node) = self.nodes.get_mut(&node_id) {
                 node.status = NodeStatus::NotReady;
                 let node = node.clone();
@@ -724,34 +817,42 @@ impl Cluster {
                     tracing::error!(node = %node_id, error = %err, "cannot persist node");
                 }
             }
-            let mut changed = Vec::new();
-            for job in self.jobs.values_mut() {
-                let mut hit = false;
-                for inst in job
-                    .instances
-                    .iter_mut()
-                    .filter(|i| i.node_id == node_id && !i.state.is_terminal())
-                {
-                    inst.state = InstanceState::Lost;
-                    inst.reason = format!("node {node_id} NotReady (no heartbeat for {grace} ms)");
-                    inst.finished_at_ms = Some(now_ms);
-                    hit = true;
-                }
-                if hit {
-                    job.refresh_state(now_ms);
-                    changed.push(job.job_id.clone());
-                }
-            }
-            for id in changed {
-                self.settle(&id, now_ms, out);
-                self.persist_job(&id, now_ms);
-            }
+            let why = format!("node {node_id} NotReady (no heartbeat for {grace} ms)");
+            self.lose_instances_on(&node_id, &why, now_ms, out);
         }
         self.advance_subscriptions(now_ms, out);
         self.advance_pools(now_ms);
         self.enforce_time_limits(now_ms, out);
         self.advance_rollouts(now_ms, out);
         self.schedule(now_ms, out);
+    }
+
+    /// Every live instance on the node is Lost, for `why`; their jobs
+    /// settle (retries, the rest of a gang).
+    fn lose_instances_on(&mut self, node_id: &str, why: &str, now_ms: i64, out: &mut Outbox) {
+        self.placer = None;
+        let mut changed = Vec::new();
+        for job in self.jobs.values_mut() {
+            let mut hit = false;
+            for inst in job
+                .instances
+                .iter_mut()
+                .filter(|i| i.node_id == node_id && !i.state.is_terminal())
+            {
+                inst.state = InstanceState::Lost;
+                inst.reason = why.to_string();
+                inst.finished_at_ms = Some(now_ms);
+                hit = true;
+            }
+            if hit {
+                job.refresh_state(now_ms);
+                changed.push(job.job_id.clone());
+            }
+        }
+        for id in changed {
+            self.settle(&id, now_ms, out);
+            self.persist_job(&id, now_ms);
+        }
     }
 
     // ---- jobs ----------------------------------------------------------

@@ -14,7 +14,7 @@ pub mod tenant;
 pub use job::{
     Instance, InstanceState, Job, JobKind, JobSpec, JobState, Resources, SpecError, StopCause,
 };
-pub use node::{Gpu, Inventory, Node, NodeStatus};
+pub use node::{AgentIdentity, Gpu, Inventory, Node, NodeStatus};
 
 /// The built-in shared pool (R-POOL-1).
 pub const PUBLIC_POOL: &str = "public";

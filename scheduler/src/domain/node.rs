@@ -57,6 +57,13 @@ pub struct Node {
     pub pool: String,
     #[serde(default)]
     pub cordoned: bool,
+    /// SHA-256 (hex) of the node's own credential, issued at its first
+    /// registration; Register and Session for this node id need it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_sha256: Option<String>,
+    /// Revoked by the admin: it may not register until readmitted.
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 impl Node {
@@ -107,9 +114,131 @@ impl Node {
     }
 }
 
+/// Who an agent call comes from, as the access layer established it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentIdentity {
+    /// It presented this node's own credential.
+    Node(String),
+    /// It presented the cluster join token (or the cluster has none and
+    /// listens on loopback only): it may enrol a node that has no
+    /// credential yet, and nothing else.
+    Bootstrap,
+}
+
+/// Why a node may not register or open a session.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeAuthError {
+    #[error(
+        "node {node_id} is enrolled with its own credential and this call did not present it \
+         (a join token or another node's credential never stands in for it)"
+    )]
+    NotItsCredential { node_id: String },
+    #[error("the credential presented belongs to node {owner}, not {node_id}")]
+    OtherNode { node_id: String, owner: String },
+    #[error(
+        "node {node_id} was revoked by the admin; `gpupool node readmit {node_id}` lets it enrol again"
+    )]
+    Revoked { node_id: String },
+    #[error("a session needs the node's own credential (register first)")]
+    NoCredential,
+}
+
+/// What a registration of `node_id` from `identity` may do, given the node
+/// as it is known (`None`: a new node id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The node proved it is itself: nothing to issue.
+    Known,
+    /// A node without a credential enrols: it gets one now.
+    Enrol,
+}
+
+/// The rule for Register: a node that has a credential must present it; one
+/// without (new, or older than credentials) enrols through the bootstrap; a
+/// revoked node does neither.
+pub fn admit_registration(
+    node_id: &str,
+    known: Option<&Node>,
+    identity: &AgentIdentity,
+) -> Result<Admission, NodeAuthError> {
+    if known.is_some_and(|n| n.revoked) {
+        return Err(NodeAuthError::Revoked {
+            node_id: node_id.to_string(),
+        });
+    }
+    let enrolled = known.is_some_and(|n| n.credential_sha256.is_some());
+    match identity {
+        AgentIdentity::Node(owner) if owner == node_id && enrolled => Ok(Admission::Known),
+        AgentIdentity::Node(owner) if owner != node_id => Err(NodeAuthError::OtherNode {
+            node_id: node_id.to_string(),
+            owner: owner.clone(),
+        }),
+        // Its own (stale) credential but no record of it: enrol again.
+        AgentIdentity::Node(_) | AgentIdentity::Bootstrap if !enrolled => Ok(Admission::Enrol),
+        _ => Err(NodeAuthError::NotItsCredential {
+            node_id: node_id.to_string(),
+        }),
+    }
+}
+
+/// The rule for Session: only the node's own credential opens its session.
+pub fn admit_session(node_id: &str, identity: &AgentIdentity) -> Result<(), NodeAuthError> {
+    match identity {
+        AgentIdentity::Node(owner) if owner == node_id => Ok(()),
+        AgentIdentity::Node(owner) => Err(NodeAuthError::OtherNode {
+            node_id: node_id.to_string(),
+            owner: owner.clone(),
+        }),
+        AgentIdentity::Bootstrap => Err(NodeAuthError::NoCredential),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_node_s_own_credential_acts_for_it() {
+        let mut n = node(0);
+        let own = AgentIdentity::Node("n1".into());
+        let other = AgentIdentity::Node("n2".into());
+        let boot = AgentIdentity::Bootstrap;
+        // New node id: the bootstrap enrols it; another node's credential does not.
+        assert_eq!(admit_registration("n1", None, &boot), Ok(Admission::Enrol));
+        assert!(matches!(
+            admit_registration("n1", None, &other),
+            Err(NodeAuthError::OtherNode { .. })
+        ));
+        // A node from before credentials enrols once.
+        assert_eq!(
+            admit_registration("n1", Some(&n), &boot),
+            Ok(Admission::Enrol)
+        );
+        n.credential_sha256 = Some("abc".into());
+        assert_eq!(
+            admit_registration("n1", Some(&n), &own),
+            Ok(Admission::Known)
+        );
+        assert!(matches!(
+            admit_registration("n1", Some(&n), &boot),
+            Err(NodeAuthError::NotItsCredential { .. })
+        ));
+        assert!(matches!(
+            admit_registration("n1", Some(&n), &other),
+            Err(NodeAuthError::OtherNode { .. })
+        ));
+        n.revoked = true;
+        n.credential_sha256 = None;
+        for id in [&own, &other, &boot] {
+            assert!(matches!(
+                admit_registration("n1", Some(&n), id),
+                Err(NodeAuthError::Revoked { .. })
+            ));
+        }
+        assert_eq!(admit_session("n1", &own), Ok(()));
+        assert!(admit_session("n1", &other).is_err());
+        assert_eq!(admit_session("n1", &boot), Err(NodeAuthError::NoCredential));
+    }
 
     fn node(gpus: usize) -> Node {
         Node {
@@ -137,6 +266,8 @@ mod tests {
             last_heartbeat_ms: 1_000,
             pool: "public".into(),
             cordoned: false,
+            credential_sha256: None,
+            revoked: false,
         }
     }
 
