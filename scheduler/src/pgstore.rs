@@ -323,6 +323,10 @@ fn statement(record: &Record<'_>, now_ms: i64) -> Statement {
             "INSERT INTO tokens (token_sha256, tenant, created_at_ms) VALUES ($1, $2, $3)",
             vec![p(sha256.to_string()), p(tenant.to_string()), p(now_ms)],
         ),
+        Record::RevokeToken { sha256 } => (
+            "DELETE FROM tokens WHERE token_sha256 = $1",
+            vec![p(sha256.to_string())],
+        ),
     }
 }
 

@@ -67,6 +67,13 @@ impl Core {
         id
     }
 
+    /// Forgets the node's session if nobody reads it any more.
+    pub fn drop_closed_session(&mut self, node_id: &str) {
+        if self.sessions.get(node_id).is_some_and(|s| s.tx.is_closed()) {
+            self.sessions.remove(node_id);
+        }
+    }
+
     pub fn close_session(&mut self, node_id: &str, id: u64) {
         if self.sessions.get(node_id).is_some_and(|s| s.id == id) {
             self.sessions.remove(node_id);
@@ -137,13 +144,55 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Runs `f` on the core with an outbox, then delivers the outbox.
+    /// Runs `f` on the core with an outbox; what it wrote is committed in
+    /// one transaction, and only then is the outbox delivered. If the commit
+    /// fails, memory is reloaded from the (unchanged) store and the outbox
+    /// dropped; the failure is logged. For reads and for what agents and
+    /// the clock drive; a client's mutation uses [`Shared::mutate`], which
+    /// reports the failure.
     pub fn with<T>(&self, f: impl FnOnce(&mut Core, &mut Outbox) -> T) -> T {
         let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Outbox::new();
+        let now = now_ms();
+        core.cluster.begin(now);
         let result = f(&mut core, &mut out);
-        core.deliver(out);
+        match core.cluster.commit(now_ms()) {
+            Ok(()) => core.deliver(out),
+            Err(err) => {
+                tracing::error!(error = %err, cause = ?std::error::Error::source(&err), "cannot persist state; change undone");
+            }
+        }
         result
+    }
+
+    /// A client's mutation: staged, written in one transaction, and only
+    /// then applied (commands to agents sent). If `f` fails, or the write
+    /// does, memory, store and agents stay exactly as they were and the
+    /// caller gets the error.
+    pub fn mutate<T, E>(
+        &self,
+        f: impl FnOnce(&mut Core, &mut Outbox) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<crate::cluster::ClusterError>,
+    {
+        let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Outbox::new();
+        let now = now_ms();
+        core.cluster.begin(now);
+        match f(&mut core, &mut out) {
+            Ok(value) => match core.cluster.commit(now_ms()) {
+                Ok(()) => {
+                    core.deliver(out);
+                    Ok(value)
+                }
+                Err(err) => Err(E::from(crate::cluster::ClusterError::Store(err))),
+            },
+            Err(err) => {
+                core.cluster.rollback(now_ms());
+                Err(err)
+            }
+        }
     }
 }
 

@@ -80,6 +80,10 @@ pub enum Record<'a> {
         sha256: &'a str,
         tenant: &'a str,
     },
+    /// The token with this hash no longer authenticates.
+    RevokeToken {
+        sha256: &'a str,
+    },
     Order(&'a Order),
     /// Written once per (subject, hour, mode); a repeat is ignored.
     Ledger(&'a LedgerRow),
@@ -332,6 +336,12 @@ impl Store for SqliteStore {
                     tx.execute(
                         "INSERT INTO tokens (token_sha256, tenant, created_at_ms) VALUES (?1, ?2, ?3)",
                         params![sha256, tenant, now_ms],
+                    )?;
+                }
+                Record::RevokeToken { sha256 } => {
+                    tx.execute(
+                        "DELETE FROM tokens WHERE token_sha256 = ?1",
+                        params![sha256],
                     )?;
                 }
             }

@@ -62,6 +62,7 @@ pub const ACCESS: &[(&str, Access)] = &[
     ("/gpupool.v1.TenantService/ListTenants", Access::Admin),
     ("/gpupool.v1.TenantService/GetTenant", Access::Tenant),
     ("/gpupool.v1.TenantService/IssueToken", Access::Admin),
+    ("/gpupool.v1.TenantService/RevokeTokens", Access::Admin),
     ("/gpupool.v1.TenantService/SetQuota", Access::Admin),
     ("/gpupool.v1.TenantService/WhoAmI", Access::Tenant),
     ("/gpupool.v1.UsageService/ListUsage", Access::Tenant),

@@ -47,7 +47,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let fresh_sha = super::auth::sha256_hex(&fresh);
         let enrolled = self
             .shared
-            .with(|core, _| {
+            .mutate(|core, _| {
                 core.cluster
                     .register_agent(&node_id, inventory, &identity, &fresh_sha, now_ms())
             })
@@ -93,7 +93,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             return Err(Status::unauthenticated(e.to_string()));
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let session_id = self.shared.with(|core, out| {
+        let session_id = self.shared.mutate(|core, out| {
             core.cluster.node(&node_id).map_err(status)?;
             let id = core.open_session(&node_id, tx);
             let reported = hello
@@ -103,7 +103,17 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 .collect();
             core.cluster.hello(&node_id, reported, now_ms(), out);
             Ok::<_, Status>(id)
-        })?;
+        });
+        let session_id = match session_id {
+            Ok(id) => id,
+            Err(err) => {
+                // Not opened after all (the hello's writes failed).
+                drop(rx);
+                self.shared
+                    .with(|core, _| core.drop_closed_session(&node_id));
+                return Err(err);
+            }
+        };
         self.shared.metrics.sessions_opened.inc();
         tracing::info!(node = %node_id, session = session_id, "agent session opened");
 

@@ -44,7 +44,7 @@ impl pb::job_service_server::JobService for Api {
         let raw = raw_spec_from_pb(spec);
         let job = self
             .shared
-            .with(|core, out| core.cluster.submit(&caller, raw, now_ms(), out))
+            .mutate(|core, out| core.cluster.submit(&caller, raw, now_ms(), out))
             .map_err(status)?;
         self.shared.metrics.jobs_submitted.inc();
         Ok(Response::new(job_to_pb(&job)))
@@ -96,7 +96,7 @@ impl pb::job_service_server::JobService for Api {
         let caller = caller(&self.shared, req.metadata())?;
         let id = req.into_inner().job_id;
         self.shared
-            .with(|core, out| core.cluster.cancel(&caller, &id, now_ms(), out))
+            .mutate(|core, out| core.cluster.cancel(&caller, &id, now_ms(), out))
             .map(|j| Response::new(job_to_pb(&j)))
             .map_err(status)
     }
@@ -108,7 +108,7 @@ impl pb::job_service_server::JobService for Api {
         let caller = caller(&self.shared, req.metadata())?;
         let req = req.into_inner();
         self.shared
-            .with(|core, out| {
+            .mutate(|core, out| {
                 core.cluster
                     .scale_service(&caller, &req.job_id, req.replicas, now_ms(), out)
             })
@@ -123,7 +123,7 @@ impl pb::job_service_server::JobService for Api {
         let caller = caller(&self.shared, req.metadata())?;
         let id = req.into_inner().job_id;
         self.shared
-            .with(|core, out| core.cluster.restart_service(&caller, &id, now_ms(), out))
+            .mutate(|core, out| core.cluster.restart_service(&caller, &id, now_ms(), out))
             .map(|j| Response::new(job_to_pb(&j)))
             .map_err(status)
     }
@@ -289,14 +289,14 @@ impl pb::node_service_server::NodeService for Api {
         let id = req.into_inner().node_id;
         let node = self
             .shared
-            .with(|core, out| {
+            .mutate(|core, out| {
                 let node = core.cluster.revoke_node(&id, now_ms(), out)?;
-                // Its session ends now: the stream closes when its sender goes.
-                core.sessions.remove(&id);
                 let usage = core.cluster.usage();
                 Ok::<_, crate::cluster::ClusterError>(node_to_pb(&node, usage.get(&id)))
             })
             .map_err(status)?;
+        // Committed: its session ends now (the stream closes with its sender).
+        self.shared.with(|core, _| core.sessions.remove(&id));
         Ok(Response::new(node))
     }
 
@@ -307,7 +307,7 @@ impl pb::node_service_server::NodeService for Api {
         let id = req.into_inner().node_id;
         let node = self
             .shared
-            .with(|core, _| {
+            .mutate(|core, _| {
                 let node = core.cluster.readmit_node(&id, now_ms())?;
                 let usage = core.cluster.usage();
                 Ok::<_, crate::cluster::ClusterError>(node_to_pb(&node, usage.get(&id)))
@@ -330,7 +330,7 @@ impl Api {
             ));
         }
         self.shared
-            .with(|core, out| {
+            .mutate(|core, out| {
                 core.cluster.set_cordon(&id, cordoned, now_ms(), out)?;
                 let usage = core.cluster.usage();
                 core.cluster

@@ -9,6 +9,9 @@ pub mod limits;
 pub mod pools;
 pub mod usage;
 
+#[cfg(test)]
+mod commit_tests;
+
 use gpupool_proto::timestamp_from_unix_ms as ts;
 use gpupool_proto::v1 as pb;
 use tonic::Status;
@@ -21,6 +24,12 @@ use crate::domain::{self, InstanceState, JobKind, JobState, NodeStatus, job::Raw
 /// Another tenant's pool, job or node is reported as `NOT_FOUND` (never
 /// `PERMISSION_DENIED`), so existence does not leak; `PERMISSION_DENIED` is
 /// for admin-only calls made by a tenant.
+impl From<ClusterError> for Status {
+    fn from(err: ClusterError) -> Self {
+        status(err)
+    }
+}
+
 pub fn status(err: ClusterError) -> Status {
     use crate::domain::pool::PoolError as P;
     use crate::domain::tenant::TenantError as T;

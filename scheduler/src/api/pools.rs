@@ -242,7 +242,7 @@ impl pb::pool_service_server::PoolService for Api {
         let caller = caller(&self.shared, req.metadata())?;
         let create = create_from_pb(req.into_inner());
         self.shared
-            .with(|core, _| {
+            .mutate(|core, _| {
                 let pool = core
                     .cluster
                     .create_pool(&caller, create, seed(), now_ms())?;
@@ -259,7 +259,7 @@ impl pb::pool_service_server::PoolService for Api {
         let caller = caller(&self.shared, req.metadata())?;
         let req = req.into_inner();
         self.shared
-            .with(|core, out| {
+            .mutate(|core, out| {
                 let pool =
                     core.cluster
                         .delete_pool(&caller, &req.pool, req.confirm, now_ms(), out)?;
@@ -279,7 +279,7 @@ impl pb::pool_service_server::PoolService for Api {
             Status::invalid_argument("say add_nodes (scale out) or remove_nodes (scale in)")
         })?;
         self.shared
-            .with(|core, out| {
+            .mutate(|core, out| {
                 let pool = match change {
                     pb::scale_pool_request::Change::AddNodes(n) => {
                         core.cluster
@@ -356,7 +356,7 @@ impl pb::pool_service_server::PoolService for Api {
         let caller = caller(&self.shared, req.metadata())?;
         let req = req.into_inner();
         self.shared
-            .with(|core, _| {
+            .mutate(|core, _| {
                 let pool = core.cluster.convert_to_subscription(
                     &caller,
                     &req.pool,
@@ -377,7 +377,7 @@ impl pb::pool_service_server::PoolService for Api {
         let caller = caller(&self.shared, req.metadata())?;
         let req = req.into_inner();
         self.shared
-            .with(|core, _| {
+            .mutate(|core, _| {
                 let pool = core.cluster.set_renewal(
                     &caller,
                     &req.pool,
@@ -398,7 +398,7 @@ impl pb::pool_service_server::PoolService for Api {
         let caller = caller(&self.shared, req.metadata())?;
         let req = req.into_inner();
         self.shared
-            .with(|core, out| {
+            .mutate(|core, out| {
                 let (pool, refund) =
                     core.cluster
                         .unsubscribe(&caller, &req.pool, req.confirm, now_ms(), out)?;
@@ -445,7 +445,7 @@ impl pb::tenant_service_server::TenantService for Api {
         let caller = caller(&self.shared, req.metadata())?;
         let req = req.into_inner();
         self.shared
-            .with(|core, _| {
+            .mutate(|core, _| {
                 let t = core.cluster.create_tenant(
                     &caller,
                     &req.name,
@@ -503,9 +503,26 @@ impl pb::tenant_service_server::TenantService for Api {
             new_token().map_err(|e| Status::internal(format!("cannot read random bytes: {e}")))?;
         let hash = sha256_hex(&token);
         self.shared
-            .with(|core, _| core.cluster.add_token(&caller, &tenant, &hash, now_ms()))
+            .mutate(|core, _| core.cluster.add_token(&caller, &tenant, &hash, now_ms()))
             .map_err(status)?;
-        Ok(Response::new(pb::IssueTokenResponse { tenant, token }))
+        Ok(Response::new(pb::IssueTokenResponse {
+            tenant,
+            token,
+            token_id: hash[..crate::cluster::TOKEN_ID_LEN].to_string(),
+        }))
+    }
+
+    async fn revoke_tokens(
+        &self,
+        req: Request<pb::RevokeTokensRequest>,
+    ) -> Result<Response<pb::RevokeTokensResponse>, Status> {
+        let caller = caller(&self.shared, req.metadata())?;
+        let req = req.into_inner();
+        let revoked = self.shared.mutate(|core, _| {
+            core.cluster
+                .revoke_tokens(&caller, &req.tenant, &req.token_id, now_ms())
+        })?;
+        Ok(Response::new(pb::RevokeTokensResponse { revoked }))
     }
 
     async fn set_quota(
@@ -515,7 +532,7 @@ impl pb::tenant_service_server::TenantService for Api {
         let caller = caller(&self.shared, req.metadata())?;
         let req = req.into_inner();
         self.shared
-            .with(|core, _| {
+            .mutate(|core, _| {
                 let t = core.cluster.set_quota(
                     &caller,
                     &req.tenant,

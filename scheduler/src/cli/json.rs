@@ -308,6 +308,7 @@ pub fn token(r: &IssueTokenResponse) -> Value {
     json!({
         "tenant": r.tenant,
         "token": r.token,
+        "token_id": r.token_id,
     })
 }
 
@@ -568,8 +569,12 @@ mod tests {
         let v = token(&IssueTokenResponse {
             tenant: "acme".into(),
             token: "gp_secret".into(),
+            token_id: "0123456789ab".into(),
         });
-        assert_eq!(v, json!({"tenant": "acme", "token": "gp_secret"}));
+        assert_eq!(
+            v,
+            json!({"tenant": "acme", "token": "gp_secret", "token_id": "0123456789ab"})
+        );
         let v = whoami(&WhoAmIResponse {
             tenant: "admin".into(),
             admin: true,

@@ -27,10 +27,14 @@ pub enum TenantCommand {
         /// Tenant name.
         name: String,
     },
-    /// Issue a new API token for a tenant (shown once).
+    /// Issue a new API token for a tenant (shown once, with its id), or
+    /// with --revoke revoke one by its id, or all of them.
     Token {
         /// Tenant name.
         name: String,
+        /// Revoke the token with this id (as issuing printed it), or `all`.
+        #[arg(long, value_name = "TOKEN_ID|all")]
+        revoke: Option<String>,
     },
     /// Set a tenant's quotas.
     Quota {
@@ -81,7 +85,24 @@ pub(super) async fn tenant_command(
                 .into_inner();
             emit_tenant(out, &t)
         }
-        TenantCommand::Token { name } => {
+        TenantCommand::Token {
+            name,
+            revoke: Some(token_id),
+        } => {
+            let r = tenants
+                .revoke_tokens(pb::RevokeTokensRequest {
+                    tenant: name.clone(),
+                    token_id,
+                })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                || format!("revoked {} token(s) of tenant {name}\n", r.revoked),
+                || serde_json::json!({ "tenant": name, "revoked": r.revoked }),
+            )
+        }
+        TenantCommand::Token { name, revoke: None } => {
             let mut r = tenants
                 .issue_token(pb::IssueTokenRequest {
                     tenant: name.clone(),
@@ -168,8 +189,8 @@ fn tenant_table(tenants: &[pb::Tenant]) -> String {
 /// The token alone on its own line, so that it can be copied or cut out.
 fn token_text(r: &pb::IssueTokenResponse) -> String {
     format!(
-        "token for {} (shown once, store it now):\n{}\n",
-        r.tenant, r.token
+        "token for {} (shown once, store it now; its id for --revoke: {}):\n{}\n",
+        r.tenant, r.token_id, r.token
     )
 }
 
@@ -232,7 +253,7 @@ mod tests {
         ));
         assert!(matches!(
             tenant_command("tenant token acme"),
-            TenantCommand::Token { name } if name == "acme"
+            TenantCommand::Token { name, revoke: None } if name == "acme"
         ));
         assert!(matches!(
             tenant_command("tenant quota acme --max-nodes 2 --max-gpus 16"),
@@ -265,10 +286,11 @@ mod tests {
         let r = pb::IssueTokenResponse {
             tenant: "acme".into(),
             token: "gp_abc123".into(),
+            token_id: "0123456789ab".into(),
         };
         assert_eq!(
             token_text(&r),
-            "token for acme (shown once, store it now):\ngp_abc123\n"
+            "token for acme (shown once, store it now; its id for --revoke: 0123456789ab):\ngp_abc123\n"
         );
     }
 

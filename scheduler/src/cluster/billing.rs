@@ -16,6 +16,7 @@ use crate::domain::pool::{BillingMode, Pool, PoolError, PoolStatus, PoolType, Su
 use crate::domain::tenant::Caller;
 use crate::domain::{PUBLIC_POOL, StopCause};
 use crate::store::Record;
+use crate::store::Store as _;
 
 /// Where every public instance is billed from (no mode changes).
 const ALWAYS_ON_DEMAND: [ModeSpan; 1] = [ModeSpan {

@@ -8,6 +8,7 @@ use super::{Cluster, ClusterError, Outbox, stop_instance};
 use crate::domain::job::{KindTable, PendingRank};
 use crate::domain::tenant::Caller;
 use crate::domain::{InstanceState, JobKind, JobState, StopCause};
+use crate::store::Store as _;
 
 /// First restart of a crashed replica waits this long; each quick crash
 /// after it doubles the wait, up to [`MAX_BACKOFF_MS`].
@@ -218,6 +219,7 @@ impl Cluster {
         for job in self.jobs.values_mut().filter(|j| !j.rollout.is_empty()) {
             if job.stop_cause.is_some() || job.state.is_terminal() {
                 job.rollout.clear();
+                changed.push(job.job_id.clone());
                 continue;
             }
             let ready = job.ready_replicas();

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 mod billing;
 mod kinds;
 mod pools;
+mod staged;
 
 use crate::domain::job::{HealthCheck, KindTable, PendingRank};
 use crate::domain::placement::{self, GpuSlot, NodeCapacity};
@@ -20,6 +21,9 @@ use crate::domain::{
 use crate::store::{Record, Store, StoreError};
 
 pub use pools::{PoolRef, SpecInfo};
+
+/// Hex digits of a token's SHA-256 that name it (for revocation).
+pub const TOKEN_ID_LEN: usize = 12;
 
 /// What an agent must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,7 +153,10 @@ pub struct Cluster {
     orders: Vec<crate::domain::billing::Order>,
     /// Hours before this are in the ledger table.
     ledger_closed_until_ms: i64,
-    store: Box<dyn Store>,
+    store: staged::StagedStore,
+    /// Memory may differ from the store (a commit failed and the reload
+    /// too): reloaded at the next [`Cluster::begin`].
+    diverged: bool,
     /// The placement engine of the last scheduling pass, still current:
     /// it saw every allocation since (its own placements). Dropped by
     /// anything else that changes capacity (a node registers, changes
@@ -172,6 +179,15 @@ impl Cluster {
         now_ms: i64,
     ) -> Result<Self, StoreError> {
         let snapshot = store.load()?;
+        Ok(Self::from_snapshot(store, settings, snapshot, now_ms))
+    }
+
+    fn from_snapshot(
+        store: Box<dyn Store>,
+        settings: Settings,
+        snapshot: crate::store::Snapshot,
+        now_ms: i64,
+    ) -> Self {
         let mut cluster = Self {
             settings,
             nodes: BTreeMap::new(),
@@ -185,7 +201,8 @@ impl Cluster {
             node_credentials: HashMap::new(),
             orders: snapshot.orders,
             ledger_closed_until_ms: 0,
-            store,
+            store: staged::StagedStore::new(store),
+            diverged: false,
             placer: None,
             jobs_on_node: HashMap::new(),
             unwritten: None,
@@ -242,10 +259,31 @@ impl Cluster {
         cluster.ledger_closed_until_ms = snapshot
             .ledger_closed_until_ms
             .unwrap_or_else(|| crate::domain::billing::hour_floor(earliest));
-        Ok(cluster)
+        cluster
     }
 
     // ---- queries -------------------------------------------------------
+
+    /// Everything the cluster holds, as text, to compare two states in tests.
+    #[cfg(test)]
+    pub fn fingerprint(&self) -> String {
+        let mut tokens: Vec<_> = self.tokens.iter().collect();
+        tokens.sort();
+        let mut creds: Vec<_> = self.node_credentials.iter().collect();
+        creds.sort();
+        serde_json::json!({
+            "nodes": self.nodes,
+            "jobs": self.jobs,
+            "pools": self.pools,
+            "tenants": self.tenants,
+            "tokens": tokens,
+            "credentials": creds,
+            "orders": self.orders,
+            "seq": [self.next_seq, self.next_pool_seq],
+            "ledger_closed_until_ms": self.ledger_closed_until_ms,
+        })
+        .to_string()
+    }
 
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
         self.nodes.values()

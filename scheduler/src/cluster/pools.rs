@@ -3,6 +3,7 @@
 //! inventory, with every change written through to the store in one
 //! transaction.
 
+use crate::store::Store as _;
 use std::collections::BTreeMap;
 
 use super::{Cluster, ClusterError, Outbox};
@@ -129,6 +130,54 @@ impl Cluster {
         self.tokens.insert(sha256.to_string(), tenant.to_string());
         tracing::info!(tenant = %tenant, "token issued");
         Ok(())
+    }
+
+    /// Revokes a tenant's tokens: the one whose id (the first
+    /// [`super::TOKEN_ID_LEN`] hex digits of its hash) is `token_id`, or all
+    /// with "all". Returns how many.
+    pub fn revoke_tokens(
+        &mut self,
+        caller: &Caller,
+        tenant: &str,
+        token_id: &str,
+        now_ms: i64,
+    ) -> Result<u32, ClusterError> {
+        admin_only(caller, "revoking tokens")?;
+        if !self.tenants.contains_key(tenant) {
+            return Err(ClusterError::NotFound {
+                what: "tenant",
+                id: tenant.to_string(),
+            });
+        }
+        let all = token_id == "all";
+        if !all && token_id.len() != super::TOKEN_ID_LEN {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "--revoke takes a token id ({} hex digits, as `tenant token` printed it) or `all`",
+                super::TOKEN_ID_LEN
+            )));
+        }
+        let hashes: Vec<String> = self
+            .tokens
+            .iter()
+            .filter(|(h, t)| *t == tenant && (all || h.starts_with(token_id)))
+            .map(|(h, _)| h.clone())
+            .collect();
+        if hashes.is_empty() && !all {
+            return Err(ClusterError::NotFound {
+                what: "token",
+                id: token_id.to_string(),
+            });
+        }
+        let records: Vec<Record<'_>> = hashes
+            .iter()
+            .map(|h| Record::RevokeToken { sha256: h })
+            .collect();
+        self.store.write(&records, now_ms)?;
+        for h in &hashes {
+            self.tokens.remove(h);
+        }
+        tracing::info!(tenant = %tenant, count = hashes.len(), "tokens revoked");
+        Ok(hashes.len() as u32)
     }
 
     pub fn set_quota(

@@ -1,0 +1,474 @@
+//! Apply after commit, for every mutating RPC: with the store failing its
+//! writes, the call answers UNAVAILABLE and leaves memory, the store and the
+//! agents (no command sent) exactly as before; with the store back, the
+//! same call succeeds, so it was the write that failed it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use gpupool_proto::v1 as pb;
+use pb::job_service_server::JobService;
+use pb::node_service_server::NodeService;
+use pb::pool_service_server::PoolService;
+use pb::tenant_service_server::TenantService;
+use tokio::sync::mpsc;
+use tonic::{Code, Request, Status};
+
+use crate::api::agent::AgentApi;
+use crate::api::client::Api;
+use crate::config::SchedulerConfig;
+use crate::domain::{AgentIdentity, Gpu, Inventory};
+use crate::server::Shared;
+use crate::store::{Record, Snapshot, SqliteStore, Store, StoreError};
+
+const ADMIN: &str = "commit-test-admin-token";
+
+/// The real SQLite store, whose writes fail while `fail` is set.
+struct Flaky {
+    inner: Arc<SqliteStore>,
+    fail: Arc<AtomicBool>,
+}
+
+impl Store for Flaky {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        self.inner.load()
+    }
+    fn ledger(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<crate::domain::billing::LedgerRow>, StoreError> {
+        self.inner.ledger(from_ms, to_ms)
+    }
+    fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Unreachable("test: writes fail".into()));
+        }
+        self.inner.write(records, now_ms)
+    }
+}
+
+struct Rig {
+    shared: Arc<Shared>,
+    api: Api,
+    store: Arc<SqliteStore>,
+    fail: Arc<AtomicBool>,
+    /// What each node's session was sent.
+    sessions: Vec<(
+        String,
+        mpsc::UnboundedReceiver<Result<pb::SchedulerMessage, Status>>,
+    )>,
+    _dir: tempfile::TempDir,
+}
+
+fn inventory(az: &str) -> Inventory {
+    Inventory {
+        hostname: "h".into(),
+        cpu_cores: 16,
+        memory_mib: 64 * 1024,
+        az: az.into(),
+        gpus: (0..2)
+            .map(|i| Gpu {
+                index: i,
+                uuid: format!("GPU-{i}"),
+                model: "H100".into(),
+                memory_total_mib: 80 * 1024,
+                healthy: true,
+                health_reason: String::new(),
+                mig_enabled: false,
+                pci_bus_id: String::new(),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+impl Rig {
+    fn new(nodes: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("t.db")).unwrap());
+        let fail = Arc::new(AtomicBool::new(false));
+        let config = SchedulerConfig {
+            admin_token: Some(ADMIN.into()),
+            subscription_regions: vec!["region-1".into()],
+            ..SchedulerConfig::default()
+        };
+        let shared = crate::server::open_with(
+            config,
+            Box::new(Flaky {
+                inner: store.clone(),
+                fail: fail.clone(),
+            }),
+            "test",
+        )
+        .unwrap();
+        let mut sessions = Vec::new();
+        for i in 1..=nodes {
+            let id = format!("n{i}");
+            let (tx, rx) = mpsc::unbounded_channel();
+            shared.with(|core, _| {
+                core.cluster
+                    .register_node(&id, inventory("AZ1"), crate::server::now_ms())
+                    .unwrap();
+                core.open_session(&id, tx);
+            });
+            sessions.push((id, rx));
+        }
+        Self {
+            api: Api {
+                shared: shared.clone(),
+            },
+            shared,
+            store,
+            fail,
+            sessions,
+            _dir: dir,
+        }
+    }
+
+    fn memory(&self) -> String {
+        self.shared.with(|core, _| core.cluster.fingerprint())
+    }
+
+    fn stored(&self) -> String {
+        format!("{:?}", self.store.load().unwrap())
+    }
+
+    fn drain(&mut self) -> usize {
+        let mut n = 0;
+        for (_, rx) in &mut self.sessions {
+            while rx.try_recv().is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Runs `call` with the store failing, then working; returns what the
+    /// working call answered.
+    async fn check<T, F, Fut>(&mut self, what: &str, call: F) -> T
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+        T: std::fmt::Debug,
+    {
+        self.drain();
+        let (memory, stored) = (self.memory(), self.stored());
+        self.fail.store(true, Ordering::SeqCst);
+        let err = call().await.expect_err(what);
+        self.fail.store(false, Ordering::SeqCst);
+        assert_eq!(err.code(), Code::Unavailable, "{what}: {err:?}");
+        assert!(err.message().contains("not applied"), "{what}: {err:?}");
+        assert_eq!(self.memory(), memory, "{what}: memory changed");
+        assert_eq!(self.stored(), stored, "{what}: store changed");
+        assert_eq!(self.drain(), 0, "{what}: agents were sent commands");
+        match call().await {
+            Ok(v) => v,
+            Err(e) => panic!("{what} with a working store: {e:?}"),
+        }
+    }
+}
+
+fn req<T>(token: &str, msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+fn job(kind: pb::JobKind, instances: i32) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            kind: kind as i32,
+            resources: Some(pb::Resources {
+                gpus: 1,
+                cpu_milli: 100,
+                memory_mib: 64,
+                ..Default::default()
+            }),
+            instances,
+            command: vec!["sleep".into(), "600".into()],
+            ..Default::default()
+        }),
+    }
+}
+
+fn pool(name: &str, subscription: bool) -> pb::CreatePoolRequest {
+    pb::CreatePoolRequest {
+        r#type: pb::PoolType::Train as i32,
+        name: name.into(),
+        spec: crate::domain::Node {
+            node_id: String::new(),
+            inventory: inventory("AZ1"),
+            status: crate::domain::NodeStatus::Ready,
+            registered_at_ms: 0,
+            last_heartbeat_ms: 0,
+            pool: String::new(),
+            cordoned: false,
+            credential_sha256: None,
+            revoked: false,
+        }
+        .spec_name(),
+        node_count: 1,
+        billing_mode: if subscription {
+            pb::BillingMode::Subscription
+        } else {
+            pb::BillingMode::OnDemand
+        } as i32,
+        subscription: subscription.then(|| pb::Subscription {
+            months: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Every node heartbeats and the clock ticks: pools being created or
+/// scaled settle.
+fn settle(rig: &Rig) {
+    rig.shared.with(|core, out| {
+        let ids: Vec<String> = core.cluster.nodes().map(|n| n.node_id.clone()).collect();
+        for id in &ids {
+            core.cluster
+                .heartbeat(id, None, Vec::new(), crate::server::now_ms(), out);
+        }
+        core.cluster.tick(crate::server::now_ms(), out);
+    });
+}
+
+#[tokio::test]
+async fn every_mutating_rpc_applies_only_after_its_commit() {
+    let mut rig = Rig::new(5);
+    let api = rig.api.clone();
+
+    // Tenants and tokens.
+    rig.check("CreateTenant", || {
+        api.create_tenant(req(
+            ADMIN,
+            pb::CreateTenantRequest {
+                name: "acme".into(),
+                quota: Some(pb::Quota {
+                    max_dedicated_nodes: 4,
+                    max_gpus: 8,
+                }),
+            },
+        ))
+    })
+    .await;
+    rig.check("IssueToken", || {
+        api.issue_token(req(
+            ADMIN,
+            pb::IssueTokenRequest {
+                tenant: "acme".into(),
+            },
+        ))
+    })
+    .await;
+    rig.check("RevokeTokens", || {
+        api.revoke_tokens(req(
+            ADMIN,
+            pb::RevokeTokensRequest {
+                tenant: "acme".into(),
+                token_id: "all".into(),
+            },
+        ))
+    })
+    .await;
+    rig.check("SetQuota", || {
+        api.set_quota(req(
+            ADMIN,
+            pb::SetQuotaRequest {
+                tenant: "acme".into(),
+                quota: Some(pb::Quota {
+                    max_dedicated_nodes: 3,
+                    max_gpus: 6,
+                }),
+            },
+        ))
+    })
+    .await;
+    let token = api
+        .issue_token(req(
+            ADMIN,
+            pb::IssueTokenRequest {
+                tenant: "acme".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+
+    // Jobs: a submission is placed at once (a Start would be sent).
+    let training = rig
+        .check("SubmitJob", || {
+            api.submit_job(req(&token, job(pb::JobKind::Training, 1)))
+        })
+        .await
+        .into_inner();
+    assert!(rig.drain() > 0, "the placed job's Start reached its node");
+    rig.check("CancelJob", || {
+        api.cancel_job(req(
+            &token,
+            pb::CancelJobRequest {
+                job_id: training.job_id.clone(),
+            },
+        ))
+    })
+    .await;
+    let svc = api
+        .submit_job(req(&token, job(pb::JobKind::OnlineService, 1)))
+        .await
+        .unwrap()
+        .into_inner();
+    rig.check("ScaleService", || {
+        api.scale_service(req(
+            &token,
+            pb::ScaleServiceRequest {
+                job_id: svc.job_id.clone(),
+                replicas: 2,
+            },
+        ))
+    })
+    .await;
+    rig.check("RestartService", || {
+        api.restart_service(req(
+            &token,
+            pb::RestartServiceRequest {
+                job_id: svc.job_id.clone(),
+            },
+        ))
+    })
+    .await;
+    api.cancel_job(req(
+        &token,
+        pb::CancelJobRequest {
+            job_id: svc.job_id.clone(),
+        },
+    ))
+    .await
+    .unwrap();
+
+    // Nodes.
+    let node = |id: &str| pb::CordonNodeRequest { node_id: id.into() };
+    rig.check("CordonNode", || api.cordon_node(req(ADMIN, node("n5"))))
+        .await;
+    rig.check("UncordonNode", || api.uncordon_node(req(ADMIN, node("n5"))))
+        .await;
+    rig.check("RevokeNode", || api.revoke_node(req(ADMIN, node("n5"))))
+        .await;
+    rig.check("ReadmitNode", || api.readmit_node(req(ADMIN, node("n5"))))
+        .await;
+    let agents = AgentApi {
+        shared: rig.shared.clone(),
+    };
+    let agents = &agents;
+    let register = || {
+        let mut r = Request::new(pb::RegisterRequest {
+            node_id: "n9".into(),
+            inventory: Some(super::inventory_to_pb(&inventory("AZ2"))),
+            agent_version: String::new(),
+        });
+        r.extensions_mut().insert(AgentIdentity::Bootstrap);
+        pb::agent_service_server::AgentService::register(agents, r)
+    };
+    rig.check("Register", register).await;
+
+    // Dedicated pools, on demand and by subscription.
+    let od = rig
+        .check("CreatePool", || {
+            api.create_pool(req(&token, pool("od_pool", false)))
+        })
+        .await
+        .into_inner();
+    settle(&rig);
+    rig.check("ScalePool out", || {
+        api.scale_pool(req(
+            &token,
+            pb::ScalePoolRequest {
+                pool: od.pool_id.clone(),
+                change: Some(pb::scale_pool_request::Change::AddNodes(1)),
+                force: false,
+            },
+        ))
+    })
+    .await;
+    let pool_nodes: Vec<String> = rig.shared.with(|core, _| {
+        core.cluster
+            .nodes()
+            .filter(|n| n.pool == od.pool_id)
+            .map(|n| n.node_id.clone())
+            .collect()
+    });
+    assert_eq!(pool_nodes.len(), 2, "{pool_nodes:?}");
+    settle(&rig);
+    rig.check("ScalePool in", || {
+        api.scale_pool(req(
+            &token,
+            pb::ScalePoolRequest {
+                pool: od.pool_id.clone(),
+                change: Some(pb::scale_pool_request::Change::RemoveNodes(pb::NodeIds {
+                    node_ids: vec![pool_nodes[1].clone()],
+                })),
+                force: true,
+            },
+        ))
+    })
+    .await;
+    rig.check("DeletePool", || {
+        api.delete_pool(req(
+            &token,
+            pb::DeletePoolRequest {
+                pool: od.pool_id.clone(),
+                confirm: true,
+            },
+        ))
+    })
+    .await;
+    let sub = api
+        .create_pool(req(&token, pool("sub_pool", true)))
+        .await
+        .unwrap()
+        .into_inner();
+    settle(&rig);
+    rig.check("SetRenewal", || {
+        api.set_renewal(req(
+            &token,
+            pb::SetRenewalRequest {
+                pool: sub.pool_id.clone(),
+                auto_renew: true,
+                convert_to_on_demand_at_expiry: false,
+            },
+        ))
+    })
+    .await;
+    rig.check("Unsubscribe", || {
+        api.unsubscribe(req(
+            &token,
+            pb::UnsubscribeRequest {
+                pool: sub.pool_id.clone(),
+                confirm: true,
+            },
+        ))
+    })
+    .await;
+}
+
+/// A failed operation that had staged writes is undone too: memory is
+/// reloaded, nothing is written, no command goes out.
+#[tokio::test]
+async fn an_operation_that_fails_after_writing_is_rolled_back() {
+    let mut rig = Rig::new(1);
+    rig.drain();
+    let before = (rig.memory(), rig.stored());
+    let err: Result<(), crate::cluster::ClusterError> = rig.shared.mutate(|core, out| {
+        core.cluster
+            .set_cordon("n1", true, crate::server::now_ms(), out)?;
+        Err(crate::cluster::ClusterError::Internal(
+            "later step failed".into(),
+        ))
+    });
+    assert!(err.is_err());
+    assert_eq!((rig.memory(), rig.stored()), before);
+    assert_eq!(rig.drain(), 0);
+}

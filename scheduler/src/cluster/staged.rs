@@ -1,0 +1,228 @@
+//! Apply after commit: the cluster's store behind a staging buffer. Between
+//! [`Cluster::begin`] and [`Cluster::commit`] every write the state machine
+//! makes is kept, not written; the commit writes them all in one
+//! transaction. If that fails, the store is unchanged (the transaction
+//! rolled back) and the cluster's memory is reloaded from it, so memory,
+//! store and (since the caller drops the outbox) agents are exactly as
+//! before the operation. Outside a begin/commit pair (unit tests, the
+//! benchmarks) writes go straight through.
+
+use std::cell::RefCell;
+
+use crate::domain::billing::{LedgerRow, Order};
+use crate::domain::pool::Pool;
+use crate::domain::tenant::Tenant;
+use crate::domain::{Job, Node};
+use crate::store::{Record, Snapshot, Store, StoreError};
+
+use super::Cluster;
+
+/// An owned copy of a [`Record`], kept until the commit.
+#[derive(Debug, Clone)]
+enum Kept {
+    Node(Node),
+    Job(Job),
+    Pool(Pool),
+    Tenant(Tenant),
+    Token { sha256: String, tenant: String },
+    RevokeToken { sha256: String },
+    Order(Order),
+    Ledger(LedgerRow),
+    LedgerClosed(i64),
+}
+
+impl Kept {
+    fn of(r: &Record<'_>) -> Self {
+        match *r {
+            Record::Node(n) => Self::Node(n.clone()),
+            Record::Job(j) => Self::Job(j.clone()),
+            Record::Pool(p) => Self::Pool(p.clone()),
+            Record::Tenant(t) => Self::Tenant(t.clone()),
+            Record::Token { sha256, tenant } => Self::Token {
+                sha256: sha256.into(),
+                tenant: tenant.into(),
+            },
+            Record::RevokeToken { sha256 } => Self::RevokeToken {
+                sha256: sha256.into(),
+            },
+            Record::Order(o) => Self::Order(o.clone()),
+            Record::Ledger(l) => Self::Ledger(l.clone()),
+            Record::LedgerClosed(t) => Self::LedgerClosed(t),
+        }
+    }
+
+    fn record(&self) -> Record<'_> {
+        match self {
+            Self::Node(n) => Record::Node(n),
+            Self::Job(j) => Record::Job(j),
+            Self::Pool(p) => Record::Pool(p),
+            Self::Tenant(t) => Record::Tenant(t),
+            Self::Token { sha256, tenant } => Record::Token { sha256, tenant },
+            Self::RevokeToken { sha256 } => Record::RevokeToken { sha256 },
+            Self::Order(o) => Record::Order(o),
+            Self::Ledger(l) => Record::Ledger(l),
+            Self::LedgerClosed(t) => Record::LedgerClosed(*t),
+        }
+    }
+
+    /// Rows written whole (upserts): only the last write of one counts.
+    fn upsert_key(&self) -> Option<(u8, &str)> {
+        match self {
+            Self::Node(n) => Some((0, &n.node_id)),
+            Self::Job(j) => Some((1, &j.job_id)),
+            Self::Pool(p) => Some((2, &p.pool_id)),
+            Self::Tenant(t) => Some((3, &t.name)),
+            _ => None,
+        }
+    }
+}
+
+/// The store with its staging buffer.
+pub(super) struct StagedStore {
+    inner: Box<dyn Store>,
+    /// Some while an operation is staged.
+    kept: RefCell<Option<Vec<Kept>>>,
+}
+
+impl StagedStore {
+    pub(super) fn new(inner: Box<dyn Store>) -> Self {
+        Self {
+            inner,
+            kept: RefCell::new(None),
+        }
+    }
+
+    fn begin(&self) {
+        *self.kept.borrow_mut() = Some(Vec::new());
+    }
+
+    /// Ends staging; what was kept, the last write of each row only.
+    fn take(&self) -> Vec<Kept> {
+        let kept = self.kept.borrow_mut().take().unwrap_or_default();
+        let mut last = std::collections::HashMap::new();
+        for (i, k) in kept.iter().enumerate() {
+            if let Some(key) = k.upsert_key() {
+                last.insert(key, i);
+            }
+        }
+        let keep: Vec<bool> = kept
+            .iter()
+            .enumerate()
+            .map(|(i, k)| k.upsert_key().is_none_or(|key| last[&key] == i))
+            .collect();
+        kept.into_iter()
+            .zip(keep)
+            .filter_map(|(k, keep)| keep.then_some(k))
+            .collect()
+    }
+
+    fn staging(&self) -> bool {
+        self.kept.borrow().is_some()
+    }
+}
+
+impl Store for StagedStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        self.inner.load()
+    }
+
+    fn ledger(&self, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError> {
+        self.inner.ledger(from_ms, to_ms)
+    }
+
+    fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
+        if let Some(kept) = self.kept.borrow_mut().as_mut() {
+            kept.extend(records.iter().map(Kept::of));
+            return Ok(());
+        }
+        self.inner.write(records, now_ms)
+    }
+}
+
+/// A store that is never used: stands in while the real one is moved.
+struct Detached;
+
+impl Store for Detached {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        Err(StoreError::Unreachable("store detached".into()))
+    }
+    fn ledger(&self, _: i64, _: i64) -> Result<Vec<LedgerRow>, StoreError> {
+        Err(StoreError::Unreachable("store detached".into()))
+    }
+    fn write(&self, _: &[Record<'_>], _: i64) -> Result<(), StoreError> {
+        Err(StoreError::Unreachable("store detached".into()))
+    }
+}
+
+impl Cluster {
+    /// Starts staging an operation's writes. A cluster whose memory may
+    /// differ from the store (a failed commit that could not reload) is
+    /// reloaded first.
+    pub fn begin(&mut self, now_ms: i64) {
+        if self.diverged {
+            self.reload(now_ms);
+        }
+        self.store.begin();
+    }
+
+    /// Writes what the operation staged, in one transaction. On failure the
+    /// store is unchanged and memory is reloaded from it: the caller must
+    /// drop the operation's outbox and report the error.
+    pub fn commit(&mut self, now_ms: i64) -> Result<(), StoreError> {
+        let kept = self.store.take();
+        if kept.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<Record<'_>> = kept.iter().map(Kept::record).collect();
+        match self.store.inner.write(&records, now_ms) {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                drop(records);
+                self.reload(now_ms);
+                Err(err)
+            }
+        }
+    }
+
+    /// Ends an operation that failed on its own: nothing it staged is
+    /// written, and memory is reloaded if it staged anything (it may have
+    /// changed memory before it failed).
+    pub fn rollback(&mut self, now_ms: i64) {
+        if !self.store.take().is_empty() {
+            self.reload(now_ms);
+        }
+    }
+
+    /// True between begin and commit/rollback.
+    pub fn staging(&self) -> bool {
+        self.store.staging()
+    }
+
+    /// Replaces memory with what the store holds. If the store cannot be
+    /// read, memory is marked diverged and reloaded at the next begin.
+    fn reload(&mut self, now_ms: i64) {
+        let snapshot = match self.store.inner.load() {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot reload state after a failed write; retrying with the next operation");
+                self.diverged = true;
+                return;
+            }
+        };
+        let inner = std::mem::replace(&mut self.store.inner, Box::new(Detached));
+        let settings = self.settings.clone();
+        // Liveness is not stored state: heartbeats seen stay seen.
+        let seen: Vec<(String, i64)> = self
+            .nodes
+            .values()
+            .map(|n| (n.node_id.clone(), n.last_heartbeat_ms))
+            .collect();
+        *self = Cluster::from_snapshot(inner, settings, snapshot, now_ms);
+        for (id, at) in seen {
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.last_heartbeat_ms = at;
+            }
+        }
+        tracing::warn!("state reloaded from the store after a failed write");
+    }
+}
