@@ -308,7 +308,10 @@ async fn dedicated_pools_end_to_end() {
         );
         nf(
             b.nodes
-                .list_nodes(pb::ListNodesRequest { pool: key.into() })
+                .list_nodes(pb::ListNodesRequest {
+                    pool: key.into(),
+                    ..Default::default()
+                })
                 .await
                 .map(|_| ()),
             "list nodes",
@@ -317,7 +320,7 @@ async fn dedicated_pools_end_to_end() {
             b.jobs
                 .list_jobs(pb::ListJobsRequest {
                     pool: key.into(),
-                    states: vec![],
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ()),
@@ -390,7 +393,7 @@ async fn dedicated_pools_end_to_end() {
     );
     let err = b
         .tenants
-        .list_tenants(pb::ListTenantsRequest {})
+        .list_tenants(pb::ListTenantsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -560,7 +563,7 @@ async fn dedicated_pools_end_to_end() {
         .admin()
         .await
         .tenants
-        .list_tenants(pb::ListTenantsRequest {})
+        .list_tenants(pb::ListTenantsRequest::default())
         .await
         .unwrap()
         .into_inner()

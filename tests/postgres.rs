@@ -27,6 +27,7 @@ fn settings() -> Settings {
         default_price: Default::default(),
         frozen_retention_ms: 3_600_000,
         kinds: KindTable::default(),
+        limits: Default::default(),
     }
 }
 

@@ -45,7 +45,8 @@ pub struct AgentConfig {
     /// address's host.
     #[serde(default)]
     pub tls_domain: Option<String>,
-    /// Cluster join token, sent as a bearer token. Must match the scheduler's.
+    /// Cluster join token (the scheduler's `join_token`), sent as a bearer
+    /// token to enrol; the node then holds its own credential.
     #[serde(default)]
     pub join_token: Option<String>,
     /// Longest wait between reconnect attempts, in milliseconds.
@@ -80,6 +81,11 @@ pub struct AgentConfig {
     /// Rotated copies kept per instance (`.1` newest).
     #[serde(default = "default_log_keep")]
     pub log_keep: u32,
+    /// Disk the instances' logs and agent-made working directories may take
+    /// together, in MiB; past it the oldest ended instances' go first (a
+    /// running instance's never). 0 = unlimited.
+    #[serde(default = "default_disk_budget_mib")]
+    pub disk_budget_mib: u64,
     /// GPUs are sampled (NVML read) at most this often; `/metrics` scrapes
     /// and heartbeats in between reuse the last sample.
     #[serde(default = "default_sample_interval_ms")]
@@ -105,6 +111,10 @@ fn default_log_max_bytes() -> u64 {
 
 fn default_log_keep() -> u32 {
     3
+}
+
+fn default_disk_budget_mib() -> u64 {
+    10 * 1024
 }
 
 fn default_cgroup_root() -> PathBuf {

@@ -130,10 +130,16 @@ pub async fn run(
     let rotation = {
         let runtime = ctx.runtime.clone();
         let (max, keep) = (config.log_max_bytes, config.log_keep.max(1));
+        let budget = config.disk_budget_mib.saturating_mul(1 << 20);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 runtime.rotate_logs(max, keep);
+                if budget > 0 {
+                    let rt = runtime.clone();
+                    // Walking directories is blocking work.
+                    let _ = tokio::task::spawn_blocking(move || rt.collect_garbage(budget)).await;
+                }
             }
         })
     };

@@ -419,6 +419,109 @@ impl Runtime {
         }
     }
 
+    /// Keeps the instances' logs and agent-made working directories within
+    /// `budget_bytes` together: while over it, the ended instance whose files
+    /// changed longest ago loses its log (rotated copies too) and its
+    /// `work/` directory. A live instance's files are never touched; nor is
+    /// a `--workdir` outside the state dir. Returns the instances cleaned.
+    pub fn collect_garbage(&self, budget_bytes: u64) -> Vec<String> {
+        // instance id -> (bytes, newest change)
+        let mut files: HashMap<String, (u64, std::time::SystemTime)> = HashMap::new();
+        let mut note = |id: &str, bytes: u64, at: std::time::SystemTime| {
+            let e = files
+                .entry(id.to_string())
+                .or_insert((0, std::time::UNIX_EPOCH));
+            e.0 += bytes;
+            e.1 = e.1.max(at);
+        };
+        if let Ok(dir) = std::fs::read_dir(self.state_dir.join("logs")) {
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some((id, _)) = name.split_once(".log") else {
+                    continue;
+                };
+                if let Ok(meta) = entry.path().symlink_metadata() {
+                    note(
+                        id,
+                        meta.len(),
+                        meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+                    );
+                }
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir(self.state_dir.join("work")) {
+            for entry in dir.flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                let (bytes, at) = tree_size(&entry.path());
+                note(&id, bytes, at);
+            }
+        }
+        let total: u64 = files.values().map(|(b, _)| b).sum();
+        if total <= budget_bytes {
+            return Vec::new();
+        }
+        let live: std::collections::HashSet<String> = self
+            .entries
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|e| !e.report.phase.is_terminal())
+            .map(|e| e.report.instance_id.clone())
+            .collect();
+        let mut ended: Vec<(std::time::SystemTime, String, u64)> = files
+            .into_iter()
+            .filter(|(id, _)| !live.contains(id) && valid_id(id))
+            .map(|(id, (bytes, at))| (at, id, bytes))
+            .collect();
+        ended.sort();
+        let mut over = total - budget_bytes;
+        let mut cleaned = Vec::new();
+        for (_, id, bytes) in ended {
+            if over == 0 {
+                break;
+            }
+            // Checked again under the lock: it may have started meanwhile.
+            if self
+                .entries
+                .lock()
+                .unwrap()
+                .get(&id)
+                .is_some_and(|e| !e.report.phase.is_terminal())
+            {
+                continue;
+            }
+            let logs = self.state_dir.join("logs");
+            let _ = std::fs::remove_file(logs.join(format!("{id}.log")));
+            for n in 1..=64 {
+                if std::fs::remove_file(logs.join(format!("{id}.log.{n}"))).is_err() {
+                    break;
+                }
+            }
+            let work = self.state_dir.join("work").join(&id);
+            if work.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                let _ = std::fs::remove_dir_all(&work);
+            } else {
+                let _ = std::fs::remove_file(&work);
+            }
+            over = over.saturating_sub(bytes);
+            cleaned.push(id);
+        }
+        if over > 0 {
+            tracing::warn!(
+                over_bytes = over,
+                budget_bytes,
+                "instance files exceed the disk budget, and what is left belongs to running instances"
+            );
+        }
+        if !cleaned.is_empty() {
+            tracing::info!(
+                instances = cleaned.len(),
+                "removed ended instances' logs and work directories for the disk budget"
+            );
+        }
+        cleaned
+    }
+
     /// CPU and memory of each running instance's cgroup:
     /// (instance, job, usage).
     pub fn cgroup_usage(&self) -> Vec<(String, String, crate::cgroup::Usage)> {
@@ -1064,6 +1167,26 @@ fn process_start_ticks(pid: u32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
+/// Bytes under `path` (not following symlinks) and the newest change.
+fn tree_size(path: &Path) -> (u64, std::time::SystemTime) {
+    let mut bytes = 0;
+    let mut newest = std::time::UNIX_EPOCH;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = p.symlink_metadata() else {
+            continue;
+        };
+        newest = newest.max(meta.modified().unwrap_or(std::time::UNIX_EPOCH));
+        bytes += meta.len();
+        if meta.is_dir()
+            && let Ok(dir) = std::fs::read_dir(&p)
+        {
+            stack.extend(dir.flatten().map(|e| e.path()));
+        }
+    }
+    (bytes, newest)
+}
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
@@ -1135,6 +1258,73 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("instance {id} did not end");
+    }
+
+    /// Many finished instances and a small budget: the oldest ended ones'
+    /// logs and work directories go first, until the rest fits; a running
+    /// instance's files stay however old and large they are.
+    #[tokio::test]
+    async fn the_disk_budget_removes_the_oldest_ended_instances_files_never_a_running_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(dir.path()).unwrap();
+        // The oldest instance is a running one with 300 KB of files.
+        rt.start(spec(
+            "live",
+            &[
+                "sh",
+                "-c",
+                "head -c 300000 /dev/zero > big; echo up; exec sleep 60",
+            ],
+        ));
+        for _ in 0..200 {
+            if dir
+                .path()
+                .join("work/live/big")
+                .metadata()
+                .is_ok_and(|m| m.len() == 300_000)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        // Then ten finished ones of 100 KB each, oldest first.
+        for i in 0..10 {
+            let id = format!("done-{i}");
+            rt.start(spec(
+                &id,
+                &["sh", "-c", "head -c 100000 /dev/zero > data; echo done"],
+            ));
+            wait_terminal(&rt, &id).await;
+            rt.forget(&id);
+            // Distinct modification times.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Budget 750 KB: the live 300 KB plus four finished ones fit.
+        let cleaned = rt.collect_garbage(750_000);
+        let want: Vec<String> = (0..6).map(|i| format!("done-{i}")).collect();
+        assert_eq!(cleaned, want);
+        for i in 0..10 {
+            let gone = i < 6;
+            assert_eq!(
+                !dir.path().join(format!("work/done-{i}")).exists(),
+                gone,
+                "work of {i}"
+            );
+            assert_eq!(
+                !dir.path().join(format!("logs/done-{i}.log")).exists(),
+                gone,
+                "log of {i}"
+            );
+        }
+        assert!(dir.path().join("work/live/big").exists());
+        assert!(dir.path().join("logs/live.log").exists());
+        // Within budget now: nothing more goes. Even a budget of nothing
+        // leaves the running instance alone.
+        assert!(rt.collect_garbage(750_000).is_empty());
+        assert_eq!(rt.collect_garbage(0).len(), 4);
+        assert!(dir.path().join("work/live/big").exists());
+        rt.stop("live", Duration::from_millis(100), "test over");
+        wait_terminal(&rt, "live").await;
     }
 
     #[tokio::test]

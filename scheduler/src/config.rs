@@ -110,6 +110,32 @@ pub struct LimitsConfig {
     /// Requests a caller may make at once after being idle.
     #[serde(default = "default_burst")]
     pub burst: u32,
+    /// Most `max_retries` a job may ask (runs after the first).
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Wait before a failed run is retried, doubled per retry, in ms.
+    #[serde(default = "default_retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
+    /// The longest wait between retries, in ms.
+    #[serde(default = "default_retry_backoff_max_ms")]
+    pub retry_backoff_max_ms: u64,
+    /// Finished jobs are forgotten this many hours after they ended (their
+    /// ledger rows stay); 0 = kept forever.
+    #[serde(default = "default_finished_job_retention_hours")]
+    pub finished_job_retention_hours: u32,
+    /// Most log streams (`job logs --follow` and plain reads) one caller
+    /// may have open at once; past it `RESOURCE_EXHAUSTED`.
+    #[serde(default = "default_log_streams_per_caller")]
+    pub log_streams_per_caller: u32,
+    /// Most log reads waiting for agents' answers, all callers together.
+    #[serde(default = "default_pending_log_reads")]
+    pub pending_log_reads: u32,
+    /// Most items one list call answers (a larger page_size is cut to it).
+    #[serde(default = "default_max_page_size")]
+    pub max_page_size: u32,
+    /// Widest range of one usage query, in days.
+    #[serde(default = "default_max_usage_range_days")]
+    pub max_usage_range_days: u32,
 }
 
 impl Default for LimitsConfig {
@@ -118,8 +144,41 @@ impl Default for LimitsConfig {
             max_request_bytes: default_max_request_bytes(),
             requests_per_second: default_rate(),
             burst: default_burst(),
+            max_retries: default_max_retries(),
+            retry_backoff_ms: default_retry_backoff_ms(),
+            retry_backoff_max_ms: default_retry_backoff_max_ms(),
+            finished_job_retention_hours: default_finished_job_retention_hours(),
+            log_streams_per_caller: default_log_streams_per_caller(),
+            pending_log_reads: default_pending_log_reads(),
+            max_page_size: default_max_page_size(),
+            max_usage_range_days: default_max_usage_range_days(),
         }
     }
+}
+
+fn default_max_retries() -> u32 {
+    10
+}
+fn default_retry_backoff_ms() -> u64 {
+    1_000
+}
+fn default_retry_backoff_max_ms() -> u64 {
+    300_000
+}
+fn default_finished_job_retention_hours() -> u32 {
+    24 * 30
+}
+fn default_log_streams_per_caller() -> u32 {
+    32
+}
+fn default_pending_log_reads() -> u32 {
+    1024
+}
+fn default_max_page_size() -> u32 {
+    1000
+}
+fn default_max_usage_range_days() -> u32 {
+    400
 }
 
 fn default_max_request_bytes() -> usize {

@@ -127,6 +127,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         advertise_address: Some(args.grpc_listen.ip().to_string()),
         log_max_bytes: 100 * 1024 * 1024,
         log_keep: 3,
+        disk_budget_mib: 10 * 1024,
         sample_interval_ms: 1000,
         tls_ca_file: None,
         tls_cert_file: None,

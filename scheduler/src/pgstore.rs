@@ -323,6 +323,15 @@ fn statement(record: &Record<'_>, now_ms: i64) -> Statement {
             "INSERT INTO tokens (token_sha256, tenant, created_at_ms) VALUES ($1, $2, $3)",
             vec![p(sha256.to_string()), p(tenant.to_string()), p(now_ms)],
         ),
+        Record::ForgetJob { job_id } => (
+            "DELETE FROM jobs WHERE job_id = $1",
+            vec![p(job_id.to_string())],
+        ),
+        Record::NextJobSeq(seq) => (
+            "INSERT INTO meta (key, value) VALUES ('next_job_seq', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            vec![p(seq.to_string())],
+        ),
         Record::RevokeToken { sha256 } => (
             "DELETE FROM tokens WHERE token_sha256 = $1",
             vec![p(sha256.to_string())],
@@ -359,6 +368,9 @@ impl Store for PgStore {
                         &[],
                     )?
                     .and_then(|r| r.get::<_, String>(0).parse().ok()),
+                next_job_seq: c
+                    .query_opt("SELECT value FROM meta WHERE key = 'next_job_seq'", &[])?
+                    .and_then(|r| r.get::<_, String>(0).parse().ok()),
             })
         })
     }
@@ -371,6 +383,30 @@ impl Store for PgStore {
                 "SELECT subject, data FROM ledger WHERE hour_start_ms >= $1 AND hour_start_ms < $2
                  ORDER BY hour_start_ms, subject, mode",
                 &[&from_ms, &to_ms],
+            )
+        })
+    }
+
+    fn ledger_page(&self, q: &crate::store::LedgerQuery) -> Result<Vec<LedgerRow>, StoreError> {
+        let q = q.clone();
+        self.call(move |c| {
+            let (ah, asub, amode) = match &q.after {
+                Some((h, s, m)) => (Some(*h), Some(s.clone()), Some(m.clone())),
+                None => (None, None, None),
+            };
+            let limit = q.limit.min(i64::MAX as usize) as i64;
+            rows_with(
+                c,
+                "ledger",
+                "SELECT subject, data FROM ledger
+                 WHERE hour_start_ms >= $1 AND hour_start_ms < $2
+                   AND ($3::TEXT IS NULL OR tenant = $3) AND ($4::TEXT IS NULL OR pool_id = $4)
+                   AND ($5::TEXT IS NULL OR job_id = $5)
+                   AND ($6::BIGINT IS NULL OR (hour_start_ms, subject, mode) > ($6, $7::TEXT, $8::TEXT))
+                 ORDER BY hour_start_ms, subject, mode LIMIT $9",
+                &[
+                    &q.from_ms, &q.to_ms, &q.tenant, &q.pool, &q.job, &ah, &asub, &amode, &limit,
+                ],
             )
         })
     }

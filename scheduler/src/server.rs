@@ -80,14 +80,22 @@ impl Core {
         }
     }
 
-    /// Sends a ReadLogs to a node; the answer arrives on the receiver.
+    /// Sends a ReadLogs to a node; the answer arrives on the receiver
+    /// (with the request id, for [`Core::cancel_log`]). At most
+    /// `max_pending` reads wait for agents at once.
     pub fn request_log(
         &mut self,
         node_id: &str,
         instance_id: &str,
         offset: u64,
         max_bytes: u32,
-    ) -> Result<oneshot::Receiver<pb::LogChunk>, Status> {
+        max_pending: usize,
+    ) -> Result<(u64, oneshot::Receiver<pb::LogChunk>), Status> {
+        if self.pending_logs.len() >= max_pending {
+            return Err(Status::resource_exhausted(format!(
+                "{max_pending} log reads already wait for agents (`[limits] pending_log_reads`); retry shortly"
+            )));
+        }
         let session = self.sessions.get(node_id).ok_or_else(|| {
             Status::unavailable(format!(
                 "node {node_id} is not connected; its logs cannot be read now"
@@ -110,7 +118,17 @@ impl Core {
             .map_err(|_| Status::unavailable(format!("node {node_id} disconnected")))?;
         self.pending_logs
             .insert(request_id, (node_id.to_string(), tx));
-        Ok(rx)
+        Ok((request_id, rx))
+    }
+
+    /// Forgets a log read whose answer is no longer awaited (timed out).
+    pub fn cancel_log(&mut self, request_id: u64) {
+        self.pending_logs.remove(&request_id);
+    }
+
+    /// Log reads waiting for agents.
+    pub fn pending_log_reads(&self) -> usize {
+        self.pending_logs.len()
     }
 
     /// An answer to a log read, from `node_id`'s session: accepted only
@@ -141,6 +159,33 @@ pub struct Shared {
     /// Set when a replica stops serving to stand by again (not a process
     /// shutdown: systemd is not told STOPPING).
     pub stepping_down: std::sync::atomic::AtomicBool,
+    /// Open log streams per caller (`[limits] log_streams_per_caller`).
+    log_streams: Mutex<HashMap<String, u32>>,
+    /// Reads the ledger without the cluster lock (SQLite: a second
+    /// connection), when the store gives one.
+    ledger_reader: Option<Mutex<Box<dyn crate::store::Store>>>,
+}
+
+/// One open log stream of a caller; closing it (drop) frees the slot.
+pub struct LogStreamSlot {
+    shared: Arc<Shared>,
+    key: String,
+}
+
+impl Drop for LogStreamSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .shared
+            .log_streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -196,6 +241,45 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// True when usage queries read the ledger without the cluster lock.
+    pub fn has_ledger_reader(&self) -> bool {
+        self.ledger_reader.is_some()
+    }
+
+    /// One page of closed ledger rows through the separate reader (or, if
+    /// there is none, under the cluster lock).
+    pub fn read_ledger(
+        &self,
+        q: &crate::store::LedgerQuery,
+    ) -> Result<Vec<crate::domain::billing::LedgerRow>, crate::cluster::ClusterError> {
+        match &self.ledger_reader {
+            Some(reader) => Ok(reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ledger_page(q)?),
+            None => self.with(|core, _| core.cluster.ledger_page(q)),
+        }
+    }
+
+    /// Takes one of the caller's log stream slots, or says the cap is reached.
+    pub fn open_log_stream(self: &Arc<Self>, key: &str) -> Result<LogStreamSlot, Status> {
+        let cap = self.config.limits.log_streams_per_caller;
+        let mut open = self.log_streams.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key.to_string()).or_insert(0);
+        if *n >= cap {
+            return Err(Status::resource_exhausted(format!(
+                "{key} already has {cap} log streams open (`[limits] log_streams_per_caller`); close one first"
+            )));
+        }
+        *n += 1;
+        Ok(LogStreamSlot {
+            shared: self.clone(),
+            key: key.to_string(),
+        })
+    }
+}
+
 /// Milliseconds since the Unix epoch (the only clock the scheduler reads).
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -228,8 +312,16 @@ pub fn open_with(
         default_price: config.billing.default_price,
         frozen_retention_ms: i64::from(config.billing.frozen_retention_hours) * 3_600_000,
         kinds: config.kind_table().map_err(anyhow::Error::msg)?,
+        limits: crate::cluster::JobLimits {
+            max_retries: config.limits.max_retries,
+            retry_backoff_ms: config.limits.retry_backoff_ms,
+            retry_backoff_max_ms: config.limits.retry_backoff_max_ms,
+            finished_job_retention_ms: i64::from(config.limits.finished_job_retention_hours)
+                * 3_600_000,
+        },
     };
     let cluster = Cluster::load(store, settings, now_ms())?;
+    let ledger_reader = cluster.store_reader().map(Mutex::new);
     tracing::info!(
         database = %what,
         nodes = cluster.nodes().count(),
@@ -251,6 +343,8 @@ pub fn open_with(
         config,
         metrics: Metrics::new(),
         stepping_down: Default::default(),
+        log_streams: Default::default(),
+        ledger_reader,
     }))
 }
 
@@ -414,9 +508,11 @@ pub async fn serve(
                         let closed = shared.with(|core, out| {
                             let now = now_ms();
                             core.cluster.tick(now, out);
-                            // Utilization samples reach the store once a minute.
+                            // Utilization samples reach the store once a
+                            // minute; finished jobs past their retention go.
                             if now - flushed >= 60_000 {
                                 core.cluster.flush_samples(flushed, now);
+                                core.cluster.forget_finished_jobs(now);
                                 flushed = now;
                             }
                             core.cluster.close_hours(now)

@@ -20,6 +20,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../migrations/0002_tenants_pools.sql")),
     (3, include_str!("../migrations/0003_billing.sql")),
     (4, include_str!("../migrations/0004_leader.sql")),
+    (5, include_str!("../migrations/0005_ledger_pages.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,9 @@ pub struct Snapshot {
     pub orders: Vec<Order>,
     /// The ledger holds every hour before this (see `Record::LedgerClosed`).
     pub ledger_closed_until_ms: Option<i64>,
+    /// Job sequence numbers below this were given out (jobs may since have
+    /// been forgotten, `Record::ForgetJob`).
+    pub next_job_seq: Option<u64>,
 }
 
 /// One row to write.
@@ -89,6 +93,46 @@ pub enum Record<'a> {
     Ledger(&'a LedgerRow),
     /// Hours before this are in the ledger.
     LedgerClosed(i64),
+    /// A finished job past its retention: its row goes (ledger rows stay).
+    ForgetJob {
+        job_id: &'a str,
+    },
+    /// Job sequence numbers below this were given out.
+    NextJobSeq(u64),
+}
+
+/// One page of closed ledger rows: `from_ms <= hour_start_ms < to_ms`,
+/// matching the filters, after the cursor, in (hour, subject, mode) order.
+#[derive(Debug, Clone, Default)]
+pub struct LedgerQuery {
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub tenant: Option<String>,
+    pub pool: Option<String>,
+    pub job: Option<String>,
+    /// (hour_start_ms, subject, mode) of the last row of the previous page.
+    pub after: Option<(i64, String, String)>,
+    pub limit: usize,
+}
+
+impl LedgerQuery {
+    /// True when `row` belongs to this query (cursor and limit aside).
+    pub fn matches(&self, row: &LedgerRow) -> bool {
+        row.hour_start_ms >= self.from_ms
+            && row.hour_start_ms < self.to_ms
+            && self.tenant.as_deref().is_none_or(|t| t == row.tenant)
+            && self.pool.as_deref().is_none_or(|p| p == row.pool_id)
+            && self.job.as_deref().is_none_or(|j| j == row.job_id)
+    }
+
+    /// The cursor key of a row.
+    pub fn key(row: &LedgerRow) -> (i64, String, String) {
+        (
+            row.hour_start_ms,
+            row.subject.clone(),
+            format!("{:?}", row.mode),
+        )
+    }
 }
 
 /// Durable storage for the scheduler's state.
@@ -96,6 +140,21 @@ pub trait Store: Send {
     fn load(&self) -> Result<Snapshot, StoreError>;
     /// Closed ledger rows with `from_ms <= hour_start_ms < to_ms`.
     fn ledger(&self, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError>;
+    /// One page of closed ledger rows (see [`LedgerQuery`]).
+    fn ledger_page(&self, q: &LedgerQuery) -> Result<Vec<LedgerRow>, StoreError> {
+        Ok(self
+            .ledger(q.from_ms, q.to_ms)?
+            .into_iter()
+            .filter(|r| q.matches(r))
+            .filter(|r| q.after.as_ref().is_none_or(|a| LedgerQuery::key(r) > *a))
+            .take(q.limit)
+            .collect())
+    }
+    /// A second handle that reads the ledger without the writer's lock (and
+    /// so without the cluster's), where the store can give one.
+    fn reader(&self) -> Option<Box<dyn Store>> {
+        None
+    }
     /// Writes all records in one transaction: all or none.
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError>;
 
@@ -110,6 +169,7 @@ pub trait Store: Send {
 /// The embedded store.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    path: PathBuf,
 }
 
 impl SqliteStore {
@@ -131,8 +191,46 @@ impl SqliteStore {
         migrate(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            path: path.to_path_buf(),
         })
     }
+
+    /// A read-only connection to the same file (WAL lets it read while the
+    /// writer writes).
+    pub fn open_reader(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+/// Decodes `(id, json)` ledger rows.
+fn ledger_rows(cursor: &mut rusqlite::Rows<'_>) -> Result<Vec<LedgerRow>, StoreError> {
+    let mut out = Vec::new();
+    while let Some(row) = cursor.next()? {
+        let id: String = row.get(0)?;
+        let data: String = row.get(1)?;
+        out.push(
+            serde_json::from_str(&data).map_err(|source| StoreError::Corrupt {
+                table: "ledger",
+                id,
+                source,
+            })?,
+        );
+    }
+    Ok(out)
 }
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
@@ -236,6 +334,14 @@ impl Store for SqliteStore {
                 )
                 .optional()?
                 .and_then(|v| v.parse().ok()),
+            next_job_seq: conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'next_job_seq'",
+                    [],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?
+                .and_then(|v| v.parse().ok()),
         })
     }
 
@@ -245,20 +351,46 @@ impl Store for SqliteStore {
             "SELECT subject, data FROM ledger WHERE hour_start_ms >= ?1 AND hour_start_ms < ?2
              ORDER BY hour_start_ms, subject, mode",
         )?;
-        let mut out = Vec::new();
         let mut cursor = stmt.query(params![from_ms, to_ms])?;
-        while let Some(row) = cursor.next()? {
-            let id: String = row.get(0)?;
-            let data: String = row.get(1)?;
-            out.push(
-                serde_json::from_str(&data).map_err(|source| StoreError::Corrupt {
-                    table: "ledger",
-                    id,
-                    source,
-                })?,
-            );
+        ledger_rows(&mut cursor)
+    }
+
+    fn ledger_page(&self, q: &LedgerQuery) -> Result<Vec<LedgerRow>, StoreError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached(
+            "SELECT subject, data FROM ledger
+             WHERE hour_start_ms >= ?1 AND hour_start_ms < ?2
+               AND (?3 IS NULL OR tenant = ?3) AND (?4 IS NULL OR pool_id = ?4)
+               AND (?5 IS NULL OR job_id = ?5)
+               AND (?6 IS NULL OR (hour_start_ms, subject, mode) > (?6, ?7, ?8))
+             ORDER BY hour_start_ms, subject, mode LIMIT ?9",
+        )?;
+        let (ah, asub, amode) = match &q.after {
+            Some((h, s, m)) => (Some(*h), Some(s.as_str()), Some(m.as_str())),
+            None => (None, None, None),
+        };
+        let mut cursor = stmt.query(params![
+            q.from_ms,
+            q.to_ms,
+            q.tenant,
+            q.pool,
+            q.job,
+            ah,
+            asub,
+            amode,
+            q.limit.min(i64::MAX as usize) as i64
+        ])?;
+        ledger_rows(&mut cursor)
+    }
+
+    fn reader(&self) -> Option<Box<dyn Store>> {
+        match Self::open_reader(&self.path) {
+            Ok(r) => Some(Box::new(r)),
+            Err(err) => {
+                tracing::warn!(error = %err, "no separate ledger reader; usage queries read under the cluster lock");
+                None
+            }
         }
-        Ok(out)
     }
 
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
@@ -336,6 +468,16 @@ impl Store for SqliteStore {
                     tx.execute(
                         "INSERT INTO tokens (token_sha256, tenant, created_at_ms) VALUES (?1, ?2, ?3)",
                         params![sha256, tenant, now_ms],
+                    )?;
+                }
+                Record::ForgetJob { job_id } => {
+                    tx.execute("DELETE FROM jobs WHERE job_id = ?1", params![job_id])?;
+                }
+                Record::NextJobSeq(seq) => {
+                    tx.execute(
+                        "INSERT INTO meta (key, value) VALUES ('next_job_seq', ?1)
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        params![seq.to_string()],
                     )?;
                 }
                 Record::RevokeToken { sha256 } => {

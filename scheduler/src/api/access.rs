@@ -123,16 +123,12 @@ pub fn check(
             caller
         }
     };
-    let key = if caller.admin {
-        "(admin)"
-    } else {
-        &caller.tenant
-    };
+    let key = caller.rate_key();
     let allowed = shared
         .limiter
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .allow(key, std::time::Instant::now());
+        .allow(&key, std::time::Instant::now());
     allowed.map(|()| None).map_err(|wait| {
         shared.metrics.requests_limited.inc();
         tonic::Status::resource_exhausted(format!(

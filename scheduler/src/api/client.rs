@@ -72,21 +72,28 @@ impl pb::job_service_server::JobService for Api {
                     .ok_or_else(|| Status::invalid_argument(format!("unknown job state {s}")))?,
             );
         }
-        let jobs = self.shared.with(|core, _| {
+        let size = super::page_size(req.page_size, self.shared.config.limits.max_page_size);
+        let (jobs, next_page_token) = self.shared.with(|core, _| {
             let pool = match req.pool.as_str() {
                 "" => None,
                 key => Some(pool_id_of(&core.cluster, &caller, key)?),
             };
-            Ok::<_, Status>(
+            let (page, next) = super::take_page(
                 core.cluster
-                    .visible_jobs(&caller)
+                    .jobs_after(&req.page_token)
+                    .filter(|j| caller.may_access(&j.tenant))
                     .filter(|j| pool.as_ref().is_none_or(|p| j.pool_id == *p))
                     .filter(|j| states.is_empty() || states.contains(&j.state))
-                    .map(job_to_pb)
-                    .collect(),
-            )
+                    .map(|j| (j.job_id.as_str(), j)),
+                &req.page_token,
+                size,
+            );
+            Ok::<_, Status>((page.into_iter().map(job_to_pb).collect(), next))
         })?;
-        Ok(Response::new(pb::ListJobsResponse { jobs }))
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs,
+            next_page_token,
+        }))
     }
 
     async fn cancel_job(
@@ -154,21 +161,28 @@ impl pb::job_service_server::JobService for Api {
                 .map(|(_, i)| (i.node_id.clone(), i.instance_id.clone()))
                 .map_err(status)
         })?;
+        let slot = self.shared.open_log_stream(&caller.rate_key())?;
         let shared = self.shared.clone();
+        let max_pending = shared.config.limits.pending_log_reads as usize;
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tokio::spawn(async move {
+            let _slot = slot;
             let mut offset = req.offset;
             loop {
+                if tx.is_closed() {
+                    // The caller went away.
+                    return;
+                }
                 let done = shared.with(|core, _| {
                     core.cluster
                         .instance(&caller, &req.job_id, req.instance)
                         .map(|(_, i)| i.state.is_terminal())
                         .unwrap_or(true)
                 });
-                let rx = match shared
-                    .with(|core, _| core.request_log(&node_id, &instance_id, offset, LOG_CHUNK))
-                {
-                    Ok(rx) => rx,
+                let (request_id, rx) = match shared.with(|core, _| {
+                    core.request_log(&node_id, &instance_id, offset, LOG_CHUNK, max_pending)
+                }) {
+                    Ok(r) => r,
                     Err(s) => {
                         let _ = tx.send(Err(s)).await;
                         return;
@@ -185,6 +199,7 @@ impl pb::job_service_server::JobService for Api {
                         return;
                     }
                     Err(_) => {
+                        shared.with(|core, _| core.cancel_log(request_id));
                         let _ = tx
                             .send(Err(Status::deadline_exceeded(format!(
                                 "node {node_id} did not answer"
@@ -228,23 +243,34 @@ impl pb::node_service_server::NodeService for Api {
         req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let caller = caller(&self.shared, req.metadata())?;
-        let pool = req.into_inner().pool;
-        let nodes = self.shared.with(|core, _| {
-            let pool = match pool.as_str() {
+        let req = req.into_inner();
+        let size = super::page_size(req.page_size, self.shared.config.limits.max_page_size);
+        let (nodes, next_page_token) = self.shared.with(|core, _| {
+            let pool = match req.pool.as_str() {
                 "" => None,
                 key => Some(pool_id_of(&core.cluster, &caller, key)?),
             };
-            let usage = visible_usage(&core.cluster, &caller);
-            Ok::<_, Status>(
+            let (page, next) = super::take_page(
                 core.cluster
                     .nodes()
                     .filter(|n| core.cluster.node_visible(&caller, n))
                     .filter(|n| pool.as_ref().is_none_or(|p| n.pool == *p))
+                    .map(|n| (n.node_id.as_str(), n)),
+                &req.page_token,
+                size,
+            );
+            let usage = visible_usage(&core.cluster, &caller);
+            Ok::<_, Status>((
+                page.into_iter()
                     .map(|n| node_to_pb(n, usage.get(&n.node_id)))
                     .collect(),
-            )
+                next,
+            ))
         })?;
-        Ok(Response::new(pb::ListNodesResponse { nodes }))
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes,
+            next_page_token,
+        }))
     }
 
     async fn get_node(

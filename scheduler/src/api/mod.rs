@@ -12,6 +12,34 @@ pub mod usage;
 #[cfg(test)]
 mod commit_tests;
 
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    #[test]
+    fn pages_cover_every_item_once_in_order() {
+        let items: Vec<String> = (0..10).map(|i| format!("k{i:02}")).collect();
+        let mut token = String::new();
+        let mut seen = Vec::new();
+        loop {
+            let (page, next) = take_page(items.iter().map(|k| (k.clone(), k.clone())), &token, 3);
+            assert!(page.len() <= 3);
+            seen.extend(page);
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        assert_eq!(seen, items);
+        // An exact fit ends with an empty token, not an empty page.
+        let (page, next) = take_page(items.iter().map(|k| (k.clone(), 0)), "", 10);
+        assert_eq!((page.len(), next.as_str()), (10, ""));
+        assert_eq!(page_size(0, 1000), 1000);
+        assert_eq!(page_size(5_000, 1000), 1000);
+        assert_eq!(page_size(7, 1000), 7);
+    }
+}
+
 use gpupool_proto::timestamp_from_unix_ms as ts;
 use gpupool_proto::v1 as pb;
 use tonic::Status;
@@ -24,6 +52,42 @@ use crate::domain::{self, InstanceState, JobKind, JobState, NodeStatus, job::Raw
 /// Another tenant's pool, job or node is reported as `NOT_FOUND` (never
 /// `PERMISSION_DENIED`), so existence does not leak; `PERMISSION_DENIED` is
 /// for admin-only calls made by a tenant.
+/// The page size a list request gets: its own, at most `max` (0: `max`).
+pub fn page_size(asked: u32, max: u32) -> usize {
+    let max = max.max(1);
+    (if asked == 0 { max } else { asked.min(max) }) as usize
+}
+
+/// One page of `items` (ascending by key): those whose key comes after
+/// `token` (all for an empty token), at most `size`, and the token of the
+/// next page (the last key taken), empty when nothing is left.
+pub fn take_page<K: AsRef<str>, T>(
+    items: impl Iterator<Item = (K, T)>,
+    token: &str,
+    size: usize,
+) -> (Vec<T>, String) {
+    let mut items = items
+        .filter(|(k, _)| token.is_empty() || k.as_ref() > token)
+        .peekable();
+    let mut page = Vec::new();
+    let mut last = String::new();
+    while page.len() < size {
+        match items.next() {
+            Some((k, v)) => {
+                last = k.as_ref().to_string();
+                page.push(v);
+            }
+            None => return (page, String::new()),
+        }
+    }
+    let next = if items.peek().is_some() {
+        last
+    } else {
+        String::new()
+    };
+    (page, next)
+}
+
 impl From<ClusterError> for Status {
     fn from(err: ClusterError) -> Self {
         status(err)

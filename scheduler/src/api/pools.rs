@@ -204,17 +204,32 @@ impl pb::pool_service_server::PoolService for Api {
         req: Request<pb::ListPoolsRequest>,
     ) -> Result<Response<pb::ListPoolsResponse>, Status> {
         let caller = caller(&self.shared, req.metadata())?;
-        let include_deleted = req.into_inner().include_deleted;
-        let pools = self.shared.with(|core, _| {
+        let req = req.into_inner();
+        let size = super::page_size(req.page_size, self.shared.config.limits.max_page_size);
+        let (pools, next_page_token) = self.shared.with(|core, _| {
             let c = &core.cluster;
-            std::iter::once(public_pool(c))
-                .chain(
-                    c.visible_pools(&caller, include_deleted)
-                        .map(|p| pool_to_pb(p, c)),
-                )
-                .collect()
+            // The public pool first ("!" sorts before every pool id).
+            let mut all: Vec<(String, Option<&crate::domain::pool::Pool>)> =
+                vec![("!public".to_string(), None)];
+            all.extend(
+                c.visible_pools(&caller, req.include_deleted)
+                    .map(|p| (p.pool_id.clone(), Some(p))),
+            );
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            let (page, next) = super::take_page(all.into_iter(), &req.page_token, size);
+            let pools = page
+                .into_iter()
+                .map(|p| match p {
+                    None => public_pool(c),
+                    Some(p) => pool_to_pb(p, c),
+                })
+                .collect();
+            (pools, next)
         });
-        Ok(Response::new(pb::ListPoolsResponse { pools }))
+        Ok(Response::new(pb::ListPoolsResponse {
+            pools,
+            next_page_token,
+        }))
     }
 
     async fn get_pool(
@@ -463,15 +478,21 @@ impl pb::tenant_service_server::TenantService for Api {
         req: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
         let caller = caller(&self.shared, req.metadata())?;
+        let req = req.into_inner();
+        let size = super::page_size(req.page_size, self.shared.config.limits.max_page_size);
         self.shared
             .with(|core, _| {
                 let c = &core.cluster;
-                Ok(pb::ListTenantsResponse {
-                    tenants: c
-                        .tenants(&caller)?
+                let (page, next_page_token) = super::take_page(
+                    c.tenants(&caller)?
                         .into_iter()
-                        .map(|t| tenant_to_pb(t, c))
-                        .collect(),
+                        .map(|t| (t.name.as_str(), t)),
+                    &req.page_token,
+                    size,
+                );
+                Ok(pb::ListTenantsResponse {
+                    tenants: page.into_iter().map(|t| tenant_to_pb(t, c)).collect(),
+                    next_page_token,
                 })
             })
             .map(Response::new)

@@ -11,10 +11,11 @@ use super::client::Api;
 use super::status;
 use crate::cluster::{Cluster, PoolRef};
 use crate::domain::PUBLIC_POOL;
-use crate::domain::billing::{self, LedgerRow, Order, OrderKind};
+use crate::domain::billing::{self, LedgerRow, Order, OrderKind, hour_floor};
 use crate::domain::pool::BillingMode;
 use crate::domain::tenant::Caller;
 use crate::server::now_ms;
+use crate::store::LedgerQuery;
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -63,6 +64,45 @@ fn pool_scope(cluster: &Cluster, caller: &Caller, key: &str) -> Result<Option<St
             PoolRef::Dedicated(p) => p.pool_id.clone(),
         },
     ))
+}
+
+/// The ledger rows one page of a usage query reads.
+fn ledger_query(
+    tenant: &Option<String>,
+    pool: &Option<String>,
+    job: &str,
+    from: i64,
+    to: i64,
+    after: Option<(i64, String, String)>,
+    limit: usize,
+) -> LedgerQuery {
+    LedgerQuery {
+        from_ms: hour_floor(from),
+        to_ms: to,
+        tenant: tenant.clone(),
+        pool: pool.clone(),
+        job: (!job.is_empty()).then(|| job.to_string()),
+        after,
+        limit,
+    }
+}
+
+/// The token of the page after `row`: its hour, mode and subject.
+fn usage_token(row: &LedgerRow) -> String {
+    let (hour, subject, mode) = LedgerQuery::key(row);
+    format!("{hour}/{mode}/{subject}")
+}
+
+fn parse_usage_token(token: &str) -> Result<Option<(i64, String, String)>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Status::invalid_argument("page_token is not one this scheduler gave out");
+    let mut parts = token.splitn(3, '/');
+    let hour = parts.next().and_then(|h| h.parse().ok()).ok_or_else(bad)?;
+    let mode = parts.next().ok_or_else(bad)?.to_string();
+    let subject = parts.next().ok_or_else(bad)?.to_string();
+    Ok(Some((hour, subject, mode)))
 }
 
 /// Period start and label of a time for a rollup.
@@ -154,21 +194,65 @@ impl pb::usage_service_server::UsageService for Api {
         if from > to {
             return Err(Status::invalid_argument("`from` is after `to`"));
         }
-        let (rows, orders) = self.shared.with(|core, _| {
+        let limit = super::page_size(req.page_size, self.shared.config.limits.max_page_size);
+        let after = parse_usage_token(&req.page_token)?;
+        // The closed hours come from the ledger a page at a time, read
+        // without the cluster lock where the store has a second handle.
+        let (pool, closed, rows_under_lock) = self.shared.with(|core, _| {
             let c = &core.cluster;
             let pool = pool_scope(c, &caller, &req.pool)?;
-            let keep = |t: &str, p: &str| {
-                tenant.as_deref().is_none_or(|x| x == t) && pool.as_deref().is_none_or(|x| x == p)
+            let closed = c.ledger_closed_until();
+            let query = ledger_query(
+                &tenant,
+                &pool,
+                &req.job,
+                from,
+                to.min(closed),
+                after.clone(),
+                limit,
+            );
+            let rows = match self.shared.has_ledger_reader() {
+                true => None,
+                false => Some(c.ledger_page(&query).map_err(status)?),
             };
-            let rows: Vec<LedgerRow> = c
-                .usage_rows(from, to)
-                .map_err(status)?
-                .into_iter()
-                .filter(|r| {
-                    keep(&r.tenant, &r.pool_id) && (req.job.is_empty() || r.job_id == req.job)
-                })
-                .collect();
-            let orders: Vec<Order> = if req.job.is_empty() {
+            Ok::<_, Status>((pool, closed, rows))
+        })?;
+        let mut rows = match rows_under_lock {
+            Some(rows) => rows,
+            None => {
+                let query =
+                    ledger_query(&tenant, &pool, &req.job, from, to.min(closed), after, limit);
+                self.shared.read_ledger(&query).map_err(status)?
+            }
+        };
+        if rows.len() == limit {
+            // A full page of closed hours: the rest, open hours and orders
+            // come with later pages.
+            let next = rows.last().map(usage_token).unwrap_or_default();
+            let records = roll_up(rows, by);
+            let total_micros = records.iter().map(|r| r.amount_micros).sum();
+            return Ok(Response::new(pb::ListUsageResponse {
+                records,
+                total_micros,
+                next_page_token: next,
+            }));
+        }
+        let keep = |t: &str, p: &str| {
+            tenant.as_deref().is_none_or(|x| x == t) && pool.as_deref().is_none_or(|x| x == p)
+        };
+        let orders = self.shared.with(|core, _| {
+            let c = &core.cluster;
+            if to > closed {
+                rows.extend(
+                    c.live_usage(hour_floor(from).max(closed), to)
+                        .into_iter()
+                        .filter(|r| {
+                            keep(&r.tenant, &r.pool_id)
+                                && (req.job.is_empty() || r.job_id == req.job)
+                        }),
+                );
+            }
+            if req.job.is_empty() {
                 c.orders(&caller)
                     .filter(|o| {
                         keep(&o.tenant, &o.pool_id)
@@ -176,12 +260,11 @@ impl pb::usage_service_server::UsageService for Api {
                             && o.created_at_ms < to.max(from + 1)
                     })
                     .cloned()
-                    .collect()
+                    .collect::<Vec<Order>>()
             } else {
                 Vec::new()
-            };
-            Ok::<_, Status>((rows, orders))
-        })?;
+            }
+        });
         let mut records = roll_up(rows, by);
         for o in &orders {
             records.push(pb::UsageRecord {
@@ -208,6 +291,7 @@ impl pb::usage_service_server::UsageService for Api {
         Ok(Response::new(pb::ListUsageResponse {
             records,
             total_micros,
+            next_page_token: String::new(),
         }))
     }
 
@@ -218,20 +302,27 @@ impl pb::usage_service_server::UsageService for Api {
         let caller = caller(&self.shared, req.metadata())?;
         let req = req.into_inner();
         let tenant = tenant_scope(&caller, &req.tenant)?;
-        let orders = self.shared.with(|core, _| {
+        let size = super::page_size(req.page_size, self.shared.config.limits.max_page_size);
+        let (orders, next_page_token) = self.shared.with(|core, _| {
             let c = &core.cluster;
             let pool = pool_scope(c, &caller, &req.pool)?;
-            Ok::<_, Status>(
+            // Orders are kept in creation order; their seq is the key.
+            let (page, next) = super::take_page(
                 c.orders(&caller)
                     .filter(|o| {
                         tenant.as_deref().is_none_or(|t| t == o.tenant)
                             && pool.as_deref().is_none_or(|p| p == o.pool_id)
                     })
-                    .map(order_to_pb)
-                    .collect(),
-            )
+                    .map(|o| (format!("{:020}", o.seq), o)),
+                &req.page_token,
+                size,
+            );
+            Ok::<_, Status>((page.into_iter().map(order_to_pb).collect(), next))
         })?;
-        Ok(Response::new(pb::ListOrdersResponse { orders }))
+        Ok(Response::new(pb::ListOrdersResponse {
+            orders,
+            next_page_token,
+        }))
     }
 
     async fn get_bill(
@@ -250,10 +341,13 @@ impl pb::usage_service_server::UsageService for Api {
         let start = billing::month_start(&month)
             .ok_or_else(|| Status::invalid_argument(format!("month {month:?} is not YYYY-MM")))?;
         let end = billing::add_months(start, 1).min(now);
-        let (rows, orders, currency) = self.shared.with(|core, _| {
+        let (mut rows, orders, currency, closed) = self.shared.with(|core, _| {
             let c = &core.cluster;
-            let rows = if start < end {
-                c.usage_rows(start, end).map_err(status)?
+            let closed = c.ledger_closed_until();
+            // The open hours from memory; the closed ones below, from the
+            // ledger without the cluster lock.
+            let rows = if end > closed {
+                c.live_usage(start.max(closed), end)
             } else {
                 Vec::new()
             };
@@ -266,8 +360,22 @@ impl pb::usage_service_server::UsageService for Api {
                 })
                 .cloned()
                 .collect();
-            Ok::<_, Status>((rows, orders, c.currency().to_string()))
+            Ok::<_, Status>((rows, orders, c.currency().to_string(), closed))
         })?;
+        if start < end.min(closed) {
+            let query = ledger_query(
+                &Some(tenant.clone()),
+                &None,
+                "",
+                start,
+                end.min(closed),
+                None,
+                usize::MAX,
+            );
+            let mut closed_rows = self.shared.read_ledger(&query).map_err(status)?;
+            closed_rows.append(&mut rows);
+            rows = closed_rows;
+        }
         let mut lines: BTreeMap<(String, String, String, i32), (i64, i64)> = BTreeMap::new();
         for r in rows.iter().filter(|r| r.tenant == tenant) {
             let e = lines

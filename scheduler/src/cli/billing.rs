@@ -107,12 +107,21 @@ pub(super) async fn usage_command(
     args: UsageArgs,
 ) -> Result<(), CliError> {
     let csv = args.csv;
-    let r = conn
-        .usage()
-        .await?
-        .list_usage(usage_request(args))
-        .await?
-        .into_inner();
+    let mut usage = conn.usage().await?;
+    let mut req = usage_request(args);
+    let mut r = pb::ListUsageResponse::default();
+    loop {
+        let page = usage.list_usage(req.clone()).await?.into_inner();
+        merge_usage_page(&mut r, page.records);
+        r.total_micros += page.total_micros;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        req.page_token = page.next_page_token;
+    }
+    for (i, rec) in r.records.iter_mut().enumerate() {
+        rec.record_id = i as u64 + 1;
+    }
     if csv {
         return emit_bytes(usage_csv(&r.records).as_bytes());
     }
@@ -125,16 +134,25 @@ pub(super) async fn order_command(
     command: OrderCommand,
 ) -> Result<(), CliError> {
     let OrderCommand::List { tenant, pool } = command;
-    let orders = conn
-        .usage()
-        .await?
-        .list_orders(pb::ListOrdersRequest {
-            tenant: opt(tenant),
-            pool: opt(pool),
-        })
-        .await?
-        .into_inner()
-        .orders;
+    let mut usage = conn.usage().await?;
+    let mut orders = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = usage
+            .list_orders(pb::ListOrdersRequest {
+                tenant: opt(tenant.clone()),
+                pool: opt(pool.clone()),
+                page_size: 0,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        orders.extend(page.orders);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
     emit(out, || order_table(&orders), || json::orders(&orders))
 }
 
@@ -160,6 +178,51 @@ fn usage_request(a: UsageArgs) -> pb::ListUsageRequest {
         to: a.to,
         job: opt(a.job),
         by: a.by.proto() as i32,
+        page_size: 0,
+        page_token: String::new(),
+    }
+}
+
+/// Adds one page's records: a rolled-up usage record that continues one of
+/// the previous page (same period, subject and mode) is added to it.
+fn merge_usage_page(into: &mut pb::ListUsageResponse, records: Vec<pb::UsageRecord>) {
+    type Key = (String, String, String, String, String, i32, String);
+    let key = |r: &pb::UsageRecord| -> Key {
+        (
+            r.period.clone(),
+            r.tenant.clone(),
+            r.pool_id.clone(),
+            r.job_id.clone(),
+            r.instance_id.clone(),
+            r.billing_mode,
+            r.entry_kind.clone(),
+        )
+    };
+    let mut at: std::collections::HashMap<Key, usize> = into
+        .records
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.entry_kind == "usage")
+        .map(|(i, r)| (key(r), i))
+        .collect();
+    for r in records {
+        if r.entry_kind == "usage"
+            && let Some(&i) = at.get(&key(&r))
+        {
+            let acc = &mut into.records[i];
+            acc.unit_ms += r.unit_ms;
+            acc.seconds = crate::domain::billing::round_div(i128::from(acc.unit_ms), 1000)
+                .clamp(0, i64::from(u32::MAX)) as u32;
+            acc.amount_micros += r.amount_micros;
+            acc.gpu_allocated_ms += r.gpu_allocated_ms;
+            acc.gpu_used_ms += r.gpu_used_ms;
+            acc.quantity = acc.quantity.max(r.quantity);
+            continue;
+        }
+        if r.entry_kind == "usage" {
+            at.insert(key(&r), into.records.len());
+        }
+        into.records.push(r);
     }
 }
 
@@ -464,6 +527,7 @@ mod tests {
                 },
             ],
             total_micros: -10_000_000,
+            next_page_token: String::new(),
         };
         let text = usage_table(&r);
         let lines: Vec<&str> = text.lines().collect();

@@ -605,6 +605,7 @@ mod tests {
                 gpu_used_ms: 45_200,
             }],
             total_micros: 50_000,
+            next_page_token: String::new(),
         };
         let v = usage(&r);
         assert_eq!(keys(&v), ["records", "total_micros"]);

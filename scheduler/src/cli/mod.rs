@@ -967,6 +967,30 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 
 // --- nodes -----------------------------------------------------------------
 
+/// Every node (of `pool`, or all), page after page.
+async fn all_nodes(
+    nodes: &mut NodeServiceClient<Svc>,
+    pool: String,
+) -> Result<Vec<pb::Node>, CliError> {
+    let mut list = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = nodes
+            .list_nodes(pb::ListNodesRequest {
+                pool: pool.clone(),
+                page_size: 0,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        list.extend(page.nodes);
+        if page.next_page_token.is_empty() {
+            return Ok(list);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 async fn node_command(
     conn: &Conn,
     out: OutputFormat,
@@ -976,11 +1000,7 @@ async fn node_command(
     let now = now_ms();
     match command {
         NodeCommand::List { pool } => {
-            let list = nodes
-                .list_nodes(pb::ListNodesRequest { pool: opt(pool) })
-                .await?
-                .into_inner()
-                .nodes;
+            let list = all_nodes(&mut nodes, opt(pool)).await?;
             emit(out, || node_table(&list), || json::nodes(&list))
         }
         NodeCommand::Get { node_id } => {
@@ -1185,15 +1205,24 @@ async fn pool_command(
     let now = now_ms();
     match command {
         PoolCommand::List { all } => {
-            let list = conn
-                .pools()
-                .await?
-                .list_pools(pb::ListPoolsRequest {
-                    include_deleted: all,
-                })
-                .await?
-                .into_inner()
-                .pools;
+            let mut pools = conn.pools().await?;
+            let mut list = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = pools
+                    .list_pools(pb::ListPoolsRequest {
+                        include_deleted: all,
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                list.extend(page.pools);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             emit(out, || pool_table(&list), || json::pools(&list))
         }
         PoolCommand::Get { pool } => {
@@ -1212,13 +1241,7 @@ async fn pool_command(
                 .get_pool(pb::GetPoolRequest { pool })
                 .await?
                 .into_inner();
-            let list = conn
-                .nodes()
-                .await?
-                .list_nodes(pb::ListNodesRequest { pool: p.pool_id })
-                .await?
-                .into_inner()
-                .nodes;
+            let list = all_nodes(&mut conn.nodes().await?, p.pool_id).await?;
             emit(out, || node_table(&list), || json::nodes(&list))
         }
         PoolCommand::Create(a) => {
@@ -1689,16 +1712,27 @@ async fn job_command(conn: &Conn, out: OutputFormat, command: JobCommand) -> Res
             )
         }
         JobCommand::List { pool, states } => {
-            let list = conn
-                .jobs()
-                .await?
-                .list_jobs(pb::ListJobsRequest {
-                    pool: opt(pool),
-                    states: states.into_iter().map(|s| s.proto() as i32).collect(),
-                })
-                .await?
-                .into_inner()
-                .jobs;
+            let mut jobs = conn.jobs().await?;
+            let states: Vec<i32> = states.into_iter().map(|s| s.proto() as i32).collect();
+            let pool = opt(pool);
+            let mut list = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = jobs
+                    .list_jobs(pb::ListJobsRequest {
+                        pool: pool.clone(),
+                        states: states.clone(),
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                list.extend(page.jobs);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             emit(out, || job_table(&list, now), || json::jobs(&list))
         }
         JobCommand::Get { job_id } => {

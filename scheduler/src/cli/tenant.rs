@@ -71,11 +71,22 @@ pub(super) async fn tenant_command(
             emit_tenant(out, &t)
         }
         TenantCommand::List => {
-            let list = tenants
-                .list_tenants(pb::ListTenantsRequest {})
-                .await?
-                .into_inner()
-                .tenants;
+            let mut list = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = tenants
+                    .list_tenants(pb::ListTenantsRequest {
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                list.extend(page.tenants);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             emit(out, || tenant_table(&list), || json::tenants(&list))
         }
         TenantCommand::Get { name } => {

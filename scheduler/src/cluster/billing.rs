@@ -185,6 +185,24 @@ impl Cluster {
         rows
     }
 
+    /// Hours before this are in the ledger.
+    pub fn ledger_closed_until(&self) -> i64 {
+        self.ledger_closed_until_ms
+    }
+
+    /// One page of closed ledger rows, read through the cluster's store.
+    pub fn ledger_page(
+        &self,
+        q: &crate::store::LedgerQuery,
+    ) -> Result<Vec<LedgerRow>, ClusterError> {
+        Ok(self.store.ledger_page(q)?)
+    }
+
+    /// A second handle on the store for reading the ledger, if it has one.
+    pub fn store_reader(&self) -> Option<Box<dyn crate::store::Store>> {
+        self.store.reader()
+    }
+
     /// Rows for hours in `[from_ms, to_ms)`: closed hours from the ledger,
     /// the rest (the current hour) computed live.
     pub fn usage_rows(&self, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, ClusterError> {

@@ -84,8 +84,46 @@ pub struct ReportedInstance {
     pub idle_ms: Option<u64>,
 }
 
+/// Bounds on what one job may cost the scheduler (`[limits]`).
+#[derive(Debug, Clone)]
+pub struct JobLimits {
+    /// Most `max_retries` a job may ask.
+    pub max_retries: u32,
+    /// Wait before the first retry of a failed run; doubled per retry.
+    pub retry_backoff_ms: u64,
+    /// The longest wait between retries.
+    pub retry_backoff_max_ms: u64,
+    /// Finished jobs are forgotten this long after they ended (0: never).
+    pub finished_job_retention_ms: i64,
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        Self {
+            max_retries: 10,
+            retry_backoff_ms: 1_000,
+            retry_backoff_max_ms: 300_000,
+            finished_job_retention_ms: 30 * 24 * 3_600_000,
+        }
+    }
+}
+
+impl JobLimits {
+    /// The wait before retry number `retry` (1 = the first).
+    pub fn backoff_ms(&self, retry: u32) -> i64 {
+        let doublings = retry.saturating_sub(1).min(32);
+        let wait = self
+            .retry_backoff_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.retry_backoff_max_ms);
+        wait.min(i64::MAX as u64) as i64
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Retries, their backoff, retention of finished jobs.
+    pub limits: JobLimits,
     /// A node without a heartbeat for this long is NotReady.
     pub node_grace_ms: i64,
     /// SIGTERM -> SIGKILL grace when stopping instances.
@@ -225,6 +263,7 @@ impl Cluster {
             }
             cluster.nodes.insert(node.node_id.clone(), node);
         }
+        cluster.next_seq = cluster.next_seq.max(snapshot.next_job_seq.unwrap_or(1));
         for job in snapshot.jobs {
             cluster.next_seq = cluster.next_seq.max(job.seq + 1);
             for inst in &job.instances {
@@ -312,6 +351,17 @@ impl Cluster {
                 what: "job",
                 id: job_id.to_string(),
             })
+    }
+
+    /// Jobs in id order after `after` (all for an empty one).
+    pub fn jobs_after<'a>(&'a self, after: &str) -> impl Iterator<Item = &'a Job> + 'a {
+        use std::ops::Bound;
+        let start = if after.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(after.to_string())
+        };
+        self.jobs.range((start, Bound::Unbounded)).map(|(_, j)| j)
     }
 
     /// Jobs the caller may see.
@@ -792,6 +842,7 @@ impl Cluster {
         };
         if job.spec.kind.has_replicas() {
             self.settle_replicas(job_id, now_ms, out);
+            self.prune_instances(job_id);
             return false;
         }
         if job.stop_cause.is_some() || !matches!(job.state, JobState::Failed | JobState::Lost) {
@@ -814,12 +865,115 @@ impl Cluster {
         job.finished_at_ms = None;
         // The maximum run time counts per run.
         job.started_at_ms = None;
+        let wait = self.settings.limits.backoff_ms(job.retries);
+        job.not_before_ms = now_ms.saturating_add(wait);
         job.reason = format!(
-            "requeued (retry {} of {}) after: {why}",
-            job.retries, job.spec.max_retries
+            "requeued (retry {} of {}, not before {} ms from the failure) after: {why}",
+            job.retries, job.spec.max_retries, wait
         );
-        tracing::info!(job = %job_id, retry = job.retries, %why, "job requeued");
+        tracing::info!(job = %job_id, retry = job.retries, wait_ms = wait, %why, "job requeued");
+        self.prune_instances(job_id);
         true
+    }
+
+    /// Most finished jobs forgotten in one pass (one transaction).
+    const FORGET_BATCH: usize = 1_000;
+
+    /// Forgets finished jobs that ended more than the retention ago
+    /// (`[limits] finished_job_retention_hours`) and whose hours are all in
+    /// the ledger: their rows go, their ledger rows stay. Job ids are never
+    /// given out again. Returns how many went.
+    pub fn forget_finished_jobs(&mut self, now_ms: i64) -> usize {
+        let retention = self.settings.limits.finished_job_retention_ms;
+        if retention <= 0 {
+            return 0;
+        }
+        let closed = self.ledger_closed_until_ms;
+        let before = now_ms.saturating_sub(retention);
+        let gone: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|j| {
+                j.state.is_terminal()
+                    && j.finished_at_ms.is_some_and(|f| f < before)
+                    && j.instances.iter().all(|i| {
+                        i.state.is_terminal() && i.finished_at_ms.is_none_or(|f| f < closed)
+                    })
+            })
+            .take(Self::FORGET_BATCH)
+            .map(|j| j.job_id.clone())
+            .collect();
+        if gone.is_empty() {
+            return 0;
+        }
+        let mut records: Vec<Record<'_>> = gone
+            .iter()
+            .map(|id| Record::ForgetJob { job_id: id })
+            .collect();
+        records.push(Record::NextJobSeq(self.next_seq));
+        if let Err(err) = self.store.write(&records, now_ms) {
+            tracing::error!(error = %err, "cannot forget finished jobs; will retry");
+            return 0;
+        }
+        for id in &gone {
+            if let Some(job) = self.jobs.remove(id) {
+                for inst in &job.instances {
+                    self.instance_job.remove(&inst.instance_id);
+                }
+            }
+        }
+        for on_node in self.jobs_on_node.values_mut() {
+            on_node.retain(|id| self.jobs.contains_key(id));
+        }
+        tracing::info!(
+            jobs = gone.len(),
+            "forgot finished jobs past their retention"
+        );
+        gone.len()
+    }
+
+    /// Most ended instances of earlier runs (or replaced replicas) a job
+    /// keeps; older ones whose hours are all in the ledger are dropped and
+    /// counted in `pruned_instances`.
+    pub const KEPT_ENDED_INSTANCES: usize = 32;
+
+    /// Drops the oldest ended instances of earlier runs past
+    /// [`Cluster::KEPT_ENDED_INSTANCES`], if the ledger holds all their
+    /// hours (so billing loses nothing).
+    fn prune_instances(&mut self, job_id: &str) {
+        let closed = self.ledger_closed_until_ms;
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        let current = job.retries;
+        let old = |i: &Instance| {
+            i.state.is_terminal()
+                && (i.attempt < current || i.replaced)
+                && i.finished_at_ms.is_some_and(|f| f < closed)
+        };
+        let mut excess = job
+            .instances
+            .iter()
+            .filter(|i| old(i))
+            .count()
+            .saturating_sub(Self::KEPT_ENDED_INSTANCES);
+        if excess == 0 {
+            return;
+        }
+        let mut dropped = Vec::new();
+        job.instances.retain(|i| {
+            if excess > 0 && old(i) {
+                excess -= 1;
+                dropped.push(i.instance_id.clone());
+                false
+            } else {
+                true
+            }
+        });
+        job.pruned_instances += dropped.len() as u64;
+        for id in dropped {
+            self.instance_job.remove(&id);
+        }
     }
 
     fn persist_job(&self, job_id: &str, now_ms: i64) {
@@ -922,6 +1076,14 @@ impl Cluster {
             }
         }
         let spec = raw.validate_for(&self.settings.kinds)?;
+        let limit = self.settings.limits.max_retries;
+        if spec.max_retries > limit {
+            return Err(SpecError::RetriesOverLimit {
+                asked: spec.max_retries,
+                limit,
+            }
+            .into());
+        }
         let pool_id = match self.resolve_pool(caller, &spec.pool)? {
             PoolRef::Public => PUBLIC_POOL.to_string(),
             PoolRef::Dedicated(pool) => {
@@ -978,6 +1140,8 @@ impl Cluster {
             rollout: Vec::new(),
             gave_up: None,
             failures: 0,
+            not_before_ms: 0,
+            pruned_instances: 0,
         };
         // Place it first, then write it once, placed or queued: one
         // transaction per submission. If that write fails, the job and its
@@ -1078,7 +1242,7 @@ impl Cluster {
                 if j.spec.kind.has_replicas() {
                     j.stop_cause.is_none() && j.pending.iter().any(|p| p.not_before_ms <= now_ms)
                 } else {
-                    j.state == JobState::Queued
+                    j.state == JobState::Queued && j.not_before_ms <= now_ms
                 }
             })
             .map(|j| (j.spec.priority, j.seq, j.job_id.clone()))
@@ -1542,6 +1706,7 @@ mod tests {
 
     mod billing;
     mod kinds;
+    mod limits;
 
     fn settings() -> Settings {
         Settings {
@@ -1557,6 +1722,7 @@ mod tests {
             },
             frozen_retention_ms: 24 * 3_600_000,
             kinds: KindTable::default(),
+            limits: JobLimits::default(),
         }
     }
 
@@ -1723,6 +1889,11 @@ mod tests {
         c.tick(1_001, &mut out);
         let j = c.job(&admin(), &job.job_id).unwrap();
         assert_eq!(j.retries, 1);
+        // The retry waits out its backoff (1 s), then is placed.
+        assert_eq!(j.state, JobState::Queued, "{}", j.reason);
+        c.heartbeat("n2", None, vec![], 2_000, &mut out);
+        c.tick(2_001, &mut out);
+        let j = c.job(&admin(), &job.job_id).unwrap();
         assert_eq!(j.state, JobState::Scheduled, "{}", j.reason);
         let run: Vec<&Instance> = j.current().collect();
         assert_eq!(run.len(), 1);
@@ -1739,7 +1910,7 @@ mod tests {
             "n2",
             None,
             vec![report(&id, InstanceState::Failed, Some(3))],
-            1_100,
+            2_100,
             &mut out,
         );
         let j = c.job(&admin(), &job.job_id).unwrap();

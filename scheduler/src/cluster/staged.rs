@@ -29,6 +29,8 @@ enum Kept {
     Order(Order),
     Ledger(LedgerRow),
     LedgerClosed(i64),
+    ForgetJob(String),
+    NextJobSeq(u64),
 }
 
 impl Kept {
@@ -48,6 +50,8 @@ impl Kept {
             Record::Order(o) => Self::Order(o.clone()),
             Record::Ledger(l) => Self::Ledger(l.clone()),
             Record::LedgerClosed(t) => Self::LedgerClosed(t),
+            Record::ForgetJob { job_id } => Self::ForgetJob(job_id.into()),
+            Record::NextJobSeq(s) => Self::NextJobSeq(s),
         }
     }
 
@@ -62,6 +66,8 @@ impl Kept {
             Self::Order(o) => Record::Order(o),
             Self::Ledger(l) => Record::Ledger(l),
             Self::LedgerClosed(t) => Record::LedgerClosed(*t),
+            Self::ForgetJob(job_id) => Record::ForgetJob { job_id },
+            Self::NextJobSeq(s) => Record::NextJobSeq(*s),
         }
     }
 
@@ -128,6 +134,14 @@ impl Store for StagedStore {
 
     fn ledger(&self, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError> {
         self.inner.ledger(from_ms, to_ms)
+    }
+
+    fn ledger_page(&self, q: &crate::store::LedgerQuery) -> Result<Vec<LedgerRow>, StoreError> {
+        self.inner.ledger_page(q)
+    }
+
+    fn reader(&self) -> Option<Box<dyn Store>> {
+        self.inner.reader()
     }
 
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {

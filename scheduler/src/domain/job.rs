@@ -324,6 +324,8 @@ pub enum SpecError {
     TooLong { field: &'static str, value: u64 },
     #[error("port must be 1..65535 (got {0})")]
     BadPort(u32),
+    #[error("max_retries {asked} exceeds the cluster's limit of {limit} (`[limits] max_retries`)")]
+    RetriesOverLimit { asked: u32, limit: u32 },
     #[error("health_check: {0}")]
     BadHealthCheck(String),
     #[error("{field} must not be negative (got {value})")]
@@ -677,6 +679,13 @@ pub struct Job {
     /// retry is decided, not when it is placed).
     #[serde(default)]
     pub failures: u32,
+    /// A requeued run waits until then (retry backoff).
+    #[serde(default)]
+    pub not_before_ms: i64,
+    /// Ended instances of earlier runs (or replaced replicas) dropped from
+    /// `instances` once their hours were in the ledger.
+    #[serde(default)]
+    pub pruned_instances: u64,
 }
 
 /// Why the scheduler stops a job's instances.
@@ -1007,6 +1016,8 @@ mod tests {
             pending: Vec::new(),
             restarts: 0,
             rollout: Vec::new(),
+            not_before_ms: 0,
+            pruned_instances: 0,
             gave_up: None,
             failures: 0,
         }

@@ -42,6 +42,15 @@ impl Caller {
         }
     }
 
+    /// The key of the caller's request budgets (rate limit, open streams).
+    pub fn rate_key(&self) -> String {
+        if self.admin {
+            "(admin)".to_string()
+        } else {
+            self.tenant.clone()
+        }
+    }
+
     /// True when the caller may see and use an object owned by `owner`.
     /// Another tenant's objects are reported as not found, so their
     /// existence does not leak.
