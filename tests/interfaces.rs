@@ -620,10 +620,15 @@ async fn every_rpc_enforces_its_role() {
         ("JobService/ListJobs", Role::Tenant),
         ("JobService/CancelJob", Role::Tenant),
         ("JobService/GetJobLogs", Role::Tenant),
+        ("JobService/ScaleService", Role::Tenant),
+        ("JobService/RestartService", Role::Tenant),
+        ("JobService/ListJobKinds", Role::Tenant),
         ("NodeService/ListNodes", Role::Tenant),
         ("NodeService/GetNode", Role::Tenant),
         ("NodeService/CordonNode", Role::Admin),
         ("NodeService/UncordonNode", Role::Admin),
+        ("NodeService/RevokeNode", Role::Admin),
+        ("NodeService/ReadmitNode", Role::Admin),
         ("PoolService/ListPools", Role::Tenant),
         ("PoolService/GetPool", Role::Tenant),
         ("PoolService/CreatePool", Role::Tenant),
@@ -638,12 +643,40 @@ async fn every_rpc_enforces_its_role() {
         ("TenantService/ListTenants", Role::Admin),
         ("TenantService/GetTenant", Role::Tenant),
         ("TenantService/IssueToken", Role::Admin),
+        ("TenantService/RevokeTokens", Role::Admin),
         ("TenantService/SetQuota", Role::Admin),
         ("TenantService/WhoAmI", Role::Tenant),
         ("UsageService/ListUsage", Role::Tenant),
         ("UsageService/ListOrders", Role::Tenant),
         ("UsageService/GetBill", Role::Tenant),
     ];
+
+    // This table and the scheduler's own name the same RPCs with the same
+    // roles, so a new RPC cannot go untested here.
+    {
+        use gpupool_scheduler::api::access::{ACCESS, Access};
+        let mut ours: Vec<(String, Role)> = TABLE
+            .iter()
+            .map(|(m, r)| (format!("/gpupool.v1.{m}"), *r))
+            .collect();
+        let mut theirs: Vec<(String, Role)> = ACCESS
+            .iter()
+            .map(|(p, a)| {
+                let role = match a {
+                    Access::Agent => Role::Agent,
+                    Access::Tenant => Role::Tenant,
+                    Access::Admin => Role::Admin,
+                };
+                (p.to_string(), role)
+            })
+            .collect();
+        ours.sort_by(|a, b| a.0.cmp(&b.0));
+        theirs.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            ours, theirs,
+            "the product's table and the scheduler's differ"
+        );
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let sched = Scheduler::start(dir.path()).await;
@@ -709,5 +742,6 @@ async fn every_rpc_enforces_its_role() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 30 * 5);
+    assert_eq!(checked, TABLE.len() * 5);
+    assert_eq!(TABLE.len(), 36);
 }

@@ -326,7 +326,141 @@ async fn dedicated_pools_end_to_end() {
                 .map(|_| ()),
             "list jobs",
         );
+        nf(
+            b.pools
+                .convert_to_subscription(pb::ConvertToSubscriptionRequest {
+                    pool: key.into(),
+                    months: 1,
+                    auto_renew: false,
+                })
+                .await
+                .map(|_| ()),
+            "convert",
+        );
+        nf(
+            b.pools
+                .set_renewal(pb::SetRenewalRequest {
+                    pool: key.into(),
+                    auto_renew: true,
+                    convert_to_on_demand_at_expiry: false,
+                })
+                .await
+                .map(|_| ()),
+            "renewal",
+        );
+        nf(
+            b.pools
+                .unsubscribe(pb::UnsubscribeRequest {
+                    pool: key.into(),
+                    confirm: true,
+                })
+                .await
+                .map(|_| ()),
+            "unsubscribe",
+        );
+        nf(
+            b.usage
+                .list_usage(pb::ListUsageRequest {
+                    pool: key.into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            "usage of the pool",
+        );
+        nf(
+            b.usage
+                .list_orders(pb::ListOrdersRequest {
+                    pool: key.into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            "orders of the pool",
+        );
     }
+    // Another tenant's usage, orders and bill are refused outright.
+    let pd = |r: Result<(), tonic::Status>, what: &str| {
+        let err = r.expect_err(what);
+        assert_eq!(err.code(), Code::PermissionDenied, "{what}: {err:?}");
+    };
+    pd(
+        b.usage
+            .list_usage(pb::ListUsageRequest {
+                tenant: "team-a".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "usage of team-a",
+    );
+    pd(
+        b.usage
+            .list_orders(pb::ListOrdersRequest {
+                tenant: "team-a".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "orders of team-a",
+    );
+    pd(
+        b.usage
+            .get_bill(pb::GetBillRequest {
+                tenant: "team-a".into(),
+                month: String::new(),
+            })
+            .await
+            .map(|_| ()),
+        "bill of team-a",
+    );
+    // Team-a's online service on the public pool: team-b can neither scale
+    // nor restart it.
+    let svc = a
+        .jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(pb::JobSpec {
+                kind: pb::JobKind::OnlineService as i32,
+                resources: Some(pb::Resources {
+                    cpu_milli: 100,
+                    memory_mib: 64,
+                    ..Default::default()
+                }),
+                instances: 1,
+                command: vec!["sleep".into(), "600".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    nf(
+        b.jobs
+            .scale_service(pb::ScaleServiceRequest {
+                job_id: svc.job_id.clone(),
+                replicas: 3,
+            })
+            .await
+            .map(|_| ()),
+        "scale service",
+    );
+    nf(
+        b.jobs
+            .restart_service(pb::RestartServiceRequest {
+                job_id: svc.job_id.clone(),
+            })
+            .await
+            .map(|_| ()),
+        "restart service",
+    );
+    let svc_now = get_job(&sched, &svc.job_id).await;
+    assert_eq!(svc_now.spec.unwrap().instances, 1, "team-b scaled it");
+    a.jobs
+        .cancel_job(pb::CancelJobRequest {
+            job_id: svc.job_id.clone(),
+        })
+        .await
+        .unwrap();
     nf(
         b.jobs
             .get_job(pb::GetJobRequest {
