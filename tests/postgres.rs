@@ -28,6 +28,7 @@ fn settings() -> Settings {
         frozen_retention_ms: 3_600_000,
         kinds: KindTable::default(),
         limits: Default::default(),
+        token_key: gpupool_scheduler::cluster::SecretKey(vec![1; 32]),
     }
 }
 

@@ -52,6 +52,12 @@ pub struct SchedulerConfig {
     /// client certificate (`tls.require_agent_client_cert`).
     #[serde(default)]
     pub join_token: Option<String>,
+    /// The key notebook tokens are derived from (hex, 32 bytes or more;
+    /// neither key nor tokens are stored in the database). Default
+    /// `DATA_DIR/secret.key`, made (0600) at the first start. Replicas
+    /// sharing PostgreSQL must all point at the same key.
+    #[serde(default)]
+    pub secret_key_file: Option<PathBuf>,
     /// Token of the admin tenant (creates tenants, sees everything). Omit
     /// to run without authentication: every caller is then the admin
     /// (development only; `gpupool-scheduler dev` does this).
@@ -133,9 +139,6 @@ pub struct LimitsConfig {
     /// Most items one list call answers (a larger page_size is cut to it).
     #[serde(default = "default_max_page_size")]
     pub max_page_size: u32,
-    /// Widest range of one usage query, in days.
-    #[serde(default = "default_max_usage_range_days")]
-    pub max_usage_range_days: u32,
 }
 
 impl Default for LimitsConfig {
@@ -151,7 +154,6 @@ impl Default for LimitsConfig {
             log_streams_per_caller: default_log_streams_per_caller(),
             pending_log_reads: default_pending_log_reads(),
             max_page_size: default_max_page_size(),
-            max_usage_range_days: default_max_usage_range_days(),
         }
     }
 }
@@ -176,9 +178,6 @@ fn default_pending_log_reads() -> u32 {
 }
 fn default_max_page_size() -> u32 {
     1000
-}
-fn default_max_usage_range_days() -> u32 {
-    400
 }
 
 fn default_max_request_bytes() -> usize {
@@ -280,6 +279,7 @@ impl Default for SchedulerConfig {
             node_grace_ms: default_grace_ms(),
             stop_grace_ms: default_stop_grace_ms(),
             join_token: None,
+            secret_key_file: None,
             admin_token: None,
             subscription_regions: Vec::new(),
             billing: BillingConfig::default(),

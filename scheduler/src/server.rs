@@ -288,6 +288,55 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The key notebook tokens are derived from: `secret_key_file`, or
+/// `DATA_DIR/secret.key`, made (32 random bytes, hex, 0600) if missing.
+fn load_secret_key(config: &SchedulerConfig) -> anyhow::Result<crate::cluster::SecretKey> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = config
+        .secret_key_file
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("secret.key"));
+    let decode = |text: &str| -> Option<Vec<u8>> {
+        let text = text.trim();
+        if text.len() < 64 || text.len() % 2 != 0 {
+            return None;
+        }
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+            .collect()
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => decode(&text)
+            .map(crate::cluster::SecretKey)
+            .with_context(|| {
+                format!(
+                    "{} is not a key of 32 or more hex-encoded bytes",
+                    path.display()
+                )
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && config.secret_key_file.is_none() => {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+            let mut key = [0u8; 32];
+            std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            f.write_all(hex.as_bytes())?;
+            f.sync_all()?;
+            tracing::info!(file = %path.display(), "made the secret key for notebook tokens");
+            Ok(crate::cluster::SecretKey(key.to_vec()))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read the secret key {}", path.display())),
+    }
+}
+
 /// Opens the SQLite store and loads the cluster.
 pub fn open(config: SchedulerConfig) -> anyhow::Result<Arc<Shared>> {
     std::fs::create_dir_all(&config.data_dir)
@@ -303,7 +352,9 @@ pub fn open_with(
     store: Box<dyn crate::store::Store>,
     what: &str,
 ) -> anyhow::Result<Arc<Shared>> {
+    let token_key = load_secret_key(&config)?;
     let settings = Settings {
+        token_key,
         node_grace_ms: i64::from(config.node_grace_ms),
         stop_grace_ms: config.stop_grace_ms,
         subscription_regions: config.subscription_regions.clone(),

@@ -39,8 +39,9 @@ pub enum AgentCommand {
     },
 }
 
-/// Everything the agent needs to start one instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Everything the agent needs to start one instance. Its `Debug` names the
+/// environment's keys only: values (secrets, tokens) never reach a log.
+#[derive(Clone, PartialEq, Eq)]
 pub struct StartSpec {
     pub instance_id: String,
     pub job_id: String,
@@ -63,6 +64,22 @@ pub struct StartSpec {
     pub health_check: Option<HealthCheck>,
     /// The agent reports user activity (notebooks, TensorBoards).
     pub watch_activity: bool,
+}
+
+impl std::fmt::Debug for StartSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartSpec")
+            .field("instance_id", &self.instance_id)
+            .field("job_id", &self.job_id)
+            .field("kind", &self.kind)
+            .field("command", &self.command.first())
+            .field("env_keys", &self.env.keys().collect::<Vec<_>>())
+            .field("gpu_indexes", &self.gpu_indexes)
+            .field("resources", &self.resources)
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Commands for agents, by node id, in order.
@@ -120,8 +137,38 @@ impl JobLimits {
     }
 }
 
+/// The scheduler's secret key for notebook tokens (kept outside the store;
+/// never printed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretKey(pub Vec<u8>);
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey(..)")
+    }
+}
+
+impl SecretKey {
+    /// A notebook's access token: `nbt_` and the hex HMAC-SHA256 of its
+    /// job id under this key. The store holds neither token nor key.
+    pub fn notebook_token(&self, job_id: &str) -> String {
+        use hmac::{KeyInit, Mac};
+        let mut mac =
+            hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(b"gpupool notebook token\0");
+        mac.update(job_id.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        format!(
+            "nbt_{}",
+            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Derives notebook tokens.
+    pub token_key: SecretKey,
     /// Retries, their backoff, retention of finished jobs.
     pub limits: JobLimits,
     /// A node without a heartbeat for this long is NotReady.
@@ -264,8 +311,11 @@ impl Cluster {
             cluster.nodes.insert(node.node_id.clone(), node);
         }
         cluster.next_seq = cluster.next_seq.max(snapshot.next_job_seq.unwrap_or(1));
-        for job in snapshot.jobs {
+        for mut job in snapshot.jobs {
             cluster.next_seq = cluster.next_seq.max(job.seq + 1);
+            if job.spec.kind == JobKind::Notebook {
+                job.access_token = cluster.settings.token_key.notebook_token(&job.job_id);
+            }
             for inst in &job.instances {
                 cluster
                     .instance_job
@@ -1099,8 +1149,9 @@ impl Cluster {
         };
         let seq = self.next_seq;
         let access_token = if spec.kind == JobKind::Notebook {
-            crate::api::auth::new_token()
-                .map_err(|e| ClusterError::Internal(format!("cannot make a notebook token: {e}")))?
+            self.settings
+                .token_key
+                .notebook_token(&format!("j-{seq:06}"))
         } else {
             String::new()
         };
@@ -1723,6 +1774,7 @@ mod tests {
             frozen_retention_ms: 24 * 3_600_000,
             kinds: KindTable::default(),
             limits: JobLimits::default(),
+            token_key: SecretKey(vec![7; 32]),
         }
     }
 
@@ -1872,6 +1924,27 @@ mod tests {
 
     /// max_retries: a job on a node that dies is queued again and placed
     /// elsewhere as a new run; when its retries are spent, a failure ends it.
+    #[test]
+    fn a_start_command_s_debug_shows_no_environment_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path(), 0);
+        c.register_node("n1", inventory(1), 0).unwrap();
+        let mut out = Outbox::new();
+        let mut spec = raw(1);
+        spec.env.insert("HF_TOKEN".into(), "hf-very-secret".into());
+        spec.command = vec!["train".into(), "--key=argv-secret".into()];
+        c.submit(&admin(), spec, 0, &mut out).unwrap();
+        let text = format!("{out:?}");
+        assert!(
+            text.contains("HF_TOKEN") && text.contains("StartSpec"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("hf-very-secret") && !text.contains("argv-secret"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn lost_and_failed_runs_are_retried_up_to_max_retries() {
         let dir = tempfile::tempdir().unwrap();

@@ -659,8 +659,10 @@ pub struct Job {
     /// `spec.max_retries`); instances of earlier runs stay for the record.
     #[serde(default)]
     pub retries: u32,
-    /// Notebook access token (part of its URL).
-    #[serde(default)]
+    /// Notebook access token (part of its URL). Never stored: derived from
+    /// the scheduler's key and the job id ([`crate::cluster::Cluster`] sets
+    /// it at submission and at load).
+    #[serde(skip)]
     pub access_token: String,
     /// Replica kinds: ranks to place, in order.
     #[serde(default)]

@@ -728,3 +728,47 @@ fn a_replacement_replica_prefers_the_zone_its_service_lacks() {
         assert_eq!(zone(&c, &again.node_id), "AZ2", "service {s}");
     }
 }
+
+/// A notebook's token is in no row of the store; after a restart the same
+/// token comes back (derived from the key and the job id), and another key
+/// gives another.
+#[test]
+fn notebook_tokens_are_not_stored_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 1, 1);
+    let mut out = Outbox::new();
+    let job = c
+        .submit(&admin(), spec(JobKind::Notebook, 1, &[]), 0, &mut out)
+        .unwrap();
+    assert!(job.access_token.starts_with("nbt_") && job.access_token.len() == 68);
+    // The Start carries it to the agent.
+    assert!(out.iter().any(|(_, cmd)| matches!(cmd,
+        AgentCommand::Start(s) if s.env.get("JUPYTER_TOKEN") == Some(&job.access_token))));
+    drop(c);
+    let db = std::fs::read(dir.path().join("t.db")).unwrap();
+    let wal = std::fs::read(dir.path().join("t.db-wal")).unwrap_or_default();
+    for bytes in [&db, &wal] {
+        assert!(
+            !bytes
+                .windows(job.access_token.len())
+                .any(|w| w == job.access_token.as_bytes()),
+            "the token is stored"
+        );
+    }
+    let again = open(dir.path(), 10);
+    assert_eq!(
+        again.job(&admin(), &job.job_id).unwrap().access_token,
+        job.access_token
+    );
+    drop(again);
+    let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+    let other = Settings {
+        token_key: SecretKey(vec![9; 32]),
+        ..settings()
+    };
+    let c = Cluster::load(Box::new(store), other, 10).unwrap();
+    assert_ne!(
+        c.job(&admin(), &job.job_id).unwrap().access_token,
+        job.access_token
+    );
+}
