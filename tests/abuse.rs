@@ -411,3 +411,92 @@ async fn a_caller_s_log_streams_are_capped() {
     })
     .await;
 }
+
+/// A real agent with a 1 MiB disk budget and many finished jobs: the oldest
+/// work directories and logs go, a running instance's never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_keeps_its_disk_budget_oldest_first_never_a_running_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(dir.path()).await;
+    let _agent = Agent::start_with(
+        dir.path(),
+        &sched,
+        "n1",
+        "1xH100-80GB",
+        "AZ1",
+        "disk_budget_mib = 1",
+    );
+    wait_ready(&sched, 1).await;
+    let state = dir.path().join("agent-n1/state");
+    // A long-running job writes 600 KB first: the oldest files, but live.
+    let live = submit(
+        &sched,
+        training(
+            0,
+            &[
+                "sh",
+                "-c",
+                "head -c 600000 /dev/zero > big; echo live; exec sleep 600",
+            ],
+        ),
+    )
+    .await
+    .unwrap();
+    wait_job(
+        &sched,
+        &live.job_id,
+        pb::JobState::Running,
+        Duration::from_secs(20),
+    )
+    .await;
+    let live_dir = state.join(format!("work/{}-0", live.job_id));
+    eventually(Duration::from_secs(10), "the live job's file", || async {
+        live_dir
+            .join("big")
+            .metadata()
+            .is_ok_and(|m| m.len() == 600_000)
+            .then_some(())
+    })
+    .await;
+    // Then twelve finished jobs of 100 KB each.
+    let mut done = Vec::new();
+    for _ in 0..12 {
+        let j = submit(
+            &sched,
+            training(
+                0,
+                &["sh", "-c", "head -c 100000 /dev/zero > data; echo done"],
+            ),
+        )
+        .await
+        .unwrap();
+        wait_job(
+            &sched,
+            &j.job_id,
+            pb::JobState::Succeeded,
+            Duration::from_secs(20),
+        )
+        .await;
+        done.push(j.job_id);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Within a few of the agent's 5-s passes the total fits in 1 MiB again:
+    // the oldest finished ones went, the newest stayed, the live one stayed.
+    let work = |id: &str| state.join(format!("work/{id}-0"));
+    let log = |id: &str| state.join(format!("logs/{id}-0.log"));
+    eventually(Duration::from_secs(20), "the oldest files gone", || async {
+        (!work(&done[0]).exists() && !log(&done[0]).exists()).then_some(())
+    })
+    .await;
+    let kept: Vec<bool> = done.iter().map(|id| work(id).exists()).collect();
+    // Gone ones are the oldest: once one is kept, all later ones are.
+    let first_kept = kept.iter().position(|k| *k).expect("the newest are kept");
+    assert!(kept[first_kept..].iter().all(|k| *k), "{kept:?}");
+    assert!(first_kept >= 4, "{kept:?}");
+    assert!(work(done.last().unwrap()).exists());
+    assert!(live_dir.join("big").exists() && log(&live.job_id).exists());
+    assert_eq!(
+        get_job(&sched, &live.job_id).await.state,
+        pb::JobState::Running as i32
+    );
+}

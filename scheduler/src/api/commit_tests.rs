@@ -88,11 +88,16 @@ impl Rig {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(&dir.path().join("t.db")).unwrap());
         let fail = Arc::new(AtomicBool::new(false));
-        let config = SchedulerConfig {
+        let mut config = SchedulerConfig {
             admin_token: Some(ADMIN.into()),
             subscription_regions: vec!["region-1".into()],
+            data_dir: dir.path().join("data"),
             ..SchedulerConfig::default()
         };
+        // A metered millisecond costs something: a pool has a consumption
+        // record at once (R-BILL-1, for ConvertToSubscription).
+        config.billing.default_price.on_demand_node_hour_micros = 3_600_000_000;
+        config.billing.default_price.subscription_node_month_micros = 1_000_000;
         let shared = crate::server::open_with(
             config,
             Box::new(Flaky {
@@ -411,6 +416,25 @@ async fn every_mutating_rpc_applies_only_after_its_commit() {
                     node_ids: vec![pool_nodes[1].clone()],
                 })),
                 force: true,
+            },
+        ))
+    })
+    .await;
+    // A second on-demand pool converts to a subscription (R-BILL-1).
+    let conv = api
+        .create_pool(req(&token, pool("conv_pool", false)))
+        .await
+        .unwrap()
+        .into_inner();
+    settle(&rig);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    rig.check("ConvertToSubscription", || {
+        api.convert_to_subscription(req(
+            &token,
+            pb::ConvertToSubscriptionRequest {
+                pool: conv.pool_id.clone(),
+                months: 1,
+                auto_renew: false,
             },
         ))
     })
