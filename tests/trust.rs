@@ -24,7 +24,7 @@ fn rogue(
 ) -> pb::agent_service_client::AgentServiceClient<
     tonic::service::interceptor::InterceptedService<
         tonic::transport::Channel,
-        impl tonic::service::Interceptor + Clone,
+        impl tonic::service::Interceptor + Clone + use<>,
     >,
 > {
     let bearer = bearer.map(|t| {
@@ -378,16 +378,33 @@ async fn a_rogue_agent_cannot_become_another_node() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("admin"));
     let out = sched.cli(&["node", "revoke", "rogue-b"]);
     assert!(out.status.success(), "{out:?}");
+    // Whatever it still sends on the old stream does not count, and the
+    // scheduler closes the stream: the node stays NotReady, gets no work.
+    for _ in 0..5 {
+        let _ = tx
+            .send(pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat::default())),
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tokio::time::timeout(Duration::from_secs(10), reader)
         .await
         .expect("the revoked node's session ends")
         .unwrap();
+    let b = list_nodes(&sched)
+        .await
+        .into_iter()
+        .find(|n| n.node_id == "rogue-b")
+        .unwrap();
+    assert_eq!(b.status, pb::NodeStatus::NotReady as i32, "{b:?}");
+    assert!(b.revoked);
     let err = r.register(register("rogue-b", 0, 0)).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("revoked"), "{err:?}");
     assert_eq!(
         session_refused(&mut r, "rogue-b").await,
-        Code::Unauthenticated
+        Code::PermissionDenied
     );
     let out = sched.cli(&["node", "get", "rogue-b"]);
     assert!(
@@ -403,10 +420,33 @@ async fn a_rogue_agent_cannot_become_another_node() {
         .into_inner();
     assert!(again.node_token.starts_with("gpn_") && again.node_token != b_token);
 
-    // The real agent restarts and comes back with its kept credential.
+    // A session opened before a revocation, whose hello comes after it,
+    // is refused then: the credential is checked when the hello arrives.
+    let mut r = rogue(sched.channel().await, Some(JOIN), Some(&again.node_token));
+    let (tx, rx) = mpsc::channel(4);
+    let pending = tokio::spawn(async move {
+        r.session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map(|s| s.into_inner())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = sched.cli(&["node", "revoke", "rogue-b"]);
+    assert!(out.status.success(), "{out:?}");
+    tx.send(hello("rogue-b")).await.unwrap();
+    let code = match pending.await.unwrap() {
+        Err(status) => status.code(),
+        Ok(mut stream) => match stream.message().await {
+            Err(status) => status.code(),
+            Ok(m) => panic!("a session opened before its revocation got in: {m:?}"),
+        },
+    };
+    assert_eq!(code, Code::PermissionDenied);
+
+    // Through all of it the real node kept its one session and its job.
     let j = job_as(&sched, &token_a, &job1.job_id).await;
     assert_eq!(j.state, pb::JobState::Running as i32, "{j:#?}");
-    drop(real);
+    let opened = real.proc.log_text().matches("session established").count();
+    assert_eq!(opened, 1, "the real agent had to reconnect");
 }
 
 /// A node's credential survives an agent restart (kept 0600 in its state

@@ -756,7 +756,19 @@ impl Runtime {
             .append(true)
             .open(&log_path)?;
         let workdir = match &spec.working_dir {
-            Some(dir) => dir.clone(),
+            Some(dir) => {
+                // The state dir holds other instances' logs, records and
+                // work directories (and the disk budget removes ended ones
+                // by name there): no job works inside it.
+                if inside(dir, &self.state_dir) {
+                    anyhow::bail!(
+                        "working directory {} is inside the agent's state dir {}",
+                        dir.display(),
+                        self.state_dir.display()
+                    );
+                }
+                dir.clone()
+            }
             None => self.state_dir.join("work").join(&spec.instance_id),
         };
         std::fs::create_dir_all(&workdir)?;
@@ -1167,6 +1179,40 @@ fn process_start_ticks(pid: u32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
+/// True when `path` is `dir` or below it, compared on the normalised paths
+/// (`..` resolved lexically, then symlinks of the longest existing prefix).
+fn inside(path: &Path, dir: &Path) -> bool {
+    fn normal(p: &Path) -> PathBuf {
+        let absolute = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut out = PathBuf::new();
+        for c in absolute.components() {
+            match c {
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                std::path::Component::CurDir => {}
+                other => out.push(other),
+            }
+        }
+        // Resolve links where the path exists.
+        let mut existing = out.clone();
+        let mut rest = Vec::new();
+        while !existing.exists() {
+            match existing.file_name() {
+                Some(name) => rest.push(name.to_os_string()),
+                None => break,
+            }
+            existing.pop();
+        }
+        let mut real = existing.canonicalize().unwrap_or(existing);
+        for name in rest.iter().rev() {
+            real.push(name);
+        }
+        real
+    }
+    normal(path).starts_with(normal(dir))
+}
+
 /// Bytes under `path` (not following symlinks) and the newest change.
 fn tree_size(path: &Path) -> (u64, std::time::SystemTime) {
     let mut bytes = 0;
@@ -1325,6 +1371,43 @@ mod tests {
         assert!(dir.path().join("work/live/big").exists());
         rt.stop("live", Duration::from_millis(100), "test over");
         wait_terminal(&rt, "live").await;
+    }
+
+    #[tokio::test]
+    async fn a_working_directory_inside_the_state_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(dir.path()).unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        for (id, wd, ok) in [
+            ("w1", dir.path().join("work/other-instance"), false),
+            ("w2", dir.path().join("logs"), false),
+            (
+                "w3",
+                outside
+                    .path()
+                    .join("a/../../")
+                    .join(dir.path().file_name().unwrap())
+                    .join("x"),
+                false,
+            ),
+            ("w4", outside.path().join("mine"), true),
+        ] {
+            let mut s = spec(id, &["true"]);
+            s.working_dir = Some(wd.clone());
+            rt.start(s);
+            let r = wait_terminal(&rt, id).await;
+            if ok {
+                assert_eq!(r.phase, Phase::Succeeded, "{wd:?}: {}", r.reason);
+            } else {
+                assert_eq!(r.phase, Phase::Failed, "{wd:?}");
+                assert!(
+                    r.reason.contains("inside the agent's state dir"),
+                    "{}",
+                    r.reason
+                );
+            }
+        }
+        assert!(!dir.path().join("work/other-instance").exists());
     }
 
     #[tokio::test]

@@ -356,12 +356,12 @@ impl SchedulerConfig {
                 ));
             }
         }
-        if !self.grpc_listen.ip().is_loopback() {
-            let agents_need_cert = self
-                .tls
-                .as_ref()
-                .is_some_and(|t| t.require_agent_client_cert);
-            if self.join_token.is_none() && !agents_need_cert {
+        let agents_need_cert = self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.require_agent_client_cert);
+        if self.join_token.is_none() && !agents_need_cert {
+            if !self.grpc_listen.ip().is_loopback() {
                 return Err(format!(
                     "field `grpc_listen` ({}) reaches beyond loopback, but agents would enrol \
                      without authentication: set `join_token` (or require agent client \
@@ -369,6 +369,17 @@ impl SchedulerConfig {
                     self.grpc_listen
                 ));
             }
+            if self.admin_token.is_some() {
+                // Callers are authenticated, so nodes must be too: else a
+                // job on this host could enrol a node and receive others' work.
+                return Err(
+                    "field `admin_token` is set but `join_token` is not: without it any local \
+                     process could enrol a node; set `join_token`"
+                        .into(),
+                );
+            }
+        }
+        if !self.grpc_listen.ip().is_loopback() {
             if self.admin_token.is_none() {
                 return Err(format!(
                     "field `grpc_listen` ({}) reaches beyond loopback, but without `admin_token` \
@@ -507,7 +518,13 @@ mod tests {
         assert!(err.contains("admin_token"), "{err}");
         c.admin_token = Some("admin-admin-admin-admin".into());
         c.check_serving().unwrap();
-        // Loopback (dev) may run open.
+        // Loopback may run open (no tokens at all), but callers
+        // authenticated and agents not is refused.
         SchedulerConfig::parse("").unwrap().check_serving().unwrap();
+        let err = SchedulerConfig::parse("admin_token = \"admin-admin-admin-admin\"")
+            .unwrap()
+            .check_serving()
+            .unwrap_err();
+        assert!(err.contains("join_token"), "{err}");
     }
 }

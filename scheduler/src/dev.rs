@@ -35,8 +35,6 @@ pub struct DevArgs {
 
 /// The dev cluster's join token: `DATA_DIR/join-token` (0600), made once.
 fn dev_join_token(data_dir: &std::path::Path) -> anyhow::Result<String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join("join-token");
     if let Ok(text) = std::fs::read_to_string(&path)
         && !text.trim().is_empty()
@@ -46,14 +44,9 @@ fn dev_join_token(data_dir: &std::path::Path) -> anyhow::Result<String> {
     let token = crate::api::auth::new_token()
         .with_context(|| "cannot read /dev/urandom for the join token")?
         .replacen("gpt_", "gpj_", 1);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
+    let _ = std::fs::remove_file(&path);
+    crate::api::auth::write_secret_file(&path, &token)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(token.as_bytes())?;
     Ok(token)
 }
 

@@ -332,6 +332,11 @@ fn statement(record: &Record<'_>, now_ms: i64) -> Statement {
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             vec![p(seq.to_string())],
         ),
+        Record::SecretKeyCheck(check) => (
+            "INSERT INTO meta (key, value) VALUES ('secret_key_check', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            vec![p(check.to_string())],
+        ),
         Record::RevokeToken { sha256 } => (
             "DELETE FROM tokens WHERE token_sha256 = $1",
             vec![p(sha256.to_string())],
@@ -371,6 +376,9 @@ impl Store for PgStore {
                 next_job_seq: c
                     .query_opt("SELECT value FROM meta WHERE key = 'next_job_seq'", &[])?
                     .and_then(|r| r.get::<_, String>(0).parse().ok()),
+                secret_key_check: c
+                    .query_opt("SELECT value FROM meta WHERE key = 'secret_key_check'", &[])?
+                    .map(|r| r.get::<_, String>(0)),
             })
         })
     }

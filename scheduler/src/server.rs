@@ -67,6 +67,11 @@ impl Core {
         id
     }
 
+    /// True while session `id` is the node's current one.
+    pub fn session_is(&self, node_id: &str, id: u64) -> bool {
+        self.sessions.get(node_id).is_some_and(|s| s.id == id)
+    }
+
     /// Forgets the node's session if nobody reads it any more.
     pub fn drop_closed_session(&mut self, node_id: &str) {
         if self.sessions.get(node_id).is_some_and(|s| s.tx.is_closed()) {
@@ -196,18 +201,29 @@ impl Shared {
     /// the clock drive; a client's mutation uses [`Shared::mutate`], which
     /// reports the failure.
     pub fn with<T>(&self, f: impl FnOnce(&mut Core, &mut Outbox) -> T) -> T {
+        let mut value = None;
+        self.with_committed(|core, out| value = Some(f(core, out)));
+        value.expect("the closure ran")
+    }
+
+    /// [`Shared::with`], answering `None` when the commit failed (and the
+    /// change was undone), for callers that act on what was committed.
+    pub fn with_committed<T>(&self, f: impl FnOnce(&mut Core, &mut Outbox) -> T) -> Option<T> {
         let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Outbox::new();
         let now = now_ms();
         core.cluster.begin(now);
         let result = f(&mut core, &mut out);
         match core.cluster.commit(now_ms()) {
-            Ok(()) => core.deliver(out),
+            Ok(()) => {
+                core.deliver(out);
+                Some(result)
+            }
             Err(err) => {
                 tracing::error!(error = %err, cause = ?std::error::Error::source(&err), "cannot persist state; change undone");
+                None
             }
         }
-        result
     }
 
     /// A client's mutation: staged, written in one transaction, and only
@@ -262,6 +278,26 @@ impl Shared {
         }
     }
 
+    /// Every closed ledger row of `q` (its limit ignored), read a page of
+    /// 10,000 at a time, so no single read holds anything for long.
+    pub fn read_ledger_all(
+        &self,
+        q: &crate::store::LedgerQuery,
+    ) -> Result<Vec<crate::domain::billing::LedgerRow>, crate::cluster::ClusterError> {
+        let mut q = q.clone();
+        q.limit = 10_000;
+        let mut all = Vec::new();
+        loop {
+            let page = self.read_ledger(&q)?;
+            let full = page.len() == q.limit;
+            q.after = page.last().map(crate::store::LedgerQuery::key);
+            all.extend(page);
+            if !full {
+                return Ok(all);
+            }
+        }
+    }
+
     /// Takes one of the caller's log stream slots, or says the cap is reached.
     pub fn open_log_stream(self: &Arc<Self>, key: &str) -> Result<LogStreamSlot, Status> {
         let cap = self.config.limits.log_streams_per_caller;
@@ -291,45 +327,44 @@ pub fn now_ms() -> i64 {
 /// The key notebook tokens are derived from: `secret_key_file`, or
 /// `DATA_DIR/secret.key`, made (32 random bytes, hex, 0600) if missing.
 fn load_secret_key(config: &SchedulerConfig) -> anyhow::Result<crate::cluster::SecretKey> {
-    use std::io::{Read, Write};
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::io::Read;
     let path = config
         .secret_key_file
         .clone()
         .unwrap_or_else(|| config.data_dir.join("secret.key"));
     let decode = |text: &str| -> Option<Vec<u8>> {
-        let text = text.trim();
-        if text.len() < 64 || text.len() % 2 != 0 {
+        let text = text.trim().as_bytes();
+        if text.len() < 64 || text.len() % 2 != 0 || !text.iter().all(u8::is_ascii_hexdigit) {
             return None;
         }
-        (0..text.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        text.chunks(2)
+            .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
             .collect()
     };
     match std::fs::read_to_string(&path) {
-        Ok(text) => decode(&text)
-            .map(crate::cluster::SecretKey)
-            .with_context(|| {
-                format!(
-                    "{} is not a key of 32 or more hex-encoded bytes",
-                    path.display()
-                )
-            }),
+        Ok(text) => {
+            use std::os::unix::fs::PermissionsExt;
+            if std::fs::metadata(&path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+                tracing::warn!(file = %path.display(), "the secret key file is readable by others than its owner; chmod 600 it");
+            }
+            decode(&text)
+                .map(crate::cluster::SecretKey)
+                .with_context(|| {
+                    format!(
+                        "{} is not a key of 32 or more hex-encoded bytes",
+                        path.display()
+                    )
+                })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && config.secret_key_file.is_none() => {
             std::fs::create_dir_all(&config.data_dir)
                 .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
             let mut key = [0u8; 32];
             std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
             let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
+            crate::api::auth::write_secret_file(&path, &hex)
                 .with_context(|| format!("cannot create {}", path.display()))?;
-            f.write_all(hex.as_bytes())?;
-            f.sync_all()?;
             tracing::info!(file = %path.display(), "made the secret key for notebook tokens");
             Ok(crate::cluster::SecretKey(key.to_vec()))
         }
@@ -556,7 +591,8 @@ pub async fn serve(
                             gpupool_agent::sdnotify::notify("WATCHDOG=1");
                             fed = tokio::time::Instant::now();
                         }
-                        let closed = shared.with(|core, out| {
+                        let mut flushed_now = None;
+                        let closed = shared.with_committed(|core, out| {
                             let now = now_ms();
                             core.cluster.tick(now, out);
                             // Utilization samples reach the store once a
@@ -564,11 +600,17 @@ pub async fn serve(
                             if now - flushed >= 60_000 {
                                 core.cluster.flush_samples(flushed, now);
                                 core.cluster.forget_finished_jobs(now);
-                                flushed = now;
+                                flushed_now = Some(now);
                             }
                             core.cluster.close_hours(now)
                         });
-                        shared.metrics.count_ledger(&closed);
+                        // Only what was committed counts.
+                        if let Some(closed) = closed {
+                            shared.metrics.count_ledger(&closed);
+                            if let Some(now) = flushed_now {
+                                flushed = now;
+                            }
+                        }
                     }
                     _ = stop.wait_for(|s| *s) => {
                         shared.with(|core, _| core.cluster.flush_samples(flushed, now_ms()));

@@ -45,6 +45,11 @@ pub enum StoreError {
     Postgres(#[from] postgres::Error),
     #[error("PostgreSQL is unreachable: {0}")]
     Unreachable(String),
+    #[error(
+        "the secret key (`secret_key_file`) is not the one this database's notebook tokens were \
+         made with: use that key (replicas sharing PostgreSQL must share one)"
+    )]
+    SecretKeyMismatch,
     #[error("this scheduler no longer holds the leader lease (the leader is now {0})")]
     NotLeader(String),
     #[error("corrupt row {id} in {table}")]
@@ -71,6 +76,8 @@ pub struct Snapshot {
     /// Job sequence numbers below this were given out (jobs may since have
     /// been forgotten, `Record::ForgetJob`).
     pub next_job_seq: Option<u64>,
+    /// Check value of the secret key notebook tokens are derived from.
+    pub secret_key_check: Option<String>,
 }
 
 /// One row to write.
@@ -99,6 +106,8 @@ pub enum Record<'a> {
     },
     /// Job sequence numbers below this were given out.
     NextJobSeq(u64),
+    /// Check value of the secret key (not the key).
+    SecretKeyCheck(&'a str),
 }
 
 /// One page of closed ledger rows: `from_ms <= hour_start_ms < to_ms`,
@@ -216,6 +225,25 @@ impl SqliteStore {
     }
 }
 
+/// Sets one value of the `meta` table.
+fn put_meta(tx: &rusqlite::Transaction<'_>, key: &str, value: String) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )
+}
+
+/// One value of the `meta` table, parsed.
+fn get_meta<T: std::str::FromStr>(conn: &Connection, key: &str) -> Result<Option<T>, StoreError> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+            r.get::<_, String>(0)
+        })
+        .optional()?
+        .and_then(|v| v.parse().ok()))
+}
+
 /// Decodes `(id, json)` ledger rows.
 fn ledger_rows(cursor: &mut rusqlite::Rows<'_>) -> Result<Vec<LedgerRow>, StoreError> {
     let mut out = Vec::new();
@@ -326,22 +354,9 @@ impl Store for SqliteStore {
                 "orders",
                 "SELECT order_id, data FROM orders ORDER BY seq",
             )?,
-            ledger_closed_until_ms: conn
-                .query_row(
-                    "SELECT value FROM meta WHERE key = 'ledger_closed_until_ms'",
-                    [],
-                    |r| r.get::<_, String>(0),
-                )
-                .optional()?
-                .and_then(|v| v.parse().ok()),
-            next_job_seq: conn
-                .query_row(
-                    "SELECT value FROM meta WHERE key = 'next_job_seq'",
-                    [],
-                    |r| r.get::<_, String>(0),
-                )
-                .optional()?
-                .and_then(|v| v.parse().ok()),
+            ledger_closed_until_ms: get_meta(&conn, "ledger_closed_until_ms")?,
+            next_job_seq: get_meta(&conn, "next_job_seq")?,
+            secret_key_check: get_meta(&conn, "secret_key_check")?,
         })
     }
 
@@ -458,11 +473,7 @@ impl Store for SqliteStore {
                     )?;
                 }
                 Record::LedgerClosed(until) => {
-                    tx.execute(
-                        "INSERT INTO meta (key, value) VALUES ('ledger_closed_until_ms', ?1)
-                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        params![until.to_string()],
-                    )?;
+                    put_meta(&tx, "ledger_closed_until_ms", until.to_string())?;
                 }
                 Record::Token { sha256, tenant } => {
                     tx.execute(
@@ -474,11 +485,10 @@ impl Store for SqliteStore {
                     tx.execute("DELETE FROM jobs WHERE job_id = ?1", params![job_id])?;
                 }
                 Record::NextJobSeq(seq) => {
-                    tx.execute(
-                        "INSERT INTO meta (key, value) VALUES ('next_job_seq', ?1)
-                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        params![seq.to_string()],
-                    )?;
+                    put_meta(&tx, "next_job_seq", seq.to_string())?;
+                }
+                Record::SecretKeyCheck(check) => {
+                    put_meta(&tx, "secret_key_check", check.to_string())?;
                 }
                 Record::RevokeToken { sha256 } => {
                     tx.execute(
@@ -490,6 +500,36 @@ impl Store for SqliteStore {
         }
         tx.commit()?;
         Ok(())
+    }
+}
+
+/// The real SQLite store, whose writes fail while `fail` is set: for tests
+/// of what a failed write leaves behind.
+#[cfg(test)]
+pub(crate) struct FailingStore {
+    pub inner: std::sync::Arc<SqliteStore>,
+    pub fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[cfg(test)]
+impl Store for FailingStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        self.inner.load()
+    }
+    fn ledger(&self, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError> {
+        self.inner.ledger(from_ms, to_ms)
+    }
+    fn ledger_page(&self, q: &LedgerQuery) -> Result<Vec<LedgerRow>, StoreError> {
+        self.inner.ledger_page(q)
+    }
+    fn reader(&self) -> Option<Box<dyn Store>> {
+        self.inner.reader()
+    }
+    fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unreachable("test: writes fail".into()));
+        }
+        self.inner.write(records, now_ms)
     }
 }
 

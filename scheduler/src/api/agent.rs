@@ -86,15 +86,20 @@ impl pb::agent_service_server::AgentService for AgentApi {
             ));
         };
         let node_id = hello.node_id.clone();
-        // Only the node's own credential opens (or replaces) its session.
-        if let Err(e) = crate::domain::node::admit_session(&node_id, &identity) {
-            self.shared.metrics.agent_auth_refused.inc();
-            tracing::warn!(node = %node_id, ?identity, error = %e, "session refused");
-            return Err(Status::unauthenticated(e.to_string()));
-        }
         let (tx, rx) = mpsc::unbounded_channel();
         let session_id = self.shared.mutate(|core, out| {
-            core.cluster.node(&node_id).map_err(status)?;
+            // Only the node's current credential opens (or replaces) its
+            // session, checked now that the hello is here: a stream opened
+            // before a revocation does not get in after it.
+            core.cluster
+                .confirm_credential(&node_id, &identity, now_ms())
+                .map_err(|e| {
+                    if matches!(e, crate::cluster::ClusterError::NodeAuth(_)) {
+                        self.shared.metrics.agent_auth_refused.inc();
+                        tracing::warn!(node = %node_id, ?identity, error = %e, "session refused");
+                    }
+                    status(e)
+                })?;
             let id = core.open_session(&node_id, tx);
             let reported = hello
                 .instances
@@ -121,7 +126,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
-                    Ok(Some(msg)) => handle(&shared, &node_id, msg),
+                    Ok(Some(msg)) => {
+                        if !handle(&shared, &node_id, session_id, msg) {
+                            tracing::info!(node = %node_id, session = session_id, "session replaced or revoked; closing it");
+                            break;
+                        }
+                    }
                     Ok(None) => {
                         tracing::info!(node = %node_id, "agent closed its session");
                         break;
@@ -146,12 +156,19 @@ fn identity_of<T>(req: &Request<T>) -> Result<AgentIdentity, Status> {
         .ok_or_else(|| Status::unauthenticated("no agent identity (not behind the access layer)"))
 }
 
-fn handle(shared: &Shared, node_id: &str, msg: pb::AgentMessage) {
+/// Handles one message of session `session_id`; false when that session is
+/// no longer the node's (replaced by a newer one, or the node revoked): then
+/// nothing it sends counts, and the caller closes the stream.
+fn handle(shared: &Shared, node_id: &str, session_id: u64, msg: pb::AgentMessage) -> bool {
     use pb::agent_message::Msg;
-    match msg.msg {
-        Some(Msg::Heartbeat(hb)) => {
-            let _timer = shared.metrics.heartbeat_seconds.start_timer();
-            shared.with(|core, out| {
+    let _timer = matches!(msg.msg, Some(Msg::Heartbeat(_)))
+        .then(|| shared.metrics.heartbeat_seconds.start_timer());
+    shared.with(|core, out| {
+        if !core.session_is(node_id, session_id) {
+            return false;
+        }
+        match msg.msg {
+            Some(Msg::Heartbeat(hb)) => {
                 let reported = hb
                     .instances
                     .into_iter()
@@ -171,17 +188,18 @@ fn handle(shared: &Shared, node_id: &str, msg: pb::AgentMessage) {
                     out,
                 );
                 core.cluster.record_gpu_samples(node_id, &samples, now);
-            })
-        }
-        Some(Msg::InstanceUpdate(update)) => {
-            if let Some(r) = update.status.and_then(reported_from_pb) {
-                shared.with(|core, out| core.cluster.apply_report(node_id, r, now_ms(), out));
             }
+            Some(Msg::InstanceUpdate(update)) => {
+                if let Some(r) = update.status.and_then(reported_from_pb) {
+                    core.cluster.apply_report(node_id, r, now_ms(), out);
+                }
+            }
+            Some(Msg::LogChunk(chunk)) => core.resolve_log(node_id, chunk),
+            Some(Msg::Hello(_)) => {
+                tracing::warn!(node = %node_id, "ignoring a second hello in one session")
+            }
+            None => {}
         }
-        Some(Msg::LogChunk(chunk)) => shared.with(|core, _| core.resolve_log(node_id, chunk)),
-        Some(Msg::Hello(_)) => {
-            tracing::warn!(node = %node_id, "ignoring a second hello in one session")
-        }
-        None => {}
-    }
+        true
+    })
 }

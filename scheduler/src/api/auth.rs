@@ -43,6 +43,19 @@ pub fn new_token() -> std::io::Result<String> {
     ))
 }
 
+/// Writes a secret to a new file only its owner can read (0600), synced.
+pub fn write_secret_file(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(secret.as_bytes())?;
+    f.sync_all()
+}
+
 /// The metadata key of a node's own credential.
 pub const NODE_TOKEN_HEADER: &str = "gpupool-node-token";
 
@@ -64,10 +77,13 @@ pub fn agent(shared: &Shared, metadata: &MetadataMap) -> Result<AgentIdentity, S
         .filter(|t| !t.is_empty())
     {
         let hash = sha256_hex(token);
-        if let Some(node) =
+        if let Some(node_id) =
             shared.with(|core, _| core.cluster.node_of_credential(&hash).map(str::to_string))
         {
-            return Ok(AgentIdentity::Node(node));
+            return Ok(AgentIdentity::Node {
+                node_id,
+                credential_sha256: hash,
+            });
         }
         // Unknown (revoked, or the scheduler's state was reset): the join
         // token may still enrol it again below.

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::caller;
 use super::{job_state_from_pb, job_to_pb, node_to_pb, raw_spec_from_pb, status};
-use crate::cluster::{Cluster, PoolRef};
+use crate::cluster::{Cluster, ClusterError, PoolRef};
 use crate::domain::PUBLIC_POOL;
 use crate::domain::tenant::Caller;
 use crate::server::{Shared, now_ms};
@@ -153,6 +153,10 @@ impl pb::job_service_server::JobService for Api {
         req: Request<pb::GetJobLogsRequest>,
     ) -> Result<Response<LogStream>, Status> {
         let caller = caller(&self.shared, req.metadata())?;
+        // A tenant's stream ends when its token is revoked (checked each poll).
+        let token_hash = (!caller.admin)
+            .then(|| super::auth::bearer(req.metadata()).map(super::auth::sha256_hex))
+            .flatten();
         let req = req.into_inner();
         // Fail fast on unknown jobs and instances.
         let (node_id, instance_id) = self.shared.with(|core, _| {
@@ -173,12 +177,23 @@ impl pb::job_service_server::JobService for Api {
                     // The caller went away.
                     return;
                 }
-                let done = shared.with(|core, _| {
-                    core.cluster
+                let (done, revoked) = shared.with(|core, _| {
+                    let revoked = token_hash.as_ref().is_some_and(|h| {
+                        core.cluster.tenant_of_token(h) != Some(caller.tenant.as_str())
+                    });
+                    let done = core
+                        .cluster
                         .instance(&caller, &req.job_id, req.instance)
                         .map(|(_, i)| i.state.is_terminal())
-                        .unwrap_or(true)
+                        .unwrap_or(true);
+                    (done, revoked)
                 });
+                if revoked {
+                    let _ = tx
+                        .send(Err(Status::unauthenticated("API token revoked")))
+                        .await;
+                    return;
+                }
                 let (request_id, rx) = match shared.with(|core, _| {
                     core.request_log(&node_id, &instance_id, offset, LOG_CHUNK, max_pending)
                 }) {
@@ -313,14 +328,7 @@ impl pb::node_service_server::NodeService for Api {
         req: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
         let id = req.into_inner().node_id;
-        let node = self
-            .shared
-            .mutate(|core, out| {
-                let node = core.cluster.revoke_node(&id, now_ms(), out)?;
-                let usage = core.cluster.usage();
-                Ok::<_, crate::cluster::ClusterError>(node_to_pb(&node, usage.get(&id)))
-            })
-            .map_err(status)?;
+        let node = self.node_change(&id, |cluster, out| cluster.revoke_node(&id, now_ms(), out))?;
         // Committed: its session ends now (the stream closes with its sender).
         self.shared.with(|core, _| core.sessions.remove(&id));
         Ok(Response::new(node))
@@ -331,19 +339,31 @@ impl pb::node_service_server::NodeService for Api {
         req: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
         let id = req.into_inner().node_id;
-        let node = self
-            .shared
-            .mutate(|core, _| {
-                let node = core.cluster.readmit_node(&id, now_ms())?;
-                let usage = core.cluster.usage();
-                Ok::<_, crate::cluster::ClusterError>(node_to_pb(&node, usage.get(&id)))
-            })
-            .map_err(status)?;
+        let node = self.node_change(&id, |cluster, _| cluster.readmit_node(&id, now_ms()))?;
         Ok(Response::new(node))
     }
 }
 
 impl Api {
+    /// Applies an admin's change to node `id` and answers the node as it is
+    /// then.
+    fn node_change(
+        &self,
+        id: &str,
+        f: impl FnOnce(
+            &mut Cluster,
+            &mut crate::cluster::Outbox,
+        ) -> Result<crate::domain::Node, ClusterError>,
+    ) -> Result<pb::Node, Status> {
+        self.shared
+            .mutate(|core, out| {
+                let node = f(&mut core.cluster, out)?;
+                let usage = core.cluster.usage();
+                Ok::<_, ClusterError>(node_to_pb(&node, usage.get(id)))
+            })
+            .map_err(status)
+    }
+
     fn set_cordon(
         &self,
         caller: &Caller,

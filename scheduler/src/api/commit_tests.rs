@@ -19,34 +19,9 @@ use crate::api::client::Api;
 use crate::config::SchedulerConfig;
 use crate::domain::{AgentIdentity, Gpu, Inventory};
 use crate::server::Shared;
-use crate::store::{Record, Snapshot, SqliteStore, Store, StoreError};
+use crate::store::{FailingStore, SqliteStore, Store};
 
 const ADMIN: &str = "commit-test-admin-token";
-
-/// The real SQLite store, whose writes fail while `fail` is set.
-struct Flaky {
-    inner: Arc<SqliteStore>,
-    fail: Arc<AtomicBool>,
-}
-
-impl Store for Flaky {
-    fn load(&self) -> Result<Snapshot, StoreError> {
-        self.inner.load()
-    }
-    fn ledger(
-        &self,
-        from_ms: i64,
-        to_ms: i64,
-    ) -> Result<Vec<crate::domain::billing::LedgerRow>, StoreError> {
-        self.inner.ledger(from_ms, to_ms)
-    }
-    fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(StoreError::Unreachable("test: writes fail".into()));
-        }
-        self.inner.write(records, now_ms)
-    }
-}
 
 struct Rig {
     shared: Arc<Shared>,
@@ -100,7 +75,7 @@ impl Rig {
         config.billing.default_price.subscription_node_month_micros = 1_000_000;
         let shared = crate::server::open_with(
             config,
-            Box::new(Flaky {
+            Box::new(FailingStore {
                 inner: store.clone(),
                 fail: fail.clone(),
             }),
@@ -211,6 +186,7 @@ fn pool(name: &str, subscription: bool) -> pb::CreatePoolRequest {
             pool: String::new(),
             cordoned: false,
             credential_sha256: None,
+            credential_confirmed: false,
             revoked: false,
         }
         .spec_name(),

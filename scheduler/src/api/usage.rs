@@ -370,9 +370,9 @@ impl pb::usage_service_server::UsageService for Api {
                 start,
                 end.min(closed),
                 None,
-                usize::MAX,
+                0,
             );
-            let mut closed_rows = self.shared.read_ledger(&query).map_err(status)?;
+            let mut closed_rows = self.shared.read_ledger_all(&query).map_err(status)?;
             closed_rows.append(&mut rows);
             rows = closed_rows;
         }

@@ -47,6 +47,11 @@ pub struct LoadArgs {
     /// (its `public` schema is dropped and recreated: use a scratch one).
     #[arg(long)]
     pub database_url: Option<String>,
+    /// Years of hourly ledger rows (100 subjects) to write into the store
+    /// for the usage phase: heartbeats with nobody reading usage, then
+    /// with a client walking `ListUsage` pages over all of it (0: skip).
+    #[arg(long, default_value_t = 0)]
+    pub usage_ledger_years: u32,
 }
 
 const ADMIN: &str = "bench-admin-token-0123456789";
@@ -131,6 +136,9 @@ async fn load(args: &LoadArgs) -> anyhow::Result<()> {
             pct(&lat, 0.5),
             pct(&lat, 0.99),
         );
+        if args.usage_ledger_years > 0 {
+            usage_phase(&sched, dir.path(), db.as_deref(), args).await?;
+        }
         drop(agents);
         // Restart: SIGTERM, add the preloaded jobs, start again on the same
         // store, time to serving.
@@ -145,6 +153,133 @@ async fn load(args: &LoadArgs) -> anyhow::Result<()> {
         );
         drop(restarted);
     }
+    Ok(())
+}
+
+/// Writes years of ledger rows into the running scheduler's store (hours
+/// before the ledger's closed mark, so they are read from the store), then
+/// measures heartbeat handling for `--seconds` with nobody reading usage
+/// (the baseline) and for `--seconds` with one client walking `ListUsage`
+/// pages from the epoch, and prints both with the page latency.
+async fn usage_phase(
+    sched: &Daemon,
+    dir: &Path,
+    db: Option<&str>,
+    args: &LoadArgs,
+) -> anyhow::Result<()> {
+    const SUBJECTS: i64 = 100;
+    const HOUR: i64 = 3_600_000;
+    let years = i64::from(args.usage_ledger_years);
+    let path = dir.join("data").join("gpupool.db");
+    let url = db.map(String::from);
+    let t = Instant::now();
+    let rows = tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
+        use crate::store::{Record, Store};
+        let store: Box<dyn Store> = match &url {
+            Some(url) => Box::new(crate::pgstore::PgStore::open(url, None)?),
+            None => Box::new(crate::store::SqliteStore::open(&path)?),
+        };
+        let last = crate::now_ms() / HOUR * HOUR - 2 * HOUR;
+        let first = last - years * 365 * 24 * HOUR;
+        let mut batch = Vec::with_capacity(20_000);
+        let mut rows = 0;
+        let mut hour = first;
+        while hour < last {
+            for s in 0..SUBJECTS {
+                batch.push(crate::domain::billing::LedgerRow {
+                    subject: format!("instance:j-bench-{s}-0"),
+                    tenant: "bench".into(),
+                    pool_id: "public".into(),
+                    job_id: format!("j-bench-{s}"),
+                    instance_id: format!("j-bench-{s}-0"),
+                    spec: "gpu-8xH100-80GB".into(),
+                    hour_start_ms: hour,
+                    mode: crate::domain::pool::BillingMode::OnDemand,
+                    unit_ms: HOUR,
+                    quantity: 1,
+                    unit_price_micros: 1_000_000,
+                    amount_micros: 1_000_000,
+                    gpu_allocated_ms: HOUR,
+                    gpu_used_ms: HOUR / 2,
+                });
+            }
+            hour += HOUR;
+            if batch.len() >= 20_000 || hour >= last {
+                let records: Vec<Record<'_>> = batch.iter().map(Record::Ledger).collect();
+                store.write(&records, crate::now_ms())?;
+                rows += batch.len() as i64;
+                batch.clear();
+            }
+        }
+        Ok(rows)
+    })
+    .await??;
+    println!(
+        "usage: {rows} ledger rows ({years} years x {SUBJECTS} subjects) written in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    // The baseline of the old ListUsage: every row of the range read and
+    // decoded in one call (then under the cluster lock, stalling every
+    // heartbeat for as long).
+    let path = dir.join("data").join("gpupool.db");
+    let url = db.map(String::from);
+    let (whole, took) = tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, f64)> {
+        use crate::store::Store;
+        let store: Box<dyn Store> = match &url {
+            Some(url) => Box::new(crate::pgstore::PgStore::open(url, None)?),
+            None => Box::new(crate::store::SqliteStore::open_reader(&path)?),
+        };
+        let t = Instant::now();
+        let all = store.ledger(0, crate::now_ms())?;
+        Ok((all.len(), t.elapsed().as_secs_f64()))
+    })
+    .await??;
+    println!(
+        "usage: reading the whole range at once (the old ListUsage, under the lock): {whole} rows in {took:.2} s"
+    );
+    let window = Duration::from_secs(args.seconds);
+    let before = sched.metrics().await?;
+    tokio::time::sleep(window).await;
+    let idle = sched.metrics().await?;
+    let base = histogram_delta(&before, &idle, "gpupool_heartbeat_handle_seconds");
+    // A client walks every page from the epoch, over and over.
+    let channel = sched.channel().await?;
+    let mut usage =
+        pb::usage_service_client::UsageServiceClient::with_interceptor(channel, bearer(ADMIN))
+            .max_decoding_message_size(64 << 20);
+    let from = Some(gpupool_proto::timestamp_from_unix_ms(0));
+    let (mut lat, mut records, mut token) = (Vec::new(), 0usize, String::new());
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        let t = Instant::now();
+        let page = usage
+            .list_usage(pb::ListUsageRequest {
+                from,
+                page_token: std::mem::take(&mut token),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        records += page.records.len();
+        token = page.next_page_token;
+    }
+    let after = sched.metrics().await?;
+    let busy = histogram_delta(&idle, &after, "gpupool_heartbeat_handle_seconds");
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "usage: heartbeats without usage reads: p50 <= {} p99 <= {}; while a client walks \
+         ListUsage: p50 <= {} p99 <= {}; {} pages ({records} records, {:.0} rows/s), \
+         page latency p50 {:.1} ms p99 {:.1} ms",
+        base.quantile(0.5),
+        base.quantile(0.99),
+        busy.quantile(0.5),
+        busy.quantile(0.99),
+        lat.len(),
+        records as f64 / window.as_secs_f64(),
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+    );
     Ok(())
 }
 
@@ -465,14 +600,26 @@ async fn wait_ready(d: &Daemon, n: usize) -> anyhow::Result<()> {
     .max_decoding_message_size(256 << 20);
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let ready = nodes
-            .list_nodes(pb::ListNodesRequest::default())
-            .await?
-            .into_inner()
-            .nodes
-            .iter()
-            .filter(|n| n.status == pb::NodeStatus::Ready as i32)
-            .count();
+        // Page through every node.
+        let (mut ready, mut page_token) = (0, String::new());
+        loop {
+            let page = nodes
+                .list_nodes(pb::ListNodesRequest {
+                    page_token,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            ready += page
+                .nodes
+                .iter()
+                .filter(|n| n.status == pb::NodeStatus::Ready as i32)
+                .count();
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
         if ready >= n {
             return Ok(());
         }

@@ -134,25 +134,23 @@ pub(super) async fn order_command(
     command: OrderCommand,
 ) -> Result<(), CliError> {
     let OrderCommand::List { tenant, pool } = command;
-    let mut usage = conn.usage().await?;
-    let mut orders = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = usage
-            .list_orders(pb::ListOrdersRequest {
-                tenant: opt(tenant.clone()),
-                pool: opt(pool.clone()),
-                page_size: 0,
-                page_token,
-            })
-            .await?
-            .into_inner();
-        orders.extend(page.orders);
-        if page.next_page_token.is_empty() {
-            break;
+    let usage = conn.usage().await?;
+    let orders = super::every_page(|page_token| {
+        let (mut usage, tenant, pool) = (usage.clone(), opt(tenant.clone()), opt(pool.clone()));
+        async move {
+            let page = usage
+                .list_orders(pb::ListOrdersRequest {
+                    tenant,
+                    pool,
+                    page_size: 0,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            Ok((page.orders, page.next_page_token))
         }
-        page_token = page.next_page_token;
-    }
+    })
+    .await?;
     emit(out, || order_table(&orders), || json::orders(&orders))
 }
 

@@ -967,28 +967,45 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 
 // --- nodes -----------------------------------------------------------------
 
+/// Every item of a paginated list call: `fetch(page_token)` answers one
+/// page and the next page's token (empty after the last).
+async fn every_page<T, F, Fut>(mut fetch: F) -> Result<Vec<T>, CliError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), CliError>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = fetch(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
+}
+
 /// Every node (of `pool`, or all), page after page.
 async fn all_nodes(
-    nodes: &mut NodeServiceClient<Svc>,
+    nodes: &NodeServiceClient<Svc>,
     pool: String,
 ) -> Result<Vec<pb::Node>, CliError> {
-    let mut list = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = nodes
-            .list_nodes(pb::ListNodesRequest {
-                pool: pool.clone(),
-                page_size: 0,
-                page_token,
-            })
-            .await?
-            .into_inner();
-        list.extend(page.nodes);
-        if page.next_page_token.is_empty() {
-            return Ok(list);
+    every_page(|page_token| {
+        let (mut nodes, pool) = (nodes.clone(), pool.clone());
+        async move {
+            let page = nodes
+                .list_nodes(pb::ListNodesRequest {
+                    pool,
+                    page_size: 0,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            Ok((page.nodes, page.next_page_token))
         }
-        page_token = page.next_page_token;
-    }
+    })
+    .await
 }
 
 async fn node_command(
@@ -1000,7 +1017,7 @@ async fn node_command(
     let now = now_ms();
     match command {
         NodeCommand::List { pool } => {
-            let list = all_nodes(&mut nodes, opt(pool)).await?;
+            let list = all_nodes(&nodes, opt(pool)).await?;
             emit(out, || node_table(&list), || json::nodes(&list))
         }
         NodeCommand::Get { node_id } => {
@@ -1205,24 +1222,22 @@ async fn pool_command(
     let now = now_ms();
     match command {
         PoolCommand::List { all } => {
-            let mut pools = conn.pools().await?;
-            let mut list = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = pools
-                    .list_pools(pb::ListPoolsRequest {
-                        include_deleted: all,
-                        page_size: 0,
-                        page_token,
-                    })
-                    .await?
-                    .into_inner();
-                list.extend(page.pools);
-                if page.next_page_token.is_empty() {
-                    break;
+            let pools = conn.pools().await?;
+            let list = every_page(|page_token| {
+                let mut pools = pools.clone();
+                async move {
+                    let page = pools
+                        .list_pools(pb::ListPoolsRequest {
+                            include_deleted: all,
+                            page_size: 0,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.pools, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             emit(out, || pool_table(&list), || json::pools(&list))
         }
         PoolCommand::Get { pool } => {
@@ -1241,7 +1256,7 @@ async fn pool_command(
                 .get_pool(pb::GetPoolRequest { pool })
                 .await?
                 .into_inner();
-            let list = all_nodes(&mut conn.nodes().await?, p.pool_id).await?;
+            let list = all_nodes(&conn.nodes().await?, p.pool_id).await?;
             emit(out, || node_table(&list), || json::nodes(&list))
         }
         PoolCommand::Create(a) => {
@@ -1712,27 +1727,25 @@ async fn job_command(conn: &Conn, out: OutputFormat, command: JobCommand) -> Res
             )
         }
         JobCommand::List { pool, states } => {
-            let mut jobs = conn.jobs().await?;
+            let jobs = conn.jobs().await?;
             let states: Vec<i32> = states.into_iter().map(|s| s.proto() as i32).collect();
             let pool = opt(pool);
-            let mut list = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = jobs
-                    .list_jobs(pb::ListJobsRequest {
-                        pool: pool.clone(),
-                        states: states.clone(),
-                        page_size: 0,
-                        page_token,
-                    })
-                    .await?
-                    .into_inner();
-                list.extend(page.jobs);
-                if page.next_page_token.is_empty() {
-                    break;
+            let list = every_page(|page_token| {
+                let (mut jobs, pool, states) = (jobs.clone(), pool.clone(), states.clone());
+                async move {
+                    let page = jobs
+                        .list_jobs(pb::ListJobsRequest {
+                            pool,
+                            states,
+                            page_size: 0,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.jobs, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             emit(out, || job_table(&list, now), || json::jobs(&list))
         }
         JobCommand::Get { job_id } => {

@@ -71,22 +71,20 @@ pub(super) async fn tenant_command(
             emit_tenant(out, &t)
         }
         TenantCommand::List => {
-            let mut list = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = tenants
-                    .list_tenants(pb::ListTenantsRequest {
-                        page_size: 0,
-                        page_token,
-                    })
-                    .await?
-                    .into_inner();
-                list.extend(page.tenants);
-                if page.next_page_token.is_empty() {
-                    break;
+            let list = super::every_page(|page_token| {
+                let mut tenants = tenants.clone();
+                async move {
+                    let page = tenants
+                        .list_tenants(pb::ListTenantsRequest {
+                            page_size: 0,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.tenants, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             emit(out, || tenant_table(&list), || json::tenants(&list))
         }
         TenantCommand::Get { name } => {

@@ -149,18 +149,31 @@ impl std::fmt::Debug for SecretKey {
 }
 
 impl SecretKey {
-    /// A notebook's access token: `nbt_` and the hex HMAC-SHA256 of its
-    /// job id under this key. The store holds neither token nor key.
-    pub fn notebook_token(&self, job_id: &str) -> String {
+    /// A value that tells keys apart without revealing them (kept in the
+    /// store, so a scheduler started with another key refuses to load).
+    pub fn check(&self) -> String {
+        self.mac(b"gpupool key check\0", b"")
+    }
+
+    fn mac(&self, domain: &[u8], message: &[u8]) -> String {
         use hmac::{KeyInit, Mac};
         let mut mac =
             hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
-        mac.update(b"gpupool notebook token\0");
-        mac.update(job_id.as_bytes());
-        let tag = mac.finalize().into_bytes();
+        mac.update(domain);
+        mac.update(message);
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// A notebook's access token: `nbt_` and the hex HMAC-SHA256 of its
+    /// job id under this key. The store holds neither token nor key.
+    pub fn notebook_token(&self, job_id: &str) -> String {
         format!(
             "nbt_{}",
-            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            self.mac(b"gpupool notebook token\0", job_id.as_bytes())
         )
     }
 }
@@ -264,6 +277,14 @@ impl Cluster {
         now_ms: i64,
     ) -> Result<Self, StoreError> {
         let snapshot = store.load()?;
+        // Notebook tokens are derived from the key: a database used with
+        // another key would hand out URLs its notebooks do not accept.
+        let check = settings.token_key.check();
+        match &snapshot.secret_key_check {
+            Some(stored) if *stored != check => return Err(StoreError::SecretKeyMismatch),
+            Some(_) => {}
+            None => store.write(&[Record::SecretKeyCheck(&check)], now_ms)?,
+        }
         Ok(Self::from_snapshot(store, settings, snapshot, now_ms))
     }
 
@@ -313,7 +334,9 @@ impl Cluster {
         cluster.next_seq = cluster.next_seq.max(snapshot.next_job_seq.unwrap_or(1));
         for mut job in snapshot.jobs {
             cluster.next_seq = cluster.next_seq.max(job.seq + 1);
-            if job.spec.kind == JobKind::Notebook {
+            // A token stored by an older scheduler is kept (while its
+            // notebook lives); else it is derived.
+            if job.spec.kind == JobKind::Notebook && job.access_token.is_empty() {
                 job.access_token = cluster.settings.token_key.notebook_token(&job.job_id);
             }
             for inst in &job.instances {
@@ -360,7 +383,32 @@ impl Cluster {
         tokens.sort();
         let mut creds: Vec<_> = self.node_credentials.iter().collect();
         creds.sort();
+        let mut instance_job: Vec<_> = self.instance_job.iter().collect();
+        instance_job.sort();
+        // Index entries of jobs with nothing left on a node are pruned
+        // lazily; compare what still counts.
+        let mut on_node: Vec<(&String, Vec<&String>)> = self
+            .jobs_on_node
+            .iter()
+            .map(|(n, jobs)| {
+                let live = jobs
+                    .iter()
+                    .filter(|j| {
+                        self.jobs.get(*j).is_some_and(|j| {
+                            j.instances
+                                .iter()
+                                .any(|i| &i.node_id == n && !i.state.is_terminal())
+                        })
+                    })
+                    .collect();
+                (n, live)
+            })
+            .filter(|(_, live): &(_, Vec<_>)| !live.is_empty())
+            .collect();
+        on_node.sort();
         serde_json::json!({
+            "instance_job": instance_job,
+            "jobs_on_node": on_node,
             "nodes": self.nodes,
             "jobs": self.jobs,
             "pools": self.pools,
@@ -472,11 +520,14 @@ impl Cluster {
         inventory: Inventory,
         now_ms: i64,
     ) -> Result<(), ClusterError> {
-        let me = AgentIdentity::Node(node_id.to_string());
         // Not a SHA-256 digest, so no token over gRPC can ever match it.
         let sha = format!("in-process:{node_id}");
-        self.register_agent(node_id, inventory, &me, &sha, now_ms)
-            .map(|_| ())
+        let me = AgentIdentity::Node {
+            node_id: node_id.to_string(),
+            credential_sha256: sha.clone(),
+        };
+        self.register_agent(node_id, inventory, &me, &sha, now_ms)?;
+        self.confirm_credential(node_id, &me, now_ms)
     }
 
     /// An agent (re)registers with its inventory, as `identity`
@@ -509,12 +560,14 @@ impl Cluster {
                 pool: PUBLIC_POOL.to_string(),
                 cordoned: false,
                 credential_sha256: None,
+                credential_confirmed: false,
                 revoked: false,
             },
         };
         let enrol = admission == crate::domain::node::Admission::Enrol;
         if enrol {
             node.credential_sha256 = Some(fresh_credential_sha256.to_string());
+            node.credential_confirmed = false;
         }
         self.store.put_node(&node, now_ms)?;
         self.placer = None;
@@ -528,6 +581,28 @@ impl Cluster {
         tracing::info!(node = %node_id, gpus = node.inventory.gpus.len(), enrolled = enrol, "node registered");
         self.nodes.insert(node_id.to_string(), node);
         Ok(enrol)
+    }
+
+    /// A session opens for `node_id` as `identity`: it must be the node's
+    /// current credential and the node not revoked (checked now, when the
+    /// hello arrives, not only when the stream opened). The first session
+    /// confirms the credential: from then on the join token cannot enrol
+    /// the node id again.
+    pub fn confirm_credential(
+        &mut self,
+        node_id: &str,
+        identity: &AgentIdentity,
+        now_ms: i64,
+    ) -> Result<(), ClusterError> {
+        let node = self.node(node_id)?;
+        crate::domain::node::admit_session(node, identity)?;
+        if !node.credential_confirmed {
+            let mut node = node.clone();
+            node.credential_confirmed = true;
+            self.store.put_node(&node, now_ms)?;
+            self.nodes.insert(node_id.to_string(), node);
+        }
+        Ok(())
     }
 
     /// The node whose credential has this SHA-256, if any.
@@ -546,6 +621,7 @@ impl Cluster {
     ) -> Result<Node, ClusterError> {
         let mut node = self.node(node_id)?.clone();
         let old = node.credential_sha256.take();
+        node.credential_confirmed = false;
         node.revoked = true;
         node.status = NodeStatus::NotReady;
         self.store.put_node(&node, now_ms)?;
@@ -734,7 +810,7 @@ impl Cluster {
     }
 
     fn touch(&mut self, node_id: &str, inventory: Option<Inventory>, now_ms: i64) {
-        let Some(node) = self.nodes.get_mut(node_id) else {
+        let Some(node) = self.nodes.get_mut(node_id).filter(|n| !n.revoked) else {
             return;
         };
         node.last_heartbeat_ms = now_ms;
@@ -767,6 +843,10 @@ impl Cluster {
         now_ms: i64,
         out: &mut Outbox,
     ) {
+        if self.nodes.get(node_id).is_none_or(|n| n.revoked) {
+            // Nothing a revoked (or unknown) node says counts.
+            return;
+        }
         let job_id = self.instance_job.get(&r.instance_id).cloned();
         let Some(job) = job_id.as_ref().and_then(|id| self.jobs.get_mut(id)) else {
             if !r.state.is_terminal() {
@@ -1543,7 +1623,7 @@ impl Cluster {
             .nodes
             .values()
             .map(|n| {
-                if n.pool != pool || n.status != NodeStatus::Ready || n.cordoned {
+                if n.pool != pool || n.status != NodeStatus::Ready || n.cordoned || n.revoked {
                     return false;
                 }
                 let gpus = n
@@ -1581,7 +1661,7 @@ impl Cluster {
                 NodeCapacity {
                     node_id: n.node_id.clone(),
                     pool: n.pool.clone(),
-                    schedulable: n.status == NodeStatus::Ready && !n.cordoned,
+                    schedulable: n.status == NodeStatus::Ready && !n.cordoned && !n.revoked,
                     cpu_free_milli: i64::from(n.inventory.cpu_cores) * 1000 - u.cpu_milli,
                     memory_free_mib: n.inventory.memory_mib as i64 - u.memory_mib,
                     gpus: n

@@ -239,6 +239,7 @@ impl Cluster {
                 n.pool == PUBLIC_POOL
                     && n.status == NodeStatus::Ready
                     && !n.cordoned
+                    && !n.revoked
                     && usage
                         .get(&n.node_id)
                         .is_none_or(|u| u.instance_ids.is_empty())

@@ -31,6 +31,7 @@ enum Kept {
     LedgerClosed(i64),
     ForgetJob(String),
     NextJobSeq(u64),
+    SecretKeyCheck(String),
 }
 
 impl Kept {
@@ -52,6 +53,7 @@ impl Kept {
             Record::LedgerClosed(t) => Self::LedgerClosed(t),
             Record::ForgetJob { job_id } => Self::ForgetJob(job_id.into()),
             Record::NextJobSeq(s) => Self::NextJobSeq(s),
+            Record::SecretKeyCheck(c) => Self::SecretKeyCheck(c.into()),
         }
     }
 
@@ -68,6 +70,7 @@ impl Kept {
             Self::LedgerClosed(t) => Record::LedgerClosed(*t),
             Self::ForgetJob(job_id) => Record::ForgetJob { job_id },
             Self::NextJobSeq(s) => Record::NextJobSeq(*s),
+            Self::SecretKeyCheck(c) => Record::SecretKeyCheck(c),
         }
     }
 
@@ -173,6 +176,12 @@ impl Cluster {
     /// differ from the store (a failed commit that could not reload) is
     /// reloaded first.
     pub fn begin(&mut self, now_ms: i64) {
+        if self.staging() {
+            // The last operation never ended (it panicked): what it changed
+            // in memory was not written.
+            self.store.take();
+            self.diverged = true;
+        }
         if self.diverged {
             self.reload(now_ms);
         }

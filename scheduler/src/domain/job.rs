@@ -662,7 +662,7 @@ pub struct Job {
     /// Notebook access token (part of its URL). Never stored: derived from
     /// the scheduler's key and the job id ([`crate::cluster::Cluster`] sets
     /// it at submission and at load).
-    #[serde(skip)]
+    #[serde(default, skip_serializing)]
     pub access_token: String,
     /// Replica kinds: ranks to place, in order.
     #[serde(default)]

@@ -61,6 +61,10 @@ pub struct Node {
     /// registration; Register and Session for this node id need it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_sha256: Option<String>,
+    /// The agent opened a session with that credential (so it kept it):
+    /// from then on only it registers the node.
+    #[serde(default)]
+    pub credential_confirmed: bool,
     /// Revoked by the admin: it may not register until readmitted.
     #[serde(default)]
     pub revoked: bool,
@@ -117,12 +121,25 @@ impl Node {
 /// Who an agent call comes from, as the access layer established it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentIdentity {
-    /// It presented this node's own credential.
-    Node(String),
+    /// It presented the credential with this SHA-256, which was node
+    /// `node_id`'s when the call came in (checked again when it acts).
+    Node {
+        node_id: String,
+        credential_sha256: String,
+    },
     /// It presented the cluster join token (or the cluster has none and
     /// listens on loopback only): it may enrol a node that has no
-    /// credential yet, and nothing else.
+    /// confirmed credential yet, and nothing else.
     Bootstrap,
+}
+
+impl AgentIdentity {
+    /// True when this is `node`'s current credential.
+    fn is_credential_of(&self, node: &Node) -> bool {
+        matches!(self, AgentIdentity::Node { node_id, credential_sha256 }
+            if *node_id == node.node_id
+                && node.credential_sha256.as_deref() == Some(credential_sha256.as_str()))
+    }
 }
 
 /// Why a node may not register or open a session.
@@ -149,13 +166,15 @@ pub enum NodeAuthError {
 pub enum Admission {
     /// The node proved it is itself: nothing to issue.
     Known,
-    /// A node without a credential enrols: it gets one now.
+    /// A node without a confirmed credential enrols: it gets a new one.
     Enrol,
 }
 
-/// The rule for Register: a node that has a credential must present it; one
-/// without (new, or older than credentials) enrols through the bootstrap; a
-/// revoked node does neither.
+/// The rule for Register: a node whose credential is confirmed (it opened
+/// a session with it) must present it; one without (new, older than
+/// credentials, or whose agent never used the one it was issued: an agent
+/// that crashed before keeping it, or one too old to keep it) enrols
+/// through the bootstrap; a revoked node does neither.
 pub fn admit_registration(
     node_id: &str,
     known: Option<&Node>,
@@ -166,28 +185,44 @@ pub fn admit_registration(
             node_id: node_id.to_string(),
         });
     }
-    let enrolled = known.is_some_and(|n| n.credential_sha256.is_some());
-    match identity {
-        AgentIdentity::Node(owner) if owner == node_id && enrolled => Ok(Admission::Known),
-        AgentIdentity::Node(owner) if owner != node_id => Err(NodeAuthError::OtherNode {
+    if let AgentIdentity::Node { node_id: owner, .. } = identity
+        && owner != node_id
+    {
+        return Err(NodeAuthError::OtherNode {
             node_id: node_id.to_string(),
             owner: owner.clone(),
-        }),
-        // Its own (stale) credential but no record of it: enrol again.
-        AgentIdentity::Node(_) | AgentIdentity::Bootstrap if !enrolled => Ok(Admission::Enrol),
-        _ => Err(NodeAuthError::NotItsCredential {
-            node_id: node_id.to_string(),
-        }),
+        });
+    }
+    match known {
+        Some(n) if identity.is_credential_of(n) => Ok(Admission::Known),
+        Some(n) if n.credential_confirmed && n.credential_sha256.is_some() => {
+            Err(NodeAuthError::NotItsCredential {
+                node_id: node_id.to_string(),
+            })
+        }
+        _ => Ok(Admission::Enrol),
     }
 }
 
-/// The rule for Session: only the node's own credential opens its session.
-pub fn admit_session(node_id: &str, identity: &AgentIdentity) -> Result<(), NodeAuthError> {
+/// The rule for Session, checked when the hello arrives: only the node's
+/// current credential opens (or replaces) its session, never a revoked
+/// node's.
+pub fn admit_session(node: &Node, identity: &AgentIdentity) -> Result<(), NodeAuthError> {
+    if node.revoked {
+        return Err(NodeAuthError::Revoked {
+            node_id: node.node_id.clone(),
+        });
+    }
     match identity {
-        AgentIdentity::Node(owner) if owner == node_id => Ok(()),
-        AgentIdentity::Node(owner) => Err(NodeAuthError::OtherNode {
-            node_id: node_id.to_string(),
-            owner: owner.clone(),
+        _ if identity.is_credential_of(node) => Ok(()),
+        AgentIdentity::Node { node_id: owner, .. } if *owner != node.node_id => {
+            Err(NodeAuthError::OtherNode {
+                node_id: node.node_id.clone(),
+                owner: owner.clone(),
+            })
+        }
+        AgentIdentity::Node { .. } => Err(NodeAuthError::NotItsCredential {
+            node_id: node.node_id.clone(),
         }),
         AgentIdentity::Bootstrap => Err(NodeAuthError::NoCredential),
     }
@@ -197,11 +232,19 @@ pub fn admit_session(node_id: &str, identity: &AgentIdentity) -> Result<(), Node
 mod tests {
     use super::*;
 
+    fn cred(node: &str, sha: &str) -> AgentIdentity {
+        AgentIdentity::Node {
+            node_id: node.into(),
+            credential_sha256: sha.into(),
+        }
+    }
+
     #[test]
     fn only_a_node_s_own_credential_acts_for_it() {
         let mut n = node(0);
-        let own = AgentIdentity::Node("n1".into());
-        let other = AgentIdentity::Node("n2".into());
+        let own = cred("n1", "abc");
+        let stale = cred("n1", "old");
+        let other = cred("n2", "xyz");
         let boot = AgentIdentity::Bootstrap;
         // New node id: the bootstrap enrols it; another node's credential does not.
         assert_eq!(admit_registration("n1", None, &boot), Ok(Admission::Enrol));
@@ -214,19 +257,38 @@ mod tests {
             admit_registration("n1", Some(&n), &boot),
             Ok(Admission::Enrol)
         );
+        // Issued but never used in a session: it may enrol again.
         n.credential_sha256 = Some("abc".into());
+        assert_eq!(
+            admit_registration("n1", Some(&n), &boot),
+            Ok(Admission::Enrol)
+        );
         assert_eq!(
             admit_registration("n1", Some(&n), &own),
             Ok(Admission::Known)
         );
-        assert!(matches!(
-            admit_registration("n1", Some(&n), &boot),
-            Err(NodeAuthError::NotItsCredential { .. })
-        ));
+        // Confirmed: only that credential.
+        n.credential_confirmed = true;
+        assert_eq!(
+            admit_registration("n1", Some(&n), &own),
+            Ok(Admission::Known)
+        );
+        for id in [&boot, &stale] {
+            assert!(matches!(
+                admit_registration("n1", Some(&n), id),
+                Err(NodeAuthError::NotItsCredential { .. })
+            ));
+        }
         assert!(matches!(
             admit_registration("n1", Some(&n), &other),
             Err(NodeAuthError::OtherNode { .. })
         ));
+        assert_eq!(admit_session(&n, &own), Ok(()));
+        assert!(admit_session(&n, &other).is_err());
+        assert!(admit_session(&n, &stale).is_err());
+        assert_eq!(admit_session(&n, &boot), Err(NodeAuthError::NoCredential));
+        // Revoked: nothing, not even a session opened before the revocation
+        // with the credential it had.
         n.revoked = true;
         n.credential_sha256 = None;
         for id in [&own, &other, &boot] {
@@ -234,10 +296,11 @@ mod tests {
                 admit_registration("n1", Some(&n), id),
                 Err(NodeAuthError::Revoked { .. })
             ));
+            assert!(matches!(
+                admit_session(&n, id),
+                Err(NodeAuthError::Revoked { .. })
+            ));
         }
-        assert_eq!(admit_session("n1", &own), Ok(()));
-        assert!(admit_session("n1", &other).is_err());
-        assert_eq!(admit_session("n1", &boot), Err(NodeAuthError::NoCredential));
     }
 
     fn node(gpus: usize) -> Node {
@@ -267,6 +330,7 @@ mod tests {
             pool: "public".into(),
             cordoned: false,
             credential_sha256: None,
+            credential_confirmed: false,
             revoked: false,
         }
     }

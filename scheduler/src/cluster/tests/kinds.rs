@@ -586,39 +586,16 @@ fn the_cached_placer_matches_a_fresh_one_after_every_operation() {
     }
 }
 
-/// A store whose writes fail while `fail` is set.
-struct Flaky {
-    inner: crate::store::SqliteStore,
-    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Store for Flaky {
-    fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
-        self.inner.load()
-    }
-    fn ledger(
-        &self,
-        from_ms: i64,
-        to_ms: i64,
-    ) -> Result<Vec<crate::domain::billing::LedgerRow>, StoreError> {
-        self.inner.ledger(from_ms, to_ms)
-    }
-    fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
-        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(StoreError::Unreachable("test: writes fail".into()));
-        }
-        self.inner.write(records, now_ms)
-    }
-}
-
 /// A submission whose single write fails leaves nothing behind: no job, no
 /// Start sent, its GPU free again; the next one takes its id and the GPU.
 #[test]
 fn a_submission_whose_write_fails_is_undone_placement_included() {
     let dir = tempfile::tempdir().unwrap();
     let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let store = Flaky {
-        inner: crate::store::SqliteStore::open(&dir.path().join("t.db")).unwrap(),
+    let store = crate::store::FailingStore {
+        inner: std::sync::Arc::new(
+            crate::store::SqliteStore::open(&dir.path().join("t.db")).unwrap(),
+        ),
         fail: fail.clone(),
     };
     let mut c = Cluster::load(Box::new(store), settings(), 0).unwrap();
@@ -730,8 +707,8 @@ fn a_replacement_replica_prefers_the_zone_its_service_lacks() {
 }
 
 /// A notebook's token is in no row of the store; after a restart the same
-/// token comes back (derived from the key and the job id), and another key
-/// gives another.
+/// token comes back (derived from the key and the job id); another key is
+/// refused.
 #[test]
 fn notebook_tokens_are_not_stored_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -766,9 +743,15 @@ fn notebook_tokens_are_not_stored_and_survive_a_restart() {
         token_key: SecretKey(vec![9; 32]),
         ..settings()
     };
-    let c = Cluster::load(Box::new(store), other, 10).unwrap();
+    // Another key would derive other tokens, which the running notebook
+    // does not accept: the scheduler refuses to load with it.
+    let Err(err) = Cluster::load(Box::new(store), other.clone(), 10) else {
+        panic!("loaded with another key");
+    };
+    assert!(matches!(err, StoreError::SecretKeyMismatch), "{err}");
+    assert!(err.to_string().contains("secret_key_file"), "{err}");
     assert_ne!(
-        c.job(&admin(), &job.job_id).unwrap().access_token,
+        other.token_key.notebook_token(&job.job_id),
         job.access_token
     );
 }

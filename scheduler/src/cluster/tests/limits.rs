@@ -185,48 +185,50 @@ fn finished_jobs_are_forgotten_after_their_retention_and_their_ids_never_reused(
     };
     let mut c = with_limits(dir.path(), limits.clone());
     let mut out = Outbox::new();
+    let run_to_end = |c: &mut Cluster, job: &Job, at: i64, out: &mut Outbox| {
+        let id = format!("{}-0", job.job_id);
+        let running = report(&id, InstanceState::Running, None);
+        c.heartbeat("n1", None, vec![running], at, out);
+        let done = report(&id, InstanceState::Succeeded, Some(0));
+        c.heartbeat("n1", None, vec![done], at + 100, out);
+    };
     let old = c.submit(&admin(), raw(1), 0, &mut out).unwrap();
-    let id = format!("{}-0", old.job_id);
-    c.heartbeat(
-        "n1",
-        None,
-        vec![report(&id, InstanceState::Running, None)],
-        10,
-        &mut out,
-    );
-    c.heartbeat(
-        "n1",
-        None,
-        vec![report(&id, InstanceState::Succeeded, Some(0))],
-        1_000,
-        &mut out,
-    );
-    let running = c.submit(&admin(), raw(1), 2_000, &mut out).unwrap();
-    // Within its retention it stays; so does a running job, always.
+    run_to_end(&mut c, &old, 10, &mut out);
+    let newest = c.submit(&admin(), raw(1), 2_000, &mut out).unwrap();
+    // Within its retention a finished job stays; a running one always.
+    c.close_hours(3_000_000);
     assert_eq!(c.forget_finished_jobs(3_000_000), 0);
     let later = 3 * 3_600_000;
     c.close_hours(later);
     assert_eq!(c.forget_finished_jobs(later), 1);
     assert!(c.job(&admin(), &old.job_id).is_err());
-    assert!(c.job(&admin(), &running.job_id).is_ok());
-    // Its hour stays billed.
-    assert!(
-        c.store
-            .ledger(0, later)
-            .unwrap()
-            .iter()
-            .any(|r| r.job_id == old.job_id)
-    );
-    // After a restart the store agrees, and ids go on from where they were.
+    assert!(c.job(&admin(), &newest.job_id).is_ok());
+    // The newest ends and goes too: no stored job keeps the sequence up.
+    run_to_end(&mut c, &newest, later, &mut out);
+    let much_later = later + 3 * 3_600_000;
+    c.close_hours(much_later);
+    assert_eq!(c.forget_finished_jobs(much_later), 1);
+    assert_eq!(c.jobs().count(), 0);
+    // Their hours stay billed.
+    let billed = c.store.ledger(0, much_later).unwrap();
+    for j in [&old, &newest] {
+        assert!(
+            billed.iter().any(|r| r.job_id == j.job_id),
+            "{} not billed",
+            j.job_id
+        );
+    }
+    // After a restart the store agrees, and ids go on from where they were
+    // (only the stored mark says 3 is next).
     drop(c);
     let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
     let s = Settings {
         limits,
         ..settings()
     };
-    let mut c = Cluster::load(Box::new(store), s, later).unwrap();
-    assert!(c.job(&admin(), &old.job_id).is_err());
-    c.heartbeat("n1", None, vec![], later, &mut out);
-    let next = c.submit(&admin(), raw(0), later, &mut out).unwrap();
+    let mut c = Cluster::load(Box::new(store), s, much_later).unwrap();
+    assert_eq!(c.jobs().count(), 0);
+    c.heartbeat("n1", None, vec![], much_later, &mut out);
+    let next = c.submit(&admin(), raw(0), much_later, &mut out).unwrap();
     assert_eq!(next.job_id, "j-000003");
 }
