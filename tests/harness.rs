@@ -499,6 +499,28 @@ impl Agent {
         Self::spawn(dir, &scheduler.addr(), node_id, fake_gpus, az, extra, None)
     }
 
+    /// An agent run from `exe` (a copy of the agent binary installed
+    /// elsewhere), with extra TOML lines.
+    pub fn start_installed(
+        dir: &Path,
+        scheduler: &Scheduler,
+        node_id: &str,
+        fake_gpus: &str,
+        extra: &str,
+        exe: &Path,
+    ) -> Self {
+        Self::spawn_exe(
+            dir,
+            &scheduler.addr(),
+            node_id,
+            fake_gpus,
+            "AZ1",
+            extra,
+            None,
+            exe.to_path_buf(),
+        )
+    }
+
     /// An agent reaching the scheduler at `addr` (replicas comma-separated).
     pub fn start_at(dir: &Path, addr: &str, node_id: &str, fake_gpus: &str) -> Self {
         Self::spawn(dir, addr, node_id, fake_gpus, "AZ1", "", None)
@@ -536,6 +558,30 @@ impl Agent {
         extra: &str,
         netns: Option<&str>,
     ) -> Self {
+        let exe = bin("gpupool-agent");
+        Self::spawn_exe(
+            dir,
+            scheduler_addr,
+            node_id,
+            fake_gpus,
+            az,
+            extra,
+            netns,
+            exe,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_exe(
+        dir: &Path,
+        scheduler_addr: &str,
+        node_id: &str,
+        fake_gpus: &str,
+        az: &str,
+        extra: &str,
+        netns: Option<&str>,
+        exe: PathBuf,
+    ) -> Self {
         let metrics_port = 0;
         let state = dir.join(format!("agent-{node_id}"));
         std::fs::create_dir_all(&state).unwrap();
@@ -554,10 +600,10 @@ impl Agent {
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin("gpupool-agent"));
+                c.args(["netns", "exec", ns]).arg(&exe);
                 c
             }
-            None => Command::new(bin("gpupool-agent")),
+            None => Command::new(&exe),
         };
         cmd.arg("--config")
             .arg(&config)

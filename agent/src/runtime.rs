@@ -773,22 +773,25 @@ impl Runtime {
         };
         std::fs::create_dir_all(&workdir)?;
         std::fs::create_dir_all(self.state_dir.join("instances"))?;
-        if let Some((uid, gid)) = self.run_as {
-            if spec.working_dir.is_none() {
-                std::os::unix::fs::chown(&workdir, Some(uid), Some(gid))?;
-            }
-            // The shim runs as that user too and writes the exit status here.
-            let exit = self.exit_path(&spec.instance_id);
-            std::fs::write(&exit, "")?;
-            std::os::unix::fs::chown(&exit, Some(uid), Some(gid))?;
+        if let Some((uid, gid)) = self.run_as
+            && spec.working_dir.is_none()
+        {
+            std::os::unix::fs::chown(&workdir, Some(uid), Some(gid)).map_err(|e| {
+                anyhow::anyhow!("cannot give {} to uid {uid}: {e}", workdir.display())
+            })?;
         }
+        // With the shim, the shim (the agent's user, so it can be exec'd
+        // from wherever the agent is installed and its exit file is out of
+        // the job's reach) switches to the instance's user for the command;
+        // without it, the child switches itself, after joining its cgroup.
         let mut cmd = match &self.shim {
             Some(shim) => {
                 let mut c = tokio::process::Command::new(shim);
-                c.arg("shim")
-                    .arg(self.exit_path(&spec.instance_id))
-                    .arg("--")
-                    .arg(program);
+                c.arg("shim").arg(self.exit_path(&spec.instance_id));
+                if let Some((uid, gid)) = self.run_as {
+                    c.arg("--as").arg(format!("{uid}:{gid}"));
+                }
+                c.arg("--").arg(program);
                 c
             }
             None => tokio::process::Command::new(program),
@@ -802,20 +805,28 @@ impl Runtime {
             .stderr(Stdio::from(log))
             .process_group(0)
             .kill_on_drop(false);
-        if let Some((uid, gid)) = self.run_as {
-            cmd.uid(uid).gid(gid);
-        }
+        let drop_to = if self.shim.is_none() {
+            self.run_as
+        } else {
+            None
+        };
         let cgroup = self.cgroup_for(spec)?;
-        if let Some(group) = &cgroup {
-            // The child joins its cgroup before exec, so nothing it starts
-            // escapes. Paths are prepared here: pre_exec may not allocate.
-            let files: Vec<std::ffi::CString> = group
+        let files: Vec<std::ffi::CString> = match &cgroup {
+            Some(group) => group
                 .procs_files()
                 .iter()
                 .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()))
-                .collect::<Result<_, _>>()?;
-            // SAFETY: the closure only calls open/write/close (async-signal-safe)
-            // on memory prepared before the fork.
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        };
+        if !files.is_empty() || drop_to.is_some() {
+            // The child joins its cgroup before exec, so nothing it starts
+            // escapes, and only then gives up root (an unprivileged process
+            // may not write cgroup.procs). Paths are prepared here: pre_exec
+            // may not allocate.
+            // SAFETY: the closure only calls open/write/close and
+            // setgroups/setgid/setuid (async-signal-safe) on memory prepared
+            // before the fork.
             unsafe {
                 cmd.pre_exec(move || {
                     for f in &files {
@@ -829,6 +840,13 @@ impl Runtime {
                             return Err(std::io::Error::last_os_error());
                         }
                     }
+                    if let Some((uid, gid)) = drop_to
+                        && (libc::setgroups(0, std::ptr::null()) != 0
+                            || libc::setgid(gid) != 0
+                            || libc::setuid(uid) != 0)
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
                     Ok(())
                 });
             }
@@ -836,10 +854,27 @@ impl Runtime {
         match cmd.spawn() {
             Ok(child) => Ok((child, cgroup)),
             Err(err) => {
-                if let Some(group) = cgroup {
+                if let Some(group) = &cgroup {
                     let _ = group.remove();
                 }
-                Err(err.into())
+                // Name what was being done, and with which files.
+                let how = match (&self.shim, self.run_as) {
+                    (Some(shim), _) => format!("the shim {}", shim.display()),
+                    (None, Some((uid, _))) => format!("{program} as uid {uid}"),
+                    (None, None) => program.to_string(),
+                };
+                let joining = cgroup
+                    .as_ref()
+                    .map(|g| {
+                        let files: Vec<String> = g
+                            .procs_files()
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect();
+                        format!(" (joining {})", files.join(", "))
+                    })
+                    .unwrap_or_default();
+                Err(anyhow::anyhow!("cannot start {how}{joining}: {err}"))
             }
         }
     }
@@ -1529,11 +1564,18 @@ mod tests {
             eprintln!("SKIPPED: no writable cgroup hierarchy (run as root to test confinement)");
             return None;
         }
-        Some(
-            Runtime::new(dir)
-                .unwrap()
-                .with_cgroups(manager.map(Arc::from), Confinement::Required),
-        )
+        let rt = Runtime::new(dir)
+            .unwrap()
+            .with_cgroups(manager.map(Arc::from), Confinement::Required);
+        // As root (CI), the confined instances run as `nobody`: the limits
+        // must hold for an unprivileged instance, which joins its cgroup
+        // before it drops root.
+        // SAFETY: geteuid has no preconditions.
+        Some(if unsafe { libc::geteuid() } == 0 {
+            rt.with_user("nobody").unwrap()
+        } else {
+            rt
+        })
     }
 
     #[tokio::test]
@@ -1610,7 +1652,14 @@ mod tests {
         let Some(rt) = confined_runtime(dir.path()) else {
             return;
         };
-        let mut s = spec("fits-1", &["sh", "-c", "echo fine > /dev/null && echo ok"]);
+        let mut s = spec(
+            "fits-1",
+            &[
+                "sh",
+                "-c",
+                "echo fine > /dev/null && id -u && cat /proc/self/cgroup",
+            ],
+        );
         s.limits = Limits {
             memory_bytes: Some(64 << 20),
             cpu_milli: Some(1000),
@@ -1620,6 +1669,15 @@ mod tests {
         rt.start(s);
         let r = wait_terminal(&rt, "fits-1").await;
         assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+        let (log, _) = rt.read_log("fits-1", 0, 4096).await.unwrap();
+        let log = String::from_utf8_lossy(&log);
+        // In its own cgroup, and (as root) as nobody.
+        assert!(log.contains("local_fits-1"), "{log}");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let (uid, _) = lookup_user("nobody").unwrap();
+            assert!(log.starts_with(&format!("{uid}\n")), "{log}");
+        }
         // The cgroup is removed once empty.
         let mut gone = false;
         for _ in 0..50 {

@@ -44,25 +44,51 @@ pub fn run_if_shim(args: &[String]) {
     std::process::exit(shim(&args[1..]));
 }
 
+/// `EXIT_FILE [--as UID:GID] -- COMMAND ARGS...`: the exit file, the user
+/// the command runs as (None: the shim's), the command.
+fn parse(args: &[String]) -> Option<(&str, Option<(u32, u32)>, &[String])> {
+    let exit_file = args.first()?;
+    let (user, rest) = match args.get(1).map(String::as_str) {
+        Some("--as") => {
+            let (uid, gid) = args.get(2)?.split_once(':')?;
+            (Some((uid.parse().ok()?, gid.parse().ok()?)), &args[3..])
+        }
+        _ => (None, &args[1..]),
+    };
+    match rest.split_first() {
+        Some((dashes, command)) if dashes == "--" && !command.is_empty() => {
+            Some((exit_file, user, command))
+        }
+        _ => None,
+    }
+}
+
 fn shim(args: &[String]) -> i32 {
-    let (Some(exit_file), Some("--")) = (args.first(), args.get(1).map(String::as_str)) else {
-        eprintln!("usage: shim EXIT_FILE -- COMMAND ARGS...");
+    let Some((exit_file, user, command)) = parse(args) else {
+        eprintln!("usage: shim EXIT_FILE [--as UID:GID] -- COMMAND ARGS...");
         return 2;
     };
-    let Some((program, rest)) = args[2..].split_first() else {
-        eprintln!("shim: empty command");
-        return 2;
-    };
+    let (program, rest) = command.split_first().expect("parse checked it");
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: installing a handler that does nothing.
         unsafe {
             libc::signal(sig, ignore as *const () as libc::sighandler_t);
         }
     }
-    let status = match std::process::Command::new(program).args(rest).status() {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(rest);
+    if let Some((uid, gid)) = user {
+        // Supplementary groups go too (std clears them when root sets a uid).
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(gid);
+    }
+    let status = match cmd.status() {
         Ok(s) => s,
         Err(err) => {
-            eprintln!("failed to start {program}: {err}");
+            let who = user
+                .map(|(u, _)| format!(" as uid {u}"))
+                .unwrap_or_default();
+            eprintln!("failed to start {program}{who}: {err}");
             write_exit(exit_file, "code 127");
             return 127;
         }
@@ -91,14 +117,29 @@ fn write_exit(path: &str, text: &str) {
     if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, path).is_ok() {
         return;
     }
-    // An unprivileged instance cannot create files in the agent's state
-    // dir; the agent pre-creates the exit file for it, owned by its user.
     let _ = std::fs::write(path, text);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arguments_parse() {
+        let args = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        let a = args("/x.exit -- id -u");
+        assert_eq!(parse(&a), Some(("/x.exit", None, &a[2..])));
+        let a = args("/x.exit --as 65534:65534 -- id");
+        assert_eq!(parse(&a), Some(("/x.exit", Some((65534, 65534)), &a[4..])));
+        for bad in [
+            "/x.exit",
+            "/x.exit --",
+            "/x.exit --as 1 -- id",
+            "/x.exit id",
+        ] {
+            assert_eq!(parse(&args(bad)), None, "{bad}");
+        }
+    }
 
     #[test]
     fn exit_files_parse() {
