@@ -122,7 +122,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Self {
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Self {
         let file = std::fs::File::create(&log).unwrap();
         cmd.stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file))

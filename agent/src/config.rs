@@ -94,6 +94,11 @@ pub struct AgentConfig {
     /// none, as `[first, last]`.
     #[serde(default = "default_port_range")]
     pub port_range: [u16; 2],
+    /// Stop the running instances when the agent stops (`gpupool-scheduler
+    /// dev` does). Off for nodes: restarting the agent leaves them running
+    /// and reattaches.
+    #[serde(default)]
+    pub stop_instances_on_exit: bool,
 }
 
 fn default_port_range() -> [u16; 2] {

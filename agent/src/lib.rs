@@ -161,7 +161,21 @@ pub async fn run(
     if let Some(w) = watchdog {
         w.abort();
     }
-    tracing::info!("agent shutting down; running instances are left running");
+    if config.stop_instances_on_exit {
+        let stopping = ctx
+            .runtime
+            .stop_all(Duration::from_secs(3), "the agent is stopping");
+        tracing::info!(
+            instances = stopping,
+            "agent shutting down; stopping its instances"
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+        while ctx.runtime.live() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    } else {
+        tracing::info!("agent shutting down; running instances are left running");
+    }
     let _ = stop_tx.send(true);
     let _ = session.await;
     rotation.abort();

@@ -1075,6 +1075,33 @@ impl Runtime {
         });
     }
 
+    /// Stops every live instance (SIGTERM, SIGKILL after `grace`); returns
+    /// how many.
+    pub fn stop_all(&self, grace: Duration, reason: &str) -> usize {
+        let live: Vec<String> = self
+            .entries
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|e| !e.report.phase.is_terminal())
+            .map(|e| e.report.instance_id.clone())
+            .collect();
+        for id in &live {
+            self.stop(id, grace, reason);
+        }
+        live.len()
+    }
+
+    /// Instances not yet ended.
+    pub fn live(&self) -> usize {
+        self.entries
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|e| !e.report.phase.is_terminal())
+            .count()
+    }
+
     /// Drops a finished instance the scheduler has recorded. Its log stays.
     pub fn forget(&self, instance_id: &str) {
         let mut entries = self.entries.lock().unwrap();

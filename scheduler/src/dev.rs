@@ -1,8 +1,12 @@
 //! `gpupool-scheduler dev`: a scheduler on an SQLite file in a data dir plus
-//! a local agent in the same process, on localhost (like `nomad agent -dev`).
+//! local agents in the same process, on localhost (like `nomad agent -dev`):
+//! the whole product on one machine. `--config` takes the same TOML as
+//! `serve` (prices, kinds, limits, regions; dev's flags win), `--nodes N`
+//! runs N agents spread over AZ1..AZ3, Ctrl-C stops the cluster and its
+//! instances, and a lock keeps a second dev off the same data dir.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -11,30 +15,74 @@ use crate::config::SchedulerConfig;
 /// Options of the dev command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DevArgs {
-    /// Where the database and the agent's logs live.
+    /// Where the database and the agents' logs live.
     #[arg(long, default_value = ".gpupool-dev")]
     pub data_dir: PathBuf,
-    /// Simulated GPUs for the local agent, e.g. 8xH100-80GB (default: real NVML, or CPU-only).
-    #[arg(long)]
+    /// Scheduler config (the TOML of `serve`: prices, [kinds.*], [limits],
+    /// subscription_regions...); dev's flags override it, and the data
+    /// stays in --data-dir.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Local agents to run, each its own node (spread over AZ1..AZ3).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub nodes: u32,
+    /// Simulated GPUs for each local agent, e.g. 8xH100-80GB (default: real
+    /// NVML, or CPU-only).
+    #[arg(long, value_name = "COUNTxMODEL", value_parser = parse_fake_gpus)]
     pub fake_gpus: Option<String>,
-    /// gRPC listen address.
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    pub grpc_listen: SocketAddr,
-    /// Scheduler metrics listen address.
-    #[arg(long, default_value = "127.0.0.1:9400")]
-    pub metrics_listen: SocketAddr,
-    /// Local agent metrics listen address.
+    /// gRPC listen address (default 127.0.0.1:7070, or the config's).
+    #[arg(long)]
+    pub grpc_listen: Option<SocketAddr>,
+    /// Scheduler metrics listen address (default 127.0.0.1:9400).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Metrics address of the first local agent; the others take the next
+    /// ports.
     #[arg(long, default_value = "127.0.0.1:9401")]
     pub agent_metrics_listen: SocketAddr,
     /// Require this admin token (and tenant tokens) on every call. Without
-    /// it the dev cluster runs without authentication: every caller is the
-    /// admin.
+    /// it (and without one in --config) the dev cluster runs without
+    /// authentication: every caller is the admin.
     #[arg(long, env = "GPUPOOL_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
+    /// Run instances as this user. Default: `nobody` when dev runs as root
+    /// (JupyterLab, for one, refuses to run as root), else dev's own user.
+    #[arg(long, value_name = "USER")]
+    pub run_as_user: Option<String>,
+    /// Leave the instances running when dev stops (by default Ctrl-C stops
+    /// them with the cluster).
+    #[arg(long)]
+    pub keep_instances: bool,
+}
+
+/// `--fake-gpus` is checked before anything starts.
+fn parse_fake_gpus(spec: &str) -> Result<String, String> {
+    gpupool_agent::probe::FakeGpus::parse(spec, "check")
+        .map(|_| spec.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Prices dev uses when the config sets none, so billing, subscriptions and
+/// conversion (R-BILL-1 needs a consumption record) can be tried.
+fn dev_prices(config: &mut SchedulerConfig) -> bool {
+    let b = &mut config.billing;
+    let unpriced =
+        b.prices.is_empty() && b.default_price == crate::domain::billing::SpecPrice::default();
+    if unpriced {
+        b.default_price = crate::domain::billing::SpecPrice {
+            on_demand_node_hour_micros: 2_000_000,
+            subscription_node_month_micros: 1_000_000_000,
+            public_instance_hour_micros: 500_000,
+        };
+    }
+    if config.subscription_regions.is_empty() {
+        config.subscription_regions = vec!["region-1".into()];
+    }
+    unpriced
 }
 
 /// The dev cluster's join token: `DATA_DIR/join-token` (0600), made once.
-fn dev_join_token(data_dir: &std::path::Path) -> anyhow::Result<String> {
+fn dev_join_token(data_dir: &Path) -> anyhow::Result<String> {
     let path = data_dir.join("join-token");
     if let Ok(text) = std::fs::read_to_string(&path)
         && !text.trim().is_empty()
@@ -50,28 +98,152 @@ fn dev_join_token(data_dir: &std::path::Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// Holds `DATA_DIR/lock` (flock) while dev runs: a second dev on the same
+/// data dir is refused instead of adopting the first one's instances.
+struct DataDirLock {
+    /// The lock lasts as long as this descriptor.
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    fn take(data_dir: &Path) -> anyhow::Result<Self> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        let path = data_dir.join("lock");
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: flock on a file descriptor this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            anyhow::bail!(
+                "another gpupool-scheduler dev (pid {}) is using {}; stop it, or pass another --data-dir",
+                holder.trim(),
+                data_dir.display()
+            );
+        }
+        f.set_len(0)?;
+        f.rewind()?;
+        write!(f, "{}", std::process::id())?;
+        Ok(Self { _file: f })
+    }
+}
+
+/// The agents dev runs: config and what the banner says of each.
+fn agent_configs(
+    args: &DevArgs,
+    data_dir: &Path,
+    grpc: SocketAddr,
+    join_token: &str,
+    run_as_user: Option<String>,
+) -> Vec<gpupool_agent::AgentConfig> {
+    let n = args.nodes;
+    let (first, last) = gpupool_agent::runtime::DEFAULT_PORT_RANGE;
+    let span = (u32::from(last - first) + 1) / n;
+    let host = gpupool_agent::probe::host_info().hostname;
+    (0..n)
+        .map(|i| {
+            // One node keeps the layout of earlier dev clusters (node id
+            // from the machine, state in DATA_DIR/agent).
+            let (node_id, state_dir) = if n == 1 {
+                (None, data_dir.join("agent"))
+            } else {
+                (
+                    Some(format!("{host}-{}", i + 1)),
+                    data_dir.join(format!("agent-{}", i + 1)),
+                )
+            };
+            let mut metrics = args.agent_metrics_listen;
+            metrics.set_port(metrics.port().saturating_add(i as u16));
+            let lo = first + (i * span) as u16;
+            gpupool_agent::AgentConfig {
+                scheduler_addr: format!("http://{grpc}"),
+                node_id,
+                state_dir,
+                metrics_listen: Some(metrics),
+                fake_gpus: args.fake_gpus.clone(),
+                az: format!("AZ{}", i % 3 + 1),
+                labels: Default::default(),
+                join_token: Some(join_token.to_string()),
+                max_backoff_ms: 2_000,
+                confinement: Default::default(),
+                cgroup_root: "/sys/fs/cgroup".into(),
+                pids_max: 4096,
+                run_as_user: run_as_user.clone(),
+                mps_pipe_dir: None,
+                advertise_address: Some(grpc.ip().to_string()),
+                log_max_bytes: 100 * 1024 * 1024,
+                log_keep: 3,
+                disk_budget_mib: 10 * 1024,
+                sample_interval_ms: 1000,
+                tls_ca_file: None,
+                tls_cert_file: None,
+                tls_key_file: None,
+                tls_domain: None,
+                port_range: [lo, lo + span as u16 - 1],
+                stop_instances_on_exit: !args.keep_instances,
+            }
+        })
+        .collect()
+}
+
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let data_dir = std::path::absolute(&args.data_dir)?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let _lock = DataDirLock::take(&data_dir)?;
+    let mut config = match &args.config {
+        Some(path) => SchedulerConfig::load(path)?,
+        None => SchedulerConfig {
+            stop_grace_ms: 5_000,
+            ..SchedulerConfig::default()
+        },
+    };
+    if config.database_url.is_some() {
+        anyhow::bail!("dev runs on SQLite in --data-dir: remove `database_url` from the config");
+    }
+    config.data_dir = data_dir.join("scheduler");
+    // Flags win; else the config's address, else 7070 on loopback.
+    if let Some(addr) = args.grpc_listen {
+        config.grpc_listen = addr;
+    }
+    config.metrics_listen = Some(
+        args.metrics_listen
+            .or(config.metrics_listen)
+            .unwrap_or_else(|| "127.0.0.1:9400".parse().unwrap()),
+    );
+    if args.admin_token.is_some() {
+        config.admin_token = args.admin_token.clone();
+    }
     // Even on loopback, nodes enrol with a join token (kept for agents
     // started by hand); each then holds its own credential.
-    let join_token = dev_join_token(&data_dir)?;
-    let config = SchedulerConfig {
-        grpc_listen: args.grpc_listen,
-        metrics_listen: Some(args.metrics_listen),
-        data_dir: data_dir.join("scheduler"),
-        stop_grace_ms: 5_000,
-        admin_token: args.admin_token.clone(),
-        join_token: Some(join_token.clone()),
-        ..SchedulerConfig::default()
+    let join_token = match &config.join_token {
+        Some(t) => t.clone(),
+        None => dev_join_token(&data_dir)?,
     };
-    config
-        .check()
-        .map_err(|e| anyhow::anyhow!("--admin-token: {e}"))?;
+    config.join_token = Some(join_token.clone());
+    let priced = dev_prices(&mut config);
+    let flag = if args.config.is_some() {
+        "--config"
+    } else {
+        "--admin-token"
+    };
+    config.check().map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
     config.check_serving().map_err(|e| {
         anyhow::anyhow!("{e} (in dev: --grpc-listen beyond loopback needs --admin-token)")
     })?;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let run_as_user = args
+        .run_as_user
+        .clone()
+        .or_else(|| root.then(|| "nobody".to_string()));
+
     let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| {
@@ -80,15 +252,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 config.grpc_listen
             )
         })?;
-    let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
+    let metrics_addr = config.metrics_listen.expect("set above");
+    let metrics = tokio::net::TcpListener::bind(metrics_addr)
         .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (use --metrics-listen)",
-                args.metrics_listen
-            )
-        })?;
+        .with_context(|| format!("cannot listen on {metrics_addr} (use --metrics-listen)"))?;
     let grpc_addr = grpc.local_addr()?;
+    let prices = config.billing.default_price;
+    let auth_on = config.admin_token.is_some();
     let shared = crate::server::open(config)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -102,46 +272,39 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         wait(stop_rx.clone()),
     ));
 
-    let agent_config = gpupool_agent::AgentConfig {
-        scheduler_addr: format!("http://{grpc_addr}"),
-        node_id: None,
-        state_dir: data_dir.join("agent"),
-        metrics_listen: Some(args.agent_metrics_listen),
-        fake_gpus: args.fake_gpus.clone(),
-        az: "AZ1".into(),
-        labels: Default::default(),
-        join_token: Some(join_token),
-        max_backoff_ms: 2_000,
-        confinement: Default::default(),
-        cgroup_root: "/sys/fs/cgroup".into(),
-        pids_max: 4096,
-        run_as_user: None,
-        mps_pipe_dir: None,
-        advertise_address: Some(args.grpc_listen.ip().to_string()),
-        log_max_bytes: 100 * 1024 * 1024,
-        log_keep: 3,
-        disk_budget_mib: 10 * 1024,
-        sample_interval_ms: 1000,
-        tls_ca_file: None,
-        tls_cert_file: None,
-        tls_key_file: None,
-        tls_domain: None,
-        port_range: [
-            gpupool_agent::runtime::DEFAULT_PORT_RANGE.0,
-            gpupool_agent::runtime::DEFAULT_PORT_RANGE.1,
-        ],
-    };
-    let agent = tokio::spawn(gpupool_agent::run(agent_config, None, wait(stop_rx)));
+    let agents = agent_configs(
+        &args,
+        &data_dir,
+        grpc_addr,
+        &join_token,
+        run_as_user.clone(),
+    );
+    let mut lines = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for config in agents {
+        lines.push(format!(
+            "    {} {}: metrics http://{}/metrics, ports {}-{}, state {}",
+            config.node_id.as_deref().unwrap_or("(this machine's id)"),
+            config.az,
+            config.metrics_listen.expect("set"),
+            config.port_range[0],
+            config.port_range[1],
+            config.state_dir.display()
+        ));
+        tasks.spawn(gpupool_agent::run(config, None, wait(stop_rx.clone())));
+    }
 
     let gpus = args.fake_gpus.as_deref().map_or(
         "real GPUs via NVML (CPU-only if no driver)".to_string(),
-        |s| format!("simulated {s}"),
+        |s| format!("simulated {s} each"),
     );
+    let money = |m: i64| format!("{}.{:02}", m / 1_000_000, m % 1_000_000 / 10_000);
     println!(
         "gpupool dev cluster is up\n\
          \x20 scheduler gRPC : http://{grpc_addr}\n\
-         \x20 metrics        : http://{}/metrics (scheduler), http://{}/metrics (agent)\n\
-         \x20 local agent    : {gpus}\n\
+         \x20 metrics        : http://{metrics_addr}/metrics (scheduler)\n\
+         \x20 local agents   : {} node(s), {gpus}; instances run as {}\n{}\n\
+         \x20 prices         : {} (on demand {}/node-hour, subscription {}/node-month, public {}/instance-hour)\n\
          \x20 data           : {} (agents started by hand enrol with the join_token in join-token)\n\
          \x20 authentication : {}\n\n\
          In another terminal:\n\
@@ -150,20 +313,45 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          \x20 gpupool job list\n\
          \x20 gpupool job logs <JOB_ID>\n\
          (set GPUPOOL_ADDR=http://{grpc_addr} if you changed --grpc-listen)\n\
-         Ctrl-C stops the cluster; its state stays in the data dir.",
-        args.metrics_listen,
-        args.agent_metrics_listen,
+         Ctrl-C stops the cluster{}; its state stays in the data dir.",
+        lines.len(),
+        run_as_user.as_deref().unwrap_or("dev's own user"),
+        lines.join("\n"),
+        if priced {
+            "dev defaults"
+        } else {
+            "from --config"
+        },
+        money(prices.on_demand_node_hour_micros),
+        money(prices.subscription_node_month_micros),
+        money(prices.public_instance_hour_micros),
         data_dir.display(),
-        if args.admin_token.is_some() {
+        if auth_on {
             "on (export GPUPOOL_TOKEN=<admin token> for the CLI)"
         } else {
             "off: every caller is the admin (pass --admin-token to turn it on)"
-        }
+        },
+        if args.keep_instances {
+            " (its instances keep running: --keep-instances)"
+        } else {
+            " and its instances"
+        },
     );
 
-    crate::shutdown_signal().await;
+    let mut failed = None;
+    tokio::select! {
+        _ = crate::shutdown_signal() => {}
+        // An agent that cannot start (a taken port, a bad node) ends dev.
+        Some(result) = tasks.join_next() => failed = Some(result),
+    }
     let _ = stop_tx.send(true);
-    agent.await??;
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    if let Some(result) = failed {
+        result??;
+        anyhow::bail!("a local agent stopped");
+    }
     scheduler.await??;
     Ok(())
 }
