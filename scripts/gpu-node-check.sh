@@ -99,7 +99,7 @@ check "nvidia-smi -L inside lists exactly its GPU" \
 check "CUDA_VISIBLE_DEVICES is its UUID" grep -q "CUDA_VISIBLE_DEVICES=$SMI_UUID" "$OUT/job1.log"
 check "torch computed on it" grep -q "^matmuls" "$OUT/job1.log"
 check "DCGM_FI_DEV_GPU_UTIL > 0 labelled with the job" \
-    sh -c "grep '^DCGM_FI_DEV_GPU_UTIL' '$OUT/agent-metrics-during-job.txt' | grep 'job=\"$J1\"' | awk '\$NF > 0 {ok=1} END {exit !ok}'"
+    sh -c "grep '^DCGM_FI_DEV_GPU_UTIL' '$OUT/agent-metrics-during-job.txt' | grep 'gpupool_job=\"$J1\"' | awk '\$NF > 0 {ok=1} END {exit !ok}'"
 check "instance cgroup memory in the metrics" \
     sh -c "grep '^gpupool_agent_instance_memory_bytes' '$OUT/agent-metrics-during-job.txt' | grep -q '$J1'"
 check "FB_USED and SM_CLOCK reported" \

@@ -325,7 +325,7 @@ async fn health_reflection_and_metrics() {
         body.contains("DCGM_FI_DEV_GPU_UTIL").then_some(body)
     })
     .await;
-    let job_label = format!("job=\"{}\"", running.job_id);
+    let job_label = format!("gpupool_job=\"{}\"", running.job_id);
     assert_eq!(
         agent_metrics
             .lines()

@@ -36,7 +36,11 @@ pub struct AgentMetrics {
 
 /// dcgm-exporter calls the model label `modelName`; promtool rejects camelCase
 /// label names, so it is `model_name` here (the other labels match).
-/// `pool`, `job` and `tenant` are empty on GPUs no instance holds.
+/// `pool`, `gpupool_job` and `tenant` are empty on GPUs no instance holds.
+/// The job is `gpupool_job`, not `job` (dcgm-exporter's HPC mapping says
+/// `hpc_job` for the same reason): every Prometheus scrape adds its own
+/// `job` and `instance` target labels, and a clashing exported label would
+/// arrive renamed `exported_job`.
 const GPU_LABELS: &[&str] = &[
     "gpu",
     "UUID",
@@ -44,9 +48,14 @@ const GPU_LABELS: &[&str] = &[
     "model_name",
     "Hostname",
     "pool",
-    "job",
+    JOB_LABEL,
     "tenant",
 ];
+
+/// The label naming a gpupool job (see [`GPU_LABELS`]).
+pub const JOB_LABEL: &str = "gpupool_job";
+/// The label naming a gpupool instance.
+pub const INSTANCE_LABEL: &str = "gpupool_instance";
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
     let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -57,7 +66,7 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeV
 }
 
 fn instance_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
-    gauge(registry, name, help, &["instance", "job"])
+    gauge(registry, name, help, &[INSTANCE_LABEL, JOB_LABEL])
 }
 
 fn gpu_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
