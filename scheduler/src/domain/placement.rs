@@ -828,21 +828,99 @@ fn no_fit_reason(nodes: &[NodeCapacity], pool: &str, req: &Resources, instances:
                 },
             );
         }
-        let most_free = schedulable
-            .iter()
-            .map(|n| {
-                n.gpus
-                    .iter()
-                    .filter(|g| g.healthy && g.free_milli == 1000)
-                    .count()
-            })
-            .max()
-            .unwrap_or(0);
+    }
+    // The best candidate: the Ready node short of the fewest resources
+    // (then the most instances it could take, then node order).
+    let shortfalls: Vec<(usize, Vec<String>, u64)> = schedulable
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let (short, fit) = node_shortfall(n, req);
+            (i, short, fit)
+        })
+        .collect();
+    let room: u64 = shortfalls.iter().map(|(_, _, fit)| fit).sum();
+    let best = shortfalls
+        .iter()
+        .min_by_key(|(i, short, fit)| (short.len(), std::cmp::Reverse(*fit), *i))
+        .expect("at least one schedulable node");
+    if best.1.is_empty() {
         return format!(
-            "waiting for capacity: needs {want}; most free whole GPUs on a Ready node in pool {pool:?}: {most_free}"
+            "waiting for capacity: needs {want}; pool {pool:?} has room for {room} now (all instances are placed together)"
         );
     }
-    format!("waiting for capacity: no Ready node in pool {pool:?} has room for {want}")
+    format!(
+        "waiting for capacity: needs {want}; the best Ready node in pool {pool:?}, {}, is short of {}",
+        schedulable[best.0].node_id,
+        best.1.join(", ")
+    )
+}
+
+/// What `n` lacks for one instance of `req` (each with the numbers), and
+/// how many instances of it fit there.
+fn node_shortfall(n: &NodeCapacity, req: &Resources) -> (Vec<String>, u64) {
+    let mut short = Vec::new();
+    let usable = |g: &&GpuSlot| g.healthy && model_allowed(&req.gpu_models, &g.model);
+    let model = if req.gpu_models.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", req.gpu_models.join("|"))
+    };
+    let mut fit = u64::MAX;
+    if req.gpus > 0 {
+        let whole = n
+            .gpus
+            .iter()
+            .filter(usable)
+            .filter(|g| g.free_milli == 1000)
+            .count();
+        fit = fit.min(whole as u64 / u64::from(req.gpus));
+        if whole < req.gpus as usize {
+            short.push(format!(
+                "GPUs: {whole} free{model} GPU(s), {} needed",
+                req.gpus
+            ));
+        }
+    } else if req.gpu_milli > 0 {
+        let shares: u64 = n
+            .gpus
+            .iter()
+            .filter(usable)
+            .map(|g| u64::from(g.free_milli / req.gpu_milli))
+            .sum();
+        fit = fit.min(shares);
+        if shares == 0 {
+            let most = n
+                .gpus
+                .iter()
+                .filter(usable)
+                .map(|g| g.free_milli)
+                .max()
+                .unwrap_or(0);
+            short.push(format!(
+                "GPU share: at most {most}m free on one{model} GPU, {}m needed",
+                req.gpu_milli
+            ));
+        }
+    }
+    if req.cpu_milli > 0 {
+        let free = n.cpu_free_milli.max(0) as u64;
+        fit = fit.min(free / req.cpu_milli);
+        if free < req.cpu_milli {
+            short.push(format!("CPU: {free}m free, {}m needed", req.cpu_milli));
+        }
+    }
+    if req.memory_mib > 0 {
+        let free = n.memory_free_mib.max(0) as u64;
+        fit = fit.min(free / req.memory_mib);
+        if free < req.memory_mib {
+            short.push(format!(
+                "memory: {free} MiB free, {} MiB needed",
+                req.memory_mib
+            ));
+        }
+    }
+    (short, if fit == u64::MAX { 1 } else { fit })
 }
 
 #[cfg(test)]
@@ -876,6 +954,62 @@ mod tests {
             memory_mib: 1024,
             ..Default::default()
         }
+    }
+
+    /// A job that waits says which resource the best node lacks, with the
+    /// numbers: GPUs free but CPU gone names CPU, not GPUs.
+    #[test]
+    fn a_waiting_job_names_the_resource_that_is_short() {
+        let reason = |nodes: &mut Vec<NodeCapacity>, req: &Resources| {
+            place(nodes, "public", req, 1).expect_err("does not fit")
+        };
+        let mut busy_cpu = vec![node("a", 4), node("b", 4)];
+        busy_cpu[0].cpu_free_milli = 500;
+        busy_cpu[1].cpu_free_milli = 0;
+        let notebook = Resources {
+            gpu_milli: 250,
+            cpu_milli: 2000,
+            memory_mib: 8192,
+            ..Default::default()
+        };
+        let r = reason(&mut busy_cpu, &notebook);
+        assert!(r.contains("short of CPU: 500m free, 2000m needed"), "{r}");
+        assert!(r.contains(", a,"), "the closest node is named: {r}");
+        assert!(!r.contains("GPU share") && !r.contains("memory"), "{r}");
+
+        let mut busy_mem = vec![node("a", 4)];
+        busy_mem[0].memory_free_mib = 1000;
+        let r = reason(&mut busy_mem, &gpus(1));
+        assert!(r.contains("memory: 1000 MiB free, 1024 MiB needed"), "{r}");
+
+        let mut shared = vec![node("a", 2)];
+        for g in &mut shared[0].gpus {
+            g.free_milli = 200;
+        }
+        let r = reason(&mut shared, &notebook);
+        assert!(
+            r.contains("GPU share: at most 200m free on one GPU, 250m needed"),
+            "{r}"
+        );
+
+        let mut taken = vec![node("a", 8)];
+        for g in taken[0].gpus.iter_mut().take(6) {
+            g.free_milli = 0;
+        }
+        let r = reason(&mut taken, &gpus(4));
+        assert!(r.contains("GPUs: 2 free GPU(s), 4 needed"), "{r}");
+        // Two short at once: both named.
+        taken[0].cpu_free_milli = 0;
+        let r = reason(&mut taken, &gpus(4));
+        assert!(
+            r.contains("GPUs: 2 free") && r.contains("CPU: 0m free"),
+            "{r}"
+        );
+        // A model nobody has is still the largest-node message.
+        let mut r_model = gpus(1);
+        r_model.gpu_models = vec!["A100".into()];
+        let r = reason(&mut vec![node("a", 8)], &r_model);
+        assert!(r.contains("of model A100 (largest has 0)"), "{r}");
     }
 
     #[test]
