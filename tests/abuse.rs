@@ -86,7 +86,7 @@ async fn a_retry_storm_stays_under_its_cap_and_backoff() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("max_retries") && err.contains("limit of 5"),
+        err.contains("--max-retries") && err.contains("limit of 5"),
         "{err}"
     );
 

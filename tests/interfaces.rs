@@ -165,7 +165,7 @@ async fn bad_input_gets_clear_statuses() {
     assert!(stderr.contains("not found"), "{stderr}");
     let out = sched.cli(&["job", "submit", "--gpu-milli", "1500", "--", "true"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("gpu_milli"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--gpu-milli"));
 
     // The scheduler survived all of it.
     assert!(submit(&sched, ok).await.is_ok());

@@ -417,7 +417,19 @@ async fn tensorboard_serves_a_training_jobs_log_dir() {
         ],
     );
     let train_id = train.split_whitespace().nth(1).unwrap().to_string();
-    let out = cli_ok(&sched, &["tensorboard", "start", "--job", &train_id]);
+    let out = cli_ok(
+        &sched,
+        &[
+            "tensorboard",
+            "start",
+            "--job",
+            &train_id,
+            "--cpu",
+            "100m",
+            "--memory",
+            "64MiB",
+        ],
+    );
     let tb_id = out.split_whitespace().nth(1).unwrap().to_string();
     let url = eventually(Duration::from_secs(20), "tensorboard URL", || async {
         let j = get_job(&sched, &tb_id).await;
@@ -427,6 +439,8 @@ async fn tensorboard_serves_a_training_jobs_log_dir() {
     assert_eq!(cli_ok(&sched, &["tensorboard", "open", &tb_id]).trim(), url);
     let tb = get_job(&sched, &tb_id).await;
     assert_eq!(tb.spec.as_ref().unwrap().log_dir, logs.to_str().unwrap());
+    let res = tb.spec.as_ref().unwrap().resources.clone().unwrap();
+    assert_eq!((res.cpu_milli, res.memory_mib), (100, 64), "--cpu/--memory");
     let (endpoint, _) = split_url(&url);
     let answer = eventually(Duration::from_secs(10), "tensorboard answers", || async {
         http(&endpoint, "/").await

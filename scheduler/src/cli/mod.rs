@@ -392,6 +392,31 @@ pub enum SpecCommand {
 /// `gpupool notebook ...`
 #[derive(Debug, Subcommand)]
 pub enum NotebookCommand {
+    /// Start a notebook (the kind's command, JupyterLab by default); what
+    /// is not given comes from the kind's settings (`gpupool job kinds`).
+    Start {
+        /// Pool id or name (default: public).
+        #[arg(long)]
+        pool: Option<String>,
+        /// Whole GPUs.
+        #[arg(long, default_value_t = 0)]
+        gpus: i32,
+        /// A fraction of one GPU in thousandths (250 = a quarter).
+        #[arg(long, value_name = "M", default_value_t = 0)]
+        gpu_milli: i32,
+        /// CPU: cores (`2`) or millicores (`500m`).
+        #[arg(long, value_name = "CPU", value_parser = parse_cpu, default_value = "0", hide_default_value = true)]
+        cpu: i64,
+        /// Memory: `4GiB`, `512MiB`.
+        #[arg(long, value_name = "MEM", value_parser = parse_memory, default_value = "0", hide_default_value = true)]
+        memory: i64,
+        /// Stop after this long idle (default: the kind's).
+        #[arg(long, value_name = "SECS")]
+        idle_timeout: Option<u64>,
+        /// Job name.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Print a running notebook's URL (with its access token).
     Open {
         /// Job id.
@@ -408,9 +433,15 @@ pub enum TensorboardCommand {
         /// Training job whose `--log-dir` to serve.
         #[arg(long = "job", value_name = "JOB", required_unless_present = "logdir")]
         job: Option<String>,
-        /// Directory to serve (default: the training job's).
-        #[arg(long, value_name = "DIR")]
+        /// Directory to serve (default: the training job's `--log-dir`).
+        #[arg(long = "log-dir", visible_alias = "logdir", value_name = "DIR")]
         logdir: Option<String>,
+        /// CPU: cores (`2`) or millicores (`500m`) (default: the kind's).
+        #[arg(long, value_name = "CPU", value_parser = parse_cpu, default_value = "0", hide_default_value = true)]
+        cpu: i64,
+        /// Memory: `4GiB`, `512MiB` (default: the kind's).
+        #[arg(long, value_name = "MEM", value_parser = parse_memory, default_value = "0", hide_default_value = true)]
+        memory: i64,
         /// Pool id or name (default: the training job's, else public).
         #[arg(long)]
         pool: Option<String>,
@@ -648,6 +679,47 @@ enum CliError {
     Message(String),
 }
 
+/// The scheduler's errors name API fields; the CLI user typed flags.
+fn in_flag_names(message: &str) -> String {
+    const FLAGS: &[(&str, &str)] = &[
+        ("gpu_milli", "--gpu-milli"),
+        ("cpu_milli", "--cpu"),
+        ("memory_mib", "--memory"),
+        ("for_job", "--job"),
+        ("max_runtime_secs", "--max-runtime"),
+        ("idle_timeout_secs", "--idle-timeout"),
+        ("max_retries", "--max-retries"),
+        ("log_dir", "--log-dir"),
+        ("health_check", "--health-http/--health-tcp"),
+        ("working_dir", "--workdir"),
+        ("node_count", "--nodes"),
+    ];
+    let mut out = String::with_capacity(message.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        match FLAGS.iter().find(|(field, _)| *field == word.as_str()) {
+            Some((_, flag)) => out.push_str(flag),
+            None => out.push_str(word),
+        }
+        word.clear();
+    };
+    // Names quoted in backticks are config fields: left as they are.
+    let mut quoted = false;
+    for c in message.chars() {
+        if !quoted && (c.is_ascii_alphanumeric() || c == '_') {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            if c == '`' {
+                quoted = !quoted;
+            }
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
         CliError::Status(s)
@@ -659,9 +731,9 @@ impl std::fmt::Display for CliError {
         match self {
             CliError::Status(s) => {
                 let message = if s.message().is_empty() {
-                    s.code().description()
+                    s.code().description().to_string()
                 } else {
-                    s.message()
+                    in_flag_names(s.message())
                 };
                 write!(f, "{message} ({:?})", s.code())
             }
@@ -920,11 +992,59 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         | Command::Tensorboard {
             command: TensorboardCommand::Open { job_id },
         } => open_url(&conn, out, job_id).await,
+        Command::Notebook {
+            command:
+                NotebookCommand::Start {
+                    pool,
+                    gpus,
+                    gpu_milli,
+                    cpu,
+                    memory,
+                    idle_timeout,
+                    name,
+                },
+        } => {
+            let spec = pb::JobSpec {
+                name: opt(name),
+                kind: pb::JobKind::Notebook as i32,
+                pool: opt(pool),
+                instances: 1,
+                resources: Some(pb::Resources {
+                    gpus,
+                    gpu_milli,
+                    cpu_milli: cpu,
+                    memory_mib: memory,
+                    ..Default::default()
+                }),
+                idle_timeout_secs: idle_timeout.unwrap_or(0),
+                ..Default::default()
+            };
+            let j = conn
+                .jobs()
+                .await?
+                .submit_job(pb::SubmitJobRequest { spec: Some(spec) })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                || {
+                    format!(
+                        "notebook {} started ({}); `gpupool notebook open {}` prints its URL\n",
+                        j.job_id,
+                        job_state_name(j.state),
+                        j.job_id
+                    )
+                },
+                || json::job(&j),
+            )
+        }
         Command::Tensorboard {
             command:
                 TensorboardCommand::Start {
                     job,
                     logdir,
+                    cpu,
+                    memory,
                     pool,
                     idle_timeout,
                     name,
@@ -935,6 +1055,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 kind: pb::JobKind::Tensorboard as i32,
                 pool: opt(pool),
                 instances: 1,
+                resources: Some(pb::Resources {
+                    cpu_milli: cpu,
+                    memory_mib: memory,
+                    ..Default::default()
+                }),
                 idle_timeout_secs: idle_timeout.unwrap_or(0),
                 log_dir: opt(logdir),
                 for_job: opt(job),
@@ -2168,6 +2293,21 @@ fn job_detail(j: &pb::Job, now: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_speak_in_flag_names_but_config_fields_stay() {
+        assert_eq!(
+            in_flag_names("gpu_milli must be 1..999 (got 1500); for_job is not a training job"),
+            "--gpu-milli must be 1..999 (got 1500); --job is not a training job"
+        );
+        assert_eq!(
+            in_flag_names(
+                "max_retries 9 exceeds the cluster's limit of 5 (`[limits] max_retries`)"
+            ),
+            "--max-retries 9 exceeds the cluster's limit of 5 (`[limits] max_retries`)"
+        );
+        assert_eq!(in_flag_names("gpu_milli_x stays"), "gpu_milli_x stays");
+    }
     use clap::CommandFactory;
 
     /// Parses a command line given as one string split on whitespace.
