@@ -488,6 +488,10 @@ fn dashboard_uses_only_exported_metrics(sched: &str, agent: &str) {
                 if !(token.starts_with("DCGM_") || token.starts_with("gpupool_")) {
                     continue;
                 }
+                // Label names, not metrics.
+                if ["gpupool_job", "gpupool_instance"].contains(&token) {
+                    continue;
+                }
                 used += 1;
                 if token.starts_with("gpupool_agent_instance_") && !root {
                     eprintln!("not checked without root (no cgroups): {token}");
@@ -744,4 +748,32 @@ async fn every_rpc_enforces_its_role() {
     }
     assert_eq!(checked, TABLE.len() * 5);
     assert_eq!(TABLE.len(), 36);
+}
+
+/// Bad input names the cause: an unknown kind number, a Basic
+/// authorization header, a notebook's token used as an API token.
+#[tokio::test]
+async fn bad_input_names_its_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(dir.path()).await;
+    let mut spec = training(0, &["true"]);
+    spec.kind = 99;
+    let err = submit(&sched, spec).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("unknown kind 99"), "{err:?}");
+    for (header, want) in [
+        (
+            "Basic dXNlcjpwYXNz",
+            "must be `Bearer <token>` (got a Basic one)",
+        ),
+        ("Bearer nbt_0123", "notebook's access token"),
+    ] {
+        let mut jobs = pb::job_service_client::JobServiceClient::new(sched.channel().await);
+        let mut req = tonic::Request::new(pb::ListJobsRequest::default());
+        req.metadata_mut()
+            .insert("authorization", header.parse().unwrap());
+        let err = jobs.list_jobs(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        assert!(err.message().contains(want), "{header}: {err:?}");
+    }
 }

@@ -565,6 +565,17 @@ async fn dedicated_pools_end_to_end() {
         "{}",
         plan[0].explanation
     );
+    // Asking to remove every node says why it cannot, instead of a shorter plan.
+    let err = a
+        .pools
+        .scale_in_plan(pb::ScaleInPlanRequest {
+            pool: "train_A".into(),
+            count: 2,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("at most 1"), "{err:?}");
 
     // Scale in: the busy node is refused without force; the named idle node leaves.
     let remove = |node: &str, force: bool| pb::ScalePoolRequest {

@@ -2,7 +2,7 @@
 //! in for JupyterLab, an inference service and a distributed trainer.
 //!
 //! * `standin notebook`: HTTP on `$PORT`. `/` answers 200 with the right
-//!   `?token=` (`$GPUPOOL_TOKEN`), else 403; `/api/status` and
+//!   `?token=` (`$GPUPOOL_NOTEBOOK_TOKEN`), else 403; `/api/status` and
 //!   `/api/kernels` answer like the Jupyter server API (token in an
 //!   `Authorization: token ...` header) with a `last_activity` that never
 //!   moves: the notebook is idle.
@@ -76,7 +76,7 @@ fn path(request: &str) -> &str {
 }
 
 fn notebook(request: &str, headers: &[String], _: Instant) -> (u16, String) {
-    let token = env("GPUPOOL_TOKEN");
+    let token = env("GPUPOOL_NOTEBOOK_TOKEN");
     let path = path(request);
     let api = path.split('?').next().unwrap_or("");
     let header_ok = headers

@@ -678,7 +678,7 @@ impl Runtime {
             spec.command = crate::serving::expand(
                 &spec.command,
                 Some(port),
-                &var("GPUPOOL_TOKEN"),
+                &var("GPUPOOL_NOTEBOOK_TOKEN"),
                 &var("GPUPOOL_LOG_DIR"),
             );
             self.update(&spec.instance_id, |e| e.report.port = port);

@@ -416,7 +416,11 @@ fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
         pids_max,
         gpu_minors: Some(gpu_minors(&s.gpu_indexes, &gpus)),
     };
-    let token = s.env.get("GPUPOOL_TOKEN").cloned().unwrap_or_default();
+    let token = s
+        .env
+        .get("GPUPOOL_NOTEBOOK_TOKEN")
+        .cloned()
+        .unwrap_or_default();
     InstanceSpec {
         limits,
         mps,

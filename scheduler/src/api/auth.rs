@@ -113,10 +113,21 @@ pub fn caller(shared: &Shared, metadata: &MetadataMap) -> Result<Caller, Status>
         return Ok(Caller::admin());
     };
     let token = bearer(metadata).filter(|t| !t.is_empty()).ok_or_else(|| {
-        Status::unauthenticated(
-            "missing API token (send authorization: Bearer <token>; the CLI reads GPUPOOL_TOKEN)",
-        )
+        match metadata.get("authorization").and_then(|v| v.to_str().ok()) {
+            Some(other) if !other.trim().is_empty() => Status::unauthenticated(format!(
+                "the authorization header must be `Bearer <token>` (got a {} one)",
+                other.split_whitespace().next().unwrap_or("malformed")
+            )),
+            _ => Status::unauthenticated(
+                "missing API token (send authorization: Bearer <token>; the CLI reads GPUPOOL_TOKEN)",
+            ),
+        }
     })?;
+    if token.starts_with("nbt_") {
+        return Err(Status::unauthenticated(
+            "that is a notebook's access token (its URL's ?token=), not an API token",
+        ));
+    }
     if constant_time_eq(token.as_bytes(), admin.as_bytes()) {
         return Ok(Caller::admin());
     }

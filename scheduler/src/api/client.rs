@@ -41,6 +41,12 @@ impl pb::job_service_server::JobService for Api {
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("spec is required"))?;
+        if spec.kind != 0 && super::kind_from_pb(spec.kind).is_none() {
+            return Err(Status::invalid_argument(format!(
+                "unknown kind {} (notebook, training, tensorboard, online_service, batch_service)",
+                spec.kind
+            )));
+        }
         let raw = raw_spec_from_pb(spec);
         let job = self
             .shared

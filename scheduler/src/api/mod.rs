@@ -330,7 +330,13 @@ pub fn job_to_pb(j: &domain::Job) -> pb::Job {
         submitted_at: Some(ts(j.submitted_at_ms)),
         started_at: j.started_at_ms.map(ts),
         finished_at: j.finished_at_ms.map(ts),
-        retries: j.retries,
+        // Retries used: runs requeued, or for a batch service the failed
+        // completions retried (what `max_retries` bounds for each).
+        retries: if j.spec.kind == JobKind::BatchService {
+            j.failures
+        } else {
+            j.retries
+        },
         url: j.url().unwrap_or_default(),
         restarts: j.restarts,
         ready_replicas: j.ready_replicas(),

@@ -124,10 +124,11 @@ fn public_pool(cluster: &Cluster) -> pb::Pool {
     let (status, reason) = if ready > 0 {
         (pb::PoolStatus::Running, String::new())
     } else if nodes.is_empty() {
-        (
-            pb::PoolStatus::Unavailable,
-            "no nodes registered".to_string(),
-        )
+        let reason = match cluster.nodes().count() {
+            0 => "no nodes registered".to_string(),
+            n => format!("no nodes: all {n} are in dedicated pools"),
+        };
+        (pb::PoolStatus::Unavailable, reason)
     } else {
         (pb::PoolStatus::Unavailable, "no node Ready".to_string())
     };

@@ -2280,7 +2280,13 @@ fn job_detail(j: &pb::Job, now: i64) -> String {
                 .collect::<Vec<_>>()
                 .join(","),
             instance_state_name(i.state).to_string(),
-            if i.ready { "yes" } else { "" }.to_string(),
+            // Ready only means something while it runs.
+            match (i.ready, i.state == pb::InstanceState::Running as i32) {
+                (true, _) => "yes",
+                (false, true) => "no",
+                (false, false) => "",
+            }
+            .to_string(),
             i.endpoint.clone(),
             exit,
             i.reason.clone(),

@@ -683,6 +683,7 @@ impl Cluster {
                     restart.push(inst.rank);
                 } else {
                     inst.state = InstanceState::Lost;
+                    inst.ready = false;
                     self.placer = None;
                     inst.reason = format!("node {node_id} no longer runs it (agent restarted?)");
                     inst.finished_at_ms = Some(now_ms);
@@ -1162,6 +1163,7 @@ impl Cluster {
                 .filter(|i| i.node_id == node_id && !i.state.is_terminal())
             {
                 inst.state = InstanceState::Lost;
+                inst.ready = false;
                 inst.reason = why.to_string();
                 inst.finished_at_ms = Some(now_ms);
                 hit = true;
@@ -1797,8 +1799,9 @@ fn start_spec(
         env.insert("GPUPOOL_LOG_DIR".into(), spec.log_dir.clone());
     }
     if !job.access_token.is_empty() {
-        // Jupyter reads its token from JUPYTER_TOKEN too.
-        env.insert("GPUPOOL_TOKEN".into(), job.access_token.clone());
+        // Jupyter reads its token from JUPYTER_TOKEN too. Not GPUPOOL_TOKEN:
+        // that is the CLI's API token, which a notebook's user may set.
+        env.insert("GPUPOOL_NOTEBOOK_TOKEN".into(), job.access_token.clone());
         env.insert("JUPYTER_TOKEN".into(), job.access_token.clone());
     }
     StartSpec {

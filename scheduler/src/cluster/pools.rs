@@ -690,7 +690,17 @@ impl Cluster {
         count: u32,
     ) -> Result<Vec<ScaleInPick>, ClusterError> {
         let pool = self.dedicated(caller, key)?;
-        Ok(pool::plan_scale_in(&self.pool_nodes(&pool), count))
+        let nodes = self.pool_nodes(&pool);
+        if count as usize >= nodes.len() {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "pool {} has {} node(s): scale-in can remove at most {} (a pool keeps one; \
+                 `gpupool pool delete` removes it all)",
+                pool.pool_id,
+                nodes.len(),
+                nodes.len().saturating_sub(1)
+            )));
+        }
+        Ok(pool::plan_scale_in(&nodes, count))
     }
 
     /// R-DEL-1,2,4,5: jobs of the pool become Unavailable and their
