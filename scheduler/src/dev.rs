@@ -192,6 +192,40 @@ fn agent_configs(
         .collect()
 }
 
+/// `/var/tmp/gpupool-dev-HASH` for the agents of the dev cluster in
+/// `data_dir`: made 0711 and owned by us, or refused if someone else made it.
+fn open_agent_root(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let hash = crate::api::auth::sha256_hex(&data_dir.display().to_string());
+    let dir = Path::new("/var/tmp").join(format!("gpupool-dev-{}", &hash[..12]));
+    match std::fs::DirBuilder::new().mode(0o711).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
+    let meta = std::fs::symlink_metadata(&dir)?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me {
+        anyhow::bail!(
+            "{} exists but is not a directory of this user's; remove it or pass a --data-dir other users can reach",
+            dir.display()
+        );
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+    Ok(dir)
+}
+
+/// The first directory above `dir` (or `dir`) that other users cannot
+/// pass through (no `o+x`): instances running as another user could not
+/// reach their working directories and HOME below it by path.
+fn closed_ancestor(dir: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    dir.ancestors()
+        .find(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 == 0))
+        .map(Path::to_path_buf)
+}
+
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let data_dir = std::path::absolute(&args.data_dir)?;
     std::fs::create_dir_all(&data_dir)
@@ -272,9 +306,21 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         wait(stop_rx.clone()),
     ));
 
+    // Instances that run as another user must reach their working
+    // directories: when the data dir is closed to others (under a 0700
+    // home, say), the agents' state goes to a directory of their own that
+    // others may pass through (0711, made by us, not a stranger's).
+    let agent_root = match (&run_as_user, closed_ancestor(&data_dir)) {
+        (Some(_), Some(_)) => {
+            let dir = open_agent_root(&data_dir)?;
+            std::fs::write(data_dir.join("agents-state-dir"), dir.display().to_string())?;
+            dir
+        }
+        _ => data_dir.clone(),
+    };
     let agents = agent_configs(
         &args,
-        &data_dir,
+        &agent_root,
         grpc_addr,
         &join_token,
         run_as_user.clone(),
@@ -294,6 +340,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         tasks.spawn(gpupool_agent::run(config, None, wait(stop_rx.clone())));
     }
 
+    if agent_root != data_dir
+        && let Some(closed) = closed_ancestor(&data_dir)
+    {
+        lines.push(format!(
+            "    (instances run as {} and {} is closed to other users: the agents' state is in {})",
+            run_as_user.as_deref().unwrap_or_default(),
+            closed.display(),
+            agent_root.display()
+        ));
+    }
     let gpus = args.fake_gpus.as_deref().map_or(
         "real GPUs via NVML (CPU-only if no driver)".to_string(),
         |s| format!("simulated {s} each"),
@@ -314,7 +370,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          \x20 gpupool job logs <JOB_ID>\n\
          (set GPUPOOL_ADDR=http://{grpc_addr} if you changed --grpc-listen)\n\
          Ctrl-C stops the cluster{}; its state stays in the data dir.",
-        lines.len(),
+        args.nodes,
         run_as_user.as_deref().unwrap_or("dev's own user"),
         lines.join("\n"),
         if priced {

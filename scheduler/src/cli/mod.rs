@@ -1871,7 +1871,31 @@ async fn job_command(conn: &Conn, out: OutputFormat, command: JobCommand) -> Res
                 }
             })
             .await?;
-            emit(out, || job_table(&list, now), || json::jobs(&list))
+            // Pools by name, as people named them.
+            let pools = conn.pools().await?;
+            let names: std::collections::HashMap<String, String> = every_page(|page_token| {
+                let mut pools = pools.clone();
+                async move {
+                    let page = pools
+                        .list_pools(pb::ListPoolsRequest {
+                            include_deleted: true,
+                            page_size: 0,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.pools, page.next_page_token))
+                }
+            })
+            .await?
+            .into_iter()
+            .map(|p| (p.pool_id, p.name))
+            .collect();
+            emit(
+                out,
+                || job_table_named(&list, now, &names),
+                || json::jobs(&list),
+            )
         }
         JobCommand::Get { job_id } => {
             let j = conn
@@ -2123,16 +2147,24 @@ fn job_gpus(r: &pb::Resources) -> String {
     }
 }
 
-fn job_pool(j: &pb::Job) -> String {
+fn job_pool(j: &pb::Job, names: &std::collections::HashMap<String, String>) -> String {
     let asked = j.spec.as_ref().map(|s| s.pool.as_str()).unwrap_or_default();
     if j.pool_id.is_empty() {
         asked.to_string()
     } else {
-        j.pool_id.clone()
+        names
+            .get(&j.pool_id)
+            .cloned()
+            .unwrap_or_else(|| j.pool_id.clone())
     }
 }
 
-fn job_table(jobs: &[pb::Job], now: i64) -> String {
+/// The job list, with pools shown by their names (`names`: id -> name).
+fn job_table_named(
+    jobs: &[pb::Job],
+    now: i64,
+    names: &std::collections::HashMap<String, String>,
+) -> String {
     let mut t = Table::new(&[
         "job",
         "name",
@@ -2151,7 +2183,7 @@ fn job_table(jobs: &[pb::Job], now: i64) -> String {
             j.job_id.clone(),
             spec.name.clone(),
             job_kind_name(spec.kind).to_string(),
-            job_pool(j),
+            job_pool(j, names),
             job_state_name(j.state).to_string(),
             spec.instances.to_string(),
             job_gpus(&res),

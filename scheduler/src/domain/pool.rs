@@ -1605,7 +1605,9 @@ impl Pool {
     /// Metadata handed to the agent with each instance (R-CREATE-14).
     pub fn instance_metadata(&self) -> std::collections::BTreeMap<String, String> {
         let mut m = std::collections::BTreeMap::new();
-        m.insert("pool".into(), self.pool_id.clone());
+        // GPUPOOL_POOL and the metrics' pool label: the name people gave it.
+        m.insert("pool".into(), self.name.clone());
+        m.insert("pool.id".into(), self.pool_id.clone());
         match &self.network {
             Some(Network::Custom {
                 vpc_id,
