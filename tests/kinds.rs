@@ -480,12 +480,13 @@ async fn real_jupyterlab_is_served_and_culled_by_kernel_api_activity() {
         // instances as root, which JupyterLab refuses by default.
         "[kinds.notebook]\nidle_timeout_secs = 10\ncpu_milli = 500\nmemory_mib = 1024\n\
          command = [\"jupyter\", \"lab\", \"--no-browser\", \"--ip=0.0.0.0\", \"--port={port}\", \
-         \"--ServerApp.token={token}\", \"--allow-root\"]\n",
+         \"--allow-root\"]\n",
     )
     .await;
     let _a = Agent::start(dir.path(), &sched, "jl1", "1xH100-80GB");
     wait_ready(&sched, 1).await;
-    // No command: the kind's, `jupyter lab ... --port={port} --ServerApp.token={token}`.
+    // No command: the kind's, `jupyter lab ... --port={port}` (the token in
+    // JUPYTER_TOKEN).
     let out = cli_ok(&sched, &["job", "submit", "--kind", "notebook"]);
     let job_id = out.split_whitespace().nth(1).unwrap().to_string();
     let url = eventually(Duration::from_secs(30), "notebook URL", || async {

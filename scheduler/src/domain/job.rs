@@ -204,13 +204,14 @@ impl Default for KindTable {
                     "--no-browser",
                     "--ip=0.0.0.0",
                     "--port={port}",
-                    "--ServerApp.token={token}",
                 ]
                 .map(String::from)
                 .to_vec(),
+                // The token reaches JupyterLab as JUPYTER_TOKEN, not in its
+                // argv (which every process on the node can read).
                 gpu_milli: 250,
-                cpu_milli: 2000,
-                memory_mib: 8192,
+                cpu_milli: 1000,
+                memory_mib: 4096,
                 idle_timeout_secs: 3600,
                 idle_gpu_util_pct: 5,
                 ..KindSettings::plain()
