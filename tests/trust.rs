@@ -348,27 +348,24 @@ async fn a_rogue_agent_cannot_become_another_node() {
     assert!(refused >= 5.0, "{refused}");
 
     // A tenant sees none of another tenant's instances on a shared node.
-    let b_view = sched
-        .clients(Some(&token_b))
-        .await
-        .nodes
-        .get_node(pb::GetNodeRequest {
-            node_id: "node-a".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let node_as = |token: String| {
+        let sched = &sched;
+        async move {
+            sched
+                .clients(Some(&token))
+                .await
+                .nodes
+                .get_node(pb::GetNodeRequest {
+                    node_id: "node-a".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let b_view = node_as(token_b.clone()).await;
     assert!(b_view.instance_ids.is_empty(), "{b_view:?}");
-    let a_view = sched
-        .clients(Some(&token_a))
-        .await
-        .nodes
-        .get_node(pb::GetNodeRequest {
-            node_id: "node-a".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let a_view = node_as(token_a.clone()).await;
     assert!(a_view.instance_ids.contains(&inst1), "{a_view:?}");
 
     // Revocation: a tenant may not; the admin's ends the rogue's session and

@@ -1019,24 +1019,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 idle_timeout_secs: idle_timeout.unwrap_or(0),
                 ..Default::default()
             };
-            let j = conn
-                .jobs()
-                .await?
-                .submit_job(pb::SubmitJobRequest { spec: Some(spec) })
-                .await?
-                .into_inner();
-            emit(
-                out,
-                || {
-                    format!(
-                        "notebook {} started ({}); `gpupool notebook open {}` prints its URL\n",
-                        j.job_id,
-                        job_state_name(j.state),
-                        j.job_id
-                    )
-                },
-                || json::job(&j),
-            )
+            start_interactive(&conn, out, spec, "notebook").await
         }
         Command::Tensorboard {
             command:
@@ -1065,24 +1048,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 for_job: opt(job),
                 ..Default::default()
             };
-            let j = conn
-                .jobs()
-                .await?
-                .submit_job(pb::SubmitJobRequest { spec: Some(spec) })
-                .await?
-                .into_inner();
-            emit(
-                out,
-                || {
-                    format!(
-                        "tensorboard {} started ({}); `gpupool tensorboard open {}` prints its URL\n",
-                        j.job_id,
-                        job_state_name(j.state),
-                        j.job_id
-                    )
-                },
-                || json::job(&j),
-            )
+            start_interactive(&conn, out, spec, "tensorboard").await
         }
         Command::Service { command } => service_command(&conn, out, command).await,
         Command::Tenant { command } => tenant::tenant_command(&conn, out, command).await,
@@ -1091,6 +1057,33 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 // --- nodes -----------------------------------------------------------------
+
+/// Submits a notebook or TensorBoard and says how to open it.
+async fn start_interactive(
+    conn: &Conn,
+    out: OutputFormat,
+    spec: pb::JobSpec,
+    what: &str,
+) -> Result<(), CliError> {
+    let j = conn
+        .jobs()
+        .await?
+        .submit_job(pb::SubmitJobRequest { spec: Some(spec) })
+        .await?
+        .into_inner();
+    emit(
+        out,
+        || {
+            format!(
+                "{what} {} started ({}); `gpupool {what} open {}` prints its URL\n",
+                j.job_id,
+                job_state_name(j.state),
+                j.job_id
+            )
+        },
+        || json::job(&j),
+    )
+}
 
 /// Every item of a paginated list call: `fetch(page_token)` answers one
 /// page and the next page's token (empty after the last).
