@@ -86,6 +86,15 @@ fn start_dev(dir: &Path, config: &Path, grpc: u16) -> Proc {
 #[test]
 fn dev_shows_the_whole_product_and_ctrl_c_stops_its_instances() {
     let dir = tempfile::tempdir().unwrap();
+    // A data dir closed to other users (as a home directory is): run as
+    // root, dev runs instances as nobody and keeps their state where they
+    // can reach it.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
     let config = dir.path().join("dev.toml");
     // Prices from the config (dev's own apply only when it sets none), a
     // short stop grace, no rate limit.
@@ -235,7 +244,7 @@ fn dev_shows_the_whole_product_and_ctrl_c_stops_its_instances() {
             "--",
             "sh",
             "-c",
-            &format!("echo trained; exec sleep {m1}"),
+            &format!("echo trained; touch \"$HOME/reach\" && echo home-ok; exec sleep {m1}"),
         ],
     );
     ok(
@@ -267,6 +276,29 @@ fn dev_shows_the_whole_product_and_ctrl_c_stops_its_instances() {
             == 2
     });
     assert!(!processes_with(&m1).is_empty() && !processes_with(&m2).is_empty());
+    let train = json(&addr, &token, &["job", "list"]);
+    let train_id = train
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["kind"] == "training")
+        .unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for("the training job's output", || {
+        ok(&addr, &token, &["job", "logs", &train_id]).contains("trained")
+    });
+    let out = ok(&addr, &token, &["job", "logs", &train_id]);
+    assert!(out.contains("home-ok"), "its HOME is not reachable: {out}");
+    let state_dir = std::fs::read_to_string(dir.path().join("data/agents-state-dir")).ok();
+    if root {
+        let state_dir = state_dir.clone().expect("the agents' state moved");
+        assert!(
+            state_dir.starts_with("/var/tmp/gpupool-dev-"),
+            "{state_dir}"
+        );
+    }
 
     // Scale the train pool out to the free node, convert it to a
     // subscription (it has a consumption record at once at this price),
@@ -314,11 +346,20 @@ fn dev_shows_the_whole_product_and_ctrl_c_stops_its_instances() {
         "{orders}"
     );
 
-    // A public job still runs; Ctrl-C stops it with the cluster.
+    // A public job still runs, and one that ignores SIGTERM; Ctrl-C stops
+    // both with the cluster.
     ok(
         &addr,
         &token,
         &["job", "submit", "--kind", "training", "--", "sleep", &m3],
+    );
+    let stubborn = format!("trap '' TERM; while :; do sleep 1; done; echo {mark}9");
+    ok(
+        &addr,
+        &token,
+        &[
+            "job", "submit", "--kind", "training", "--", "sh", "-c", &stubborn,
+        ],
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while processes_with(&m3).is_empty() {
@@ -330,6 +371,10 @@ fn dev_shows_the_whole_product_and_ctrl_c_stops_its_instances() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    let nine = format!("{mark}9");
+    wait_for("the job that ignores SIGTERM", || {
+        !processes_with(&nine).is_empty()
+    });
     dev.signal(libc::SIGINT);
     let mut dev = dev;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -351,4 +396,7 @@ fn dev_shows_the_whole_product_and_ctrl_c_stops_its_instances() {
     );
     let left = processes_with(&mark);
     assert!(left.is_empty(), "instances left running: {left:?}");
+    if let Some(state_dir) = state_dir {
+        let _ = std::fs::remove_dir_all(state_dir.trim());
+    }
 }

@@ -171,6 +171,11 @@ pub async fn run(
         );
         let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
         while ctx.runtime.live() > 0 && tokio::time::Instant::now() < deadline {
+            if tokio::time::Instant::now() + Duration::from_secs(2) >= deadline {
+                // A stop already under way may wait out a longer grace:
+                // nothing outlives the agent that promised to stop it.
+                ctx.runtime.kill_all();
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     } else {

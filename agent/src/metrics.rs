@@ -48,6 +48,7 @@ const GPU_LABELS: &[&str] = &[
     "model_name",
     "Hostname",
     "pool",
+    "pool_name",
     JOB_LABEL,
     "tenant",
 ];
@@ -246,6 +247,7 @@ impl AgentMetrics {
                 gpu.model.as_str(),
                 ctx.host.hostname.as_str(),
                 owner.pool.as_str(),
+                owner.pool_name.as_str(),
                 owner.job.as_str(),
                 owner.tenant.as_str(),
             ];

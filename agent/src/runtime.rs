@@ -125,6 +125,8 @@ struct Entry {
 pub struct Owner {
     pub gpu_uuids: Vec<String>,
     pub pool: String,
+    /// The pool's name (its id may be all the metrics show otherwise).
+    pub pool_name: String,
     /// Job ids, comma-separated when instances share a GPU.
     pub job: String,
     pub tenant: String,
@@ -137,6 +139,11 @@ impl Owner {
             pool: spec
                 .metadata
                 .get("pool")
+                .cloned()
+                .unwrap_or_else(|| "public".into()),
+            pool_name: spec
+                .metadata
+                .get("pool.name")
                 .cloned()
                 .unwrap_or_else(|| "public".into()),
             job: spec.job_id.clone(),
@@ -196,6 +203,8 @@ struct Record {
     #[serde(default)]
     pool: String,
     #[serde(default)]
+    pool_name: String,
+    #[serde(default)]
     job_id: String,
     #[serde(default)]
     tenant: String,
@@ -207,8 +216,15 @@ struct Record {
 
 impl Runtime {
     pub fn new(state_dir: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(state_dir.join("logs"))?;
-        std::fs::create_dir_all(state_dir.join("work"))?;
+        // Logs and records are the agent's alone (a job reaches its own log
+        // through the descriptor it was started with); `work/` is passed
+        // through, each instance's directory its own.
+        use std::os::unix::fs::PermissionsExt;
+        for (sub, mode) in [("logs", 0o700), ("instances", 0o700), ("work", 0o711)] {
+            let dir = state_dir.join(sub);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))?;
+        }
         Ok(Self {
             state_dir: state_dir.to_path_buf(),
             entries: Arc::default(),
@@ -285,6 +301,12 @@ impl Runtime {
             .join(format!("{instance_id}.exit"))
     }
 
+    fn env_path(&self, instance_id: &str) -> PathBuf {
+        self.state_dir
+            .join("instances")
+            .join(format!("{instance_id}.env"))
+    }
+
     fn save_record(&self, record: &Record) {
         let path = self.record_path(&record.instance_id);
         let tmp = path.with_extension("json.tmp");
@@ -343,6 +365,7 @@ impl Runtime {
                     owner: Owner {
                         gpu_uuids: record.gpu_uuids.clone(),
                         pool: record.pool.clone(),
+                        pool_name: record.pool_name.clone(),
                         job: record.job_id.clone(),
                         tenant: record.tenant.clone(),
                     },
@@ -555,6 +578,7 @@ impl Runtime {
                 let slot = out.entry(uuid.clone()).or_insert_with(|| Owner {
                     gpu_uuids: Vec::new(),
                     pool: e.owner.pool.clone(),
+                    pool_name: e.owner.pool_name.clone(),
                     job: String::new(),
                     tenant: e.owner.tenant.clone(),
                 });
@@ -696,6 +720,7 @@ impl Runtime {
                     cgroup: cgroup.is_some(),
                     gpu_uuids: owner.gpu_uuids,
                     pool: owner.pool,
+                    pool_name: owner.pool_name,
                     job_id: owner.job,
                     tenant: owner.tenant,
                     port,
@@ -751,10 +776,14 @@ impl Runtime {
             .split_first()
             .ok_or_else(|| anyhow::anyhow!("empty command"))?;
         let log_path = self.log_path(&spec.instance_id)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
+        let log = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&log_path)?
+        };
         let workdir = match &spec.working_dir {
             Some(dir) => {
                 // The state dir holds other instances' logs, records and
@@ -776,29 +805,46 @@ impl Runtime {
         if let Some((uid, gid)) = self.run_as
             && spec.working_dir.is_none()
         {
-            std::os::unix::fs::chown(&workdir, Some(uid), Some(gid)).map_err(|e| {
-                anyhow::anyhow!("cannot give {} to uid {uid}: {e}", workdir.display())
-            })?;
+            use std::os::unix::fs::PermissionsExt;
+            std::os::unix::fs::chown(&workdir, Some(uid), Some(gid))
+                .and_then(|()| {
+                    std::fs::set_permissions(&workdir, std::fs::Permissions::from_mode(0o700))
+                })
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot give {} to uid {uid}: {e}", workdir.display())
+                })?;
         }
         // With the shim, the shim (the agent's user, so it can be exec'd
         // from wherever the agent is installed and its exit file is out of
         // the job's reach) switches to the instance's user for the command;
         // without it, the child switches itself, after joining its cgroup.
+        let env = instance_env(spec, &workdir);
         let mut cmd = match &self.shim {
             Some(shim) => {
+                // The shim runs as the agent's user: it gets none of the
+                // job's environment (LD_PRELOAD and friends would run the
+                // job's code with its privileges), only a 0600 file of it,
+                // which it reads, removes and gives to the command alone.
+                let env_file = self.env_path(&spec.instance_id);
+                write_env_file(&env_file, &env)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", env_file.display()))?;
                 let mut c = tokio::process::Command::new(shim);
                 c.arg("shim").arg(self.exit_path(&spec.instance_id));
                 if let Some((uid, gid)) = self.run_as {
                     c.arg("--as").arg(format!("{uid}:{gid}"));
                 }
+                c.arg("--env-file").arg(&env_file);
                 c.arg("--").arg(program);
+                c.env_clear();
                 c
             }
-            None => tokio::process::Command::new(program),
+            None => {
+                let mut c = tokio::process::Command::new(program);
+                c.env_clear().envs(&env);
+                c
+            }
         };
         cmd.args(args)
-            .env_clear()
-            .envs(instance_env(spec, &workdir))
             .current_dir(&workdir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
@@ -1092,6 +1138,22 @@ impl Runtime {
         live.len()
     }
 
+    /// SIGKILLs the process group of every live instance (the last word of
+    /// a shutdown that stops its instances).
+    pub fn kill_all(&self) {
+        let groups: Vec<i32> = self
+            .entries
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|e| !e.report.phase.is_terminal())
+            .filter_map(|e| e.pgid)
+            .collect();
+        for pgid in groups {
+            signal_group(pgid, libc::SIGKILL);
+        }
+    }
+
     /// Instances not yet ended.
     pub fn live(&self) -> usize {
         self.entries
@@ -1112,6 +1174,7 @@ impl Runtime {
             entries.remove(instance_id);
             let _ = std::fs::remove_file(self.record_path(instance_id));
             let _ = std::fs::remove_file(self.exit_path(instance_id));
+            let _ = std::fs::remove_file(self.env_path(instance_id));
         }
     }
 
@@ -1239,6 +1302,26 @@ fn process_start_ticks(pid: u32) -> Option<u64> {
         return None;
     }
     fields.get(19)?.parse().ok()
+}
+
+/// Writes an instance's environment for the shim: `KEY=VALUE` entries,
+/// each ended by a NUL (values may hold newlines), in a new 0600 file.
+fn write_env_file(path: &Path, env: &BTreeMap<String, String>) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    for (k, v) in env {
+        f.write_all(k.as_bytes())?;
+        f.write_all(b"=")?;
+        f.write_all(v.as_bytes())?;
+        f.write_all(b"\0")?;
+    }
+    Ok(())
 }
 
 /// True when `path` is `dir` or below it, compared on the normalised paths

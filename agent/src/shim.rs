@@ -44,28 +44,72 @@ pub fn run_if_shim(args: &[String]) {
     std::process::exit(shim(&args[1..]));
 }
 
-/// `EXIT_FILE [--as UID:GID] -- COMMAND ARGS...`: the exit file, the user
-/// the command runs as (None: the shim's), the command.
-fn parse(args: &[String]) -> Option<(&str, Option<(u32, u32)>, &[String])> {
+/// What the shim is asked to do.
+#[derive(Debug, PartialEq, Eq)]
+struct Args<'a> {
+    exit_file: &'a str,
+    /// The user the command runs as (None: the shim's).
+    user: Option<(u32, u32)>,
+    /// The command's environment (None: the shim's own).
+    env_file: Option<&'a str>,
+    command: &'a [String],
+}
+
+/// `EXIT_FILE [--as UID:GID] [--env-file FILE] -- COMMAND ARGS...`.
+fn parse(args: &[String]) -> Option<Args<'_>> {
     let exit_file = args.first()?;
-    let (user, rest) = match args.get(1).map(String::as_str) {
-        Some("--as") => {
-            let (uid, gid) = args.get(2)?.split_once(':')?;
-            (Some((uid.parse().ok()?, gid.parse().ok()?)), &args[3..])
+    let mut user = None;
+    let mut env_file = None;
+    let mut rest = &args[1..];
+    loop {
+        match rest.first().map(String::as_str) {
+            Some("--as") => {
+                let (uid, gid) = rest.get(1)?.split_once(':')?;
+                user = Some((uid.parse().ok()?, gid.parse().ok()?));
+                rest = &rest[2..];
+            }
+            Some("--env-file") => {
+                env_file = Some(rest.get(1)?.as_str());
+                rest = &rest[2..];
+            }
+            Some("--") if rest.len() > 1 => {
+                return Some(Args {
+                    exit_file,
+                    user,
+                    env_file,
+                    command: &rest[1..],
+                });
+            }
+            _ => return None,
         }
-        _ => (None, &args[1..]),
-    };
-    match rest.split_first() {
-        Some((dashes, command)) if dashes == "--" && !command.is_empty() => {
-            Some((exit_file, user, command))
-        }
-        _ => None,
     }
 }
 
+/// Reads and removes an environment file: `KEY=VALUE` entries, each ended
+/// by a NUL.
+fn take_env(path: &str) -> std::io::Result<Vec<(String, String)>> {
+    let bytes = std::fs::read(path)?;
+    let _ = std::fs::remove_file(path);
+    Ok(bytes
+        .split(|b| *b == 0)
+        .filter(|e| !e.is_empty())
+        .filter_map(|e| {
+            let e = String::from_utf8_lossy(e);
+            let (k, v) = e.split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect())
+}
+
 fn shim(args: &[String]) -> i32 {
-    let Some((exit_file, user, command)) = parse(args) else {
-        eprintln!("usage: shim EXIT_FILE [--as UID:GID] -- COMMAND ARGS...");
+    let Some(Args {
+        exit_file,
+        user,
+        env_file,
+        command,
+    }) = parse(args)
+    else {
+        eprintln!("usage: shim EXIT_FILE [--as UID:GID] [--env-file FILE] -- COMMAND ARGS...");
         return 2;
     };
     let (program, rest) = command.split_first().expect("parse checked it");
@@ -77,6 +121,18 @@ fn shim(args: &[String]) -> i32 {
     }
     let mut cmd = std::process::Command::new(program);
     cmd.args(rest);
+    if let Some(path) = env_file {
+        match take_env(path) {
+            Ok(env) => {
+                cmd.env_clear().envs(env);
+            }
+            Err(err) => {
+                eprintln!("shim: cannot read the environment {path}: {err}");
+                write_exit(exit_file, "code 127");
+                return 127;
+            }
+        }
+    }
     if let Some((uid, gid)) = user {
         // Supplementary groups go too (std clears them when root sets a uid).
         use std::os::unix::process::CommandExt;
@@ -128,17 +184,37 @@ mod tests {
     fn arguments_parse() {
         let args = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
         let a = args("/x.exit -- id -u");
-        assert_eq!(parse(&a), Some(("/x.exit", None, &a[2..])));
-        let a = args("/x.exit --as 65534:65534 -- id");
-        assert_eq!(parse(&a), Some(("/x.exit", Some((65534, 65534)), &a[4..])));
+        let p = parse(&a).unwrap();
+        assert_eq!((p.exit_file, p.user, p.env_file), ("/x.exit", None, None));
+        assert_eq!(p.command, &a[2..]);
+        let a = args("/x.exit --as 65534:65534 --env-file /x.env -- id");
+        let p = parse(&a).unwrap();
+        assert_eq!(p.user, Some((65534, 65534)));
+        assert_eq!(p.env_file, Some("/x.env"));
+        assert_eq!(p.command, &a[6..]);
         for bad in [
             "/x.exit",
             "/x.exit --",
             "/x.exit --as 1 -- id",
             "/x.exit id",
+            "/x.exit --env-file",
         ] {
-            assert_eq!(parse(&args(bad)), None, "{bad}");
+            assert!(parse(&args(bad)).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn environment_files_are_read_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.env");
+        std::fs::write(&f, b"A=1\0B=two\nlines\0C=x=y\0").unwrap();
+        let env = take_env(f.to_str().unwrap()).unwrap();
+        assert_eq!(
+            env,
+            [("A", "1"), ("B", "two\nlines"), ("C", "x=y")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert!(!f.exists(), "removed once read");
     }
 
     #[test]

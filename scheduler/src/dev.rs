@@ -158,8 +158,11 @@ fn agent_configs(
                     data_dir.join(format!("agent-{}", i + 1)),
                 )
             };
+            // Port 0 stays 0 (any free port); else the next ports.
             let mut metrics = args.agent_metrics_listen;
-            metrics.set_port(metrics.port().saturating_add(i as u16));
+            if metrics.port() != 0 {
+                metrics.set_port(metrics.port().checked_add(i as u16).unwrap_or(0));
+            }
             let lo = first + (i * span) as u16;
             gpupool_agent::AgentConfig {
                 scheduler_addr: format!("http://{grpc}"),
@@ -195,9 +198,16 @@ fn agent_configs(
 /// `/var/tmp/gpupool-dev-HASH` for the agents of the dev cluster in
 /// `data_dir`: made 0711 and owned by us, or refused if someone else made it.
 fn open_agent_root(data_dir: &Path) -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let hash = crate::api::auth::sha256_hex(&data_dir.display().to_string());
     let dir = Path::new("/var/tmp").join(format!("gpupool-dev-{}", &hash[..12]));
+    open_agent_root_at(&dir)?;
+    Ok(dir)
+}
+
+/// Makes (or checks) `dir`: a directory of ours, 0711.
+fn open_agent_root_at(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let dir = dir.to_path_buf();
     match std::fs::DirBuilder::new().mode(0o711).create(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -213,7 +223,7 @@ fn open_agent_root(data_dir: &Path) -> anyhow::Result<PathBuf> {
         );
     }
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
-    Ok(dir)
+    Ok(())
 }
 
 /// The first directory above `dir` (or `dir`) that other users cannot
@@ -240,6 +250,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     if config.database_url.is_some() {
         anyhow::bail!("dev runs on SQLite in --data-dir: remove `database_url` from the config");
+    }
+    if config.tls.is_some() {
+        anyhow::bail!(
+            "dev's local agents speak plaintext on loopback: remove `[tls]` from the config"
+        );
     }
     config.data_dir = data_dir.join("scheduler");
     // Flags win; else the config's address, else 7070 on loopback.
@@ -310,13 +325,26 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // directories: when the data dir is closed to others (under a 0700
     // home, say), the agents' state goes to a directory of their own that
     // others may pass through (0711, made by us, not a stranger's).
-    let agent_root = match (&run_as_user, closed_ancestor(&data_dir)) {
-        (Some(_), Some(_)) => {
-            let dir = open_agent_root(&data_dir)?;
-            std::fs::write(data_dir.join("agents-state-dir"), dir.display().to_string())?;
+    // Decided once: the node credentials live there, so a dev cluster's
+    // agents keep their state dir across restarts.
+    let recorded = data_dir.join("agents-state-dir");
+    let used_before = ["agent", "agent-1"]
+        .iter()
+        .any(|d| data_dir.join(d).exists());
+    let agent_root = match std::fs::read_to_string(&recorded) {
+        Ok(dir) if !dir.trim().is_empty() => {
+            let dir = PathBuf::from(dir.trim());
+            open_agent_root_at(&dir)?;
             dir
         }
-        _ => data_dir.clone(),
+        _ => match (&run_as_user, closed_ancestor(&data_dir)) {
+            (Some(_), Some(_)) if !used_before => {
+                let dir = open_agent_root(&data_dir)?;
+                std::fs::write(&recorded, dir.display().to_string())?;
+                dir
+            }
+            _ => data_dir.clone(),
+        },
     };
     let agents = agent_configs(
         &args,

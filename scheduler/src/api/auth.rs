@@ -114,27 +114,39 @@ pub fn caller(shared: &Shared, metadata: &MetadataMap) -> Result<Caller, Status>
     };
     let token = bearer(metadata).filter(|t| !t.is_empty()).ok_or_else(|| {
         match metadata.get("authorization").and_then(|v| v.to_str().ok()) {
-            Some(other) if !other.trim().is_empty() => Status::unauthenticated(format!(
-                "the authorization header must be `Bearer <token>` (got a {} one)",
-                other.split_whitespace().next().unwrap_or("malformed")
-            )),
+            Some(other) if !other.trim().is_empty() => {
+                // Name the scheme only if it looks like one: never echo a token.
+                let scheme = other
+                    .split_whitespace()
+                    .next()
+                    .filter(|w| {
+                        other.contains(' ') && w.len() <= 16 && w.chars().all(|c| c.is_ascii_alphabetic())
+                    })
+                    .map_or("schemeless".to_string(), |w| format!("{w} one"));
+                Status::unauthenticated(format!(
+                    "the authorization header must be `Bearer <token>` (got a {scheme})"
+                ))
+            }
             _ => Status::unauthenticated(
                 "missing API token (send authorization: Bearer <token>; the CLI reads GPUPOOL_TOKEN)",
             ),
         }
     })?;
-    if token.starts_with("nbt_") {
-        return Err(Status::unauthenticated(
-            "that is a notebook's access token (its URL's ?token=), not an API token",
-        ));
-    }
     if constant_time_eq(token.as_bytes(), admin.as_bytes()) {
         return Ok(Caller::admin());
     }
     let hash = sha256_hex(token);
     shared
         .with(|core, _| core.cluster.tenant_of_token(&hash).map(Caller::tenant))
-        .ok_or_else(|| Status::unauthenticated("invalid API token"))
+        .ok_or_else(|| {
+            if token.starts_with("nbt_") {
+                Status::unauthenticated(
+                    "that is a notebook's access token (its URL's ?token=), not an API token",
+                )
+            } else {
+                Status::unauthenticated("invalid API token")
+            }
+        })
 }
 
 #[cfg(test)]

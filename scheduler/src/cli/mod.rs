@@ -703,15 +703,20 @@ fn in_flag_names(message: &str) -> String {
         }
         word.clear();
     };
-    // Names quoted in backticks are config fields: left as they are.
-    let mut quoted = false;
+    // Quoted text is left as it is: config fields in backticks, values
+    // (ids, names, paths) in double quotes.
+    let mut quoted: Option<char> = None;
     for c in message.chars() {
-        if !quoted && (c.is_ascii_alphanumeric() || c == '_') {
+        if quoted.is_none() && (c.is_ascii_alphanumeric() || c == '_') {
             word.push(c);
         } else {
             flush(&mut word, &mut out);
-            if c == '`' {
-                quoted = !quoted;
+            if c == '`' || c == '"' {
+                quoted = match quoted {
+                    Some(q) if q == c => None,
+                    None => Some(c),
+                    other => other,
+                };
             }
             out.push(c);
         }
@@ -2338,6 +2343,10 @@ mod tests {
             "--max-retries 9 exceeds the cluster's limit of 5 (`[limits] max_retries`)"
         );
         assert_eq!(in_flag_names("gpu_milli_x stays"), "gpu_milli_x stays");
+        assert_eq!(
+            in_flag_names("job \"my_log_dir\" not found; log_dir \"/data/log_dir\""),
+            "job \"my_log_dir\" not found; --log-dir \"/data/log_dir\""
+        );
     }
     use clap::CommandFactory;
 

@@ -1605,9 +1605,11 @@ impl Pool {
     /// Metadata handed to the agent with each instance (R-CREATE-14).
     pub fn instance_metadata(&self) -> std::collections::BTreeMap<String, String> {
         let mut m = std::collections::BTreeMap::new();
-        // GPUPOOL_POOL and the metrics' pool label: the name people gave it.
-        m.insert("pool".into(), self.name.clone());
-        m.insert("pool.id".into(), self.pool_id.clone());
+        // GPUPOOL_POOL and the metrics' `pool` label: the id (names are
+        // unique per tenant only); GPUPOOL_POOL_NAME and `pool_name`: the
+        // name people gave it.
+        m.insert("pool".into(), self.pool_id.clone());
+        m.insert("pool.name".into(), self.name.clone());
         match &self.network {
             Some(Network::Custom {
                 vpc_id,
