@@ -94,10 +94,73 @@ fn exercise(store: Box<dyn Store>, reopen: impl Fn() -> Box<dyn Store>) -> Strin
     let c = Cluster::load(reopen(), settings(), 4 * 3_600_000).unwrap();
     let nodes: Vec<_> = c.nodes().map(|n| n.node_id.clone()).collect();
     let jobs: Vec<_> = c.jobs().cloned().collect();
-    format!(
-        "{nodes:?}\n{jobs:?}\n{:?}",
-        c.tenants(&Caller::admin()).unwrap().len()
-    )
+    drop(c);
+    // The ledger's pages: the same rows, filters and cursors in both
+    // stores, and through their second (reader) handle.
+    let store = reopen();
+    let mut rows = Vec::new();
+    for hour in 0..5i64 {
+        for (tenant, pool) in [("t1", "public"), ("t2", "p-000009")] {
+            for s in 0..3 {
+                rows.push(gpupool_scheduler::domain::billing::LedgerRow {
+                    subject: format!("instance:{tenant}-{s}"),
+                    tenant: tenant.into(),
+                    pool_id: pool.into(),
+                    job_id: format!("j-{tenant}-{s}"),
+                    instance_id: format!("{tenant}-{s}-0"),
+                    spec: "gpu-2xH100".into(),
+                    hour_start_ms: 10 * 3_600_000 + hour * 3_600_000,
+                    mode: gpupool_scheduler::domain::pool::BillingMode::OnDemand,
+                    unit_ms: 3_600_000,
+                    quantity: 1,
+                    unit_price_micros: 100 + s,
+                    amount_micros: 100 + s,
+                    gpu_allocated_ms: 0,
+                    gpu_used_ms: 0,
+                });
+            }
+        }
+    }
+    let records: Vec<gpupool_scheduler::store::Record<'_>> = rows
+        .iter()
+        .map(gpupool_scheduler::store::Record::Ledger)
+        .collect();
+    store.write(&records, 5).unwrap();
+    let reader = store.reader().expect("a second handle");
+    let mut pages = String::new();
+    for (tenant, pool, job) in [
+        (None, None, None),
+        (Some("t1"), None, None),
+        (None, Some("p-000009"), None),
+        (None, None, Some("j-t2-1")),
+    ] {
+        for handle in [&store, &reader] {
+            let mut q = gpupool_scheduler::store::LedgerQuery {
+                from_ms: 11 * 3_600_000,
+                to_ms: 20 * 3_600_000,
+                tenant: tenant.map(String::from),
+                pool: pool.map(String::from),
+                job: job.map(String::from),
+                after: None,
+                limit: 4,
+            };
+            loop {
+                let page = handle.ledger_page(&q).unwrap();
+                for r in &page {
+                    pages.push_str(&format!(
+                        "{} {} {}|",
+                        r.hour_start_ms, r.subject, r.amount_micros
+                    ));
+                }
+                pages.push('\n');
+                if page.len() < q.limit {
+                    break;
+                }
+                q.after = page.last().map(gpupool_scheduler::store::LedgerQuery::key);
+            }
+        }
+    }
+    format!("{nodes:?}\n{jobs:?}\n{:?}\n{pages}", jobs.len())
 }
 
 #[test]
@@ -116,6 +179,14 @@ fn the_postgres_store_keeps_what_the_sqlite_store_keeps_and_fences_writes() {
     });
     assert_eq!(sqlite, postgres);
     assert!(postgres.contains("job-2"), "{postgres}");
+    // 4 hours of the range x 6 subjects (24 rows), t1's 12, the pool's 12,
+    // one job's 4, each read by both handles, all in pages of 4.
+    assert_eq!(
+        postgres.matches("instance:").count(),
+        2 * (24 + 12 + 12 + 4),
+        "{postgres}"
+    );
+    assert!(postgres.contains("instance:t2-1"), "{postgres}");
 
     // Fencing: a replica writes only while it holds the lease.
     let a = PgStore::open(&url, Some("a".into())).unwrap();

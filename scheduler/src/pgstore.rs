@@ -44,6 +44,8 @@ pub struct Lease {
 
 pub struct PgStore {
     work: Mutex<mpsc::Sender<Work>>,
+    /// Where it connects (for a second, read-only use: [`Store::reader`]).
+    url: String,
     /// This replica's lease holder id; writes are fenced by it when set.
     holder: Option<String>,
     /// Set when a write found another holder: this replica must stop.
@@ -57,12 +59,14 @@ impl PgStore {
     pub fn open(url: &str, holder: Option<String>) -> Result<Self, StoreError> {
         let url = url.to_string();
         let (tx, rx) = mpsc::channel::<Work>();
+        let conn_url = url.clone();
         std::thread::Builder::new()
             .name("pgstore".into())
-            .spawn(move || worker(&url, &rx))
+            .spawn(move || worker(&conn_url, &rx))
             .map_err(|e| StoreError::Unreachable(format!("cannot start the store thread: {e}")))?;
         let store = Self {
             work: Mutex::new(tx),
+            url,
             holder,
             fenced_out: Default::default(),
         };
@@ -417,6 +421,17 @@ impl Store for PgStore {
                 ],
             )
         })
+    }
+
+    fn reader(&self) -> Option<Box<dyn Store>> {
+        // A connection of its own (unfenced: it is only read through).
+        match PgStore::open(&self.url, None) {
+            Ok(r) => Some(Box::new(r)),
+            Err(err) => {
+                tracing::warn!(error = %err, "no separate ledger reader; usage queries read under the cluster lock");
+                None
+            }
+        }
     }
 
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
