@@ -328,6 +328,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // Decided once: the node credentials live there, so a dev cluster's
     // agents keep their state dir across restarts.
     let recorded = data_dir.join("agents-state-dir");
+    let closed = closed_ancestor(&data_dir);
     let used_before = ["agent", "agent-1"]
         .iter()
         .any(|d| data_dir.join(d).exists());
@@ -337,7 +338,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             open_agent_root_at(&dir)?;
             dir
         }
-        _ => match (&run_as_user, closed_ancestor(&data_dir)) {
+        _ => match (&run_as_user, &closed) {
             (Some(_), Some(_)) if !used_before => {
                 let dir = open_agent_root(&data_dir)?;
                 std::fs::write(&recorded, dir.display().to_string())?;
@@ -369,7 +370,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
 
     if agent_root != data_dir
-        && let Some(closed) = closed_ancestor(&data_dir)
+        && let Some(closed) = &closed
     {
         lines.push(format!(
             "    (instances run as {} and {} is closed to other users: the agents' state is in {})",

@@ -131,11 +131,6 @@ impl Core {
         self.pending_logs.remove(&request_id);
     }
 
-    /// Log reads waiting for agents.
-    pub fn pending_log_reads(&self) -> usize {
-        self.pending_logs.len()
-    }
-
     /// An answer to a log read, from `node_id`'s session: accepted only
     /// from the node that was asked.
     pub fn resolve_log(&mut self, node_id: &str, chunk: pb::LogChunk) {
@@ -258,11 +253,6 @@ impl Shared {
 }
 
 impl Shared {
-    /// True when usage queries read the ledger without the cluster lock.
-    pub fn has_ledger_reader(&self) -> bool {
-        self.ledger_reader.is_some()
-    }
-
     /// One page of closed ledger rows through the separate reader (or, if
     /// there is none, under the cluster lock).
     pub fn read_ledger(

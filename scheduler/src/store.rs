@@ -244,15 +244,18 @@ fn get_meta<T: std::str::FromStr>(conn: &Connection, key: &str) -> Result<Option
         .and_then(|v| v.parse().ok()))
 }
 
-/// Decodes `(id, json)` ledger rows.
-fn ledger_rows(cursor: &mut rusqlite::Rows<'_>) -> Result<Vec<LedgerRow>, StoreError> {
+/// Decodes `(id, json)` rows of `table` from a cursor.
+fn decode<T: serde::de::DeserializeOwned>(
+    cursor: &mut rusqlite::Rows<'_>,
+    table: &'static str,
+) -> Result<Vec<T>, StoreError> {
     let mut out = Vec::new();
     while let Some(row) = cursor.next()? {
         let id: String = row.get(0)?;
         let data: String = row.get(1)?;
         out.push(
             serde_json::from_str(&data).map_err(|source| StoreError::Corrupt {
-                table: "ledger",
+                table,
                 id,
                 source,
             })?,
@@ -308,20 +311,8 @@ fn rows<T: serde::de::DeserializeOwned>(
     sql: &str,
 ) -> Result<Vec<T>, StoreError> {
     let mut stmt = conn.prepare(sql)?;
-    let mut out = Vec::new();
     let mut cursor = stmt.query([])?;
-    while let Some(row) = cursor.next()? {
-        let id: String = row.get(0)?;
-        let data: String = row.get(1)?;
-        out.push(
-            serde_json::from_str(&data).map_err(|source| StoreError::Corrupt {
-                table,
-                id,
-                source,
-            })?,
-        );
-    }
-    Ok(out)
+    decode(&mut cursor, table)
 }
 
 impl Store for SqliteStore {
@@ -367,7 +358,7 @@ impl Store for SqliteStore {
              ORDER BY hour_start_ms, subject, mode",
         )?;
         let mut cursor = stmt.query(params![from_ms, to_ms])?;
-        ledger_rows(&mut cursor)
+        decode(&mut cursor, "ledger")
     }
 
     fn ledger_page(&self, q: &LedgerQuery) -> Result<Vec<LedgerRow>, StoreError> {
@@ -395,7 +386,7 @@ impl Store for SqliteStore {
             amode,
             q.limit.min(i64::MAX as usize) as i64
         ])?;
-        ledger_rows(&mut cursor)
+        decode(&mut cursor, "ledger")
     }
 
     fn reader(&self) -> Option<Box<dyn Store>> {

@@ -198,33 +198,12 @@ impl pb::usage_service_server::UsageService for Api {
         let after = parse_usage_token(&req.page_token)?;
         // The closed hours come from the ledger a page at a time, read
         // without the cluster lock where the store has a second handle.
-        let (pool, closed, rows_under_lock) = self.shared.with(|core, _| {
+        let (pool, closed) = self.shared.with(|core, _| {
             let c = &core.cluster;
-            let pool = pool_scope(c, &caller, &req.pool)?;
-            let closed = c.ledger_closed_until();
-            let query = ledger_query(
-                &tenant,
-                &pool,
-                &req.job,
-                from,
-                to.min(closed),
-                after.clone(),
-                limit,
-            );
-            let rows = match self.shared.has_ledger_reader() {
-                true => None,
-                false => Some(c.ledger_page(&query).map_err(status)?),
-            };
-            Ok::<_, Status>((pool, closed, rows))
+            Ok::<_, Status>((pool_scope(c, &caller, &req.pool)?, c.ledger_closed_until()))
         })?;
-        let mut rows = match rows_under_lock {
-            Some(rows) => rows,
-            None => {
-                let query =
-                    ledger_query(&tenant, &pool, &req.job, from, to.min(closed), after, limit);
-                self.shared.read_ledger(&query).map_err(status)?
-            }
-        };
+        let query = ledger_query(&tenant, &pool, &req.job, from, to.min(closed), after, limit);
+        let mut rows = self.shared.read_ledger(&query).map_err(status)?;
         if rows.len() == limit {
             // A full page of closed hours: the rest, open hours and orders
             // come with later pages.

@@ -217,7 +217,7 @@ impl Cluster {
     }
 
     /// True between begin and commit/rollback.
-    pub fn staging(&self) -> bool {
+    fn staging(&self) -> bool {
         self.store.staging()
     }
 
