@@ -930,3 +930,7 @@ impl Drop for Postgres {
             .status();
     }
 }
+
+/// A real registry (Debian's docker-registry) and images built by the tests.
+#[path = "registry.rs"]
+pub mod registry;

@@ -6,10 +6,12 @@
 //! Modules: [`probe`] (hardware, behind `GpuProbe`), [`runtime`] (processes),
 //! [`session`] (the gRPC protocol), [`metrics`], [`config`].
 
+pub mod cdi;
 pub mod cgroup;
 pub mod config;
 pub mod devfilter;
 pub mod health;
+pub mod image;
 pub mod metrics;
 pub mod probe;
 pub mod runtime;

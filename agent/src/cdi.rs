@@ -1,0 +1,1 @@
+//! GPUs for containers: CDI specs, or the device nodes and driver files.

@@ -1,0 +1,1 @@
+//! Images: pulled from OCI registries, verified, unpacked into a cache.

@@ -1,0 +1,1 @@
+//! A real registry for tests.
