@@ -24,7 +24,15 @@ pub struct Limits {
     /// Minor numbers of the `/dev/nvidiaN` devices the instance may open;
     /// `None` leaves devices unrestricted.
     pub gpu_minors: Option<Vec<u32>>,
+    /// An OCI runtime makes the container's cgroup below this one and
+    /// writes its default device rules there (mknod of any device, which a
+    /// user namespace cannot use, the console and `/dev/net/tun`): a child
+    /// may only narrow what its parent allows, so the parent allows them.
+    pub runtime_devices: bool,
 }
+
+/// v1 device lines an OCI runtime writes besides the defaults.
+pub const RUNTIME_DEVICE_LINES: [&str; 4] = ["c *:* m", "b *:* m", "c 5:1 rwm", "c 10:200 rwm"];
 
 /// One instance's cgroup (in every hierarchy it spans).
 pub trait Cgroup: Send + Sync {
@@ -34,8 +42,13 @@ pub trait Cgroup: Send + Sync {
     fn oom_kills(&self) -> u64;
     /// Processes still in the cgroup.
     fn pids(&self) -> Vec<i32>;
-    /// Removes the (empty) cgroup.
+    /// Removes the (empty) cgroup, and the (empty) cgroups below it.
     fn remove(&self) -> std::io::Result<()>;
+    /// The `cgroupsPath` an OCI runtime started inside this cgroup is
+    /// given: v1, a child below the runtime's own cgroup (this one), in
+    /// every hierarchy; v2, this cgroup itself (a cgroup holding processes
+    /// may have no child with controllers there).
+    fn runtime_path(&self) -> String;
     /// CPU time and memory in use, for the metrics.
     fn usage(&self) -> Usage;
 }
@@ -162,6 +175,37 @@ fn keyed(path: &Path, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The cgroup an OCI runtime makes for a container below its instance's.
+pub const RUNTIME_CHILD: &str = "container";
+
+/// Processes in `dir` and the cgroups below it.
+fn tree_pids(dir: &Path) -> Vec<i32> {
+    let mut out = read_pids(&dir.join("cgroup.procs"));
+    if let Ok(children) = std::fs::read_dir(dir) {
+        for child in children.flatten() {
+            if child.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(tree_pids(&child.path()));
+            }
+        }
+    }
+    out
+}
+
+/// Removes the cgroup `dir` and those below it, deepest first.
+fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    if let Ok(children) = std::fs::read_dir(dir) {
+        for child in children.flatten() {
+            if child.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&child.path())?;
+            }
+        }
+    }
+    std::fs::remove_dir(dir)
+}
+
 /// cgroup v1: one directory per controller.
 pub struct V1 {
     root: PathBuf,
@@ -243,6 +287,11 @@ impl CgroupManager for V1 {
                         for rule in device_rules(minors) {
                             write(&dir.join("devices.allow"), &rule.v1_line())?;
                         }
+                        if limits.runtime_devices {
+                            for line in RUNTIME_DEVICE_LINES {
+                                write(&dir.join("devices.allow"), line)?;
+                            }
+                        }
                     }
                 }
                 _ => {}
@@ -313,17 +362,19 @@ impl Cgroup for V1Group {
     fn pids(&self) -> Vec<i32> {
         self.dirs
             .first()
-            .map(|(_, d)| read_pids(&d.join("cgroup.procs")))
+            .map(|(_, d)| tree_pids(d))
             .unwrap_or_default()
     }
 
     fn remove(&self) -> std::io::Result<()> {
         for (_, dir) in &self.dirs {
-            if dir.exists() {
-                std::fs::remove_dir(dir)?;
-            }
+            remove_tree(dir)?;
         }
         Ok(())
+    }
+
+    fn runtime_path(&self) -> String {
+        RUNTIME_CHILD.into()
     }
 
     fn usage(&self) -> Usage {
@@ -474,13 +525,18 @@ impl Cgroup for V2Group {
         keyed(&self.dir.join("memory.events"), "oom_kill ")
     }
     fn pids(&self) -> Vec<i32> {
-        read_pids(&self.dir.join("cgroup.procs"))
+        tree_pids(&self.dir)
     }
     fn remove(&self) -> std::io::Result<()> {
-        if self.dir.exists() {
-            std::fs::remove_dir(&self.dir)?;
+        remove_tree(&self.dir)
+    }
+    fn runtime_path(&self) -> String {
+        // Absolute inside the unified hierarchy.
+        let text = self.dir.to_string_lossy();
+        match text.find("/sys/fs/cgroup") {
+            Some(at) => text[at + "/sys/fs/cgroup".len()..].to_string(),
+            None => text.into_owned(),
         }
-        Ok(())
     }
     fn usage(&self) -> Usage {
         Usage {
@@ -514,6 +570,7 @@ mod tests {
             cpu_milli: Some(1500),
             pids_max: Some(128),
             gpu_minors: Some(vec![0, 3]),
+            runtime_devices: false,
         };
         let g = m.create("job-1-0", &limits).unwrap();
         let read = |c: &str, f: &str| {
@@ -570,6 +627,7 @@ mod tests {
                     cpu_milli: Some(250),
                     pids_max: Some(64),
                     gpu_minors: None,
+                    runtime_devices: false,
                 },
             )
             .unwrap();

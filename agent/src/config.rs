@@ -52,20 +52,64 @@ pub struct AgentConfig {
     /// Longest wait between reconnect attempts, in milliseconds.
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
-    /// Cgroup confinement of instances: `best-effort` (default: confine when
-    /// cgroups are writable, else run unconfined with a warning),
-    /// `required` (refuse to start unconfined) or `off`.
+    /// Cgroup confinement of instances: `required` (refuse to start
+    /// unconfined; the default on a node with real GPUs, where
+    /// CUDA_VISIBLE_DEVICES alone is only advice), `best-effort` (the
+    /// default otherwise: confine when cgroups are writable, else run
+    /// unconfined with a warning) or `off`.
     #[serde(default)]
-    pub confinement: crate::runtime::Confinement,
+    pub confinement: Option<crate::runtime::Confinement>,
     /// Where the cgroup hierarchies are mounted.
     #[serde(default = "default_cgroup_root")]
     pub cgroup_root: PathBuf,
     /// Most processes per instance (cgroup pids.max); 0 = unlimited.
     #[serde(default = "default_pids_max")]
     pub pids_max: u64,
-    /// Run instances as this unprivileged user (default: the agent's user).
+    /// Run every tenant's instances as this one user. Default: a root agent
+    /// runs each tenant as its own identity (`tenant_uid_base`), an
+    /// unprivileged agent runs everything as itself.
     #[serde(default)]
     pub run_as_user: Option<String>,
+    /// First host uid of the per-tenant id blocks (65536 ids each: a
+    /// host-process job runs as the block's first id, a container's root is
+    /// mapped onto it).
+    #[serde(default = "default_tenant_uid_base")]
+    pub tenant_uid_base: u32,
+    /// Number of tenant id blocks.
+    #[serde(default = "default_tenant_uid_slots")]
+    pub tenant_uid_slots: u32,
+    /// Fixed host uids of host-process jobs, by tenant name (shared file
+    /// systems), e.g. `{ acme = 5000 }`.
+    #[serde(default)]
+    pub tenant_uids: std::collections::BTreeMap<String, u32>,
+    /// Paths host-process jobs must not see, covered in their mount
+    /// namespace (the state dir always is).
+    #[serde(default = "default_hidden_paths")]
+    pub hidden_paths: Vec<PathBuf>,
+    /// OCI runtime for image jobs (`runc`, `crun`); default: the first of
+    /// runc, crun found in PATH. Image jobs fail on a node without one.
+    #[serde(default)]
+    pub oci_runtime: Option<PathBuf>,
+    /// Disk the unpacked images and their blobs may take, in MiB; the
+    /// least recently used go first (never one a running instance uses).
+    /// 0 = unlimited.
+    #[serde(default = "default_image_cache_mib")]
+    pub image_cache_mib: u64,
+    /// `if-not-present` (default: a tag pulled before is used without
+    /// asking the registry) or `always` (resolve the tag at every start).
+    #[serde(default)]
+    pub image_pull_policy: crate::image::PullPolicy,
+    /// Per-registry settings, by `host[:port]`: `insecure = true` for plain
+    /// HTTP, `ca_file` for a self-signed certificate.
+    #[serde(default)]
+    pub registries: std::collections::BTreeMap<String, RegistryConfig>,
+    /// Registry credentials, a docker-style `auth.json`.
+    #[serde(default)]
+    pub registry_auth_file: Option<PathBuf>,
+    /// Where CDI specs of the GPUs are looked for (`nvidia-ctk cdi
+    /// generate` writes them).
+    #[serde(default = "default_cdi_dirs")]
+    pub cdi_dirs: Vec<PathBuf>,
     /// CUDA MPS pipe directory of the node's MPS daemon; when set,
     /// fractional-GPU instances get CUDA_MPS_ACTIVE_THREAD_PERCENTAGE and
     /// CUDA_MPS_PINNED_DEVICE_MEM_LIMIT from their share.
@@ -99,6 +143,38 @@ pub struct AgentConfig {
     /// and reattaches.
     #[serde(default)]
     pub stop_instances_on_exit: bool,
+}
+
+/// `[registries."host:port"]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Plain HTTP.
+    #[serde(default)]
+    pub insecure: bool,
+    /// CA certificate (PEM) of a registry with a self-signed certificate.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_tenant_uid_base() -> u32 {
+    crate::identity::DEFAULT_BASE
+}
+
+fn default_tenant_uid_slots() -> u32 {
+    crate::identity::DEFAULT_SLOTS
+}
+
+fn default_hidden_paths() -> Vec<PathBuf> {
+    vec![PathBuf::from("/etc/gpupool")]
+}
+
+fn default_image_cache_mib() -> u64 {
+    20 * 1024
+}
+
+fn default_cdi_dirs() -> Vec<PathBuf> {
+    vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")]
 }
 
 fn default_port_range() -> [u16; 2] {

@@ -9,8 +9,10 @@
 pub mod cdi;
 pub mod cgroup;
 pub mod config;
+pub mod container;
 pub mod devfilter;
 pub mod health;
+pub mod identity;
 pub mod image;
 pub mod metrics;
 pub mod probe;
@@ -52,7 +54,17 @@ pub async fn run(
     };
     let cgroups: Option<Arc<dyn cgroup::CgroupManager>> =
         cgroup::detect(&config.cgroup_root).map(Arc::from);
-    match (&cgroups, config.confinement) {
+    // On a node with real GPUs, confinement is what makes an instance's
+    // GPUs its own: required unless the operator says otherwise.
+    let confinement =
+        config
+            .confinement
+            .unwrap_or(if !probe.is_fake() && !probe.gpus().is_empty() {
+                runtime::Confinement::Required
+            } else {
+                runtime::Confinement::BestEffort
+            });
+    match (&cgroups, confinement) {
         (_, runtime::Confinement::Off) => tracing::info!("cgroup confinement off"),
         (Some(m), _) => tracing::info!(version = m.version(), "confining instances in cgroups"),
         (None, runtime::Confinement::Required) => anyhow::bail!(
@@ -65,7 +77,7 @@ pub async fn run(
     }
     let runtime = runtime::Runtime::new(&config.state_dir)
         .with_context(|| format!("cannot create state dir {}", config.state_dir.display()))?
-        .with_cgroups(cgroups, config.confinement)
+        .with_cgroups(cgroups, confinement)
         .with_cgroup_scope(&cgroup_scope(&node_id, &config.state_dir))
         .with_port_range(config.port_range[0], config.port_range[1]);
     // Instances run under this binary's `shim` so their exit status survives
@@ -77,9 +89,86 @@ pub async fn run(
             runtime
         }
     };
+    // SAFETY: geteuid(2) reads our own credentials.
+    let root = unsafe { libc::geteuid() } == 0;
     let runtime = match &config.run_as_user {
         Some(user) => runtime.with_user(user)?,
-        None => runtime,
+        None if root => runtime.with_identities(
+            identity::Identities::load(
+                &config.state_dir,
+                config.tenant_uid_base,
+                config.tenant_uid_slots,
+                config.tenant_uids.clone(),
+            )
+            .context("cannot load the tenant ids")?,
+        ),
+        None => {
+            tracing::warn!(
+                "the agent is not root: every tenant's instances run as its user, without namespaces, and image jobs cannot run"
+            );
+            runtime
+        }
+    };
+    let runtime = if root {
+        runtime.with_isolation(config.hidden_paths.clone())
+    } else {
+        runtime
+    };
+    let oci_runtime = config.oci_runtime.clone().or_else(|| {
+        ["runc", "crun"].iter().find_map(|name| {
+            std::env::var_os("PATH")
+                .map(|p| {
+                    std::env::split_paths(&p)
+                        .map(|d| d.join(name))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+                .into_iter()
+                .find(|p| p.is_file())
+        })
+    });
+    let runtime = match (oci_runtime, root) {
+        (Some(binary), true) => {
+            let images = image::ImageStore::new(image::ImageStoreConfig {
+                root: config.state_dir.join("images"),
+                registries: config
+                    .registries
+                    .iter()
+                    .map(|(host, r)| {
+                        (
+                            host.clone(),
+                            image::RegistryOptions {
+                                insecure: r.insecure,
+                                ca_file: r.ca_file.clone(),
+                            },
+                        )
+                    })
+                    .collect(),
+                auth_file: config.registry_auth_file.clone(),
+                max_bytes: config.image_cache_mib.saturating_mul(1 << 20),
+                pull_policy: config.image_pull_policy,
+            })
+            .with_context(|| {
+                format!(
+                    "cannot create the image cache in {}",
+                    config.state_dir.display()
+                )
+            })?;
+            tracing::info!(runtime = %binary.display(), "image jobs run with this OCI runtime");
+            runtime.with_images(
+                images,
+                runtime::OciRuntime {
+                    binary,
+                    root: config.state_dir.join("runc"),
+                    cdi_dirs: config.cdi_dirs.clone(),
+                },
+            )
+        }
+        (None, true) => {
+            tracing::warn!("no OCI runtime (runc, crun) found: image jobs will fail on this node");
+            runtime
+        }
+        (_, false) => runtime,
     };
     runtime.recover();
     let ctx = Arc::new(session::AgentCtx {
@@ -141,6 +230,11 @@ pub async fn run(
                     let rt = runtime.clone();
                     // Walking directories is blocking work.
                     let _ = tokio::task::spawn_blocking(move || rt.collect_garbage(budget)).await;
+                }
+                if let Some(images) = runtime.image_store().cloned() {
+                    let in_use = runtime.images_in_use();
+                    let _ =
+                        tokio::task::spawn_blocking(move || images.collect_garbage(&in_use)).await;
                 }
             }
         })

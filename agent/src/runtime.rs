@@ -37,6 +37,13 @@ pub struct InstanceSpec {
     pub mps: Option<Mps>,
     /// The instance serves on a port (notebooks, TensorBoards, services).
     pub serve: Option<Serve>,
+    /// OCI image to run in; empty = a host process.
+    pub image: String,
+    /// Container network: "host", "none", or "" (host for instances that
+    /// serve a port or belong to a gang, else none).
+    pub network: String,
+    /// The node's GPU indexes given to the instance (CDI names them).
+    pub gpu_indexes: Vec<u32>,
 }
 
 /// How an instance serves: its port, readiness check and activity watch.
@@ -106,6 +113,10 @@ pub struct InstanceReport {
     pub ready: bool,
     /// Time since user activity was last seen (watched instances only).
     pub idle_ms: Option<u64>,
+    /// Image instances: the manifest digest run.
+    pub image_digest: String,
+    /// While the image is pulled: (bytes done, bytes in all).
+    pub pull: Option<(u64, u64)>,
 }
 
 struct Entry {
@@ -118,6 +129,10 @@ struct Entry {
     owner: Owner,
     /// Last user activity seen (watched instances).
     last_activity: Option<std::time::Instant>,
+    /// Image instances: the runtime's container id (= the instance id).
+    container: bool,
+    /// The unpacked image it runs on (kept from the image cache's GC).
+    rootfs: Option<PathBuf>,
 }
 
 /// The labels of an instance's GPUs in the metrics.
@@ -185,6 +200,36 @@ pub struct Runtime {
     /// Ports given to serving instances.
     port_range: (u16, u16),
     port_cursor: Arc<std::sync::atomic::AtomicU16>,
+    /// One identity per tenant (a root agent without `run_as_user`).
+    identities: Option<crate::identity::Identities>,
+    /// Host processes get their own PID, mount and IPC namespaces, and
+    /// these paths (the agent's config and state) are covered.
+    isolate: Option<Vec<PathBuf>>,
+    /// Image instances: where images come from and what runs them.
+    images: Option<crate::image::ImageStore>,
+    oci: Option<OciRuntime>,
+    /// Image pulls, cache hits and bytes pulled, for the metrics.
+    pub image_counters: Arc<ImageCounters>,
+}
+
+/// The OCI runtime that runs image instances.
+#[derive(Debug, Clone)]
+pub struct OciRuntime {
+    /// `runc` or `crun` (a path).
+    pub binary: PathBuf,
+    /// Its state directory (`--root`).
+    pub root: PathBuf,
+    /// Where CDI specs are looked for.
+    pub cdi_dirs: Vec<PathBuf>,
+}
+
+/// Counts of image use on this node.
+#[derive(Debug, Default)]
+pub struct ImageCounters {
+    pub pulls: std::sync::atomic::AtomicU64,
+    pub cache_hits: std::sync::atomic::AtomicU64,
+    pub failures: std::sync::atomic::AtomicU64,
+    pub bytes: std::sync::atomic::AtomicU64,
 }
 
 /// What the agent remembers of a running instance across its own restarts
@@ -212,6 +257,12 @@ struct Record {
     port: u16,
     #[serde(default)]
     serve: Option<Serve>,
+    #[serde(default)]
+    container: bool,
+    #[serde(default)]
+    image_digest: String,
+    #[serde(default)]
+    rootfs: Option<PathBuf>,
 }
 
 impl Runtime {
@@ -220,7 +271,12 @@ impl Runtime {
         // through the descriptor it was started with); `work/` is passed
         // through, each instance's directory its own.
         use std::os::unix::fs::PermissionsExt;
-        for (sub, mode) in [("logs", 0o700), ("instances", 0o700), ("work", 0o711)] {
+        for (sub, mode) in [
+            ("logs", 0o700),
+            ("instances", 0o700),
+            ("work", 0o711),
+            ("tenants", 0o711),
+        ] {
             let dir = state_dir.join(sub);
             std::fs::create_dir_all(&dir)?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))?;
@@ -236,7 +292,140 @@ impl Runtime {
             run_as: None,
             port_range: DEFAULT_PORT_RANGE,
             port_cursor: Arc::default(),
+            identities: None,
+            isolate: None,
+            images: None,
+            oci: None,
+            image_counters: Arc::default(),
         })
+    }
+
+    /// Runs each tenant's instances under its own identity.
+    pub fn with_identities(mut self, ids: crate::identity::Identities) -> Self {
+        self.identities = Some(ids);
+        self
+    }
+
+    /// Gives host processes their own namespaces, with `hide` (besides
+    /// the state dir) covered.
+    pub fn with_isolation(mut self, hide: Vec<PathBuf>) -> Self {
+        let mut all = vec![self.state_dir.clone()];
+        all.extend(hide);
+        self.isolate = Some(all);
+        self
+    }
+
+    /// Runs image instances from `images` with `oci`.
+    pub fn with_images(mut self, images: crate::image::ImageStore, oci: OciRuntime) -> Self {
+        self.images = Some(images);
+        self.oci = Some(oci);
+        self
+    }
+
+    /// The image store, for its garbage collection.
+    pub fn image_store(&self) -> Option<&crate::image::ImageStore> {
+        self.images.as_ref()
+    }
+
+    /// Root file systems running instances use.
+    pub fn images_in_use(&self) -> std::collections::HashSet<PathBuf> {
+        self.entries
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(|e| e.rootfs.clone())
+            .collect()
+    }
+
+    fn bundles_dir(&self) -> PathBuf {
+        self.state_dir.join("bundles")
+    }
+
+    /// Who runs the instance: the pinned user, the tenant's identity, or
+    /// (None) the agent's own user.
+    fn identity_for(
+        &self,
+        spec: &InstanceSpec,
+    ) -> anyhow::Result<Option<crate::identity::Identity>> {
+        if let Some((uid, gid)) = self.run_as {
+            return Ok(Some(crate::identity::Identity {
+                uid,
+                gid,
+                range_base: uid,
+                range_size: 1,
+            }));
+        }
+        match &self.identities {
+            Some(ids) => {
+                let tenant = spec.metadata.get("tenant").map_or("", String::as_str);
+                Ok(Some(ids.for_tenant(tenant)?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The tenant's directory (`tenants/<tenant>`, the tenant's alone),
+    /// created on first use.
+    fn tenant_root(
+        &self,
+        spec: &InstanceSpec,
+        identity: Option<crate::identity::Identity>,
+    ) -> anyhow::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let tenant = spec.metadata.get("tenant").map_or("", String::as_str);
+        let root = self
+            .state_dir
+            .join("tenants")
+            .join(crate::identity::dir_name(tenant));
+        if !root.exists() {
+            std::fs::create_dir_all(&root)?;
+        }
+        if let Some(id) = identity {
+            let meta = std::fs::symlink_metadata(&root)?;
+            anyhow::ensure!(meta.is_dir(), "{} is not a directory", root.display());
+            use std::os::unix::fs::MetadataExt;
+            if meta.uid() != id.uid || meta.gid() != id.gid {
+                std::os::unix::fs::chown(&root, Some(id.uid), Some(id.gid))?;
+            }
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(root)
+    }
+
+    /// A job's directory: relative paths are inside the tenant's directory;
+    /// an absolute one must be too when tenants have identities (else
+    /// anywhere but the agent's state dir).
+    fn resolve_dir(
+        &self,
+        root: &Path,
+        dir: &Path,
+        identity: bool,
+        what: &str,
+    ) -> anyhow::Result<PathBuf> {
+        anyhow::ensure!(
+            !dir.components()
+                .any(|c| c == std::path::Component::ParentDir),
+            "{what} {} must not contain `..`",
+            dir.display()
+        );
+        if dir.is_relative() {
+            return Ok(root.join(dir));
+        }
+        if identity {
+            anyhow::ensure!(
+                dir.starts_with(root),
+                "{what} {} is outside the tenant's directory {} on this node (give a path relative to it)",
+                dir.display(),
+                root.display()
+            );
+        } else if inside(dir, &self.state_dir) {
+            anyhow::bail!(
+                "{what} {} is inside the agent's state dir {}",
+                dir.display(),
+                self.state_dir.display()
+            );
+        }
+        Ok(dir.to_path_buf())
     }
 
     /// Gives serving instances ports from `first..=last`.
@@ -357,6 +546,8 @@ impl Runtime {
                         port: record.port,
                         ready: false,
                         idle_ms: None,
+                        image_digest: record.image_digest.clone(),
+                        pull: None,
                     },
                     pgid: Some(record.pid as i32),
                     stop_requested: record.stop_requested,
@@ -370,6 +561,8 @@ impl Runtime {
                         tenant: record.tenant.clone(),
                     },
                     last_activity: Some(std::time::Instant::now()),
+                    container: record.container,
+                    rootfs: record.rootfs.clone(),
                 },
             );
             if let Some(serve) = record.serve.clone()
@@ -472,11 +665,20 @@ impl Runtime {
                 }
             }
         }
-        if let Ok(dir) = std::fs::read_dir(self.state_dir.join("work")) {
+        let mut work_dirs = vec![self.state_dir.join("work")];
+        if let Ok(tenants) = std::fs::read_dir(self.state_dir.join("tenants")) {
+            work_dirs.extend(tenants.flatten().map(|t| t.path().join("work")));
+        }
+        let mut paths: HashMap<String, Vec<PathBuf>> = HashMap::new();
+        for work in &work_dirs {
+            let Ok(dir) = std::fs::read_dir(work) else {
+                continue;
+            };
             for entry in dir.flatten() {
                 let id = entry.file_name().to_string_lossy().into_owned();
                 let (bytes, at) = tree_size(&entry.path());
                 note(&id, bytes, at);
+                paths.entry(id).or_default().push(entry.path());
             }
         }
         let total: u64 = files.values().map(|(b, _)| b).sum();
@@ -520,11 +722,12 @@ impl Runtime {
                     break;
                 }
             }
-            let work = self.state_dir.join("work").join(&id);
-            if work.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-                let _ = std::fs::remove_dir_all(&work);
-            } else {
-                let _ = std::fs::remove_file(&work);
+            for work in paths.get(&id).into_iter().flatten() {
+                if work.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                    let _ = std::fs::remove_dir_all(work);
+                } else {
+                    let _ = std::fs::remove_file(work);
+                }
             }
             over = over.saturating_sub(bytes);
             cleaned.push(id);
@@ -667,6 +870,8 @@ impl Runtime {
                         port: 0,
                         ready: false,
                         idle_ms: None,
+                        image_digest: String::new(),
+                        pull: None,
                     },
                     pgid: None,
                     stop_requested: false,
@@ -678,6 +883,8 @@ impl Runtime {
                         .as_ref()
                         .filter(|s| s.watch_activity)
                         .map(|_| std::time::Instant::now()),
+                    container: !spec.image.is_empty(),
+                    rootfs: None,
                 },
             );
             port
@@ -698,19 +905,163 @@ impl Runtime {
             for key in ["PORT", "GPUPOOL_PORT"] {
                 spec.env.insert(key.into(), port.to_string());
             }
-            let var = |k: &str| spec.env.get(k).cloned().unwrap_or_default();
-            spec.command = crate::serving::expand(
-                &spec.command,
-                Some(port),
-                &var("GPUPOOL_NOTEBOOK_TOKEN"),
-                &var("GPUPOOL_LOG_DIR"),
-            );
             self.update(&spec.instance_id, |e| e.report.port = port);
         }
-        match self.spawn(&spec) {
+        if spec.image.is_empty() {
+            let result = self
+                .prepare_host(&mut spec, port)
+                .and_then(|p| self.spawn(&spec, p));
+            self.started(spec, port, result, None);
+            return;
+        }
+        spec.limits.runtime_devices = true;
+        self.update(&spec.instance_id, |e| {
+            e.container = true;
+            e.report.pull = Some((0, 0));
+        });
+        self.changed.notify_one();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let prepared = this.pull(&spec).await;
+            let stopped = this
+                .entries
+                .lock()
+                .unwrap()
+                .get(&spec.instance_id)
+                .is_none_or(|e| e.stop_requested);
+            match prepared {
+                Ok(_) if stopped => {
+                    this.update(&spec.instance_id, |e| {
+                        e.report.phase = Phase::Stopped;
+                        e.report.pull = None;
+                    });
+                    this.changed.notify_one();
+                }
+                Ok((image, identity)) => {
+                    let rootfs = image.rootfs.clone();
+                    this.update(&spec.instance_id, |e| {
+                        e.report.pull = None;
+                        e.report.image_digest = image.digest.clone();
+                        e.rootfs = Some(rootfs.clone());
+                    });
+                    let result = this
+                        .prepare_container(&mut spec, port, &image, identity)
+                        .and_then(|p| this.spawn(&spec, p));
+                    this.started(spec, port, result, Some((image.digest, rootfs)));
+                }
+                Err(err) => {
+                    tracing::warn!(instance = %spec.instance_id, error = %err, "image not prepared");
+                    this.update(&spec.instance_id, |e| {
+                        e.report.pull = None;
+                        e.report.phase = Phase::Failed;
+                        e.report.reason = format!("image {}: {err}", spec.image);
+                    });
+                    this.changed.notify_one();
+                }
+            }
+        });
+    }
+
+    /// Pulls (or finds in the cache) the instance's image, for its tenant's
+    /// identity.
+    async fn pull(
+        &self,
+        spec: &InstanceSpec,
+    ) -> anyhow::Result<(crate::image::Prepared, crate::identity::Identity)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (Some(images), Some(_)) = (&self.images, &self.oci) else {
+            anyhow::bail!(
+                "this node runs no images (no OCI runtime found; see `oci_runtime` in the agent config)"
+            );
+        };
+        let Some(identity) = self.identity_for(spec)? else {
+            anyhow::bail!(
+                "this node runs no images: image instances need an agent running as root"
+            );
+        };
+        let _ = self.log_line(
+            &spec.instance_id,
+            &format!("gpupool: preparing image {}", spec.image),
+        );
+        let this = self.clone();
+        let id = spec.instance_id.clone();
+        let progress = move |done: u64, total: u64| {
+            this.update(&id, |e| e.report.pull = Some((done, total)));
+        };
+        let notify = self.changed.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                notify.notify_one();
+            }
+        });
+        let result = images
+            .prepare(
+                &spec.image,
+                (identity.range_base, identity.range_size),
+                progress,
+            )
+            .await;
+        ticker.abort();
+        match &result {
+            Ok(p) if p.pulled_bytes == 0 => {
+                self.image_counters.cache_hits.fetch_add(1, Relaxed);
+                let _ = self.log_line(
+                    &spec.instance_id,
+                    &format!("gpupool: image {} found in the node's cache", p.digest),
+                );
+            }
+            Ok(p) => {
+                self.image_counters.pulls.fetch_add(1, Relaxed);
+                self.image_counters.bytes.fetch_add(p.pulled_bytes, Relaxed);
+                let _ = self.log_line(
+                    &spec.instance_id,
+                    &format!(
+                        "gpupool: pulled image {} ({} bytes)",
+                        p.digest, p.pulled_bytes
+                    ),
+                );
+            }
+            Err(e) => {
+                self.image_counters.failures.fetch_add(1, Relaxed);
+                let _ = self.log_line(
+                    &spec.instance_id,
+                    &format!("gpupool: cannot pull {}: {e}", spec.image),
+                );
+            }
+        }
+        Ok((result?, identity))
+    }
+
+    /// Appends a line of gpupool's own to an instance's log.
+    fn log_line(&self, instance_id: &str, line: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(self.log_path(instance_id)?)?;
+        writeln!(f, "{line}")?;
+        Ok(())
+    }
+
+    /// Records a started (or failed) instance and watches it.
+    fn started(
+        &self,
+        spec: InstanceSpec,
+        port: u16,
+        result: anyhow::Result<(tokio::process::Child, Option<Arc<dyn Cgroup>>)>,
+        image: Option<(String, PathBuf)>,
+    ) {
+        match result {
             Ok((child, cgroup)) => {
                 let pid = child.id().unwrap_or(0);
                 let owner = Owner::from_spec(&spec);
+                let (image_digest, rootfs) = match image {
+                    Some((d, r)) => (d, Some(r)),
+                    None => (String::new(), None),
+                };
                 self.save_record(&Record {
                     instance_id: spec.instance_id.clone(),
                     pid,
@@ -725,13 +1076,16 @@ impl Runtime {
                     tenant: owner.tenant,
                     port,
                     serve: spec.serve.clone(),
+                    container: !spec.image.is_empty(),
+                    image_digest,
+                    rootfs,
                 });
                 self.update(&spec.instance_id, |e| {
                     e.report.pid = pid;
                     e.pgid = Some(pid as i32);
                     e.cgroup = cgroup;
                 });
-                tracing::info!(instance = %spec.instance_id, pid, port, "instance started");
+                tracing::info!(instance = %spec.instance_id, pid, port, image = %spec.image, "instance started");
                 if let Some(serve) = spec.serve.clone() {
                     self.watch(spec.instance_id.clone(), port, serve);
                 }
@@ -740,6 +1094,7 @@ impl Runtime {
             }
             Err(err) => {
                 tracing::warn!(instance = %spec.instance_id, error = %err, "instance failed to start");
+                let _ = std::fs::remove_dir_all(self.bundles_dir().join(&spec.instance_id));
                 self.update(&spec.instance_id, |e| {
                     e.report.phase = Phase::Failed;
                     e.report.reason = format!("failed to start: {err}");
@@ -767,14 +1122,139 @@ impl Runtime {
         }
     }
 
+    /// The working and log directories of an instance, and its identity.
+    fn directories(
+        &self,
+        spec: &mut InstanceSpec,
+        identity: Option<crate::identity::Identity>,
+    ) -> anyhow::Result<(PathBuf, PathBuf, Option<PathBuf>)> {
+        let root = self.tenant_root(spec, identity)?;
+        let workdir = match &spec.working_dir {
+            Some(dir) => self.resolve_dir(&root, dir, identity.is_some(), "working directory")?,
+            None if identity.is_some() => root.join("work").join(&spec.instance_id),
+            None => self.state_dir.join("work").join(&spec.instance_id),
+        };
+        let logdir = match spec.env.get("GPUPOOL_LOG_DIR").filter(|d| !d.is_empty()) {
+            Some(dir) => Some(self.resolve_dir(
+                &root,
+                Path::new(dir),
+                identity.is_some(),
+                "log directory",
+            )?),
+            None => None,
+        };
+        Ok((root, workdir, logdir))
+    }
+
+    /// Expands `{port}`, `{token}` and `{log_dir}` in the command.
+    fn expand(spec: &mut InstanceSpec, port: u16) {
+        if port == 0 {
+            return;
+        }
+        let var = |k: &str| spec.env.get(k).cloned().unwrap_or_default();
+        spec.command = crate::serving::expand(
+            &spec.command,
+            Some(port),
+            &var("GPUPOOL_NOTEBOOK_TOKEN"),
+            &var("GPUPOOL_LOG_DIR"),
+        );
+    }
+
+    /// How a host process is launched.
+    fn prepare_host(&self, spec: &mut InstanceSpec, port: u16) -> anyhow::Result<Launch> {
+        let identity = self.identity_for(spec)?;
+        let (root, workdir, logdir) = self.directories(spec, identity)?;
+        if let Some(dir) = &logdir {
+            spec.env
+                .insert("GPUPOOL_LOG_DIR".into(), dir.display().to_string());
+        }
+        Self::expand(spec, port);
+        spec.env
+            .insert("GPUPOOL_TENANT_DIR".into(), root.display().to_string());
+        if identity.is_none() {
+            // The agent's own user: the directory is made here.
+            std::fs::create_dir_all(&workdir)?;
+        }
+        Ok(Launch::Host {
+            identity,
+            workdir,
+            keep: root,
+        })
+    }
+
+    /// How an image instance is launched: its bundle, written.
+    fn prepare_container(
+        &self,
+        spec: &mut InstanceSpec,
+        port: u16,
+        image: &crate::image::Prepared,
+        identity: crate::identity::Identity,
+    ) -> anyhow::Result<Launch> {
+        let oci = self.oci.clone().expect("checked by pull");
+        let (_, workdir, logdir) = self.directories(spec, Some(identity))?;
+        if logdir.is_some() {
+            spec.env
+                .insert("GPUPOOL_LOG_DIR".into(), crate::container::LOGDIR.into());
+        }
+        Self::expand(spec, port);
+        let host_network = match spec.network.as_str() {
+            "host" => true,
+            "none" => false,
+            _ => spec.serve.is_some() || spec.world_size > 1,
+        };
+        let env = instance_env(spec, Path::new(crate::container::WORKDIR));
+        // Filled in by spawn, which makes the cgroup.
+        let minors = spec.limits.gpu_minors.clone().unwrap_or_default();
+        let bundle = crate::container::BundleSpec {
+            instance_id: &spec.instance_id,
+            command: &spec.command,
+            env: &env,
+            image: &image.config,
+            identity,
+            workdir: &workdir,
+            logdir: logdir.as_deref(),
+            host_network,
+            cgroups_path: crate::cgroup::RUNTIME_CHILD,
+            device_rules: &[],
+        };
+        let mut oci_spec = crate::container::runtime_spec(&bundle, &image.rootfs)?;
+        let gpus: Vec<crate::cdi::Gpu> = spec
+            .gpu_indexes
+            .iter()
+            .zip(&spec.gpu_uuids)
+            .map(|(index, uuid)| crate::cdi::Gpu {
+                index: *index,
+                uuid: uuid.clone(),
+            })
+            .collect();
+        if !gpus.is_empty() {
+            let injected =
+                crate::cdi::inject(&mut oci_spec, &gpus, false, &oci.cdi_dirs, Path::new("/"))
+                    .map_err(|e| anyhow::anyhow!("cannot give the container its GPUs: {e}"))?;
+            tracing::info!(instance = %spec.instance_id, devices = ?injected.devices, "GPUs injected");
+        }
+        let _ = minors;
+        let dirs = crate::container::BundleDirs::new(&self.bundles_dir(), &spec.instance_id);
+        std::fs::create_dir_all(self.bundles_dir())?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(self.bundles_dir(), std::fs::Permissions::from_mode(0o711))?;
+        }
+        dirs.write(&oci_spec, (identity.range_base, identity.range_base))?;
+        Ok(Launch::Container {
+            identity,
+            workdir,
+            dirs,
+            lower: image.rootfs.clone(),
+            oci,
+        })
+    }
+
     fn spawn(
         &self,
         spec: &InstanceSpec,
+        launch: Launch,
     ) -> anyhow::Result<(tokio::process::Child, Option<Arc<dyn Cgroup>>)> {
-        let (program, args) = spec
-            .command
-            .split_first()
-            .ok_or_else(|| anyhow::anyhow!("empty command"))?;
         let log_path = self.log_path(&spec.instance_id)?;
         let log = {
             use std::os::unix::fs::OpenOptionsExt;
@@ -784,77 +1264,114 @@ impl Runtime {
                 .mode(0o600)
                 .open(&log_path)?
         };
-        let workdir = match &spec.working_dir {
-            Some(dir) => {
-                // The state dir holds other instances' logs, records and
-                // work directories (and the disk budget removes ended ones
-                // by name there): no job works inside it.
-                if inside(dir, &self.state_dir) {
-                    anyhow::bail!(
-                        "working directory {} is inside the agent's state dir {}",
-                        dir.display(),
-                        self.state_dir.display()
-                    );
-                }
-                dir.clone()
-            }
-            None => self.state_dir.join("work").join(&spec.instance_id),
-        };
-        std::fs::create_dir_all(&workdir)?;
         std::fs::create_dir_all(self.state_dir.join("instances"))?;
-        if let Some((uid, gid)) = self.run_as
-            && spec.working_dir.is_none()
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::os::unix::fs::chown(&workdir, Some(uid), Some(gid))
-                .and_then(|()| {
-                    std::fs::set_permissions(&workdir, std::fs::Permissions::from_mode(0o700))
-                })
-                .map_err(|e| {
-                    anyhow::anyhow!("cannot give {} to uid {uid}: {e}", workdir.display())
-                })?;
-        }
-        // With the shim, the shim (the agent's user, so it can be exec'd
-        // from wherever the agent is installed and its exit file is out of
-        // the job's reach) switches to the instance's user for the command;
-        // without it, the child switches itself, after joining its cgroup.
-        let env = instance_env(spec, &workdir);
-        let mut cmd = match &self.shim {
-            Some(shim) => {
+        let exit_file = self.exit_path(&spec.instance_id);
+        let _ = std::fs::remove_file(&exit_file);
+        let mut cmd = match (&launch, &self.shim) {
+            (
+                Launch::Container {
+                    identity,
+                    workdir,
+                    dirs,
+                    lower,
+                    oci,
+                },
+                Some(shim),
+            ) => {
+                let mut c = tokio::process::Command::new(shim);
+                c.arg("shim").arg(&exit_file);
+                c.arg("--as")
+                    .arg(format!("{}:{}", identity.range_base, identity.range_base));
+                c.arg("--cwd").arg(workdir);
+                c.arg("--container")
+                    .arg(&oci.binary)
+                    .arg(&oci.root)
+                    .arg(&dirs.dir)
+                    .arg(&spec.instance_id)
+                    .arg(format!(
+                        "{}:{}:{}:{}",
+                        lower.display(),
+                        dirs.upper.display(),
+                        dirs.work.display(),
+                        dirs.rootfs.display()
+                    ));
+                c.env_clear().current_dir("/");
+                c
+            }
+            (Launch::Container { .. }, None) => anyhow::bail!("image instances need the shim"),
+            (
+                Launch::Host {
+                    identity,
+                    workdir,
+                    keep,
+                },
+                Some(shim),
+            ) => {
                 // The shim runs as the agent's user: it gets none of the
                 // job's environment (LD_PRELOAD and friends would run the
                 // job's code with its privileges), only a 0600 file of it,
                 // which it reads, removes and gives to the command alone.
+                let env = instance_env(spec, workdir);
                 let env_file = self.env_path(&spec.instance_id);
                 write_env_file(&env_file, &env)
                     .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", env_file.display()))?;
+                let (program, args) = spec
+                    .command
+                    .split_first()
+                    .ok_or_else(|| anyhow::anyhow!("empty command"))?;
                 let mut c = tokio::process::Command::new(shim);
-                c.arg("shim").arg(self.exit_path(&spec.instance_id));
-                if let Some((uid, gid)) = self.run_as {
-                    c.arg("--as").arg(format!("{uid}:{gid}"));
+                c.arg("shim").arg(&exit_file);
+                if let Some(id) = identity {
+                    c.arg("--as").arg(format!("{}:{}", id.uid, id.gid));
                 }
                 c.arg("--env-file").arg(&env_file);
-                c.arg("--").arg(program);
-                c.env_clear();
+                c.arg("--cwd").arg(workdir);
+                if let (Some(hide), Some(_)) = (&self.isolate, identity) {
+                    c.arg("--isolate");
+                    for h in hide {
+                        c.arg("--hide").arg(h);
+                    }
+                    c.arg("--keep").arg(keep);
+                }
+                c.arg("--").arg(program).args(args);
+                c.env_clear().current_dir("/");
                 c
             }
-            None => {
+            (
+                Launch::Host {
+                    identity, workdir, ..
+                },
+                None,
+            ) => {
+                let (program, args) = spec
+                    .command
+                    .split_first()
+                    .ok_or_else(|| anyhow::anyhow!("empty command"))?;
+                if let Some(id) = identity {
+                    std::fs::create_dir_all(workdir)?;
+                    std::os::unix::fs::chown(workdir, Some(id.uid), Some(id.gid))?;
+                }
                 let mut c = tokio::process::Command::new(program);
-                c.env_clear().envs(&env);
+                c.args(args)
+                    .env_clear()
+                    .envs(instance_env(spec, workdir))
+                    .current_dir(workdir);
                 c
             }
         };
-        cmd.args(args)
-            .current_dir(&workdir)
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .process_group(0)
             .kill_on_drop(false);
-        let drop_to = if self.shim.is_none() {
-            self.run_as
-        } else {
-            None
+        let drop_to = match (&launch, &self.shim) {
+            (
+                Launch::Host {
+                    identity: Some(id), ..
+                },
+                None,
+            ) => Some((id.uid, id.gid)),
+            _ => None,
         };
         let cgroup = self.cgroup_for(spec)?;
         let files: Vec<std::ffi::CString> = match &cgroup {
@@ -904,10 +1421,10 @@ impl Runtime {
                     let _ = group.remove();
                 }
                 // Name what was being done, and with which files.
-                let how = match (&self.shim, self.run_as) {
+                let how = match (&self.shim, drop_to) {
                     (Some(shim), _) => format!("the shim {}", shim.display()),
-                    (None, Some((uid, _))) => format!("{program} as uid {uid}"),
-                    (None, None) => program.to_string(),
+                    (None, Some((uid, _))) => format!("{} as uid {uid}", spec.command[0]),
+                    (None, None) => spec.command.first().cloned().unwrap_or_default(),
                 };
                 let joining = cgroup
                     .as_ref()
@@ -966,6 +1483,12 @@ impl Runtime {
             .get(&instance_id)
             .and_then(|e| e.cgroup.clone());
         let oom_killed = cgroup.as_ref().is_some_and(|g| g.oom_kills() > 0);
+        let container = self
+            .entries
+            .lock()
+            .unwrap()
+            .get(&instance_id)
+            .is_some_and(|e| e.container);
         if let Some(group) = &cgroup {
             // Also what left the process group but not the cgroup.
             for pid in group.pids() {
@@ -985,6 +1508,21 @@ impl Runtime {
                 }
                 tracing::warn!(instance = %id, "cgroup not removed: processes still in it");
             });
+        }
+        if container {
+            // The shim deletes the runtime's state; not when it was killed.
+            if let Some(oci) = &self.oci {
+                let _ = tokio::process::Command::new(&oci.binary)
+                    .arg("--root")
+                    .arg(&oci.root)
+                    .args(["delete", "--force", &instance_id])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .await;
+            }
+            let bundle = self.bundles_dir().join(&instance_id);
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(bundle)).await;
         }
         self.update(&instance_id, |e| {
             match &status {
@@ -1106,6 +1644,12 @@ impl Runtime {
         let Some(pgid) = pgid else { return };
         tracing::info!(instance = %instance_id, pgid, ?grace, "stopping instance");
         signal_group(pgid, libc::SIGTERM);
+        let cgroup = self
+            .entries
+            .lock()
+            .unwrap()
+            .get(instance_id)
+            .and_then(|e| e.cgroup.clone());
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + grace;
             while tokio::time::Instant::now() < deadline {
@@ -1116,6 +1660,14 @@ impl Runtime {
             }
             if group_alive(pgid) {
                 tracing::info!(pgid, "grace expired, sending SIGKILL to the group");
+                // A container's processes are in its cgroup, not always in
+                // the shim's process group.
+                for pid in cgroup.iter().flat_map(|g| g.pids()) {
+                    // SAFETY: kill(2) on a pid read from the instance's cgroup.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
                 signal_group(pgid, libc::SIGKILL);
             }
         });
@@ -1175,6 +1727,7 @@ impl Runtime {
             let _ = std::fs::remove_file(self.record_path(instance_id));
             let _ = std::fs::remove_file(self.exit_path(instance_id));
             let _ = std::fs::remove_file(self.env_path(instance_id));
+            let _ = std::fs::remove_dir_all(self.bundles_dir().join(instance_id));
         }
     }
 
@@ -1213,6 +1766,26 @@ impl Runtime {
         let next = offset + buf.len() as u64;
         Ok((buf, next))
     }
+}
+
+/// How an instance is started.
+enum Launch {
+    /// A host process as `identity` (None: the agent's user) in `workdir`;
+    /// `keep` is the tenant's directory, visible under the covered state
+    /// dir.
+    Host {
+        identity: Option<crate::identity::Identity>,
+        workdir: PathBuf,
+        keep: PathBuf,
+    },
+    /// A container from its bundle, on the image's unpacked `lower` layer.
+    Container {
+        identity: crate::identity::Identity,
+        workdir: PathBuf,
+        dirs: crate::container::BundleDirs,
+        lower: PathBuf,
+        oci: OciRuntime,
+    },
 }
 
 /// Ports given to serving instances unless configured otherwise.
@@ -1707,6 +2280,7 @@ mod tests {
             cpu_milli: Some(500),
             pids_max: Some(64),
             gpu_minors: Some(vec![]),
+            ..Limits::default()
         };
         rt.start(s);
         let r = wait_terminal(&rt, "oom-1").await;
@@ -1735,6 +2309,7 @@ mod tests {
             cpu_milli: Some(200),
             pids_max: None,
             gpu_minors: None,
+            ..Limits::default()
         };
         rt.start(s);
         let r = wait_terminal(&rt, "cpu-1").await;
@@ -1775,6 +2350,7 @@ mod tests {
             cpu_milli: Some(1000),
             pids_max: Some(32),
             gpu_minors: Some(vec![0]),
+            ..Limits::default()
         };
         rt.start(s);
         let r = wait_terminal(&rt, "fits-1").await;

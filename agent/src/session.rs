@@ -374,6 +374,10 @@ fn status_to_pb(r: &InstanceReport) -> pb::InstanceStatus {
         port: u32::from(r.port),
         ready: r.ready,
         idle_ms: r.idle_ms,
+        image_digest: r.image_digest.clone(),
+        pulling: r.pull.is_some(),
+        pull_done_bytes: r.pull.map_or(0, |p| p.0),
+        pull_total_bytes: r.pull.map_or(0, |p| p.1),
     }
 }
 
@@ -415,6 +419,7 @@ fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
         cpu_milli: (res.cpu_milli > 0).then_some(res.cpu_milli as u64),
         pids_max,
         gpu_minors: Some(gpu_minors(&s.gpu_indexes, &gpus)),
+        runtime_devices: !s.image.is_empty(),
     };
     let token = s
         .env
@@ -432,6 +437,9 @@ fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
             .filter(|d| !d.is_empty())
             .map(Into::into),
         gpu_uuids: s.gpu_uuids,
+        gpu_indexes: s.gpu_indexes,
+        image: s.image,
+        network: s.network,
         rank: s.rank,
         world_size: s.world_size,
         metadata: s.metadata.into_iter().collect(),

@@ -1,16 +1,35 @@
-//! The instance shim: `<agent binary> shim EXIT_FILE -- COMMAND ARGS...`.
+//! The instance shim: `<agent binary> shim EXIT_FILE [OPTIONS] -- COMMAND ARGS...`.
 //!
 //! The agent starts every instance through this shim so that the exit
 //! status survives an agent restart: the shim leads the instance's process
 //! group, runs the command as its child, and when it ends writes `code N` or
 //! `signal N` to EXIT_FILE (atomically) before exiting the same way. A
 //! restarted agent finds the file, or the shim still running, and reattaches.
+//! The file is the shim's real wait status, in a directory only the agent's
+//! user may write: nothing the job does can change it.
 //!
 //! The shim itself ignores SIGTERM/SIGINT/SIGHUP (with a handler, which
 //! `exec` resets, so the command keeps the default dispositions): a stop
 //! signals the whole group, and the shim must outlive the command to record
 //! how it ended. SIGKILL ends both.
+//!
+//! Host processes (`--isolate`, a root agent): the command gets its own PID,
+//! mount and IPC namespaces. The shim forks an init (PID 1 of the new
+//! namespace, which reaps orphans and ends the namespace with the command),
+//! which mounts a fresh `/proc` (only the instance's processes), a private
+//! `/tmp`, covers the `--hide` paths (the agent's state and config) with
+//! empty read-only tmpfs, puts the `--keep` paths (the tenant's directory)
+//! back, creates the working directory as the instance's user and runs the
+//! command as that user.
+//!
+//! Images (`--container`): the shim mounts the instance's overlay root file
+//! system in a mount namespace of its own (it goes away with the shim, so no
+//! mount outlives the instance), runs `RUNTIME run` in the foreground on the
+//! bundle the agent wrote, and records the container's exit (a runtime exit
+//! code of 128+N is signal N, as `docker` reports it), then deletes the
+//! container's runtime state.
 
+use std::ffi::CString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 
@@ -23,16 +42,36 @@ pub enum Exit {
     Signal(i32),
 }
 
+impl Exit {
+    fn text(self) -> String {
+        match self {
+            Exit::Code(c) => format!("code {c}"),
+            Exit::Signal(s) => format!("signal {s}"),
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let (kind, value) = text.trim().split_once(' ')?;
+        let value = value.parse().ok()?;
+        match kind {
+            "code" => Some(Exit::Code(value)),
+            "signal" => Some(Exit::Signal(value)),
+            _ => None,
+        }
+    }
+
+    fn of(status: std::process::ExitStatus) -> Self {
+        match (status.code(), status.signal()) {
+            (Some(code), _) => Exit::Code(code),
+            (None, Some(sig)) => Exit::Signal(sig),
+            _ => Exit::Code(1),
+        }
+    }
+}
+
 /// Reads an exit file written by the shim.
 pub fn read_exit(path: &Path) -> Option<Exit> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let (kind, value) = text.trim().split_once(' ')?;
-    let value = value.parse().ok()?;
-    match kind {
-        "code" => Some(Exit::Code(value)),
-        "signal" => Some(Exit::Signal(value)),
-        _ => None,
-    }
+    Exit::parse(&std::fs::read_to_string(path).ok()?)
 }
 
 /// Runs the shim if `args` (without the program name) start with `shim`;
@@ -44,41 +83,96 @@ pub fn run_if_shim(args: &[String]) {
     std::process::exit(shim(&args[1..]));
 }
 
+/// A container to run with an OCI runtime.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Container<'a> {
+    runtime: &'a str,
+    root: &'a str,
+    bundle: &'a str,
+    id: &'a str,
+    /// lowerdir, upperdir, workdir, target of the root file system.
+    overlay: [&'a str; 4],
+}
+
 /// What the shim is asked to do.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct Args<'a> {
     exit_file: &'a str,
     /// The user the command runs as (None: the shim's).
     user: Option<(u32, u32)>,
     /// The command's environment (None: the shim's own).
     env_file: Option<&'a str>,
+    /// Working directory, created as the user if missing.
+    cwd: Option<&'a str>,
+    /// Own PID, mount and IPC namespaces, private /tmp.
+    isolate: bool,
+    hide: Vec<&'a str>,
+    keep: Vec<&'a str>,
+    container: Option<Container<'a>>,
     command: &'a [String],
 }
 
-/// `EXIT_FILE [--as UID:GID] [--env-file FILE] -- COMMAND ARGS...`.
+const USAGE: &str = "usage: shim EXIT_FILE [--as UID:GID] [--env-file FILE] [--cwd DIR] \
+[--isolate [--hide PATH]... [--keep PATH]...] -- COMMAND ARGS...\n   \
+or: shim EXIT_FILE --container RUNTIME ROOT BUNDLE ID LOWER:UPPER:WORK:TARGET";
+
 fn parse(args: &[String]) -> Option<Args<'_>> {
-    let exit_file = args.first()?;
-    let mut user = None;
-    let mut env_file = None;
+    let mut a = Args {
+        exit_file: args.first()?,
+        ..Args::default()
+    };
     let mut rest = &args[1..];
     loop {
-        match rest.first().map(String::as_str) {
+        let value = |n: usize| rest.get(n).map(String::as_str);
+        match value(0) {
             Some("--as") => {
-                let (uid, gid) = rest.get(1)?.split_once(':')?;
-                user = Some((uid.parse().ok()?, gid.parse().ok()?));
+                let (uid, gid) = value(1)?.split_once(':')?;
+                a.user = Some((uid.parse().ok()?, gid.parse().ok()?));
                 rest = &rest[2..];
             }
             Some("--env-file") => {
-                env_file = Some(rest.get(1)?.as_str());
+                a.env_file = Some(value(1)?);
                 rest = &rest[2..];
             }
-            Some("--") if rest.len() > 1 => {
-                return Some(Args {
-                    exit_file,
-                    user,
-                    env_file,
-                    command: &rest[1..],
+            Some("--cwd") => {
+                a.cwd = Some(value(1)?);
+                rest = &rest[2..];
+            }
+            Some("--isolate") => {
+                a.isolate = true;
+                rest = &rest[1..];
+            }
+            Some("--hide") => {
+                a.hide.push(value(1)?);
+                rest = &rest[2..];
+            }
+            Some("--keep") => {
+                a.keep.push(value(1)?);
+                rest = &rest[2..];
+            }
+            Some("--container") if rest.len() == 6 => {
+                let mut layers = value(5)?.split(':');
+                let overlay = [
+                    layers.next()?,
+                    layers.next()?,
+                    layers.next()?,
+                    layers.next()?,
+                ];
+                if layers.next().is_some() {
+                    return None;
+                }
+                a.container = Some(Container {
+                    runtime: value(1)?,
+                    root: value(2)?,
+                    bundle: value(3)?,
+                    id: value(4)?,
+                    overlay,
                 });
+                return Some(a);
+            }
+            Some("--") if rest.len() > 1 => {
+                a.command = &rest[1..];
+                return Some(a);
             }
             _ => return None,
         }
@@ -102,60 +196,34 @@ fn take_env(path: &str) -> std::io::Result<Vec<(String, String)>> {
 }
 
 fn shim(args: &[String]) -> i32 {
-    let Some(Args {
-        exit_file,
-        user,
-        env_file,
-        command,
-    }) = parse(args)
-    else {
-        eprintln!("usage: shim EXIT_FILE [--as UID:GID] [--env-file FILE] -- COMMAND ARGS...");
+    let Some(args) = parse(args) else {
+        eprintln!("{USAGE}");
         return 2;
     };
-    let (program, rest) = command.split_first().expect("parse checked it");
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: installing a handler that does nothing.
         unsafe {
             libc::signal(sig, ignore as *const () as libc::sighandler_t);
         }
     }
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(rest);
-    if let Some(path) = env_file {
-        match take_env(path) {
-            Ok(env) => {
-                cmd.env_clear().envs(env);
+    let exit = if let Some(c) = &args.container {
+        // The directory mounted at /work, made as the container's root.
+        match args.cwd.map(|d| make_dir_as(Path::new(d), args.user)) {
+            Some(Err(err)) => {
+                eprintln!("cannot create the working directory: {err}");
+                Exit::Code(127)
             }
-            Err(err) => {
-                eprintln!("shim: cannot read the environment {path}: {err}");
-                write_exit(exit_file, "code 127");
-                return 127;
-            }
+            _ => run_container(c),
         }
-    }
-    if let Some((uid, gid)) = user {
-        // Supplementary groups go too (std clears them when root sets a uid).
-        use std::os::unix::process::CommandExt;
-        cmd.uid(uid).gid(gid);
-    }
-    let status = match cmd.status() {
-        Ok(s) => s,
-        Err(err) => {
-            let who = user
-                .map(|(u, _)| format!(" as uid {u}"))
-                .unwrap_or_default();
-            eprintln!("failed to start {program}{who}: {err}");
-            write_exit(exit_file, "code 127");
-            return 127;
-        }
+    } else if args.isolate {
+        run_isolated(&args)
+    } else {
+        run_plain(&args)
     };
-    match (status.code(), status.signal()) {
-        (Some(code), _) => {
-            write_exit(exit_file, &format!("code {code}"));
-            code
-        }
-        (None, Some(sig)) => {
-            write_exit(exit_file, &format!("signal {sig}"));
+    write_exit(args.exit_file, &exit.text());
+    match exit {
+        Exit::Code(code) => code,
+        Exit::Signal(sig) => {
             // Die the same way, so a waiting parent sees the signal.
             // SAFETY: restoring the default action and signalling ourselves.
             unsafe {
@@ -164,8 +232,365 @@ fn shim(args: &[String]) -> i32 {
             }
             128 + sig
         }
-        _ => 1,
     }
+}
+
+/// The command, with its environment, user and working directory.
+fn command(args: &Args) -> Result<std::process::Command, Exit> {
+    let (program, rest) = args.command.split_first().ok_or(Exit::Code(127))?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(rest);
+    if let Some(path) = args.env_file {
+        match take_env(path) {
+            Ok(env) => {
+                cmd.env_clear().envs(env);
+            }
+            Err(err) => {
+                eprintln!("shim: cannot read the environment {path}: {err}");
+                return Err(Exit::Code(127));
+            }
+        }
+    }
+    if let Some(dir) = args.cwd {
+        if let Err(err) = make_dir_as(Path::new(dir), args.user) {
+            eprintln!("cannot create the working directory {dir}: {err}");
+            return Err(Exit::Code(127));
+        }
+        cmd.current_dir(dir);
+    }
+    if let Some((uid, gid)) = args.user {
+        // Supplementary groups go too (std clears them when root sets a uid).
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(gid);
+    }
+    Ok(cmd)
+}
+
+/// Creates `dir` (and missing parents) with the rights of `user`, so a
+/// path another user prepared (a link, a directory it owns) gets no more
+/// than that user could do.
+fn make_dir_as(dir: &Path, user: Option<(u32, u32)>) -> std::io::Result<()> {
+    let Some((uid, gid)) = user else {
+        return std::fs::create_dir_all(dir);
+    };
+    // SAFETY: the shim is single-threaded; set*id change only our own
+    // credentials and are undone below.
+    unsafe {
+        if libc::setegid(gid) != 0 || libc::seteuid(uid) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let made = {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+    };
+    // SAFETY: as above, back to root.
+    unsafe {
+        if libc::seteuid(0) != 0 || libc::setegid(0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    made
+}
+
+fn spawn_failed(args: &Args, err: &std::io::Error) -> Exit {
+    let who = args
+        .user
+        .map(|(u, _)| format!(" as uid {u}"))
+        .unwrap_or_default();
+    eprintln!(
+        "failed to start {}{who}: {err}",
+        args.command.first().map_or("", String::as_str)
+    );
+    Exit::Code(127)
+}
+
+fn run_plain(args: &Args) -> Exit {
+    let mut cmd = match command(args) {
+        Ok(c) => c,
+        Err(exit) => return exit,
+    };
+    match cmd.status() {
+        Ok(s) => Exit::of(s),
+        Err(err) => spawn_failed(args, &err),
+    }
+}
+
+fn c_path(p: &str) -> CString {
+    CString::new(p).unwrap_or_default()
+}
+
+/// mount(2), with the path in the error.
+fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> std::io::Result<()> {
+    let (s, t, f, d) = (c_path(source), c_path(target), c_path(fstype), c_path(data));
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            if source.is_empty() {
+                std::ptr::null()
+            } else {
+                s.as_ptr()
+            },
+            t.as_ptr(),
+            if fstype.is_empty() {
+                std::ptr::null()
+            } else {
+                f.as_ptr()
+            },
+            flags,
+            if data.is_empty() {
+                std::ptr::null()
+            } else {
+                d.as_ptr().cast()
+            },
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        let err = std::io::Error::last_os_error();
+        Err(std::io::Error::new(
+            err.kind(),
+            format!("mount {fstype} {source} on {target}: {err}"),
+        ))
+    }
+}
+
+/// A private mount namespace whose changes never reach the host's.
+fn private_mounts() -> std::io::Result<()> {
+    // SAFETY: unshare(2) on our own process.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    mount("", "/", "", libc::MS_REC | libc::MS_PRIVATE, "")
+}
+
+/// The instance's view of the host: its own /proc and /tmp, the agent's
+/// paths covered, the tenant's kept.
+fn sandbox_mounts(args: &Args) -> std::io::Result<()> {
+    private_mounts()?;
+    // Opened (in the new namespace: a bind source must be one of its
+    // mounts) before anything is covered; bound back from these.
+    let mut kept = Vec::new();
+    for k in &args.keep {
+        let p = c_path(k);
+        // SAFETY: open(2) of a NUL-terminated path.
+        let fd = unsafe {
+            libc::open(
+                p.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let err = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(err.kind(), format!("open {k}: {err}")));
+        }
+        kept.push((*k, fd));
+    }
+    let hidden = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount("proc", "/proc", "proc", hidden, "")?;
+    mount(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    )?;
+    // Paths under /tmp are gone already; the others are covered.
+    let mut covered = Vec::new();
+    for h in &args.hide {
+        let Ok(meta) = std::fs::metadata(h) else {
+            continue;
+        };
+        if meta.is_dir() {
+            mount("tmpfs", h, "tmpfs", hidden, "mode=0711,size=64k")?;
+            covered.push(*h);
+        } else {
+            mount("/dev/null", h, "", libc::MS_BIND, "")?;
+        }
+    }
+    // The tenant's directory, where it was (its parents made anew, and
+    // searchable, where a cover or the new /tmp removed them).
+    for (k, fd) in &kept {
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(k)?;
+        }
+        mount(
+            &format!("/proc/self/fd/{fd}"),
+            k,
+            "",
+            libc::MS_BIND | libc::MS_REC,
+            "",
+        )?;
+        // SAFETY: closing a descriptor we opened.
+        unsafe { libc::close(*fd) };
+    }
+    for h in covered {
+        mount("", h, "", libc::MS_REMOUNT | libc::MS_RDONLY | hidden, "")?;
+    }
+    Ok(())
+}
+
+/// Writes the whole of `text` to `fd`.
+fn write_fd(fd: i32, text: &[u8]) {
+    // SAFETY: writing our own buffer to our own descriptor.
+    unsafe { libc::write(fd, text.as_ptr().cast(), text.len()) };
+}
+
+fn run_isolated(args: &Args) -> Exit {
+    let mut pipe = [0i32; 2];
+    // SAFETY: unshare(2) of our own process (the PID namespace applies to
+    // children) and pipe(2) into a local array.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWIPC) != 0 {
+            eprintln!(
+                "shim: cannot make namespaces: {}",
+                std::io::Error::last_os_error()
+            );
+            return Exit::Code(127);
+        }
+        if libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Exit::Code(127);
+        }
+    }
+    // SAFETY: the shim is single-threaded, so the child may run Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Exit::Code(127);
+    }
+    if pid == 0 {
+        // PID 1 of the instance's namespace.
+        // SAFETY: closing the read end in the child.
+        unsafe { libc::close(pipe[0]) };
+        let exit = init(args);
+        write_fd(pipe[1], exit.text().as_bytes());
+        // SAFETY: leaving the child without running the parent's exit code.
+        unsafe { libc::_exit(0) };
+    }
+    // SAFETY: closing the write end in the parent.
+    unsafe { libc::close(pipe[1]) };
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+        && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+    {}
+    let mut buf = [0u8; 64];
+    // SAFETY: reading into a local buffer.
+    let n = unsafe { libc::read(pipe[0], buf.as_mut_ptr().cast(), buf.len()) };
+    let reported = (n > 0)
+        .then(|| Exit::parse(&String::from_utf8_lossy(&buf[..n as usize])))
+        .flatten();
+    reported.unwrap_or(if libc::WIFSIGNALED(status) {
+        Exit::Signal(libc::WTERMSIG(status))
+    } else {
+        Exit::Code(libc::WEXITSTATUS(status))
+    })
+}
+
+/// The namespace's init: sets up the mounts, runs the command, reaps
+/// everything until the command ends.
+fn init(args: &Args) -> Exit {
+    // The environment file is read before the state dir is covered.
+    let env = match args.env_file.map(take_env).transpose() {
+        Ok(env) => env,
+        Err(err) => {
+            eprintln!("shim: cannot read the environment: {err}");
+            return Exit::Code(127);
+        }
+    };
+    if let Err(err) = sandbox_mounts(args) {
+        eprintln!("shim: cannot set up the instance's mounts: {err}");
+        return Exit::Code(127);
+    }
+    let without_file = Args {
+        env_file: None,
+        hide: Vec::new(),
+        keep: Vec::new(),
+        container: None,
+        ..*args
+    };
+    let mut cmd = match command(&without_file) {
+        Ok(c) => c,
+        Err(exit) => return exit,
+    };
+    if let Some(env) = env {
+        cmd.env_clear().envs(env);
+    }
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(err) => return spawn_failed(args, &err),
+    };
+    let main = child.id() as i32;
+    loop {
+        let mut status = 0;
+        // SAFETY: reaping any child of ours.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Exit::Code(1);
+        }
+        if pid == main {
+            return if libc::WIFSIGNALED(status) {
+                Exit::Signal(libc::WTERMSIG(status))
+            } else {
+                Exit::Code(libc::WEXITSTATUS(status))
+            };
+        }
+    }
+}
+
+fn run_container(c: &Container) -> Exit {
+    let [lower, upper, work, target] = c.overlay;
+    let mounted = private_mounts().and_then(|()| {
+        mount(
+            "overlay",
+            target,
+            "overlay",
+            libc::MS_NODEV,
+            &format!("lowerdir={lower},upperdir={upper},workdir={work}"),
+        )
+    });
+    if let Err(err) = mounted {
+        eprintln!("shim: cannot mount the container's root file system: {err}");
+        return Exit::Code(127);
+    }
+    let status = std::process::Command::new(c.runtime)
+        .args(["--root", c.root, "run", "--bundle", c.bundle, c.id])
+        .stdin(std::process::Stdio::null())
+        .status();
+    let exit = match status {
+        // The runtime exits 128+N when the container's process was killed
+        // by signal N.
+        Ok(s) => match Exit::of(s) {
+            Exit::Code(code) if (129..=128 + 64).contains(&code) => Exit::Signal(code - 128),
+            other => other,
+        },
+        Err(err) => {
+            eprintln!("shim: cannot run {}: {err}", c.runtime);
+            Exit::Code(127)
+        }
+    };
+    let _ = std::process::Command::new(c.runtime)
+        .args(["--root", c.root, "delete", "--force", c.id])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    exit
 }
 
 fn write_exit(path: &str, text: &str) {
@@ -187,17 +612,31 @@ mod tests {
         let p = parse(&a).unwrap();
         assert_eq!((p.exit_file, p.user, p.env_file), ("/x.exit", None, None));
         assert_eq!(p.command, &a[2..]);
-        let a = args("/x.exit --as 65534:65534 --env-file /x.env -- id");
+        let a = args(
+            "/x.exit --as 65534:65534 --env-file /x.env --cwd /w --isolate --hide /s --keep /s/t -- id",
+        );
         let p = parse(&a).unwrap();
         assert_eq!(p.user, Some((65534, 65534)));
         assert_eq!(p.env_file, Some("/x.env"));
-        assert_eq!(p.command, &a[6..]);
+        assert_eq!(p.cwd, Some("/w"));
+        assert!(p.isolate);
+        assert_eq!((p.hide, p.keep), (vec!["/s"], vec!["/s/t"]));
+        assert_eq!(p.command, &a[12..]);
+        let a = args("/x.exit --container /usr/bin/runc /r /b id1 /l:/u:/w:/t");
+        let c = parse(&a).unwrap().container.unwrap();
+        assert_eq!(
+            (c.runtime, c.root, c.bundle, c.id),
+            ("/usr/bin/runc", "/r", "/b", "id1")
+        );
+        assert_eq!(c.overlay, ["/l", "/u", "/w", "/t"]);
         for bad in [
             "/x.exit",
             "/x.exit --",
             "/x.exit --as 1 -- id",
             "/x.exit id",
             "/x.exit --env-file",
+            "/x.exit --container /runc /r /b id /l:/u:/w",
+            "/x.exit --container /runc /r /b id /l:/u:/w:/t:/x",
         ] {
             assert!(parse(&args(bad)).is_none(), "{bad}");
         }

@@ -211,6 +211,8 @@ pub struct KindConfig {
     pub idle_timeout_secs: Option<u64>,
     /// Notebooks: GPU utilization (%) that counts as activity.
     pub idle_gpu_util_pct: Option<u32>,
+    /// Image jobs of this kind run in when they name none.
+    pub image: Option<String>,
 }
 
 /// `[billing]`: the price catalog. Money is integer micro-units of
@@ -404,6 +406,13 @@ impl SchedulerConfig {
             let k = table.get_mut(kind);
             if let Some(v) = &c.command {
                 k.command = v.clone();
+            }
+            if let Some(image) = &c.image {
+                if !image.is_empty() {
+                    crate::domain::job::check_image_reference(image)
+                        .map_err(|e| format!("`kinds.{name}.image`: {e}"))?;
+                }
+                k.image = image.clone();
             }
             macro_rules! set {
                 ($($f:ident),*) => { $(if let Some(v) = c.$f { k.$f = v; })* };

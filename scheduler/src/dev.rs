@@ -164,33 +164,24 @@ fn agent_configs(
                 metrics.set_port(metrics.port().checked_add(i as u16).unwrap_or(0));
             }
             let lo = first + (i * span) as u16;
-            gpupool_agent::AgentConfig {
-                scheduler_addr: format!("http://{grpc}"),
-                node_id,
-                state_dir,
-                metrics_listen: Some(metrics),
-                fake_gpus: args.fake_gpus.clone(),
-                az: format!("AZ{}", i % 3 + 1),
-                labels: Default::default(),
-                join_token: Some(join_token.to_string()),
-                max_backoff_ms: 2_000,
-                confinement: Default::default(),
-                cgroup_root: "/sys/fs/cgroup".into(),
-                pids_max: 4096,
-                run_as_user: run_as_user.clone(),
-                mps_pipe_dir: None,
-                advertise_address: Some(grpc.ip().to_string()),
-                log_max_bytes: 100 * 1024 * 1024,
-                log_keep: 3,
-                disk_budget_mib: 10 * 1024,
-                sample_interval_ms: 1000,
-                tls_ca_file: None,
-                tls_cert_file: None,
-                tls_key_file: None,
-                tls_domain: None,
-                port_range: [lo, lo + span as u16 - 1],
-                stop_instances_on_exit: !args.keep_instances,
-            }
+            let mut c =
+                gpupool_agent::AgentConfig::parse(&format!("scheduler_addr = \"http://{grpc}\""))
+                    .expect("a scheduler address parses");
+            c.node_id = node_id;
+            c.state_dir = state_dir;
+            c.metrics_listen = Some(metrics);
+            c.fake_gpus = args.fake_gpus.clone();
+            c.az = format!("AZ{}", i % 3 + 1);
+            c.join_token = Some(join_token.to_string());
+            c.max_backoff_ms = 2_000;
+            c.run_as_user = run_as_user.clone();
+            c.advertise_address = Some(grpc.ip().to_string());
+            // Jobs see neither the scheduler's data (its database, keys)
+            // nor the agents' config.
+            c.hidden_paths.push(data_dir.to_path_buf());
+            c.port_range = [lo, lo + span as u16 - 1];
+            c.stop_instances_on_exit = !args.keep_instances;
+            c
         })
         .collect()
 }

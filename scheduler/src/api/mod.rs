@@ -176,6 +176,8 @@ pub fn raw_spec_from_pb(s: pb::JobSpec) -> RawJobSpec {
         log_dir: s.log_dir,
         for_job: s.for_job,
         cpu_only: s.cpu_only,
+        image: s.image,
+        network: s.network,
     }
 }
 
@@ -222,6 +224,7 @@ pub fn kinds_to_pb(kinds: &domain::job::KindTable) -> pb::ListJobKindsResponse {
                     max_runtime_limit_secs: k.max_runtime_limit_secs,
                     idle_timeout_secs: k.idle_timeout_secs,
                     idle_gpu_util_pct: k.idle_gpu_util_pct,
+                    image: k.image.clone(),
                 }
             })
             .collect(),
@@ -300,6 +303,8 @@ pub fn job_to_pb(j: &domain::Job) -> pb::Job {
             log_dir: s.log_dir.clone(),
             for_job: s.for_job.clone(),
             cpu_only: false,
+            image: s.image.clone(),
+            network: s.network.clone(),
         }),
         state: job_state_to_pb(j.state) as i32,
         reason: j.reason.clone(),
@@ -325,6 +330,10 @@ pub fn job_to_pb(j: &domain::Job) -> pb::Job {
                 ready: i.ready,
                 endpoint: i.endpoint().unwrap_or_default(),
                 replaced: i.replaced,
+                image_digest: i.image_digest.clone(),
+                pulling: i.pull.is_some(),
+                pull_done_bytes: i.pull.map_or(0, |p| p.0),
+                pull_total_bytes: i.pull.map_or(0, |p| p.1),
             })
             .collect(),
         submitted_at: Some(ts(j.submitted_at_ms)),
@@ -445,6 +454,8 @@ pub fn reported_from_pb(s: pb::InstanceStatus) -> Option<ReportedInstance> {
         port: s.port,
         ready: s.ready,
         idle_ms: s.idle_ms,
+        image_digest: s.image_digest,
+        pull: s.pulling.then_some((s.pull_done_bytes, s.pull_total_bytes)),
     })
 }
 
@@ -468,6 +479,8 @@ pub fn command_to_pb(cmd: AgentCommand) -> pb::SchedulerMessage {
             port: s.port,
             health_check: s.health_check.as_ref().map(health_to_pb),
             watch_activity: s.watch_activity,
+            image: s.image,
+            network: s.network,
         }),
         AgentCommand::Stop {
             instance_id,

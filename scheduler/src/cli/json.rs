@@ -63,6 +63,8 @@ pub fn job(j: &Job) -> Value {
         })),
         "idle_timeout_secs": spec.idle_timeout_secs,
         "log_dir": spec.log_dir,
+        "image": spec.image,
+        "network": spec.network,
         "for_job": spec.for_job,
         "url": j.url,
         "retries": j.retries,
@@ -95,6 +97,10 @@ pub fn instance(i: &Instance) -> Value {
         "ready": i.ready,
         "endpoint": i.endpoint,
         "replaced": i.replaced,
+        "image_digest": i.image_digest,
+        "pulling": i.pulling,
+        "pull_done_bytes": i.pull_done_bytes,
+        "pull_total_bytes": i.pull_total_bytes,
     })
 }
 

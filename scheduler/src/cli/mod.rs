@@ -566,9 +566,20 @@ pub struct SubmitArgs {
     /// Environment variable (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
-    /// Working directory of the command.
+    /// Working directory of the command: a path relative to the tenant's
+    /// directory on the node (where it is created); default: a fresh one
+    /// per instance. An image job sees it at /work.
     #[arg(long, value_name = "DIR")]
     pub workdir: Option<String>,
+    /// Run in this OCI image (`registry/repo:tag` or `...@sha256:...`),
+    /// pulled by the node; the command (optional then) replaces the image's
+    /// cmd. Default: a host process, or the kind's image.
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
+    /// Image jobs' network: `none` (loopback only) or `host`; default: host
+    /// for jobs that serve a port or run several instances, else none.
+    #[arg(long, value_name = "MODE")]
+    pub network: Option<String>,
     /// Scheduling priority.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i32,
@@ -2133,6 +2144,18 @@ fn job_spec(a: SubmitArgs) -> pb::JobSpec {
         log_dir: opt(a.log_dir),
         for_job: String::new(),
         cpu_only: a.cpu_only,
+        image: opt(a.image),
+        network: opt(a.network),
+    }
+}
+
+/// A byte count for people: `812 B`, `3.4 MB`.
+fn format_bytes(n: u64) -> String {
+    match n {
+        0..1000 => format!("{n} B"),
+        1000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.2} GB", n as f64 / 1e9),
     }
 }
 
@@ -2223,6 +2246,22 @@ fn job_detail(j: &pb::Job, now: i64) -> String {
     );
     d.add("Memory", format_mib(res.memory_mib));
     d.add("Command", format_command(&spec.command));
+    d.add("Image", &spec.image);
+    if !spec.network.is_empty() {
+        d.add("Network", &spec.network);
+    }
+    let digests: std::collections::BTreeSet<&str> = j
+        .instances
+        .iter()
+        .map(|i| i.image_digest.as_str())
+        .filter(|d| !d.is_empty())
+        .collect();
+    if !digests.is_empty() {
+        d.add(
+            "Image digest",
+            digests.into_iter().collect::<Vec<_>>().join(", "),
+        );
+    }
     d.add("Working dir", &spec.working_dir);
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.sort();
@@ -2319,7 +2358,15 @@ fn job_detail(j: &pb::Job, now: i64) -> String {
             .to_string(),
             i.endpoint.clone(),
             exit,
-            i.reason.clone(),
+            if i.pulling {
+                format!(
+                    "pulling image: {} of {}",
+                    format_bytes(i.pull_done_bytes),
+                    format_bytes(i.pull_total_bytes)
+                )
+            } else {
+                i.reason.clone()
+            },
         ]);
     }
     text.push_str(&t.render());

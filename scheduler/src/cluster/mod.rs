@@ -64,6 +64,9 @@ pub struct StartSpec {
     pub health_check: Option<HealthCheck>,
     /// The agent reports user activity (notebooks, TensorBoards).
     pub watch_activity: bool,
+    /// OCI image to run in (empty: a host process) and its network.
+    pub image: String,
+    pub network: String,
 }
 
 impl std::fmt::Debug for StartSpec {
@@ -78,6 +81,7 @@ impl std::fmt::Debug for StartSpec {
             .field("resources", &self.resources)
             .field("rank", &self.rank)
             .field("world_size", &self.world_size)
+            .field("image", &self.image)
             .finish_non_exhaustive()
     }
 }
@@ -99,6 +103,10 @@ pub struct ReportedInstance {
     pub ready: bool,
     /// Time since the agent last saw user activity, when it watches.
     pub idle_ms: Option<u64>,
+    /// Image instances: the manifest digest the agent resolved.
+    pub image_digest: String,
+    /// Pulling its image: (bytes done, bytes in all).
+    pub pull: Option<(u64, u64)>,
 }
 
 /// Bounds on what one job may cost the scheduler (`[limits]`).
@@ -896,6 +904,17 @@ impl Cluster {
         if r.port != 0 && inst.port != r.port {
             inst.port = r.port;
             changed = true;
+        }
+        if !r.image_digest.is_empty() && inst.image_digest != r.image_digest {
+            inst.image_digest = r.image_digest.clone();
+            changed = true;
+        }
+        if inst.pull != r.pull {
+            // Progress is kept in memory; the end of the pull is written.
+            if inst.pull.is_some() && r.pull.is_none() {
+                changed = true;
+            }
+            inst.pull = r.pull;
         }
         if let Some(idle) = r.idle_ms {
             // Kept in memory; written with the next change of the job.
@@ -1828,6 +1847,8 @@ fn start_spec(
         needs_port: spec.kind.serves(),
         port: spec.port,
         health_check: spec.health_check.clone(),
+        image: spec.image.clone(),
+        network: spec.network.clone(),
         watch_activity: spec.kind.interactive(),
     }
 }
@@ -1911,6 +1932,8 @@ mod tests {
             port: 0,
             ready: false,
             idle_ms: None,
+            image_digest: String::new(),
+            pull: None,
         }
     }
 

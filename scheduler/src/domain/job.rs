@@ -96,6 +96,12 @@ pub struct JobSpec {
     /// TensorBoard: the training job whose logs it serves.
     #[serde(default)]
     pub for_job: String,
+    /// OCI image the instances run in; empty = host processes.
+    #[serde(default)]
+    pub image: String,
+    /// Container network: "" (the agent's default), "host" or "none".
+    #[serde(default)]
+    pub network: String,
 }
 
 /// How the agent checks that a replica is ready to serve: an HTTP GET of
@@ -138,6 +144,8 @@ pub struct RawJobSpec {
     pub for_job: String,
     /// Ask no GPU even when the kind's default has one.
     pub cpu_only: bool,
+    pub image: String,
+    pub network: String,
 }
 
 /// Defaults applied when a field is left at zero.
@@ -164,6 +172,9 @@ pub struct KindSettings {
     pub idle_timeout_secs: u64,
     /// GPU utilization (%) at or above which a notebook counts as active.
     pub idle_gpu_util_pct: u32,
+    /// Image jobs of this kind run in when they name none; empty = host
+    /// processes.
+    pub image: String,
 }
 
 impl KindSettings {
@@ -178,6 +189,7 @@ impl KindSettings {
             max_runtime_limit_secs: 0,
             idle_timeout_secs: 0,
             idle_gpu_util_pct: 0,
+            image: String::new(),
         }
     }
 }
@@ -347,6 +359,16 @@ pub enum SpecError {
         "env name {0:?} is invalid: use letters, digits and underscores, not starting with a digit"
     )]
     BadEnvName(String),
+    #[error(
+        "image {0:?} is not an image reference ({1}); e.g. registry.example.com/team/app:1.0 or ...@sha256:<64 hex>"
+    )]
+    BadImage(String, &'static str),
+    #[error("network must be \"host\" or \"none\" (got {0:?})")]
+    BadNetwork(String),
+    #[error("network applies to image jobs only (give --image)")]
+    NetworkWithoutImage,
+    #[error("{field} {path:?} must not contain `..`")]
+    DotDotPath { field: &'static str, path: String },
     #[error("name must be at most 128 characters")]
     NameTooLong,
 }
@@ -361,11 +383,41 @@ impl RawJobSpec {
     pub fn validate_for(mut self, kinds: &KindTable) -> Result<JobSpec, SpecError> {
         let kind = self.kind.ok_or(SpecError::MissingKind)?;
         let defaults = kinds.get(kind);
-        if self.command.is_empty() {
+        if self.image.trim().is_empty() {
+            self.image = defaults.image.clone();
+        }
+        let image = self.image.trim().to_string();
+        if !image.is_empty() {
+            check_image_reference(&image)?;
+        }
+        if !matches!(self.network.as_str(), "" | "host" | "none") {
+            return Err(SpecError::BadNetwork(self.network.clone()));
+        }
+        if !self.network.is_empty() && image.is_empty() {
+            return Err(SpecError::NetworkWithoutImage);
+        }
+        if self.command.is_empty() && image.is_empty() {
             self.command = defaults.command.clone();
         }
-        if self.command.first().is_none_or(|c| c.trim().is_empty()) {
+        // An image job without a command runs the image's entrypoint.
+        if self.command.first().is_some_and(|c| c.trim().is_empty())
+            || (self.command.is_empty() && image.is_empty())
+        {
             return Err(SpecError::EmptyCommand);
+        }
+        for (field, path) in [
+            ("working_dir", &self.working_dir),
+            ("log_dir", &self.log_dir),
+        ] {
+            if std::path::Path::new(path)
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err(SpecError::DotDotPath {
+                    field,
+                    path: path.clone(),
+                });
+            }
         }
         let not_for = |field, applies| SpecError::NotForKind {
             field,
@@ -500,6 +552,8 @@ impl RawJobSpec {
             idle_timeout_secs,
             log_dir: self.log_dir,
             for_job: self.for_job,
+            image,
+            network: self.network,
         })
     }
 }
@@ -566,6 +620,12 @@ pub struct Instance {
     /// Last GPU sample at or above the kind's activity threshold.
     #[serde(default)]
     pub gpu_active_ms: Option<i64>,
+    /// Image instances: the manifest digest the agent resolved and runs.
+    #[serde(default)]
+    pub image_digest: String,
+    /// While the agent pulls its image: (bytes done, bytes in all).
+    #[serde(default, skip)]
+    pub pull: Option<(u64, u64)>,
     /// Address of its node, for endpoints and URLs.
     #[serde(default)]
     pub address: String,
@@ -595,6 +655,8 @@ impl Instance {
             last_activity_ms: None,
             gpu_active_ms: None,
             address: String::new(),
+            image_digest: String::new(),
+            pull: None,
         }
     }
 
@@ -1068,4 +1130,69 @@ mod tests {
         queued.refresh_state(6);
         assert_eq!(queued.state, JobState::Unavailable);
     }
+}
+
+/// A plausible OCI image reference: `[registry/]repo[:tag][@sha256:hex]`,
+/// lower-case repository path, no spaces. The agent parses it for real.
+pub fn check_image_reference(image: &str) -> Result<(), SpecError> {
+    let bad = |why| Err(SpecError::BadImage(image.to_string(), why));
+    if image.len() > 512 {
+        return bad("longer than 512 characters");
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return bad("contains spaces");
+    }
+    let (name, digest) = match image.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (image, None),
+    };
+    if let Some(d) = digest {
+        let Some(hex) = d.strip_prefix("sha256:") else {
+            return bad("only sha256 digests");
+        };
+        if hex.len() != 64
+            || !hex
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        {
+            return bad("a sha256 digest is 64 lower-case hex digits");
+        }
+    }
+    // The tag is after the last ':' that follows the last '/'.
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let (repo_last, tag) = match last.split_once(':') {
+        Some((r, t)) => (r, Some(t)),
+        None => (last, None),
+    };
+    if let Some(t) = tag
+        && (t.is_empty()
+            || t.len() > 128
+            || !t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return bad("a tag is 1..128 of [A-Za-z0-9_.-]");
+    }
+    let path = &name[..name.len() - last.len()];
+    let mut parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    parts.push(repo_last);
+    // The first part may be a registry host[:port].
+    let repo = if parts.len() > 1
+        && (parts[0].contains('.') || parts[0].contains(':') || parts[0] == "localhost")
+    {
+        &parts[1..]
+    } else {
+        &parts[..]
+    };
+    if repo.is_empty()
+        || repo.iter().any(|p| {
+            p.is_empty()
+                || !p.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-')
+                })
+        })
+    {
+        return bad("a repository path is lower-case [a-z0-9._-] parts");
+    }
+    Ok(())
 }

@@ -1,0 +1,482 @@
+//! OCI bundles for image instances: the `config.json` a runtime (`runc`,
+//! `crun`) runs, typed by `oci-spec`.
+//!
+//! What a container gets: its own PID, mount, IPC, UTS and user namespaces
+//! (container ids `0..65536` are the tenant's host block, see
+//! [`crate::identity`]), its own network namespace with loopback only unless
+//! the instance uses the host's network; the image's root file system as an
+//! overlay (read-only image layers, a writable layer of its own that goes
+//! with the instance); a private `/tmp`; the instance's working directory at
+//! `/work`; no new privileges; Docker's default capabilities less `NET_RAW`
+//! and `MKNOD`; a seccomp filter refusing the syscalls that reach past a
+//! container (module loading, mounts, namespaces, keyrings, BPF, kexec...);
+//! `/proc` and `/sys` paths masked as Docker masks them; a cgroup under the
+//! instance's (whose limits the agent set), with device access only to the
+//! default devices and the instance's GPUs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::devfilter::DeviceRule;
+use crate::identity::Identity;
+use crate::image::ImageConfig;
+
+/// Where the instance's working directory appears in the container.
+pub const WORKDIR: &str = "/work";
+
+/// Where a TensorBoard's (or training job's) log directory appears.
+pub const LOGDIR: &str = "/logs";
+
+/// Everything the bundle is made from.
+#[derive(Debug)]
+pub struct BundleSpec<'a> {
+    pub instance_id: &'a str,
+    /// Job command; empty = the image's entrypoint and cmd.
+    pub command: &'a [String],
+    /// The instance's variables (gpupool's and the job's).
+    pub env: &'a BTreeMap<String, String>,
+    pub image: &'a ImageConfig,
+    pub identity: Identity,
+    /// Host directory mounted at [`WORKDIR`].
+    pub workdir: &'a Path,
+    /// Host directory mounted at [`LOGDIR`] (read-write), if any.
+    pub logdir: Option<&'a Path>,
+    pub host_network: bool,
+    /// `cgroupsPath`: relative (v1: below the runtime's own cgroup, the
+    /// instance's) or absolute (v2).
+    pub cgroups_path: &'a str,
+    /// Devices the container may open (the defaults are always allowed).
+    pub device_rules: &'a [DeviceRule],
+}
+
+/// Errors writing a bundle.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("image user {0:?} is not a number or a user of the image's /etc/passwd")]
+    User(String),
+    #[error("the image has no entrypoint or cmd, and the job gave no command")]
+    NoCommand,
+    #[error("invalid runtime spec: {0}")]
+    Spec(String),
+}
+
+/// Docker's default capabilities, less NET_RAW (spoofed packets) and MKNOD.
+const CAPABILITIES: [&str; 12] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Syscalls a container is refused (EPERM): those that reach the kernel or
+/// the host past namespaces, as Docker's default profile refuses them.
+pub const REFUSED_SYSCALLS: [&str; 44] = [
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "vhangup",
+    "_sysctl",
+];
+
+const MASKED: [&str; 11] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+const READONLY: [&str; 6] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/sys/fs/cgroup",
+];
+
+/// The container process's uid and gid, from the image's `User`
+/// (`uid[:gid]` or a name in the image's `/etc/passwd`; empty = root).
+pub fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), BundleError> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (name, group) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let from_passwd = |n: &str| {
+        passwd.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 4 && f[0] == n).then(|| (f[2].parse().ok(), f[3].parse().ok()))
+        })
+    };
+    let (uid, primary) = match name.parse::<u32>() {
+        Ok(uid) => (uid, from_passwd(name).and_then(|(_, g)| g).unwrap_or(uid)),
+        Err(_) => match from_passwd(name) {
+            Some((Some(uid), Some(gid))) => (uid, gid),
+            _ => return Err(BundleError::User(user.to_string())),
+        },
+    };
+    let gid = match group {
+        None => primary,
+        Some(g) => match g.parse::<u32>() {
+            Ok(g) => g,
+            Err(_) => {
+                let groups = std::fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+                groups
+                    .lines()
+                    .find_map(|l| {
+                        let f: Vec<&str> = l.split(':').collect();
+                        (f.len() >= 3 && f[0] == g)
+                            .then(|| f[2].parse().ok())
+                            .flatten()
+                    })
+                    .ok_or_else(|| BundleError::User(user.to_string()))?
+            }
+        },
+    };
+    if uid >= crate::identity::BLOCK || gid >= crate::identity::BLOCK {
+        return Err(BundleError::User(user.to_string()));
+    }
+    Ok((uid, gid))
+}
+
+/// The environment inside the container: the image's, then the instance's
+/// (which wins), with PATH from the image unless the job set one.
+fn container_env(image: &ImageConfig, env: &BTreeMap<String, String>) -> Vec<String> {
+    let mut out: BTreeMap<String, String> = image
+        .env
+        .iter()
+        .filter_map(|e| e.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    out.entry("PATH".into())
+        .or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    for (k, v) in env {
+        // The host's PATH and HOME mean nothing in the image.
+        if k == "PATH" || k == "HOME" {
+            continue;
+        }
+        out.insert(k.clone(), v.clone());
+    }
+    out.entry("HOME".into()).or_insert_with(|| WORKDIR.into());
+    out.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// The process arguments: Docker's rule (the job's command replaces the
+/// image's cmd, after the image's entrypoint).
+fn container_args(command: &[String], image: &ImageConfig) -> Result<Vec<String>, BundleError> {
+    let mut args = image.entrypoint.clone();
+    if command.is_empty() {
+        args.extend(image.cmd.iter().cloned());
+    } else {
+        args.extend(command.iter().cloned());
+    }
+    if args.is_empty() {
+        return Err(BundleError::NoCommand);
+    }
+    Ok(args)
+}
+
+/// The runtime spec of an image instance (`rootfs` is the bundle's `rootfs`
+/// directory, where the overlay is mounted).
+pub fn runtime_spec(
+    b: &BundleSpec,
+    image_rootfs: &Path,
+) -> Result<oci_spec::runtime::Spec, BundleError> {
+    let (uid, gid) = resolve_user(&b.image.user, image_rootfs)?;
+    let args = container_args(b.command, b.image)?;
+    let cwd = if b.image.working_dir.is_empty() || !b.command.is_empty() && b.workdir.is_absolute()
+    {
+        WORKDIR.to_string()
+    } else {
+        b.image.working_dir.clone()
+    };
+    let caps: Vec<&str> = CAPABILITIES.to_vec();
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+               "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+               "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+               "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "nodev", "mode=1777"]}),
+        json!({"destination": WORKDIR, "type": "bind", "source": b.workdir,
+               "options": ["rbind", "rw", "nosuid", "nodev"]}),
+    ];
+    if b.host_network {
+        // sysfs can only be mounted by the owner of the network namespace.
+        mounts.push(
+            json!({"destination": "/sys", "type": "none", "source": "/sys",
+               "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}),
+        );
+        for f in ["/etc/resolv.conf", "/etc/hosts"] {
+            if Path::new(f).exists() {
+                mounts.push(json!({"destination": f, "type": "bind", "source": f,
+                       "options": ["bind", "ro", "nosuid", "nodev"]}));
+            }
+        }
+    } else {
+        mounts.push(
+            json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+               "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        );
+    }
+    if let Some(dir) = b.logdir {
+        mounts.push(json!({"destination": LOGDIR, "type": "bind", "source": dir,
+               "options": ["rbind", "rw", "nosuid", "nodev"]}));
+    }
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "mount"}),
+        json!({"type": "user"}),
+    ];
+    if !b.host_network {
+        namespaces.push(json!({"type": "network"}));
+    }
+    let mut devices = vec![json!({"allow": false, "access": "rwm"})];
+    for rule in crate::cgroup::device_rules(&[])
+        .iter()
+        .chain(b.device_rules)
+    {
+        devices.push(match rule.minor {
+            Some(m) => json!({"allow": true, "type": "c", "major": rule.major, "minor": m, "access": "rwm"}),
+            None => json!({"allow": true, "type": "c", "major": rule.major, "access": "rwm"}),
+        });
+    }
+    let id = b.identity;
+    let spec = json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": uid, "gid": gid},
+            "args": args,
+            "env": container_env(b.image, b.env),
+            "cwd": cwd,
+            "capabilities": {
+                "bounding": caps, "effective": caps, "permitted": caps,
+            },
+            "noNewPrivileges": true,
+        },
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": format!("gpupool-{}", &b.instance_id[..b.instance_id.len().min(40)]),
+        "mounts": mounts,
+        "linux": {
+            "uidMappings": [{"containerID": 0, "hostID": id.range_base, "size": id.range_size}],
+            "gidMappings": [{"containerID": 0, "hostID": id.range_base, "size": id.range_size}],
+            "namespaces": namespaces,
+            "cgroupsPath": b.cgroups_path,
+            "resources": {"devices": devices},
+            "seccomp": {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64"],
+                "syscalls": [{"names": REFUSED_SYSCALLS.to_vec(), "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+            },
+            "maskedPaths": MASKED,
+            "readonlyPaths": READONLY,
+        },
+    });
+    serde_json::from_value(spec).map_err(|e| BundleError::Spec(e.to_string()))
+}
+
+/// The directories of one instance's bundle.
+#[derive(Debug, Clone)]
+pub struct BundleDirs {
+    pub dir: PathBuf,
+    pub rootfs: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
+impl BundleDirs {
+    pub fn new(bundles: &Path, instance_id: &str) -> Self {
+        let dir = bundles.join(instance_id);
+        Self {
+            rootfs: dir.join("rootfs"),
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+            dir,
+        }
+    }
+
+    /// Creates the directories (the writable layer owned by the
+    /// container's root) and writes `config.json` (0600).
+    pub fn write(&self, spec: &oci_spec::runtime::Spec, root: (u32, u32)) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        for d in [&self.dir, &self.rootfs, &self.upper, &self.work] {
+            std::fs::create_dir_all(d)?;
+        }
+        // Traversable (the runtime resolves the root inside the user
+        // namespace), not listable.
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o711))?;
+        std::fs::set_permissions(&self.work, std::fs::Permissions::from_mode(0o700))?;
+        std::os::unix::fs::chown(&self.upper, Some(root.0), Some(root.1))?;
+        std::fs::set_permissions(&self.upper, std::fs::Permissions::from_mode(0o755))?;
+        let config = self.dir.join("config.json");
+        let text = serde_json::to_vec_pretty(spec)?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&config)?;
+            f.write_all(&text)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            uid: 2_000_000,
+            gid: 2_000_000,
+            range_base: 2_000_000,
+            range_size: 65_536,
+        }
+    }
+
+    #[test]
+    fn spec_has_the_sandbox() {
+        let env = BTreeMap::from([
+            ("PATH".to_string(), "/host/bin".to_string()),
+            ("SECRET".to_string(), "s".to_string()),
+        ]);
+        let image = ImageConfig {
+            entrypoint: vec!["/bin/sh".into(), "-c".into()],
+            cmd: vec!["echo hi".into()],
+            env: vec!["PATH=/img/bin".into(), "A=1".into()],
+            ..ImageConfig::default()
+        };
+        let b = BundleSpec {
+            instance_id: "i-1",
+            command: &[],
+            env: &env,
+            image: &image,
+            identity: identity(),
+            workdir: Path::new("/w"),
+            logdir: None,
+            host_network: false,
+            cgroups_path: "gpupool",
+            device_rules: &[],
+        };
+        let spec = runtime_spec(&b, Path::new("/nonexistent")).unwrap();
+        let v = serde_json::to_value(&spec).unwrap();
+        assert_eq!(v["process"]["args"], json!(["/bin/sh", "-c", "echo hi"]));
+        let envs: Vec<String> = serde_json::from_value(v["process"]["env"].clone()).unwrap();
+        assert!(envs.contains(&"PATH=/img/bin".into()), "{envs:?}");
+        assert!(envs.contains(&"SECRET=s".into()));
+        assert_eq!(v["process"]["noNewPrivileges"], json!(true));
+        let caps = v["process"]["capabilities"]["bounding"].to_string();
+        assert!(
+            !caps.contains("NET_RAW") && !caps.contains("SYS_ADMIN"),
+            "{caps}"
+        );
+        let ns = v["linux"]["namespaces"].to_string();
+        for n in ["pid", "ipc", "uts", "mount", "user", "network"] {
+            assert!(ns.contains(n), "{n} in {ns}");
+        }
+        assert_eq!(v["linux"]["uidMappings"][0]["hostID"], json!(2_000_000));
+        assert!(v["linux"]["seccomp"].to_string().contains("\"mount\""));
+        // The job's command replaces cmd, after the entrypoint.
+        let cmd = ["ls".to_string()];
+        let b = BundleSpec {
+            command: &cmd,
+            host_network: true,
+            ..b
+        };
+        let v = serde_json::to_value(runtime_spec(&b, Path::new("/x")).unwrap()).unwrap();
+        assert_eq!(v["process"]["args"], json!(["/bin/sh", "-c", "ls"]));
+        assert!(!v["linux"]["namespaces"].to_string().contains("network"));
+    }
+
+    #[test]
+    fn users_resolve_from_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("etc/group"), "staff:x:50:\n").unwrap();
+        assert_eq!(resolve_user("", dir.path()).unwrap(), (0, 0));
+        assert_eq!(resolve_user("app", dir.path()).unwrap(), (1000, 1001));
+        assert_eq!(resolve_user("1000", dir.path()).unwrap(), (1000, 1001));
+        assert_eq!(resolve_user("7:staff", dir.path()).unwrap(), (7, 50));
+        assert!(resolve_user("nobody-here", dir.path()).is_err());
+        assert!(
+            resolve_user("70000", dir.path()).is_err(),
+            "outside the block"
+        );
+    }
+}
