@@ -111,7 +111,7 @@ try list-workdir ls {a_dir}
 try write-exit sh -c 'echo "code 0" > {state}/instances/{a_instance}.exit'
 try kill-process kill -9 {a_pid}
 try kill-group kill -9 -{a_pid}
-try precreate-path mkdir -p {state}/tenants/tenant-a/planted
+try precreate-path sh -c 'mkdir -p {state}/tenants/tenant-a/planted && [ -e {a_dir}/secret.txt ]'
 try read-credential cat {state}/node-credential
 try read-config cat {config}
 try list-state sh -c 'ls {state}/instances | grep -q .'
@@ -371,12 +371,13 @@ async fn image_tenants_cannot_reach_each_other() {
     let lb = logs_as(&c.sched, &c.b, &b.job_id).await;
     let map = |l: &str| {
         l.lines()
-            .find(|l| l.trim().starts_with('0'))
-            .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() == 3 && f[0] == "0")
+            .map(|f| f[1].parse::<u64>().unwrap())
             .unwrap_or_else(|| panic!("no uid map in {l}"))
     };
     assert!(
-        la.contains("\n0\n") || la.starts_with("0\n"),
+        la.lines().any(|l| l.trim() == "0"),
         "root in the container: {la}"
     );
     assert_ne!(map(&la), map(&lb), "{la}\n{lb}");
@@ -606,6 +607,10 @@ async fn containers_keep_limits_stops_and_restarts() {
         },
     )
     .await;
+    eprintln!(
+        "cgroup usage {usage:.3} cores; {:?}",
+        find_cgroup("cpuacct", &inst)
+    );
     assert!(
         (0.3..=0.7).contains(&usage),
         "used {usage:.2} cores under a 0.5 core quota"
@@ -700,7 +705,9 @@ fn find_cgroup(controller: &str, instance: &str) -> Option<std::path::PathBuf> {
             };
             for e in rd.flatten() {
                 if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    if e.file_name().to_string_lossy().ends_with(instance) {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    // `<node>-<hash>_<instance>`: this test's node.
+                    if name.starts_with("n1-") && name.ends_with(&format!("_{instance}")) {
                         return Some(e.path());
                     }
                     stack.push(e.path());

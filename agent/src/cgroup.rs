@@ -40,6 +40,13 @@ pub trait Cgroup: Send + Sync {
     fn procs_files(&self) -> Vec<PathBuf>;
     /// OOM kills in this cgroup so far.
     fn oom_kills(&self) -> u64;
+    /// v1: memory use reached the limit at least once (`memory.failcnt`).
+    /// A container's OOM kill is counted in the runtime's child cgroup,
+    /// which the runtime removes before the agent can read it; a container
+    /// SIGKILLed after its cgroup hit the limit was the OOM killer's.
+    fn hit_memory_limit(&self) -> bool {
+        false
+    }
     /// Processes still in the cgroup.
     fn pids(&self) -> Vec<i32>;
     /// Removes the (empty) cgroup, and the (empty) cgroups below it.
@@ -48,7 +55,7 @@ pub trait Cgroup: Send + Sync {
     /// given: v1, a child below the runtime's own cgroup (this one), in
     /// every hierarchy; v2, this cgroup itself (a cgroup holding processes
     /// may have no child with controllers there).
-    fn runtime_path(&self) -> String;
+    fn runtime_path(&self, instance_id: &str) -> String;
     /// CPU time and memory in use, for the metrics.
     fn usage(&self) -> Usage;
 }
@@ -175,8 +182,12 @@ fn keyed(path: &Path, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The cgroup an OCI runtime makes for a container below its instance's.
-pub const RUNTIME_CHILD: &str = "container";
+/// The cgroup an OCI runtime makes for a container below its instance's
+/// (v1; in the hierarchies the agent does not manage it is below the
+/// runtime's own cgroup, so the name is the instance's own).
+pub fn runtime_child(instance_id: &str) -> String {
+    format!("container-{instance_id}")
+}
 
 /// Processes in `dir` and the cgroups below it.
 fn tree_pids(dir: &Path) -> Vec<i32> {
@@ -189,6 +200,19 @@ fn tree_pids(dir: &Path) -> Vec<i32> {
         }
     }
     out
+}
+
+/// The `key` value of `file` in `dir` and the cgroups below it, summed.
+fn tree_sum(dir: &Path, file: &str, key: &str) -> u64 {
+    let mut sum = keyed(&dir.join(file), key);
+    if let Ok(children) = std::fs::read_dir(dir) {
+        for child in children.flatten() {
+            if child.file_type().is_ok_and(|t| t.is_dir()) {
+                sum += tree_sum(&child.path(), file, key);
+            }
+        }
+    }
+    sum
 }
 
 /// Removes the cgroup `dir` and those below it, deepest first.
@@ -354,9 +378,9 @@ impl Cgroup for V1Group {
         self.dirs
             .iter()
             .find(|(c, _)| c == "memory")
-            .map_or(0, |(_, d)| {
-                keyed(&d.join("memory.oom_control"), "oom_kill ")
-            })
+            // A kill is counted in the victim's cgroup: a container's is
+            // below the instance's.
+            .map_or(0, |(_, d)| tree_sum(d, "memory.oom_control", "oom_kill "))
     }
 
     fn pids(&self) -> Vec<i32> {
@@ -373,8 +397,17 @@ impl Cgroup for V1Group {
         Ok(())
     }
 
-    fn runtime_path(&self) -> String {
-        RUNTIME_CHILD.into()
+    fn runtime_path(&self, instance_id: &str) -> String {
+        runtime_child(instance_id)
+    }
+
+    fn hit_memory_limit(&self) -> bool {
+        self.dirs
+            .iter()
+            .find(|(c, _)| c == "memory")
+            .and_then(|(_, d)| std::fs::read_to_string(d.join("memory.failcnt")).ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
     }
 
     fn usage(&self) -> Usage {
@@ -530,7 +563,7 @@ impl Cgroup for V2Group {
     fn remove(&self) -> std::io::Result<()> {
         remove_tree(&self.dir)
     }
-    fn runtime_path(&self) -> String {
+    fn runtime_path(&self, _instance_id: &str) -> String {
         // Absolute inside the unified hierarchy.
         let text = self.dir.to_string_lossy();
         match text.find("/sys/fs/cgroup") {

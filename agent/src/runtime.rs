@@ -1203,6 +1203,12 @@ impl Runtime {
             _ => spec.serve.is_some() || spec.world_size > 1,
         };
         let env = instance_env(spec, Path::new(crate::container::WORKDIR));
+        let cgroups_path = match &self.cgroups {
+            Some(m) => m
+                .open(&self.cgroup_name(&spec.instance_id))
+                .runtime_path(&spec.instance_id),
+            None => crate::cgroup::runtime_child(&spec.instance_id),
+        };
         // Filled in by spawn, which makes the cgroup.
         let minors = spec.limits.gpu_minors.clone().unwrap_or_default();
         let bundle = crate::container::BundleSpec {
@@ -1214,7 +1220,7 @@ impl Runtime {
             workdir: &workdir,
             logdir: logdir.as_deref(),
             host_network,
-            cgroups_path: crate::cgroup::RUNTIME_CHILD,
+            cgroups_path: &cgroups_path,
             device_rules: &[],
         };
         let mut oci_spec = crate::container::runtime_spec(&bundle, &image.rootfs)?;
@@ -1482,13 +1488,16 @@ impl Runtime {
             .unwrap()
             .get(&instance_id)
             .and_then(|e| e.cgroup.clone());
-        let oom_killed = cgroup.as_ref().is_some_and(|g| g.oom_kills() > 0);
         let container = self
             .entries
             .lock()
             .unwrap()
             .get(&instance_id)
             .is_some_and(|e| e.container);
+        let killed = matches!(&status, Ok((_, Some(libc::SIGKILL))));
+        let oom_killed = cgroup
+            .as_ref()
+            .is_some_and(|g| g.oom_kills() > 0 || container && killed && g.hit_memory_limit());
         if let Some(group) = &cgroup {
             // Also what left the process group but not the cgroup.
             for pid in group.pids() {
