@@ -461,7 +461,9 @@ async fn an_agent_keeps_its_disk_budget_oldest_first_never_a_running_instance() 
         Duration::from_secs(20),
     )
     .await;
-    let live_dir = state.join(format!("work/{}-0", live.job_id));
+    // A root agent keeps each tenant's work under its own directory.
+    let tenant_work = state.join("tenants").join(&live.tenant).join("work");
+    let live_dir = tenant_work.join(format!("{}-0", live.job_id));
     eventually(Duration::from_secs(10), "the live job's file", || async {
         live_dir
             .join("big")
@@ -494,7 +496,7 @@ async fn an_agent_keeps_its_disk_budget_oldest_first_never_a_running_instance() 
     }
     // Within a few of the agent's 5-s passes the total fits in 1 MiB again:
     // the oldest finished ones went, the newest stayed, the live one stayed.
-    let work = |id: &str| state.join(format!("work/{id}-0"));
+    let work = |id: &str| tenant_work.join(format!("{id}-0"));
     let log = |id: &str| state.join(format!("logs/{id}-0.log"));
     // (A pass may run while the jobs still finish: wait for one after.)
     eventually(Duration::from_secs(30), "the oldest files gone", || async {

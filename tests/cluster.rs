@@ -124,12 +124,10 @@ async fn two_node_cluster_end_to_end() {
     assert!(huge.instances.is_empty());
 
     // Cancel kills the whole process group, a SIGTERM-ignoring child included.
-    let pid_file = dir.path().join("stubborn.pid");
-    let script = format!(
-        "sh -c 'trap \"\" TERM; echo $$ > {}; while true; do sleep 0.2; done' & \
-         trap '' TERM; while true; do sleep 0.2; done",
-        pid_file.display()
-    );
+    // The job has its own PID namespace: the test finds the child's host
+    // pid by its command line.
+    let script = "sh -c 'trap \"\" TERM; : stubborn-child; while true; do sleep 0.2; done' & \
+         trap '' TERM; while true; do sleep 0.2; done";
     let long = submit(&sched, training(1, &["sh", "-c", &script]))
         .await
         .unwrap();
@@ -140,10 +138,13 @@ async fn two_node_cluster_end_to_end() {
         Duration::from_secs(20),
     )
     .await;
-    let child_pid: i32 = eventually(Duration::from_secs(10), "child pid file", || async {
-        std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
+    let child_pid: i32 = eventually(Duration::from_secs(10), "the child's pid", || async {
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let text = String::from_utf8_lossy(&cmdline).into_owned();
+            (text.contains(": stubborn-child;") && !text.contains(" & ")).then_some(pid)
+        })
     })
     .await;
     let leader_pid = {

@@ -735,6 +735,18 @@ pub async fn list_nodes(s: &Scheduler) -> Vec<pb::Node> {
         .nodes
 }
 
+/// The host pid of the live process whose command line is exactly `argv`
+/// (jobs run in PID namespaces of their own: their `$$` means nothing on
+/// the host).
+pub fn host_pid_of(argv: &[&str]) -> Option<i32> {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        (cmdline == want && !process_dead(pid)).then_some(pid)
+    })
+}
+
 /// True when the process is gone or a zombie.
 pub fn process_dead(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -388,7 +388,8 @@ async fn batch_service_completes_and_max_runtime_stops_a_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tensorboard_serves_a_training_jobs_log_dir() {
     let dir = tempfile::tempdir().unwrap();
-    let logs = dir.path().join("run-logs");
+    // Relative to the tenant's directory on the node.
+    let logs = std::path::PathBuf::from("run-logs");
     let sched = Scheduler::start_with_config(
         dir.path(),
         &format!(
@@ -448,7 +449,8 @@ async fn tensorboard_serves_a_training_jobs_log_dir() {
     .await;
     assert_eq!(answer.0, 200);
     let log = cli_ok(&sched, &["job", "logs", &train_id]);
-    assert_eq!(log.trim(), logs.to_str().unwrap());
+    let tenant_dir = dir.path().join("agent-tb1/state/tenants").join(&tb.tenant);
+    assert_eq!(log.trim(), tenant_dir.join(&logs).to_str().unwrap());
     // A path that is not a training job is refused clearly.
     let bad = sched.cli(&["tensorboard", "start", "--job", &tb_id]);
     assert!(!bad.status.success());

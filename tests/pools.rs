@@ -216,16 +216,11 @@ async fn dedicated_pools_end_to_end() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "vpc=vpc-9");
 
     // A long training job in team-a's pool.
-    let pid_file = dir.path().join("train.pid");
-    let script = format!("echo $$ > {}; exec sleep 600", pid_file.display());
+    let script = "exec sleep 600.217";
     let long = a
         .jobs
         .submit_job(pb::SubmitJobRequest {
-            spec: Some(job(
-                pb::JobKind::Training,
-                "train_A",
-                &["sh", "-c", &script],
-            )),
+            spec: Some(job(pb::JobKind::Training, "train_A", &["sh", "-c", script])),
         })
         .await
         .unwrap()
@@ -233,10 +228,8 @@ async fn dedicated_pools_end_to_end() {
     let long = wait_job_as(&mut a, &long.job_id, pb::JobState::Running).await;
     let busy_node = long.instances[0].node_id.clone();
     assert_eq!(long.pool_id, train.pool_id);
-    let pid: i32 = eventually(Duration::from_secs(10), "pid file", || async {
-        std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
+    let pid: i32 = eventually(Duration::from_secs(10), "the job's pid", || async {
+        host_pid_of(&["sleep", "600.217"])
     })
     .await;
 

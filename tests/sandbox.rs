@@ -27,10 +27,15 @@ fn can_run() -> bool {
 }
 
 /// The test's directory, searchable by the tenants' ids (the state dir's
-/// parents must be, as /var/lib is).
+/// parents must be, as /var/lib is), and under /var/lib as on a node (not
+/// /tmp or /var/tmp, which every job replaces), so the agent's state is
+/// covered in the jobs' mount namespace.
 fn test_dir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("gpupool-sandbox-")
+        .tempdir_in("/var/lib")
+        .unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     dir
 }
@@ -113,7 +118,7 @@ try kill-process kill -9 {a_pid}
 try kill-group kill -9 -{a_pid}
 try precreate-path sh -c 'mkdir -p {state}/tenants/tenant-a/planted && [ -e {a_dir}/secret.txt ]'
 try read-credential cat {state}/node-credential
-try read-config cat {config}
+try read-config grep -q scheduler_addr {config}
 try list-state sh -c 'ls {state}/instances | grep -q .'
 echo ATTACKS-DONE
 "#
@@ -292,7 +297,8 @@ async fn host_process_tenants_cannot_reach_each_other() {
     if !can_run() {
         return;
     }
-    let c = cluster("").await;
+    // A 1 MiB disk budget: the agent's cleanup pass runs against B's links.
+    let c = cluster("disk_budget_mib = 1").await;
     run_matrix(&c, None).await;
 
     // Each tenant is its own uid, and a job sees only its own processes.
@@ -327,6 +333,33 @@ async fn host_process_tenants_cannot_reach_each_other() {
     wait_for(&c, &g.job_id, pb::JobState::Succeeded).await;
     let lg = logs_as(&c.sched, &c.a, &g.job_id).await;
     assert!(lg.contains("rank0 got hello-from-rank1"), "{lg}");
+
+    // B points its `work` at a directory of the host: the cleanup (root)
+    // must not delete through the link.
+    let victim = c.state.parent().unwrap().parent().unwrap().join("victim");
+    std::fs::create_dir_all(victim.join("sub")).unwrap();
+    std::fs::write(victim.join("sub/big"), vec![0u8; 2 << 20]).unwrap();
+    let plant = format!(
+        "rm -rf \"$GPUPOOL_TENANT_DIR/work\" && ln -s {} \"$GPUPOOL_TENANT_DIR/work\" && echo planted",
+        victim.display()
+    );
+    let p = submit_as(
+        &c.sched,
+        &c.b,
+        pb::JobSpec {
+            working_dir: "elsewhere".into(),
+            ..training(0, &["sh", "-c", &plant])
+        },
+    )
+    .await;
+    wait_for(&c, &p.job_id, pb::JobState::Succeeded).await;
+    assert!(logs_as(&c.sched, &c.b, &p.job_id).await.contains("planted"));
+    // Two of the agent's 5-s passes.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert!(
+        victim.join("sub/big").exists(),
+        "the cleanup deleted through B's link"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,6 +376,44 @@ async fn image_tenants_cannot_reach_each_other() {
     ))
     .await;
     run_matrix(&c, Some(&image)).await;
+
+    // A link in B's directory does not bring the host into its container:
+    // the working directory is resolved without following links.
+    let link = submit_as(
+        &c.sched,
+        &c.b,
+        training(
+            0,
+            &[
+                "sh",
+                "-c",
+                "ln -s / \"$GPUPOOL_TENANT_DIR/rootlink\" && echo linked",
+            ],
+        ),
+    )
+    .await;
+    wait_for(&c, &link.job_id, pb::JobState::Succeeded).await;
+    let through = submit_as(
+        &c.sched,
+        &c.b,
+        pb::JobSpec {
+            image: image.clone(),
+            working_dir: "rootlink".into(),
+            ..training(
+                0,
+                &[
+                    "sh",
+                    "-c",
+                    "cat /work/etc/hostname && echo LEAKED-host-root",
+                ],
+            )
+        },
+    )
+    .await;
+    let failed = wait_for(&c, &through.job_id, pb::JobState::Failed).await;
+    let log = logs_as(&c.sched, &c.b, &through.job_id).await;
+    assert!(!log.contains("LEAKED"), "{log}");
+    assert!(log.contains("links are not followed"), "{log}\n{failed:#?}");
 
     // Root in each tenant's containers is that tenant's own host block.
     let who = "id -u; cat /proc/self/uid_map; ls -d /proc/[0-9]* | wc -l";

@@ -117,7 +117,7 @@ async fn jobs_run_as_nobody_confined_with_the_agent_under_a_private_home() {
 
     // The root shim gets none of the job's environment (LD_PRELOAD and the
     // like would run the job's code as root); the command gets all of it.
-    let mut spec = training(0, &["sh", "-c", "echo ppid=$PPID pid=$$; exec sleep 60"]);
+    let mut spec = training(0, &["sh", "-c", "exec sleep 60.413"]);
     spec.env.insert("JOB_SECRET".into(), "s3cr3t-value".into());
     spec.env
         .insert("LD_PRELOAD".into(), "/nonexistent/evil.so".into());
@@ -129,13 +129,18 @@ async fn jobs_run_as_nobody_confined_with_the_agent_under_a_private_home() {
         Duration::from_secs(30),
     )
     .await;
+    // Host pids: the job is in a PID namespace of its own, its parent is
+    // the shim's init there.
     let (ppid, pid) = eventually(Duration::from_secs(10), "the job's pids", || async {
-        let log = logs(&sched, &envjob.job_id).await;
-        let line = log.lines().find(|l| l.starts_with("ppid="))?.to_string();
-        let mut it = line
+        let pid = host_pid_of(&["sleep", "60.413"])?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid = stat
+            .rsplit_once(')')?
+            .1
             .split_whitespace()
-            .map(|w| w.split_once('=').unwrap().1.to_string());
-        Some((it.next()?, it.next()?))
+            .nth(1)?
+            .to_string();
+        Some((ppid, pid.to_string()))
     })
     .await;
     let environ = |p: &str| {

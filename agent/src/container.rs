@@ -127,6 +127,40 @@ pub const REFUSED_SYSCALLS: [&str; 44] = [
     "_sysctl",
 ];
 
+/// `clone` flags that make namespaces: refused like `unshare` (a nested
+/// user namespace would give the container `CAP_NET_ADMIN` and the like
+/// over fresh namespaces, and the kernel surface behind them).
+const CLONE_NAMESPACE_FLAGS: [u64; 8] = [
+    0x0002_0000, // CLONE_NEWNS
+    0x0200_0000, // CLONE_NEWCGROUP
+    0x0400_0000, // CLONE_NEWUTS
+    0x0800_0000, // CLONE_NEWIPC
+    0x1000_0000, // CLONE_NEWUSER
+    0x2000_0000, // CLONE_NEWPID
+    0x4000_0000, // CLONE_NEWNET
+    0x0000_0080, // CLONE_NEWTIME
+];
+
+/// The seccomp rules (the default action allows): the refused syscalls,
+/// `clone` with any namespace flag, `clone3` as missing (ENOSYS, so libc
+/// falls back to `clone`, whose flags can be checked; Docker does the
+/// same), and io_uring (its own path past seccomp).
+fn seccomp_rules() -> serde_json::Value {
+    let mut rules = vec![
+        json!({"names": REFUSED_SYSCALLS.to_vec(), "action": "SCMP_ACT_ERRNO", "errnoRet": 1}),
+        json!({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}),
+        json!({"names": ["io_uring_setup", "io_uring_enter", "io_uring_register"],
+               "action": "SCMP_ACT_ERRNO", "errnoRet": 1}),
+    ];
+    for flag in CLONE_NAMESPACE_FLAGS {
+        rules.push(json!({
+            "names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+            "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
+        }));
+    }
+    serde_json::Value::Array(rules)
+}
+
 const MASKED: [&str; 11] = [
     "/proc/acpi",
     "/proc/asound",
@@ -150,6 +184,36 @@ const READONLY: [&str; 6] = [
     "/sys/fs/cgroup",
 ];
 
+/// A small text file of an unpacked image, read by the root agent: only a
+/// regular file reached without symlinks (an image's `etc/passwd ->
+/// /etc/shadow` or `-> /dev/zero` gets nothing), at most 1 MiB; else empty.
+fn read_image_file(rootfs: &Path, rel: &str) -> String {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut at = rootfs.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').collect();
+    for (i, part) in parts.iter().enumerate() {
+        at.push(part);
+        let Ok(meta) = std::fs::symlink_metadata(&at) else {
+            return String::new();
+        };
+        let last = i + 1 == parts.len();
+        if meta.file_type().is_symlink() || (last && !meta.is_file()) || (!last && !meta.is_dir()) {
+            return String::new();
+        }
+    }
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&at)
+    else {
+        return String::new();
+    };
+    let mut text = String::new();
+    let _ = file.take(1 << 20).read_to_string(&mut text);
+    text
+}
+
 /// The container process's uid and gid, from the image's `User`
 /// (`uid[:gid]` or a name in the image's `/etc/passwd`; empty = root).
 pub fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), BundleError> {
@@ -160,16 +224,21 @@ pub fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), BundleError
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
     };
-    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
-    let from_passwd = |n: &str| {
+    let passwd = read_image_file(rootfs, "etc/passwd");
+    // (uid, gid) of the passwd entry whose name (field 0) or uid (field 2)
+    // is `n`.
+    let from_passwd = |field: usize, n: &str| {
         passwd.lines().find_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
-            (f.len() >= 4 && f[0] == n).then(|| (f[2].parse().ok(), f[3].parse().ok()))
+            (f.len() >= 4 && f[field] == n).then(|| (f[2].parse().ok(), f[3].parse().ok()))
         })
     };
     let (uid, primary) = match name.parse::<u32>() {
-        Ok(uid) => (uid, from_passwd(name).and_then(|(_, g)| g).unwrap_or(uid)),
-        Err(_) => match from_passwd(name) {
+        Ok(uid) => (
+            uid,
+            from_passwd(2, name).and_then(|(_, g)| g).unwrap_or(uid),
+        ),
+        Err(_) => match from_passwd(0, name) {
             Some((Some(uid), Some(gid))) => (uid, gid),
             _ => return Err(BundleError::User(user.to_string())),
         },
@@ -179,7 +248,7 @@ pub fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), BundleError
         Some(g) => match g.parse::<u32>() {
             Ok(g) => g,
             Err(_) => {
-                let groups = std::fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+                let groups = read_image_file(rootfs, "etc/group");
                 groups
                     .lines()
                     .find_map(|l| {
@@ -333,7 +402,7 @@ pub fn runtime_spec(
             "seccomp": {
                 "defaultAction": "SCMP_ACT_ALLOW",
                 "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64"],
-                "syscalls": [{"names": REFUSED_SYSCALLS.to_vec(), "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+                "syscalls": seccomp_rules(),
             },
             "maskedPaths": MASKED,
             "readonlyPaths": READONLY,
@@ -349,6 +418,12 @@ pub struct BundleDirs {
     pub rootfs: PathBuf,
     pub upper: PathBuf,
     pub work: PathBuf,
+    /// Where the shim binds the instance's working and log directories
+    /// (resolved inside the tenant's directory without following links),
+    /// so the runtime mounts these root-owned paths, never one a tenant
+    /// could have pointed elsewhere.
+    pub mnt_work: PathBuf,
+    pub mnt_logs: PathBuf,
 }
 
 impl BundleDirs {
@@ -356,23 +431,38 @@ impl BundleDirs {
         let dir = bundles.join(instance_id);
         Self {
             rootfs: dir.join("rootfs"),
-            upper: dir.join("upper"),
-            work: dir.join("work"),
+            upper: dir.join("layer/upper"),
+            work: dir.join("layer/work"),
+            mnt_work: dir.join("mnt/work"),
+            mnt_logs: dir.join("mnt/logs"),
             dir,
         }
     }
 
     /// Creates the directories (the writable layer owned by the
-    /// container's root) and writes `config.json` (0600).
+    /// container's root, below a directory only root may enter) and writes
+    /// `config.json` (0600).
     pub fn write(&self, spec: &oci_spec::runtime::Spec, root: (u32, u32)) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::remove_dir_all(&self.dir);
-        for d in [&self.dir, &self.rootfs, &self.upper, &self.work] {
+        for d in [
+            &self.dir,
+            &self.rootfs,
+            &self.upper,
+            &self.work,
+            &self.mnt_work,
+            &self.mnt_logs,
+        ] {
             std::fs::create_dir_all(d)?;
         }
-        // Traversable (the runtime resolves the root inside the user
-        // namespace), not listable.
+        // Traversable (the runtime resolves the root and the mount points
+        // inside the user namespace), not listable.
         std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o711))?;
+        std::fs::set_permissions(self.dir.join("mnt"), std::fs::Permissions::from_mode(0o711))?;
+        std::fs::set_permissions(
+            self.dir.join("layer"),
+            std::fs::Permissions::from_mode(0o700),
+        )?;
         std::fs::set_permissions(&self.work, std::fs::Permissions::from_mode(0o700))?;
         std::os::unix::fs::chown(&self.upper, Some(root.0), Some(root.1))?;
         std::fs::set_permissions(&self.upper, std::fs::Permissions::from_mode(0o755))?;

@@ -117,7 +117,18 @@ impl Identities {
                 table.insert(tenant.to_string(), slot);
                 let text = serde_json::to_string_pretty(&*table).expect("table serializes");
                 let tmp = self.file.with_extension("json.tmp");
-                if let Err(source) = std::fs::write(&tmp, text)
+                let write = || {
+                    use std::io::Write;
+                    use std::os::unix::fs::OpenOptionsExt;
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(&tmp)?
+                        .write_all(text.as_bytes())
+                };
+                if let Err(source) = write()
                     .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
                     .and_then(|()| std::fs::rename(&tmp, &self.file))
                 {

@@ -2163,6 +2163,14 @@ impl Unpacker {
         for (rel, mode, mtime) in dirs {
             let abs = self.root.join(&rel);
             let shown = rel.display().to_string();
+            // A later entry of the layer may have made a parent a symlink
+            // (`a/etc` then `a -> /`): chmod through it would reach the
+            // host. Only a path of real directories inside the rootfs is
+            // touched (nothing else writes here meanwhile: the build dir
+            // is the agent's alone).
+            if !no_symlink_on_the_way(&self.root, &rel) {
+                continue;
+            }
             match std::fs::symlink_metadata(&abs) {
                 Ok(m) if m.is_dir() => {}
                 _ => continue, // replaced later in the layer
@@ -2177,6 +2185,20 @@ impl Unpacker {
         }
         Ok(())
     }
+}
+
+/// True when every component of `rel` below `root` is a real directory or
+/// the last one (not a symlink).
+fn no_symlink_on_the_way(root: &Path, rel: &Path) -> bool {
+    let mut at = root.to_path_buf();
+    for c in rel.components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if !m.file_type().is_symlink() => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// A numeric header field: an empty one (all NULs or spaces) reads as 0,
@@ -2426,6 +2448,28 @@ mod tests {
                 .unwrap()
                 .is_symlink()
         );
+    }
+
+    /// A directory entry whose parent a later entry of the same layer turns
+    /// into a link (`a/etc` 0777, then `a -> OUTSIDE`): its mode is set on
+    /// nothing outside the rootfs (it was `chmod 0777 /etc` as root).
+    #[test]
+    fn a_later_link_does_not_redirect_a_directory_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("etc");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = outside.path().display().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let layers = vec![tar(&[
+            E::Dir("a/", 0o755),
+            E::Dir("a/etc/", 0o777),
+            E::Symlink("a", &out),
+        ])];
+        let _ = unpack(dir.path(), &layers);
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o755, "the host directory's mode was changed");
     }
 
     #[test]

@@ -51,6 +51,18 @@ fn main() -> ExitCode {
     if args.fake_gpus.is_some() {
         config.fake_gpus = args.fake_gpus;
     }
+    // Jobs never see the agent's config (its join token), nor the files it
+    // names that hold secrets, wherever they are.
+    let secrets = [
+        Some(args.config.clone()),
+        config.registry_auth_file.clone(),
+        config.tls_key_file.clone(),
+    ];
+    for path in secrets.into_iter().flatten() {
+        if let Ok(path) = std::path::absolute(path) {
+            config.hidden_paths.push(path);
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {

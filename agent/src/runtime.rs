@@ -271,6 +271,9 @@ impl Runtime {
         // through the descriptor it was started with); `work/` is passed
         // through, each instance's directory its own.
         use std::os::unix::fs::PermissionsExt;
+        // Passable (tenants reach their directories), not listable.
+        std::fs::create_dir_all(state_dir)?;
+        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o711))?;
         for (sub, mode) in [
             ("logs", 0o700),
             ("instances", 0o700),
@@ -384,10 +387,17 @@ impl Runtime {
             let meta = std::fs::symlink_metadata(&root)?;
             anyhow::ensure!(meta.is_dir(), "{} is not a directory", root.display());
             use std::os::unix::fs::MetadataExt;
-            if meta.uid() != id.uid || meta.gid() != id.gid {
-                std::os::unix::fs::chown(&root, Some(id.uid), Some(id.gid))?;
+            // A pinned uid owns it; the group is the tenant's block, whose
+            // first id is root in the tenant's containers.
+            let (gid, mode) = if id.uid == id.range_base {
+                (id.gid, 0o700)
+            } else {
+                (id.range_base, 0o770)
+            };
+            if meta.uid() != id.uid || meta.gid() != gid {
+                std::os::unix::fs::chown(&root, Some(id.uid), Some(gid))?;
             }
-            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(mode))?;
         }
         Ok(root)
     }
@@ -665,20 +675,39 @@ impl Runtime {
                 }
             }
         }
-        let mut work_dirs = vec![self.state_dir.join("work")];
+        // Work directories: the agent's own (`work/<id>`, one user), and
+        // each tenant's (`tenants/<t>/work/<id>`), which the tenant owns and
+        // may fill with anything, links included: those are separate items
+        // (a name there never takes another tenant's log along), and are
+        // removed with the tenant's own rights (a link to elsewhere then
+        // reaches nothing the tenant could not remove itself).
+        let mut paths: HashMap<String, (PathBuf, Option<(u32, u32)>)> = HashMap::new();
+        let mut work_dirs = vec![(String::new(), self.state_dir.join("work"), None)];
         if let Ok(tenants) = std::fs::read_dir(self.state_dir.join("tenants")) {
-            work_dirs.extend(tenants.flatten().map(|t| t.path().join("work")));
+            use std::os::unix::fs::MetadataExt;
+            for t in tenants.flatten() {
+                let work = t.path().join("work");
+                let (Ok(tm), Ok(wm)) = (t.path().symlink_metadata(), work.symlink_metadata())
+                else {
+                    continue;
+                };
+                if !tm.is_dir() || !wm.is_dir() {
+                    continue;
+                }
+                let name = t.file_name().to_string_lossy().into_owned();
+                work_dirs.push((format!("{name}/"), work, Some((tm.uid(), tm.gid()))));
+            }
         }
-        let mut paths: HashMap<String, Vec<PathBuf>> = HashMap::new();
-        for work in &work_dirs {
+        for (prefix, work, owner) in &work_dirs {
             let Ok(dir) = std::fs::read_dir(work) else {
                 continue;
             };
             for entry in dir.flatten() {
                 let id = entry.file_name().to_string_lossy().into_owned();
+                let key = format!("{prefix}{id}");
                 let (bytes, at) = tree_size(&entry.path());
-                note(&id, bytes, at);
-                paths.entry(id).or_default().push(entry.path());
+                note(&key, bytes, at);
+                paths.insert(key, (entry.path(), *owner));
             }
         }
         let total: u64 = files.values().map(|(b, _)| b).sum();
@@ -693,18 +722,24 @@ impl Runtime {
             .filter(|e| !e.report.phase.is_terminal())
             .map(|e| e.report.instance_id.clone())
             .collect();
+        // The instance id of an item: the key, less a tenant's prefix.
+        let id_of = |key: &str| key.rsplit('/').next().unwrap_or(key).to_string();
         let mut ended: Vec<(std::time::SystemTime, String, u64)> = files
             .into_iter()
-            .filter(|(id, _)| !live.contains(id) && valid_id(id))
-            .map(|(id, (bytes, at))| (at, id, bytes))
+            .filter(|(key, _)| {
+                let id = id_of(key);
+                !live.contains(&id) && valid_id(&id)
+            })
+            .map(|(key, (bytes, at))| (at, key, bytes))
             .collect();
         ended.sort();
         let mut over = total - budget_bytes;
         let mut cleaned = Vec::new();
-        for (_, id, bytes) in ended {
+        for (_, key, bytes) in ended {
             if over == 0 {
                 break;
             }
+            let id = id_of(&key);
             // Checked again under the lock: it may have started meanwhile.
             if self
                 .entries
@@ -715,19 +750,25 @@ impl Runtime {
             {
                 continue;
             }
-            let logs = self.state_dir.join("logs");
-            let _ = std::fs::remove_file(logs.join(format!("{id}.log")));
-            for n in 1..=64 {
-                if std::fs::remove_file(logs.join(format!("{id}.log.{n}"))).is_err() {
-                    break;
+            if key == id {
+                let logs = self.state_dir.join("logs");
+                let _ = std::fs::remove_file(logs.join(format!("{id}.log")));
+                for n in 1..=64 {
+                    if std::fs::remove_file(logs.join(format!("{id}.log.{n}"))).is_err() {
+                        break;
+                    }
                 }
             }
-            for work in paths.get(&id).into_iter().flatten() {
-                if work.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-                    let _ = std::fs::remove_dir_all(work);
-                } else {
-                    let _ = std::fs::remove_file(work);
+            match paths.get(&key) {
+                Some((work, None)) => {
+                    if work.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                        let _ = std::fs::remove_dir_all(work);
+                    } else {
+                        let _ = std::fs::remove_file(work);
+                    }
                 }
+                Some((work, Some((uid, gid)))) => remove_as(work, *uid, *gid),
+                None => {}
             }
             over = over.saturating_sub(bytes);
             cleaned.push(id);
@@ -1191,7 +1232,7 @@ impl Runtime {
         identity: crate::identity::Identity,
     ) -> anyhow::Result<Launch> {
         let oci = self.oci.clone().expect("checked by pull");
-        let (_, workdir, logdir) = self.directories(spec, Some(identity))?;
+        let (tenant_root, workdir, logdir) = self.directories(spec, Some(identity))?;
         if logdir.is_some() {
             spec.env
                 .insert("GPUPOOL_LOG_DIR".into(), crate::container::LOGDIR.into());
@@ -1211,14 +1252,15 @@ impl Runtime {
         };
         // Filled in by spawn, which makes the cgroup.
         let minors = spec.limits.gpu_minors.clone().unwrap_or_default();
+        let dirs = crate::container::BundleDirs::new(&self.bundles_dir(), &spec.instance_id);
         let bundle = crate::container::BundleSpec {
             instance_id: &spec.instance_id,
             command: &spec.command,
             env: &env,
             image: &image.config,
             identity,
-            workdir: &workdir,
-            logdir: logdir.as_deref(),
+            workdir: &dirs.mnt_work,
+            logdir: logdir.as_ref().map(|_| dirs.mnt_logs.as_path()),
             host_network,
             cgroups_path: &cgroups_path,
             device_rules: &[],
@@ -1240,7 +1282,6 @@ impl Runtime {
             tracing::info!(instance = %spec.instance_id, devices = ?injected.devices, "GPUs injected");
         }
         let _ = minors;
-        let dirs = crate::container::BundleDirs::new(&self.bundles_dir(), &spec.instance_id);
         std::fs::create_dir_all(self.bundles_dir())?;
         {
             use std::os::unix::fs::PermissionsExt;
@@ -1250,6 +1291,8 @@ impl Runtime {
         Ok(Launch::Container {
             identity,
             workdir,
+            logdir,
+            tenant_root,
             dirs,
             lower: image.rootfs.clone(),
             oci,
@@ -1278,6 +1321,8 @@ impl Runtime {
                 Launch::Container {
                     identity,
                     workdir,
+                    logdir,
+                    tenant_root,
                     dirs,
                     lower,
                     oci,
@@ -1289,6 +1334,11 @@ impl Runtime {
                 c.arg("--as")
                     .arg(format!("{}:{}", identity.range_base, identity.range_base));
                 c.arg("--cwd").arg(workdir);
+                c.arg("--keep").arg(tenant_root);
+                c.arg("--stage").arg(workdir).arg(&dirs.mnt_work);
+                if let Some(dir) = logdir {
+                    c.arg("--stage").arg(dir).arg(&dirs.mnt_logs);
+                }
                 c.arg("--container")
                     .arg(&oci.binary)
                     .arg(&oci.root)
@@ -1791,6 +1841,8 @@ enum Launch {
     Container {
         identity: crate::identity::Identity,
         workdir: PathBuf,
+        logdir: Option<PathBuf>,
+        tenant_root: PathBuf,
         dirs: crate::container::BundleDirs,
         lower: PathBuf,
         oci: OciRuntime,
@@ -1938,6 +1990,28 @@ fn inside(path: &Path, dir: &Path) -> bool {
         real
     }
     normal(path).starts_with(normal(dir))
+}
+
+/// Removes `path` with the rights of `uid`:`gid` (`rm -rf` in a child that
+/// is that user), for trees a tenant owns.
+fn remove_as(path: &Path, uid: u32, gid: u32) {
+    use std::os::unix::process::CommandExt;
+    let mut rm = std::process::Command::new("rm");
+    rm.args(["-rf", "--one-file-system", "--"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin");
+    // SAFETY: geteuid(2) reads our own credentials.
+    if unsafe { libc::geteuid() } == 0 {
+        // std drops the supplementary groups when root sets a uid.
+        rm.uid(uid).gid(gid);
+    }
+    if let Err(err) = rm.status() {
+        tracing::warn!(path = %path.display(), error = %err, "cannot remove a tenant's work directory");
+    }
 }
 
 /// Bytes under `path` (not following symlinks) and the newest change.
@@ -2128,7 +2202,8 @@ mod tests {
             } else {
                 assert_eq!(r.phase, Phase::Failed, "{wd:?}");
                 assert!(
-                    r.reason.contains("inside the agent's state dir"),
+                    r.reason.contains("inside the agent's state dir")
+                        || r.reason.contains("must not contain `..`"),
                     "{}",
                     r.reason
                 );

@@ -108,6 +108,9 @@ struct Args<'a> {
     isolate: bool,
     hide: Vec<&'a str>,
     keep: Vec<&'a str>,
+    /// Containers: (directory inside the `--keep` root, mount point) pairs
+    /// bound before the runtime starts.
+    stage: Vec<(&'a str, &'a str)>,
     container: Option<Container<'a>>,
     command: &'a [String],
 }
@@ -149,6 +152,10 @@ fn parse(args: &[String]) -> Option<Args<'_>> {
             Some("--keep") => {
                 a.keep.push(value(1)?);
                 rest = &rest[2..];
+            }
+            Some("--stage") => {
+                a.stage.push((value(1)?, value(2)?));
+                rest = &rest[3..];
             }
             Some("--container") if rest.len() == 6 => {
                 let mut layers = value(5)?.split(':');
@@ -207,13 +214,19 @@ fn shim(args: &[String]) -> i32 {
         }
     }
     let exit = if let Some(c) = &args.container {
-        // The directory mounted at /work, made as the container's root.
-        match args.cwd.map(|d| make_dir_as(Path::new(d), args.user)) {
-            Some(Err(err)) => {
+        // The directories mounted at /work and /logs, made as the
+        // container's root.
+        let made = args
+            .cwd
+            .into_iter()
+            .chain(args.stage.iter().map(|(src, _)| *src))
+            .try_for_each(|d| make_dir_as(Path::new(d), args.user));
+        match made {
+            Err(err) => {
                 eprintln!("cannot create the working directory: {err}");
                 Exit::Code(127)
             }
-            _ => run_container(c),
+            Ok(()) => run_container(c, &args),
         }
     } else if args.isolate {
         run_isolated(&args)
@@ -274,9 +287,13 @@ fn make_dir_as(dir: &Path, user: Option<(u32, u32)>) -> std::io::Result<()> {
         return std::fs::create_dir_all(dir);
     };
     // SAFETY: the shim is single-threaded; set*id change only our own
-    // credentials and are undone below.
+    // credentials and are undone below (root's supplementary groups go for
+    // good: the shim needs none).
     unsafe {
-        if libc::setegid(gid) != 0 || libc::seteuid(uid) != 0 {
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setegid(gid) != 0
+            || libc::seteuid(uid) != 0
+        {
             return Err(std::io::Error::last_os_error());
         }
     }
@@ -398,22 +415,34 @@ fn sandbox_mounts(args: &Args) -> std::io::Result<()> {
     }
     let hidden = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount("proc", "/proc", "proc", hidden, "")?;
-    mount(
-        "tmpfs",
-        "/tmp",
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        "mode=1777",
-    )?;
-    // Paths under /tmp are gone already; the others are covered.
-    let mut covered = Vec::new();
-    for h in &args.hide {
+    // Private scratch: /tmp, /var/tmp and POSIX shared memory (/dev/shm,
+    // which the IPC namespace does not cover) are the instance's own.
+    for dir in ["/tmp", "/var/tmp", "/dev/shm"] {
+        if Path::new(dir).is_dir() {
+            mount(
+                "tmpfs",
+                dir,
+                "tmpfs",
+                libc::MS_NOSUID | libc::MS_NODEV,
+                "mode=1777",
+            )?;
+        }
+    }
+    // Paths under /tmp are gone already; the others are covered, outermost
+    // first (a path inside a covered one is gone with it).
+    let mut hide: Vec<&str> = args.hide.clone();
+    hide.sort_by_key(|h| Path::new(h).components().count());
+    let mut covered: Vec<&str> = Vec::new();
+    for h in hide {
+        if covered.iter().any(|c| Path::new(h).starts_with(c)) {
+            continue;
+        }
         let Ok(meta) = std::fs::metadata(h) else {
             continue;
         };
         if meta.is_dir() {
             mount("tmpfs", h, "tmpfs", hidden, "mode=0711,size=64k")?;
-            covered.push(*h);
+            covered.push(h);
         } else {
             mount("/dev/null", h, "", libc::MS_BIND, "")?;
         }
@@ -515,10 +544,20 @@ fn init(args: &Args) -> Exit {
         eprintln!("shim: cannot set up the instance's mounts: {err}");
         return Exit::Code(127);
     }
+    // No setuid binary gives the instance more than its own identity.
+    // SAFETY: prctl(2) on our own process.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        eprintln!(
+            "shim: cannot set no_new_privs: {}",
+            std::io::Error::last_os_error()
+        );
+        return Exit::Code(127);
+    }
     let without_file = Args {
         env_file: None,
         hide: Vec::new(),
         keep: Vec::new(),
+        stage: Vec::new(),
         container: None,
         ..*args
     };
@@ -554,9 +593,96 @@ fn init(args: &Args) -> Exit {
     }
 }
 
-fn run_container(c: &Container) -> Exit {
+/// Opens `dir`, which must lie inside `root`, without following any
+/// symlink on the way below `root` (a tenant's directory is the tenant's to
+/// fill with links to anywhere).
+fn open_beneath(root: &str, dir: &str) -> std::io::Result<i32> {
+    let rel = Path::new(dir)
+        .strip_prefix(root)
+        .map_err(|_| std::io::Error::other(format!("{dir} is not inside {root}")))?;
+    let rel = if rel.as_os_str().is_empty() {
+        ".".to_string()
+    } else {
+        rel.to_string_lossy().into_owned()
+    };
+    let root_c = c_path(root);
+    // SAFETY: open(2) of a NUL-terminated path.
+    let root_fd = unsafe {
+        libc::open(
+            root_c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if root_fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    /// `struct open_how` of openat2(2) (libc's is non-exhaustive).
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    let rel_c = c_path(&rel);
+    // SAFETY: openat2(2) with a valid dirfd, path and open_how of the size
+    // given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root_fd,
+            rel_c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing a descriptor we opened.
+    unsafe { libc::close(root_fd) };
+    if fd < 0 {
+        return Err(std::io::Error::new(
+            err.kind(),
+            format!("{dir}: {err} (links are not followed in the tenant's directory)"),
+        ));
+    }
+    Ok(fd as i32)
+}
+
+fn run_container(c: &Container, args: &Args) -> Exit {
     let [lower, upper, work, target] = c.overlay;
-    let mounted = private_mounts().and_then(|()| {
+    let staged = private_mounts().and_then(|()| {
+        let root = args
+            .keep
+            .first()
+            .ok_or_else(|| std::io::Error::other("--stage needs --keep"));
+        for (src, dst) in &args.stage {
+            let fd = open_beneath(
+                root.as_ref()
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+                src,
+            )?;
+            let bound = mount(
+                &format!("/proc/self/fd/{fd}"),
+                dst,
+                "",
+                libc::MS_BIND | libc::MS_REC,
+                "",
+            );
+            // SAFETY: closing a descriptor we opened.
+            unsafe { libc::close(fd) };
+            bound?;
+        }
+        Ok(())
+    });
+    if let Err(err) = staged {
+        eprintln!("shim: cannot mount the container's directories: {err}");
+        return Exit::Code(127);
+    }
+    let mounted = Ok::<(), std::io::Error>(()).and_then(|()| {
         mount(
             "overlay",
             target,
@@ -621,7 +747,7 @@ mod tests {
         assert_eq!(p.cwd, Some("/w"));
         assert!(p.isolate);
         assert_eq!((p.hide, p.keep), (vec!["/s"], vec!["/s/t"]));
-        assert_eq!(p.command, &a[12..]);
+        assert_eq!(p.command, &a[13..]);
         let a = args("/x.exit --container /usr/bin/runc /r /b id1 /l:/u:/w:/t");
         let c = parse(&a).unwrap().container.unwrap();
         assert_eq!(

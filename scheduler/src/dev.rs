@@ -45,8 +45,9 @@ pub struct DevArgs {
     /// authentication: every caller is the admin.
     #[arg(long, env = "GPUPOOL_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
-    /// Run instances as this user. Default: `nobody` when dev runs as root
-    /// (JupyterLab, for one, refuses to run as root), else dev's own user.
+    /// Run every tenant's instances as this one user. Default: as root,
+    /// each tenant's own ids (the agents' `tenant_uid_base`); else dev's own
+    /// user.
     #[arg(long, value_name = "USER")]
     pub run_as_user: Option<String>,
     /// Leave the instances running when dev stops (by default Ctrl-C stops
@@ -177,8 +178,11 @@ fn agent_configs(
             c.run_as_user = run_as_user.clone();
             c.advertise_address = Some(grpc.ip().to_string());
             // Jobs see neither the scheduler's data (its database, keys)
-            // nor the agents' config.
+            // nor the other agents' state.
             c.hidden_paths.push(data_dir.to_path_buf());
+            if let Ok(data) = std::path::absolute(&args.data_dir) {
+                c.hidden_paths.push(data);
+            }
             c.port_range = [lo, lo + span as u16 - 1];
             c.stop_instances_on_exit = !args.keep_instances;
             c
@@ -279,10 +283,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     })?;
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let run_as_user = args
-        .run_as_user
-        .clone()
-        .or_else(|| root.then(|| "nobody".to_string()));
+    let run_as_user = args.run_as_user.clone();
+    // Who the instances run as, for the banner.
+    let runs_as = match (&run_as_user, root) {
+        (Some(user), _) => user.clone(),
+        (None, true) => "each tenant's own ids".to_string(),
+        (None, false) => "dev's own user".to_string(),
+    };
 
     let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
@@ -329,8 +336,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             open_agent_root_at(&dir)?;
             dir
         }
-        _ => match (&run_as_user, &closed) {
-            (Some(_), Some(_)) if !used_before => {
+        _ => match (run_as_user.is_some() || root, &closed) {
+            (true, Some(_)) if !used_before => {
                 let dir = open_agent_root(&data_dir)?;
                 std::fs::write(&recorded, dir.display().to_string())?;
                 dir
@@ -365,7 +372,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     {
         lines.push(format!(
             "    (instances run as {} and {} is closed to other users: the agents' state is in {})",
-            run_as_user.as_deref().unwrap_or_default(),
+            runs_as,
             closed.display(),
             agent_root.display()
         ));
@@ -391,7 +398,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          (set GPUPOOL_ADDR=http://{grpc_addr} if you changed --grpc-listen)\n\
          Ctrl-C stops the cluster{}; its state stays in the data dir.",
         args.nodes,
-        run_as_user.as_deref().unwrap_or("dev's own user"),
+        runs_as,
         lines.join("\n"),
         if priced {
             "dev defaults"
