@@ -155,6 +155,8 @@ impl Registry {
     }
 
     fn launch(auth: Option<(&str, &str, &str)>, tls: Option<(&Path, &Path, &Path)>) -> Registry {
+        // Pushes use rustls's process-wide provider.
+        gpupool_proto::install_tls_provider();
         assert!(
             Self::available(),
             "{DOCKER_REGISTRY} is missing: install Debian's docker-registry package (apt-get install docker-registry)"

@@ -448,6 +448,8 @@ impl ImageStore {
     /// Opens (creating) the store at `config.root`, mode 0700, and removes
     /// leftovers of downloads and unpacks a previous run did not finish.
     pub fn new(config: ImageStoreConfig) -> io::Result<Self> {
+        // Registry clients use rustls's process-wide provider.
+        gpupool_proto::install_tls_provider();
         let root = &config.root;
         for dir in [
             root.clone(),

@@ -161,6 +161,7 @@ pub async fn run(
                     binary,
                     root: config.state_dir.join("runc"),
                     cdi_dirs: config.cdi_dirs.clone(),
+                    fake_gpus: probe.is_fake(),
                 },
             )
         }

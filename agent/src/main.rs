@@ -36,6 +36,7 @@ enum Command {
 fn main() -> ExitCode {
     // `shim EXIT_FILE -- CMD...`: the wrapper the agent starts instances with.
     gpupool_agent::shim::run_if_shim(&std::env::args().skip(1).collect::<Vec<_>>());
+    gpupool_proto::install_tls_provider();
     let args = Args::parse();
     init_tracing(&args.log_format);
     if let Some(Command::Probe { check }) = args.command {

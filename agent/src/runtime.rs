@@ -221,6 +221,8 @@ pub struct OciRuntime {
     pub root: PathBuf,
     /// Where CDI specs are looked for.
     pub cdi_dirs: Vec<PathBuf>,
+    /// The node's GPUs are simulated: containers get no device for them.
+    pub fake_gpus: bool,
 }
 
 /// Counts of image use on this node.
@@ -1275,7 +1277,9 @@ impl Runtime {
                 uuid: uuid.clone(),
             })
             .collect();
-        if !gpus.is_empty() {
+        if !gpus.is_empty() && oci.fake_gpus {
+            tracing::info!(instance = %spec.instance_id, "simulated GPUs: no device given to the container");
+        } else if !gpus.is_empty() {
             let injected =
                 crate::cdi::inject(&mut oci_spec, &gpus, false, &oci.cdi_dirs, Path::new("/"))
                     .map_err(|e| anyhow::anyhow!("cannot give the container its GPUs: {e}"))?;

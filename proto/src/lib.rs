@@ -30,3 +30,12 @@ pub fn unix_ms_from_timestamp(ts: &prost_types::Timestamp) -> i64 {
 pub use prost;
 pub use prost_types;
 pub use tonic_prost;
+
+/// Makes ring rustls's process-wide crypto provider (what tonic's
+/// `tls-ring` uses). The container-device-interface crate brings rustls's
+/// aws-lc-rs provider into the build too (through jsonschema's default
+/// features), and with two providers compiled in rustls picks none by
+/// itself: every binary calls this first. Idempotent.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -37,6 +37,7 @@ enum Command {
 fn main() -> ExitCode {
     // `shim EXIT_FILE -- CMD...`: the wrapper the agent starts instances with.
     gpupool_agent::shim::run_if_shim(&std::env::args().skip(1).collect::<Vec<_>>());
+    gpupool_proto::install_tls_provider();
     let args = Args::parse();
     gpupool_scheduler::init_tracing(args.log_json);
     let result = tokio::runtime::Runtime::new()
