@@ -5,7 +5,10 @@
 #   scripts/gpu-node-check.sh BIN_DIR OUT_DIR
 #
 # BIN_DIR holds release builds of gpupool-scheduler, gpupool, gpupool-agent
-# and (optional) nvml-test, the `--test nvml` binary of gpupool-agent. Run as
+# and (optional) nvml-test, the `--test nvml` binary of gpupool-agent; for the
+# container checks also gpuimage (`cargo build --release -p gpupool-e2e --bin
+# gpuimage`) and, where the node has no docker-registry, a copy of
+# /usr/bin/docker-registry (it needs only the C library). Run as
 # root on a node with the NVIDIA driver. Every step's output lands in
 # OUT_DIR; summary.txt says what passed. Exit status: the number of failed
 # checks.
@@ -48,11 +51,35 @@ if [ -x "$BIN/nvml-test" ]; then
     check "cargo test --test nvml -- --ignored" test $? -eq 0
 fi
 
+# 1b. An image made of what is on this node (it reaches no registry): a
+# shell, a few tools and the C library nvidia-smi needs, pushed to a local
+# registry. nvidia-smi and the driver's libraries come from the agent (the
+# CDI spec, or bind-mounted as nvidia-container-cli does), not the image.
+IMAGE=
+REGISTRY_ARGS=()
+if [ -x "$BIN/gpuimage" ] && { [ -x "$BIN/docker-registry" ] || command -v docker-registry >/dev/null; }; then
+    R=$(mktemp -d)
+    mkdir -p "$R/bin" "$R/etc" "$R/tmp" "$R/proc" "$R/sys" "$R/dev" "$R/work" "$R/root"
+    chmod 1777 "$R/tmp"
+    TOOLS="sh ls cat grep"
+    for t in $TOOLS; do cp -L "$(command -v "$t")" "$R/bin/$t"; done
+    for lib in $({ ldd "$(command -v nvidia-smi)" 2>/dev/null; for t in $TOOLS; do ldd "$(command -v "$t")"; done; } | grep -o '/[^ ]*' | sort -u); do
+        mkdir -p "$R$(dirname "$lib")" && cp -L "$lib" "$R$lib"
+    done
+    echo 'root:x:0:0:root:/root:/bin/sh' >"$R/etc/passwd"
+    [ -x "$BIN/docker-registry" ] && export GPUPOOL_DOCKER_REGISTRY="$BIN/docker-registry"
+    (sleep 100000 | "$BIN/gpuimage" "$R" gpu/check:1 "$OUT/image-ref.txt" >"$OUT/gpuimage.log" 2>&1) &
+    IMAGE_PID=$!
+    for _ in $(seq 100); do [ -s "$OUT/image-ref.txt" ] && break; sleep 0.2; done
+    IMAGE=$(cat "$OUT/image-ref.txt" 2>/dev/null)
+    [ -n "$IMAGE" ] && REGISTRY_ARGS=(--insecure-registry "${IMAGE%%/*}")
+fi
+
 # 2. A dev cluster on the real GPU.
 D=$(mktemp -d)
 # FAKE_GPUS=8xH100-80GB exercises the script's plumbing where there is no GPU.
 gpupool-scheduler dev ${FAKE_GPUS:+--fake-gpus "$FAKE_GPUS"} --data-dir "$D" --grpc-listen 127.0.0.1:17070 \
-    --metrics-listen 127.0.0.1:19400 --agent-metrics-listen 127.0.0.1:19401 >"$OUT/dev.log" 2>&1 &
+    --metrics-listen 127.0.0.1:19400 --agent-metrics-listen 127.0.0.1:19401 "${REGISTRY_ARGS[@]}" >"$OUT/dev.log" 2>&1 &
 DEV=$!
 for _ in $(seq 100); do
     gpupool node list 2>/dev/null | grep -q Ready && break
@@ -128,11 +155,31 @@ gpupool job logs --follow "$J4" >"$OUT/job4.log" 2>&1
 check "CPU quota caps a busy loop (<= 0.6 s of CPU in 2 s)" \
     sh -c "awk '/^ticks/ {t = \$2 + \$3} END {exit !(t > 0 && t <= 60)}' '$OUT/job4.log'"
 
+# 7. Containers: an image job on 1 GPU sees exactly that GPU (nvidia-smi -L),
+# an image job without a GPU sees none.
+if [ -n "$IMAGE" ]; then
+    J5=$(submit --name image-gpu --gpus 1 --image "$IMAGE" -- sh -c 'echo "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"; ls /dev; nvidia-smi -L')
+    started "$J5"
+    gpupool job logs --follow "$J5" >"$OUT/job5.log" 2>&1
+    gpupool job get "$J5" >"$OUT/job5.txt" 2>&1
+    check "container job on 1 GPU: nvidia-smi -L lists exactly its GPU" \
+        sh -c "test \$(grep -c '^GPU ' '$OUT/job5.log') -eq 1 && grep -q '$SMI_UUID' '$OUT/job5.log'"
+    J6=$(submit --name image-no-gpu --gpus 0 --image "$IMAGE" -- sh -c 'ls /dev; nvidia-smi -L; echo "nvidia-smi rc=$?"')
+    started "$J6"
+    gpupool job logs --follow "$J6" >"$OUT/job6.log" 2>&1
+    check "GPU-less container job sees no GPU" \
+        sh -c "grep -q 'nvidia-smi rc=' '$OUT/job6.log' && ! grep -q '^GPU ' '$OUT/job6.log' && ! grep -q nvidia0 '$OUT/job6.log'"
+else
+    echo "FAIL container checks: no gpuimage and docker-registry in BIN_DIR or PATH" | tee -a "$SUMMARY"
+    FAILED=$((FAILED + 1))
+fi
+
 fetch http://127.0.0.1:19401/metrics >"$OUT/agent-metrics-after.txt" 2>&1
 fetch http://127.0.0.1:19400/metrics >"$OUT/scheduler-metrics.txt" 2>&1
 gpupool usage >"$OUT/usage.txt" 2>&1 || true
 kill -TERM "$DEV"
 wait "$DEV"
 check "dev cluster stopped cleanly" test $? -eq 0
+[ -n "${IMAGE_PID:-}" ] && pkill -P "$IMAGE_PID" 2>/dev/null
 echo "failed checks: $FAILED" | tee -a "$SUMMARY"
 exit "$FAILED"

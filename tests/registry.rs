@@ -23,6 +23,13 @@ use tempfile::TempDir;
 /// Where Debian's `docker-registry` package puts the registry.
 pub const DOCKER_REGISTRY: &str = "/usr/bin/docker-registry";
 
+/// The registry binary: `GPUPOOL_DOCKER_REGISTRY`, else Debian's.
+pub fn docker_registry() -> PathBuf {
+    std::env::var_os("GPUPOOL_DOCKER_REGISTRY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DOCKER_REGISTRY))
+}
+
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -116,7 +123,7 @@ pub enum ManifestFormat {
 impl Registry {
     /// Whether Debian's registry is installed here.
     pub fn available() -> bool {
-        Path::new(DOCKER_REGISTRY).exists()
+        docker_registry().exists()
     }
 
     /// Starts a registry, or — when docker-registry is missing and `CI` is
@@ -201,7 +208,7 @@ impl Registry {
         .unwrap();
         let log_path = dir.path().join("registry.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut child = Command::new(DOCKER_REGISTRY)
+        let mut child = Command::new(docker_registry())
             .arg("serve")
             .arg(&config)
             .stdin(Stdio::null())

@@ -326,7 +326,7 @@ async fn host_process_tenants_cannot_reach_each_other() {
     // A gang's ranks reach each other (the host network).
     let gang = "if [ \"$RANK\" = 0 ]; then \
                 python3 -c 'import socket,os;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind((\"0.0.0.0\",int(os.environ[\"MASTER_PORT\"])));s.listen();c,_=s.accept();print(\"rank0 got\",c.recv(64).decode())'; \
-                else sleep 1; python3 -c 'import socket,os;s=socket.create_connection((os.environ[\"MASTER_ADDR\"],int(os.environ[\"MASTER_PORT\"])));s.send(b\"hello-from-rank1\")'; echo rank1 sent; fi";
+                else for i in $(seq 100); do python3 -c 'import socket,os;s=socket.create_connection((os.environ[\"MASTER_ADDR\"],int(os.environ[\"MASTER_PORT\"])));s.send(b\"hello-from-rank1\")' 2>/dev/null && break; sleep 0.2; done; echo rank1 sent; fi";
     let mut spec = training(0, &["sh", "-c", gang]);
     spec.instances = 2;
     let g = submit_as(&c.sched, &c.a, spec).await;
@@ -456,7 +456,7 @@ async fn image_tenants_cannot_reach_each_other() {
 
     // A gang's ranks reach each other (gangs use the host network).
     let gang = "if [ \"$RANK\" = 0 ]; then busybox nc -l -p $MASTER_PORT; \
-                else sleep 1; echo hello-from-rank1 | busybox nc $MASTER_ADDR $MASTER_PORT; echo rank1 sent; fi";
+                else for i in $(seq 100); do echo hello-from-rank1 | busybox nc $MASTER_ADDR $MASTER_PORT && break; sleep 0.2; done; echo rank1 sent; fi";
     let mut spec = training(0, &["sh", "-c", gang]);
     spec.instances = 2;
     spec.image = image.clone();

@@ -44,6 +44,8 @@ pub struct BundleSpec<'a> {
     /// Host directory mounted at [`LOGDIR`] (read-write), if any.
     pub logdir: Option<&'a Path>,
     pub host_network: bool,
+    /// The CUDA MPS daemon's pipe directory, mounted at the same path.
+    pub mps_pipe_dir: Option<&'a Path>,
     /// `cgroupsPath`: relative (v1: below the runtime's own cgroup, the
     /// instance's) or absolute (v2).
     pub cgroups_path: &'a str,
@@ -352,6 +354,10 @@ pub fn runtime_spec(
                "options": ["nosuid", "noexec", "nodev", "ro"]}),
         );
     }
+    if let Some(dir) = b.mps_pipe_dir {
+        mounts.push(json!({"destination": dir, "type": "bind", "source": dir,
+               "options": ["rbind", "rw", "nosuid", "nodev"]}));
+    }
     if let Some(dir) = b.logdir {
         mounts.push(json!({"destination": LOGDIR, "type": "bind", "source": dir,
                "options": ["rbind", "rw", "nosuid", "nodev"]}));
@@ -516,6 +522,7 @@ mod tests {
             workdir: Path::new("/w"),
             logdir: None,
             host_network: false,
+            mps_pipe_dir: None,
             cgroups_path: "gpupool",
             device_rules: &[],
         };

@@ -16,6 +16,10 @@ pub struct AgentMetrics {
     memory_used: IntGauge,
     instances: IntGaugeVec,
     connected: IntGauge,
+    /// Image use: [pulls, cache hits, failures, bytes pulled].
+    images: [prometheus::IntCounter; 4],
+    /// Scrapes bring the counters up to date one at a time.
+    images_sync: std::sync::Mutex<()>,
     gpu_util: GaugeVec,
     fb_used: GaugeVec,
     fb_free: GaugeVec,
@@ -109,7 +113,20 @@ impl AgentMetrics {
         )
         .unwrap();
         reg(Box::new(connected.clone()));
+        let images = [
+            ("gpupool_agent_image_pulls_total", "Image instances whose image was pulled from its registry."),
+            ("gpupool_agent_image_cache_hits_total", "Image instances started from the node's image cache, without a pull."),
+            ("gpupool_agent_image_pull_failures_total", "Images that could not be prepared (not found, unauthorized, digest mismatch, registry unreachable...)."),
+            ("gpupool_agent_image_pulled_bytes_total", "Bytes of image blobs downloaded."),
+        ]
+        .map(|(name, help)| {
+            let c = prometheus::IntCounter::new(name, help).unwrap();
+            reg(Box::new(c.clone()));
+            c
+        });
         Self {
+            images,
+            images_sync: std::sync::Mutex::new(()),
             gpu_util: gpu_gauge(&registry, "DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %)."),
             fb_used: gpu_gauge(
                 &registry,
@@ -199,6 +216,16 @@ impl AgentMetrics {
         self.connected.set(i64::from(
             ctx.connected.load(std::sync::atomic::Ordering::Relaxed),
         ));
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let _one = self.images_sync.lock().unwrap();
+            let c = &ctx.runtime.image_counters;
+            let now = [&c.pulls, &c.cache_hits, &c.failures, &c.bytes].map(|a| a.load(Relaxed));
+            for (counter, value) in self.images.iter().zip(now) {
+                // The runtime's counts only grow: the counter follows them.
+                counter.inc_by(value.saturating_sub(counter.get()));
+            }
+        }
         self.instances.reset();
         for phase in ["running", "stopping", "succeeded", "failed", "stopped"] {
             self.instances.with_label_values(&[phase]).set(0);

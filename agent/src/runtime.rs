@@ -1264,6 +1264,11 @@ impl Runtime {
             workdir: &dirs.mnt_work,
             logdir: logdir.as_ref().map(|_| dirs.mnt_logs.as_path()),
             host_network,
+            mps_pipe_dir: spec
+                .mps
+                .as_ref()
+                .map(|m| m.pipe_dir.as_path())
+                .filter(|d| d.is_dir()),
             cgroups_path: &cgroups_path,
             device_rules: &[],
         };
@@ -1392,6 +1397,11 @@ impl Runtime {
                         c.arg("--hide").arg(h);
                     }
                     c.arg("--keep").arg(keep);
+                    // The MPS daemon's pipes, wherever they are (a /tmp one
+                    // would be under the instance's own /tmp).
+                    if let Some(mps) = spec.mps.as_ref().filter(|m| m.pipe_dir.is_dir()) {
+                        c.arg("--keep").arg(&mps.pipe_dir);
+                    }
                 }
                 c.arg("--").arg(program).args(args);
                 c.env_clear().current_dir("/");

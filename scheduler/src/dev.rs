@@ -54,6 +54,10 @@ pub struct DevArgs {
     /// them with the cluster).
     #[arg(long)]
     pub keep_instances: bool,
+    /// A registry (`HOST:PORT`) the agents reach over plain HTTP, e.g. a
+    /// local `docker-registry` for `job submit --image` (repeatable).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub insecure_registry: Vec<String>,
 }
 
 /// `--fake-gpus` is checked before anything starts.
@@ -185,6 +189,15 @@ fn agent_configs(
             }
             c.port_range = [lo, lo + span as u16 - 1];
             c.stop_instances_on_exit = !args.keep_instances;
+            for host in &args.insecure_registry {
+                c.registries.insert(
+                    host.clone(),
+                    gpupool_agent::config::RegistryConfig {
+                        insecure: true,
+                        ca_file: None,
+                    },
+                );
+            }
             c
         })
         .collect()
