@@ -74,10 +74,13 @@ async fn measure(sched: &Scheduler, spec: impl Fn(u16) -> pb::JobSpec, starts: u
     out
 }
 
-fn podman(args: &[&str]) -> std::process::Command {
+fn podman(conf: &std::path::Path, args: &[&str]) -> std::process::Command {
     let mut c = std::process::Command::new("podman");
-    // runc and cgroupfs: what works on a host with hybrid cgroups.
-    c.args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"])
+    // runc and cgroupfs: what works on a host with hybrid cgroups; no
+    // default ulimits: podman raises nofile/nproc, which needs
+    // CAP_SYS_RESOURCE (gpupool's containers inherit the agent's limits).
+    c.env("CONTAINERS_CONF", conf)
+        .args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"])
         .args(args);
     c
 }
@@ -162,7 +165,9 @@ async fn main() {
         println!("podman run             not installed (apt-get install podman)");
         return;
     }
-    let pulled = podman(&["pull", "--tls-verify=false", &image])
+    let conf = dir.path().join("containers.conf");
+    std::fs::write(&conf, "[containers]\ndefault_ulimits = []\n").unwrap();
+    let pulled = podman(&conf, &["pull", "--tls-verify=false", &image])
         .output()
         .unwrap();
     if !pulled.status.success() {
@@ -177,17 +182,20 @@ async fn main() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port().to_string();
         let t0 = Instant::now();
-        let mut child = podman(&[
-            "run",
-            "--rm",
-            "--network",
-            "host",
-            &image,
-            "/bin/busybox",
-            "nc",
-            "127.0.0.1",
-            &port,
-        ])
+        let mut child = podman(
+            &conf,
+            &[
+                "run",
+                "--rm",
+                "--network",
+                "host",
+                &image,
+                "/bin/busybox",
+                "nc",
+                "127.0.0.1",
+                &port,
+            ],
+        )
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -56,6 +56,10 @@ pub trait Cgroup: Send + Sync {
     /// every hierarchy; v2, this cgroup itself (a cgroup holding processes
     /// may have no child with controllers there).
     fn runtime_path(&self, instance_id: &str) -> String;
+    /// Sets the CPU quota (millicores) after creation.
+    fn set_cpu_quota(&self, milli: u64) -> std::io::Result<()>;
+    /// Processes in the runtime's child cgroup (v1), or in this one (v2).
+    fn runtime_pids(&self, instance_id: &str) -> Vec<i32>;
     /// CPU time and memory in use, for the metrics.
     fn usage(&self) -> Usage;
 }
@@ -401,6 +405,26 @@ impl Cgroup for V1Group {
         runtime_child(instance_id)
     }
 
+    fn set_cpu_quota(&self, milli: u64) -> std::io::Result<()> {
+        for (controller, dir) in &self.dirs {
+            if controller == "cpu" {
+                write(&dir.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
+                write(
+                    &dir.join("cpu.cfs_quota_us"),
+                    &(milli * CFS_PERIOD_US / 1000).max(1000).to_string(),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn runtime_pids(&self, instance_id: &str) -> Vec<i32> {
+        self.dirs
+            .first()
+            .map(|(_, d)| read_pids(&d.join(runtime_child(instance_id)).join("cgroup.procs")))
+            .unwrap_or_default()
+    }
+
     fn hit_memory_limit(&self) -> bool {
         self.dirs
             .iter()
@@ -562,6 +586,20 @@ impl Cgroup for V2Group {
     }
     fn remove(&self) -> std::io::Result<()> {
         remove_tree(&self.dir)
+    }
+    fn set_cpu_quota(&self, milli: u64) -> std::io::Result<()> {
+        write(
+            &self.dir.join("cpu.max"),
+            &format!(
+                "{} {CFS_PERIOD_US}",
+                (milli * CFS_PERIOD_US / 1000).max(1000)
+            ),
+        )
+    }
+    fn runtime_pids(&self, _instance_id: &str) -> Vec<i32> {
+        // The runtime joins this cgroup itself: every process but the
+        // shim's is the container's.
+        read_pids(&self.dir.join("cgroup.procs"))
     }
     fn runtime_path(&self, _instance_id: &str) -> String {
         // Absolute inside the unified hierarchy.

@@ -1443,7 +1443,36 @@ impl Runtime {
             ) => Some((id.uid, id.gid)),
             _ => None,
         };
-        let cgroup = self.cgroup_for(spec)?;
+        // A container's CPU quota is set once its process is in its cgroup:
+        // the runtime's own start (a Go program, tens of ms of CPU) under a
+        // small quota would take several CFS periods.
+        let deferred_cpu = match &launch {
+            Launch::Container { .. } => spec.limits.cpu_milli,
+            Launch::Host { .. } => None,
+        };
+        let cgroup = if deferred_cpu.is_some() {
+            let mut unquoted = spec.clone();
+            unquoted.limits.cpu_milli = None;
+            self.cgroup_for(&unquoted)?
+        } else {
+            self.cgroup_for(spec)?
+        };
+        if let (Some(milli), Some(group)) = (deferred_cpu, cgroup.clone()) {
+            let id = spec.instance_id.clone();
+            tokio::spawn(async move {
+                let started = tokio::time::Instant::now();
+                // Until the container's process is there (or 5 s: then the
+                // quota holds from now on anyway).
+                while group.runtime_pids(&id).is_empty()
+                    && started.elapsed() < Duration::from_secs(5)
+                {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                if let Err(err) = group.set_cpu_quota(milli) {
+                    tracing::warn!(instance = %id, error = %err, "cannot set the container's CPU quota");
+                }
+            });
+        }
         let files: Vec<std::ffi::CString> = match &cgroup {
             Some(group) => group
                 .procs_files()
