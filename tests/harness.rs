@@ -54,6 +54,33 @@ pub struct Clients {
     pub usage: pb::usage_service_client::UsageServiceClient<Authed>,
 }
 
+/// A copy of `program` that jobs can run. A root agent runs each tenant's
+/// jobs as an unprivileged id with its own `/tmp` and `/var/tmp`: a target
+/// dir under `/tmp`, or below a 0700 home, is not theirs to see. The copy
+/// goes to `/var/lib/gpupool-e2e/` (0755) then; as another user, the
+/// program itself is returned.
+pub fn job_visible(program: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return program.to_path_buf();
+    }
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Path::new("/var/lib/gpupool-e2e");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let name = program.file_name().unwrap().to_string_lossy().into_owned();
+    let copy = dir.join(format!("{name}-{}", std::process::id()));
+    if !copy.exists() {
+        let tmp = dir.join(format!(".{name}-{}.tmp", std::process::id()));
+        std::fs::copy(program, &tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &copy).unwrap();
+    }
+    copy
+}
+
 /// Directory holding the gpupool binaries.
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("GPUPOOL_BIN_DIR") {

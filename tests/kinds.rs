@@ -8,7 +8,7 @@ use gpupool_e2e::*;
 use gpupool_proto::v1 as pb;
 
 fn standin() -> String {
-    bin("standin").display().to_string()
+    job_visible(&bin("standin")).display().to_string()
 }
 
 /// GET `http://<endpoint><path>`: (status, body), None when nothing answers.

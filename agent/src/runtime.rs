@@ -769,7 +769,12 @@ impl Runtime {
                         let _ = std::fs::remove_file(work);
                     }
                 }
-                Some((work, Some((uid, gid)))) => remove_as(work, *uid, *gid),
+                Some((work, Some(_))) => {
+                    if !remove_in_tenant_dir(work) {
+                        // Not freed: nothing to subtract.
+                        continue;
+                    }
+                }
                 None => {}
             }
             over = over.saturating_sub(bytes);
@@ -2035,39 +2040,70 @@ fn inside(path: &Path, dir: &Path) -> bool {
     normal(path).starts_with(normal(dir))
 }
 
-/// Removes `path` with the rights of `uid`:`gid` (`rm -rf` in a child that
-/// is that user), for trees a tenant owns.
-fn remove_as(path: &Path, uid: u32, gid: u32) {
-    use std::os::unix::process::CommandExt;
-    let mut rm = std::process::Command::new("rm");
-    rm.args(["-rf", "--one-file-system", "--"])
-        .arg(path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin");
-    // SAFETY: geteuid(2) reads our own credentials.
-    if unsafe { libc::geteuid() } == 0 {
-        // std drops the supplementary groups when root sets a uid.
-        rm.uid(uid).gid(gid);
-    }
-    if let Err(err) = rm.status() {
+/// Removes `STATE/tenants/<t>/work/<name>` (a tree the tenant owns and may
+/// fill with links) without following any link: `tenants/<t>` (whose parent
+/// is root's) and then `work` are opened with O_NOFOLLOW, and the entry is
+/// removed below that descriptor by std's `remove_dir_all`, which never
+/// follows a link (a link entry itself is unlinked). Returns whether it is
+/// gone.
+fn remove_in_tenant_dir(path: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (Some(name), Some(work)) = (path.file_name(), path.parent()) else {
+        return false;
+    };
+    let (Some(tenant), Some(_)) = (work.parent(), work.file_name()) else {
+        return false;
+    };
+    let open = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+            .open(p)
+    };
+    let Ok(tenant_fd) = open(tenant) else {
+        return false;
+    };
+    let pinned = |fd: &std::fs::File| {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+    };
+    let Ok(work_fd) = open(&pinned(&tenant_fd).join("work")) else {
+        return false;
+    };
+    let target = pinned(&work_fd).join(name);
+    let removed = match target.symlink_metadata() {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&target),
+        Ok(_) => std::fs::remove_file(&target),
+        Err(e) => Err(e),
+    };
+    if let Err(err) = &removed {
         tracing::warn!(path = %path.display(), error = %err, "cannot remove a tenant's work directory");
     }
+    target.symlink_metadata().is_err()
 }
 
 /// Bytes under `path` (not following symlinks) and the newest change.
 fn tree_size(path: &Path) -> (u64, std::time::SystemTime) {
+    use std::os::unix::fs::MetadataExt;
     let mut bytes = 0;
     let mut newest = std::time::UNIX_EPOCH;
     let mut stack = vec![path.to_path_buf()];
+    // Disk actually used: a sparse file counts its blocks, not its length,
+    // and a file linked under many names counts once.
+    let mut seen = std::collections::HashSet::new();
     while let Some(p) = stack.pop() {
         let Ok(meta) = p.symlink_metadata() else {
             continue;
         };
         newest = newest.max(meta.modified().unwrap_or(std::time::UNIX_EPOCH));
-        bytes += meta.len();
+        if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        bytes += if meta.is_file() {
+            meta.len().min(meta.blocks().saturating_mul(512))
+        } else {
+            meta.len()
+        };
         if meta.is_dir()
             && let Ok(dir) = std::fs::read_dir(&p)
         {
@@ -2148,6 +2184,42 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("instance {id} did not end");
+    }
+
+    /// A tenant's work entries go without following any link the tenant
+    /// planted: not a symlinked `work`, not a link entry, not a link inside.
+    #[test]
+    fn tenant_work_is_removed_without_following_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::create_dir_all(victim.join("keep")).unwrap();
+        let work = dir.path().join("tenants/t/work");
+        std::fs::create_dir_all(work.join("a/b")).unwrap();
+        std::os::unix::fs::symlink(&victim, work.join("a/b/link")).unwrap();
+        std::os::unix::fs::symlink(&victim, work.join("l")).unwrap();
+        assert!(remove_in_tenant_dir(&work.join("a")));
+        assert!(remove_in_tenant_dir(&work.join("l")));
+        assert!(!work.join("a").exists() && work.join("l").symlink_metadata().is_err());
+        assert!(victim.join("keep").exists());
+        // `work` itself a link: nothing is removed through it.
+        std::fs::remove_dir_all(&work).unwrap();
+        std::os::unix::fs::symlink(&victim, &work).unwrap();
+        assert!(!remove_in_tenant_dir(&work.join("keep")));
+        assert!(victim.join("keep").exists());
+    }
+
+    /// A sparse file counts the disk it uses, a hard-linked one once.
+    #[test]
+    fn tree_sizes_count_disk_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(dir.path().join("sparse")).unwrap();
+        f.set_len(1 << 40).unwrap();
+        std::fs::write(dir.path().join("data"), vec![1u8; 100_000]).unwrap();
+        for i in 0..10 {
+            std::fs::hard_link(dir.path().join("data"), dir.path().join(format!("h{i}"))).unwrap();
+        }
+        let (bytes, _) = tree_size(dir.path());
+        assert!((100_000..200_000).contains(&bytes), "{bytes}");
     }
 
     /// Many finished instances and a small budget: the oldest ended ones'
