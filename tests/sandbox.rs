@@ -574,6 +574,34 @@ async fn images_are_pulled_verified_cached_and_pinned() {
         "{log}"
     );
 
+    // An image whose user is not root writes its /work all the same.
+    registry.push_busybox(
+        "t/busybox",
+        "user",
+        BusyboxConfig {
+            user: "1000".into(),
+            ..BusyboxConfig::default()
+        },
+    );
+    let as_user = submit_as(
+        &c.sched,
+        &c.a,
+        pb::JobSpec {
+            image: format!("{}/t/busybox:user", registry.addr),
+            ..training(
+                0,
+                &["sh", "-c", "id -u; touch /work/mine && echo wrote-work"],
+            )
+        },
+    )
+    .await;
+    wait_for(&c, &as_user.job_id, pb::JobState::Succeeded).await;
+    let log = logs_as(&c.sched, &c.a, &as_user.job_id).await;
+    assert!(
+        log.contains("\n1000\n") && log.contains("wrote-work"),
+        "{log}"
+    );
+
     // An unknown tag fails with its cause.
     let missing = submit_as(
         &c.sched,

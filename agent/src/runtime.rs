@@ -265,6 +265,10 @@ struct Record {
     image_digest: String,
     #[serde(default)]
     rootfs: Option<PathBuf>,
+    /// A container's CPU quota, set once its process is in its cgroup
+    /// (again on reattach: a restart may have come before).
+    #[serde(default)]
+    cpu_milli: Option<u64>,
 }
 
 impl Runtime {
@@ -540,6 +544,12 @@ impl Runtime {
                 _ => None,
             };
             let alive = process_start_ticks(record.pid) == Some(record.start_ticks);
+            if let (true, true, Some(group), Some(milli)) =
+                (alive, record.container, &cgroup, record.cpu_milli)
+                && let Err(err) = group.set_cpu_quota(milli)
+            {
+                tracing::warn!(instance = %record.instance_id, error = %err, "cannot set the container's CPU quota");
+            }
             tracing::info!(instance = %record.instance_id, pid = record.pid, alive, "recovered instance");
             self.entries.lock().unwrap().insert(
                 record.instance_id.clone(),
@@ -1127,6 +1137,7 @@ impl Runtime {
                     container: !spec.image.is_empty(),
                     image_digest,
                     rootfs,
+                    cpu_milli: spec.limits.cpu_milli,
                 });
                 self.update(&spec.instance_id, |e| {
                     e.report.pid = pid;
@@ -1303,6 +1314,7 @@ impl Runtime {
         }
         dirs.write(&oci_spec, (identity.range_base, identity.range_base))?;
         Ok(Launch::Container {
+            owner: crate::container::resolve_user(&image.config.user, &image.rootfs).ok(),
             identity,
             workdir,
             logdir,
@@ -1340,6 +1352,7 @@ impl Runtime {
                     dirs,
                     lower,
                     oci,
+                    owner,
                 },
                 Some(shim),
             ) => {
@@ -1349,6 +1362,13 @@ impl Runtime {
                     .arg(format!("{}:{}", identity.range_base, identity.range_base));
                 c.arg("--cwd").arg(workdir);
                 c.arg("--keep").arg(tenant_root);
+                if let Some((uid, gid)) = owner.filter(|o| *o != (0, 0)) {
+                    c.arg("--owner").arg(format!(
+                        "{}:{}",
+                        identity.range_base + uid,
+                        identity.range_base + gid
+                    ));
+                }
                 c.arg("--stage").arg(workdir).arg(&dirs.mnt_work);
                 if let Some(dir) = logdir {
                     c.arg("--stage").arg(dir).arg(&dirs.mnt_logs);
@@ -1892,6 +1912,8 @@ enum Launch {
         logdir: Option<PathBuf>,
         tenant_root: PathBuf,
         dirs: crate::container::BundleDirs,
+        /// The image's user (container ids), to own /work and /logs.
+        owner: Option<(u32, u32)>,
         lower: PathBuf,
         oci: OciRuntime,
     },

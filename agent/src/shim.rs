@@ -111,6 +111,9 @@ struct Args<'a> {
     /// Containers: (directory inside the `--keep` root, mount point) pairs
     /// bound before the runtime starts.
     stage: Vec<(&'a str, &'a str)>,
+    /// Containers: the staged directories are given to this (host) uid and
+    /// gid, the image's user when it is not root.
+    owner: Option<(u32, u32)>,
     container: Option<Container<'a>>,
     command: &'a [String],
 }
@@ -156,6 +159,11 @@ fn parse(args: &[String]) -> Option<Args<'_>> {
             Some("--stage") => {
                 a.stage.push((value(1)?, value(2)?));
                 rest = &rest[3..];
+            }
+            Some("--owner") => {
+                let (uid, gid) = value(1)?.split_once(':')?;
+                a.owner = Some((uid.parse().ok()?, gid.parse().ok()?));
+                rest = &rest[2..];
             }
             Some("--container") if rest.len() == 6 => {
                 let mut layers = value(5)?.split(':');
@@ -558,6 +566,7 @@ fn init(args: &Args) -> Exit {
         hide: Vec::new(),
         keep: Vec::new(),
         stage: Vec::new(),
+        owner: None,
         container: None,
         ..*args
     };
@@ -665,6 +674,21 @@ fn run_container(c: &Container, args: &Args) -> Exit {
                     .map_err(|e| std::io::Error::other(e.to_string()))?,
                 src,
             )?;
+            if let Some((uid, gid)) = args.owner {
+                // Through the descriptor: never a path the tenant could
+                // have pointed elsewhere.
+                // SAFETY: fchownat(2) on our descriptor with an empty path.
+                let rc = unsafe { libc::fchownat(fd, c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH) };
+                if rc != 0 {
+                    let err = std::io::Error::last_os_error();
+                    // SAFETY: closing a descriptor we opened.
+                    unsafe { libc::close(fd) };
+                    return Err(std::io::Error::new(
+                        err.kind(),
+                        format!("chown {src}: {err}"),
+                    ));
+                }
+            }
             let bound = mount(
                 &format!("/proc/self/fd/{fd}"),
                 dst,
