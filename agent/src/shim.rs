@@ -423,9 +423,10 @@ fn sandbox_mounts(args: &Args) -> std::io::Result<()> {
     }
     let hidden = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount("proc", "/proc", "proc", hidden, "")?;
-    // Private scratch: /tmp, /var/tmp and POSIX shared memory (/dev/shm,
-    // which the IPC namespace does not cover) are the instance's own.
-    for dir in ["/tmp", "/var/tmp", "/dev/shm"] {
+    // Private scratch: /tmp, /var/tmp, /run/lock and POSIX shared memory
+    // (/dev/shm, which the IPC namespace does not cover) are the
+    // instance's own.
+    for dir in ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"] {
         if Path::new(dir).is_dir() {
             mount(
                 "tmpfs",
