@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use crate::devfilter::DeviceRule;
 use crate::identity::Identity;
 use crate::image::ImageConfig;
 
@@ -49,8 +48,6 @@ pub struct BundleSpec<'a> {
     /// `cgroupsPath`: relative (v1: below the runtime's own cgroup, the
     /// instance's) or absolute (v2).
     pub cgroups_path: &'a str,
-    /// Devices the container may open (the defaults are always allowed).
-    pub device_rules: &'a [DeviceRule],
 }
 
 /// Errors writing a bundle.
@@ -373,10 +370,8 @@ pub fn runtime_spec(
         namespaces.push(json!({"type": "network"}));
     }
     let mut devices = vec![json!({"allow": false, "access": "rwm"})];
-    for rule in crate::cgroup::device_rules(&[])
-        .iter()
-        .chain(b.device_rules)
-    {
+    // The defaults; GPUs come with their device nodes (crate::cdi).
+    for rule in crate::cgroup::device_rules(&[]) {
         devices.push(match rule.minor {
             Some(m) => json!({"allow": true, "type": "c", "major": rule.major, "minor": m, "access": "rwm"}),
             None => json!({"allow": true, "type": "c", "major": rule.major, "access": "rwm"}),
@@ -524,7 +519,6 @@ mod tests {
             host_network: false,
             mps_pipe_dir: None,
             cgroups_path: "gpupool",
-            device_rules: &[],
         };
         let spec = runtime_spec(&b, Path::new("/nonexistent")).unwrap();
         let v = serde_json::to_value(&spec).unwrap();

@@ -285,6 +285,9 @@ impl Runtime {
             ("instances", 0o700),
             ("work", 0o711),
             ("tenants", 0o711),
+            // Passable: the runtime resolves a bundle's root and mount
+            // points inside the container's user namespace.
+            ("bundles", 0o711),
         ] {
             let dir = state_dir.join(sub);
             std::fs::create_dir_all(&dir)?;
@@ -691,12 +694,11 @@ impl Runtime {
         // each tenant's (`tenants/<t>/work/<id>`), which the tenant owns and
         // may fill with anything, links included: those are separate items
         // (a name there never takes another tenant's log along), and are
-        // removed with the tenant's own rights (a link to elsewhere then
-        // reaches nothing the tenant could not remove itself).
-        let mut paths: HashMap<String, (PathBuf, Option<(u32, u32)>)> = HashMap::new();
-        let mut work_dirs = vec![(String::new(), self.state_dir.join("work"), None)];
+        // removed without following any link (`remove_in_tenant_dir`).
+        // (path, a tenant's)
+        let mut paths: HashMap<String, (PathBuf, bool)> = HashMap::new();
+        let mut work_dirs = vec![(String::new(), self.state_dir.join("work"), false)];
         if let Ok(tenants) = std::fs::read_dir(self.state_dir.join("tenants")) {
-            use std::os::unix::fs::MetadataExt;
             for t in tenants.flatten() {
                 let work = t.path().join("work");
                 let (Ok(tm), Ok(wm)) = (t.path().symlink_metadata(), work.symlink_metadata())
@@ -707,10 +709,10 @@ impl Runtime {
                     continue;
                 }
                 let name = t.file_name().to_string_lossy().into_owned();
-                work_dirs.push((format!("{name}/"), work, Some((tm.uid(), tm.gid()))));
+                work_dirs.push((format!("{name}/"), work, true));
             }
         }
-        for (prefix, work, owner) in &work_dirs {
+        for (prefix, work, tenant) in &work_dirs {
             let Ok(dir) = std::fs::read_dir(work) else {
                 continue;
             };
@@ -719,7 +721,7 @@ impl Runtime {
                 let key = format!("{prefix}{id}");
                 let (bytes, at) = tree_size(&entry.path());
                 note(&key, bytes, at);
-                paths.insert(key, (entry.path(), *owner));
+                paths.insert(key, (entry.path(), *tenant));
             }
         }
         let total: u64 = files.values().map(|(b, _)| b).sum();
@@ -772,20 +774,16 @@ impl Runtime {
                 }
             }
             match paths.get(&key) {
-                Some((work, None)) => {
+                Some((work, false)) => {
                     if work.symlink_metadata().is_ok_and(|m| m.is_dir()) {
                         let _ = std::fs::remove_dir_all(work);
                     } else {
                         let _ = std::fs::remove_file(work);
                     }
                 }
-                Some((work, Some(_))) => {
-                    if !remove_in_tenant_dir(work) {
-                        // Not freed: nothing to subtract.
-                        continue;
-                    }
-                }
-                None => {}
+                // Not freed: nothing to subtract.
+                Some((work, true)) if !remove_in_tenant_dir(work) => continue,
+                Some((_, true)) | None => {}
             }
             over = over.saturating_sub(bytes);
             cleaned.push(id);
@@ -1268,8 +1266,6 @@ impl Runtime {
                 .runtime_path(&spec.instance_id),
             None => crate::cgroup::runtime_child(&spec.instance_id),
         };
-        // Filled in by spawn, which makes the cgroup.
-        let minors = spec.limits.gpu_minors.clone().unwrap_or_default();
         let dirs = crate::container::BundleDirs::new(&self.bundles_dir(), &spec.instance_id);
         let bundle = crate::container::BundleSpec {
             instance_id: &spec.instance_id,
@@ -1286,7 +1282,6 @@ impl Runtime {
                 .map(|m| m.pipe_dir.as_path())
                 .filter(|d| d.is_dir()),
             cgroups_path: &cgroups_path,
-            device_rules: &[],
         };
         let mut oci_spec = crate::container::runtime_spec(&bundle, &image.rootfs)?;
         let gpus: Vec<crate::cdi::Gpu> = spec
@@ -1306,15 +1301,14 @@ impl Runtime {
                     .map_err(|e| anyhow::anyhow!("cannot give the container its GPUs: {e}"))?;
             tracing::info!(instance = %spec.instance_id, devices = ?injected.devices, "GPUs injected");
         }
-        let _ = minors;
-        std::fs::create_dir_all(self.bundles_dir())?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(self.bundles_dir(), std::fs::Permissions::from_mode(0o711))?;
-        }
         dirs.write(&oci_spec, (identity.range_base, identity.range_base))?;
+        // The image's user, as the spec resolved it.
+        let owner = oci_spec
+            .process()
+            .as_ref()
+            .map(|p| (p.user().uid(), p.user().gid()));
         Ok(Launch::Container {
-            owner: crate::container::resolve_user(&image.config.user, &image.rootfs).ok(),
+            owner,
             identity,
             workdir,
             logdir,

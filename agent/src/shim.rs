@@ -668,13 +668,9 @@ fn run_container(c: &Container, args: &Args) -> Exit {
         let root = args
             .keep
             .first()
-            .ok_or_else(|| std::io::Error::other("--stage needs --keep"));
+            .ok_or_else(|| std::io::Error::other("--stage needs --keep"))?;
         for (src, dst) in &args.stage {
-            let fd = open_beneath(
-                root.as_ref()
-                    .map_err(|e| std::io::Error::other(e.to_string()))?,
-                src,
-            )?;
+            let fd = open_beneath(root, src)?;
             if let Some((uid, gid)) = args.owner {
                 // Through the descriptor: never a path the tenant could
                 // have pointed elsewhere.
@@ -707,15 +703,13 @@ fn run_container(c: &Container, args: &Args) -> Exit {
         eprintln!("shim: cannot mount the container's directories: {err}");
         return Exit::Code(127);
     }
-    let mounted = Ok::<(), std::io::Error>(()).and_then(|()| {
-        mount(
-            "overlay",
-            target,
-            "overlay",
-            libc::MS_NODEV,
-            &format!("lowerdir={lower},upperdir={upper},workdir={work}"),
-        )
-    });
+    let mounted = mount(
+        "overlay",
+        target,
+        "overlay",
+        libc::MS_NODEV,
+        &format!("lowerdir={lower},upperdir={upper},workdir={work}"),
+    );
     if let Err(err) = mounted {
         eprintln!("shim: cannot mount the container's root file system: {err}");
         return Exit::Code(127);
