@@ -88,10 +88,76 @@ async fn submit_as(s: &Scheduler, token: &str, spec: pb::JobSpec) -> pb::Job {
 fn host_pid_of(marker: &str) -> Option<i32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        (text.contains(marker) && !text.contains("shim")).then_some(pid)
+        holds(pid, marker).then_some(pid)
     })
+}
+
+fn holds(pid: i32, marker: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        text.contains(marker) && !text.contains("shim")
+    })
+}
+
+/// Host pid of the process of `instance` (of the agent whose state dir is
+/// `state`) whose command line holds `marker`. The tests of this file run
+/// side by side, each with its own cluster whose job ids start alike: a
+/// search of all of /proc could find another test's process.
+fn instance_pid_of(state: &std::path::Path, instance: &str, marker: &str) -> Option<i32> {
+    let cg = instance_cgroup(state, "pids", instance)?;
+    let mut stack = vec![cg];
+    while let Some(dir) = stack.pop() {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if let Some(pid) = procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .find(|&pid| holds(pid, marker))
+        {
+            return Some(pid);
+        }
+        stack.extend(
+            std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    None
+}
+
+/// The cgroup directory of `instance` for `controller` (v1; on v2 the
+/// unified one), read from `/proc/<pid>/cgroup` of the process the agent
+/// recorded for it (its shim).
+fn instance_cgroup(
+    state: &std::path::Path,
+    controller: &str,
+    instance: &str,
+) -> Option<std::path::PathBuf> {
+    let record = std::fs::read_to_string(state.join(format!("instances/{instance}.json"))).ok()?;
+    let record: serde_json::Value = serde_json::from_str(&record).ok()?;
+    let pid = record["pid"].as_u64()?;
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let v2 = !root.join(controller).exists();
+    let dir = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let path = path.trim_start_matches('/');
+            if controllers.split(',').any(|c| c == controller) {
+                Some(root.join(controllers).join(path))
+            } else if v2 && controllers.is_empty() {
+                Some(root.join(path))
+            } else {
+                None
+            }
+        })?;
+    dir.to_str()?
+        .ends_with(&format!("_{instance}"))
+        .then_some(dir)
 }
 
 /// The attacks of tenant B, as one shell script that prints `BLOCKED <step>`
@@ -220,8 +286,9 @@ async fn run_matrix(c: &Cluster, image: Option<&str>) {
             .then_some(())
     })
     .await;
-    let a_pid = host_pid_of("marker-of-tenant-a").expect("the victim's host pid");
     let a_instance = format!("{}-0", a_job.job_id);
+    let a_pid = instance_pid_of(&c.state, &a_instance, "marker-of-tenant-a")
+        .expect("the victim's host pid");
     let a_dir = c.state.join("tenants/tenant-a/proj-a");
     assert!(
         a_dir.join("secret.txt").exists(),
@@ -677,11 +744,15 @@ async fn containers_keep_limits_stops_and_restarts() {
     let j = submit_as(&c.sched, &c.a, busy).await;
     let running = wait_for(&c, &j.job_id, pb::JobState::Running).await;
     let inst = running.instances[0].instance_id.clone();
+    eventually(Duration::from_secs(20), "the busy loops", || async {
+        instance_pid_of(&c.state, &inst, "while :").map(|_| ())
+    })
+    .await;
     let usage = eventually(
         Duration::from_secs(20),
         "the container's CPU use",
         || async {
-            let cg = find_cgroup("cpuacct", &inst)?;
+            let cg = instance_cgroup(&c.state, "cpuacct", &inst)?;
             let read = |f: &str| {
                 std::fs::read_to_string(cg.join(f))
                     .ok()?
@@ -708,7 +779,7 @@ async fn containers_keep_limits_stops_and_restarts() {
     .await;
     eprintln!(
         "cgroup usage {usage:.3} cores; {:?}",
-        find_cgroup("cpuacct", &inst)
+        instance_cgroup(&c.state, "cpuacct", &inst)
     );
     assert!(
         (0.3..=0.7).contains(&usage),
@@ -788,33 +859,6 @@ async fn containers_keep_limits_stops_and_restarts() {
             .await
             .contains("finished")
     );
-}
-
-/// The v1 cgroup directory (or v2) of an instance, found by name.
-fn find_cgroup(controller: &str, instance: &str) -> Option<std::path::PathBuf> {
-    let roots = [
-        format!("/sys/fs/cgroup/{controller}"),
-        "/sys/fs/cgroup".to_string(),
-    ];
-    for root in roots {
-        let mut stack = vec![std::path::PathBuf::from(root)];
-        while let Some(d) = stack.pop() {
-            let Ok(rd) = std::fs::read_dir(&d) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    // `<node>-<hash>_<instance>`: this test's node.
-                    if name.starts_with("n1-") && name.ends_with(&format!("_{instance}")) {
-                        return Some(e.path());
-                    }
-                    stack.push(e.path());
-                }
-            }
-        }
-    }
-    None
 }
 
 /// Every blob file of a registry's storage, with its bytes.
