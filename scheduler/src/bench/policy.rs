@@ -108,6 +108,8 @@ impl Production {
                     schedulable: true,
                     cpu_free_milli: n.cpu,
                     memory_free_mib: n.mem,
+                    cpu_total_milli: n.cpu,
+                    memory_total_mib: n.mem,
                     gpus: (0..n.free.len() as u32)
                         .map(|g| GpuSlot {
                             index: g,

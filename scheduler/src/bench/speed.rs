@@ -48,6 +48,8 @@ fn cluster(n: usize, rng: &mut Rng) -> Vec<NodeCapacity> {
                 schedulable: true,
                 cpu_free_milli: 64_000 - busy as i64 * 4_000,
                 memory_free_mib: 512 * 1024 - busy as i64 * 32 * 1024,
+                cpu_total_milli: 64_000,
+                memory_total_mib: 512 * 1024,
                 gpus: (0..8u32)
                     .map(|g| GpuSlot {
                         index: g,

@@ -13,6 +13,7 @@ mod staged;
 use crate::domain::job::{HealthCheck, KindTable, PendingRank};
 use crate::domain::placement::{self, GpuSlot, NodeCapacity};
 use crate::domain::pool::{Pool, PoolError};
+use crate::domain::scheduling;
 use crate::domain::tenant::{Caller, Tenant, TenantError};
 use crate::domain::{
     AgentIdentity, Instance, InstanceState, Inventory, Job, JobKind, JobState, Node, NodeStatus,
@@ -1377,32 +1378,19 @@ impl Cluster {
         job.clone()
     }
 
-    /// Places queued jobs, highest priority first, then oldest.
-    ///
-    /// Backfill: the first job of a pool that does not fit becomes that
-    /// pool's *head*. A later job of the pool may still start, but only on
-    /// nodes the head could never use (even idle: another GPU model, too few
-    /// GPUs, CPU or memory in total), so it cannot delay the head: with no
-    /// run-time estimates, anything started on a node the head can use might
-    /// hold what the head is waiting for. A head that cannot fit even on the
-    /// idle pool (it waits for nodes to be added) reserves nothing.
+    /// One scheduling pass: [`scheduling::plan`] decides (queue order,
+    /// backfill, spreading: see its module docs); this names the instances
+    /// it places, sends their start commands and records why the others
+    /// wait.
     pub fn schedule(&mut self, now_ms: i64, out: &mut Outbox) {
-        let mut queued: Vec<(i32, u64, String)> = self
+        let queue: Vec<scheduling::Request> = self
             .jobs
             .values()
-            .filter(|j| {
-                if j.spec.kind.has_replicas() {
-                    j.stop_cause.is_none() && j.pending.iter().any(|p| p.not_before_ms <= now_ms)
-                } else {
-                    j.state == JobState::Queued && j.not_before_ms <= now_ms
-                }
-            })
-            .map(|j| (j.spec.priority, j.seq, j.job_id.clone()))
+            .filter_map(scheduling::Request::of)
             .collect();
-        if queued.is_empty() {
+        if queue.is_empty() {
             return;
         }
-        queued.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         let mut placer = match self.placer.take() {
             Some(p) => p,
             None => placement::Placer::new(
@@ -1411,266 +1399,108 @@ impl Cluster {
                 PLACEMENT_SEED,
             ),
         };
-        // pool -> (head job, nodes reserved for it by position)
-        let mut heads: HashMap<String, (String, Vec<bool>)> = HashMap::new();
-        // Requests that failed earlier in this pass fail again without
-        // asking the placer (capacity only shrinks within a pass): a long
-        // queue of alike jobs costs one attempt per shape, not per job.
-        type Shape = (String, Resources, u32, Option<String>);
-        let mut failed: HashMap<Shape, String> = HashMap::new();
-        for (_, _, job_id) in queued {
-            let job = self.jobs.get(&job_id).expect("queued job exists");
-            let (pool_id, res) = (job.pool_id.clone(), job.spec.resources.clone());
-            let avoid = heads.get(&pool_id).map_or(&[][..], |h| &h.1[..]);
-            let shape: Shape = (
-                pool_id.clone(),
-                res.clone(),
-                if job.spec.kind.has_replicas() {
-                    0
-                } else {
-                    job.spec.instances
-                },
-                heads.get(&pool_id).map(|h| h.0.clone()),
-            );
-            let (placed, failure) = if let Some(reason) = failed.get(&shape) {
-                (Vec::new(), Some(reason.clone()))
-            } else if job.spec.kind.has_replicas() {
-                self.place_replicas(job, &mut placer, avoid, now_ms)
-            } else {
-                let ranks: Vec<u32> = (0..job.spec.instances).collect();
-                match placer.place_avoiding(&pool_id, &res, job.spec.instances, false, avoid) {
-                    Ok(a) => (ranks.into_iter().zip(a).collect(), None),
-                    Err(reason) => (Vec::new(), Some(reason)),
-                }
+        let decisions = scheduling::plan(&queue, &mut placer, now_ms);
+        drop(queue);
+        self.placer = Some(placer);
+        let mut decisions = decisions.into_iter().peekable();
+        while let Some(first) = decisions.next() {
+            let job_id = match &first {
+                scheduling::Decision::Place { job_id, .. }
+                | scheduling::Decision::Wait { job_id, .. } => job_id.clone(),
             };
-            if let Some(reason) = &failure {
-                failed.entry(shape).or_insert_with(|| reason.clone());
-            }
-            if let Some(reason) = failure {
-                let wanted = job.pending.len().max(1) as u32;
-                let instances = if job.spec.kind.has_replicas() {
-                    wanted
-                } else {
-                    job.spec.instances
-                };
-                let reason = match heads.get(&pool_id) {
-                    Some((head, _)) => format!(
-                        "{reason} (behind {head}, which keeps the nodes it can use; others may be backfilled)"
-                    ),
-                    None => {
-                        if let Some(reserved) = self.reserved_for(&pool_id, &res, instances) {
-                            heads.insert(pool_id.clone(), (job_id.clone(), reserved));
-                        }
-                        reason
-                    }
-                };
-                let job = self.jobs.get_mut(&job_id).expect("queued job exists");
-                if job.reason != reason && placed.is_empty() {
-                    job.reason = reason;
-                    self.persist_job(&job_id, now_ms);
+            let mut placed = Vec::new();
+            let mut wait = None;
+            let mut next = Some(first);
+            while let Some(d) = next {
+                match d {
+                    scheduling::Decision::Place {
+                        rank, assignment, ..
+                    } => placed.push((rank, assignment)),
+                    scheduling::Decision::Wait { why, .. } => wait = Some(why),
                 }
+                next = decisions.next_if(|d| match d {
+                    scheduling::Decision::Place { job_id: j, .. }
+                    | scheduling::Decision::Wait { job_id: j, .. } => *j == job_id,
+                });
             }
             if placed.is_empty() {
-                continue;
+                if let Some(why) = wait {
+                    self.set_wait_reason(&job_id, why.to_string(), now_ms);
+                }
+            } else {
+                self.start_placed(&job_id, placed, now_ms, out);
             }
-            let job = self.jobs.get_mut(&job_id).expect("queued job exists");
-            let attempt = job.retries;
-            let mut new_ids = Vec::new();
-            for (rank, a) in placed {
-                let replacement = job
-                    .instances
-                    .iter()
-                    .any(|i| i.rank == rank && i.attempt == attempt);
-                let suffix = match (attempt, replacement) {
-                    (_, true) => {
-                        job.restarts += 1;
-                        format!("-n{}", job.restarts)
-                    }
-                    (0, false) => String::new(),
-                    (k, false) => format!("-r{k}"),
-                };
-                let mut inst =
-                    Instance::scheduled(format!("{}-{rank}{suffix}", job.job_id), rank, attempt);
-                inst.node_id = a.node_id;
-                inst.gpu_indexes = a.gpu_indexes;
-                inst.gpu_uuids = a.gpu_uuids;
-                inst.address = self
-                    .nodes
-                    .get(&inst.node_id)
-                    .map(|n| n.address().to_string())
-                    .unwrap_or_default();
-                job.pending.retain(|p| p.rank != rank);
-                new_ids.push(inst.instance_id.clone());
-                // Earlier runs' instances stay (billing, history).
-                job.instances.push(inst);
-            }
-            job.refresh_state(now_ms);
-            for inst in job
-                .instances
-                .iter()
-                .filter(|i| new_ids.contains(&i.instance_id))
-            {
-                self.instance_job
-                    .insert(inst.instance_id.clone(), job.job_id.clone());
-                out.push((
-                    inst.node_id.clone(),
-                    AgentCommand::Start(Box::new(start_spec(job, inst, &self.pools, &self.nodes))),
-                ));
-            }
-            for inst in job
-                .instances
-                .iter()
-                .filter(|i| new_ids.contains(&i.instance_id))
-            {
-                self.jobs_on_node
-                    .entry(inst.node_id.clone())
-                    .or_default()
-                    .insert(job_id.clone());
-            }
-            tracing::info!(job = %job_id, attempt, instances = new_ids.len(), "job placed");
-            self.persist_job(&job_id, now_ms);
         }
-        self.placer = Some(placer);
     }
 
-    /// Places a replica job's due pending ranks one by one; online service
-    /// replicas keep off the nodes of their siblings when they can. Returns
-    /// what was placed and, if a rank could not be, why.
-    fn place_replicas(
-        &self,
-        job: &Job,
-        placer: &mut placement::Placer,
-        avoid: &[bool],
+    fn set_wait_reason(&mut self, job_id: &str, reason: String, now_ms: i64) {
+        let job = self.jobs.get_mut(job_id).expect("planned job exists");
+        if job.reason != reason {
+            job.reason = reason;
+            self.persist_job(job_id, now_ms);
+        }
+    }
+
+    /// Names the instances the plan placed for `job_id` (a retry's and a
+    /// replacement's ids say so), sends their start commands and records
+    /// them.
+    fn start_placed(
+        &mut self,
+        job_id: &str,
+        placed: Vec<(u32, placement::Assignment)>,
         now_ms: i64,
-    ) -> (Vec<(u32, placement::Assignment)>, Option<String>) {
-        let res = &job.spec.resources;
-        let mut taken: Vec<String> = job.active_instances().map(|i| i.node_id.clone()).collect();
-        let due: Vec<u32> = job
-            .pending
-            .iter()
-            .filter(|p| p.not_before_ms <= now_ms)
-            .map(|p| p.rank)
-            .collect();
-        if job.spec.kind == JobKind::OnlineService && taken.is_empty() && due.len() > 1 {
-            // A fresh service: all its replicas at once, spread over nodes,
-            // then zones.
-            let n = due.len() as u32;
-            if let Ok(a) = placer.place_avoiding(&job.pool_id, res, n, true, avoid) {
-                return (due.into_iter().zip(a).collect(), None);
-            }
-        }
-        let mut placed = Vec::new();
-        for p in job.pending.iter().filter(|p| p.not_before_ms <= now_ms) {
-            let spread_mask =
-                (job.spec.kind == JobKind::OnlineService && !taken.is_empty()).then(|| {
-                    self.nodes
-                        .keys()
-                        .enumerate()
-                        .map(|(pos, id)| {
-                            avoid.get(pos).copied().unwrap_or(false) || taken.contains(id)
-                        })
-                        .collect::<Vec<bool>>()
-                });
-            // A fixed port can be held once per node: then spreading is
-            // a rule, not a preference.
-            let fixed_port = job.spec.port != 0;
-            let zone_mask = spread_mask
-                .as_ref()
-                .and_then(|mask| self.fewest_siblings_zones(&job.pool_id, &taken, mask));
-            let spread_first = |placer: &mut placement::Placer, mask: &[bool]| match &zone_mask {
-                Some(zm) => placer
-                    .place_avoiding(&job.pool_id, res, 1, false, zm)
-                    .or_else(|_| placer.place_avoiding(&job.pool_id, res, 1, false, mask)),
-                None => placer.place_avoiding(&job.pool_id, res, 1, false, mask),
-            };
-            let attempt = match spread_mask {
-                Some(mask) if fixed_port => spread_first(placer, &mask).map_err(|e| {
-                    format!("{e} (port {} is taken on the other nodes)", job.spec.port)
-                }),
-                Some(mask) => spread_first(placer, &mask)
-                    .or_else(|_| placer.place_avoiding(&job.pool_id, res, 1, false, avoid)),
-                None => placer.place_avoiding(&job.pool_id, res, 1, false, avoid),
-            };
-            match attempt {
-                Ok(mut a) => {
-                    let a = a.pop().expect("one instance placed");
-                    taken.push(a.node_id.clone());
-                    placed.push((p.rank, a));
+        out: &mut Outbox,
+    ) {
+        let job = self.jobs.get_mut(job_id).expect("planned job exists");
+        let attempt = job.retries;
+        let mut new_ids = Vec::new();
+        for (rank, a) in placed {
+            let replacement = job
+                .instances
+                .iter()
+                .any(|i| i.rank == rank && i.attempt == attempt);
+            let suffix = match (attempt, replacement) {
+                (_, true) => {
+                    job.restarts += 1;
+                    format!("-n{}", job.restarts)
                 }
-                Err(reason) => return (placed, Some(reason)),
-            }
+                (0, false) => String::new(),
+                (k, false) => format!("-r{k}"),
+            };
+            let mut inst =
+                Instance::scheduled(format!("{}-{rank}{suffix}", job.job_id), rank, attempt);
+            inst.node_id = a.node_id;
+            inst.gpu_indexes = a.gpu_indexes;
+            inst.gpu_uuids = a.gpu_uuids;
+            inst.address = self
+                .nodes
+                .get(&inst.node_id)
+                .map(|n| n.address().to_string())
+                .unwrap_or_default();
+            job.pending.retain(|p| p.rank != rank);
+            new_ids.push(inst.instance_id.clone());
+            // Earlier runs' instances stay (billing, history).
+            job.instances.push(inst);
         }
-        (placed, None)
-    }
-
-    /// `mask` (nodes to avoid, by position) extended with every node
-    /// outside the zones of `pool` holding the fewest of `siblings`' nodes;
-    /// None when all its zones hold as many (no zone to prefer).
-    fn fewest_siblings_zones(
-        &self,
-        pool: &str,
-        siblings: &[String],
-        mask: &[bool],
-    ) -> Option<Vec<bool>> {
-        let zone = |id: &str| self.nodes.get(id).map_or("", |n| n.inventory.az.as_str());
-        let mut per_zone: HashMap<&str, usize> = HashMap::new();
-        for n in self.nodes.values().filter(|n| n.pool == pool) {
-            per_zone.entry(n.inventory.az.as_str()).or_insert(0);
-        }
-        for id in siblings {
-            *per_zone.entry(zone(id)).or_insert(0) += 1;
-        }
-        let fewest = *per_zone.values().min()?;
-        let zones: Vec<&str> = per_zone
+        job.refresh_state(now_ms);
+        for inst in job
+            .instances
             .iter()
-            .filter(|(_, c)| **c == fewest)
-            .map(|(z, _)| *z)
-            .collect();
-        (zones.len() < per_zone.len()).then(|| {
-            self.nodes
-                .values()
-                .zip(mask)
-                .map(|(n, m)| *m || !zones.contains(&n.inventory.az.as_str()))
-                .collect()
-        })
-    }
-
-    /// The nodes (by position in [`Cluster::capacity`]) a job of `pool`
-    /// asking `instances` x `res` could use if they were idle; None when
-    /// even the idle pool cannot host it all (nothing worth reserving).
-    fn reserved_for(&self, pool: &str, res: &Resources, instances: u32) -> Option<Vec<bool>> {
-        let mut room = 0u64;
-        let reserved: Vec<bool> = self
-            .nodes
-            .values()
-            .map(|n| {
-                if n.pool != pool || n.status != NodeStatus::Ready || n.cordoned || n.revoked {
-                    return false;
-                }
-                let gpus = n
-                    .inventory
-                    .gpus
-                    .iter()
-                    .filter(|g| {
-                        g.healthy
-                            && (res.gpu_models.is_empty() || res.gpu_models.contains(&g.model))
-                    })
-                    .count() as u64;
-                let by = |have: u64, need: u64| have.checked_div(need).unwrap_or(u64::MAX);
-                let fit = by(u64::from(n.inventory.cpu_cores) * 1000, res.cpu_milli)
-                    .min(by(n.inventory.memory_mib, res.memory_mib))
-                    .min(if res.gpus > 0 {
-                        gpus / u64::from(res.gpus)
-                    } else if res.gpu_milli > 0 {
-                        gpus * 1000 / u64::from(res.gpu_milli)
-                    } else {
-                        u64::MAX
-                    });
-                room = room.saturating_add(fit.min(u64::from(instances)));
-                fit > 0
-            })
-            .collect();
-        (room >= u64::from(instances)).then_some(reserved)
+            .filter(|i| new_ids.contains(&i.instance_id))
+        {
+            self.instance_job
+                .insert(inst.instance_id.clone(), job.job_id.clone());
+            out.push((
+                inst.node_id.clone(),
+                AgentCommand::Start(Box::new(start_spec(job, inst, &self.pools, &self.nodes))),
+            ));
+            self.jobs_on_node
+                .entry(inst.node_id.clone())
+                .or_default()
+                .insert(job_id.to_string());
+        }
+        tracing::info!(job = %job_id, attempt, instances = new_ids.len(), "job placed");
+        self.persist_job(job_id, now_ms);
     }
 
     fn capacity(&self) -> Vec<NodeCapacity> {
@@ -1685,6 +1515,8 @@ impl Cluster {
                     schedulable: n.status == NodeStatus::Ready && !n.cordoned && !n.revoked,
                     cpu_free_milli: i64::from(n.inventory.cpu_cores) * 1000 - u.cpu_milli,
                     memory_free_mib: n.inventory.memory_mib as i64 - u.memory_mib,
+                    cpu_total_milli: i64::from(n.inventory.cpu_cores) * 1000,
+                    memory_total_mib: n.inventory.memory_mib as i64,
                     gpus: n
                         .inventory
                         .gpus

@@ -1,5 +1,5 @@
 //! The scheduler's pure core: nodes, jobs, their validation and lifecycle,
-//! and placement. Plain data in, decisions out: nothing here imports tonic,
+//! placement and the scheduling planner. Plain data in, decisions out: nothing here imports tonic,
 //! the store, a clock or tokio. Time is passed in as `now_ms` (milliseconds
 //! since the Unix epoch).
 
@@ -9,7 +9,10 @@ pub mod job;
 pub mod node;
 pub mod placement;
 pub mod pool;
+pub mod scheduling;
 pub mod tenant;
+#[cfg(test)]
+pub(crate) mod testkit;
 
 pub use job::{
     Instance, InstanceState, Job, JobKind, JobSpec, JobState, Resources, SpecError, StopCause,

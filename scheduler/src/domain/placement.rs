@@ -75,6 +75,10 @@ pub struct NodeCapacity {
     pub schedulable: bool,
     pub cpu_free_milli: i64,
     pub memory_free_mib: i64,
+    /// What the node has in all: a job waiting for it could use that once
+    /// everything on it ended (backfill reserves by it).
+    pub cpu_total_milli: i64,
+    pub memory_total_mib: i64,
     pub gpus: Vec<GpuSlot>,
     /// Availability zone (services spread across them).
     pub az: String,
@@ -87,6 +91,173 @@ pub struct Assignment {
     pub gpu_indexes: Vec<u32>,
     pub gpu_uuids: Vec<String>,
 }
+
+/// Why a request does not fit now. Its `Display` is the reason a waiting
+/// job shows; the variants name what is short.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoFit {
+    /// The pool has no nodes at all.
+    NoNodes { pool: String, want: Demand },
+    /// None of the pool's nodes is Ready (and uncordoned).
+    NoReadyNode { pool: String, want: Demand },
+    /// No node of the pool has that many GPUs (of the models asked), even
+    /// idle.
+    TooFewGpus {
+        pool: String,
+        gpus: u32,
+        models: Vec<String>,
+        largest: usize,
+        want: Demand,
+    },
+    /// Each instance fits somewhere, but not all of them at once.
+    NotTogether {
+        pool: String,
+        room: u64,
+        want: Demand,
+    },
+    /// The best Ready node of the pool lacks these.
+    Short {
+        pool: String,
+        node: String,
+        short: Vec<Shortfall>,
+        want: Demand,
+    },
+}
+
+/// What a request asks for: `instances` x `resources`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Demand {
+    pub instances: u32,
+    pub resources: Resources,
+}
+
+/// One resource a node is short of, with the numbers. `models` is the
+/// request's model list (empty: any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shortfall {
+    Gpus {
+        free: usize,
+        needed: u32,
+        models: Vec<String>,
+    },
+    GpuShare {
+        most_free_milli: u32,
+        needed_milli: u32,
+        models: Vec<String>,
+    },
+    Cpu {
+        free_milli: u64,
+        needed_milli: u64,
+    },
+    Memory {
+        free_mib: u64,
+        needed_mib: u64,
+    },
+}
+
+impl std::fmt::Display for Demand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} instance(s) of {}",
+            self.instances,
+            self.resources.describe()
+        )
+    }
+}
+
+/// " H100|A100", or nothing for any model.
+fn models_suffix(models: &[String]) -> String {
+    if models.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", models.join("|"))
+    }
+}
+
+impl std::fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Shortfall::Gpus {
+                free,
+                needed,
+                models,
+            } => write!(
+                f,
+                "GPUs: {free} free{} GPU(s), {needed} needed",
+                models_suffix(models)
+            ),
+            Shortfall::GpuShare {
+                most_free_milli,
+                needed_milli,
+                models,
+            } => write!(
+                f,
+                "GPU share: at most {most_free_milli}m free on one{} GPU, {needed_milli}m needed",
+                models_suffix(models)
+            ),
+            Shortfall::Cpu {
+                free_milli,
+                needed_milli,
+            } => write!(f, "CPU: {free_milli}m free, {needed_milli}m needed"),
+            Shortfall::Memory {
+                free_mib,
+                needed_mib,
+            } => write!(f, "memory: {free_mib} MiB free, {needed_mib} MiB needed"),
+        }
+    }
+}
+
+impl std::fmt::Display for NoFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("waiting for capacity: ")?;
+        match self {
+            NoFit::NoNodes { pool, want } => write!(f, "pool {pool:?} has no nodes; needs {want}"),
+            NoFit::NoReadyNode { pool, want } => {
+                write!(f, "no Ready node in pool {pool:?}; needs {want}")
+            }
+            NoFit::TooFewGpus {
+                pool,
+                gpus,
+                models,
+                largest,
+                want,
+            } => write!(
+                f,
+                "no node in pool {pool:?} has {gpus} GPUs{} (largest has {largest}); needs {want}",
+                if models.is_empty() {
+                    String::new()
+                } else {
+                    format!(" of model {}", models.join("|"))
+                },
+            ),
+            NoFit::NotTogether { pool, room, want } => write!(
+                f,
+                "needs {want}; pool {pool:?} has room for {room} now (all instances are placed together)"
+            ),
+            NoFit::Short {
+                pool,
+                node,
+                short,
+                want,
+            } => {
+                write!(
+                    f,
+                    "needs {want}; the best Ready node in pool {pool:?}, {node}, is short of "
+                )?;
+                for (i, s) in short.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{s}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for NoFit {}
 
 fn model_allowed(allowed: &[String], model: &str) -> bool {
     allowed.is_empty() || allowed.iter().any(|m| m == model)
@@ -342,6 +513,8 @@ pub struct Placer {
     models: Vec<String>,
     nodes: Vec<NodeCapacity>,
     state: Vec<NodeState>,
+    /// Each node as if everything on it had ended (backfill reserves by it).
+    idle: Vec<NodeState>,
     rank: Vec<u64>,
     classes: Vec<ClassIndex>,
     clock: u64,
@@ -392,6 +565,7 @@ impl Placer {
             typical: Vec::new(),
             models: Vec::new(),
             state: Vec::with_capacity(nodes.len()),
+            idle: Vec::with_capacity(nodes.len()),
             nodes,
             rank,
             classes: Vec::new(),
@@ -404,7 +578,7 @@ impl Placer {
                 .iter()
                 .map(|g| g.model.clone())
                 .collect::<Vec<_>>();
-            let bits = models.iter().map(|m| p.model_bit(m)).collect();
+            let bits: Vec<u64> = models.iter().map(|m| p.model_bit(m)).collect();
             let n = &p.nodes[i];
             let free: Vec<i64> = n
                 .gpus
@@ -417,6 +591,18 @@ impl Placer {
                     }
                 })
                 .collect();
+            let idle: Vec<i64> = n
+                .gpus
+                .iter()
+                .map(|g| if g.healthy { 1000 } else { 0 })
+                .collect();
+            p.idle.push(NodeState {
+                cpu: n.cpu_total_milli,
+                mem: n.memory_total_mib,
+                free_total: idle.iter().sum(),
+                free: idle,
+                models: bits.clone(),
+            });
             p.state.push(NodeState {
                 cpu: n.cpu_free_milli,
                 mem: n.memory_free_mib,
@@ -561,7 +747,7 @@ impl Placer {
         req: &Resources,
         instances: u32,
         spread: bool,
-    ) -> Result<Vec<Assignment>, String> {
+    ) -> Result<Vec<Assignment>, NoFit> {
         self.place_avoiding(pool, req, instances, spread, &[])
     }
 
@@ -575,7 +761,7 @@ impl Placer {
         instances: u32,
         spread: bool,
         avoid: &[bool],
-    ) -> Result<Vec<Assignment>, String> {
+    ) -> Result<Vec<Assignment>, NoFit> {
         let w = self.want(req);
         let exact_names = self.models.len() > 64 && !req.gpu_models.is_empty();
         if instances == 1 && !exact_names {
@@ -594,7 +780,7 @@ impl Placer {
         instances: u32,
         spread: bool,
         avoid: &[bool],
-    ) -> Result<Vec<Assignment>, String> {
+    ) -> Result<Vec<Assignment>, NoFit> {
         let w = *w;
         let eligible: Vec<usize> = (0..self.nodes.len())
             .filter(|&p| !avoid.get(p).copied().unwrap_or(false) && self.eligible(p, pool, req))
@@ -718,7 +904,7 @@ impl Placer {
         req: &Resources,
         w: &Want,
         avoid: &[bool],
-    ) -> Result<Vec<Assignment>, String> {
+    ) -> Result<Vec<Assignment>, NoFit> {
         self.clock += 1;
         let c = match self
             .classes
@@ -767,6 +953,27 @@ impl Placer {
         Ok(self.commit(w, req, vec![(pos, gpus)]))
     }
 
+    /// The nodes (by position) that `instances` x `req` in `pool` could use
+    /// if everything on them had ended; None when even the idle pool cannot
+    /// host them all (a job that waits for nodes to be added reserves
+    /// nothing).
+    pub fn reservable(&mut self, pool: &str, req: &Resources, instances: u32) -> Option<Vec<bool>> {
+        let w = self.want(req);
+        let mut room = 0u64;
+        let usable: Vec<bool> = (0..self.nodes.len())
+            .map(|p| {
+                let fit = if self.eligible(p, pool, req) {
+                    self.idle[p].fit_count(&w, instances)
+                } else {
+                    0
+                };
+                room += u64::from(fit);
+                fit > 0
+            })
+            .collect();
+        (room >= u64::from(instances)).then_some(usable)
+    }
+
     /// How many instances of `req` fit in `pool` now, in total.
     pub fn room(&mut self, pool: &str, req: &Resources, cap: u32) -> u64 {
         let w = self.want(req);
@@ -786,7 +993,7 @@ pub fn place(
     pool: &str,
     req: &Resources,
     instances: u32,
-) -> Result<Vec<Assignment>, String> {
+) -> Result<Vec<Assignment>, NoFit> {
     let order: Vec<usize> = (0..nodes.len()).collect();
     let mut placer = Placer::with_order(nodes.to_vec(), &default_shapes(), &order);
     let out = placer.place(pool, req, instances, false)?;
@@ -796,15 +1003,19 @@ pub fn place(
     Ok(out)
 }
 
-fn no_fit_reason(nodes: &[NodeCapacity], pool: &str, req: &Resources, instances: u32) -> String {
+fn no_fit_reason(nodes: &[NodeCapacity], pool: &str, req: &Resources, instances: u32) -> NoFit {
     let in_pool: Vec<&NodeCapacity> = nodes.iter().filter(|n| n.pool == pool).collect();
-    let want = format!("{} instance(s) of {}", instances, req.describe());
+    let want = Demand {
+        instances,
+        resources: req.clone(),
+    };
+    let pool = pool.to_string();
     if in_pool.is_empty() {
-        return format!("waiting for capacity: pool {pool:?} has no nodes; needs {want}");
+        return NoFit::NoNodes { pool, want };
     }
     let schedulable: Vec<&&NodeCapacity> = in_pool.iter().filter(|n| n.schedulable).collect();
     if schedulable.is_empty() {
-        return format!("waiting for capacity: no Ready node in pool {pool:?}; needs {want}");
+        return NoFit::NoReadyNode { pool, want };
     }
     if req.gpus > 0 {
         let largest = in_pool
@@ -818,20 +1029,18 @@ fn no_fit_reason(nodes: &[NodeCapacity], pool: &str, req: &Resources, instances:
             .max()
             .unwrap_or(0);
         if largest < req.gpus as usize {
-            return format!(
-                "waiting for capacity: no node in pool {pool:?} has {} GPUs{} (largest has {largest}); needs {want}",
-                req.gpus,
-                if req.gpu_models.is_empty() {
-                    String::new()
-                } else {
-                    format!(" of model {}", req.gpu_models.join("|"))
-                },
-            );
+            return NoFit::TooFewGpus {
+                pool,
+                gpus: req.gpus,
+                models: req.gpu_models.clone(),
+                largest,
+                want,
+            };
         }
     }
     // The best candidate: the Ready node short of the fewest resources
     // (then the most instances it could take, then node order).
-    let shortfalls: Vec<(usize, Vec<String>, u64)> = schedulable
+    let shortfalls: Vec<(usize, Vec<Shortfall>, u64)> = schedulable
         .iter()
         .enumerate()
         .map(|(i, n)| {
@@ -840,32 +1049,26 @@ fn no_fit_reason(nodes: &[NodeCapacity], pool: &str, req: &Resources, instances:
         })
         .collect();
     let room: u64 = shortfalls.iter().map(|(_, _, fit)| fit).sum();
-    let best = shortfalls
-        .iter()
+    let (best, short, _) = shortfalls
+        .into_iter()
         .min_by_key(|(i, short, fit)| (short.len(), std::cmp::Reverse(*fit), *i))
         .expect("at least one schedulable node");
-    if best.1.is_empty() {
-        return format!(
-            "waiting for capacity: needs {want}; pool {pool:?} has room for {room} now (all instances are placed together)"
-        );
+    if short.is_empty() {
+        return NoFit::NotTogether { pool, room, want };
     }
-    format!(
-        "waiting for capacity: needs {want}; the best Ready node in pool {pool:?}, {}, is short of {}",
-        schedulable[best.0].node_id,
-        best.1.join(", ")
-    )
+    NoFit::Short {
+        pool,
+        node: schedulable[best].node_id.clone(),
+        short,
+        want,
+    }
 }
 
-/// What `n` lacks for one instance of `req` (each with the numbers), and
-/// how many instances of it fit there.
-fn node_shortfall(n: &NodeCapacity, req: &Resources) -> (Vec<String>, u64) {
+/// What `n` lacks for one instance of `req`, and how many instances of it
+/// fit there.
+fn node_shortfall(n: &NodeCapacity, req: &Resources) -> (Vec<Shortfall>, u64) {
     let mut short = Vec::new();
     let usable = |g: &&GpuSlot| g.healthy && model_allowed(&req.gpu_models, &g.model);
-    let model = if req.gpu_models.is_empty() {
-        String::new()
-    } else {
-        format!(" {}", req.gpu_models.join("|"))
-    };
     let mut fit = u64::MAX;
     if req.gpus > 0 {
         let whole = n
@@ -876,10 +1079,11 @@ fn node_shortfall(n: &NodeCapacity, req: &Resources) -> (Vec<String>, u64) {
             .count();
         fit = fit.min(whole as u64 / u64::from(req.gpus));
         if whole < req.gpus as usize {
-            short.push(format!(
-                "GPUs: {whole} free{model} GPU(s), {} needed",
-                req.gpus
-            ));
+            short.push(Shortfall::Gpus {
+                free: whole,
+                needed: req.gpus,
+                models: req.gpu_models.clone(),
+            });
         }
     } else if req.gpu_milli > 0 {
         let shares: u64 = n
@@ -897,27 +1101,31 @@ fn node_shortfall(n: &NodeCapacity, req: &Resources) -> (Vec<String>, u64) {
                 .map(|g| g.free_milli)
                 .max()
                 .unwrap_or(0);
-            short.push(format!(
-                "GPU share: at most {most}m free on one{model} GPU, {}m needed",
-                req.gpu_milli
-            ));
+            short.push(Shortfall::GpuShare {
+                most_free_milli: most,
+                needed_milli: req.gpu_milli,
+                models: req.gpu_models.clone(),
+            });
         }
     }
     if req.cpu_milli > 0 {
         let free = n.cpu_free_milli.max(0) as u64;
         fit = fit.min(free / req.cpu_milli);
         if free < req.cpu_milli {
-            short.push(format!("CPU: {free}m free, {}m needed", req.cpu_milli));
+            short.push(Shortfall::Cpu {
+                free_milli: free,
+                needed_milli: req.cpu_milli,
+            });
         }
     }
     if req.memory_mib > 0 {
         let free = n.memory_free_mib.max(0) as u64;
         fit = fit.min(free / req.memory_mib);
         if free < req.memory_mib {
-            short.push(format!(
-                "memory: {free} MiB free, {} MiB needed",
-                req.memory_mib
-            ));
+            short.push(Shortfall::Memory {
+                free_mib: free,
+                needed_mib: req.memory_mib,
+            });
         }
     }
     (short, if fit == u64::MAX { 1 } else { fit })
@@ -926,6 +1134,8 @@ fn node_shortfall(n: &NodeCapacity, req: &Resources) -> (Vec<String>, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::testkit::{self, oracle_room};
+    use proptest::prelude::*;
 
     fn node(id: &str, gpus: u32) -> NodeCapacity {
         NodeCapacity {
@@ -935,6 +1145,8 @@ mod tests {
             schedulable: true,
             cpu_free_milli: 64_000,
             memory_free_mib: 512 * 1024,
+            cpu_total_milli: 64_000,
+            memory_total_mib: 512 * 1024,
             gpus: (0..gpus)
                 .map(|i| GpuSlot {
                     index: i,
@@ -961,7 +1173,9 @@ mod tests {
     #[test]
     fn a_waiting_job_names_the_resource_that_is_short() {
         let reason = |nodes: &mut Vec<NodeCapacity>, req: &Resources| {
-            place(nodes, "public", req, 1).expect_err("does not fit")
+            place(nodes, "public", req, 1)
+                .expect_err("does not fit")
+                .to_string()
         };
         let mut busy_cpu = vec![node("a", 4), node("b", 4)];
         busy_cpu[0].cpu_free_milli = 500;
@@ -1033,7 +1247,14 @@ mod tests {
         let mut nodes = vec![node("a", 2), node("b", 8)];
         let before = nodes.clone();
         let err = place(&mut nodes, "public", &gpus(16), 1).unwrap_err();
-        assert!(err.contains("has 16 GPUs (largest has 8)"), "{err}");
+        assert!(
+            matches!(err, NoFit::TooFewGpus { largest: 8, .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("has 16 GPUs (largest has 8)"),
+            "{err}"
+        );
         assert_eq!(nodes, before);
     }
 
@@ -1124,7 +1345,7 @@ mod tests {
             ..gpus(1)
         };
         let err = place(&mut nodes, "public", &req, 1).unwrap_err();
-        assert!(err.contains("of model A100"), "{err}");
+        assert!(err.to_string().contains("of model A100"), "{err}");
     }
 
     // ------------------------------------------------------------ policy
@@ -1286,28 +1507,40 @@ mod tests {
     #[test]
     fn quality_random_streams_place_more_gpu_than_first_fit() {
         // Same random arrival stream (no departures) on the same clusters:
-        // total GPU milli placed, summed over seeds.
+        // total GPU milli placed, summed over 40 streams drawn from a fixed
+        // seed (proptest's deterministic generator).
+        use proptest::strategy::ValueTree;
+        let sizes = prop::collection::vec(prop::sample::select(&[4u32, 8, 8][..]), 6);
+        // About 1.2x the cluster's GPUs in demand.
+        let stream = prop::collection::vec(
+            prop_oneof![
+                4 => prop::sample::select(&[100u32, 250, 300, 500, 700][..]).prop_map(frac),
+                3 => Just(gpus(1)),
+                1 => Just(gpus(2)),
+                1 => Just(gpus(4)),
+                1 => Just(gpus(8)),
+            ],
+            25,
+        );
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
         let (mut ours_total, mut ff_total) = (0u64, 0u64);
-        for seed in 1..=40u64 {
-            let mut rng = Rng::new(seed);
-            let start: Vec<NodeCapacity> = (0..6)
-                .map(|i| node(&format!("n{i}"), [4, 8, 8][rng.below(3) as usize]))
+        for _ in 0..40 {
+            let (sizes, stream) = (&sizes, &stream)
+                .new_tree(&mut runner)
+                .expect("a stream")
+                .current();
+            let start: Vec<NodeCapacity> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &g)| node(&format!("n{i}"), g))
                 .collect();
             let (mut ours, mut ff) = (start.clone(), start);
-            // About 1.2× the cluster's GPUs in demand.
-            for _ in 0..25 {
-                let r = match rng.below(10) {
-                    0..=3 => frac([100, 250, 300, 500, 700][rng.below(5) as usize]),
-                    4..=6 => gpus(1),
-                    7 => gpus(2),
-                    8 => gpus(4),
-                    _ => gpus(8),
-                };
-                let d = r.gpu_demand_milli() as u64;
-                if place(&mut ours, "public", &r, 1).is_ok() {
+            for r in &stream {
+                let d = u64::from(r.gpu_demand_milli());
+                if place(&mut ours, "public", r, 1).is_ok() {
                     ours_total += d;
                 }
-                if first_fit(&mut ff, &r) {
+                if first_fit(&mut ff, r) {
                     ff_total += d;
                 }
             }
@@ -1321,151 +1554,6 @@ mod tests {
 
     // ------------------------------------------------- property tests
 
-    /// xorshift64* — deterministic, no crates.
-    struct Rng(u64);
-
-    impl Rng {
-        fn new(seed: u64) -> Rng {
-            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-        }
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            self.0 = x;
-            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        fn chance(&mut self, percent: u64) -> bool {
-            self.below(100) < percent
-        }
-        fn range(&mut self, lo: i64, hi: i64) -> i64 {
-            lo + self.below((hi - lo + 1) as u64) as i64
-        }
-    }
-
-    const MODELS: [&str; 3] = ["H100", "A100", "T4"];
-
-    fn random_cluster(rng: &mut Rng) -> Vec<NodeCapacity> {
-        let count = rng.range(1, 8);
-        (0..count)
-            .map(|n| {
-                let id = format!("node{n}");
-                let model = MODELS[rng.below(3) as usize];
-                let sparse = rng.chance(20); // non-contiguous GPU indexes
-                let gpus = [0, 1, 2, 4, 8, 8][rng.below(6) as usize];
-                NodeCapacity {
-                    node_id: id.clone(),
-                    pool: if rng.chance(85) { "public" } else { "p1" }.into(),
-                    az: format!("AZ{}", n % 3),
-                    schedulable: rng.chance(85),
-                    cpu_free_milli: rng.range(-1000, 64_000),
-                    memory_free_mib: rng.range(-100, 256 * 1024),
-                    gpus: (0..gpus)
-                        .map(|i| GpuSlot {
-                            index: if sparse { 2 * i + 1 } else { i },
-                            uuid: format!("{id}-GPU-{i}"),
-                            model: if rng.chance(10) {
-                                MODELS[rng.below(3) as usize]
-                            } else {
-                                model
-                            }
-                            .into(),
-                            healthy: rng.chance(90),
-                            free_milli: match rng.below(10) {
-                                0..=4 => 1000,
-                                5..=6 => 0,
-                                _ => rng.range(0, 1000) as u32,
-                            },
-                        })
-                        .collect(),
-                }
-            })
-            .collect()
-    }
-
-    fn random_request(rng: &mut Rng) -> (String, Resources, u32) {
-        let pool = match rng.below(20) {
-            0 => "p1",
-            1 => "nowhere",
-            _ => "public",
-        };
-        let (gpus, gpu_milli) = match rng.below(10) {
-            0..=3 => ([1, 1, 1, 2, 4, 8, 16][rng.below(7) as usize], 0),
-            4..=6 => (
-                0,
-                if rng.chance(50) {
-                    [100, 250, 333, 500][rng.below(4) as usize]
-                } else {
-                    rng.range(1, 999) as u32
-                },
-            ),
-            _ => (0, 0),
-        };
-        let gpu_models = if rng.chance(20) {
-            MODELS
-                .iter()
-                .filter(|_| rng.chance(50))
-                .map(|m| m.to_string())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let req = Resources {
-            gpus,
-            gpu_milli,
-            gpu_models,
-            cpu_milli: if rng.chance(10) {
-                0
-            } else {
-                rng.range(1, 16_000) as u64
-            },
-            memory_mib: if rng.chance(10) {
-                0
-            } else {
-                rng.range(1, 64 * 1024) as u64
-            },
-        };
-        let instances = if rng.chance(70) {
-            1
-        } else {
-            rng.range(2, 6) as u32
-        };
-        (pool.into(), req, instances)
-    }
-
-    /// Independent of the placement code: how many instances of `req` the
-    /// node could host, from the definitions alone.
-    fn oracle_room(n: &NodeCapacity, pool: &str, req: &Resources) -> u64 {
-        if n.pool != pool || !n.schedulable || n.cpu_free_milli < 0 || n.memory_free_mib < 0 {
-            return 0;
-        }
-        let ok = |g: &GpuSlot| {
-            g.healthy && (req.gpu_models.is_empty() || req.gpu_models.contains(&g.model))
-        };
-        let limit = |free: i64, need: u64| (free as u64).checked_div(need).unwrap_or(u64::MAX);
-        let gpu = if req.gpus > 0 {
-            n.gpus
-                .iter()
-                .filter(|g| ok(g) && g.free_milli == 1000)
-                .count() as u64
-                / req.gpus as u64
-        } else if req.gpu_milli > 0 {
-            n.gpus
-                .iter()
-                .filter(|g| ok(g))
-                .map(|g| (g.free_milli / req.gpu_milli) as u64)
-                .sum()
-        } else {
-            u64::MAX
-        };
-        gpu.min(limit(n.cpu_free_milli, req.cpu_milli))
-            .min(limit(n.memory_free_mib, req.memory_mib))
-    }
-
     /// Checks one `place` call from its inputs and outputs only.
     fn validate(
         before: &[NodeCapacity],
@@ -1473,7 +1561,7 @@ mod tests {
         pool: &str,
         req: &Resources,
         instances: u32,
-        result: &Result<Vec<Assignment>, String>,
+        result: &Result<Vec<Assignment>, NoFit>,
     ) {
         let room: u64 = before
             .iter()
@@ -1482,7 +1570,7 @@ mod tests {
         let placed = match result {
             Err(why) => {
                 assert_eq!(after, before, "a failed placement changed capacities");
-                assert!(why.starts_with("waiting for capacity"), "{why}");
+                assert!(why.to_string().starts_with("waiting for capacity"), "{why}");
                 assert!(
                     room < instances as u64,
                     "room for {room} but refused: {why}"
@@ -1571,68 +1659,95 @@ mod tests {
         }
     }
 
-    #[test]
-    fn property_random_clusters_and_requests() {
-        let mut rng = Rng::new(42);
-        let (mut ok, mut err) = (0, 0);
-        for _ in 0..200 {
-            let mut nodes = random_cluster(&mut rng);
-            for step in 0..200 {
-                if step % 25 == 24 {
-                    // Something finished: free a random node's GPUs again.
-                    let n = rng.below(nodes.len() as u64) as usize;
-                    for g in &mut nodes[n].gpus {
-                        g.free_milli = 1000;
-                    }
-                    nodes[n].cpu_free_milli = 64_000;
-                    nodes[n].memory_free_mib = 256 * 1024;
-                }
-                let (pool, req, instances) = random_request(&mut rng);
-                let before = nodes.clone();
-                let result = place(&mut nodes, &pool, &req, instances);
-                validate(&before, &nodes, &pool, &req, instances, &result);
-                // Deterministic: the same input gives the same answer.
-                let mut again = before.clone();
-                assert_eq!(place(&mut again, &pool, &req, instances), result);
-                if result.is_ok() {
-                    ok += 1;
-                } else {
-                    err += 1;
-                }
-            }
-        }
-        // Both outcomes are exercised.
-        assert!(ok > 5000 && err > 5000, "ok {ok}, err {err}");
+    /// A step of a random run: place a request, or free a node (as if
+    /// what ran there ended).
+    #[derive(Debug, Clone)]
+    enum Step {
+        Place(String, Resources, u32),
+        Free(prop::sample::Index),
     }
 
-    /// One long-lived placer (class indexes kept current across requests)
-    /// decides exactly as a fresh node-by-node scan over the same nodes, and
-    /// every decision passes the independent validator.
+    fn steps() -> impl Strategy<Value = Vec<Step>> {
+        prop::collection::vec(
+            prop_oneof![
+                24 => testkit::request().prop_map(|(p, r, n)| Step::Place(p, r, n)),
+                1 => any::<prop::sample::Index>().prop_map(Step::Free),
+            ],
+            1..80,
+        )
+    }
+
+    /// Every placement on random clusters passes the independent
+    /// validator, and the same input gives the same answer. Both outcomes
+    /// are exercised (counted over all cases).
     #[test]
-    fn property_indexed_placer_matches_a_fresh_scan() {
-        let mut rng = Rng::new(7);
-        let mut steps = 0;
-        for _ in 0..40 {
-            let nodes = random_cluster(&mut rng);
+    fn property_random_clusters_and_requests() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let (ok, err) = (AtomicU64::new(0), AtomicU64::new(0));
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            cases: 300,
+            ..ProptestConfig::default()
+        });
+        runner
+            .run(&(testkit::cluster(), steps()), |(mut nodes, steps)| {
+                for step in steps {
+                    let (pool, req, instances) = match step {
+                        Step::Free(i) => {
+                            let at = i.index(nodes.len());
+                            let n = &mut nodes[at];
+                            for g in &mut n.gpus {
+                                g.free_milli = 1000;
+                            }
+                            n.cpu_free_milli = n.cpu_total_milli;
+                            n.memory_free_mib = n.memory_total_mib;
+                            continue;
+                        }
+                        Step::Place(pool, req, instances) => (pool, req, instances),
+                    };
+                    let before = nodes.clone();
+                    let result = place(&mut nodes, &pool, &req, instances);
+                    validate(&before, &nodes, &pool, &req, instances, &result);
+                    let mut again = before.clone();
+                    prop_assert_eq!(place(&mut again, &pool, &req, instances), result.clone());
+                    let counter = if result.is_ok() { &ok } else { &err };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+            .unwrap();
+        let (ok, err) = (ok.into_inner(), err.into_inner());
+        assert!(ok > 2000 && err > 2000, "ok {ok}, err {err}");
+    }
+
+    proptest! {
+        /// One long-lived placer (class indexes kept current across
+        /// requests) decides exactly as a fresh node-by-node scan over the
+        /// same nodes, and every decision passes the independent validator.
+        #[test]
+        fn property_indexed_placer_matches_a_fresh_scan(
+            nodes in testkit::cluster(),
+            requests in prop::collection::vec(
+                prop_oneof![
+                    1 => testkit::request().prop_map(|(p, r, _)| (p, r)),
+                    // Repeat common classes so the indexes get reused.
+                    1 => prop::sample::select(&[1u32, 2][..])
+                        .prop_map(|g| ("public".to_string(), gpus(g))),
+                ],
+                1..150,
+            ),
+        ) {
             let order: Vec<usize> = (0..nodes.len()).collect();
             let mut live = Placer::with_order(nodes, &default_shapes(), &order);
-            for _ in 0..150 {
-                let (pool, mut req, _) = random_request(&mut rng);
-                if rng.chance(50) {
-                    // Repeat common classes so the indexes get reused.
-                    req = gpus([1, 2][rng.below(2) as usize]);
-                }
+            for (pool, req) in requests {
                 let before = live.nodes().to_vec();
                 let mut fresh = Placer::with_order(before.clone(), &default_shapes(), &order);
                 let w = fresh.want(&req);
                 let expected = fresh.place_scan(&pool, &req, &w, 1, false, &[]);
                 let got = live.place(&pool, &req, 1, false);
-                assert_eq!(got, expected, "request {req:?} in {pool}");
+                prop_assert_eq!(&got, &expected, "request {:?} in {}", req, pool);
                 validate(&before, live.nodes(), &pool, &req, 1, &got);
-                steps += 1;
             }
         }
-        assert_eq!(steps, 6000);
     }
 
     #[test]

@@ -637,19 +637,34 @@ fn replacements_prefer_the_zones_with_the_fewest_siblings() {
     let taken = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     // Siblings in AZ1 and AZ2: AZ3 is preferred.
     assert_eq!(
-        c.fewest_siblings_zones("public", &taken(&["n0", "n2"]), &none),
+        crate::domain::scheduling::fewest_siblings_zones(
+            &c.capacity(),
+            "public",
+            &taken(&["n0", "n2"]),
+            &none
+        ),
         Some(vec![true, true, true, true, false])
     );
     // One in AZ1: AZ2 and AZ3 are, and the given mask is kept.
     let mut mask = none.clone();
     mask[3] = true;
     assert_eq!(
-        c.fewest_siblings_zones("public", &taken(&["n0"]), &mask),
+        crate::domain::scheduling::fewest_siblings_zones(
+            &c.capacity(),
+            "public",
+            &taken(&["n0"]),
+            &mask
+        ),
         Some(vec![true, true, false, true, false])
     );
     // One in each zone: nothing to prefer.
     assert_eq!(
-        c.fewest_siblings_zones("public", &taken(&["n0", "n2", "n4"]), &none),
+        crate::domain::scheduling::fewest_siblings_zones(
+            &c.capacity(),
+            "public",
+            &taken(&["n0", "n2", "n4"]),
+            &none
+        ),
         None
     );
 }
