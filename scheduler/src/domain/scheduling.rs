@@ -33,8 +33,8 @@
 //!    replicas): all instances at once or none, placed by the placer's gang
 //!    rules (as few nodes as possible).
 //! 6. **Replicas** (online and batch services): a fresh online service
-//!    (no replica running, several due) first tries all its replicas at
-//!    once spread over nodes, then zones. Otherwise ranks are placed one by
+//!    (no replica running, several due, no fixed port) first tries all
+//!    its replicas at once spread over nodes, then zones. Otherwise ranks are placed one by
 //!    one in the order they are pending. An online service's next replica
 //!    prefers, in order: a node without a replica of it in a zone holding
 //!    the fewest of its replicas; a node without a replica of it; any node.
@@ -299,9 +299,10 @@ fn place_replicas(
         .filter(|p| p.not_before_ms <= now_ms)
         .map(|p| p.rank)
         .collect();
-    if *spread && taken.is_empty() && due.len() > 1 {
+    if *spread && *port == 0 && taken.is_empty() && due.len() > 1 {
         // A fresh service: all its replicas at once, spread over nodes,
-        // then zones.
+        // then zones (softly: more replicas than nodes still place, so not
+        // with a fixed port, which goes rank by rank below).
         if let Ok(a) = placer.place_avoiding(pool, res, due.len() as u32, true, avoid) {
             return (due.into_iter().zip(a).collect(), None);
         }
@@ -386,4 +387,381 @@ pub(crate) fn fewest_siblings_zones(
             .map(|(n, m)| *m || !zones.contains(&n.az.as_str()))
             .collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The planner against an independent validator: feasibility, gangs,
+    //! due times, the backfill rule (nothing started after a pool's head
+    //! holds a node the head could use) and spreading.
+
+    use super::*;
+    use crate::domain::placement::{GpuSlot, default_shapes};
+    use crate::domain::testkit::{self, oracle_idle_room, oracle_room};
+    use proptest::prelude::*;
+
+    const NOW: i64 = 1_000;
+
+    /// A job of the generated queue, owning what its [`Request`] borrows.
+    #[derive(Debug, Clone)]
+    struct TestJob {
+        id: String,
+        priority: i32,
+        pool: String,
+        resources: Resources,
+        kind: TestKind,
+    }
+
+    #[derive(Debug, Clone)]
+    enum TestKind {
+        Gang {
+            instances: u32,
+            not_before_ms: i64,
+        },
+        Replicas {
+            pending: Vec<PendingRank>,
+            siblings: Vec<String>,
+            spread: bool,
+            port: u32,
+        },
+    }
+
+    fn job(i: usize) -> impl Strategy<Value = TestJob> {
+        let due = prop_oneof![4 => Just(0i64), 1 => Just(NOW + 1)];
+        let gang = (1u32..=4, due.clone()).prop_map(|(instances, not_before_ms)| TestKind::Gang {
+            instances,
+            not_before_ms,
+        });
+        let replicas = (
+            prop::collection::vec(due, 1..=4),
+            prop::collection::vec(0usize..7, 0..=2),
+            prop::bool::weighted(0.7),
+            prop_oneof![3 => Just(0u32), 1 => Just(8080u32)],
+        )
+            .prop_map(|(due, siblings, spread, port)| TestKind::Replicas {
+                pending: due
+                    .into_iter()
+                    .enumerate()
+                    .map(|(rank, not_before_ms)| PendingRank {
+                        rank: rank as u32 + 3,
+                        not_before_ms,
+                    })
+                    .collect(),
+                siblings: siblings.into_iter().map(|n| format!("node{n}")).collect(),
+                spread,
+                port,
+            });
+        (
+            0i32..3,
+            prop_oneof![5 => Just("public"), 1 => Just("p1")],
+            testkit::resources(),
+            prop_oneof![3 => gang, 2 => replicas],
+        )
+            .prop_map(move |(priority, pool, resources, kind)| TestJob {
+                id: format!("j{i:02}"),
+                priority,
+                pool: pool.into(),
+                resources,
+                kind,
+            })
+    }
+
+    fn queue() -> impl Strategy<Value = Vec<TestJob>> {
+        (1usize..=12).prop_flat_map(|n| (0..n).map(job).collect::<Vec<_>>())
+    }
+
+    fn requests(jobs: &[TestJob]) -> Vec<Request<'_>> {
+        jobs.iter()
+            .enumerate()
+            .map(|(seq, j)| Request {
+                job_id: &j.id,
+                priority: j.priority,
+                seq: seq as u64,
+                pool: &j.pool,
+                resources: &j.resources,
+                shape: match &j.kind {
+                    TestKind::Gang {
+                        instances,
+                        not_before_ms,
+                    } => Shape::Gang {
+                        instances: *instances,
+                        not_before_ms: *not_before_ms,
+                    },
+                    TestKind::Replicas {
+                        pending,
+                        siblings,
+                        spread,
+                        port,
+                    } => Shape::Replicas {
+                        pending,
+                        siblings: siblings.iter().map(String::as_str).collect(),
+                        spread: *spread,
+                        port: *port,
+                    },
+                },
+            })
+            .collect()
+    }
+
+    fn due_ranks(j: &TestJob) -> Vec<u32> {
+        match &j.kind {
+            TestKind::Gang {
+                instances,
+                not_before_ms,
+            } => {
+                if *not_before_ms <= NOW {
+                    (0..*instances).collect()
+                } else {
+                    Vec::new()
+                }
+            }
+            TestKind::Replicas { pending, .. } => pending
+                .iter()
+                .filter(|p| p.not_before_ms <= NOW)
+                .map(|p| p.rank)
+                .collect(),
+        }
+    }
+
+    /// Takes one instance of `req` at `a` from `nodes`, checking it may.
+    fn take(nodes: &mut [NodeCapacity], pool: &str, req: &Resources, a: &Assignment) {
+        let n = nodes
+            .iter_mut()
+            .find(|n| n.node_id == a.node_id)
+            .expect("a known node");
+        assert_eq!(n.pool, pool, "a node of another pool");
+        assert!(n.schedulable, "an unschedulable node");
+        let want = if req.gpus > 0 {
+            req.gpus as usize
+        } else {
+            usize::from(req.gpu_milli > 0)
+        };
+        assert_eq!(a.gpu_indexes.len(), want, "{a:?}");
+        let mut seen = Vec::new();
+        for idx in &a.gpu_indexes {
+            assert!(!seen.contains(idx), "a GPU twice in one instance");
+            seen.push(*idx);
+            let g: &mut GpuSlot = n
+                .gpus
+                .iter_mut()
+                .find(|g| g.index == *idx)
+                .expect("known GPU");
+            assert!(g.healthy, "an unhealthy GPU");
+            assert!(
+                req.gpu_models.is_empty() || req.gpu_models.contains(&g.model),
+                "model {} not asked for",
+                g.model
+            );
+            let milli = if req.gpus > 0 { 1000 } else { req.gpu_milli };
+            assert!(g.free_milli >= milli, "GPU {idx} over 1000 milli");
+            assert!(
+                req.gpus == 0 || g.free_milli == 1000,
+                "a whole GPU not free"
+            );
+            g.free_milli -= milli;
+        }
+        n.cpu_free_milli -= req.cpu_milli as i64;
+        n.memory_free_mib -= req.memory_mib as i64;
+        assert!(
+            n.cpu_free_milli >= 0 && n.memory_free_mib >= 0,
+            "CPU or memory exceeded"
+        );
+    }
+
+    /// Checks a plan from its inputs and outputs only.
+    fn validate(
+        nodes: &[NodeCapacity],
+        jobs: &[TestJob],
+        decisions: &[Decision],
+        after: &[NodeCapacity],
+    ) {
+        // Decisions per job, each job's adjacent.
+        let mut per_job: Vec<(&str, Vec<(u32, &Assignment)>, Option<&Wait>)> = Vec::new();
+        for d in decisions {
+            let id = match d {
+                Decision::Place { job_id, .. } | Decision::Wait { job_id, .. } => job_id.as_str(),
+            };
+            if per_job.last().is_none_or(|l| l.0 != id) {
+                assert!(
+                    per_job.iter().all(|l| l.0 != id),
+                    "{id}'s decisions are apart"
+                );
+                per_job.push((id, Vec::new(), None));
+            }
+            let entry = per_job.last_mut().expect("pushed");
+            match d {
+                Decision::Place {
+                    rank, assignment, ..
+                } => {
+                    assert!(entry.2.is_none(), "{id}: a placement after its wait");
+                    entry.1.push((*rank, assignment));
+                }
+                Decision::Wait { why, .. } => {
+                    assert!(entry.2.is_none(), "{id}: two waits");
+                    entry.2 = Some(why);
+                }
+            }
+        }
+        let of = |id: &str| jobs.iter().find(|j| j.id == id).expect("a queued job");
+        // Queue order, independently: priority, then submission.
+        let mut order: Vec<(usize, &TestJob)> = jobs.iter().enumerate().collect();
+        order.sort_by_key(|(seq, j)| (-j.priority, *seq));
+        let mut capacity = nodes.to_vec();
+        for (id, placed, wait) in &per_job {
+            let j = of(id);
+            let due = due_ranks(j);
+            assert!(!due.is_empty(), "{id} is not due but was planned");
+            let mut ranks: Vec<u32> = placed.iter().map(|(r, _)| *r).collect();
+            ranks.sort_unstable();
+            ranks.dedup();
+            assert_eq!(ranks.len(), placed.len(), "{id}: a rank twice");
+            assert!(
+                ranks.iter().all(|r| due.contains(r)),
+                "{id}: a rank not due"
+            );
+            if let TestKind::Gang { .. } = j.kind {
+                assert!(placed.is_empty() || ranks == due, "{id}: a gang in part");
+            }
+            assert_eq!(
+                wait.is_some(),
+                ranks.len() < due.len(),
+                "{id}: waits iff not all placed"
+            );
+            for (_, a) in placed {
+                take(&mut capacity, &j.pool, &j.resources, a);
+            }
+        }
+        for (_, j) in &order {
+            if !due_ranks(j).is_empty() {
+                assert!(
+                    per_job.iter().any(|l| l.0 == j.id),
+                    "{} is due but not planned",
+                    j.id
+                );
+            }
+        }
+        assert_eq!(
+            after,
+            &capacity[..],
+            "the placer's capacities and the placements disagree"
+        );
+        // Backfill: a pool's head is its first job (in queue order) left
+        // waiting that the idle pool could host; later jobs of the pool
+        // start only on nodes the head could not use, and say they wait
+        // behind it.
+        let mut heads: HashMap<&str, (&str, Vec<bool>)> = HashMap::new();
+        for (_, j) in &order {
+            let Some((_, placed, wait)) = per_job.iter().find(|l| l.0 == j.id) else {
+                continue;
+            };
+            if let Some((head, reserved)) = heads.get(j.pool.as_str()) {
+                for (_, a) in placed {
+                    let pos = nodes
+                        .iter()
+                        .position(|n| n.node_id == a.node_id)
+                        .expect("known");
+                    assert!(
+                        !reserved[pos],
+                        "{} started on {}, which head {head} can use",
+                        j.id, a.node_id
+                    );
+                }
+                if let Some(w) = wait {
+                    assert!(
+                        matches!(w, Wait::Behind { head: h, .. } if h == head),
+                        "{} waits behind {head}: {w}",
+                        j.id
+                    );
+                }
+                continue;
+            }
+            if wait.is_some() {
+                let wanted = match &j.kind {
+                    TestKind::Gang { instances, .. } => *instances,
+                    TestKind::Replicas { pending, .. } => pending.len() as u32,
+                };
+                let room: u64 = nodes
+                    .iter()
+                    .map(|n| oracle_idle_room(n, &j.pool, &j.resources).min(u64::from(wanted)))
+                    .sum();
+                if room >= u64::from(wanted) {
+                    let reserved = nodes
+                        .iter()
+                        .map(|n| oracle_idle_room(n, &j.pool, &j.resources) > 0)
+                        .collect();
+                    heads.insert(&j.pool, (&j.id, reserved));
+                }
+            }
+        }
+        // Spreading: an online service's new replica shares a node with
+        // another of its replicas only if, even at the end of the pass, no
+        // node free of them (outside its pool's head's nodes) has room;
+        // with a fixed port, never.
+        for (id, placed, _) in &per_job {
+            let j = of(id);
+            let TestKind::Replicas {
+                siblings,
+                spread: true,
+                port,
+                ..
+            } = &j.kind
+            else {
+                continue;
+            };
+            let mut on: Vec<&str> = siblings.iter().map(String::as_str).collect();
+            let new: Vec<&str> = placed.iter().map(|(_, a)| a.node_id.as_str()).collect();
+            let shared = new
+                .iter()
+                .enumerate()
+                .any(|(k, n)| on.contains(n) || new[..k].contains(n));
+            on.extend(&new);
+            if !shared {
+                continue;
+            }
+            assert_eq!(
+                *port, 0,
+                "{id}: two replicas with port {port} on one node: {new:?} (siblings {siblings:?})"
+            );
+            let seq = jobs.iter().position(|x| x.id == *id).expect("known");
+            let head_before = order.iter().take_while(|(s, _)| *s != seq).find(|(_, h)| {
+                heads
+                    .get(h.pool.as_str())
+                    .is_some_and(|(hid, _)| *hid == h.id)
+                    && h.pool == j.pool
+            });
+            let reserved = head_before
+                .and_then(|(_, h)| heads.get(h.pool.as_str()))
+                .map(|(_, r)| r.clone());
+            for (pos, n) in capacity.iter().enumerate() {
+                if on.contains(&n.node_id.as_str()) || reserved.as_ref().is_some_and(|r| r[pos]) {
+                    continue;
+                }
+                assert_eq!(
+                    oracle_room(n, &j.pool, &j.resources),
+                    0,
+                    "{id}: replicas share a node ({new:?}, siblings {siblings:?}) while {} has room",
+                    n.node_id
+                );
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn property_plans_are_feasible_keep_backfill_and_spread(
+            nodes in testkit::cluster(),
+            jobs in queue(),
+        ) {
+            let order: Vec<usize> = (0..nodes.len()).collect();
+            let mut placer = Placer::with_order(nodes.clone(), &default_shapes(), &order);
+            let queue = requests(&jobs);
+            let decisions = plan(&queue, &mut placer, NOW);
+            validate(&nodes, &jobs, &decisions, placer.nodes());
+            // Deterministic: the same input plans the same.
+            let mut again = Placer::with_order(nodes.clone(), &default_shapes(), &order);
+            prop_assert_eq!(plan(&queue, &mut again, NOW), decisions);
+        }
+    }
 }
