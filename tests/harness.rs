@@ -232,64 +232,79 @@ impl Scheduler {
     }
 
     async fn start_configured(dir: &Path, ip: &str, extra: &str) -> Self {
-        // A free port can be taken (by another process's outgoing
-        // connection, say) between the probe and the bind: then retry on
-        // fresh ports.
-        for _ in 0..3 {
-            let (config_path, grpc_port, metrics_port) = Self::write_config(dir, ip, extra);
-            let mut s = Self::spawn(dir, config_path, grpc_port, metrics_port);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if s.serving().await {
-                    return s;
-                }
-                if s.proc.child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let log = s.proc.log_text();
-            assert!(
-                log.contains("Address already in use"),
-                "scheduler not serving; log:\n{log}"
-            );
-            eprintln!("port taken before the scheduler bound it; retrying on fresh ports");
-        }
-        panic!("no free ports for the scheduler after 3 tries");
+        let config_path = Self::write_config(dir, ip, extra);
+        Self::start_with(dir, config_path).await
     }
 
     /// Starts a scheduler with TOML appended to its config without waiting
-    /// for it (e.g. one that serves TLS, which the plaintext wait cannot
-    /// reach).
+    /// for it to serve (e.g. one that serves TLS, which the plaintext wait
+    /// cannot reach).
     pub fn spawn_with_config(dir: &Path, extra: &str) -> Self {
-        let (config_path, grpc_port, metrics_port) = Self::write_config(dir, "127.0.0.1", extra);
-        Self::spawn(dir, config_path, grpc_port, metrics_port)
+        let config_path = Self::write_config(dir, "127.0.0.1", extra);
+        Self::spawn(dir, config_path)
     }
 
     /// Starts `gpupool-scheduler serve` on a written config, logging to a
-    /// new file in `dir`; does not wait.
-    fn spawn(dir: &Path, config_path: PathBuf, grpc_port: u16, metrics_port: u16) -> Self {
+    /// new file in `dir`, and waits only until it listens: it binds the
+    /// ports its config names (0: any free one, no race with another
+    /// process) and writes the bound addresses to a file.
+    fn spawn(dir: &Path, config_path: PathBuf) -> Self {
+        let addresses = config_path.with_extension("addresses");
+        let _ = std::fs::remove_file(&addresses);
         let mut cmd = Command::new(bin("gpupool-scheduler"));
-        cmd.arg("serve").arg("--config").arg(&config_path);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--address-file")
+            .arg(&addresses);
         let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
-        let proc = Proc::spawn(cmd, dir.join(format!("scheduler-{n}.log")));
+        let mut proc = Proc::spawn(cmd, dir.join(format!("scheduler-{n}.log")));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let text = loop {
+            if let Ok(text) = std::fs::read_to_string(&addresses) {
+                break text;
+            }
+            assert!(
+                proc.child.try_wait().unwrap().is_none(),
+                "the scheduler exited before listening; log:\n{}",
+                proc.log_text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the scheduler is not listening after 20 s; log:\n{}",
+                proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let port = |key: &str| -> u16 {
+            text.lines()
+                .find_map(|l| {
+                    let value = l.strip_prefix(key)?.trim().strip_prefix('=')?;
+                    value
+                        .trim()
+                        .trim_matches('"')
+                        .rsplit_once(':')?
+                        .1
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or_else(|| panic!("no {key} address in {}: {text:?}", addresses.display()))
+        };
         Self {
+            grpc_port: port("grpc"),
+            metrics_port: port("metrics"),
             proc,
-            grpc_port,
-            metrics_port,
             config_path,
         }
     }
 
-    fn write_config(dir: &Path, ip: &str, extra: &str) -> (PathBuf, u16, u16) {
-        let grpc_port = free_port();
-        let metrics_port = free_port();
+    fn write_config(dir: &Path, ip: &str, extra: &str) -> PathBuf {
         let config_path = dir.join("scheduler.toml");
         std::fs::write(
             &config_path,
             format!(
-                "grpc_listen = \"{ip}:{grpc_port}\"\n\
-                 metrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+                "grpc_listen = \"{ip}:0\"\n\
+                 metrics_listen = \"127.0.0.1:0\"\n\
                  data_dir = \"{}\"\n\
                  heartbeat_interval_ms = {HEARTBEAT_MS}\n\
                  node_grace_ms = {GRACE_MS}\n\
@@ -305,21 +320,39 @@ impl Scheduler {
             ),
         )
         .unwrap();
-        (config_path, grpc_port, metrics_port)
+        config_path
+    }
+
+    /// Pins the config's listen ports to the ones bound, so a restart
+    /// listens where the agents and clients already connect.
+    fn pin_ports(&self) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        let pin = |line: &str, key: &str, port: u16| {
+            let addr = line.strip_prefix(key)?.trim().strip_prefix('=')?.trim();
+            let (ip, _) = addr.trim_matches('"').rsplit_once(':')?;
+            Some(format!("{key} = \"{ip}:{port}\""))
+        };
+        let pinned: Vec<String> = text
+            .lines()
+            .map(|l| {
+                pin(l, "grpc_listen", self.grpc_port)
+                    .or_else(|| pin(l, "metrics_listen", self.metrics_port))
+                    .unwrap_or_else(|| l.to_string())
+            })
+            .collect();
+        std::fs::write(&self.config_path, pinned.join("\n") + "\n").unwrap();
     }
 
     /// Starts a scheduler replica on `database_url` without waiting for it
     /// to lead (a standby answers UNAVAILABLE until it takes over).
     pub async fn start_replica(dir: &Path, database_url: &str) -> Self {
         std::fs::create_dir_all(dir).unwrap();
-        let grpc_port = free_port();
-        let metrics_port = free_port();
         let config_path = dir.join("scheduler.toml");
         std::fs::write(
             &config_path,
             format!(
-                "grpc_listen = \"127.0.0.1:{grpc_port}\"\n\
-                 metrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+                "grpc_listen = \"127.0.0.1:0\"\n\
+                 metrics_listen = \"127.0.0.1:0\"\n\
                  database_url = \"{database_url}\"\n\
                  heartbeat_interval_ms = {HEARTBEAT_MS}\n\
                  node_grace_ms = {GRACE_MS}\n\
@@ -329,7 +362,7 @@ impl Scheduler {
             ),
         )
         .unwrap();
-        Self::spawn(dir, config_path, grpc_port, metrics_port)
+        Self::spawn(dir, config_path)
     }
 
     /// True when this replica answers its health check SERVING (it leads).
@@ -348,13 +381,8 @@ impl Scheduler {
             })
     }
 
-    async fn start_with(
-        dir: &Path,
-        config_path: PathBuf,
-        grpc_port: u16,
-        metrics_port: u16,
-    ) -> Self {
-        let s = Self::spawn(dir, config_path, grpc_port, metrics_port);
+    async fn start_with(dir: &Path, config_path: PathBuf) -> Self {
+        let s = Self::spawn(dir, config_path);
         s.wait_serving().await;
         s
     }
@@ -367,18 +395,20 @@ impl Scheduler {
             "scheduler exit on SIGTERM: {status}; log:\n{}",
             self.proc.log_text()
         );
-        let (config, grpc, metrics) = (self.config_path.clone(), self.grpc_port, self.metrics_port);
+        self.pin_ports();
+        let config = self.config_path.clone();
         drop(self);
-        Self::start_with(dir, config, grpc, metrics).await
+        Self::start_with(dir, config).await
     }
 
     /// SIGKILL (no clean shutdown), then start again on the same config,
     /// ports and database.
     pub async fn kill_and_restart(mut self, dir: &Path) -> Self {
         self.proc.kill();
-        let (config, grpc, metrics) = (self.config_path.clone(), self.grpc_port, self.metrics_port);
+        self.pin_ports();
+        let config = self.config_path.clone();
         drop(self);
-        Self::start_with(dir, config, grpc, metrics).await
+        Self::start_with(dir, config).await
     }
 
     pub fn addr(&self) -> String {

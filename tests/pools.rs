@@ -71,31 +71,130 @@ async fn spec_info(c: &mut Clients) -> pb::Spec {
     specs.into_iter().next().unwrap()
 }
 
+/// `r` failed with NotFound: `what` is hidden from the caller.
+fn not_found<T: std::fmt::Debug>(r: Result<T, tonic::Status>, what: &str) {
+    let err = r.expect_err(what);
+    assert_eq!(err.code(), Code::NotFound, "{what}: {err:?}");
+}
+
+/// `r` failed with PermissionDenied: `what` is refused outright.
+fn permission_denied<T: std::fmt::Debug>(r: Result<T, tonic::Status>, what: &str) {
+    let err = r.expect_err(what);
+    assert_eq!(err.code(), Code::PermissionDenied, "{what}: {err:?}");
+}
+
+/// What the scenarios of `dedicated_pools_end_to_end` share: one scheduler
+/// with four agents (n1, n2 in AZ1; n3, n4 in AZ2; all of one 2xH100 spec),
+/// two tenants with a token and clients each, and what earlier scenarios
+/// leave for later ones. Fields drop in order: the agents first, the
+/// directory last.
+struct World {
+    agents: Vec<Agent>,
+    /// team-a's clients (quota: 3 dedicated nodes, 6 GPUs).
+    a: Clients,
+    /// team-b's clients (quota: 4 dedicated nodes, 8 GPUs).
+    b: Clients,
+    sched: Scheduler,
+    token_a: String,
+    token_b: String,
+    /// The one spec in the inventory.
+    spec_name: String,
+    /// team-a's train pool `train_A`, once bought.
+    train: pb::Pool,
+    /// team-a's long training job in `train_A`, once running...
+    long: pb::Job,
+    /// ...the node it runs on...
+    busy_node: String,
+    /// ...and its process on the host.
+    pid: i32,
+    /// `train_A` bought again after the first one is deleted.
+    again: pb::Pool,
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    /// Starts the scheduler and the four agents and makes the two tenants.
+    async fn start() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let sched = Scheduler::start(dir.path()).await;
+        let agents: Vec<Agent> = [("n1", "AZ1"), ("n2", "AZ1"), ("n3", "AZ2"), ("n4", "AZ2")]
+            .iter()
+            .map(|(id, az)| Agent::start_in(dir.path(), &sched, id, "2xH100-80GB", az))
+            .collect();
+        wait_ready(&sched, 4).await;
+
+        let mut admin = sched.admin().await;
+        let token_a = tenant_with_token(&mut admin, "team-a", 3, 6).await;
+        let token_b = tenant_with_token(&mut admin, "team-b", 4, 8).await;
+        let a = sched.clients(Some(&token_a)).await;
+        let b = sched.clients(Some(&token_b)).await;
+        World {
+            agents,
+            a,
+            b,
+            sched,
+            token_a,
+            token_b,
+            spec_name: String::new(),
+            train: pb::Pool::default(),
+            long: pb::Job::default(),
+            busy_node: String::new(),
+            pid: 0,
+            again: pb::Pool::default(),
+            dir,
+        }
+    }
+}
+
+/// Runs one scenario, printing its name first so that a failure's output
+/// names the scenario that broke.
+macro_rules! scenario {
+    ($world:expr, $f:ident) => {{
+        println!("scenario: {}", stringify!($f));
+        $f($world).await;
+    }};
+}
+
+/// Dedicated pools through their life on one cluster. The scenarios run in
+/// this order because each builds on what the ones before it left: pools,
+/// a running job, killed agents, a deleted pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedicated_pools_end_to_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sched = Scheduler::start(dir.path()).await;
-    let mut agents: Vec<Agent> = [("n1", "AZ1"), ("n2", "AZ1"), ("n3", "AZ2"), ("n4", "AZ2")]
-        .iter()
-        .map(|(id, az)| Agent::start_in(dir.path(), &sched, id, "2xH100-80GB", az))
-        .collect();
-    wait_ready(&sched, 4).await;
+    let mut w = World::start().await;
+    scenario!(&mut w, a_token_names_its_tenant);
+    scenario!(&mut w, buying_pools_until_the_spec_is_sold_out);
+    scenario!(&mut w, scale_out_beyond_the_quota_is_refused);
+    scenario!(&mut w, pools_run_only_their_kinds);
+    scenario!(&mut w, a_long_training_job_runs_in_the_train_pool);
+    scenario!(&mut w, tenant_b_reaches_none_of_tenant_a_s_pools);
+    scenario!(&mut w, tenant_b_reaches_none_of_tenant_a_s_bills);
+    scenario!(&mut w, tenant_b_reaches_none_of_tenant_a_s_services);
+    scenario!(
+        &mut w,
+        tenant_b_reaches_none_of_tenant_a_s_jobs_nodes_or_tenants
+    );
+    scenario!(&mut w, scale_in_picks_the_idle_node);
+    scenario!(&mut w, lost_agents_make_the_pool_abnormal_then_unavailable);
+    scenario!(&mut w, delete_returns_the_nodes_and_stops_the_jobs);
+    scenario!(w, everything_survives_a_scheduler_restart);
+}
 
-    let mut admin = sched.admin().await;
-    let token_a = tenant_with_token(&mut admin, "team-a", 3, 6).await;
-    let token_b = tenant_with_token(&mut admin, "team-b", 4, 8).await;
-    let mut a = sched.clients(Some(&token_a)).await;
-    let mut b = sched.clients(Some(&token_b)).await;
-    let me = a
-        .tenants
-        .who_am_i(pb::WhoAmIRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+/// A tenant's token names its tenant, and is no admin's.
+async fn a_token_names_its_tenant(w: &mut World) {
+    let me =
+        w.a.tenants
+            .who_am_i(pb::WhoAmIRequest {})
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!((me.tenant.as_str(), me.admin), ("team-a", false));
+}
 
+/// Specs come from the inventory; each pool bought takes idle nodes of the
+/// spec until it is sold out, and then buying is refused.
+async fn buying_pools_until_the_spec_is_sold_out(w: &mut World) {
     // Specs come from the inventory.
-    let spec = spec_info(&mut a).await;
+    let spec = spec_info(&mut w.a).await;
     assert_eq!(
         (
             spec.nodes_total,
@@ -105,31 +204,31 @@ async fn dedicated_pools_end_to_end() {
         ),
         (4, 4, false, 2)
     );
-    let spec_name = spec.name.clone();
+    w.spec_name = spec.name.clone();
 
     // Create: Creating, then Running on two idle nodes.
-    let train = a
-        .pools
-        .create_pool(create(pb::PoolType::Train, "train_A", &spec_name, 2))
-        .await
-        .unwrap()
-        .into_inner();
+    let train =
+        w.a.pools
+            .create_pool(create(pb::PoolType::Train, "train_A", &w.spec_name, 2))
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(train.status, pb::PoolStatus::Creating as i32);
     assert_eq!(train.tenant, "team-a");
-    let train = wait_pool(&mut a, &train.pool_id, pb::PoolStatus::Running).await;
-    assert_eq!(train.node_ids, ["n1", "n2"]);
-    assert_eq!(spec_info(&mut a).await.nodes_free, 2);
+    w.train = wait_pool(&mut w.a, &train.pool_id, pb::PoolStatus::Running).await;
+    assert_eq!(w.train.node_ids, ["n1", "n2"]);
+    assert_eq!(spec_info(&mut w.a).await.nodes_free, 2);
     // Name rules are checked per type, with the rule named.
-    let err = a
-        .pools
-        .create_pool(create(pb::PoolType::Deploy, "Bad_Name", &spec_name, 1))
-        .await
-        .unwrap_err();
+    let err =
+        w.a.pools
+            .create_pool(create(pb::PoolType::Deploy, "Bad_Name", &w.spec_name, 1))
+            .await
+            .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("R-CREATE-12"), "{}", err.message());
 
     // A deploy pool with a random zone lands in the one zone that fits.
-    let mut deploy_req = create(pb::PoolType::Deploy, "serve-b", &spec_name, 2);
+    let mut deploy_req = create(pb::PoolType::Deploy, "serve-b", &w.spec_name, 2);
     deploy_req.az = "random".into();
     deploy_req.network = Some(pb::Network {
         network: Some(pb::network::Network::Custom(pb::CustomNetwork {
@@ -138,38 +237,45 @@ async fn dedicated_pools_end_to_end() {
             security_group_ids: vec!["sg-1".into()],
         })),
     });
-    let serve = b.pools.create_pool(deploy_req).await.unwrap().into_inner();
+    let serve =
+        w.b.pools
+            .create_pool(deploy_req)
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(serve.resolved_az, "AZ2");
-    let serve = wait_pool(&mut b, &serve.pool_id, pb::PoolStatus::Running).await;
+    let serve = wait_pool(&mut w.b, &serve.pool_id, pb::PoolStatus::Running).await;
     assert_eq!(serve.node_ids, ["n3", "n4"]);
 
     // Sold out now.
-    let spec = spec_info(&mut a).await;
+    let spec = spec_info(&mut w.a).await;
     assert!(spec.sold_out && spec.nodes_free == 0);
-    let out = sched.cli_as(&token_a, &["spec", "list"]);
+    let out = w.sched.cli_as(&w.token_a, &["spec", "list"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("sold out"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let err = a
-        .pools
-        .create_pool(create(pb::PoolType::Train, "more", &spec_name, 1))
-        .await
-        .unwrap_err();
+    let err =
+        w.a.pools
+            .create_pool(create(pb::PoolType::Train, "more", &w.spec_name, 1))
+            .await
+            .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("sold out"), "{}", err.message());
+}
 
-    // Scale out beyond the quota is refused with the limit and the use.
-    let err = a
-        .pools
-        .scale_pool(pb::ScalePoolRequest {
-            pool: "train_A".into(),
-            change: Some(pb::scale_pool_request::Change::AddNodes(2)),
-            force: false,
-        })
-        .await
-        .unwrap_err();
+/// Scale out beyond the quota is refused with the limit and the use.
+async fn scale_out_beyond_the_quota_is_refused(w: &mut World) {
+    let err =
+        w.a.pools
+            .scale_pool(pb::ScalePoolRequest {
+                pool: "train_A".into(),
+                change: Some(pb::scale_pool_request::Change::AddNodes(2)),
+                force: false,
+            })
+            .await
+            .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(
         err.message().contains("R-SCALE-2")
@@ -178,317 +284,322 @@ async fn dedicated_pools_end_to_end() {
         "{}",
         err.message()
     );
+}
 
+/// A train pool refuses services and a deploy pool refuses training; the
+/// deploy pool runs services, with the pool's network handed over.
+async fn pools_run_only_their_kinds(w: &mut World) {
     // Kind isolation, both ways.
-    let err = a
-        .jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(job(pb::JobKind::OnlineService, "train_A", &["true"])),
-        })
-        .await
-        .unwrap_err();
+    let err =
+        w.a.jobs
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(job(pb::JobKind::OnlineService, "train_A", &["true"])),
+            })
+            .await
+            .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("R-DED-2"), "{}", err.message());
-    let err = b
-        .jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(job(pb::JobKind::Training, "serve-b", &["true"])),
-        })
-        .await
-        .unwrap_err();
+    let err =
+        w.b.jobs
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(job(pb::JobKind::Training, "serve-b", &["true"])),
+            })
+            .await
+            .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     // The deploy pool runs services, with the pool's network handed over.
-    let svc = b
-        .jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(job(
-                pb::JobKind::BatchService,
-                "serve-b",
-                &["sh", "-c", "echo vpc=$GPUPOOL_NETWORK_VPC_ID"],
-            )),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let svc = wait_job_as(&mut b, &svc.job_id, pb::JobState::Succeeded).await;
+    let svc =
+        w.b.jobs
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(job(
+                    pb::JobKind::BatchService,
+                    "serve-b",
+                    &["sh", "-c", "echo vpc=$GPUPOOL_NETWORK_VPC_ID"],
+                )),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    let svc = wait_job_as(&mut w.b, &svc.job_id, pb::JobState::Succeeded).await;
     assert!(["n3", "n4"].contains(&svc.instances[0].node_id.as_str()));
-    let out = sched.cli_as(&token_b, &["job", "logs", &svc.job_id]);
+    let out = w.sched.cli_as(&w.token_b, &["job", "logs", &svc.job_id]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "vpc=vpc-9");
+}
 
-    // A long training job in team-a's pool.
+/// A long training job runs in team-a's train pool, on one of its nodes,
+/// as a process on the host; later scenarios watch it.
+async fn a_long_training_job_runs_in_the_train_pool(w: &mut World) {
     let script = "exec sleep 600.217";
-    let long = a
-        .jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(job(pb::JobKind::Training, "train_A", &["sh", "-c", script])),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let long = wait_job_as(&mut a, &long.job_id, pb::JobState::Running).await;
-    let busy_node = long.instances[0].node_id.clone();
-    assert_eq!(long.pool_id, train.pool_id);
-    let pid: i32 = eventually(Duration::from_secs(10), "the job's pid", || async {
+    let long =
+        w.a.jobs
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(job(pb::JobKind::Training, "train_A", &["sh", "-c", script])),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    w.long = wait_job_as(&mut w.a, &long.job_id, pb::JobState::Running).await;
+    w.busy_node = w.long.instances[0].node_id.clone();
+    assert_eq!(w.long.pool_id, w.train.pool_id);
+    w.pid = eventually(Duration::from_secs(10), "the job's pid", || async {
         host_pid_of(&["sleep", "600.217"])
     })
     .await;
+}
 
-    // Tenant isolation: team-b reaches none of team-a's pool and jobs.
-    let nf = |r: Result<(), tonic::Status>, what: &str| {
-        let err = r.expect_err(what);
-        assert_eq!(err.code(), Code::NotFound, "{what}: {err:?}");
-    };
-    for key in [train.pool_id.as_str(), "train_A"] {
-        nf(
-            b.pools
-                .get_pool(pb::GetPoolRequest { pool: key.into() })
-                .await
-                .map(|_| ()),
-            "get pool",
-        );
-        nf(
-            b.jobs
-                .submit_job(pb::SubmitJobRequest {
-                    spec: Some(job(pb::JobKind::Training, key, &["true"])),
-                })
-                .await
-                .map(|_| ()),
-            "submit",
-        );
-        nf(
-            b.pools
-                .scale_pool(pb::ScalePoolRequest {
-                    pool: key.into(),
-                    change: Some(pb::scale_pool_request::Change::AddNodes(1)),
-                    force: false,
-                })
-                .await
-                .map(|_| ()),
-            "scale out",
-        );
-        nf(
-            b.pools
-                .scale_pool(pb::ScalePoolRequest {
-                    pool: key.into(),
-                    change: Some(pb::scale_pool_request::Change::RemoveNodes(pb::NodeIds {
-                        node_ids: vec!["n2".into()],
-                    })),
-                    force: true,
-                })
-                .await
-                .map(|_| ()),
-            "scale in",
-        );
-        nf(
-            b.pools
-                .scale_in_plan(pb::ScaleInPlanRequest {
-                    pool: key.into(),
-                    count: 1,
-                })
-                .await
-                .map(|_| ()),
-            "plan",
-        );
-        nf(
-            b.pools
-                .delete_pool(pb::DeletePoolRequest {
-                    pool: key.into(),
-                    confirm: true,
-                })
-                .await
-                .map(|_| ()),
-            "delete",
-        );
-        nf(
-            b.nodes
-                .list_nodes(pb::ListNodesRequest {
-                    pool: key.into(),
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ()),
-            "list nodes",
-        );
-        nf(
-            b.jobs
-                .list_jobs(pb::ListJobsRequest {
-                    pool: key.into(),
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ()),
-            "list jobs",
-        );
-        nf(
-            b.pools
-                .convert_to_subscription(pb::ConvertToSubscriptionRequest {
-                    pool: key.into(),
-                    months: 1,
-                    auto_renew: false,
-                })
-                .await
-                .map(|_| ()),
-            "convert",
-        );
-        nf(
-            b.pools
-                .set_renewal(pb::SetRenewalRequest {
-                    pool: key.into(),
-                    auto_renew: true,
-                    convert_to_on_demand_at_expiry: false,
-                })
-                .await
-                .map(|_| ()),
-            "renewal",
-        );
-        nf(
-            b.pools
-                .unsubscribe(pb::UnsubscribeRequest {
-                    pool: key.into(),
-                    confirm: true,
-                })
-                .await
-                .map(|_| ()),
-            "unsubscribe",
-        );
-        nf(
-            b.usage
-                .list_usage(pb::ListUsageRequest {
-                    pool: key.into(),
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ()),
-            "usage of the pool",
-        );
-        nf(
-            b.usage
-                .list_orders(pb::ListOrdersRequest {
-                    pool: key.into(),
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ()),
-            "orders of the pool",
-        );
+/// Tenant isolation: team-b gets NotFound for everything it asks of
+/// team-a's pool, by id or by name.
+async fn tenant_b_reaches_none_of_tenant_a_s_pools(w: &mut World) {
+    for key in [w.train.pool_id.as_str(), "train_A"] {
+        b_can_neither_use_nor_change(&mut w.b, key).await;
+        b_can_neither_list_nor_bill(&mut w.b, key).await;
     }
-    // Another tenant's usage, orders and bill are refused outright.
-    let pd = |r: Result<(), tonic::Status>, what: &str| {
-        let err = r.expect_err(what);
-        assert_eq!(err.code(), Code::PermissionDenied, "{what}: {err:?}");
-    };
-    pd(
+}
+
+/// team-b can't get, submit to, scale out, scale in, plan for or delete the
+/// pool `key`: NotFound.
+async fn b_can_neither_use_nor_change(b: &mut Clients, key: &str) {
+    not_found(
+        b.pools
+            .get_pool(pb::GetPoolRequest { pool: key.into() })
+            .await,
+        "get pool",
+    );
+    not_found(
+        b.jobs
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(job(pb::JobKind::Training, key, &["true"])),
+            })
+            .await,
+        "submit",
+    );
+    not_found(
+        b.pools
+            .scale_pool(pb::ScalePoolRequest {
+                pool: key.into(),
+                change: Some(pb::scale_pool_request::Change::AddNodes(1)),
+                force: false,
+            })
+            .await,
+        "scale out",
+    );
+    not_found(
+        b.pools
+            .scale_pool(pb::ScalePoolRequest {
+                pool: key.into(),
+                change: Some(pb::scale_pool_request::Change::RemoveNodes(pb::NodeIds {
+                    node_ids: vec!["n2".into()],
+                })),
+                force: true,
+            })
+            .await,
+        "scale in",
+    );
+    not_found(
+        b.pools
+            .scale_in_plan(pb::ScaleInPlanRequest {
+                pool: key.into(),
+                count: 1,
+            })
+            .await,
+        "plan",
+    );
+    not_found(
+        b.pools
+            .delete_pool(pb::DeletePoolRequest {
+                pool: key.into(),
+                confirm: true,
+            })
+            .await,
+        "delete",
+    );
+}
+
+/// team-b can't list the nodes or jobs of the pool `key`, convert it, set
+/// its renewal, unsubscribe it, or see its usage or orders: NotFound.
+async fn b_can_neither_list_nor_bill(b: &mut Clients, key: &str) {
+    not_found(
+        b.nodes
+            .list_nodes(pb::ListNodesRequest {
+                pool: key.into(),
+                ..Default::default()
+            })
+            .await,
+        "list nodes",
+    );
+    not_found(
+        b.jobs
+            .list_jobs(pb::ListJobsRequest {
+                pool: key.into(),
+                ..Default::default()
+            })
+            .await,
+        "list jobs",
+    );
+    not_found(
+        b.pools
+            .convert_to_subscription(pb::ConvertToSubscriptionRequest {
+                pool: key.into(),
+                months: 1,
+                auto_renew: false,
+            })
+            .await,
+        "convert",
+    );
+    not_found(
+        b.pools
+            .set_renewal(pb::SetRenewalRequest {
+                pool: key.into(),
+                auto_renew: true,
+                convert_to_on_demand_at_expiry: false,
+            })
+            .await,
+        "renewal",
+    );
+    not_found(
+        b.pools
+            .unsubscribe(pb::UnsubscribeRequest {
+                pool: key.into(),
+                confirm: true,
+            })
+            .await,
+        "unsubscribe",
+    );
+    not_found(
         b.usage
+            .list_usage(pb::ListUsageRequest {
+                pool: key.into(),
+                ..Default::default()
+            })
+            .await,
+        "usage of the pool",
+    );
+    not_found(
+        b.usage
+            .list_orders(pb::ListOrdersRequest {
+                pool: key.into(),
+                ..Default::default()
+            })
+            .await,
+        "orders of the pool",
+    );
+}
+
+/// Another tenant's usage, orders and bill are refused outright.
+async fn tenant_b_reaches_none_of_tenant_a_s_bills(w: &mut World) {
+    permission_denied(
+        w.b.usage
             .list_usage(pb::ListUsageRequest {
                 tenant: "team-a".into(),
                 ..Default::default()
             })
-            .await
-            .map(|_| ()),
+            .await,
         "usage of team-a",
     );
-    pd(
-        b.usage
+    permission_denied(
+        w.b.usage
             .list_orders(pb::ListOrdersRequest {
                 tenant: "team-a".into(),
                 ..Default::default()
             })
-            .await
-            .map(|_| ()),
+            .await,
         "orders of team-a",
     );
-    pd(
-        b.usage
+    permission_denied(
+        w.b.usage
             .get_bill(pb::GetBillRequest {
                 tenant: "team-a".into(),
                 month: String::new(),
             })
-            .await
-            .map(|_| ()),
+            .await,
         "bill of team-a",
     );
-    // Team-a's online service on the public pool: team-b can neither scale
-    // nor restart it.
-    let svc = a
-        .jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(pb::JobSpec {
-                kind: pb::JobKind::OnlineService as i32,
-                resources: Some(pb::Resources {
-                    cpu_milli: 100,
-                    memory_mib: 64,
+}
+
+/// Team-a's online service on the public pool: team-b can neither scale
+/// nor restart it.
+async fn tenant_b_reaches_none_of_tenant_a_s_services(w: &mut World) {
+    let svc =
+        w.a.jobs
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(pb::JobSpec {
+                    kind: pb::JobKind::OnlineService as i32,
+                    resources: Some(pb::Resources {
+                        cpu_milli: 100,
+                        memory_mib: 64,
+                        ..Default::default()
+                    }),
+                    instances: 1,
+                    command: vec!["sleep".into(), "600".into()],
                     ..Default::default()
                 }),
-                instances: 1,
-                command: vec!["sleep".into(), "600".into()],
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    nf(
-        b.jobs
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    not_found(
+        w.b.jobs
             .scale_service(pb::ScaleServiceRequest {
                 job_id: svc.job_id.clone(),
                 replicas: 3,
             })
-            .await
-            .map(|_| ()),
+            .await,
         "scale service",
     );
-    nf(
-        b.jobs
+    not_found(
+        w.b.jobs
             .restart_service(pb::RestartServiceRequest {
                 job_id: svc.job_id.clone(),
             })
-            .await
-            .map(|_| ()),
+            .await,
         "restart service",
     );
-    let svc_now = get_job(&sched, &svc.job_id).await;
+    let svc_now = get_job(&w.sched, &svc.job_id).await;
     assert_eq!(svc_now.spec.unwrap().instances, 1, "team-b scaled it");
-    a.jobs
+    w.a.jobs
         .cancel_job(pb::CancelJobRequest {
             job_id: svc.job_id.clone(),
         })
         .await
         .unwrap();
-    nf(
+}
+
+/// team-b can't see or cancel team-a's job or see its nodes, lists only its
+/// own pools, jobs and nodes, and can't list or make tenants; the job runs on.
+async fn tenant_b_reaches_none_of_tenant_a_s_jobs_nodes_or_tenants(w: &mut World) {
+    let b = &mut w.b;
+    let long = &w.long;
+    not_found(
         b.jobs
             .get_job(pb::GetJobRequest {
                 job_id: long.job_id.clone(),
             })
-            .await
-            .map(|_| ()),
+            .await,
         "get job",
     );
-    nf(
+    not_found(
         b.jobs
             .cancel_job(pb::CancelJobRequest {
                 job_id: long.job_id.clone(),
             })
-            .await
-            .map(|_| ()),
+            .await,
         "cancel job",
     );
-    nf(
+    not_found(
         b.jobs
             .get_job_logs(pb::GetJobLogsRequest {
                 job_id: long.job_id.clone(),
                 ..Default::default()
             })
-            .await
-            .map(|_| ()),
+            .await,
         "logs",
     );
-    nf(
+    not_found(
         b.nodes
             .get_node(pb::GetNodeRequest {
                 node_id: "n1".into(),
             })
-            .await
-            .map(|_| ()),
+            .await,
         "get node",
     );
     let listed = b
@@ -535,22 +646,25 @@ async fn dedicated_pools_end_to_end() {
     assert_eq!(err.code(), Code::PermissionDenied);
     // The job is untouched.
     assert_eq!(
-        get_job(&sched, &long.job_id).await.state,
+        get_job(&w.sched, &long.job_id).await.state,
         pb::JobState::Running as i32
     );
+}
 
-    // The scale-in advisor picks the idle node and explains.
-    let plan = a
-        .pools
-        .scale_in_plan(pb::ScaleInPlanRequest {
-            pool: "train_A".into(),
-            count: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .picks;
-    let idle_node = if busy_node == "n1" { "n2" } else { "n1" };
+/// The scale-in advisor picks the idle node and explains; scale in refuses
+/// the busy node without force and hands the idle one back to the public pool.
+async fn scale_in_picks_the_idle_node(w: &mut World) {
+    let plan =
+        w.a.pools
+            .scale_in_plan(pb::ScaleInPlanRequest {
+                pool: "train_A".into(),
+                count: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .picks;
+    let idle_node = if w.busy_node == "n1" { "n2" } else { "n1" };
     assert_eq!(plan[0].node_id, idle_node);
     assert_eq!(plan[0].instances_disrupted, 0);
     assert!(
@@ -559,14 +673,14 @@ async fn dedicated_pools_end_to_end() {
         plan[0].explanation
     );
     // Asking to remove every node says why it cannot, instead of a shorter plan.
-    let err = a
-        .pools
-        .scale_in_plan(pb::ScaleInPlanRequest {
-            pool: "train_A".into(),
-            count: 2,
-        })
-        .await
-        .unwrap_err();
+    let err =
+        w.a.pools
+            .scale_in_plan(pb::ScaleInPlanRequest {
+                pool: "train_A".into(),
+                count: 2,
+            })
+            .await
+            .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("at most 1"), "{err:?}");
 
@@ -578,17 +692,21 @@ async fn dedicated_pools_end_to_end() {
         })),
         force,
     };
-    let err = a
-        .pools
-        .scale_pool(remove(&busy_node, false))
-        .await
-        .unwrap_err();
+    let err =
+        w.a.pools
+            .scale_pool(remove(&w.busy_node, false))
+            .await
+            .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains(&long.job_id), "{}", err.message());
-    a.pools.scale_pool(remove(idle_node, false)).await.unwrap();
-    let train = wait_pool(&mut a, "train_A", pb::PoolStatus::Running).await;
-    assert_eq!(train.node_ids, vec![busy_node.clone()]);
-    let freed = sched
+    assert!(err.message().contains(&w.long.job_id), "{}", err.message());
+    w.a.pools
+        .scale_pool(remove(idle_node, false))
+        .await
+        .unwrap();
+    w.train = wait_pool(&mut w.a, "train_A", pb::PoolStatus::Running).await;
+    assert_eq!(w.train.node_ids, vec![w.busy_node.clone()]);
+    let freed = w
+        .sched
         .nodes()
         .await
         .get_node(pb::GetNodeRequest {
@@ -598,82 +716,96 @@ async fn dedicated_pools_end_to_end() {
         .unwrap()
         .into_inner();
     assert_eq!(freed.pool, "public");
-    assert_eq!(spec_info(&mut a).await.nodes_free, 1);
+    assert_eq!(spec_info(&mut w.a).await.nodes_free, 1);
+}
 
-    // Killing agents: Abnormal, then Unavailable; submissions name the status.
-    agents[2].proc.kill();
-    let abnormal = wait_pool(&mut b, "serve-b", pb::PoolStatus::Abnormal).await;
+/// Killing agents: the deploy pool turns Abnormal, then Unavailable, and
+/// submissions to it name the status.
+async fn lost_agents_make_the_pool_abnormal_then_unavailable(w: &mut World) {
+    w.agents[2].proc.kill();
+    let abnormal = wait_pool(&mut w.b, "serve-b", pb::PoolStatus::Abnormal).await;
     assert!(
         abnormal.status_reason.contains("node n3 NotReady"),
         "{}",
         abnormal.status_reason
     );
-    let err = b
-        .jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(job(pb::JobKind::OnlineService, "serve-b", &["true"])),
-        })
-        .await
-        .unwrap_err();
+    let err =
+        w.b.jobs
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(job(pb::JobKind::OnlineService, "serve-b", &["true"])),
+            })
+            .await
+            .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(
         err.message().contains("Abnormal") && err.message().contains("R-DED-3"),
         "{}",
         err.message()
     );
-    agents[3].proc.kill();
-    wait_pool(&mut b, "serve-b", pb::PoolStatus::Unavailable).await;
-    let err = b
-        .jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(job(pb::JobKind::OnlineService, "serve-b", &["true"])),
-        })
-        .await
-        .unwrap_err();
+    w.agents[3].proc.kill();
+    wait_pool(&mut w.b, "serve-b", pb::PoolStatus::Unavailable).await;
+    let err =
+        w.b.jobs
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(job(pb::JobKind::OnlineService, "serve-b", &["true"])),
+            })
+            .await
+            .unwrap_err();
     assert!(err.message().contains("Unavailable"), "{}", err.message());
+}
 
-    // Delete: confirmation required; jobs become Unavailable, processes stop, nodes return.
-    let err = a
-        .pools
-        .delete_pool(pb::DeletePoolRequest {
-            pool: "train_A".into(),
-            confirm: false,
-        })
-        .await
-        .unwrap_err();
+/// Delete: confirmation required; jobs become Unavailable, processes stop,
+/// nodes return, and the spec can be bought again.
+async fn delete_returns_the_nodes_and_stops_the_jobs(w: &mut World) {
+    let err =
+        w.a.pools
+            .delete_pool(pb::DeletePoolRequest {
+                pool: "train_A".into(),
+                confirm: false,
+            })
+            .await
+            .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("R-DEL-5"));
-    let out = sched.cli_as(&token_a, &["pool", "delete", "train_A", "--yes"]);
+    let out = w
+        .sched
+        .cli_as(&w.token_a, &["pool", "delete", "train_A", "--yes"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let gone = wait_job_as(&mut a, &long.job_id, pb::JobState::Unavailable).await;
+    let gone = wait_job_as(&mut w.a, &w.long.job_id, pb::JobState::Unavailable).await;
     assert!(gone.reason.contains("deleted"), "{}", gone.reason);
+    let pid = w.pid;
     eventually(
         Duration::from_secs(10),
         "training process stopped",
         || async { process_dead(pid).then_some(()) },
     )
     .await;
-    wait_pool(&mut a, &train.pool_id, pb::PoolStatus::Deleted).await;
-    assert_eq!(spec_info(&mut a).await.nodes_free, 2);
+    wait_pool(&mut w.a, &w.train.pool_id, pb::PoolStatus::Deleted).await;
+    assert_eq!(spec_info(&mut w.a).await.nodes_free, 2);
     // ...and the spec can be bought again.
-    let again = a
-        .pools
-        .create_pool(create(pb::PoolType::Train, "train_A", &spec_name, 2))
-        .await
-        .unwrap()
-        .into_inner();
-    wait_pool(&mut a, &again.pool_id, pb::PoolStatus::Running).await;
+    let again =
+        w.a.pools
+            .create_pool(create(pb::PoolType::Train, "train_A", &w.spec_name, 2))
+            .await
+            .unwrap()
+            .into_inner();
+    wait_pool(&mut w.a, &again.pool_id, pb::PoolStatus::Running).await;
+    w.again = again;
+}
 
-    // Everything survives a scheduler restart.
-    sched = sched.restart(dir.path()).await;
-    let mut a = sched.clients(Some(&token_a)).await;
-    let mut b = sched.clients(Some(&token_b)).await;
+/// Everything survives a scheduler restart: tokens, pools live and deleted,
+/// the deploy pool's status, the job's state, tenants' use; the new pool
+/// runs jobs. Takes the world, since the restart replaces the scheduler.
+async fn everything_survives_a_scheduler_restart(mut w: World) {
+    w.sched = w.sched.restart(w.dir.path()).await;
+    w.a = w.sched.clients(Some(&w.token_a)).await;
+    w.b = w.sched.clients(Some(&w.token_b)).await;
     assert_eq!(
-        b.tenants
+        w.b.tenants
             .who_am_i(pb::WhoAmIRequest {})
             .await
             .unwrap()
@@ -681,23 +813,24 @@ async fn dedicated_pools_end_to_end() {
             .tenant,
         "team-b"
     );
-    let again_after = wait_pool(&mut a, &again.pool_id, pb::PoolStatus::Running).await;
-    assert_eq!(again_after.node_ids, again.node_ids);
-    let old = a
-        .pools
-        .get_pool(pb::GetPoolRequest {
-            pool: train.pool_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let again_after = wait_pool(&mut w.a, &w.again.pool_id, pb::PoolStatus::Running).await;
+    assert_eq!(again_after.node_ids, w.again.node_ids);
+    let old =
+        w.a.pools
+            .get_pool(pb::GetPoolRequest {
+                pool: w.train.pool_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(old.status, pb::PoolStatus::Deleted as i32);
-    wait_pool(&mut b, "serve-b", pb::PoolStatus::Unavailable).await;
+    wait_pool(&mut w.b, "serve-b", pb::PoolStatus::Unavailable).await;
     assert_eq!(
-        get_job(&sched, &long.job_id).await.state,
+        get_job(&w.sched, &w.long.job_id).await.state,
         pb::JobState::Unavailable as i32
     );
-    let tenants = sched
+    let tenants = w
+        .sched
         .admin()
         .await
         .tenants
@@ -712,17 +845,16 @@ async fn dedicated_pools_end_to_end() {
         (2, 4, 1)
     );
     // And the pool works after the restart.
-    let after = a
-        .jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(job(pb::JobKind::Training, &again.pool_id, &["true"])),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let after = wait_job_as(&mut a, &after.job_id, pb::JobState::Succeeded).await;
-    assert!(again.node_ids.contains(&after.instances[0].node_id));
-    drop(agents);
+    let after =
+        w.a.jobs
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(job(pb::JobKind::Training, &w.again.pool_id, &["true"])),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    let after = wait_job_as(&mut w.a, &after.job_id, pb::JobState::Succeeded).await;
+    assert!(w.again.node_ids.contains(&after.instances[0].node_id));
 }
 
 async fn wait_job_as(c: &mut Clients, id: &str, state: pb::JobState) -> pb::Job {

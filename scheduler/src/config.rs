@@ -33,7 +33,7 @@ pub struct SchedulerConfig {
     #[serde(default)]
     pub database_url: Option<String>,
     /// The address clients and agents reach this replica at, told to them
-    /// by standbys. Default: `http://` + `grpc_listen`.
+    /// by standbys. Default: `http://` + the bound `grpc_listen` address.
     #[serde(default)]
     pub advertise_url: Option<String>,
     /// Heartbeat interval asked of agents, in milliseconds.

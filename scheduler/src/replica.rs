@@ -36,11 +36,17 @@ pub async fn run(
         std::process::id(),
         crate::now_ms()
     );
+    // The bound addresses (a configured port 0 is the one the OS gave):
+    // advertised, and listened on again after losing the lease.
+    let addr = grpc.local_addr()?;
+    let metrics_addr = match &metrics {
+        Some(m) => Some(m.local_addr()?),
+        None => config.metrics_listen,
+    };
     let advertise = config
         .advertise_url
         .clone()
-        .unwrap_or_else(|| format!("http://{}", config.grpc_listen));
-    let addr = grpc.local_addr()?;
+        .unwrap_or_else(|| format!("http://{addr}"));
     let lease_url = url.clone();
     let lease_store = Arc::new(
         tokio::task::spawn_blocking(move || PgStore::open(&lease_url, None))
@@ -65,7 +71,7 @@ pub async fn run(
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?,
         };
-        let metrics_listener = match (metrics.take(), config.metrics_listen) {
+        let metrics_listener = match (metrics.take(), metrics_addr) {
             (Some(l), _) => Some(l),
             (None, Some(a)) => Some(tokio::net::TcpListener::bind(a).await?),
             (None, None) => None,

@@ -26,6 +26,12 @@ enum Command {
         /// TOML config file.
         #[arg(long, default_value = "/etc/gpupool/scheduler.toml")]
         config: PathBuf,
+        /// Once listening, write the bound addresses here (TOML: `grpc =
+        /// "IP:PORT"`, `metrics = "IP:PORT"`), whole or not at all: for
+        /// listen addresses with port 0 (tests, several schedulers on one
+        /// host).
+        #[arg(long)]
+        address_file: Option<PathBuf>,
     },
     /// Run a scheduler and a local agent on localhost (development).
     Dev(gpupool_scheduler::dev::DevArgs),
@@ -54,7 +60,10 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve { config } => {
+        Command::Serve {
+            config,
+            address_file,
+        } => {
             let path = config;
             let config = SchedulerConfig::load(&path)?;
             config
@@ -71,6 +80,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 ),
                 None => None,
             };
+            if let Some(file) = &address_file {
+                let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
+                write_addresses(file, grpc.local_addr()?, metrics_addr)?;
+            }
             if let Some(url) = config.database_url.clone() {
                 return gpupool_scheduler::replica::run(
                     config,
@@ -93,4 +106,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Dev(args) => gpupool_scheduler::dev::run(args).await,
         Command::Bench(cmd) => gpupool_scheduler::bench::run(&cmd),
     }
+}
+
+/// Writes the bound addresses to `path` through a temporary file and a
+/// rename, so a reader sees all of it or nothing.
+fn write_addresses(
+    path: &std::path::Path,
+    grpc: std::net::SocketAddr,
+    metrics: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    let mut text = format!("grpc = \"{grpc}\"\n");
+    if let Some(m) = metrics {
+        text.push_str(&format!("metrics = \"{m}\"\n"));
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write the address file {}", path.display()))
 }
