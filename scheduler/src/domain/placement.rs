@@ -128,7 +128,8 @@ pub enum NoFit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Demand {
     pub instances: u32,
-    pub resources: Resources,
+    /// Boxed: a `NoFit` is an `Err` of every placement and stays small.
+    pub resources: Box<Resources>,
 }
 
 /// One resource a node is short of, with the numbers. `models` is the
@@ -1007,7 +1008,7 @@ fn no_fit_reason(nodes: &[NodeCapacity], pool: &str, req: &Resources, instances:
     let in_pool: Vec<&NodeCapacity> = nodes.iter().filter(|n| n.pool == pool).collect();
     let want = Demand {
         instances,
-        resources: req.clone(),
+        resources: Box::new(req.clone()),
     };
     let pool = pool.to_string();
     if in_pool.is_empty() {

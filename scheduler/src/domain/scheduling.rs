@@ -568,6 +568,9 @@ mod tests {
         );
     }
 
+    /// A job's decisions: its id, the ranks placed, why it still waits.
+    type JobPlan<'a> = (&'a str, Vec<(u32, &'a Assignment)>, Option<&'a Wait>);
+
     /// Checks a plan from its inputs and outputs only.
     fn validate(
         nodes: &[NodeCapacity],
@@ -576,7 +579,7 @@ mod tests {
         after: &[NodeCapacity],
     ) {
         // Decisions per job, each job's adjacent.
-        let mut per_job: Vec<(&str, Vec<(u32, &Assignment)>, Option<&Wait>)> = Vec::new();
+        let mut per_job: Vec<JobPlan> = Vec::new();
         for d in decisions {
             let id = match d {
                 Decision::Place { job_id, .. } | Decision::Wait { job_id, .. } => job_id.as_str(),
