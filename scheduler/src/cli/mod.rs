@@ -797,7 +797,7 @@ const MAX_RESPONSE: usize = 256 << 20;
 struct Conn {
     addr: String,
     token: Option<String>,
-    tls: gpupool_agent::tls::ClientTls,
+    tls: gpupool_common::tls::ClientTls,
 }
 
 impl Conn {
@@ -984,7 +984,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let conn = Conn {
         addr: cli.addr.clone(),
         token: cli.token.filter(|t| !t.is_empty()),
-        tls: gpupool_agent::tls::ClientTls {
+        tls: gpupool_common::tls::ClientTls {
             ca_file: cli.tls_ca.clone(),
             cert_file: cli.tls_cert.clone(),
             key_file: cli.tls_key.clone(),
