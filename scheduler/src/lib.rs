@@ -1,7 +1,7 @@
 //! `gpupool-scheduler`: the central daemon. Owns nodes, pools and jobs,
 //! places jobs on nodes, talks to agents over one gRPC session each, stores
-//! everything in SQLite, and serves Prometheus `/metrics`. Also home of the
-//! `gpupool` CLI.
+//! everything in SQLite, and serves Prometheus `/metrics`. The `gpupool`
+//! CLI is the `gpupool-cli` crate: it reaches this daemon over gRPC only.
 //!
 //! Rooms: [`domain`] is the pure core (no I/O, no clock); [`cluster`] is the
 //! state machine over it with write-through to the [`store`]; [`api`] is the
@@ -9,7 +9,6 @@
 
 pub mod api;
 pub mod bench;
-pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod dev;

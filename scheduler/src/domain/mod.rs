@@ -4,12 +4,13 @@
 //! since the Unix epoch).
 
 pub mod billing;
-pub mod calendar;
 pub mod job;
 pub mod node;
 pub mod placement;
 pub mod pool;
 pub mod tenant;
+
+pub use gpupool_common::calendar;
 
 pub use job::{
     Instance, InstanceState, Job, JobKind, JobSpec, JobState, Resources, SpecError, StopCause,
