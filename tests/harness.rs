@@ -3,8 +3,9 @@
 //! real gRPC, and runs the real `gpupool` CLI.
 //!
 //! The binaries are taken from the cargo target dir the tests were built in
-//! (`cargo test --workspace` builds them, since the agent and scheduler
-//! crates have integration tests of their own), or from `GPUPOOL_BIN_DIR`.
+//! (`cargo test --workspace` builds them, since the agent, scheduler and
+//! CLI crates have integration tests of their own), or from
+//! `GPUPOOL_BIN_DIR`.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

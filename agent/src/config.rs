@@ -4,7 +4,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use gpupool_common::config::{load_toml, parse_toml};
 use serde::Deserialize;
+
+pub use gpupool_common::config::ConfigError;
 
 /// `/etc/gpupool/agent.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -212,45 +215,6 @@ fn default_state_dir() -> PathBuf {
 
 fn default_max_backoff_ms() -> u64 {
     10_000
-}
-
-/// A config file that cannot be used; the message names the file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-}
-
-/// Reads a TOML file into `T` and runs `check` on it. Errors name the file,
-/// and (from serde or `check`) the field. Shared by both daemons.
-pub fn load_toml<T: serde::de::DeserializeOwned>(
-    path: &Path,
-    check: impl FnOnce(&T) -> Result<(), String>,
-) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    parse_toml(&text, check).map_err(|message| ConfigError::Parse {
-        path: path.to_path_buf(),
-        message,
-    })
-}
-
-/// Parses TOML text into `T` and runs `check` on it.
-pub fn parse_toml<T: serde::de::DeserializeOwned>(
-    text: &str,
-    check: impl FnOnce(&T) -> Result<(), String>,
-) -> Result<T, String> {
-    let value: T = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
-    check(&value)?;
-    Ok(value)
 }
 
 impl AgentConfig {

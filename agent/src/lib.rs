@@ -17,16 +17,15 @@ pub mod image;
 pub mod metrics;
 pub mod probe;
 pub mod runtime;
-pub mod sdnotify;
 pub mod serving;
 pub mod session;
 pub mod shim;
-pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use gpupool_common::{sdnotify, tls};
 use tokio::sync::watch;
 
 pub use config::AgentConfig;

@@ -60,7 +60,7 @@ pub struct AgentCtx {
     pub scheduler_addrs: Vec<String>,
     pub next_addr: std::sync::atomic::AtomicUsize,
     /// TLS files for `https://` addresses.
-    pub tls: crate::tls::ClientTls,
+    pub tls: gpupool_common::tls::ClientTls,
     pub join_token: Option<String>,
     /// This node's own credential (issued at enrolment), 0600.
     pub credential_file: std::path::PathBuf,

@@ -5,14 +5,14 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use gpupool_agent::config::{load_toml, parse_toml};
+use gpupool_common::config::{load_toml, parse_toml};
 use serde::Deserialize;
 
 use crate::domain::JobKind;
 use crate::domain::billing::SpecPrice;
 use crate::domain::job::KindTable;
 
-pub use gpupool_agent::config::ConfigError;
+pub use gpupool_common::config::ConfigError;
 
 /// `/etc/gpupool/scheduler.toml`.
 #[derive(Debug, Clone, Deserialize)]

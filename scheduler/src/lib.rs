@@ -1,15 +1,14 @@
 //! `gpupool-scheduler`: the central daemon. Owns nodes, pools and jobs,
 //! places jobs on nodes, talks to agents over one gRPC session each, stores
-//! everything in SQLite, and serves Prometheus `/metrics`. Also home of the
-//! `gpupool` CLI.
+//! everything in SQLite, and serves Prometheus `/metrics`. The `gpupool`
+//! CLI is the `gpupool-cli` crate: it reaches this daemon over gRPC only;
+//! the benchmarks are the `gpupool-bench` crate, outside this binary.
 //!
 //! Rooms: [`domain`] is the pure core (no I/O, no clock); [`cluster`] is the
 //! state machine over it with write-through to the [`store`]; [`api`] is the
 //! gRPC edge; [`server`] wires it up; [`dev`] is the one-command dev cluster.
 
 pub mod api;
-pub mod bench;
-pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod dev;

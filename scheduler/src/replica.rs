@@ -153,7 +153,7 @@ async fn standby(
                     None => tokio::net::TcpListener::bind(addr).await?,
                 };
                 tracing::info!(leader = %lease.address, holder = %lease.holder, "standby: another replica leads");
-                gpupool_agent::sdnotify::notify(&format!(
+                gpupool_common::sdnotify::notify(&format!(
                     "READY=1\nSTATUS=standby; the leader is {}",
                     lease.address
                 ));

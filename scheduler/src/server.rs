@@ -542,8 +542,8 @@ pub async fn serve(
         );
     }
     let mut grpc_task = tokio::spawn(grpc_server);
-    gpupool_agent::sdnotify::notify("READY=1\nSTATUS=serving");
-    let watchdog = gpupool_agent::sdnotify::watchdog_interval();
+    gpupool_common::sdnotify::notify("READY=1\nSTATUS=serving");
+    let watchdog = gpupool_common::sdnotify::watchdog_interval();
 
     let metrics_task = match metrics {
         Some(listener) => {
@@ -578,7 +578,7 @@ pub async fn serve(
                         if let Some(every) = watchdog
                             && fed.elapsed() >= every.min(period)
                         {
-                            gpupool_agent::sdnotify::notify("WATCHDOG=1");
+                            gpupool_common::sdnotify::notify("WATCHDOG=1");
                             fed = tokio::time::Instant::now();
                         }
                         let mut flushed_now = None;
@@ -623,7 +623,7 @@ pub async fn serve(
         .stepping_down
         .load(std::sync::atomic::Ordering::SeqCst)
     {
-        gpupool_agent::sdnotify::notify("STOPPING=1");
+        gpupool_common::sdnotify::notify("STOPPING=1");
     }
     let _ = health_reporter;
     let _ = stop_tx.send(true);

@@ -34,10 +34,7 @@ enum Command {
         address_file: Option<PathBuf>,
     },
     /// Run a scheduler and a local agent on localhost (development).
-    Dev(gpupool_scheduler::dev::DevArgs),
-    /// Benchmarks (e.g. `bench replay`: the FGD paper's trace replay).
-    #[command(subcommand)]
-    Bench(gpupool_scheduler::bench::BenchCommand),
+    Dev(Box<gpupool_scheduler::dev::DevArgs>),
 }
 
 fn main() -> ExitCode {
@@ -103,8 +100,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Dev(args) => gpupool_scheduler::dev::run(args).await,
-        Command::Bench(cmd) => gpupool_scheduler::bench::run(&cmd),
+        Command::Dev(args) => gpupool_scheduler::dev::run(*args).await,
     }
 }
 

@@ -65,11 +65,7 @@ impl HourRecord {
     }
 }
 
-/// `n / d` rounded half away from zero.
-pub fn round_div(n: i128, d: i128) -> i64 {
-    let q = (2 * n.abs() + d) / (2 * d);
-    (if n < 0 { -q } else { q }) as i64
-}
+pub use gpupool_common::arith::round_div;
 
 pub fn hour_floor(ms: i64) -> i64 {
     ms.div_euclid(HOUR_MS) * HOUR_MS

@@ -4,7 +4,6 @@
 //! since the Unix epoch).
 
 pub mod billing;
-pub mod calendar;
 pub mod job;
 pub mod node;
 pub mod placement;
@@ -13,6 +12,8 @@ pub mod scheduling;
 pub mod tenant;
 #[cfg(test)]
 pub(crate) mod testkit;
+
+pub use gpupool_common::calendar;
 
 pub use job::{
     Instance, InstanceState, Job, JobKind, JobSpec, JobState, Resources, SpecError, StopCause,

@@ -2,7 +2,7 @@
 //! instances or none (gang), for every pool. Pure: no I/O, no clock;
 //! randomness only from the seed given to [`Placer::new`].
 //!
-//! This is the policy `gpupool-scheduler bench replay --policy default`
+//! This is the policy `gpupool-bench replay --policy default`
 //! runs (the replay drives this very [`Placer`]; BENCHMARKS.md has its
 //! figures against the FGD paper's).
 //!

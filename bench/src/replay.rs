@@ -1,4 +1,4 @@
-//! The pure replay engine of `gpupool-scheduler bench replay`: the FGD
+//! The pure replay engine of `gpupool-bench replay`: the FGD
 //! paper's discrete allocation experiment (USENIX ATC'23, "Beware of
 //! Fragmentation"), with the exact semantics written down in the data set's
 //! `REPLAY.md`. No I/O here: callers hand in parsed [`NodeSpec`]s and

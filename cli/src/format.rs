@@ -1,7 +1,7 @@
 //! Human-readable rendering shared by the table and JSON outputs: enum
 //! names, times, money, quantities, and aligned tables.
 
-use crate::domain::calendar::civil_from_days;
+use gpupool_common::calendar::civil_from_days;
 use gpupool_proto::v1::{
     BillingMode, InstanceState, JobKind, JobState, NodeStatus, PoolStatus, PoolType,
 };

@@ -9,8 +9,8 @@
 
 use super::replay::{Cluster, NodeState, Req, Shape, Workload};
 use super::rng::Rng;
-use crate::domain::Resources;
-use crate::domain::placement::{GpuSlot, NodeCapacity, Placer, TypicalShape};
+use gpupool_scheduler::domain::Resources;
+use gpupool_scheduler::domain::placement::{GpuSlot, NodeCapacity, Placer, TypicalShape};
 
 /// Policy names of the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -22,7 +22,7 @@ pub enum PolicyName {
     Bestfit,
     /// Fragmentation Gradient Descent, as published (REPLAY §13).
     Fgd,
-    /// gpupool's production placement ([`crate::domain::placement::Placer`])
+    /// gpupool's production placement ([`gpupool_scheduler::domain::placement::Placer`])
     /// with the trace's typical shapes: FGD for GPU pods with idle nodes
     /// kept whole on ties; CPU-only pods onto GPU-full nodes.
     Default,
@@ -359,7 +359,12 @@ struct BestFit;
 
 /// The best-fit score of placing `r` on `node`.
 pub fn bestfit_score(node: &NodeState, r: &Req) -> i64 {
-    crate::domain::placement::bestfit_score(node.cpu, node.free_total, r.cpu, r.gpu_total())
+    gpupool_scheduler::domain::placement::bestfit_score(
+        node.cpu,
+        node.free_total,
+        r.cpu,
+        r.gpu_total(),
+    )
 }
 
 /// The fitting GPU with the least free milli, lowest index on ties.
@@ -386,7 +391,7 @@ impl Scorer for BestFit {
 
 // ---------------------------------------------------------------------- FGD
 
-pub use crate::domain::placement::{Typical, fgd_score};
+pub use gpupool_scheduler::domain::placement::{Typical, fgd_score};
 
 /// REPLAY §13: distinct shapes most frequent first (ties: first seen in
 /// name order), the shortest prefix covering ≥ 95% of the pods, with the
@@ -423,28 +428,28 @@ pub fn typical_shapes(counts: &[u64], shapes: &[Shape]) -> Vec<Typical> {
 }
 
 /// REPLAY §13 node fragmentation of a node whose GPUs are all of `model`
-/// (the production [`crate::domain::placement::fragmentation`]).
+/// (the production [`gpupool_scheduler::domain::placement::fragmentation`]).
 pub fn fragmentation(typical: &[Typical], model: u64, cpu: i64, free: &[i64]) -> f64 {
-    crate::domain::placement::fragmentation(typical, cpu, free, |_| model)
+    gpupool_scheduler::domain::placement::fragmentation(typical, cpu, free, |_| model)
 }
 
 /// FGD's best score of placing `r` on the (feasible) `node` and, for a
 /// shared pod, the GPU giving it — the production
-/// [`crate::domain::placement::gpu_choice`] on a node of one model.
+/// [`gpupool_scheduler::domain::placement::gpu_choice`] on a node of one model.
 fn fgd_choice(
     typical: &[Typical],
     node: &NodeState,
     r: &Req,
     scratch: &mut Vec<i64>,
 ) -> (i64, Option<usize>) {
-    let w = crate::domain::placement::Want {
+    let w = gpupool_scheduler::domain::placement::Want {
         cpu: r.cpu,
         mem: r.mem,
         num_gpu: r.num_gpu,
         milli: r.milli,
         spec: r.spec,
     };
-    let (s, gpus) = crate::domain::placement::gpu_choice(
+    let (s, gpus) = gpupool_scheduler::domain::placement::gpu_choice(
         typical,
         node.cpu,
         &node.free,

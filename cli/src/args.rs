@@ -5,7 +5,12 @@
 //! are the scheduler's to check, so that the user gets the same error from
 //! every client.
 
-use crate::domain::calendar::{days_from_civil, days_in_month};
+use gpupool_common::calendar::{days_from_civil, days_in_month};
+
+/// An optional flag as the API takes it: empty when not given.
+pub fn opt(s: Option<String>) -> String {
+    s.unwrap_or_default()
+}
 
 /// Default scheduler address.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7070";
@@ -302,7 +307,7 @@ mod tests {
         // The inverse of the formatter, across leap years and centuries
         // (years 0001 to 9909).
         for day in (-719_000_i64..2_900_000).step_by(997) {
-            let text = crate::cli::format::format_time(day * 86_400_000);
+            let text = crate::format::format_time(day * 86_400_000);
             let (y, m, d) = parse_date(&text[..10]).unwrap();
             assert_eq!(days_from_civil(y, m, d), day, "{text}");
         }

@@ -1,5 +1,5 @@
-//! `gpupool-scheduler bench load`: a real scheduler process (this binary's
-//! `serve`, SQLite in a temp dir) driven over loopback gRPC by N simulated
+//! `gpupool-bench load`: a real scheduler process (`gpupool-scheduler
+//! serve`, SQLite in a temp dir) driven over loopback gRPC by N simulated
 //! agents in this process (fake GPUs, the real agent protocol: register,
 //! session, hello, heartbeats with GPU samples) while a client submits
 //! 1-GPU jobs at a fixed rate. Reports the scheduler's CPU and RSS, its
@@ -7,13 +7,16 @@
 //! histogram), submit-to-scheduled latency as the client sees it, and the
 //! time a restart takes to serve again with everything in the store.
 //!
-//! `gpupool-scheduler bench load [--nodes 1000,10000] [--heartbeat-ms 5000] [--seconds 30] [--rate 500]
+//! `gpupool-bench load [--nodes 1000,10000] [--heartbeat-ms 5000] [--seconds 30] [--rate 500]
 //! [--preload-jobs 100000] [--database-url postgres://...]`
 //!
 //! Restart-to-serving is measured with `--preload-jobs` finished jobs
 //! written to the store (besides the window's) while the scheduler is
 //! stopped. With `--database-url` the scheduler runs on that PostgreSQL
 //! database, whose `public` schema is emptied before each cluster size.
+//!
+//! The scheduler binary is the `gpupool-scheduler` next to this one (as
+//! cargo builds them, e.g. `target/release/`), else the one on `$PATH`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -25,7 +28,7 @@ use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-/// Options of `bench load`.
+/// Options of `load`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
     /// Cluster sizes (simulated nodes), comma-separated.
@@ -78,10 +81,10 @@ async fn load(args: &LoadArgs) -> anyhow::Result<()> {
         args.heartbeat_ms,
         args.rate,
         args.seconds,
-        std::env::current_exe()?.display()
+        scheduler_binary()?.display()
     );
     let store = match &args.database_url {
-        Some(url) => format!("PostgreSQL {}", crate::pgstore::redact(url)),
+        Some(url) => format!("PostgreSQL {}", gpupool_scheduler::pgstore::redact(url)),
         None => "SQLite".to_string(),
     };
     println!("store: {store}");
@@ -174,19 +177,19 @@ async fn usage_phase(
     let url = db.map(String::from);
     let t = Instant::now();
     let rows = tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
-        use crate::store::{Record, Store};
+        use gpupool_scheduler::store::{Record, Store};
         let store: Box<dyn Store> = match &url {
-            Some(url) => Box::new(crate::pgstore::PgStore::open(url, None)?),
-            None => Box::new(crate::store::SqliteStore::open(&path)?),
+            Some(url) => Box::new(gpupool_scheduler::pgstore::PgStore::open(url, None)?),
+            None => Box::new(gpupool_scheduler::store::SqliteStore::open(&path)?),
         };
-        let last = crate::now_ms() / HOUR * HOUR - 2 * HOUR;
+        let last = gpupool_scheduler::now_ms() / HOUR * HOUR - 2 * HOUR;
         let first = last - years * 365 * 24 * HOUR;
         let mut batch = Vec::with_capacity(20_000);
         let mut rows = 0;
         let mut hour = first;
         while hour < last {
             for s in 0..SUBJECTS {
-                batch.push(crate::domain::billing::LedgerRow {
+                batch.push(gpupool_scheduler::domain::billing::LedgerRow {
                     subject: format!("instance:j-bench-{s}-0"),
                     tenant: "bench".into(),
                     pool_id: "public".into(),
@@ -194,7 +197,7 @@ async fn usage_phase(
                     instance_id: format!("j-bench-{s}-0"),
                     spec: "gpu-8xH100-80GB".into(),
                     hour_start_ms: hour,
-                    mode: crate::domain::pool::BillingMode::OnDemand,
+                    mode: gpupool_scheduler::domain::pool::BillingMode::OnDemand,
                     unit_ms: HOUR,
                     quantity: 1,
                     unit_price_micros: 1_000_000,
@@ -206,7 +209,7 @@ async fn usage_phase(
             hour += HOUR;
             if batch.len() >= 20_000 || hour >= last {
                 let records: Vec<Record<'_>> = batch.iter().map(Record::Ledger).collect();
-                store.write(&records, crate::now_ms())?;
+                store.write(&records, gpupool_scheduler::now_ms())?;
                 rows += batch.len() as i64;
                 batch.clear();
             }
@@ -224,13 +227,13 @@ async fn usage_phase(
     let path = dir.join("data").join("gpupool.db");
     let url = db.map(String::from);
     let (whole, took) = tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, f64)> {
-        use crate::store::Store;
+        use gpupool_scheduler::store::Store;
         let store: Box<dyn Store> = match &url {
-            Some(url) => Box::new(crate::pgstore::PgStore::open(url, None)?),
-            None => Box::new(crate::store::SqliteStore::open_reader(&path)?),
+            Some(url) => Box::new(gpupool_scheduler::pgstore::PgStore::open(url, None)?),
+            None => Box::new(gpupool_scheduler::store::SqliteStore::open_reader(&path)?),
         };
         let t = Instant::now();
-        let all = store.ledger(0, crate::now_ms())?;
+        let all = store.ledger(0, gpupool_scheduler::now_ms())?;
         Ok((all.len(), t.elapsed().as_secs_f64()))
     })
     .await??;
@@ -289,10 +292,10 @@ async fn preload(dir: &Path, db: Option<&str>, n: u64) -> anyhow::Result<u64> {
     let path = dir.join("data").join("gpupool.db");
     let url = db.map(String::from);
     tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-        use crate::store::{Record, Store};
+        use gpupool_scheduler::store::{Record, Store};
         let store: Box<dyn Store> = match &url {
-            Some(url) => Box::new(crate::pgstore::PgStore::open(url, None)?),
-            None => Box::new(crate::store::SqliteStore::open(&path)?),
+            Some(url) => Box::new(gpupool_scheduler::pgstore::PgStore::open(url, None)?),
+            None => Box::new(gpupool_scheduler::store::SqliteStore::open(&path)?),
         };
         let snapshot = store.load()?;
         let template = snapshot
@@ -303,18 +306,18 @@ async fn preload(dir: &Path, db: Option<&str>, n: u64) -> anyhow::Result<u64> {
             .context("no placed job to copy")?;
         let nodes: Vec<String> = snapshot.nodes.iter().map(|n| n.node_id.clone()).collect();
         let first = snapshot.jobs.iter().map(|j| j.seq).max().unwrap_or(0) + 1;
-        let now = crate::now_ms();
+        let now = gpupool_scheduler::now_ms();
         let mut batch = Vec::with_capacity(5_000);
         for seq in first..first + n {
             let mut job = template.clone();
             job.seq = seq;
             job.job_id = format!("j-{seq:06}");
-            job.state = crate::domain::JobState::Succeeded;
+            job.state = gpupool_scheduler::domain::JobState::Succeeded;
             job.finished_at_ms = Some(now);
             for inst in &mut job.instances {
                 inst.instance_id = format!("{}-{}", job.job_id, inst.rank);
                 inst.node_id = nodes[(seq as usize) % nodes.len().max(1)].clone();
-                inst.state = crate::domain::InstanceState::Succeeded;
+                inst.state = gpupool_scheduler::domain::InstanceState::Succeeded;
                 inst.finished_at_ms = Some(now);
             }
             batch.push(job);
@@ -371,6 +374,29 @@ impl Drop for Daemon {
     }
 }
 
+/// The `gpupool-scheduler` binary to run: the one next to this binary,
+/// else the one on `$PATH`.
+fn scheduler_binary() -> anyhow::Result<std::path::PathBuf> {
+    const NAME: &str = "gpupool-scheduler";
+    let beside = std::env::current_exe()?.with_file_name(NAME);
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(NAME))
+                .find(|p| p.is_file())
+        })
+        .with_context(|| {
+            format!(
+                "{NAME} is neither next to {} nor on $PATH: build it too \
+                 (`cargo build --release -p gpupool-scheduler -p gpupool-bench`)",
+                beside.display()
+            )
+        })
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -403,7 +429,7 @@ impl Daemon {
                     .unwrap_or_default()
             ),
         )?;
-        let child = std::process::Command::new(std::env::current_exe()?)
+        let child = std::process::Command::new(scheduler_binary()?)
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn")

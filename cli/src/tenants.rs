@@ -3,8 +3,12 @@
 use clap::Subcommand;
 use gpupool_proto::v1 as pb;
 
-use super::format::{Table, format_time, ts_ms};
-use super::{CliError, Conn, OutputFormat, emit, json};
+use crate::OutputFormat;
+use crate::conn::{Conn, every_page};
+use crate::error::CliError;
+use crate::format::{Table, format_time, ts_ms};
+use crate::json;
+use crate::output::emit;
 
 /// `gpupool tenant ...`
 #[derive(Debug, Subcommand)]
@@ -71,7 +75,7 @@ pub(super) async fn tenant_command(
             emit_tenant(out, &t)
         }
         TenantCommand::List => {
-            let list = super::every_page(|page_token| {
+            let list = every_page(|page_token| {
                 let mut tenants = tenants.clone();
                 async move {
                     let page = tenants
@@ -214,7 +218,7 @@ fn whoami_text(r: &pb::WhoAmIResponse) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command};
+    use crate::{Cli, Command};
     use clap::Parser;
 
     fn tenant_command(line: &str) -> TenantCommand {

@@ -1,18 +1,26 @@
-//! `gpupool-scheduler bench`: offline benchmarks of gpupool's placement.
+//! `gpupool-bench`: benchmarks of gpupool's placement and of a real
+//! scheduler under load. A program of its own, so that no production binary
+//! carries benchmark code (`load --database-url` empties a PostgreSQL
+//! schema).
 //!
-//! `bench replay` replays an Alibaba openb trace (cluster-trace-gpu-v2023)
+//! `replay` replays an Alibaba openb trace (cluster-trace-gpu-v2023)
 //! on its 1,213-node GPU cluster exactly as the FGD paper's simulator does
 //! (see the data set's `REPLAY.md`) and reports the allocation rate at 100%
 //! and 130% of GPU capacity arrived:
 //!
 //! ```text
-//! gpupool-scheduler bench replay --nodes openb_node_list_gpu_node.csv \
+//! gpupool-bench replay --nodes openb_node_list_gpu_node.csv \
 //!     --pods openb_pod_list_default.csv --policy fgd --seed 42 --output json
 //! ```
 //!
+//! `speed` measures placements per second on synthetic clusters, `load`
+//! runs the `gpupool-scheduler` binary under simulated agents.
+//!
 //! Rooms: [`data`] reads the CSV files, [`replay`] is the pure engine (no
 //! I/O), [`policy`] holds random, best-fit, FGD and gpupool's `default`
-//! policy, [`rng`] the seeded PRNG. Figures and commands are in
+//! policy, [`rng`] the seeded PRNG, [`speed`] and [`load`] the other two
+//! benchmarks. The placement engine, cluster, store and server come from
+//! the `gpupool-scheduler` library. Figures and commands are in
 //! `BENCHMARKS.md` at the repository root.
 
 pub mod data;
@@ -27,7 +35,7 @@ use std::time::Instant;
 
 pub use policy::PolicyName;
 
-/// `bench` subcommands.
+/// `gpupool-bench` subcommands.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum BenchCommand {
     /// Replay an openb trace (FGD paper's discrete experiment) under a policy.
@@ -38,14 +46,14 @@ pub enum BenchCommand {
     Load(load::LoadArgs),
 }
 
-/// Output format of `bench replay`.
+/// Output format of `replay`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
     Text,
     Json,
 }
 
-/// Options of `bench replay`.
+/// Options of `replay`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
     /// Cluster: node list CSV (`sn,cpu_milli,memory_mib,gpu,model`), e.g. openb_node_list_gpu_node.csv.
@@ -65,7 +73,7 @@ pub struct ReplayArgs {
     pub output: OutputFormat,
 }
 
-/// Runs a `bench` subcommand.
+/// Runs a `gpupool-bench` subcommand.
 pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Replay(args) => run_replay(args),
@@ -74,7 +82,7 @@ pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
     }
 }
 
-/// `bench replay`: reads the files, replays, prints the result.
+/// `replay`: reads the files, replays, prints the result.
 pub fn run_replay(args: &ReplayArgs) -> anyhow::Result<()> {
     let nodes = data::read_nodes(&args.nodes)?;
     let pods = data::read_pods(&args.pods)?;

@@ -2,5 +2,5 @@
 
 fn main() -> std::process::ExitCode {
     gpupool_proto::install_tls_provider();
-    gpupool_scheduler::cli::main()
+    gpupool_cli::main()
 }

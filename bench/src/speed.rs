@@ -4,7 +4,7 @@
 //! next to a plain best-fit scan over the same data in the same run. The
 //! timed span includes building the placer and its indexes.
 //!
-//! `gpupool-scheduler bench speed [--nodes 1000,10000,50000] [--jobs 2000] [--runs 3] [--seed S]`
+//! `gpupool-bench speed [--nodes 1000,10000,50000] [--jobs 2000] [--runs 3] [--seed S]`
 //!
 //! Cluster: N nodes x 8 GPUs of mixed models (H100, A100, L4), 64 cores,
 //! 512 GiB, partly loaded (0..60 % of GPUs busy, some with a fractional
@@ -14,11 +14,11 @@
 
 use std::time::Instant;
 
-use crate::bench::rng::Rng;
-use crate::domain::Resources;
-use crate::domain::placement::{self, GpuSlot, NodeCapacity, Placer};
+use crate::rng::Rng;
+use gpupool_scheduler::domain::Resources;
+use gpupool_scheduler::domain::placement::{self, GpuSlot, NodeCapacity, Placer};
 
-/// Options of `bench speed`.
+/// Options of `speed`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SpeedArgs {
     /// Cluster sizes (nodes), comma-separated.

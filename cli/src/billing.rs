@@ -3,11 +3,15 @@
 use clap::{Args, Subcommand, ValueEnum};
 use gpupool_proto::v1 as pb;
 
-use super::args::{parse_month, parse_time};
-use super::format::{
+use crate::OutputFormat;
+use crate::args::{opt, parse_month, parse_time};
+use crate::conn::{Conn, every_page};
+use crate::error::CliError;
+use crate::format::{
     Details, Table, billing_mode_name, csv_line, format_micros, format_time, ts_ms,
 };
-use super::{CliError, Conn, OutputFormat, emit, emit_bytes, json, opt};
+use crate::json;
+use crate::output::{emit, emit_bytes};
 
 /// Arguments of `gpupool usage`.
 #[derive(Debug, Args)]
@@ -135,7 +139,7 @@ pub(super) async fn order_command(
 ) -> Result<(), CliError> {
     let OrderCommand::List { tenant, pool } = command;
     let usage = conn.usage().await?;
-    let orders = super::every_page(|page_token| {
+    let orders = every_page(|page_token| {
         let (mut usage, tenant, pool) = (usage.clone(), opt(tenant.clone()), opt(pool.clone()));
         async move {
             let page = usage
@@ -209,7 +213,7 @@ fn merge_usage_page(into: &mut pb::ListUsageResponse, records: Vec<pb::UsageReco
         {
             let acc = &mut into.records[i];
             acc.unit_ms += r.unit_ms;
-            acc.seconds = crate::domain::billing::round_div(i128::from(acc.unit_ms), 1000)
+            acc.seconds = gpupool_common::arith::round_div(i128::from(acc.unit_ms), 1000)
                 .clamp(0, i64::from(u32::MAX)) as u32;
             acc.amount_micros += r.amount_micros;
             acc.gpu_allocated_ms += r.gpu_allocated_ms;
@@ -400,7 +404,7 @@ fn bill_text(b: &pb::Bill) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command};
+    use crate::{Cli, Command};
     use clap::Parser;
 
     fn parse(line: &str) -> Result<Cli, clap::Error> {

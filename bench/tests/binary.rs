@@ -1,0 +1,75 @@
+//! The `gpupool-bench` binary itself: its subcommands and one small replay
+//! with JSON output. (Having an integration test also makes `cargo test
+//! --workspace` build the binary.)
+
+use std::process::Command;
+
+fn bench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gpupool-bench"))
+}
+
+#[test]
+fn help_lists_the_benchmarks() {
+    let out = bench().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for command in ["replay", "speed", "load"] {
+        assert!(text.contains(command), "{command} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn replay_prints_one_json_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = dir.path().join("nodes.csv");
+    let pods = dir.path().join("pods.csv");
+    std::fs::write(
+        &nodes,
+        "sn,cpu_milli,memory_mib,gpu,model\nn0,64000,262144,2,P100\nn1,96000,393216,8,V100M32\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &pods,
+        "name,cpu_milli,memory_mib,num_gpu,gpu_milli\np0,8000,16384,1,1000\n\
+         p1,4000,8192,1,500\np2,16000,32768,4,1000\np3,2000,4096,0,0\n",
+    )
+    .unwrap();
+    let out = bench()
+        .arg("replay")
+        .arg("--nodes")
+        .arg(&nodes)
+        .arg("--pods")
+        .arg(&pods)
+        .args(["--policy", "fgd", "--seed", "42", "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["policy"], "fgd");
+    assert_eq!(v["seed"], 42);
+    assert_eq!(v["capacity_milli"], 10_000);
+    assert_eq!(v["nodes_file"], nodes.display().to_string());
+    assert!(v["replay_ms"].is_number(), "{v}");
+}
+
+#[test]
+fn missing_trace_file_is_named() {
+    let out = bench()
+        .args([
+            "replay",
+            "--nodes",
+            "/nonexistent/nodes.csv",
+            "--pods",
+            "/x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/nodes.csv"));
+}
