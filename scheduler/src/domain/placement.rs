@@ -644,7 +644,8 @@ impl Placer {
     }
 
     /// The nodes, consumed.
-    pub fn into_nodes(self) -> Vec<NodeCapacity> {
+    #[cfg(test)]
+    pub(crate) fn into_nodes(self) -> Vec<NodeCapacity> {
         self.nodes
     }
 
@@ -755,7 +756,7 @@ impl Placer {
     /// [`Placer::place`] without using the nodes whose position is `true` in
     /// `avoid` (nodes reserved for a job ahead in the queue; an empty slice
     /// avoids nothing).
-    pub fn place_avoiding(
+    pub(crate) fn place_avoiding(
         &mut self,
         pool: &str,
         req: &Resources,
@@ -958,7 +959,12 @@ impl Placer {
     /// if everything on them had ended; None when even the idle pool cannot
     /// host them all (a job that waits for nodes to be added reserves
     /// nothing).
-    pub fn reservable(&mut self, pool: &str, req: &Resources, instances: u32) -> Option<Vec<bool>> {
+    pub(crate) fn reservable(
+        &mut self,
+        pool: &str,
+        req: &Resources,
+        instances: u32,
+    ) -> Option<Vec<bool>> {
         let w = self.want(req);
         let mut room = 0u64;
         let usable: Vec<bool> = (0..self.nodes.len())
@@ -974,22 +980,14 @@ impl Placer {
             .collect();
         (room >= u64::from(instances)).then_some(usable)
     }
-
-    /// How many instances of `req` fit in `pool` now, in total.
-    pub fn room(&mut self, pool: &str, req: &Resources, cap: u32) -> u64 {
-        let w = self.want(req);
-        (0..self.nodes.len())
-            .filter(|&p| self.eligible(p, pool, req))
-            .map(|p| u64::from(self.state[p].fit_count(&w, cap)))
-            .sum()
-    }
 }
 
 /// Places `instances` copies of `req` in `pool`, all or none, with the
 /// built-in shapes and ties to the node order given. On success the
 /// capacities are reduced by what was taken; on failure they are unchanged
-/// and the error says why the job must wait.
-pub fn place(
+/// and the error says why the job must wait. (The tests' entry point.)
+#[cfg(test)]
+pub(crate) fn place(
     nodes: &mut [NodeCapacity],
     pool: &str,
     req: &Resources,
