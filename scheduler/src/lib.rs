@@ -20,7 +20,14 @@ pub mod replica;
 pub mod server;
 pub mod store;
 
-pub use server::now_ms;
+/// Milliseconds since the Unix epoch: the only clock the scheduler reads
+/// (the state machine is handed it, never reads it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
 
 /// Sets up logging once: text (journald-friendly) or JSON, filtered by
 /// `RUST_LOG` (default `info`).

@@ -16,6 +16,7 @@ use tonic::Status;
 use crate::cluster::{Cluster, Outbox, Settings};
 use crate::config::SchedulerConfig;
 use crate::metrics::Metrics;
+use crate::now_ms;
 use crate::store::SqliteStore;
 
 /// One agent's open session.
@@ -304,14 +305,6 @@ impl Shared {
             key: key.to_string(),
         })
     }
-}
-
-/// Milliseconds since the Unix epoch (the only clock the scheduler reads).
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// The key notebook tokens are derived from: `secret_key_file`, or

@@ -12,7 +12,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{inventory_from_pb, reported_from_pb, status};
 use crate::domain::AgentIdentity;
-use crate::server::{Shared, now_ms};
+use crate::now_ms;
+use crate::server::Shared;
 
 /// How long a new session may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);

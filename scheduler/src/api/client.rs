@@ -14,7 +14,8 @@ use super::{job_state_from_pb, job_to_pb, node_to_pb, raw_spec_from_pb, status};
 use crate::cluster::{Cluster, ClusterError, PoolRef};
 use crate::domain::PUBLIC_POOL;
 use crate::domain::tenant::Caller;
-use crate::server::{Shared, now_ms};
+use crate::now_ms;
+use crate::server::Shared;
 
 /// Bytes asked of the agent per log read.
 const LOG_CHUNK: u32 = 256 * 1024;

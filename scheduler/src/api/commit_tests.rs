@@ -88,7 +88,7 @@ impl Rig {
             let (tx, rx) = mpsc::unbounded_channel();
             shared.with(|core, _| {
                 core.cluster
-                    .register_node(&id, inventory("AZ1"), crate::server::now_ms())
+                    .register_node(&id, inventory("AZ1"), crate::now_ms())
                     .unwrap();
                 core.open_session(&id, tx);
             });
@@ -211,9 +211,9 @@ fn settle(rig: &Rig) {
         let ids: Vec<String> = core.cluster.nodes().map(|n| n.node_id.clone()).collect();
         for id in &ids {
             core.cluster
-                .heartbeat(id, None, Vec::new(), crate::server::now_ms(), out);
+                .heartbeat(id, None, Vec::new(), crate::now_ms(), out);
         }
-        core.cluster.tick(crate::server::now_ms(), out);
+        core.cluster.tick(crate::now_ms(), out);
     });
 }
 
@@ -462,8 +462,7 @@ async fn an_operation_that_fails_after_writing_is_rolled_back() {
     rig.drain();
     let before = (rig.memory(), rig.stored());
     let err: Result<(), crate::cluster::ClusterError> = rig.shared.mutate(|core, out| {
-        core.cluster
-            .set_cordon("n1", true, crate::server::now_ms(), out)?;
+        core.cluster.set_cordon("n1", true, crate::now_ms(), out)?;
         Err(crate::cluster::ClusterError::Internal(
             "later step failed".into(),
         ))
