@@ -289,6 +289,13 @@ impl Shared {
         }
     }
 
+    /// The `/metrics` page: the gauges sampled under the lock, encoded
+    /// outside it.
+    pub fn render_metrics(&self) -> String {
+        self.with(|core, _| self.metrics.sample(&core.cluster, core.sessions.len()));
+        self.metrics.encode()
+    }
+
     /// Takes one of the caller's log stream slots, or says the cap is reached.
     pub fn open_log_stream(self: &Arc<Self>, key: &str) -> Result<LogStreamSlot, Status> {
         let cap = self.config.limits.log_streams_per_caller;
@@ -544,7 +551,8 @@ pub async fn serve(
             let shared = shared.clone();
             let stop = stopped(stop_rx.clone());
             Some(tokio::spawn(async move {
-                if let Err(err) = crate::metrics::serve(listener, shared, stop).await {
+                let render = move || shared.render_metrics();
+                if let Err(err) = crate::metrics::serve(listener, render, stop).await {
                     tracing::error!(error = %err, "metrics server failed");
                 }
             }))
