@@ -4,8 +4,9 @@
 //! `gpupool` CLI.
 //!
 //! Rooms: [`domain`] is the pure core (no I/O, no clock); [`cluster`] is the
-//! state machine over it with write-through to the [`store`]; [`api`] is the
-//! gRPC edge; [`server`] wires it up; [`dev`] is the one-command dev cluster.
+//! state machine over it with write-through to the [`store`]; [`state`] holds
+//! it behind one lock with the agents' sessions; [`api`] is the gRPC edge;
+//! [`server`] wires it up; [`dev`] is the one-command dev cluster.
 
 pub mod api;
 pub mod bench;
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod pgstore;
 pub mod replica;
 pub mod server;
+pub mod state;
 pub mod store;
 
 /// Milliseconds since the Unix epoch: the only clock the scheduler reads

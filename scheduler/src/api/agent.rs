@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use gpupool_proto::v1 as pb;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{inventory_from_pb, reported_from_pb, status};
+use super::{inventory_from_pb, log_chunk_from_pb, reported_from_pb, status, to_agent_pb};
 use crate::domain::AgentIdentity;
 use crate::now_ms;
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// How long a new session may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -145,7 +145,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
             }
             shared.with(|core, _| core.close_session(&node_id, session_id));
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        let outbound = UnboundedReceiverStream::new(rx).map(|m| Ok(to_agent_pb(m)));
+        Ok(Response::new(Box::pin(outbound)))
     }
 }
 
@@ -195,7 +196,7 @@ fn handle(shared: &Shared, node_id: &str, session_id: u64, msg: pb::AgentMessage
                     core.cluster.apply_report(node_id, r, now_ms(), out);
                 }
             }
-            Some(Msg::LogChunk(chunk)) => core.resolve_log(node_id, chunk),
+            Some(Msg::LogChunk(chunk)) => core.resolve_log(node_id, log_chunk_from_pb(chunk)),
             Some(Msg::Hello(_)) => {
                 tracing::warn!(node = %node_id, "ignoring a second hello in one session")
             }

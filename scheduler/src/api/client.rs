@@ -15,7 +15,7 @@ use crate::cluster::{Cluster, ClusterError, PoolRef};
 use crate::domain::PUBLIC_POOL;
 use crate::domain::tenant::Caller;
 use crate::now_ms;
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// Bytes asked of the agent per log read.
 const LOG_CHUNK: u32 = 256 * 1024;
@@ -205,8 +205,8 @@ impl pb::job_service_server::JobService for Api {
                     core.request_log(&node_id, &instance_id, offset, LOG_CHUNK, max_pending)
                 }) {
                     Ok(r) => r,
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
+                    Err(err) => {
+                        let _ = tx.send(Err(Status::from(err))).await;
                         return;
                     }
                 };

@@ -18,7 +18,7 @@ use crate::api::agent::AgentApi;
 use crate::api::client::Api;
 use crate::config::SchedulerConfig;
 use crate::domain::{AgentIdentity, Gpu, Inventory};
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::store::{FailingStore, SqliteStore, Store};
 
 const ADMIN: &str = "commit-test-admin-token";
@@ -29,10 +29,7 @@ struct Rig {
     store: Arc<SqliteStore>,
     fail: Arc<AtomicBool>,
     /// What each node's session was sent.
-    sessions: Vec<(
-        String,
-        mpsc::UnboundedReceiver<Result<pb::SchedulerMessage, Status>>,
-    )>,
+    sessions: Vec<(String, mpsc::UnboundedReceiver<crate::state::ToAgent>)>,
     _dir: tempfile::TempDir,
 }
 
@@ -73,12 +70,13 @@ impl Rig {
         // record at once (R-BILL-1, for ConvertToSubscription).
         config.billing.default_price.on_demand_node_hour_micros = 3_600_000_000;
         config.billing.default_price.subscription_node_month_micros = 1_000_000;
-        let shared = crate::server::open_with(
+        let shared = crate::state::load(
             config,
             Box::new(FailingStore {
                 inner: store.clone(),
                 fail: fail.clone(),
             }),
+            crate::cluster::SecretKey(vec![7; 32]),
             "test",
         )
         .unwrap();

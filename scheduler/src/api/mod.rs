@@ -46,6 +46,7 @@ use tonic::Status;
 
 use crate::cluster::{AgentCommand, ClusterError, NodeUsage, ReportedInstance};
 use crate::domain::{self, InstanceState, JobKind, JobState, NodeStatus, job::RawJobSpec};
+use crate::state::{LogChunk, StateError, ToAgent};
 
 /// The single mapping from domain errors to gRPC statuses.
 ///
@@ -126,6 +127,20 @@ pub fn status(err: ClusterError) -> Status {
         ClusterError::Store(source) => {
             tracing::error!(error = %source, cause = ?std::error::Error::source(source), "storage failure");
             Status::unavailable("storage failure; the request was not applied")
+        }
+    }
+}
+
+impl From<StateError> for Status {
+    fn from(err: StateError) -> Self {
+        let msg = err.to_string();
+        match err {
+            StateError::TooManyLogReads { .. } | StateError::TooManyLogStreams { .. } => {
+                Status::resource_exhausted(msg)
+            }
+            StateError::NodeNotConnected { .. } | StateError::NodeDisconnected { .. } => {
+                Status::unavailable(msg)
+            }
         }
     }
 }
@@ -457,6 +472,30 @@ pub fn reported_from_pb(s: pb::InstanceStatus) -> Option<ReportedInstance> {
         image_digest: s.image_digest,
         pull: s.pulling.then_some((s.pull_done_bytes, s.pull_total_bytes)),
     })
+}
+
+/// What goes down an agent's session, as the protocol has it.
+pub fn to_agent_pb(m: ToAgent) -> pb::SchedulerMessage {
+    match m {
+        ToAgent::Command(cmd) => command_to_pb(cmd),
+        ToAgent::ReadLogs(read) => pb::SchedulerMessage {
+            msg: Some(pb::scheduler_message::Msg::ReadLogs(pb::ReadLogs {
+                request_id: read.request_id,
+                instance_id: read.instance_id,
+                offset: read.offset,
+                max_bytes: read.max_bytes,
+            })),
+        },
+    }
+}
+
+pub fn log_chunk_from_pb(c: pb::LogChunk) -> LogChunk {
+    LogChunk {
+        request_id: c.request_id,
+        data: c.data,
+        next_offset: c.next_offset,
+        error: c.error,
+    }
 }
 
 pub fn command_to_pb(cmd: AgentCommand) -> pb::SchedulerMessage {
