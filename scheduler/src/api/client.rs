@@ -309,7 +309,7 @@ impl pb::node_service_server::NodeService for Api {
                     .ok()
                     .filter(|n| core.cluster.node_visible(&caller, n))
                     .map(|n| node_to_pb(n, usage.get(&n.node_id)))
-                    .ok_or_else(|| Status::not_found(format!("node {id:?} not found")))
+                    .ok_or_else(|| ClusterError::NodeNotFound { id: id.clone() }.into())
             })
             .map(Response::new)
     }
@@ -378,9 +378,8 @@ impl Api {
         cordoned: bool,
     ) -> Result<Response<pb::Node>, Status> {
         if !caller.admin {
-            return Err(Status::permission_denied(
-                "cordoning nodes is for the admin only",
-            ));
+            let what = "cordoning nodes";
+            return Err(ClusterError::AdminOnly { what }.into());
         }
         self.shared
             .mutate(|core, out| {
