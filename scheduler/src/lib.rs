@@ -31,6 +31,23 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// An error and its sources on one line, `outer: inner: innermost`: how an
+/// error is logged, once, where it is handled (the messages themselves
+/// never repeat their source).
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
+    }
+}
+
 /// Sets up logging once: text (journald-friendly) or JSON, filtered by
 /// `RUST_LOG` (default `info`).
 pub fn init_tracing(json: bool) {

@@ -26,7 +26,7 @@ impl From<ClusterError> for Status {
 /// is logged here, with its whole chain, and answered without it.
 pub fn status(err: ClusterError) -> Status {
     if let ClusterError::Store(source) = &err {
-        tracing::error!(error = %source, cause = ?std::error::Error::source(source), "storage failure");
+        tracing::error!(error = %crate::ErrorChain(source), "storage failure; the request was not applied");
         return Status::unavailable("storage failure; the request was not applied");
     }
     Status::new(code(&err), err.to_string())

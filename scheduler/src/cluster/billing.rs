@@ -230,7 +230,7 @@ impl Cluster {
         let mut records: Vec<Record<'_>> = rows.iter().map(Record::Ledger).collect();
         records.push(Record::LedgerClosed(upto));
         if let Err(err) = self.store.write(&records, now_ms) {
-            tracing::error!(error = %err, "cannot close ledger hours; will retry");
+            tracing::error!(error = %crate::ErrorChain(&err), "cannot close ledger hours; will retry");
             return Vec::new();
         }
         tracing::debug!(until = upto, rows = rows.len(), "ledger hours closed");
@@ -403,7 +403,7 @@ impl Cluster {
                 tracing::info!(pool = %id, "frozen pool past its retention; releasing it");
                 if let Err(err) = self.begin_delete(pool, "frozen pool released", now_ms, out, None)
                 {
-                    tracing::error!(pool = %id, error = %err, "cannot release frozen pool");
+                    tracing::error!(pool = %id, error = %crate::ErrorChain(&err), "cannot release frozen pool");
                 }
                 continue;
             }
@@ -477,7 +477,7 @@ impl Cluster {
             records.extend(orders.iter().map(Record::Order));
             records.extend(jobs.iter().map(Record::Job));
             if let Err(err) = self.store.write(&records, now_ms) {
-                tracing::error!(pool = %id, error = %err, "cannot persist subscription change; will retry");
+                tracing::error!(pool = %id, error = %crate::ErrorChain(&err), "cannot persist subscription change; will retry");
                 continue;
             }
             tracing::info!(pool = %id, status = ?pool.status, mode = ?pool.billing_mode, renewals = orders.len(), "subscription term ended");

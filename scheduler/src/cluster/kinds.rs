@@ -312,7 +312,7 @@ impl Cluster {
             tracing::info!(job = %job_id, ?cause, "stopping job");
             let job = self.stop_job(&job_id, cause, &reason, now_ms, out);
             if let Err(err) = self.store.put_job(&job, now_ms) {
-                tracing::error!(job = %job_id, error = %err, "cannot persist job");
+                tracing::error!(job = %job_id, error = %crate::ErrorChain(&err), "cannot persist job");
             }
         }
     }

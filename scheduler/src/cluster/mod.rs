@@ -790,7 +790,7 @@ impl Cluster {
         }
         let records: Vec<Record<'_>> = jobs.into_iter().map(Record::Job).collect();
         if let Err(err) = self.store.write(&records, now_ms) {
-            tracing::error!(error = %err, "cannot persist utilization samples");
+            tracing::error!(error = %crate::ErrorChain(&err), "cannot persist utilization samples");
         }
     }
 
@@ -815,7 +815,7 @@ impl Cluster {
             let node = node.clone();
             self.placer = None;
             if let Err(err) = self.store.put_node(&node, now_ms) {
-                tracing::error!(node = %node_id, error = %err, "cannot persist node");
+                tracing::error!(node = %node_id, error = %crate::ErrorChain(&err), "cannot persist node");
             }
         }
     }
@@ -1038,7 +1038,7 @@ impl Cluster {
             .collect();
         records.push(Record::NextJobSeq(self.next_seq));
         if let Err(err) = self.store.write(&records, now_ms) {
-            tracing::error!(error = %err, "cannot forget finished jobs; will retry");
+            tracing::error!(error = %crate::ErrorChain(&err), "cannot forget finished jobs; will retry");
             return 0;
         }
         for id in &gone {
@@ -1110,7 +1110,7 @@ impl Cluster {
         if let Some(job) = self.jobs.get(job_id)
             && let Err(err) = self.store.put_job(job, now_ms)
         {
-            tracing::error!(job = %job_id, error = %err, "cannot persist job");
+            tracing::error!(job = %job_id, error = %crate::ErrorChain(&err), "cannot persist job");
         }
     }
 
@@ -1132,7 +1132,7 @@ impl Cluster {
                 node.status = NodeStatus::NotReady;
                 let node = node.clone();
                 if let Err(err) = self.store.put_node(&node, now_ms) {
-                    tracing::error!(node = %node_id, error = %err, "cannot persist node");
+                    tracing::error!(node = %node_id, error = %crate::ErrorChain(&err), "cannot persist node");
                 }
             }
             let why = format!("node {node_id} NotReady (no heartbeat for {grace} ms)");

@@ -812,7 +812,7 @@ impl Cluster {
             let mut records: Vec<Record<'_>> = freed.iter().map(Record::Node).collect();
             records.push(Record::Pool(&pool));
             if let Err(err) = self.store.write(&records, now_ms) {
-                tracing::error!(pool = %id, error = %err, "cannot persist pool change; will retry");
+                tracing::error!(pool = %id, error = %crate::ErrorChain(&err), "cannot persist pool change; will retry");
                 continue;
             }
             if !released.is_empty() {

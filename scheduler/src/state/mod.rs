@@ -175,7 +175,7 @@ impl Shared {
                 Some(result)
             }
             Err(err) => {
-                tracing::error!(error = %err, cause = ?std::error::Error::source(&err), "cannot persist state; change undone");
+                tracing::error!(error = %crate::ErrorChain(&err), "cannot persist state; change undone");
                 None
             }
         }
