@@ -468,3 +468,90 @@ async fn an_operation_that_fails_after_writing_is_rolled_back() {
     assert_eq!((rig.memory(), rig.stored()), before);
     assert_eq!(rig.drain(), 0);
 }
+
+/// A heartbeat the store refuses is not dropped silently: it is undone
+/// (memory and store keep what they had) and the node's session ends, so
+/// the agent registers again with its whole inventory, and what the
+/// heartbeat told (an inventory change, which heartbeats send only once)
+/// arrives that way once the store works.
+#[tokio::test]
+async fn a_heartbeat_the_store_refuses_ends_the_session_and_is_told_again() {
+    use super::agent::{Handled, handle, pump};
+    let mut rig = Rig::new(1);
+    rig.drain();
+    let session = rig.shared.with(|core, _| core.sessions["n1"].id);
+    let mut sick = inventory("AZ1");
+    sick.gpus[1].healthy = false;
+    sick.gpus[1].health_reason = "XID 79".into();
+    let heartbeat = || pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
+            inventory: Some(super::inventory_to_pb(&sick)),
+            ..Default::default()
+        })),
+    };
+    let gpu1_healthy = |rig: &Rig| {
+        let memory = rig
+            .shared
+            .with(|core, _| core.cluster.node("n1").unwrap().inventory.gpus[1].healthy);
+        let stored = rig.store.load().unwrap().nodes[0].inventory.gpus[1].healthy;
+        (memory, stored)
+    };
+    assert_eq!(gpu1_healthy(&rig), (true, true));
+
+    // The store refuses: the session ends (the stream stays open, so only
+    // the refusal can end it) and nothing of the heartbeat is kept.
+    rig.fail.store(true, Ordering::SeqCst);
+    let inbound = tokio_stream::StreamExt::chain(
+        tokio_stream::iter([Ok(heartbeat())]),
+        tokio_stream::pending(),
+    );
+    let ended = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        pump(rig.shared.clone(), "n1".into(), session, Box::pin(inbound)),
+    )
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the session outlived a heartbeat the store refused"
+    );
+    rig.fail.store(false, Ordering::SeqCst);
+    assert_eq!(
+        gpu1_healthy(&rig),
+        (true, true),
+        "memory and store diverged"
+    );
+    assert!(rig.shared.with(|core, _| !core.sessions.contains_key("n1")));
+    let (_, down) = &mut rig.sessions[0];
+    while down.try_recv().is_ok() {}
+    assert!(
+        down.recv().await.is_none(),
+        "the stream to the agent is closed"
+    );
+
+    // The agent registers again, with the inventory it has now.
+    let agents = AgentApi {
+        shared: rig.shared.clone(),
+    };
+    let mut again = Request::new(pb::RegisterRequest {
+        node_id: "n1".into(),
+        inventory: Some(super::inventory_to_pb(&sick)),
+        agent_version: String::new(),
+    });
+    again.extensions_mut().insert(AgentIdentity::Node {
+        node_id: "n1".into(),
+        credential_sha256: "in-process:n1".into(),
+    });
+    pb::agent_service_server::AgentService::register(&agents, again)
+        .await
+        .unwrap();
+    assert_eq!(gpu1_healthy(&rig), (false, false));
+
+    // With the store working, a session's heartbeat is applied and the
+    // session goes on.
+    let (tx, _down) = mpsc::unbounded_channel();
+    let session = rig.shared.with(|core, _| core.open_session("n1", tx));
+    assert_eq!(
+        handle(&rig.shared, "n1", session, heartbeat()),
+        Handled::Applied
+    );
+}
