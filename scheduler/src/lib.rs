@@ -5,8 +5,9 @@
 //! the benchmarks are the `gpupool-bench` crate, outside this binary.
 //!
 //! Rooms: [`domain`] is the pure core (no I/O, no clock); [`cluster`] is the
-//! state machine over it with write-through to the [`store`]; [`api`] is the
-//! gRPC edge; [`server`] wires it up; [`dev`] is the one-command dev cluster.
+//! state machine over it with write-through to the [`store`]; [`state`] holds
+//! it behind one lock with the agents' sessions; [`api`] is the gRPC edge;
+//! [`server`] wires it up; [`dev`] is the one-command dev cluster.
 
 pub mod api;
 pub mod cluster;
@@ -17,9 +18,34 @@ pub mod metrics;
 pub mod pgstore;
 pub mod replica;
 pub mod server;
+pub mod state;
 pub mod store;
 
-pub use server::now_ms;
+/// Milliseconds since the Unix epoch: the only clock the scheduler reads
+/// (the state machine is handed it, never reads it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// An error and its sources on one line, `outer: inner: innermost`: how an
+/// error is logged, once, where it is handled (the messages themselves
+/// never repeat their source).
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
+    }
+}
 
 /// Sets up logging once: text (journald-friendly) or JSON, filtered by
 /// `RUST_LOG` (default `info`).

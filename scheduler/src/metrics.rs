@@ -1,12 +1,14 @@
 //! The scheduler's Prometheus `/metrics`: nodes by status, jobs by state,
 //! GPUs allocated, agent sessions, submissions.
-
-use std::sync::Arc;
+//!
+//! It reads the cluster it is handed ([`Metrics::sample`]); it does not
+//! know the shared state or the server (the wiring hands [`serve`] what
+//! renders the page).
 
 use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
+use crate::cluster::Cluster;
 use crate::domain::{JobState, NodeStatus};
-use crate::server::Shared;
 
 pub struct Metrics {
     registry: Registry,
@@ -141,45 +143,47 @@ impl Metrics {
         }
     }
 
-    /// Samples the cluster and renders the text format.
-    pub fn render(&self, shared: &Shared) -> String {
-        shared.with(|core, _| {
-            let cluster = &core.cluster;
-            for (status, label) in [
-                (NodeStatus::Ready, "Ready"),
-                (NodeStatus::NotReady, "NotReady"),
-            ] {
-                self.nodes
-                    .with_label_values(&[label])
-                    .set(cluster.nodes().filter(|n| n.status == status).count() as i64);
-            }
-            for state in [
-                JobState::Queued,
-                JobState::Scheduled,
-                JobState::Running,
-                JobState::Succeeded,
-                JobState::Failed,
-                JobState::Cancelled,
-                JobState::Lost,
-                JobState::Unavailable,
-            ] {
-                let label = format!("{state:?}");
-                self.jobs
-                    .with_label_values(&[label.as_str()])
-                    .set(cluster.jobs().filter(|j| j.state == state).count() as i64);
-            }
-            self.gpus
-                .set(cluster.nodes().map(|n| n.inventory.gpus.len() as i64).sum());
-            self.gpus_allocated_milli.set(
-                cluster
-                    .usage()
-                    .values()
-                    .flat_map(|u| u.gpu_milli.iter())
-                    .map(|m| i64::from(*m))
-                    .sum(),
-            );
-            self.sessions.set(core.sessions.len() as i64);
-        });
+    /// Sets the gauges from the cluster and the number of open agent
+    /// sessions (called under the cluster lock: no encoding here).
+    pub fn sample(&self, cluster: &Cluster, sessions: usize) {
+        for (status, label) in [
+            (NodeStatus::Ready, "Ready"),
+            (NodeStatus::NotReady, "NotReady"),
+        ] {
+            self.nodes
+                .with_label_values(&[label])
+                .set(cluster.nodes().filter(|n| n.status == status).count() as i64);
+        }
+        for state in [
+            JobState::Queued,
+            JobState::Scheduled,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Cancelled,
+            JobState::Lost,
+            JobState::Unavailable,
+        ] {
+            let label = format!("{state:?}");
+            self.jobs
+                .with_label_values(&[label.as_str()])
+                .set(cluster.jobs().filter(|j| j.state == state).count() as i64);
+        }
+        self.gpus
+            .set(cluster.nodes().map(|n| n.inventory.gpus.len() as i64).sum());
+        self.gpus_allocated_milli.set(
+            cluster
+                .usage()
+                .values()
+                .flat_map(|u| u.gpu_milli.iter())
+                .map(|m| i64::from(*m))
+                .sum(),
+        );
+        self.sessions.set(sessions as i64);
+    }
+
+    /// Every metric in the Prometheus text format.
+    pub fn encode(&self) -> String {
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
@@ -194,21 +198,20 @@ impl Default for Metrics {
     }
 }
 
-/// Serves `/metrics` until `shutdown`.
+/// Serves `/metrics` until `shutdown`, each page made by `render`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
+    render: impl Fn() -> String + Clone + Send + Sync + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let shared = shared.clone();
+            let render = render.clone();
             async move {
-                let body = shared.metrics.render(&shared);
                 (
                     [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-                    body,
+                    render(),
                 )
             }
         }),

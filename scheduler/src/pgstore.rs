@@ -20,7 +20,7 @@ use postgres::types::ToSql;
 use postgres::{Client, NoTls};
 
 use crate::domain::billing::LedgerRow;
-use crate::store::{Record, Snapshot, Store, StoreError, encode, pending_migrations};
+use crate::store::{Doing, Op, Record, Snapshot, Store, StoreError, encode, pending_migrations};
 
 /// A lease not renewed for this long may be taken by another replica.
 pub const LEASE_TTL_MS: i64 = 5_000;
@@ -112,8 +112,11 @@ impl PgStore {
                      expires_at_ms = excluded.expires_at_ms
                  WHERE leader.holder = excluded.holder OR leader.expires_at_ms < {DB_NOW_MS}"
             );
-            c.execute(&sql, &[&holder, &address, &LEASE_TTL_MS])?;
-            let row = c.query_one("SELECT holder, address FROM leader WHERE id = 1", &[])?;
+            c.execute(&sql, &[&holder, &address, &LEASE_TTL_MS])
+                .doing(Op::Write("leader"))?;
+            let row = c
+                .query_one("SELECT holder, address FROM leader WHERE id = 1", &[])
+                .doing(Op::Read("leader"))?;
             let (h, a): (String, String) = (row.get(0), row.get(1));
             Ok(Lease {
                 mine: h == holder,
@@ -131,7 +134,8 @@ impl PgStore {
             c.execute(
                 "UPDATE leader SET expires_at_ms = 0 WHERE id = 1 AND holder = $1",
                 &[&holder],
-            )?;
+            )
+            .doing(Op::Write("leader"))?;
             Ok(())
         })
     }
@@ -140,7 +144,8 @@ impl PgStore {
     pub fn lease(&self) -> Result<Option<(String, String)>, StoreError> {
         self.call(|c| {
             Ok(
-                c.query_opt("SELECT holder, address FROM leader WHERE id = 1", &[])?
+                c.query_opt("SELECT holder, address FROM leader WHERE id = 1", &[])
+                    .doing(Op::Read("leader"))?
                     .map(|r| (r.get(0), r.get(1))),
             )
         })
@@ -182,7 +187,7 @@ fn connect(url: &str) -> Option<Client> {
             Some(c)
         }
         Err(err) => {
-            tracing::warn!(error = %err, url = %redact(url), "cannot connect to PostgreSQL");
+            tracing::warn!(error = %crate::ErrorChain(&err), url = %redact(url), "cannot connect to PostgreSQL");
             None
         }
     }
@@ -202,27 +207,30 @@ pub fn redact(url: &str) -> String {
 
 fn migrate(c: &mut Client) -> Result<(), StoreError> {
     // One replica migrates at a time.
-    let mut tx = c.transaction()?;
-    tx.execute("SELECT pg_advisory_xact_lock(7107)", &[])?;
+    let mut tx = c.transaction().doing(Op::Begin)?;
+    tx.execute("SELECT pg_advisory_xact_lock(7107)", &[])
+        .doing(Op::Write("schema_migrations"))?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
-    )?;
+    )
+    .doing(Op::Write("schema_migrations"))?;
     let current: i64 = tx
         .query_one(
             "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
             &[],
-        )?
+        )
+        .doing(Op::Read("schema_migrations"))?
         .get(0);
     for &(version, sql) in pending_migrations(current)? {
-        tx.batch_execute(sql)?;
+        tx.batch_execute(sql).doing(Op::Migrate(version))?;
         tx.execute(
             "INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)",
             &[&version, &crate::now_ms()],
-        )?;
+        )
+        .doing(Op::Migrate(version))?;
         tracing::info!(version, "applied database migration (PostgreSQL)");
     }
-    tx.commit()?;
-    Ok(())
+    tx.commit().doing(Op::Commit)
 }
 
 /// Decodes `(id, json)` rows of `table` into domain objects.
@@ -241,7 +249,8 @@ fn rows_with<T: serde::de::DeserializeOwned>(
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Vec<T>, StoreError> {
-    c.query(sql, params)?
+    c.query(sql, params)
+        .doing(Op::Read(table))?
         .into_iter()
         .map(|row| {
             let (id, data): (String, String) = (row.get(0), row.get(1));
@@ -352,7 +361,8 @@ impl Store for PgStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         self.call(|c| {
             let tokens = c
-                .query("SELECT token_sha256, tenant FROM tokens", &[])?
+                .query("SELECT token_sha256, tenant FROM tokens", &[])
+                .doing(Op::Read("tokens"))?
                 .into_iter()
                 .map(|r| (r.get(0), r.get(1)))
                 .collect();
@@ -375,13 +385,16 @@ impl Store for PgStore {
                     .query_opt(
                         "SELECT value FROM meta WHERE key = 'ledger_closed_until_ms'",
                         &[],
-                    )?
+                    )
+                    .doing(Op::Read("meta"))?
                     .and_then(|r| r.get::<_, String>(0).parse().ok()),
                 next_job_seq: c
-                    .query_opt("SELECT value FROM meta WHERE key = 'next_job_seq'", &[])?
+                    .query_opt("SELECT value FROM meta WHERE key = 'next_job_seq'", &[])
+                    .doing(Op::Read("meta"))?
                     .and_then(|r| r.get::<_, String>(0).parse().ok()),
                 secret_key_check: c
-                    .query_opt("SELECT value FROM meta WHERE key = 'secret_key_check'", &[])?
+                    .query_opt("SELECT value FROM meta WHERE key = 'secret_key_check'", &[])
+                    .doing(Op::Read("meta"))?
                     .map(|r| r.get::<_, String>(0)),
             })
         })
@@ -428,21 +441,26 @@ impl Store for PgStore {
         match PgStore::open(&self.url, None) {
             Ok(r) => Some(Box::new(r)),
             Err(err) => {
-                tracing::warn!(error = %err, "no separate ledger reader; usage queries read under the cluster lock");
+                tracing::warn!(error = %crate::ErrorChain(&err), "no separate ledger reader; usage queries read under the cluster lock");
                 None
             }
         }
     }
 
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
-        let statements: Vec<Statement> = records.iter().map(|r| statement(r, now_ms)).collect();
+        let statements: Vec<(Op, Statement)> = records
+            .iter()
+            .map(|r| (r.op(), statement(r, now_ms)))
+            .collect();
         let holder = self.holder.clone();
         let fenced_out = self.fenced_out.clone();
         self.call(move |c| {
-            let mut tx = c.transaction()?;
+            let mut tx = c.transaction().doing(Op::Begin)?;
             if let Some(me) = &holder {
                 // Fencing: only the lease holder writes.
-                let row = tx.query_opt("SELECT holder FROM leader WHERE id = 1 FOR UPDATE", &[])?;
+                let row = tx
+                    .query_opt("SELECT holder FROM leader WHERE id = 1 FOR UPDATE", &[])
+                    .doing(Op::Read("leader"))?;
                 let current: Option<String> = row.map(|r| r.get(0));
                 if current.as_deref() != Some(me.as_str()) {
                     fenced_out.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -451,13 +469,12 @@ impl Store for PgStore {
                     ));
                 }
             }
-            for (sql, params) in &statements {
+            for (op, (sql, params)) in &statements {
                 let refs: Vec<&(dyn ToSql + Sync)> =
                     params.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
-                tx.execute(*sql, &refs)?;
+                tx.execute(*sql, &refs).doing(*op)?;
             }
-            tx.commit()?;
-            Ok(())
+            tx.commit().doing(Op::Commit)
         })
     }
 }

@@ -114,7 +114,7 @@ pub async fn run(
         if *stop_rx.borrow() {
             let (store, h) = (lease_store.clone(), holder.clone());
             if let Err(err) = tokio::task::spawn_blocking(move || store.release(&h)).await? {
-                tracing::warn!(error = %err, "cannot release the leader lease; it expires by itself");
+                tracing::warn!(error = %crate::ErrorChain(&err), "cannot release the leader lease; it expires by itself");
             }
             return served;
         }
@@ -170,7 +170,7 @@ async fn standby(
                     .await?;
             }
             Err(err) => {
-                tracing::warn!(error = %err, "cannot reach PostgreSQL for the leader lease; retrying");
+                tracing::warn!(error = %crate::ErrorChain(&err), "cannot reach PostgreSQL for the leader lease; retrying");
                 tokio::time::sleep(LEASE_RENEW).await;
             }
         }
@@ -212,7 +212,7 @@ async fn renew(
                 return;
             }
             Ok(Err(err)) => {
-                tracing::warn!(error = %err, "cannot renew the leader lease");
+                tracing::warn!(error = %crate::ErrorChain(&err), "cannot renew the leader lease");
                 if renewed.elapsed() >= deadline {
                     tracing::error!(
                         "no lease renewal for {:?}: stepping down before a standby may take over",

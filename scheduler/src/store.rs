@@ -23,6 +23,38 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../migrations/0005_ledger_pages.sql")),
 ];
 
+/// What a store was doing when the database refused: the table and the
+/// operation (a [`StoreError`]'s context).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read(&'static str),
+    Write(&'static str),
+    Delete(&'static str),
+    /// Starting a write transaction.
+    Begin,
+    /// Committing a write transaction.
+    Commit,
+    /// Applying a schema migration.
+    Migrate(i64),
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::Read(table) => write!(f, "reading {table}"),
+            Op::Write(table) => write!(f, "writing {table}"),
+            Op::Delete(table) => write!(f, "deleting from {table}"),
+            Op::Begin => f.write_str("starting a transaction"),
+            Op::Commit => f.write_str("committing a transaction"),
+            Op::Migrate(version) => write!(f, "applying database migration {version}"),
+        }
+    }
+}
+
+/// Why the store failed. The message says what was being done; the
+/// database's own error is the [`source`](std::error::Error::source),
+/// never repeated in the message: log the chain ([`crate::ErrorChain`])
+/// once, where the error is handled.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open database {path}")]
@@ -31,18 +63,22 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("database migration {version} failed")]
-    Migrate {
-        version: i64,
+    #[error("database is at schema version {found}, newer than this binary knows ({known})")]
+    TooNew { found: i64, known: i64 },
+    /// An SQLite statement failed.
+    #[error("{op}")]
+    Sql {
+        op: Op,
         #[source]
         source: rusqlite::Error,
     },
-    #[error("database is at schema version {found}, newer than this binary knows ({known})")]
-    TooNew { found: i64, known: i64 },
-    #[error("database error")]
-    Sql(#[from] rusqlite::Error),
-    #[error("PostgreSQL error")]
-    Postgres(#[from] postgres::Error),
+    /// A PostgreSQL statement failed.
+    #[error("PostgreSQL: {op}")]
+    Postgres {
+        op: Op,
+        #[source]
+        source: postgres::Error,
+    },
     #[error("PostgreSQL is unreachable: {0}")]
     Unreachable(String),
     #[error(
@@ -59,6 +95,23 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+/// Gives a database error its context: `.doing(Op::Write("jobs"))?`.
+pub(crate) trait Doing<T> {
+    fn doing(self, op: Op) -> Result<T, StoreError>;
+}
+
+impl<T> Doing<T> for rusqlite::Result<T> {
+    fn doing(self, op: Op) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Sql { op, source })
+    }
+}
+
+impl<T> Doing<T> for Result<T, postgres::Error> {
+    fn doing(self, op: Op) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Postgres { op, source })
+    }
 }
 
 /// Everything loaded at start-up.
@@ -108,6 +161,26 @@ pub enum Record<'a> {
     NextJobSeq(u64),
     /// Check value of the secret key (not the key).
     SecretKeyCheck(&'a str),
+}
+
+impl Record<'_> {
+    /// What writing this record does, to which table.
+    pub fn op(&self) -> Op {
+        match self {
+            Record::Node(_) => Op::Write("nodes"),
+            Record::Job(_) => Op::Write("jobs"),
+            Record::Pool(_) => Op::Write("pools"),
+            Record::Tenant(_) => Op::Write("tenants"),
+            Record::Token { .. } => Op::Write("tokens"),
+            Record::RevokeToken { .. } => Op::Delete("tokens"),
+            Record::Order(_) => Op::Write("orders"),
+            Record::Ledger(_) => Op::Write("ledger"),
+            Record::LedgerClosed(_) | Record::NextJobSeq(_) | Record::SecretKeyCheck(_) => {
+                Op::Write("meta")
+            }
+            Record::ForgetJob { .. } => Op::Delete("jobs"),
+        }
+    }
 }
 
 /// One page of closed ledger rows: `from_ms <= hour_start_ms < to_ms`,
@@ -240,7 +313,8 @@ fn get_meta<T: std::str::FromStr>(conn: &Connection, key: &str) -> Result<Option
         .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
             r.get::<_, String>(0)
         })
-        .optional()?
+        .optional()
+        .doing(Op::Read("meta"))?
         .and_then(|v| v.parse().ok()))
 }
 
@@ -250,9 +324,10 @@ fn decode<T: serde::de::DeserializeOwned>(
     table: &'static str,
 ) -> Result<Vec<T>, StoreError> {
     let mut out = Vec::new();
-    while let Some(row) = cursor.next()? {
-        let id: String = row.get(0)?;
-        let data: String = row.get(1)?;
+    let read = Op::Read(table);
+    while let Some(row) = cursor.next().doing(read)? {
+        let id: String = row.get(0).doing(read)?;
+        let data: String = row.get(1).doing(read)?;
         out.push(
             serde_json::from_str(&data).map_err(|source| StoreError::Corrupt {
                 table,
@@ -267,11 +342,13 @@ fn decode<T: serde::de::DeserializeOwned>(
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
-    )?;
+    )
+    .doing(Op::Write("schema_migrations"))?;
     let current: i64 = conn
         .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
             r.get::<_, Option<i64>>(0)
-        })?
+        })
+        .doing(Op::Read("schema_migrations"))?
         .unwrap_or(0);
     for &(version, sql) in pending_migrations(current)? {
         let apply = || -> rusqlite::Result<()> {
@@ -283,7 +360,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
             )?;
             tx.commit()
         };
-        apply().map_err(|source| StoreError::Migrate { version, source })?;
+        apply().doing(Op::Migrate(version))?;
         tracing::info!(version, "applied database migration");
     }
     Ok(())
@@ -310,18 +387,23 @@ fn rows<T: serde::de::DeserializeOwned>(
     table: &'static str,
     sql: &str,
 ) -> Result<Vec<T>, StoreError> {
-    let mut stmt = conn.prepare(sql)?;
-    let mut cursor = stmt.query([])?;
+    let mut stmt = conn.prepare(sql).doing(Op::Read(table))?;
+    let mut cursor = stmt.query([]).doing(Op::Read(table))?;
     decode(&mut cursor, table)
 }
 
 impl Store for SqliteStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare("SELECT token_sha256, tenant FROM tokens")?;
+        let read = Op::Read("tokens");
+        let mut stmt = conn
+            .prepare("SELECT token_sha256, tenant FROM tokens")
+            .doing(read)?;
         let tokens = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-            .collect::<Result<_, _>>()?;
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .doing(read)?
+            .collect::<Result<_, _>>()
+            .doing(read)?;
         Ok(Snapshot {
             nodes: rows(
                 &conn,
@@ -353,39 +435,46 @@ impl Store for SqliteStore {
 
     fn ledger(&self, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError> {
         let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare(
-            "SELECT subject, data FROM ledger WHERE hour_start_ms >= ?1 AND hour_start_ms < ?2
-             ORDER BY hour_start_ms, subject, mode",
-        )?;
-        let mut cursor = stmt.query(params![from_ms, to_ms])?;
+        let read = Op::Read("ledger");
+        let mut stmt = conn
+            .prepare(
+                "SELECT subject, data FROM ledger WHERE hour_start_ms >= ?1 AND hour_start_ms < ?2
+                 ORDER BY hour_start_ms, subject, mode",
+            )
+            .doing(read)?;
+        let mut cursor = stmt.query(params![from_ms, to_ms]).doing(read)?;
         decode(&mut cursor, "ledger")
     }
 
     fn ledger_page(&self, q: &LedgerQuery) -> Result<Vec<LedgerRow>, StoreError> {
         let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare_cached(
-            "SELECT subject, data FROM ledger
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT subject, data FROM ledger
              WHERE hour_start_ms >= ?1 AND hour_start_ms < ?2
                AND (?3 IS NULL OR tenant = ?3) AND (?4 IS NULL OR pool_id = ?4)
                AND (?5 IS NULL OR job_id = ?5)
                AND (?6 IS NULL OR (hour_start_ms, subject, mode) > (?6, ?7, ?8))
              ORDER BY hour_start_ms, subject, mode LIMIT ?9",
-        )?;
+            )
+            .doing(Op::Read("ledger"))?;
         let (ah, asub, amode) = match &q.after {
             Some((h, s, m)) => (Some(*h), Some(s.as_str()), Some(m.as_str())),
             None => (None, None, None),
         };
-        let mut cursor = stmt.query(params![
-            q.from_ms,
-            q.to_ms,
-            q.tenant,
-            q.pool,
-            q.job,
-            ah,
-            asub,
-            amode,
-            q.limit.min(i64::MAX as usize) as i64
-        ])?;
+        let mut cursor = stmt
+            .query(params![
+                q.from_ms,
+                q.to_ms,
+                q.tenant,
+                q.pool,
+                q.job,
+                ah,
+                asub,
+                amode,
+                q.limit.min(i64::MAX as usize) as i64
+            ])
+            .doing(Op::Read("ledger"))?;
         decode(&mut cursor, "ledger")
     }
 
@@ -393,7 +482,7 @@ impl Store for SqliteStore {
         match Self::open_reader(&self.path) {
             Ok(r) => Some(Box::new(r)),
             Err(err) => {
-                tracing::warn!(error = %err, "no separate ledger reader; usage queries read under the cluster lock");
+                tracing::warn!(error = %crate::ErrorChain(&err), "no separate ledger reader; usage queries read under the cluster lock");
                 None
             }
         }
@@ -401,97 +490,106 @@ impl Store for SqliteStore {
 
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
         let mut conn = self.conn.lock().unwrap();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction().doing(Op::Begin)?;
         for record in records {
-            match *record {
-                Record::Node(node) => {
-                    tx.execute(
-                        "INSERT INTO nodes (node_id, data, updated_at_ms) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (node_id) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
-                        params![node.node_id, encode(node), now_ms],
-                    )?;
-                }
-                Record::Job(job) => {
-                    tx.execute(
-                        "INSERT INTO jobs (job_id, seq, state, data, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-                         ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, data = excluded.data,
-                             updated_at_ms = excluded.updated_at_ms",
-                        params![job.job_id, job.seq as i64, format!("{:?}", job.state), encode(job), now_ms],
-                    )?;
-                }
-                Record::Pool(pool) => {
-                    tx.execute(
-                        "INSERT INTO pools (pool_id, seq, tenant, status, data, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                         ON CONFLICT (pool_id) DO UPDATE SET status = excluded.status, data = excluded.data,
-                             updated_at_ms = excluded.updated_at_ms",
-                        params![pool.pool_id, pool.seq as i64, pool.tenant, format!("{:?}", pool.status), encode(pool), now_ms],
-                    )?;
-                }
-                Record::Tenant(tenant) => {
-                    tx.execute(
-                        "INSERT INTO tenants (name, data, updated_at_ms) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
-                        params![tenant.name, encode(tenant), now_ms],
-                    )?;
-                }
-                Record::Order(order) => {
-                    tx.execute(
-                        "INSERT INTO orders (order_id, seq, tenant, pool_id, data, created_at_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![
-                            order.order_id,
-                            order.seq as i64,
-                            order.tenant,
-                            order.pool_id,
-                            encode(order),
-                            order.created_at_ms
-                        ],
-                    )?;
-                }
-                Record::Ledger(row) => {
-                    tx.execute(
-                        "INSERT OR IGNORE INTO ledger (subject, hour_start_ms, mode, tenant, pool_id, job_id, data)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![
-                            row.subject,
-                            row.hour_start_ms,
-                            format!("{:?}", row.mode),
-                            row.tenant,
-                            row.pool_id,
-                            row.job_id,
-                            encode(row)
-                        ],
-                    )?;
-                }
-                Record::LedgerClosed(until) => {
-                    put_meta(&tx, "ledger_closed_until_ms", until.to_string())?;
-                }
-                Record::Token { sha256, tenant } => {
-                    tx.execute(
-                        "INSERT INTO tokens (token_sha256, tenant, created_at_ms) VALUES (?1, ?2, ?3)",
-                        params![sha256, tenant, now_ms],
-                    )?;
-                }
-                Record::ForgetJob { job_id } => {
-                    tx.execute("DELETE FROM jobs WHERE job_id = ?1", params![job_id])?;
-                }
-                Record::NextJobSeq(seq) => {
-                    put_meta(&tx, "next_job_seq", seq.to_string())?;
-                }
-                Record::SecretKeyCheck(check) => {
-                    put_meta(&tx, "secret_key_check", check.to_string())?;
-                }
-                Record::RevokeToken { sha256 } => {
-                    tx.execute(
-                        "DELETE FROM tokens WHERE token_sha256 = ?1",
-                        params![sha256],
-                    )?;
-                }
-            }
+            write_one(&tx, record, now_ms).doing(record.op())?;
         }
-        tx.commit()?;
-        Ok(())
+        tx.commit().doing(Op::Commit)
     }
+}
+
+/// Writes one record inside the transaction.
+fn write_one(
+    tx: &rusqlite::Transaction<'_>,
+    record: &Record<'_>,
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    match *record {
+        Record::Node(node) => {
+            tx.execute(
+                "INSERT INTO nodes (node_id, data, updated_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (node_id) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
+                params![node.node_id, encode(node), now_ms],
+            )?;
+        }
+        Record::Job(job) => {
+            tx.execute(
+                "INSERT INTO jobs (job_id, seq, state, data, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, data = excluded.data,
+                     updated_at_ms = excluded.updated_at_ms",
+                params![job.job_id, job.seq as i64, format!("{:?}", job.state), encode(job), now_ms],
+            )?;
+        }
+        Record::Pool(pool) => {
+            tx.execute(
+                "INSERT INTO pools (pool_id, seq, tenant, status, data, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (pool_id) DO UPDATE SET status = excluded.status, data = excluded.data,
+                     updated_at_ms = excluded.updated_at_ms",
+                params![pool.pool_id, pool.seq as i64, pool.tenant, format!("{:?}", pool.status), encode(pool), now_ms],
+            )?;
+        }
+        Record::Tenant(tenant) => {
+            tx.execute(
+                "INSERT INTO tenants (name, data, updated_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
+                params![tenant.name, encode(tenant), now_ms],
+            )?;
+        }
+        Record::Order(order) => {
+            tx.execute(
+                "INSERT INTO orders (order_id, seq, tenant, pool_id, data, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    order.order_id,
+                    order.seq as i64,
+                    order.tenant,
+                    order.pool_id,
+                    encode(order),
+                    order.created_at_ms
+                ],
+            )?;
+        }
+        Record::Ledger(row) => {
+            tx.execute(
+                "INSERT OR IGNORE INTO ledger (subject, hour_start_ms, mode, tenant, pool_id, job_id, data)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    row.subject,
+                    row.hour_start_ms,
+                    format!("{:?}", row.mode),
+                    row.tenant,
+                    row.pool_id,
+                    row.job_id,
+                    encode(row)
+                ],
+            )?;
+        }
+        Record::LedgerClosed(until) => {
+            put_meta(tx, "ledger_closed_until_ms", until.to_string())?;
+        }
+        Record::Token { sha256, tenant } => {
+            tx.execute(
+                "INSERT INTO tokens (token_sha256, tenant, created_at_ms) VALUES (?1, ?2, ?3)",
+                params![sha256, tenant, now_ms],
+            )?;
+        }
+        Record::ForgetJob { job_id } => {
+            tx.execute("DELETE FROM jobs WHERE job_id = ?1", params![job_id])?;
+        }
+        Record::NextJobSeq(seq) => {
+            put_meta(tx, "next_job_seq", seq.to_string())?;
+        }
+        Record::SecretKeyCheck(check) => {
+            put_meta(tx, "secret_key_check", check.to_string())?;
+        }
+        Record::RevokeToken { sha256 } => {
+            tx.execute(
+                "DELETE FROM tokens WHERE token_sha256 = ?1",
+                params![sha256],
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// The real SQLite store, whose writes fail while `fail` is set: for tests
@@ -526,4 +624,49 @@ impl Store for FailingStore {
 
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("domain types serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed statement names its operation and table; the database's
+    /// own error is the source, not part of the message.
+    #[test]
+    fn a_store_error_names_the_table_and_the_operation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let other = Connection::open(&path).unwrap();
+        other
+            .execute_batch("DROP TABLE meta; DROP TABLE tokens;")
+            .unwrap();
+
+        let err = store.write(&[Record::NextJobSeq(7)], 1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Sql {
+                    op: Op::Write("meta"),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "writing meta");
+        let chain = crate::ErrorChain(&err).to_string();
+        assert!(
+            chain.starts_with("writing meta: ") && chain.contains("no such table: meta"),
+            "{chain}"
+        );
+
+        let err = store.load().unwrap_err();
+        assert_eq!(err.to_string(), "reading tokens");
+        assert!(std::error::Error::source(&err).is_some());
+
+        let err = store
+            .write(&[Record::RevokeToken { sha256: "x" }], 1)
+            .unwrap_err();
+        assert_eq!(err.to_string(), "deleting from tokens");
+    }
 }

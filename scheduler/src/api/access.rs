@@ -4,15 +4,16 @@
 //! pools, usage) in the domain; the role is decided here.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
 
+use super::limits::RateLimiter;
 use crate::domain::AgentIdentity;
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// The role an RPC needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +81,7 @@ pub fn access_of(path: &str) -> Option<Access> {
 /// agent's identity for agent RPCs), else the status to answer with.
 pub fn check(
     shared: &Shared,
+    limiter: &Mutex<RateLimiter>,
     path: &str,
     headers: &http::HeaderMap,
     client_cert: bool,
@@ -124,8 +126,7 @@ pub fn check(
         }
     };
     let key = caller.rate_key();
-    let allowed = shared
-        .limiter
+    let allowed = limiter
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .allow(&key, std::time::Instant::now());
@@ -172,16 +173,22 @@ fn decode_error_is_bad_input(resp: http::Response<Body>) -> http::Response<Body>
     http::Response::from_parts(parts, Body::new(body))
 }
 
-/// A service behind the [`ACCESS`] table.
+/// A service behind the [`ACCESS`] table and the per-caller rate limit
+/// (one [`RateLimiter`] shared by every service's guard).
 #[derive(Clone)]
 pub struct Guard<S> {
     inner: S,
     shared: Arc<Shared>,
+    limiter: Arc<Mutex<RateLimiter>>,
 }
 
 impl<S> Guard<S> {
-    pub fn new(inner: S, shared: Arc<Shared>) -> Self {
-        Self { inner, shared }
+    pub fn new(inner: S, shared: Arc<Shared>, limiter: Arc<Mutex<RateLimiter>>) -> Self {
+        Self {
+            inner,
+            shared,
+            limiter,
+        }
     }
 }
 
@@ -213,7 +220,14 @@ where
             .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
             .and_then(|info| info.peer_certs())
             .is_some_and(|certs| !certs.is_empty());
-        match check(&self.shared, req.uri().path(), req.headers(), client_cert) {
+        let path = req.uri().path();
+        match check(
+            &self.shared,
+            &self.limiter,
+            path,
+            req.headers(),
+            client_cert,
+        ) {
             Ok(identity) => {
                 let mut req = req;
                 if let Some(identity) = identity {

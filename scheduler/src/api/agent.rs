@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use gpupool_proto::v1 as pb;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{inventory_from_pb, reported_from_pb, status};
+use super::{inventory_from_pb, log_chunk_from_pb, reported_from_pb, status, to_agent_pb};
 use crate::domain::AgentIdentity;
-use crate::server::{Shared, now_ms};
+use crate::now_ms;
+use crate::state::Shared;
 
 /// How long a new session may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -122,29 +123,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         self.shared.metrics.sessions_opened.inc();
         tracing::info!(node = %node_id, session = session_id, "agent session opened");
 
-        let shared = self.shared.clone();
-        tokio::spawn(async move {
-            loop {
-                match inbound.message().await {
-                    Ok(Some(msg)) => {
-                        if !handle(&shared, &node_id, session_id, msg) {
-                            tracing::info!(node = %node_id, session = session_id, "session replaced or revoked; closing it");
-                            break;
-                        }
-                    }
-                    Ok(None) => {
-                        tracing::info!(node = %node_id, "agent closed its session");
-                        break;
-                    }
-                    Err(err) => {
-                        tracing::warn!(node = %node_id, error = %err, "agent session broke");
-                        break;
-                    }
-                }
-            }
-            shared.with(|core, _| core.close_session(&node_id, session_id));
-        });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        tokio::spawn(pump(self.shared.clone(), node_id, session_id, inbound));
+        let outbound = UnboundedReceiverStream::new(rx).map(|m| Ok(to_agent_pb(m)));
+        Ok(Response::new(Box::pin(outbound)))
     }
 }
 
@@ -156,16 +137,77 @@ fn identity_of<T>(req: &Request<T>) -> Result<AgentIdentity, Status> {
         .ok_or_else(|| Status::unauthenticated("no agent identity (not behind the access layer)"))
 }
 
-/// Handles one message of session `session_id`; false when that session is
-/// no longer the node's (replaced by a newer one, or the node revoked): then
-/// nothing it sends counts, and the caller closes the stream.
-fn handle(shared: &Shared, node_id: &str, session_id: u64, msg: pb::AgentMessage) -> bool {
+/// Reads session `session_id` of `node_id` until it ends, then forgets the
+/// session, which ends the stream down to the agent too.
+///
+/// A message whose changes the store refused is undone (memory is
+/// reloaded from the unchanged store) and ends the session: the agent then
+/// registers again, with its whole inventory, and says hello with every
+/// instance it runs, so what the undone message told (an inventory change
+/// is sent only once) reaches the scheduler again instead of being lost.
+/// While the store keeps refusing, that registration is answered
+/// UNAVAILABLE and the agent backs off and retries.
+pub(super) async fn pump(
+    shared: Arc<Shared>,
+    node_id: String,
+    session_id: u64,
+    mut inbound: impl Stream<Item = Result<pb::AgentMessage, Status>> + Unpin,
+) {
+    loop {
+        match inbound.next().await {
+            Some(Ok(msg)) => match handle(&shared, &node_id, session_id, msg) {
+                Handled::Applied => {}
+                Handled::NotCurrent => {
+                    tracing::info!(node = %node_id, session = session_id, "session replaced or revoked; closing it");
+                    break;
+                }
+                Handled::Undone => {
+                    tracing::warn!(
+                        node = %node_id, session = session_id,
+                        "what the agent reported could not be stored and was undone; \
+                         ending its session so that it registers and reports again"
+                    );
+                    break;
+                }
+            },
+            None => {
+                tracing::info!(node = %node_id, "agent closed its session");
+                break;
+            }
+            Some(Err(err)) => {
+                tracing::warn!(node = %node_id, error = %err, "agent session broke");
+                break;
+            }
+        }
+    }
+    shared.with(|core, _| core.close_session(&node_id, session_id));
+}
+
+/// What became of one message of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Handled {
+    /// Applied and committed.
+    Applied,
+    /// The session is no longer the node's (replaced by a newer one, or the
+    /// node revoked): nothing it sends counts.
+    NotCurrent,
+    /// Its changes could not be committed and were undone.
+    Undone,
+}
+
+/// Handles one message of session `session_id`.
+pub(super) fn handle(
+    shared: &Shared,
+    node_id: &str,
+    session_id: u64,
+    msg: pb::AgentMessage,
+) -> Handled {
     use pb::agent_message::Msg;
     let _timer = matches!(msg.msg, Some(Msg::Heartbeat(_)))
         .then(|| shared.metrics.heartbeat_seconds.start_timer());
-    shared.with(|core, out| {
+    let handled = shared.with_committed(|core, out| {
         if !core.session_is(node_id, session_id) {
-            return false;
+            return Handled::NotCurrent;
         }
         match msg.msg {
             Some(Msg::Heartbeat(hb)) => {
@@ -194,12 +236,13 @@ fn handle(shared: &Shared, node_id: &str, session_id: u64, msg: pb::AgentMessage
                     core.cluster.apply_report(node_id, r, now_ms(), out);
                 }
             }
-            Some(Msg::LogChunk(chunk)) => core.resolve_log(node_id, chunk),
+            Some(Msg::LogChunk(chunk)) => core.resolve_log(node_id, log_chunk_from_pb(chunk)),
             Some(Msg::Hello(_)) => {
                 tracing::warn!(node = %node_id, "ignoring a second hello in one session")
             }
             None => {}
         }
-        true
-    })
+        Handled::Applied
+    });
+    handled.unwrap_or(Handled::Undone)
 }

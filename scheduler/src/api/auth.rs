@@ -10,7 +10,7 @@ use tonic::metadata::MetadataMap;
 
 use crate::domain::AgentIdentity;
 use crate::domain::tenant::Caller;
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// The bearer token of a request, if any.
 pub fn bearer(metadata: &MetadataMap) -> Option<&str> {

@@ -14,7 +14,8 @@ use super::{job_state_from_pb, job_to_pb, node_to_pb, raw_spec_from_pb, status};
 use crate::cluster::{Cluster, ClusterError, PoolRef};
 use crate::domain::PUBLIC_POOL;
 use crate::domain::tenant::Caller;
-use crate::server::{Shared, now_ms};
+use crate::now_ms;
+use crate::state::Shared;
 
 /// Bytes asked of the agent per log read.
 const LOG_CHUNK: u32 = 256 * 1024;
@@ -204,8 +205,8 @@ impl pb::job_service_server::JobService for Api {
                     core.request_log(&node_id, &instance_id, offset, LOG_CHUNK, max_pending)
                 }) {
                     Ok(r) => r,
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
+                    Err(err) => {
+                        let _ = tx.send(Err(Status::from(err))).await;
                         return;
                     }
                 };
@@ -308,7 +309,7 @@ impl pb::node_service_server::NodeService for Api {
                     .ok()
                     .filter(|n| core.cluster.node_visible(&caller, n))
                     .map(|n| node_to_pb(n, usage.get(&n.node_id)))
-                    .ok_or_else(|| Status::not_found(format!("node {id:?} not found")))
+                    .ok_or_else(|| ClusterError::NodeNotFound { id: id.clone() }.into())
             })
             .map(Response::new)
     }
@@ -377,9 +378,8 @@ impl Api {
         cordoned: bool,
     ) -> Result<Response<pb::Node>, Status> {
         if !caller.admin {
-            return Err(Status::permission_denied(
-                "cordoning nodes is for the admin only",
-            ));
+            let what = "cordoning nodes";
+            return Err(ClusterError::AdminOnly { what }.into());
         }
         self.shared
             .mutate(|core, out| {

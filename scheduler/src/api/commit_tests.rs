@@ -18,7 +18,7 @@ use crate::api::agent::AgentApi;
 use crate::api::client::Api;
 use crate::config::SchedulerConfig;
 use crate::domain::{AgentIdentity, Gpu, Inventory};
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::store::{FailingStore, SqliteStore, Store};
 
 const ADMIN: &str = "commit-test-admin-token";
@@ -29,10 +29,7 @@ struct Rig {
     store: Arc<SqliteStore>,
     fail: Arc<AtomicBool>,
     /// What each node's session was sent.
-    sessions: Vec<(
-        String,
-        mpsc::UnboundedReceiver<Result<pb::SchedulerMessage, Status>>,
-    )>,
+    sessions: Vec<(String, mpsc::UnboundedReceiver<crate::state::ToAgent>)>,
     _dir: tempfile::TempDir,
 }
 
@@ -73,12 +70,13 @@ impl Rig {
         // record at once (R-BILL-1, for ConvertToSubscription).
         config.billing.default_price.on_demand_node_hour_micros = 3_600_000_000;
         config.billing.default_price.subscription_node_month_micros = 1_000_000;
-        let shared = crate::server::open_with(
+        let shared = crate::state::load(
             config,
             Box::new(FailingStore {
                 inner: store.clone(),
                 fail: fail.clone(),
             }),
+            crate::cluster::SecretKey(vec![7; 32]),
             "test",
         )
         .unwrap();
@@ -88,7 +86,7 @@ impl Rig {
             let (tx, rx) = mpsc::unbounded_channel();
             shared.with(|core, _| {
                 core.cluster
-                    .register_node(&id, inventory("AZ1"), crate::server::now_ms())
+                    .register_node(&id, inventory("AZ1"), crate::now_ms())
                     .unwrap();
                 core.open_session(&id, tx);
             });
@@ -211,9 +209,9 @@ fn settle(rig: &Rig) {
         let ids: Vec<String> = core.cluster.nodes().map(|n| n.node_id.clone()).collect();
         for id in &ids {
             core.cluster
-                .heartbeat(id, None, Vec::new(), crate::server::now_ms(), out);
+                .heartbeat(id, None, Vec::new(), crate::now_ms(), out);
         }
-        core.cluster.tick(crate::server::now_ms(), out);
+        core.cluster.tick(crate::now_ms(), out);
     });
 }
 
@@ -462,13 +460,98 @@ async fn an_operation_that_fails_after_writing_is_rolled_back() {
     rig.drain();
     let before = (rig.memory(), rig.stored());
     let err: Result<(), crate::cluster::ClusterError> = rig.shared.mutate(|core, out| {
-        core.cluster
-            .set_cordon("n1", true, crate::server::now_ms(), out)?;
-        Err(crate::cluster::ClusterError::Internal(
-            "later step failed".into(),
-        ))
+        core.cluster.set_cordon("n1", true, crate::now_ms(), out)?;
+        // A later step fails (n1 is not revoked).
+        core.cluster.readmit_node("n1", crate::now_ms()).map(|_| ())
     });
     assert!(err.is_err());
     assert_eq!((rig.memory(), rig.stored()), before);
     assert_eq!(rig.drain(), 0);
+}
+
+/// A heartbeat the store refuses is not dropped silently: it is undone
+/// (memory and store keep what they had) and the node's session ends, so
+/// the agent registers again with its whole inventory, and what the
+/// heartbeat told (an inventory change, which heartbeats send only once)
+/// arrives that way once the store works.
+#[tokio::test]
+async fn a_heartbeat_the_store_refuses_ends_the_session_and_is_told_again() {
+    use super::agent::{Handled, handle, pump};
+    let mut rig = Rig::new(1);
+    rig.drain();
+    let session = rig.shared.with(|core, _| core.sessions["n1"].id);
+    let mut sick = inventory("AZ1");
+    sick.gpus[1].healthy = false;
+    sick.gpus[1].health_reason = "XID 79".into();
+    let heartbeat = || pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
+            inventory: Some(super::inventory_to_pb(&sick)),
+            ..Default::default()
+        })),
+    };
+    let gpu1_healthy = |rig: &Rig| {
+        let memory = rig
+            .shared
+            .with(|core, _| core.cluster.node("n1").unwrap().inventory.gpus[1].healthy);
+        let stored = rig.store.load().unwrap().nodes[0].inventory.gpus[1].healthy;
+        (memory, stored)
+    };
+    assert_eq!(gpu1_healthy(&rig), (true, true));
+
+    // The store refuses: the session ends (the stream stays open, so only
+    // the refusal can end it) and nothing of the heartbeat is kept.
+    rig.fail.store(true, Ordering::SeqCst);
+    let inbound = tokio_stream::StreamExt::chain(
+        tokio_stream::iter([Ok(heartbeat())]),
+        tokio_stream::pending(),
+    );
+    let ended = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        pump(rig.shared.clone(), "n1".into(), session, Box::pin(inbound)),
+    )
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the session outlived a heartbeat the store refused"
+    );
+    rig.fail.store(false, Ordering::SeqCst);
+    assert_eq!(
+        gpu1_healthy(&rig),
+        (true, true),
+        "memory and store diverged"
+    );
+    assert!(rig.shared.with(|core, _| !core.sessions.contains_key("n1")));
+    let (_, down) = &mut rig.sessions[0];
+    while down.try_recv().is_ok() {}
+    assert!(
+        down.recv().await.is_none(),
+        "the stream to the agent is closed"
+    );
+
+    // The agent registers again, with the inventory it has now.
+    let agents = AgentApi {
+        shared: rig.shared.clone(),
+    };
+    let mut again = Request::new(pb::RegisterRequest {
+        node_id: "n1".into(),
+        inventory: Some(super::inventory_to_pb(&sick)),
+        agent_version: String::new(),
+    });
+    again.extensions_mut().insert(AgentIdentity::Node {
+        node_id: "n1".into(),
+        credential_sha256: "in-process:n1".into(),
+    });
+    pb::agent_service_server::AgentService::register(&agents, again)
+        .await
+        .unwrap();
+    assert_eq!(gpu1_healthy(&rig), (false, false));
+
+    // With the store working, a session's heartbeat is applied and the
+    // session goes on.
+    let (tx, _down) = mpsc::unbounded_channel();
+    let session = rig.shared.with(|core, _| core.open_session("n1", tx));
+    assert_eq!(
+        handle(&rig.shared, "n1", session, heartbeat()),
+        Handled::Applied
+    );
 }

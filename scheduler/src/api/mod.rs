@@ -1,10 +1,11 @@
-//! The gRPC edge: services, the one place errors become `tonic::Status`,
-//! and conversions between protobuf and domain types.
+//! The gRPC edge: services, the one place errors become `tonic::Status`
+//! ([`error`]), and conversions between protobuf and domain types.
 
 pub mod access;
 pub mod agent;
 pub mod auth;
 pub mod client;
+mod error;
 pub mod limits;
 pub mod pools;
 pub mod usage;
@@ -42,16 +43,13 @@ mod page_tests {
 
 use gpupool_proto::timestamp_from_unix_ms as ts;
 use gpupool_proto::v1 as pb;
-use tonic::Status;
 
-use crate::cluster::{AgentCommand, ClusterError, NodeUsage, ReportedInstance};
+pub use error::status;
+
+use crate::cluster::{AgentCommand, NodeUsage, ReportedInstance};
 use crate::domain::{self, InstanceState, JobKind, JobState, NodeStatus, job::RawJobSpec};
+use crate::state::{LogChunk, ToAgent};
 
-/// The single mapping from domain errors to gRPC statuses.
-///
-/// Another tenant's pool, job or node is reported as `NOT_FOUND` (never
-/// `PERMISSION_DENIED`), so existence does not leak; `PERMISSION_DENIED` is
-/// for admin-only calls made by a tenant.
 /// The page size a list request gets: its own, at most `max` (0: `max`).
 pub fn page_size(asked: u32, max: u32) -> usize {
     let max = max.max(1);
@@ -86,48 +84,6 @@ pub fn take_page<K: AsRef<str>, T>(
         String::new()
     };
     (page, next)
-}
-
-impl From<ClusterError> for Status {
-    fn from(err: ClusterError) -> Self {
-        status(err)
-    }
-}
-
-pub fn status(err: ClusterError) -> Status {
-    use crate::domain::pool::PoolError as P;
-    use crate::domain::tenant::TenantError as T;
-    let msg = err.to_string();
-    match &err {
-        ClusterError::InvalidSpec(_) => Status::invalid_argument(msg),
-        ClusterError::NotFound { .. } => Status::not_found(msg),
-        ClusterError::FailedPrecondition(_) => Status::failed_precondition(msg),
-        ClusterError::PermissionDenied(_) => Status::permission_denied(msg),
-        ClusterError::AlreadyExists(_) => Status::already_exists(msg),
-        ClusterError::Pool(p) => match p {
-            P::SoldOut { .. } => Status::resource_exhausted(msg),
-            P::NameTaken(_) => Status::already_exists(msg),
-            P::UnknownSpec(_) => Status::not_found(msg),
-            P::NotRunning { .. }
-            | P::WrongKind { .. }
-            | P::SubscriptionDelete(_)
-            | P::Busy { .. }
-            | P::NodeBusy { .. }
-            | P::WouldBeEmpty(_) => Status::failed_precondition(msg),
-            _ => Status::invalid_argument(msg),
-        },
-        ClusterError::Tenant(T::QuotaExceeded { .. }) => Status::resource_exhausted(msg),
-        ClusterError::Tenant(_) => Status::invalid_argument(msg),
-        ClusterError::NodeAuth(crate::domain::node::NodeAuthError::Revoked { .. }) => {
-            Status::permission_denied(msg)
-        }
-        ClusterError::NodeAuth(_) => Status::unauthenticated(msg),
-        ClusterError::Internal(_) => Status::internal(msg),
-        ClusterError::Store(source) => {
-            tracing::error!(error = %source, cause = ?std::error::Error::source(source), "storage failure");
-            Status::unavailable("storage failure; the request was not applied")
-        }
-    }
 }
 
 pub fn kind_from_pb(k: i32) -> Option<JobKind> {
@@ -457,6 +413,30 @@ pub fn reported_from_pb(s: pb::InstanceStatus) -> Option<ReportedInstance> {
         image_digest: s.image_digest,
         pull: s.pulling.then_some((s.pull_done_bytes, s.pull_total_bytes)),
     })
+}
+
+/// What goes down an agent's session, as the protocol has it.
+pub fn to_agent_pb(m: ToAgent) -> pb::SchedulerMessage {
+    match m {
+        ToAgent::Command(cmd) => command_to_pb(cmd),
+        ToAgent::ReadLogs(read) => pb::SchedulerMessage {
+            msg: Some(pb::scheduler_message::Msg::ReadLogs(pb::ReadLogs {
+                request_id: read.request_id,
+                instance_id: read.instance_id,
+                offset: read.offset,
+                max_bytes: read.max_bytes,
+            })),
+        },
+    }
+}
+
+pub fn log_chunk_from_pb(c: pb::LogChunk) -> LogChunk {
+    LogChunk {
+        request_id: c.request_id,
+        data: c.data,
+        next_offset: c.next_offset,
+        error: c.error,
+    }
 }
 
 pub fn command_to_pb(cmd: AgentCommand) -> pb::SchedulerMessage {

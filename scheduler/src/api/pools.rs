@@ -15,7 +15,7 @@ use crate::domain::pool::{
 };
 use crate::domain::tenant::{Quota, Tenant};
 use crate::domain::{NodeStatus, PUBLIC_POOL};
-use crate::server::now_ms;
+use crate::now_ms;
 
 fn pool_type_to_pb(t: PoolType) -> pb::PoolType {
     match t {

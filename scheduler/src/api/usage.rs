@@ -14,7 +14,7 @@ use crate::domain::PUBLIC_POOL;
 use crate::domain::billing::{self, LedgerRow, Order, OrderKind, hour_floor};
 use crate::domain::pool::BillingMode;
 use crate::domain::tenant::Caller;
-use crate::server::now_ms;
+use crate::now_ms;
 use crate::store::LedgerQuery;
 
 const DAY_MS: i64 = 86_400_000;

@@ -230,7 +230,7 @@ impl Cluster {
         let mut records: Vec<Record<'_>> = rows.iter().map(Record::Ledger).collect();
         records.push(Record::LedgerClosed(upto));
         if let Err(err) = self.store.write(&records, now_ms) {
-            tracing::error!(error = %err, "cannot close ledger hours; will retry");
+            tracing::error!(error = %crate::ErrorChain(&err), "cannot close ledger hours; will retry");
             return Vec::new();
         }
         tracing::debug!(until = upto, rows = rows.len(), "ledger hours closed");
@@ -250,16 +250,10 @@ impl Cluster {
     ) -> Result<Pool, ClusterError> {
         let mut pool = self.dedicated(caller, key)?;
         if pool.pool_type != PoolType::Train {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "R-BILL-1: only train pools convert to a subscription; {} is a deploy pool",
-                pool.pool_id
-            )));
+            return Err(ClusterError::DeployPoolConversion { pool: pool.pool_id });
         }
         if pool.billing_mode != BillingMode::OnDemand {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "pool {} is already a subscription pool",
-                pool.pool_id
-            )));
+            return Err(ClusterError::AlreadySubscription { pool: pool.pool_id });
         }
         self.require_steady(&pool, "converting it")?;
         if !(1..=12).contains(&months) {
@@ -268,11 +262,7 @@ impl Cluster {
         let price = self.price_of(&pool.spec).on_demand_node_hour_micros;
         let consumed = billing::meter(&pool.meter, &pool.modes, price, pool.created_at_ms, now_ms);
         if !billing::has_consumption(&consumed) {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "R-BILL-1: pool {} has no consumption record yet (no billed on-demand usage); \
-                 convert it after it has been billed",
-                pool.pool_id
-            )));
+            return Err(ClusterError::NoConsumptionRecord { pool: pool.pool_id });
         }
         let end = billing::add_months(now_ms, months);
         let billed = billing::billed_months(PoolType::Train, months);
@@ -326,15 +316,12 @@ impl Cluster {
             .as_mut()
             .filter(|_| pool.billing_mode == BillingMode::Subscription)
         else {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "pool {} is not a subscription pool",
-                pool.pool_id
-            )));
+            return Err(ClusterError::NotSubscription { pool: pool.pool_id });
         };
         if convert_at_expiry && pool.pool_type != PoolType::Train {
-            return Err(ClusterError::FailedPrecondition(
-                "R-BILL-2: only train pools convert to on-demand at expiry".into(),
-            ));
+            return Err(ClusterError::DeployPoolConversionAtExpiry {
+                pool: pool.pool_id.clone(),
+            });
         }
         terms.auto_renew = auto_renew;
         terms.convert_to_on_demand_at_expiry = convert_at_expiry;
@@ -357,10 +344,7 @@ impl Cluster {
     ) -> Result<(Pool, i64), ClusterError> {
         let pool = self.dedicated(caller, key)?;
         if pool.billing_mode != BillingMode::Subscription {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "pool {} is on-demand: delete it instead of unsubscribing",
-                pool.pool_id
-            )));
+            return Err(ClusterError::UnsubscribeOnDemand { pool: pool.pool_id });
         }
         if !confirm {
             return Err(PoolError::NotConfirmed(pool.pool_id.clone()).into());
@@ -419,7 +403,7 @@ impl Cluster {
                 tracing::info!(pool = %id, "frozen pool past its retention; releasing it");
                 if let Err(err) = self.begin_delete(pool, "frozen pool released", now_ms, out, None)
                 {
-                    tracing::error!(pool = %id, error = %err, "cannot release frozen pool");
+                    tracing::error!(pool = %id, error = %crate::ErrorChain(&err), "cannot release frozen pool");
                 }
                 continue;
             }
@@ -493,7 +477,7 @@ impl Cluster {
             records.extend(orders.iter().map(Record::Order));
             records.extend(jobs.iter().map(Record::Job));
             if let Err(err) = self.store.write(&records, now_ms) {
-                tracing::error!(pool = %id, error = %err, "cannot persist subscription change; will retry");
+                tracing::error!(pool = %id, error = %crate::ErrorChain(&err), "cannot persist subscription change; will retry");
                 continue;
             }
             tracing::info!(pool = %id, status = ?pool.status, mode = ?pool.billing_mode, renewals = orders.len(), "subscription term ended");

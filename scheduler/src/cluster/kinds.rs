@@ -136,9 +136,10 @@ impl Cluster {
         let job = self.job(caller, job_id)?;
         self.check_service(job)?;
         if replicas == 0 || replicas > MAX_REPLICAS {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "replicas must be 1..{MAX_REPLICAS} (got {replicas}); cancel the job to stop it"
-            )));
+            return Err(ClusterError::ReplicasOutOfRange {
+                job_id: job_id.to_string(),
+                replicas,
+            });
         }
         let grace_ms = self.settings.stop_grace_ms;
         let job = self.jobs.get_mut(job_id).expect("checked above");
@@ -196,17 +197,16 @@ impl Cluster {
 
     fn check_service(&self, job: &crate::domain::Job) -> Result<(), ClusterError> {
         if job.spec.kind != JobKind::OnlineService {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "job {} is a {}, not an online_service",
-                job.job_id,
-                job.spec.kind.name()
-            )));
+            return Err(ClusterError::NotAnOnlineService {
+                job_id: job.job_id.clone(),
+                kind: job.spec.kind.name(),
+            });
         }
         if job.state.is_terminal() {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "job {} already ended ({:?})",
-                job.job_id, job.state
-            )));
+            return Err(ClusterError::ServiceEnded {
+                job_id: job.job_id.clone(),
+                state: job.state,
+            });
         }
         Ok(())
     }
@@ -312,7 +312,7 @@ impl Cluster {
             tracing::info!(job = %job_id, ?cause, "stopping job");
             let job = self.stop_job(&job_id, cause, &reason, now_ms, out);
             if let Err(err) = self.store.put_job(&job, now_ms) {
-                tracing::error!(job = %job_id, error = %err, "cannot persist job");
+                tracing::error!(job = %job_id, error = %crate::ErrorChain(&err), "cannot persist job");
             }
         }
     }

@@ -6,21 +6,23 @@
 use std::collections::{BTreeMap, HashMap};
 
 mod billing;
+mod error;
 mod kinds;
 mod pools;
 mod staged;
 
 use crate::domain::job::{HealthCheck, KindTable, PendingRank};
 use crate::domain::placement::{self, GpuSlot, NodeCapacity};
-use crate::domain::pool::{Pool, PoolError};
+use crate::domain::pool::Pool;
 use crate::domain::scheduling;
-use crate::domain::tenant::{Caller, Tenant, TenantError};
+use crate::domain::tenant::{Caller, Tenant};
 use crate::domain::{
     AgentIdentity, Instance, InstanceState, Inventory, Job, JobKind, JobState, Node, NodeStatus,
     PUBLIC_POOL, Resources, SpecError, StopCause, job::RawJobSpec,
 };
 use crate::store::{Record, Store, StoreError};
 
+pub use error::ClusterError;
 pub use pools::{PoolRef, SpecInfo};
 
 /// Hex digits of a token's SHA-256 that name it (for revocation).
@@ -208,30 +210,6 @@ pub struct Settings {
     pub frozen_retention_ms: i64,
     /// Per-kind defaults and limits.
     pub kinds: KindTable,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    #[error("{0}")]
-    InvalidSpec(#[from] SpecError),
-    #[error("{what} {id:?} not found")]
-    NotFound { what: &'static str, id: String },
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    PermissionDenied(String),
-    #[error("{0}")]
-    AlreadyExists(String),
-    #[error(transparent)]
-    Pool(#[from] PoolError),
-    #[error(transparent)]
-    Tenant(#[from] TenantError),
-    #[error(transparent)]
-    NodeAuth(#[from] crate::domain::node::NodeAuthError),
-    #[error("storage failure")]
-    Store(#[from] StoreError),
-    #[error("{0}")]
-    Internal(String),
 }
 
 /// Resources in use on one node, derived from its active instances.
@@ -438,8 +416,7 @@ impl Cluster {
     pub fn node(&self, node_id: &str) -> Result<&Node, ClusterError> {
         self.nodes
             .get(node_id)
-            .ok_or_else(|| ClusterError::NotFound {
-                what: "node",
+            .ok_or_else(|| ClusterError::NodeNotFound {
                 id: node_id.to_string(),
             })
     }
@@ -454,8 +431,7 @@ impl Cluster {
         self.jobs
             .get(job_id)
             .filter(|j| caller.may_access(&j.tenant))
-            .ok_or_else(|| ClusterError::NotFound {
-                what: "job",
+            .ok_or_else(|| ClusterError::JobNotFound {
                 id: job_id.to_string(),
             })
     }
@@ -648,9 +624,9 @@ impl Cluster {
     pub fn readmit_node(&mut self, node_id: &str, now_ms: i64) -> Result<Node, ClusterError> {
         let mut node = self.node(node_id)?.clone();
         if !node.revoked {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "node {node_id} is not revoked"
-            )));
+            return Err(ClusterError::NodeNotRevoked {
+                id: node_id.to_string(),
+            });
         }
         node.revoked = false;
         self.store.put_node(&node, now_ms)?;
@@ -815,7 +791,7 @@ impl Cluster {
         }
         let records: Vec<Record<'_>> = jobs.into_iter().map(Record::Job).collect();
         if let Err(err) = self.store.write(&records, now_ms) {
-            tracing::error!(error = %err, "cannot persist utilization samples");
+            tracing::error!(error = %crate::ErrorChain(&err), "cannot persist utilization samples");
         }
     }
 
@@ -840,7 +816,7 @@ impl Cluster {
             let node = node.clone();
             self.placer = None;
             if let Err(err) = self.store.put_node(&node, now_ms) {
-                tracing::error!(node = %node_id, error = %err, "cannot persist node");
+                tracing::error!(node = %node_id, error = %crate::ErrorChain(&err), "cannot persist node");
             }
         }
     }
@@ -1063,7 +1039,7 @@ impl Cluster {
             .collect();
         records.push(Record::NextJobSeq(self.next_seq));
         if let Err(err) = self.store.write(&records, now_ms) {
-            tracing::error!(error = %err, "cannot forget finished jobs; will retry");
+            tracing::error!(error = %crate::ErrorChain(&err), "cannot forget finished jobs; will retry");
             return 0;
         }
         for id in &gone {
@@ -1135,7 +1111,7 @@ impl Cluster {
         if let Some(job) = self.jobs.get(job_id)
             && let Err(err) = self.store.put_job(job, now_ms)
         {
-            tracing::error!(job = %job_id, error = %err, "cannot persist job");
+            tracing::error!(job = %job_id, error = %crate::ErrorChain(&err), "cannot persist job");
         }
     }
 
@@ -1157,7 +1133,7 @@ impl Cluster {
                 node.status = NodeStatus::NotReady;
                 let node = node.clone();
                 if let Err(err) = self.store.put_node(&node, now_ms) {
-                    tracing::error!(node = %node_id, error = %err, "cannot persist node");
+                    tracing::error!(node = %node_id, error = %crate::ErrorChain(&err), "cannot persist node");
                 }
             }
             let why = format!("node {node_id} NotReady (no heartbeat for {grace} ms)");
@@ -1213,11 +1189,10 @@ impl Cluster {
         if raw.kind == Some(JobKind::Tensorboard) && !raw.for_job.is_empty() {
             let training = self.job(caller, &raw.for_job)?;
             if training.spec.kind != JobKind::Training {
-                return Err(ClusterError::FailedPrecondition(format!(
-                    "job {} is a {}: a tensorboard serves a training job's logs",
-                    training.job_id,
-                    training.spec.kind.name()
-                )));
+                return Err(ClusterError::TensorboardOfNonTraining {
+                    job_id: training.job_id.clone(),
+                    kind: training.spec.kind.name(),
+                });
             }
             if raw.log_dir.is_empty() {
                 raw.log_dir = training.spec.log_dir.clone();
@@ -1343,9 +1318,10 @@ impl Cluster {
     ) -> Result<Job, ClusterError> {
         let state = self.job(caller, job_id)?.state;
         if state.is_terminal() {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "job {job_id} already ended ({state:?}); nothing to cancel"
-            )));
+            return Err(ClusterError::NothingToCancel {
+                job_id: job_id.to_string(),
+                state,
+            });
         }
         let job = self.stop_job(job_id, StopCause::User, "killed by user", now_ms, out);
         self.store.put_job(&job, now_ms)?;
@@ -1547,8 +1523,7 @@ impl Cluster {
         let node = self
             .nodes
             .get_mut(node_id)
-            .ok_or_else(|| ClusterError::NotFound {
-                what: "node",
+            .ok_or_else(|| ClusterError::NodeNotFound {
                 id: node_id.to_string(),
             })?;
         node.cordoned = cordoned;
@@ -1570,19 +1545,20 @@ impl Cluster {
     ) -> Result<(&Job, &Instance), ClusterError> {
         let job = self.job(caller, job_id)?;
         if job.instances.is_empty() {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "job {job_id} is {:?} and has no instances yet: {}",
-                job.state, job.reason
-            )));
+            return Err(ClusterError::NoInstancesYet {
+                job_id: job_id.to_string(),
+                state: job.state,
+                reason: job.reason.clone(),
+            });
         }
         // The current run's instance, else the latest earlier one.
         let inst = job
             .current()
             .find(|i| i.rank == rank)
             .or_else(|| job.instances.iter().rev().find(|i| i.rank == rank))
-            .ok_or_else(|| ClusterError::NotFound {
-                what: "instance",
-                id: format!("{job_id} rank {rank}"),
+            .ok_or_else(|| ClusterError::InstanceNotFound {
+                job_id: job_id.to_string(),
+                rank,
             })?;
         Ok((job, inst))
     }
@@ -2032,11 +2008,11 @@ mod tests {
         assert_eq!(c.usage()["n1"].gpu_milli, vec![0]);
         assert!(matches!(
             c.cancel(&admin(), &job.job_id, 10, &mut out),
-            Err(ClusterError::FailedPrecondition(_))
+            Err(ClusterError::NothingToCancel { .. })
         ));
         assert!(matches!(
             c.cancel(&admin(), "nope", 10, &mut out),
-            Err(ClusterError::NotFound { .. })
+            Err(ClusterError::JobNotFound { .. })
         ));
     }
 }

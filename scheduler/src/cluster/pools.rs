@@ -42,13 +42,11 @@ impl SpecInfo {
     }
 }
 
-fn admin_only(caller: &Caller, what: &str) -> Result<(), ClusterError> {
+fn admin_only(caller: &Caller, what: &'static str) -> Result<(), ClusterError> {
     if caller.admin {
         Ok(())
     } else {
-        Err(ClusterError::PermissionDenied(format!(
-            "{what} is for the admin only"
-        )))
+        Err(ClusterError::AdminOnly { what })
     }
 }
 
@@ -67,15 +65,14 @@ impl Cluster {
 
     pub fn tenant(&self, caller: &Caller, name: &str) -> Result<&Tenant, ClusterError> {
         if !caller.may_access(name) {
-            return Err(ClusterError::PermissionDenied(format!(
-                "tenant {name} is not yours"
-            )));
+            return Err(ClusterError::NotYourTenant {
+                name: name.to_string(),
+            });
         }
         self.tenants
             .get(name)
-            .ok_or_else(|| ClusterError::NotFound {
-                what: "tenant",
-                id: name.to_string(),
+            .ok_or_else(|| ClusterError::TenantNotFound {
+                name: name.to_string(),
             })
     }
 
@@ -94,9 +91,9 @@ impl Cluster {
         admin_only(caller, "creating tenants")?;
         tenant::validate_tenant_name(name)?;
         if self.tenants.contains_key(name) {
-            return Err(ClusterError::AlreadyExists(format!(
-                "tenant {name} already exists"
-            )));
+            return Err(ClusterError::TenantExists {
+                name: name.to_string(),
+            });
         }
         let t = Tenant {
             name: name.to_string(),
@@ -120,9 +117,8 @@ impl Cluster {
     ) -> Result<(), ClusterError> {
         admin_only(caller, "issuing tokens")?;
         if !self.tenants.contains_key(tenant) {
-            return Err(ClusterError::NotFound {
-                what: "tenant",
-                id: tenant.to_string(),
+            return Err(ClusterError::TenantNotFound {
+                name: tenant.to_string(),
             });
         }
         self.store
@@ -144,17 +140,15 @@ impl Cluster {
     ) -> Result<u32, ClusterError> {
         admin_only(caller, "revoking tokens")?;
         if !self.tenants.contains_key(tenant) {
-            return Err(ClusterError::NotFound {
-                what: "tenant",
-                id: tenant.to_string(),
+            return Err(ClusterError::TenantNotFound {
+                name: tenant.to_string(),
             });
         }
         let all = token_id == "all";
         if !all && token_id.len() != super::TOKEN_ID_LEN {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "--revoke takes a token id ({} hex digits, as `tenant token` printed it) or `all`",
-                super::TOKEN_ID_LEN
-            )));
+            return Err(ClusterError::BadTokenId {
+                token_id: token_id.to_string(),
+            });
         }
         let hashes: Vec<String> = self
             .tokens
@@ -163,9 +157,9 @@ impl Cluster {
             .map(|(h, _)| h.clone())
             .collect();
         if hashes.is_empty() && !all {
-            return Err(ClusterError::NotFound {
-                what: "token",
-                id: token_id.to_string(),
+            return Err(ClusterError::TokenNotFound {
+                tenant: tenant.to_string(),
+                token_id: token_id.to_string(),
             });
         }
         let records: Vec<Record<'_>> = hashes
@@ -188,14 +182,13 @@ impl Cluster {
         now_ms: i64,
     ) -> Result<Tenant, ClusterError> {
         admin_only(caller, "setting quotas")?;
-        let mut t = self
-            .tenants
-            .get(name)
-            .cloned()
-            .ok_or_else(|| ClusterError::NotFound {
-                what: "tenant",
-                id: name.to_string(),
-            })?;
+        let mut t =
+            self.tenants
+                .get(name)
+                .cloned()
+                .ok_or_else(|| ClusterError::TenantNotFound {
+                    name: name.to_string(),
+                })?;
         t.quota = quota;
         self.store.write(&[Record::Tenant(&t)], now_ms)?;
         self.tenants.insert(name.to_string(), t.clone());
@@ -292,9 +285,8 @@ impl Cluster {
         if key.is_empty() || key == PUBLIC_POOL {
             return Ok(PoolRef::Public);
         }
-        let not_found = || ClusterError::NotFound {
-            what: "pool",
-            id: key.to_string(),
+        let not_found = || ClusterError::PoolNotFound {
+            key: key.to_string(),
         };
         if let Some(pool) = self.pools.get(key) {
             return if caller.may_access(&pool.tenant) {
@@ -313,23 +305,17 @@ impl Cluster {
         match named.as_slice() {
             [] => Err(not_found()),
             [one] => Ok(PoolRef::Dedicated(one)),
-            many => Err(ClusterError::FailedPrecondition(format!(
-                "{} pools are named {key:?} ({}); use the pool id",
-                many.len(),
-                many.iter()
-                    .map(|p| p.pool_id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))),
+            many => Err(ClusterError::AmbiguousPoolName {
+                name: key.to_string(),
+                pool_ids: many.iter().map(|p| p.pool_id.clone()).collect(),
+            }),
         }
     }
 
     pub(super) fn dedicated(&self, caller: &Caller, key: &str) -> Result<Pool, ClusterError> {
         match self.resolve_pool(caller, key)? {
             PoolRef::Dedicated(p) => Ok(p.clone()),
-            PoolRef::Public => Err(ClusterError::FailedPrecondition(
-                "the public pool is built in: it cannot be scaled or deleted".into(),
-            )),
+            PoolRef::Public => Err(ClusterError::PublicPoolIsBuiltIn),
         }
     }
 
@@ -368,10 +354,7 @@ impl Cluster {
     ) -> Result<Pool, ClusterError> {
         let owner = caller.tenant.clone();
         if !caller.admin && !self.tenants.contains_key(&owner) {
-            return Err(ClusterError::NotFound {
-                what: "tenant",
-                id: owner,
-            });
+            return Err(ClusterError::TenantNotFound { name: owner });
         }
         let v = pool::validate_create(req, &self.settings.subscription_regions)?;
         if self
@@ -692,13 +675,11 @@ impl Cluster {
         let pool = self.dedicated(caller, key)?;
         let nodes = self.pool_nodes(&pool);
         if count as usize >= nodes.len() {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "pool {} has {} node(s): scale-in can remove at most {} (a pool keeps one; \
-                 `gpupool pool delete` removes it all)",
-                pool.pool_id,
-                nodes.len(),
-                nodes.len().saturating_sub(1)
-            )));
+            return Err(ClusterError::ScaleInTooMany {
+                pool: pool.pool_id,
+                nodes: nodes.len(),
+                asked: count,
+            });
         }
         Ok(pool::plan_scale_in(&nodes, count))
     }
@@ -831,7 +812,7 @@ impl Cluster {
             let mut records: Vec<Record<'_>> = freed.iter().map(Record::Node).collect();
             records.push(Record::Pool(&pool));
             if let Err(err) = self.store.write(&records, now_ms) {
-                tracing::error!(pool = %id, error = %err, "cannot persist pool change; will retry");
+                tracing::error!(pool = %id, error = %crate::ErrorChain(&err), "cannot persist pool change; will retry");
                 continue;
             }
             if !released.is_empty() {

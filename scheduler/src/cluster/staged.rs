@@ -227,7 +227,7 @@ impl Cluster {
         let snapshot = match self.store.inner.load() {
             Ok(s) => s,
             Err(err) => {
-                tracing::error!(error = %err, "cannot reload state after a failed write; retrying with the next operation");
+                tracing::error!(error = %crate::ErrorChain(&err), "cannot reload state after a failed write; retrying with the next operation");
                 self.diverged = true;
                 return;
             }

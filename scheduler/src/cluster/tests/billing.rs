@@ -245,7 +245,8 @@ fn r_bill_1_conversion_is_refused_without_a_consumption_record() {
         .convert_to_subscription(&tenant(), &pool.pool_id, 6, false, T0)
         .unwrap_err();
     assert!(
-        matches!(err, ClusterError::FailedPrecondition(ref m) if m.contains("no consumption record")),
+        matches!(err, ClusterError::NoConsumptionRecord { .. })
+            && err.to_string().contains("no consumption record"),
         "{err}"
     );
     // Mid-hour conversion splits the hour exactly.

@@ -170,12 +170,12 @@ fn scaling_adds_and_stops_replicas_and_endpoints_are_the_ready_ones() {
     assert_eq!(j.current().map(|i| i.rank).collect::<Vec<_>>(), [0]);
     assert!(matches!(
         c.scale_service(&admin(), &job.job_id, 0, 50, &mut out),
-        Err(ClusterError::FailedPrecondition(_))
+        Err(ClusterError::ReplicasOutOfRange { replicas: 0, .. })
     ));
     let training = c.submit(&admin(), raw(0), 60, &mut out).unwrap();
     assert!(matches!(
         c.scale_service(&admin(), &training.job_id, 2, 60, &mut out),
-        Err(ClusterError::FailedPrecondition(_))
+        Err(ClusterError::NotAnOnlineService { .. })
     ));
 }
 

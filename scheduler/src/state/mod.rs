@@ -1,0 +1,273 @@
+//! The shared state behind every service: the cluster behind one lock, the
+//! agents' sessions (`sessions.rs`), the config and the metrics. Every
+//! change runs through here: staged, committed in one transaction, and only
+//! then delivered to agents.
+//!
+//! No protobuf and no `tonic` here: what goes down a session is
+//! [`ToAgent`], what this layer refuses is a [`StateError`]; the gRPC layer
+//! ([`crate::api`]) converts both at its edge. Nor does it read files or
+//! randomness: [`load`] is handed the store and the secret key.
+
+mod sessions;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub use sessions::{LogChunk, LogRead, SessionHandle, ToAgent};
+
+use crate::cluster::{Cluster, ClusterError, JobLimits, Outbox, SecretKey, Settings};
+use crate::config::SchedulerConfig;
+use crate::metrics::Metrics;
+use crate::now_ms;
+use crate::store::{Store, StoreError};
+
+/// What the shared state refuses (the cluster's own refusals are
+/// [`ClusterError`]s).
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "{max_pending} log reads already wait for agents (`[limits] pending_log_reads`); retry shortly"
+    )]
+    TooManyLogReads { max_pending: usize },
+    #[error("node {node_id} is not connected; its logs cannot be read now")]
+    NodeNotConnected { node_id: String },
+    #[error("node {node_id} disconnected")]
+    NodeDisconnected { node_id: String },
+    #[error(
+        "{caller} already has {cap} log streams open (`[limits] log_streams_per_caller`); close one first"
+    )]
+    TooManyLogStreams { caller: String, cap: u32 },
+}
+
+/// Why the state could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The `[kinds.*]` tables do not make a kind table.
+    #[error("{0}")]
+    Kinds(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Mutable state guarded by one lock. Never held across an `.await`.
+pub struct Core {
+    pub cluster: Cluster,
+    pub sessions: HashMap<String, SessionHandle>,
+    next_session: u64,
+    /// request id -> (the node asked, where its answer goes)
+    pending_logs: HashMap<u64, (String, tokio::sync::oneshot::Sender<LogChunk>)>,
+    next_request: u64,
+}
+
+/// What every service holds.
+pub struct Shared {
+    core: Mutex<Core>,
+    pub config: SchedulerConfig,
+    pub metrics: Metrics,
+    /// Set when a replica stops serving to stand by again (not a process
+    /// shutdown: systemd is not told STOPPING).
+    pub stepping_down: std::sync::atomic::AtomicBool,
+    /// Open log streams per caller (`[limits] log_streams_per_caller`).
+    log_streams: Mutex<HashMap<String, u32>>,
+    /// Reads the ledger without the cluster lock (SQLite: a second
+    /// connection), when the store gives one.
+    ledger_reader: Option<Mutex<Box<dyn Store>>>,
+}
+
+/// Loads the cluster from `store` (described as `what` in the log), its
+/// notebook tokens derived from `token_key`, with the settings of `config`.
+pub fn load(
+    config: SchedulerConfig,
+    store: Box<dyn Store>,
+    token_key: SecretKey,
+    what: &str,
+) -> Result<Arc<Shared>, LoadError> {
+    let settings = Settings {
+        token_key,
+        node_grace_ms: i64::from(config.node_grace_ms),
+        stop_grace_ms: config.stop_grace_ms,
+        subscription_regions: config.subscription_regions.clone(),
+        currency: config.billing.currency.clone(),
+        prices: config.billing.prices.clone(),
+        default_price: config.billing.default_price,
+        frozen_retention_ms: i64::from(config.billing.frozen_retention_hours) * 3_600_000,
+        kinds: config.kind_table().map_err(LoadError::Kinds)?,
+        limits: JobLimits {
+            max_retries: config.limits.max_retries,
+            retry_backoff_ms: config.limits.retry_backoff_ms,
+            retry_backoff_max_ms: config.limits.retry_backoff_max_ms,
+            finished_job_retention_ms: i64::from(config.limits.finished_job_retention_hours)
+                * 3_600_000,
+        },
+    };
+    let cluster = Cluster::load(store, settings, now_ms())?;
+    let ledger_reader = cluster.store_reader().map(Mutex::new);
+    tracing::info!(
+        database = %what,
+        nodes = cluster.nodes().count(),
+        jobs = cluster.jobs().count(),
+        "state loaded"
+    );
+    Ok(Arc::new(Shared {
+        core: Mutex::new(Core {
+            cluster,
+            sessions: HashMap::new(),
+            next_session: 0,
+            pending_logs: HashMap::new(),
+            next_request: 0,
+        }),
+        config,
+        metrics: Metrics::new(),
+        stepping_down: Default::default(),
+        log_streams: Default::default(),
+        ledger_reader,
+    }))
+}
+
+/// One open log stream of a caller; closing it (drop) frees the slot.
+pub struct LogStreamSlot {
+    shared: Arc<Shared>,
+    key: String,
+}
+
+impl Drop for LogStreamSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .shared
+            .log_streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Runs `f` on the core with an outbox; what it wrote is committed in
+    /// one transaction, and only then is the outbox delivered. If the commit
+    /// fails, memory is reloaded from the (unchanged) store and the outbox
+    /// dropped; the failure is logged. For reads and for what the clock
+    /// drives (it derives the same change again at its next tick); a
+    /// client's mutation uses [`Shared::mutate`], which reports the failure,
+    /// and an agent's message [`Shared::with_committed`], which says it was
+    /// undone.
+    pub fn with<T>(&self, f: impl FnOnce(&mut Core, &mut Outbox) -> T) -> T {
+        let mut value = None;
+        self.with_committed(|core, out| value = Some(f(core, out)));
+        value.expect("the closure ran")
+    }
+
+    /// [`Shared::with`], answering `None` when the commit failed (and the
+    /// change was undone), for callers that act on what was committed.
+    pub fn with_committed<T>(&self, f: impl FnOnce(&mut Core, &mut Outbox) -> T) -> Option<T> {
+        let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Outbox::new();
+        let now = now_ms();
+        core.cluster.begin(now);
+        let result = f(&mut core, &mut out);
+        match core.cluster.commit(now_ms()) {
+            Ok(()) => {
+                core.deliver(out);
+                Some(result)
+            }
+            Err(err) => {
+                tracing::error!(error = %crate::ErrorChain(&err), "cannot persist state; change undone");
+                None
+            }
+        }
+    }
+
+    /// A client's mutation: staged, written in one transaction, and only
+    /// then applied (commands to agents sent). If `f` fails, or the write
+    /// does, memory, store and agents stay exactly as they were and the
+    /// caller gets the error.
+    pub fn mutate<T, E>(
+        &self,
+        f: impl FnOnce(&mut Core, &mut Outbox) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<ClusterError>,
+    {
+        let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Outbox::new();
+        let now = now_ms();
+        core.cluster.begin(now);
+        match f(&mut core, &mut out) {
+            Ok(value) => match core.cluster.commit(now_ms()) {
+                Ok(()) => {
+                    core.deliver(out);
+                    Ok(value)
+                }
+                Err(err) => Err(E::from(ClusterError::Store(err))),
+            },
+            Err(err) => {
+                core.cluster.rollback(now_ms());
+                Err(err)
+            }
+        }
+    }
+
+    /// One page of closed ledger rows through the separate reader (or, if
+    /// there is none, under the cluster lock).
+    pub fn read_ledger(
+        &self,
+        q: &crate::store::LedgerQuery,
+    ) -> Result<Vec<crate::domain::billing::LedgerRow>, ClusterError> {
+        match &self.ledger_reader {
+            Some(reader) => Ok(reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ledger_page(q)?),
+            None => self.with(|core, _| core.cluster.ledger_page(q)),
+        }
+    }
+
+    /// Every closed ledger row of `q` (its limit ignored), read a page of
+    /// 10,000 at a time, so no single read holds anything for long.
+    pub fn read_ledger_all(
+        &self,
+        q: &crate::store::LedgerQuery,
+    ) -> Result<Vec<crate::domain::billing::LedgerRow>, ClusterError> {
+        let mut q = q.clone();
+        q.limit = 10_000;
+        let mut all = Vec::new();
+        loop {
+            let page = self.read_ledger(&q)?;
+            let full = page.len() == q.limit;
+            q.after = page.last().map(crate::store::LedgerQuery::key);
+            all.extend(page);
+            if !full {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// The `/metrics` page: the gauges sampled under the lock, encoded
+    /// outside it.
+    pub fn render_metrics(&self) -> String {
+        self.with(|core, _| self.metrics.sample(&core.cluster, core.sessions.len()));
+        self.metrics.encode()
+    }
+
+    /// Takes one of the caller's log stream slots, or says the cap is reached.
+    pub fn open_log_stream(self: &Arc<Self>, key: &str) -> Result<LogStreamSlot, StateError> {
+        let cap = self.config.limits.log_streams_per_caller;
+        let mut open = self.log_streams.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key.to_string()).or_insert(0);
+        if *n >= cap {
+            return Err(StateError::TooManyLogStreams {
+                caller: key.to_string(),
+                cap,
+            });
+        }
+        *n += 1;
+        Ok(LogStreamSlot {
+            shared: self.clone(),
+            key: key.to_string(),
+        })
+    }
+}
