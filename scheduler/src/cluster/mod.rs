@@ -833,26 +833,13 @@ impl Cluster {
             // Nothing a revoked (or unknown) node says counts.
             return;
         }
+        let grace_ms = self.settings.stop_grace_ms;
         let job_id = self.instance_job.get(&r.instance_id).cloned();
         let Some(job) = job_id.as_ref().and_then(|id| self.jobs.get_mut(id)) else {
             if !r.state.is_terminal() {
                 tracing::warn!(node = %node_id, instance = %r.instance_id, "agent runs an unknown instance; stopping it");
-                out.push((
-                    node_id.to_string(),
-                    AgentCommand::Stop {
-                        instance_id: r.instance_id.clone(),
-                        grace_ms: self.settings.stop_grace_ms,
-                        reason: "unknown to the scheduler".into(),
-                    },
-                ));
-            } else {
-                out.push((
-                    node_id.to_string(),
-                    AgentCommand::Forget {
-                        instance_id: r.instance_id,
-                    },
-                ));
             }
+            out.push((node_id.to_string(), unknown_instance_command(r, grace_ms)));
             return;
         };
         let Some(inst) = job
@@ -870,79 +857,18 @@ impl Cluster {
             } else {
                 AgentCommand::Stop {
                     instance_id: r.instance_id,
-                    grace_ms: self.settings.stop_grace_ms,
+                    grace_ms,
                     reason: format!("instance already {:?}", inst.state),
                 }
             };
             out.push((node_id.to_string(), cmd));
             return;
         }
-        let mut changed = false;
-        if r.port != 0 && inst.port != r.port {
-            inst.port = r.port;
-            changed = true;
-        }
-        if !r.image_digest.is_empty() && inst.image_digest != r.image_digest {
-            inst.image_digest = r.image_digest.clone();
-            changed = true;
-        }
-        if inst.pull != r.pull {
-            // Progress is kept in memory; the end of the pull is written.
-            if inst.pull.is_some() && r.pull.is_none() {
-                changed = true;
-            }
-            inst.pull = r.pull;
-        }
-        if let Some(idle) = r.idle_ms {
-            // Kept in memory; written with the next change of the job.
-            let at = now_ms - idle.min(i64::MAX as u64) as i64;
-            inst.last_activity_ms = Some(inst.last_activity_ms.map_or(at, |t| t.max(at)));
-        }
-        if inst.state != r.state {
-            if r.state == InstanceState::Running && inst.state == InstanceState::Stopping {
-                // The agent has not seen our stop (it was disconnected, or the
-                // stop is in flight): ask again; the agent ignores repeats.
-                out.push((
-                    node_id.to_string(),
-                    AgentCommand::Stop {
-                        instance_id: inst.instance_id.clone(),
-                        grace_ms: self.settings.stop_grace_ms,
-                        reason: inst.reason.clone(),
-                    },
-                ));
-            } else {
-                inst.state = r.state;
-                changed = true;
-            }
-        }
-        // Ready: it runs (not being stopped) and passes its health check.
-        let ready = r.state == InstanceState::Running
-            && inst.state == InstanceState::Running
-            && (r.ready || job.spec.health_check.is_none());
-        if inst.ready != ready {
-            inst.ready = ready;
-            changed = true;
-        }
-        if r.state == InstanceState::Running && inst.started_at_ms.is_none() {
-            inst.started_at_ms = Some(now_ms);
-            changed = true;
-        }
+        let health_checked = job.spec.health_check.is_some();
+        let changed = merge_report(inst, &r, health_checked, node_id, grace_ms, now_ms, out);
         if r.state.is_terminal() {
             // Its resources are free again.
             self.placer = None;
-            inst.ready = false;
-            inst.exit_code = r.exit_code;
-            inst.signal = r.signal;
-            if !r.reason.is_empty() {
-                inst.reason = r.reason.clone();
-            }
-            inst.finished_at_ms = Some(now_ms);
-            out.push((
-                node_id.to_string(),
-                AgentCommand::Forget {
-                    instance_id: inst.instance_id.clone(),
-                },
-            ));
         }
         if !changed {
             return;
@@ -1562,6 +1488,101 @@ impl Cluster {
             })?;
         Ok((job, inst))
     }
+}
+
+/// What to tell an agent that reports an instance the scheduler does not
+/// know: stop it while it runs, forget it once it ended.
+fn unknown_instance_command(r: ReportedInstance, grace_ms: u32) -> AgentCommand {
+    if r.state.is_terminal() {
+        AgentCommand::Forget {
+            instance_id: r.instance_id,
+        }
+    } else {
+        AgentCommand::Stop {
+            instance_id: r.instance_id,
+            grace_ms,
+            reason: "unknown to the scheduler".into(),
+        }
+    }
+}
+
+/// Takes what an agent reports of a live instance into the scheduler's
+/// record of it; returns whether anything worth writing changed.
+fn merge_report(
+    inst: &mut Instance,
+    r: &ReportedInstance,
+    health_checked: bool,
+    node_id: &str,
+    grace_ms: u32,
+    now_ms: i64,
+    out: &mut Outbox,
+) -> bool {
+    let mut changed = false;
+    if r.port != 0 && inst.port != r.port {
+        inst.port = r.port;
+        changed = true;
+    }
+    if !r.image_digest.is_empty() && inst.image_digest != r.image_digest {
+        inst.image_digest = r.image_digest.clone();
+        changed = true;
+    }
+    if inst.pull != r.pull {
+        // Progress is kept in memory; the end of the pull is written.
+        if inst.pull.is_some() && r.pull.is_none() {
+            changed = true;
+        }
+        inst.pull = r.pull.clone();
+    }
+    if let Some(idle) = r.idle_ms {
+        // Kept in memory; written with the next change of the job.
+        let at = now_ms - idle.min(i64::MAX as u64) as i64;
+        inst.last_activity_ms = Some(inst.last_activity_ms.map_or(at, |t| t.max(at)));
+    }
+    if inst.state != r.state {
+        if r.state == InstanceState::Running && inst.state == InstanceState::Stopping {
+            // The agent has not seen our stop (it was disconnected, or the
+            // stop is in flight): ask again; the agent ignores repeats.
+            out.push((
+                node_id.to_string(),
+                AgentCommand::Stop {
+                    instance_id: inst.instance_id.clone(),
+                    grace_ms,
+                    reason: inst.reason.clone(),
+                },
+            ));
+        } else {
+            inst.state = r.state;
+            changed = true;
+        }
+    }
+    // Ready: it runs (not being stopped) and passes its health check.
+    let ready = r.state == InstanceState::Running
+        && inst.state == InstanceState::Running
+        && (r.ready || !health_checked);
+    if inst.ready != ready {
+        inst.ready = ready;
+        changed = true;
+    }
+    if r.state == InstanceState::Running && inst.started_at_ms.is_none() {
+        inst.started_at_ms = Some(now_ms);
+        changed = true;
+    }
+    if r.state.is_terminal() {
+        inst.ready = false;
+        inst.exit_code = r.exit_code;
+        inst.signal = r.signal;
+        if !r.reason.is_empty() {
+            inst.reason = r.reason.clone();
+        }
+        inst.finished_at_ms = Some(now_ms);
+        out.push((
+            node_id.to_string(),
+            AgentCommand::Forget {
+                instance_id: inst.instance_id.clone(),
+            },
+        ));
+    }
+    changed
 }
 
 /// Marks `inst` Stopping and tells its agent to stop it: SIGTERM to its

@@ -7,7 +7,7 @@ use crate::store::Store as _;
 use std::collections::BTreeMap;
 
 use super::{Cluster, ClusterError, Outbox};
-use crate::domain::billing::{self, ModeSpan, OrderKind, Span, Term};
+use crate::domain::billing::{self, ModeSpan, Order, OrderKind, Span, Term};
 use crate::domain::pool::BillingMode;
 use crate::domain::pool::{
     self, CreateRequest, FreeNode, Network, NodeHealth, Pool, PoolError, PoolNode, PoolStatus,
@@ -389,17 +389,8 @@ impl Cluster {
         )?;
         let seq = self.next_pool_seq;
         let pool_id = format!("p-{seq:06}");
-        let network = match (v.pool_type, v.custom_network) {
-            (PoolType::Deploy, Some(custom)) => Some(custom),
-            (PoolType::Deploy, None) => Some(Network::Isolated {
-                network_id: self
-                    .tenants
-                    .get(&owner)
-                    .map_or_else(|| format!("net-{owner}"), |t| t.network_id.clone()),
-            }),
-            (PoolType::Train, _) => None,
-        };
-        let pool = Pool {
+        let network = self.pool_network(&owner, v.pool_type, v.custom_network);
+        let mut pool = Pool {
             pool_id: pool_id.clone(),
             seq,
             name: v.name,
@@ -440,27 +431,10 @@ impl Cluster {
             term: None,
             frozen_at_ms: None,
         };
-        let mut pool = pool;
         // R-DED-4/5: billing starts now; a subscription is paid by an order.
         let order = match v.subscription {
             Some(terms) if v.billing_mode == BillingMode::Subscription => {
-                let end = billing::add_months(now_ms, terms.months);
-                pool.term = Some(Term {
-                    start_ms: now_ms,
-                    end_ms: end,
-                });
-                let billed = billing::billed_months(pool.pool_type, terms.months);
-                let price = self.price_of(&pool.spec).subscription_node_month_micros;
-                Some(self.new_order(
-                    OrderKind::New,
-                    &pool,
-                    v.node_count,
-                    terms.months,
-                    billed,
-                    billing::order_amount(price, v.node_count, billed),
-                    (now_ms, end),
-                    now_ms,
-                ))
+                Some(self.first_term(&mut pool, v.node_count, terms.months, now_ms))
             }
             _ => None,
         };
@@ -469,6 +443,48 @@ impl Cluster {
         tracing::info!(pool = %pool_id, tenant = %pool.tenant, nodes = ?node_ids, "pool created");
         self.pools.insert(pool_id, pool.clone());
         Ok(pool)
+    }
+
+    /// The network a new pool of `owner` gets: a deploy pool the custom one
+    /// asked for, else its tenant's isolated network; a training pool none.
+    fn pool_network(
+        &self,
+        owner: &str,
+        pool_type: PoolType,
+        custom: Option<Network>,
+    ) -> Option<Network> {
+        match (pool_type, custom) {
+            (PoolType::Deploy, Some(custom)) => Some(custom),
+            (PoolType::Deploy, None) => Some(Network::Isolated {
+                network_id: self
+                    .tenants
+                    .get(owner)
+                    .map_or_else(|| format!("net-{owner}"), |t| t.network_id.clone()),
+            }),
+            (PoolType::Train, _) => None,
+        }
+    }
+
+    /// A new subscription pool's first term, from now for `months`, and the
+    /// order that pays it.
+    fn first_term(&self, pool: &mut Pool, nodes: u32, months: u32, now_ms: i64) -> Order {
+        let end = billing::add_months(now_ms, months);
+        pool.term = Some(Term {
+            start_ms: now_ms,
+            end_ms: end,
+        });
+        let billed = billing::billed_months(pool.pool_type, months);
+        let price = self.price_of(&pool.spec).subscription_node_month_micros;
+        self.new_order(
+            OrderKind::New,
+            pool,
+            nodes,
+            months,
+            billed,
+            billing::order_amount(price, nodes, billed),
+            (now_ms, end),
+            now_ms,
+        )
     }
 
     /// Moves nodes into `target` and writes the pool with them, atomically.
