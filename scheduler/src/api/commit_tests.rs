@@ -219,8 +219,15 @@ fn settle(rig: &Rig) {
 async fn every_mutating_rpc_applies_only_after_its_commit() {
     let mut rig = Rig::new(5);
     let api = rig.api.clone();
+    let token = tenants_and_tokens(&mut rig, &api).await;
+    jobs(&mut rig, &api, &token).await;
+    nodes(&mut rig, &api).await;
+    on_demand_pools(&mut rig, &api, &token).await;
+    subscription_pools(&mut rig, &api, &token).await;
+}
 
-    // Tenants and tokens.
+/// Tenants and tokens; returns a token of the tenant made.
+async fn tenants_and_tokens(rig: &mut Rig, api: &Api) -> String {
     rig.check("CreateTenant", || {
         api.create_tenant(req(
             ADMIN,
@@ -266,29 +273,31 @@ async fn every_mutating_rpc_applies_only_after_its_commit() {
         ))
     })
     .await;
-    let token = api
-        .issue_token(req(
-            ADMIN,
-            pb::IssueTokenRequest {
-                tenant: "acme".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    api.issue_token(req(
+        ADMIN,
+        pb::IssueTokenRequest {
+            tenant: "acme".into(),
+        },
+    ))
+    .await
+    .unwrap()
+    .into_inner()
+    .token
+}
 
-    // Jobs: a submission is placed at once (a Start would be sent).
+/// Jobs: a submission is placed at once (a Start would be sent), then
+/// cancelled; a service is scaled and restarted.
+async fn jobs(rig: &mut Rig, api: &Api, token: &str) {
     let training = rig
         .check("SubmitJob", || {
-            api.submit_job(req(&token, job(pb::JobKind::Training, 1)))
+            api.submit_job(req(token, job(pb::JobKind::Training, 1)))
         })
         .await
         .into_inner();
     assert!(rig.drain() > 0, "the placed job's Start reached its node");
     rig.check("CancelJob", || {
         api.cancel_job(req(
-            &token,
+            token,
             pb::CancelJobRequest {
                 job_id: training.job_id.clone(),
             },
@@ -296,13 +305,13 @@ async fn every_mutating_rpc_applies_only_after_its_commit() {
     })
     .await;
     let svc = api
-        .submit_job(req(&token, job(pb::JobKind::OnlineService, 1)))
+        .submit_job(req(token, job(pb::JobKind::OnlineService, 1)))
         .await
         .unwrap()
         .into_inner();
     rig.check("ScaleService", || {
         api.scale_service(req(
-            &token,
+            token,
             pb::ScaleServiceRequest {
                 job_id: svc.job_id.clone(),
                 replicas: 2,
@@ -312,7 +321,7 @@ async fn every_mutating_rpc_applies_only_after_its_commit() {
     .await;
     rig.check("RestartService", || {
         api.restart_service(req(
-            &token,
+            token,
             pb::RestartServiceRequest {
                 job_id: svc.job_id.clone(),
             },
@@ -320,15 +329,17 @@ async fn every_mutating_rpc_applies_only_after_its_commit() {
     })
     .await;
     api.cancel_job(req(
-        &token,
+        token,
         pb::CancelJobRequest {
             job_id: svc.job_id.clone(),
         },
     ))
     .await
     .unwrap();
+}
 
-    // Nodes.
+/// Nodes: cordon, uncordon, revoke, readmit, register.
+async fn nodes(rig: &mut Rig, api: &Api) {
     let node = |id: &str| pb::CordonNodeRequest { node_id: id.into() };
     rig.check("CordonNode", || api.cordon_node(req(ADMIN, node("n5"))))
         .await;
@@ -352,18 +363,21 @@ async fn every_mutating_rpc_applies_only_after_its_commit() {
         pb::agent_service_server::AgentService::register(agents, r)
     };
     rig.check("Register", register).await;
+}
 
-    // Dedicated pools, on demand and by subscription.
+/// Dedicated pools on demand: create, scale out and in, convert one to a
+/// subscription (R-BILL-1), delete.
+async fn on_demand_pools(rig: &mut Rig, api: &Api, token: &str) {
     let od = rig
         .check("CreatePool", || {
-            api.create_pool(req(&token, pool("od_pool", false)))
+            api.create_pool(req(token, pool("od_pool", false)))
         })
         .await
         .into_inner();
-    settle(&rig);
+    settle(rig);
     rig.check("ScalePool out", || {
         api.scale_pool(req(
-            &token,
+            token,
             pb::ScalePoolRequest {
                 pool: od.pool_id.clone(),
                 change: Some(pb::scale_pool_request::Change::AddNodes(1)),
@@ -380,10 +394,10 @@ async fn every_mutating_rpc_applies_only_after_its_commit() {
             .collect()
     });
     assert_eq!(pool_nodes.len(), 2, "{pool_nodes:?}");
-    settle(&rig);
+    settle(rig);
     rig.check("ScalePool in", || {
         api.scale_pool(req(
-            &token,
+            token,
             pb::ScalePoolRequest {
                 pool: od.pool_id.clone(),
                 change: Some(pb::scale_pool_request::Change::RemoveNodes(pb::NodeIds {
@@ -396,15 +410,15 @@ async fn every_mutating_rpc_applies_only_after_its_commit() {
     .await;
     // A second on-demand pool converts to a subscription (R-BILL-1).
     let conv = api
-        .create_pool(req(&token, pool("conv_pool", false)))
+        .create_pool(req(token, pool("conv_pool", false)))
         .await
         .unwrap()
         .into_inner();
-    settle(&rig);
+    settle(rig);
     std::thread::sleep(std::time::Duration::from_millis(5));
     rig.check("ConvertToSubscription", || {
         api.convert_to_subscription(req(
-            &token,
+            token,
             pb::ConvertToSubscriptionRequest {
                 pool: conv.pool_id.clone(),
                 months: 1,
@@ -415,7 +429,7 @@ async fn every_mutating_rpc_applies_only_after_its_commit() {
     .await;
     rig.check("DeletePool", || {
         api.delete_pool(req(
-            &token,
+            token,
             pb::DeletePoolRequest {
                 pool: od.pool_id.clone(),
                 confirm: true,
@@ -423,15 +437,19 @@ async fn every_mutating_rpc_applies_only_after_its_commit() {
         ))
     })
     .await;
+}
+
+/// A subscription pool: renewal set, then unsubscribed.
+async fn subscription_pools(rig: &mut Rig, api: &Api, token: &str) {
     let sub = api
-        .create_pool(req(&token, pool("sub_pool", true)))
+        .create_pool(req(token, pool("sub_pool", true)))
         .await
         .unwrap()
         .into_inner();
-    settle(&rig);
+    settle(rig);
     rig.check("SetRenewal", || {
         api.set_renewal(req(
-            &token,
+            token,
             pb::SetRenewalRequest {
                 pool: sub.pool_id.clone(),
                 auto_renew: true,
@@ -442,7 +460,7 @@ async fn every_mutating_rpc_applies_only_after_its_commit() {
     .await;
     rig.check("Unsubscribe", || {
         api.unsubscribe(req(
-            &token,
+            token,
             pb::UnsubscribeRequest {
                 pool: sub.pool_id.clone(),
                 confirm: true,
