@@ -376,172 +376,211 @@ impl Model {
     }
 }
 
-#[test]
-fn ledger_equals_an_independent_integration_of_random_timelines() {
-    let (mut pools_seen, mut instances_seen, mut conversions_seen) = (0, 0, 0);
-    for seed in 1..=12u64 {
+/// One random timeline: the cluster, the test's own model of it, and what
+/// is alive to act on.
+struct Timeline {
+    dir: tempfile::TempDir,
+    c: Cluster,
+    out: Outbox,
+    rng: Rng,
+    now: i64,
+    model: Model,
+    running: Vec<String>,
+    pools: Vec<String>,
+}
+
+impl Timeline {
+    fn new(seed: u64) -> Timeline {
         let dir = tempfile::tempdir().unwrap();
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let mut now = T0 + rng.below(HOUR_MS as u64) as i64;
-        let mut c = cluster_with_nodes(dir.path(), 6, now);
-        let mut out = Outbox::new();
-        let mut model = Model::default();
-        let mut running: Vec<String> = Vec::new();
-        let mut pools: Vec<String> = Vec::new();
+        let now = T0 + rng.below(HOUR_MS as u64) as i64;
+        let c = cluster_with_nodes(dir.path(), 6, now);
+        Timeline {
+            dir,
+            c,
+            out: Outbox::new(),
+            rng,
+            now,
+            model: Model::default(),
+            running: Vec::new(),
+            pools: Vec::new(),
+        }
+    }
+
+    /// A random live pool's id, if any.
+    fn some_pool(&mut self) -> Option<String> {
+        (!self.pools.is_empty())
+            .then(|| self.pools[self.rng.below(self.pools.len() as u64) as usize].clone())
+    }
+
+    fn create_pool(&mut self, step: u32) {
+        let n = 1 + self.rng.below(2) as u32;
+        let seed = self.rng.next();
+        let req = train(&self.c, &format!("p{step}"), n, None);
+        let Ok(p) = self.c.create_pool(&tenant(), req, seed, self.now) else {
+            return;
+        };
+        let subject = format!("pool:{}", p.pool_id);
+        let spans = self.model.spans.entry(subject.clone()).or_default();
+        spans.extend(p.node_ids.iter().map(|_| (self.now, None)));
+        self.model
+            .modes
+            .insert(subject.clone(), vec![(self.now, BillingMode::OnDemand)]);
+        self.model.price.insert(subject, NODE_HOUR);
+        self.pools.push(p.pool_id);
+    }
+
+    fn scale_out(&mut self, id: &str) {
+        let seed = self.rng.next();
+        if self.c.scale_out(&tenant(), id, 1, seed, self.now).is_ok() {
+            let spans = self.model.spans.get_mut(&format!("pool:{id}")).unwrap();
+            spans.push((self.now, None));
+        }
+    }
+
+    fn scale_in(&mut self, id: &str) {
+        let p = self.c.dedicated(&admin(), id).unwrap();
+        if p.target_node_count() <= 1 {
+            return;
+        }
+        let node = p
+            .node_ids
+            .iter()
+            .find(|n| !p.draining.contains(n))
+            .unwrap()
+            .clone();
+        let removed = self.c.scale_in(
+            &tenant(),
+            id,
+            std::slice::from_ref(&node),
+            true,
+            self.now,
+            &mut self.out,
+        );
+        if removed.is_ok() {
+            // The model closes the span of that node: the one whose start
+            // matches the meter.
+            let start = p
+                .meter
+                .iter()
+                .find(|s| s.unit == node && s.to_ms.is_none())
+                .unwrap()
+                .from_ms;
+            let spans = self.model.spans.get_mut(&format!("pool:{id}")).unwrap();
+            let open = spans
+                .iter_mut()
+                .find(|s| s.0 == start && s.1.is_none())
+                .unwrap();
+            open.1 = Some(self.now);
+        }
+    }
+
+    fn delete_pool(&mut self) {
+        let id = self
+            .pools
+            .remove(self.rng.below(self.pools.len() as u64) as usize);
+        let (now, out) = (self.now, &mut self.out);
+        if self.c.delete_pool(&tenant(), &id, true, now, out).is_err() {
+            // A converted pool is released by unsubscribing (R-DEL-3).
+            self.c.unsubscribe(&tenant(), &id, true, now, out).unwrap();
+        }
+        let spans = self.model.spans.get_mut(&format!("pool:{id}")).unwrap();
+        for s in spans.iter_mut().filter(|s| s.1.is_none()) {
+            s.1 = Some(now);
+        }
+    }
+
+    fn start_instance(&mut self) {
+        let job = self
+            .c
+            .submit(&tenant(), raw(0), self.now, &mut self.out)
+            .unwrap();
+        let Some(inst) = job.instances.first() else {
+            return;
+        };
+        let (node, id) = (inst.node_id.clone(), inst.instance_id.clone());
+        let running = vec![report(&id, InstanceState::Running, None)];
+        self.c
+            .heartbeat(&node, None, running, self.now, &mut self.out);
+        let subject = format!("instance:{id}");
+        self.model
+            .spans
+            .insert(subject.clone(), vec![(self.now, None)]);
+        self.model.price.insert(subject, INSTANCE_HOUR);
+        self.running.push(id);
+    }
+
+    fn end_instance(&mut self) {
+        let id = self
+            .running
+            .remove(self.rng.below(self.running.len() as u64) as usize);
+        let node = self
+            .c
+            .jobs()
+            .flat_map(|j| j.instances.iter())
+            .find(|i| i.instance_id == id)
+            .unwrap()
+            .node_id
+            .clone();
+        let done = vec![report(&id, InstanceState::Succeeded, Some(0))];
+        self.c.heartbeat(&node, None, done, self.now, &mut self.out);
+        self.model.spans.get_mut(&format!("instance:{id}")).unwrap()[0].1 = Some(self.now);
+    }
+
+    fn convert(&mut self, id: &str) {
+        if self
+            .c
+            .convert_to_subscription(&tenant(), id, 1, true, self.now)
+            .is_ok()
+        {
+            let modes = self.model.modes.get_mut(&format!("pool:{id}")).unwrap();
+            modes.push((self.now, BillingMode::Subscription));
+        }
+    }
+
+    /// Sixty random steps, hours closing now and then.
+    fn run(&mut self) {
         for step in 0..60 {
-            now += 1 + rng.below(2 * HOUR_MS as u64) as i64;
-            keep_alive(&mut c, now, &mut out);
-            c.tick(now, &mut out);
-            match rng.below(9) {
-                0 | 1 => {
-                    let n = 1 + rng.below(2) as u32;
-                    if let Ok(p) = c.create_pool(
-                        &tenant(),
-                        train(&c, &format!("p{step}"), n, None),
-                        rng.next(),
-                        now,
-                    ) {
-                        let subject = format!("pool:{}", p.pool_id);
-                        for node in &p.node_ids {
-                            let _ = node;
-                            model
-                                .spans
-                                .entry(subject.clone())
-                                .or_default()
-                                .push((now, None));
-                        }
-                        model
-                            .modes
-                            .insert(subject.clone(), vec![(now, BillingMode::OnDemand)]);
-                        model.price.insert(subject, NODE_HOUR);
-                        pools.push(p.pool_id);
+            self.now += 1 + self.rng.below(2 * HOUR_MS as u64) as i64;
+            keep_alive(&mut self.c, self.now, &mut self.out);
+            self.c.tick(self.now, &mut self.out);
+            match self.rng.below(9) {
+                0 | 1 => self.create_pool(step),
+                2 => {
+                    if let Some(id) = self.some_pool() {
+                        self.scale_out(&id);
                     }
                 }
-                2 if !pools.is_empty() => {
-                    let id = pools[rng.below(pools.len() as u64) as usize].clone();
-                    if c.scale_out(&tenant(), &id, 1, rng.next(), now).is_ok() {
-                        model
-                            .spans
-                            .get_mut(&format!("pool:{id}"))
-                            .unwrap()
-                            .push((now, None));
+                3 => {
+                    if let Some(id) = self.some_pool() {
+                        self.scale_in(&id);
                     }
                 }
-                3 if !pools.is_empty() => {
-                    let id = pools[rng.below(pools.len() as u64) as usize].clone();
-                    let p = c.dedicated(&admin(), &id).unwrap();
-                    if p.target_node_count() > 1 {
-                        let node = p
-                            .node_ids
-                            .iter()
-                            .find(|n| !p.draining.contains(n))
-                            .unwrap()
-                            .clone();
-                        if c.scale_in(
-                            &tenant(),
-                            &id,
-                            std::slice::from_ref(&node),
-                            true,
-                            now,
-                            &mut out,
-                        )
-                        .is_ok()
-                        {
-                            // The model closes the span of that node: the one whose start matches the meter.
-                            let start = p
-                                .meter
-                                .iter()
-                                .find(|s| s.unit == node && s.to_ms.is_none())
-                                .unwrap()
-                                .from_ms;
-                            let spans = model.spans.get_mut(&format!("pool:{id}")).unwrap();
-                            let open = spans
-                                .iter_mut()
-                                .find(|s| s.0 == start && s.1.is_none())
-                                .unwrap();
-                            open.1 = Some(now);
-                        }
-                    }
-                }
-                4 if !pools.is_empty() => {
-                    let id = pools.remove(rng.below(pools.len() as u64) as usize);
-                    if c.delete_pool(&tenant(), &id, true, now, &mut out).is_err() {
-                        // A converted pool is released by unsubscribing (R-DEL-3).
-                        c.unsubscribe(&tenant(), &id, true, now, &mut out).unwrap();
-                    }
-                    for s in model
-                        .spans
-                        .get_mut(&format!("pool:{id}"))
-                        .unwrap()
-                        .iter_mut()
-                        .filter(|s| s.1.is_none())
-                    {
-                        s.1 = Some(now);
-                    }
-                }
-                5 => {
-                    let job = c.submit(&tenant(), raw(0), now, &mut out).unwrap();
-                    if let Some(inst) = job.instances.first() {
-                        let node = inst.node_id.clone();
-                        let id = inst.instance_id.clone();
-                        c.heartbeat(
-                            &node,
-                            None,
-                            vec![report(&id, InstanceState::Running, None)],
-                            now,
-                            &mut out,
-                        );
-                        model
-                            .spans
-                            .insert(format!("instance:{id}"), vec![(now, None)]);
-                        model.price.insert(format!("instance:{id}"), INSTANCE_HOUR);
-                        running.push(id);
-                    }
-                }
-                6 if !running.is_empty() => {
-                    let id = running.remove(rng.below(running.len() as u64) as usize);
-                    let node = c
-                        .jobs()
-                        .flat_map(|j| j.instances.iter())
-                        .find(|i| i.instance_id == id)
-                        .unwrap()
-                        .node_id
-                        .clone();
-                    c.heartbeat(
-                        &node,
-                        None,
-                        vec![report(&id, InstanceState::Succeeded, Some(0))],
-                        now,
-                        &mut out,
-                    );
-                    model.spans.get_mut(&format!("instance:{id}")).unwrap()[0].1 = Some(now);
-                }
-                7 => {
-                    // Restart from the database at this instant.
-                    drop(c);
-                    c = open(dir.path(), now);
-                }
-                8 if !pools.is_empty() => {
-                    let id = pools[rng.below(pools.len() as u64) as usize].clone();
-                    if c.convert_to_subscription(&tenant(), &id, 1, true, now)
-                        .is_ok()
-                    {
-                        model
-                            .modes
-                            .get_mut(&format!("pool:{id}"))
-                            .unwrap()
-                            .push((now, BillingMode::Subscription));
+                4 if !self.pools.is_empty() => self.delete_pool(),
+                5 => self.start_instance(),
+                6 if !self.running.is_empty() => self.end_instance(),
+                // Restart from the database at this instant.
+                7 => self.c = open(self.dir.path(), self.now),
+                8 => {
+                    if let Some(id) = self.some_pool() {
+                        self.convert(&id);
                     }
                 }
                 _ => {}
             }
-            if rng.below(3) == 0 {
-                c.close_hours(now);
+            if self.rng.below(3) == 0 {
+                self.c.close_hours(self.now);
             }
         }
-        now += 1 + rng.below(HOUR_MS as u64) as i64;
-        c.close_hours(now);
-        let rows = c.usage_rows(T0 - HOUR_MS, now).unwrap();
+    }
+
+    /// Closes the last hours and checks the ledger against the model;
+    /// returns the (pool, instance, conversion) subjects it covered.
+    fn check(mut self, seed: u64) -> (usize, usize, usize) {
+        self.now += 1 + self.rng.below(HOUR_MS as u64) as i64;
+        let now = self.now;
+        self.c.close_hours(now);
+        let rows = self.c.usage_rows(T0 - HOUR_MS, now).unwrap();
         let mut got: BTreeMap<(String, BillingMode), (i64, i64, i64)> = BTreeMap::new();
         for r in &rows {
             let e = got.entry((r.subject.clone(), r.mode)).or_default();
@@ -558,13 +597,7 @@ fn ledger_equals_an_independent_integration_of_random_timelines() {
         keys.sort();
         keys.dedup();
         assert_eq!(keys.len(), n, "seed {seed}: duplicated ledger rows");
-        let want = model.integrate(now);
-        pools_seen += want.keys().filter(|k| k.0.starts_with("pool:")).count();
-        instances_seen += want.keys().filter(|k| k.0.starts_with("instance:")).count();
-        conversions_seen += want
-            .keys()
-            .filter(|k| k.1 == BillingMode::Subscription)
-            .count();
+        let want = self.model.integrate(now);
         let got_ms: BTreeMap<_, _> = got.iter().map(|(k, v)| (k.clone(), v.0)).collect();
         assert_eq!(
             got_ms, want,
@@ -572,7 +605,7 @@ fn ledger_equals_an_independent_integration_of_random_timelines() {
         );
         for ((subject, mode), (ms, amount, records)) in &got {
             let price = if *mode == BillingMode::OnDemand {
-                model.price[subject]
+                self.model.price[subject]
             } else {
                 0
             };
@@ -583,6 +616,26 @@ fn ledger_equals_an_independent_integration_of_random_timelines() {
             );
         }
         assert!(hour_floor(now) >= hour_floor(T0));
+        (
+            want.keys().filter(|k| k.0.starts_with("pool:")).count(),
+            want.keys().filter(|k| k.0.starts_with("instance:")).count(),
+            want.keys()
+                .filter(|k| k.1 == BillingMode::Subscription)
+                .count(),
+        )
+    }
+}
+
+#[test]
+fn ledger_equals_an_independent_integration_of_random_timelines() {
+    let (mut pools_seen, mut instances_seen, mut conversions_seen) = (0, 0, 0);
+    for seed in 1..=12u64 {
+        let mut timeline = Timeline::new(seed);
+        timeline.run();
+        let (pools, instances, conversions) = timeline.check(seed);
+        pools_seen += pools;
+        instances_seen += instances;
+        conversions_seen += conversions;
     }
     // The timelines really exercised pools, public instances and conversions.
     assert!(
