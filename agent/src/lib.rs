@@ -3,8 +3,13 @@
 //! instances it is given as supervised process groups, and serves
 //! Prometheus `/metrics`.
 //!
-//! Modules: [`probe`] (hardware, behind `GpuProbe`), [`runtime`] (processes),
-//! [`session`] (the gRPC protocol), [`metrics`], [`config`].
+//! Modules: [`probe`] (hardware, behind `GpuProbe`), [`health`] (GPU
+//! health), [`session`] (the gRPC protocol), [`runtime`] (instances: start,
+//! supervise, reattach, clean up), [`shim`] (the wrapper each instance runs
+//! under), [`cgroup`] and [`devfilter`] (confinement), [`identity`]
+//! (per-tenant ids), [`image`] (OCI pulls and cache), [`container`] (runtime
+//! bundles), [`cdi`] (GPU device injection), [`serving`] (service ports and
+//! health checks), [`metrics`], [`config`].
 
 pub mod cdi;
 pub mod cgroup;

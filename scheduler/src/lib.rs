@@ -4,10 +4,20 @@
 //! CLI is the `gpupool-cli` crate: it reaches this daemon over gRPC only;
 //! the benchmarks are the `gpupool-bench` crate, outside this binary.
 //!
-//! Rooms: [`domain`] is the pure core (no I/O, no clock); [`cluster`] is the
-//! state machine over it with write-through to the [`store`]; [`state`] holds
-//! it behind one lock with the agents' sessions; [`api`] is the gRPC edge;
-//! [`server`] wires it up; [`dev`] is the one-command dev cluster.
+//! Modules, from the inside out (`scripts/import-graph.py` checks that no
+//! import goes in a circle):
+//! - [`domain`]: the pure core — nodes, jobs, pools, tenants, billing,
+//!   placement and the scheduling planner; no I/O, no clock;
+//! - [`store`] (SQLite) and [`pgstore`] (PostgreSQL, lease, fencing): durable
+//!   state behind the `Store` trait;
+//! - [`cluster`]: the state machine over the domain, written through to the
+//!   store; [`config`]: the daemon's TOML; [`metrics`]: Prometheus;
+//! - [`state`]: the cluster behind its lock, the agents' sessions, commits;
+//!   no protobuf;
+//! - [`api`]: the gRPC edge (services, access table, limits, the one
+//!   mapping of errors to statuses);
+//! - [`server`] wires them up; [`replica`] runs leader/standby on
+//!   PostgreSQL; [`dev`] is the one-command dev cluster (with local agents).
 
 pub mod api;
 pub mod cluster;

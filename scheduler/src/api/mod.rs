@@ -1,5 +1,5 @@
 //! The gRPC edge: services, the one place errors become `tonic::Status`
-//! ([`error`]), and conversions between protobuf and domain types.
+//! (`error`), and conversions between protobuf and domain types.
 
 pub mod access;
 pub mod agent;

@@ -2,6 +2,12 @@
 //! written through to the [`Store`] on every change. Every operation takes
 //! `now_ms` and appends what the agents must be told to an outbox; the gRPC
 //! layer delivers it. No tonic or tokio here.
+//!
+//! Submodules: `pools` (dedicated pools, scaling, specs), `billing` (the
+//! ledger, orders, subscriptions), `kinds` (replicas, completions, time
+//! limits, culling), `staged` (the store writes of one operation, committed
+//! together), `error` ([`ClusterError`]). The scheduling pass itself is
+//! [`crate::domain::scheduling::plan`].
 
 use std::collections::{BTreeMap, HashMap};
 

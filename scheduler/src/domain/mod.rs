@@ -1,5 +1,6 @@
-//! The scheduler's pure core: nodes, jobs, their validation and lifecycle,
-//! placement and the scheduling planner. Plain data in, decisions out: nothing here imports tonic,
+//! The scheduler's pure core: [`node`]s, [`job`]s (validation and
+//! lifecycle), [`pool`]s, [`tenant`]s, [`billing`], [`placement`] (where
+//! one request goes) and [`scheduling`] (the planner of a whole pass). Plain data in, decisions out: nothing here imports tonic,
 //! the store, a clock or tokio. Time is passed in as `now_ms` (milliseconds
 //! since the Unix epoch).
 
