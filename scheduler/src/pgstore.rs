@@ -279,7 +279,7 @@ fn statement(record: &Record<'_>, now_ms: i64) -> Statement {
             vec![
                 p(job.job_id.clone()),
                 p(job.seq as i64),
-                p(format!("{:?}", job.state)),
+                p(job.state.as_db_str()),
                 p(encode(job)),
                 p(now_ms),
             ],
@@ -292,7 +292,7 @@ fn statement(record: &Record<'_>, now_ms: i64) -> Statement {
                 p(pool.pool_id.clone()),
                 p(pool.seq as i64),
                 p(pool.tenant.clone()),
-                p(format!("{:?}", pool.status)),
+                p(pool.status.as_db_str()),
                 p(encode(pool)),
                 p(now_ms),
             ],
@@ -320,7 +320,7 @@ fn statement(record: &Record<'_>, now_ms: i64) -> Statement {
             vec![
                 p(row.subject.clone()),
                 p(row.hour_start_ms),
-                p(format!("{:?}", row.mode)),
+                p(row.mode.as_db_str()),
                 p(row.tenant.clone()),
                 p(row.pool_id.clone()),
                 p(row.job_id.clone()),

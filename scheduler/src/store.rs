@@ -212,7 +212,7 @@ impl LedgerQuery {
         (
             row.hour_start_ms,
             row.subject.clone(),
-            format!("{:?}", row.mode),
+            row.mode.as_db_str().to_string(),
         )
     }
 }
@@ -517,7 +517,7 @@ fn write_one(
                 "INSERT INTO jobs (job_id, seq, state, data, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, data = excluded.data,
                      updated_at_ms = excluded.updated_at_ms",
-                params![job.job_id, job.seq as i64, format!("{:?}", job.state), encode(job), now_ms],
+                params![job.job_id, job.seq as i64, job.state.as_db_str(), encode(job), now_ms],
             )?;
         }
         Record::Pool(pool) => {
@@ -525,7 +525,7 @@ fn write_one(
                 "INSERT INTO pools (pool_id, seq, tenant, status, data, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (pool_id) DO UPDATE SET status = excluded.status, data = excluded.data,
                      updated_at_ms = excluded.updated_at_ms",
-                params![pool.pool_id, pool.seq as i64, pool.tenant, format!("{:?}", pool.status), encode(pool), now_ms],
+                params![pool.pool_id, pool.seq as i64, pool.tenant, pool.status.as_db_str(), encode(pool), now_ms],
             )?;
         }
         Record::Tenant(tenant) => {
@@ -556,7 +556,7 @@ fn write_one(
                 params![
                     row.subject,
                     row.hour_start_ms,
-                    format!("{:?}", row.mode),
+                    row.mode.as_db_str(),
                     row.tenant,
                     row.pool_id,
                     row.job_id,
