@@ -2,7 +2,8 @@
 //! (rusqlite, WAL, `synchronous=FULL`): every accepted mutation is committed
 //! before the API call returns. Migrations live in `scheduler/migrations/`
 //! and are applied in order at open. PostgreSQL ([`crate::pgstore`]) runs
-//! the same migrations behind the same trait.
+//! the same migrations behind the same trait; both run the statements of
+//! [`sql`], written once.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -13,6 +14,8 @@ use crate::domain::billing::{LedgerRow, Order};
 use crate::domain::pool::Pool;
 use crate::domain::tenant::Tenant;
 use crate::domain::{Job, Node};
+
+pub(crate) mod sql;
 
 /// Ordered migrations: (version, SQL).
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
@@ -300,19 +303,13 @@ impl SqliteStore {
 
 /// Sets one value of the `meta` table.
 fn put_meta(tx: &rusqlite::Transaction<'_>, key: &str, value: String) -> rusqlite::Result<usize> {
-    tx.execute(
-        "INSERT INTO meta (key, value) VALUES (?1, ?2)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        params![key, value],
-    )
+    tx.execute(sql::PUT_META.sqlite(), params![key, value])
 }
 
 /// One value of the `meta` table, parsed.
 fn get_meta<T: std::str::FromStr>(conn: &Connection, key: &str) -> Result<Option<T>, StoreError> {
     Ok(conn
-        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
-            r.get::<_, String>(0)
-        })
+        .query_row(sql::GET_META.sqlite(), [key], |r| r.get::<_, String>(0))
         .optional()
         .doing(Op::Read("meta"))?
         .and_then(|v| v.parse().ok()))
@@ -340,22 +337,17 @@ fn decode<T: serde::de::DeserializeOwned>(
 }
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
-    )
-    .doing(Op::Write("schema_migrations"))?;
+    conn.execute_batch(sql::CREATE_MIGRATIONS_TABLE.sqlite())
+        .doing(Op::Write("schema_migrations"))?;
     let current: i64 = conn
-        .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
-            r.get::<_, Option<i64>>(0)
-        })
-        .doing(Op::Read("schema_migrations"))?
-        .unwrap_or(0);
+        .query_row(sql::SCHEMA_VERSION.sqlite(), [], |r| r.get(0))
+        .doing(Op::Read("schema_migrations"))?;
     for &(version, sql) in pending_migrations(current)? {
         let apply = || -> rusqlite::Result<()> {
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(sql)?;
             tx.execute(
-                "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?1, ?2)",
+                sql::RECORD_MIGRATION.sqlite(),
                 params![version, crate::now_ms()],
             )?;
             tx.commit()
@@ -385,9 +377,9 @@ pub(crate) fn pending_migrations(
 fn rows<T: serde::de::DeserializeOwned>(
     conn: &Connection,
     table: &'static str,
-    sql: &str,
+    statement: &sql::Statement,
 ) -> Result<Vec<T>, StoreError> {
-    let mut stmt = conn.prepare(sql).doing(Op::Read(table))?;
+    let mut stmt = conn.prepare(statement.sqlite()).doing(Op::Read(table))?;
     let mut cursor = stmt.query([]).doing(Op::Read(table))?;
     decode(&mut cursor, table)
 }
@@ -396,37 +388,19 @@ impl Store for SqliteStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         let conn = self.conn.lock().unwrap();
         let read = Op::Read("tokens");
-        let mut stmt = conn
-            .prepare("SELECT token_sha256, tenant FROM tokens")
-            .doing(read)?;
+        let mut stmt = conn.prepare(sql::LOAD_TOKENS.sqlite()).doing(read)?;
         let tokens = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
             .doing(read)?
             .collect::<Result<_, _>>()
             .doing(read)?;
         Ok(Snapshot {
-            nodes: rows(
-                &conn,
-                "nodes",
-                "SELECT node_id, data FROM nodes ORDER BY node_id",
-            )?,
-            jobs: rows(&conn, "jobs", "SELECT job_id, data FROM jobs ORDER BY seq")?,
-            pools: rows(
-                &conn,
-                "pools",
-                "SELECT pool_id, data FROM pools ORDER BY seq",
-            )?,
-            tenants: rows(
-                &conn,
-                "tenants",
-                "SELECT name, data FROM tenants ORDER BY name",
-            )?,
+            nodes: rows(&conn, "nodes", &sql::LOAD_NODES)?,
+            jobs: rows(&conn, "jobs", &sql::LOAD_JOBS)?,
+            pools: rows(&conn, "pools", &sql::LOAD_POOLS)?,
+            tenants: rows(&conn, "tenants", &sql::LOAD_TENANTS)?,
             tokens,
-            orders: rows(
-                &conn,
-                "orders",
-                "SELECT order_id, data FROM orders ORDER BY seq",
-            )?,
+            orders: rows(&conn, "orders", &sql::LOAD_ORDERS)?,
             ledger_closed_until_ms: get_meta(&conn, "ledger_closed_until_ms")?,
             next_job_seq: get_meta(&conn, "next_job_seq")?,
             secret_key_check: get_meta(&conn, "secret_key_check")?,
@@ -436,12 +410,7 @@ impl Store for SqliteStore {
     fn ledger(&self, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError> {
         let conn = self.conn.lock().unwrap();
         let read = Op::Read("ledger");
-        let mut stmt = conn
-            .prepare(
-                "SELECT subject, data FROM ledger WHERE hour_start_ms >= ?1 AND hour_start_ms < ?2
-                 ORDER BY hour_start_ms, subject, mode",
-            )
-            .doing(read)?;
+        let mut stmt = conn.prepare(sql::LEDGER_RANGE.sqlite()).doing(read)?;
         let mut cursor = stmt.query(params![from_ms, to_ms]).doing(read)?;
         decode(&mut cursor, "ledger")
     }
@@ -449,14 +418,7 @@ impl Store for SqliteStore {
     fn ledger_page(&self, q: &LedgerQuery) -> Result<Vec<LedgerRow>, StoreError> {
         let conn = self.conn.lock().unwrap();
         let mut stmt = conn
-            .prepare_cached(
-                "SELECT subject, data FROM ledger
-             WHERE hour_start_ms >= ?1 AND hour_start_ms < ?2
-               AND (?3 IS NULL OR tenant = ?3) AND (?4 IS NULL OR pool_id = ?4)
-               AND (?5 IS NULL OR job_id = ?5)
-               AND (?6 IS NULL OR (hour_start_ms, subject, mode) > (?6, ?7, ?8))
-             ORDER BY hour_start_ms, subject, mode LIMIT ?9",
-            )
+            .prepare_cached(sql::LEDGER_PAGE.sqlite())
             .doing(Op::Read("ledger"))?;
         let (ah, asub, amode) = match &q.after {
             Some((h, s, m)) => (Some(*h), Some(s.as_str()), Some(m.as_str())),
@@ -507,38 +469,44 @@ fn write_one(
     match *record {
         Record::Node(node) => {
             tx.execute(
-                "INSERT INTO nodes (node_id, data, updated_at_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (node_id) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
+                sql::PUT_NODE.sqlite(),
                 params![node.node_id, encode(node), now_ms],
             )?;
         }
         Record::Job(job) => {
             tx.execute(
-                "INSERT INTO jobs (job_id, seq, state, data, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, data = excluded.data,
-                     updated_at_ms = excluded.updated_at_ms",
-                params![job.job_id, job.seq as i64, job.state.as_db_str(), encode(job), now_ms],
+                sql::PUT_JOB.sqlite(),
+                params![
+                    job.job_id,
+                    job.seq as i64,
+                    job.state.as_db_str(),
+                    encode(job),
+                    now_ms
+                ],
             )?;
         }
         Record::Pool(pool) => {
             tx.execute(
-                "INSERT INTO pools (pool_id, seq, tenant, status, data, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (pool_id) DO UPDATE SET status = excluded.status, data = excluded.data,
-                     updated_at_ms = excluded.updated_at_ms",
-                params![pool.pool_id, pool.seq as i64, pool.tenant, pool.status.as_db_str(), encode(pool), now_ms],
+                sql::PUT_POOL.sqlite(),
+                params![
+                    pool.pool_id,
+                    pool.seq as i64,
+                    pool.tenant,
+                    pool.status.as_db_str(),
+                    encode(pool),
+                    now_ms
+                ],
             )?;
         }
         Record::Tenant(tenant) => {
             tx.execute(
-                "INSERT INTO tenants (name, data, updated_at_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
+                sql::PUT_TENANT.sqlite(),
                 params![tenant.name, encode(tenant), now_ms],
             )?;
         }
         Record::Order(order) => {
             tx.execute(
-                "INSERT INTO orders (order_id, seq, tenant, pool_id, data, created_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                sql::ADD_ORDER.sqlite(),
                 params![
                     order.order_id,
                     order.seq as i64,
@@ -551,8 +519,7 @@ fn write_one(
         }
         Record::Ledger(row) => {
             tx.execute(
-                "INSERT OR IGNORE INTO ledger (subject, hour_start_ms, mode, tenant, pool_id, job_id, data)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                sql::ADD_LEDGER.sqlite(),
                 params![
                     row.subject,
                     row.hour_start_ms,
@@ -568,13 +535,10 @@ fn write_one(
             put_meta(tx, "ledger_closed_until_ms", until.to_string())?;
         }
         Record::Token { sha256, tenant } => {
-            tx.execute(
-                "INSERT INTO tokens (token_sha256, tenant, created_at_ms) VALUES (?1, ?2, ?3)",
-                params![sha256, tenant, now_ms],
-            )?;
+            tx.execute(sql::ADD_TOKEN.sqlite(), params![sha256, tenant, now_ms])?;
         }
         Record::ForgetJob { job_id } => {
-            tx.execute("DELETE FROM jobs WHERE job_id = ?1", params![job_id])?;
+            tx.execute(sql::FORGET_JOB.sqlite(), params![job_id])?;
         }
         Record::NextJobSeq(seq) => {
             put_meta(tx, "next_job_seq", seq.to_string())?;
@@ -583,10 +547,7 @@ fn write_one(
             put_meta(tx, "secret_key_check", check.to_string())?;
         }
         Record::RevokeToken { sha256 } => {
-            tx.execute(
-                "DELETE FROM tokens WHERE token_sha256 = ?1",
-                params![sha256],
-            )?;
+            tx.execute(sql::REVOKE_TOKEN.sqlite(), params![sha256])?;
         }
     }
     Ok(())
