@@ -22,7 +22,9 @@ use postgres::{Client, NoTls};
 
 use crate::domain::billing::LedgerRow;
 use crate::store::sql::{self, Statement};
-use crate::store::{Doing, Op, Record, Snapshot, Store, StoreError, encode, pending_migrations};
+use crate::store::{
+    Doing, Op, Record, Snapshot, Store, StoreError, decode_data, encode, pending_migrations,
+};
 
 /// A lease not renewed for this long may be taken by another replica.
 pub const LEASE_TTL_MS: i64 = 5_000;
@@ -251,7 +253,7 @@ fn rows_with<T: serde::de::DeserializeOwned>(
         .into_iter()
         .map(|row| {
             let (id, data): (String, String) = (row.get(0), row.get(1));
-            serde_json::from_str(&data).map_err(|source| StoreError::Corrupt { table, id, source })
+            decode_data(table, &id, &data)
         })
         .collect()
 }

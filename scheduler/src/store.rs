@@ -3,7 +3,20 @@
 //! before the API call returns. Migrations live in `scheduler/migrations/`
 //! and are applied in order at open. PostgreSQL ([`crate::pgstore`]) runs
 //! the same migrations behind the same trait; both run the statements of
-//! [`sql`], written once.
+//! [`sql`], written once. [`mem::MemStore`] keeps the same tables in memory
+//! for tests.
+//!
+//! What is on disk is explicit. Enum columns (`jobs.state`, `pools.status`,
+//! `ledger.mode`) hold the text of the enums' `as_db_str`, fixed by tests.
+//! The `data` columns hold the domain structs as JSON, each blob with a
+//! schema version, `"v": 1` ([`DATA_VERSION`]), written first; blobs
+//! written before versions have none and read as version 0, which is the
+//! same format. A blob of a version this binary does not know is refused
+//! with [`StoreError::UnknownDataVersion`] naming the table, the row and
+//! the version, rather than read as something it is not. The domain
+//! structs are still the JSON format (no separate record types): a change
+//! to one that older binaries or databases cannot read must come with a
+//! new version and its conversion in [`decode_data`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -16,6 +29,9 @@ use crate::domain::tenant::Tenant;
 use crate::domain::{Job, Node};
 
 pub(crate) mod sql;
+
+/// The version of the JSON blobs (`data` columns) this binary writes.
+pub const DATA_VERSION: u64 = 1;
 
 /// Ordered migrations: (version, SQL).
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
@@ -91,6 +107,15 @@ pub enum StoreError {
     SecretKeyMismatch,
     #[error("this scheduler no longer holds the leader lease (the leader is now {0})")]
     NotLeader(String),
+    #[error(
+        "row {id} in {table} is of data version {found}, newer than this binary knows ({known})"
+    )]
+    UnknownDataVersion {
+        table: &'static str,
+        id: String,
+        found: u64,
+        known: u64,
+    },
     #[error("corrupt row {id} in {table}")]
     Corrupt {
         table: &'static str,
@@ -325,13 +350,7 @@ fn decode<T: serde::de::DeserializeOwned>(
     while let Some(row) = cursor.next().doing(read)? {
         let id: String = row.get(0).doing(read)?;
         let data: String = row.get(1).doing(read)?;
-        out.push(
-            serde_json::from_str(&data).map_err(|source| StoreError::Corrupt {
-                table,
-                id,
-                source,
-            })?,
-        );
+        out.push(decode_data(table, &id, &data)?);
     }
     Ok(out)
 }
@@ -583,13 +602,138 @@ impl Store for FailingStore {
     }
 }
 
+/// A `data` blob: the version first, then the domain struct's fields.
+#[derive(serde::Serialize)]
+struct Versioned<'a, T> {
+    v: u64,
+    #[serde(flatten)]
+    data: &'a T,
+}
+
+/// The `data` blob of a domain struct, with [`DATA_VERSION`].
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string(value).expect("domain types serialize")
+    serde_json::to_string(&Versioned {
+        v: DATA_VERSION,
+        data: value,
+    })
+    .expect("domain types serialize")
+}
+
+/// A domain struct from row `id`'s `data` blob in `table`: versions up to
+/// [`DATA_VERSION`] (0: written before versions, the same format) read;
+/// a newer one is refused.
+pub(crate) fn decode_data<T: serde::de::DeserializeOwned>(
+    table: &'static str,
+    id: &str,
+    data: &str,
+) -> Result<T, StoreError> {
+    let corrupt = |source| StoreError::Corrupt {
+        table,
+        id: id.to_string(),
+        source,
+    };
+    let mut value: serde_json::Value = serde_json::from_str(data).map_err(corrupt)?;
+    let version = match value.as_object_mut().and_then(|o| o.remove("v")) {
+        None => 0,
+        Some(v) => v.as_u64().ok_or_else(|| {
+            corrupt(serde::de::Error::custom(format!(
+                "the data version {v} is not a number"
+            )))
+        })?,
+    };
+    if version > DATA_VERSION {
+        return Err(StoreError::UnknownDataVersion {
+            table,
+            id: id.to_string(),
+            found: version,
+            known: DATA_VERSION,
+        });
+    }
+    serde_json::from_value(value).map_err(corrupt)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ledger_row(subject: &str, hour: i64) -> LedgerRow {
+        LedgerRow {
+            subject: subject.into(),
+            tenant: "t1".into(),
+            pool_id: "p1".into(),
+            job_id: String::new(),
+            instance_id: String::new(),
+            spec: "gpu.h100".into(),
+            hour_start_ms: hour,
+            mode: crate::domain::pool::BillingMode::OnDemand,
+            unit_ms: 3_600_000,
+            quantity: 1,
+            unit_price_micros: 5,
+            amount_micros: 5,
+            gpu_allocated_ms: 7,
+            gpu_used_ms: 3,
+        }
+    }
+
+    /// Puts a ledger row with this `data` blob straight into the table.
+    fn raw_ledger_row(path: &Path, subject: &str, data: &str) {
+        Connection::open(path)
+            .unwrap()
+            .execute(
+                "INSERT INTO ledger (subject, hour_start_ms, mode, tenant, pool_id, job_id, data)
+                 VALUES (?1, 0, 'OnDemand', 't1', 'p1', '', ?2)",
+                params![subject, data],
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn blobs_carry_their_version_first() {
+        let row = ledger_row("pool:p1", 0);
+        let blob = encode(&row);
+        assert!(blob.starts_with(r#"{"v":1,"subject":"pool:p1","#), "{blob}");
+        let back: LedgerRow = decode_data("ledger", "pool:p1", &blob).unwrap();
+        assert_eq!(back, row);
+    }
+
+    /// Rows written before blobs had versions read as they always did.
+    #[test]
+    fn a_blob_without_a_version_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let row = ledger_row("pool:p1", 0);
+        raw_ledger_row(&path, "pool:p1", &serde_json::to_string(&row).unwrap());
+        assert_eq!(store.ledger(0, 1).unwrap(), vec![row]);
+    }
+
+    #[test]
+    fn a_blob_of_a_future_version_is_refused_naming_table_row_and_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let mut blob: serde_json::Value =
+            serde_json::from_str(&encode(&ledger_row("pool:p1", 0))).unwrap();
+        blob["v"] = 2.into();
+        raw_ledger_row(&path, "pool:p1", &blob.to_string());
+        let err = store.ledger(0, 1).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StoreError::UnknownDataVersion { table: "ledger", id, found: 2, known: 1 } if id == "pool:p1"
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "row pool:p1 in ledger is of data version 2, newer than this binary knows (1)"
+        );
+        let err = decode_data::<LedgerRow>("jobs", "j1", r#"{"v":"one"}"#).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Corrupt { table: "jobs", .. }),
+            "{err:?}"
+        );
+    }
 
     /// A failed statement names its operation and table; the database's
     /// own error is the source, not part of the message.
