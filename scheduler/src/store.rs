@@ -28,6 +28,9 @@ use crate::domain::pool::Pool;
 use crate::domain::tenant::Tenant;
 use crate::domain::{Job, Node};
 
+#[cfg(test)]
+mod contract;
+pub mod mem;
 pub(crate) mod sql;
 
 /// The version of the JSON blobs (`data` columns) this binary writes.
@@ -116,6 +119,10 @@ pub enum StoreError {
         found: u64,
         known: u64,
     },
+    /// A write the schema refuses, found by a store that checks it itself
+    /// ([`mem::MemStore`]; the SQL stores report [`StoreError::Sql`]).
+    #[error("{op}: {what}")]
+    Refused { op: Op, what: String },
     #[error("corrupt row {id} in {table}")]
     Corrupt {
         table: &'static str,
