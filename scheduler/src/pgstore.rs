@@ -331,6 +331,14 @@ fn statement(record: &Record<'_>, now_ms: i64) -> Bound {
     }
 }
 
+/// The parameters `record`'s statement takes and those it is given (the
+/// same, or PostgreSQL refuses it), for the store contract tests.
+#[cfg(test)]
+pub(crate) fn parameter_counts(record: &Record<'_>) -> (&'static str, usize, usize) {
+    let (statement, params) = statement(record, 0);
+    (statement.name, statement.params, params.len())
+}
+
 /// One value of the `meta` table, parsed.
 fn get_meta<T: std::str::FromStr>(c: &mut Client, key: &str) -> Result<Option<T>, StoreError> {
     Ok(c.query_opt(&sql::GET_META.postgres(), &[&key])

@@ -4,7 +4,8 @@
 //! snapshot, ledger and ledger pages. (Hand-made records, refusals
 //! included: `store::contract`.)
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::domain::billing::{HOUR_MS, LedgerRow};
@@ -20,6 +21,8 @@ const T0: i64 = 1_795_773_600_000;
 struct Both {
     sqlite: Arc<SqliteStore>,
     mem: MemStore,
+    /// The kinds of record written (their variant names).
+    kinds: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Store for Both {
@@ -33,6 +36,16 @@ impl Store for Both {
         self.sqlite.ledger_page(q)
     }
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
+        let mut seen = self.kinds.lock().unwrap();
+        for r in records {
+            let (name, takes, given) = crate::pgstore::parameter_counts(r);
+            assert_eq!(
+                takes, given,
+                "PostgreSQL's {name} is given {given} parameters"
+            );
+            let debug = format!("{r:?}");
+            seen.insert(debug.split(['(', ' ']).next().unwrap().to_string());
+        }
         let a = self.sqlite.write(records, now_ms);
         let b = self.mem.write(records, now_ms);
         assert_eq!(a.is_ok(), b.is_ok(), "SQLite {a:?}, memory {b:?}");
@@ -139,9 +152,11 @@ fn a_cluster_day_written_to_sqlite_and_memory_reads_back_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = Arc::new(SqliteStore::open(&dir.path().join("t.db")).unwrap());
     let mem = MemStore::new();
+    let kinds = Arc::new(Mutex::new(HashSet::new()));
     let both = Both {
         sqlite: sqlite.clone(),
         mem: mem.clone(),
+        kinds: kinds.clone(),
     };
     let settings = Settings {
         limits: JobLimits {
@@ -162,4 +177,12 @@ fn a_cluster_day_written_to_sqlite_and_memory_reads_back_the_same() {
     assert!(snap.next_job_seq.is_some() && snap.ledger_closed_until_ms.is_some());
     assert!(mem.ledger(i64::MIN, i64::MAX).unwrap().len() > 24);
     assert_eq!(shown(&*sqlite), shown(&mem));
+    // Every kind of record was written (so each statement's parameters
+    // were counted).
+    assert_eq!(
+        kinds.lock().unwrap().len(),
+        12,
+        "{:?}",
+        kinds.lock().unwrap()
+    );
 }
