@@ -1,5 +1,6 @@
-//! The PostgreSQL store: the same tables, migrations and JSON rows as the
-//! SQLite store, for several scheduler replicas sharing one database.
+//! The PostgreSQL store: the same tables, migrations, JSON rows and
+//! statements ([`crate::store::sql`]) as the SQLite store, for several
+//! scheduler replicas sharing one database.
 //!
 //! One replica leads: it holds a lease row (`leader`, renewed every
 //! [`LEASE_RENEW`] against the database clock, valid for [`LEASE_TTL_MS`])
@@ -20,7 +21,10 @@ use postgres::types::ToSql;
 use postgres::{Client, NoTls};
 
 use crate::domain::billing::LedgerRow;
-use crate::store::{Doing, Op, Record, Snapshot, Store, StoreError, encode, pending_migrations};
+use crate::store::sql::{self, Statement};
+use crate::store::{
+    Doing, Op, Record, Snapshot, Store, StoreError, decode_data, encode, pending_migrations,
+};
 
 /// A lease not renewed for this long may be taken by another replica.
 pub const LEASE_TTL_MS: i64 = 5_000;
@@ -210,21 +214,16 @@ fn migrate(c: &mut Client) -> Result<(), StoreError> {
     let mut tx = c.transaction().doing(Op::Begin)?;
     tx.execute("SELECT pg_advisory_xact_lock(7107)", &[])
         .doing(Op::Write("schema_migrations"))?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
-    )
-    .doing(Op::Write("schema_migrations"))?;
+    tx.batch_execute(&sql::CREATE_MIGRATIONS_TABLE.postgres())
+        .doing(Op::Write("schema_migrations"))?;
     let current: i64 = tx
-        .query_one(
-            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-            &[],
-        )
+        .query_one(&sql::SCHEMA_VERSION.postgres(), &[])
         .doing(Op::Read("schema_migrations"))?
         .get(0);
     for &(version, sql) in pending_migrations(current)? {
         tx.batch_execute(sql).doing(Op::Migrate(version))?;
         tx.execute(
-            "INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)",
+            &sql::RECORD_MIGRATION.postgres(),
             &[&version, &crate::now_ms()],
         )
         .doing(Op::Migrate(version))?;
@@ -237,74 +236,68 @@ fn migrate(c: &mut Client) -> Result<(), StoreError> {
 fn rows<T: serde::de::DeserializeOwned>(
     c: &mut Client,
     table: &'static str,
-    sql: &str,
+    statement: &Statement,
 ) -> Result<Vec<T>, StoreError> {
-    rows_with(c, table, sql, &[])
+    rows_with(c, table, statement, &[])
 }
 
 /// [`rows`] of a query with parameters.
 fn rows_with<T: serde::de::DeserializeOwned>(
     c: &mut Client,
     table: &'static str,
-    sql: &str,
+    statement: &Statement,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Vec<T>, StoreError> {
-    c.query(sql, params)
+    c.query(&statement.postgres(), params)
         .doing(Op::Read(table))?
         .into_iter()
         .map(|row| {
             let (id, data): (String, String) = (row.get(0), row.get(1));
-            serde_json::from_str(&data).map_err(|source| StoreError::Corrupt { table, id, source })
+            decode_data(table, &id, &data)
         })
         .collect()
 }
 
 /// One statement with owned parameters.
-type Statement = (&'static str, Vec<Box<dyn ToSql + Sync + Send>>);
+type Bound = (&'static Statement, Vec<Box<dyn ToSql + Sync + Send>>);
 
-fn statement(record: &Record<'_>, now_ms: i64) -> Statement {
+fn statement(record: &Record<'_>, now_ms: i64) -> Bound {
     fn p<T: ToSql + Sync + Send + 'static>(v: T) -> Box<dyn ToSql + Sync + Send> {
         Box::new(v)
     }
+    let meta = |key: &'static str, value: String| (&sql::PUT_META, vec![p(key), p(value)]);
     match *record {
         Record::Node(node) => (
-            "INSERT INTO nodes (node_id, data, updated_at_ms) VALUES ($1, $2, $3)
-             ON CONFLICT (node_id) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
+            &sql::PUT_NODE,
             vec![p(node.node_id.clone()), p(encode(node)), p(now_ms)],
         ),
         Record::Job(job) => (
-            "INSERT INTO jobs (job_id, seq, state, data, updated_at_ms) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, data = excluded.data,
-                 updated_at_ms = excluded.updated_at_ms",
+            &sql::PUT_JOB,
             vec![
                 p(job.job_id.clone()),
                 p(job.seq as i64),
-                p(format!("{:?}", job.state)),
+                p(job.state.as_db_str()),
                 p(encode(job)),
                 p(now_ms),
             ],
         ),
         Record::Pool(pool) => (
-            "INSERT INTO pools (pool_id, seq, tenant, status, data, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (pool_id) DO UPDATE SET status = excluded.status, data = excluded.data,
-                 updated_at_ms = excluded.updated_at_ms",
+            &sql::PUT_POOL,
             vec![
                 p(pool.pool_id.clone()),
                 p(pool.seq as i64),
                 p(pool.tenant.clone()),
-                p(format!("{:?}", pool.status)),
+                p(pool.status.as_db_str()),
                 p(encode(pool)),
                 p(now_ms),
             ],
         ),
         Record::Tenant(tenant) => (
-            "INSERT INTO tenants (name, data, updated_at_ms) VALUES ($1, $2, $3)
-             ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
+            &sql::PUT_TENANT,
             vec![p(tenant.name.clone()), p(encode(tenant)), p(now_ms)],
         ),
         Record::Order(order) => (
-            "INSERT INTO orders (order_id, seq, tenant, pool_id, data, created_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            &sql::ADD_ORDER,
             vec![
                 p(order.order_id.clone()),
                 p(order.seq as i64),
@@ -315,101 +308,69 @@ fn statement(record: &Record<'_>, now_ms: i64) -> Statement {
             ],
         ),
         Record::Ledger(row) => (
-            "INSERT INTO ledger (subject, hour_start_ms, mode, tenant, pool_id, job_id, data)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+            &sql::ADD_LEDGER,
             vec![
                 p(row.subject.clone()),
                 p(row.hour_start_ms),
-                p(format!("{:?}", row.mode)),
+                p(row.mode.as_db_str()),
                 p(row.tenant.clone()),
                 p(row.pool_id.clone()),
                 p(row.job_id.clone()),
                 p(encode(row)),
             ],
         ),
-        Record::LedgerClosed(until) => (
-            "INSERT INTO meta (key, value) VALUES ('ledger_closed_until_ms', $1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            vec![p(until.to_string())],
-        ),
+        Record::LedgerClosed(until) => meta("ledger_closed_until_ms", until.to_string()),
         Record::Token { sha256, tenant } => (
-            "INSERT INTO tokens (token_sha256, tenant, created_at_ms) VALUES ($1, $2, $3)",
+            &sql::ADD_TOKEN,
             vec![p(sha256.to_string()), p(tenant.to_string()), p(now_ms)],
         ),
-        Record::ForgetJob { job_id } => (
-            "DELETE FROM jobs WHERE job_id = $1",
-            vec![p(job_id.to_string())],
-        ),
-        Record::NextJobSeq(seq) => (
-            "INSERT INTO meta (key, value) VALUES ('next_job_seq', $1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            vec![p(seq.to_string())],
-        ),
-        Record::SecretKeyCheck(check) => (
-            "INSERT INTO meta (key, value) VALUES ('secret_key_check', $1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            vec![p(check.to_string())],
-        ),
-        Record::RevokeToken { sha256 } => (
-            "DELETE FROM tokens WHERE token_sha256 = $1",
-            vec![p(sha256.to_string())],
-        ),
+        Record::ForgetJob { job_id } => (&sql::FORGET_JOB, vec![p(job_id.to_string())]),
+        Record::NextJobSeq(seq) => meta("next_job_seq", seq.to_string()),
+        Record::SecretKeyCheck(check) => meta("secret_key_check", check.to_string()),
+        Record::RevokeToken { sha256 } => (&sql::REVOKE_TOKEN, vec![p(sha256.to_string())]),
     }
+}
+
+/// The parameters `record`'s statement takes and those it is given (the
+/// same, or PostgreSQL refuses it), for the store contract tests.
+#[cfg(test)]
+pub(crate) fn parameter_counts(record: &Record<'_>) -> (&'static str, usize, usize) {
+    let (statement, params) = statement(record, 0);
+    (statement.name, statement.params, params.len())
+}
+
+/// One value of the `meta` table, parsed.
+fn get_meta<T: std::str::FromStr>(c: &mut Client, key: &str) -> Result<Option<T>, StoreError> {
+    Ok(c.query_opt(&sql::GET_META.postgres(), &[&key])
+        .doing(Op::Read("meta"))?
+        .and_then(|r| r.get::<_, String>(0).parse().ok()))
 }
 
 impl Store for PgStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         self.call(|c| {
             let tokens = c
-                .query("SELECT token_sha256, tenant FROM tokens", &[])
+                .query(&sql::LOAD_TOKENS.postgres(), &[])
                 .doing(Op::Read("tokens"))?
                 .into_iter()
                 .map(|r| (r.get(0), r.get(1)))
                 .collect();
             Ok(Snapshot {
-                nodes: rows(
-                    c,
-                    "nodes",
-                    "SELECT node_id, data FROM nodes ORDER BY node_id",
-                )?,
-                jobs: rows(c, "jobs", "SELECT job_id, data FROM jobs ORDER BY seq")?,
-                pools: rows(c, "pools", "SELECT pool_id, data FROM pools ORDER BY seq")?,
-                tenants: rows(c, "tenants", "SELECT name, data FROM tenants ORDER BY name")?,
+                nodes: rows(c, "nodes", &sql::LOAD_NODES)?,
+                jobs: rows(c, "jobs", &sql::LOAD_JOBS)?,
+                pools: rows(c, "pools", &sql::LOAD_POOLS)?,
+                tenants: rows(c, "tenants", &sql::LOAD_TENANTS)?,
                 tokens,
-                orders: rows(
-                    c,
-                    "orders",
-                    "SELECT order_id, data FROM orders ORDER BY seq",
-                )?,
-                ledger_closed_until_ms: c
-                    .query_opt(
-                        "SELECT value FROM meta WHERE key = 'ledger_closed_until_ms'",
-                        &[],
-                    )
-                    .doing(Op::Read("meta"))?
-                    .and_then(|r| r.get::<_, String>(0).parse().ok()),
-                next_job_seq: c
-                    .query_opt("SELECT value FROM meta WHERE key = 'next_job_seq'", &[])
-                    .doing(Op::Read("meta"))?
-                    .and_then(|r| r.get::<_, String>(0).parse().ok()),
-                secret_key_check: c
-                    .query_opt("SELECT value FROM meta WHERE key = 'secret_key_check'", &[])
-                    .doing(Op::Read("meta"))?
-                    .map(|r| r.get::<_, String>(0)),
+                orders: rows(c, "orders", &sql::LOAD_ORDERS)?,
+                ledger_closed_until_ms: get_meta(c, "ledger_closed_until_ms")?,
+                next_job_seq: get_meta(c, "next_job_seq")?,
+                secret_key_check: get_meta(c, "secret_key_check")?,
             })
         })
     }
 
     fn ledger(&self, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError> {
-        self.call(move |c| {
-            rows_with(
-                c,
-                "ledger",
-                "SELECT subject, data FROM ledger WHERE hour_start_ms >= $1 AND hour_start_ms < $2
-                 ORDER BY hour_start_ms, subject, mode",
-                &[&from_ms, &to_ms],
-            )
-        })
+        self.call(move |c| rows_with(c, "ledger", &sql::LEDGER_RANGE, &[&from_ms, &to_ms]))
     }
 
     fn ledger_page(&self, q: &crate::store::LedgerQuery) -> Result<Vec<LedgerRow>, StoreError> {
@@ -423,12 +384,7 @@ impl Store for PgStore {
             rows_with(
                 c,
                 "ledger",
-                "SELECT subject, data FROM ledger
-                 WHERE hour_start_ms >= $1 AND hour_start_ms < $2
-                   AND ($3::TEXT IS NULL OR tenant = $3) AND ($4::TEXT IS NULL OR pool_id = $4)
-                   AND ($5::TEXT IS NULL OR job_id = $5)
-                   AND ($6::BIGINT IS NULL OR (hour_start_ms, subject, mode) > ($6, $7::TEXT, $8::TEXT))
-                 ORDER BY hour_start_ms, subject, mode LIMIT $9",
+                &sql::LEDGER_PAGE,
                 &[
                     &q.from_ms, &q.to_ms, &q.tenant, &q.pool, &q.job, &ah, &asub, &amode, &limit,
                 ],
@@ -448,7 +404,7 @@ impl Store for PgStore {
     }
 
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
-        let statements: Vec<(Op, Statement)> = records
+        let statements: Vec<(Op, Bound)> = records
             .iter()
             .map(|r| (r.op(), statement(r, now_ms)))
             .collect();
@@ -469,10 +425,11 @@ impl Store for PgStore {
                     ));
                 }
             }
-            for (op, (sql, params)) in &statements {
+            for (op, (statement, params)) in &statements {
+                debug_assert_eq!(params.len(), statement.params, "{}", statement.name);
                 let refs: Vec<&(dyn ToSql + Sync)> =
                     params.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
-                tx.execute(*sql, &refs).doing(*op)?;
+                tx.execute(&statement.postgres(), &refs).doing(*op)?;
             }
             tx.commit().doing(Op::Commit)
         })

@@ -2,7 +2,21 @@
 //! (rusqlite, WAL, `synchronous=FULL`): every accepted mutation is committed
 //! before the API call returns. Migrations live in `scheduler/migrations/`
 //! and are applied in order at open. PostgreSQL ([`crate::pgstore`]) runs
-//! the same migrations behind the same trait.
+//! the same migrations behind the same trait; both run the statements of
+//! [`sql`], written once. [`mem::MemStore`] keeps the same tables in memory
+//! for tests.
+//!
+//! What is on disk is explicit. Enum columns (`jobs.state`, `pools.status`,
+//! `ledger.mode`) hold the text of the enums' `as_db_str`, fixed by tests.
+//! The `data` columns hold the domain structs as JSON, each blob with a
+//! schema version, `"v": 1` ([`DATA_VERSION`]), written first; blobs
+//! written before versions have none and read as version 0, which is the
+//! same format. A blob of a version this binary does not know is refused
+//! with [`StoreError::UnknownDataVersion`] naming the table, the row and
+//! the version, rather than read as something it is not. The domain
+//! structs are still the JSON format (no separate record types): a change
+//! to one that older binaries or databases cannot read must come with a
+//! new version and its conversion in [`decode_data`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -13,6 +27,14 @@ use crate::domain::billing::{LedgerRow, Order};
 use crate::domain::pool::Pool;
 use crate::domain::tenant::Tenant;
 use crate::domain::{Job, Node};
+
+#[cfg(test)]
+mod contract;
+pub mod mem;
+pub(crate) mod sql;
+
+/// The version of the JSON blobs (`data` columns) this binary writes.
+pub const DATA_VERSION: u64 = 1;
 
 /// Ordered migrations: (version, SQL).
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
@@ -88,6 +110,19 @@ pub enum StoreError {
     SecretKeyMismatch,
     #[error("this scheduler no longer holds the leader lease (the leader is now {0})")]
     NotLeader(String),
+    #[error(
+        "row {id} in {table} is of data version {found}, newer than this binary knows ({known})"
+    )]
+    UnknownDataVersion {
+        table: &'static str,
+        id: String,
+        found: u64,
+        known: u64,
+    },
+    /// A write the schema refuses, found by a store that checks it itself
+    /// ([`mem::MemStore`]; the SQL stores report [`StoreError::Sql`]).
+    #[error("{op}: {what}")]
+    Refused { op: Op, what: String },
     #[error("corrupt row {id} in {table}")]
     Corrupt {
         table: &'static str,
@@ -212,7 +247,7 @@ impl LedgerQuery {
         (
             row.hour_start_ms,
             row.subject.clone(),
-            format!("{:?}", row.mode),
+            row.mode.as_db_str().to_string(),
         )
     }
 }
@@ -300,19 +335,13 @@ impl SqliteStore {
 
 /// Sets one value of the `meta` table.
 fn put_meta(tx: &rusqlite::Transaction<'_>, key: &str, value: String) -> rusqlite::Result<usize> {
-    tx.execute(
-        "INSERT INTO meta (key, value) VALUES (?1, ?2)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        params![key, value],
-    )
+    tx.execute(sql::PUT_META.sqlite(), params![key, value])
 }
 
 /// One value of the `meta` table, parsed.
 fn get_meta<T: std::str::FromStr>(conn: &Connection, key: &str) -> Result<Option<T>, StoreError> {
     Ok(conn
-        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
-            r.get::<_, String>(0)
-        })
+        .query_row(sql::GET_META.sqlite(), [key], |r| r.get::<_, String>(0))
         .optional()
         .doing(Op::Read("meta"))?
         .and_then(|v| v.parse().ok()))
@@ -328,34 +357,23 @@ fn decode<T: serde::de::DeserializeOwned>(
     while let Some(row) = cursor.next().doing(read)? {
         let id: String = row.get(0).doing(read)?;
         let data: String = row.get(1).doing(read)?;
-        out.push(
-            serde_json::from_str(&data).map_err(|source| StoreError::Corrupt {
-                table,
-                id,
-                source,
-            })?,
-        );
+        out.push(decode_data(table, &id, &data)?);
     }
     Ok(out)
 }
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
-    )
-    .doing(Op::Write("schema_migrations"))?;
+    conn.execute_batch(sql::CREATE_MIGRATIONS_TABLE.sqlite())
+        .doing(Op::Write("schema_migrations"))?;
     let current: i64 = conn
-        .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
-            r.get::<_, Option<i64>>(0)
-        })
-        .doing(Op::Read("schema_migrations"))?
-        .unwrap_or(0);
+        .query_row(sql::SCHEMA_VERSION.sqlite(), [], |r| r.get(0))
+        .doing(Op::Read("schema_migrations"))?;
     for &(version, sql) in pending_migrations(current)? {
         let apply = || -> rusqlite::Result<()> {
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(sql)?;
             tx.execute(
-                "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?1, ?2)",
+                sql::RECORD_MIGRATION.sqlite(),
                 params![version, crate::now_ms()],
             )?;
             tx.commit()
@@ -385,9 +403,9 @@ pub(crate) fn pending_migrations(
 fn rows<T: serde::de::DeserializeOwned>(
     conn: &Connection,
     table: &'static str,
-    sql: &str,
+    statement: &sql::Statement,
 ) -> Result<Vec<T>, StoreError> {
-    let mut stmt = conn.prepare(sql).doing(Op::Read(table))?;
+    let mut stmt = conn.prepare(statement.sqlite()).doing(Op::Read(table))?;
     let mut cursor = stmt.query([]).doing(Op::Read(table))?;
     decode(&mut cursor, table)
 }
@@ -396,37 +414,19 @@ impl Store for SqliteStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         let conn = self.conn.lock().unwrap();
         let read = Op::Read("tokens");
-        let mut stmt = conn
-            .prepare("SELECT token_sha256, tenant FROM tokens")
-            .doing(read)?;
+        let mut stmt = conn.prepare(sql::LOAD_TOKENS.sqlite()).doing(read)?;
         let tokens = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
             .doing(read)?
             .collect::<Result<_, _>>()
             .doing(read)?;
         Ok(Snapshot {
-            nodes: rows(
-                &conn,
-                "nodes",
-                "SELECT node_id, data FROM nodes ORDER BY node_id",
-            )?,
-            jobs: rows(&conn, "jobs", "SELECT job_id, data FROM jobs ORDER BY seq")?,
-            pools: rows(
-                &conn,
-                "pools",
-                "SELECT pool_id, data FROM pools ORDER BY seq",
-            )?,
-            tenants: rows(
-                &conn,
-                "tenants",
-                "SELECT name, data FROM tenants ORDER BY name",
-            )?,
+            nodes: rows(&conn, "nodes", &sql::LOAD_NODES)?,
+            jobs: rows(&conn, "jobs", &sql::LOAD_JOBS)?,
+            pools: rows(&conn, "pools", &sql::LOAD_POOLS)?,
+            tenants: rows(&conn, "tenants", &sql::LOAD_TENANTS)?,
             tokens,
-            orders: rows(
-                &conn,
-                "orders",
-                "SELECT order_id, data FROM orders ORDER BY seq",
-            )?,
+            orders: rows(&conn, "orders", &sql::LOAD_ORDERS)?,
             ledger_closed_until_ms: get_meta(&conn, "ledger_closed_until_ms")?,
             next_job_seq: get_meta(&conn, "next_job_seq")?,
             secret_key_check: get_meta(&conn, "secret_key_check")?,
@@ -436,12 +436,7 @@ impl Store for SqliteStore {
     fn ledger(&self, from_ms: i64, to_ms: i64) -> Result<Vec<LedgerRow>, StoreError> {
         let conn = self.conn.lock().unwrap();
         let read = Op::Read("ledger");
-        let mut stmt = conn
-            .prepare(
-                "SELECT subject, data FROM ledger WHERE hour_start_ms >= ?1 AND hour_start_ms < ?2
-                 ORDER BY hour_start_ms, subject, mode",
-            )
-            .doing(read)?;
+        let mut stmt = conn.prepare(sql::LEDGER_RANGE.sqlite()).doing(read)?;
         let mut cursor = stmt.query(params![from_ms, to_ms]).doing(read)?;
         decode(&mut cursor, "ledger")
     }
@@ -449,14 +444,7 @@ impl Store for SqliteStore {
     fn ledger_page(&self, q: &LedgerQuery) -> Result<Vec<LedgerRow>, StoreError> {
         let conn = self.conn.lock().unwrap();
         let mut stmt = conn
-            .prepare_cached(
-                "SELECT subject, data FROM ledger
-             WHERE hour_start_ms >= ?1 AND hour_start_ms < ?2
-               AND (?3 IS NULL OR tenant = ?3) AND (?4 IS NULL OR pool_id = ?4)
-               AND (?5 IS NULL OR job_id = ?5)
-               AND (?6 IS NULL OR (hour_start_ms, subject, mode) > (?6, ?7, ?8))
-             ORDER BY hour_start_ms, subject, mode LIMIT ?9",
-            )
+            .prepare_cached(sql::LEDGER_PAGE.sqlite())
             .doing(Op::Read("ledger"))?;
         let (ah, asub, amode) = match &q.after {
             Some((h, s, m)) => (Some(*h), Some(s.as_str()), Some(m.as_str())),
@@ -507,38 +495,44 @@ fn write_one(
     match *record {
         Record::Node(node) => {
             tx.execute(
-                "INSERT INTO nodes (node_id, data, updated_at_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (node_id) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
+                sql::PUT_NODE.sqlite(),
                 params![node.node_id, encode(node), now_ms],
             )?;
         }
         Record::Job(job) => {
             tx.execute(
-                "INSERT INTO jobs (job_id, seq, state, data, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, data = excluded.data,
-                     updated_at_ms = excluded.updated_at_ms",
-                params![job.job_id, job.seq as i64, format!("{:?}", job.state), encode(job), now_ms],
+                sql::PUT_JOB.sqlite(),
+                params![
+                    job.job_id,
+                    job.seq as i64,
+                    job.state.as_db_str(),
+                    encode(job),
+                    now_ms
+                ],
             )?;
         }
         Record::Pool(pool) => {
             tx.execute(
-                "INSERT INTO pools (pool_id, seq, tenant, status, data, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (pool_id) DO UPDATE SET status = excluded.status, data = excluded.data,
-                     updated_at_ms = excluded.updated_at_ms",
-                params![pool.pool_id, pool.seq as i64, pool.tenant, format!("{:?}", pool.status), encode(pool), now_ms],
+                sql::PUT_POOL.sqlite(),
+                params![
+                    pool.pool_id,
+                    pool.seq as i64,
+                    pool.tenant,
+                    pool.status.as_db_str(),
+                    encode(pool),
+                    now_ms
+                ],
             )?;
         }
         Record::Tenant(tenant) => {
             tx.execute(
-                "INSERT INTO tenants (name, data, updated_at_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated_at_ms = excluded.updated_at_ms",
+                sql::PUT_TENANT.sqlite(),
                 params![tenant.name, encode(tenant), now_ms],
             )?;
         }
         Record::Order(order) => {
             tx.execute(
-                "INSERT INTO orders (order_id, seq, tenant, pool_id, data, created_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                sql::ADD_ORDER.sqlite(),
                 params![
                     order.order_id,
                     order.seq as i64,
@@ -551,12 +545,11 @@ fn write_one(
         }
         Record::Ledger(row) => {
             tx.execute(
-                "INSERT OR IGNORE INTO ledger (subject, hour_start_ms, mode, tenant, pool_id, job_id, data)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                sql::ADD_LEDGER.sqlite(),
                 params![
                     row.subject,
                     row.hour_start_ms,
-                    format!("{:?}", row.mode),
+                    row.mode.as_db_str(),
                     row.tenant,
                     row.pool_id,
                     row.job_id,
@@ -568,13 +561,10 @@ fn write_one(
             put_meta(tx, "ledger_closed_until_ms", until.to_string())?;
         }
         Record::Token { sha256, tenant } => {
-            tx.execute(
-                "INSERT INTO tokens (token_sha256, tenant, created_at_ms) VALUES (?1, ?2, ?3)",
-                params![sha256, tenant, now_ms],
-            )?;
+            tx.execute(sql::ADD_TOKEN.sqlite(), params![sha256, tenant, now_ms])?;
         }
         Record::ForgetJob { job_id } => {
-            tx.execute("DELETE FROM jobs WHERE job_id = ?1", params![job_id])?;
+            tx.execute(sql::FORGET_JOB.sqlite(), params![job_id])?;
         }
         Record::NextJobSeq(seq) => {
             put_meta(tx, "next_job_seq", seq.to_string())?;
@@ -583,10 +573,7 @@ fn write_one(
             put_meta(tx, "secret_key_check", check.to_string())?;
         }
         Record::RevokeToken { sha256 } => {
-            tx.execute(
-                "DELETE FROM tokens WHERE token_sha256 = ?1",
-                params![sha256],
-            )?;
+            tx.execute(sql::REVOKE_TOKEN.sqlite(), params![sha256])?;
         }
     }
     Ok(())
@@ -622,13 +609,138 @@ impl Store for FailingStore {
     }
 }
 
+/// A `data` blob: the version first, then the domain struct's fields.
+#[derive(serde::Serialize)]
+struct Versioned<'a, T> {
+    v: u64,
+    #[serde(flatten)]
+    data: &'a T,
+}
+
+/// The `data` blob of a domain struct, with [`DATA_VERSION`].
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string(value).expect("domain types serialize")
+    serde_json::to_string(&Versioned {
+        v: DATA_VERSION,
+        data: value,
+    })
+    .expect("domain types serialize")
+}
+
+/// A domain struct from row `id`'s `data` blob in `table`: versions up to
+/// [`DATA_VERSION`] (0: written before versions, the same format) read;
+/// a newer one is refused.
+pub(crate) fn decode_data<T: serde::de::DeserializeOwned>(
+    table: &'static str,
+    id: &str,
+    data: &str,
+) -> Result<T, StoreError> {
+    let corrupt = |source| StoreError::Corrupt {
+        table,
+        id: id.to_string(),
+        source,
+    };
+    let mut value: serde_json::Value = serde_json::from_str(data).map_err(corrupt)?;
+    let version = match value.as_object_mut().and_then(|o| o.remove("v")) {
+        None => 0,
+        Some(v) => v.as_u64().ok_or_else(|| {
+            corrupt(serde::de::Error::custom(format!(
+                "the data version {v} is not a number"
+            )))
+        })?,
+    };
+    if version > DATA_VERSION {
+        return Err(StoreError::UnknownDataVersion {
+            table,
+            id: id.to_string(),
+            found: version,
+            known: DATA_VERSION,
+        });
+    }
+    serde_json::from_value(value).map_err(corrupt)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ledger_row(subject: &str, hour: i64) -> LedgerRow {
+        LedgerRow {
+            subject: subject.into(),
+            tenant: "t1".into(),
+            pool_id: "p1".into(),
+            job_id: String::new(),
+            instance_id: String::new(),
+            spec: "gpu.h100".into(),
+            hour_start_ms: hour,
+            mode: crate::domain::pool::BillingMode::OnDemand,
+            unit_ms: 3_600_000,
+            quantity: 1,
+            unit_price_micros: 5,
+            amount_micros: 5,
+            gpu_allocated_ms: 7,
+            gpu_used_ms: 3,
+        }
+    }
+
+    /// Puts a ledger row with this `data` blob straight into the table.
+    fn raw_ledger_row(path: &Path, subject: &str, data: &str) {
+        Connection::open(path)
+            .unwrap()
+            .execute(
+                "INSERT INTO ledger (subject, hour_start_ms, mode, tenant, pool_id, job_id, data)
+                 VALUES (?1, 0, 'OnDemand', 't1', 'p1', '', ?2)",
+                params![subject, data],
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn blobs_carry_their_version_first() {
+        let row = ledger_row("pool:p1", 0);
+        let blob = encode(&row);
+        assert!(blob.starts_with(r#"{"v":1,"subject":"pool:p1","#), "{blob}");
+        let back: LedgerRow = decode_data("ledger", "pool:p1", &blob).unwrap();
+        assert_eq!(back, row);
+    }
+
+    /// Rows written before blobs had versions read as they always did.
+    #[test]
+    fn a_blob_without_a_version_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let row = ledger_row("pool:p1", 0);
+        raw_ledger_row(&path, "pool:p1", &serde_json::to_string(&row).unwrap());
+        assert_eq!(store.ledger(0, 1).unwrap(), vec![row]);
+    }
+
+    #[test]
+    fn a_blob_of_a_future_version_is_refused_naming_table_row_and_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let mut blob: serde_json::Value =
+            serde_json::from_str(&encode(&ledger_row("pool:p1", 0))).unwrap();
+        blob["v"] = 2.into();
+        raw_ledger_row(&path, "pool:p1", &blob.to_string());
+        let err = store.ledger(0, 1).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StoreError::UnknownDataVersion { table: "ledger", id, found: 2, known: 1 } if id == "pool:p1"
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "row pool:p1 in ledger is of data version 2, newer than this binary knows (1)"
+        );
+        let err = decode_data::<LedgerRow>("jobs", "j1", r#"{"v":"one"}"#).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Corrupt { table: "jobs", .. }),
+            "{err:?}"
+        );
+    }
 
     /// A failed statement names its operation and table; the database's
     /// own error is the source, not part of the message.

@@ -153,7 +153,7 @@ fn roll_up(rows: Vec<LedgerRow>, by: pb::Rollup) -> Vec<pb::UsageRecord> {
     let mut groups: BTreeMap<(i64, String, String), (LedgerRow, String)> = BTreeMap::new();
     for r in rows {
         let (start, label) = period(r.hour_start_ms, by);
-        let key = (start, r.subject.clone(), format!("{:?}", r.mode));
+        let key = (start, r.subject.clone(), r.mode.as_db_str().to_string());
         match groups.get_mut(&key) {
             Some((acc, _)) => {
                 acc.unit_ms += r.unit_ms;

@@ -1693,10 +1693,12 @@ mod tests {
     use super::*;
     use crate::domain::Gpu;
     use crate::store::SqliteStore;
+    use crate::store::mem::MemStore;
 
     mod billing;
     mod kinds;
     mod limits;
+    mod store_contract;
 
     fn settings() -> Settings {
         Settings {
@@ -1720,6 +1722,11 @@ mod tests {
     fn open(dir: &std::path::Path, now: i64) -> Cluster {
         let store = SqliteStore::open(&dir.join("t.db")).unwrap();
         Cluster::load(Box::new(store), settings(), now).unwrap()
+    }
+
+    /// A cluster on the in-memory store, for tests not about the database.
+    fn open_mem(now: i64) -> Cluster {
+        Cluster::load(Box::new(MemStore::new()), settings(), now).unwrap()
     }
 
     fn admin() -> Caller {

@@ -693,6 +693,36 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// The `jobs.state` column's text. Existing databases hold these
+    /// strings: a rename of a variant must not change them.
+    pub fn as_db_str(self) -> &'static str {
+        match self {
+            Self::Queued => "Queued",
+            Self::Scheduled => "Scheduled",
+            Self::Running => "Running",
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+            Self::Cancelled => "Cancelled",
+            Self::Lost => "Lost",
+            Self::Unavailable => "Unavailable",
+        }
+    }
+
+    /// The state a `jobs.state` column holds; None for an unknown string.
+    pub fn from_db_str(s: &str) -> Option<Self> {
+        Some(match s {
+            "Queued" => Self::Queued,
+            "Scheduled" => Self::Scheduled,
+            "Running" => Self::Running,
+            "Succeeded" => Self::Succeeded,
+            "Failed" => Self::Failed,
+            "Cancelled" => Self::Cancelled,
+            "Lost" => Self::Lost,
+            "Unavailable" => Self::Unavailable,
+            _ => return None,
+        })
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -936,6 +966,38 @@ impl Job {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `jobs.state` holds for each state, fixed (existing databases
+    /// hold these strings), and the state after it: an exhaustive match,
+    /// so a new state does not compile until it is listed here.
+    fn state_on_disk(s: JobState) -> (&'static str, Option<JobState>) {
+        use JobState::*;
+        match s {
+            Queued => ("Queued", Some(Scheduled)),
+            Scheduled => ("Scheduled", Some(Running)),
+            Running => ("Running", Some(Succeeded)),
+            Succeeded => ("Succeeded", Some(Failed)),
+            Failed => ("Failed", Some(Cancelled)),
+            Cancelled => ("Cancelled", Some(Lost)),
+            Lost => ("Lost", Some(Unavailable)),
+            Unavailable => ("Unavailable", None),
+        }
+    }
+
+    #[test]
+    fn every_job_state_round_trips_through_its_fixed_column_text() {
+        let mut seen = 0;
+        let mut next = Some(JobState::Queued);
+        while let Some(state) = next {
+            let (text, after) = state_on_disk(state);
+            assert_eq!(state.as_db_str(), text);
+            assert_eq!(JobState::from_db_str(text), Some(state));
+            seen += 1;
+            next = after;
+        }
+        assert_eq!(seen, 8);
+        assert_eq!(JobState::from_db_str("queued"), None);
+    }
 
     fn raw() -> RawJobSpec {
         RawJobSpec {

@@ -65,6 +65,61 @@ pub enum BillingMode {
     Subscription,
 }
 
+impl PoolStatus {
+    /// The `pools.status` column's text. Existing databases hold these
+    /// strings: a rename of a variant must not change them.
+    pub fn as_db_str(self) -> &'static str {
+        match self {
+            Self::Creating => "Creating",
+            Self::Running => "Running",
+            Self::Scaling => "Scaling",
+            Self::Abnormal => "Abnormal",
+            Self::Unavailable => "Unavailable",
+            Self::CreateFailed => "CreateFailed",
+            Self::Deleting => "Deleting",
+            Self::Deleted => "Deleted",
+            Self::Frozen => "Frozen",
+        }
+    }
+
+    /// The status a `pools.status` column holds; None for an unknown string.
+    pub fn from_db_str(s: &str) -> Option<Self> {
+        Some(match s {
+            "Creating" => Self::Creating,
+            "Running" => Self::Running,
+            "Scaling" => Self::Scaling,
+            "Abnormal" => Self::Abnormal,
+            "Unavailable" => Self::Unavailable,
+            "CreateFailed" => Self::CreateFailed,
+            "Deleting" => Self::Deleting,
+            "Deleted" => Self::Deleted,
+            "Frozen" => Self::Frozen,
+            _ => return None,
+        })
+    }
+}
+
+impl BillingMode {
+    /// The `ledger.mode` column's text: part of the ledger's primary key
+    /// and of its page cursor (usage page tokens carry it), so a rename of
+    /// a variant must not change it.
+    pub fn as_db_str(self) -> &'static str {
+        match self {
+            Self::OnDemand => "OnDemand",
+            Self::Subscription => "Subscription",
+        }
+    }
+
+    /// The mode a `ledger.mode` column holds; None for an unknown string.
+    pub fn from_db_str(s: &str) -> Option<Self> {
+        Some(match s {
+            "OnDemand" => Self::OnDemand,
+            "Subscription" => Self::Subscription,
+            _ => return None,
+        })
+    }
+}
+
 /// Subscription terms as chosen (R-CREATE-8, R-CREATE-9, R-CREATE-17, R-BILL-2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubscriptionTerms {
@@ -685,6 +740,63 @@ fn free_and_fragmented(nodes: &[&PoolNode]) -> (u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `pools.status` holds for each status, fixed (existing
+    /// databases hold these strings), and the status after it: an
+    /// exhaustive match, so a new status does not compile until listed.
+    fn status_on_disk(s: PoolStatus) -> (&'static str, Option<PoolStatus>) {
+        use PoolStatus::*;
+        match s {
+            Creating => ("Creating", Some(Running)),
+            Running => ("Running", Some(Scaling)),
+            Scaling => ("Scaling", Some(Abnormal)),
+            Abnormal => ("Abnormal", Some(Unavailable)),
+            Unavailable => ("Unavailable", Some(CreateFailed)),
+            CreateFailed => ("CreateFailed", Some(Deleting)),
+            Deleting => ("Deleting", Some(Deleted)),
+            Deleted => ("Deleted", Some(Frozen)),
+            Frozen => ("Frozen", None),
+        }
+    }
+
+    /// What `ledger.mode` holds (part of the ledger's key and of usage
+    /// page tokens), fixed, and the mode after it.
+    fn mode_on_disk(m: BillingMode) -> (&'static str, Option<BillingMode>) {
+        match m {
+            BillingMode::OnDemand => ("OnDemand", Some(BillingMode::Subscription)),
+            BillingMode::Subscription => ("Subscription", None),
+        }
+    }
+
+    #[test]
+    fn every_pool_status_round_trips_through_its_fixed_column_text() {
+        let mut seen = 0;
+        let mut next = Some(PoolStatus::Creating);
+        while let Some(status) = next {
+            let (text, after) = status_on_disk(status);
+            assert_eq!(status.as_db_str(), text);
+            assert_eq!(PoolStatus::from_db_str(text), Some(status));
+            seen += 1;
+            next = after;
+        }
+        assert_eq!(seen, 9);
+        assert_eq!(PoolStatus::from_db_str("running"), None);
+    }
+
+    #[test]
+    fn every_billing_mode_round_trips_through_its_fixed_column_text() {
+        let mut seen = 0;
+        let mut next = Some(BillingMode::OnDemand);
+        while let Some(mode) = next {
+            let (text, after) = mode_on_disk(mode);
+            assert_eq!(mode.as_db_str(), text);
+            assert_eq!(BillingMode::from_db_str(text), Some(mode));
+            seen += 1;
+            next = after;
+        }
+        assert_eq!(seen, 2);
+        assert_eq!(BillingMode::from_db_str("on_demand"), None);
+    }
 
     fn train() -> CreateRequest {
         CreateRequest {

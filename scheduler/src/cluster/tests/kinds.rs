@@ -4,8 +4,9 @@
 use super::*;
 use crate::cluster::kinds::BASE_BACKOFF_MS;
 
-fn cluster(dir: &std::path::Path, nodes: usize, gpus: u32) -> Cluster {
-    let mut c = open(dir, 0);
+/// A cluster on the in-memory store with `nodes` nodes of `gpus` GPUs.
+fn cluster(nodes: usize, gpus: u32) -> Cluster {
+    let mut c = open_mem(0);
     for i in 0..nodes {
         c.register_node(&format!("n{i}"), inventory(gpus), 0)
             .unwrap();
@@ -75,8 +76,7 @@ fn end(
 
 #[test]
 fn a_crashed_replica_is_restarted_after_its_backoff_on_another_node_when_it_can() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = cluster(dir.path(), 3, 1);
+    let mut c = cluster(3, 1);
     let mut out = Outbox::new();
     let job = c
         .submit(
@@ -135,8 +135,7 @@ fn a_crashed_replica_is_restarted_after_its_backoff_on_another_node_when_it_can(
 
 #[test]
 fn scaling_adds_and_stops_replicas_and_endpoints_are_the_ready_ones() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = cluster(dir.path(), 2, 2);
+    let mut c = cluster(2, 2);
     let mut out = Outbox::new();
     let job = c
         .submit(
@@ -181,8 +180,7 @@ fn scaling_adds_and_stops_replicas_and_endpoints_are_the_ready_ones() {
 
 #[test]
 fn a_rolling_restart_replaces_one_replica_at_a_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = cluster(dir.path(), 3, 1);
+    let mut c = cluster(3, 1);
     let mut out = Outbox::new();
     let job = c
         .submit(
@@ -235,8 +233,7 @@ fn a_rolling_restart_replaces_one_replica_at_a_time() {
 
 #[test]
 fn a_batch_service_runs_its_parallelism_until_its_completions_succeed() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = cluster(dir.path(), 1, 0);
+    let mut c = cluster(1, 0);
     let mut out = Outbox::new();
     let mut raw = spec(JobKind::BatchService, 2, &["work"]);
     raw.completions = 5;
@@ -302,8 +299,7 @@ fn a_batch_service_runs_its_parallelism_until_its_completions_succeed() {
 /// with one retry allowed retry once, then the job fails.
 #[test]
 fn batch_retries_are_counted_when_decided() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = cluster(dir.path(), 1, 0);
+    let mut c = cluster(1, 0);
     let mut out = Outbox::new();
     let mut raw = spec(JobKind::BatchService, 8, &["work"]);
     raw.max_retries = 1;
@@ -321,8 +317,7 @@ fn batch_retries_are_counted_when_decided() {
 
 #[test]
 fn a_job_past_its_maximum_run_time_is_stopped_as_timed_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = cluster(dir.path(), 1, 1);
+    let mut c = cluster(1, 1);
     let mut out = Outbox::new();
     let mut raw = raw(1);
     raw.max_runtime_secs = 5;
@@ -346,8 +341,7 @@ fn a_job_past_its_maximum_run_time_is_stopped_as_timed_out() {
 
 #[test]
 fn an_idle_notebook_is_culled_but_not_while_its_kernel_or_gpu_is_busy() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = cluster(dir.path(), 1, 1);
+    let mut c = cluster(1, 1);
     let mut out = Outbox::new();
     let mut raw = spec(JobKind::Notebook, 1, &[]);
     raw.idle_timeout_secs = 10;
@@ -407,8 +401,7 @@ fn an_idle_notebook_is_culled_but_not_while_its_kernel_or_gpu_is_busy() {
 
 #[test]
 fn a_tensorboard_for_a_job_uses_its_log_dir_and_pool_rules() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = cluster(dir.path(), 1, 1);
+    let mut c = cluster(1, 1);
     let mut out = Outbox::new();
     let mut train = raw(0);
     train.log_dir = "/shared/run1".into();
@@ -452,8 +445,7 @@ fn a_tensorboard_for_a_job_uses_its_log_dir_and_pool_rules() {
 
 #[test]
 fn kind_settings_give_defaults_and_limits() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = cluster(dir.path(), 1, 1);
+    let mut c = cluster(1, 1);
     c.settings.kinds.training.max_runtime_limit_secs = 3_600;
     c.settings.kinds.training.memory_mib = 2_048;
     let mut out = Outbox::new();
@@ -482,8 +474,7 @@ fn kind_settings_give_defaults_and_limits() {
 /// ends, cordons, ticks, and nodes falling silent and coming back.
 #[test]
 fn the_cached_placer_matches_a_fresh_one_after_every_operation() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = cluster(dir.path(), 4, 4);
+    let mut c = cluster(4, 4);
     let mut out = Outbox::new();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut rnd = |n: u64| {
@@ -727,7 +718,8 @@ fn a_replacement_replica_prefers_the_zone_its_service_lacks() {
 #[test]
 fn notebook_tokens_are_not_stored_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = cluster(dir.path(), 1, 1);
+    let mut c = open(dir.path(), 0);
+    c.register_node("n0", inventory(1), 0).unwrap();
     let mut out = Outbox::new();
     let job = c
         .submit(&admin(), spec(JobKind::Notebook, 1, &[]), 0, &mut out)
