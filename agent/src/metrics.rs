@@ -354,6 +354,14 @@ pub async fn serve(
             }
         }),
     );
+    // Nagle off: a scrape's reply is small and would wait for the delayed
+    // ACK.
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|s| {
+        if let Err(err) = s.set_nodelay(true) {
+            tracing::warn!(error = %err, "cannot set TCP_NODELAY on a metrics connection");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -216,7 +216,8 @@ pub async fn serve(
             }
         }),
     );
-    axum::serve(listener, app)
+    use axum::serve::ListenerExt as _;
+    axum::serve(listener.tap_io(|s| crate::server::nodelay(s)), app)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -165,6 +165,8 @@ async fn standby(
                         _ = wait(stop) => {}
                     }
                 };
+                use axum::serve::ListenerExt as _;
+                let listener = listener.tap_io(|s| crate::server::nodelay(s));
                 axum::serve(listener, standby_router(lease.address.clone()))
                     .with_graceful_shutdown(done)
                     .await?;

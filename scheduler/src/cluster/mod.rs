@@ -1333,7 +1333,7 @@ impl Cluster {
             }
             if placed.is_empty() {
                 if let Some(why) = wait {
-                    self.set_wait_reason(&job_id, why.to_string(), now_ms);
+                    self.set_wait_reason(&job_id, why.to_string());
                 }
             } else {
                 self.start_placed(&job_id, placed, now_ms, out);
@@ -1341,11 +1341,15 @@ impl Cluster {
         }
     }
 
-    fn set_wait_reason(&mut self, job_id: &str, reason: String, now_ms: i64) {
+    /// Why a job waits is derived by every pass and kept in memory only: it
+    /// is written with the job's next real change. (Persisting it made a
+    /// queue of any depth cost a write per queued job whenever the head
+    /// changed, since the reason names the head.) A reload keeps it, see
+    /// `staged.rs`.
+    fn set_wait_reason(&mut self, job_id: &str, reason: String) {
         let job = self.jobs.get_mut(job_id).expect("planned job exists");
         if job.reason != reason {
             job.reason = reason;
-            self.persist_job(job_id, now_ms);
         }
     }
 
@@ -1868,6 +1872,75 @@ mod tests {
         assert_eq!(never.state, JobState::Queued);
         let f = c2.submit(&admin(), raw(1), 2, &mut out).unwrap();
         assert_eq!(f.state, JobState::Scheduled);
+    }
+
+    /// A queue of any depth costs the jobs that changed, not the queue:
+    /// when the head starts and the next job becomes the head, the others'
+    /// reason ("behind" the new head) changes in memory only.
+    #[test]
+    fn a_new_head_does_not_rewrite_the_queue() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Counting {
+            inner: MemStore,
+            jobs: Arc<AtomicUsize>,
+        }
+        impl Store for Counting {
+            fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
+                self.inner.load()
+            }
+            fn ledger(
+                &self,
+                from_ms: i64,
+                to_ms: i64,
+            ) -> Result<Vec<crate::domain::billing::LedgerRow>, StoreError> {
+                self.inner.ledger(from_ms, to_ms)
+            }
+            fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
+                let jobs = records
+                    .iter()
+                    .filter(|r| matches!(r, Record::Job(_)))
+                    .count();
+                self.jobs.fetch_add(jobs, Ordering::Relaxed);
+                self.inner.write(records, now_ms)
+            }
+        }
+        let written = Arc::new(AtomicUsize::new(0));
+        let store = Counting {
+            inner: MemStore::new(),
+            jobs: written.clone(),
+        };
+        let mut c = Cluster::load(Box::new(store), settings(), 0).unwrap();
+        c.register_node("n1", inventory(1), 0).unwrap();
+        let mut out = Outbox::new();
+        let first = c.submit(&admin(), raw(1), 1, &mut out).unwrap();
+        let queued: Vec<String> = (0..30)
+            .map(|i| c.submit(&admin(), raw(1), 2 + i, &mut out).unwrap().job_id)
+            .collect();
+        let reason = |c: &Cluster, id: &str| c.job(&admin(), id).unwrap().reason.clone();
+        assert!(
+            reason(&c, &queued[5]).contains(&queued[0]),
+            "{}",
+            reason(&c, &queued[5])
+        );
+        let before = written.load(Ordering::Relaxed);
+        let inst = first.instances[0].instance_id.clone();
+        let done = vec![report(&inst, InstanceState::Succeeded, Some(0))];
+        c.heartbeat("n1", None, done, 100, &mut out);
+        assert_eq!(
+            c.job(&admin(), &queued[0]).unwrap().state,
+            JobState::Scheduled
+        );
+        assert!(
+            reason(&c, &queued[5]).contains(&queued[1]),
+            "{}",
+            reason(&c, &queued[5])
+        );
+        let jobs_written = written.load(Ordering::Relaxed) - before;
+        assert!(
+            jobs_written <= 3,
+            "{jobs_written} job records written for one job ending and one starting"
+        );
     }
 
     /// max_retries: a job on a node that dies is queued again and placed

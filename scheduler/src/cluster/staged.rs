@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use crate::domain::billing::{LedgerRow, Order};
 use crate::domain::pool::Pool;
 use crate::domain::tenant::Tenant;
-use crate::domain::{Job, Node};
+use crate::domain::{Job, JobState, Node};
 use crate::store::{Record, Snapshot, Store, StoreError};
 
 use super::Cluster;
@@ -234,16 +234,32 @@ impl Cluster {
         };
         let inner = std::mem::replace(&mut self.store.inner, Box::new(Detached));
         let settings = self.settings.clone();
-        // Liveness is not stored state: heartbeats seen stay seen.
+        // Liveness is not stored state: heartbeats seen stay seen. Nor is
+        // why a job waits (written only with a real change): it stays for
+        // the jobs that wait before and after, in the same state.
         let seen: Vec<(String, i64)> = self
             .nodes
             .values()
             .map(|n| (n.node_id.clone(), n.last_heartbeat_ms))
             .collect();
+        let waiting: Vec<(String, JobState, String)> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued || !j.pending.is_empty())
+            .map(|j| (j.job_id.clone(), j.state, j.reason.clone()))
+            .collect();
         *self = Cluster::from_snapshot(inner, settings, snapshot, now_ms);
         for (id, at) in seen {
             if let Some(n) = self.nodes.get_mut(&id) {
                 n.last_heartbeat_ms = at;
+            }
+        }
+        for (id, state, reason) in waiting {
+            if let Some(j) = self.jobs.get_mut(&id)
+                && j.state == state
+                && (j.state == JobState::Queued || !j.pending.is_empty())
+            {
+                j.reason = reason;
             }
         }
         tracing::warn!("state reloaded from the store after a failed write");
