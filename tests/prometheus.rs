@@ -73,10 +73,21 @@ async fn every_dashboard_query_answers_under_a_real_prometheus() {
     let _prom = Proc::spawn(cmd, dir.path().join("prometheus.log"));
     // Both targets up, with a few samples each (rates need two).
     eventually(Duration::from_secs(30), "both targets scraped", || async {
-        let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-            return None;
+        // Prometheus listens before it is ready (503 until its TSDB is up).
+        let ready = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()?;
+            stream
+                .write_all(b"GET /-/ready HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .await
+                .ok()?;
+            let mut buf = String::new();
+            stream.read_to_string(&mut buf).await.ok()?;
+            (buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")).then_some(())
         };
-        drop(stream);
+        ready.await?;
         let up = query(port, "up == 1").await;
         (up.len() == 2).then_some(())
     })
