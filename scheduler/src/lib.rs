@@ -12,6 +12,7 @@
 //!   state behind the `Store` trait;
 //! - [`cluster`]: the state machine over the domain, written through to the
 //!   store; [`config`]: the daemon's TOML; [`metrics`]: Prometheus;
+//!   [`net`]: socket settings of every listener;
 //! - [`state`]: the cluster behind its lock, the agents' sessions, commits;
 //!   no protobuf;
 //! - [`api`]: the gRPC edge (services, access table, limits, the one
@@ -25,6 +26,7 @@ pub mod config;
 pub mod dev;
 pub mod domain;
 pub mod metrics;
+pub mod net;
 pub mod pgstore;
 pub mod replica;
 pub mod server;

@@ -217,7 +217,7 @@ pub async fn serve(
         }),
     );
     use axum::serve::ListenerExt as _;
-    axum::serve(listener.tap_io(|s| crate::server::nodelay(s)), app)
+    axum::serve(listener.tap_io(|s| crate::net::nodelay(s)), app)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -166,7 +166,7 @@ async fn standby(
                     }
                 };
                 use axum::serve::ListenerExt as _;
-                let listener = listener.tap_io(|s| crate::server::nodelay(s));
+                let listener = listener.tap_io(|s| crate::net::nodelay(s));
                 axum::serve(listener, standby_router(lease.address.clone()))
                     .with_graceful_shutdown(done)
                     .await?;
