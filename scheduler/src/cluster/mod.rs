@@ -930,6 +930,7 @@ impl Cluster {
             "requeued (retry {} of {}, not before {} ms from the failure) after: {why}",
             job.retries, job.spec.max_retries, wait
         );
+        job.wait = None;
         tracing::info!(job = %job_id, retry = job.retries, wait_ms = wait, %why, "job requeued");
         self.prune_instances(job_id);
         true
@@ -1188,6 +1189,7 @@ impl Cluster {
             tenant: caller.tenant.clone(),
             state: JobState::Queued,
             reason: "waiting to be placed".into(),
+            wait: None,
             submitted_at_ms: now_ms,
             started_at_ms: None,
             finished_at_ms: None,
@@ -1333,7 +1335,7 @@ impl Cluster {
             }
             if placed.is_empty() {
                 if let Some(why) = wait {
-                    self.set_wait_reason(&job_id, why.to_string());
+                    self.set_wait_reason(&job_id, why);
                 }
             } else {
                 self.start_placed(&job_id, placed, now_ms, out);
@@ -1346,10 +1348,11 @@ impl Cluster {
     /// queue of any depth cost a write per queued job whenever the head
     /// changed, since the reason names the head.) A reload keeps it, see
     /// `staged.rs`.
-    fn set_wait_reason(&mut self, job_id: &str, reason: String) {
+    fn set_wait_reason(&mut self, job_id: &str, why: scheduling::Wait) {
         let job = self.jobs.get_mut(job_id).expect("planned job exists");
-        if job.reason != reason {
-            job.reason = reason;
+        if job.wait.as_ref() != Some(&why) {
+            job.reason = why.to_string();
+            job.wait = Some(why);
         }
     }
 

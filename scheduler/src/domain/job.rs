@@ -781,6 +781,11 @@ pub struct Job {
     /// `instances` once their hours were in the ledger.
     #[serde(default)]
     pub pruned_instances: u64,
+    /// Why the planner left it waiting in its last pass, as `reason`
+    /// renders it: in memory only, so an unchanged wait costs a comparison,
+    /// not a rendering.
+    #[serde(skip)]
+    pub wait: Option<super::scheduling::Wait>,
 }
 
 /// Why the scheduler stops a job's instances.
@@ -953,6 +958,7 @@ impl Job {
         };
         self.state = state;
         self.reason = reason;
+        self.wait = None;
         if state == JobState::Running && self.started_at_ms.is_none() {
             self.started_at_ms = Some(now_ms);
         }
@@ -1124,6 +1130,7 @@ mod tests {
             tenant: String::new(),
             state: JobState::Scheduled,
             reason: String::new(),
+            wait: None,
             submitted_at_ms: 0,
             started_at_ms: None,
             finished_at_ms: None,
