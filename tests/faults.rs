@@ -292,9 +292,13 @@ async fn agent_network_cut_short_is_harmless_long_requeues() {
     .await;
     let first = running.instances[0].clone();
 
-    // Shorter than the grace (GRACE_MS): nothing happens.
+    // Shorter than the grace (GRACE_MS): nothing happens. A quarter of it:
+    // after the link is back, TCP resends only when its backed-off
+    // retransmission timer fires (0.2, 0.6, 1.4 s after the first lost
+    // segment), so a cut of half the grace could leave the node silent past
+    // it (a CI run saw that).
     ns.link(false);
-    tokio::time::sleep(Duration::from_millis(u64::from(GRACE_MS) / 2)).await;
+    tokio::time::sleep(Duration::from_millis(u64::from(GRACE_MS) / 4)).await;
     ns.link(true);
     tokio::time::sleep(Duration::from_millis(u64::from(GRACE_MS))).await;
     let after = get_job(&sched, &job.job_id).await;
