@@ -1312,33 +1312,13 @@ impl Cluster {
         let decisions = scheduling::plan(&queue, &mut placer, now_ms);
         drop(queue);
         self.placer = Some(placer);
-        let mut decisions = decisions.into_iter().peekable();
-        while let Some(first) = decisions.next() {
-            let job_id = match &first {
-                scheduling::Decision::Place { job_id, .. }
-                | scheduling::Decision::Wait { job_id, .. } => job_id.clone(),
-            };
-            let mut placed = Vec::new();
-            let mut wait = None;
-            let mut next = Some(first);
-            while let Some(d) = next {
-                match d {
-                    scheduling::Decision::Place {
-                        rank, assignment, ..
-                    } => placed.push((rank, assignment)),
-                    scheduling::Decision::Wait { why, .. } => wait = Some(why),
-                }
-                next = decisions.next_if(|d| match d {
-                    scheduling::Decision::Place { job_id: j, .. }
-                    | scheduling::Decision::Wait { job_id: j, .. } => *j == job_id,
-                });
-            }
-            if placed.is_empty() {
-                if let Some(why) = wait {
-                    self.set_wait_reason(&job_id, why);
+        for job in scheduling::by_job(decisions) {
+            if job.placed.is_empty() {
+                if let Some(why) = job.wait {
+                    self.set_wait_reason(&job.job_id, why);
                 }
             } else {
-                self.start_placed(&job_id, placed, now_ms, out);
+                self.start_placed(&job.job_id, job.placed, now_ms, out);
             }
         }
     }
@@ -1544,7 +1524,7 @@ fn merge_report(
         if inst.pull.is_some() && r.pull.is_none() {
             changed = true;
         }
-        inst.pull = r.pull.clone();
+        inst.pull = r.pull;
     }
     if let Some(idle) = r.idle_ms {
         // Kept in memory; written with the next change of the job.

@@ -448,33 +448,14 @@ struct NodeState {
 impl NodeState {
     /// How many instances (at most `cap`) fit.
     fn fit_count(&self, w: &Want, cap: u32) -> u32 {
-        let by = |free: i64, need: i64| -> u64 {
-            if free < need {
-                0
-            } else if need <= 0 {
-                u64::MAX
-            } else {
-                (free / need) as u64
-            }
-        };
-        let usable = |i: usize| spec_ok(w.spec, self.models[i]);
-        let gpu = if w.num_gpu == 0 {
-            u64::MAX
-        } else if w.shared() {
-            (0..self.free.len())
-                .filter(|&i| usable(i))
-                .map(|i| (self.free[i] / w.milli.max(1)) as u64)
-                .sum()
-        } else {
-            let full = (0..self.free.len())
-                .filter(|&i| usable(i) && self.free[i] >= w.milli)
-                .count() as u64;
-            full / u64::from(w.num_gpu)
-        };
-        by(self.cpu, w.cpu)
-            .min(by(self.mem, w.mem))
-            .min(gpu)
-            .min(u64::from(cap)) as u32
+        fit_count(
+            (self.cpu, self.mem),
+            self.free.len(),
+            |i| self.free[i],
+            |i| self.models[i],
+            w,
+            cap,
+        )
     }
 
     fn take(&mut self, w: &Want, gpus: &[usize]) {
@@ -485,6 +466,45 @@ impl NodeState {
             self.free_total -= w.milli;
         }
     }
+}
+
+/// How many instances (at most `cap`) of `w` fit in `(cpu, mem)` and
+/// `gpus` GPUs, GPU `i` with `free(i)` milli and model bit `model(i)`.
+fn fit_count(
+    (cpu, mem): (i64, i64),
+    gpus: usize,
+    free: impl Fn(usize) -> i64,
+    model: impl Fn(usize) -> u64,
+    w: &Want,
+    cap: u32,
+) -> u32 {
+    let by = |free: i64, need: i64| -> u64 {
+        if free < need {
+            0
+        } else if need <= 0 {
+            u64::MAX
+        } else {
+            (free / need) as u64
+        }
+    };
+    let usable = |i: usize| spec_ok(w.spec, model(i));
+    let gpu = if w.num_gpu == 0 {
+        u64::MAX
+    } else if w.shared() {
+        (0..gpus)
+            .filter(|&i| usable(i))
+            .map(|i| (free(i) / w.milli.max(1)) as u64)
+            .sum()
+    } else {
+        let full = (0..gpus)
+            .filter(|&i| usable(i) && free(i) >= w.milli)
+            .count() as u64;
+        full / u64::from(w.num_gpu)
+    };
+    by(cpu, w.cpu)
+        .min(by(mem, w.mem))
+        .min(gpu)
+        .min(u64::from(cap)) as u32
 }
 
 /// Ordering of candidate nodes; the largest wins. For GPU requests:
@@ -514,8 +534,6 @@ pub struct Placer {
     models: Vec<String>,
     nodes: Vec<NodeCapacity>,
     state: Vec<NodeState>,
-    /// Each node as if everything on it had ended (backfill reserves by it).
-    idle: Vec<NodeState>,
     rank: Vec<u64>,
     classes: Vec<ClassIndex>,
     clock: u64,
@@ -566,7 +584,6 @@ impl Placer {
             typical: Vec::new(),
             models: Vec::new(),
             state: Vec::with_capacity(nodes.len()),
-            idle: Vec::with_capacity(nodes.len()),
             nodes,
             rank,
             classes: Vec::new(),
@@ -592,18 +609,6 @@ impl Placer {
                     }
                 })
                 .collect();
-            let idle: Vec<i64> = n
-                .gpus
-                .iter()
-                .map(|g| if g.healthy { 1000 } else { 0 })
-                .collect();
-            p.idle.push(NodeState {
-                cpu: n.cpu_total_milli,
-                mem: n.memory_total_mib,
-                free_total: idle.iter().sum(),
-                free: idle,
-                models: bits.clone(),
-            });
             p.state.push(NodeState {
                 cpu: n.cpu_free_milli,
                 mem: n.memory_free_mib,
@@ -970,7 +975,16 @@ impl Placer {
         let usable: Vec<bool> = (0..self.nodes.len())
             .map(|p| {
                 let fit = if self.eligible(p, pool, req) {
-                    self.idle[p].fit_count(&w, instances)
+                    // As if everything on the node had ended.
+                    let (n, models) = (&self.nodes[p], &self.state[p].models);
+                    fit_count(
+                        (n.cpu_total_milli, n.memory_total_mib),
+                        n.gpus.len(),
+                        |i| if n.gpus[i].healthy { 1000 } else { 0 },
+                        |i| models[i],
+                        &w,
+                        instances,
+                    )
                 } else {
                     0
                 };

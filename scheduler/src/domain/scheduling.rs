@@ -148,6 +148,46 @@ pub enum Decision {
     Wait { job_id: String, why: Wait },
 }
 
+impl Decision {
+    pub fn job_id(&self) -> &str {
+        match self {
+            Decision::Place { job_id, .. } | Decision::Wait { job_id, .. } => job_id,
+        }
+    }
+}
+
+/// One job's decisions in a plan.
+#[derive(Debug)]
+pub struct JobPlan {
+    pub job_id: String,
+    /// (rank, where), in the order placed.
+    pub placed: Vec<(u32, Assignment)>,
+    /// Why it (or its remaining ranks) still waits.
+    pub wait: Option<Wait>,
+}
+
+/// A plan's decisions job by job, in plan order (a job's are adjacent).
+pub fn by_job(decisions: Vec<Decision>) -> Vec<JobPlan> {
+    let mut out: Vec<JobPlan> = Vec::new();
+    for d in decisions {
+        if out.last().is_none_or(|j| j.job_id != d.job_id()) {
+            out.push(JobPlan {
+                job_id: d.job_id().to_string(),
+                placed: Vec::new(),
+                wait: None,
+            });
+        }
+        let job = out.last_mut().expect("pushed above");
+        match d {
+            Decision::Place {
+                rank, assignment, ..
+            } => job.placed.push((rank, assignment)),
+            Decision::Wait { why, .. } => job.wait = Some(why),
+        }
+    }
+    out
+}
+
 /// Why a job waits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wait {
@@ -581,9 +621,7 @@ mod tests {
         // Decisions per job, each job's adjacent.
         let mut per_job: Vec<JobPlan> = Vec::new();
         for d in decisions {
-            let id = match d {
-                Decision::Place { job_id, .. } | Decision::Wait { job_id, .. } => job_id.as_str(),
-            };
+            let id = d.job_id();
             if per_job.last().is_none_or(|l| l.0 != id) {
                 assert!(
                     per_job.iter().all(|l| l.0 != id),
