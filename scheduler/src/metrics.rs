@@ -28,6 +28,11 @@ pub struct Metrics {
     /// Time to handle one agent heartbeat, waiting for the cluster lock
     /// included.
     pub heartbeat_seconds: prometheus::Histogram,
+    /// Store transactions the commit pipeline wrote.
+    pub store_transactions: IntCounter,
+    /// Changes (one per lock hold that staged writes or commands) it
+    /// committed: over `store_transactions`, how many share an fsync.
+    pub store_changes: IntCounter,
 }
 
 impl Metrics {
@@ -93,8 +98,21 @@ impl Metrics {
             ]),
         )
         .unwrap();
+        let store_transactions = IntCounter::new(
+            "gpupool_store_transactions_total",
+            "Store transactions written by the commit pipeline (one fsync each).",
+        )
+        .unwrap();
+        let store_changes = IntCounter::new(
+            "gpupool_store_changes_total",
+            "Changes committed by the commit pipeline; over gpupool_store_transactions_total, \
+             how many changes share one transaction.",
+        )
+        .unwrap();
         for c in [
-            Box::new(heartbeat_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(store_transactions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(store_changes.clone()),
+            Box::new(heartbeat_seconds.clone()),
             Box::new(billable_seconds.clone()),
             Box::new(billed_amount.clone()),
             Box::new(nodes.clone()),
@@ -123,6 +141,8 @@ impl Metrics {
             billable_seconds,
             billed_amount,
             heartbeat_seconds,
+            store_transactions,
+            store_changes,
         }
     }
 

@@ -268,7 +268,7 @@ pub async fn serve(
                                 flushed_now = Some(now);
                             }
                             core.cluster.close_hours(now)
-                        });
+                        }).await;
                         // Only what was committed counts.
                         if let Some(closed) = closed {
                             shared.metrics.count_ledger(&closed);
@@ -277,7 +277,8 @@ pub async fn serve(
                             }
                         }
                     }
-                    _ = stop.wait_for(|s| *s) => {
+                    // (No watch::Ref in select's output: it is not Send.)
+                    _ = async { let _ = stop.wait_for(|s| *s).await; } => {
                         shared.with(|core, _| core.cluster.flush_samples(flushed, now_ms()));
                         return;
                     }

@@ -123,6 +123,10 @@ pub enum StoreError {
     /// ([`mem::MemStore`]; the SQL stores report [`StoreError::Sql`]).
     #[error("{op}: {what}")]
     Refused { op: Op, what: String },
+    /// The group commit (`state/commit.rs`) this change was part of
+    /// failed, or was built on one that did.
+    #[error("the transaction this change was written in failed")]
+    GroupCommit(#[source] std::sync::Arc<StoreError>),
     #[error("corrupt row {id} in {table}")]
     Corrupt {
         table: &'static str,

@@ -52,6 +52,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 core.cluster
                     .register_agent(&node_id, inventory, &identity, &fresh_sha, now_ms())
             })
+            .await
             .map_err(|e| {
                 if matches!(e, crate::cluster::ClusterError::NodeAuth(_)) {
                     self.shared.metrics.agent_auth_refused.inc();
@@ -88,11 +89,13 @@ impl pb::agent_service_server::AgentService for AgentApi {
         };
         let node_id = hello.node_id.clone();
         let (tx, rx) = mpsc::unbounded_channel();
-        let session_id = self.shared.mutate(|core, out| {
-            // Only the node's current credential opens (or replaces) its
-            // session, checked now that the hello is here: a stream opened
-            // before a revocation does not get in after it.
-            core.cluster
+        let session_id = self
+            .shared
+            .mutate(|core, out| {
+                // Only the node's current credential opens (or replaces) its
+                // session, checked now that the hello is here: a stream opened
+                // before a revocation does not get in after it.
+                core.cluster
                 .confirm_credential(&node_id, &identity, now_ms())
                 .map_err(|e| {
                     if matches!(e, crate::cluster::ClusterError::NodeAuth(_)) {
@@ -101,15 +104,16 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     }
                     status(e)
                 })?;
-            let id = core.open_session(&node_id, tx);
-            let reported = hello
-                .instances
-                .into_iter()
-                .filter_map(reported_from_pb)
-                .collect();
-            core.cluster.hello(&node_id, reported, now_ms(), out);
-            Ok::<_, Status>(id)
-        });
+                let id = core.open_session(&node_id, tx);
+                let reported = hello
+                    .instances
+                    .into_iter()
+                    .filter_map(reported_from_pb)
+                    .collect();
+                core.cluster.hello(&node_id, reported, now_ms(), out);
+                Ok::<_, Status>(id)
+            })
+            .await;
         let session_id = match session_id {
             Ok(id) => id,
             Err(err) => {
@@ -155,7 +159,7 @@ pub(super) async fn pump(
 ) {
     loop {
         match inbound.next().await {
-            Some(Ok(msg)) => match handle(&shared, &node_id, session_id, msg) {
+            Some(Ok(msg)) => match handle(&shared, &node_id, session_id, msg).await {
                 Handled::Applied => {}
                 Handled::NotCurrent => {
                     tracing::info!(node = %node_id, session = session_id, "session replaced or revoked; closing it");
@@ -196,7 +200,7 @@ pub(super) enum Handled {
 }
 
 /// Handles one message of session `session_id`.
-pub(super) fn handle(
+pub(super) async fn handle(
     shared: &Shared,
     node_id: &str,
     session_id: u64,
@@ -205,44 +209,46 @@ pub(super) fn handle(
     use pb::agent_message::Msg;
     let _timer = matches!(msg.msg, Some(Msg::Heartbeat(_)))
         .then(|| shared.metrics.heartbeat_seconds.start_timer());
-    let handled = shared.with_committed(|core, out| {
-        if !core.session_is(node_id, session_id) {
-            return Handled::NotCurrent;
-        }
-        match msg.msg {
-            Some(Msg::Heartbeat(hb)) => {
-                let reported = hb
-                    .instances
-                    .into_iter()
-                    .filter_map(reported_from_pb)
-                    .collect();
-                let now = now_ms();
-                let samples: Vec<(u32, u32)> = hb
-                    .gpu_samples
-                    .iter()
-                    .map(|g| (g.index, g.utilization_pct))
-                    .collect();
-                core.cluster.heartbeat(
-                    node_id,
-                    hb.inventory.map(inventory_from_pb),
-                    reported,
-                    now,
-                    out,
-                );
-                core.cluster.record_gpu_samples(node_id, &samples, now);
+    let handled = shared
+        .with_committed(|core, out| {
+            if !core.session_is(node_id, session_id) {
+                return Handled::NotCurrent;
             }
-            Some(Msg::InstanceUpdate(update)) => {
-                if let Some(r) = update.status.and_then(reported_from_pb) {
-                    core.cluster.apply_report(node_id, r, now_ms(), out);
+            match msg.msg {
+                Some(Msg::Heartbeat(hb)) => {
+                    let reported = hb
+                        .instances
+                        .into_iter()
+                        .filter_map(reported_from_pb)
+                        .collect();
+                    let now = now_ms();
+                    let samples: Vec<(u32, u32)> = hb
+                        .gpu_samples
+                        .iter()
+                        .map(|g| (g.index, g.utilization_pct))
+                        .collect();
+                    core.cluster.heartbeat(
+                        node_id,
+                        hb.inventory.map(inventory_from_pb),
+                        reported,
+                        now,
+                        out,
+                    );
+                    core.cluster.record_gpu_samples(node_id, &samples, now);
                 }
+                Some(Msg::InstanceUpdate(update)) => {
+                    if let Some(r) = update.status.and_then(reported_from_pb) {
+                        core.cluster.apply_report(node_id, r, now_ms(), out);
+                    }
+                }
+                Some(Msg::LogChunk(chunk)) => core.resolve_log(node_id, log_chunk_from_pb(chunk)),
+                Some(Msg::Hello(_)) => {
+                    tracing::warn!(node = %node_id, "ignoring a second hello in one session")
+                }
+                None => {}
             }
-            Some(Msg::LogChunk(chunk)) => core.resolve_log(node_id, log_chunk_from_pb(chunk)),
-            Some(Msg::Hello(_)) => {
-                tracing::warn!(node = %node_id, "ignoring a second hello in one session")
-            }
-            None => {}
-        }
-        Handled::Applied
-    });
+            Handled::Applied
+        })
+        .await;
     handled.unwrap_or(Handled::Undone)
 }

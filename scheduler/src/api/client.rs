@@ -52,6 +52,7 @@ impl pb::job_service_server::JobService for Api {
         let job = self
             .shared
             .mutate(|core, out| core.cluster.submit(&caller, raw, now_ms(), out))
+            .await
             .map_err(status)?;
         self.shared.metrics.jobs_submitted.inc();
         Ok(Response::new(job_to_pb(&job)))
@@ -111,6 +112,7 @@ impl pb::job_service_server::JobService for Api {
         let id = req.into_inner().job_id;
         self.shared
             .mutate(|core, out| core.cluster.cancel(&caller, &id, now_ms(), out))
+            .await
             .map(|j| Response::new(job_to_pb(&j)))
             .map_err(status)
     }
@@ -126,6 +128,7 @@ impl pb::job_service_server::JobService for Api {
                 core.cluster
                     .scale_service(&caller, &req.job_id, req.replicas, now_ms(), out)
             })
+            .await
             .map(|j| Response::new(job_to_pb(&j)))
             .map_err(status)
     }
@@ -138,6 +141,7 @@ impl pb::job_service_server::JobService for Api {
         let id = req.into_inner().job_id;
         self.shared
             .mutate(|core, out| core.cluster.restart_service(&caller, &id, now_ms(), out))
+            .await
             .map(|j| Response::new(job_to_pb(&j)))
             .map_err(status)
     }
@@ -320,6 +324,7 @@ impl pb::node_service_server::NodeService for Api {
     ) -> Result<Response<pb::Node>, Status> {
         let caller = caller(&self.shared, req.metadata())?;
         self.set_cordon(&caller, req.into_inner().node_id, true)
+            .await
     }
 
     async fn uncordon_node(
@@ -328,6 +333,7 @@ impl pb::node_service_server::NodeService for Api {
     ) -> Result<Response<pb::Node>, Status> {
         let caller = caller(&self.shared, req.metadata())?;
         self.set_cordon(&caller, req.into_inner().node_id, false)
+            .await
     }
 
     async fn revoke_node(
@@ -335,7 +341,9 @@ impl pb::node_service_server::NodeService for Api {
         req: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
         let id = req.into_inner().node_id;
-        let node = self.node_change(&id, |cluster, out| cluster.revoke_node(&id, now_ms(), out))?;
+        let node = self
+            .node_change(&id, |cluster, out| cluster.revoke_node(&id, now_ms(), out))
+            .await?;
         // Committed: its session ends now (the stream closes with its sender).
         self.shared.with(|core, _| core.sessions.remove(&id));
         Ok(Response::new(node))
@@ -346,7 +354,9 @@ impl pb::node_service_server::NodeService for Api {
         req: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
         let id = req.into_inner().node_id;
-        let node = self.node_change(&id, |cluster, _| cluster.readmit_node(&id, now_ms()))?;
+        let node = self
+            .node_change(&id, |cluster, _| cluster.readmit_node(&id, now_ms()))
+            .await?;
         Ok(Response::new(node))
     }
 }
@@ -354,7 +364,7 @@ impl pb::node_service_server::NodeService for Api {
 impl Api {
     /// Applies an admin's change to node `id` and answers the node as it is
     /// then.
-    fn node_change(
+    async fn node_change(
         &self,
         id: &str,
         f: impl FnOnce(
@@ -368,10 +378,11 @@ impl Api {
                 let usage = core.cluster.usage();
                 Ok::<_, ClusterError>(node_to_pb(&node, usage.get(id)))
             })
+            .await
             .map_err(status)
     }
 
-    fn set_cordon(
+    async fn set_cordon(
         &self,
         caller: &Caller,
         id: String,
@@ -389,6 +400,7 @@ impl Api {
                     .node(&id)
                     .map(|n| node_to_pb(n, usage.get(&n.node_id)))
             })
+            .await
             .map(Response::new)
             .map_err(status)
     }

@@ -28,6 +28,8 @@ struct Rig {
     api: Api,
     store: Arc<SqliteStore>,
     fail: Arc<AtomicBool>,
+    /// Every store write first sleeps this long (ms).
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
     /// What each node's session was sent.
     sessions: Vec<(String, mpsc::UnboundedReceiver<crate::state::ToAgent>)>,
     _dir: tempfile::TempDir,
@@ -60,6 +62,7 @@ impl Rig {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(&dir.path().join("t.db")).unwrap());
         let fail = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut config = SchedulerConfig {
             admin_token: Some(ADMIN.into()),
             subscription_regions: vec!["region-1".into()],
@@ -72,9 +75,12 @@ impl Rig {
         config.billing.default_price.subscription_node_month_micros = 1_000_000;
         let shared = crate::state::load(
             config,
-            Box::new(FailingStore {
-                inner: store.clone(),
-                fail: fail.clone(),
+            Box::new(Slow {
+                inner: FailingStore {
+                    inner: store.clone(),
+                    fail: fail.clone(),
+                },
+                delay_ms: delay_ms.clone(),
             }),
             crate::cluster::SecretKey(vec![7; 32]),
             "test",
@@ -99,6 +105,7 @@ impl Rig {
             shared,
             store,
             fail,
+            delay_ms,
             sessions,
             _dir: dir,
         }
@@ -144,6 +151,36 @@ impl Rig {
             Ok(v) => v,
             Err(e) => panic!("{what} with a working store: {e:?}"),
         }
+    }
+}
+
+/// A store whose writes take `delay_ms` first (a slow disk's fsync).
+struct Slow {
+    inner: FailingStore,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Store for Slow {
+    fn load(&self) -> Result<crate::store::Snapshot, crate::store::StoreError> {
+        self.inner.load()
+    }
+    fn ledger(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<crate::domain::billing::LedgerRow>, crate::store::StoreError> {
+        self.inner.ledger(from_ms, to_ms)
+    }
+    fn write(
+        &self,
+        records: &[crate::store::Record<'_>],
+        now_ms: i64,
+    ) -> Result<(), crate::store::StoreError> {
+        let ms = self.delay_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        self.inner.write(records, now_ms)
     }
 }
 
@@ -477,11 +514,14 @@ async fn an_operation_that_fails_after_writing_is_rolled_back() {
     let mut rig = Rig::new(1);
     rig.drain();
     let before = (rig.memory(), rig.stored());
-    let err: Result<(), crate::cluster::ClusterError> = rig.shared.mutate(|core, out| {
-        core.cluster.set_cordon("n1", true, crate::now_ms(), out)?;
-        // A later step fails (n1 is not revoked).
-        core.cluster.readmit_node("n1", crate::now_ms()).map(|_| ())
-    });
+    let err: Result<(), crate::cluster::ClusterError> = rig
+        .shared
+        .mutate(|core, out| {
+            core.cluster.set_cordon("n1", true, crate::now_ms(), out)?;
+            // A later step fails (n1 is not revoked).
+            core.cluster.readmit_node("n1", crate::now_ms()).map(|_| ())
+        })
+        .await;
     assert!(err.is_err());
     assert_eq!((rig.memory(), rig.stored()), before);
     assert_eq!(rig.drain(), 0);
@@ -497,7 +537,7 @@ async fn a_heartbeat_the_store_refuses_ends_the_session_and_is_told_again() {
     use super::agent::{Handled, handle, pump};
     let mut rig = Rig::new(1);
     rig.drain();
-    let session = rig.shared.with(|core, _| core.sessions["n1"].id);
+    let session = rig.shared.with(|core, _| core.sessions.id("n1").unwrap());
     let mut sick = inventory("AZ1");
     sick.gpus[1].healthy = false;
     sick.gpus[1].health_reason = "XID 79".into();
@@ -569,7 +609,120 @@ async fn a_heartbeat_the_store_refuses_ends_the_session_and_is_told_again() {
     let (tx, _down) = mpsc::unbounded_channel();
     let session = rig.shared.with(|core, _| core.open_session("n1", tx));
     assert_eq!(
-        handle(&rig.shared, "n1", session, heartbeat()),
+        handle(&rig.shared, "n1", session, heartbeat()).await,
         Handled::Applied
     );
+}
+
+/// A tenant with a token that may use every GPU of the rig.
+async fn tenant(api: &Api) -> String {
+    api.create_tenant(req(
+        ADMIN,
+        pb::CreateTenantRequest {
+            name: "acme".into(),
+            quota: Some(pb::Quota {
+                max_dedicated_nodes: 4,
+                max_gpus: 64,
+            }),
+        },
+    ))
+    .await
+    .unwrap();
+    api.issue_token(req(
+        ADMIN,
+        pb::IssueTokenRequest {
+            tenant: "acme".into(),
+        },
+    ))
+    .await
+    .unwrap()
+    .into_inner()
+    .token
+}
+
+/// Group commit: submissions that arrive while a transaction is written
+/// share the next one (fewer transactions than submissions), and each is
+/// in the store, with its Start sent, when its caller hears of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_submissions_share_commits_and_each_is_durable_when_answered() {
+    let mut rig = Rig::new(4);
+    let token = tenant(&rig.api).await;
+    rig.drain();
+    rig.delay_ms.store(20, Ordering::SeqCst);
+    let before = rig.shared.metrics.store_transactions.get();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..24 {
+        let (api, store, token) = (rig.api.clone(), rig.store.clone(), token.clone());
+        calls.spawn(async move {
+            let job = api
+                .submit_job(req(&token, job(pb::JobKind::Training, 1)))
+                .await
+                .unwrap()
+                .into_inner();
+            // Answered: so it is on disk.
+            let stored = store.load().unwrap();
+            assert!(
+                stored.jobs.iter().any(|j| j.job_id == job.job_id),
+                "{} was answered before it was stored",
+                job.job_id
+            );
+            job.job_id
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(id) = calls.join_next().await {
+        ids.push(id.unwrap());
+    }
+    let transactions = rig.shared.metrics.store_transactions.get() - before;
+    assert!(
+        transactions < 24,
+        "24 concurrent submissions took {transactions} transactions"
+    );
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 24);
+    // 8 GPUs: 8 were placed, and their Starts went out.
+    assert_eq!(rig.drain(), 8);
+}
+
+/// A failed group commit fails every change in it and every change queued
+/// behind it; memory is the store's again and no command goes out; with
+/// the store back, submissions succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_group_commit_fails_every_change_in_and_behind_it() {
+    let mut rig = Rig::new(2);
+    let token = tenant(&rig.api).await;
+    rig.drain();
+    let (memory, stored) = (rig.memory(), rig.stored());
+    rig.delay_ms.store(20, Ordering::SeqCst);
+    rig.fail.store(true, Ordering::SeqCst);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..12 {
+        let (api, token) = (rig.api.clone(), token.clone());
+        calls.spawn(async move {
+            api.submit_job(req(&token, job(pb::JobKind::Training, 1)))
+                .await
+        });
+    }
+    while let Some(answer) = calls.join_next().await {
+        let err = answer
+            .unwrap()
+            .expect_err("a submission succeeded with the store failing");
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    }
+    rig.fail.store(false, Ordering::SeqCst);
+    assert_eq!(rig.memory(), memory, "memory kept a failed change");
+    assert_eq!(rig.stored(), stored);
+    assert_eq!(rig.drain(), 0, "a failed change's command went out");
+    let job = rig
+        .api
+        .submit_job(req(&token, job(pb::JobKind::Training, 1)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        job.job_id, "j-000001",
+        "the failed submissions' ids are free again"
+    );
+    assert_eq!(rig.drain(), 1);
 }

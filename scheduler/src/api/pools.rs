@@ -264,6 +264,7 @@ impl pb::pool_service_server::PoolService for Api {
                     .create_pool(&caller, create, seed(), now_ms())?;
                 Ok(pool_to_pb(&pool, &core.cluster))
             })
+            .await
             .map(Response::new)
             .map_err(status)
     }
@@ -281,6 +282,7 @@ impl pb::pool_service_server::PoolService for Api {
                         .delete_pool(&caller, &req.pool, req.confirm, now_ms(), out)?;
                 Ok(pool_to_pb(&pool, &core.cluster))
             })
+            .await
             .map(Response::new)
             .map_err(status)
     }
@@ -312,6 +314,7 @@ impl pb::pool_service_server::PoolService for Api {
                 };
                 Ok(pool_to_pb(&pool, &core.cluster))
             })
+            .await
             .map(Response::new)
             .map_err(status)
     }
@@ -382,6 +385,7 @@ impl pb::pool_service_server::PoolService for Api {
                 )?;
                 Ok(pool_to_pb(&pool, &core.cluster))
             })
+            .await
             .map(Response::new)
             .map_err(status)
     }
@@ -403,6 +407,7 @@ impl pb::pool_service_server::PoolService for Api {
                 )?;
                 Ok(pool_to_pb(&pool, &core.cluster))
             })
+            .await
             .map(Response::new)
             .map_err(status)
     }
@@ -423,6 +428,7 @@ impl pb::pool_service_server::PoolService for Api {
                     refund_micros: refund,
                 })
             })
+            .await
             .map(Response::new)
             .map_err(status)
     }
@@ -470,6 +476,7 @@ impl pb::tenant_service_server::TenantService for Api {
                 )?;
                 Ok(tenant_to_pb(&t, &core.cluster))
             })
+            .await
             .map(Response::new)
             .map_err(status)
     }
@@ -526,6 +533,7 @@ impl pb::tenant_service_server::TenantService for Api {
         let hash = sha256_hex(&token);
         self.shared
             .mutate(|core, _| core.cluster.add_token(&caller, &tenant, &hash, now_ms()))
+            .await
             .map_err(status)?;
         Ok(Response::new(pb::IssueTokenResponse {
             tenant,
@@ -540,10 +548,13 @@ impl pb::tenant_service_server::TenantService for Api {
     ) -> Result<Response<pb::RevokeTokensResponse>, Status> {
         let caller = caller(&self.shared, req.metadata())?;
         let req = req.into_inner();
-        let revoked = self.shared.mutate(|core, _| {
-            core.cluster
-                .revoke_tokens(&caller, &req.tenant, &req.token_id, now_ms())
-        })?;
+        let revoked = self
+            .shared
+            .mutate(|core, _| {
+                core.cluster
+                    .revoke_tokens(&caller, &req.tenant, &req.token_id, now_ms())
+            })
+            .await?;
         Ok(Response::new(pb::RevokeTokensResponse { revoked }))
     }
 
@@ -563,6 +574,7 @@ impl pb::tenant_service_server::TenantService for Api {
                 )?;
                 Ok(tenant_to_pb(&t, &core.cluster))
             })
+            .await
             .map(Response::new)
             .map_err(status)
     }

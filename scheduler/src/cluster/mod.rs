@@ -16,6 +16,7 @@ mod error;
 mod kinds;
 mod pools;
 mod staged;
+pub use staged::Staged;
 
 use crate::domain::job::{HealthCheck, KindTable, PendingRank};
 use crate::domain::placement::{self, GpuSlot, NodeCapacity};
@@ -259,6 +260,11 @@ pub struct Cluster {
     jobs_on_node: HashMap<String, std::collections::BTreeSet<String>>,
     /// The job `submit` is placing, written by `submit` itself.
     unwritten: Option<String>,
+    /// Jobs that waited to be placed at the last pass (or were submitted
+    /// since): with the jobs written since (the store's
+    /// [`staged::StagedStore::touched_jobs`]), every job that may wait now,
+    /// so a pass looks at those and not at every job kept.
+    waiting: std::collections::BTreeSet<String>,
 }
 
 impl Cluster {
@@ -305,6 +311,7 @@ impl Cluster {
             placer: None,
             jobs_on_node: HashMap::new(),
             unwritten: None,
+            waiting: Default::default(),
         };
         for pool in snapshot.pools {
             cluster.next_pool_seq = cluster.next_pool_seq.max(pool.seq + 1);
@@ -343,6 +350,9 @@ impl Cluster {
                         .or_default()
                         .insert(job.job_id.clone());
                 }
+            }
+            if scheduling::Request::of(&job).is_some() {
+                cluster.waiting.insert(job.job_id.clone());
             }
             cluster.jobs.insert(job.job_id.clone(), job);
         }
@@ -1210,6 +1220,7 @@ impl Cluster {
         // placement are undone and the caller is told (nothing was applied).
         let job_id = job.job_id.clone();
         self.jobs.insert(job_id.clone(), job);
+        self.waiting.insert(job_id.clone());
         self.unwritten = Some(job_id.clone());
         self.schedule(now_ms, out);
         self.unwritten = None;
@@ -1293,10 +1304,31 @@ impl Cluster {
     /// it places, sends their start commands and records why the others
     /// wait.
     pub fn schedule(&mut self, now_ms: i64, out: &mut Outbox) {
+        // The jobs that may wait: those that did, and those written since
+        // (a job only starts to wait through a change that is written).
+        for id in self.store.touched_jobs() {
+            self.waiting.insert(id);
+        }
+        let jobs = &self.jobs;
+        self.waiting.retain(|id| {
+            jobs.get(id)
+                .is_some_and(|j| scheduling::Request::of(j).is_some())
+        });
+        #[cfg(debug_assertions)]
+        {
+            let all: std::collections::BTreeSet<&String> = self
+                .jobs
+                .values()
+                .filter(|j| scheduling::Request::of(j).is_some())
+                .map(|j| &j.job_id)
+                .collect();
+            let indexed: std::collections::BTreeSet<&String> = self.waiting.iter().collect();
+            assert_eq!(indexed, all, "the index of waiting jobs missed a change");
+        }
         let queue: Vec<scheduling::Request> = self
-            .jobs
-            .values()
-            .filter_map(scheduling::Request::of)
+            .waiting
+            .iter()
+            .filter_map(|id| scheduling::Request::of(&self.jobs[id]))
             .collect();
         if queue.is_empty() {
             return;

@@ -86,11 +86,54 @@ impl Kept {
     }
 }
 
+/// What one or more operations staged, in order: written in one
+/// transaction by [`Staged::write`] (the state layer's commit pipeline
+/// appends the operations of a whole group).
+#[derive(Debug, Default)]
+pub struct Staged(Vec<Kept>);
+
+impl Staged {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Rows (or row writes) staged.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Adds what a later operation staged.
+    pub fn append(&mut self, mut later: Staged) {
+        self.0.append(&mut later.0);
+    }
+
+    /// Writes everything in one transaction, the last write of each row
+    /// only.
+    pub fn write(&self, store: &dyn Store, now_ms: i64) -> Result<(), StoreError> {
+        let mut last = std::collections::HashMap::new();
+        for (i, k) in self.0.iter().enumerate() {
+            if let Some(key) = k.upsert_key() {
+                last.insert(key, i);
+            }
+        }
+        let records: Vec<Record<'_>> = self
+            .0
+            .iter()
+            .enumerate()
+            .filter(|(i, k)| k.upsert_key().is_none_or(|key| last[&key] == *i))
+            .map(|(_, k)| k.record())
+            .collect();
+        store.write(&records, now_ms)
+    }
+}
+
 /// The store with its staging buffer.
 pub(super) struct StagedStore {
     inner: Box<dyn Store>,
     /// Some while an operation is staged.
     kept: RefCell<Option<Vec<Kept>>>,
+    /// Jobs written (staged or not) since the last [`Self::touched_jobs`].
+    touched: RefCell<Vec<String>>,
 }
 
 impl StagedStore {
@@ -98,31 +141,23 @@ impl StagedStore {
         Self {
             inner,
             kept: RefCell::new(None),
+            touched: RefCell::new(Vec::new()),
         }
+    }
+
+    /// The jobs written since the last call (the scheduling pass's index
+    /// of waiting jobs takes them in).
+    pub(super) fn touched_jobs(&self) -> Vec<String> {
+        std::mem::take(&mut *self.touched.borrow_mut())
     }
 
     fn begin(&self) {
         *self.kept.borrow_mut() = Some(Vec::new());
     }
 
-    /// Ends staging; what was kept, the last write of each row only.
-    fn take(&self) -> Vec<Kept> {
-        let kept = self.kept.borrow_mut().take().unwrap_or_default();
-        let mut last = std::collections::HashMap::new();
-        for (i, k) in kept.iter().enumerate() {
-            if let Some(key) = k.upsert_key() {
-                last.insert(key, i);
-            }
-        }
-        let keep: Vec<bool> = kept
-            .iter()
-            .enumerate()
-            .map(|(i, k)| k.upsert_key().is_none_or(|key| last[&key] == i))
-            .collect();
-        kept.into_iter()
-            .zip(keep)
-            .filter_map(|(k, keep)| keep.then_some(k))
-            .collect()
+    /// Ends staging; what was kept.
+    fn take(&self) -> Staged {
+        Staged(self.kept.borrow_mut().take().unwrap_or_default())
     }
 
     fn staging(&self) -> bool {
@@ -148,6 +183,12 @@ impl Store for StagedStore {
     }
 
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
+        self.touched
+            .borrow_mut()
+            .extend(records.iter().filter_map(|r| match r {
+                Record::Job(j) => Some(j.job_id.clone()),
+                _ => None,
+            }));
         if let Some(kept) = self.kept.borrow_mut().as_mut() {
             kept.extend(records.iter().map(Kept::of));
             return Ok(());
@@ -188,35 +229,20 @@ impl Cluster {
         self.store.begin();
     }
 
-    /// Writes what the operation staged, in one transaction. On failure the
-    /// store is unchanged and memory is reloaded from it: the caller must
-    /// drop the operation's outbox and report the error.
-    pub fn commit(&mut self, now_ms: i64) -> Result<(), StoreError> {
-        let kept = self.store.take();
-        if kept.is_empty() {
-            return Ok(());
-        }
-        let records: Vec<Record<'_>> = kept.iter().map(Kept::record).collect();
-        match self.store.inner.write(&records, now_ms) {
-            Ok(()) => Ok(()),
-            Err(err) => {
-                drop(records);
-                self.reload(now_ms);
-                Err(err)
-            }
-        }
+    /// Ends staging: what the operation staged, for the caller to write
+    /// ([`Staged::write`]). If that write fails the store is unchanged and
+    /// memory must be reloaded from it ([`Cluster::reload_from_store`]).
+    pub fn take_staged(&mut self) -> Staged {
+        self.store.take()
     }
 
-    /// Ends an operation that failed on its own: nothing it staged is
-    /// written, and memory is reloaded if it staged anything (it may have
-    /// changed memory before it failed).
-    pub fn rollback(&mut self, now_ms: i64) {
-        if !self.store.take().is_empty() {
-            self.reload(now_ms);
-        }
+    /// Replaces memory with what the store holds (after a failed write, or
+    /// an operation that failed after changing memory).
+    pub fn reload_from_store(&mut self, now_ms: i64) {
+        self.reload(now_ms);
     }
 
-    /// True between begin and commit/rollback.
+    /// True between begin and take_staged.
     fn staging(&self) -> bool {
         self.store.staging()
     }

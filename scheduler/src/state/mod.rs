@@ -1,19 +1,23 @@
 //! The shared state behind every service: the cluster behind one lock, the
 //! agents' sessions (`sessions.rs`), the config and the metrics. Every
-//! change runs through here: staged, committed in one transaction, and only
-//! then delivered to agents.
+//! change runs through here: staged under the lock, committed after it by
+//! the commit pipeline (`commit.rs`: one transaction for every change
+//! queued meanwhile), and only then delivered to agents and acknowledged.
 //!
 //! No protobuf and no `tonic` here: what goes down a session is
 //! [`ToAgent`], what this layer refuses is a [`StateError`]; the gRPC layer
 //! ([`crate::api`]) converts both at its edge. Nor does it read files or
 //! randomness: [`load`] is handed the store and the secret key.
 
+mod commit;
 mod sessions;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-pub use sessions::{LogChunk, LogRead, SessionHandle, ToAgent};
+pub use sessions::{LogChunk, LogRead, SessionHandle, Sessions, ToAgent};
+
+use commit::{Done, Pipeline, SharedStore};
 
 use crate::cluster::{Cluster, ClusterError, JobLimits, Outbox, SecretKey, Settings};
 use crate::config::SchedulerConfig;
@@ -52,7 +56,7 @@ pub enum LoadError {
 /// Mutable state guarded by one lock. Never held across an `.await`.
 pub struct Core {
     pub cluster: Cluster,
-    pub sessions: HashMap<String, SessionHandle>,
+    pub sessions: Sessions,
     next_session: u64,
     /// request id -> (the node asked, where its answer goes)
     pending_logs: HashMap<u64, (String, tokio::sync::oneshot::Sender<LogChunk>)>,
@@ -72,6 +76,20 @@ pub struct Shared {
     /// Reads the ledger without the cluster lock (SQLite: a second
     /// connection), when the store gives one.
     ledger_reader: Option<Mutex<Box<dyn Store>>>,
+    /// Where staged changes go to be committed (see `commit.rs`).
+    pipeline: Arc<Pipeline>,
+    /// The pipeline's writer thread, joined when the state goes.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // What is queued is written before the store closes.
+        self.pipeline.close();
+        if let Some(writer) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 /// Loads the cluster from `store` (described as `what` in the log), its
@@ -100,8 +118,19 @@ pub fn load(
                 * 3_600_000,
         },
     };
-    let cluster = Cluster::load(store, settings, now_ms())?;
+    let store = SharedStore(Arc::new(Mutex::new(store)));
+    let cluster = Cluster::load(Box::new(store.clone()), settings, now_ms())?;
     let ledger_reader = cluster.store_reader().map(Mutex::new);
+    let metrics = Metrics::new();
+    let sessions = Sessions::default();
+    let (pipeline, writer) = Pipeline::start(
+        store,
+        sessions.clone(),
+        commit::Counters {
+            transactions: metrics.store_transactions.clone(),
+            batches: metrics.store_changes.clone(),
+        },
+    );
     tracing::info!(
         database = %what,
         nodes = cluster.nodes().count(),
@@ -111,16 +140,18 @@ pub fn load(
     Ok(Arc::new(Shared {
         core: Mutex::new(Core {
             cluster,
-            sessions: HashMap::new(),
+            sessions,
             next_session: 0,
             pending_logs: HashMap::new(),
             next_request: 0,
         }),
         config,
-        metrics: Metrics::new(),
+        metrics,
         stepping_down: Default::default(),
         log_streams: Default::default(),
         ledger_reader,
+        pipeline,
+        writer: Mutex::new(Some(writer)),
     }))
 }
 
@@ -147,67 +178,104 @@ impl Drop for LogStreamSlot {
 }
 
 impl Shared {
-    /// Runs `f` on the core with an outbox; what it wrote is committed in
-    /// one transaction, and only then is the outbox delivered. If the commit
-    /// fails, memory is reloaded from the (unchanged) store and the outbox
-    /// dropped; the failure is logged. For reads and for what the clock
-    /// drives (it derives the same change again at its next tick); a
-    /// client's mutation uses [`Shared::mutate`], which reports the failure,
-    /// and an agent's message [`Shared::with_committed`], which says it was
-    /// undone.
+    /// Runs `f` on the core with an outbox, under the lock; queues what it
+    /// staged and its outbox for the commit pipeline. Memory is reloaded
+    /// first if an earlier commit failed.
+    fn stage<T>(&self, f: impl FnOnce(&mut Core, &mut Outbox) -> T, done: Done) -> T {
+        let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = self.recover(&mut core);
+        let mut out = Outbox::new();
+        core.cluster.begin(now_ms());
+        let value = f(&mut core, &mut out);
+        let staged = core.cluster.take_staged();
+        self.pipeline
+            .push(generation, staged, out, done, &core.sessions);
+        value
+    }
+
+    /// After a failed commit memory is reloaded from the store, which none
+    /// of the failed changes reached. The generation to stage in.
+    fn recover(&self, core: &mut Core) -> u64 {
+        let (reload, generation) = self.pipeline.recover();
+        if reload {
+            core.cluster.reload_from_store(now_ms());
+        }
+        generation
+    }
+
+    /// Runs `f` on the core with an outbox; what it wrote is committed
+    /// (with whatever else is queued) before this returns, and only then is
+    /// the outbox delivered. If the commit fails, memory is reloaded from
+    /// the (unchanged) store and the outbox dropped; the failure is logged.
+    /// For reads and for what needs no acknowledgement: a client's mutation
+    /// uses [`Shared::mutate`], which reports the failure, and an agent's
+    /// message or the clock [`Shared::with_committed`], which says it was
+    /// undone. Blocks the thread while its changes are written: an async
+    /// caller that changes something uses those.
     pub fn with<T>(&self, f: impl FnOnce(&mut Core, &mut Outbox) -> T) -> T {
-        let mut value = None;
-        self.with_committed(|core, out| value = Some(f(core, out)));
-        value.expect("the closure ran")
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let value = self.stage(f, Done::Blocking(tx));
+        // The writer answers every batch; a closed channel means it stopped.
+        let _ = rx.recv();
+        value
     }
 
     /// [`Shared::with`], answering `None` when the commit failed (and the
     /// change was undone), for callers that act on what was committed.
-    pub fn with_committed<T>(&self, f: impl FnOnce(&mut Core, &mut Outbox) -> T) -> Option<T> {
-        let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = Outbox::new();
-        let now = now_ms();
-        core.cluster.begin(now);
-        let result = f(&mut core, &mut out);
-        match core.cluster.commit(now_ms()) {
-            Ok(()) => {
-                core.deliver(out);
-                Some(result)
-            }
-            Err(err) => {
-                tracing::error!(error = %crate::ErrorChain(&err), "cannot persist state; change undone");
-                None
-            }
+    pub async fn with_committed<T>(
+        &self,
+        f: impl FnOnce(&mut Core, &mut Outbox) -> T,
+    ) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let value = self.stage(f, Done::Async(tx));
+        match rx.await {
+            Ok(Ok(())) => Some(value),
+            Ok(Err(_)) | Err(_) => None,
         }
     }
 
-    /// A client's mutation: staged, written in one transaction, and only
-    /// then applied (commands to agents sent). If `f` fails, or the write
-    /// does, memory, store and agents stay exactly as they were and the
-    /// caller gets the error.
-    pub fn mutate<T, E>(
+    /// A client's mutation: staged under the lock, written by the commit
+    /// pipeline, and only then applied (commands to agents sent) and
+    /// answered. If `f` fails, or the write does, memory, store and agents
+    /// end exactly as they were and the caller gets the error.
+    pub async fn mutate<T, E>(
         &self,
         f: impl FnOnce(&mut Core, &mut Outbox) -> Result<T, E>,
     ) -> Result<T, E>
     where
         E: From<ClusterError>,
     {
-        let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = Outbox::new();
-        let now = now_ms();
-        core.cluster.begin(now);
-        match f(&mut core, &mut out) {
-            Ok(value) => match core.cluster.commit(now_ms()) {
-                Ok(()) => {
-                    core.deliver(out);
-                    Ok(value)
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let value = {
+            let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+            let generation = self.recover(&mut core);
+            let mut out = Outbox::new();
+            core.cluster.begin(now_ms());
+            match f(&mut core, &mut out) {
+                Ok(value) => {
+                    let staged = core.cluster.take_staged();
+                    self.pipeline
+                        .push(generation, staged, out, Done::Async(tx), &core.sessions);
+                    value
                 }
-                Err(err) => Err(E::from(ClusterError::Store(err))),
-            },
-            Err(err) => {
-                core.cluster.rollback(now_ms());
-                Err(err)
+                Err(err) => {
+                    // It may have changed memory before it failed: reload
+                    // once what is queued ahead of it is written.
+                    if !core.cluster.take_staged().is_empty() {
+                        self.pipeline.wait_idle();
+                        self.recover(&mut core);
+                        core.cluster.reload_from_store(now_ms());
+                    }
+                    return Err(err);
+                }
             }
+        };
+        match rx.await {
+            Ok(Ok(())) => Ok(value),
+            Ok(Err(err)) => Err(E::from(ClusterError::Store(err))),
+            Err(_) => Err(E::from(ClusterError::Store(StoreError::Unreachable(
+                "the commit thread stopped".into(),
+            )))),
         }
     }
 

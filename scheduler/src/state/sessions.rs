@@ -2,6 +2,9 @@
 //! it ([`ToAgent`]), and the log reads that wait for an agent's answer.
 //! Plain types: the gRPC layer turns them into protobuf messages.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Core, StateError};
@@ -40,12 +43,23 @@ pub struct SessionHandle {
     pub tx: mpsc::UnboundedSender<ToAgent>,
 }
 
-impl Core {
+/// The open sessions, by node. Behind a lock of their own (always taken
+/// after the cluster lock, never before it), so that the commit pipeline
+/// delivers what a commit made durable without the cluster lock.
+#[derive(Clone, Default)]
+pub struct Sessions(Arc<Mutex<HashMap<String, SessionHandle>>>);
+
+impl Sessions {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionHandle>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Sends commands to connected agents. Commands for a node without a
     /// session are dropped here and re-derived when it reconnects (hello).
-    pub fn deliver(&mut self, out: Outbox) {
+    pub fn deliver(&self, out: Outbox) {
+        let map = self.map();
         for (node_id, cmd) in out {
-            match self.sessions.get(&node_id) {
+            match map.get(&node_id) {
                 Some(session) => {
                     let _ = session.tx.send(ToAgent::Command(cmd));
                 }
@@ -56,11 +70,45 @@ impl Core {
         }
     }
 
+    /// The id of the node's open session.
+    pub fn id(&self, node_id: &str) -> Option<u64> {
+        self.map().get(node_id).map(|s| s.id)
+    }
+
+    pub fn contains_key(&self, node_id: &str) -> bool {
+        self.map().contains_key(node_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map().is_empty()
+    }
+
+    pub fn remove(&self, node_id: &str) {
+        self.map().remove(node_id);
+    }
+
+    /// Ends every session.
+    pub fn clear(&self) {
+        self.map().clear();
+    }
+}
+
+impl Core {
+    /// Sends commands to connected agents (see [`Sessions::deliver`]).
+    pub fn deliver(&mut self, out: Outbox) {
+        self.sessions.deliver(out);
+    }
+
     pub fn open_session(&mut self, node_id: &str, tx: mpsc::UnboundedSender<ToAgent>) -> u64 {
         self.next_session += 1;
         let id = self.next_session;
         if self
             .sessions
+            .map()
             .insert(node_id.to_string(), SessionHandle { id, tx })
             .is_some()
         {
@@ -71,19 +119,21 @@ impl Core {
 
     /// True while session `id` is the node's current one.
     pub fn session_is(&self, node_id: &str, id: u64) -> bool {
-        self.sessions.get(node_id).is_some_and(|s| s.id == id)
+        self.sessions.id(node_id) == Some(id)
     }
 
     /// Forgets the node's session if nobody reads it any more.
     pub fn drop_closed_session(&mut self, node_id: &str) {
-        if self.sessions.get(node_id).is_some_and(|s| s.tx.is_closed()) {
-            self.sessions.remove(node_id);
+        let mut map = self.sessions.map();
+        if map.get(node_id).is_some_and(|s| s.tx.is_closed()) {
+            map.remove(node_id);
         }
     }
 
     pub fn close_session(&mut self, node_id: &str, id: u64) {
-        if self.sessions.get(node_id).is_some_and(|s| s.id == id) {
-            self.sessions.remove(node_id);
+        let mut map = self.sessions.map();
+        if map.get(node_id).is_some_and(|s| s.id == id) {
+            map.remove(node_id);
         }
     }
 
@@ -101,8 +151,8 @@ impl Core {
         if self.pending_logs.len() >= max_pending {
             return Err(StateError::TooManyLogReads { max_pending });
         }
-        let session = self
-            .sessions
+        let map = self.sessions.map();
+        let session = map
             .get(node_id)
             .ok_or_else(|| StateError::NodeNotConnected {
                 node_id: node_id.to_string(),
@@ -121,6 +171,7 @@ impl Core {
             .map_err(|_| StateError::NodeDisconnected {
                 node_id: node_id.to_string(),
             })?;
+        drop(map);
         self.pending_logs
             .insert(request_id, (node_id.to_string(), tx));
         Ok((request_id, rx))
