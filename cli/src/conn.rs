@@ -182,3 +182,86 @@ mod tests {
         assert!(req.metadata().get("authorization").is_none());
     }
 }
+
+/// Runs a unary call again while the scheduler's per-caller rate limit
+/// refuses it (`RESOURCE_EXHAUSTED` "rate limit: ... retry in N ms"),
+/// waiting as long as it says: a script that submits many jobs slows to the
+/// limit instead of failing. At most 20 tries and 2 s per wait; any other
+/// answer, and the last refusal, is the caller's.
+pub(crate) async fn within_rate_limit<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut tries = 1;
+    loop {
+        match call().await {
+            Err(status) if tries < 20 => match rate_limit_wait(&status) {
+                Some(wait) => {
+                    tokio::time::sleep(wait).await;
+                    tries += 1;
+                }
+                None => return Err(status),
+            },
+            answer => return answer,
+        }
+    }
+}
+
+/// How long the rate limit asks to wait, if `status` is its refusal (the
+/// scheduler's message: `scheduler/src/api/access.rs`).
+fn rate_limit_wait(status: &tonic::Status) -> Option<Duration> {
+    if status.code() != tonic::Code::ResourceExhausted {
+        return None;
+    }
+    let msg = status.message();
+    if !msg.starts_with("rate limit:") {
+        return None;
+    }
+    let ms: u64 = msg
+        .rsplit_once("retry in ")?
+        .1
+        .strip_suffix(" ms")?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms.clamp(1, 2_000)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_rate_limit_is_waited_for() {
+        let limited = tonic::Status::resource_exhausted(
+            "rate limit: 200 requests/s (burst 400) for (admin); retry in 7 ms",
+        );
+        assert_eq!(rate_limit_wait(&limited), Some(Duration::from_millis(7)));
+        let long = tonic::Status::resource_exhausted("rate limit: 1 requests/s; retry in 90000 ms");
+        assert_eq!(rate_limit_wait(&long), Some(Duration::from_secs(2)));
+        let streams = tonic::Status::resource_exhausted("32 log streams already open");
+        assert_eq!(rate_limit_wait(&streams), None);
+        let other = tonic::Status::unavailable("rate limit: retry in 5 ms");
+        assert_eq!(rate_limit_wait(&other), None);
+    }
+
+    #[tokio::test]
+    async fn a_limited_call_is_tried_again_then_answered() {
+        let mut calls = 0;
+        let answer = within_rate_limit(|| {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 3 {
+                    Err(tonic::Status::resource_exhausted(
+                        "rate limit: 2 requests/s (burst 5) for t; retry in 1 ms",
+                    ))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(answer.unwrap(), 3);
+    }
+}

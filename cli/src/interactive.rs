@@ -163,12 +163,16 @@ async fn start_interactive(
     spec: pb::JobSpec,
     what: &str,
 ) -> Result<(), CliError> {
-    let j = conn
-        .jobs()
-        .await?
-        .submit_job(pb::SubmitJobRequest { spec: Some(spec) })
-        .await?
-        .into_inner();
+    let jobs = conn.jobs().await?;
+    let j = crate::conn::within_rate_limit(|| {
+        let (mut jobs, spec) = (jobs.clone(), spec.clone());
+        async move {
+            jobs.submit_job(pb::SubmitJobRequest { spec: Some(spec) })
+                .await
+        }
+    })
+    .await?
+    .into_inner();
     emit(
         out,
         || {

@@ -276,12 +276,16 @@ pub(crate) async fn job_command(
 
 /// `job submit ... -- COMMAND...`: submits and says what became of it.
 async fn submit(conn: &Conn, out: OutputFormat, spec: pb::JobSpec) -> Result<(), CliError> {
-    let j = conn
-        .jobs()
-        .await?
-        .submit_job(pb::SubmitJobRequest { spec: Some(spec) })
-        .await?
-        .into_inner();
+    let jobs = conn.jobs().await?;
+    let j = crate::conn::within_rate_limit(|| {
+        let (mut jobs, spec) = (jobs.clone(), spec.clone());
+        async move {
+            jobs.submit_job(pb::SubmitJobRequest { spec: Some(spec) })
+                .await
+        }
+    })
+    .await?
+    .into_inner();
     emit(
         out,
         || {

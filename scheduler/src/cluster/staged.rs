@@ -1,11 +1,13 @@
 //! Apply after commit: the cluster's store behind a staging buffer. Between
-//! [`Cluster::begin`] and [`Cluster::commit`] every write the state machine
-//! makes is kept, not written; the commit writes them all in one
-//! transaction. If that fails, the store is unchanged (the transaction
-//! rolled back) and the cluster's memory is reloaded from it, so memory,
-//! store and (since the caller drops the outbox) agents are exactly as
-//! before the operation. Outside a begin/commit pair (unit tests, the
-//! benchmarks) writes go straight through.
+//! [`Cluster::begin`] and [`Cluster::take_staged`] every write the state
+//! machine makes is kept, not written; the caller (the state layer's commit
+//! pipeline) writes what was taken in one transaction, with other
+//! operations' ([`Staged`]). If that fails, the store is unchanged (the
+//! transaction rolled back) and the cluster's memory is reloaded from it
+//! ([`Cluster::reload_from_store`]), so memory, store and (since the
+//! caller drops the outbox) agents are exactly as before the operation.
+//! Outside a begin/take pair (unit tests, the benchmarks) writes go
+//! straight through.
 
 use std::cell::RefCell;
 
