@@ -165,24 +165,6 @@ where
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bearer_interceptor_sets_authorization() {
-        let mut auth = BearerAuth(Some("Bearer s3cret".parse().unwrap()));
-        let req = auth.call(tonic::Request::new(())).unwrap();
-        assert_eq!(
-            req.metadata().get("authorization").unwrap(),
-            "Bearer s3cret"
-        );
-        let mut none = BearerAuth(None);
-        let req = none.call(tonic::Request::new(())).unwrap();
-        assert!(req.metadata().get("authorization").is_none());
-    }
-}
-
 /// Runs a unary call again while the scheduler's per-caller rate limit
 /// refuses it (`RESOURCE_EXHAUSTED` "rate limit: ... retry in N ms"),
 /// waiting as long as it says: a script that submits many jobs slows to the
@@ -230,6 +212,19 @@ fn rate_limit_wait(status: &tonic::Status) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_interceptor_sets_authorization() {
+        let mut auth = BearerAuth(Some("Bearer s3cret".parse().unwrap()));
+        let req = auth.call(tonic::Request::new(())).unwrap();
+        assert_eq!(
+            req.metadata().get("authorization").unwrap(),
+            "Bearer s3cret"
+        );
+        let mut none = BearerAuth(None);
+        let req = none.call(tonic::Request::new(())).unwrap();
+        assert!(req.metadata().get("authorization").is_none());
+    }
 
     #[test]
     fn only_the_rate_limit_is_waited_for() {
