@@ -46,7 +46,8 @@
 //! the current build alternately on the same machine, and both are shown
 //! with their ratio. `--drain` cordons the node before submitting and
 //! uncordons it once every job is accepted, so the whole queue is deep at
-//! once; completed/s is then counted from the uncordon.
+//! once; completed/s is then counted from the uncordon (accepted/s and the
+//! queue series still start at the first submission).
 //!
 //! The binaries are `gpupool-scheduler` and `gpupool` in `--bin-dir`, else
 //! next to this one (as cargo builds them, e.g. `target/release/`), else on
@@ -1109,6 +1110,9 @@ async fn churn_once(
             }
             accepted_at = Some(last);
             if args.drain {
+                // The deepest the queue gets: sampled before the uncordon.
+                let g = dev.job_gauges().await?;
+                samples.push((start.elapsed().as_secs_f64(), g.queued));
                 completion_from = Instant::now();
                 cordon(&dev, false).await?;
             }
