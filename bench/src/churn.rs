@@ -145,6 +145,7 @@ struct Build {
 
 impl Build {
     fn in_dir(label: &'static str, dir: &Path) -> anyhow::Result<Build> {
+        let dir = std::path::absolute(dir)?;
         let scheduler = dir.join("gpupool-scheduler");
         let cli = dir.join("gpupool");
         for p in [&scheduler, &cli] {
