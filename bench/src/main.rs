@@ -1,5 +1,5 @@
-//! `gpupool-bench`: `replay`, `speed`, `load` and `churn` (see `gpupool-bench --help`
-//! and `BENCHMARKS.md`).
+//! `gpupool-bench`: `replay`, `speed`, `load` and `churn` (see
+//! `gpupool-bench --help` and `BENCHMARKS.md`).
 
 use std::process::ExitCode;
 
