@@ -14,15 +14,18 @@
 //! ```
 //!
 //! `speed` measures placements per second on synthetic clusters, `load`
-//! runs the `gpupool-scheduler` binary under simulated agents.
+//! runs the `gpupool-scheduler` binary under simulated agents, `churn`
+//! pushes many short jobs through a real `gpupool-scheduler dev` cluster
+//! from concurrent CLI or gRPC clients (optionally against a baseline build).
 //!
 //! Rooms: [`data`] reads the CSV files, [`replay`] is the pure engine (no
 //! I/O), [`policy`] holds random, best-fit, FGD and gpupool's `default`
-//! policy, [`rng`] the seeded PRNG, [`speed`] and [`load`] the other two
-//! benchmarks. The placement engine, cluster, store and server come from
-//! the `gpupool-scheduler` library. Figures and commands are in
+//! policy, [`rng`] the seeded PRNG, [`speed`], [`load`] and [`churn`] the
+//! other benchmarks. The placement engine, cluster, store and server come
+//! from the `gpupool-scheduler` library. Figures and commands are in
 //! `BENCHMARKS.md` at the repository root.
 
+pub mod churn;
 pub mod data;
 pub mod load;
 pub mod policy;
@@ -44,9 +47,11 @@ pub enum BenchCommand {
     Speed(speed::SpeedArgs),
     /// A real scheduler under N simulated agents and a submission stream.
     Load(load::LoadArgs),
+    /// Many short jobs through a real dev cluster: accepted/s, completed/s, cost per job.
+    Churn(churn::ChurnArgs),
 }
 
-/// Output format of `replay`.
+/// Output format of `replay` and `churn`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
     Text,
@@ -79,6 +84,7 @@ pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Replay(args) => run_replay(args),
         BenchCommand::Speed(args) => speed::run_speed(args),
         BenchCommand::Load(args) => load::run_load(args),
+        BenchCommand::Churn(args) => churn::run_churn(args),
     }
 }
 

@@ -353,7 +353,7 @@ impl Drop for TempDir {
     }
 }
 
-fn pct(sorted: &[f64], q: f64) -> f64 {
+pub(crate) fn pct(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -397,7 +397,7 @@ fn scheduler_binary() -> anyhow::Result<std::path::PathBuf> {
         })
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

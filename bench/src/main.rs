@@ -1,11 +1,11 @@
-//! `gpupool-bench`: `replay`, `speed` and `load` (see `gpupool-bench --help`
-//! and `BENCHMARKS.md`).
+//! `gpupool-bench`: `replay`, `speed`, `load` and `churn` (see
+//! `gpupool-bench --help` and `BENCHMARKS.md`).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-/// gpupool benchmarks: trace replay, placement speed, a scheduler under load.
+/// gpupool benchmarks: trace replay, placement speed, a scheduler under load, job churn.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {

@@ -13,7 +13,7 @@ fn help_lists_the_benchmarks() {
     let out = bench().arg("--help").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for command in ["replay", "speed", "load"] {
+    for command in ["replay", "speed", "load", "churn"] {
         assert!(text.contains(command), "{command} missing from:\n{text}");
     }
 }
@@ -72,4 +72,101 @@ fn missing_trace_file_is_named() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/nodes.csv"));
+}
+
+/// `churn` on a tiny workload: a real dev cluster, 20 jobs from 2 clients of
+/// each kind. It needs the `gpupool-scheduler` and `gpupool` binaries next
+/// to `gpupool-bench` (`cargo build -p gpupool-scheduler -p gpupool-cli`,
+/// or `cargo test --workspace`, builds them); without them the test says so
+/// and passes, except under `CI=true`, where it fails.
+#[test]
+fn churn_small_workload_is_consistent() {
+    let dir = std::path::Path::new(env!("CARGO_BIN_EXE_gpupool-bench"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let missing: Vec<_> = ["gpupool-scheduler", "gpupool"]
+        .iter()
+        .map(|name| dir.join(name))
+        .filter(|p| !p.is_file())
+        .collect();
+    if !missing.is_empty() {
+        let msg = format!(
+            "churn test needs {missing:?}: build them with \
+             `cargo build -p gpupool-scheduler -p gpupool-cli` (same profile)"
+        );
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
+        eprintln!("SKIPPED: {msg}");
+        return;
+    }
+    let out = bench()
+        .args([
+            "churn",
+            "--jobs",
+            "20",
+            "--clients",
+            "2",
+            "--client",
+            "cli,grpc",
+            "--reps",
+            "1",
+            "--idle-jobs",
+            "3",
+            "--timeout-secs",
+            "120",
+            "--output",
+            "json",
+        ])
+        .arg("--bin-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["kind"], "header", "{text}");
+    assert_eq!(lines[0]["jobs"], 20);
+    let rows: Vec<&serde_json::Value> = lines.iter().filter(|v| v["kind"] == "churn").collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    for (row, client) in rows.iter().zip(["cli", "grpc"]) {
+        assert_eq!(row["client"], client, "{row}");
+        assert_eq!(row["build"], "current", "{row}");
+        assert_eq!(row["clients"], 2, "{row}");
+        assert_eq!(row["accepted"], 20, "{row}");
+        assert_eq!(row["completed"], 20, "{row}");
+        for positive in [
+            "accepted_per_s",
+            "completed_per_s",
+            "submit_p50_ms",
+            "submit_p99_ms",
+            "dev_cpu_ms_per_job",
+            "rss_mib",
+        ] {
+            let v = row[positive].as_f64().unwrap_or(f64::NAN);
+            assert!(v > 0.0 && v.is_finite(), "{positive} = {v} in {row}");
+        }
+        let (p50, p99) = (
+            row["submit_p50_ms"].as_f64().unwrap(),
+            row["submit_p99_ms"].as_f64().unwrap(),
+        );
+        assert!(p50 <= p99, "{row}");
+        // Submissions are acknowledged before they complete.
+        assert!(
+            row["accepted_per_s"].as_f64().unwrap() >= row["completed_per_s"].as_f64().unwrap(),
+            "{row}"
+        );
+        assert_eq!(row["queue_series"].as_array().unwrap().len(), 11, "{row}");
+        assert!(row["queue_max"].as_f64().unwrap() <= 20.0, "{row}");
+    }
+    let idle: Vec<&serde_json::Value> = lines.iter().filter(|v| v["kind"] == "idle").collect();
+    assert_eq!(idle.len(), 1, "{text}");
+    let client_p50 = idle[0]["client_p50_ms"].as_f64().unwrap();
+    assert!(client_p50 > 0.0, "{}", idle[0]);
 }
