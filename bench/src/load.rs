@@ -2,13 +2,55 @@
 //! serve`, SQLite in a temp dir) driven over loopback gRPC by N simulated
 //! agents in this process (fake GPUs, the real agent protocol: register,
 //! session, hello, heartbeats with GPU samples) while a client submits
-//! 1-GPU jobs at a fixed rate. Reports the scheduler's CPU and RSS, its
-//! heartbeat handling time (its own `gpupool_heartbeat_handle_seconds`
-//! histogram), submit-to-scheduled latency as the client sees it, and the
-//! time a restart takes to serve again with everything in the store.
+//! 1-GPU jobs at a fixed rate.
 //!
 //! `gpupool-bench load [--nodes 1000,10000] [--heartbeat-ms 5000] [--seconds 30] [--rate 500]
-//! [--preload-jobs 100000] [--database-url postgres://...]`
+//! [--instance-seconds exp:20] [--seed 42] [--preload-jobs 100000]
+//! [--usage-ledger-years 0] [--database-url postgres://...]`
+//!
+//! Instances churn: a simulated agent runs each instance it is told to
+//! start for a time drawn from `--instance-seconds` (`exp:MEAN`
+//! exponential, `uniform:MIN-MAX`, `fixed:S`, in seconds; node `i` draws
+//! from the bench's seeded PRNG `Rng::new(seed + i)`, so each node's
+//! sequence of durations is fixed by `--seed`; which job lands on which
+//! node is the scheduler's), then reports it Succeeded with exit code 0.
+//! It reports as the real agent's session loop does: every heartbeat
+//! carries every instance it runs or has finished and not yet been told
+//! to forget, and a change of phase (started: Running; exited) sends a
+//! heartbeat at once; StopInstance ends an instance (Stopped, SIGTERM),
+//! ForgetInstance drops a finished one. `forever` is the benchmark before
+//! instances finished: commands are read and dropped, heartbeats carry no
+//! instance, the jobs stay Scheduled and the cluster fills up.
+//!
+//! Capacity: each node has 8 GPUs, each job takes one, so the cluster has
+//! `8 x nodes` GPUs against `rate x mean run` busy in steady state. The
+//! default `exp:20` at 500/s keeps 10,000 busy: at 10,000 nodes (80,000
+//! GPUs) every job is placed at once and no queue forms (the target: 500
+//! submits/s sustained with heartbeat p99 < 10 ms, instances churning);
+//! at 1,000 nodes (8,000 GPUs) the demand is deliberately above the
+//! cluster, but from an empty cluster `exp:20` fills it only after about
+//! 32 s of submissions (`20000 x (1 - e^(-t/20)) = 8000`), so a 20-30 s
+//! window sees no queue yet; after that a queue forms and grows by at most
+//! `rate - GPUs/mean` = 100 jobs/s, bounded by the window (e.g.
+//! `--nodes 1000 --seconds 30 --instance-seconds exp:60` queues from
+//! about 18 s on). A queue in steady state is either transient
+//! (`rate x mean < GPUs`) or grows linearly: the end and max depth say
+//! which.
+//!
+//! Reports, per cluster size:
+//! - the scheduler's CPU and RSS over the window;
+//! - heartbeats handled per second (ticks plus the at-once heartbeats of
+//!   instance changes) and their handling time p50/p99, from the
+//!   scheduler's own `gpupool_heartbeat_handle_seconds` histogram (bucket
+//!   upper bounds);
+//! - submits/s sustained (acknowledged submissions / window), how many
+//!   were scheduled at once, and the submit latency p50/p99 as the client
+//!   sees it (the SubmitJob call; submissions are open-loop at `--rate`);
+//! - jobs completed per second over the window (`gpupool_jobs{state=
+//!   "Succeeded"}` after minus before), the queued jobs at the end and
+//!   their max (`/metrics` sampled once a second), Scheduled and Running
+//!   at the end, and the GPUs against the steady-state demand;
+//! - the time a restart takes to serve again with everything in the store.
 //!
 //! Restart-to-serving is measured with `--preload-jobs` finished jobs
 //! written to the store (besides the window's) while the scheduler is
@@ -27,6 +69,8 @@ use gpupool_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
+
+use crate::rng::Rng;
 
 /// Options of `load`.
 #[derive(Debug, Clone, clap::Args)]
@@ -55,6 +99,97 @@ pub struct LoadArgs {
     /// with a client walking `ListUsage` pages over all of it (0: skip).
     #[arg(long, default_value_t = 0)]
     pub usage_ledger_years: u32,
+    /// How long each simulated instance runs before its agent reports it
+    /// Succeeded (exit 0): `exp:MEAN` (exponential), `uniform:MIN-MAX`,
+    /// `fixed:S` (seconds, fractions allowed) or `forever` (never ends,
+    /// nothing reported: the benchmark before instances finished).
+    #[arg(long, default_value = "exp:20")]
+    pub instance_seconds: InstanceSeconds,
+    /// Seed of the instance durations (each node draws from its own
+    /// stream, seeded from this and its index).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+/// The distribution of a simulated instance's run time, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InstanceSeconds {
+    /// Exponential with this mean.
+    Exp(f64),
+    /// Uniform between the two.
+    Uniform(f64, f64),
+    /// Always this long.
+    Fixed(f64),
+    /// Never ends.
+    Forever,
+}
+
+impl std::str::FromStr for InstanceSeconds {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let seconds = |v: &str| -> Result<f64, String> {
+            match v.trim().parse::<f64>() {
+                Ok(s) if s.is_finite() && s >= 0.0 => Ok(s),
+                _ => Err(format!("{v:?} is not a number of seconds >= 0")),
+            }
+        };
+        let shape = "expected exp:MEAN, uniform:MIN-MAX, fixed:S or forever";
+        if text.trim() == "forever" {
+            return Ok(InstanceSeconds::Forever);
+        }
+        let (kind, rest) = text
+            .split_once(':')
+            .ok_or_else(|| format!("{text:?}: {shape}"))?;
+        match kind.trim() {
+            "exp" => Ok(InstanceSeconds::Exp(seconds(rest)?)),
+            "fixed" => Ok(InstanceSeconds::Fixed(seconds(rest)?)),
+            "uniform" => {
+                let (lo, hi) = rest
+                    .split_once('-')
+                    .ok_or_else(|| format!("{text:?}: uniform:MIN-MAX"))?;
+                let (lo, hi) = (seconds(lo)?, seconds(hi)?);
+                if lo > hi {
+                    return Err(format!("{text:?}: MIN is above MAX"));
+                }
+                Ok(InstanceSeconds::Uniform(lo, hi))
+            }
+            _ => Err(format!("{text:?}: {shape}")),
+        }
+    }
+}
+
+impl std::fmt::Display for InstanceSeconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InstanceSeconds::Exp(m) => write!(f, "exp:{m}"),
+            InstanceSeconds::Uniform(lo, hi) => write!(f, "uniform:{lo}-{hi}"),
+            InstanceSeconds::Fixed(s) => write!(f, "fixed:{s}"),
+            InstanceSeconds::Forever => write!(f, "forever"),
+        }
+    }
+}
+
+impl InstanceSeconds {
+    /// The mean run time (None: forever).
+    pub fn mean(&self) -> Option<f64> {
+        match *self {
+            InstanceSeconds::Exp(m) | InstanceSeconds::Fixed(m) => Some(m),
+            InstanceSeconds::Uniform(lo, hi) => Some((lo + hi) / 2.0),
+            InstanceSeconds::Forever => None,
+        }
+    }
+
+    /// One run time (None: forever).
+    pub fn draw(&self, rng: &mut Rng) -> Option<Duration> {
+        let s = match *self {
+            InstanceSeconds::Exp(m) => -m * (1.0 - rng.unit()).ln(),
+            InstanceSeconds::Uniform(lo, hi) => lo + (hi - lo) * rng.unit(),
+            InstanceSeconds::Fixed(s) => s,
+            InstanceSeconds::Forever => return None,
+        };
+        Some(Duration::from_secs_f64(s.clamp(0.0, 1e9)))
+    }
 }
 
 const ADMIN: &str = "bench-admin-token-0123456789";
@@ -77,10 +212,13 @@ pub fn run_load(args: &LoadArgs) -> anyhow::Result<()> {
 
 async fn load(args: &LoadArgs) -> anyhow::Result<()> {
     println!(
-        "load: heartbeat every {} ms, {} submissions/s for {} s, scheduler = {}",
+        "load: heartbeat every {} ms, {} submissions/s for {} s, instances run {} (seed {}), \
+         scheduler = {}",
         args.heartbeat_ms,
         args.rate,
         args.seconds,
+        args.instance_seconds,
+        args.seed,
         scheduler_binary()?.display()
     );
     let store = match &args.database_url {
@@ -102,7 +240,7 @@ async fn load(args: &LoadArgs) -> anyhow::Result<()> {
         let db = args.database_url.clone();
         let mut sched = Daemon::start(dir.path(), args.heartbeat_ms, db.as_deref()).await?;
         let t = Instant::now();
-        let agents = start_agents(&sched, n).await?;
+        let agents = start_agents(&sched, n, args.instance_seconds, args.seed).await?;
         wait_ready(&sched, n).await?;
         println!(
             "{n} nodes: all registered, in session and Ready after {:.1} s",
@@ -112,9 +250,21 @@ async fn load(args: &LoadArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(u64::from(args.heartbeat_ms))).await;
         let before_metrics = sched.metrics().await?;
         let (cpu0, t0) = (sched.cpu_ticks(), Instant::now());
-        let submits = submit_stream(&sched, args.rate, Duration::from_secs(args.seconds)).await?;
+        let window = Duration::from_secs(args.seconds);
+        let (submits, queue) = tokio::join!(
+            submit_stream(&sched, args.rate, window),
+            sample_queue(sched.metrics_port, window)
+        );
+        let submits = submits?;
         let (cpu1, wall) = (sched.cpu_ticks(), t0.elapsed());
         let after_metrics = sched.metrics().await?;
+        let jobs = |text: &str, state: &str| {
+            gauge(text, &format!("gpupool_jobs{{state=\"{state}\"}}")).unwrap_or(0.0)
+        };
+        let succeeded = jobs(&after_metrics, "Succeeded") - jobs(&before_metrics, "Succeeded");
+        let failed = jobs(&after_metrics, "Failed") - jobs(&before_metrics, "Failed");
+        let queued_end = jobs(&after_metrics, "Queued");
+        let queued_max = queue.iter().copied().fold(queued_end, f64::max);
         let hb = histogram_delta(
             &before_metrics,
             &after_metrics,
@@ -129,7 +279,7 @@ async fn load(args: &LoadArgs) -> anyhow::Result<()> {
         println!(
             "{n} nodes: scheduler CPU {cpu_pct:.0}% of one core, RSS {:.0} MiB; \
              heartbeats {:.0}/s, handling p50 <= {} p99 <= {}; \
-             submits {:.0}/s ({placed} of {} scheduled at once), latency p50 {:.2} ms p99 {:.2} ms",
+             submits sustained {:.0}/s ({} acknowledged, {placed} scheduled at once), latency p50 {:.2} ms p99 {:.2} ms",
             sched.rss_kib() as f64 / 1024.0,
             hb.count as f64 / wall.as_secs_f64(),
             hb.quantile(0.5),
@@ -139,10 +289,32 @@ async fn load(args: &LoadArgs) -> anyhow::Result<()> {
             pct(&lat, 0.5),
             pct(&lat, 0.99),
         );
+        let gpus = n * 8;
+        let demand = args.instance_seconds.mean().map_or_else(
+            || "all (never end)".to_string(),
+            |m| format!("{:.0}", m * args.rate as f64),
+        );
+        println!(
+            "{n} nodes: instances {}: jobs completed {:.1}/s ({succeeded:.0} in the window{}), \
+             queued at the end {queued_end:.0} (max {queued_max:.0}), \
+             Scheduled {:.0} Running {:.0} at the end; \
+             GPUs {gpus}, busy in steady state (rate x mean run) {demand}",
+            args.instance_seconds,
+            succeeded / wall.as_secs_f64(),
+            if failed > 0.0 {
+                format!(", {failed:.0} failed")
+            } else {
+                String::new()
+            },
+            jobs(&after_metrics, "Scheduled"),
+            jobs(&after_metrics, "Running"),
+        );
         if args.usage_ledger_years > 0 {
             usage_phase(&sched, dir.path(), db.as_deref(), args).await?;
         }
-        drop(agents);
+        for a in agents {
+            a.abort();
+        }
         // Restart: SIGTERM, add the preloaded jobs, start again on the same
         // store, time to serving.
         sched.stop();
@@ -494,14 +666,45 @@ impl Daemon {
     }
 
     async fn metrics(&self) -> anyhow::Result<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-            .await?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).await?;
-        Ok(buf)
+        scrape(self.metrics_port).await
     }
+}
+
+/// The scheduler's `/metrics` page.
+async fn scrape(metrics_port: u16) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port)).await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    Ok(buf)
+}
+
+/// The queued jobs (`gpupool_jobs{state="Queued"}`) once a second for
+/// `window`.
+async fn sample_queue(metrics_port: u16, window: Duration) -> Vec<f64> {
+    let end = Instant::now() + window;
+    let mut depths = Vec::new();
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(1).min(end - Instant::now())).await;
+        if let Some(q) = scrape(metrics_port)
+            .await
+            .ok()
+            .and_then(|text| gauge(&text, "gpupool_jobs{state=\"Queued\"}"))
+        {
+            depths.push(q);
+        }
+    }
+    depths
+}
+
+/// The value of the sample `series` (name and labels as the text format
+/// writes them) in a scrape.
+fn gauge(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// An interceptor sending `authorization: Bearer TOKEN`.
@@ -538,9 +741,15 @@ fn inventory(i: usize) -> pb::Inventory {
 }
 
 /// Registers `n` agents and opens their sessions; each then heartbeats at
-/// the interval the scheduler asked for, from a random phase. Dropping the
-/// returned handles ends them.
-async fn start_agents(d: &Daemon, n: usize) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+/// the interval the scheduler asked for, from a random phase, and runs
+/// what it is told to start for a time drawn from `runs` (node `i` draws
+/// from `Rng::new(seed + i)`). Aborting the returned handles ends them.
+async fn start_agents(
+    d: &Daemon,
+    n: usize,
+    runs: InstanceSeconds,
+    seed: u64,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut handles = Vec::with_capacity(n);
     let mut channel = d.channel().await?;
     for i in 0..n {
@@ -548,8 +757,9 @@ async fn start_agents(d: &Daemon, n: usize) -> anyhow::Result<Vec<tokio::task::J
             channel = d.channel().await?;
         }
         let channel = channel.clone();
+        let rng = Rng::new(seed.wrapping_add(i as u64));
         handles.push(tokio::spawn(async move {
-            if let Err(err) = agent(channel, i).await {
+            if let Err(err) = agent(channel, i, runs, rng).await {
                 eprintln!("simulated agent {i}: {err:#}");
             }
         }));
@@ -560,7 +770,85 @@ async fn start_agents(d: &Daemon, n: usize) -> anyhow::Result<Vec<tokio::task::J
     Ok(handles)
 }
 
-async fn agent(channel: Channel, i: usize) -> anyhow::Result<()> {
+/// An instance a simulated agent runs or has finished and not yet been
+/// told to forget.
+struct SimInstance {
+    state: pb::InstanceState,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    /// When it exits by itself (None: never, or it has ended).
+    ends: Option<tokio::time::Instant>,
+}
+
+/// What the real agent reports of an instance (`session::status_to_pb`),
+/// less what a simulated one has not (pid, port, readiness, images).
+fn sim_status(id: &str, inst: &SimInstance) -> pb::InstanceStatus {
+    pb::InstanceStatus {
+        instance_id: id.to_string(),
+        state: inst.state as i32,
+        exit_code: inst.exit_code,
+        signal: inst.signal,
+        ..Default::default()
+    }
+}
+
+/// Obeys one command as the real agent's runtime does: StartInstance runs
+/// (a start already known is a repeat and ignored), StopInstance ends it
+/// (SIGTERM), ForgetInstance drops a finished one. Returns true when an
+/// instance changed phase (the real agent then heartbeats at once).
+fn sim_command(
+    m: pb::SchedulerMessage,
+    instances: &mut std::collections::BTreeMap<String, SimInstance>,
+    runs: InstanceSeconds,
+    rng: &mut Rng,
+) -> bool {
+    use pb::scheduler_message::Msg;
+    match m.msg {
+        Some(Msg::Start(start)) => {
+            if instances.contains_key(&start.instance_id) {
+                return false;
+            }
+            let ends = runs.draw(rng).map(|d| tokio::time::Instant::now() + d);
+            instances.insert(
+                start.instance_id,
+                SimInstance {
+                    state: pb::InstanceState::Running,
+                    exit_code: None,
+                    signal: None,
+                    ends,
+                },
+            );
+            true
+        }
+        Some(Msg::Stop(stop)) => match instances.get_mut(&stop.instance_id) {
+            Some(inst) if inst.state == pb::InstanceState::Running => {
+                inst.state = pb::InstanceState::Stopped;
+                inst.signal = Some(libc::SIGTERM);
+                inst.ends = None;
+                true
+            }
+            _ => false,
+        },
+        Some(Msg::Forget(forget)) => {
+            if instances
+                .get(&forget.instance_id)
+                .is_some_and(|i| i.state != pb::InstanceState::Running)
+            {
+                instances.remove(&forget.instance_id);
+            }
+            false
+        }
+        // Simulated instances write no logs.
+        Some(Msg::ReadLogs(_)) | None => false,
+    }
+}
+
+async fn agent(
+    channel: Channel,
+    i: usize,
+    runs: InstanceSeconds,
+    mut rng: Rng,
+) -> anyhow::Result<()> {
     let mut client =
         pb::agent_service_client::AgentServiceClient::with_interceptor(channel, bearer(JOIN));
     let node_id = format!("sim-{i:05}");
@@ -587,17 +875,69 @@ async fn agent(channel: Channel, i: usize) -> anyhow::Result<()> {
         .metadata_mut()
         .insert("gpupool-node-token", reg.node_token.parse()?);
     let mut inbound = client.session(request).await?.into_inner();
-    // Commands (StartInstance...) are read and dropped.
-    tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+    if runs == InstanceSeconds::Forever {
+        // Commands (StartInstance...) are read and dropped: nothing runs,
+        // nothing is reported (the instances stay Scheduled).
+        tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+        let phase = every.mul_f64((i as f64 * 0.618_034) % 1.0);
+        tokio::time::sleep(phase).await;
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            if tx.send(heartbeat(Vec::new())).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    // As the real agent's session loop: a heartbeat at every tick and at
+    // once whenever an instance changes phase (started, exited), each with
+    // every instance it runs or has finished and not yet forgotten.
+    let mut instances = std::collections::BTreeMap::<String, SimInstance>::new();
     let phase = every.mul_f64((i as f64 * 0.618_034) % 1.0);
-    tokio::time::sleep(phase).await;
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        let hb = pb::Heartbeat {
+        let next_end = instances.values().filter_map(|s| s.ends).min();
+        tokio::select! {
+            _ = tick.tick() => {}
+            incoming = inbound.message() => {
+                match incoming {
+                    Ok(Some(m)) => {
+                        if !sim_command(m, &mut instances, runs, &mut rng) {
+                            continue;
+                        }
+                    }
+                    // The scheduler has gone (stopped, or ended the session).
+                    _ => return Ok(()),
+                }
+            }
+            _ = tokio::time::sleep_until(next_end.unwrap_or_else(tokio::time::Instant::now)),
+                if next_end.is_some() => {
+                let now = tokio::time::Instant::now();
+                for inst in instances.values_mut().filter(|s| s.ends.is_some_and(|e| e <= now)) {
+                    inst.state = pb::InstanceState::Succeeded;
+                    inst.exit_code = Some(0);
+                    inst.ends = None;
+                }
+            }
+        }
+        let reported = instances
+            .iter()
+            .map(|(id, inst)| sim_status(id, inst))
+            .collect();
+        if tx.send(heartbeat(reported)).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// A heartbeat with these instances and 8 GPUs at 50%.
+fn heartbeat(instances: Vec<pb::InstanceStatus>) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
             sent_at: None,
             inventory: None,
-            instances: Vec::new(),
+            instances,
             gpu_samples: (0..8)
                 .map(|g| pb::Gpu {
                     index: g,
@@ -605,16 +945,7 @@ async fn agent(channel: Channel, i: usize) -> anyhow::Result<()> {
                     ..Default::default()
                 })
                 .collect(),
-        };
-        if tx
-            .send(pb::AgentMessage {
-                msg: Some(pb::agent_message::Msg::Heartbeat(hb)),
-            })
-            .await
-            .is_err()
-        {
-            return Ok(());
-        }
+        })),
     }
 }
 
@@ -773,5 +1104,61 @@ fn histogram_delta(before: &str, after: &str, name: &str) -> Histogram {
                 (*le, c.saturating_sub(old))
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_seconds_parse_and_print() {
+        for (text, want) in [
+            ("exp:20", InstanceSeconds::Exp(20.0)),
+            ("uniform:5-60", InstanceSeconds::Uniform(5.0, 60.0)),
+            ("fixed:0.5", InstanceSeconds::Fixed(0.5)),
+            ("forever", InstanceSeconds::Forever),
+        ] {
+            let got: InstanceSeconds = text.parse().unwrap();
+            assert_eq!(got, want);
+            assert_eq!(got.to_string().parse::<InstanceSeconds>().unwrap(), want);
+        }
+        for bad in [
+            "exp",
+            "exp:-1",
+            "uniform:9-3",
+            "uniform:4",
+            "normal:3",
+            "fixed:x",
+        ] {
+            assert!(bad.parse::<InstanceSeconds>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn draws_follow_the_distribution_and_the_seed() {
+        let mean = |d: InstanceSeconds, seed| {
+            let mut rng = Rng::new(seed);
+            (0..20_000)
+                .map(|_| d.draw(&mut rng).unwrap().as_secs_f64())
+                .sum::<f64>()
+                / 20_000.0
+        };
+        assert!((mean(InstanceSeconds::Exp(20.0), 1) - 20.0).abs() < 0.6);
+        assert!((mean(InstanceSeconds::Uniform(5.0, 60.0), 2) - 32.5).abs() < 0.6);
+        assert_eq!(mean(InstanceSeconds::Fixed(10.0), 3), 10.0);
+        assert_eq!(
+            mean(InstanceSeconds::Exp(20.0), 7),
+            mean(InstanceSeconds::Exp(20.0), 7)
+        );
+        assert!(InstanceSeconds::Forever.draw(&mut Rng::new(1)).is_none());
+        let mut rng = Rng::new(4);
+        assert!((0..1000).all(|_| {
+            let s = InstanceSeconds::Uniform(5.0, 60.0)
+                .draw(&mut rng)
+                .unwrap()
+                .as_secs_f64();
+            (5.0..=60.0).contains(&s)
+        }));
     }
 }

@@ -1,5 +1,6 @@
-//! A small seeded PRNG for the replay benchmark: xoshiro256** seeded through
-//! SplitMix64. Deterministic across platforms; not cryptographic.
+//! A small seeded PRNG for the benchmarks (replay, load's instance
+//! durations): xoshiro256** seeded through SplitMix64.
+//! Deterministic across platforms; not cryptographic.
 
 /// SplitMix64 step (used to expand the seed).
 fn splitmix64(state: &mut u64) -> u64 {
@@ -55,6 +56,11 @@ impl Rng {
         }
     }
 
+    /// Uniform float in `[0, 1)` (53 random bits).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     /// Uniform Fisher–Yates shuffle.
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
@@ -93,6 +99,15 @@ mod tests {
             seen[r.below(5)] += 1;
         }
         assert!(seen.iter().all(|&c| c > 1_700 && c < 2_300), "{seen:?}");
+    }
+
+    #[test]
+    fn unit_is_in_range_with_mean_one_half() {
+        let mut r = Rng::new(5);
+        let draws: Vec<f64> = (0..10_000).map(|_| r.unit()).collect();
+        assert!(draws.iter().all(|u| (0.0..1.0).contains(u)));
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!((mean - 0.5).abs() < 0.02, "{mean}");
     }
 
     #[test]

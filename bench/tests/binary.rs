@@ -170,3 +170,72 @@ fn churn_small_workload_is_consistent() {
     let client_p50 = idle[0]["client_p50_ms"].as_f64().unwrap();
     assert!(client_p50 > 0.0, "{}", idle[0]);
 }
+
+/// The `gpupool-scheduler` that `load` runs: the one cargo built next to
+/// this binary. Missing (only this package built): skipped loudly, but
+/// under CI a failure.
+fn scheduler_beside_bench() -> Option<std::path::PathBuf> {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_gpupool-bench"))
+        .with_file_name("gpupool-scheduler");
+    if path.is_file() {
+        return Some(path);
+    }
+    let why = format!(
+        "{} is missing: build it (`cargo build -p gpupool-scheduler`) to run the load test",
+        path.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{why}");
+    }
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
+#[test]
+fn load_with_churning_instances_completes_jobs() {
+    if scheduler_beside_bench().is_none() {
+        return;
+    }
+    let out = bench()
+        .args([
+            "load",
+            "--nodes",
+            "20",
+            "--seconds",
+            "3",
+            "--rate",
+            "20",
+            "--heartbeat-ms",
+            "500",
+            "--preload-jobs",
+            "10",
+            "--instance-seconds",
+            "fixed:1",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "20 nodes: instances fixed:1: jobs completed 12.3/s (37 in the window"
+    let completed: u64 = text
+        .split_once("jobs completed ")
+        .and_then(|(_, rest)| rest.split_once(" in the window"))
+        .and_then(|(head, _)| head.rsplit_once('(')?.1.parse().ok())
+        .unwrap_or_else(|| panic!("no completions in:\n{text}"));
+    assert!(completed > 0, "{text}");
+    assert!(text.contains("restart to serving"), "{text}");
+}
+
+#[test]
+fn load_refuses_a_bad_instance_distribution() {
+    let out = bench()
+        .args(["load", "--instance-seconds", "normal:3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exp:MEAN"));
+}
