@@ -883,8 +883,15 @@ impl Cluster {
         let health_checked = job.spec.health_check.is_some();
         let changed = merge_report(inst, &r, health_checked, node_id, grace_ms, now_ms, out);
         if r.state.is_terminal() {
-            // Its resources are free again.
-            self.placer = None;
+            // Its resources are free again: the kept placer gets them back
+            // (one node re-keyed), else the next pass builds one.
+            let released = self
+                .placer
+                .as_mut()
+                .is_some_and(|p| p.release(node_id, &job.spec.resources, &inst.gpu_indexes));
+            if !released {
+                self.placer = None;
+            }
         }
         if !changed {
             return;
@@ -1332,6 +1339,14 @@ impl Cluster {
             .collect();
         if queue.is_empty() {
             return;
+        }
+        #[cfg(debug_assertions)]
+        if let Some(p) = &self.placer {
+            assert_eq!(
+                p.nodes(),
+                &self.capacity()[..],
+                "the kept placer's capacity drifted from the cluster's"
+            );
         }
         let mut placer = match self.placer.take() {
             Some(p) => p,

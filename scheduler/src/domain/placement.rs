@@ -881,6 +881,38 @@ impl Placer {
         out
     }
 
+    /// Gives back what an instance of `req` held on `node_id` (the GPUs of
+    /// `gpu_indexes`): it ended. Only that node is re-keyed, so a pass after
+    /// an instance ends costs what placing costs, not a rebuild over every
+    /// node. Answers false if the node is not this placer's (the caller
+    /// then rebuilds).
+    pub fn release(&mut self, node_id: &str, req: &Resources, gpu_indexes: &[u32]) -> bool {
+        let Some(pos) = self.nodes.iter().position(|n| n.node_id == node_id) else {
+            return false;
+        };
+        let w = self.want(req);
+        let node = &mut self.nodes[pos];
+        let state = &mut self.state[pos];
+        node.cpu_free_milli += req.cpu_milli as i64;
+        node.memory_free_mib += req.memory_mib as i64;
+        state.cpu += w.cpu;
+        state.mem += w.mem;
+        for idx in gpu_indexes {
+            let Some(g) = node.gpus.iter().position(|g| g.index == *idx) else {
+                continue;
+            };
+            node.gpus[g].free_milli += w.milli as u32;
+            if node.gpus[g].healthy {
+                // As the placer was built: an unhealthy GPU offers nothing.
+                let free = i64::from(node.gpus[g].free_milli.min(1000));
+                state.free_total += free - state.free[g];
+                state.free[g] = free;
+            }
+        }
+        self.refresh(pos);
+        true
+    }
+
     /// Re-keys node `pos` in every class index.
     fn refresh(&mut self, pos: usize) {
         for c in 0..self.classes.len() {
@@ -1759,6 +1791,44 @@ mod tests {
                 let got = live.place(&pool, &req, 1, false);
                 prop_assert_eq!(&got, &expected, "request {:?} in {}", req, pool);
                 validate(&before, live.nodes(), &pool, &req, 1, &got);
+            }
+        }
+
+        /// Instances that end give their room back to a kept placer
+        /// ([`Placer::release`]): it then has what a placer built afresh
+        /// from the same capacity has, and decides as it does.
+        #[test]
+        fn property_a_released_instance_leaves_the_placer_as_if_built_afresh(
+            nodes in testkit::cluster(),
+            steps in prop::collection::vec(
+                (testkit::request().prop_map(|(p, r, _)| (p, r)), any::<bool>(), any::<prop::sample::Index>()),
+                1..120,
+            ),
+        ) {
+            let order: Vec<usize> = (0..nodes.len()).collect();
+            let mut live = Placer::with_order(nodes, &default_shapes(), &order);
+            let mut running: Vec<(Resources, Assignment)> = Vec::new();
+            for ((pool, req), end_one, which) in steps {
+                if end_one && !running.is_empty() {
+                    let (req, a) = running.swap_remove(which.index(running.len()));
+                    prop_assert!(live.release(&a.node_id, &req, &a.gpu_indexes));
+                    continue;
+                }
+                let mut fresh = Placer::with_order(live.nodes().to_vec(), &default_shapes(), &order);
+                let expected = fresh.place(&pool, &req, 1, false);
+                let got = live.place(&pool, &req, 1, false);
+                prop_assert_eq!(&got, &expected, "request {:?} in {}", req, pool);
+                if let Ok(mut a) = got {
+                    running.push((req, a.remove(0)));
+                }
+            }
+            // Everything ended: all the room is back.
+            for (req, a) in running.drain(..) {
+                prop_assert!(live.release(&a.node_id, &req, &a.gpu_indexes));
+            }
+            let idle = Placer::with_order(live.nodes().to_vec(), &default_shapes(), &order);
+            for (l, i) in live.state.iter().zip(&idle.state) {
+                prop_assert_eq!((l.cpu, l.mem, &l.free, l.free_total), (i.cpu, i.mem, &i.free, i.free_total));
             }
         }
     }
