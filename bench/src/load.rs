@@ -270,6 +270,14 @@ async fn load(args: &LoadArgs) -> anyhow::Result<()> {
             &after_metrics,
             "gpupool_heartbeat_handle_seconds",
         );
+        // The commit pipeline (absent from schedulers before group commit).
+        let commits = histogram_delta(
+            &before_metrics,
+            &after_metrics,
+            "gpupool_store_commit_seconds",
+        );
+        let changes = gauge(&after_metrics, "gpupool_store_changes_total").unwrap_or(0.0)
+            - gauge(&before_metrics, "gpupool_store_changes_total").unwrap_or(0.0);
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let cpu_pct = (cpu1 - cpu0) as f64 / hz / wall.as_secs_f64() * 100.0;
@@ -289,6 +297,15 @@ async fn load(args: &LoadArgs) -> anyhow::Result<()> {
             pct(&lat, 0.5),
             pct(&lat, 0.99),
         );
+        if commits.count > 0 {
+            println!(
+                "{n} nodes: store transactions {:.0}/s, {:.1} changes each, write p50 <= {} p99 <= {}",
+                commits.count as f64 / wall.as_secs_f64(),
+                changes / commits.count as f64,
+                commits.quantile(0.5),
+                commits.quantile(0.99),
+            );
+        }
         let gpus = n * 8;
         let demand = args.instance_seconds.mean().map_or_else(
             || "all (never end)".to_string(),

@@ -33,6 +33,8 @@ pub struct Metrics {
     /// Changes (one per lock hold that staged writes or commands) it
     /// committed: over `store_transactions`, how many share an fsync.
     pub store_changes: IntCounter,
+    /// Time the commit thread takes to write one transaction.
+    pub store_commit_seconds: prometheus::Histogram,
 }
 
 impl Metrics {
@@ -109,8 +111,20 @@ impl Metrics {
              how many changes share one transaction.",
         )
         .unwrap();
+        let store_commit_seconds = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "gpupool_store_commit_seconds",
+                "Time to write one transaction of the commit pipeline (its fsync included).",
+            )
+            .buckets(vec![
+                100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3,
+                1.0,
+            ]),
+        )
+        .unwrap();
         for c in [
-            Box::new(store_transactions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(store_commit_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(store_transactions.clone()),
             Box::new(store_changes.clone()),
             Box::new(heartbeat_seconds.clone()),
             Box::new(billable_seconds.clone()),
@@ -143,6 +157,7 @@ impl Metrics {
             heartbeat_seconds,
             store_transactions,
             store_changes,
+            store_commit_seconds,
         }
     }
 

@@ -124,6 +124,7 @@ struct Queue {
 pub(super) struct Counters {
     pub transactions: prometheus::IntCounter,
     pub batches: prometheus::IntCounter,
+    pub seconds: prometheus::Histogram,
 }
 
 /// The queue between lock holders and the writer thread.
@@ -248,6 +249,7 @@ impl Pipeline {
                 Ok(())
             } else {
                 counters.transactions.inc();
+                let _timer = counters.seconds.start_timer();
                 all.write(&**store.get(), now_ms())
             };
             counters.batches.inc_by(rest.len() as u64);

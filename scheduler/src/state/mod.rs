@@ -129,6 +129,7 @@ pub fn load(
         commit::Counters {
             transactions: metrics.store_transactions.clone(),
             batches: metrics.store_changes.clone(),
+            seconds: metrics.store_commit_seconds.clone(),
         },
     );
     tracing::info!(
