@@ -726,3 +726,103 @@ async fn a_failed_group_commit_fails_every_change_in_and_behind_it() {
     );
     assert_eq!(rig.drain(), 1);
 }
+
+/// Waits until the commit thread is writing a transaction begun after
+/// `before` transactions (the store's delay keeps it there).
+async fn until_writing(rig: &Rig, before: u64) {
+    for _ in 0..1000 {
+        if rig.shared.metrics.store_transactions.get() > before {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    panic!("the commit thread never started writing");
+}
+
+/// An answer that rests on another caller's change still being committed
+/// waits for that commit: here a second CreateTenant of the same name is
+/// refused "exists" only if the first one's tenant is stored; the first
+/// one's write fails, so the second is told UNAVAILABLE (retry), not that
+/// a tenant which never existed exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refusal_decided_on_a_change_being_committed_waits_for_its_commit() {
+    let rig = Rig::new(1);
+    let create = || {
+        let api = rig.api.clone();
+        async move {
+            api.create_tenant(req(
+                ADMIN,
+                pb::CreateTenantRequest {
+                    name: "beta".into(),
+                    quota: None,
+                },
+            ))
+            .await
+        }
+    };
+    rig.delay_ms.store(300, Ordering::SeqCst);
+    rig.fail.store(true, Ordering::SeqCst);
+    let before = rig.shared.metrics.store_transactions.get();
+    let first = tokio::spawn(create());
+    until_writing(&rig, before).await;
+    let second = create().await.expect_err("the tenant was never stored");
+    assert_eq!(second.code(), Code::Unavailable, "{second:?}");
+    let first = first.await.unwrap().expect_err("its write failed");
+    assert_eq!(first.code(), Code::Unavailable, "{first:?}");
+    rig.fail.store(false, Ordering::SeqCst);
+    rig.delay_ms.store(0, Ordering::SeqCst);
+    create().await.expect("the name is free");
+}
+
+/// An operation that panics leaves memory to be reloaded, but not before
+/// the changes queued ahead of it are written: acknowledged submissions
+/// being committed at that moment stay in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_after_a_panic_waits_for_the_queued_commits() {
+    let rig = Rig::new(1);
+    let token = tenant(&rig.api).await;
+    rig.delay_ms.store(300, Ordering::SeqCst);
+    let before = rig.shared.metrics.store_transactions.get();
+    let submit = |token: String| {
+        let api = rig.api.clone();
+        tokio::spawn(async move {
+            api.submit_job(req(&token, job(pb::JobKind::Training, 1)))
+                .await
+                .map(|r| r.into_inner().job_id)
+        })
+    };
+    // One being written (the store's mutex would hold a reload back until
+    // it is), one queued behind it (nothing but the pipeline would).
+    let writing = submit(token.clone());
+    until_writing(&rig, before).await;
+    let queued = submit(token);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let shared = rig.shared.clone();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        shared.with(|core, _| {
+            core.cluster
+                .set_cordon("n1", true, crate::now_ms(), &mut Vec::new())
+                .unwrap();
+            panic!("an operation fails midway");
+        })
+    }));
+    assert!(panicked.is_err());
+    // This reloads memory (the panicked operation's cordon is undone).
+    let cordoned = rig
+        .shared
+        .with(|core, _| core.cluster.node("n1").unwrap().cordoned);
+    assert!(
+        !cordoned,
+        "the panicked operation's change stayed in memory"
+    );
+    for submitted in [writing, queued] {
+        let id = submitted
+            .await
+            .unwrap()
+            .expect("the submission was committed");
+        let known = rig
+            .shared
+            .with(|core, _| core.cluster.jobs().any(|j| j.job_id == id));
+        assert!(known, "{id} was acknowledged but is gone from memory");
+    }
+}

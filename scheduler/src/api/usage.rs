@@ -202,6 +202,12 @@ impl pb::usage_service_server::UsageService for Api {
             let c = &core.cluster;
             Ok::<_, Status>((pool_scope(c, &caller, &req.pool)?, c.ledger_closed_until()))
         })?;
+        // The hours memory calls closed are in the store once their commit
+        // is: wait for it, or they would be in neither part of the answer.
+        self.shared
+            .barrier()
+            .await
+            .map_err(|e| status(crate::cluster::ClusterError::Store(e)))?;
         let query = ledger_query(&tenant, &pool, &req.job, from, to.min(closed), after, limit);
         let mut rows = self.shared.read_ledger(&query).map_err(status)?;
         if rows.len() == limit {
@@ -341,6 +347,11 @@ impl pb::usage_service_server::UsageService for Api {
                 .collect();
             Ok::<_, Status>((rows, orders, c.currency().to_string(), closed))
         })?;
+        // As in ListUsage: the hours closed in memory reach the store first.
+        self.shared
+            .barrier()
+            .await
+            .map_err(|e| status(crate::cluster::ClusterError::Store(e)))?;
         if start < end.min(closed) {
             let query = ledger_query(
                 &Some(tenant.clone()),

@@ -109,8 +109,10 @@ impl Staged {
         self.0.append(&mut later.0);
     }
 
-    /// Writes everything in one transaction, the last write of each row
-    /// only.
+    /// Writes everything in one transaction: a row written more than once
+    /// is written once, with its last value, where it was first written
+    /// (so that what refers to it, written after its first write, such as
+    /// a tenant's token after the tenant, still comes after it).
     pub fn write(&self, store: &dyn Store, now_ms: i64) -> Result<(), StoreError> {
         let mut last = std::collections::HashMap::new();
         for (i, k) in self.0.iter().enumerate() {
@@ -118,12 +120,14 @@ impl Staged {
                 last.insert(key, i);
             }
         }
+        let mut written = std::collections::HashSet::new();
         let records: Vec<Record<'_>> = self
             .0
             .iter()
-            .enumerate()
-            .filter(|(i, k)| k.upsert_key().is_none_or(|key| last[&key] == *i))
-            .map(|(_, k)| k.record())
+            .filter_map(|k| match k.upsert_key() {
+                None => Some(k.record()),
+                Some(key) => written.insert(key).then(|| self.0[last[&key]].record()),
+            })
             .collect();
         store.write(&records, now_ms)
     }
@@ -249,6 +253,19 @@ impl Cluster {
         self.store.staging()
     }
 
+    /// Whether the next [`Cluster::begin`] reloads memory from the store
+    /// (an operation panicked, or a reload failed): the caller first lets
+    /// every queued write reach the store, or the reload would miss them.
+    pub fn needs_reload(&self) -> bool {
+        self.staging() || self.diverged
+    }
+
+    /// Memory may differ from the store and could not be reloaded: what an
+    /// operation stages now must not be written.
+    pub fn is_diverged(&self) -> bool {
+        self.diverged
+    }
+
     /// Replaces memory with what the store holds. If the store cannot be
     /// read, memory is marked diverged and reloaded at the next begin.
     fn reload(&mut self, now_ms: i64) {
@@ -291,5 +308,46 @@ impl Cluster {
             }
         }
         tracing::warn!("state reloaded from the store after a failed write");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::tenant::Quota;
+
+    fn tenant(max_gpus: u32) -> Tenant {
+        Tenant {
+            name: "acme".into(),
+            quota: Quota {
+                max_dedicated_nodes: 1,
+                max_gpus,
+            },
+            created_at_ms: 0,
+            network_id: "net-acme".into(),
+        }
+    }
+
+    /// A group of operations (the commit pipeline's) that creates a tenant,
+    /// gives it a token, then changes it: the token's row refers to the
+    /// tenant's, so the tenant is written first, with its last value.
+    #[test]
+    fn a_row_written_twice_is_written_once_where_it_was_first_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        let group = Staged(vec![
+            Kept::Tenant(tenant(1)),
+            Kept::Token {
+                sha256: "ab".repeat(32),
+                tenant: "acme".into(),
+            },
+            Kept::Tenant(tenant(8)),
+        ]);
+        group
+            .write(&store, 0)
+            .expect("the token follows its tenant");
+        let stored = store.load().unwrap();
+        assert_eq!(stored.tenants, vec![tenant(8)]);
+        assert_eq!(stored.tokens, vec![("ab".repeat(32), "acme".to_string())]);
     }
 }

@@ -75,6 +75,10 @@ impl Store for SharedStore {
     }
 }
 
+/// A generation no batch is ever staged in: what is staged on memory that
+/// could not be reloaded is refused with it.
+pub(super) const DIVERGED: u64 = u64::MAX;
+
 /// How a batch's caller hears that it is durable (or failed).
 pub(super) enum Done {
     /// An async caller awaits it.
@@ -181,9 +185,14 @@ impl Pipeline {
         }
         let mut q = self.queue();
         if generation != q.generation {
-            // A write failed while this was staged: it is built on undone
+            // A write failed while this was staged, or memory could not be
+            // reloaded after one ([`DIVERGED`]): it is built on undone
             // memory.
-            let err = q.failure.clone().expect("a failure started the generation");
+            let err = q.failure.clone().unwrap_or_else(|| {
+                Arc::new(StoreError::Unreachable(
+                    "memory could not be reloaded from the store".into(),
+                ))
+            });
             drop(q);
             done.send(Err(StoreError::GroupCommit(err)));
             return;
@@ -197,6 +206,27 @@ impl Pipeline {
         q.batches.push(Batch { staged, out, done });
         drop(q);
         self.work.notify_one();
+    }
+
+    /// Waits until everything queued so far is written (or failed): for a
+    /// caller that answered from memory, so that it does not answer from a
+    /// change whose commit is still under way. Called under the cluster
+    /// lock, it queues an empty batch (unless nothing is queued); the
+    /// returned receiver says how that went.
+    pub(super) fn barrier(&self) -> Option<oneshot::Receiver<Result<(), StoreError>>> {
+        let mut q = self.queue();
+        if q.batches.is_empty() && !q.busy {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        q.batches.push(Batch {
+            staged: Staged::default(),
+            out: Outbox::new(),
+            done: Done::Async(tx),
+        });
+        drop(q);
+        self.work.notify_one();
+        Some(rx)
     }
 
     /// Called under the cluster lock before an operation: whether memory
@@ -250,7 +280,16 @@ impl Pipeline {
             } else {
                 counters.transactions.inc();
                 let _timer = counters.seconds.start_timer();
-                all.write(&**store.get(), now_ms())
+                // A panic in the store fails the group like an error does
+                // (everyone is answered; the next lock holder reloads).
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    all.write(&**store.get(), now_ms())
+                }))
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Unreachable(
+                        "the store panicked while writing".into(),
+                    ))
+                })
             };
             counters.batches.inc_by(rest.len() as u64);
             match result {

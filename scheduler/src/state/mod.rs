@@ -184,9 +184,8 @@ impl Shared {
     /// first if an earlier commit failed.
     fn stage<T>(&self, f: impl FnOnce(&mut Core, &mut Outbox) -> T, done: Done) -> T {
         let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
-        let generation = self.recover(&mut core);
+        let generation = self.begin(&mut core);
         let mut out = Outbox::new();
-        core.cluster.begin(now_ms());
         let value = f(&mut core, &mut out);
         let staged = core.cluster.take_staged();
         self.pipeline
@@ -194,14 +193,46 @@ impl Shared {
         value
     }
 
-    /// After a failed commit memory is reloaded from the store, which none
-    /// of the failed changes reached. The generation to stage in.
-    fn recover(&self, core: &mut Core) -> u64 {
+    /// Starts an operation under the lock. After a failed commit memory is
+    /// reloaded from the store, which none of the failed changes reached
+    /// (the writer emptied the queue when it failed). Before any other
+    /// reload (an operation panicked, or a reload failed) every queued
+    /// write reaches the store first, or the reload would miss changes
+    /// already acknowledged. The generation to stage in: [`commit::DIVERGED`]
+    /// while memory could not be reloaded, so nothing staged on it is
+    /// written.
+    fn begin(&self, core: &mut Core) -> u64 {
+        if core.cluster.needs_reload() {
+            self.pipeline.wait_idle();
+        }
         let (reload, generation) = self.pipeline.recover();
         if reload {
             core.cluster.reload_from_store(now_ms());
         }
-        generation
+        core.cluster.begin(now_ms());
+        if core.cluster.is_diverged() {
+            commit::DIVERGED
+        } else {
+            generation
+        }
+    }
+
+    /// Waits until every change staged so far is committed, for a reader
+    /// that combines what it read in memory with what it reads from the
+    /// store (closed ledger hours): its answer then holds both or neither.
+    /// Fails if that commit did (memory was undone): the caller answers
+    /// UNAVAILABLE.
+    pub async fn barrier(&self) -> Result<(), StoreError> {
+        let rx = {
+            let _core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+            self.pipeline.barrier()
+        };
+        match rx {
+            None => Ok(()),
+            Some(rx) => rx.await.unwrap_or_else(|_| {
+                Err(StoreError::Unreachable("the commit thread stopped".into()))
+            }),
+        }
     }
 
     /// Runs `f` on the core with an outbox; what it wrote is committed
@@ -246,37 +277,52 @@ impl Shared {
     where
         E: From<ClusterError>,
     {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let value = {
+        let stopped = || StoreError::Unreachable("the commit thread stopped".into());
+        let (value, rx) = {
             let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
-            let generation = self.recover(&mut core);
+            let generation = self.begin(&mut core);
             let mut out = Outbox::new();
-            core.cluster.begin(now_ms());
             match f(&mut core, &mut out) {
                 Ok(value) => {
                     let staged = core.cluster.take_staged();
-                    self.pipeline
-                        .push(generation, staged, out, Done::Async(tx), &core.sessions);
-                    value
+                    if staged.is_empty() && out.is_empty() {
+                        // Nothing of its own to write, but its answer may
+                        // rest on a change still being committed: it waits
+                        // for that.
+                        (Ok(value), self.pipeline.barrier())
+                    } else {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        self.pipeline.push(
+                            generation,
+                            staged,
+                            out,
+                            Done::Async(tx),
+                            &core.sessions,
+                        );
+                        (Ok(value), Some(rx))
+                    }
                 }
                 Err(err) => {
                     // It may have changed memory before it failed: reload
                     // once what is queued ahead of it is written.
                     if !core.cluster.take_staged().is_empty() {
                         self.pipeline.wait_idle();
-                        self.recover(&mut core);
+                        self.pipeline.recover();
                         core.cluster.reload_from_store(now_ms());
                     }
-                    return Err(err);
+                    // A refusal decided on a change still being committed
+                    // waits for it too.
+                    (Err(err), self.pipeline.barrier())
                 }
             }
         };
-        match rx.await {
-            Ok(Ok(())) => Ok(value),
-            Ok(Err(err)) => Err(E::from(ClusterError::Store(err))),
-            Err(_) => Err(E::from(ClusterError::Store(StoreError::Unreachable(
-                "the commit thread stopped".into(),
-            )))),
+        let committed = match rx {
+            None => Ok(()),
+            Some(rx) => rx.await.unwrap_or_else(|_| Err(stopped())),
+        };
+        match committed {
+            Ok(()) => value,
+            Err(err) => Err(E::from(ClusterError::Store(err))),
         }
     }
 
