@@ -2013,13 +2013,15 @@ fn write_env_file(path: &Path, env: &BTreeMap<String, String>) -> std::io::Resul
         .create_new(true)
         .mode(0o600)
         .open(path)?;
+    // One write, not four per variable.
+    let mut buf = Vec::with_capacity(env.iter().map(|(k, v)| k.len() + v.len() + 2).sum());
     for (k, v) in env {
-        f.write_all(k.as_bytes())?;
-        f.write_all(b"=")?;
-        f.write_all(v.as_bytes())?;
-        f.write_all(b"\0")?;
+        buf.extend_from_slice(k.as_bytes());
+        buf.push(b'=');
+        buf.extend_from_slice(v.as_bytes());
+        buf.push(b'\0');
     }
-    Ok(())
+    f.write_all(&buf)
 }
 
 /// True when `path` is `dir` or below it, compared on the normalised paths
