@@ -87,7 +87,7 @@ pub async fn run(
     // Instances run under this binary's `shim` so their exit status survives
     // an agent restart; reattach to those that ran before this start.
     let runtime = match std::env::current_exe() {
-        Ok(exe) => runtime.with_shim(shim::binary_beside(exe)),
+        Ok(exe) => runtime.with_shim(exe),
         Err(err) => {
             tracing::warn!(error = %err, "cannot find the agent binary; instances run without the shim");
             runtime

@@ -74,60 +74,6 @@ pub fn read_exit(path: &Path) -> Option<Exit> {
     Exit::parse(&std::fs::read_to_string(path).ok()?)
 }
 
-/// Identifies the shim's source (this file and the runtime that builds its
-/// command lines) and version: the agent uses the small `gpupool-shim`
-/// binary beside it only if it prints this same id for `--build-id`, so a
-/// stale one from another build is never handed a command line it reads
-/// otherwise.
-pub const BUILD_ID: u64 = {
-    const fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
-        let mut i = 0;
-        while i < bytes.len() {
-            h ^= bytes[i] as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-            i += 1;
-        }
-        h
-    }
-    let h = fnv(0xcbf2_9ce4_8422_2325, env!("CARGO_PKG_VERSION").as_bytes());
-    let h = fnv(h, include_bytes!("shim.rs"));
-    fnv(h, include_bytes!("runtime.rs"))
-};
-
-/// The shim to start instances with: the small `gpupool-shim` next to
-/// `exe` (the agent, or `gpupool-scheduler` running `dev`) when it is of
-/// this build, else `exe` itself, which runs the same shim code (`exe
-/// shim ...`). Exec'ing the whole agent for every instance spent most of an
-/// instance start in the dynamic loader (about 14 % of a dev cluster's CPU
-/// under churn).
-pub fn binary_beside(exe: std::path::PathBuf) -> std::path::PathBuf {
-    let small = exe.with_file_name("gpupool-shim");
-    if !small.is_file() {
-        return exe;
-    }
-    let id = std::process::Command::new(&small)
-        .arg("--build-id")
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output();
-    match id {
-        Ok(out)
-            if out.status.success()
-                && out.stdout.trim_ascii() == BUILD_ID.to_string().as_bytes() =>
-        {
-            small
-        }
-        _ => {
-            tracing::warn!(
-                shim = %small.display(),
-                "gpupool-shim is not of this build; instances run under {} instead",
-                exe.display()
-            );
-            exe
-        }
-    }
-}
-
 /// Runs the shim if `args` (without the program name) start with `shim`;
 /// never returns then. Returns otherwise.
 pub fn run_if_shim(args: &[String]) {
@@ -803,32 +749,6 @@ fn write_exit(path: &str, text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The small shim beside the agent is used only when it is of this
-    /// build; else the agent runs instances under itself.
-    #[test]
-    fn the_shim_beside_is_used_only_if_of_this_build() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let exe = dir.path().join("gpupool-agent");
-        assert_eq!(binary_beside(exe.clone()), exe, "none beside");
-        let shim = dir.path().join("gpupool-shim");
-        let write = |id: &str| {
-            std::fs::write(&shim, format!("#!/bin/sh\necho {id}\n")).unwrap();
-            std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
-        };
-        write("12345");
-        assert_eq!(binary_beside(exe.clone()), exe, "another build's");
-        write(&BUILD_ID.to_string());
-        // (A fork by another test thread while the script was open for
-        // writing makes its exec fail with ETXTBSY for a moment.)
-        let found = (0..20).find_map(|_| {
-            let b = binary_beside(exe.clone());
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            (b == shim).then_some(b)
-        });
-        assert_eq!(found.as_ref(), Some(&shim), "this build's");
-    }
 
     #[test]
     fn arguments_parse() {
