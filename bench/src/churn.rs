@@ -65,6 +65,7 @@ use tonic::transport::Channel;
 
 use crate::OutputFormat;
 use crate::load::{free_port, pct};
+use crate::procs::{cpu, find_binary, rss_kib};
 
 /// The job every submission asks for, as CLI arguments.
 const SUBMIT_ARGS: [&str; 12] = [
@@ -165,31 +166,14 @@ impl Build {
         }
         Ok(Build {
             label: "current",
-            scheduler: find_binary("gpupool-scheduler", "gpupool-scheduler")?,
-            cli: find_binary("gpupool", "gpupool-cli")?,
+            scheduler: find_binary(
+                "gpupool-scheduler",
+                "gpupool-scheduler",
+                " or pass --bin-dir",
+            )?,
+            cli: find_binary("gpupool", "gpupool-cli", " or pass --bin-dir")?,
         })
     }
-}
-
-/// `name` next to this binary, else on `$PATH`.
-fn find_binary(name: &str, package: &str) -> anyhow::Result<PathBuf> {
-    let beside = std::env::current_exe()?.with_file_name(name);
-    if beside.is_file() {
-        return Ok(beside);
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join(name))
-                .find(|p| p.is_file())
-        })
-        .with_context(|| {
-            format!(
-                "{name} is neither next to {} nor on $PATH: build it too \
-                 (`cargo build --release -p {package} -p gpupool-bench`) or pass --bin-dir",
-                beside.display()
-            )
-        })
 }
 
 /// Runs the benchmark on its own runtime (the caller may be inside one).
@@ -808,35 +792,6 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(10)..].join("\n")
 }
 
-/// CPU clock ticks of a process: its own (utime+stime, all threads) and its
-/// reaped children's (cutime+cstime).
-#[derive(Debug, Clone, Copy, Default)]
-struct Cpu {
-    own: u64,
-    children: u64,
-}
-
-fn cpu(pid: u32) -> Cpu {
-    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
-}
-
-/// The CPU fields of a `/proc/PID/stat` line.
-fn parse_stat(stat: &str) -> Cpu {
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    // After the state: ppid pgrp session tty tpgid flags minflt cminflt
-    // majflt cmajflt utime stime cutime cstime.
-    let at = |i: usize| f.get(i).copied().unwrap_or(0);
-    Cpu {
-        own: at(10) + at(11),
-        children: at(12) + at(13),
-    }
-}
-
 /// `/proc/PID/io`: (write_bytes, syscw). Reaped children are included.
 fn io(pid: u32) -> (u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
@@ -847,15 +802,6 @@ fn io(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("write_bytes:"), field("syscw:"))
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 const PERF_EVENTS: &str = "syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync";
@@ -1261,13 +1207,6 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(vec![]).is_nan());
-    }
-
-    #[test]
-    fn cpu_fields_follow_the_command_name() {
-        // A name with a space and a parenthesis cannot shift the fields.
-        let c = parse_stat("42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 3 2 20 0 9");
-        assert_eq!((c.own, c.children), (12, 5));
     }
 
     #[test]

@@ -21,7 +21,8 @@
 //! Rooms: [`data`] reads the CSV files, [`replay`] is the pure engine (no
 //! I/O), [`policy`] holds random, best-fit, FGD and gpupool's `default`
 //! policy, [`rng`] the seeded PRNG, [`speed`], [`load`] and [`churn`] the
-//! other benchmarks. The placement engine, cluster, store and server come
+//! other benchmarks, [`procs`] what `load` and `churn` read of the processes
+//! they run. The placement engine, cluster, store and server come
 //! from the `gpupool-scheduler` library. Figures and commands are in
 //! `BENCHMARKS.md` at the repository root.
 
@@ -29,6 +30,7 @@ pub mod churn;
 pub mod data;
 pub mod load;
 pub mod policy;
+pub mod procs;
 pub mod replay;
 pub mod rng;
 pub mod speed;

@@ -566,24 +566,7 @@ impl Drop for Daemon {
 /// The `gpupool-scheduler` binary to run: the one next to this binary,
 /// else the one on `$PATH`.
 fn scheduler_binary() -> anyhow::Result<std::path::PathBuf> {
-    const NAME: &str = "gpupool-scheduler";
-    let beside = std::env::current_exe()?.with_file_name(NAME);
-    if beside.is_file() {
-        return Ok(beside);
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join(NAME))
-                .find(|p| p.is_file())
-        })
-        .with_context(|| {
-            format!(
-                "{NAME} is neither next to {} nor on $PATH: build it too \
-                 (`cargo build --release -p gpupool-scheduler -p gpupool-bench`)",
-                beside.display()
-            )
-        })
+    crate::procs::find_binary("gpupool-scheduler", "gpupool-scheduler", "")
 }
 
 pub(crate) fn free_port() -> anyhow::Result<u16> {
@@ -661,25 +644,12 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
-    fn stat(&self) -> String {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default()
-    }
-
     fn cpu_ticks(&self) -> u64 {
-        let stat = self.stat();
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        crate::procs::cpu(self.child.id()).own
     }
 
     fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
+        crate::procs::rss_kib(self.child.id())
     }
 
     async fn metrics(&self) -> anyhow::Result<String> {

@@ -163,16 +163,7 @@ async fn start_interactive(
     spec: pb::JobSpec,
     what: &str,
 ) -> Result<(), CliError> {
-    let jobs = conn.jobs().await?;
-    let j = crate::conn::within_rate_limit(|| {
-        let (mut jobs, spec) = (jobs.clone(), spec.clone());
-        async move {
-            jobs.submit_job(pb::SubmitJobRequest { spec: Some(spec) })
-                .await
-        }
-    })
-    .await?
-    .into_inner();
+    let j = crate::jobs::submit_job(conn, spec).await?;
     emit(
         out,
         || {

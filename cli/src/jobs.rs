@@ -274,18 +274,24 @@ pub(crate) async fn job_command(
     }
 }
 
-/// `job submit ... -- COMMAND...`: submits and says what became of it.
-async fn submit(conn: &Conn, out: OutputFormat, spec: pb::JobSpec) -> Result<(), CliError> {
+/// Submits `spec`, waiting out the scheduler's rate limit
+/// ([`crate::conn::within_rate_limit`]); the job as accepted.
+pub(crate) async fn submit_job(conn: &Conn, spec: pb::JobSpec) -> Result<pb::Job, CliError> {
     let jobs = conn.jobs().await?;
-    let j = crate::conn::within_rate_limit(|| {
+    let job = crate::conn::within_rate_limit(|| {
         let (mut jobs, spec) = (jobs.clone(), spec.clone());
         async move {
             jobs.submit_job(pb::SubmitJobRequest { spec: Some(spec) })
                 .await
         }
     })
-    .await?
-    .into_inner();
+    .await?;
+    Ok(job.into_inner())
+}
+
+/// `job submit ... -- COMMAND...`: submits and says what became of it.
+async fn submit(conn: &Conn, out: OutputFormat, spec: pb::JobSpec) -> Result<(), CliError> {
+    let j = crate::jobs::submit_job(conn, spec).await?;
     emit(
         out,
         || {
