@@ -1319,24 +1319,17 @@ impl Runtime {
         })
     }
 
-    fn spawn(
+    /// The command that starts an instance: its shim, which first joins
+    /// `procs_files` (the instance's cgroup), or, with no shim, the
+    /// command itself.
+    fn instance_command(
         &self,
         spec: &InstanceSpec,
-        launch: Launch,
-    ) -> anyhow::Result<(tokio::process::Child, Option<Arc<dyn Cgroup>>)> {
-        let log_path = self.log_path(&spec.instance_id)?;
-        let log = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&log_path)?
-        };
-        std::fs::create_dir_all(self.state_dir.join("instances"))?;
-        let exit_file = self.exit_path(&spec.instance_id);
-        let _ = std::fs::remove_file(&exit_file);
-        let mut cmd = match (&launch, &self.shim) {
+        launch: &Launch,
+        exit_file: &Path,
+        procs_files: &[PathBuf],
+    ) -> anyhow::Result<tokio::process::Command> {
+        Ok(match (launch, &self.shim) {
             (
                 Launch::Container {
                     identity,
@@ -1351,7 +1344,10 @@ impl Runtime {
                 Some(shim),
             ) => {
                 let mut c = tokio::process::Command::new(shim);
-                c.arg("shim").arg(&exit_file);
+                c.arg("shim").arg(exit_file);
+                for f in procs_files {
+                    c.arg("--join").arg(f);
+                }
                 c.arg("--as")
                     .arg(format!("{}:{}", identity.range_base, identity.range_base));
                 c.arg("--cwd").arg(workdir);
@@ -1404,7 +1400,10 @@ impl Runtime {
                     .split_first()
                     .ok_or_else(|| anyhow::anyhow!("empty command"))?;
                 let mut c = tokio::process::Command::new(shim);
-                c.arg("shim").arg(&exit_file);
+                c.arg("shim").arg(exit_file);
+                for f in procs_files {
+                    c.arg("--join").arg(f);
+                }
                 if let Some(id) = identity {
                     c.arg("--as").arg(format!("{}:{}", id.uid, id.gid));
                 }
@@ -1447,6 +1446,50 @@ impl Runtime {
                     .current_dir(workdir);
                 c
             }
+        })
+    }
+
+    fn spawn(
+        &self,
+        spec: &InstanceSpec,
+        launch: Launch,
+    ) -> anyhow::Result<(tokio::process::Child, Option<Arc<dyn Cgroup>>)> {
+        let log_path = self.log_path(&spec.instance_id)?;
+        let log = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&log_path)?
+        };
+        std::fs::create_dir_all(self.state_dir.join("instances"))?;
+        let exit_file = self.exit_path(&spec.instance_id);
+        let _ = std::fs::remove_file(&exit_file);
+        // A container's CPU quota is set once its process is in its cgroup:
+        // the runtime's own start (a Go program, tens of ms of CPU) under a
+        // small quota would take several CFS periods.
+        let deferred_cpu = match &launch {
+            Launch::Container { .. } => spec.limits.cpu_milli,
+            Launch::Host { .. } => None,
+        };
+        let cgroup = if deferred_cpu.is_some() {
+            let mut unquoted = spec.clone();
+            unquoted.limits.cpu_milli = None;
+            self.cgroup_for(&unquoted)?
+        } else {
+            self.cgroup_for(spec)?
+        };
+        let procs_files = cgroup.as_ref().map(|g| g.procs_files()).unwrap_or_default();
+        let built = self.instance_command(spec, &launch, &exit_file, &procs_files);
+        let mut cmd = match built {
+            Ok(cmd) => cmd,
+            Err(err) => {
+                if let Some(group) = &cgroup {
+                    let _ = group.remove();
+                }
+                return Err(err);
+            }
         };
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
@@ -1461,20 +1504,6 @@ impl Runtime {
                 None,
             ) => Some((id.uid, id.gid)),
             _ => None,
-        };
-        // A container's CPU quota is set once its process is in its cgroup:
-        // the runtime's own start (a Go program, tens of ms of CPU) under a
-        // small quota would take several CFS periods.
-        let deferred_cpu = match &launch {
-            Launch::Container { .. } => spec.limits.cpu_milli,
-            Launch::Host { .. } => None,
-        };
-        let cgroup = if deferred_cpu.is_some() {
-            let mut unquoted = spec.clone();
-            unquoted.limits.cpu_milli = None;
-            self.cgroup_for(&unquoted)?
-        } else {
-            self.cgroup_for(spec)?
         };
         if let (Some(milli), Some(group)) = (deferred_cpu, cgroup.clone()) {
             let id = spec.instance_id.clone();
@@ -1492,13 +1521,18 @@ impl Runtime {
                 }
             });
         }
-        let files: Vec<std::ffi::CString> = match &cgroup {
-            Some(group) => group
-                .procs_files()
+        // The shim joins the cgroup itself (`--join`), before it starts the
+        // command: with nothing to run between fork and exec, the agent
+        // spawns it with posix_spawn (a vfork), not a fork of the whole
+        // agent, whose page tables and copy-on-write faults cost more than
+        // the instance. Without a shim, the child joins before exec.
+        let files: Vec<std::ffi::CString> = if self.shim.is_some() {
+            Vec::new()
+        } else {
+            procs_files
                 .iter()
                 .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()))
-                .collect::<Result<_, _>>()?,
-            None => Vec::new(),
+                .collect::<Result<_, _>>()?
         };
         if !files.is_empty() || drop_to.is_some() {
             // The child joins its cgroup before exec, so nothing it starts

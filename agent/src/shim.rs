@@ -98,6 +98,9 @@ struct Container<'a> {
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Args<'a> {
     exit_file: &'a str,
+    /// `cgroup.procs` files the shim writes itself into before anything
+    /// else (the instance's cgroup, one file per v1 controller).
+    join: Vec<&'a str>,
     /// The user the command runs as (None: the shim's).
     user: Option<(u32, u32)>,
     /// The command's environment (None: the shim's own).
@@ -118,7 +121,7 @@ struct Args<'a> {
     command: &'a [String],
 }
 
-const USAGE: &str = "usage: shim EXIT_FILE [--as UID:GID] [--env-file FILE] [--cwd DIR] \
+const USAGE: &str = "usage: shim EXIT_FILE [--join CGROUP_PROCS]... [--as UID:GID] [--env-file FILE] [--cwd DIR] \
 [--isolate [--hide PATH]... [--keep PATH]...] -- COMMAND ARGS...\n   \
 or: shim EXIT_FILE --container RUNTIME ROOT BUNDLE ID LOWER:UPPER:WORK:TARGET";
 
@@ -134,6 +137,10 @@ fn parse(args: &[String]) -> Option<Args<'_>> {
             Some("--as") => {
                 let (uid, gid) = value(1)?.split_once(':')?;
                 a.user = Some((uid.parse().ok()?, gid.parse().ok()?));
+                rest = &rest[2..];
+            }
+            Some("--join") => {
+                a.join.push(value(1)?);
                 rest = &rest[2..];
             }
             Some("--env-file") => {
@@ -221,7 +228,11 @@ fn shim(args: &[String]) -> i32 {
             libc::signal(sig, ignore as *const () as libc::sighandler_t);
         }
     }
-    let exit = if let Some(c) = &args.container {
+    let exit = if let Err(err) = join_cgroups(&args.join) {
+        // Nothing runs outside the instance's cgroup.
+        eprintln!("shim: {err}");
+        Exit::Code(127)
+    } else if let Some(c) = &args.container {
         // The directories mounted at /work and /logs, made as the
         // container's root.
         let made = args
@@ -254,6 +265,16 @@ fn shim(args: &[String]) -> i32 {
             128 + sig
         }
     }
+}
+
+/// Moves the shim (and so everything it starts) into the instance's
+/// cgroup: "0" written to a `cgroup.procs` file is the writer.
+fn join_cgroups(files: &[&str]) -> Result<(), String> {
+    for f in files {
+        std::fs::write(f, b"0")
+            .map_err(|e| format!("cannot join the instance's cgroup {f}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// The command, with its environment, user and working directory.
@@ -564,6 +585,7 @@ fn init(args: &Args) -> Exit {
     }
     let without_file = Args {
         env_file: None,
+        join: Vec::new(),
         hide: Vec::new(),
         keep: Vec::new(),
         stage: Vec::new(),
@@ -767,6 +789,10 @@ mod tests {
         assert!(p.isolate);
         assert_eq!((p.hide, p.keep), (vec!["/s"], vec!["/s/t"]));
         assert_eq!(p.command, &a[13..]);
+        let a = args("/x.exit --join /a/cgroup.procs --join /b/cgroup.procs -- id");
+        let p = parse(&a).unwrap();
+        assert_eq!(p.join, vec!["/a/cgroup.procs", "/b/cgroup.procs"]);
+        assert_eq!(p.command, &a[6..]);
         let a = args("/x.exit --container /usr/bin/runc /r /b id1 /l:/u:/w:/t");
         let c = parse(&a).unwrap().container.unwrap();
         assert_eq!(
@@ -780,11 +806,35 @@ mod tests {
             "/x.exit --as 1 -- id",
             "/x.exit id",
             "/x.exit --env-file",
+            "/x.exit --join",
             "/x.exit --container /runc /r /b id /l:/u:/w",
             "/x.exit --container /runc /r /b id /l:/u:/w:/t:/x",
         ] {
             assert!(parse(&args(bad)).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_cgroup_that_cannot_be_joined_runs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let exit = dir.path().join("x.exit");
+        let marker = dir.path().join("ran");
+        let a: Vec<String> = [
+            exit.to_str().unwrap(),
+            "--join",
+            dir.path()
+                .join("no-such-cgroup/cgroup.procs")
+                .to_str()
+                .unwrap(),
+            "--",
+            "touch",
+            marker.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(shim(&a), 127);
+        assert_eq!(read_exit(&exit), Some(Exit::Code(127)));
+        assert!(!marker.exists(), "the command ran outside its cgroup");
     }
 
     #[test]
