@@ -10,6 +10,7 @@
 //! [`crate::domain::scheduling::plan`].
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 mod billing;
 mod error;
@@ -255,6 +256,10 @@ pub struct Cluster {
     /// status, inventory, cordon or pool; an instance ends); rebuilt by the
     /// next pass.
     placer: Option<placement::Placer>,
+    /// The distinct waits of the last pass, each with its rendering: a job
+    /// whose wait did not change costs a pointer comparison, and one whose
+    /// wait did (its head started) a copy of the rendering.
+    waits: HashMap<Arc<scheduling::Wait>, Arc<str>>,
     /// node id -> jobs that have (or had) instances there; pruned as their
     /// instances end. Spares heartbeats a walk over every job.
     jobs_on_node: HashMap<String, std::collections::BTreeSet<String>>,
@@ -309,6 +314,7 @@ impl Cluster {
             store: staged::StagedStore::new(store),
             diverged: false,
             placer: None,
+            waits: HashMap::new(),
             jobs_on_node: HashMap::new(),
             unwritten: None,
             waiting: Default::default(),
@@ -1359,15 +1365,22 @@ impl Cluster {
         let decisions = scheduling::plan(&queue, &mut placer, now_ms);
         drop(queue);
         self.placer = Some(placer);
+        let mut waits: HashMap<*const scheduling::Wait, (Arc<scheduling::Wait>, Arc<str>)> =
+            HashMap::new();
         for job in scheduling::by_job(decisions) {
             if job.placed.is_empty() {
                 if let Some(why) = job.wait {
-                    self.set_wait_reason(&job.job_id, why);
+                    let (why, text) = waits
+                        .entry(Arc::as_ptr(&why))
+                        .or_insert_with(|| canonical_wait(&self.waits, why))
+                        .clone();
+                    self.set_wait_reason(&job.job_id, why, &text);
                 }
             } else {
                 self.start_placed(&job.job_id, job.placed, now_ms, out);
             }
         }
+        self.waits = waits.into_values().collect();
     }
 
     /// Why a job waits is derived by every pass and kept in memory only: it
@@ -1375,11 +1388,15 @@ impl Cluster {
     /// queue of any depth cost a write per queued job whenever the head
     /// changed, since the reason names the head.) A reload keeps it, see
     /// `staged.rs`.
-    fn set_wait_reason(&mut self, job_id: &str, why: scheduling::Wait) {
+    fn set_wait_reason(&mut self, job_id: &str, why: Arc<scheduling::Wait>, text: &str) {
         let job = self.jobs.get_mut(job_id).expect("planned job exists");
-        if job.wait.as_ref() != Some(&why) {
-            job.reason = why.to_string();
-            job.wait = Some(why);
+        match &job.wait {
+            Some(old) if Arc::ptr_eq(old, &why) => {}
+            Some(old) if **old == *why => job.wait = Some(why),
+            _ => {
+                job.reason = text.to_string();
+                job.wait = Some(why);
+            }
         }
     }
 
@@ -1638,6 +1655,21 @@ fn stop_instance(inst: &mut Instance, grace_ms: u32, reason: &str, out: &mut Out
             reason: reason.to_string(),
         },
     ));
+}
+
+/// A pass's wait as the last pass made it, if it is the same (so jobs
+/// keep comparing by pointer), else itself, rendered once.
+fn canonical_wait(
+    last: &HashMap<Arc<scheduling::Wait>, Arc<str>>,
+    why: Arc<scheduling::Wait>,
+) -> (Arc<scheduling::Wait>, Arc<str>) {
+    match last.get_key_value(&why) {
+        Some((same, text)) => (same.clone(), text.clone()),
+        None => {
+            let text: Arc<str> = why.to_string().into();
+            (why, text)
+        }
+    }
 }
 
 /// First port of the range MASTER_PORT is taken from (rank 0 listens there).

@@ -785,7 +785,7 @@ pub struct Job {
     /// renders it: in memory only, so an unchanged wait costs a comparison,
     /// not a rendering.
     #[serde(skip)]
-    pub wait: Option<super::scheduling::Wait>,
+    pub wait: Option<std::sync::Arc<super::scheduling::Wait>>,
 }
 
 /// Why the scheduler stops a job's instances.

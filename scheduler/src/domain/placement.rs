@@ -94,7 +94,7 @@ pub struct Assignment {
 
 /// Why a request does not fit now. Its `Display` is the reason a waiting
 /// job shows; the variants name what is short.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum NoFit {
     /// The pool has no nodes at all.
     NoNodes { pool: String, want: Demand },
@@ -125,7 +125,7 @@ pub enum NoFit {
 }
 
 /// What a request asks for: `instances` x `resources`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Demand {
     pub instances: u32,
     /// Boxed: a `NoFit` is an `Err` of every placement and stays small.
@@ -134,7 +134,7 @@ pub struct Demand {
 
 /// One resource a node is short of, with the numbers. `models` is the
 /// request's model list (empty: any).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Shortfall {
     Gpus {
         free: usize,

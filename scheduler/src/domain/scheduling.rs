@@ -46,6 +46,7 @@
 //! shows (`gpupool job get`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::job::{Job, JobKind, JobState, PendingRank, Resources};
 use super::placement::{Assignment, NoFit, NodeCapacity, Placer};
@@ -144,8 +145,9 @@ pub enum Decision {
         rank: u32,
         assignment: Assignment,
     },
-    /// The job (or its remaining ranks) waits, for this reason.
-    Wait { job_id: String, why: Wait },
+    /// The job (or its remaining ranks) waits, for this reason. Jobs of
+    /// one shape behind one head share one `Wait` (step 4).
+    Wait { job_id: String, why: Arc<Wait> },
 }
 
 impl Decision {
@@ -163,7 +165,7 @@ pub struct JobPlan {
     /// (rank, where), in the order placed.
     pub placed: Vec<(u32, Assignment)>,
     /// Why it (or its remaining ranks) still waits.
-    pub wait: Option<Wait>,
+    pub wait: Option<Arc<Wait>>,
 }
 
 /// A plan's decisions job by job, in plan order (a job's are adjacent).
@@ -189,7 +191,7 @@ pub fn by_job(decisions: Vec<Decision>) -> Vec<JobPlan> {
 }
 
 /// Why a job waits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Wait {
     /// Not enough room now.
     NoRoom(NoFit),
@@ -248,7 +250,9 @@ pub fn plan(queue: &[Request<'_>], placer: &mut Placer, now_ms: i64) -> Vec<Deci
     let mut order: Vec<&Request> = queue.iter().filter(|r| r.due(now_ms)).collect();
     order.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.seq.cmp(&b.seq)));
     let mut heads: HashMap<&str, Head> = HashMap::new();
-    let mut failed: HashMap<FailedShape, Wait> = HashMap::new();
+    // A failed shape's wait, and (with a head) the same behind the head:
+    // every request of the shape shares them.
+    let mut failed: HashMap<FailedShape, (Arc<Wait>, Option<Arc<Wait>>)> = HashMap::new();
     let mut out = Vec::new();
     for req in order {
         let head = heads.get(req.pool);
@@ -262,17 +266,30 @@ pub fn plan(queue: &[Request<'_>], placer: &mut Placer, now_ms: i64) -> Vec<Deci
             },
             head: head.map(|h| h.job_id),
         };
-        let (placed, failure) = match failed.get(&shape) {
-            Some(why) => (Vec::new(), Some(why.clone())),
-            None => match &req.shape {
-                Shape::Gang { instances, .. } => {
-                    match placer.place_avoiding(req.pool, req.resources, *instances, false, avoid) {
-                        Ok(a) => ((0..*instances).zip(a).collect(), None),
-                        Err(no_fit) => (Vec::new(), Some(Wait::NoRoom(no_fit))),
-                    }
+        if let Some((base, behind)) = failed.get(&shape) {
+            // Step 4: no placer call, and the wait the shape's first
+            // failure made (shared, not copied).
+            let why = match behind {
+                Some(behind) => behind.clone(),
+                None => {
+                    become_head(&mut heads, placer, req);
+                    base.clone()
                 }
-                Shape::Replicas { .. } => place_replicas(req, placer, avoid, now_ms),
-            },
+            };
+            out.push(Decision::Wait {
+                job_id: req.job_id.to_string(),
+                why,
+            });
+            continue;
+        }
+        let (placed, failure) = match &req.shape {
+            Shape::Gang { instances, .. } => {
+                match placer.place_avoiding(req.pool, req.resources, *instances, false, avoid) {
+                    Ok(a) => ((0..*instances).zip(a).collect(), None),
+                    Err(no_fit) => (Vec::new(), Some(Wait::NoRoom(no_fit))),
+                }
+            }
+            Shape::Replicas { .. } => place_replicas(req, placer, avoid, now_ms),
         };
         out.extend(
             placed
@@ -286,33 +303,42 @@ pub fn plan(queue: &[Request<'_>], placer: &mut Placer, now_ms: i64) -> Vec<Deci
         let Some(why) = failure else {
             continue;
         };
-        if !matches!(why, Wait::PortTaken { .. }) {
-            failed.entry(shape).or_insert_with(|| why.clone());
-        }
+        let cached = !matches!(why, Wait::PortTaken { .. });
+        let base = Arc::new(why);
         let why = match heads.get(req.pool) {
-            Some(head) => Wait::Behind {
+            Some(head) => Arc::new(Wait::Behind {
                 head: head.job_id.to_string(),
-                why: Box::new(why),
-            },
+                why: Box::new((*base).clone()),
+            }),
             None => {
-                if let Some(reserved) = placer.reservable(req.pool, req.resources, req.wanted()) {
-                    heads.insert(
-                        req.pool,
-                        Head {
-                            job_id: req.job_id,
-                            reserved,
-                        },
-                    );
-                }
-                why
+                become_head(&mut heads, placer, req);
+                base.clone()
             }
         };
+        if cached {
+            let behind = shape.head.is_some().then(|| why.clone());
+            failed.entry(shape).or_insert((base, behind));
+        }
         out.push(Decision::Wait {
             job_id: req.job_id.to_string(),
             why,
         });
     }
     out
+}
+
+/// Step 3: a request that failed in a pool without a head becomes the
+/// pool's head if the idle pool could host it.
+fn become_head<'a>(heads: &mut HashMap<&'a str, Head<'a>>, placer: &mut Placer, req: &Request<'a>) {
+    if let Some(reserved) = placer.reservable(req.pool, req.resources, req.wanted()) {
+        heads.insert(
+            req.pool,
+            Head {
+                job_id: req.job_id,
+                reserved,
+            },
+        );
+    }
 }
 
 /// Places a replica request's due ranks (step 6). Returns what was placed
