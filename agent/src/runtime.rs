@@ -509,6 +509,8 @@ impl Runtime {
             .join(format!("{instance_id}.exit"))
     }
 
+    /// Where agents before 0.1's stdin hand-over wrote an instance's
+    /// environment; `forget` removes a file one left.
     fn env_path(&self, instance_id: &str) -> PathBuf {
         self.state_dir
             .join("instances")
@@ -1321,13 +1323,14 @@ impl Runtime {
 
     /// The command that starts an instance: its shim, which first joins
     /// `procs_files` (the instance's cgroup), or, with no shim, the
-    /// command itself.
+    /// command itself. `env_out` gets what to write to the shim's stdin.
     fn instance_command(
         &self,
         spec: &InstanceSpec,
         launch: &Launch,
         exit_file: &Path,
         procs_files: &[PathBuf],
+        env_out: &mut Option<Vec<u8>>,
     ) -> anyhow::Result<tokio::process::Command> {
         Ok(match (launch, &self.shim) {
             (
@@ -1389,12 +1392,10 @@ impl Runtime {
             ) => {
                 // The shim runs as the agent's user: it gets none of the
                 // job's environment (LD_PRELOAD and friends would run the
-                // job's code with its privileges), only a 0600 file of it,
-                // which it reads, removes and gives to the command alone.
-                let env = instance_env(spec, workdir);
-                let env_file = self.env_path(&spec.instance_id);
-                write_env_file(&env_file, &env)
-                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", env_file.display()))?;
+                // job's code with its privileges), only the bytes of it on
+                // its stdin (`--env-file -`), which it gives to the command
+                // alone. Nothing of it is ever written to disk.
+                *env_out = Some(env_bytes(&instance_env(spec, workdir)));
                 let (program, args) = spec
                     .command
                     .split_first()
@@ -1407,7 +1408,7 @@ impl Runtime {
                 if let Some(id) = identity {
                     c.arg("--as").arg(format!("{}:{}", id.uid, id.gid));
                 }
-                c.arg("--env-file").arg(&env_file);
+                c.arg("--env-file").arg("-");
                 c.arg("--cwd").arg(workdir);
                 if let (Some(hide), Some(_)) = (&self.isolate, identity) {
                     c.arg("--isolate");
@@ -1481,7 +1482,8 @@ impl Runtime {
             self.cgroup_for(spec)?
         };
         let procs_files = cgroup.as_ref().map(|g| g.procs_files()).unwrap_or_default();
-        let built = self.instance_command(spec, &launch, &exit_file, &procs_files);
+        let mut env = None;
+        let built = self.instance_command(spec, &launch, &exit_file, &procs_files, &mut env);
         let mut cmd = match built {
             Ok(cmd) => cmd,
             Err(err) => {
@@ -1491,11 +1493,15 @@ impl Runtime {
                 return Err(err);
             }
         };
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .process_group(0)
-            .kill_on_drop(false);
+        cmd.stdin(if env.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .process_group(0)
+        .kill_on_drop(false);
         let drop_to = match (&launch, &self.shim) {
             (
                 Launch::Host {
@@ -1567,7 +1573,12 @@ impl Runtime {
             }
         }
         match cmd.spawn() {
-            Ok(child) => Ok((child, cgroup)),
+            Ok(mut child) => {
+                if let (Some(bytes), Some(stdin)) = (env, child.stdin.take()) {
+                    give_env(&spec.instance_id, stdin, bytes);
+                }
+                Ok((child, cgroup))
+            }
             Err(err) => {
                 if let Some(group) = &cgroup {
                     let _ = group.remove();
@@ -2036,26 +2047,55 @@ fn process_start_ticks(pid: u32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
-/// Writes an instance's environment for the shim: `KEY=VALUE` entries,
-/// each ended by a NUL (values may hold newlines), in a new 0600 file.
-fn write_env_file(path: &Path, env: &BTreeMap<String, String>) -> std::io::Result<()> {
+/// Writes `bytes` to the shim's stdin and closes it: at once when they
+/// fit in a pipe's buffer (the shim is not kept waiting for a task to be
+/// scheduled), else from a blocking thread. A shim that died first gets
+/// nothing (EPIPE).
+fn give_env(instance_id: &str, stdin: tokio::process::ChildStdin, bytes: Vec<u8>) {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    // One write, not four per variable.
-    let mut buf = Vec::with_capacity(env.iter().map(|(k, v)| k.len() + v.len() + 2).sum());
-    for (k, v) in env {
-        buf.extend_from_slice(k.as_bytes());
-        buf.push(b'=');
-        buf.extend_from_slice(v.as_bytes());
-        buf.push(b'\0');
+    let id = instance_id.to_string();
+    let small = bytes.len() <= 4096;
+    let write = move || {
+        let done = stdin.into_owned_fd().and_then(|fd| {
+            // SAFETY: our own descriptor, made blocking again.
+            unsafe {
+                let flags = libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::F_GETFL);
+                libc::fcntl(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    libc::F_SETFL,
+                    flags & !libc::O_NONBLOCK,
+                );
+            }
+            std::fs::File::from(fd).write_all(&bytes)
+        });
+        if let Err(err) = done {
+            tracing::warn!(instance = %id, error = %err, "cannot give the shim the instance's environment");
+        }
+    };
+    // Linux pipes hold 64 KiB (at least 4 KiB when the user's pipe pages
+    // are spent): small environments never block.
+    if small {
+        write();
+    } else {
+        tokio::task::spawn_blocking(write);
     }
-    f.write_all(&buf)
+}
+
+/// An instance's environment for the shim's stdin: its length in decimal
+/// and a newline, then `KEY=VALUE` entries, each ended by a NUL (values
+/// may hold newlines). The length lets the shim tell a whole environment
+/// from one cut short by an agent that died while writing it.
+fn env_bytes(env: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut body = Vec::with_capacity(env.iter().map(|(k, v)| k.len() + v.len() + 2).sum());
+    for (k, v) in env {
+        body.extend_from_slice(k.as_bytes());
+        body.push(b'=');
+        body.extend_from_slice(v.as_bytes());
+        body.push(b'\0');
+    }
+    let mut out = format!("{}\n", body.len()).into_bytes();
+    out.extend_from_slice(&body);
+    out
 }
 
 /// True when `path` is `dir` or below it, compared on the normalised paths

@@ -201,11 +201,24 @@ fn parse(args: &[String]) -> Option<Args<'_>> {
     }
 }
 
-/// Reads and removes an environment file: `KEY=VALUE` entries, each ended
-/// by a NUL.
+/// Reads the command's environment: `KEY=VALUE` entries, each ended by a
+/// NUL. From a file, which is then removed, or with `-` from stdin, where
+/// the agent writes their length and a newline first; stdin is then
+/// `/dev/null`, and an environment cut short is an error.
 fn take_env(path: &str) -> std::io::Result<Vec<(String, String)>> {
-    let bytes = std::fs::read(path)?;
-    let _ = std::fs::remove_file(path);
+    let bytes = if path == "-" {
+        let bytes = read_framed(&mut std::io::stdin().lock())?;
+        let null = std::fs::File::open("/dev/null")?;
+        // SAFETY: dup2 onto our own fd 0.
+        if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        bytes
+    } else {
+        let bytes = std::fs::read(path)?;
+        let _ = std::fs::remove_file(path);
+        bytes
+    };
     Ok(bytes
         .split(|b| *b == 0)
         .filter(|e| !e.is_empty())
@@ -215,6 +228,27 @@ fn take_env(path: &str) -> std::io::Result<Vec<(String, String)>> {
             Some((k.to_string(), v.to_string()))
         })
         .collect())
+}
+
+/// `LEN\n` then exactly LEN bytes.
+fn read_framed(r: &mut impl std::io::BufRead) -> std::io::Result<Vec<u8>> {
+    use std::io::{BufRead, Read};
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let mut head = Vec::new();
+    r.by_ref().take(24).read_until(b'\n', &mut head)?;
+    let len: usize = std::str::from_utf8(head.strip_suffix(b"\n").unwrap_or(&[]))
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| bad("no length before the environment".into()))?;
+    let mut body = Vec::with_capacity(len.min(1 << 20));
+    r.by_ref().take(len as u64).read_to_end(&mut body)?;
+    if body.len() != len {
+        return Err(bad(format!(
+            "the environment was cut short ({} of {len} bytes)",
+            body.len()
+        )));
+    }
+    Ok(body)
 }
 
 fn shim(args: &[String]) -> i32 {
@@ -849,6 +883,22 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
         );
         assert!(!f.exists(), "removed once read");
+    }
+
+    #[test]
+    fn environments_on_stdin_are_framed() {
+        let read = |b: &[u8]| read_framed(&mut std::io::Cursor::new(b.to_vec()));
+        assert_eq!(read(b"7\nA=1\0B=\0rest").unwrap(), b"A=1\0B=\0");
+        assert_eq!(read(b"0\n").unwrap(), b"");
+        for bad in [
+            &b""[..],
+            b"6",
+            b"x\nA=1\0",
+            b"8\nA=1\0B=\0",
+            b"99999999999999999999999999\n",
+        ] {
+            assert!(read(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

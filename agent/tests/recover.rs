@@ -131,3 +131,67 @@ async fn shim_records_the_exit_of_an_unprivileged_instance() {
     let exit = std::fs::read_to_string(dir.path().join("instances/u-0.exit")).unwrap();
     assert_eq!(exit, "code 5");
 }
+
+#[tokio::test]
+async fn the_environment_reaches_the_command_whole_and_never_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::new(dir.path()).unwrap().with_shim(shim());
+    // One small environment (written at once) and one larger than a pipe's
+    // buffer (written from a thread while the shim reads; one variable may
+    // hold at most 128 KiB).
+    let marker = "s3cr3t-marker-";
+    let big = format!("{marker}{}", "x".repeat(100 * 1024));
+    for (id, value) in [("small-0", format!("{marker}a b")), ("big-0", big.clone())] {
+        let want = value.len();
+        rt.start(InstanceSpec {
+            instance_id: id.into(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                format!(
+                    "test ${{#SECRET}} -eq {want} && test \"$PLAIN\" = 'two words' && echo whole"
+                ),
+            ],
+            env: [("SECRET", value.as_str()), ("PLAIN", "two words")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into_iter()
+                .collect(),
+            world_size: 1,
+            ..Default::default()
+        });
+    }
+    let mut done = Vec::new();
+    for _ in 0..200 {
+        done = rt
+            .snapshot()
+            .into_iter()
+            .filter(|r| r.phase.is_terminal())
+            .collect();
+        if done.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for id in ["small-0", "big-0"] {
+        let r = done.iter().find(|r| r.instance_id == id).expect("ended");
+        let (log, _) = rt.read_log(id, 0, 4096).await.unwrap();
+        assert_eq!(
+            (r.phase, String::from_utf8_lossy(&log).trim()),
+            (Phase::Succeeded, "whole"),
+            "{r:?}"
+        );
+    }
+    // Nothing under the state dir ever held the secret.
+    let mut stack = vec![dir.path().to_path_buf()];
+    while let Some(p) = stack.pop() {
+        if p.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else if let Ok(bytes) = std::fs::read(&p) {
+            assert!(
+                !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+                "{} holds the environment",
+                p.display()
+            );
+        }
+    }
+}
