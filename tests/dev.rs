@@ -115,16 +115,31 @@ fn dev_shows_the_whole_product_and_ctrl_c_stops_its_instances() {
     let grpc = free_port();
     let dev = start_dev(dir.path(), &config, grpc);
     let addr = format!("http://127.0.0.1:{grpc}");
-    wait_for("three Ready nodes", || {
+    let mut last = String::new();
+    let ready = (0..150).any(|_| {
         let out = cli(&addr, ADMIN, &["node", "list", "-o", "json"]);
-        out.status.success()
+        last = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ready = out.status.success()
             && serde_json::from_slice::<serde_json::Value>(&out.stdout)
                 .ok()
                 .and_then(|v| v.as_array().cloned())
                 .is_some_and(|nodes| {
                     nodes.len() == 3 && nodes.iter().all(|n| n["status"] == "Ready")
-                })
+                });
+        if !ready {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ready
     });
+    assert!(
+        ready,
+        "timed out waiting for three Ready nodes; last `node list`: {last}\ndev's log:\n{}",
+        dev.log_text()
+    );
     let log = dev.log_text();
     assert!(
         log.contains("3 node(s)") && log.contains("from --config"),

@@ -2048,37 +2048,36 @@ fn process_start_ticks(pid: u32) -> Option<u64> {
 }
 
 /// Writes `bytes` to the shim's stdin and closes it: at once when they
-/// fit in a pipe's buffer (the shim is not kept waiting for a task to be
-/// scheduled), else from a blocking thread. A shim that died first gets
-/// nothing (EPIPE).
-fn give_env(instance_id: &str, stdin: tokio::process::ChildStdin, bytes: Vec<u8>) {
-    use std::io::Write;
-    let id = instance_id.to_string();
-    let small = bytes.len() <= 4096;
-    let write = move || {
-        let done = stdin.into_owned_fd().and_then(|fd| {
-            // SAFETY: our own descriptor, made blocking again.
-            unsafe {
-                let flags = libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::F_GETFL);
-                libc::fcntl(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    libc::F_SETFL,
-                    flags & !libc::O_NONBLOCK,
-                );
-            }
-            std::fs::File::from(fd).write_all(&bytes)
-        });
-        if let Err(err) = done {
-            tracing::warn!(instance = %id, error = %err, "cannot give the shim the instance's environment");
+/// fit in a pipe's atomic write (the shim is not kept waiting for a task
+/// to be scheduled), else, or for what is left, from a task that gives up
+/// after 30 s (a shim that neither reads nor exits). A shim that died
+/// first gets nothing (EPIPE); one given less than the length it was
+/// promised runs nothing.
+fn give_env(instance_id: &str, mut stdin: tokio::process::ChildStdin, bytes: Vec<u8>) {
+    let mut done = 0;
+    if bytes.len() <= libc::PIPE_BUF {
+        use std::os::fd::AsRawFd;
+        // SAFETY: writing our own buffer to our own (non-blocking) pipe.
+        let n = unsafe { libc::write(stdin.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+        if n == bytes.len() as isize {
+            return;
         }
-    };
-    // Linux pipes hold 64 KiB (at least 4 KiB when the user's pipe pages
-    // are spent): small environments never block.
-    if small {
-        write();
-    } else {
-        tokio::task::spawn_blocking(write);
+        done = usize::try_from(n).unwrap_or(0);
     }
+    let id = instance_id.to_string();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let write = stdin.write_all(&bytes[done..]);
+        match tokio::time::timeout(Duration::from_secs(30), write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(instance = %id, error = %err, "cannot give the shim the instance's environment");
+            }
+            Err(_) => {
+                tracing::warn!(instance = %id, "the shim did not read the instance's environment in 30 s");
+            }
+        }
+    });
 }
 
 /// An instance's environment for the shim's stdin: its length in decimal

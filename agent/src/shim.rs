@@ -262,6 +262,10 @@ fn shim(args: &[String]) -> i32 {
             libc::signal(sig, ignore as *const () as libc::sighandler_t);
         }
     }
+    // Whatever the agent was started with (a service manager's sockets, a
+    // build's jobserver pipes) stays out of the instance: every descriptor
+    // but 0-2 closes at exec.
+    mark_cloexec_above_stderr();
     let exit = if let Err(err) = join_cgroups(&args.join) {
         // Nothing runs outside the instance's cgroup.
         eprintln!("shim: {err}");
@@ -297,6 +301,40 @@ fn shim(args: &[String]) -> i32 {
                 libc::kill(libc::getpid(), sig);
             }
             128 + sig
+        }
+    }
+}
+
+/// Sets FD_CLOEXEC on every descriptor above 2: `close_range` (Linux 5.11),
+/// else one by one from /proc/self/fd.
+fn mark_cloexec_above_stderr() {
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC closes nothing now.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    } == 0;
+    if done {
+        return;
+    }
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|fd| *fd > 2)
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds {
+        // SAFETY: fcntl(2) on a descriptor number; one that is gone (the
+        // directory's own) fails harmlessly.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
         }
     }
 }
@@ -544,6 +582,16 @@ fn write_fd(fd: i32, text: &[u8]) {
 }
 
 fn run_isolated(args: &Args) -> Exit {
+    // The environment is read here, before the fork: the shim's stdin (the
+    // agent's pipe) is then /dev/null for the init and the command, and the
+    // agent's write ends as soon as the bytes are read.
+    let env = match args.env_file.map(take_env).transpose() {
+        Ok(env) => env,
+        Err(err) => {
+            eprintln!("shim: cannot read the environment: {err}");
+            return Exit::Code(127);
+        }
+    };
     let mut pipe = [0i32; 2];
     // SAFETY: unshare(2) of our own process (the PID namespace applies to
     // children) and pipe(2) into a local array.
@@ -568,7 +616,7 @@ fn run_isolated(args: &Args) -> Exit {
         // PID 1 of the instance's namespace.
         // SAFETY: closing the read end in the child.
         unsafe { libc::close(pipe[0]) };
-        let exit = init(args);
+        let exit = init(args, env);
         write_fd(pipe[1], exit.text().as_bytes());
         // SAFETY: leaving the child without running the parent's exit code.
         unsafe { libc::_exit(0) };
@@ -593,17 +641,9 @@ fn run_isolated(args: &Args) -> Exit {
     })
 }
 
-/// The namespace's init: sets up the mounts, runs the command, reaps
-/// everything until the command ends.
-fn init(args: &Args) -> Exit {
-    // The environment file is read before the state dir is covered.
-    let env = match args.env_file.map(take_env).transpose() {
-        Ok(env) => env,
-        Err(err) => {
-            eprintln!("shim: cannot read the environment: {err}");
-            return Exit::Code(127);
-        }
-    };
+/// The namespace's init: sets up the mounts, runs the command with `env`
+/// (None: the shim's own), reaps everything until the command ends.
+fn init(args: &Args, env: Option<Vec<(String, String)>>) -> Exit {
     if let Err(err) = sandbox_mounts(args) {
         eprintln!("shim: cannot set up the instance's mounts: {err}");
         return Exit::Code(127);

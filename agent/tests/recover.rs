@@ -195,3 +195,63 @@ async fn the_environment_reaches_the_command_whole_and_never_the_disk() {
         }
     }
 }
+
+#[tokio::test]
+async fn commands_get_dev_null_and_no_other_instances_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::new(dir.path()).unwrap().with_shim(shim());
+    // Several at once, some with environments larger than a pipe's atomic
+    // write, so their pipes are open in the agent while others spawn.
+    let ids: Vec<String> = (0..6).map(|i| format!("fd-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        rt.start(InstanceSpec {
+            instance_id: id.clone(),
+            command: vec!["sleep".into(), "5".into()],
+            env: [(
+                "PAD".to_string(),
+                "p".repeat(if i % 2 == 0 { 10 } else { 20_000 }),
+            )]
+            .into_iter()
+            .collect(),
+            world_size: 1,
+            ..Default::default()
+        });
+    }
+    for id in &ids {
+        let mut command_pid = None;
+        for _ in 0..100 {
+            let shim = rt
+                .snapshot()
+                .into_iter()
+                .find(|r| &r.instance_id == id)
+                .map(|r| r.pid)
+                .unwrap_or(0);
+            let children = std::fs::read_to_string(format!("/proc/{shim}/task/{shim}/children"))
+                .unwrap_or_default();
+            if let Some(pid) = children.split_whitespace().next() {
+                command_pid = Some(pid.to_string());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pid = command_pid.unwrap_or_else(|| panic!("{id}'s command never ran"));
+        let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        fds.sort();
+        assert_eq!(
+            fds,
+            ["0", "1", "2"],
+            "{id}'s command holds more descriptors"
+        );
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap(),
+            std::path::Path::new("/dev/null"),
+            "{id}'s stdin"
+        );
+    }
+    for id in &ids {
+        rt.stop(id, Duration::from_millis(100), "test over");
+    }
+}

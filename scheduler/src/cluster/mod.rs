@@ -1365,14 +1365,19 @@ impl Cluster {
         let decisions = scheduling::plan(&queue, &mut placer, now_ms);
         drop(queue);
         self.placer = Some(placer);
-        let mut waits: HashMap<*const scheduling::Wait, (Arc<scheduling::Wait>, Arc<str>)> =
-            HashMap::new();
+        // This pass's waits (by address; each entry keeps its own Arc, so no
+        // address is reused while the map lives) to their canonical form.
+        type Canonical = (Arc<scheduling::Wait>, Arc<scheduling::Wait>, Arc<str>);
+        let mut waits: HashMap<*const scheduling::Wait, Canonical> = HashMap::new();
         for job in scheduling::by_job(decisions) {
             if job.placed.is_empty() {
                 if let Some(why) = job.wait {
-                    let (why, text) = waits
+                    let (_, why, text) = waits
                         .entry(Arc::as_ptr(&why))
-                        .or_insert_with(|| canonical_wait(&self.waits, why))
+                        .or_insert_with(|| {
+                            let (canonical, text) = canonical_wait(&self.waits, why.clone());
+                            (why, canonical, text)
+                        })
                         .clone();
                     self.set_wait_reason(&job.job_id, why, &text);
                 }
@@ -1380,7 +1385,10 @@ impl Cluster {
                 self.start_placed(&job.job_id, job.placed, now_ms, out);
             }
         }
-        self.waits = waits.into_values().collect();
+        self.waits = waits
+            .into_values()
+            .map(|(_, canonical, text)| (canonical, text))
+            .collect();
     }
 
     /// Why a job waits is derived by every pass and kept in memory only: it
