@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "gpupool/v1/job.proto",
     "gpupool/v1/usage.proto",
     "gpupool/v1/tenant.proto",
+    "gpupool/v1/audit.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use gpupool_proto::v1::{
-    job_service_client::JobServiceClient, node_service_client::NodeServiceClient,
-    pool_service_client::PoolServiceClient, tenant_service_client::TenantServiceClient,
-    usage_service_client::UsageServiceClient,
+    audit_service_client::AuditServiceClient, job_service_client::JobServiceClient,
+    node_service_client::NodeServiceClient, pool_service_client::PoolServiceClient,
+    tenant_service_client::TenantServiceClient, usage_service_client::UsageServiceClient,
 };
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -136,6 +136,12 @@ impl Conn {
     pub(crate) async fn usage(&self) -> Result<UsageServiceClient<Svc>, CliError> {
         let (channel, auth) = self.channel().await?;
         Ok(UsageServiceClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(MAX_RESPONSE))
+    }
+
+    pub(crate) async fn audit(&self) -> Result<AuditServiceClient<Svc>, CliError> {
+        let (channel, auth) = self.channel().await?;
+        Ok(AuditServiceClient::with_interceptor(channel, auth)
             .max_decoding_message_size(MAX_RESPONSE))
     }
 

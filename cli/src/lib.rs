@@ -28,6 +28,7 @@
 //! links no storage engine and no NVML.
 
 mod args;
+mod audit;
 mod billing;
 mod conn;
 mod error;
@@ -48,6 +49,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use self::args::DEFAULT_ADDR;
+pub use self::audit::AuditCommand;
 pub use self::billing::{BillArgs, OrderCommand, RollupArg, UsageArgs};
 use self::conn::Conn;
 use self::error::CliError;
@@ -197,6 +199,11 @@ pub enum Command {
     },
     /// Show which tenant the token belongs to.
     Whoami,
+    /// The audit trail: who changed what, from where, and how it ended.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
 }
 
 /// Runs one parsed command line against the scheduler.
@@ -229,6 +236,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Service { command } => services::service_command(&conn, out, command).await,
         Command::Tenant { command } => tenants::tenant_command(&conn, out, command).await,
         Command::Whoami => tenants::whoami(&conn, out).await,
+        Command::Audit { command } => audit::audit_command(&conn, out, command).await,
     }
 }
 

@@ -73,6 +73,9 @@ pub struct SchedulerConfig {
     /// Request size and rate limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The audit trail: how long it is kept, and a JSON lines copy.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// TLS for gRPC (omit for plaintext).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -287,9 +290,38 @@ impl Default for SchedulerConfig {
             billing: BillingConfig::default(),
             kinds: Default::default(),
             limits: LimitsConfig::default(),
+            audit: AuditConfig::default(),
             tls: None,
         }
     }
+}
+
+/// `[audit]`: the audit trail of every mutating call.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Records older than this many days are deleted (checked once a
+    /// minute); 0 = kept forever.
+    #[serde(default = "default_audit_retention_days")]
+    pub retention_days: u32,
+    /// Also append each record, once committed, as one JSON line to this
+    /// file (0600), for a log shipper. The database stays the record of
+    /// truth: a line can be lost in a crash after the commit.
+    #[serde(default)]
+    pub jsonl_file: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: default_audit_retention_days(),
+            jsonl_file: None,
+        }
+    }
+}
+
+fn default_audit_retention_days() -> u32 {
+    365
 }
 
 impl SchedulerConfig {

@@ -18,6 +18,7 @@ pub struct Metrics {
     gpus_allocated_milli: IntGauge,
     sessions: IntGauge,
     pub jobs_submitted: IntCounter,
+    pub audit_records: IntCounter,
     pub sessions_opened: IntCounter,
     /// Requests refused by the per-caller rate limit.
     pub requests_limited: IntCounter,
@@ -57,6 +58,11 @@ impl Metrics {
             IntGauge::new("gpupool_agent_sessions", "Agent sessions currently open.").unwrap();
         let jobs_submitted =
             IntCounter::new("gpupool_jobs_submitted_total", "Jobs accepted.").unwrap();
+        let audit_records = IntCounter::new(
+            "gpupool_audit_records_total",
+            "Audit records written (one per mutating call, refused and failed ones included; unauthenticated refusals are not recorded).",
+        )
+        .unwrap();
         let requests_limited = IntCounter::new(
             "gpupool_requests_rate_limited_total",
             "Client requests refused with RESOURCE_EXHAUSTED by the per-caller rate limit.",
@@ -135,6 +141,7 @@ impl Metrics {
             Box::new(gpus_allocated_milli.clone()),
             Box::new(sessions.clone()),
             Box::new(jobs_submitted.clone()),
+            Box::new(audit_records.clone()),
             Box::new(sessions_opened.clone()),
             Box::new(requests_limited.clone()),
             Box::new(agent_auth_refused.clone()),
@@ -149,6 +156,7 @@ impl Metrics {
             gpus_allocated_milli,
             sessions,
             jobs_submitted,
+            audit_records,
             sessions_opened,
             requests_limited,
             agent_auth_refused,

@@ -328,6 +328,22 @@ fn statement(record: &Record<'_>, now_ms: i64) -> Bound {
         Record::NextJobSeq(seq) => meta("next_job_seq", seq.to_string()),
         Record::SecretKeyCheck(check) => meta("secret_key_check", check.to_string()),
         Record::RevokeToken { sha256 } => (&sql::REVOKE_TOKEN, vec![p(sha256.to_string())]),
+        Record::Audit(entry) => {
+            let t = |kind: &str| entry.targets.get(kind).cloned().unwrap_or_default();
+            (
+                &sql::ADD_AUDIT,
+                vec![
+                    p(entry.seq.min(i64::MAX as u64) as i64),
+                    p(entry.at_ms),
+                    p(entry.tenant.clone()),
+                    p(t("pool")),
+                    p(t("job")),
+                    p(t("node")),
+                    p(encode(entry)),
+                ],
+            )
+        }
+        Record::PruneAudit { before_ms } => (&sql::PRUNE_AUDIT, vec![p(before_ms)]),
     }
 }
 
@@ -401,6 +417,35 @@ impl Store for PgStore {
                 None
             }
         }
+    }
+
+    fn audit_page(
+        &self,
+        q: &crate::domain::audit::AuditQuery,
+    ) -> Result<Vec<crate::domain::audit::AuditEntry>, StoreError> {
+        let q = q.clone();
+        self.call(move |c| {
+            let after = q.after_seq.min(i64::MAX as u64) as i64;
+            let limit = q.limit.min(i64::MAX as usize) as i64;
+            rows_with(
+                c,
+                "audit",
+                &sql::AUDIT_PAGE,
+                &[
+                    &after, &q.from_ms, &q.to_ms, &q.tenant, &q.pool, &q.job, &q.node, &limit,
+                ],
+            )
+        })
+    }
+
+    fn audit_max_seq(&self) -> Result<u64, StoreError> {
+        self.call(|c| {
+            let max: i64 = c
+                .query_one(&sql::AUDIT_MAX_SEQ.postgres(), &[])
+                .doing(Op::Read("audit"))?
+                .get(0);
+            Ok(max.max(0) as u64)
+        })
     }
 
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {

@@ -203,6 +203,12 @@ pub async fn serve(
             limiter.clone(),
         ))
         .add_service(Guard::new(
+            pb::audit_service_server::AuditServiceServer::new(api.clone())
+                .max_decoding_message_size(max_request),
+            shared.clone(),
+            limiter.clone(),
+        ))
+        .add_service(Guard::new(
             pb::tenant_service_server::TenantServiceServer::new(api)
                 .max_decoding_message_size(max_request),
             shared.clone(),
@@ -265,6 +271,13 @@ pub async fn serve(
                             if now - flushed >= 60_000 {
                                 core.cluster.flush_samples(flushed, now);
                                 core.cluster.forget_finished_jobs(now);
+                                let days = shared.config.audit.retention_days;
+                                if days > 0 {
+                                    let before = now - i64::from(days) * 86_400_000;
+                                    if let Err(err) = core.cluster.prune_audit(before, now) {
+                                        tracing::error!(error = %crate::ErrorChain(&err), "cannot prune the audit trail");
+                                    }
+                                }
                                 flushed_now = Some(now);
                             }
                             core.cluster.close_hours(now)

@@ -23,6 +23,7 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::domain::audit::{AuditEntry, AuditQuery};
 use crate::domain::billing::{LedgerRow, Order};
 use crate::domain::pool::Pool;
 use crate::domain::tenant::Tenant;
@@ -43,6 +44,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/0003_billing.sql")),
     (4, include_str!("../migrations/0004_leader.sql")),
     (5, include_str!("../migrations/0005_ledger_pages.sql")),
+    (6, include_str!("../migrations/0006_audit.sql")),
 ];
 
 /// What a store was doing when the database refused: the table and the
@@ -200,6 +202,12 @@ pub enum Record<'a> {
     NextJobSeq(u64),
     /// Check value of the secret key (not the key).
     SecretKeyCheck(&'a str),
+    /// One audited call.
+    Audit(&'a AuditEntry),
+    /// Audit records before this time go (retention).
+    PruneAudit {
+        before_ms: i64,
+    },
 }
 
 impl Record<'_> {
@@ -214,6 +222,8 @@ impl Record<'_> {
             Record::RevokeToken { .. } => Op::Delete("tokens"),
             Record::Order(_) => Op::Write("orders"),
             Record::Ledger(_) => Op::Write("ledger"),
+            Record::Audit(_) => Op::Write("audit"),
+            Record::PruneAudit { .. } => Op::Delete("audit"),
             Record::LedgerClosed(_) | Record::NextJobSeq(_) | Record::SecretKeyCheck(_) => {
                 Op::Write("meta")
             }
@@ -278,6 +288,16 @@ pub trait Store: Send {
     }
     /// Writes all records in one transaction: all or none.
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError>;
+    /// One page of the audit trail (see [`AuditQuery`]), oldest first.
+    /// (The defaults are a store that keeps none: test doubles. Every real
+    /// store, and every wrapper, implements both.)
+    fn audit_page(&self, _q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// The highest audit sequence number written (0: none).
+    fn audit_max_seq(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 
     fn put_node(&self, node: &Node, now_ms: i64) -> Result<(), StoreError> {
         self.write(&[Record::Node(node)], now_ms)
@@ -480,6 +500,33 @@ impl Store for SqliteStore {
         }
     }
 
+    fn audit_page(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        let conn = self.conn.lock().unwrap();
+        let read = Op::Read("audit");
+        let mut stmt = conn.prepare_cached(sql::AUDIT_PAGE.sqlite()).doing(read)?;
+        let mut cursor = stmt
+            .query(params![
+                q.after_seq.min(i64::MAX as u64) as i64,
+                q.from_ms,
+                q.to_ms,
+                q.tenant,
+                q.pool,
+                q.job,
+                q.node,
+                q.limit.min(i64::MAX as usize) as i64
+            ])
+            .doing(read)?;
+        decode(&mut cursor, "audit")
+    }
+
+    fn audit_max_seq(&self) -> Result<u64, StoreError> {
+        let conn = self.conn.lock().unwrap();
+        let max: i64 = conn
+            .query_row(sql::AUDIT_MAX_SEQ.sqlite(), [], |r| r.get(0))
+            .doing(Op::Read("audit"))?;
+        Ok(max.max(0) as u64)
+    }
+
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
         let mut conn = self.conn.lock().unwrap();
         let tx = conn.transaction().doing(Op::Begin)?;
@@ -579,6 +626,24 @@ fn write_one(
         Record::RevokeToken { sha256 } => {
             tx.execute(sql::REVOKE_TOKEN.sqlite(), params![sha256])?;
         }
+        Record::Audit(entry) => {
+            let t = |kind: &str| entry.targets.get(kind).cloned().unwrap_or_default();
+            tx.execute(
+                sql::ADD_AUDIT.sqlite(),
+                params![
+                    entry.seq.min(i64::MAX as u64) as i64,
+                    entry.at_ms,
+                    entry.tenant,
+                    t("pool"),
+                    t("job"),
+                    t("node"),
+                    encode(entry)
+                ],
+            )?;
+        }
+        Record::PruneAudit { before_ms } => {
+            tx.execute(sql::PRUNE_AUDIT.sqlite(), params![before_ms])?;
+        }
     }
     Ok(())
 }
@@ -604,6 +669,12 @@ impl Store for FailingStore {
     }
     fn reader(&self) -> Option<Box<dyn Store>> {
         self.inner.reader()
+    }
+    fn audit_page(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        self.inner.audit_page(q)
+    }
+    fn audit_max_seq(&self) -> Result<u64, StoreError> {
+        self.inner.audit_max_seq()
     }
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
         if self.fail.load(std::sync::atomic::Ordering::SeqCst) {

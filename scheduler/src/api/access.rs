@@ -69,12 +69,22 @@ pub const ACCESS: &[(&str, Access)] = &[
     ("/gpupool.v1.UsageService/ListUsage", Access::Tenant),
     ("/gpupool.v1.UsageService/ListOrders", Access::Tenant),
     ("/gpupool.v1.UsageService/GetBill", Access::Tenant),
+    ("/gpupool.v1.AuditService/ListAudit", Access::Tenant),
 ];
 
 /// The role `path` needs; None for paths outside the gpupool API (health,
 /// reflection: open to all).
 pub fn access_of(path: &str) -> Option<Access> {
     ACCESS.iter().find(|(p, _)| *p == path).map(|(_, a)| *a)
+}
+
+/// Who a request the guard let through comes from.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// Agent RPCs: the node (or a bootstrap with the join token).
+    pub identity: Option<AgentIdentity>,
+    /// Client RPCs: the tenant or the admin.
+    pub caller: Option<crate::domain::tenant::Caller>,
 }
 
 /// Decides a request for `path` with these headers: Ok to go on (with the
@@ -85,14 +95,14 @@ pub fn check(
     path: &str,
     headers: &http::HeaderMap,
     client_cert: bool,
-) -> Result<Option<AgentIdentity>, tonic::Status> {
+) -> Result<Checked, tonic::Status> {
     let Some(access) = access_of(path) else {
         if path.starts_with("/gpupool.") {
             return Err(tonic::Status::unimplemented(format!(
                 "unknown method {path}"
             )));
         }
-        return Ok(None);
+        return Ok(Checked::default());
     };
     let metadata = MetadataMap::from_headers(headers.clone());
     let caller = match access {
@@ -109,7 +119,10 @@ pub fn check(
                 ));
             }
             return super::auth::agent(shared, &metadata)
-                .map(Some)
+                .map(|identity| Checked {
+                    identity: Some(identity),
+                    caller: None,
+                })
                 .inspect_err(|_| shared.metrics.agent_auth_refused.inc());
         }
         Access::Tenant => super::auth::caller(shared, &metadata)?,
@@ -130,15 +143,20 @@ pub fn check(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .allow(&key, std::time::Instant::now());
-    allowed.map(|()| None).map_err(|wait| {
-        shared.metrics.requests_limited.inc();
-        tonic::Status::resource_exhausted(format!(
-            "rate limit: {} requests/s (burst {}) for {key}; retry in {} ms",
-            shared.config.limits.requests_per_second,
-            shared.config.limits.burst,
-            wait.as_millis().max(1)
-        ))
-    })
+    allowed
+        .map(|()| Checked {
+            identity: None,
+            caller: Some(caller),
+        })
+        .map_err(|wait| {
+            shared.metrics.requests_limited.inc();
+            tonic::Status::resource_exhausted(format!(
+                "rate limit: {} requests/s (burst {}) for {key}; retry in {} ms",
+                shared.config.limits.requests_per_second,
+                shared.config.limits.burst,
+                wait.as_millis().max(1)
+            ))
+        })
 }
 
 /// tonic answers a request body that is not the request message with
@@ -213,32 +231,132 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
         // With TLS, did the peer present a certificate (verified by the
         // handshake against `client_ca_file`)?
-        let client_cert = req
-            .extensions()
-            .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+        let tls = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+        let client_cert = tls
             .and_then(|info| info.peer_certs())
             .is_some_and(|certs| !certs.is_empty());
-        let path = req.uri().path();
-        match check(
+        let peer = tls
+            .map(|info| info.get_ref())
+            .or_else(|| req.extensions().get::<TcpConnectInfo>())
+            .and_then(|info| info.remote_addr())
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let path = req.uri().path().to_string();
+        let checked = check(
             &self.shared,
             &self.limiter,
-            path,
+            &path,
             req.headers(),
             client_cert,
-        ) {
-            Ok(identity) => {
+        );
+        let audited = super::audit::audited(&path);
+        let shared = self.shared.clone();
+        match checked {
+            Ok(checked) => {
                 let mut req = req;
-                if let Some(identity) = identity {
-                    req.extensions_mut().insert(identity);
+                if let Some(identity) = &checked.identity {
+                    req.extensions_mut().insert(identity.clone());
                 }
-                let call = self.inner.call(req);
-                Box::pin(async move { call.await.map(decode_error_is_bad_input) })
+                if !audited {
+                    let call = self.inner.call(req);
+                    return Box::pin(async move { call.await.map(decode_error_is_bad_input) });
+                }
+                // The handler is called once the body is read: on a clone,
+                // the ready one taken (tower's rule for a service called
+                // later).
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                Box::pin(audited_call(shared, inner, req, path, peer, checked))
             }
-            Err(status) => Box::pin(async move { Ok(status.into_http()) }),
+            Err(status) => {
+                // Refusals of an authenticated caller are recorded; an
+                // unauthenticated or rate-limited one costs no write.
+                let record = audited
+                    && !matches!(
+                        status.code(),
+                        tonic::Code::Unauthenticated | tonic::Code::ResourceExhausted
+                    );
+                let metadata = MetadataMap::from_headers(req.headers().clone());
+                Box::pin(async move {
+                    if record && let Ok(caller) = super::auth::caller(&shared, &metadata) {
+                        let call = super::audit::AuditCall::of_caller(&path, &caller, peer);
+                        let code = super::audit::code_name(status.code() as i32);
+                        super::audit::record_unchanged(&shared, &call, &code, status.message())
+                            .await;
+                    }
+                    Ok(status.into_http())
+                })
+            }
         }
     }
+}
+
+/// Most bytes of an audited request the guard reads (tonic's own limit on
+/// a decoded message is 4 MiB).
+const MAX_AUDITED_REQUEST: usize = 8 << 20;
+
+/// An audited call: the request's message is read (to summarize it), the
+/// handler runs in the call's scope (its mutation stages the record), and
+/// a call it did not record (it failed) is recorded with its status.
+async fn audited_call<S>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    req: http::Request<Body>,
+    path: String,
+    peer: String,
+    checked: Checked,
+) -> Result<http::Response<Body>, Infallible>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
+{
+    use super::audit::{
+        AuditCall, CALL, frame_payload, header_status, record_unchanged, summarize,
+    };
+    use http_body_util::BodyExt;
+    let mut call = match (&checked.caller, &checked.identity) {
+        (Some(caller), _) => AuditCall::of_caller(&path, caller, peer),
+        (None, Some(AgentIdentity::Node { node_id, .. })) => {
+            AuditCall::new(&path, "node", node_id, "", peer)
+        }
+        (None, Some(_)) => AuditCall::new(&path, "node", "(join token)", "", peer),
+        (None, None) => AuditCall::new(&path, "anonymous", "", "", peer),
+    };
+    let (parts, body) = req.into_parts();
+    let bytes = match http_body_util::Limited::new(body, MAX_AUDITED_REQUEST)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) => {
+            let status = tonic::Status::invalid_argument(format!("cannot read the request: {err}"));
+            let code = super::audit::code_name(status.code() as i32);
+            record_unchanged(&shared, &call, &code, status.message()).await;
+            return Ok(status.into_http());
+        }
+    };
+    match frame_payload(&bytes) {
+        Some(message) => summarize(&mut call, &path, message),
+        None => {
+            call.args.insert("request".into(), "not decodable".into());
+        }
+    }
+    let req = http::Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)));
+    let call = Arc::new(call);
+    let resp = CALL
+        .scope(call.clone(), inner.call(req))
+        .await
+        .map(decode_error_is_bad_input)?;
+    if !call.recorded.load(std::sync::atomic::Ordering::SeqCst) {
+        // Failed (its status in the headers), or succeeded without a
+        // mutation of its own (nothing to share a transaction with).
+        let (code, message) =
+            header_status(resp.headers()).unwrap_or_else(|| ("OK".into(), String::new()));
+        record_unchanged(&shared, &call, &code, &message).await;
+    }
+    Ok(resp)
 }
 
 #[cfg(test)]

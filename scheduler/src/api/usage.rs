@@ -416,3 +416,74 @@ impl pb::usage_service_server::UsageService for Api {
         }))
     }
 }
+
+fn audit_to_pb(e: &crate::domain::audit::AuditEntry) -> pb::AuditRecord {
+    pb::AuditRecord {
+        seq: e.seq,
+        at: Some(ts(e.at_ms)),
+        role: e.role.clone(),
+        who: e.who.clone(),
+        tenant: e.tenant.clone(),
+        peer: e.peer.clone(),
+        method: e.method.clone(),
+        targets: e.targets.clone().into_iter().collect(),
+        args: e.args.clone().into_iter().collect(),
+        code: e.code.clone(),
+        message: e.message.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::audit_service_server::AuditService for Api {
+    async fn list_audit(
+        &self,
+        req: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let caller = caller(&self.shared, req.metadata())?;
+        let req = req.into_inner();
+        let tenant = match (caller.admin, req.tenant.as_str()) {
+            (true, "") => None,
+            (true, t) => Some(t.to_string()),
+            (false, t) if t.is_empty() || t == caller.tenant => Some(caller.tenant.clone()),
+            (false, _) => {
+                return Err(Status::permission_denied(
+                    "a tenant sees only its own audit records",
+                ));
+            }
+        };
+        let pool = self
+            .shared
+            .with(|core, _| pool_scope(&core.cluster, &caller, &req.pool_id))?;
+        let after_seq = match req.page_token.as_str() {
+            "" => 0,
+            t => t
+                .parse()
+                .map_err(|_| Status::invalid_argument(format!("bad page token {t:?}")))?,
+        };
+        let size = super::page_size(req.page_size, self.shared.config.limits.max_page_size);
+        let q = crate::domain::audit::AuditQuery {
+            tenant,
+            pool,
+            job: Some(req.job_id).filter(|j| !j.is_empty()),
+            node: Some(req.node_id).filter(|n| !n.is_empty()),
+            from_ms: req.from.as_ref().map_or(i64::MIN, unix_ms_from_timestamp),
+            to_ms: req.to.as_ref().map_or(i64::MAX, unix_ms_from_timestamp),
+            after_seq,
+            limit: size + 1,
+        };
+        let mut records = self.shared.read_audit(&q).map_err(status)?;
+        let next_page_token = if records.len() > size {
+            records.truncate(size);
+            records
+                .last()
+                .map(|r| r.seq.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListAuditResponse {
+            records: records.iter().map(audit_to_pb).collect(),
+            next_page_token,
+        }))
+    }
+}

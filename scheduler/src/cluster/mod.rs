@@ -270,6 +270,9 @@ pub struct Cluster {
     /// [`staged::StagedStore::touched_jobs`]), every job that may wait now,
     /// so a pass looks at those and not at every job kept.
     waiting: std::collections::BTreeSet<String>,
+    /// The next audit record's sequence number (never reused: a failed
+    /// commit leaves a gap).
+    next_audit_seq: u64,
 }
 
 impl Cluster {
@@ -289,7 +292,57 @@ impl Cluster {
             Some(_) => {}
             None => store.write(&[Record::SecretKeyCheck(&check)], now_ms)?,
         }
-        Ok(Self::from_snapshot(store, settings, snapshot, now_ms))
+        let next_audit_seq = store.audit_max_seq()? + 1;
+        let mut cluster = Self::from_snapshot(store, settings, snapshot, now_ms);
+        cluster.next_audit_seq = next_audit_seq;
+        Ok(cluster)
+    }
+
+    /// Appends an audit record, staged with the operation's other writes
+    /// (so in the same transaction), with the next sequence number.
+    pub fn record_audit(
+        &mut self,
+        mut entry: crate::domain::audit::AuditEntry,
+        now_ms: i64,
+    ) -> Result<crate::domain::audit::AuditEntry, StoreError> {
+        entry.seq = self.next_audit_seq;
+        self.next_audit_seq += 1;
+        self.store.write(&[Record::Audit(&entry)], now_ms)?;
+        Ok(entry)
+    }
+
+    /// Audit records before `before_ms` go (retention).
+    pub fn prune_audit(&mut self, before_ms: i64, now_ms: i64) -> Result<(), StoreError> {
+        self.store
+            .write(&[Record::PruneAudit { before_ms }], now_ms)
+    }
+
+    /// One page of the audit trail, read through the cluster's store.
+    pub fn audit_page(
+        &self,
+        q: &crate::domain::audit::AuditQuery,
+    ) -> Result<Vec<crate::domain::audit::AuditEntry>, StoreError> {
+        self.store.audit_page(q)
+    }
+
+    /// The tenant an audited call concerned: the owner of its pool or job
+    /// target, or the tenant it names.
+    pub fn audit_owner(&self, targets: &BTreeMap<String, String>) -> Option<String> {
+        if let Some(p) = targets.get("pool").and_then(|id| self.pools.get(id)) {
+            return Some(p.tenant.clone());
+        }
+        if let Some(j) = targets.get("job").and_then(|id| self.jobs.get(id)) {
+            return Some(j.tenant.clone());
+        }
+        targets
+            .get("tenant")
+            .filter(|t| self.tenants.contains_key(*t))
+            .cloned()
+    }
+
+    /// Ids of the jobs and pools the operation being staged wrote.
+    pub fn staged_ids(&self) -> (Vec<String>, Vec<String>) {
+        self.store.staged_ids()
     }
 
     fn from_snapshot(
@@ -318,6 +371,7 @@ impl Cluster {
             jobs_on_node: HashMap::new(),
             unwritten: None,
             waiting: Default::default(),
+            next_audit_seq: 1,
         };
         for pool in snapshot.pools {
             cluster.next_pool_seq = cluster.next_pool_seq.max(pool.seq + 1);

@@ -11,6 +11,7 @@
 
 use std::cell::RefCell;
 
+use crate::domain::audit::{AuditEntry, AuditQuery};
 use crate::domain::billing::{LedgerRow, Order};
 use crate::domain::pool::Pool;
 use crate::domain::tenant::Tenant;
@@ -34,6 +35,8 @@ enum Kept {
     ForgetJob(String),
     NextJobSeq(u64),
     SecretKeyCheck(String),
+    Audit(AuditEntry),
+    PruneAudit(i64),
 }
 
 impl Kept {
@@ -56,6 +59,8 @@ impl Kept {
             Record::ForgetJob { job_id } => Self::ForgetJob(job_id.into()),
             Record::NextJobSeq(s) => Self::NextJobSeq(s),
             Record::SecretKeyCheck(c) => Self::SecretKeyCheck(c.into()),
+            Record::Audit(e) => Self::Audit(e.clone()),
+            Record::PruneAudit { before_ms } => Self::PruneAudit(before_ms),
         }
     }
 
@@ -73,6 +78,10 @@ impl Kept {
             Self::ForgetJob(job_id) => Record::ForgetJob { job_id },
             Self::NextJobSeq(s) => Record::NextJobSeq(*s),
             Self::SecretKeyCheck(c) => Record::SecretKeyCheck(c),
+            Self::Audit(e) => Record::Audit(e),
+            Self::PruneAudit(before_ms) => Record::PruneAudit {
+                before_ms: *before_ms,
+            },
         }
     }
 
@@ -171,6 +180,21 @@ impl StagedStore {
     }
 }
 
+impl StagedStore {
+    /// Ids of the jobs and pools staged so far (in order, each once).
+    pub(super) fn staged_ids(&self) -> (Vec<String>, Vec<String>) {
+        let (mut jobs, mut pools) = (Vec::<String>::new(), Vec::<String>::new());
+        for k in self.kept.borrow().iter().flatten() {
+            match k {
+                Kept::Job(j) if !jobs.contains(&j.job_id) => jobs.push(j.job_id.clone()),
+                Kept::Pool(p) if !pools.contains(&p.pool_id) => pools.push(p.pool_id.clone()),
+                _ => {}
+            }
+        }
+        (jobs, pools)
+    }
+}
+
 impl Store for StagedStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         self.inner.load()
@@ -186,6 +210,14 @@ impl Store for StagedStore {
 
     fn reader(&self) -> Option<Box<dyn Store>> {
         self.inner.reader()
+    }
+
+    fn audit_page(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        self.inner.audit_page(q)
+    }
+
+    fn audit_max_seq(&self) -> Result<u64, StoreError> {
+        self.inner.audit_max_seq()
     }
 
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
@@ -293,7 +325,9 @@ impl Cluster {
             .filter(|j| j.state == JobState::Queued || !j.pending.is_empty())
             .map(|j| (j.job_id.clone(), j.state, j.reason.clone()))
             .collect();
+        let next_audit_seq = self.next_audit_seq;
         *self = Cluster::from_snapshot(inner, settings, snapshot, now_ms);
+        self.next_audit_seq = next_audit_seq;
         for (id, at) in seen {
             if let Some(n) = self.nodes.get_mut(&id) {
                 n.last_heartbeat_ms = at;

@@ -4,6 +4,7 @@
 //! the store, a clock or tokio. Time is passed in as `now_ms` (milliseconds
 //! since the Unix epoch).
 
+pub mod audit;
 pub mod billing;
 pub mod job;
 pub mod node;

@@ -80,6 +80,8 @@ pub struct Shared {
     pipeline: Arc<Pipeline>,
     /// The pipeline's writer thread, joined when the state goes.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// `[audit] jsonl_file`, once opened.
+    audit_lines: Mutex<Option<std::fs::File>>,
 }
 
 impl Drop for Shared {
@@ -153,6 +155,7 @@ pub fn load(
         ledger_reader,
         pipeline,
         writer: Mutex::new(Some(writer)),
+        audit_lines: Mutex::new(None),
     }))
 }
 
@@ -278,12 +281,19 @@ impl Shared {
         E: From<ClusterError>,
     {
         let stopped = || StoreError::Unreachable("the commit thread stopped".into());
+        let mut audited = None;
         let (value, rx) = {
             let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
             let generation = self.begin(&mut core);
             let mut out = Outbox::new();
             match f(&mut core, &mut out) {
                 Ok(value) => {
+                    // An audited call's record goes with its own writes.
+                    if let Some(call) = crate::api::audit::current()
+                        && call.claim()
+                    {
+                        audited = stage_audit(&mut core, &call);
+                    }
                     let staged = core.cluster.take_staged();
                     if staged.is_empty() && out.is_empty() {
                         // Nothing of its own to write, but its answer may
@@ -321,8 +331,47 @@ impl Shared {
             Some(rx) => rx.await.unwrap_or_else(|_| Err(stopped())),
         };
         match committed {
-            Ok(()) => value,
+            Ok(()) => {
+                if let Some(entry) = audited {
+                    self.audit_committed(&entry);
+                }
+                value
+            }
             Err(err) => Err(E::from(ClusterError::Store(err))),
+        }
+    }
+
+    /// An audit record is in the store: counted, and appended to `[audit]
+    /// jsonl_file` if there is one.
+    pub fn audit_committed(&self, entry: &crate::domain::audit::AuditEntry) {
+        self.metrics.audit_records.inc();
+        let Some(path) = &self.config.audit.jsonl_file else {
+            return;
+        };
+        use std::io::Write;
+        let mut file = self.audit_lines.lock().unwrap_or_else(|e| e.into_inner());
+        if file.is_none() {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(f) => *file = Some(f),
+                Err(err) => {
+                    tracing::error!(file = %path.display(), error = %err, "cannot open the audit log file");
+                    return;
+                }
+            }
+        }
+        let mut line = serde_json::to_string(entry).unwrap_or_default();
+        line.push('\n');
+        if let Some(f) = file.as_mut()
+            && let Err(err) = f.write_all(line.as_bytes())
+        {
+            tracing::error!(file = %path.display(), error = %err, "cannot append to the audit log file");
+            *file = None;
         }
     }
 
@@ -338,6 +387,21 @@ impl Shared {
                 .unwrap_or_else(|e| e.into_inner())
                 .ledger_page(q)?),
             None => self.with(|core, _| core.cluster.ledger_page(q)),
+        }
+    }
+
+    /// One page of the audit trail, through the separate reader (or, if
+    /// there is none, under the cluster lock).
+    pub fn read_audit(
+        &self,
+        q: &crate::domain::audit::AuditQuery,
+    ) -> Result<Vec<crate::domain::audit::AuditEntry>, ClusterError> {
+        match &self.ledger_reader {
+            Some(reader) => Ok(reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .audit_page(q)?),
+            None => self.with(|core, _| Ok(core.cluster.audit_page(q)?)),
         }
     }
 
@@ -384,5 +448,54 @@ impl Shared {
             shared: self.clone(),
             key: key.to_string(),
         })
+    }
+}
+
+/// Stages the record of a call that succeeded: its targets with the ids
+/// of what it created (a submission's job, a new pool) and the tenant they
+/// belong to.
+fn stage_audit(
+    core: &mut Core,
+    call: &crate::api::audit::AuditCall,
+) -> Option<crate::domain::audit::AuditEntry> {
+    let now = now_ms();
+    let (jobs, pools) = core.cluster.staged_ids();
+    let mut entry = call.entry(None, "OK", "", now);
+    match call.method.as_str() {
+        "JobService/SubmitJob" if jobs.len() == 1 => {
+            entry.targets.insert("job".into(), jobs[0].clone());
+        }
+        "PoolService/CreatePool" if pools.len() == 1 => {
+            entry.targets.insert("pool".into(), pools[0].clone());
+        }
+        _ => {}
+    }
+    // A pool named by its name: the id it resolves to (or, when the call
+    // deleted it, the one pool it wrote).
+    if let Some(key) = entry.targets.get("pool").cloned() {
+        use crate::cluster::PoolRef;
+        let caller = match call.role.as_str() {
+            "admin" => crate::domain::tenant::Caller::admin(),
+            _ => crate::domain::tenant::Caller::tenant(&call.caller_tenant),
+        };
+        let id = match core.cluster.resolve_pool(&caller, &key) {
+            Ok(PoolRef::Dedicated(p)) => Some(p.pool_id.clone()),
+            Ok(PoolRef::Public) => Some(crate::domain::PUBLIC_POOL.to_string()),
+            Err(_) => (pools.len() == 1).then(|| pools[0].clone()),
+        };
+        if let Some(id) = id.filter(|id| *id != key) {
+            entry.args.insert("pool_name".into(), key);
+            entry.targets.insert("pool".into(), id);
+        }
+    }
+    if let Some(owner) = core.cluster.audit_owner(&entry.targets) {
+        entry.tenant = owner;
+    }
+    match core.cluster.record_audit(entry, now) {
+        Ok(entry) => Some(entry),
+        Err(err) => {
+            tracing::error!(method = %call.method, error = %crate::ErrorChain(&err), "cannot stage an audit record");
+            None
+        }
     }
 }

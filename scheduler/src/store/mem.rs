@@ -1,6 +1,6 @@
 //! A [`Store`] in memory, for tests and benchmarks that are not about the
 //! database: the same semantics as [`SqliteStore`](super::SqliteStore) for
-//! `load`, `write`, `ledger` and `ledger_page` (checked by the contract
+//! `load`, `write`, `ledger`, `ledger_page` and the audit trail (checked by the contract
 //! test in `store::contract`). Rows are kept as the JSON the real stores
 //! write and decoded on load, so what a real store would lose or refuse
 //! on a round trip, this one does too. A write is all or none, and the
@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use super::{LedgerRow, Op, Record, Snapshot, Store, StoreError, decode_data, encode};
+use crate::domain::audit::{AuditEntry, AuditQuery};
 
 /// The tables, as the SQL schema holds them.
 #[derive(Debug, Clone, Default)]
@@ -29,6 +30,8 @@ struct Tables {
     /// (hour_start_ms, subject, mode) -> data
     ledger: BTreeMap<(i64, String, String), String>,
     meta: BTreeMap<String, String>,
+    /// seq -> the record (decoded: queries filter on it)
+    audit: BTreeMap<u64, AuditEntry>,
 }
 
 /// The in-memory store. Clones share the same tables (as two handles on
@@ -142,6 +145,16 @@ impl Tables {
             }
             Record::NextJobSeq(seq) => meta(self, "next_job_seq", seq.to_string()),
             Record::SecretKeyCheck(check) => meta(self, "secret_key_check", check.to_string()),
+            Record::Audit(e) => {
+                if self.audit.contains_key(&e.seq) {
+                    return Err(refused(
+                        op,
+                        format!("audit record {} is already there", e.seq),
+                    ));
+                }
+                self.audit.insert(e.seq, e.clone());
+            }
+            Record::PruneAudit { before_ms } => self.audit.retain(|_, e| e.at_ms >= before_ms),
         }
         Ok(())
     }
@@ -178,6 +191,29 @@ impl Store for MemStore {
 
     fn reader(&self) -> Option<Box<dyn Store>> {
         Some(Box::new(self.clone()))
+    }
+
+    fn audit_page(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        let t = self.tables.lock().unwrap();
+        Ok(t.audit
+            .range(q.after_seq.saturating_add(1)..)
+            .map(|(_, e)| e)
+            .filter(|e| q.matches(e))
+            .take(q.limit)
+            .cloned()
+            .collect())
+    }
+
+    fn audit_max_seq(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .tables
+            .lock()
+            .unwrap()
+            .audit
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0))
     }
 
     fn write(&self, records: &[Record<'_>], _now_ms: i64) -> Result<(), StoreError> {

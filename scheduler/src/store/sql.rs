@@ -138,6 +138,34 @@ pub(crate) const LEDGER_PAGE: Statement = Statement::dialects(
     9,
 );
 
+pub(crate) const ADD_AUDIT: Statement = Statement::shared(
+    "add_audit",
+    "INSERT INTO audit (seq, at_ms, tenant, pool_id, job_id, node_id, data)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    7,
+);
+pub(crate) const AUDIT_PAGE: Statement = Statement::dialects(
+    "audit_page",
+    "SELECT CAST(seq AS TEXT), data FROM audit
+     WHERE seq > ?1 AND at_ms >= ?2 AND at_ms < ?3
+       AND (?4 IS NULL OR tenant = ?4) AND (?5 IS NULL OR pool_id = ?5)
+       AND (?6 IS NULL OR job_id = ?6) AND (?7 IS NULL OR node_id = ?7)
+     ORDER BY seq LIMIT ?8",
+    "SELECT CAST(seq AS TEXT), data FROM audit
+     WHERE seq > ?1 AND at_ms >= ?2 AND at_ms < ?3
+       AND (?4::TEXT IS NULL OR tenant = ?4) AND (?5::TEXT IS NULL OR pool_id = ?5)
+       AND (?6::TEXT IS NULL OR job_id = ?6) AND (?7::TEXT IS NULL OR node_id = ?7)
+     ORDER BY seq LIMIT ?8",
+    8,
+);
+pub(crate) const AUDIT_MAX_SEQ: Statement = Statement::shared(
+    "audit_max_seq",
+    "SELECT COALESCE(MAX(seq), 0) FROM audit",
+    0,
+);
+pub(crate) const PRUNE_AUDIT: Statement =
+    Statement::shared("prune_audit", "DELETE FROM audit WHERE at_ms < ?1", 1);
+
 pub(crate) const PUT_NODE: Statement = Statement::shared(
     "put_node",
     "INSERT INTO nodes (node_id, data, updated_at_ms) VALUES (?1, ?2, ?3)
@@ -214,6 +242,10 @@ pub(crate) const ALL: &[&Statement] = &[
     &GET_META,
     &LEDGER_RANGE,
     &LEDGER_PAGE,
+    &ADD_AUDIT,
+    &AUDIT_PAGE,
+    &AUDIT_MAX_SEQ,
+    &PRUNE_AUDIT,
     &PUT_NODE,
     &PUT_JOB,
     &PUT_POOL,
