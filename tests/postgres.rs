@@ -319,7 +319,13 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
         running.instances[0].started_at
     );
     // Service resumes: new work runs on the new leader.
-    let fresh = submit_at(&both, &["--", "true"]).unwrap();
+    let fresh = submit_at(&both, &["--", "true"]).unwrap_or_else(|e| {
+        panic!(
+            "{e}\nthe new leader's log:\n{}\nthe old one's:\n{}",
+            b.proc.log_text(),
+            a.proc.log_text()
+        )
+    });
     wait_job(&b, &fresh, pb::JobState::Succeeded, Duration::from_secs(30)).await;
 }
 

@@ -289,15 +289,11 @@ pub trait Store: Send {
     /// Writes all records in one transaction: all or none.
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError>;
     /// One page of the audit trail (see [`AuditQuery`]), oldest first.
-    /// (The defaults are a store that keeps none: test doubles. Every real
-    /// store, and every wrapper, implements both.)
-    fn audit_page(&self, _q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
-        Ok(Vec::new())
-    }
+    /// (No default: a wrapper that forgot to pass these on would restart
+    /// the numbering at 1 and fail every write on a duplicate.)
+    fn audit_page(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
     /// The highest audit sequence number written (0: none).
-    fn audit_max_seq(&self) -> Result<u64, StoreError> {
-        Ok(0)
-    }
+    fn audit_max_seq(&self) -> Result<u64, StoreError>;
 
     fn put_node(&self, node: &Node, now_ms: i64) -> Result<(), StoreError> {
         self.write(&[Record::Node(node)], now_ms)

@@ -282,7 +282,16 @@ where
                 let metadata = MetadataMap::from_headers(req.headers().clone());
                 Box::pin(async move {
                     if record && let Ok(caller) = super::auth::caller(&shared, &metadata) {
-                        let call = super::audit::AuditCall::of_caller(&path, &caller, peer);
+                        use http_body_util::BodyExt;
+                        let mut call = super::audit::AuditCall::of_caller(&path, &caller, peer);
+                        // What it asked for.
+                        let body =
+                            http_body_util::Limited::new(req.into_body(), MAX_AUDITED_REQUEST);
+                        if let Ok(bytes) = body.collect().await.map(|c| c.to_bytes())
+                            && let Some(message) = super::audit::frame_payload(&bytes)
+                        {
+                            super::audit::summarize(&mut call, &path, message);
+                        }
                         let code = super::audit::code_name(status.code() as i32);
                         super::audit::record_unchanged(&shared, &call, &code, status.message())
                             .await;

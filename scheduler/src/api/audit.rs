@@ -13,20 +13,12 @@
 //! [`Shared::mutate`]: crate::state::Shared::mutate
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use gpupool_proto::prost::Message;
 use gpupool_proto::v1 as pb;
 
-use crate::domain::audit::AuditEntry;
-use crate::domain::tenant::Caller;
 use crate::state::Shared;
-
-tokio::task_local! {
-    /// The audited call whose handler runs in this task.
-    pub static CALL: Arc<AuditCall>;
-}
+pub use crate::state::audit::{AuditCall, CALL, current};
 
 /// Every mutating RPC; read-only ones (and the agent session) are not
 /// recorded.
@@ -56,106 +48,40 @@ pub fn audited(path: &str) -> bool {
     AUDITED.contains(&path)
 }
 
-/// One audited call, as the guard saw it.
-#[derive(Debug)]
-pub struct AuditCall {
-    /// `Service/Method`.
-    pub method: String,
-    pub role: String,
-    pub who: String,
-    /// The caller's tenant (`admin` for the admin, empty for a node).
-    pub caller_tenant: String,
-    pub peer: String,
-    pub targets: BTreeMap<String, String>,
-    pub args: BTreeMap<String, String>,
-    /// Set once the call's record is staged.
-    pub recorded: AtomicBool,
-}
-
-impl AuditCall {
-    pub fn new(path: &str, role: &str, who: &str, caller_tenant: &str, peer: String) -> Self {
-        Self {
-            method: path.trim_start_matches("/gpupool.v1.").to_string(),
-            role: role.into(),
-            who: who.into(),
-            caller_tenant: caller_tenant.into(),
-            peer,
-            targets: BTreeMap::new(),
-            args: BTreeMap::new(),
-            recorded: AtomicBool::new(false),
-        }
-    }
-
-    /// For a tenant's or the admin's call.
-    pub fn of_caller(path: &str, caller: &Caller, peer: String) -> Self {
-        if caller.admin {
-            Self::new(path, "admin", &caller.tenant, &caller.tenant, peer)
-        } else {
-            Self::new(path, "tenant", &caller.tenant, &caller.tenant, peer)
-        }
-    }
-
-    /// The record, not yet numbered. `owner` is the tenant the call
-    /// concerned (see [`crate::cluster::Cluster::audit_owner`]).
-    pub fn entry(
-        &self,
-        owner: Option<String>,
-        code: &str,
-        message: &str,
-        now_ms: i64,
-    ) -> AuditEntry {
-        let tenant = owner.unwrap_or_else(|| match self.role.as_str() {
-            "tenant" => self.caller_tenant.clone(),
-            _ => String::new(),
-        });
-        AuditEntry {
-            seq: 0,
-            at_ms: now_ms,
-            role: self.role.clone(),
-            who: self.who.clone(),
-            tenant,
-            peer: self.peer.clone(),
-            method: self.method.clone(),
-            targets: self.targets.clone(),
-            args: self.args.clone(),
-            code: code.to_string(),
-            message: message.chars().take(1000).collect(),
-        }
-    }
-
-    /// Claims the record: true for the first caller only.
-    pub fn claim(&self) -> bool {
-        !self.recorded.swap(true, Ordering::SeqCst)
-    }
-}
-
-/// The call being handled in this task, if it is audited.
-pub fn current() -> Option<Arc<AuditCall>> {
-    CALL.try_with(Arc::clone).ok()
-}
-
 /// Fills `call`'s targets and arguments from the request message of
 /// `path` (the gRPC frame's payload). Only fields named here are kept.
 pub fn summarize(call: &mut AuditCall, path: &str, message: &[u8]) {
-    let t = &mut call.targets;
-    let a = &mut call.args;
-    let put = |m: &mut BTreeMap<String, String>, k: &str, v: String| {
-        if !v.is_empty() {
-            m.insert(k.to_string(), v);
-        }
-    };
     let method = path.rsplit('/').next().unwrap_or(path);
-    let bad = |a: &mut BTreeMap<String, String>| {
-        a.insert("request".into(), "not decodable".into());
-    };
+    let (t, a) = (&mut call.targets, &mut call.args);
+    if path.contains(".JobService/") {
+        summarize_jobs(t, a, method, message);
+    } else if path.contains(".PoolService/") {
+        summarize_pools(t, a, method, message);
+    } else {
+        summarize_others(t, a, method, message);
+    }
+}
+
+/// Keeps `v` under `k`, unless it is empty.
+fn put(m: &mut BTreeMap<String, String>, k: &str, v: String) {
+    if !v.is_empty() {
+        m.insert(k.to_string(), v);
+    }
+}
+
+/// A request that is not its method's message.
+fn bad(a: &mut BTreeMap<String, String>) {
+    a.insert("request".into(), "not decodable".into());
+}
+
+/// JobService's audited calls.
+fn summarize_jobs(
+    t: &mut BTreeMap<String, String>,
+    a: &mut BTreeMap<String, String>,
+    method: &str,
+    message: &[u8],
+) {
     match method {
-        "Register" => match pb::RegisterRequest::decode(message) {
-            Ok(r) => {
-                put(t, "node", r.node_id);
-                put(a, "agent_version", r.agent_version);
-            }
-            Err(_) => bad(a),
-        },
         "SubmitJob" => match pb::SubmitJobRequest::decode(message) {
             Ok(r) => {
                 let s = r.spec.unwrap_or_default();
@@ -203,12 +129,18 @@ pub fn summarize(call: &mut AuditCall, path: &str, message: &[u8]) {
             Ok(r) => put(t, "job", r.job_id),
             Err(_) => bad(a),
         },
-        "CordonNode" | "UncordonNode" | "RevokeNode" | "ReadmitNode" => {
-            match pb::CordonNodeRequest::decode(message) {
-                Ok(r) => put(t, "node", r.node_id),
-                Err(_) => bad(a),
-            }
-        }
+        _ => {}
+    }
+}
+
+/// PoolService's audited calls.
+fn summarize_pools(
+    t: &mut BTreeMap<String, String>,
+    a: &mut BTreeMap<String, String>,
+    method: &str,
+    message: &[u8],
+) {
+    match method {
         "CreatePool" => match pb::CreatePoolRequest::decode(message) {
             Ok(r) => {
                 put(a, "name", r.name);
@@ -283,6 +215,31 @@ pub fn summarize(call: &mut AuditCall, path: &str, message: &[u8]) {
             Ok(r) => put(t, "pool", r.pool),
             Err(_) => bad(a),
         },
+        _ => {}
+    }
+}
+
+/// The agents', nodes' and tenants' audited calls.
+fn summarize_others(
+    t: &mut BTreeMap<String, String>,
+    a: &mut BTreeMap<String, String>,
+    method: &str,
+    message: &[u8],
+) {
+    match method {
+        "Register" => match pb::RegisterRequest::decode(message) {
+            Ok(r) => {
+                put(t, "node", r.node_id);
+                put(a, "agent_version", r.agent_version);
+            }
+            Err(_) => bad(a),
+        },
+        "CordonNode" | "UncordonNode" | "RevokeNode" | "ReadmitNode" => {
+            match pb::CordonNodeRequest::decode(message) {
+                Ok(r) => put(t, "node", r.node_id),
+                Err(_) => bad(a),
+            }
+        }
         "CreateTenant" => match pb::CreateTenantRequest::decode(message) {
             Ok(r) => {
                 put(t, "tenant", r.name);

@@ -171,6 +171,15 @@ impl Store for Slow {
     ) -> Result<Vec<crate::domain::billing::LedgerRow>, crate::store::StoreError> {
         self.inner.ledger(from_ms, to_ms)
     }
+    fn audit_page(
+        &self,
+        q: &crate::domain::audit::AuditQuery,
+    ) -> Result<Vec<crate::domain::audit::AuditEntry>, crate::store::StoreError> {
+        self.inner.audit_page(q)
+    }
+    fn audit_max_seq(&self) -> Result<u64, crate::store::StoreError> {
+        self.inner.audit_max_seq()
+    }
     fn write(
         &self,
         records: &[crate::store::Record<'_>],

@@ -2020,6 +2020,15 @@ mod tests {
             ) -> Result<Vec<crate::domain::billing::LedgerRow>, StoreError> {
                 self.inner.ledger(from_ms, to_ms)
             }
+            fn audit_page(
+                &self,
+                q: &crate::domain::audit::AuditQuery,
+            ) -> Result<Vec<crate::domain::audit::AuditEntry>, StoreError> {
+                self.inner.audit_page(q)
+            }
+            fn audit_max_seq(&self) -> Result<u64, StoreError> {
+                self.inner.audit_max_seq()
+            }
             fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
                 let jobs = records
                     .iter()

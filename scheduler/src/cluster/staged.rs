@@ -245,6 +245,12 @@ impl Store for Detached {
     fn ledger(&self, _: i64, _: i64) -> Result<Vec<LedgerRow>, StoreError> {
         Err(StoreError::Unreachable("store detached".into()))
     }
+    fn audit_page(&self, _: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        Err(StoreError::Unreachable("store detached".into()))
+    }
+    fn audit_max_seq(&self) -> Result<u64, StoreError> {
+        Err(StoreError::Unreachable("store detached".into()))
+    }
     fn write(&self, _: &[Record<'_>], _: i64) -> Result<(), StoreError> {
         Err(StoreError::Unreachable("store detached".into()))
     }
@@ -325,7 +331,10 @@ impl Cluster {
             .filter(|j| j.state == JobState::Queued || !j.pending.is_empty())
             .map(|j| (j.job_id.clone(), j.state, j.reason.clone()))
             .collect();
-        let next_audit_seq = self.next_audit_seq;
+        // Audit numbers are never given out twice: past both what memory
+        // gave out and what the store holds.
+        let stored = inner.audit_max_seq().unwrap_or(0);
+        let next_audit_seq = self.next_audit_seq.max(stored + 1);
         *self = Cluster::from_snapshot(inner, settings, snapshot, now_ms);
         self.next_audit_seq = next_audit_seq;
         for (id, at) in seen {

@@ -70,6 +70,15 @@ impl Store for SharedStore {
     fn reader(&self) -> Option<Box<dyn Store>> {
         self.get().reader()
     }
+    fn audit_page(
+        &self,
+        q: &crate::domain::audit::AuditQuery,
+    ) -> Result<Vec<crate::domain::audit::AuditEntry>, StoreError> {
+        self.get().audit_page(q)
+    }
+    fn audit_max_seq(&self) -> Result<u64, StoreError> {
+        self.get().audit_max_seq()
+    }
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
         self.get().write(records, now_ms)
     }

@@ -1,5 +1,6 @@
 //! The shared state behind every service: the cluster behind one lock, the
-//! agents' sessions (`sessions.rs`), the config and the metrics. Every
+//! agents' sessions (`sessions.rs`), the config and the metrics, and the
+//! audited call a task is handling (`audit.rs`). Every
 //! change runs through here: staged under the lock, committed after it by
 //! the commit pipeline (`commit.rs`: one transaction for every change
 //! queued meanwhile), and only then delivered to agents and acknowledged.
@@ -7,8 +8,11 @@
 //! No protobuf and no `tonic` here: what goes down a session is
 //! [`ToAgent`], what this layer refuses is a [`StateError`]; the gRPC layer
 //! ([`crate::api`]) converts both at its edge. Nor does it read files or
-//! randomness: [`load`] is handed the store and the secret key.
+//! randomness: [`load`] is handed the store and the secret key (the one
+//! file it writes is the audit trail's JSON lines copy, `[audit]
+//! jsonl_file`).
 
+pub mod audit;
 mod commit;
 mod sessions;
 
@@ -289,7 +293,7 @@ impl Shared {
             match f(&mut core, &mut out) {
                 Ok(value) => {
                     // An audited call's record goes with its own writes.
-                    if let Some(call) = crate::api::audit::current()
+                    if let Some(call) = audit::current()
                         && call.claim()
                     {
                         audited = stage_audit(&mut core, &call);
@@ -456,7 +460,7 @@ impl Shared {
 /// belong to.
 fn stage_audit(
     core: &mut Core,
-    call: &crate::api::audit::AuditCall,
+    call: &audit::AuditCall,
 ) -> Option<crate::domain::audit::AuditEntry> {
     let now = now_ms();
     let (jobs, pools) = core.cluster.staged_ids();

@@ -35,6 +35,15 @@ impl Store for Both {
     fn ledger_page(&self, q: &LedgerQuery) -> Result<Vec<LedgerRow>, StoreError> {
         self.sqlite.ledger_page(q)
     }
+    fn audit_page(
+        &self,
+        q: &crate::domain::audit::AuditQuery,
+    ) -> Result<Vec<crate::domain::audit::AuditEntry>, StoreError> {
+        self.sqlite.audit_page(q)
+    }
+    fn audit_max_seq(&self) -> Result<u64, StoreError> {
+        self.sqlite.audit_max_seq()
+    }
     fn write(&self, records: &[Record<'_>], now_ms: i64) -> Result<(), StoreError> {
         let mut seen = self.kinds.lock().unwrap();
         for r in records {
