@@ -254,20 +254,42 @@ async fn a_pools_life_and_a_cancelled_job_are_audited_without_secrets() {
     );
     assert_eq!(calls(&first), calls(&listed)[..3].to_vec());
 
-    // beta sees none of it, and may not ask for acme's.
+    // beta names acme's job: NOT_FOUND, as for an id that does not exist,
+    // and the record is beta's alone (acme's trail does not change, and
+    // beta's does not miss it, which would tell beta the id exists).
+    assert!(
+        !sched
+            .cli_as(&beta, &["job", "cancel", &job_id])
+            .status
+            .success()
+    );
+    let acme_after = json_of(
+        sched.cli_as(&acme, &["audit", "list", "-o", "json"]),
+        "acme's audit after beta",
+    );
+    assert_eq!(acme_after, listed, "beta's call reached acme's trail");
+
+    // beta sees none of acme's, and may not ask for them.
     let theirs = json_of(
         sched.cli_as(&beta, &["audit", "list", "-o", "json"]),
         "beta's audit",
     );
-    // (Only the admin's calls about beta itself.)
+    // (The admin's calls about beta itself, and its own.)
     assert_eq!(
         calls(&theirs),
         [
             ("TenantService/CreateTenant", "OK"),
-            ("TenantService/IssueToken", "OK")
+            ("TenantService/IssueToken", "OK"),
+            ("JobService/CancelJob", "NOT_FOUND")
         ]
         .map(|(m, c)| (m.to_string(), c.to_string())),
         "{theirs:#}"
+    );
+    let cancel = &theirs.as_array().unwrap()[2];
+    assert_eq!(
+        (cancel["who"].as_str(), cancel["tenant"].as_str()),
+        (Some("beta"), Some("beta")),
+        "{cancel}"
     );
     assert!(!theirs.to_string().contains("acme"), "{theirs:#}");
     assert!(

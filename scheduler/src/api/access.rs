@@ -125,24 +125,22 @@ pub fn check(
                 })
                 .inspect_err(|_| shared.metrics.agent_auth_refused.inc());
         }
-        Access::Tenant => super::auth::caller(shared, &metadata)?,
-        Access::Admin => {
-            let caller = super::auth::caller(shared, &metadata)?;
-            if !caller.admin {
-                let method = path.rsplit('/').next().unwrap_or(path);
-                return Err(tonic::Status::permission_denied(format!(
-                    "{method} is for the admin only (tenant {} asked)",
-                    caller.tenant
-                )));
-            }
-            caller
-        }
+        Access::Tenant | Access::Admin => super::auth::caller(shared, &metadata)?,
     };
+    // The rate limit first: a refusal costs the caller a request too (it
+    // is recorded in the audit trail, a write).
     let key = caller.rate_key();
     let allowed = limiter
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .allow(&key, std::time::Instant::now());
+    if allowed.is_ok() && access == Access::Admin && !caller.admin {
+        let method = path.rsplit('/').next().unwrap_or(path);
+        return Err(tonic::Status::permission_denied(format!(
+            "{method} is for the admin only (tenant {} asked)",
+            caller.tenant
+        )));
+    }
     allowed
         .map(|()| Checked {
             identity: None,
@@ -284,9 +282,9 @@ where
                     if record && let Ok(caller) = super::auth::caller(&shared, &metadata) {
                         use http_body_util::BodyExt;
                         let mut call = super::audit::AuditCall::of_caller(&path, &caller, peer);
-                        // What it asked for.
-                        let body =
-                            http_body_util::Limited::new(req.into_body(), MAX_AUDITED_REQUEST);
+                        // What it asked for (a refused request's first
+                        // 64 KiB at most: no more is held for it).
+                        let body = http_body_util::Limited::new(req.into_body(), 64 << 10);
                         if let Ok(bytes) = body.collect().await.map(|c| c.to_bytes())
                             && let Some(message) = super::audit::frame_payload(&bytes)
                         {
@@ -303,9 +301,18 @@ where
     }
 }
 
-/// Most bytes of an audited request the guard reads (tonic's own limit on
-/// a decoded message is 4 MiB).
-const MAX_AUDITED_REQUEST: usize = 8 << 20;
+/// Most bytes of an audited request the guard reads: what the service
+/// itself may decode (agents' messages may be 4 times the client limit),
+/// and the frame's header.
+fn max_audited_request(shared: &Shared, path: &str) -> usize {
+    let limit = shared.config.limits.max_request_bytes;
+    let limit = if path.starts_with("/gpupool.v1.AgentService/") {
+        limit.saturating_mul(4)
+    } else {
+        limit
+    };
+    limit.saturating_add(5)
+}
 
 /// An audited call: the request's message is read (to summarize it), the
 /// handler runs in the call's scope (its mutation stages the record), and
@@ -334,13 +341,22 @@ where
         (None, None) => AuditCall::new(&path, "anonymous", "", "", peer),
     };
     let (parts, body) = req.into_parts();
-    let bytes = match http_body_util::Limited::new(body, MAX_AUDITED_REQUEST)
+    let bytes = match http_body_util::Limited::new(body, max_audited_request(&shared, &path))
         .collect()
         .await
     {
         Ok(collected) => collected.to_bytes(),
         Err(err) => {
-            let status = tonic::Status::invalid_argument(format!("cannot read the request: {err}"));
+            // Too large (what tonic answers for a message over its limit),
+            // or the body broke off.
+            let limit = max_audited_request(&shared, &path);
+            let status = if err.is::<http_body_util::LengthLimitError>() {
+                tonic::Status::out_of_range(format!(
+                    "request larger than the {limit}-byte limit ([limits] max_request_bytes)"
+                ))
+            } else {
+                tonic::Status::invalid_argument(format!("cannot read the request: {err}"))
+            };
             let code = super::audit::code_name(status.code() as i32);
             record_unchanged(&shared, &call, &code, status.message()).await;
             return Ok(status.into_http());

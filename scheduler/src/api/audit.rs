@@ -229,7 +229,7 @@ fn summarize_others(
     match method {
         "Register" => match pb::RegisterRequest::decode(message) {
             Ok(r) => {
-                put(t, "node", r.node_id);
+                put(t, "node", r.node_id.trim().to_string());
                 put(a, "agent_version", r.agent_version);
             }
             Err(_) => bad(a),

@@ -62,10 +62,15 @@ impl AuditCall {
         message: &str,
         now_ms: i64,
     ) -> AuditEntry {
-        let tenant = owner.unwrap_or_else(|| match self.role.as_str() {
+        // A tenant's call is in the tenant's own trail, whatever it names:
+        // another tenant's id (answered NOT_FOUND) must neither reach that
+        // tenant's trail nor, by being missing from the caller's, tell the
+        // caller the id exists. The admin's call is in the trail of the
+        // tenant it concerned.
+        let tenant = match self.role.as_str() {
             "tenant" => self.caller_tenant.clone(),
-            _ => String::new(),
-        });
+            _ => owner.unwrap_or_default(),
+        };
         AuditEntry {
             seq: 0,
             at_ms: now_ms,
@@ -84,6 +89,12 @@ impl AuditCall {
     /// Claims the record: true for the first caller only.
     pub fn claim(&self) -> bool {
         !self.recorded.swap(true, Ordering::SeqCst)
+    }
+
+    /// The record claimed was not written (its transaction failed): the
+    /// call is to be recorded again, as it ended.
+    pub fn unclaim(&self) {
+        self.recorded.store(false, Ordering::SeqCst);
     }
 }
 

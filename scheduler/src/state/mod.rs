@@ -296,7 +296,7 @@ impl Shared {
                     if let Some(call) = audit::current()
                         && call.claim()
                     {
-                        audited = stage_audit(&mut core, &call);
+                        audited = stage_audit(&mut core, &call).map(|e| (call, e));
                     }
                     let staged = core.cluster.take_staged();
                     if staged.is_empty() && out.is_empty() {
@@ -336,12 +336,19 @@ impl Shared {
         };
         match committed {
             Ok(()) => {
-                if let Some(entry) = audited {
+                if let Some((_, entry)) = audited {
                     self.audit_committed(&entry);
                 }
                 value
             }
-            Err(err) => Err(E::from(ClusterError::Store(err))),
+            Err(err) => {
+                // The record went with the change: the guard records the
+                // failure in a transaction of its own.
+                if let Some((call, _)) = audited {
+                    call.unclaim();
+                }
+                Err(E::from(ClusterError::Store(err)))
+            }
         }
     }
 
@@ -492,7 +499,9 @@ fn stage_audit(
             entry.targets.insert("pool".into(), id);
         }
     }
-    if let Some(owner) = core.cluster.audit_owner(&entry.targets) {
+    if call.role != "tenant"
+        && let Some(owner) = core.cluster.audit_owner(&entry.targets)
+    {
         entry.tenant = owner;
     }
     match core.cluster.record_audit(entry, now) {
