@@ -232,6 +232,7 @@ fn pool(name: &str, subscription: bool) -> pb::CreatePoolRequest {
             credential_sha256: None,
             credential_confirmed: false,
             revoked: false,
+            drain: None,
         }
         .spec_name(),
         node_count: 1,

@@ -5,14 +5,16 @@
 //!
 //! Submodules: `pools` (dedicated pools, scaling, specs), `billing` (the
 //! ledger, orders, subscriptions), `kinds` (replicas, completions, time
-//! limits, culling), `staged` (the store writes of one operation, committed
-//! together), `error` ([`ClusterError`]). The scheduling pass itself is
+//! limits, culling), `drain` (emptying a node for maintenance), `staged`
+//! (the store writes of one operation, committed together), `error`
+//! ([`ClusterError`]). The scheduling pass itself is
 //! [`crate::domain::scheduling::plan`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 mod billing;
+mod drain;
 mod error;
 mod kinds;
 mod pools;
@@ -623,6 +625,7 @@ impl Cluster {
                 credential_sha256: None,
                 credential_confirmed: false,
                 revoked: false,
+                drain: None,
             },
         };
         let enrol = admission == crate::domain::node::Admission::Enrol;
@@ -992,7 +995,9 @@ impl Cluster {
         }) {
             stop_instance(other, grace_ms, &reason, out);
         }
-        if job.retries >= job.spec.max_retries || job.current().any(|i| !i.state.is_terminal()) {
+        if job.retries >= job.spec.max_retries.saturating_add(job.drains)
+            || job.current().any(|i| !i.state.is_terminal())
+        {
             return false;
         }
         let why = std::mem::take(&mut job.reason);
@@ -1001,6 +1006,15 @@ impl Cluster {
         job.finished_at_ms = None;
         // The maximum run time counts per run.
         job.started_at_ms = None;
+        if let Some(node) = job.drained_from.take() {
+            // Not a failure: no backoff, no retry spent.
+            job.not_before_ms = now_ms;
+            job.reason = format!("requeued: node {node} was drained for maintenance");
+            job.wait = None;
+            tracing::info!(job = %job_id, %node, "job requeued off a drained node");
+            self.prune_instances(job_id);
+            return true;
+        }
         let wait = self.settings.limits.backoff_ms(job.retries);
         job.not_before_ms = now_ms.saturating_add(wait);
         job.reason = format!(
@@ -1152,6 +1166,7 @@ impl Cluster {
         self.advance_subscriptions(now_ms, out);
         self.advance_pools(now_ms);
         self.enforce_time_limits(now_ms, out);
+        self.advance_drains(now_ms, out);
         self.advance_rollouts(now_ms, out);
         self.schedule(now_ms, out);
     }
@@ -1280,6 +1295,8 @@ impl Cluster {
             gave_up: None,
             failures: 0,
             not_before_ms: 0,
+            drains: 0,
+            drained_from: None,
             pruned_instances: 0,
         };
         // Place it first, then write it once, placed or queued: one
@@ -1572,6 +1589,10 @@ impl Cluster {
                 id: node_id.to_string(),
             })?;
         node.cordoned = cordoned;
+        if !cordoned {
+            // Uncordoning ends a drain.
+            node.drain = None;
+        }
         let node = node.clone();
         self.store.put_node(&node, now_ms)?;
         self.placer = None;
@@ -1824,6 +1845,7 @@ mod tests {
     use crate::store::mem::MemStore;
 
     mod billing;
+    mod drain;
     mod kinds;
     mod limits;
     mod store_contract;

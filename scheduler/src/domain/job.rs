@@ -777,6 +777,15 @@ pub struct Job {
     /// A requeued run waits until then (retry backoff).
     #[serde(default)]
     pub not_before_ms: i64,
+    /// Runs requeued because their node was drained: they count as retries
+    /// (each run has its own attempt number) but not against
+    /// `max_retries`.
+    #[serde(default)]
+    pub drains: u32,
+    /// The node a drain stopped this run on: once the run has ended it is
+    /// queued again (not counted against `max_retries`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained_from: Option<String>,
     /// Ended instances of earlier runs (or replaced replicas) dropped from
     /// `instances` once their hours were in the ledger.
     #[serde(default)]
@@ -803,6 +812,8 @@ pub enum StopCause {
     Timeout { secs: u64 },
     /// A notebook or TensorBoard idle past its idle timeout.
     Idle { secs: u64, why: String },
+    /// Its node was drained (`--force`, or the drain's deadline passed).
+    Drained { node: String },
 }
 
 impl StopCause {
@@ -828,6 +839,10 @@ impl StopCause {
             StopCause::Idle { secs, why } => (
                 JobState::Cancelled,
                 format!("culled: idle for {secs} s ({why})"),
+            ),
+            StopCause::Drained { node } => (
+                JobState::Cancelled,
+                format!("stopped: node {node} was drained for maintenance"),
             ),
         }
     }
@@ -1151,6 +1166,8 @@ mod tests {
             restarts: 0,
             rollout: Vec::new(),
             not_before_ms: 0,
+            drains: 0,
+            drained_from: None,
             pruned_instances: 0,
             gave_up: None,
             failures: 0,

@@ -68,6 +68,21 @@ pub struct Node {
     /// Revoked by the admin: it may not register until readmitted.
     #[serde(default)]
     pub revoked: bool,
+    /// Being emptied for maintenance (`gpupool node drain`): cordoned, its
+    /// instances moved off or stopped; `uncordon` ends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<Drain>,
+}
+
+/// A node's drain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    pub started_at_ms: i64,
+    /// From then on, what still runs there is stopped, notebooks included.
+    pub deadline_ms: Option<i64>,
+    /// Stop notebooks, TensorBoards and jobs without retries at once
+    /// instead of waiting for them (or for the deadline).
+    pub force: bool,
 }
 
 impl Node {
@@ -332,6 +347,7 @@ mod tests {
             credential_sha256: None,
             credential_confirmed: false,
             revoked: false,
+            drain: None,
         }
     }
 

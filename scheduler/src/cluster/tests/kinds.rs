@@ -5,7 +5,7 @@ use super::*;
 use crate::cluster::kinds::BASE_BACKOFF_MS;
 
 /// A cluster on the in-memory store with `nodes` nodes of `gpus` GPUs.
-fn cluster(nodes: usize, gpus: u32) -> Cluster {
+pub(super) fn cluster(nodes: usize, gpus: u32) -> Cluster {
     let mut c = open_mem(0);
     for i in 0..nodes {
         c.register_node(&format!("n{i}"), inventory(gpus), 0)
@@ -14,7 +14,7 @@ fn cluster(nodes: usize, gpus: u32) -> Cluster {
     c
 }
 
-fn spec(kind: JobKind, instances: i64, command: &[&str]) -> RawJobSpec {
+pub(super) fn spec(kind: JobKind, instances: i64, command: &[&str]) -> RawJobSpec {
     RawJobSpec {
         kind: Some(kind),
         instances,
@@ -24,7 +24,7 @@ fn spec(kind: JobKind, instances: i64, command: &[&str]) -> RawJobSpec {
 }
 
 /// Reports every active instance of `job` Running (and ready) on its node.
-fn run_all(c: &mut Cluster, job_id: &str, now: i64, out: &mut Outbox) {
+pub(super) fn run_all(c: &mut Cluster, job_id: &str, now: i64, out: &mut Outbox) {
     let running: Vec<(String, String)> = c
         .job(&admin(), job_id)
         .unwrap()
@@ -41,7 +41,7 @@ fn run_all(c: &mut Cluster, job_id: &str, now: i64, out: &mut Outbox) {
 }
 
 /// Every node heartbeats, then the clock ticks.
-fn tick(c: &mut Cluster, now: i64, out: &mut Outbox) {
+pub(super) fn tick(c: &mut Cluster, now: i64, out: &mut Outbox) {
     let nodes: Vec<String> = c.nodes().map(|n| n.node_id.clone()).collect();
     for n in nodes {
         c.heartbeat(&n, None, vec![], now, out);
@@ -49,7 +49,7 @@ fn tick(c: &mut Cluster, now: i64, out: &mut Outbox) {
     c.tick(now, out);
 }
 
-fn current(c: &Cluster, job_id: &str) -> Vec<Instance> {
+pub(super) fn current(c: &Cluster, job_id: &str) -> Vec<Instance> {
     c.job(&admin(), job_id)
         .unwrap()
         .current()
@@ -57,7 +57,7 @@ fn current(c: &Cluster, job_id: &str) -> Vec<Instance> {
         .collect()
 }
 
-fn end(
+pub(super) fn end(
     c: &mut Cluster,
     inst: &Instance,
     state: InstanceState,
