@@ -633,6 +633,7 @@ async fn every_rpc_enforces_its_role() {
         ("NodeService/UncordonNode", Role::Admin),
         ("NodeService/RevokeNode", Role::Admin),
         ("NodeService/ReadmitNode", Role::Admin),
+        ("NodeService/DrainNode", Role::Admin),
         ("PoolService/ListPools", Role::Tenant),
         ("PoolService/GetPool", Role::Tenant),
         ("PoolService/CreatePool", Role::Tenant),
@@ -748,7 +749,7 @@ async fn every_rpc_enforces_its_role() {
         }
     }
     assert_eq!(checked, TABLE.len() * 5);
-    assert_eq!(TABLE.len(), 37);
+    assert_eq!(TABLE.len(), 38);
 }
 
 /// Bad input names the cause: an unknown kind number, a Basic

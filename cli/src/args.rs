@@ -111,6 +111,27 @@ pub fn parse_time(s: &str) -> Result<prost_types::Timestamp, String> {
 }
 
 /// Parses a calendar month `YYYY-MM` (`2026-11`).
+/// A duration in seconds: `90`, `90s`, `30m`, `2h` or `1d`.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 30m, 2h, 1d)"))?;
+    let per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    n.checked_mul(per)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
 pub fn parse_month(s: &str) -> Result<String, String> {
     let t = s.trim();
     let valid = t.len() == 7
@@ -223,6 +244,22 @@ fn scale(value: f64, factor: f64) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_with_their_unit() {
+        for (text, secs) in [
+            ("90", 90),
+            ("90s", 90),
+            ("30m", 1_800),
+            ("2h", 7_200),
+            ("1d", 86_400),
+        ] {
+            assert_eq!(parse_duration_secs(text), Ok(secs), "{text}");
+        }
+        for bad in ["", "m", "1w", "1.5h", "-3s", "99999999999999999999d"] {
+            assert!(parse_duration_secs(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn cpu_cores_and_millicores() {

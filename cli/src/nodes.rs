@@ -1,10 +1,11 @@
-//! `gpupool node ...` (NodeService): list, show, cordon, revoke, readmit.
+//! `gpupool node ...` (NodeService): list, show, cordon, drain, revoke,
+//! readmit.
 
 use clap::Subcommand;
 use gpupool_proto::v1::{self as pb, node_service_client::NodeServiceClient};
 
 use crate::OutputFormat;
-use crate::args::opt;
+use crate::args::{opt, parse_duration_secs};
 use crate::conn::{Conn, Svc, every_page};
 use crate::error::CliError;
 use crate::format::{
@@ -47,6 +48,25 @@ pub enum NodeCommand {
     Readmit {
         /// Node id.
         node_id: String,
+    },
+    /// Empty a node for maintenance (admin): cordon it, replace its
+    /// services' replicas elsewhere one at a time, requeue its training
+    /// jobs that have retries, and stop its notebooks, TensorBoards and jobs
+    /// without retries with --force or at the deadline. Shows the progress
+    /// until the node is empty; `uncordon` ends the drain.
+    Drain {
+        /// Node id.
+        node_id: String,
+        /// From then on, whatever still runs there is stopped (`90s`,
+        /// `30m`, `2h`, `1d`; default: none).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
+        deadline: Option<u64>,
+        /// Stop notebooks, TensorBoards and jobs without retries at once.
+        #[arg(long)]
+        force: bool,
+        /// Start the drain and return, without waiting for the node to empty.
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -130,6 +150,12 @@ pub(crate) async fn node_command(
                 || json::node(&n),
             )
         }
+        NodeCommand::Drain {
+            node_id,
+            deadline,
+            force,
+            no_wait,
+        } => drain(&mut nodes, out, node_id, deadline, force, no_wait).await,
         NodeCommand::Readmit { node_id } => {
             let n = nodes
                 .readmit_node(pb::CordonNodeRequest { node_id })
@@ -149,6 +175,61 @@ pub(crate) async fn node_command(
     }
 }
 
+/// Starts a drain, then (unless `no_wait`) polls the node once a second,
+/// printing what is left there, until it is empty.
+async fn drain(
+    nodes: &mut NodeServiceClient<Svc>,
+    out: OutputFormat,
+    node_id: String,
+    deadline: Option<u64>,
+    force: bool,
+    no_wait: bool,
+) -> Result<(), CliError> {
+    let mut n = nodes
+        .drain_node(pb::DrainNodeRequest {
+            node_id: node_id.clone(),
+            deadline_secs: deadline.unwrap_or(0),
+            force,
+        })
+        .await?
+        .into_inner();
+    let mut left = usize::MAX;
+    while !no_wait && !n.instance_ids.is_empty() {
+        if n.instance_ids.len() != left && out == OutputFormat::Table {
+            left = n.instance_ids.len();
+            eprintln!(
+                "node {node_id}: {left} instance(s) left: {}",
+                n.instance_ids.join(", ")
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        n = nodes
+            .get_node(pb::GetNodeRequest {
+                node_id: node_id.clone(),
+            })
+            .await?
+            .into_inner();
+    }
+    emit(
+        out,
+        || {
+            if n.instance_ids.is_empty() {
+                format!(
+                    "node {} drained (cordoned until `gpupool node uncordon`)\n",
+                    n.node_id
+                )
+            } else {
+                format!(
+                    "node {} draining: {} instance(s) left\n",
+                    n.node_id,
+                    n.instance_ids.len()
+                )
+            }
+        },
+        || json::node(&n),
+    )
+}
+
 fn node_status_text(n: &pb::Node) -> String {
     let mut status = node_status_name(n.status).to_string();
     if n.cordoned {
@@ -156,6 +237,9 @@ fn node_status_text(n: &pb::Node) -> String {
     }
     if n.revoked {
         status.push_str(",Revoked");
+    }
+    if n.draining {
+        status.push_str(",Draining");
     }
     status
 }

@@ -46,6 +46,7 @@ pub const ACCESS: &[(&str, Access)] = &[
     ("/gpupool.v1.NodeService/UncordonNode", Access::Admin),
     ("/gpupool.v1.NodeService/RevokeNode", Access::Admin),
     ("/gpupool.v1.NodeService/ReadmitNode", Access::Admin),
+    ("/gpupool.v1.NodeService/DrainNode", Access::Admin),
     ("/gpupool.v1.PoolService/ListPools", Access::Tenant),
     ("/gpupool.v1.PoolService/GetPool", Access::Tenant),
     ("/gpupool.v1.PoolService/CreatePool", Access::Tenant),

@@ -32,6 +32,7 @@ pub const AUDITED: &[&str] = &[
     "/gpupool.v1.NodeService/UncordonNode",
     "/gpupool.v1.NodeService/RevokeNode",
     "/gpupool.v1.NodeService/ReadmitNode",
+    "/gpupool.v1.NodeService/DrainNode",
     "/gpupool.v1.PoolService/CreatePool",
     "/gpupool.v1.PoolService/DeletePool",
     "/gpupool.v1.PoolService/ScalePool",
@@ -227,6 +228,18 @@ fn summarize_others(
     message: &[u8],
 ) {
     match method {
+        "DrainNode" => match pb::DrainNodeRequest::decode(message) {
+            Ok(r) => {
+                put(t, "node", r.node_id);
+                if r.deadline_secs > 0 {
+                    put(a, "deadline_secs", r.deadline_secs.to_string());
+                }
+                if r.force {
+                    put(a, "force", "true".into());
+                }
+            }
+            Err(_) => bad(a),
+        },
         "Register" => match pb::RegisterRequest::decode(message) {
             Ok(r) => {
                 put(t, "node", r.node_id.trim().to_string());

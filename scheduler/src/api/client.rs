@@ -359,6 +359,31 @@ impl pb::node_service_server::NodeService for Api {
             .await?;
         Ok(Response::new(node))
     }
+
+    async fn drain_node(
+        &self,
+        req: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let req = req.into_inner();
+        let id = req.node_id;
+        let deadline_secs = i64::try_from(req.deadline_secs)
+            .ok()
+            .filter(|s| *s <= 366 * 86_400)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "deadline_secs {} is more than a year",
+                    req.deadline_secs
+                ))
+            })?;
+        let now = now_ms();
+        let deadline = (deadline_secs > 0).then(|| now + deadline_secs * 1000);
+        let node = self
+            .node_change(&id, |cluster, out| {
+                cluster.drain_node(&id, deadline, req.force, now, out)
+            })
+            .await?;
+        Ok(Response::new(node))
+    }
 }
 
 impl Api {

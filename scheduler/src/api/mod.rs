@@ -389,6 +389,10 @@ pub fn node_to_pb(n: &domain::Node, usage: Option<&NodeUsage>) -> pb::Node {
         gpu_allocated_milli: usage.gpu_milli,
         instance_ids: usage.instance_ids,
         revoked: n.revoked,
+        draining: n.drain.is_some(),
+        drain_started: n.drain.as_ref().map(|d| ts(d.started_at_ms)),
+        drain_deadline: n.drain.as_ref().and_then(|d| d.deadline_ms).map(ts),
+        drain_force: n.drain.as_ref().is_some_and(|d| d.force),
     }
 }
 

@@ -18,10 +18,10 @@
 //! which ends the drain.
 
 use super::{Cluster, ClusterError, Outbox, stop_instance};
-use crate::store::Store;
 use crate::domain::job::PendingRank;
 use crate::domain::node::Drain;
 use crate::domain::{InstanceState, JobKind, Node, StopCause};
+use crate::store::Store;
 
 impl Cluster {
     /// Starts (or changes) the drain of `node_id`.
@@ -116,7 +116,12 @@ impl Cluster {
         };
         match job.spec.kind {
             JobKind::OnlineService if !stop_all => {
-                let ranks: Vec<u32> = job.instances.iter().filter(|i| here(i)).map(|i| i.rank).collect();
+                let ranks: Vec<u32> = job
+                    .instances
+                    .iter()
+                    .filter(|i| here(i))
+                    .map(|i| i.rank)
+                    .collect();
                 let before = job.rollout.len();
                 for rank in ranks {
                     if !job.rollout.contains(&rank) {

@@ -28,7 +28,12 @@ fn a_drain_requeues_training_replaces_replicas_and_waits_for_notebooks() {
     let mut c = cluster(3, 2);
     let mut out = Outbox::new();
     let service = c
-        .submit(&admin(), spec(JobKind::OnlineService, 2, &["serve"]), 0, &mut out)
+        .submit(
+            &admin(),
+            spec(JobKind::OnlineService, 2, &["serve"]),
+            0,
+            &mut out,
+        )
         .unwrap();
     run_all(&mut c, &service.job_id, 5, &mut out);
     // The node to drain: one of the service's.
@@ -48,7 +53,12 @@ fn a_drain_requeues_training_replaces_replicas_and_waits_for_notebooks() {
     train.max_retries = 1;
     let train = c.submit(&admin(), train, 7, &mut out).unwrap();
     let notebook = c
-        .submit(&admin(), spec(JobKind::Notebook, 1, &["jupyter"]), 8, &mut out)
+        .submit(
+            &admin(),
+            spec(JobKind::Notebook, 1, &["jupyter"]),
+            8,
+            &mut out,
+        )
         .unwrap();
     run_all(&mut c, &train.job_id, 9, &mut out);
     run_all(&mut c, &notebook.job_id, 9, &mut out);
@@ -63,7 +73,10 @@ fn a_drain_requeues_training_replaces_replicas_and_waits_for_notebooks() {
     // The training run is stopped at once, then queued again without a
     // retry spent, and starts on another node.
     let t = c.job(&admin(), &train.job_id).unwrap();
-    assert!(t.current().all(|i| i.state == InstanceState::Stopping), "{t:?}");
+    assert!(
+        t.current().all(|i| i.state == InstanceState::Stopping),
+        "{t:?}"
+    );
     // The service keeps N-1 ready: one replica at a time.
     let s = c.job(&admin(), &service.job_id).unwrap();
     assert_eq!(s.current().filter(|i| i.ready).count(), 1, "{s:?}");
@@ -71,14 +84,20 @@ fn a_drain_requeues_training_replaces_replicas_and_waits_for_notebooks() {
     let t = c.job(&admin(), &train.job_id).unwrap().clone();
     assert_eq!(t.state, JobState::Scheduled, "{}", t.reason);
     assert_eq!((t.retries, t.drains, t.spec.max_retries), (1, 1, 1));
-    assert_ne!(node_of(&c, &train.job_id), node, "placed off the drained node");
+    assert_ne!(
+        node_of(&c, &train.job_id),
+        node,
+        "placed off the drained node"
+    );
     tick(&mut c, 40, &mut out);
     run_all(&mut c, &service.job_id, 40, &mut out);
     run_all(&mut c, &train.job_id, 40, &mut out);
     tick(&mut c, 50, &mut out);
     let s = c.job(&admin(), &service.job_id).unwrap();
     assert!(
-        s.current().filter(|i| !i.replaced).all(|i| i.node_id != node),
+        s.current()
+            .filter(|i| !i.replaced)
+            .all(|i| i.node_id != node),
         "{s:?}"
     );
     assert_eq!(s.ready_replicas(), 2);
@@ -108,7 +127,8 @@ fn a_job_without_retries_is_stopped_only_at_the_deadline() {
     let train = c.submit(&admin(), train, 0, &mut out).unwrap();
     run_all(&mut c, &train.job_id, 5, &mut out);
     let node = node_of(&c, &train.job_id);
-    c.drain_node(&node, Some(1_000), false, 10, &mut out).unwrap();
+    c.drain_node(&node, Some(1_000), false, 10, &mut out)
+        .unwrap();
     tick(&mut c, 500, &mut out);
     let t = c.job(&admin(), &train.job_id).unwrap();
     assert_eq!(t.state, JobState::Running, "left alone before the deadline");
