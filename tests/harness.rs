@@ -389,7 +389,13 @@ impl Scheduler {
     }
 
     /// Restarts on the same config, ports and database.
-    pub async fn restart(mut self, dir: &Path) -> Self {
+    pub async fn restart(self, dir: &Path) -> Self {
+        self.restart_after(dir, |_| {}).await
+    }
+
+    /// Stops (SIGTERM), runs `between` with the config path while it is
+    /// down, and starts again on the same config and ports.
+    pub async fn restart_after(mut self, dir: &Path, between: impl FnOnce(&Path)) -> Self {
         let status = self.proc.terminate(Duration::from_secs(15));
         assert!(
             status.success(),
@@ -399,6 +405,7 @@ impl Scheduler {
         self.pin_ports();
         let config = self.config_path.clone();
         drop(self);
+        between(&config);
         Self::start_with(dir, config).await
     }
 

@@ -410,3 +410,71 @@ async fn a_leader_without_postgres_steps_down_and_comes_back() {
     );
     assert!(s.proc.log_text().contains("stands by again"));
 }
+
+/// A snapshot saved from PostgreSQL (while the leader runs) restores into
+/// SQLite and back into an empty PostgreSQL database: the same format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_moves_between_postgresql_and_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(pg) = Postgres::start(dir.path()) else {
+        return;
+    };
+    let leader = Scheduler::start_replica(&dir.path().join("a"), &pg.url()).await;
+    leader.wait_serving().await;
+    let mut admin = leader.admin().await;
+    tenant_with_token(&mut admin, "acme", 1, 2).await;
+    let job = submit(&leader, training(0, &["true"])).await.unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin("gpupool-scheduler"))
+            .arg("snapshot")
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{args:?}: {text}");
+        // "...: 1 tenants, 1 tokens, ..." on stdout: the counts, compared
+        // below.
+        String::from_utf8_lossy(&out.stdout)
+            .rsplit_once(": ")
+            .map(|(_, c)| c.trim().to_string())
+            .unwrap()
+    };
+    let file = dir.path().join("pg.snapshot");
+    let file_s = file.to_str().unwrap();
+    let pg_config = dir.path().join("a/scheduler.toml");
+    let saved = run(&["save", file_s, "--config", pg_config.to_str().unwrap()]);
+    assert!(saved.starts_with("1 tenants, 1 tokens"), "{saved}");
+    assert!(saved.contains("1 jobs"), "{saved}");
+    // Into SQLite.
+    let sqlite_config = dir.path().join("sqlite.toml");
+    std::fs::write(
+        &sqlite_config,
+        format!("data_dir = {:?}\n", dir.path().join("sqlite-data")),
+    )
+    .unwrap();
+    let restored = run(&[
+        "restore",
+        file_s,
+        "--config",
+        sqlite_config.to_str().unwrap(),
+    ]);
+    assert!(restored.ends_with(&saved), "{restored} vs {saved}");
+    // Saved again from SQLite: the same counts; and the job is there.
+    let again = dir.path().join("sqlite.snapshot");
+    let resaved = run(&[
+        "save",
+        again.to_str().unwrap(),
+        "--config",
+        sqlite_config.to_str().unwrap(),
+    ]);
+    assert_eq!(resaved, saved);
+    assert!(
+        std::fs::read_to_string(&again)
+            .unwrap()
+            .contains(&job.job_id)
+    );
+}

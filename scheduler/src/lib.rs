@@ -18,7 +18,8 @@
 //! - [`api`]: the gRPC edge (services, access table, limits, the one
 //!   mapping of errors to statuses);
 //! - [`server`] wires them up; [`replica`] runs leader/standby on
-//!   PostgreSQL; [`dev`] is the one-command dev cluster (with local agents).
+//!   PostgreSQL; [`dev`] is the one-command dev cluster (with local agents);
+//!   [`snapshot`] saves and restores a whole store as one file.
 
 pub mod api;
 pub mod cluster;
@@ -30,6 +31,7 @@ pub mod net;
 pub mod pgstore;
 pub mod replica;
 pub mod server;
+pub mod snapshot;
 pub mod state;
 pub mod store;
 

@@ -362,26 +362,69 @@ fn get_meta<T: std::str::FromStr>(c: &mut Client, key: &str) -> Result<Option<T>
         .and_then(|r| r.get::<_, String>(0).parse().ok()))
 }
 
+/// Everything but the ledger and the audit trail, read on `c`.
+fn load_client(c: &mut Client) -> Result<Snapshot, StoreError> {
+    let tokens = c
+        .query(&sql::LOAD_TOKENS.postgres(), &[])
+        .doing(Op::Read("tokens"))?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok(Snapshot {
+        nodes: rows(c, "nodes", &sql::LOAD_NODES)?,
+        jobs: rows(c, "jobs", &sql::LOAD_JOBS)?,
+        pools: rows(c, "pools", &sql::LOAD_POOLS)?,
+        tenants: rows(c, "tenants", &sql::LOAD_TENANTS)?,
+        tokens,
+        orders: rows(c, "orders", &sql::LOAD_ORDERS)?,
+        ledger_closed_until_ms: get_meta(c, "ledger_closed_until_ms")?,
+        next_job_seq: get_meta(c, "next_job_seq")?,
+        secret_key_check: get_meta(c, "secret_key_check")?,
+    })
+}
+
+/// [`Store::dump`] on `c`, inside the caller's transaction.
+fn dump_client(c: &mut Client) -> Result<crate::store::Dump, StoreError> {
+    let snapshot = load_client(c)?;
+    let ledger = rows_with(c, "ledger", &sql::LEDGER_RANGE, &[&i64::MIN, &i64::MAX])?;
+    let none: Option<String> = None;
+    let audit = rows_with(
+        c,
+        "audit",
+        &sql::AUDIT_PAGE,
+        &[
+            &0i64,
+            &i64::MIN,
+            &i64::MAX,
+            &none,
+            &none,
+            &none,
+            &none,
+            &i64::MAX,
+        ],
+    )?;
+    Ok(crate::store::Dump {
+        snapshot,
+        ledger,
+        audit,
+    })
+}
+
 impl Store for PgStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
+        self.call(load_client)
+    }
+
+    fn dump(&self) -> Result<crate::store::Dump, StoreError> {
+        // One repeatable-read transaction: a consistent view while the
+        // leader writes.
         self.call(|c| {
-            let tokens = c
-                .query(&sql::LOAD_TOKENS.postgres(), &[])
-                .doing(Op::Read("tokens"))?
-                .into_iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-            Ok(Snapshot {
-                nodes: rows(c, "nodes", &sql::LOAD_NODES)?,
-                jobs: rows(c, "jobs", &sql::LOAD_JOBS)?,
-                pools: rows(c, "pools", &sql::LOAD_POOLS)?,
-                tenants: rows(c, "tenants", &sql::LOAD_TENANTS)?,
-                tokens,
-                orders: rows(c, "orders", &sql::LOAD_ORDERS)?,
-                ledger_closed_until_ms: get_meta(c, "ledger_closed_until_ms")?,
-                next_job_seq: get_meta(c, "next_job_seq")?,
-                secret_key_check: get_meta(c, "secret_key_check")?,
-            })
+            c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .doing(Op::Begin)?;
+            let dumped = dump_client(c);
+            let end = if dumped.is_ok() { "COMMIT" } else { "ROLLBACK" };
+            c.batch_execute(end).doing(Op::Commit)?;
+            dumped
         })
     }
 

@@ -155,6 +155,15 @@ impl<T> Doing<T> for Result<T, postgres::Error> {
     }
 }
 
+/// Everything a store holds ([`Store::dump`]): what is loaded at start-up,
+/// the ledger and the audit trail; what a snapshot file carries.
+#[derive(Debug, Default)]
+pub struct Dump {
+    pub snapshot: Snapshot,
+    pub ledger: Vec<LedgerRow>,
+    pub audit: Vec<AuditEntry>,
+}
+
 /// Everything loaded at start-up.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -294,6 +303,21 @@ pub trait Store: Send {
     fn audit_page(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
     /// The highest audit sequence number written (0: none).
     fn audit_max_seq(&self) -> Result<u64, StoreError>;
+    /// Everything the store holds, as of one moment (the stores read it in
+    /// one transaction; this default, for test doubles, does not).
+    fn dump(&self) -> Result<Dump, StoreError> {
+        let all = AuditQuery {
+            from_ms: i64::MIN,
+            to_ms: i64::MAX,
+            limit: usize::MAX,
+            ..Default::default()
+        };
+        Ok(Dump {
+            snapshot: self.load()?,
+            ledger: self.ledger(i64::MIN, i64::MAX)?,
+            audit: self.audit_page(&all)?,
+        })
+    }
 
     fn put_node(&self, node: &Node, now_ms: i64) -> Result<(), StoreError> {
         self.write(&[Record::Node(node)], now_ms)
@@ -430,26 +454,68 @@ fn rows<T: serde::de::DeserializeOwned>(
     decode(&mut cursor, table)
 }
 
+/// Everything but the ledger and the audit trail, read on `conn`.
+fn load_conn(conn: &Connection) -> Result<Snapshot, StoreError> {
+    let read = Op::Read("tokens");
+    let mut stmt = conn.prepare(sql::LOAD_TOKENS.sqlite()).doing(read)?;
+    let tokens = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .doing(read)?
+        .collect::<Result<_, _>>()
+        .doing(read)?;
+    Ok(Snapshot {
+        nodes: rows(&conn, "nodes", &sql::LOAD_NODES)?,
+        jobs: rows(&conn, "jobs", &sql::LOAD_JOBS)?,
+        pools: rows(&conn, "pools", &sql::LOAD_POOLS)?,
+        tenants: rows(&conn, "tenants", &sql::LOAD_TENANTS)?,
+        tokens,
+        orders: rows(&conn, "orders", &sql::LOAD_ORDERS)?,
+        ledger_closed_until_ms: get_meta(&conn, "ledger_closed_until_ms")?,
+        next_job_seq: get_meta(&conn, "next_job_seq")?,
+        secret_key_check: get_meta(&conn, "secret_key_check")?,
+    })
+}
+
 impl Store for SqliteStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
-        let conn = self.conn.lock().unwrap();
-        let read = Op::Read("tokens");
-        let mut stmt = conn.prepare(sql::LOAD_TOKENS.sqlite()).doing(read)?;
-        let tokens = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .doing(read)?
-            .collect::<Result<_, _>>()
+        load_conn(&self.conn.lock().unwrap())
+    }
+
+    fn dump(&self) -> Result<Dump, StoreError> {
+        // One read transaction: a consistent view while the scheduler
+        // writes (WAL).
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction().doing(Op::Begin)?;
+        let snapshot = load_conn(&tx)?;
+        let read = Op::Read("ledger");
+        let mut stmt = tx.prepare(sql::LEDGER_RANGE.sqlite()).doing(read)?;
+        let mut cursor = stmt.query(params![i64::MIN, i64::MAX]).doing(read)?;
+        let ledger = decode(&mut cursor, "ledger")?;
+        drop(cursor);
+        drop(stmt);
+        let read = Op::Read("audit");
+        let mut stmt = tx.prepare(sql::AUDIT_PAGE.sqlite()).doing(read)?;
+        let none: Option<String> = None;
+        let mut cursor = stmt
+            .query(params![
+                0i64,
+                i64::MIN,
+                i64::MAX,
+                none,
+                none,
+                none,
+                none,
+                i64::MAX
+            ])
             .doing(read)?;
-        Ok(Snapshot {
-            nodes: rows(&conn, "nodes", &sql::LOAD_NODES)?,
-            jobs: rows(&conn, "jobs", &sql::LOAD_JOBS)?,
-            pools: rows(&conn, "pools", &sql::LOAD_POOLS)?,
-            tenants: rows(&conn, "tenants", &sql::LOAD_TENANTS)?,
-            tokens,
-            orders: rows(&conn, "orders", &sql::LOAD_ORDERS)?,
-            ledger_closed_until_ms: get_meta(&conn, "ledger_closed_until_ms")?,
-            next_job_seq: get_meta(&conn, "next_job_seq")?,
-            secret_key_check: get_meta(&conn, "secret_key_check")?,
+        let audit = decode(&mut cursor, "audit")?;
+        drop(cursor);
+        drop(stmt);
+        tx.commit().doing(Op::Commit)?;
+        Ok(Dump {
+            snapshot,
+            ledger,
+            audit,
         })
     }
 

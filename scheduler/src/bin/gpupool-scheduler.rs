@@ -1,5 +1,6 @@
 //! `gpupool-scheduler`: `serve --config FILE` runs the daemon, `dev` runs a
-//! one-machine cluster (scheduler + local agent) for trying gpupool out.
+//! one-machine cluster (scheduler + local agent) for trying gpupool out,
+//! `snapshot save|restore FILE` backs up and restores its store.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +36,34 @@ enum Command {
     },
     /// Run a scheduler and a local agent on localhost (development).
     Dev(Box<gpupool_scheduler::dev::DevArgs>),
+    /// Save or restore the whole store (SQLite or PostgreSQL) as one file.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Save everything the store holds to FILE (0600), consistently, while
+    /// the scheduler runs.
+    Save {
+        file: PathBuf,
+        /// The scheduler's TOML config (its database).
+        #[arg(long, default_value = "/etc/gpupool/scheduler.toml")]
+        config: PathBuf,
+    },
+    /// Restore FILE into an empty store (stop the scheduler first; it needs
+    /// the same `secret_key_file`, which is not in the snapshot).
+    Restore {
+        file: PathBuf,
+        #[arg(long, default_value = "/etc/gpupool/scheduler.toml")]
+        config: PathBuf,
+        /// SQLite: move a database that holds anything aside
+        /// (`gpupool.db.before-restore-MS`) and restore into a new one.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -101,7 +130,82 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .await
         }
         Command::Dev(args) => gpupool_scheduler::dev::run(*args).await,
+        Command::Snapshot { command } => snapshot(command),
     }
+}
+
+/// The store a snapshot command works on, and its kind.
+fn snapshot_store(
+    config: &SchedulerConfig,
+    restoring: bool,
+    force: bool,
+) -> anyhow::Result<(Box<dyn gpupool_scheduler::store::Store>, &'static str)> {
+    use gpupool_scheduler::store::SqliteStore;
+    let now = gpupool_scheduler::now_ms();
+    if let Some(url) = &config.database_url {
+        if force {
+            anyhow::bail!(
+                "--force moves a SQLite database aside; restore into an empty PostgreSQL database instead"
+            );
+        }
+        return Ok((
+            Box::new(gpupool_scheduler::pgstore::PgStore::open(url, None)?),
+            "postgres",
+        ));
+    }
+    let db = config.database_path();
+    if !restoring {
+        return Ok((Box::new(SqliteStore::open_reader(&db)?), "sqlite"));
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    if force && db.exists() {
+        for suffix in ["", "-wal", "-shm"] {
+            let from = PathBuf::from(format!("{}{suffix}", db.display()));
+            let to = PathBuf::from(format!("{}.before-restore-{now}{suffix}", db.display()));
+            if from.exists() {
+                std::fs::rename(&from, &to)
+                    .with_context(|| format!("cannot move {} aside", from.display()))?;
+            }
+        }
+        eprintln!(
+            "moved the old database aside: {}.before-restore-{now}",
+            db.display()
+        );
+    }
+    Ok((Box::new(SqliteStore::open(&db)?), "sqlite"))
+}
+
+/// `snapshot save` and `snapshot restore`.
+fn snapshot(command: SnapshotCommand) -> anyhow::Result<()> {
+    use gpupool_scheduler::snapshot;
+    let now = gpupool_scheduler::now_ms();
+    match command {
+        SnapshotCommand::Save { file, config } => {
+            let config = SchedulerConfig::load(&config)?;
+            let (store, source) = snapshot_store(&config, false, false)?;
+            let saved = snapshot::save(&*store, source, &file, now)?;
+            println!("saved {}: {saved}", file.display());
+        }
+        SnapshotCommand::Restore {
+            file,
+            config,
+            force,
+        } => {
+            let config = SchedulerConfig::load(&config)?;
+            // The whole file is checked before the target is touched.
+            let checked = snapshot::check(&file)?;
+            let (store, _) = snapshot_store(&config, true, force)?;
+            let restored = snapshot::restore(&*store, &checked, now)?;
+            println!(
+                "restored {} (saved from {} at {} ms): {restored}",
+                file.display(),
+                checked.source,
+                checked.created_at_ms
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes the bound addresses to `path` through a temporary file and a
