@@ -412,7 +412,7 @@ async fn a_leader_without_postgres_steps_down_and_comes_back() {
 }
 
 /// A snapshot saved from PostgreSQL (while the leader runs) restores into
-/// SQLite and back into an empty PostgreSQL database: the same format.
+/// SQLite, and saved again from there it holds the same: one format.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_moves_between_postgresql_and_sqlite() {
     let dir = tempfile::tempdir().unwrap();
