@@ -56,7 +56,7 @@ fn register(node_id: &str, cpu_cores: u32, memory_mib: u64) -> pb::RegisterReque
             memory_mib,
             ..Default::default()
         }),
-        agent_version: "rogue".into(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
     }
 }
 
@@ -493,4 +493,38 @@ async fn a_node_keeps_its_credential_and_cannot_be_re_enrolled() {
     })
     .await;
     assert!(!agent.proc.log_text().contains("session established"));
+}
+
+/// The version-skew policy at registration: an agent newer than the
+/// scheduler, or with no usable version, is refused with the policy's
+/// words and enrols nothing; the scheduler's own release is let in.
+#[tokio::test]
+async fn registration_checks_the_version_skew_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(dir.path()).await;
+    let mut agent = rogue(sched.channel().await, Some(JOIN), None);
+    let ours = env!("CARGO_PKG_VERSION");
+    let (major, minor) = {
+        let mut p = ours.split('.').map(|x| x.parse::<u64>().unwrap());
+        (p.next().unwrap(), p.next().unwrap())
+    };
+    let newer = format!("{major}.{}.0", minor + 1);
+    for (version, says) in [
+        (newer.as_str(), "upgrade the scheduler first"),
+        ("not-a-version", "MAJOR.MINOR.PATCH"),
+    ] {
+        let mut req = register("skewed", 8, 1024);
+        req.agent_version = version.into();
+        let err = agent.register(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{version}: {err:?}");
+        assert!(err.message().contains(says), "{version}: {}", err.message());
+    }
+    assert!(
+        list_nodes(&sched).await.is_empty(),
+        "a refused agent enrolled"
+    );
+    let mut req = register("skewed", 8, 1024);
+    req.agent_version = ours.into();
+    agent.register(req).await.unwrap();
+    assert_eq!(list_nodes(&sched).await.len(), 1);
 }

@@ -843,7 +843,7 @@ async fn agent(
         .register(pb::RegisterRequest {
             node_id: node_id.clone(),
             inventory: Some(inventory(i)),
-            agent_version: "bench".into(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
         })
         .await?
         .into_inner();

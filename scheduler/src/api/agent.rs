@@ -37,6 +37,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
         if node_id.is_empty() {
             return Err(Status::invalid_argument("node_id must not be empty"));
         }
+        // The version-skew policy (README, *Upgrades*).
+        crate::domain::node::check_agent_version(&req.agent_version, env!("CARGO_PKG_VERSION"))
+            .map_err(|why| {
+                tracing::warn!(node = %node_id, agent_version = %req.agent_version, %why, "registration refused");
+                Status::failed_precondition(why)
+            })?;
         let inventory = req
             .inventory
             .map(inventory_from_pb)

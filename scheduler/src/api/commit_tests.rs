@@ -404,7 +404,7 @@ async fn nodes(rig: &mut Rig, api: &Api) {
         let mut r = Request::new(pb::RegisterRequest {
             node_id: "n9".into(),
             inventory: Some(super::inventory_to_pb(&inventory("AZ2"))),
-            agent_version: String::new(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
         });
         r.extensions_mut().insert(AgentIdentity::Bootstrap);
         pb::agent_service_server::AgentService::register(agents, r)
@@ -603,7 +603,7 @@ async fn a_heartbeat_the_store_refuses_ends_the_session_and_is_told_again() {
     let mut again = Request::new(pb::RegisterRequest {
         node_id: "n1".into(),
         inventory: Some(super::inventory_to_pb(&sick)),
-        agent_version: String::new(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
     });
     again.extensions_mut().insert(AgentIdentity::Node {
         node_id: "n1".into(),

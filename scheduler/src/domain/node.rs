@@ -243,9 +243,70 @@ pub fn admit_session(node: &Node, identity: &AgentIdentity) -> Result<(), NodeAu
     }
 }
 
+/// The version-skew policy between agents and the scheduler: an agent may
+/// run the scheduler's own release or be at most one minor version behind
+/// it, with the same major version (upgrade the scheduler first, then the
+/// agents, one node at a time). Refused, with the reason: an older agent, a
+/// newer one, or a version that is not `MAJOR.MINOR.PATCH`.
+pub fn check_agent_version(agent: &str, scheduler: &str) -> Result<(), String> {
+    fn parse(v: &str) -> Option<(u64, u64, u64)> {
+        let core = v.trim().split(['-', '+']).next()?;
+        let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+        let v = (parts.next()??, parts.next()??, parts.next()??);
+        parts.next().is_none().then_some(v)
+    }
+    let (Some(a), Some(s)) = (parse(agent), parse(scheduler)) else {
+        return Err(format!(
+            "agent version {agent:?} is not MAJOR.MINOR.PATCH (this scheduler is {scheduler})"
+        ));
+    };
+    let allowed = format!(
+        "agents may run {}.{}.x or {}.{}.x (at most one minor version behind the scheduler)",
+        s.0,
+        s.1.saturating_sub(1),
+        s.0,
+        s.1
+    );
+    if a.0 != s.0 || a.1 > s.1 || a.1 + 1 < s.1 {
+        let which = if (a.0, a.1) > (s.0, s.1) {
+            "newer than this scheduler: upgrade the scheduler first"
+        } else {
+            "too old for this scheduler: upgrade the agent"
+        };
+        return Err(format!("agent {agent} is {which} ({scheduler}); {allowed}"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agents_may_be_one_minor_version_behind_and_never_ahead() {
+        for ok in ["1.4.0", "1.4.9", "1.3.2", "1.4.0-rc.1"] {
+            assert_eq!(check_agent_version(ok, "1.4.2"), Ok(()), "{ok}");
+        }
+        for (bad, says) in [
+            ("1.2.9", "too old"),
+            ("1.5.0", "newer than this scheduler"),
+            ("2.4.0", "newer than this scheduler"),
+            ("0.9.0", "too old"),
+            ("rogue", "not MAJOR.MINOR.PATCH"),
+            ("", "not MAJOR.MINOR.PATCH"),
+            ("1.4", "not MAJOR.MINOR.PATCH"),
+        ] {
+            let err = check_agent_version(bad, "1.4.2").unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+            assert!(
+                err.contains("1.3.x or 1.4.x") || says.starts_with("not"),
+                "{err}"
+            );
+        }
+        // A first minor release: only its own minor's agents and the
+        // previous one's.
+        assert!(check_agent_version("0.0.5", "0.1.0").is_ok());
+    }
 
     fn cred(node: &str, sha: &str) -> AgentIdentity {
         AgentIdentity::Node {
