@@ -11,6 +11,23 @@ fn shim() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_gpupool-agent"))
 }
 
+/// The ended instances, once `n` have ended (or after 10 s, whatever ended).
+async fn ended(rt: &Runtime, n: usize) -> Vec<gpupool_agent::runtime::InstanceReport> {
+    let mut done = Vec::new();
+    for _ in 0..200 {
+        done = rt
+            .snapshot()
+            .into_iter()
+            .filter(|r| r.phase.is_terminal())
+            .collect();
+        if done.len() == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done
+}
+
 #[tokio::test]
 async fn restarted_runtime_reattaches_and_reports_the_exit_code() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,18 +91,7 @@ async fn shim_passes_success_and_signals_through() {
             ..Default::default()
         });
     }
-    let mut done = Vec::new();
-    for _ in 0..100 {
-        done = rt
-            .snapshot()
-            .into_iter()
-            .filter(|r| r.phase.is_terminal())
-            .collect();
-        if done.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let done = ended(&rt, 2).await;
     let ok = done.iter().find(|r| r.instance_id == "ok-0").unwrap();
     assert_eq!((ok.phase, ok.exit_code), (Phase::Succeeded, Some(0)));
     let sig = done.iter().find(|r| r.instance_id == "sig-0").unwrap();
@@ -160,18 +166,7 @@ async fn the_environment_reaches_the_command_whole_and_never_the_disk() {
             ..Default::default()
         });
     }
-    let mut done = Vec::new();
-    for _ in 0..200 {
-        done = rt
-            .snapshot()
-            .into_iter()
-            .filter(|r| r.phase.is_terminal())
-            .collect();
-        if done.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let done = ended(&rt, 2).await;
     for id in ["small-0", "big-0"] {
         let r = done.iter().find(|r| r.instance_id == id).expect("ended");
         let (log, _) = rt.read_log(id, 0, 4096).await.unwrap();
