@@ -182,4 +182,21 @@ async fn a_snapshot_saved_under_load_restores_the_whole_cluster() {
         Duration::from_secs(20),
     )
     .await;
+
+    // `--data-dir` instead of a config (as for `dev`): the same database.
+    let toml = std::fs::read_to_string(&config).unwrap();
+    let data_dir = toml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("data_dir = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap();
+    let again = dir.path().join("again.snapshot");
+    let by_dir = snapshot(&["save", again.to_str().unwrap(), "--data-dir", &data_dir]);
+    assert!(by_dir.status.success(), "{}", text(&by_dir));
+    assert!(
+        std::fs::read_to_string(&again)
+            .unwrap()
+            .contains(&fresh.job_id),
+        "the snapshot by --data-dir misses the newest job"
+    );
 }

@@ -52,6 +52,10 @@ enum SnapshotCommand {
         /// The scheduler's TOML config (its database).
         #[arg(long, default_value = "/etc/gpupool/scheduler.toml")]
         config: PathBuf,
+        /// The SQLite data dir, instead of the config's (`gpupool-scheduler
+        /// dev`: `.gpupool-dev/scheduler`); no config is read then.
+        #[arg(long, conflicts_with = "config")]
+        data_dir: Option<PathBuf>,
     },
     /// Restore FILE into an empty store (stop the scheduler first; it needs
     /// the same `secret_key_file`, which is not in the snapshot).
@@ -59,6 +63,10 @@ enum SnapshotCommand {
         file: PathBuf,
         #[arg(long, default_value = "/etc/gpupool/scheduler.toml")]
         config: PathBuf,
+        /// The SQLite data dir, instead of the config's; no config is read
+        /// then.
+        #[arg(long, conflicts_with = "config")]
+        data_dir: Option<PathBuf>,
         /// SQLite: move a database that holds anything aside
         /// (`gpupool.db.before-restore-MS`) and restore into a new one.
         #[arg(long)]
@@ -176,13 +184,32 @@ fn snapshot_store(
     Ok((Box::new(SqliteStore::open(&db)?), "sqlite"))
 }
 
+/// The config a snapshot command works with: `--data-dir` alone, or the
+/// config file.
+fn snapshot_config(
+    path: &std::path::Path,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<SchedulerConfig> {
+    Ok(match data_dir {
+        Some(data_dir) => SchedulerConfig {
+            data_dir,
+            ..SchedulerConfig::default()
+        },
+        None => SchedulerConfig::load(path)?,
+    })
+}
+
 /// `snapshot save` and `snapshot restore`.
 fn snapshot(command: SnapshotCommand) -> anyhow::Result<()> {
     use gpupool_scheduler::snapshot;
     let now = gpupool_scheduler::now_ms();
     match command {
-        SnapshotCommand::Save { file, config } => {
-            let config = SchedulerConfig::load(&config)?;
+        SnapshotCommand::Save {
+            file,
+            config,
+            data_dir,
+        } => {
+            let config = snapshot_config(&config, data_dir)?;
             let (store, source) = snapshot_store(&config, false, false)?;
             let saved = snapshot::save(&*store, source, &file, now)?;
             println!("saved {}: {saved}", file.display());
@@ -190,9 +217,10 @@ fn snapshot(command: SnapshotCommand) -> anyhow::Result<()> {
         SnapshotCommand::Restore {
             file,
             config,
+            data_dir,
             force,
         } => {
-            let config = SchedulerConfig::load(&config)?;
+            let config = snapshot_config(&config, data_dir)?;
             // The whole file is checked before the target is touched.
             let checked = snapshot::check(&file)?;
             let (store, _) = snapshot_store(&config, true, force)?;
