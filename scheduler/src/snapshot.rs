@@ -13,7 +13,7 @@
 //! checks the whole file first, refuses a store that holds anything, and
 //! writes everything in one transaction.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -175,10 +175,10 @@ pub fn save(
         created_at_ms: now_ms,
         source: source.into(),
     };
-    let mut body = Vec::new();
+    let mut body = String::new();
     let mut push = |value: serde_json::Value| {
-        body.extend_from_slice(value.to_string().as_bytes());
-        body.push(b'\n');
+        body.push_str(&value.to_string());
+        body.push('\n');
     };
     push(serde_json::to_value(&header).expect("a header serializes"));
     for line in &lines {
@@ -186,27 +186,13 @@ pub fn save(
     }
     let trailer = Trailer {
         lines: lines.len() as u64 + 1,
-        sha256: hex(&Sha256::digest(&body)),
+        sha256: hex(&Sha256::digest(body.as_bytes())),
     };
-    body.extend_from_slice(
-        serde_json::to_string(&trailer)
-            .expect("a trailer serializes")
-            .as_bytes(),
-    );
-    body.push(b'\n');
+    body.push_str(&serde_json::to_string(&trailer).expect("a trailer serializes"));
+    body.push('\n');
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        f.write_all(&body).map_err(io)?;
-        f.sync_all().map_err(io)?;
-    }
+    crate::api::auth::write_secret_file(&tmp, &body).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     Ok(summary(&lines))
 }

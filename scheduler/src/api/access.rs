@@ -88,20 +88,34 @@ pub struct Checked {
     pub caller: Option<crate::domain::tenant::Caller>,
 }
 
+/// A request the guard refuses: the status to answer with, and the caller
+/// when it was authenticated (a tenant asking for an admin RPC).
+pub struct Refused {
+    pub status: tonic::Status,
+    pub caller: Option<crate::domain::tenant::Caller>,
+}
+
+impl From<tonic::Status> for Refused {
+    fn from(status: tonic::Status) -> Self {
+        Self {
+            status,
+            caller: None,
+        }
+    }
+}
+
 /// Decides a request for `path` with these headers: Ok to go on (with the
-/// agent's identity for agent RPCs), else the status to answer with.
+/// agent's identity for agent RPCs), else why not.
 pub fn check(
     shared: &Shared,
     limiter: &Mutex<RateLimiter>,
     path: &str,
     headers: &http::HeaderMap,
     client_cert: bool,
-) -> Result<Checked, tonic::Status> {
+) -> Result<Checked, Refused> {
     let Some(access) = access_of(path) else {
         if path.starts_with("/gpupool.") {
-            return Err(tonic::Status::unimplemented(format!(
-                "unknown method {path}"
-            )));
+            return Err(tonic::Status::unimplemented(format!("unknown method {path}")).into());
         }
         return Ok(Checked::default());
     };
@@ -117,14 +131,18 @@ pub fn check(
             {
                 return Err(tonic::Status::unauthenticated(
                     "agents must present a client certificate signed by the cluster CA (mutual TLS)",
-                ));
+                )
+                .into());
             }
             return super::auth::agent(shared, &metadata)
                 .map(|identity| Checked {
                     identity: Some(identity),
                     caller: None,
                 })
-                .inspect_err(|_| shared.metrics.agent_auth_refused.inc());
+                .map_err(|status| {
+                    shared.metrics.agent_auth_refused.inc();
+                    status.into()
+                });
         }
         Access::Tenant | Access::Admin => super::auth::caller(shared, &metadata)?,
     };
@@ -137,10 +155,13 @@ pub fn check(
         .allow(&key, std::time::Instant::now());
     if allowed.is_ok() && access == Access::Admin && !caller.admin {
         let method = path.rsplit('/').next().unwrap_or(path);
-        return Err(tonic::Status::permission_denied(format!(
-            "{method} is for the admin only (tenant {} asked)",
-            caller.tenant
-        )));
+        return Err(Refused {
+            status: tonic::Status::permission_denied(format!(
+                "{method} is for the admin only (tenant {} asked)",
+                caller.tenant
+            )),
+            caller: Some(caller),
+        });
     }
     allowed
         .map(|()| Checked {
@@ -155,6 +176,7 @@ pub fn check(
                 shared.config.limits.burst,
                 wait.as_millis().max(1)
             ))
+            .into()
         })
 }
 
@@ -270,17 +292,12 @@ where
                 let inner = std::mem::replace(&mut self.inner, clone);
                 Box::pin(audited_call(shared, inner, req, path, peer, checked))
             }
-            Err(status) => {
+            Err(Refused { status, caller }) => {
                 // Refusals of an authenticated caller are recorded; an
                 // unauthenticated or rate-limited one costs no write.
-                let record = audited
-                    && !matches!(
-                        status.code(),
-                        tonic::Code::Unauthenticated | tonic::Code::ResourceExhausted
-                    );
-                let metadata = MetadataMap::from_headers(req.headers().clone());
+                let caller = caller.filter(|_| audited);
                 Box::pin(async move {
-                    if record && let Ok(caller) = super::auth::caller(&shared, &metadata) {
+                    if let Some(caller) = caller {
                         use http_body_util::BodyExt;
                         let mut call = super::audit::AuditCall::of_caller(&path, &caller, peer);
                         // What it asked for (a refused request's first
@@ -342,15 +359,12 @@ where
         (None, None) => AuditCall::new(&path, "anonymous", "", "", peer),
     };
     let (parts, body) = req.into_parts();
-    let bytes = match http_body_util::Limited::new(body, max_audited_request(&shared, &path))
-        .collect()
-        .await
-    {
+    let limit = max_audited_request(&shared, &path);
+    let bytes = match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(err) => {
             // Too large (what tonic answers for a message over its limit),
             // or the body broke off.
-            let limit = max_audited_request(&shared, &path);
             let status = if err.is::<http_body_util::LengthLimitError>() {
                 tonic::Status::out_of_range(format!(
                     "request larger than the {limit}-byte limit ([limits] max_request_bytes)"

@@ -55,15 +55,6 @@ impl Cluster {
         Ok(self.nodes[node_id].clone())
     }
 
-    /// Instances still on a node (not ended).
-    pub fn instances_on(&self, node_id: &str) -> usize {
-        self.jobs
-            .values()
-            .flat_map(|j| j.instances.iter())
-            .filter(|i| i.node_id == node_id && !i.state.is_terminal())
-            .count()
-    }
-
     /// Moves what runs on draining nodes off them (see the module docs).
     pub(super) fn advance_drains(&mut self, now_ms: i64, out: &mut Outbox) {
         let draining: Vec<(String, bool)> = self

@@ -62,15 +62,7 @@ impl AuditCall {
         message: &str,
         now_ms: i64,
     ) -> AuditEntry {
-        // A tenant's call is in the tenant's own trail, whatever it names:
-        // another tenant's id (answered NOT_FOUND) must neither reach that
-        // tenant's trail nor, by being missing from the caller's, tell the
-        // caller the id exists. The admin's call is in the trail of the
-        // tenant it concerned.
-        let tenant = match self.role.as_str() {
-            "tenant" => self.caller_tenant.clone(),
-            _ => owner.unwrap_or_default(),
-        };
+        let tenant = self.trail_of(owner);
         AuditEntry {
             seq: 0,
             at_ms: now_ms,
@@ -83,6 +75,18 @@ impl AuditCall {
             args: self.args.clone(),
             code: code.to_string(),
             message: message.chars().take(1000).collect(),
+        }
+    }
+
+    /// Whose trail the record goes in. A tenant's call is in the tenant's
+    /// own, whatever it names: another tenant's id (answered NOT_FOUND)
+    /// must neither reach that tenant's trail nor, by being missing from
+    /// the caller's, tell the caller the id exists. The admin's call is in
+    /// the trail of `owner`, the tenant it concerned (none: the admin's).
+    pub fn trail_of(&self, owner: Option<String>) -> String {
+        match self.role.as_str() {
+            "tenant" => self.caller_tenant.clone(),
+            _ => owner.unwrap_or_default(),
         }
     }
 

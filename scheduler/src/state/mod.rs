@@ -499,11 +499,7 @@ fn stage_audit(
             entry.targets.insert("pool".into(), id);
         }
     }
-    if call.role != "tenant"
-        && let Some(owner) = core.cluster.audit_owner(&entry.targets)
-    {
-        entry.tenant = owner;
-    }
+    entry.tenant = call.trail_of(core.cluster.audit_owner(&entry.targets));
     match core.cluster.record_audit(entry, now) {
         Ok(entry) => Some(entry),
         Err(err) => {

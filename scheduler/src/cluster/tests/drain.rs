@@ -9,7 +9,16 @@ fn node_of(c: &Cluster, job_id: &str) -> String {
     current(c, job_id)[0].node_id.clone()
 }
 
-/// Reports every instance Stopping on `node` Stopped.
+/// Instances still on a node (not ended).
+fn instances_on(c: &Cluster, node_id: &str) -> usize {
+    c.jobs
+        .values()
+        .flat_map(|j| j.instances.iter())
+        .filter(|i| i.node_id == node_id && !i.state.is_terminal())
+        .count()
+}
+
+/// Reports every instance Stopping Stopped.
 fn confirm_stops(c: &mut Cluster, now: i64, out: &mut Outbox) {
     let stopping: Vec<Instance> = c
         .jobs
@@ -104,13 +113,13 @@ fn a_drain_requeues_training_replaces_replicas_and_waits_for_notebooks() {
     // The notebook is still there: it waits for --force or the deadline.
     let nb = c.job(&admin(), &notebook.job_id).unwrap();
     assert_eq!(nb.state, JobState::Running);
-    assert_eq!(c.instances_on(&node), 1);
+    assert_eq!(instances_on(&c, &node), 1);
     c.drain_node(&node, None, true, 60, &mut out).unwrap();
     confirm_stops(&mut c, 70, &mut out);
     let nb = c.job(&admin(), &notebook.job_id).unwrap();
     assert_eq!(nb.state, JobState::Cancelled);
     assert!(nb.reason.contains("drained"), "{}", nb.reason);
-    assert_eq!(c.instances_on(&node), 0, "the node is empty");
+    assert_eq!(instances_on(&c, &node), 0, "the node is empty");
     // It stays cordoned until uncordon, which ends the drain.
     tick(&mut c, 80, &mut out);
     assert!(c.node(&node).unwrap().cordoned);
