@@ -208,7 +208,16 @@ pub struct Scheduler {
     pub grpc_port: u16,
     pub metrics_port: u16,
     pub config_path: PathBuf,
+    /// The `gpupool-scheduler` binary it runs (restarts run it again).
+    pub exe: PathBuf,
 }
+
+/// The regions and prices every test scheduler's config ends with.
+const BILLING: &str = "subscription_regions = [\"region-1\"]\n\
+     [billing.default_price]\n\
+     on_demand_node_hour_micros = 3600000\n\
+     subscription_node_month_micros = 1000000000\n\
+     public_instance_hour_micros = 360000\n";
 
 /// Heartbeat and grace used by the tests (ms).
 pub const HEARTBEAT_MS: u32 = 200;
@@ -250,9 +259,14 @@ impl Scheduler {
     /// ports its config names (0: any free one, no race with another
     /// process) and writes the bound addresses to a file.
     fn spawn(dir: &Path, config_path: PathBuf) -> Self {
+        Self::spawn_exe(dir, config_path, bin("gpupool-scheduler"))
+    }
+
+    /// [`Scheduler::spawn`] of the binary `exe` (another release's).
+    fn spawn_exe(dir: &Path, config_path: PathBuf, exe: PathBuf) -> Self {
         let addresses = config_path.with_extension("addresses");
         let _ = std::fs::remove_file(&addresses);
-        let mut cmd = Command::new(bin("gpupool-scheduler"));
+        let mut cmd = Command::new(&exe);
         cmd.arg("serve")
             .arg("--config")
             .arg(&config_path)
@@ -296,6 +310,7 @@ impl Scheduler {
             metrics_port: port("metrics"),
             proc,
             config_path,
+            exe,
         }
     }
 
@@ -312,11 +327,7 @@ impl Scheduler {
                  stop_grace_ms = 1000\n\
                  join_token = \"test-join-token\"\n\
                  admin_token = \"{ADMIN_TOKEN}\"\n\
-                 subscription_regions = [\"region-1\"]\n\
-                 [billing.default_price]\n\
-                 on_demand_node_hour_micros = 3600000\n\
-                 subscription_node_month_micros = 1000000000\n\
-                 public_instance_hour_micros = 360000\n{extra}\n",
+                 {BILLING}{extra}\n",
                 dir.join("data").display()
             ),
         )
@@ -344,9 +355,22 @@ impl Scheduler {
         std::fs::write(&self.config_path, pinned.join("\n") + "\n").unwrap();
     }
 
+    /// [`Scheduler::start`] of the binary `exe` (another release's).
+    pub async fn start_installed(dir: &Path, exe: &Path) -> Self {
+        let config_path = Self::write_config(dir, "127.0.0.1", "");
+        let s = Self::spawn_exe(dir, config_path, exe.to_path_buf());
+        s.wait_serving().await;
+        s
+    }
+
     /// Starts a scheduler replica on `database_url` without waiting for it
     /// to lead (a standby answers UNAVAILABLE until it takes over).
     pub async fn start_replica(dir: &Path, database_url: &str) -> Self {
+        Self::start_replica_installed(dir, database_url, &bin("gpupool-scheduler")).await
+    }
+
+    /// [`Scheduler::start_replica`] of the binary `exe`.
+    pub async fn start_replica_installed(dir: &Path, database_url: &str, exe: &Path) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let config_path = dir.join("scheduler.toml");
         std::fs::write(
@@ -359,11 +383,12 @@ impl Scheduler {
                  node_grace_ms = {GRACE_MS}\n\
                  stop_grace_ms = 1000\n\
                  join_token = \"test-join-token\"\n\
-                 admin_token = \"{ADMIN_TOKEN}\"\n"
+                 admin_token = \"{ADMIN_TOKEN}\"\n\
+                 {BILLING}"
             ),
         )
         .unwrap();
-        Self::spawn(dir, config_path)
+        Self::spawn_exe(dir, config_path, exe.to_path_buf())
     }
 
     /// True when this replica answers its health check SERVING (it leads).
@@ -395,7 +420,21 @@ impl Scheduler {
 
     /// Stops (SIGTERM), runs `between` with the config path while it is
     /// down, and starts again on the same config and ports.
-    pub async fn restart_after(mut self, dir: &Path, between: impl FnOnce(&Path)) -> Self {
+    pub async fn restart_after(self, dir: &Path, between: impl FnOnce(&Path)) -> Self {
+        let exe = self.exe.clone();
+        self.restart_as(dir, &exe, between).await
+    }
+
+    /// [`Scheduler::restart_after`], starting the binary `exe` (an upgrade).
+    pub async fn restart_as(self, dir: &Path, exe: &Path, between: impl FnOnce(&Path)) -> Self {
+        let s = self.respawn_as(dir, exe, between);
+        s.wait_serving().await;
+        s
+    }
+
+    /// [`Scheduler::restart_as`] without waiting to serve (a standby
+    /// replica serves only once it leads).
+    pub fn respawn_as(mut self, dir: &Path, exe: &Path, between: impl FnOnce(&Path)) -> Self {
         let status = self.proc.terminate(Duration::from_secs(15));
         assert!(
             status.success(),
@@ -406,7 +445,7 @@ impl Scheduler {
         let config = self.config_path.clone();
         drop(self);
         between(&config);
-        Self::start_with(dir, config).await
+        Self::spawn_exe(dir, config, exe.to_path_buf())
     }
 
     /// SIGKILL (no clean shutdown), then start again on the same config,
@@ -414,9 +453,11 @@ impl Scheduler {
     pub async fn kill_and_restart(mut self, dir: &Path) -> Self {
         self.proc.kill();
         self.pin_ports();
-        let config = self.config_path.clone();
+        let (config, exe) = (self.config_path.clone(), self.exe.clone());
         drop(self);
-        Self::start_with(dir, config).await
+        let s = Self::spawn_exe(dir, config, exe);
+        s.wait_serving().await;
+        s
     }
 
     pub fn addr(&self) -> String {
@@ -581,6 +622,27 @@ impl Agent {
             fake_gpus,
             "AZ1",
             extra,
+            None,
+            exe.to_path_buf(),
+        )
+    }
+
+    /// [`Agent::start_installed`] reaching the scheduler at `addr`
+    /// (replicas comma-separated).
+    pub fn start_at_installed(
+        dir: &Path,
+        addr: &str,
+        node_id: &str,
+        fake_gpus: &str,
+        exe: &Path,
+    ) -> Self {
+        Self::spawn_exe(
+            dir,
+            addr,
+            node_id,
+            fake_gpus,
+            "AZ1",
+            "",
             None,
             exe.to_path_buf(),
         )

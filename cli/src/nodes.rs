@@ -246,7 +246,7 @@ fn node_status_text(n: &pb::Node) -> String {
 
 pub(crate) fn node_table(nodes: &[pb::Node]) -> String {
     let mut t = Table::new(&[
-        "node", "hostname", "status", "pool", "spec", "gpus", "cpu", "memory", "az",
+        "node", "hostname", "status", "pool", "spec", "gpus", "cpu", "memory", "az", "version",
     ]);
     for n in nodes {
         let inv = n.inventory.clone().unwrap_or_default();
@@ -268,6 +268,7 @@ pub(crate) fn node_table(nodes: &[pb::Node]) -> String {
                 format_mib(i64::try_from(inv.memory_mib).unwrap_or(i64::MAX))
             ),
             inv.az.clone(),
+            n.agent_version.clone(),
         ]);
     }
     t.render()
@@ -289,6 +290,7 @@ fn node_detail(n: &pb::Node, now: i64) -> String {
     d.add("Pool", &n.pool);
     d.add("Spec", &n.spec);
     d.add("AZ", &inv.az);
+    d.add("Agent version", &n.agent_version);
     d.add(
         "GPUs",
         format!(

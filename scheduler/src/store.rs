@@ -800,6 +800,24 @@ pub(crate) fn decode_data<T: serde::de::DeserializeOwned>(
 mod tests {
     use super::*;
 
+    /// The rolling upgrade (README, *Upgrades*) keeps the previous release's
+    /// leader working on a schema the new release migrated: migrations only
+    /// add tables, columns and indexes; they never drop, rename or change
+    /// what is there.
+    #[test]
+    fn migrations_only_add() {
+        for (version, sql) in MIGRATIONS {
+            let upper = sql.to_uppercase();
+            for word in ["DROP ", "RENAME ", "ALTER COLUMN", "DELETE FROM", "UPDATE "] {
+                assert!(
+                    !upper.contains(word),
+                    "migration {version} contains {word:?}: it would break the previous release"
+                );
+            }
+        }
+        assert!(MIGRATIONS.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+
     fn ledger_row(subject: &str, hour: i64) -> LedgerRow {
         LedgerRow {
             subject: subject.into(),

@@ -55,8 +55,14 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let enrolled = self
             .shared
             .mutate(|core, _| {
-                core.cluster
-                    .register_agent(&node_id, inventory, &identity, &fresh_sha, now_ms())
+                core.cluster.register_agent(
+                    &node_id,
+                    inventory,
+                    req.agent_version.trim(),
+                    &identity,
+                    &fresh_sha,
+                    now_ms(),
+                )
             })
             .await
             .map_err(|e| {

@@ -233,6 +233,7 @@ fn pool(name: &str, subscription: bool) -> pb::CreatePoolRequest {
             credential_confirmed: false,
             revoked: false,
             drain: None,
+            agent_version: String::new(),
         }
         .spec_name(),
         node_count: 1,

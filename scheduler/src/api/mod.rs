@@ -393,6 +393,7 @@ pub fn node_to_pb(n: &domain::Node, usage: Option<&NodeUsage>) -> pb::Node {
         drain_started: n.drain.as_ref().map(|d| ts(d.started_at_ms)),
         drain_deadline: n.drain.as_ref().and_then(|d| d.deadline_ms).map(ts),
         drain_force: n.drain.as_ref().is_some_and(|d| d.force),
+        agent_version: n.agent_version.clone(),
     }
 }
 

@@ -589,7 +589,14 @@ impl Cluster {
             node_id: node_id.to_string(),
             credential_sha256: sha.clone(),
         };
-        self.register_agent(node_id, inventory, &me, &sha, now_ms)?;
+        self.register_agent(
+            node_id,
+            inventory,
+            env!("CARGO_PKG_VERSION"),
+            &me,
+            &sha,
+            now_ms,
+        )?;
         self.confirm_credential(node_id, &me, now_ms)
     }
 
@@ -601,6 +608,7 @@ impl Cluster {
         &mut self,
         node_id: &str,
         inventory: Inventory,
+        agent_version: &str,
         identity: &AgentIdentity,
         fresh_credential_sha256: &str,
         now_ms: i64,
@@ -612,6 +620,7 @@ impl Cluster {
                 inventory,
                 status: NodeStatus::Ready,
                 last_heartbeat_ms: now_ms,
+                agent_version: agent_version.to_string(),
                 ..existing.clone()
             },
             None => Node {
@@ -626,6 +635,7 @@ impl Cluster {
                 credential_confirmed: false,
                 revoked: false,
                 drain: None,
+                agent_version: agent_version.to_string(),
             },
         };
         let enrol = admission == crate::domain::node::Admission::Enrol;

@@ -72,6 +72,10 @@ pub struct Node {
     /// instances moved off or stopped; `uncordon` ends it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<Drain>,
+    /// The release its agent runs, from its last registration (empty for a
+    /// node last registered by a release before 0.2.0, which kept none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_version: String,
 }
 
 /// A node's drain.
@@ -255,7 +259,9 @@ pub fn check_agent_version(agent: &str, scheduler: &str) -> Result<(), String> {
         let v = (parts.next()??, parts.next()??, parts.next()??);
         parts.next().is_none().then_some(v)
     }
-    let (Some(a), Some(s)) = (parse(agent), parse(scheduler)) else {
+    // Kept on the node and shown by `node list`: a short version string.
+    let usable = agent.len() <= 64 && agent.chars().all(|c| c.is_ascii_graphic());
+    let (Some(a), Some(s)) = (parse(agent).filter(|_| usable), parse(scheduler)) else {
         return Err(format!(
             "agent version {agent:?} is not MAJOR.MINOR.PATCH (this scheduler is {scheduler})"
         ));
@@ -295,6 +301,7 @@ mod tests {
             ("rogue", "not MAJOR.MINOR.PATCH"),
             ("", "not MAJOR.MINOR.PATCH"),
             ("1.4", "not MAJOR.MINOR.PATCH"),
+            ("1.4.0-\u{1b}[2J", "not MAJOR.MINOR.PATCH"),
         ] {
             let err = check_agent_version(bad, "1.4.2").unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");
@@ -409,6 +416,7 @@ mod tests {
             credential_confirmed: false,
             revoked: false,
             drain: None,
+            agent_version: String::new(),
         }
     }
 
