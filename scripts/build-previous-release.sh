@@ -17,6 +17,10 @@ if [ -x "$out/bin/gpupool" ] && [ -x "$out/bin/gpupool-agent" ] && [ -x "$out/bi
     exit 0
 fi
 if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
+    # A shallow clone: fetch the commit from where this one came from.
+    git fetch --quiet --unshallow 2>/dev/null || git fetch --quiet origin "$commit" 2>/dev/null || true
+fi
+if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
     echo "error: commit $commit (release $version) is not in this clone's history;" >&2
     echo "       fetch it (git fetch --unshallow, or clone main without --depth)" >&2
     exit 1
