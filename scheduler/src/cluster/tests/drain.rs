@@ -148,3 +148,62 @@ fn a_job_without_retries_is_stopped_only_at_the_deadline() {
     assert_eq!(t.retries, 0);
     assert!(t.reason.contains("drained"), "{}", t.reason);
 }
+
+/// A node of a dedicated pool drains like any other, and what it moves off
+/// stays in its pool: the requeued training run goes to the pool's other
+/// node, never to the public one that is free.
+#[test]
+fn a_dedicated_pool_s_node_drains_into_its_own_pool() {
+    use crate::domain::pool::{BillingMode, CreateRequest, PoolType};
+    use crate::domain::tenant::Quota;
+    let mut c = cluster(3, 2);
+    let mut out = Outbox::new();
+    let quota = Quota {
+        max_dedicated_nodes: 2,
+        max_gpus: 8,
+    };
+    c.create_tenant(&admin(), "t", quota, 0).unwrap();
+    let spec_name = c.nodes().next().unwrap().spec_name();
+    let pool = c
+        .create_pool(
+            &Caller::tenant("t"),
+            CreateRequest {
+                pool_type: Some(PoolType::Train),
+                name: "mine".into(),
+                spec: spec_name,
+                node_count: 2,
+                billing_mode: Some(BillingMode::OnDemand),
+                ..Default::default()
+            },
+            0,
+            1,
+        )
+        .unwrap();
+    let members: Vec<String> = c
+        .nodes()
+        .filter(|n| n.pool == pool.pool_id)
+        .map(|n| n.node_id.clone())
+        .collect();
+    assert_eq!(members.len(), 2);
+    tick(&mut c, 2, &mut out);
+    let mut train = spec(JobKind::Training, 1, &["train"]);
+    train.gpus = 2;
+    train.max_retries = 1;
+    train.pool = pool.pool_id.clone();
+    let train = c.submit(&Caller::tenant("t"), train, 2, &mut out).unwrap();
+    run_all(&mut c, &train.job_id, 3, &mut out);
+    let node = node_of(&c, &train.job_id);
+    assert!(members.contains(&node));
+
+    c.drain_node(&node, None, false, 10, &mut out).unwrap();
+    confirm_stops(&mut c, 20, &mut out);
+    let t = c.job(&admin(), &train.job_id).unwrap();
+    assert_eq!(t.state, JobState::Scheduled, "{}", t.reason);
+    let moved = node_of(&c, &train.job_id);
+    assert_ne!(moved, node, "placed off the drained node");
+    assert!(
+        members.contains(&moved),
+        "left its pool for {moved} (pool nodes: {members:?})"
+    );
+    assert_eq!(t.pool_id, pool.pool_id);
+}
