@@ -528,3 +528,37 @@ async fn registration_checks_the_version_skew_policy() {
     agent.register(req).await.unwrap();
     assert_eq!(list_nodes(&sched).await.len(), 1);
 }
+
+/// Agents are rate-limited like other callers: every holder of the join
+/// token shares one bucket (a leaked token enrols nodes at the limit's
+/// pace), and each enrolled node's credential has its own, so a flood of
+/// enrolments does not keep a real node from registering.
+#[tokio::test]
+async fn the_join_token_is_rate_limited_and_node_credentials_are_not_held_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched =
+        Scheduler::start_with_config(dir.path(), "[limits]\nrequests_per_second = 1\nburst = 3\n")
+            .await;
+    let mut flood = rogue(sched.channel().await, Some(JOIN), None);
+    let first = flood
+        .register(register("real", 8, 1024))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut refused = 0;
+    for i in 0..20 {
+        if let Err(e) = flood
+            .register(register(&format!("flood-{i}"), 8, 1024))
+            .await
+        {
+            assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+            assert!(e.message().contains("(join token)"), "{}", e.message());
+            refused += 1;
+        }
+    }
+    assert!(refused >= 15, "only {refused} of 20 enrolments refused");
+    assert!(list_nodes(&sched).await.len() <= 6);
+    // The real node, with its own credential, still gets in.
+    let mut real = rogue(sched.channel().await, Some(JOIN), Some(&first.node_token));
+    real.register(register("real", 8, 1024)).await.unwrap();
+}

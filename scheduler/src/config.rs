@@ -112,8 +112,9 @@ pub struct LimitsConfig {
     /// messages may be 4 times this). Larger: `OUT_OF_RANGE`.
     #[serde(default = "default_max_request_bytes")]
     pub max_request_bytes: usize,
-    /// Requests per second each caller (tenant token, or the admin) may
-    /// make, sustained; 0 = unlimited. Past it: `RESOURCE_EXHAUSTED`.
+    /// Requests per second each caller (a tenant token, the admin, a node's
+    /// credential, or the join token: all its holders together) may make,
+    /// sustained; 0 = unlimited. Past it: `RESOURCE_EXHAUSTED`.
     #[serde(default = "default_rate")]
     pub requests_per_second: u32,
     /// Requests a caller may make at once after being idle.

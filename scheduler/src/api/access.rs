@@ -134,15 +134,21 @@ pub fn check(
                 )
                 .into());
             }
-            return super::auth::agent(shared, &metadata)
-                .map(|identity| Checked {
-                    identity: Some(identity),
-                    caller: None,
-                })
-                .map_err(|status| {
-                    shared.metrics.agent_auth_refused.inc();
-                    status.into()
-                });
+            let identity = super::auth::agent(shared, &metadata).map_err(|status| {
+                shared.metrics.agent_auth_refused.inc();
+                Refused::from(status)
+            })?;
+            // Each node's credential is a caller of its own; every holder
+            // of the join token is one (a leaked token enrols at the
+            // limit's pace, not as fast as it can write).
+            let key = match &identity {
+                AgentIdentity::Node { node_id, .. } => format!("node {node_id}"),
+                AgentIdentity::Bootstrap => "(join token)".to_string(),
+            };
+            return limited(shared, limiter, &key).map(|()| Checked {
+                identity: Some(identity),
+                caller: None,
+            });
         }
         Access::Tenant | Access::Admin => super::auth::caller(shared, &metadata)?,
     };
@@ -168,16 +174,27 @@ pub fn check(
             identity: None,
             caller: Some(caller),
         })
-        .map_err(|wait| {
-            shared.metrics.requests_limited.inc();
-            tonic::Status::resource_exhausted(format!(
-                "rate limit: {} requests/s (burst {}) for {key}; retry in {} ms",
-                shared.config.limits.requests_per_second,
-                shared.config.limits.burst,
-                wait.as_millis().max(1)
-            ))
-            .into()
-        })
+        .map_err(|wait| over_the_limit(shared, &key, wait))
+}
+
+/// One request of `key` against the per-caller rate limit.
+fn limited(shared: &Shared, limiter: &Mutex<RateLimiter>, key: &str) -> Result<(), Refused> {
+    limiter
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .allow(key, std::time::Instant::now())
+        .map_err(|wait| over_the_limit(shared, key, wait))
+}
+
+fn over_the_limit(shared: &Shared, key: &str, wait: std::time::Duration) -> Refused {
+    shared.metrics.requests_limited.inc();
+    tonic::Status::resource_exhausted(format!(
+        "rate limit: {} requests/s (burst {}) for {key}; retry in {} ms",
+        shared.config.limits.requests_per_second,
+        shared.config.limits.burst,
+        wait.as_millis().max(1)
+    ))
+    .into()
 }
 
 /// tonic answers a request body that is not the request message with
