@@ -349,14 +349,15 @@ pub async fn record_unchanged(shared: &Shared, call: &AuditCall, code: &str, mes
     }
     let now = crate::now_ms();
     let written = shared
-        .with_committed(|core, _| {
+        .record_audit_alone(|core| {
             let owner = core.cluster.audit_owner(&call.targets);
             core.cluster
                 .record_audit(call.entry(owner, code, message, now), now)
         })
         .await;
     match written {
-        Some(Ok(entry)) => shared.audit_committed(&entry),
+        // The sink has it (the writer gave it on commit).
+        Some(Ok(_)) => {}
         Some(Err(err)) => {
             tracing::error!(method = %call.method, error = %crate::ErrorChain(&err), "cannot write an audit record")
         }

@@ -59,6 +59,15 @@ fn inventory(az: &str) -> Inventory {
 
 impl Rig {
     fn new(nodes: usize) -> Self {
+        Self::with_config(nodes, |_, _| {})
+    }
+
+    /// [`Rig::new`] with `edit` applied to the scheduler's config (paths
+    /// under the rig's own dir, the argument).
+    fn with_config(
+        nodes: usize,
+        edit: impl FnOnce(&mut SchedulerConfig, &std::path::Path),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(&dir.path().join("t.db")).unwrap());
         let fail = Arc::new(AtomicBool::new(false));
@@ -73,6 +82,7 @@ impl Rig {
         // record at once (R-BILL-1, for ConvertToSubscription).
         config.billing.default_price.on_demand_node_hour_micros = 3_600_000_000;
         config.billing.default_price.subscription_node_month_micros = 1_000_000;
+        edit(&mut config, dir.path());
         let shared = crate::state::load(
             config,
             Box::new(Slow {
@@ -836,4 +846,47 @@ async fn a_reload_after_a_panic_waits_for_the_queued_commits() {
             .with(|core, _| core.cluster.jobs().any(|j| j.job_id == id));
         assert!(known, "{id} was acknowledged but is gone from memory");
     }
+}
+
+/// An audited call whose caller hangs up while its commit is being written
+/// (the handler's future is dropped) still has its record in `[audit]
+/// jsonl_file`: the commit writer appends it, not the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_audited_call_dropped_while_committing_still_reaches_the_json_lines() {
+    let rig = Rig::with_config(1, |config, dir| {
+        config.audit.jsonl_file = Some(dir.join("audit.jsonl"));
+    });
+    let lines = rig._dir.path().join("audit.jsonl");
+    let token = tenant(&rig.api).await;
+    rig.delay_ms.store(300, Ordering::SeqCst);
+    let before = rig.shared.metrics.store_transactions.get();
+    let call = Arc::new(crate::state::audit::AuditCall::new(
+        "/gpupool.v1.JobService/SubmitJob",
+        "tenant",
+        "acme",
+        "acme",
+        "127.0.0.1:1".into(),
+    ));
+    let api = rig.api.clone();
+    let submit = tokio::spawn(crate::state::audit::CALL.scope(call, async move {
+        api.submit_job(req(&token, job(pb::JobKind::Training, 1)))
+            .await
+    }));
+    until_writing(&rig, before).await;
+    // The caller hangs up: its handler is dropped mid-commit.
+    submit.abort();
+    assert!(submit.await.unwrap_err().is_cancelled());
+    let mut text = String::new();
+    for _ in 0..300 {
+        text = std::fs::read_to_string(&lines).unwrap_or_default();
+        if !text.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let stored = rig.store.audit_max_seq().unwrap();
+    assert_eq!(stored, 1, "the record was committed");
+    let line: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON line");
+    assert_eq!(line["seq"], 1);
+    assert_eq!(line["method"], "JobService/SubmitJob");
 }

@@ -92,6 +92,13 @@ pub(super) const DIVERGED: u64 = u64::MAX;
 pub(super) enum Done {
     /// An async caller awaits it.
     Async(oneshot::Sender<Result<(), StoreError>>),
+    /// [`Done::Async`], and `then` runs on the writer once the batch is
+    /// committed, whether or not the caller still waits (an audit record's
+    /// JSON line: a caller that hung up does not lose it).
+    AsyncThen(
+        oneshot::Sender<Result<(), StoreError>>,
+        Box<dyn FnOnce() + Send>,
+    ),
     /// A caller that blocks its thread (never the writer's).
     Blocking(std::sync::mpsc::SyncSender<Result<(), StoreError>>),
 }
@@ -100,6 +107,12 @@ impl Done {
     fn send(self, result: Result<(), StoreError>) {
         match self {
             Done::Async(tx) => {
+                let _ = tx.send(result);
+            }
+            Done::AsyncThen(tx, then) => {
+                if result.is_ok() {
+                    then();
+                }
                 let _ = tx.send(result);
             }
             Done::Blocking(tx) => {

@@ -84,8 +84,51 @@ pub struct Shared {
     pipeline: Arc<Pipeline>,
     /// The pipeline's writer thread, joined when the state goes.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// `[audit] jsonl_file`, once opened.
-    audit_lines: Mutex<Option<std::fs::File>>,
+    /// Where committed audit records go besides the store.
+    audit_sink: Arc<AuditSink>,
+}
+
+/// Committed audit records: counted, and appended to `[audit] jsonl_file`
+/// if there is one (by the commit writer, right after the commit).
+struct AuditSink {
+    path: Option<std::path::PathBuf>,
+    /// The file, once opened.
+    file: Mutex<Option<std::fs::File>>,
+    records: prometheus::IntCounter,
+}
+
+impl AuditSink {
+    fn committed(&self, entry: &crate::domain::audit::AuditEntry) {
+        self.records.inc();
+        let Some(path) = &self.path else {
+            return;
+        };
+        use std::io::Write;
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if file.is_none() {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(f) => *file = Some(f),
+                Err(err) => {
+                    tracing::error!(file = %path.display(), error = %err, "cannot open the audit log file");
+                    return;
+                }
+            }
+        }
+        let mut line = serde_json::to_string(entry).unwrap_or_default();
+        line.push('\n');
+        if let Some(f) = file.as_mut()
+            && let Err(err) = f.write_all(line.as_bytes())
+        {
+            tracing::error!(file = %path.display(), error = %err, "cannot append to the audit log file");
+            *file = None;
+        }
+    }
 }
 
 impl Drop for Shared {
@@ -152,14 +195,18 @@ pub fn load(
             pending_logs: HashMap::new(),
             next_request: 0,
         }),
-        config,
-        metrics,
         stepping_down: Default::default(),
         log_streams: Default::default(),
         ledger_reader,
         pipeline,
         writer: Mutex::new(Some(writer)),
-        audit_lines: Mutex::new(None),
+        audit_sink: Arc::new(AuditSink {
+            path: config.audit.jsonl_file.clone(),
+            file: Mutex::new(None),
+            records: metrics.audit_records.clone(),
+        }),
+        config,
+        metrics,
     }))
 }
 
@@ -189,14 +236,18 @@ impl Shared {
     /// Runs `f` on the core with an outbox, under the lock; queues what it
     /// staged and its outbox for the commit pipeline. Memory is reloaded
     /// first if an earlier commit failed.
-    fn stage<T>(&self, f: impl FnOnce(&mut Core, &mut Outbox) -> T, done: Done) -> T {
+    fn stage<T>(
+        &self,
+        f: impl FnOnce(&mut Core, &mut Outbox) -> T,
+        done: impl FnOnce(&T) -> Done,
+    ) -> T {
         let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
         let generation = self.begin(&mut core);
         let mut out = Outbox::new();
         let value = f(&mut core, &mut out);
         let staged = core.cluster.take_staged();
         self.pipeline
-            .push(generation, staged, out, done, &core.sessions);
+            .push(generation, staged, out, done(&value), &core.sessions);
         value
     }
 
@@ -253,7 +304,7 @@ impl Shared {
     /// caller that changes something uses those.
     pub fn with<T>(&self, f: impl FnOnce(&mut Core, &mut Outbox) -> T) -> T {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let value = self.stage(f, Done::Blocking(tx));
+        let value = self.stage(f, |_| Done::Blocking(tx));
         // The writer answers every batch; a closed channel means it stopped.
         let _ = rx.recv();
         value
@@ -266,9 +317,30 @@ impl Shared {
         f: impl FnOnce(&mut Core, &mut Outbox) -> T,
     ) -> Option<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let value = self.stage(f, Done::Async(tx));
+        let value = self.stage(f, |_| Done::Async(tx));
         match rx.await {
             Ok(Ok(())) => Some(value),
+            Ok(Err(_)) | Err(_) => None,
+        }
+    }
+
+    /// Writes an audit record `f` makes under the lock in a transaction of
+    /// its own; once committed it reaches the sink (the JSON lines file)
+    /// from the writer, even if the caller is gone by then.
+    pub async fn record_audit_alone(
+        &self,
+        f: impl FnOnce(&mut Core) -> Result<crate::domain::audit::AuditEntry, StoreError>,
+    ) -> Option<Result<crate::domain::audit::AuditEntry, StoreError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let made = self.stage(
+            |core, _| f(core),
+            |made| match made {
+                Ok(entry) => self.audited_done(tx, entry.clone()),
+                Err(_) => Done::Async(tx),
+            },
+        );
+        match rx.await {
+            Ok(Ok(())) => Some(made),
             Ok(Err(_)) | Err(_) => None,
         }
     }
@@ -306,13 +378,12 @@ impl Shared {
                         (Ok(value), self.pipeline.barrier())
                     } else {
                         let (tx, rx) = tokio::sync::oneshot::channel();
-                        self.pipeline.push(
-                            generation,
-                            staged,
-                            out,
-                            Done::Async(tx),
-                            &core.sessions,
-                        );
+                        let done = match &audited {
+                            Some((_, entry)) => self.audited_done(tx, entry.clone()),
+                            None => Done::Async(tx),
+                        };
+                        self.pipeline
+                            .push(generation, staged, out, done, &core.sessions);
                         (Ok(value), Some(rx))
                     }
                 }
@@ -335,12 +406,8 @@ impl Shared {
             Some(rx) => rx.await.unwrap_or_else(|_| Err(stopped())),
         };
         match committed {
-            Ok(()) => {
-                if let Some((_, entry)) = audited {
-                    self.audit_committed(&entry);
-                }
-                value
-            }
+            // The record reached the sink on the writer (`audited_done`).
+            Ok(()) => value,
             Err(err) => {
                 // The record went with the change: the guard records the
                 // failure in a transaction of its own.
@@ -355,35 +422,18 @@ impl Shared {
     /// An audit record is in the store: counted, and appended to `[audit]
     /// jsonl_file` if there is one.
     pub fn audit_committed(&self, entry: &crate::domain::audit::AuditEntry) {
-        self.metrics.audit_records.inc();
-        let Some(path) = &self.config.audit.jsonl_file else {
-            return;
-        };
-        use std::io::Write;
-        let mut file = self.audit_lines.lock().unwrap_or_else(|e| e.into_inner());
-        if file.is_none() {
-            use std::os::unix::fs::OpenOptionsExt;
-            match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(path)
-            {
-                Ok(f) => *file = Some(f),
-                Err(err) => {
-                    tracing::error!(file = %path.display(), error = %err, "cannot open the audit log file");
-                    return;
-                }
-            }
-        }
-        let mut line = serde_json::to_string(entry).unwrap_or_default();
-        line.push('\n');
-        if let Some(f) = file.as_mut()
-            && let Err(err) = f.write_all(line.as_bytes())
-        {
-            tracing::error!(file = %path.display(), error = %err, "cannot append to the audit log file");
-            *file = None;
-        }
+        self.audit_sink.committed(entry);
+    }
+
+    /// What a batch carrying audit record `entry` is answered with: the
+    /// record reaches the sink once committed, even if the caller went.
+    fn audited_done(
+        &self,
+        tx: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+        entry: crate::domain::audit::AuditEntry,
+    ) -> Done {
+        let sink = self.audit_sink.clone();
+        Done::AsyncThen(tx, Box::new(move || sink.committed(&entry)))
     }
 
     /// One page of closed ledger rows through the separate reader (or, if
