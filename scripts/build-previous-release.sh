@@ -5,20 +5,25 @@
 # Does nothing when they are already there. Needs the git history that
 # holds the commit (a clone of main has it; a shallow clone does not).
 set -euo pipefail
+# A relative CARGO_TARGET_DIR is the caller's, as cargo reads it.
+target=$(realpath -m "${CARGO_TARGET_DIR:-$(dirname "$0")/../target}")
 cd "$(dirname "$0")/.."
 field() { sed -n "s/^$1 = \"\(.*\)\"$/\1/p" tests/previous-release; }
 version=$(field version)
 commit=$(field commit)
-target=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 out="$target/previous-release/$commit"
 bins=(gpupool-scheduler gpupool-agent gpupool)
+# One build at a time (two tests may ask at once); the second finds it done.
+mkdir -p "$out"
+exec 9>"$out/.lock"
+flock 9
 if [ -x "$out/bin/gpupool" ] && [ -x "$out/bin/gpupool-agent" ] && [ -x "$out/bin/gpupool-scheduler" ]; then
     echo "previous release $version ($commit) already built in $out/bin"
     exit 0
 fi
 if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
     # A shallow clone: fetch the commit from where this one came from.
-    git fetch --quiet --unshallow 2>/dev/null || git fetch --quiet origin "$commit" 2>/dev/null || true
+    git fetch --quiet origin "$commit" 2>/dev/null || git fetch --quiet --unshallow 2>/dev/null || true
 fi
 if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
     echo "error: commit $commit (release $version) is not in this clone's history;" >&2

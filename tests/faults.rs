@@ -108,15 +108,26 @@ async fn scheduler_sigkill_during_submissions_loses_no_acknowledged_job() {
     eprintln!("{kills} kills, {attempts} submissions tried, {acked} acknowledged, none lost");
 }
 
+/// Every job, page after page (a fast machine acknowledges more than one
+/// page's worth).
 async fn all_jobs(sched: &Scheduler) -> Vec<pb::Job> {
-    sched
-        .jobs()
-        .await
-        .list_jobs(pb::ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs
+    let mut client = sched.jobs().await;
+    let (mut jobs, mut page_token) = (Vec::new(), String::new());
+    loop {
+        let page = client
+            .list_jobs(pb::ListJobsRequest {
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        jobs.extend(page.jobs);
+        if page.next_page_token.is_empty() {
+            return jobs;
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 async fn assert_gpus_unique(sched: &Scheduler, round: u64) {

@@ -424,26 +424,29 @@ fn sysusers_and_tmpfiles_snippets_apply() {
     let snippets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(root.path().join("etc")).unwrap();
-    for (tool, args, file) in [
-        (&sysusers, &[][..], "gpupool.sysusers.conf"),
+    for (tool, args, files) in [
+        (&sysusers, &[][..], &["gpupool.sysusers.conf"][..]),
         (
             &tmpfiles,
             &["--create"][..],
-            "gpupool-scheduler.tmpfiles.conf",
+            // Together, as at boot: both name /etc/gpupool and
+            // /var/lib/gpupool, with the same lines, so no "Duplicate
+            // line" warning.
+            &[
+                "gpupool-scheduler.tmpfiles.conf",
+                "gpupool-agent.tmpfiles.conf",
+            ][..],
         ),
-        (&tmpfiles, &["--create"][..], "gpupool-agent.tmpfiles.conf"),
     ] {
         let out = Command::new(tool)
             .args(args)
             .arg(format!("--root={}", root.path().display()))
-            .arg(snippets.join(file))
+            .args(files.iter().map(|f| snippets.join(f)))
             .output()
             .unwrap();
         assert!(
-            // Both tmpfiles snippets name /etc/gpupool: the same line, so
-            // no "Duplicate line" warning either.
             out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("uplicate"),
-            "{} {file}: {}",
+            "{} {files:?}: {}",
             tool.display(),
             String::from_utf8_lossy(&out.stderr)
         );

@@ -1,4 +1,4 @@
-//! The Debian packages (README, *Install from packages*), built by
+//! The Debian packages (README, *Install on a node / on the control host*), built by
 //! `cargo deb` from the binaries this test run built, installed with
 //! `dpkg -i` on this machine: every file where the units expect it (the
 //! installed units pass `systemd-analyze verify`), the user and directories
@@ -77,7 +77,6 @@ fn cargo_deb() -> Option<PathBuf> {
 /// Purges the packages and what the test made, whatever happened.
 struct Cleanup {
     made_state: bool,
-    made_user: bool,
 }
 
 impl Drop for Cleanup {
@@ -90,10 +89,9 @@ impl Drop for Cleanup {
         if self.made_state {
             let _ = std::fs::remove_dir_all("/var/lib/gpupool");
         }
-        if self.made_user {
-            let _ = Command::new("userdel").arg("gpupool").output();
-            let _ = Command::new("groupdel").arg("gpupool").output();
-        }
+        // Neither existed before the test (it checks).
+        let _ = Command::new("userdel").arg("gpupool").output();
+        let _ = Command::new("groupdel").arg("gpupool").output();
     }
 }
 
@@ -156,6 +154,17 @@ fn installed_as_the_units_expect() {
     let gpupool = gid_of("gpupool");
     let conf = meta("/etc/gpupool/scheduler.toml");
     assert_eq!((conf.gid(), conf.mode() & 0o777), (gpupool, 0o640));
+    let overrides = ok(
+        Command::new("dpkg-statoverride")
+            .args(["--list", "/etc/gpupool/scheduler.toml"])
+            .output()
+            .unwrap(),
+        "dpkg-statoverride --list",
+    );
+    assert_eq!(
+        overrides.trim(),
+        "root gpupool 640 /etc/gpupool/scheduler.toml"
+    );
     let conf = meta("/etc/gpupool/agent.toml");
     assert_eq!((conf.uid(), conf.mode() & 0o777), (0, 0o600));
     let state = meta("/var/lib/gpupool/scheduler");
@@ -209,6 +218,8 @@ fn debian_packages_install_upgrade_and_purge_cleanly() {
         .unwrap_or_else(|| panic!("{tool} is needed"));
     }
     let cargo_deb = cargo_deb().expect("cargo-deb not found: cargo install cargo-deb --locked");
+    // What the test installs and purges must not be here already (a real
+    // install by package or by hand, which dpkg would take over and purge).
     for p in PACKAGES {
         assert!(
             !status(p).contains(" installed") && !status(p).contains("config-files"),
@@ -216,12 +227,26 @@ fn debian_packages_install_upgrade_and_purge_cleanly() {
             status(p)
         );
     }
+    for path in INSTALLED.iter().chain(&CONFFILES).chain(&["/etc/gpupool"]) {
+        assert!(
+            !Path::new(path).exists(),
+            "{path} exists here; the test installs and purges its own"
+        );
+    }
+    let exists = |db: &str| {
+        Command::new("getent")
+            .args([db, "gpupool"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(
+        !exists("passwd") && !exists("group"),
+        "a user or group gpupool exists here; the test makes and removes its own"
+    );
     let _cleanup = Cleanup {
         made_state: !Path::new("/var/lib/gpupool").exists(),
-        made_user: Command::new("getent")
-            .args(["passwd", "gpupool"])
-            .output()
-            .is_ok_and(|o| !o.status.success()),
     };
     let dir = tempfile::tempdir().unwrap();
     let first = build(&cargo_deb, "1", &dir.path().join("1"));
@@ -251,7 +276,7 @@ fn debian_packages_install_upgrade_and_purge_cleanly() {
             "{conf} lost its edit on upgrade"
         );
     }
-    assert_eq!(meta(CONFFILES[0]).gid(), gid_of("gpupool"));
+    installed_as_the_units_expect();
 
     // Remove: everything but the conffiles goes.
     let mut args = vec!["-r"];
@@ -279,6 +304,14 @@ fn debian_packages_install_upgrade_and_purge_cleanly() {
     assert!(
         !Path::new("/etc/gpupool").exists(),
         "/etc/gpupool left after dpkg -P"
+    );
+    let overrides = Command::new("dpkg-statoverride")
+        .args(["--list", "/etc/gpupool/scheduler.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        !overrides.status.success(),
+        "the stat override outlived the purge"
     );
     for p in PACKAGES {
         let s = status(p);

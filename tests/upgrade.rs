@@ -21,7 +21,13 @@ struct Previous {
 }
 
 impl Previous {
-    fn get() -> Self {
+    /// Built once per test binary (both tests ask for it at once).
+    fn get() -> &'static Self {
+        static PREVIOUS: std::sync::OnceLock<Previous> = std::sync::OnceLock::new();
+        PREVIOUS.get_or_init(Self::build)
+    }
+
+    fn build() -> Self {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
         let text = std::fs::read_to_string(manifest.join("previous-release")).unwrap();
         let field = |key: &str| {
@@ -31,9 +37,12 @@ impl Previous {
                 .unwrap_or_else(|| panic!("tests/previous-release has no {key}"))
         };
         let (version, commit) = (field("version"), field("commit"));
-        let target = bin_dir().parent().unwrap().to_path_buf();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| manifest.join("../target"));
         let bin = target.join("previous-release").join(&commit).join("bin");
-        if !bin.join("gpupool-agent").exists() {
+        let names = ["gpupool-scheduler", "gpupool-agent", "gpupool"];
+        if !names.iter().all(|n| bin.join(n).exists()) {
             eprintln!(
                 "building release {version} ({commit}) with scripts/build-previous-release.sh"
             );
@@ -81,6 +90,8 @@ struct Before {
     jobs: Vec<pb::Job>,
     /// Running public and pool jobs, as they were.
     running: Vec<pb::Job>,
+    /// When the usage was read (ms since the epoch).
+    at_ms: i64,
 }
 
 async fn wait_running(s: &Scheduler, job: &str) -> pb::Job {
@@ -174,6 +185,10 @@ async fn workload(s: &Scheduler) -> Before {
     ];
     // Let an hour's ledger rows exist for the pool and the public job.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     let (orders, usage, jobs, pool) = state(s, &token, &pool.pool_id).await;
     assert!(!orders.is_empty(), "the conversion made no order");
     assert!(!usage.is_empty(), "nothing metered");
@@ -184,6 +199,7 @@ async fn workload(s: &Scheduler) -> Before {
         usage,
         jobs,
         running,
+        at_ms,
     }
 }
 
@@ -244,24 +260,33 @@ async fn finds_everything(s: &Scheduler, before: &Before) {
         assert_eq!(now.spec, job.spec, "{}", job.job_id);
         assert_eq!(now.submitted_at, job.submitted_at, "{}", job.job_id);
     }
-    // Metered time per (hour, pool, job, instance, kind): never less.
+    // Metered time per (hour, pool, job, instance, kind): hours closed
+    // before the upgrade unchanged, the open one never less.
     let metered = |rows: &[pb::UsageRecord]| {
-        let mut sums = std::collections::BTreeMap::<String, u64>::new();
+        let mut sums = std::collections::BTreeMap::<(i64, String), u64>::new();
         for r in rows {
+            let hour = r
+                .hour_start
+                .as_ref()
+                .map_or(0, gpupool_proto::unix_ms_from_timestamp);
             let key = format!(
-                "{:?} {} {} {} {}",
-                r.hour_start, r.pool_id, r.job_id, r.instance_id, r.entry_kind
+                "{hour} {} {} {} {}",
+                r.pool_id, r.job_id, r.instance_id, r.entry_kind
             );
-            *sums.entry(key).or_default() += u64::from(r.seconds);
+            *sums.entry((hour, key)).or_default() += u64::from(r.seconds);
         }
         sums
     };
     let now_metered = metered(&usage);
     for (key, seconds) in metered(&before.usage) {
         let now = now_metered.get(&key).copied().unwrap_or(0);
+        if key.0 + 3_600_000 <= before.at_ms {
+            assert_eq!(now, seconds, "closed hour {} changed", key.1);
+        }
         assert!(
             now >= seconds,
-            "metered {key}: {seconds} s before, {now} s after\n{usage:#?}"
+            "metered {}: {seconds} s before, {now} s after\n{usage:#?}",
+            key.1
         );
     }
     for job in &before.running {

@@ -193,8 +193,26 @@ pub fn dash(s: &str) -> String {
     if s.is_empty() {
         "-".to_string()
     } else {
-        s.to_string()
+        shown(s)
     }
+}
+
+/// `s` with its control characters escaped (`\u{1b}`, `\n`): what the
+/// scheduler stores may come from a rogue agent or tenant, and a table or
+/// a detail line must not carry terminal escapes or forged lines.
+pub fn shown(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// A command line, with arguments quoted where a shell would need it.
@@ -312,6 +330,19 @@ impl Details {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cells_never_carry_control_characters() {
+        let mut t = super::Table::new(&["a"]);
+        t.row(vec!["1.4.0\u{1b}[2J\nforged".into()]);
+        let text = t.render();
+        assert!(!text.contains('\u{1b}'), "{text:?}");
+        assert_eq!(text.lines().count(), 2, "{text:?}");
+        assert!(text.contains("\\u{1b}[2J\\nforged"), "{text:?}");
+        let mut d = super::Details::default();
+        d.add("Reason", "x\u{7}y");
+        assert_eq!(d.render(), "Reason: x\\u{7}y\n");
+    }
+
     use super::*;
 
     #[test]

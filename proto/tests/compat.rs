@@ -33,9 +33,41 @@ fn compat_dir(release: &str) -> PathBuf {
         .join(release)
 }
 
-/// Messages as the release under test fills them: the agent's session, its
-/// registration, the scheduler's start order, a job spec.
-fn samples() -> Vec<(&'static str, Vec<u8>)> {
+/// A frozen message, of its type.
+#[derive(Debug, PartialEq)]
+enum Sample {
+    Register(pb::RegisterRequest),
+    Agent(pb::AgentMessage),
+    Scheduler(pb::SchedulerMessage),
+    Spec(pb::JobSpec),
+}
+
+impl Sample {
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            Sample::Register(m) => m.encode_to_vec(),
+            Sample::Agent(m) => m.encode_to_vec(),
+            Sample::Scheduler(m) => m.encode_to_vec(),
+            Sample::Spec(m) => m.encode_to_vec(),
+        }
+    }
+
+    /// `bytes` decoded as the same type as `self`.
+    fn decode_like(&self, bytes: &[u8]) -> Sample {
+        match self {
+            Sample::Register(_) => Sample::Register(Message::decode(bytes).unwrap()),
+            Sample::Agent(_) => Sample::Agent(Message::decode(bytes).unwrap()),
+            Sample::Scheduler(_) => Sample::Scheduler(Message::decode(bytes).unwrap()),
+            Sample::Spec(_) => Sample::Spec(Message::decode(bytes).unwrap()),
+        }
+    }
+}
+
+/// The messages the release filled these ways (the agent's session and
+/// registration, the scheduler's orders, a job spec), frozen as it encoded
+/// them. Never set a newer release's field here: the frozen bytes lack it.
+/// A field removed (its number reserved) goes from here too.
+fn samples() -> Vec<(&'static str, Sample)> {
     let gpu = pb::Gpu {
         index: 3,
         uuid: "GPU-0b1c".into(),
@@ -157,29 +189,13 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
         ..Default::default()
     };
     vec![
-        ("register_request", register.encode_to_vec()),
-        ("agent_hello", hello.encode_to_vec()),
-        ("agent_heartbeat", heartbeat.encode_to_vec()),
-        ("scheduler_start", start.encode_to_vec()),
-        ("scheduler_stop", stop.encode_to_vec()),
-        ("job_spec", spec.encode_to_vec()),
+        ("register_request", Sample::Register(register)),
+        ("agent_hello", Sample::Agent(hello)),
+        ("agent_heartbeat", Sample::Agent(heartbeat)),
+        ("scheduler_start", Sample::Scheduler(start)),
+        ("scheduler_stop", Sample::Scheduler(stop)),
+        ("job_spec", Sample::Spec(spec)),
     ]
-}
-
-/// Decodes frozen bytes as the message type `name` stands for and encodes
-/// the value again: equal bytes mean every field the release set came
-/// back under the same number with the same value.
-fn reencode(name: &str, bytes: &[u8]) -> Vec<u8> {
-    fn round<M: Message + Default>(bytes: &[u8]) -> Vec<u8> {
-        M::decode(bytes).expect("decodes").encode_to_vec()
-    }
-    match name {
-        "register_request" => round::<pb::RegisterRequest>(bytes),
-        "agent_hello" | "agent_heartbeat" => round::<pb::AgentMessage>(bytes),
-        "scheduler_start" | "scheduler_stop" => round::<pb::SchedulerMessage>(bytes),
-        "job_spec" => round::<pb::JobSpec>(bytes),
-        other => panic!("no message type for frozen sample {other}"),
-    }
 }
 
 fn current() -> FileDescriptorSet {
@@ -199,30 +215,25 @@ fn freeze_when_asked() {
     );
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("descriptor.binpb"), current().encode_to_vec()).unwrap();
-    for (name, bytes) in samples() {
-        std::fs::write(dir.join(format!("{name}.binpb")), bytes).unwrap();
+    for (name, sample) in samples() {
+        std::fs::write(dir.join(format!("{name}.binpb")), sample.encode()).unwrap();
     }
 }
 
 #[test]
 fn the_previous_release_s_messages_decode() {
     let dir = compat_dir(PREVIOUS);
-    let mut seen = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_stem().unwrap().to_str().unwrap().to_string();
-        if name == "descriptor" {
-            continue;
-        }
-        let frozen = std::fs::read(&path).unwrap();
+    let samples = samples();
+    for (name, sample) in &samples {
+        let frozen = std::fs::read(dir.join(format!("{name}.binpb"))).unwrap();
         assert_eq!(
-            reencode(&name, &frozen),
-            frozen,
-            "{name}: a field of release {PREVIOUS} no longer decodes as it did"
+            &sample.decode_like(&frozen),
+            sample,
+            "{name}: what release {PREVIOUS} sent no longer decodes to what it meant"
         );
-        seen += 1;
     }
-    assert_eq!(seen, samples().len(), "frozen samples in {}", dir.display());
+    let frozen = std::fs::read_dir(&dir).unwrap().count() - 1;
+    assert_eq!(frozen, samples.len(), "frozen samples in {}", dir.display());
 }
 
 /// Everything one side of the protocol can name, keyed by full name.
@@ -294,12 +305,12 @@ fn breaking_changes(old: &Schema, new: &Schema) -> Vec<String> {
                     f.number()
                 )),
                 Some(g) => {
-                    if wire_shape(f) != wire_shape(g) {
+                    if wire_shape(m, f) != wire_shape(n, g) {
                         out.push(format!(
                             "{name} field {} changed from {:?} to {:?}",
                             f.number(),
-                            wire_shape(f),
-                            wire_shape(g)
+                            wire_shape(m, f),
+                            wire_shape(n, g)
                         ));
                     }
                 }
@@ -346,15 +357,24 @@ fn breaking_changes(old: &Schema, new: &Schema) -> Vec<String> {
     out
 }
 
-/// What decides how a field's bytes are read: its type, the message or enum
-/// it names, its label, and the oneof it belongs to (by index).
-fn wire_shape(f: &FieldDescriptorProto) -> (FieldType, String, Label, Option<i32>, bool) {
+/// What decides how a field of `m` is read: its type, the message or enum
+/// it names, its label, whether it is `optional`, and the oneof it belongs
+/// to, by name (an `optional` field's synthetic oneof is not one).
+fn wire_shape(
+    m: &DescriptorProto,
+    f: &FieldDescriptorProto,
+) -> (FieldType, String, Label, bool, Option<String>) {
+    let oneof = f
+        .oneof_index
+        .filter(|_| !f.proto3_optional())
+        .and_then(|i| m.oneof_decl.get(usize::try_from(i).ok()?))
+        .map(|o| o.name().to_string());
     (
         f.r#type(),
         f.type_name().to_string(),
         f.label(),
-        f.oneof_index,
         f.proto3_optional(),
+        oneof,
     )
 }
 
@@ -398,13 +418,85 @@ fn the_check_finds_breaking_changes() {
         .unwrap()
         .set_type(FieldType::Bytes);
     file.service[0].method.retain(|m| m.name() != "Register");
+    // Heartbeat.sent_at renumbered 1 -> 20.
+    let heartbeat = file
+        .message_type
+        .iter_mut()
+        .find(|m| m.name() == "Heartbeat")
+        .unwrap();
+    heartbeat.field[0].number = Some(20);
+    // InstanceState loses LOST (in common.proto).
+    let common = edited
+        .file
+        .iter_mut()
+        .find(|f| f.name().ends_with("common.proto"))
+        .unwrap();
+    let states = common
+        .enum_type
+        .iter_mut()
+        .find(|e| e.name() == "InstanceState")
+        .unwrap();
+    states.value.retain(|v| v.name() != "INSTANCE_STATE_LOST");
     let found = breaking_changes(&old, &Schema::of(&edited)).join("\n");
     for says in [
         "RegisterRequest.agent_version (field 3) is gone",
         "RegisterRequest field 1 changed",
         "rpc .gpupool.v1.AgentService/Register is gone",
+        "Heartbeat.sent_at (field 1) is gone without reserving its number",
+        "enum .gpupool.v1.InstanceState: INSTANCE_STATE_LOST",
     ] {
         assert!(found.contains(says), "missed {says:?} in:\n{found}");
     }
     assert!(breaking_changes(&old, &old).is_empty());
+
+    // Compatible: a new field, a new `optional` one (a synthetic oneof
+    // ahead of the real ones' indexes), a removed field whose number is
+    // reserved.
+    let mut grown = base.clone();
+    let agent = grown
+        .file
+        .iter_mut()
+        .find(|f| f.name().ends_with("agent.proto"))
+        .unwrap();
+    let status = agent
+        .message_type
+        .iter_mut()
+        .find(|m| m.name() == "InstanceStatus")
+        .unwrap();
+    let mut extra = status.field[0].clone();
+    extra.name = Some("added".into());
+    extra.number = Some(99);
+    status.field.push(extra);
+    let message = agent
+        .message_type
+        .iter_mut()
+        .find(|m| m.name() == "AgentMessage")
+        .unwrap();
+    message.oneof_decl.insert(
+        0,
+        gpupool_proto::prost_types::OneofDescriptorProto {
+            name: Some("_added".into()),
+            options: None,
+        },
+    );
+    for f in &mut message.field {
+        f.oneof_index = f.oneof_index.map(|i| i + 1);
+    }
+    let stop = agent
+        .message_type
+        .iter_mut()
+        .find(|m| m.name() == "StopInstance")
+        .unwrap();
+    stop.field.retain(|f| f.number() != 3);
+    stop.reserved_range.push(
+        gpupool_proto::prost_types::descriptor_proto::ReservedRange {
+            start: Some(3),
+            end: Some(4),
+        },
+    );
+    let flagged = breaking_changes(&old, &Schema::of(&grown));
+    assert!(
+        flagged.is_empty(),
+        "compatible changes flagged: {flagged:#?}"
+    );
 }

@@ -802,8 +802,10 @@ mod tests {
 
     /// The rolling upgrade (README, *Upgrades*) keeps the previous release's
     /// leader working on a schema the new release migrated: migrations only
-    /// add tables, columns and indexes; they never drop, rename or change
-    /// what is there.
+    /// add tables, columns the previous release may leave out of its
+    /// inserts (nullable or with a default) and plain indexes; they never
+    /// drop, rename or change what is there, nor add a constraint the
+    /// previous release's writes could break.
     #[test]
     fn migrations_only_add() {
         for (version, sql) in MIGRATIONS {
@@ -812,6 +814,19 @@ mod tests {
                 assert!(
                     !upper.contains(word),
                     "migration {version} contains {word:?}: it would break the previous release"
+                );
+            }
+            for statement in upper.split(';') {
+                let statement = statement.split_whitespace().collect::<Vec<_>>().join(" ");
+                assert!(
+                    !(statement.contains("ADD COLUMN")
+                        && statement.contains("NOT NULL")
+                        && !statement.contains("DEFAULT")),
+                    "migration {version}: a NOT NULL column without a default breaks the previous release's inserts: {statement}"
+                );
+                assert!(
+                    !statement.starts_with("CREATE UNIQUE INDEX") || *version <= 6,
+                    "migration {version}: a unique index on existing rows may break the previous release's writes: {statement}"
                 );
             }
         }

@@ -40,7 +40,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         // The version-skew policy (README, *Upgrades*).
         crate::domain::node::check_agent_version(&req.agent_version, env!("CARGO_PKG_VERSION"))
             .map_err(|why| {
-                tracing::warn!(node = %node_id, agent_version = %req.agent_version, %why, "registration refused");
+                tracing::warn!(node = ?node_id, agent_version = ?req.agent_version.chars().take(64).collect::<String>(), %why, "registration refused");
                 Status::failed_precondition(why)
             })?;
         let inventory = req

@@ -63,12 +63,29 @@ pub fn summarize(call: &mut AuditCall, path: &str, message: &[u8]) {
     }
 }
 
-/// Keeps `v` under `k`, unless it is empty.
+/// Keeps `v` under `k`, unless it is empty: at most [`MAX_VALUE`]
+/// characters, control characters escaped (what a caller sent, refused
+/// calls' included, must not bloat the trail or forge lines in it).
 fn put(m: &mut BTreeMap<String, String>, k: &str, v: String) {
-    if !v.is_empty() {
-        m.insert(k.to_string(), v);
+    if v.is_empty() {
+        return;
     }
+    let mut kept = String::new();
+    for c in v.chars().take(MAX_VALUE) {
+        if c.is_control() {
+            kept.extend(c.escape_default());
+        } else {
+            kept.push(c);
+        }
+    }
+    if v.chars().nth(MAX_VALUE).is_some() {
+        kept.push_str("...");
+    }
+    m.insert(k.to_string(), kept);
 }
+
+/// The longest value an audit record keeps of one argument, in characters.
+const MAX_VALUE: usize = 256;
 
 /// A request that is not its method's message.
 fn bad(a: &mut BTreeMap<String, String>) {
@@ -367,6 +384,25 @@ pub async fn record_unchanged(shared: &Shared, call: &AuditCall, code: &str, mes
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_value_is_kept_short_and_without_control_characters() {
+        let mut m = BTreeMap::new();
+        put(
+            &mut m,
+            "agent_version",
+            format!("1.0.0\u{1b}[2J{}", "x".repeat(10_000)),
+        );
+        let v = &m["agent_version"];
+        assert!(v.starts_with("1.0.0\\u{1b}[2J"), "{v}");
+        assert!(
+            v.ends_with("...") && v.chars().count() < MAX_VALUE + 16,
+            "{}",
+            v.len()
+        );
+        put(&mut m, "empty", String::new());
+        assert!(!m.contains_key("empty"));
+    }
+
     use super::*;
 
     fn call_of(path: &str, msg: impl Message) -> AuditCall {

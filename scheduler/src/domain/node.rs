@@ -262,8 +262,9 @@ pub fn check_agent_version(agent: &str, scheduler: &str) -> Result<(), String> {
     // Kept on the node and shown by `node list`: a short version string.
     let usable = agent.len() <= 64 && agent.chars().all(|c| c.is_ascii_graphic());
     let (Some(a), Some(s)) = (parse(agent).filter(|_| usable), parse(scheduler)) else {
+        let shown: String = agent.chars().take(64).collect();
         return Err(format!(
-            "agent version {agent:?} is not MAJOR.MINOR.PATCH (this scheduler is {scheduler})"
+            "agent version {shown:?} is not MAJOR.MINOR.PATCH (this scheduler is {scheduler})"
         ));
     };
     let allowed = format!(
