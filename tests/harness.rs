@@ -1073,3 +1073,4 @@ impl Drop for Postgres {
 /// A real registry (Debian's docker-registry) and images built by the tests.
 #[path = "registry.rs"]
 pub mod registry;
+pub mod workload;

@@ -1,15 +1,17 @@
 //! Snapshots end to end, through the real binaries: `snapshot save` while
 //! submissions stream in, then the scheduler stopped, the snapshot
-//! restored over its database (`--force`), and the scheduler started
-//! again: every job acknowledged before the save is there, nothing that was
-//! never acknowledged is, the agent reconnects and its running instance is
-//! reattached (same instance, still running), tokens still authenticate,
-//! and the audit trail is there. A damaged snapshot or a full target is
-//! refused, and a refused restore changes nothing.
+//! restored into a fresh, empty data dir, and the scheduler started on it:
+//! the tenant, its token, pool, order and every metered second are there,
+//! every job acknowledged before the save is there and nothing that was
+//! never acknowledged is, the agents reconnect and their running instances
+//! are reattached (same instances, still running), and the audit trail is
+//! there. A damaged snapshot or a full target is refused, a refused restore
+//! changes nothing, and `--force` moves a full database aside.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use gpupool_e2e::workload::{finds_everything, workload};
 use gpupool_e2e::*;
 use gpupool_proto::v1 as pb;
 
@@ -29,25 +31,28 @@ fn text(out: &std::process::Output) -> String {
     )
 }
 
+/// The `data_dir` a scheduler config names.
+fn data_dir_of(config: &std::path::Path) -> String {
+    std::fs::read_to_string(config)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("data_dir = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_saved_under_load_restores_the_whole_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Scheduler::start(dir.path()).await;
-    let _agent = Agent::start(dir.path(), &sched, "s1", "2xH100-80GB");
-    wait_ready(&sched, 1).await;
-    let mut admin = sched.admin().await;
-    let token = tenant_with_token(&mut admin, "acme", 1, 2).await;
-    let long = submit(&sched, training(1, &["sleep", "300"]))
-        .await
-        .unwrap();
-    let running = wait_job(
-        &sched,
-        &long.job_id,
-        pb::JobState::Running,
-        Duration::from_secs(20),
-    )
-    .await;
+    let _agents = [
+        Agent::start(dir.path(), &sched, "s1", "1xH100-80GB"),
+        Agent::start(dir.path(), &sched, "s2", "1xH100-80GB"),
+    ];
+    wait_ready(&sched, 2).await;
+    let before = workload(&sched).await;
     let config = sched.config_path.clone();
+    let old_data = data_dir_of(&config);
 
     // A stream of submissions, each id kept once acknowledged.
     let acked = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -73,7 +78,7 @@ async fn a_snapshot_saved_under_load_restores_the_whole_cluster() {
     while acked.lock().unwrap().len() < 30 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let before: Vec<String> = acked.lock().unwrap().clone();
+    let acked_before: Vec<String> = acked.lock().unwrap().clone();
     let file = dir.path().join("cluster.snapshot");
     let file_s = file.to_str().unwrap().to_string();
     let config_s = config.to_str().unwrap().to_string();
@@ -101,18 +106,32 @@ async fn a_snapshot_saved_under_load_restores_the_whole_cluster() {
     assert!(!refused.status.success());
     assert!(text(&refused).contains("damaged"), "{}", text(&refused));
 
-    // Stop, restore over the database, start again.
+    // Stop; restore into a fresh data dir; start on it (same ports).
+    let fresh = dir.path().join("restored");
+    let fresh_s = fresh.to_str().unwrap().to_string();
     let sched = sched
-        .restart_after(dir.path(), |_| {
-            let restored = snapshot(&["restore", &file_s, "--config", &config_s, "--force"]);
+        .restart_after(dir.path(), |config| {
+            let restored = snapshot(&["restore", &file_s, "--data-dir", &fresh_s]);
             assert!(restored.status.success(), "{}", text(&restored));
-            assert!(
-                text(&restored).contains("moved the old database aside"),
-                "{}",
-                text(&restored)
+            // The secret key is not in a snapshot: kept with the backups
+            // (README), and put back beside the restored database.
+            std::fs::copy(
+                std::path::Path::new(&old_data).join("secret.key"),
+                fresh.join("secret.key"),
+            )
+            .unwrap();
+            let toml = std::fs::read_to_string(config).unwrap();
+            let moved = toml.replace(
+                &format!("data_dir = \"{old_data}\""),
+                &format!("data_dir = \"{fresh_s}\""),
             );
+            assert_ne!(moved, toml);
+            std::fs::write(config, moved).unwrap();
         })
         .await;
+    // The tenant's token, pool, order, metered hours, the jobs before the
+    // workload's snapshot, and its running instances, reattached.
+    finds_everything(&sched, &before).await;
     let listed = sched.cli(&["job", "list", "-o", "json"]);
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     let ids: Vec<String> = listed
@@ -121,7 +140,7 @@ async fn a_snapshot_saved_under_load_restores_the_whole_cluster() {
         .iter()
         .map(|j| j["job_id"].as_str().unwrap().to_string())
         .collect();
-    for id in &before {
+    for id in &acked_before {
         assert!(
             ids.contains(id),
             "{id}, acknowledged before the save, is missing"
@@ -129,35 +148,18 @@ async fn a_snapshot_saved_under_load_restores_the_whole_cluster() {
     }
     for id in &ids {
         assert!(
-            *id == long.job_id || all.contains(id),
+            before.jobs.iter().any(|j| j.job_id == *id) || all.contains(id),
             "{id} was never acknowledged"
         );
     }
-    // The agent reconnects; its instance is the same and still runs.
-    let after = eventually(
-        Duration::from_secs(20),
-        "the long job reattached",
-        || async {
-            let j = get_job(&sched, &long.job_id).await;
-            let nodes = list_nodes(&sched).await;
-            (j.state == pb::JobState::Running as i32
-                && nodes
-                    .iter()
-                    .any(|n| n.status == pb::NodeStatus::Ready as i32))
-            .then_some(j)
-        },
-    )
-    .await;
-    assert_eq!(
-        after.instances[0].instance_id,
-        running.instances[0].instance_id
+    let nodes = list_nodes(&sched).await;
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n.status == pb::NodeStatus::Ready as i32),
+        "{nodes:?}"
     );
-    assert_eq!(
-        after.instances[0].started_at,
-        running.instances[0].started_at
-    );
-    // The tenant's token, and the audit trail, came back too.
-    let who = sched.cli_as(&token, &["whoami"]);
+    let who = sched.cli_as(&before.token, &["whoami"]);
     assert!(
         String::from_utf8_lossy(&who.stdout).contains("acme"),
         "{}",
@@ -165,38 +167,52 @@ async fn a_snapshot_saved_under_load_restores_the_whole_cluster() {
     );
     let trail = sched.cli(&["audit", "list", "-o", "json"]);
     let trail: serde_json::Value = serde_json::from_slice(&trail.stdout).unwrap();
-    assert!(
-        trail
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["method"] == "TenantService/CreateTenant"),
-        "{trail:#}"
-    );
+    for method in [
+        "TenantService/CreateTenant",
+        "PoolService/ConvertToSubscription",
+    ] {
+        assert!(
+            trail
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["method"] == method),
+            "{method} missing: {trail:#}"
+        );
+    }
     // New work runs.
-    let fresh = submit(&sched, training(0, &["true"])).await.unwrap();
+    let fresh_job = submit(&sched, training(0, &["true"])).await.unwrap();
     wait_job(
         &sched,
-        &fresh.job_id,
+        &fresh_job.job_id,
         pb::JobState::Succeeded,
         Duration::from_secs(20),
     )
     .await;
 
     // `--data-dir` instead of a config (as for `dev`): the same database.
-    let toml = std::fs::read_to_string(&config).unwrap();
-    let data_dir = toml
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("data_dir = "))
-        .map(|v| v.trim_matches('"').to_string())
-        .unwrap();
     let again = dir.path().join("again.snapshot");
-    let by_dir = snapshot(&["save", again.to_str().unwrap(), "--data-dir", &data_dir]);
+    let by_dir = snapshot(&["save", again.to_str().unwrap(), "--data-dir", &fresh_s]);
     assert!(by_dir.status.success(), "{}", text(&by_dir));
     assert!(
         std::fs::read_to_string(&again)
             .unwrap()
-            .contains(&fresh.job_id),
+            .contains(&fresh_job.job_id),
         "the snapshot by --data-dir misses the newest job"
+    );
+    // `--force` into the old, full data dir (nothing runs on it now) moves
+    // its database aside.
+    let forced = snapshot(&[
+        "restore",
+        again.to_str().unwrap(),
+        "--data-dir",
+        &old_data,
+        "--force",
+    ]);
+    assert!(forced.status.success(), "{}", text(&forced));
+    assert!(
+        text(&forced).contains("moved the old database aside"),
+        "{}",
+        text(&forced)
     );
 }
