@@ -34,6 +34,7 @@ pub mod procs;
 pub mod replay;
 pub mod rng;
 pub mod speed;
+pub mod stranded;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -131,6 +132,23 @@ pub fn run_replay(args: &ReplayArgs) -> anyhow::Result<()> {
                 pct(result.alloc_pct_at_100),
                 pct(result.alloc_pct_at_130)
             );
+            for (at, s) in [
+                ("100%", result.stranded_at_100.as_ref()),
+                ("130%", Some(&result.stranded_at_130)),
+            ] {
+                let Some(s) = s else { continue };
+                println!(
+                    "unallocated at {at} arrived: {:.2}% of capacity: CPU exhausted {:.2}, memory exhausted {:.2}, \
+                     shares below the smallest failed {:.2}, too few GPUs per node {:.2}, model {:.2}, nothing failed {:.2}",
+                    s.unallocated_pct,
+                    s.cpu_exhausted_pct,
+                    s.memory_exhausted_pct,
+                    s.shares_below_smallest_failed_pct,
+                    s.too_few_gpus_per_node_pct,
+                    s.model_pct,
+                    s.no_failed_request_pct
+                );
+            }
             println!("replay time: {:.0} ms", elapsed.as_secs_f64() * 1000.0);
         }
     }

@@ -400,6 +400,10 @@ pub struct ReplayResult {
     pub alloc_pct_at_130: Option<f64>,
     /// Allocation rate (%) at arrived = x % of capacity, x = 0..=130.
     pub curve: Vec<Option<f64>>,
+    /// The unallocated capacity by cause once 100 % of capacity had arrived
+    /// (after that arrival), and at the end (130 %); see `stranded.rs`.
+    pub stranded_at_100: Option<crate::stranded::Stranded>,
+    pub stranded_at_130: crate::stranded::Stranded,
 }
 
 /// Runs one replay of `w` under `policy` with `seed`. Deterministic.
@@ -415,6 +419,7 @@ pub fn replay(w: &Workload, policy: PolicyName, seed: u64) -> ReplayResult {
     let mut curve = Curve::new(w.capacity);
     let (mut arrived, mut used, mut failed, mut failed_gpu) = (0i64, 0i64, 0usize, 0usize);
     let mut feasible = Vec::with_capacity(w.nodes.len());
+    let (mut failed_reqs, mut at_100) = (Vec::new(), None);
     for r in &arrivals {
         pol.observe(r);
         feasible.clear();
@@ -439,12 +444,23 @@ pub fn replay(w: &Workload, policy: PolicyName, seed: u64) -> ReplayResult {
                 failed += 1;
                 if r.num_gpu > 0 {
                     failed_gpu += 1;
+                    failed_reqs.push(*r);
                 }
             }
         }
+        let before = arrived;
         arrived += r.gpu_total();
         curve.record(arrived, used);
+        if before < w.capacity && arrived >= w.capacity {
+            at_100 = Some(crate::stranded::stranded(
+                &cluster.nodes,
+                &failed_reqs,
+                w.capacity,
+                arrived,
+            ));
+        }
     }
+    let at_130 = crate::stranded::stranded(&cluster.nodes, &failed_reqs, w.capacity, arrived);
     let curve = curve.finish();
     ReplayResult {
         policy,
@@ -460,6 +476,8 @@ pub fn replay(w: &Workload, policy: PolicyName, seed: u64) -> ReplayResult {
         alloc_pct_at_100: curve[100],
         alloc_pct_at_130: curve[130],
         curve,
+        stranded_at_100: at_100,
+        stranded_at_130: at_130,
     }
 }
 

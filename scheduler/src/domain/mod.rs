@@ -11,6 +11,7 @@ pub mod node;
 pub mod placement;
 pub mod pool;
 pub mod scheduling;
+pub mod stranded;
 pub mod tenant;
 #[cfg(test)]
 pub(crate) mod testkit;
