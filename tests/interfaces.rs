@@ -658,6 +658,7 @@ async fn every_rpc_enforces_its_role() {
         ("PoolService/SetRenewal", Role::Tenant),
         ("PoolService/Unsubscribe", Role::Tenant),
         ("PoolService/ScaleInPlan", Role::Tenant),
+        ("PoolService/GetCapacity", Role::Tenant),
         ("TenantService/CreateTenant", Role::Admin),
         ("TenantService/ListTenants", Role::Admin),
         ("TenantService/GetTenant", Role::Tenant),
@@ -763,7 +764,7 @@ async fn every_rpc_enforces_its_role() {
         }
     }
     assert_eq!(checked, TABLE.len() * 5);
-    assert_eq!(TABLE.len(), 38);
+    assert_eq!(TABLE.len(), 39);
 }
 
 /// Bad input names the cause: an unknown kind number, a Basic

@@ -30,6 +30,7 @@
 mod args;
 mod audit;
 mod billing;
+mod capacity;
 mod conn;
 mod error;
 mod format;
@@ -204,6 +205,15 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Free GPUs each pool's queued jobs cannot use, by cause (CPU or memory
+    /// exhausted, shares too small, too few GPUs per node, model,
+    /// unschedulable), with the nodes that strand the most. A tenant sees
+    /// the public pool and its own, judged by its own queued jobs.
+    Capacity {
+        /// Only this pool (id or name).
+        #[arg(long)]
+        pool: Option<String>,
+    },
 }
 
 /// Runs one parsed command line against the scheduler.
@@ -237,6 +247,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Tenant { command } => tenants::tenant_command(&conn, out, command).await,
         Command::Whoami => tenants::whoami(&conn, out).await,
         Command::Audit { command } => audit::audit_command(&conn, out, command).await,
+        Command::Capacity { pool } => capacity::capacity_command(&conn, out, pool).await,
     }
 }
 

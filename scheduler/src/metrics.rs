@@ -16,6 +16,8 @@ pub struct Metrics {
     jobs: IntGaugeVec,
     gpus: IntGauge,
     gpus_allocated_milli: IntGauge,
+    /// Free GPU capacity per pool and cause (see `domain::stranded`).
+    gpus_stranded_milli: IntGaugeVec,
     sessions: IntGauge,
     pub jobs_submitted: IntCounter,
     pub audit_records: IntCounter,
@@ -52,6 +54,17 @@ impl Metrics {
         let gpus_allocated_milli = IntGauge::new(
             "gpupool_gpus_allocated_milli",
             "GPU thousandths allocated to instances (1000 = one whole GPU).",
+        )
+        .unwrap();
+        let gpus_stranded_milli = IntGaugeVec::new(
+            Opts::new(
+                "gpupool_gpus_stranded_milli",
+                "Free GPU thousandths per pool by why its queued jobs (none queued: the typical \
+                 request shapes) cannot use them: unschedulable, no_request, \
+                 shares_below_smallest_request, model, too_few_gpus_per_node, cpu, memory; \
+                 usable: a queued job fits there.",
+            ),
+            &["pool", "cause"],
         )
         .unwrap();
         let sessions =
@@ -139,6 +152,7 @@ impl Metrics {
             Box::new(jobs.clone()),
             Box::new(gpus.clone()),
             Box::new(gpus_allocated_milli.clone()),
+            Box::new(gpus_stranded_milli.clone()),
             Box::new(sessions.clone()),
             Box::new(jobs_submitted.clone()),
             Box::new(audit_records.clone()),
@@ -154,6 +168,7 @@ impl Metrics {
             jobs,
             gpus,
             gpus_allocated_milli,
+            gpus_stranded_milli,
             sessions,
             jobs_submitted,
             audit_records,
@@ -222,6 +237,15 @@ impl Metrics {
                 .map(|m| i64::from(*m))
                 .sum(),
         );
+        // Pools that went since the last sample lose their series.
+        self.gpus_stranded_milli.reset();
+        for r in cluster.stranded(&crate::domain::tenant::Caller::admin(), None) {
+            for cause in crate::domain::stranded::CAUSES {
+                self.gpus_stranded_milli
+                    .with_label_values(&[r.pool_id.as_str(), cause.as_str()])
+                    .set(r.by_cause[cause as usize]);
+            }
+        }
         self.sessions.set(sessions as i64);
     }
 

@@ -60,6 +60,7 @@ pub const ACCESS: &[(&str, Access)] = &[
     ("/gpupool.v1.PoolService/SetRenewal", Access::Tenant),
     ("/gpupool.v1.PoolService/Unsubscribe", Access::Tenant),
     ("/gpupool.v1.PoolService/ScaleInPlan", Access::Tenant),
+    ("/gpupool.v1.PoolService/GetCapacity", Access::Tenant),
     ("/gpupool.v1.TenantService/CreateTenant", Access::Admin),
     ("/gpupool.v1.TenantService/ListTenants", Access::Admin),
     ("/gpupool.v1.TenantService/GetTenant", Access::Tenant),

@@ -451,7 +451,7 @@ fn visible_usage(
 }
 
 /// The pool id a filter names ("public" or a dedicated pool id).
-fn pool_id_of(cluster: &Cluster, caller: &Caller, key: &str) -> Result<String, Status> {
+pub(super) fn pool_id_of(cluster: &Cluster, caller: &Caller, key: &str) -> Result<String, Status> {
     match cluster.resolve_pool(caller, key).map_err(status)? {
         PoolRef::Public => Ok(PUBLIC_POOL.to_string()),
         PoolRef::Dedicated(p) => Ok(p.pool_id.clone()),

@@ -368,6 +368,24 @@ impl pb::pool_service_server::PoolService for Api {
         }))
     }
 
+    async fn get_capacity(
+        &self,
+        req: Request<pb::GetCapacityRequest>,
+    ) -> Result<Response<pb::GetCapacityResponse>, Status> {
+        let caller = caller(&self.shared, req.metadata())?;
+        let req = req.into_inner();
+        let reports = self.shared.with(|core, _| {
+            let pool = match req.pool.as_str() {
+                "" => None,
+                key => Some(super::client::pool_id_of(&core.cluster, &caller, key)?),
+            };
+            Ok::<_, Status>(core.cluster.stranded(&caller, pool.as_deref()))
+        })?;
+        Ok(Response::new(pb::GetCapacityResponse {
+            pools: reports.iter().map(capacity_to_pb).collect(),
+        }))
+    }
+
     async fn convert_to_subscription(
         &self,
         req: Request<pb::ConvertToSubscriptionRequest>,
@@ -588,5 +606,34 @@ impl pb::tenant_service_server::TenantService for Api {
             tenant: caller.tenant,
             admin: caller.admin,
         }))
+    }
+}
+
+/// A pool's stranded capacity at the gRPC boundary.
+fn capacity_to_pb(r: &crate::cluster::PoolStranded) -> pb::PoolCapacity {
+    let causes = |by: &crate::domain::stranded::ByCause| {
+        crate::domain::stranded::CAUSES
+            .iter()
+            .map(|c| pb::StrandedMilli {
+                cause: c.as_str().to_string(),
+                milli: by[*c as usize],
+            })
+            .collect()
+    };
+    pb::PoolCapacity {
+        pool_id: r.pool_id.clone(),
+        basis: r.basis.to_string(),
+        queued_jobs: u32::try_from(r.queued_jobs).unwrap_or(u32::MAX),
+        gpus_milli: r.gpus_milli,
+        free_milli: r.free_milli,
+        causes: causes(&r.by_cause),
+        nodes: r
+            .nodes
+            .iter()
+            .map(|(node_id, by)| pb::NodeStranded {
+                node_id: node_id.clone(),
+                causes: causes(by),
+            })
+            .collect(),
     }
 }

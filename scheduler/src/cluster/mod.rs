@@ -14,11 +14,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 mod billing;
+mod capacity;
 mod drain;
 mod error;
 mod kinds;
 mod pools;
 mod staged;
+pub use capacity::{NODES_SHOWN, PoolStranded};
 pub use staged::Staged;
 
 use crate::domain::job::{HealthCheck, KindTable, PendingRank};

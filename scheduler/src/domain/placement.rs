@@ -260,7 +260,8 @@ impl std::fmt::Display for NoFit {
 
 impl std::error::Error for NoFit {}
 
-fn model_allowed(allowed: &[String], model: &str) -> bool {
+/// Whether `model` is one of `allowed` (empty: any).
+pub fn model_allowed(allowed: &[String], model: &str) -> bool {
     allowed.is_empty() || allowed.iter().any(|m| m == model)
 }
 
