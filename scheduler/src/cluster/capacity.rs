@@ -3,6 +3,8 @@
 //! ([`crate::domain::stranded`]) against the pool's queued jobs, or, with
 //! none queued, the built-in typical request shapes.
 
+use std::collections::HashMap;
+
 use super::Cluster;
 use crate::domain::placement::{self, NodeCapacity};
 use crate::domain::stranded::{self, Ask, ByCause, CAUSES, Cause};
@@ -53,9 +55,24 @@ impl Cluster {
             )
             .collect();
         pools.retain(|p| pool.is_none_or(|want| want == *p));
+        // Each node and queued job looked at once, not once per pool.
+        let mut nodes: HashMap<&str, Vec<&NodeCapacity>> = HashMap::new();
+        for n in &capacity {
+            nodes.entry(n.pool.as_str()).or_default().push(n);
+        }
+        let mut queued: HashMap<&str, Vec<&crate::domain::Job>> = HashMap::new();
+        for j in self.jobs.values().filter(|j| j.state == JobState::Queued) {
+            if caller.admin || j.tenant == caller.tenant {
+                queued.entry(j.pool_id.as_str()).or_default().push(j);
+            }
+        }
         pools
             .into_iter()
-            .map(|p| self.pool_stranded(caller, p, &capacity))
+            .map(|p| {
+                let n = nodes.get(p).map_or(&[][..], |n| n.as_slice());
+                let q = queued.get(p).map_or(&[][..], |q| q.as_slice());
+                self.pool_stranded(caller, p, n, q)
+            })
             .collect()
     }
 
@@ -63,14 +80,9 @@ impl Cluster {
         &self,
         caller: &Caller,
         pool: &str,
-        capacity: &[NodeCapacity],
+        capacity: &[&NodeCapacity],
+        queued: &[&crate::domain::Job],
     ) -> PoolStranded {
-        let queued: Vec<&crate::domain::Job> = self
-            .jobs
-            .values()
-            .filter(|j| j.pool_id == pool && j.state == JobState::Queued)
-            .filter(|j| caller.admin || j.tenant == caller.tenant)
-            .collect();
         // Per ask, the models it accepts (empty: any).
         let mut asks: Vec<(Ask, Vec<String>)> = queued
             .iter()
@@ -109,7 +121,7 @@ impl Cluster {
             by_cause: [0; CAUSES.len()],
             nodes: Vec::new(),
         };
-        for n in capacity.iter().filter(|n| n.pool == pool) {
+        for n in capacity {
             report.gpus_milli += 1000 * n.gpus.len() as i64;
             let free: Vec<i64> = n.gpus.iter().map(|g| i64::from(g.free_milli)).collect();
             report.free_milli += free.iter().sum::<i64>();
