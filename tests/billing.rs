@@ -25,30 +25,7 @@ async fn sigkill_neither_loses_nor_double_counts_a_second() {
     let mut admin = sched.admin().await;
     let token = tenant_with_token(&mut admin, "acme", 2, 8).await;
     let mut t = sched.clients(Some(&token)).await;
-    let spec = admin
-        .pools
-        .list_specs(pb::ListSpecsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .specs
-        .into_iter()
-        .find(|s| s.gpu_model == "H100-80GB")
-        .unwrap()
-        .name;
-    let pool = t
-        .pools
-        .create_pool(pb::CreatePoolRequest {
-            r#type: pb::PoolType::Train as i32,
-            name: "metered".into(),
-            spec,
-            node_count: 1,
-            billing_mode: pb::BillingMode::OnDemand as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let pool = train_pool(&mut t, "metered", "H100-80GB", 1).await;
     let created = ms(pool.created_at.as_ref().unwrap());
     let job = t
         .jobs

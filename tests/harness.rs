@@ -909,6 +909,34 @@ pub async fn tenant_with_token(admin: &mut Clients, tenant: &str, nodes: u32, gp
         .token
 }
 
+/// Creates, as `c`'s tenant, an on-demand train pool `name` of `nodes`
+/// nodes of the spec whose GPUs are `model` (e.g. `H100-80GB`).
+pub async fn train_pool(c: &mut Clients, name: &str, model: &str, nodes: u32) -> pb::Pool {
+    let spec = c
+        .pools
+        .list_specs(pb::ListSpecsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .specs
+        .into_iter()
+        .find(|s| s.gpu_model == model)
+        .unwrap_or_else(|| panic!("no spec of {model}"))
+        .name;
+    c.pools
+        .create_pool(pb::CreatePoolRequest {
+            r#type: pb::PoolType::Train as i32,
+            name: name.into(),
+            spec,
+            node_count: nodes,
+            billing_mode: pb::BillingMode::OnDemand as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// A real PostgreSQL server in a temporary directory on a free port
 /// (initdb + pg_ctl; as the `postgres` user when the tests run as root,
 /// since PostgreSQL refuses to run as root). Stopped when dropped.

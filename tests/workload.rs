@@ -35,30 +35,7 @@ pub async fn workload(s: &Scheduler) -> Before {
     let mut admin = s.admin().await;
     let token = tenant_with_token(&mut admin, "acme", 1, 8).await;
     let mut t = s.clients(Some(&token)).await;
-    let spec = t
-        .pools
-        .list_specs(pb::ListSpecsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .specs
-        .into_iter()
-        .find(|s| s.gpu_model == "H100-80GB")
-        .unwrap()
-        .name;
-    let pool = t
-        .pools
-        .create_pool(pb::CreatePoolRequest {
-            r#type: pb::PoolType::Train as i32,
-            name: "upgrade".into(),
-            spec,
-            node_count: 1,
-            billing_mode: pb::BillingMode::OnDemand as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let pool = train_pool(&mut t, "upgrade", "H100-80GB", 1).await;
     let pool = eventually(Duration::from_secs(20), "pool running", || async {
         let p = s
             .clients(Some(&token))
