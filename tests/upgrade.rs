@@ -22,13 +22,15 @@ struct Previous {
 }
 
 impl Previous {
-    /// Built once per test binary (both tests ask for it at once).
-    fn get() -> &'static Self {
-        static PREVIOUS: std::sync::OnceLock<Previous> = std::sync::OnceLock::new();
-        PREVIOUS.get_or_init(Self::build)
+    /// Built once per test binary (both tests ask for it at once). `None`
+    /// (a loud skip) where it cannot be built outside CI: a checkout
+    /// without the git history that holds the release, say.
+    fn get() -> Option<&'static Self> {
+        static PREVIOUS: std::sync::OnceLock<Option<Previous>> = std::sync::OnceLock::new();
+        PREVIOUS.get_or_init(Self::build).as_ref()
     }
 
-    fn build() -> Self {
+    fn build() -> Option<Self> {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
         let text = std::fs::read_to_string(manifest.join("previous-release")).unwrap();
         let field = |key: &str| {
@@ -51,7 +53,14 @@ impl Previous {
                 .env("CARGO_TARGET_DIR", &target)
                 .status()
                 .unwrap();
-            assert!(status.success(), "building release {version} failed");
+            if !status.success() {
+                assert!(!in_ci(), "building release {version} failed");
+                eprintln!(
+                    "SKIPPED CHECK: release {version}'s binaries could not be built (see above); \
+                     this check fails under CI=true"
+                );
+                return None;
+            }
         }
         let out = Command::new(bin.join("gpupool-scheduler"))
             .arg("--version")
@@ -64,7 +73,7 @@ impl Previous {
             env!("CARGO_PKG_VERSION"),
             "tests/previous-release names this build's own version"
         );
-        Self { version, bin }
+        Some(Self { version, bin })
     }
 
     fn exe(&self, name: &str) -> PathBuf {
@@ -163,7 +172,9 @@ async fn upgrade_agents(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sqlite_cluster_upgrades_from_the_previous_release() {
-    let prev = Previous::get();
+    let Some(prev) = Previous::get() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let sched = Scheduler::start_installed(dir.path(), &prev.exe("gpupool-scheduler")).await;
     let agents: Vec<Agent> = ["up1", "up2"]
@@ -242,7 +253,9 @@ fn job_list_at(addr: &str) -> Result<String, String> {
 /// standby; the agents follow, and are upgraded in place after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_replicas_upgrade_one_at_a_time() {
-    let prev = Previous::get();
+    let Some(prev) = Previous::get() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let Some(pg) = Postgres::start(dir.path()) else {
         return;
