@@ -419,12 +419,6 @@ impl Shared {
         }
     }
 
-    /// An audit record is in the store: counted, and appended to `[audit]
-    /// jsonl_file` if there is one.
-    pub fn audit_committed(&self, entry: &crate::domain::audit::AuditEntry) {
-        self.audit_sink.committed(entry);
-    }
-
     /// What a batch carrying audit record `entry` is answered with: the
     /// record reaches the sink once committed, even if the caller went.
     fn audited_done(
