@@ -20,12 +20,25 @@
 //!
 //! GPU requests: 1. more instances of the job on this node (gangs, see
 //! below); 2. fewer of the job's instances already on this node, then in its
-//! zone (services only); 3. the FGD score; 4. a node that already runs
-//! something beats a fully idle one, so idle nodes stay whole for multi-GPU
-//! jobs; 5. the node order drawn from the seed (a pseudo-random rank per node
-//! id, stable across passes). Finer tie-breakers (the exact ΔF, best fit)
-//! were measured and lose 2–7 points on the replay: inside FGD's coarse
-//! buckets the random order spreads load across node types.
+//! zone (services only); 3. a node whose CPU still feeds its free GPUs
+//! afterwards as well as before (below); 4. the FGD score; 5. a node that
+//! already runs something beats a fully idle one, so idle nodes stay whole
+//! for multi-GPU jobs; 6. the node order drawn from the seed (a
+//! pseudo-random rank per node id, stable across passes). Finer
+//! tie-breakers (the exact ΔF, best fit) were measured and lose 2–7 points
+//! on the replay: inside FGD's coarse buckets the random order spreads load
+//! across node types.
+//!
+//! Rule 3, CPU feed: the typical GPU requests need `R` CPU milli per GPU
+//! milli (their frequency-weighted CPU over their GPU); a node with `c` CPU
+//! and `g` GPU milli free starves `max(0, g − c/R)` of its GPU. A placement
+//! that would starve more GPU on its node than before loses to one that
+//! does not, whatever FGD says: CPU-heavy jobs go where CPU is plentiful,
+//! CPU-light ones still go anywhere. It is a yes/no key, not a score, so
+//! FGD and the random order still spread the rest. On the openb replay it
+//! takes the GPU stranded behind exhausted CPU at 130 % arrived from
+//! 0.39–0.70 % of capacity to 0.03–0.27 % (BENCHMARKS.md). Memory is left
+//! out: it strands almost nothing there.
 //!
 //! CPU-only requests ignore fragmentation: 1.–2. as above; 3. the node with
 //! the least free GPU milli (GPU-full nodes first, where CPU is worth nothing
@@ -509,10 +522,32 @@ fn fit_count(
 }
 
 /// Ordering of candidate nodes; the largest wins. For GPU requests:
-/// (instances placed here, spread penalty, FGD score, busy, rank); for
-/// CPU-only requests: (instances placed here, spread penalty, −free GPU
-/// milli, best-fit score, rank).
-type Key = (i64, i64, i64, i64, std::cmp::Reverse<u64>);
+/// (instances placed here, spread penalty, strands no GPU behind CPU, FGD
+/// score, busy, rank); for CPU-only requests: (instances placed here,
+/// spread penalty, 0, −free GPU milli, best-fit score, rank).
+type Key = (i64, i64, i64, i64, i64, std::cmp::Reverse<u64>);
+
+/// The free GPU milli of a node with `cpu` milli of CPU and `free` GPU
+/// milli free that its CPU cannot feed, when each GPU milli needs
+/// `cpu_per_milli` of CPU (the typical requests' ratio); 0 when no typical
+/// request wants a GPU.
+fn cpu_starved(cpu_per_milli: f64, cpu: i64, free: i64) -> f64 {
+    if cpu_per_milli <= 0.0 {
+        return 0.0;
+    }
+    (free as f64 - cpu.max(0) as f64 / cpu_per_milli).max(0.0)
+}
+
+/// The CPU milli per GPU milli of the typical GPU requests (frequency
+/// weighted; CPU-only shapes left out); 0 without GPU shapes.
+fn cpu_per_milli(typical: &[Typical]) -> f64 {
+    let (mut cpu, mut gpu) = (0.0, 0.0);
+    for t in typical.iter().filter(|t| t.num_gpu > 0) {
+        cpu += t.p * t.cpu as f64;
+        gpu += t.p * (t.milli * i64::from(t.num_gpu)) as f64;
+    }
+    if gpu > 0.0 { cpu / gpu } else { 0.0 }
+}
 
 /// A request class's index of feasible nodes by key (single instances).
 struct ClassIndex {
@@ -532,6 +567,8 @@ const MAX_CLASSES: usize = 32;
 /// O(classes · log n) after the first request of its class (O(n)).
 pub struct Placer {
     typical: Vec<Typical>,
+    /// [`cpu_per_milli`] of `typical`.
+    cpu_per_milli: f64,
     models: Vec<String>,
     nodes: Vec<NodeCapacity>,
     state: Vec<NodeState>,
@@ -583,6 +620,7 @@ impl Placer {
     fn with_rank(nodes: Vec<NodeCapacity>, shapes: &[TypicalShape], rank: Vec<u64>) -> Placer {
         let mut p = Placer {
             typical: Vec::new(),
+            cpu_per_milli: 0.0,
             models: Vec::new(),
             state: Vec::with_capacity(nodes.len()),
             nodes,
@@ -628,6 +666,7 @@ impl Placer {
                 p: t.p,
             })
             .collect();
+        p.cpu_per_milli = cpu_per_milli(&p.typical);
         p
     }
 
@@ -710,6 +749,7 @@ impl Placer {
             let key = (
                 i64::from(k),
                 penalty,
+                0,
                 -node.free_total,
                 bestfit_score(node.cpu, node.free_total, w.cpu, 0),
                 rank,
@@ -741,7 +781,12 @@ impl Placer {
                 fragmentation(&self.typical, sim.cpu, &sim.free, |i| sim.models[i]),
             );
         }
-        Some(((i64::from(k), penalty, score, busy, rank), taken))
+        let node = &self.state[pos];
+        let keeps_fed = i64::from(
+            cpu_starved(self.cpu_per_milli, sim.cpu, sim.free_total)
+                <= cpu_starved(self.cpu_per_milli, node.cpu, node.free_total),
+        );
+        Some(((i64::from(k), penalty, keeps_fed, score, busy, rank), taken))
     }
 
     /// Places `instances` copies of `req` on nodes of `pool`, all or none.
@@ -1425,6 +1470,41 @@ mod tests {
         take(&mut nodes[1], &[0], 1000);
         assert_eq!(
             place(&mut nodes, "public", &gpus(1), 1).unwrap()[0].node_id,
+            "a"
+        );
+    }
+
+    #[test]
+    fn a_cpu_heavy_job_does_not_strand_gpus_behind_the_cpu_it_takes() {
+        // a: 3 of 8 GPUs free but 30 cores; b: 4 idle GPUs and 128 cores.
+        // FGD alone prefers a (it fills a busy node: score 51 against 48).
+        // With 24 cores gone a's 2 free GPUs would have 6 cores between
+        // them, under the typical requests' 4 cores per GPU: b, whose CPU
+        // feeds its GPUs either way.
+        let mut a = node("a", 8);
+        take(&mut a, &[0, 1, 2, 3, 4], 1000);
+        a.cpu_free_milli = 30_000;
+        let mut b = node("b", 4);
+        b.cpu_free_milli = 128_000;
+        let heavy = Resources {
+            gpus: 1,
+            cpu_milli: 24_000,
+            memory_mib: 1024,
+            ..Default::default()
+        };
+        let mut nodes = vec![a.clone(), b.clone()];
+        assert_eq!(
+            place(&mut nodes, "public", &heavy, 1).unwrap()[0].node_id,
+            "b"
+        );
+        // A light job strands nothing on a: FGD's score decides, a.
+        let light = Resources {
+            cpu_milli: 2000,
+            ..heavy.clone()
+        };
+        let mut nodes = vec![a, b];
+        assert_eq!(
+            place(&mut nodes, "public", &light, 1).unwrap()[0].node_id,
             "a"
         );
     }
