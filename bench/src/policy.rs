@@ -11,6 +11,7 @@ use super::replay::{Cluster, NodeState, Req, Shape, Workload};
 use super::rng::Rng;
 use gpupool_scheduler::domain::Resources;
 use gpupool_scheduler::domain::placement::{GpuSlot, NodeCapacity, Placer, TypicalShape};
+use gpupool_scheduler::domain::shapes::ShapeStats;
 
 /// Policy names of the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -69,10 +70,8 @@ pub fn make(name: PolicyName, w: &Workload, order: &[usize]) -> Box<dyn Policy> 
         PolicyName::Random => Box::new(RandomPolicy),
         PolicyName::Bestfit => Box::new(Scored::new(BestFit, w)),
         PolicyName::Fgd => Box::new(Scored::new(Fgd::published(w), w)),
-        PolicyName::Default => Box::new(Production::new(w, order)),
-        PolicyName::DefaultOnline => {
-            Box::new(Scored::new(DefaultScorer::new(w, ShapeSource::Online), w))
-        }
+        PolicyName::Default => Box::new(Production::new(w, order, ShapeSource::Trace)),
+        PolicyName::DefaultOnline => Box::new(Production::new(w, order, ShapeSource::Online)),
     }
 }
 
@@ -86,10 +85,13 @@ struct Production {
     placer: Placer,
     models: Vec<String>,
     typical: usize,
+    /// With [`ShapeSource::Online`]: what arrived so far, learned as the
+    /// scheduler learns a pool's submissions.
+    learned: Option<ShapeStats>,
 }
 
 impl Production {
-    fn new(w: &Workload, order: &[usize]) -> Self {
+    fn new(w: &Workload, order: &[usize], source: ShapeSource) -> Self {
         let names = |spec: u64| -> Vec<String> {
             (0..w.models.len())
                 .filter(|&b| spec & (1u64 << b) != 0)
@@ -123,29 +125,35 @@ impl Production {
                 }
             })
             .collect();
-        let mut counts = vec![0u64; w.shapes.len()];
-        for r in &w.pods {
-            counts[r.shape as usize] += 1;
-        }
-        let shapes: Vec<TypicalShape> = typical_shapes(&counts, &w.shapes)
-            .into_iter()
-            .map(|t| TypicalShape {
-                num_gpu: t.num_gpu,
-                milli: t.milli,
-                cpu_milli: t.cpu,
-                models: names(t.spec),
-                p: t.p,
-            })
-            .collect();
+        let shapes: Vec<TypicalShape> = match source {
+            ShapeSource::Online => Vec::new(),
+            ShapeSource::Trace => {
+                let mut counts = vec![0u64; w.shapes.len()];
+                for r in &w.pods {
+                    counts[r.shape as usize] += 1;
+                }
+                typical_shapes(&counts, &w.shapes)
+                    .into_iter()
+                    .map(|t| TypicalShape {
+                        num_gpu: t.num_gpu,
+                        milli: t.milli,
+                        cpu_milli: t.cpu,
+                        models: names(t.spec),
+                        p: t.p,
+                    })
+                    .collect()
+            }
+        };
         Production {
             typical: shapes.len(),
             placer: Placer::with_order(nodes, &shapes, order),
             models: w.models.clone(),
+            learned: (source == ShapeSource::Online).then(ShapeStats::default),
         }
     }
 
-    fn place(&mut self, cluster: &Cluster, r: &Req) -> (usize, Vec<usize>) {
-        let req = Resources {
+    fn resources(&self, r: &Req) -> Resources {
+        Resources {
             gpus: if r.num_gpu > 0 && !r.is_shared() {
                 r.num_gpu
             } else {
@@ -158,7 +166,11 @@ impl Production {
                 .collect(),
             cpu_milli: r.cpu as u64,
             memory_mib: r.mem as u64,
-        };
+        }
+    }
+
+    fn place(&mut self, cluster: &Cluster, r: &Req) -> (usize, Vec<usize>) {
+        let req = self.resources(r);
         let a = self
             .placer
             .place("public", &req, 1, false)
@@ -176,6 +188,17 @@ impl Production {
 }
 
 impl Policy for Production {
+    fn observe(&mut self, r: &Req) {
+        let req = self.resources(r);
+        if let Some(learned) = &mut self.learned
+            && learned.observe(&req, 1)
+        {
+            let shapes = learned.typical();
+            self.typical = shapes.len();
+            self.placer.set_shapes("public", &shapes);
+        }
+    }
+
     fn gpus(&mut self, cluster: &Cluster, node: usize, r: &Req, _rng: &mut Rng) -> Vec<usize> {
         let (chosen, gpus) = self.place(cluster, r);
         assert_eq!(chosen, node, "the only feasible node");
@@ -502,101 +525,15 @@ impl Scorer for Fgd {
 
 // ------------------------------------------------------------------ default
 
-/// Where [`DefaultScorer`] takes its typical shapes from.
+/// Where the production policy takes its typical shapes from in a replay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShapeSource {
     /// The whole trace file's shape statistics (what FGD is given).
     Trace,
-    /// Only the pods that arrived so far (refreshed after 1, 2, 4, … 256
+    /// Only the pods that arrived so far, learned as the scheduler learns a
+    /// pool's submissions ([`ShapeStats`]: refreshed after 1, 2, 4, … 256
     /// arrivals and every 512 after that).
     Online,
-}
-
-/// gpupool's `default` policy: FGD's fragmentation score with two changes to
-/// how ties and CPU-only pods are handled.
-///
-/// * **GPU pods** are scored exactly like FGD (typical shapes, REPLAY §13
-///   fragmentation, `int64(100·sigmoid(ΔF/1000))`, GPU inside the node = the
-///   one giving the best score, lowest index on ties). Among nodes with the
-///   same score, a node that already runs something beats a fully idle node
-///   (all GPUs free), so idle nodes stay whole for multi-GPU pods; remaining
-///   ties go to the run's random node order. (Finer tie-breakers — the
-///   untruncated ΔF, best-fit — were tried and lose badly: the random order
-///   inside FGD's coarse score buckets spreads load across node types.)
-/// * **CPU-only pods** ignore the fragmentation score: they go to the node
-///   with the least free GPU milli (GPU-full nodes first, where CPU is worth
-///   nothing to GPU pods), then the best best-fit score (REPLAY §9), then the
-///   random node order. FGD scores them ≤ 50 almost everywhere and lets the
-///   node order decide, which strands GPUs behind exhausted CPUs.
-///
-/// `default` uses [`ShapeSource::Trace`], the same shape statistics FGD is
-/// given; `default-online` learns them from the arrivals seen so far.
-pub struct DefaultScorer {
-    source: ShapeSource,
-    counts: Vec<u64>,
-    seen: u64,
-    shapes: Vec<Shape>,
-    typical: Vec<Typical>,
-    scratch: Vec<i64>,
-}
-
-impl DefaultScorer {
-    pub fn new(w: &Workload, source: ShapeSource) -> Self {
-        let mut s = DefaultScorer {
-            source,
-            counts: vec![0; w.shapes.len()],
-            seen: 0,
-            shapes: w.shapes.clone(),
-            typical: Vec::new(),
-            scratch: Vec::new(),
-        };
-        if source == ShapeSource::Trace {
-            for r in &w.pods {
-                s.counts[r.shape as usize] += 1;
-            }
-            s.typical = typical_shapes(&s.counts, &s.shapes);
-        }
-        s
-    }
-}
-
-impl Scorer for DefaultScorer {
-    fn observe(&mut self, r: &Req) -> bool {
-        if self.source != ShapeSource::Online {
-            return false;
-        }
-        self.counts[r.shape as usize] += 1;
-        self.seen += 1;
-        if self.seen.is_power_of_two() && self.seen <= 256 || self.seen.is_multiple_of(512) {
-            self.typical = typical_shapes(&self.counts, &self.shapes);
-            return true;
-        }
-        false
-    }
-
-    fn score(&mut self, node: &NodeState, r: &Req) -> (Key, Option<usize>) {
-        if r.num_gpu == 0 {
-            return (
-                (
-                    -(node.free_total as f64),
-                    bestfit_score(node, r) as f64,
-                    0.0,
-                ),
-                None,
-            );
-        }
-        let (s, g) = fgd_choice(&self.typical, node, r, &mut self.scratch);
-        let busy = if node.free.iter().all(|&f| f == 1000) {
-            0.0
-        } else {
-            1.0
-        };
-        ((s as f64, busy, 0.0), g)
-    }
-
-    fn typical_shapes(&self) -> usize {
-        self.typical.len()
-    }
 }
 
 #[cfg(test)]
@@ -696,38 +633,5 @@ mod tests {
         // Half a GPU on [1000, 500]: filling GPU 1 keeps a whole GPU (F 250 -> 0).
         let (key, gpu) = fgd.score(&node(0, &[1000, 500]), &req(0, 1, 500));
         assert_eq!((key.0, gpu), (56.0, Some(1)));
-    }
-
-    #[test]
-    fn default_keeps_idle_nodes_whole_and_sends_cpu_pods_to_full_nodes() {
-        let w = Workload::new(
-            &[super::super::replay::NodeSpec {
-                name: "n".into(),
-                cpu_milli: 1,
-                memory_mib: 1,
-                gpus: 1,
-                model: "T4".into(),
-            }],
-            &[super::super::replay::PodSpec {
-                name: "p".into(),
-                cpu_milli: 1,
-                memory_mib: 1,
-                num_gpu: 1,
-                gpu_milli: 1000,
-                gpu_spec: String::new(),
-            }],
-        )
-        .unwrap();
-        let mut d = DefaultScorer::new(&w, ShapeSource::Trace);
-        // Same FGD score (whole GPU, one typical whole-GPU shape): busy node wins.
-        let (idle, _) = d.score(&node(8000, &[1000, 1000]), &req(0, 1, 1000));
-        let (busy, _) = d.score(&node(8000, &[1000, 0, 1000]), &req(0, 1, 1000));
-        assert_eq!(idle.0, busy.0);
-        assert!(busy > idle);
-        // CPU-only: fewer free GPU milli first, then best-fit.
-        let (full, _) = d.score(&node(8000, &[0, 0]), &req(1000, 0, 0));
-        let (half, _) = d.score(&node(64_000, &[500, 0]), &req(1000, 0, 0));
-        let (full_roomy, _) = d.score(&node(64_000, &[0, 0]), &req(1000, 0, 0));
-        assert!(full > half && full > full_roomy);
     }
 }

@@ -1,6 +1,6 @@
 //! The scheduler's pure core: [`node`]s, [`job`]s (validation and
 //! lifecycle), [`pool`]s, [`tenant`]s, [`billing`], [`placement`] (where
-//! one request goes) and [`scheduling`] (the planner of a whole pass). Plain data in, decisions out: nothing here imports tonic,
+//! one request goes), [`shapes`] (what a pool's work asks for) and [`scheduling`] (the planner of a whole pass). Plain data in, decisions out: nothing here imports tonic,
 //! the store, a clock or tokio. Time is passed in as `now_ms` (milliseconds
 //! since the Unix epoch).
 
@@ -11,6 +11,7 @@ pub mod node;
 pub mod placement;
 pub mod pool;
 pub mod scheduling;
+pub mod shapes;
 pub mod stranded;
 pub mod tenant;
 #[cfg(test)]

@@ -566,9 +566,12 @@ const MAX_CLASSES: usize = 32;
 /// index of node keys, kept current as nodes change, so a placement costs
 /// O(classes · log n) after the first request of its class (O(n)).
 pub struct Placer {
-    typical: Vec<Typical>,
-    /// [`cpu_per_milli`] of `typical`.
-    cpu_per_milli: f64,
+    /// The typical shapes nodes are scored against: `sets[0]` those given
+    /// at construction, then one set per pool given its own
+    /// ([`Placer::set_shapes`]).
+    sets: Vec<ShapeSet>,
+    /// Node position -> its set in `sets`.
+    node_set: Vec<usize>,
     models: Vec<String>,
     nodes: Vec<NodeCapacity>,
     state: Vec<NodeState>,
@@ -576,6 +579,15 @@ pub struct Placer {
     classes: Vec<ClassIndex>,
     clock: u64,
     scratch: Vec<i64>,
+}
+
+/// Typical shapes as scoring uses them.
+struct ShapeSet {
+    /// None for the default set.
+    pool: Option<String>,
+    typical: Vec<Typical>,
+    /// [`cpu_per_milli`] of `typical`.
+    cpu_per_milli: f64,
 }
 
 /// A stable pseudo-random rank of a node id under `seed` (SplitMix64 over
@@ -619,8 +631,8 @@ impl Placer {
 
     fn with_rank(nodes: Vec<NodeCapacity>, shapes: &[TypicalShape], rank: Vec<u64>) -> Placer {
         let mut p = Placer {
-            typical: Vec::new(),
-            cpu_per_milli: 0.0,
+            sets: Vec::new(),
+            node_set: vec![0; nodes.len()],
             models: Vec::new(),
             state: Vec::with_capacity(nodes.len()),
             nodes,
@@ -656,18 +668,59 @@ impl Placer {
                 models: bits,
             });
         }
-        p.typical = shapes
+        let set = p.shape_set(None, shapes);
+        p.sets.push(set);
+        p
+    }
+
+    fn shape_set(&mut self, pool: Option<&str>, shapes: &[TypicalShape]) -> ShapeSet {
+        let typical: Vec<Typical> = shapes
             .iter()
             .map(|t| Typical {
                 cpu: t.cpu_milli,
                 milli: t.milli,
                 num_gpu: t.num_gpu,
-                spec: t.models.iter().fold(0, |s, m| s | p.model_bit(m)),
+                spec: t.models.iter().fold(0, |s, m| s | self.model_bit(m)),
                 p: t.p,
             })
             .collect();
-        p.cpu_per_milli = cpu_per_milli(&p.typical);
-        p
+        ShapeSet {
+            pool: pool.map(str::to_string),
+            cpu_per_milli: cpu_per_milli(&typical),
+            typical,
+        }
+    }
+
+    /// Scores `pool`'s nodes against `shapes` from now on (what the pool's
+    /// own work asks for, [`super::shapes::ShapeStats::typical`]); empty
+    /// `shapes` go back to the placer's defaults. The pool's request
+    /// indexes are rebuilt at their next use.
+    pub fn set_shapes(&mut self, pool: &str, shapes: &[TypicalShape]) {
+        let at = self
+            .sets
+            .iter()
+            .position(|s| s.pool.as_deref() == Some(pool));
+        let set = if shapes.is_empty() {
+            0
+        } else {
+            let new = self.shape_set(Some(pool), shapes);
+            match at {
+                Some(i) => {
+                    self.sets[i] = new;
+                    i
+                }
+                None => {
+                    self.sets.push(new);
+                    self.sets.len() - 1
+                }
+            }
+        };
+        for (pos, n) in self.nodes.iter().enumerate() {
+            if n.pool == pool {
+                self.node_set[pos] = set;
+            }
+        }
+        self.classes.retain(|c| c.pool != pool);
     }
 
     /// The bit of a model name. Past 64 distinct models the rest share the
@@ -757,12 +810,13 @@ impl Placer {
             return Some((key, vec![Vec::new(); k as usize]));
         }
         let busy = i64::from(node.free.iter().any(|&f| f < 1000));
+        let set = &self.sets[self.node_set[pos]];
         let mut sim = node.clone();
         let mut taken = Vec::with_capacity(k as usize);
         let mut score = 0;
         for _ in 0..k {
             let (s, gpus) = gpu_choice(
-                &self.typical,
+                &set.typical,
                 sim.cpu,
                 &sim.free,
                 |i| sim.models[i],
@@ -777,14 +831,14 @@ impl Placer {
             // The score of taking all k together.
             let node = &self.state[pos];
             score = fgd_score(
-                fragmentation(&self.typical, node.cpu, &node.free, |i| node.models[i]),
-                fragmentation(&self.typical, sim.cpu, &sim.free, |i| sim.models[i]),
+                fragmentation(&set.typical, node.cpu, &node.free, |i| node.models[i]),
+                fragmentation(&set.typical, sim.cpu, &sim.free, |i| sim.models[i]),
             );
         }
         let node = &self.state[pos];
         let keeps_fed = i64::from(
-            cpu_starved(self.cpu_per_milli, sim.cpu, sim.free_total)
-                <= cpu_starved(self.cpu_per_milli, node.cpu, node.free_total),
+            cpu_starved(set.cpu_per_milli, sim.cpu, sim.free_total)
+                <= cpu_starved(set.cpu_per_milli, node.cpu, node.free_total),
         );
         Some(((i64::from(k), penalty, keeps_fed, score, busy, rank), taken))
     }
