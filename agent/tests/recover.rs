@@ -223,7 +223,12 @@ async fn commands_get_dev_null_and_no_other_instances_descriptors() {
                 .unwrap_or(0);
             let children = std::fs::read_to_string(format!("/proc/{shim}/task/{shim}/children"))
                 .unwrap_or_default();
-            if let Some(pid) = children.split_whitespace().next() {
+            // Once it is the command: between the shim's fork and its exec
+            // the child still holds the shim's descriptors.
+            if let Some(pid) = children.split_whitespace().next()
+                && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "sleep")
+            {
                 command_pid = Some(pid.to_string());
                 break;
             }

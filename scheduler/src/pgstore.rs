@@ -327,6 +327,7 @@ fn statement(record: &Record<'_>, now_ms: i64) -> Bound {
         Record::ForgetJob { job_id } => (&sql::FORGET_JOB, vec![p(job_id.to_string())]),
         Record::NextJobSeq(seq) => meta("next_job_seq", seq.to_string()),
         Record::SecretKeyCheck(check) => meta("secret_key_check", check.to_string()),
+        Record::PlacementShapes(json) => meta("placement_shapes", json.to_string()),
         Record::RevokeToken { sha256 } => (&sql::REVOKE_TOKEN, vec![p(sha256.to_string())]),
         Record::Audit(entry) => {
             let t = |kind: &str| entry.targets.get(kind).cloned().unwrap_or_default();
@@ -380,6 +381,7 @@ fn load_client(c: &mut Client) -> Result<Snapshot, StoreError> {
         ledger_closed_until_ms: get_meta(c, "ledger_closed_until_ms")?,
         next_job_seq: get_meta(c, "next_job_seq")?,
         secret_key_check: get_meta(c, "secret_key_check")?,
+        placement_shapes: get_meta(c, "placement_shapes")?,
     })
 }
 

@@ -54,6 +54,7 @@ enum Line {
     LedgerClosedUntil(i64),
     NextJobSeq(u64),
     SecretKeyCheck(String),
+    PlacementShapes(String),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -136,6 +137,7 @@ fn lines_of(dump: Dump) -> Vec<Line> {
     out.extend(s.ledger_closed_until_ms.map(Line::LedgerClosedUntil));
     out.extend(s.next_job_seq.map(Line::NextJobSeq));
     out.extend(s.secret_key_check.map(Line::SecretKeyCheck));
+    out.extend(s.placement_shapes.map(Line::PlacementShapes));
     out
 }
 
@@ -314,6 +316,7 @@ pub fn restore(
             Line::LedgerClosedUntil(t) => Record::LedgerClosed(*t),
             Line::NextJobSeq(s) => Record::NextJobSeq(*s),
             Line::SecretKeyCheck(c) => Record::SecretKeyCheck(c),
+            Line::PlacementShapes(j) => Record::PlacementShapes(j),
         })
         .collect();
     store.write(&records, now_ms)?;

@@ -181,6 +181,9 @@ pub struct Snapshot {
     pub next_job_seq: Option<u64>,
     /// Check value of the secret key notebook tokens are derived from.
     pub secret_key_check: Option<String>,
+    /// What each pool's work asks for, learned for placement (JSON of
+    /// pool id -> [`crate::domain::shapes::ShapeStats`]).
+    pub placement_shapes: Option<String>,
 }
 
 /// One row to write.
@@ -211,6 +214,9 @@ pub enum Record<'a> {
     NextJobSeq(u64),
     /// Check value of the secret key (not the key).
     SecretKeyCheck(&'a str),
+    /// The learned placement shapes of every pool (JSON), replacing what
+    /// was there.
+    PlacementShapes(&'a str),
     /// One audited call.
     Audit(&'a AuditEntry),
     /// Audit records before this time go (retention).
@@ -233,9 +239,10 @@ impl Record<'_> {
             Record::Ledger(_) => Op::Write("ledger"),
             Record::Audit(_) => Op::Write("audit"),
             Record::PruneAudit { .. } => Op::Delete("audit"),
-            Record::LedgerClosed(_) | Record::NextJobSeq(_) | Record::SecretKeyCheck(_) => {
-                Op::Write("meta")
-            }
+            Record::LedgerClosed(_)
+            | Record::NextJobSeq(_)
+            | Record::SecretKeyCheck(_)
+            | Record::PlacementShapes(_) => Op::Write("meta"),
             Record::ForgetJob { .. } => Op::Delete("jobs"),
         }
     }
@@ -473,6 +480,7 @@ fn load_conn(conn: &Connection) -> Result<Snapshot, StoreError> {
         ledger_closed_until_ms: get_meta(&conn, "ledger_closed_until_ms")?,
         next_job_seq: get_meta(&conn, "next_job_seq")?,
         secret_key_check: get_meta(&conn, "secret_key_check")?,
+        placement_shapes: get_meta(&conn, "placement_shapes")?,
     })
 }
 
@@ -684,6 +692,9 @@ fn write_one(
         }
         Record::SecretKeyCheck(check) => {
             put_meta(tx, "secret_key_check", check.to_string())?;
+        }
+        Record::PlacementShapes(json) => {
+            put_meta(tx, "placement_shapes", json.to_string())?;
         }
         Record::RevokeToken { sha256 } => {
             tx.execute(sql::REVOKE_TOKEN.sqlite(), params![sha256])?;

@@ -92,7 +92,8 @@ impl Cluster {
             })
             .collect();
         let basis = if asks.is_empty() {
-            asks = placement::default_shapes()
+            asks = self
+                .typical_shapes(pool)
                 .into_iter()
                 .filter(|s| s.num_gpu > 0)
                 .map(|s| {

@@ -19,6 +19,7 @@ mod drain;
 mod error;
 mod kinds;
 mod pools;
+mod shapes;
 mod staged;
 pub use capacity::{NODES_SHOWN, PoolStranded};
 pub use staged::Staged;
@@ -274,6 +275,8 @@ pub struct Cluster {
     /// [`staged::StagedStore::touched_jobs`]), every job that may wait now,
     /// so a pass looks at those and not at every job kept.
     waiting: std::collections::BTreeSet<String>,
+    /// What each pool's work asks for, learned from its submissions.
+    learned: shapes::Learned,
     /// The next audit record's sequence number (never reused: a failed
     /// commit leaves a gap).
     next_audit_seq: u64,
@@ -375,6 +378,7 @@ impl Cluster {
             jobs_on_node: HashMap::new(),
             unwritten: None,
             waiting: Default::default(),
+            learned: shapes::Learned::load(snapshot.placement_shapes.as_deref()),
             next_audit_seq: 1,
         };
         for pool in snapshot.pools {
@@ -1325,6 +1329,12 @@ impl Cluster {
             return Err(err.into());
         }
         self.next_seq += 1;
+        let (pool, req, instances) = {
+            let job = &self.jobs[&job_id];
+            let s = &job.spec;
+            (job.pool_id.clone(), s.resources.clone(), s.instances)
+        };
+        self.learn_shape(&pool, &req, instances, now_ms);
         let job = &self.jobs[&job_id];
         tracing::info!(job = %job_id, kind = ?job.spec.kind, pool = %job.pool_id, state = ?job.state, "job submitted");
         Ok(job.clone())
@@ -1439,11 +1449,15 @@ impl Cluster {
         }
         let mut placer = match self.placer.take() {
             Some(p) => p,
-            None => placement::Placer::new(
-                self.capacity(),
-                &placement::default_shapes(),
-                PLACEMENT_SEED,
-            ),
+            None => {
+                let mut p = placement::Placer::new(
+                    self.capacity(),
+                    &placement::default_shapes(),
+                    PLACEMENT_SEED,
+                );
+                self.apply_shapes(&mut p);
+                p
+            }
         };
         let decisions = scheduling::plan(&queue, &mut placer, now_ms);
         drop(queue);
@@ -1860,6 +1874,7 @@ mod tests {
     mod drain;
     mod kinds;
     mod limits;
+    mod shapes;
     mod store_contract;
 
     fn settings() -> Settings {

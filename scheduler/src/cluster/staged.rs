@@ -35,6 +35,7 @@ enum Kept {
     ForgetJob(String),
     NextJobSeq(u64),
     SecretKeyCheck(String),
+    PlacementShapes(String),
     Audit(AuditEntry),
     PruneAudit(i64),
 }
@@ -59,6 +60,7 @@ impl Kept {
             Record::ForgetJob { job_id } => Self::ForgetJob(job_id.into()),
             Record::NextJobSeq(s) => Self::NextJobSeq(s),
             Record::SecretKeyCheck(c) => Self::SecretKeyCheck(c.into()),
+            Record::PlacementShapes(j) => Self::PlacementShapes(j.into()),
             Record::Audit(e) => Self::Audit(e.clone()),
             Record::PruneAudit { before_ms } => Self::PruneAudit(before_ms),
         }
@@ -78,6 +80,7 @@ impl Kept {
             Self::ForgetJob(job_id) => Record::ForgetJob { job_id },
             Self::NextJobSeq(s) => Record::NextJobSeq(*s),
             Self::SecretKeyCheck(c) => Record::SecretKeyCheck(c),
+            Self::PlacementShapes(j) => Record::PlacementShapes(j),
             Self::Audit(e) => Record::Audit(e),
             Self::PruneAudit(before_ms) => Record::PruneAudit {
                 before_ms: *before_ms,

@@ -1556,11 +1556,29 @@ mod tests {
             cpu_milli: 2000,
             ..heavy.clone()
         };
-        let mut nodes = vec![a, b];
+        let mut nodes = vec![a.clone(), b.clone()];
         assert_eq!(
             place(&mut nodes, "public", &light, 1).unwrap()[0].node_id,
             "a"
         );
+        // A pool whose work learned to need 1 core per GPU: 6 cores feed
+        // a's 2 GPUs, FGD decides (a); other pools keep the defaults.
+        let light_work = [TypicalShape {
+            num_gpu: 1,
+            milli: 1000,
+            cpu_milli: 1000,
+            models: Vec::new(),
+            p: 1.0,
+        }];
+        let mut p = Placer::new(vec![a.clone(), b.clone()], &default_shapes(), 1);
+        p.set_shapes("public", &light_work);
+        p.set_shapes("other", &[]);
+        assert_eq!(p.place("public", &heavy, 1, false).unwrap()[0].node_id, "a");
+        // Back to the defaults.
+        let mut p = Placer::new(vec![a, b], &default_shapes(), 1);
+        p.set_shapes("public", &light_work);
+        p.set_shapes("public", &[]);
+        assert_eq!(p.place("public", &heavy, 1, false).unwrap()[0].node_id, "b");
     }
 
     #[test]

@@ -145,6 +145,7 @@ impl Tables {
             }
             Record::NextJobSeq(seq) => meta(self, "next_job_seq", seq.to_string()),
             Record::SecretKeyCheck(check) => meta(self, "secret_key_check", check.to_string()),
+            Record::PlacementShapes(json) => meta(self, "placement_shapes", json.to_string()),
             Record::Audit(e) => {
                 if self.audit.contains_key(&e.seq) {
                     return Err(refused(
@@ -177,6 +178,7 @@ impl Store for MemStore {
             ledger_closed_until_ms: t.meta("ledger_closed_until_ms"),
             next_job_seq: t.meta("next_job_seq"),
             secret_key_check: t.meta("secret_key_check"),
+            placement_shapes: t.meta("placement_shapes"),
         })
     }
 
