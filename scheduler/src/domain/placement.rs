@@ -414,8 +414,22 @@ pub fn gpu_choice(
     w: &Want,
     scratch: &mut Vec<i64>,
 ) -> Option<(i64, Vec<usize>)> {
+    let frag = |cpu: i64, free: &[i64]| fragmentation(typical, cpu, free, model_of);
+    gpu_choice_by(frag, cpu, free, model_of, w, scratch)
+}
+
+/// [`gpu_choice`] with the fragmentation `frag(cpu, free)` of the node's
+/// model bits given.
+fn gpu_choice_by(
+    fragmentation: impl Fn(i64, &[i64]) -> f64,
+    cpu: i64,
+    free: &[i64],
+    model_of: impl Fn(usize) -> u64 + Copy,
+    w: &Want,
+    scratch: &mut Vec<i64>,
+) -> Option<(i64, Vec<usize>)> {
     let fits = |i: usize| free[i] >= w.milli && spec_ok(w.spec, model_of(i));
-    let before = fragmentation(typical, cpu, free, model_of);
+    let before = fragmentation(cpu, free);
     let cpu_after = cpu - w.cpu;
     scratch.clear();
     scratch.extend_from_slice(free);
@@ -426,7 +440,7 @@ pub fn gpu_choice(
                 continue;
             }
             scratch[g] = free[g] - w.milli;
-            let s = fgd_score(before, fragmentation(typical, cpu_after, scratch, model_of));
+            let s = fgd_score(before, fragmentation(cpu_after, scratch));
             scratch[g] = free[g];
             if best.is_none_or(|b| s > b.0) {
                 best = Some((s, g));
@@ -444,8 +458,101 @@ pub fn gpu_choice(
         for &g in &gpus {
             scratch[g] -= w.milli;
         }
-        let s = fgd_score(before, fragmentation(typical, cpu_after, scratch, model_of));
+        let s = fgd_score(before, fragmentation(cpu_after, scratch));
         Some((s, gpus))
+    }
+}
+
+/// Typical shapes grouped by their GPU ask (count, milli, models), for a
+/// faster [`fragmentation`]: a shape's `x_t` depends on the node's CPU only
+/// through `cpu < t.cpu`, so the GPUs are walked once per group, not once
+/// per shape, and the CPU test is a binary search over the group's shapes
+/// by CPU.
+#[derive(Debug, Clone, Default)]
+struct Grouped {
+    groups: Vec<Group>,
+    /// Total frequency of the CPU-only shapes (their `x` is all free GPU).
+    cpu_only_p: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Group {
+    num_gpu: u32,
+    milli: i64,
+    spec: u64,
+    /// The group's shapes' CPU, ascending, and the running sum of their
+    /// frequencies (`p_upto[i]`: shapes `0..=i`).
+    cpu: Vec<i64>,
+    p_upto: Vec<f64>,
+}
+
+impl Grouped {
+    fn of(typical: &[Typical]) -> Grouped {
+        let mut g = Grouped::default();
+        for t in typical {
+            if t.num_gpu == 0 {
+                g.cpu_only_p += t.p;
+                continue;
+            }
+            let at = g
+                .groups
+                .iter()
+                .position(|x| (x.num_gpu, x.milli, x.spec) == (t.num_gpu, t.milli, t.spec));
+            let i = at.unwrap_or_else(|| {
+                g.groups.push(Group {
+                    num_gpu: t.num_gpu,
+                    milli: t.milli,
+                    spec: t.spec,
+                    cpu: Vec::new(),
+                    p_upto: Vec::new(),
+                });
+                g.groups.len() - 1
+            });
+            g.groups[i].cpu.push(t.cpu);
+            g.groups[i].p_upto.push(t.p);
+        }
+        for grp in &mut g.groups {
+            let mut by: Vec<(i64, f64)> = grp
+                .cpu
+                .iter()
+                .copied()
+                .zip(grp.p_upto.iter().copied())
+                .collect();
+            by.sort_by_key(|&(c, _)| c);
+            let mut sum = 0.0;
+            grp.cpu = by.iter().map(|&(c, _)| c).collect();
+            grp.p_upto = by
+                .iter()
+                .map(|&(_, p)| {
+                    sum += p;
+                    sum
+                })
+                .collect();
+        }
+        g
+    }
+
+    /// [`fragmentation`] over the shapes grouped (equal up to rounding).
+    fn fragmentation(&self, cpu: i64, free: &[i64], model_of: impl Fn(usize) -> u64) -> f64 {
+        let total: i64 = free.iter().sum();
+        let mut f = self.cpu_only_p * total as f64;
+        for g in &self.groups {
+            let all = *g.p_upto.last().expect("a group has a shape");
+            // Shapes whose CPU the node has: 0..fed.
+            let fed = g.cpu.partition_point(|&c| c <= cpu);
+            let p_fed = if fed == 0 { 0.0 } else { g.p_upto[fed - 1] };
+            let (mut fit, mut below) = (0u32, 0i64);
+            for (i, &x) in free.iter().enumerate() {
+                if x >= g.milli && spec_ok(g.spec, model_of(i)) {
+                    fit += 1;
+                } else {
+                    below += x;
+                }
+            }
+            let x_fed = if fit >= g.num_gpu { below } else { total };
+            f += (all - p_fed) * total as f64 + p_fed * x_fed as f64;
+        }
+        f
     }
 }
 
@@ -585,8 +692,9 @@ pub struct Placer {
 struct ShapeSet {
     /// None for the default set.
     pool: Option<String>,
-    typical: Vec<Typical>,
-    /// [`cpu_per_milli`] of `typical`.
+    /// The typical shapes grouped for [`Grouped::fragmentation`].
+    grouped: Grouped,
+    /// [`cpu_per_milli`] of the typical shapes.
     cpu_per_milli: f64,
 }
 
@@ -687,7 +795,7 @@ impl Placer {
         ShapeSet {
             pool: pool.map(str::to_string),
             cpu_per_milli: cpu_per_milli(&typical),
-            typical,
+            grouped: Grouped::of(&typical),
         }
     }
 
@@ -811,15 +919,17 @@ impl Placer {
         }
         let busy = i64::from(node.free.iter().any(|&f| f < 1000));
         let set = &self.sets[self.node_set[pos]];
+        let models = &node.models;
+        let frag = |cpu: i64, free: &[i64]| set.grouped.fragmentation(cpu, free, |i| models[i]);
         let mut sim = node.clone();
         let mut taken = Vec::with_capacity(k as usize);
         let mut score = 0;
         for _ in 0..k {
-            let (s, gpus) = gpu_choice(
-                &set.typical,
+            let (s, gpus) = gpu_choice_by(
+                frag,
                 sim.cpu,
                 &sim.free,
-                |i| sim.models[i],
+                |i| models[i],
                 w,
                 &mut self.scratch,
             )?;
@@ -830,10 +940,7 @@ impl Placer {
         if k > 1 {
             // The score of taking all k together.
             let node = &self.state[pos];
-            score = fgd_score(
-                fragmentation(&set.typical, node.cpu, &node.free, |i| node.models[i]),
-                fragmentation(&set.typical, sim.cpu, &sim.free, |i| sim.models[i]),
-            );
+            score = fgd_score(frag(node.cpu, &node.free), frag(sim.cpu, &sim.free));
         }
         let node = &self.state[pos];
         let keeps_fed = i64::from(
@@ -1918,6 +2025,35 @@ mod tests {
     }
 
     proptest! {
+        /// The grouped fragmentation the placer scores with is FGD's
+        /// (REPLAY §13) up to rounding, for any shapes, CPU and GPUs.
+        #[test]
+        fn property_grouped_fragmentation_is_fgd_s(
+            shapes in proptest::collection::vec(
+                (0u32..4, prop::sample::select(vec![100i64, 250, 500, 810, 1000]),
+                 prop::sample::select(vec![0i64, 1000, 4000, 8000, 16_000, 33_000]),
+                 0u64..4, 1u32..100),
+                0..40),
+            cpu in prop::sample::select(vec![0i64, 999, 1000, 4000, 8000, 12_000, 16_000, 64_000]),
+            free in proptest::collection::vec(
+                prop::sample::select(vec![0i64, 90, 190, 250, 500, 750, 1000]), 0..9),
+            models in proptest::collection::vec(prop::sample::select(vec![1u64, 2]), 9),
+        ) {
+            let typical: Vec<Typical> = shapes
+                .iter()
+                .map(|&(num_gpu, milli, cpu, spec, w)| Typical {
+                    cpu,
+                    milli: if num_gpu == 0 { 0 } else if num_gpu > 1 { 1000 } else { milli },
+                    num_gpu,
+                    spec,
+                    p: f64::from(w) / 100.0,
+                })
+                .collect();
+            let want = fragmentation(&typical, cpu, &free, |i| models[i]);
+            let got = Grouped::of(&typical).fragmentation(cpu, &free, |i| models[i]);
+            prop_assert!((want - got).abs() <= 1e-6 * want.abs().max(1.0), "{want} vs {got}");
+        }
+
         /// One long-lived placer (class indexes kept current across
         /// requests) decides exactly as a fresh node-by-node scan over the
         /// same nodes, and every decision passes the independent validator.
