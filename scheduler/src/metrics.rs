@@ -18,6 +18,10 @@ pub struct Metrics {
     gpus_allocated_milli: IntGauge,
     /// Free GPU capacity per pool and cause (see `domain::stranded`).
     gpus_stranded_milli: IntGaugeVec,
+    /// The (pool, cause) series of the last sample: the next one removes
+    /// those it no longer sets (never a reset, which would show a
+    /// concurrent scrape's encoding no series at all).
+    stranded_series: std::sync::Mutex<std::collections::BTreeSet<(String, &'static str)>>,
     sessions: IntGauge,
     pub jobs_submitted: IntCounter,
     pub audit_records: IntCounter,
@@ -169,6 +173,7 @@ impl Metrics {
             gpus,
             gpus_allocated_milli,
             gpus_stranded_milli,
+            stranded_series: Default::default(),
             sessions,
             jobs_submitted,
             audit_records,
@@ -237,15 +242,26 @@ impl Metrics {
                 .map(|m| i64::from(*m))
                 .sum(),
         );
-        // Pools that went since the last sample lose their series.
-        self.gpus_stranded_milli.reset();
+        let mut now = std::collections::BTreeSet::new();
         for r in cluster.stranded(&crate::domain::tenant::Caller::admin(), None) {
             for cause in crate::domain::stranded::CAUSES {
                 self.gpus_stranded_milli
                     .with_label_values(&[r.pool_id.as_str(), cause.as_str()])
                     .set(r.by_cause[cause as usize]);
+                now.insert((r.pool_id.clone(), cause.as_str()));
             }
         }
+        // Pools that went since the last sample lose their series.
+        let mut last = self
+            .stranded_series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (pool, cause) in last.difference(&now) {
+            let _ = self
+                .gpus_stranded_milli
+                .remove_label_values(&[pool.as_str(), cause]);
+        }
+        *last = now;
         self.sessions.set(sessions as i64);
     }
 

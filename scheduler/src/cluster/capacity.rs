@@ -1,7 +1,8 @@
 //! What strands each pool's free GPUs (`gpupool capacity`, the metric
 //! `gpupool_gpus_stranded_milli`): the free capacity split by cause
 //! ([`crate::domain::stranded`]) against the pool's queued jobs, or, with
-//! none queued, the built-in typical request shapes.
+//! none queued, the pool's typical request shapes (learned from its
+//! submissions, `cluster::shapes`; built-in ones before any).
 
 use std::collections::HashMap;
 
@@ -20,7 +21,7 @@ pub struct PoolStranded {
     pub pool_id: String,
     /// What the causes were judged by: `queued` (the queued jobs: the
     /// caller's own, for a tenant) or `typical` (nothing queued: the
-    /// built-in typical shapes).
+    /// pool's typical shapes).
     pub basis: &'static str,
     pub queued_jobs: usize,
     /// The pool's GPU capacity and what of it is free, in milli.
