@@ -331,7 +331,16 @@ async fn a_pools_life_and_a_cancelled_job_are_audited_without_secrets() {
         (Some("admin"), Some("acme"))
     );
     let text = all.to_string();
-    let file = std::fs::read_to_string(&lines).unwrap();
+    // The lines are appended by a thread of their own, after the commit.
+    let want = all.as_array().unwrap().len();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let file = loop {
+        let file = std::fs::read_to_string(&lines).unwrap_or_default();
+        if file.lines().count() >= want || std::time::Instant::now() > deadline {
+            break file;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     for (what, secret) in [
         ("acme's token", &acme[..]),
         ("beta's token", &beta[..]),

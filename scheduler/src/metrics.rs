@@ -25,6 +25,8 @@ pub struct Metrics {
     sessions: IntGauge,
     pub jobs_submitted: IntCounter,
     pub audit_records: IntCounter,
+    /// Audit JSON lines not written: the file's writer fell too far behind.
+    pub audit_lines_dropped: IntCounter,
     pub sessions_opened: IntCounter,
     /// Requests refused by the per-caller rate limit.
     pub requests_limited: IntCounter,
@@ -78,6 +80,11 @@ impl Metrics {
         let audit_records = IntCounter::new(
             "gpupool_audit_records_total",
             "Audit records written (one per mutating call, refused and failed ones included; unauthenticated refusals are not recorded).",
+        )
+        .unwrap();
+        let audit_lines_dropped = IntCounter::new(
+            "gpupool_audit_jsonl_dropped_total",
+            "Audit records not appended to [audit] jsonl_file because its writer was more than 65,536 records behind (the store holds them all).",
         )
         .unwrap();
         let requests_limited = IntCounter::new(
@@ -160,6 +167,7 @@ impl Metrics {
             Box::new(sessions.clone()),
             Box::new(jobs_submitted.clone()),
             Box::new(audit_records.clone()),
+            Box::new(audit_lines_dropped.clone()),
             Box::new(sessions_opened.clone()),
             Box::new(requests_limited.clone()),
             Box::new(agent_auth_refused.clone()),
@@ -177,6 +185,7 @@ impl Metrics {
             sessions,
             jobs_submitted,
             audit_records,
+            audit_lines_dropped,
             sessions_opened,
             requests_limited,
             agent_auth_refused,

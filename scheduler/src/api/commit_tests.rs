@@ -890,3 +890,99 @@ async fn an_audited_call_dropped_while_committing_still_reaches_the_json_lines()
     assert_eq!(line["seq"], 1);
     assert_eq!(line["method"], "JobService/SubmitJob");
 }
+
+/// A JSON lines file that blocks (here a FIFO nobody reads yet: opening
+/// it for writing waits) holds up no commit: audited calls are answered,
+/// and their lines arrive, in order, once the file can be written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_json_lines_file_does_not_hold_up_commits() {
+    let rig = Rig::with_config(1, |config, dir| {
+        let fifo = dir.join("audit.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        config.audit.jsonl_file = Some(fifo);
+    });
+    let fifo = rig._dir.path().join("audit.fifo");
+    let token = tenant(&rig.api).await;
+    for i in 0..5 {
+        let call = Arc::new(crate::state::audit::AuditCall::new(
+            "/gpupool.v1.JobService/SubmitJob",
+            "tenant",
+            "acme",
+            "acme",
+            format!("127.0.0.1:{i}"),
+        ));
+        let api = rig.api.clone();
+        let token = token.clone();
+        let submit = crate::state::audit::CALL.scope(call, async move {
+            api.submit_job(req(&token, job(pb::JobKind::Training, 1)))
+                .await
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(10), submit)
+            .await
+            .expect("answered while the JSON lines file is stuck")
+            .expect("submitted");
+    }
+    assert_eq!(rig.store.audit_max_seq().unwrap(), 5);
+    // Now a reader: the five lines arrive, in commit order.
+    let read = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let f = std::fs::File::open(&fifo).unwrap();
+        std::io::BufReader::new(f)
+            .lines()
+            .take(5)
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(&l.unwrap()).unwrap()["seq"].as_u64()
+            })
+            .collect::<Vec<_>>()
+    });
+    let seqs = tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("the lines arrive")
+        .unwrap();
+    assert_eq!(seqs, [1, 2, 3, 4, 5].map(Some));
+}
+
+/// Nor does it hold up exit: the scheduler waits a few seconds for the
+/// queued lines, then goes (they are in the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_json_lines_file_does_not_hold_up_exit() {
+    let rig = Rig::with_config(1, |config, dir| {
+        let fifo = dir.join("audit.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        config.audit.jsonl_file = Some(fifo);
+    });
+    let token = tenant(&rig.api).await;
+    let call = Arc::new(crate::state::audit::AuditCall::new(
+        "/gpupool.v1.JobService/SubmitJob",
+        "tenant",
+        "acme",
+        "acme",
+        "127.0.0.1:1".into(),
+    ));
+    let api = rig.api.clone();
+    crate::state::audit::CALL
+        .scope(call, async move {
+            api.submit_job(req(&token, job(pb::JobKind::Training, 1)))
+                .await
+        })
+        .await
+        .expect("submitted");
+    let dropped = tokio::task::spawn_blocking(move || {
+        let at = std::time::Instant::now();
+        drop(rig);
+        at.elapsed()
+    });
+    let took = tokio::time::timeout(std::time::Duration::from_secs(30), dropped)
+        .await
+        .expect("the scheduler went")
+        .unwrap();
+    assert!(took < std::time::Duration::from_secs(15), "{took:?}");
+}

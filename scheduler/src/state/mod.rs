@@ -89,44 +89,119 @@ pub struct Shared {
 }
 
 /// Committed audit records: counted, and appended to `[audit] jsonl_file`
-/// if there is one (by the commit writer, right after the commit).
+/// if there is one, by a thread of its own (`audit-jsonl`): the commit
+/// writer only hands the record over, so a slow or stuck file never holds
+/// up commits. Records queue in commit order, at most
+/// [`AuditSink::QUEUE`]; past that they are counted in
+/// `gpupool_audit_jsonl_dropped_total` and logged, not written (the store
+/// has every one). What is queued is written before the scheduler exits,
+/// waiting at most [`AuditSink::CLOSE_WAIT`] for a file that does not take
+/// it.
 struct AuditSink {
-    path: Option<std::path::PathBuf>,
-    /// The file, once opened.
-    file: Mutex<Option<std::fs::File>>,
+    tx: Mutex<Option<std::sync::mpsc::SyncSender<crate::domain::audit::AuditEntry>>>,
+    /// Disconnected when the thread has written everything and ended.
+    ended: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     records: prometheus::IntCounter,
+    dropped: prometheus::IntCounter,
 }
 
 impl AuditSink {
+    const QUEUE: usize = 65_536;
+    const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn new(
+        path: Option<std::path::PathBuf>,
+        records: prometheus::IntCounter,
+        dropped: prometheus::IntCounter,
+    ) -> AuditSink {
+        let (tx, ended) = match path {
+            Some(path) => {
+                let (tx, rx) = std::sync::mpsc::sync_channel(Self::QUEUE);
+                let (end_tx, ended) = std::sync::mpsc::channel::<()>();
+                std::thread::Builder::new()
+                    .name("audit-jsonl".into())
+                    .spawn(move || {
+                        append_lines(&path, rx);
+                        drop(end_tx);
+                    })
+                    .expect("spawn the audit-jsonl thread");
+                (Some(tx), Some(ended))
+            }
+            None => (None, None),
+        };
+        AuditSink {
+            tx: Mutex::new(tx),
+            ended: Mutex::new(ended),
+            records,
+            dropped,
+        }
+    }
+
     fn committed(&self, entry: &crate::domain::audit::AuditEntry) {
         self.records.inc();
-        let Some(path) = &self.path else {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = tx.as_ref() else {
             return;
         };
-        use std::io::Write;
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(std::sync::mpsc::TrySendError::Full(entry)) = tx.try_send(entry.clone()) {
+            self.dropped.inc();
+            let n = self.dropped.get();
+            if n == 1 || n.is_multiple_of(1000) {
+                tracing::error!(
+                    seq = entry.seq,
+                    dropped = n,
+                    "the audit log file's writer is behind; records are not appended to it (the store has them)"
+                );
+            }
+        }
+    }
+
+    /// Writes what is queued, then stops the thread (waiting at most
+    /// [`AuditSink::CLOSE_WAIT`]: a stuck file does not hold up exit).
+    fn close(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(ended) = self.ended.lock().unwrap_or_else(|e| e.into_inner()).take()
+            && let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                ended.recv_timeout(Self::CLOSE_WAIT)
+        {
+            tracing::error!(
+                "the audit log file took no more records; the last ones are only in the store"
+            );
+        }
+    }
+}
+
+/// The `audit-jsonl` thread: one JSON line per record received, the file
+/// (mode 0600) opened at the first and again after a failed write.
+fn append_lines(
+    path: &std::path::Path,
+    rx: std::sync::mpsc::Receiver<crate::domain::audit::AuditEntry>,
+) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file: Option<std::fs::File> = None;
+    for entry in rx {
         if file.is_none() {
-            use std::os::unix::fs::OpenOptionsExt;
             match std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .mode(0o600)
                 .open(path)
             {
-                Ok(f) => *file = Some(f),
+                Ok(f) => file = Some(f),
                 Err(err) => {
                     tracing::error!(file = %path.display(), error = %err, "cannot open the audit log file");
-                    return;
+                    continue;
                 }
             }
         }
-        let mut line = serde_json::to_string(entry).unwrap_or_default();
+        let mut line = serde_json::to_string(&entry).unwrap_or_default();
         line.push('\n');
         if let Some(f) = file.as_mut()
             && let Err(err) = f.write_all(line.as_bytes())
         {
             tracing::error!(file = %path.display(), error = %err, "cannot append to the audit log file");
-            *file = None;
+            file = None;
         }
     }
 }
@@ -138,6 +213,8 @@ impl Drop for Shared {
         if let Some(writer) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = writer.join();
         }
+        // Then the audit lines those commits queued.
+        self.audit_sink.close();
     }
 }
 
@@ -200,11 +277,11 @@ pub fn load(
         ledger_reader,
         pipeline,
         writer: Mutex::new(Some(writer)),
-        audit_sink: Arc::new(AuditSink {
-            path: config.audit.jsonl_file.clone(),
-            file: Mutex::new(None),
-            records: metrics.audit_records.clone(),
-        }),
+        audit_sink: Arc::new(AuditSink::new(
+            config.audit.jsonl_file.clone(),
+            metrics.audit_records.clone(),
+            metrics.audit_lines_dropped.clone(),
+        )),
         config,
         metrics,
     }))
