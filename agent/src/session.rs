@@ -134,6 +134,7 @@ impl Interceptor for AgentCredentials {
 pub async fn run(ctx: Arc<AgentCtx>, mut shutdown: watch::Receiver<bool>) {
     let min_backoff = Duration::from_millis(200);
     let mut backoff = min_backoff;
+    let mut attempt = 0u64;
     loop {
         let started = tokio::time::Instant::now();
         let result = serve_once(&ctx, &mut shutdown).await;
@@ -157,7 +158,16 @@ pub async fn run(ctx: Arc<AgentCtx>, mut shutdown: watch::Receiver<bool>) {
                 }
             }
             Err(err) => {
-                tracing::warn!(error = %format!("{err:#}"), retry_in = ?backoff, "scheduler session ended");
+                let text = format!("{err:#}");
+                attempt += 1;
+                let wait = retry_wait(backoff, &ctx.node_id, attempt, &text);
+                tracing::warn!(error = %text, retry_in = ?wait, "scheduler session ended");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => return,
+                }
+                backoff = (backoff * 2).min(ctx.max_backoff.max(min_backoff));
+                continue;
             }
         }
         tokio::select! {
@@ -166,6 +176,29 @@ pub async fn run(ctx: Arc<AgentCtx>, mut shutdown: watch::Receiver<bool>) {
         }
         backoff = (backoff * 2).min(ctx.max_backoff.max(min_backoff));
     }
+}
+
+/// How long to wait before retry `attempt` after `error`: between half
+/// the backoff and all of it, by a hash of the node id and the attempt (so
+/// nodes that failed together, e.g. a whole cluster enrolling at once
+/// against the join token's rate limit, do not retry together), and never
+/// less than the "retry in N ms" a rate-limited scheduler named.
+pub(crate) fn retry_wait(backoff: Duration, node_id: &str, attempt: u64, error: &str) -> Duration {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ attempt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in node_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 29;
+    let half = backoff.as_millis() as u64 / 2;
+    let jittered = Duration::from_millis(half + h % (half + 1));
+    let asked = error
+        .split("retry in ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .map(|ms| Duration::from_millis(ms.min(60_000)));
+    jittered.max(asked.unwrap_or_default())
 }
 
 async fn serve_once(ctx: &AgentCtx, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -455,5 +488,38 @@ fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
             watch_activity: s.watch_activity,
             token: token.clone(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    #[test]
+    fn retries_spread_between_half_the_backoff_and_all_of_it() {
+        let b = Duration::from_millis(1000);
+        let waits: Vec<Duration> = (0..50)
+            .map(|i| retry_wait(b, &format!("node-{i}"), 1, "transport error"))
+            .collect();
+        assert!(waits.iter().all(|w| *w >= b / 2 && *w <= b), "{waits:?}");
+        let distinct: std::collections::BTreeSet<_> = waits.iter().collect();
+        assert!(distinct.len() > 25, "nodes retry apart: {distinct:?}");
+        // The same node and attempt: the same wait; the next attempt: another.
+        assert_eq!(retry_wait(b, "n", 3, ""), retry_wait(b, "n", 3, ""));
+        let by_attempt: std::collections::BTreeSet<_> =
+            (1..20).map(|a| retry_wait(b, "n", a, "")).collect();
+        assert!(by_attempt.len() > 5);
+    }
+
+    #[test]
+    fn a_rate_limited_agent_waits_as_long_as_the_scheduler_asks() {
+        let b = Duration::from_millis(200);
+        let err = "status: ResourceExhausted, message: \"rate limit: 200 requests/s (burst 400) for (join token); retry in 1500 ms\"";
+        assert_eq!(retry_wait(b, "n", 1, err), Duration::from_millis(1500));
+        // Never more than a minute, whatever it says.
+        let err = "retry in 99999999 ms";
+        assert_eq!(retry_wait(b, "n", 1, err), Duration::from_secs(60));
+        // Shorter than the jitter: the jitter.
+        assert!(retry_wait(b, "n", 1, "retry in 1 ms") >= b / 2);
     }
 }
