@@ -521,8 +521,12 @@ async fn image_tenants_cannot_reach_each_other() {
     assert_ne!(map(&la), map(&lb), "{la}\n{lb}");
     assert!(map(&la) >= 65_536, "{la}");
 
-    // A gang's ranks reach each other (gangs use the host network).
-    let gang = "if [ \"$RANK\" = 0 ]; then busybox nc -l -p $MASTER_PORT; \
+    // A gang's ranks reach each other (gangs use the host network). Rank
+    // 0 listens until rank 1's line arrives: on the host network a stray
+    // connection (another test's probe of a port since reused) may come
+    // first.
+    let gang = "if [ \"$RANK\" = 0 ]; then for i in $(seq 20); do got=$(busybox nc -l -p $MASTER_PORT); \
+                case \"$got\" in *hello-from-rank1*) echo \"$got\"; break;; esac; done; \
                 else for i in $(seq 100); do echo hello-from-rank1 | busybox nc $MASTER_ADDR $MASTER_PORT && break; sleep 0.2; done; echo rank1 sent; fi";
     let mut spec = training(0, &["sh", "-c", gang]);
     spec.instances = 2;

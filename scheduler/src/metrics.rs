@@ -215,9 +215,15 @@ impl Metrics {
         }
     }
 
-    /// Sets the gauges from the cluster and the number of open agent
-    /// sessions (called under the cluster lock: no encoding here).
-    pub fn sample(&self, cluster: &Cluster, sessions: usize) {
+    /// Sets the gauges from the cluster, the number of open agent sessions
+    /// and the admin's stranded-capacity report (called under the cluster
+    /// lock: no encoding here).
+    pub fn sample(
+        &self,
+        cluster: &Cluster,
+        sessions: usize,
+        stranded: &[crate::cluster::PoolStranded],
+    ) {
         for (status, label) in [
             (NodeStatus::Ready, "Ready"),
             (NodeStatus::NotReady, "NotReady"),
@@ -252,7 +258,7 @@ impl Metrics {
                 .sum(),
         );
         let mut now = std::collections::BTreeSet::new();
-        for r in cluster.stranded(&crate::domain::tenant::Caller::admin(), None) {
+        for r in stranded {
             for cause in crate::domain::stranded::CAUSES {
                 self.gpus_stranded_milli
                     .with_label_values(&[r.pool_id.as_str(), cause.as_str()])

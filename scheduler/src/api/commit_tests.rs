@@ -986,3 +986,47 @@ async fn a_stuck_json_lines_file_does_not_hold_up_exit() {
         .unwrap();
     assert!(took < std::time::Duration::from_secs(15), "{took:?}");
 }
+
+/// A stranded-capacity report is made once per view per second however
+/// often it is asked (GetCapacity in a loop costs the cluster lock one
+/// report a second), each view apart, and failures are not kept.
+#[test]
+fn capacity_reports_are_made_once_per_view_per_second() {
+    use crate::domain::tenant::Caller;
+    let rig = Rig::new(1);
+    let made = std::cell::Cell::new(0);
+    let make = || {
+        made.set(made.get() + 1);
+        Ok::<_, ()>(Vec::new())
+    };
+    for _ in 0..100 {
+        rig.shared
+            .capacity_view(&Caller::admin(), "", make)
+            .unwrap();
+    }
+    assert_eq!(made.get(), 1);
+    rig.shared
+        .capacity_view(&Caller::admin(), "public", make)
+        .unwrap();
+    rig.shared
+        .capacity_view(&Caller::tenant("acme"), "", make)
+        .unwrap();
+    rig.shared
+        .capacity_view(&Caller::tenant("beta"), "", make)
+        .unwrap();
+    assert_eq!(made.get(), 4, "each view is its own");
+    assert!(
+        rig.shared
+            .capacity_view(&Caller::tenant("gamma"), "", || Err::<Vec<_>, _>(()))
+            .is_err()
+    );
+    rig.shared
+        .capacity_view(&Caller::tenant("gamma"), "", make)
+        .unwrap();
+    assert_eq!(made.get(), 5, "a failure was not kept");
+    std::thread::sleep(crate::state::CAPACITY_FRESH);
+    rig.shared
+        .capacity_view(&Caller::admin(), "", make)
+        .unwrap();
+    assert_eq!(made.get(), 6, "made again once a second old");
+}

@@ -374,12 +374,14 @@ impl pb::pool_service_server::PoolService for Api {
     ) -> Result<Response<pb::GetCapacityResponse>, Status> {
         let caller = caller(&self.shared, req.metadata())?;
         let req = req.into_inner();
-        let reports = self.shared.with(|core, _| {
-            let pool = match req.pool.as_str() {
-                "" => None,
-                key => Some(super::client::pool_id_of(&core.cluster, &caller, key)?),
-            };
-            Ok::<_, Status>(core.cluster.stranded(&caller, pool.as_deref()))
+        let reports = self.shared.capacity_view(&caller, &req.pool, || {
+            self.shared.with(|core, _| {
+                let pool = match req.pool.as_str() {
+                    "" => None,
+                    key => Some(super::client::pool_id_of(&core.cluster, &caller, key)?),
+                };
+                Ok::<_, Status>(core.cluster.stranded(&caller, pool.as_deref()))
+            })
         })?;
         Ok(Response::new(pb::GetCapacityResponse {
             pools: reports.iter().map(capacity_to_pb).collect(),

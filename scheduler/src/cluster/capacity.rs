@@ -45,7 +45,17 @@ impl Cluster {
     /// public pool and its own), or of `pool` alone; a tenant's report
     /// judges by its own queued jobs and names only nodes it may see.
     pub fn stranded(&self, caller: &Caller, pool: Option<&str>) -> Vec<PoolStranded> {
-        let capacity = self.capacity();
+        // The kept placer's nodes are the capacity, current (it is dropped
+        // whenever capacity changes other than by its own placements):
+        // no copy of every node under the cluster lock.
+        let built;
+        let capacity: &[NodeCapacity] = match &self.placer {
+            Some(p) => p.nodes(),
+            None => {
+                built = self.capacity();
+                &built
+            }
+        };
         let mut pools: Vec<&str> = std::iter::once(PUBLIC_POOL)
             .chain(
                 self.pools
@@ -58,7 +68,7 @@ impl Cluster {
         pools.retain(|p| pool.is_none_or(|want| want == *p));
         // Each node and queued job looked at once, not once per pool.
         let mut nodes: HashMap<&str, Vec<&NodeCapacity>> = HashMap::new();
-        for n in &capacity {
+        for n in capacity {
             nodes.entry(n.pool.as_str()).or_default().push(n);
         }
         let mut queued: HashMap<&str, Vec<&crate::domain::Job>> = HashMap::new();

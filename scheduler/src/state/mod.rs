@@ -86,7 +86,17 @@ pub struct Shared {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Where committed audit records go besides the store.
     audit_sink: Arc<AuditSink>,
+    /// Stranded-capacity reports by view, with when they were made (see
+    /// [`Shared::capacity_view`]).
+    capacity_cache: Mutex<CapacityCache>,
 }
+
+/// (admin, tenant, pool as asked) -> (made at, report).
+type CapacityCache =
+    HashMap<(bool, String, String), (std::time::Instant, Arc<Vec<crate::cluster::PoolStranded>>)>;
+
+/// How long a stranded-capacity report is served again.
+pub const CAPACITY_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Committed audit records: counted, and appended to `[audit] jsonl_file`
 /// if there is one, by a thread of its own (`audit-jsonl`): the commit
@@ -282,6 +292,7 @@ pub fn load(
             metrics.audit_records.clone(),
             metrics.audit_lines_dropped.clone(),
         )),
+        capacity_cache: Mutex::new(HashMap::new()),
         config,
         metrics,
     }))
@@ -560,8 +571,54 @@ impl Shared {
     /// The `/metrics` page: the gauges sampled under the lock, encoded
     /// outside it.
     pub fn render_metrics(&self) -> String {
-        self.with(|core, _| self.metrics.sample(&core.cluster, core.sessions.len()));
+        self.with(|core, _| {
+            let admin = crate::domain::tenant::Caller::admin();
+            let stranded = self
+                .capacity_view(&admin, "", || {
+                    Ok::<_, std::convert::Infallible>(core.cluster.stranded(&admin, None))
+                })
+                .unwrap_or_else(|e| match e {});
+            self.metrics
+                .sample(&core.cluster, core.sessions.len(), &stranded)
+        });
         self.metrics.encode()
+    }
+
+    /// `caller`'s stranded-capacity report of `pool` (as asked; "" = every
+    /// pool it sees), made by `make` at most once per [`CAPACITY_FRESH`]:
+    /// a caller asking in a loop (or many scrapes) costs the cluster lock
+    /// one report per view per interval, not one per call. Failures are
+    /// not kept.
+    pub fn capacity_view<E>(
+        &self,
+        caller: &crate::domain::tenant::Caller,
+        pool: &str,
+        make: impl FnOnce() -> Result<Vec<crate::cluster::PoolStranded>, E>,
+    ) -> Result<Arc<Vec<crate::cluster::PoolStranded>>, E> {
+        let key = (caller.admin, caller.tenant.clone(), pool.to_string());
+        let now = std::time::Instant::now();
+        let fresh = |at: &std::time::Instant| now.duration_since(*at) < CAPACITY_FRESH;
+        {
+            let cache = self
+                .capacity_cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some((at, r)) = cache.get(&key)
+                && fresh(at)
+            {
+                return Ok(r.clone());
+            }
+        }
+        let report = Arc::new(make()?);
+        let mut cache = self
+            .capacity_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= 1024 {
+            cache.retain(|_, (at, _)| fresh(at));
+        }
+        cache.insert(key, (now, report.clone()));
+        Ok(report)
     }
 
     /// Takes one of the caller's log stream slots, or says the cap is reached.

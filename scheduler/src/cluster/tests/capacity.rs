@@ -35,14 +35,14 @@ fn a_deleted_pool_s_stranded_series_go_and_the_others_stay() {
             })
             .count()
     };
-    metrics.sample(&c, 0);
+    metrics.sample(&c, 0, &c.stranded(&admin(), None));
     let causes = crate::domain::stranded::CAUSES.len();
     assert_eq!(series(&metrics, "public"), causes);
     assert_eq!(series(&metrics, &pool.pool_id), causes);
     let mut out = Outbox::new();
     c.delete_pool(&Caller::tenant("t"), &pool.pool_id, true, 10, &mut out)
         .unwrap();
-    metrics.sample(&c, 0);
+    metrics.sample(&c, 0, &c.stranded(&admin(), None));
     assert_eq!(
         series(&metrics, &pool.pool_id),
         0,
