@@ -144,34 +144,26 @@ pub async fn run(ctx: Arc<AgentCtx>, mut shutdown: watch::Receiver<bool>) {
             backoff = min_backoff;
         }
         let replicas = ctx.scheduler_addrs.len();
-        match result {
+        let text = match result {
             Ok(()) => return,
-            Err(err) if replicas > 1 => {
-                // Try the next replica at once; back off after a full round.
-                let tried = ctx.next_addr.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::warn!(error = %format!("{err:#}"), "scheduler session ended; trying the next replica");
-                if !tried.is_multiple_of(replicas) {
-                    if *shutdown.borrow() {
-                        return;
-                    }
-                    continue;
+            Err(err) => format!("{err:#}"),
+        };
+        if replicas > 1 {
+            // Try the next replica at once; back off after a full round.
+            let tried = ctx.next_addr.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(error = %text, "scheduler session ended; trying the next replica");
+            if !tried.is_multiple_of(replicas) {
+                if *shutdown.borrow() {
+                    return;
                 }
-            }
-            Err(err) => {
-                let text = format!("{err:#}");
-                attempt += 1;
-                let wait = retry_wait(backoff, &ctx.node_id, attempt, &text);
-                tracing::warn!(error = %text, retry_in = ?wait, "scheduler session ended");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => return,
-                }
-                backoff = (backoff * 2).min(ctx.max_backoff.max(min_backoff));
                 continue;
             }
         }
+        attempt += 1;
+        let wait = retry_wait(backoff, &ctx.node_id, attempt, &text);
+        tracing::warn!(error = %text, retry_in = ?wait, "scheduler session ended");
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
         backoff = (backoff * 2).min(ctx.max_backoff.max(min_backoff));

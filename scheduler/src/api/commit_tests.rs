@@ -1030,3 +1030,52 @@ fn capacity_reports_are_made_once_per_view_per_second() {
         .unwrap();
     assert_eq!(made.get(), 6, "made again once a second old");
 }
+
+/// The stranded gauge: a deleted pool's series go at the next sample (once
+/// the report is a second old), the public pool's stay.
+#[test]
+fn a_deleted_pool_s_stranded_series_go_and_the_others_stay() {
+    use crate::domain::pool::{BillingMode, CreateRequest, PoolType};
+    use crate::domain::tenant::{Caller, Quota};
+    let rig = Rig::new(3);
+    let now = crate::now_ms();
+    let pool = rig.shared.with(|core, _| {
+        let c = &mut core.cluster;
+        let quota = Quota {
+            max_dedicated_nodes: 2,
+            max_gpus: 8,
+        };
+        c.create_tenant(&Caller::admin(), "t", quota, now).unwrap();
+        let spec = c.nodes().next().unwrap().spec_name();
+        let req = CreateRequest {
+            pool_type: Some(PoolType::Train),
+            name: "mine".into(),
+            spec,
+            node_count: 1,
+            billing_mode: Some(BillingMode::OnDemand),
+            ..Default::default()
+        };
+        c.create_pool(&Caller::tenant("t"), req, 1, now).unwrap()
+    });
+    let series = |pool: &str| {
+        rig.shared
+            .render_metrics()
+            .lines()
+            .filter(|l| {
+                l.starts_with("gpupool_gpus_stranded_milli{")
+                    && l.contains(&format!("pool=\"{pool}\""))
+            })
+            .count()
+    };
+    let causes = crate::domain::stranded::CAUSES.len();
+    assert_eq!(series("public"), causes);
+    assert_eq!(series(&pool.pool_id), causes);
+    rig.shared.with(|core, out| {
+        core.cluster
+            .delete_pool(&Caller::tenant("t"), &pool.pool_id, true, now + 10, out)
+            .unwrap()
+    });
+    std::thread::sleep(crate::state::CAPACITY_FRESH);
+    assert_eq!(series(&pool.pool_id), 0, "the deleted pool's series went");
+    assert_eq!(series("public"), causes);
+}

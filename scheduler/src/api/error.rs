@@ -156,7 +156,8 @@ fn spec_code(err: &SpecError) -> Code {
         | S::BadNetwork(_)
         | S::NetworkWithoutImage
         | S::DotDotPath { .. }
-        | S::NameTooLong => Code::InvalidArgument,
+        | S::NameTooLong
+        | S::BadGpuModels(_) => Code::InvalidArgument,
     }
 }
 

@@ -103,8 +103,14 @@ impl Cluster {
             })
             .collect();
         let basis = if asks.is_empty() {
-            asks = self
-                .typical_shapes(pool)
+            // A tenant's view of the shared pool is not judged by what
+            // other tenants submitted there: the built-in shapes.
+            let shapes = if caller.admin || pool != PUBLIC_POOL {
+                self.typical_shapes(pool)
+            } else {
+                placement::default_shapes()
+            };
+            asks = shapes
                 .into_iter()
                 .filter(|s| s.num_gpu > 0)
                 .map(|s| {

@@ -1871,7 +1871,6 @@ mod tests {
     use crate::store::mem::MemStore;
 
     mod billing;
-    mod capacity;
     mod drain;
     mod kinds;
     mod limits;

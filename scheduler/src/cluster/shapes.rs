@@ -67,7 +67,12 @@ impl Cluster {
         self.learned.typical.insert(pool.to_string(), typical);
         // Pools that are gone take their statistics with them.
         let pools = &self.pools;
-        let keep = |p: &String| p == crate::domain::PUBLIC_POOL || pools.contains_key(p);
+        let keep = |p: &String| {
+            p == crate::domain::PUBLIC_POOL
+                || pools
+                    .get(p)
+                    .is_some_and(|p| p.status != crate::domain::pool::PoolStatus::Deleted)
+        };
         self.learned.stats.retain(|p, _| keep(p));
         self.learned.typical.retain(|p, _| keep(p));
         let json = serde_json::to_string(&self.learned.stats).expect("shape statistics serialize");

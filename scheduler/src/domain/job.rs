@@ -371,7 +371,16 @@ pub enum SpecError {
     DotDotPath { field: &'static str, path: String },
     #[error("name must be at most 128 characters")]
     NameTooLong,
+    #[error(
+        "gpu_models: at most {MAX_GPU_MODELS} models of at most {MAX_GPU_MODEL_LEN} printable characters each ({0})"
+    )]
+    BadGpuModels(String),
 }
+
+/// Most GPU models one job may accept.
+pub const MAX_GPU_MODELS: usize = 16;
+/// Longest GPU model name a job may give (NVML's names are far shorter).
+pub const MAX_GPU_MODEL_LEN: usize = 96;
 
 impl RawJobSpec {
     /// Validates and fills the built-in kind defaults.
@@ -510,6 +519,20 @@ impl RawJobSpec {
         }
         if self.name.chars().count() > 128 {
             return Err(SpecError::NameTooLong);
+        }
+        if self.gpu_models.len() > MAX_GPU_MODELS {
+            return Err(SpecError::BadGpuModels(format!(
+                "{} given",
+                self.gpu_models.len()
+            )));
+        }
+        if let Some(m) = self
+            .gpu_models
+            .iter()
+            .find(|m| m.chars().count() > MAX_GPU_MODEL_LEN || m.chars().any(char::is_control))
+        {
+            let shown: String = m.chars().take(32).filter(|c| !c.is_control()).collect();
+            return Err(SpecError::BadGpuModels(format!("{shown:?}…")));
         }
         for key in self.env.keys() {
             let valid = !key.is_empty()
@@ -1040,6 +1063,27 @@ mod tests {
     #[test]
     fn bad_specs_name_the_problem() {
         let cases: Vec<(RawJobSpec, &str)> = vec![
+            (
+                RawJobSpec {
+                    gpu_models: vec!["H100".into(); 17],
+                    ..raw()
+                },
+                "gpu_models: at most 16 models",
+            ),
+            (
+                RawJobSpec {
+                    gpu_models: vec!["x".repeat(97)],
+                    ..raw()
+                },
+                "gpu_models: at most 16 models of at most 96",
+            ),
+            (
+                RawJobSpec {
+                    gpu_models: vec!["H100\n".into()],
+                    ..raw()
+                },
+                "printable characters",
+            ),
             (
                 RawJobSpec {
                     command: vec![],

@@ -67,15 +67,19 @@ impl ShapeStats {
     pub const MAX_SHAPES: usize = 64;
     /// Counts are halved once their sum reaches this.
     pub const FORGET_AT: u64 = 100_000;
+    /// Most requests one job counts for.
+    pub const MAX_PER_JOB: u32 = 16;
 
     /// Counts `instances` requests of `req`'s shape (a job of N instances
-    /// is N requests, as the replay counts pods). Answers whether the
+    /// is N requests, as the replay counts pods, but at most
+    /// [`ShapeStats::MAX_PER_JOB`]: one huge gang does not make a pool's
+    /// typical shapes on its own). Answers whether the
     /// typical shapes are due to be recomputed: after 1, 2, 4, … 256
     /// requests, then every 512 (recomputing on every request would cost a
     /// placement index rebuild each time).
     pub fn observe(&mut self, req: &Resources, instances: u32) -> bool {
         let shape = Shape::of(req);
-        let n = u64::from(instances.max(1));
+        let n = u64::from(instances.clamp(1, Self::MAX_PER_JOB));
         match self.shapes.iter().position(|(s, _)| *s == shape) {
             Some(i) => self.shapes[i].1 += n,
             None => {
@@ -159,7 +163,8 @@ mod tests {
         for _ in 0..60 {
             s.observe(&req(1, 0, 8000), 1);
         }
-        s.observe(&req(0, 500, 4000), 30);
+        s.observe(&req(0, 500, 4000), 15);
+        s.observe(&req(0, 500, 4000), 15);
         for _ in 0..5 {
             s.observe(&req(0, 0, 2000), 1);
         }
@@ -187,18 +192,23 @@ mod tests {
             due,
             vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 1536, 2048]
         );
-        // A gang of 300 at once crosses 256 and 512: one refresh.
+        // A gang of 300 counts 16 (crossing 1 .. 16 at once: one refresh).
         let mut s = ShapeStats::default();
         assert!(s.observe(&req(1, 0, 1000), 300));
-        assert!(!s.observe(&req(1, 0, 1000), 100));
-        assert!(s.observe(&req(1, 0, 1000), 200));
+        assert_eq!(s.seen(), 16);
+        assert!(!s.observe(&req(1, 0, 1000), 15));
+        assert!(s.observe(&req(1, 0, 1000), 2)); // 33: crosses 32
     }
 
     #[test]
     fn history_fades_and_stays_bounded() {
         let mut s = ShapeStats::default();
-        s.observe(&req(1, 0, 1000), 60_000);
-        s.observe(&req(2, 0, 2000), 40_000); // sum 100,000: halved
+        for _ in 0..3750 {
+            s.observe(&req(1, 0, 1000), 16); // 60,000
+        }
+        for _ in 0..2500 {
+            s.observe(&req(2, 0, 2000), 16); // 40,000: sum 100,000, halved
+        }
         let t = s.typical();
         assert!((t[0].p - 0.6).abs() < 1e-9, "{t:?}");
         for cpu in 0..(ShapeStats::MAX_SHAPES as u64 + 10) {
