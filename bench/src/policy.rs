@@ -420,22 +420,8 @@ pub use gpupool_scheduler::domain::placement::{Typical, fgd_score};
 /// name order), the shortest prefix covering ≥ 95% of the pods, with the
 /// frequencies renormalised over that prefix. `counts[i]` counts shape `i`.
 pub fn typical_shapes(counts: &[u64], shapes: &[Shape]) -> Vec<Typical> {
-    let total: u64 = counts.iter().sum();
-    if total == 0 {
-        return Vec::new();
-    }
-    let mut order: Vec<usize> = (0..counts.len()).filter(|&i| counts[i] > 0).collect();
-    order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
-    let mut covered = 0u64;
-    let mut len = 0;
-    for &i in &order {
-        covered += counts[i];
-        len += 1;
-        if covered * 100 >= total * 95 {
-            break;
-        }
-    }
-    order[..len]
+    let (order, covered) = gpupool_scheduler::domain::shapes::typical_prefix(counts);
+    order
         .iter()
         .map(|&i| {
             let s = &shapes[i];

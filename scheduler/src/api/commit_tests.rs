@@ -891,12 +891,10 @@ async fn an_audited_call_dropped_while_committing_still_reaches_the_json_lines()
     assert_eq!(line["method"], "JobService/SubmitJob");
 }
 
-/// A JSON lines file that blocks (here a FIFO nobody reads yet: opening
-/// it for writing waits) holds up no commit: audited calls are answered,
-/// and their lines arrive, in order, once the file can be written.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stuck_json_lines_file_does_not_hold_up_commits() {
-    let rig = Rig::with_config(1, |config, dir| {
+/// A rig whose `[audit] jsonl_file` is a FIFO (`audit.fifo` in its dir)
+/// nobody reads yet.
+fn fifo_rig() -> Rig {
+    Rig::with_config(1, |config, dir| {
         let fifo = dir.join("audit.fifo");
         let made = std::process::Command::new("mkfifo")
             .arg(&fifo)
@@ -904,7 +902,15 @@ async fn a_stuck_json_lines_file_does_not_hold_up_commits() {
             .expect("mkfifo");
         assert!(made.success());
         config.audit.jsonl_file = Some(fifo);
-    });
+    })
+}
+
+/// A JSON lines file that blocks (here a FIFO nobody reads yet: opening
+/// it for writing waits) holds up no commit: audited calls are answered,
+/// and their lines arrive, in order, once the file can be written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_json_lines_file_does_not_hold_up_commits() {
+    let rig = fifo_rig();
     let fifo = rig._dir.path().join("audit.fifo");
     let token = tenant(&rig.api).await;
     for i in 0..5 {
@@ -950,15 +956,7 @@ async fn a_stuck_json_lines_file_does_not_hold_up_commits() {
 /// queued lines, then goes (they are in the store).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stuck_json_lines_file_does_not_hold_up_exit() {
-    let rig = Rig::with_config(1, |config, dir| {
-        let fifo = dir.join("audit.fifo");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .expect("mkfifo");
-        assert!(made.success());
-        config.audit.jsonl_file = Some(fifo);
-    });
+    let rig = fifo_rig();
     let token = tenant(&rig.api).await;
     let call = Arc::new(crate::state::audit::AuditCall::new(
         "/gpupool.v1.JobService/SubmitJob",

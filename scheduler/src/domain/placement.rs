@@ -556,6 +556,18 @@ impl Grouped {
     }
 }
 
+/// What one instance of `req` asks of GPUs: (count, milli each) — whole
+/// GPUs are 1000 each, a fraction is one GPU's share, (0, 0) is CPU-only.
+pub fn gpu_ask(req: &Resources) -> (u32, i64) {
+    if req.gpus > 0 {
+        (req.gpus, 1000)
+    } else if req.gpu_milli > 0 {
+        (1, i64::from(req.gpu_milli.min(1000)))
+    } else {
+        (0, 0)
+    }
+}
+
 /// A node as the placer scores it. Unhealthy GPUs count as fully taken.
 #[derive(Debug, Clone)]
 struct NodeState {
@@ -856,13 +868,7 @@ impl Placer {
     }
 
     fn want(&mut self, req: &Resources) -> Want {
-        let (num_gpu, milli) = if req.gpus > 0 {
-            (req.gpus, 1000)
-        } else if req.gpu_milli > 0 {
-            (1, i64::from(req.gpu_milli.min(1000)))
-        } else {
-            (0, 0)
-        };
+        let (num_gpu, milli) = gpu_ask(req);
         let spec = if num_gpu == 0 {
             0
         } else {

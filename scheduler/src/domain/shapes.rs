@@ -31,13 +31,7 @@ pub struct Shape {
 impl Shape {
     /// The shape of one instance of `req`.
     pub fn of(req: &Resources) -> Shape {
-        let (num_gpu, milli) = if req.gpus > 0 {
-            (req.gpus, 1000)
-        } else if req.gpu_milli > 0 {
-            (1, i64::from(req.gpu_milli.min(1000)))
-        } else {
-            (0, 0)
-        };
+        let (num_gpu, milli) = super::placement::gpu_ask(req);
         let mut models = if num_gpu > 0 {
             req.gpu_models.clone()
         } else {
@@ -113,21 +107,9 @@ impl ShapeStats {
 
     /// The typical shapes (module docs); empty before any request.
     pub fn typical(&self) -> Vec<TypicalShape> {
-        let total: u64 = self.shapes.iter().map(|(_, c)| c).sum();
-        if total == 0 {
-            return Vec::new();
-        }
-        let mut order: Vec<usize> = (0..self.shapes.len()).collect();
-        order.sort_by(|&a, &b| self.shapes[b].1.cmp(&self.shapes[a].1).then(a.cmp(&b)));
-        let (mut covered, mut len) = (0u64, 0);
-        for &i in &order {
-            covered += self.shapes[i].1;
-            len += 1;
-            if covered * 100 >= total * 95 {
-                break;
-            }
-        }
-        order[..len]
+        let counts: Vec<u64> = self.shapes.iter().map(|(_, c)| *c).collect();
+        let (order, covered) = typical_prefix(&counts);
+        order
             .iter()
             .map(|&i| {
                 let (s, c) = &self.shapes[i];
@@ -141,6 +123,27 @@ impl ShapeStats {
             })
             .collect()
     }
+}
+
+/// REPLAY §13's typical set over `counts` (shape i seen `counts[i]`
+/// times): the indices of the shapes seen, most frequent first (ties: the
+/// lower index, i.e. first seen), cut at the shortest prefix covering 95 %
+/// of all counts, and the count that prefix covers (what its frequencies
+/// are renormalised by). Empty with nothing counted.
+pub fn typical_prefix(counts: &[u64]) -> (Vec<usize>, u64) {
+    let total: u64 = counts.iter().sum();
+    let mut order: Vec<usize> = (0..counts.len()).filter(|&i| counts[i] > 0).collect();
+    order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
+    let (mut covered, mut len) = (0u64, 0);
+    for &i in &order {
+        if covered * 100 >= total * 95 {
+            break;
+        }
+        covered += counts[i];
+        len += 1;
+    }
+    order.truncate(len);
+    (order, covered)
 }
 
 #[cfg(test)]
