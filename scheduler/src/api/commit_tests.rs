@@ -848,6 +848,26 @@ async fn a_reload_after_a_panic_waits_for_the_queued_commits() {
     }
 }
 
+/// acme's audited SubmitJob from `peer`, as the audit layer runs a call.
+fn audited_submit(
+    api: &Api,
+    token: &str,
+    peer: String,
+) -> impl std::future::Future<Output = Result<tonic::Response<pb::Job>, tonic::Status>> + use<> {
+    let call = Arc::new(crate::state::audit::AuditCall::new(
+        "/gpupool.v1.JobService/SubmitJob",
+        "tenant",
+        "acme",
+        "acme",
+        peer,
+    ));
+    let (api, token) = (api.clone(), token.to_string());
+    crate::state::audit::CALL.scope(call, async move {
+        api.submit_job(req(&token, job(pb::JobKind::Training, 1)))
+            .await
+    })
+}
+
 /// An audited call whose caller hangs up while its commit is being written
 /// (the handler's future is dropped) still has its record in `[audit]
 /// jsonl_file`: the commit writer appends it, not the call.
@@ -860,18 +880,7 @@ async fn an_audited_call_dropped_while_committing_still_reaches_the_json_lines()
     let token = tenant(&rig.api).await;
     rig.delay_ms.store(300, Ordering::SeqCst);
     let before = rig.shared.metrics.store_transactions.get();
-    let call = Arc::new(crate::state::audit::AuditCall::new(
-        "/gpupool.v1.JobService/SubmitJob",
-        "tenant",
-        "acme",
-        "acme",
-        "127.0.0.1:1".into(),
-    ));
-    let api = rig.api.clone();
-    let submit = tokio::spawn(crate::state::audit::CALL.scope(call, async move {
-        api.submit_job(req(&token, job(pb::JobKind::Training, 1)))
-            .await
-    }));
+    let submit = tokio::spawn(audited_submit(&rig.api, &token, "127.0.0.1:1".into()));
     until_writing(&rig, before).await;
     // The caller hangs up: its handler is dropped mid-commit.
     submit.abort();
@@ -914,19 +923,7 @@ async fn a_stuck_json_lines_file_does_not_hold_up_commits() {
     let fifo = rig._dir.path().join("audit.fifo");
     let token = tenant(&rig.api).await;
     for i in 0..5 {
-        let call = Arc::new(crate::state::audit::AuditCall::new(
-            "/gpupool.v1.JobService/SubmitJob",
-            "tenant",
-            "acme",
-            "acme",
-            format!("127.0.0.1:{i}"),
-        ));
-        let api = rig.api.clone();
-        let token = token.clone();
-        let submit = crate::state::audit::CALL.scope(call, async move {
-            api.submit_job(req(&token, job(pb::JobKind::Training, 1)))
-                .await
-        });
+        let submit = audited_submit(&rig.api, &token, format!("127.0.0.1:{i}"));
         tokio::time::timeout(std::time::Duration::from_secs(10), submit)
             .await
             .expect("answered while the JSON lines file is stuck")
@@ -958,19 +955,7 @@ async fn a_stuck_json_lines_file_does_not_hold_up_commits() {
 async fn a_stuck_json_lines_file_does_not_hold_up_exit() {
     let rig = fifo_rig();
     let token = tenant(&rig.api).await;
-    let call = Arc::new(crate::state::audit::AuditCall::new(
-        "/gpupool.v1.JobService/SubmitJob",
-        "tenant",
-        "acme",
-        "acme",
-        "127.0.0.1:1".into(),
-    ));
-    let api = rig.api.clone();
-    crate::state::audit::CALL
-        .scope(call, async move {
-            api.submit_job(req(&token, job(pb::JobKind::Training, 1)))
-                .await
-        })
+    audited_submit(&rig.api, &token, "127.0.0.1:1".into())
         .await
         .expect("submitted");
     let dropped = tokio::task::spawn_blocking(move || {
