@@ -2089,6 +2089,57 @@ mod tests {
             }
         }
 
+        /// Pools given their own typical shapes mid-stream
+        /// ([`Placer::set_shapes`], their indexes rebuilt): the kept placer
+        /// still decides as one built afresh with the same shapes.
+        #[test]
+        fn property_per_pool_shapes_keep_the_placer_as_if_built_afresh(
+            nodes in testkit::cluster(),
+            steps in prop::collection::vec(
+                prop_oneof![
+                    3 => testkit::request().prop_map(|(p, r, _)| (p, Some(r), 0usize)),
+                    // Repeat common classes so their indexes outlive a change.
+                    3 => (prop::sample::select(&[1u32, 2][..]), prop::sample::select(&[1000u64, 16_000][..]))
+                        .prop_map(|(g, cpu)| ("public".to_string(), Some(Resources { cpu_milli: cpu, ..gpus(g) }), 0usize)),
+                    1 => (testkit::request(), 0usize..3).prop_map(|((p, _, _), k)| (p, None, k)),
+                ],
+                1..120,
+            ),
+        ) {
+            let shape = |num_gpu, milli, cpu_milli, p| TypicalShape {
+                num_gpu,
+                milli,
+                cpu_milli,
+                models: Vec::new(),
+                p,
+            };
+            let sets = [
+                Vec::new(),
+                vec![shape(1, 1000, 1000, 0.7), shape(1, 250, 500, 0.3)],
+                vec![shape(1, 1000, 32_000, 0.5), shape(2, 1000, 8000, 0.3), shape(0, 0, 4000, 0.2)],
+            ];
+            let order: Vec<usize> = (0..nodes.len()).collect();
+            let mut live = Placer::with_order(nodes, &default_shapes(), &order);
+            let mut given: Vec<(String, usize)> = Vec::new();
+            for (pool, req, k) in steps {
+                let Some(req) = req else {
+                    live.set_shapes(&pool, &sets[k]);
+                    given.push((pool, k));
+                    continue;
+                };
+                let before = live.nodes().to_vec();
+                let mut fresh = Placer::with_order(before.clone(), &default_shapes(), &order);
+                for (p, k) in &given {
+                    fresh.set_shapes(p, &sets[*k]);
+                }
+                let w = fresh.want(&req);
+                let expected = fresh.place_scan(&pool, &req, &w, 1, false, &[]);
+                let got = live.place(&pool, &req, 1, false);
+                prop_assert_eq!(&got, &expected, "request {:?} in {}", req, pool);
+                validate(&before, live.nodes(), &pool, &req, 1, &got);
+            }
+        }
+
         /// Instances that end give their room back to a kept placer
         /// ([`Placer::release`]): it then has what a placer built afresh
         /// from the same capacity has, and decides as it does.
