@@ -2,7 +2,8 @@
 //! `gpupool_gpus_stranded_milli`): the free capacity split by cause
 //! ([`crate::domain::stranded`]) against the pool's queued jobs, or, with
 //! none queued, the pool's typical request shapes (learned from its
-//! submissions, `cluster::shapes`; built-in ones before any).
+//! submissions, `cluster::shapes`; the built-in ones before any, and in a
+//! tenant's view of the public pool).
 
 use std::collections::HashMap;
 

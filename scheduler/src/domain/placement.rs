@@ -10,8 +10,9 @@
 //!
 //! FGD (Weng et al., ATC'23; REPLAY.md §13): a node's fragmentation
 //! `F = Σ p_t·x_t` over typical request shapes `t` with frequencies `p_t`
-//! ([`default_shapes`] in production; the replay derives them from the trace
-//! as FGD does), where `x_t` is the free milli of the GPUs that cannot host
+//! (in production each pool's own, learned from its submissions and given
+//! by [`Placer::set_shapes`], else [`default_shapes`]; the replay derives
+//! them from the trace as FGD does, or learns them from arrivals), where `x_t` is the free milli of the GPUs that cannot host
 //! `t` when `t` fits the node at all, else all its free GPU milli. A
 //! placement scores `int(100·sigmoid((F_before − F_after)/1000))` — FGD's
 //! coarse buckets — and the highest score wins.
@@ -508,26 +509,19 @@ impl Grouped {
                 });
                 g.groups.len() - 1
             });
-            g.groups[i].cpu.push(t.cpu);
-            g.groups[i].p_upto.push(t.p);
+            // Kept sorted by CPU as it is built (a group has few shapes).
+            let grp = &mut g.groups[i];
+            let at = grp.cpu.partition_point(|&c| c <= t.cpu);
+            grp.cpu.insert(at, t.cpu);
+            grp.p_upto.insert(at, t.p);
         }
         for grp in &mut g.groups {
-            let mut by: Vec<(i64, f64)> = grp
-                .cpu
-                .iter()
-                .copied()
-                .zip(grp.p_upto.iter().copied())
-                .collect();
-            by.sort_by_key(|&(c, _)| c);
+            // Frequencies to running sums.
             let mut sum = 0.0;
-            grp.cpu = by.iter().map(|&(c, _)| c).collect();
-            grp.p_upto = by
-                .iter()
-                .map(|&(_, p)| {
-                    sum += p;
-                    sum
-                })
-                .collect();
+            for p in &mut grp.p_upto {
+                sum += *p;
+                *p = sum;
+            }
         }
         g
     }
@@ -945,10 +939,8 @@ impl Placer {
         }
         if k > 1 {
             // The score of taking all k together.
-            let node = &self.state[pos];
             score = fgd_score(frag(node.cpu, &node.free), frag(sim.cpu, &sim.free));
         }
-        let node = &self.state[pos];
         let keeps_fed = i64::from(
             cpu_starved(set.cpu_per_milli, sim.cpu, sim.free_total)
                 <= cpu_starved(set.cpu_per_milli, node.cpu, node.free_total),
