@@ -40,12 +40,6 @@ fn test_dir() -> tempfile::TempDir {
     dir
 }
 
-/// The tests here run one at a time: each one's agents hand out host
-/// ports from the same range, and gangs and services use the host
-/// network, so two at once can meet each other's listeners (a gang's rank
-/// 1 reached another test's port instead of its rank 0 in CI).
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 async fn logs_as(s: &Scheduler, token: &str, job: &str) -> String {
     let out = s.cli_as(token, &["job", "logs", job]);
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -367,7 +361,6 @@ async fn run_matrix(c: &Cluster, image: Option<&str>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_process_tenants_cannot_reach_each_other() {
-    let _alone = ONE_AT_A_TIME.lock().await;
     if !can_run() {
         return;
     }
@@ -438,7 +431,6 @@ async fn host_process_tenants_cannot_reach_each_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_tenants_cannot_reach_each_other() {
-    let _alone = ONE_AT_A_TIME.lock().await;
     if !can_run() {
         return;
     }
@@ -550,7 +542,6 @@ async fn image_tenants_cannot_reach_each_other() {
 /// tampered blob fails with its cause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_are_pulled_verified_cached_and_pinned() {
-    let _alone = ONE_AT_A_TIME.lock().await;
     if !can_run() {
         return;
     }
@@ -719,7 +710,6 @@ async fn images_are_pulled_verified_cached_and_pinned() {
 /// agent SIGKILLed and restarted reattaches a running container.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_keep_limits_stops_and_restarts() {
-    let _alone = ONE_AT_A_TIME.lock().await;
     if !can_run() {
         return;
     }
