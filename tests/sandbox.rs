@@ -45,29 +45,45 @@ async fn logs_as(s: &Scheduler, token: &str, job: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Waits for `state`; on another end, panics with the job's logs.
+/// Waits for `state`; on another end, or none in 90 s, panics with every
+/// instance's state and log and the agent's last lines.
 async fn wait_for(c: &Cluster, id: &str, state: pb::JobState) -> pb::Job {
-    let job = eventually(Duration::from_secs(90), "the job's end", || async {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let ended = [
+        pb::JobState::Succeeded,
+        pb::JobState::Failed,
+        pb::JobState::Cancelled,
+    ];
+    let job = loop {
         let j = get_job(&c.sched, id).await;
-        let ended = [
-            pb::JobState::Succeeded,
-            pb::JobState::Failed,
-            pb::JobState::Cancelled,
-        ]
-        .iter()
-        .any(|s| *s as i32 == j.state);
-        (j.state == state as i32 || ended).then_some(j)
-    })
-    .await;
+        if j.state == state as i32
+            || ended.iter().any(|s| *s as i32 == j.state)
+            || std::time::Instant::now() >= deadline
+        {
+            break j;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     if job.state != state as i32 {
         let agent_log = std::fs::read_to_string(c.state.parent().unwrap().join("agent.log"))
             .unwrap_or_default();
-        let tail: Vec<&str> = agent_log.lines().rev().take(15).collect();
+        let tail: Vec<&str> = agent_log.lines().rev().take(25).collect();
+        let mut instances = String::new();
+        for (n, i) in job.instances.iter().enumerate() {
+            let log = c
+                .sched
+                .cli(&["job", "logs", id, "--instance", &n.to_string()])
+                .stdout;
+            instances += &format!(
+                "instance {n}: {:?} {:?}\n{}\n",
+                i.state,
+                i.reason,
+                String::from_utf8_lossy(&log)
+            );
+        }
         panic!(
-            "job {id} ended {:?}, not {state:?}: {:?}\nlogs:\n{}\nagent:\n{}",
+            "job {id} is {:?}, not {state:?}\n{instances}agent:\n{}",
             job.state,
-            job.instances.first().map(|i| &i.reason),
-            String::from_utf8_lossy(&c.sched.cli(&["job", "logs", id]).stdout),
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
@@ -521,13 +537,13 @@ async fn image_tenants_cannot_reach_each_other() {
     assert_ne!(map(&la), map(&lb), "{la}\n{lb}");
     assert!(map(&la) >= 65_536, "{la}");
 
-    // A gang's ranks reach each other (gangs use the host network). Rank
-    // 0 listens until rank 1's line arrives: on the host network a stray
-    // connection (another test's probe of a port since reused) may come
-    // first.
-    let gang = "if [ \"$RANK\" = 0 ]; then for i in $(seq 20); do got=$(busybox nc -l -p $MASTER_PORT); \
-                case \"$got\" in *hello-from-rank1*) echo \"$got\"; break;; esac; done; \
-                else for i in $(seq 100); do echo hello-from-rank1 | busybox nc $MASTER_ADDR $MASTER_PORT && break; sleep 0.2; done; echo rank1 sent; fi";
+    // A gang's ranks reach each other (gangs use the host network). Both
+    // ends are bounded, so a lost line fails the job instead of hanging it,
+    // and each rank says when it started, so a failure shows the skew.
+    let gang = "echo \"rank $RANK up at $(date +%s) port $MASTER_PORT\"; \
+                if [ \"$RANK\" = 0 ]; then busybox timeout 75 busybox nc -l -p $MASTER_PORT; \
+                else for i in $(seq 300); do echo hello-from-rank1 | busybox nc $MASTER_ADDR $MASTER_PORT && break; sleep 0.2; done; \
+                echo \"rank1 sent (try $i) at $(date +%s)\"; fi";
     let mut spec = training(0, &["sh", "-c", gang]);
     spec.instances = 2;
     spec.image = image.clone();
