@@ -894,6 +894,7 @@ pub async fn tenant_with_token(admin: &mut Clients, tenant: &str, nodes: u32, gp
             quota: Some(pb::Quota {
                 max_dedicated_nodes: nodes,
                 max_gpus: gpus,
+                ..Default::default()
             }),
         })
         .await

@@ -61,6 +61,7 @@ fn exercise(store: Box<dyn Store>, reopen: impl Fn() -> Box<dyn Store>) -> Strin
         Quota {
             max_dedicated_nodes: 1,
             max_gpus: 8,
+            ..Default::default()
         },
         2,
     )

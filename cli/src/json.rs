@@ -301,6 +301,10 @@ pub fn tenant(t: &Tenant) -> Value {
         "max_gpus": quota.max_gpus,
         "dedicated_nodes_used": t.dedicated_nodes_used,
         "gpus_used": t.gpus_used,
+        "public_max_gpus": quota.public_max_gpus,
+        "public_weight": quota.public_weight.max(1),
+        "public_gpu_milli_used": t.public_gpu_milli_used,
+        "public_share_ppm": t.public_share_ppm,
         "tokens": t.tokens,
         "network_id": t.network_id,
         "created_at_ms": ts(t.created_at.as_ref()),
@@ -533,12 +537,15 @@ mod tests {
             quota: Some(gpupool_proto::v1::Quota {
                 max_dedicated_nodes: 4,
                 max_gpus: 32,
+                ..Default::default()
             }),
             created_at: Some(gpupool_proto::timestamp_from_unix_ms(5000)),
             dedicated_nodes_used: 2,
             gpus_used: 16,
             tokens: 1,
             network_id: "net-acme".into(),
+            public_gpu_milli_used: 1500,
+            public_share_ppm: 250_000,
         };
         let v = tenant(&t);
         let mut expected = [
@@ -547,6 +554,10 @@ mod tests {
             "max_gpus",
             "dedicated_nodes_used",
             "gpus_used",
+            "public_max_gpus",
+            "public_weight",
+            "public_gpu_milli_used",
+            "public_share_ppm",
             "tokens",
             "network_id",
             "created_at_ms",

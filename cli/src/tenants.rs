@@ -40,16 +40,28 @@ pub enum TenantCommand {
         #[arg(long, value_name = "TOKEN_ID|all")]
         revoke: Option<String>,
     },
-    /// Set a tenant's quotas.
+    /// Set a tenant's quotas and its public-pool share; what is not given
+    /// stays as it is.
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true)
+        .args(["max_nodes", "max_gpus", "public_max_gpus", "weight"])))]
     Quota {
         /// Tenant name.
         name: String,
         /// Most nodes in the tenant's dedicated pools together (0: none).
         #[arg(long, value_name = "N")]
-        max_nodes: u32,
+        max_nodes: Option<u32>,
         /// Most GPUs on those nodes together (0: none).
         #[arg(long, value_name = "N")]
-        max_gpus: u32,
+        max_gpus: Option<u32>,
+        /// Most GPUs its jobs hold at once in the public pool (a fraction
+        /// counts its share), or `none` for no limit.
+        #[arg(long, value_name = "N|none", value_parser = parse_limit)]
+        public_max_gpus: Option<Limit>,
+        /// Its weight in the public pool's fair share (1 to 10000): the
+        /// queue goes first to the tenant with the lowest dominant share of
+        /// the pool over its weight.
+        #[arg(long, value_name = "W", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        weight: Option<u32>,
     },
 }
 
@@ -131,11 +143,26 @@ pub(super) async fn tenant_command(
             name,
             max_nodes,
             max_gpus,
+            public_max_gpus,
+            weight,
         } => {
+            // SetQuota replaces the whole quota: what is not given is kept.
+            let mut q = tenants
+                .get_tenant(pb::GetTenantRequest { name: name.clone() })
+                .await?
+                .into_inner()
+                .quota
+                .unwrap_or_default();
+            q.max_dedicated_nodes = max_nodes.unwrap_or(q.max_dedicated_nodes);
+            q.max_gpus = max_gpus.unwrap_or(q.max_gpus);
+            if let Some(Limit(limit)) = public_max_gpus {
+                q.public_max_gpus = limit;
+            }
+            q.public_weight = weight.unwrap_or(q.public_weight);
             let t = tenants
                 .set_quota(pb::SetQuotaRequest {
                     tenant: name,
-                    quota: Some(quota(max_nodes, max_gpus)),
+                    quota: Some(q),
                 })
                 .await?
                 .into_inner();
@@ -158,7 +185,21 @@ fn quota(max_nodes: u32, max_gpus: u32) -> pb::Quota {
     pb::Quota {
         max_dedicated_nodes: max_nodes,
         max_gpus,
+        ..Default::default()
     }
+}
+
+/// `--public-max-gpus`: a number of GPUs, or none (no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit(pub Option<u32>);
+
+fn parse_limit(s: &str) -> Result<Limit, String> {
+    if s == "none" {
+        return Ok(Limit(None));
+    }
+    s.parse()
+        .map(|n| Limit(Some(n)))
+        .map_err(|_| format!("{s:?} is not a number of GPUs or `none`"))
 }
 
 /// One tenant: a one-row table, or its JSON object.
@@ -177,6 +218,10 @@ fn tenant_table(tenants: &[pb::Tenant]) -> String {
         "nodes used",
         "max gpus",
         "gpus used",
+        "public max gpus",
+        "public gpus used",
+        "weight",
+        "public share",
         "tokens",
         "network",
         "created",
@@ -189,6 +234,10 @@ fn tenant_table(tenants: &[pb::Tenant]) -> String {
             t.dedicated_nodes_used.to_string(),
             quota.max_gpus.to_string(),
             t.gpus_used.to_string(),
+            quota.public_max_gpus.map_or("-".into(), |g| g.to_string()),
+            format!("{}", t.public_gpu_milli_used as f64 / 1000.0),
+            quota.public_weight.max(1).to_string(),
+            format!("{:.1}%", t.public_share_ppm as f64 / 1e4),
             t.tokens.to_string(),
             t.network_id.clone(),
             ts_ms(t.created_at.as_ref())
@@ -270,11 +319,28 @@ mod tests {
         ));
         assert!(matches!(
             tenant_command("tenant quota acme --max-nodes 2 --max-gpus 16"),
-            TenantCommand::Quota { name, max_nodes: 2, max_gpus: 16 } if name == "acme"
+            TenantCommand::Quota { name, max_nodes: Some(2), max_gpus: Some(16), public_max_gpus: None, weight: None } if name == "acme"
         ));
-        // Both quotas are required: SetQuota replaces the whole quota.
-        assert!(!parses("tenant quota acme --max-nodes 2"));
-        assert!(!parses("tenant quota acme --max-gpus 2"));
+        assert!(matches!(
+            tenant_command("tenant quota acme --public-max-gpus 4 --weight 3"),
+            TenantCommand::Quota {
+                max_nodes: None,
+                public_max_gpus: Some(Limit(Some(4))),
+                weight: Some(3),
+                ..
+            }
+        ));
+        assert!(matches!(
+            tenant_command("tenant quota acme --public-max-gpus none"),
+            TenantCommand::Quota {
+                public_max_gpus: Some(Limit(None)),
+                ..
+            }
+        ));
+        // Something to set; a weight of 1..10000; a limit or none.
+        assert!(!parses("tenant quota acme"));
+        assert!(!parses("tenant quota acme --weight 0"));
+        assert!(!parses("tenant quota acme --public-max-gpus lots"));
         assert!(!parses("tenant get"));
     }
 
@@ -317,6 +383,8 @@ mod tests {
             gpus_used: 8,
             tokens: 2,
             network_id: "net-acme".into(),
+            public_gpu_milli_used: 1500,
+            public_share_ppm: 125_000,
         };
         let text = tenant_table(&[t]);
         let mut lines = text.lines();
@@ -335,6 +403,10 @@ mod tests {
                 "NODES USED",
                 "MAX GPUS",
                 "GPUS USED",
+                "PUBLIC MAX GPUS",
+                "PUBLIC GPUS USED",
+                "WEIGHT",
+                "PUBLIC SHARE",
                 "TOKENS",
                 "NETWORK",
                 "CREATED"
@@ -349,6 +421,10 @@ mod tests {
                 "1",
                 "32",
                 "8",
+                "-",
+                "1.5",
+                "1",
+                "12.5%",
                 "2",
                 "net-acme",
                 "2023-11-14T22:13:20Z"

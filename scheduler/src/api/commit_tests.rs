@@ -294,6 +294,7 @@ async fn tenants_and_tokens(rig: &mut Rig, api: &Api) -> String {
                 quota: Some(pb::Quota {
                     max_dedicated_nodes: 4,
                     max_gpus: 8,
+                    ..Default::default()
                 }),
             },
         ))
@@ -326,6 +327,7 @@ async fn tenants_and_tokens(rig: &mut Rig, api: &Api) -> String {
                 quota: Some(pb::Quota {
                     max_dedicated_nodes: 3,
                     max_gpus: 6,
+                    ..Default::default()
                 }),
             },
         ))
@@ -644,6 +646,7 @@ async fn tenant(api: &Api) -> String {
             quota: Some(pb::Quota {
                 max_dedicated_nodes: 4,
                 max_gpus: 64,
+                ..Default::default()
             }),
         },
     ))
@@ -1027,6 +1030,7 @@ fn a_deleted_pool_s_stranded_series_go_and_the_others_stay() {
         let quota = Quota {
             max_dedicated_nodes: 2,
             max_gpus: 8,
+            ..Default::default()
         };
         c.create_tenant(&Caller::admin(), "t", quota, now).unwrap();
         let spec = c.nodes().next().unwrap().spec_name();

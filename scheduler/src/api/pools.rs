@@ -13,6 +13,7 @@ use crate::cluster::{Cluster, PoolRef};
 use crate::domain::pool::{
     BillingMode, CreateRequest, Network, Pool, PoolStatus, PoolType, SubscriptionTerms,
 };
+use crate::domain::scheduling::Share;
 use crate::domain::tenant::{Quota, Tenant};
 use crate::domain::{NodeStatus, PUBLIC_POOL};
 use crate::now_ms;
@@ -454,14 +455,18 @@ impl pb::pool_service_server::PoolService for Api {
     }
 }
 
-fn tenant_to_pb(t: &Tenant, cluster: &Cluster) -> pb::Tenant {
+fn tenant_to_pb(t: &Tenant, cluster: &Cluster, share: &Share) -> pb::Tenant {
     let used = cluster.quota_use(&t.name);
     pb::Tenant {
         name: t.name.clone(),
         quota: Some(pb::Quota {
             max_dedicated_nodes: t.quota.max_dedicated_nodes,
             max_gpus: t.quota.max_gpus,
+            public_max_gpus: t.quota.public_max_gpus,
+            public_weight: t.quota.public_weight.max(1),
         }),
+        public_gpu_milli_used: share.tenants.get(&t.name).map_or(0, |s| s.used[0]),
+        public_share_ppm: (share.dominant(&t.name) * 1e6).round() as u64,
         created_at: Some(ts(t.created_at_ms)),
         dedicated_nodes_used: used.nodes,
         gpus_used: used.gpus,
@@ -474,6 +479,8 @@ fn quota_from_pb(q: Option<pb::Quota>) -> Quota {
     q.map(|q| Quota {
         max_dedicated_nodes: q.max_dedicated_nodes,
         max_gpus: q.max_gpus,
+        public_max_gpus: q.public_max_gpus,
+        public_weight: q.public_weight,
     })
     .unwrap_or_default()
 }
@@ -494,7 +501,11 @@ impl pb::tenant_service_server::TenantService for Api {
                     quota_from_pb(req.quota),
                     now_ms(),
                 )?;
-                Ok(tenant_to_pb(&t, &core.cluster))
+                Ok(tenant_to_pb(
+                    &t,
+                    &core.cluster,
+                    &core.cluster.public_share(),
+                ))
             })
             .await
             .map(Response::new)
@@ -511,6 +522,7 @@ impl pb::tenant_service_server::TenantService for Api {
         self.shared
             .with(|core, _| {
                 let c = &core.cluster;
+                let share = c.public_share();
                 let (page, next_page_token) = super::take_page(
                     c.tenants(&caller)?
                         .into_iter()
@@ -519,7 +531,10 @@ impl pb::tenant_service_server::TenantService for Api {
                     size,
                 );
                 Ok(pb::ListTenantsResponse {
-                    tenants: page.into_iter().map(|t| tenant_to_pb(t, c)).collect(),
+                    tenants: page
+                        .into_iter()
+                        .map(|t| tenant_to_pb(t, c, &share))
+                        .collect(),
                     next_page_token,
                 })
             })
@@ -536,7 +551,8 @@ impl pb::tenant_service_server::TenantService for Api {
         self.shared
             .with(|core, _| {
                 let c = &core.cluster;
-                c.tenant(&caller, &name).map(|t| tenant_to_pb(t, c))
+                c.tenant(&caller, &name)
+                    .map(|t| tenant_to_pb(t, c, &c.public_share()))
             })
             .map(Response::new)
             .map_err(status)
@@ -592,7 +608,11 @@ impl pb::tenant_service_server::TenantService for Api {
                     quota_from_pb(req.quota),
                     now_ms(),
                 )?;
-                Ok(tenant_to_pb(&t, &core.cluster))
+                Ok(tenant_to_pb(
+                    &t,
+                    &core.cluster,
+                    &core.cluster.public_share(),
+                ))
             })
             .await
             .map(Response::new)

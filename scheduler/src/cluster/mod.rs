@@ -20,6 +20,7 @@ mod error;
 mod kinds;
 mod pools;
 mod shapes;
+mod share;
 mod staged;
 pub use capacity::{NODES_SHOWN, PoolStranded};
 pub use staged::Staged;
@@ -1459,7 +1460,11 @@ impl Cluster {
                 p
             }
         };
-        let decisions = scheduling::plan(&queue, &mut placer, now_ms);
+        let mut share = queue
+            .iter()
+            .any(|r| r.pool == crate::domain::PUBLIC_POOL)
+            .then(|| self.public_share());
+        let decisions = scheduling::plan_shared(&queue, &mut placer, now_ms, share.as_mut());
         drop(queue);
         self.placer = Some(placer);
         // This pass's waits (by address; each entry keeps its own Arc, so no

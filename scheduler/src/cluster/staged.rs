@@ -368,6 +368,7 @@ mod tests {
             quota: Quota {
                 max_dedicated_nodes: 1,
                 max_gpus,
+                ..Default::default()
             },
             created_at_ms: 0,
             network_id: "net-acme".into(),

@@ -41,6 +41,14 @@
 //!    With a fixed port the last step is not taken (the port can be held
 //!    once per node): spreading is then a rule. The first rank that does
 //!    not fit ends the job's turn; the ranks placed before it stand.
+//! 7. **Fair share** ([`plan_shared`], the public pool): the shared pool's
+//!    requests are taken one at a time from the tenant with the lowest
+//!    weighted dominant share ([`Share::dominant`]), ties by priority then
+//!    `seq`; inside a tenant, step 1's order. Each placement adds to its
+//!    tenant's use. A request that would take its tenant over its GPU
+//!    limit waits ([`Wait::Limit`]) without becoming the head; a replica
+//!    job gets the due ranks the limit leaves room for. The other pools'
+//!    requests go first, in step 1's order (pools hold disjoint nodes).
 //!
 //! A wait is reported as a [`Wait`]; its `Display` is the reason the job
 //! shows (`gpupool job get`).
@@ -56,6 +64,8 @@ use super::placement::{Assignment, NoFit, NodeCapacity, Placer};
 #[derive(Debug, Clone)]
 pub struct Request<'a> {
     pub job_id: &'a str,
+    /// The job's owner (fair sharing orders a shared pool by it).
+    pub tenant: &'a str,
     pub priority: i32,
     /// Submission order (the tie-break after priority).
     pub seq: u64,
@@ -110,6 +120,7 @@ impl<'a> Request<'a> {
         };
         Some(Request {
             job_id: &job.job_id,
+            tenant: &job.tenant,
             priority: job.spec.priority,
             seq: job.seq,
             pool: &job.pool_id,
@@ -200,14 +211,23 @@ pub enum Wait {
     PortTaken { no_fit: NoFit, port: u32 },
     /// Behind its pool's head, which keeps the nodes it can use.
     Behind { head: String, why: Box<Wait> },
+    /// Its tenant's limit in a fair-shared pool is reached (GPU milli).
+    Limit {
+        tenant: String,
+        pool: String,
+        max_milli: u64,
+        used_milli: u64,
+        ask_milli: u64,
+    },
 }
 
 impl Wait {
-    /// What is short, as the placer found it.
-    pub fn no_fit(&self) -> &NoFit {
+    /// What is short, as the placer found it (none for a tenant's limit).
+    pub fn no_fit(&self) -> Option<&NoFit> {
         match self {
-            Wait::NoRoom(no_fit) | Wait::PortTaken { no_fit, .. } => no_fit,
+            Wait::NoRoom(no_fit) | Wait::PortTaken { no_fit, .. } => Some(no_fit),
             Wait::Behind { why, .. } => why.no_fit(),
+            Wait::Limit { .. } => None,
         }
     }
 }
@@ -223,7 +243,92 @@ impl std::fmt::Display for Wait {
                 f,
                 "{why} (behind {head}, which keeps the nodes it can use; others may be backfilled)"
             ),
+            Wait::Limit {
+                tenant,
+                pool,
+                max_milli,
+                used_milli,
+                ask_milli,
+            } => write!(
+                f,
+                "tenant {tenant}'s limit in pool {pool} is {} GPU(s): {} in use, this asks for {} more",
+                gpus(*max_milli),
+                gpus(*used_milli),
+                gpus(*ask_milli)
+            ),
         }
+    }
+}
+
+/// GPU milli as GPUs ("2", "0.5").
+fn gpus(milli: u64) -> String {
+    if milli % 1000 == 0 {
+        (milli / 1000).to_string()
+    } else {
+        format!("{}", milli as f64 / 1000.0)
+    }
+}
+
+/// How one pool (the public pool) is shared between tenants: the planner
+/// orders its requests by each tenant's weighted dominant share (DRF over
+/// GPU, CPU and memory), lowest first, then priority and age inside the
+/// tenant; a tenant at its GPU limit waits.
+#[derive(Debug, Clone, Default)]
+pub struct Share<'a> {
+    pub pool: &'a str,
+    /// What the pool has in all: GPU milli, CPU milli, memory MiB.
+    pub capacity: [u64; 3],
+    /// Tenants with a use, a weight or a limit (others: nothing used,
+    /// weight 1, no limit).
+    pub tenants: HashMap<String, TenantShare>,
+}
+
+/// One tenant in a shared pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantShare {
+    /// In use now: GPU milli, CPU milli, memory MiB.
+    pub used: [u64; 3],
+    /// At least 1: a tenant of weight 2 is entitled to twice the share.
+    pub weight: u32,
+    /// Most GPU milli in use at once; None: no limit.
+    pub max_gpu_milli: Option<u64>,
+}
+
+impl Default for TenantShare {
+    fn default() -> Self {
+        TenantShare {
+            used: [0; 3],
+            weight: 1,
+            max_gpu_milli: None,
+        }
+    }
+}
+
+impl Share<'_> {
+    fn of(&self, tenant: &str) -> TenantShare {
+        self.tenants.get(tenant).copied().unwrap_or_default()
+    }
+
+    /// The tenant's dominant share (its largest fraction of any resource
+    /// the pool has) over its weight.
+    pub fn dominant(&self, tenant: &str) -> f64 {
+        let t = self.of(tenant);
+        let most = (0..3)
+            .filter(|&i| self.capacity[i] > 0)
+            .map(|i| t.used[i] as f64 / self.capacity[i] as f64)
+            .fold(0.0, f64::max);
+        most / f64::from(t.weight.max(1))
+    }
+
+    fn charge(&mut self, tenant: &str, res: &Resources, instances: u32) {
+        let n = u64::from(instances);
+        let t = match self.tenants.get_mut(tenant) {
+            Some(t) => t,
+            None => self.tenants.entry(tenant.to_string()).or_default(),
+        };
+        t.used[0] += u64::from(res.gpu_demand_milli()) * n;
+        t.used[1] += res.cpu_milli * n;
+        t.used[2] += res.memory_mib * n;
     }
 }
 
@@ -247,14 +352,135 @@ struct FailedShape<'a> {
 /// placer's capacities are reduced by what is placed (so a kept placer is
 /// current for the next pass).
 pub fn plan(queue: &[Request<'_>], placer: &mut Placer, now_ms: i64) -> Vec<Decision> {
+    plan_shared(queue, placer, now_ms, None)
+}
+
+/// [`plan`], with `share`'s pool shared fairly between tenants (step 7):
+/// the other pools' requests go first in the usual order (pools hold
+/// disjoint nodes, so their order does not matter), then the shared pool's
+/// are taken one at a time from the tenant with the lowest weighted
+/// dominant share, each placement adding to its tenant's use.
+pub fn plan_shared(
+    queue: &[Request<'_>],
+    placer: &mut Placer,
+    now_ms: i64,
+    share: Option<&mut Share<'_>>,
+) -> Vec<Decision> {
     let mut order: Vec<&Request> = queue.iter().filter(|r| r.due(now_ms)).collect();
     order.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.seq.cmp(&b.seq)));
-    let mut heads: HashMap<&str, Head> = HashMap::new();
+    let mut pass = Pass {
+        heads: HashMap::new(),
+        failed: HashMap::new(),
+        out: Vec::new(),
+    };
+    let Some(share) = share else {
+        for req in order {
+            pass.consider(req, placer, now_ms);
+        }
+        return pass.out;
+    };
+    let (shared, rest): (Vec<&Request>, Vec<&Request>) =
+        order.into_iter().partition(|r| r.pool == share.pool);
+    for req in rest {
+        pass.consider(req, placer, now_ms);
+    }
+    // Each tenant's requests, in priority and age order.
+    let mut tenants: Vec<std::collections::VecDeque<&Request>> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for req in shared {
+        let i = *index.entry(req.tenant).or_insert_with(|| {
+            tenants.push(Default::default());
+            tenants.len() - 1
+        });
+        tenants[i].push_back(req);
+    }
+    loop {
+        let next = tenants
+            .iter()
+            .enumerate()
+            .filter_map(|(i, q)| q.front().map(|r| (i, *r)))
+            .min_by(|(_, a), (_, b)| {
+                share
+                    .dominant(a.tenant)
+                    .total_cmp(&share.dominant(b.tenant))
+                    .then(b.priority.cmp(&a.priority))
+                    .then(a.seq.cmp(&b.seq))
+            });
+        let Some((i, req)) = next else {
+            break;
+        };
+        tenants[i].pop_front();
+        let Some(req) = within_limit(req, share, now_ms, &mut pass.out) else {
+            continue;
+        };
+        let placed = pass.consider(&req, placer, now_ms);
+        share.charge(req.tenant, req.resources, placed);
+    }
+    pass.out
+}
+
+/// `req` as far as its tenant's limit allows: whole (a gang is all or
+/// nothing), a replica job's first ranks, or none (the wait is pushed).
+fn within_limit<'a>(
+    req: &Request<'a>,
+    share: &Share<'_>,
+    now_ms: i64,
+    out: &mut Vec<Decision>,
+) -> Option<Request<'a>> {
+    let t = share.of(req.tenant);
+    let Some(max) = t.max_gpu_milli else {
+        return Some(req.clone());
+    };
+    let each = u64::from(req.resources.gpu_demand_milli());
+    if each == 0 {
+        return Some(req.clone());
+    }
+    let room = max.saturating_sub(t.used[0]) / each;
+    let mut req = req.clone();
+    let ask = match &mut req.shape {
+        Shape::Gang { instances, .. } if u64::from(*instances) > room => u64::from(*instances),
+        Shape::Replicas { pending, .. } if room == 0 => pending.len() as u64,
+        Shape::Replicas { pending, .. } => {
+            // The due ranks beyond the room wait for the next pass.
+            let mut due = 0;
+            let keep = pending
+                .iter()
+                .position(|p| {
+                    due += u64::from(p.not_before_ms <= now_ms);
+                    due > room
+                })
+                .unwrap_or(pending.len());
+            *pending = &pending[..keep];
+            return Some(req);
+        }
+        Shape::Gang { .. } => return Some(req),
+    };
+    out.push(Decision::Wait {
+        job_id: req.job_id.to_string(),
+        why: Arc::new(Wait::Limit {
+            tenant: req.tenant.to_string(),
+            pool: req.pool.to_string(),
+            max_milli: max,
+            used_milli: t.used[0],
+            ask_milli: ask * each,
+        }),
+    });
+    None
+}
+
+/// One pass's state: the pools' heads, the failed shapes and the plan.
+struct Pass<'a> {
+    heads: HashMap<&'a str, Head<'a>>,
     // A failed shape's wait, and (with a head) the same behind the head:
     // every request of the shape shares them.
-    let mut failed: HashMap<FailedShape, (Arc<Wait>, Option<Arc<Wait>>)> = HashMap::new();
-    let mut out = Vec::new();
-    for req in order {
+    failed: HashMap<FailedShape<'a>, (Arc<Wait>, Option<Arc<Wait>>)>,
+    out: Vec<Decision>,
+}
+
+impl<'a> Pass<'a> {
+    /// Steps 3 to 6 for one request; returns how many instances it placed.
+    fn consider(&mut self, req: &Request<'a>, placer: &mut Placer, now_ms: i64) -> u32 {
+        let (heads, failed, out) = (&mut self.heads, &mut self.failed, &mut self.out);
         let head = heads.get(req.pool);
         let avoid = head.map_or(&[][..], |h| &h.reserved[..]);
         let shape = FailedShape {
@@ -272,7 +498,7 @@ pub fn plan(queue: &[Request<'_>], placer: &mut Placer, now_ms: i64) -> Vec<Deci
             let why = match behind {
                 Some(behind) => behind.clone(),
                 None => {
-                    become_head(&mut heads, placer, req);
+                    become_head(heads, placer, req);
                     base.clone()
                 }
             };
@@ -280,7 +506,7 @@ pub fn plan(queue: &[Request<'_>], placer: &mut Placer, now_ms: i64) -> Vec<Deci
                 job_id: req.job_id.to_string(),
                 why,
             });
-            continue;
+            return 0;
         }
         let (placed, failure) = match &req.shape {
             Shape::Gang { instances, .. } => {
@@ -291,6 +517,7 @@ pub fn plan(queue: &[Request<'_>], placer: &mut Placer, now_ms: i64) -> Vec<Deci
             }
             Shape::Replicas { .. } => place_replicas(req, placer, avoid, now_ms),
         };
+        let count = placed.len() as u32;
         out.extend(
             placed
                 .into_iter()
@@ -301,7 +528,7 @@ pub fn plan(queue: &[Request<'_>], placer: &mut Placer, now_ms: i64) -> Vec<Deci
                 }),
         );
         let Some(why) = failure else {
-            continue;
+            return count;
         };
         let cached = !matches!(why, Wait::PortTaken { .. });
         let base = Arc::new(why);
@@ -311,7 +538,7 @@ pub fn plan(queue: &[Request<'_>], placer: &mut Placer, now_ms: i64) -> Vec<Deci
                 why: Box::new((*base).clone()),
             }),
             None => {
-                become_head(&mut heads, placer, req);
+                become_head(heads, placer, req);
                 base.clone()
             }
         };
@@ -323,8 +550,8 @@ pub fn plan(queue: &[Request<'_>], placer: &mut Placer, now_ms: i64) -> Vec<Deci
             job_id: req.job_id.to_string(),
             why,
         });
+        count
     }
-    out
 }
 
 /// Step 3: a request that failed in a pool without a head becomes the
@@ -541,6 +768,7 @@ mod tests {
             .enumerate()
             .map(|(seq, j)| Request {
                 job_id: &j.id,
+                tenant: "t",
                 priority: j.priority,
                 seq: seq as u64,
                 pool: &j.pool,
@@ -830,5 +1058,277 @@ mod tests {
             let mut again = Placer::with_order(nodes.clone(), &default_shapes(), &order);
             prop_assert_eq!(plan(&queue, &mut again, NOW), decisions);
         }
+    }
+}
+
+/// Step 7, the public pool shared fairly, on hand-built clusters.
+#[cfg(test)]
+mod fair_tests {
+    use super::*;
+    use crate::domain::placement::{GpuSlot, default_shapes};
+
+    const NOW: i64 = 1_000;
+
+    /// One public node with `gpus` free GPUs, 64 cores and 256 GiB.
+    fn public_node(gpus: u32) -> NodeCapacity {
+        NodeCapacity {
+            node_id: "n1".into(),
+            pool: "public".into(),
+            schedulable: true,
+            cpu_free_milli: 64_000,
+            memory_free_mib: 256 * 1024,
+            cpu_total_milli: 64_000,
+            memory_total_mib: 256 * 1024,
+            gpus: (0..gpus)
+                .map(|i| GpuSlot {
+                    index: i,
+                    uuid: format!("GPU-{i}"),
+                    model: "A100-40GB".into(),
+                    healthy: true,
+                    free_milli: 1000,
+                })
+                .collect(),
+            az: "AZ1".into(),
+        }
+    }
+
+    fn one_gpu() -> Resources {
+        Resources {
+            gpus: 1,
+            cpu_milli: 1000,
+            memory_mib: 1024,
+            ..Default::default()
+        }
+    }
+
+    struct Job {
+        id: String,
+        tenant: &'static str,
+        priority: i32,
+        instances: u32,
+    }
+
+    fn jobs(list: &[(&'static str, i32, u32)]) -> Vec<Job> {
+        list.iter()
+            .enumerate()
+            .map(|(i, (tenant, priority, instances))| Job {
+                id: format!("j{i}"),
+                tenant,
+                priority: *priority,
+                instances: *instances,
+            })
+            .collect()
+    }
+
+    fn queue<'a>(jobs: &'a [Job], res: &'a Resources) -> Vec<Request<'a>> {
+        jobs.iter()
+            .enumerate()
+            .map(|(seq, j)| Request {
+                job_id: &j.id,
+                tenant: j.tenant,
+                priority: j.priority,
+                seq: seq as u64,
+                pool: "public",
+                resources: res,
+                shape: Shape::Gang {
+                    instances: j.instances,
+                    not_before_ms: 0,
+                },
+            })
+            .collect()
+    }
+
+    fn share(used: &[(&str, u64, u32, Option<u64>)]) -> Share<'static> {
+        Share {
+            pool: "public",
+            capacity: [8_000, 64_000, 256 * 1024],
+            tenants: used
+                .iter()
+                .map(|(t, gpu_milli, weight, max)| {
+                    let share = TenantShare {
+                        used: [*gpu_milli, 0, 0],
+                        weight: *weight,
+                        max_gpu_milli: *max,
+                    };
+                    (t.to_string(), share)
+                })
+                .collect(),
+        }
+    }
+
+    /// The jobs placed, in plan order, and the waits by job.
+    fn run(
+        free: u32,
+        jobs: &[Job],
+        share: Option<&mut Share<'_>>,
+    ) -> (Vec<String>, HashMap<String, Arc<Wait>>) {
+        let res = one_gpu();
+        let q = queue(jobs, &res);
+        let mut placer = Placer::new(vec![public_node(free)], &default_shapes(), 7);
+        let mut placed = Vec::new();
+        let mut waits = HashMap::new();
+        for d in plan_shared(&q, &mut placer, NOW, share) {
+            match d {
+                Decision::Place { job_id, .. } => {
+                    if placed.last() != Some(&job_id) {
+                        placed.push(job_id);
+                    }
+                }
+                Decision::Wait { job_id, why } => {
+                    waits.insert(job_id, why);
+                }
+            }
+        }
+        (placed, waits)
+    }
+
+    #[test]
+    fn a_flooding_tenant_does_not_hold_every_free_gpu() {
+        // A submitted four jobs before B's one; two GPUs are free.
+        let q = jobs(&[
+            ("a", 0, 1),
+            ("a", 0, 1),
+            ("a", 0, 1),
+            ("a", 0, 1),
+            ("b", 0, 1),
+        ]);
+        let (fifo, _) = run(2, &q, None);
+        assert_eq!(fifo, ["j0", "j1"], "without fair share: submission order");
+        let (fair, waits) = run(2, &q, Some(&mut share(&[])));
+        assert_eq!(
+            fair,
+            ["j0", "j4"],
+            "A's first, then B's (A's share is higher)"
+        );
+        assert!(waits.contains_key("j1"));
+    }
+
+    #[test]
+    fn what_a_tenant_holds_already_counts_and_weights_divide_it() {
+        let q = jobs(&[("a", 0, 1), ("b", 0, 1)]);
+        // A holds 2 of 8 GPUs, B 1: B first.
+        let (fair, _) = run(
+            1,
+            &q,
+            Some(&mut share(&[("a", 2000, 1, None), ("b", 1000, 1, None)])),
+        );
+        assert_eq!(fair, ["j1"]);
+        // With weight 3, A's 2/8 counts as 1/12, below B's 1/8: A first.
+        let (fair, _) = run(
+            1,
+            &q,
+            Some(&mut share(&[("a", 2000, 3, None), ("b", 1000, 1, None)])),
+        );
+        assert_eq!(fair, ["j0"]);
+    }
+
+    #[test]
+    fn inside_a_tenant_priority_then_age() {
+        let q = jobs(&[("a", 0, 1), ("a", 5, 1), ("b", 0, 1)]);
+        let (fair, _) = run(2, &q, Some(&mut share(&[])));
+        // A's priority-5 job is A's first; then B (A's share is higher).
+        assert_eq!(fair, ["j1", "j2"]);
+    }
+
+    #[test]
+    fn dominant_share_is_the_largest_fraction_of_any_resource() {
+        let mut s = share(&[("a", 1000, 1, None)]);
+        s.tenants.get_mut("a").unwrap().used[1] = 32_000;
+        assert_eq!(
+            s.dominant("a"),
+            0.5,
+            "half the CPU beats an eighth of the GPUs"
+        );
+        assert_eq!(s.dominant("nobody"), 0.0);
+        let q = jobs(&[("a", 0, 1), ("b", 0, 1)]);
+        let mut s2 = s.clone();
+        s2.tenants.insert(
+            "b".into(),
+            TenantShare {
+                used: [3000, 0, 0],
+                ..Default::default()
+            },
+        );
+        // B's 3/8 GPUs is below A's half of the CPU.
+        let (fair, _) = run(1, &q, Some(&mut s2));
+        assert_eq!(fair, ["j1"]);
+    }
+
+    #[test]
+    fn a_tenant_at_its_limit_waits_saying_so_and_reserves_nothing() {
+        // A may hold 2 GPUs and holds 1: its 2-GPU gang waits on the limit,
+        // its 1-GPU job starts; B's job starts too, not behind A's gang.
+        let q = jobs(&[("a", 0, 2), ("a", 0, 1), ("b", 0, 1)]);
+        let (fair, waits) = run(4, &q, Some(&mut share(&[("a", 1000, 1, Some(2000))])));
+        assert_eq!(fair, ["j2", "j1"]);
+        let why = waits["j0"].to_string();
+        assert_eq!(
+            why,
+            "tenant a's limit in pool public is 2 GPU(s): 1 in use, this asks for 2 more"
+        );
+        assert!(waits["j0"].no_fit().is_none());
+        // Once A holds 2, its next job waits too.
+        let q = jobs(&[("a", 0, 1), ("a", 0, 1)]);
+        let (fair, waits) = run(4, &q, Some(&mut share(&[("a", 1000, 1, Some(2000))])));
+        assert_eq!(fair, ["j0"]);
+        assert!(matches!(
+            *waits["j1"],
+            Wait::Limit {
+                used_milli: 2000,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_limited_service_places_only_the_replicas_its_room_allows() {
+        let res = one_gpu();
+        let pending: Vec<PendingRank> = (0..4)
+            .map(|rank| PendingRank {
+                rank,
+                not_before_ms: 0,
+            })
+            .collect();
+        let q = vec![Request {
+            job_id: "svc",
+            tenant: "a",
+            priority: 0,
+            seq: 0,
+            pool: "public",
+            resources: &res,
+            shape: Shape::Replicas {
+                pending: &pending,
+                siblings: Vec::new(),
+                spread: true,
+                port: 0,
+            },
+        }];
+        let mut placer = Placer::new(vec![public_node(8)], &default_shapes(), 7);
+        let mut s = share(&[("a", 0, 1, Some(3000))]);
+        let plan = plan_shared(&q, &mut placer, NOW, Some(&mut s));
+        let placed = plan
+            .iter()
+            .filter(|d| matches!(d, Decision::Place { .. }))
+            .count();
+        assert_eq!(placed, 3, "{plan:?}");
+        assert_eq!(
+            s.tenants["a"].used[0], 3000,
+            "the pass charges what it placed"
+        );
+    }
+
+    #[test]
+    fn other_pools_are_not_reordered() {
+        let res = one_gpu();
+        let mut node = public_node(1);
+        node.pool = "p1".into();
+        let q = jobs(&[("a", 0, 1), ("a", 0, 1), ("b", 0, 1)]);
+        let mut reqs = queue(&q, &res);
+        for r in &mut reqs {
+            r.pool = "p1";
+        }
+        let mut placer = Placer::new(vec![node], &default_shapes(), 7);
+        let plan = plan_shared(&reqs, &mut placer, NOW, Some(&mut share(&[])));
+        assert!(matches!(&plan[0], Decision::Place { job_id, .. } if job_id == "j0"));
     }
 }

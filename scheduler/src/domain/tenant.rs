@@ -9,6 +9,13 @@ pub const ADMIN_TENANT: &str = "admin";
 pub struct Quota {
     pub max_dedicated_nodes: u32,
     pub max_gpus: u32,
+    /// Most GPUs the tenant's jobs hold at once in the public pool (a
+    /// fraction counts its share); None: no limit.
+    #[serde(default)]
+    pub public_max_gpus: Option<u32>,
+    /// The tenant's weight in the public pool's fair share; 0 counts as 1.
+    #[serde(default)]
+    pub public_weight: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +144,8 @@ mod tests {
     const Q: Quota = Quota {
         max_dedicated_nodes: 4,
         max_gpus: 16,
+        public_max_gpus: None,
+        public_weight: 0,
     };
 
     #[test]

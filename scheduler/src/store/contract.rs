@@ -17,6 +17,7 @@ fn tenant(name: &str, max_gpus: u32) -> Tenant {
         quota: Quota {
             max_dedicated_nodes: 1,
             max_gpus,
+            ..Default::default()
         },
         created_at_ms: 1,
         network_id: format!("net-{name}"),

@@ -30,6 +30,7 @@ fn cluster_with_nodes(dir: &std::path::Path, n: usize, now: i64) -> Cluster {
         Quota {
             max_dedicated_nodes: 100,
             max_gpus: 1000,
+            ..Default::default()
         },
         now,
     )

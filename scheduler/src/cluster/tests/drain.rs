@@ -161,6 +161,7 @@ fn a_dedicated_pool_s_node_drains_into_its_own_pool() {
     let quota = Quota {
         max_dedicated_nodes: 2,
         max_gpus: 8,
+        ..Default::default()
     };
     c.create_tenant(&admin(), "t", quota, 0).unwrap();
     let spec_name = c.nodes().next().unwrap().spec_name();

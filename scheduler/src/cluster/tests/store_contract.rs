@@ -113,6 +113,7 @@ fn run_a_day(c: &mut Cluster) {
     let quota = Quota {
         max_dedicated_nodes: 10,
         max_gpus: 100,
+        ..Default::default()
     };
     c.create_tenant(&admin(), "t", quota, T0).unwrap();
     c.add_token(&admin(), "t", "sha-1", T0).unwrap();

@@ -1,0 +1,57 @@
+//! The public pool's fair share: what each tenant's jobs hold there now,
+//! its weight and its limit, for the planner (step 7 of
+//! [`crate::domain::scheduling`]) and for `gpupool tenant list`.
+
+use std::collections::HashMap;
+
+use super::Cluster;
+use crate::domain::PUBLIC_POOL;
+use crate::domain::scheduling::{Share, TenantShare};
+
+impl Cluster {
+    /// The public pool's capacity (its schedulable nodes) and every
+    /// tenant's use, weight and limit there. Walks the pool's nodes and
+    /// the jobs on them, not every job kept.
+    pub fn public_share(&self) -> Share<'static> {
+        let mut share = Share {
+            pool: PUBLIC_POOL,
+            capacity: [0; 3],
+            tenants: HashMap::new(),
+        };
+        for t in self.tenants.values() {
+            share.tenants.insert(
+                t.name.clone(),
+                TenantShare {
+                    used: [0; 3],
+                    weight: t.quota.public_weight.max(1),
+                    max_gpu_milli: t.quota.public_max_gpus.map(|g| u64::from(g) * 1000),
+                },
+            );
+        }
+        for node in self.nodes.values().filter(|n| n.pool == PUBLIC_POOL) {
+            if node.status == crate::domain::node::NodeStatus::Ready && !node.cordoned {
+                share.capacity[0] += node.inventory.gpus.len() as u64 * 1000;
+                share.capacity[1] += u64::from(node.inventory.cpu_cores) * 1000;
+                share.capacity[2] += node.inventory.memory_mib;
+            }
+            let Some(jobs) = self.jobs_on_node.get(&node.node_id) else {
+                continue;
+            };
+            for job in jobs.iter().filter_map(|id| self.jobs.get(id)) {
+                let held = job
+                    .active_instances()
+                    .filter(|i| i.node_id == node.node_id)
+                    .count() as u64;
+                if held == 0 {
+                    continue;
+                }
+                let res = &job.spec.resources;
+                let t = share.tenants.entry(job.tenant.clone()).or_default();
+                t.used[0] += u64::from(res.gpu_demand_milli()) * held;
+                t.used[1] += res.cpu_milli * held;
+                t.used[2] += res.memory_mib * held;
+            }
+        }
+        share
+    }
+}

@@ -1,0 +1,142 @@
+//! The public pool shared fairly between tenants, end to end: a real
+//! scheduler and agent (fake GPUs), tenants with their own tokens, the
+//! CLI setting a tenant's public-pool limit.
+
+use std::time::Duration;
+
+use gpupool_e2e::*;
+use gpupool_proto::v1 as pb;
+
+async fn submit_as(s: &Scheduler, token: &str, command: &[&str]) -> String {
+    s.clients(Some(token))
+        .await
+        .jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(training(1, command)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id
+}
+
+async fn cancel(s: &Scheduler, token: &str, id: &str) {
+    s.clients(Some(token))
+        .await
+        .jobs
+        .cancel_job(pb::CancelJobRequest {
+            job_id: id.to_string(),
+        })
+        .await
+        .unwrap();
+}
+
+async fn state_of(s: &Scheduler, id: &str) -> (pb::JobState, String) {
+    let j = get_job(s, id).await;
+    (
+        pb::JobState::try_from(j.state).unwrap_or(pb::JobState::Unspecified),
+        j.reason,
+    )
+}
+
+async fn wait_state(s: &Scheduler, id: &str, state: pb::JobState) {
+    wait_job(s, id, state, Duration::from_secs(30)).await;
+}
+
+fn cli_ok(s: &Scheduler, args: &[&str]) -> String {
+    let out = s.cli(args);
+    assert!(
+        out.status.success(),
+        "gpupool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Tenant A fills both GPUs and queues two more jobs; B then submits one.
+/// When one of A's jobs ends, B's starts, not A's older one. With A held
+/// to 1 GPU in the public pool, A's next job waits saying so, until the
+/// limit is lifted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_tenant_does_not_starve_another_and_its_limit_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(dir.path()).await;
+    let _agent = Agent::start(dir.path(), &sched, "n1", "2xA100-40GB");
+    wait_ready(&sched, 1).await;
+    let mut admin = sched.admin().await;
+    let a = tenant_with_token(&mut admin, "tenant-a", 0, 0).await;
+    let b = tenant_with_token(&mut admin, "tenant-b", 0, 0).await;
+
+    let a_long = submit_as(&sched, &a, &["sleep", "120"]).await;
+    let a_short = submit_as(&sched, &a, &["sleep", "120"]).await;
+    wait_state(&sched, &a_long, pb::JobState::Running).await;
+    wait_state(&sched, &a_short, pb::JobState::Running).await;
+    let a_next = submit_as(&sched, &a, &["sleep", "120"]).await;
+    let a_last = submit_as(&sched, &a, &["sleep", "120"]).await;
+    let b_job = submit_as(&sched, &b, &["sleep", "120"]).await;
+    assert_eq!(state_of(&sched, &b_job).await.0, pb::JobState::Queued);
+
+    // A GPU frees: B's job is next (A holds half the pool, B nothing),
+    // though A's two waited longer.
+    cancel(&sched, &a, &a_short).await;
+    wait_state(&sched, &b_job, pb::JobState::Running).await;
+    for id in [&a_next, &a_last] {
+        assert_eq!(state_of(&sched, id).await.0, pb::JobState::Queued);
+    }
+    let list = cli_ok(&sched, &["tenant", "list", "-o", "json"]);
+    let tenants: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let of = |name: &str| {
+        tenants
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {list}"))
+            .clone()
+    };
+    assert_eq!(of("tenant-a")["public_gpu_milli_used"], 1000, "{list}");
+    assert_eq!(of("tenant-b")["public_gpu_milli_used"], 1000, "{list}");
+    assert_eq!(of("tenant-a")["public_share_ppm"], 500_000, "{list}");
+
+    // A may hold 1 GPU in the public pool: when B's job ends, A's next
+    // waits on its limit, not on room.
+    let set = cli_ok(
+        &sched,
+        &[
+            "tenant",
+            "quota",
+            "tenant-a",
+            "--public-max-gpus",
+            "1",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(set.contains("\"public_max_gpus\": 1"), "{set}");
+    assert!(
+        set.contains("\"max_gpus\": 0"),
+        "the other quotas are kept: {set}"
+    );
+    cancel(&sched, &b, &b_job).await;
+    let reason = eventually(Duration::from_secs(20), "the limit's reason", || async {
+        let (state, reason) = state_of(&sched, &a_next).await;
+        assert_eq!(state, pb::JobState::Queued, "{reason}");
+        reason.contains("limit in pool public").then_some(reason)
+    })
+    .await;
+    assert_eq!(
+        reason,
+        "tenant tenant-a's limit in pool public is 1 GPU(s): 1 in use, this asks for 1 more"
+    );
+    // A tenant cannot lift its own limit.
+    let own = sched.cli_as(
+        &a,
+        &["tenant", "quota", "tenant-a", "--public-max-gpus", "none"],
+    );
+    assert!(!own.status.success());
+    cli_ok(
+        &sched,
+        &["tenant", "quota", "tenant-a", "--public-max-gpus", "none"],
+    );
+    wait_state(&sched, &a_next, pb::JobState::Running).await;
+}
