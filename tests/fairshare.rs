@@ -140,3 +140,113 @@ async fn a_flooding_tenant_does_not_starve_another_and_its_limit_holds() {
     );
     wait_state(&sched, &a_next, pb::JobState::Running).await;
 }
+
+async fn submit_spec(
+    s: &Scheduler,
+    token: &str,
+    spec: pb::JobSpec,
+) -> Result<pb::Job, tonic::Status> {
+    s.clients(Some(token))
+        .await
+        .jobs
+        .submit_job(pb::SubmitJobRequest { spec: Some(spec) })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn classed(class: pb::PriorityClass, command: &[&str]) -> pb::JobSpec {
+    pb::JobSpec {
+        priority_class: class as i32,
+        ..training(1, command)
+    }
+}
+
+/// A's preemptible jobs fill both GPUs; B's high-class job starts within
+/// seconds: one of A's is stopped (SIGTERM, grace), queued again without
+/// spending a retry, and runs again once there is room. A preemptible job
+/// preempts nothing; only training jobs may be preemptible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_class_job_preempts_a_preemptible_one_which_runs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start(dir.path()).await;
+    let _agent = Agent::start(dir.path(), &sched, "n1", "2xA100-40GB");
+    wait_ready(&sched, 1).await;
+    let mut admin = sched.admin().await;
+    let a = tenant_with_token(&mut admin, "tenant-a", 0, 0).await;
+    let b = tenant_with_token(&mut admin, "tenant-b", 0, 0).await;
+    let pre = pb::PriorityClass::Preemptible;
+    let long = [
+        "sh",
+        "-c",
+        "echo preemptible=$GPUPOOL_PREEMPTIBLE; exec sleep 120",
+    ];
+    let mut a_jobs = Vec::new();
+    for _ in 0..3 {
+        a_jobs.push(
+            submit_spec(&sched, &a, classed(pre, &long))
+                .await
+                .unwrap()
+                .job_id,
+        );
+    }
+    wait_state(&sched, &a_jobs[0], pb::JobState::Running).await;
+    wait_state(&sched, &a_jobs[1], pb::JobState::Running).await;
+    let log = cli_ok(&sched, &["job", "logs", &a_jobs[0]]);
+    assert!(log.contains("preemptible=1"), "{log}");
+    // Past the minimum run time (2 s in the tests' config), a preemptible
+    // job still preempts nothing: the third stays queued.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(state_of(&sched, &a_jobs[2]).await.0, pb::JobState::Queued);
+
+    let started = std::time::Instant::now();
+    let high = pb::PriorityClass::High;
+    let b_job = submit_spec(&sched, &b, classed(high, &["sleep", "3"]))
+        .await
+        .unwrap()
+        .job_id;
+    wait_state(&sched, &b_job, pb::JobState::Running).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let victims: Vec<pb::Job> = {
+        let mut v = Vec::new();
+        for id in &a_jobs[..2] {
+            let j = get_job(&sched, id).await;
+            if j.preemptions > 0 {
+                v.push(j);
+            }
+        }
+        v
+    };
+    assert_eq!(victims.len(), 1, "exactly one victim for one GPU");
+    let victim = &victims[0];
+    assert_eq!(victim.preempted_by, b_job);
+    assert!(
+        victim.instances[0]
+            .reason
+            .contains(&format!("preempted by {b_job}")),
+        "{:?}",
+        victim.instances[0]
+    );
+    // B's job ends; the victim (older than A's third) runs again, its
+    // retries untouched.
+    wait_state(&sched, &b_job, pb::JobState::Succeeded).await;
+    wait_state(&sched, &victim.job_id, pb::JobState::Running).await;
+    let again = get_job(&sched, &victim.job_id).await;
+    assert_eq!(again.preemptions, 1);
+    let text = cli_ok(&sched, &["job", "get", &victim.job_id]);
+    assert!(
+        text.contains(&format!("1 time(s), last by {b_job}")),
+        "{text}"
+    );
+    assert!(text.contains("class preemptible"), "{text}");
+
+    // Only training jobs may be preemptible.
+    let mut nb = classed(pre, &[]);
+    nb.kind = pb::JobKind::Notebook as i32;
+    let err = submit_spec(&sched, &a, nb).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("only training jobs"), "{err}");
+}

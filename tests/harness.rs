@@ -325,6 +325,7 @@ impl Scheduler {
                  heartbeat_interval_ms = {HEARTBEAT_MS}\n\
                  node_grace_ms = {GRACE_MS}\n\
                  stop_grace_ms = 1000\n\
+                 preemption_min_runtime_secs = 2\n\
                  join_token = \"test-join-token\"\n\
                  admin_token = \"{ADMIN_TOKEN}\"\n\
                  {BILLING}{extra}\n",
@@ -382,6 +383,7 @@ impl Scheduler {
                  heartbeat_interval_ms = {HEARTBEAT_MS}\n\
                  node_grace_ms = {GRACE_MS}\n\
                  stop_grace_ms = 1000\n\
+                 preemption_min_runtime_secs = 2\n\
                  join_token = \"test-join-token\"\n\
                  admin_token = \"{ADMIN_TOKEN}\"\n\
                  {BILLING}"

@@ -21,6 +21,7 @@ fn settings() -> Settings {
     Settings {
         node_grace_ms: 60_000,
         stop_grace_ms: 500,
+        preemption_min_runtime_ms: 0,
         subscription_regions: Vec::new(),
         currency: "USD".into(),
         prices: BTreeMap::new(),

@@ -144,6 +144,28 @@ pub fn parse_pods(text: &str) -> anyhow::Result<Vec<PodSpec>> {
         .collect()
 }
 
+/// Each pod's duration in seconds, `deletion_time − creation_time` (0
+/// where either is missing), in file order.
+pub fn parse_pod_durations(text: &str) -> anyhow::Result<Vec<i64>> {
+    let t = Table::parse(text)?;
+    let (created, deleted) = (t.require("creation_time")?, t.require("deletion_time")?);
+    t.rows
+        .iter()
+        .map(|(line, r)| {
+            let c = int_field(r, created, *line, "creation_time")?;
+            let d = int_field(r, deleted, *line, "deletion_time")?;
+            Ok(if c > 0 && d > c { d - c } else { 0 })
+        })
+        .collect()
+}
+
+/// Reads a pod list file's durations ([`parse_pod_durations`]).
+pub fn read_pod_durations(path: &Path) -> anyhow::Result<Vec<i64>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse_pod_durations(&text).with_context(|| format!("in {}", path.display()))
+}
+
 /// Reads and parses a node list file.
 pub fn read_nodes(path: &Path) -> anyhow::Result<Vec<NodeSpec>> {
     let text =

@@ -13,7 +13,8 @@
 //!     --pods openb_pod_list_default.csv --policy fgd --seed 42 --output json
 //! ```
 //!
-//! `speed` measures placements per second on synthetic clusters, `load`
+//! `tenants` replays the public pool shared by 8 tenants (FIFO against
+//! fair share). `speed` measures placements per second on synthetic clusters, `load`
 //! runs the `gpupool-scheduler` binary under simulated agents, `churn`
 //! pushes many short jobs through a real `gpupool-scheduler dev` cluster
 //! from concurrent CLI or gRPC clients (optionally against a baseline build).
@@ -35,6 +36,7 @@ pub mod replay;
 pub mod rng;
 pub mod speed;
 pub mod stranded;
+pub mod tenants;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -52,6 +54,8 @@ pub enum BenchCommand {
     Load(load::LoadArgs),
     /// Many short jobs through a real dev cluster: accepted/s, completed/s, cost per job.
     Churn(churn::ChurnArgs),
+    /// The public pool shared by 8 tenants over simulated hours: FIFO vs fair share.
+    Tenants(tenants::TenantsArgs),
 }
 
 /// Output format of `replay` and `churn`.
@@ -88,6 +92,7 @@ pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Speed(args) => speed::run_speed(args),
         BenchCommand::Load(args) => load::run_load(args),
         BenchCommand::Churn(args) => churn::run_churn(args),
+        BenchCommand::Tenants(args) => tenants::run_tenants(args),
     }
 }
 

@@ -116,9 +116,15 @@ pub struct SubmitArgs {
     /// for jobs that serve a port or run several instances, else none.
     #[arg(long, value_name = "MODE")]
     pub network: Option<String>,
-    /// Scheduling priority.
+    /// Scheduling priority (inside its class and, in the public pool, its
+    /// tenant).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i32,
+    /// `high` may preempt lower classes in its pool when it cannot start;
+    /// `preemptible` (training only) may be preempted and is then queued
+    /// again.
+    #[arg(long, value_enum, default_value = "normal")]
+    pub priority_class: ClassArg,
     /// Maximum run time in seconds (default: the kind's default).
     #[arg(long, value_name = "SECS")]
     pub max_runtime: Option<u64>,
@@ -423,6 +429,32 @@ fn kinds_table(k: &pb::ListJobKindsResponse) -> String {
     t.render()
 }
 
+/// `--priority-class`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClassArg {
+    Preemptible,
+    Normal,
+    High,
+}
+
+impl ClassArg {
+    fn proto(self) -> pb::PriorityClass {
+        match self {
+            ClassArg::Preemptible => pb::PriorityClass::Preemptible,
+            ClassArg::Normal => pb::PriorityClass::Normal,
+            ClassArg::High => pb::PriorityClass::High,
+        }
+    }
+}
+
+fn class_name(c: i32) -> &'static str {
+    match pb::PriorityClass::try_from(c) {
+        Ok(pb::PriorityClass::Preemptible) => "preemptible",
+        Ok(pb::PriorityClass::High) => "high",
+        _ => "normal",
+    }
+}
+
 fn job_spec(a: SubmitArgs) -> pb::JobSpec {
     pb::JobSpec {
         name: opt(a.name),
@@ -440,6 +472,7 @@ fn job_spec(a: SubmitArgs) -> pb::JobSpec {
         env: a.env.into_iter().collect(),
         working_dir: opt(a.workdir),
         priority: a.priority,
+        priority_class: a.priority_class.proto() as i32,
         max_runtime_secs: a.max_runtime.unwrap_or(0),
         max_retries: a.max_retries.unwrap_or(0),
         port: a.port.unwrap_or(0),
@@ -566,7 +599,20 @@ fn add_spec_fields(d: &mut Details, j: &pb::Job, spec: &pb::JobSpec) {
     d.add("Tenant", &j.tenant);
     d.add("State", job_state_name(j.state));
     d.add("Reason", &j.reason);
-    d.add("Priority", spec.priority.to_string());
+    d.add(
+        "Priority",
+        format!(
+            "{} (class {})",
+            spec.priority,
+            class_name(spec.priority_class)
+        ),
+    );
+    if j.preemptions > 0 {
+        d.add(
+            "Preempted",
+            format!("{} time(s), last by {}", j.preemptions, j.preempted_by),
+        );
+    }
     d.add("Instances", spec.instances.to_string());
     d.add("GPUs", job_gpus(&res));
     d.add("GPU models", res.gpu_models.join(","));

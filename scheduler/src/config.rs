@@ -46,6 +46,10 @@ pub struct SchedulerConfig {
     /// SIGTERM -> SIGKILL grace when stopping instances, in milliseconds.
     #[serde(default = "default_stop_grace_ms")]
     pub stop_grace_ms: u32,
+    /// A job runs at least this long before a higher-class job may preempt
+    /// it, in seconds (no thrashing).
+    #[serde(default = "default_preemption_min_runtime_secs")]
+    pub preemption_min_runtime_secs: u64,
     /// Cluster join token: a node without a credential of its own enrols
     /// with it (and is then issued one, bound to its node id). Required when
     /// `grpc_listen` reaches beyond loopback, unless agents must present a
@@ -272,6 +276,9 @@ fn default_grace_ms() -> u32 {
 fn default_stop_grace_ms() -> u32 {
     10_000
 }
+fn default_preemption_min_runtime_secs() -> u64 {
+    120
+}
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -284,6 +291,7 @@ impl Default for SchedulerConfig {
             heartbeat_interval_ms: default_heartbeat_ms(),
             node_grace_ms: default_grace_ms(),
             stop_grace_ms: default_stop_grace_ms(),
+            preemption_min_runtime_secs: default_preemption_min_runtime_secs(),
             join_token: None,
             secret_key_file: None,
             admin_token: None,

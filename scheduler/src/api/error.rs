@@ -136,6 +136,7 @@ fn spec_code(err: &SpecError) -> Code {
     use SpecError as S;
     match err {
         S::MissingKind
+        | S::NotPreemptible(_)
         | S::EmptyCommand
         | S::SingleInstance(_)
         | S::NotForKind { .. }

@@ -48,6 +48,7 @@ use gpupool_proto::v1 as pb;
 pub use error::status;
 
 use crate::cluster::{AgentCommand, NodeUsage, ReportedInstance};
+use crate::domain::job::PriorityClass;
 use crate::domain::{self, InstanceState, JobKind, JobState, NodeStatus, job::RawJobSpec};
 use crate::state::{LogChunk, ToAgent};
 
@@ -98,6 +99,23 @@ pub fn kind_from_pb(k: i32) -> Option<JobKind> {
     }
 }
 
+/// Unset or unknown classes are normal.
+pub fn class_from_pb(c: i32) -> PriorityClass {
+    match pb::PriorityClass::try_from(c) {
+        Ok(pb::PriorityClass::Preemptible) => PriorityClass::Preemptible,
+        Ok(pb::PriorityClass::High) => PriorityClass::High,
+        _ => PriorityClass::Normal,
+    }
+}
+
+fn class_to_pb(c: PriorityClass) -> pb::PriorityClass {
+    match c {
+        PriorityClass::Preemptible => pb::PriorityClass::Preemptible,
+        PriorityClass::Normal => pb::PriorityClass::Normal,
+        PriorityClass::High => pb::PriorityClass::High,
+    }
+}
+
 fn kind_to_pb(k: JobKind) -> pb::JobKind {
     match k {
         JobKind::Notebook => pb::JobKind::Notebook,
@@ -132,6 +150,7 @@ pub fn raw_spec_from_pb(s: pb::JobSpec) -> RawJobSpec {
         idle_timeout_secs: s.idle_timeout_secs,
         log_dir: s.log_dir,
         for_job: s.for_job,
+        priority_class: class_from_pb(s.priority_class),
         cpu_only: s.cpu_only,
         image: s.image,
         network: s.network,
@@ -262,7 +281,10 @@ pub fn job_to_pb(j: &domain::Job) -> pb::Job {
             cpu_only: false,
             image: s.image.clone(),
             network: s.network.clone(),
+            priority_class: class_to_pb(s.priority_class) as i32,
         }),
+        preemptions: j.preemptions,
+        preempted_by: j.last_preempted_by.clone(),
         state: job_state_to_pb(j.state) as i32,
         reason: j.reason.clone(),
         tenant: j.tenant.clone(),

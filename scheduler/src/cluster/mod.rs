@@ -19,13 +19,14 @@ mod drain;
 mod error;
 mod kinds;
 mod pools;
+mod preempt;
 mod shapes;
 mod share;
 mod staged;
 pub use capacity::{NODES_SHOWN, PoolStranded};
 pub use staged::Staged;
 
-use crate::domain::job::{HealthCheck, KindTable, PendingRank};
+use crate::domain::job::{HealthCheck, KindTable, PendingRank, PriorityClass};
 use crate::domain::placement::{self, GpuSlot, NodeCapacity};
 use crate::domain::pool::Pool;
 use crate::domain::scheduling;
@@ -213,6 +214,8 @@ pub struct Settings {
     pub node_grace_ms: i64,
     /// SIGTERM -> SIGKILL grace when stopping instances.
     pub stop_grace_ms: u32,
+    /// A job runs at least this long before it may be preempted.
+    pub preemption_min_runtime_ms: i64,
     /// Regions where deploy pools may be bought by subscription (R-CREATE-11).
     pub subscription_regions: Vec<String>,
     /// Currency of all amounts.
@@ -1012,9 +1015,12 @@ impl Cluster {
         }) {
             stop_instance(other, grace_ms, &reason, out);
         }
-        if job.retries >= job.spec.max_retries.saturating_add(job.drains)
-            || job.current().any(|i| !i.state.is_terminal())
-        {
+        let allowed = job
+            .spec
+            .max_retries
+            .saturating_add(job.drains)
+            .saturating_add(job.preemptions);
+        if job.retries >= allowed || job.current().any(|i| !i.state.is_terminal()) {
             return false;
         }
         let why = std::mem::take(&mut job.reason);
@@ -1023,6 +1029,15 @@ impl Cluster {
         job.finished_at_ms = None;
         // The maximum run time counts per run.
         job.started_at_ms = None;
+        if let Some(by) = job.preempted_by.take() {
+            // Not a failure either: no backoff, no retry spent.
+            job.not_before_ms = now_ms;
+            job.reason = format!("requeued: preempted by {by}");
+            job.wait = None;
+            tracing::info!(job = %job_id, by = %by, "preempted job requeued");
+            self.prune_instances(job_id);
+            return true;
+        }
         if let Some(node) = job.drained_from.take() {
             // Not a failure: no backoff, no retry spent.
             job.not_before_ms = now_ms;
@@ -1220,14 +1235,13 @@ impl Cluster {
     // ---- jobs ----------------------------------------------------------
 
     /// Validates and records a job, then tries to place it at once.
-    pub fn submit(
-        &mut self,
+    /// A TensorBoard for a training job: its log directory and (if
+    /// dedicated) its pool, unless given.
+    fn tensorboard_of(
+        &self,
         caller: &Caller,
-        raw: RawJobSpec,
-        now_ms: i64,
-        out: &mut Outbox,
-    ) -> Result<Job, ClusterError> {
-        let mut raw = raw;
+        mut raw: RawJobSpec,
+    ) -> Result<RawJobSpec, ClusterError> {
         if raw.kind == Some(JobKind::Tensorboard) && !raw.for_job.is_empty() {
             let training = self.job(caller, &raw.for_job)?;
             if training.spec.kind != JobKind::Training {
@@ -1244,6 +1258,17 @@ impl Cluster {
                 raw.pool = training.pool_id.clone();
             }
         }
+        Ok(raw)
+    }
+
+    pub fn submit(
+        &mut self,
+        caller: &Caller,
+        raw: RawJobSpec,
+        now_ms: i64,
+        out: &mut Outbox,
+    ) -> Result<Job, ClusterError> {
+        let raw = self.tensorboard_of(caller, raw)?;
         let spec = raw.validate_for(&self.settings.kinds)?;
         let limit = self.settings.limits.max_retries;
         if spec.max_retries > limit {
@@ -1314,6 +1339,9 @@ impl Cluster {
             not_before_ms: 0,
             drains: 0,
             drained_from: None,
+            preemptions: 0,
+            preempted_by: None,
+            last_preempted_by: String::new(),
             pruned_instances: 0,
         };
         // Place it first, then write it once, placed or queued: one
@@ -1464,7 +1492,18 @@ impl Cluster {
             .iter()
             .any(|r| r.pool == crate::domain::PUBLIC_POOL)
             .then(|| self.public_share());
-        let decisions = scheduling::plan_shared(&queue, &mut placer, now_ms, share.as_mut());
+        let preempt = queue
+            .iter()
+            .any(|r| r.class > PriorityClass::Preemptible)
+            .then(|| self.preemption());
+        let decisions = scheduling::plan_shared(
+            &queue,
+            &mut placer,
+            now_ms,
+            share.as_mut(),
+            preempt.as_ref(),
+        );
+        drop(preempt);
         drop(queue);
         self.placer = Some(placer);
         // This pass's waits (by address; each entry keeps its own Arc, so no
@@ -1472,6 +1511,11 @@ impl Cluster {
         type Canonical = (Arc<scheduling::Wait>, Arc<scheduling::Wait>, Arc<str>);
         let mut waits: HashMap<*const scheduling::Wait, Canonical> = HashMap::new();
         for job in scheduling::by_job(decisions) {
+            if let Some(by) = &job.preempted_by {
+                self.preempt(&job.job_id, by, out);
+                self.persist_job(&job.job_id, now_ms);
+                continue;
+            }
             if job.placed.is_empty() {
                 if let Some(why) = job.wait {
                     let (_, why, text) = waits
@@ -1832,6 +1876,10 @@ fn start_spec(
     if !spec.log_dir.is_empty() {
         env.insert("GPUPOOL_LOG_DIR".into(), spec.log_dir.clone());
     }
+    if spec.priority_class == PriorityClass::Preemptible {
+        // It may get SIGTERM and the stop grace to checkpoint at any time.
+        env.insert("GPUPOOL_PREEMPTIBLE".into(), "1".into());
+    }
     if !job.access_token.is_empty() {
         // Jupyter reads its token from JUPYTER_TOKEN too. Not GPUPOOL_TOKEN:
         // that is the CLI's API token, which a notebook's user may set.
@@ -1886,6 +1934,7 @@ mod tests {
         Settings {
             node_grace_ms: 1_000,
             stop_grace_ms: 500,
+            preemption_min_runtime_ms: 0,
             subscription_regions: vec!["region-1".into()],
             currency: "USD".into(),
             prices: BTreeMap::new(),

@@ -102,6 +102,30 @@ pub struct JobSpec {
     /// Container network: "" (the agent's default), "host" or "none".
     #[serde(default)]
     pub network: String,
+    #[serde(default)]
+    pub priority_class: PriorityClass,
+}
+
+/// Which jobs a job may preempt (a lower class, in its pool) and be
+/// preempted by (a higher one). Ordered: `Preemptible < Normal < High`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum PriorityClass {
+    Preemptible,
+    #[default]
+    Normal,
+    High,
+}
+
+impl PriorityClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            PriorityClass::Preemptible => "preemptible",
+            PriorityClass::Normal => "normal",
+            PriorityClass::High => "high",
+        }
+    }
 }
 
 /// How the agent checks that a replica is ready to serve: an HTTP GET of
@@ -146,6 +170,7 @@ pub struct RawJobSpec {
     pub cpu_only: bool,
     pub image: String,
     pub network: String,
+    pub priority_class: PriorityClass,
 }
 
 /// Defaults applied when a field is left at zero.
@@ -313,6 +338,10 @@ pub const MAX_DURATION_SECS: u64 = 10 * 365 * 86_400;
 pub enum SpecError {
     #[error("kind is required (notebook, training, tensorboard, online_service, batch_service)")]
     MissingKind,
+    #[error(
+        "a {0} cannot be preemptible: only training jobs are (a preempted one is queued again)"
+    )]
+    NotPreemptible(&'static str),
     #[error("command must not be empty")]
     EmptyCommand,
     #[error("a {0} has exactly one instance")]
@@ -391,6 +420,9 @@ impl RawJobSpec {
     /// Validates and fills defaults from the operator's kind settings.
     pub fn validate_for(mut self, kinds: &KindTable) -> Result<JobSpec, SpecError> {
         let kind = self.kind.ok_or(SpecError::MissingKind)?;
+        if self.priority_class == PriorityClass::Preemptible && kind != JobKind::Training {
+            return Err(SpecError::NotPreemptible(kind.name()));
+        }
         let defaults = kinds.get(kind);
         if self.image.trim().is_empty() {
             self.image = defaults.image.clone();
@@ -577,6 +609,7 @@ impl RawJobSpec {
             for_job: self.for_job,
             image,
             network: self.network,
+            priority_class: self.priority_class,
         })
     }
 }
@@ -809,6 +842,17 @@ pub struct Job {
     /// queued again (not counted against `max_retries`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drained_from: Option<String>,
+    /// Times a higher-class job preempted this one (each requeue is not
+    /// counted against `max_retries`).
+    #[serde(default)]
+    pub preemptions: u32,
+    /// The job that preempted the current run: once the run has ended it is
+    /// queued again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preempted_by: Option<String>,
+    /// The job that preempted it last (kept after the requeue).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_preempted_by: String,
     /// Ended instances of earlier runs (or replaced replicas) dropped from
     /// `instances` once their hours were in the ledger.
     #[serde(default)]
@@ -1212,6 +1256,9 @@ mod tests {
             not_before_ms: 0,
             drains: 0,
             drained_from: None,
+            preemptions: 0,
+            preempted_by: None,
+            last_preempted_by: String::new(),
             pruned_instances: 0,
             gave_up: None,
             failures: 0,

@@ -10,6 +10,7 @@ pub mod job;
 pub mod node;
 pub mod placement;
 pub mod pool;
+pub mod preemption;
 pub mod scheduling;
 pub mod shapes;
 pub mod stranded;

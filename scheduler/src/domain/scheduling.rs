@@ -10,8 +10,9 @@
 //! # Order and tie-breaking (all of it; placement's own is in
 //! [`crate::domain::placement`])
 //!
-//! 1. **Queue order**: higher `priority` first, then lower `seq` (the
-//!    older submission). No two jobs share a `seq`, so the order is total.
+//! 1. **Queue order**: higher priority class first (`high`, `normal`,
+//!    `preemptible`), then higher `priority`, then lower `seq` (the older
+//!    submission). No two jobs share a `seq`, so the order is total.
 //! 2. **Due**: a job whose retry backoff has not passed (`not_before_ms`
 //!    after `now_ms`) is skipped this pass; for replica kinds, each rank
 //!    has its own backoff and only due ranks are placed.
@@ -49,6 +50,17 @@
 //!    limit waits ([`Wait::Limit`]) without becoming the head; a replica
 //!    job gets the due ranks the limit leaves room for. The other pools'
 //!    requests go first, in step 1's order (pools hold disjoint nodes).
+//!    The class still comes first: a tenant's high-class job goes before
+//!    any tenant's normal one.
+//! 8. **Preemption** ([`Preemption`], [`crate::domain::preemption`]): a
+//!    gang of a class above `preemptible` that does not fit may preempt
+//!    running training jobs of a lower class in its pool that have run the
+//!    minimum run time: the cheapest victim set that makes room (fewest
+//!    instances, then least run time lost; a victim's whole run). The
+//!    victims get [`Decision::Preempt`], the request waits
+//!    ([`Wait::Preempting`]) and becomes its pool's head if there is none,
+//!    so what the victims free is kept for it. While its victims stop it
+//!    preempts no more. Victims chosen in a pass are not chosen again.
 //!
 //! A wait is reported as a [`Wait`]; its `Display` is the reason the job
 //! shows (`gpupool job get`).
@@ -56,8 +68,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::job::{Job, JobKind, JobState, PendingRank, Resources};
+use super::job::{Job, JobKind, JobState, PendingRank, PriorityClass, Resources};
 use super::placement::{Assignment, NoFit, NodeCapacity, Placer};
+use super::preemption::{self, Candidate};
 
 /// A job waiting to be placed, as the planner sees it (borrowed from the
 /// job).
@@ -66,6 +79,8 @@ pub struct Request<'a> {
     pub job_id: &'a str,
     /// The job's owner (fair sharing orders a shared pool by it).
     pub tenant: &'a str,
+    /// Orders before `priority`; a higher class may preempt a lower one.
+    pub class: PriorityClass,
     pub priority: i32,
     /// Submission order (the tie-break after priority).
     pub seq: u64,
@@ -121,6 +136,7 @@ impl<'a> Request<'a> {
         Some(Request {
             job_id: &job.job_id,
             tenant: &job.tenant,
+            class: job.spec.priority_class,
             priority: job.spec.priority,
             seq: job.seq,
             pool: &job.pool_id,
@@ -159,12 +175,17 @@ pub enum Decision {
     /// The job (or its remaining ranks) waits, for this reason. Jobs of
     /// one shape behind one head share one `Wait` (step 4).
     Wait { job_id: String, why: Arc<Wait> },
+    /// Stop running job `job_id` (its whole run) to make room for `by`
+    /// (step 8).
+    Preempt { job_id: String, by: String },
 }
 
 impl Decision {
     pub fn job_id(&self) -> &str {
         match self {
-            Decision::Place { job_id, .. } | Decision::Wait { job_id, .. } => job_id,
+            Decision::Place { job_id, .. }
+            | Decision::Wait { job_id, .. }
+            | Decision::Preempt { job_id, .. } => job_id,
         }
     }
 }
@@ -177,6 +198,8 @@ pub struct JobPlan {
     pub placed: Vec<(u32, Assignment)>,
     /// Why it (or its remaining ranks) still waits.
     pub wait: Option<Arc<Wait>>,
+    /// The job it is preempted for (a running job).
+    pub preempted_by: Option<String>,
 }
 
 /// A plan's decisions job by job, in plan order (a job's are adjacent).
@@ -188,6 +211,7 @@ pub fn by_job(decisions: Vec<Decision>) -> Vec<JobPlan> {
                 job_id: d.job_id().to_string(),
                 placed: Vec::new(),
                 wait: None,
+                preempted_by: None,
             });
         }
         let job = out.last_mut().expect("pushed above");
@@ -196,6 +220,7 @@ pub fn by_job(decisions: Vec<Decision>) -> Vec<JobPlan> {
                 rank, assignment, ..
             } => job.placed.push((rank, assignment)),
             Decision::Wait { why, .. } => job.wait = Some(why),
+            Decision::Preempt { by, .. } => job.preempted_by = Some(by),
         }
     }
     out
@@ -211,6 +236,9 @@ pub enum Wait {
     PortTaken { no_fit: NoFit, port: u32 },
     /// Behind its pool's head, which keeps the nodes it can use.
     Behind { head: String, why: Box<Wait> },
+    /// It preempted these jobs (a lower class) and starts once they have
+    /// stopped.
+    Preempting { victims: Vec<String> },
     /// Its tenant's limit in a fair-shared pool is reached (GPU milli).
     Limit {
         tenant: String,
@@ -227,7 +255,7 @@ impl Wait {
         match self {
             Wait::NoRoom(no_fit) | Wait::PortTaken { no_fit, .. } => Some(no_fit),
             Wait::Behind { why, .. } => why.no_fit(),
-            Wait::Limit { .. } => None,
+            Wait::Limit { .. } | Wait::Preempting { .. } => None,
         }
     }
 }
@@ -242,6 +270,11 @@ impl std::fmt::Display for Wait {
             Wait::Behind { head, why } => write!(
                 f,
                 "{why} (behind {head}, which keeps the nodes it can use; others may be backfilled)"
+            ),
+            Wait::Preempting { victims } => write!(
+                f,
+                "preempting {} (a lower priority class): starts once they have stopped",
+                victims.join(", ")
             ),
             Wait::Limit {
                 tenant,
@@ -352,7 +385,19 @@ struct FailedShape<'a> {
 /// placer's capacities are reduced by what is placed (so a kept placer is
 /// current for the next pass).
 pub fn plan(queue: &[Request<'_>], placer: &mut Placer, now_ms: i64) -> Vec<Decision> {
-    plan_shared(queue, placer, now_ms, None)
+    plan_shared(queue, placer, now_ms, None, None)
+}
+
+/// What step 8 may preempt.
+#[derive(Debug, Clone, Default)]
+pub struct Preemption<'a> {
+    /// Running jobs of the classes below the highest (any pool).
+    pub candidates: Vec<Candidate<'a>>,
+    /// A job runs at least this long before it may be preempted.
+    pub min_runtime_ms: i64,
+    /// Requests whose victims are still stopping: they wait for those and
+    /// preempt no more.
+    pub stopping: HashMap<&'a str, Vec<&'a str>>,
 }
 
 /// [`plan`], with `share`'s pool shared fairly between tenants (step 7):
@@ -365,13 +410,21 @@ pub fn plan_shared(
     placer: &mut Placer,
     now_ms: i64,
     share: Option<&mut Share<'_>>,
+    preempt: Option<&Preemption<'_>>,
 ) -> Vec<Decision> {
     let mut order: Vec<&Request> = queue.iter().filter(|r| r.due(now_ms)).collect();
-    order.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.seq.cmp(&b.seq)));
+    order.sort_by(|a, b| {
+        b.class
+            .cmp(&a.class)
+            .then(b.priority.cmp(&a.priority))
+            .then(a.seq.cmp(&b.seq))
+    });
     let mut pass = Pass {
         heads: HashMap::new(),
         failed: HashMap::new(),
         out: Vec::new(),
+        preempt,
+        taken: vec![false; preempt.map_or(0, |p| p.candidates.len())],
     };
     let Some(share) = share else {
         for req in order {
@@ -400,9 +453,13 @@ pub fn plan_shared(
             .enumerate()
             .filter_map(|(i, q)| q.front().map(|r| (i, *r)))
             .min_by(|(_, a), (_, b)| {
-                share
-                    .dominant(a.tenant)
-                    .total_cmp(&share.dominant(b.tenant))
+                b.class
+                    .cmp(&a.class)
+                    .then(
+                        share
+                            .dominant(a.tenant)
+                            .total_cmp(&share.dominant(b.tenant)),
+                    )
                     .then(b.priority.cmp(&a.priority))
                     .then(a.seq.cmp(&b.seq))
             });
@@ -469,15 +526,60 @@ fn within_limit<'a>(
 }
 
 /// One pass's state: the pools' heads, the failed shapes and the plan.
-struct Pass<'a> {
+struct Pass<'a, 'p> {
     heads: HashMap<&'a str, Head<'a>>,
     // A failed shape's wait, and (with a head) the same behind the head:
     // every request of the shape shares them.
     failed: HashMap<FailedShape<'a>, (Arc<Wait>, Option<Arc<Wait>>)>,
     out: Vec<Decision>,
+    preempt: Option<&'p Preemption<'p>>,
+    /// Candidates already preempted this pass.
+    taken: Vec<bool>,
 }
 
-impl<'a> Pass<'a> {
+impl<'a> Pass<'a, '_> {
+    /// Step 8 for a gang that does not fit: the wait it gets if it
+    /// preempts (the victims' decisions are pushed) or if the victims it
+    /// preempted earlier are still stopping.
+    fn preempting(&mut self, req: &Request<'a>, placer: &Placer, now_ms: i64) -> Option<Wait> {
+        let p = self.preempt?;
+        if let Some(victims) = p.stopping.get(req.job_id) {
+            let victims = victims.iter().map(|v| v.to_string()).collect();
+            return Some(Wait::Preempting { victims });
+        }
+        let Shape::Gang { instances, .. } = req.shape else {
+            return None;
+        };
+        if req.class == PriorityClass::Preemptible {
+            return None;
+        }
+        let chosen = preemption::choose(
+            placer.nodes(),
+            req.pool,
+            req.resources,
+            instances,
+            req.class,
+            &p.candidates,
+            &self.taken,
+            p.min_runtime_ms,
+            now_ms,
+        )?;
+        if chosen.is_empty() {
+            return None;
+        }
+        let mut victims = Vec::new();
+        for i in chosen {
+            self.taken[i] = true;
+            let id = p.candidates[i].job_id.to_string();
+            self.out.push(Decision::Preempt {
+                job_id: id.clone(),
+                by: req.job_id.to_string(),
+            });
+            victims.push(id);
+        }
+        Some(Wait::Preempting { victims })
+    }
+
     /// Steps 3 to 6 for one request; returns how many instances it placed.
     fn consider(&mut self, req: &Request<'a>, placer: &mut Placer, now_ms: i64) -> u32 {
         let (heads, failed, out) = (&mut self.heads, &mut self.failed, &mut self.out);
@@ -530,6 +632,20 @@ impl<'a> Pass<'a> {
         let Some(why) = failure else {
             return count;
         };
+        if matches!(why, Wait::NoRoom(_))
+            && let Some(why) = self.preempting(req, placer, now_ms)
+        {
+            // It keeps the nodes it could use while its victims stop.
+            if !self.heads.contains_key(req.pool) {
+                become_head(&mut self.heads, placer, req);
+            }
+            self.out.push(Decision::Wait {
+                job_id: req.job_id.to_string(),
+                why: Arc::new(why),
+            });
+            return count;
+        }
+        let (heads, failed, out) = (&mut self.heads, &mut self.failed, &mut self.out);
         let cached = !matches!(why, Wait::PortTaken { .. });
         let base = Arc::new(why);
         let why = match heads.get(req.pool) {
@@ -769,6 +885,7 @@ mod tests {
             .map(|(seq, j)| Request {
                 job_id: &j.id,
                 tenant: "t",
+                class: PriorityClass::Normal,
                 priority: j.priority,
                 seq: seq as u64,
                 pool: &j.pool,
@@ -895,6 +1012,7 @@ mod tests {
                     assert!(entry.2.is_none(), "{id}: two waits");
                     entry.2 = Some(why);
                 }
+                Decision::Preempt { .. } => panic!("{id}: preempted without candidates"),
             }
         }
         let of = |id: &str| jobs.iter().find(|j| j.id == id).expect("a queued job");
@@ -1126,6 +1244,7 @@ mod fair_tests {
             .map(|(seq, j)| Request {
                 job_id: &j.id,
                 tenant: j.tenant,
+                class: PriorityClass::Normal,
                 priority: j.priority,
                 seq: seq as u64,
                 pool: "public",
@@ -1167,7 +1286,7 @@ mod fair_tests {
         let mut placer = Placer::new(vec![public_node(free)], &default_shapes(), 7);
         let mut placed = Vec::new();
         let mut waits = HashMap::new();
-        for d in plan_shared(&q, &mut placer, NOW, share) {
+        for d in plan_shared(&q, &mut placer, NOW, share, None) {
             match d {
                 Decision::Place { job_id, .. } => {
                     if placed.last() != Some(&job_id) {
@@ -1177,6 +1296,7 @@ mod fair_tests {
                 Decision::Wait { job_id, why } => {
                     waits.insert(job_id, why);
                 }
+                Decision::Preempt { .. } => panic!("no candidates were given"),
             }
         }
         (placed, waits)
@@ -1292,6 +1412,7 @@ mod fair_tests {
         let q = vec![Request {
             job_id: "svc",
             tenant: "a",
+            class: PriorityClass::Normal,
             priority: 0,
             seq: 0,
             pool: "public",
@@ -1305,7 +1426,7 @@ mod fair_tests {
         }];
         let mut placer = Placer::new(vec![public_node(8)], &default_shapes(), 7);
         let mut s = share(&[("a", 0, 1, Some(3000))]);
-        let plan = plan_shared(&q, &mut placer, NOW, Some(&mut s));
+        let plan = plan_shared(&q, &mut placer, NOW, Some(&mut s), None);
         let placed = plan
             .iter()
             .filter(|d| matches!(d, Decision::Place { .. }))
@@ -1328,7 +1449,7 @@ mod fair_tests {
             r.pool = "p1";
         }
         let mut placer = Placer::new(vec![node], &default_shapes(), 7);
-        let plan = plan_shared(&reqs, &mut placer, NOW, Some(&mut share(&[])));
+        let plan = plan_shared(&reqs, &mut placer, NOW, Some(&mut share(&[])), None);
         assert!(matches!(&plan[0], Decision::Place { job_id, .. } if job_id == "j0"));
     }
 }
