@@ -1434,10 +1434,11 @@ impl Cluster {
         job.clone()
     }
 
-    /// One scheduling pass: [`scheduling::plan`] decides (queue order,
-    /// backfill, spreading: see its module docs); this names the instances
-    /// it places, sends their start commands and records why the others
-    /// wait.
+    /// One scheduling pass: [`scheduling::plan_shared`] decides (queue
+    /// order, the public pool's fair share, backfill, spreading,
+    /// preemption: see its module docs); this names the instances it
+    /// places, sends their start commands, preempts its victims and
+    /// records why the others wait.
     pub fn schedule(&mut self, now_ms: i64, out: &mut Outbox) {
         // The jobs that may wait: those that did, and those written since
         // (a job only starts to wait through a change that is written).

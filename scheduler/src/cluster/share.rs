@@ -11,7 +11,7 @@ use crate::domain::scheduling::{Share, TenantShare};
 impl Cluster {
     /// The public pool's capacity (its schedulable nodes) and every
     /// tenant's use, weight and limit there. Walks the pool's nodes and
-    /// the jobs on them, not every job kept.
+    /// each job on them once, not every job kept.
     pub fn public_share(&self) -> Share<'static> {
         let mut share = Share {
             pool: PUBLIC_POOL,
@@ -28,29 +28,32 @@ impl Cluster {
                 },
             );
         }
+        let mut jobs = std::collections::HashSet::new();
         for node in self.nodes.values().filter(|n| n.pool == PUBLIC_POOL) {
             if node.status == crate::domain::node::NodeStatus::Ready && !node.cordoned {
-                share.capacity[0] += node.inventory.gpus.len() as u64 * 1000;
+                let healthy = node.inventory.gpus.iter().filter(|g| g.healthy).count();
+                share.capacity[0] += healthy as u64 * 1000;
                 share.capacity[1] += u64::from(node.inventory.cpu_cores) * 1000;
                 share.capacity[2] += node.inventory.memory_mib;
             }
-            let Some(jobs) = self.jobs_on_node.get(&node.node_id) else {
-                continue;
-            };
-            for job in jobs.iter().filter_map(|id| self.jobs.get(id)) {
-                let held = job
-                    .active_instances()
-                    .filter(|i| i.node_id == node.node_id)
-                    .count() as u64;
-                if held == 0 {
-                    continue;
-                }
-                let res = &job.spec.resources;
-                let t = share.tenants.entry(job.tenant.clone()).or_default();
-                t.used[0] += u64::from(res.gpu_demand_milli()) * held;
-                t.used[1] += res.cpu_milli * held;
-                t.used[2] += res.memory_mib * held;
+            if let Some(on) = self.jobs_on_node.get(&node.node_id) {
+                jobs.extend(on.iter().map(String::as_str));
             }
+        }
+        // Each job once (a service's replicas span many nodes).
+        for job in jobs.into_iter().filter_map(|id| self.jobs.get(id)) {
+            if job.pool_id != PUBLIC_POOL {
+                continue;
+            }
+            let held = job.active_instances().count() as u64;
+            if held == 0 {
+                continue;
+            }
+            let res = &job.spec.resources;
+            let t = share.tenants.entry(job.tenant.clone()).or_default();
+            t.used[0] += u64::from(res.gpu_demand_milli()) * held;
+            t.used[1] += res.cpu_milli * held;
+            t.used[2] += res.memory_mib * held;
         }
         share
     }

@@ -437,7 +437,7 @@ pub fn plan_shared(
     for req in rest {
         pass.consider(req, placer, now_ms);
     }
-    // Each tenant's requests, in priority and age order.
+    // Each tenant's requests, in class, priority and age order.
     let mut tenants: Vec<std::collections::VecDeque<&Request>> = Vec::new();
     let mut index: HashMap<&str, usize> = HashMap::new();
     for req in shared {
@@ -447,82 +447,128 @@ pub fn plan_shared(
         });
         tenants[i].push_back(req);
     }
-    loop {
-        let next = tenants
-            .iter()
-            .enumerate()
-            .filter_map(|(i, q)| q.front().map(|r| (i, *r)))
-            .min_by(|(_, a), (_, b)| {
-                b.class
-                    .cmp(&a.class)
-                    .then(
-                        share
-                            .dominant(a.tenant)
-                            .total_cmp(&share.dominant(b.tenant)),
-                    )
-                    .then(b.priority.cmp(&a.priority))
-                    .then(a.seq.cmp(&b.seq))
-            });
-        let Some((i, req)) = next else {
-            break;
-        };
-        tenants[i].pop_front();
-        let Some(req) = within_limit(req, share, now_ms, &mut pass.out) else {
-            continue;
-        };
-        let placed = pass.consider(&req, placer, now_ms);
-        share.charge(req.tenant, req.resources, placed);
+    // The tenants by their next request's (class, share, priority, age):
+    // serving one changes only its own key. A share is non-negative, so
+    // its bits order as the number does.
+    use std::cmp::Reverse;
+    let key = |share: &Share, r: &Request, i: usize| {
+        (
+            Reverse(r.class),
+            share.dominant(r.tenant).to_bits(),
+            Reverse(r.priority),
+            r.seq,
+            i,
+        )
+    };
+    let mut ready: std::collections::BTreeSet<_> = tenants
+        .iter()
+        .enumerate()
+        .map(|(i, q)| key(share, q[0], i))
+        .collect();
+    let mut limits = LimitWaits::default();
+    while let Some((.., i)) = ready.pop_first() {
+        let req = tenants[i]
+            .pop_front()
+            .expect("a ready tenant has a request");
+        match within_limit(req, share, now_ms) {
+            Room::All => {
+                let placed = pass.consider(req, placer, now_ms);
+                share.charge(req.tenant, req.resources, placed);
+            }
+            Room::Some(cut) => {
+                let placed = pass.consider(&cut, placer, now_ms);
+                share.charge(req.tenant, req.resources, placed);
+                let waits = matches!(pass.out.last(), Some(Decision::Wait { job_id, .. }) if job_id == req.job_id);
+                if !waits {
+                    // The ranks held back wait on the limit.
+                    let why = limits.wait(req, share, 1);
+                    pass.out.push(Decision::Wait {
+                        job_id: req.job_id.to_string(),
+                        why,
+                    });
+                }
+            }
+            Room::None(ask) => {
+                let why = limits.wait(req, share, ask);
+                pass.out.push(Decision::Wait {
+                    job_id: req.job_id.to_string(),
+                    why,
+                });
+            }
+        }
+        if let Some(next) = tenants[i].front() {
+            ready.insert(key(share, next, i));
+        }
     }
     pass.out
 }
 
-/// `req` as far as its tenant's limit allows: whole (a gang is all or
-/// nothing), a replica job's first ranks, or none (the wait is pushed).
-fn within_limit<'a>(
-    req: &Request<'a>,
-    share: &Share<'_>,
-    now_ms: i64,
-    out: &mut Vec<Decision>,
-) -> Option<Request<'a>> {
+/// What a tenant's limit leaves of a request.
+enum Room<'a> {
+    /// All of it (no limit, no GPU, or room enough).
+    All,
+    /// A replica job's first due ranks.
+    Some(Request<'a>),
+    /// Nothing: this many instances would go over.
+    None(u64),
+}
+
+/// `req` as far as its tenant's limit allows: a gang is all or nothing, a
+/// replica job gets the due ranks there is room for.
+fn within_limit<'a>(req: &Request<'a>, share: &Share<'_>, now_ms: i64) -> Room<'a> {
     let t = share.of(req.tenant);
-    let Some(max) = t.max_gpu_milli else {
-        return Some(req.clone());
-    };
     let each = u64::from(req.resources.gpu_demand_milli());
-    if each == 0 {
-        return Some(req.clone());
-    }
+    let Some(max) = t.max_gpu_milli.filter(|_| each > 0) else {
+        return Room::All;
+    };
     let room = max.saturating_sub(t.used[0]) / each;
-    let mut req = req.clone();
-    let ask = match &mut req.shape {
-        Shape::Gang { instances, .. } if u64::from(*instances) > room => u64::from(*instances),
-        Shape::Replicas { pending, .. } if room == 0 => pending.len() as u64,
+    match &req.shape {
+        Shape::Gang { instances, .. } if u64::from(*instances) > room => {
+            Room::None(u64::from(*instances))
+        }
+        Shape::Gang { .. } => Room::All,
+        Shape::Replicas { .. } if room == 0 => Room::None(1),
         Shape::Replicas { pending, .. } => {
             // The due ranks beyond the room wait for the next pass.
             let mut due = 0;
-            let keep = pending
-                .iter()
-                .position(|p| {
-                    due += u64::from(p.not_before_ms <= now_ms);
-                    due > room
-                })
-                .unwrap_or(pending.len());
-            *pending = &pending[..keep];
-            return Some(req);
+            let Some(keep) = pending.iter().position(|p| {
+                due += u64::from(p.not_before_ms <= now_ms);
+                due > room
+            }) else {
+                return Room::All;
+            };
+            let mut cut = req.clone();
+            if let Shape::Replicas { pending, .. } = &mut cut.shape {
+                *pending = &pending[..keep];
+            }
+            Room::Some(cut)
         }
-        Shape::Gang { .. } => return Some(req),
-    };
-    out.push(Decision::Wait {
-        job_id: req.job_id.to_string(),
-        why: Arc::new(Wait::Limit {
-            tenant: req.tenant.to_string(),
-            pool: req.pool.to_string(),
-            max_milli: max,
-            used_milli: t.used[0],
-            ask_milli: ask * each,
-        }),
-    });
-    None
+    }
+}
+
+/// The pass's limit waits, one per (tenant, use, ask): a capped tenant's
+/// queue shares them.
+#[derive(Default)]
+struct LimitWaits<'a>(HashMap<(&'a str, u64, u64), Arc<Wait>>);
+
+impl<'a> LimitWaits<'a> {
+    fn wait(&mut self, req: &Request<'a>, share: &Share<'_>, instances: u64) -> Arc<Wait> {
+        let t = share.of(req.tenant);
+        let ask = instances * u64::from(req.resources.gpu_demand_milli());
+        let key = (req.tenant, t.used[0], ask);
+        self.0
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(Wait::Limit {
+                    tenant: req.tenant.to_string(),
+                    pool: req.pool.to_string(),
+                    max_milli: t.max_gpu_milli.unwrap_or(0),
+                    used_milli: t.used[0],
+                    ask_milli: ask,
+                })
+            })
+            .clone()
+    }
 }
 
 /// One pass's state: the pools' heads, the failed shapes and the plan.
@@ -1176,6 +1222,82 @@ mod tests {
             let mut again = Placer::with_order(nodes.clone(), &default_shapes(), &order);
             prop_assert_eq!(plan(&queue, &mut again, NOW), decisions);
         }
+
+        /// The fair-share path (what `schedule` runs for the public pool):
+        /// every placement fits what is left, no tenant goes over its
+        /// limit, a job's decisions are adjacent and at most one wait, and
+        /// the same input plans the same.
+        #[test]
+        fn property_fair_share_plans_are_feasible_and_keep_limits(
+            nodes in testkit::cluster(),
+            jobs in queue(),
+            tenant_of in prop::collection::vec(0usize..3, 12),
+            used in prop::collection::vec(0u64..4000, 3),
+            weights in prop::collection::vec(1u32..4, 3),
+            limits in prop::collection::vec(prop::option::of(0u64..6000), 3),
+        ) {
+            const NAMES: [&str; 3] = ["ta", "tb", "tc"];
+            let order: Vec<usize> = (0..nodes.len()).collect();
+            let mut queue = requests(&jobs);
+            for (i, r) in queue.iter_mut().enumerate() {
+                r.tenant = NAMES[tenant_of[i % tenant_of.len()]];
+            }
+            let share = Share {
+                pool: "public",
+                capacity: [16_000, 256_000, 1 << 20],
+                tenants: (0..3)
+                    .map(|t| {
+                        let ts = TenantShare {
+                            used: [used[t], 0, 0],
+                            weight: weights[t],
+                            max_gpu_milli: limits[t],
+                        };
+                        (NAMES[t].to_string(), ts)
+                    })
+                    .collect(),
+            };
+            let run = || {
+                let mut placer = Placer::with_order(nodes.clone(), &default_shapes(), &order);
+                let mut s = share.clone();
+                let d = plan_shared(&queue, &mut placer, NOW, Some(&mut s), None);
+                (d, s)
+            };
+            let (decisions, after) = run();
+            let mut left = nodes.clone();
+            let mut added = [0u64; 3];
+            let mut seen: Vec<&str> = Vec::new();
+            let mut waited: Vec<&str> = Vec::new();
+            for d in &decisions {
+                let id = d.job_id();
+                if seen.last() != Some(&id) {
+                    prop_assert!(!seen.contains(&id), "{id}'s decisions are not adjacent");
+                    seen.push(id);
+                }
+                let (i, r) = queue.iter().enumerate().find(|(_, r)| r.job_id == id).expect("queued");
+                match d {
+                    Decision::Place { assignment, .. } => {
+                        prop_assert!(!waited.contains(&id), "{id}: placed after its wait");
+                        take(&mut left, r.pool, r.resources, assignment);
+                        if r.pool == "public" {
+                            added[tenant_of[i % tenant_of.len()]] +=
+                                u64::from(r.resources.gpu_demand_milli());
+                        }
+                    }
+                    Decision::Wait { .. } => {
+                        prop_assert!(!waited.contains(&id), "{id}: two waits");
+                        waited.push(id);
+                    }
+                    Decision::Preempt { .. } => prop_assert!(false, "no candidates were given"),
+                }
+            }
+            for t in 0..3 {
+                prop_assert_eq!(after.tenants[NAMES[t]].used[0], used[t] + added[t]);
+                if let Some(max) = limits[t] && added[t] > 0 {
+                    prop_assert!(used[t] + added[t] <= max, "{} over its limit", NAMES[t]);
+                }
+            }
+            prop_assert_eq!(run().0, decisions);
+        }
     }
 }
 
@@ -1435,6 +1557,10 @@ mod fair_tests {
         assert_eq!(
             s.tenants["a"].used[0], 3000,
             "the pass charges what it placed"
+        );
+        assert!(
+            matches!(plan.last(), Some(Decision::Wait { why, .. }) if matches!(**why, Wait::Limit { .. })),
+            "the rank held back waits on the limit: {plan:?}"
         );
     }
 
