@@ -198,8 +198,26 @@ async fn a_high_class_job_preempts_a_preemptible_one_which_runs_again() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(state_of(&sched, &a_jobs[2]).await.0, pb::JobState::Queued);
 
-    let started = std::time::Instant::now();
+    // High-class jobs preempt other tenants' work: the admin grants them.
     let high = pb::PriorityClass::High;
+    let refused = submit_spec(&sched, &b, classed(high, &["sleep", "3"]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert!(
+        refused.message().contains("--allow-high-class"),
+        "{refused}"
+    );
+    let own = sched.cli_as(
+        &b,
+        &["tenant", "quota", "tenant-b", "--allow-high-class", "true"],
+    );
+    assert!(!own.status.success(), "a tenant grants itself nothing");
+    cli_ok(
+        &sched,
+        &["tenant", "quota", "tenant-b", "--allow-high-class", "true"],
+    );
+    let started = std::time::Instant::now();
     let b_job = submit_spec(&sched, &b, classed(high, &["sleep", "3"]))
         .await
         .unwrap()

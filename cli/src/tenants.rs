@@ -43,7 +43,7 @@ pub enum TenantCommand {
     /// Set a tenant's quotas and its public-pool share; what is not given
     /// stays as it is.
     #[command(group(clap::ArgGroup::new("what").required(true).multiple(true)
-        .args(["max_nodes", "max_gpus", "public_max_gpus", "weight"])))]
+        .args(["max_nodes", "max_gpus", "public_max_gpus", "weight", "allow_high_class"])))]
     Quota {
         /// Tenant name.
         name: String,
@@ -62,6 +62,10 @@ pub enum TenantCommand {
         /// the pool over its weight.
         #[arg(long, value_name = "W", value_parser = clap::value_parser!(u32).range(1..=10_000))]
         weight: Option<u32>,
+        /// Whether it may submit `--priority-class high` jobs, which
+        /// preempt lower classes (other tenants' included).
+        #[arg(long, value_name = "BOOL")]
+        allow_high_class: Option<bool>,
     },
 }
 
@@ -145,6 +149,7 @@ pub(super) async fn tenant_command(
             max_gpus,
             public_max_gpus,
             weight,
+            allow_high_class,
         } => {
             // SetQuota replaces the whole quota: what is not given is kept.
             let mut q = tenants
@@ -159,6 +164,7 @@ pub(super) async fn tenant_command(
                 q.public_max_gpus = limit;
             }
             q.public_weight = weight.unwrap_or(q.public_weight);
+            q.allow_high_class = allow_high_class.unwrap_or(q.allow_high_class);
             let t = tenants
                 .set_quota(pb::SetQuotaRequest {
                     tenant: name,
@@ -319,7 +325,7 @@ mod tests {
         ));
         assert!(matches!(
             tenant_command("tenant quota acme --max-nodes 2 --max-gpus 16"),
-            TenantCommand::Quota { name, max_nodes: Some(2), max_gpus: Some(16), public_max_gpus: None, weight: None } if name == "acme"
+            TenantCommand::Quota { name, max_nodes: Some(2), max_gpus: Some(16), public_max_gpus: None, weight: None, allow_high_class: None } if name == "acme"
         ));
         assert!(matches!(
             tenant_command("tenant quota acme --public-max-gpus 4 --weight 3"),
@@ -334,6 +340,14 @@ mod tests {
             tenant_command("tenant quota acme --public-max-gpus none"),
             TenantCommand::Quota {
                 public_max_gpus: Some(Limit(None)),
+                ..
+            }
+        ));
+        assert!(matches!(
+            tenant_command("tenant quota acme --allow-high-class true"),
+            TenantCommand::Quota {
+                allow_high_class: Some(true),
+                weight: None,
                 ..
             }
         ));

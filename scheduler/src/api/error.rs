@@ -59,7 +59,9 @@ fn code(err: &ClusterError) -> Code {
         | E::PoolNotFound { .. }
         | E::TenantNotFound { .. }
         | E::TokenNotFound { .. } => Code::NotFound,
-        E::AdminOnly { .. } | E::NotYourTenant { .. } => Code::PermissionDenied,
+        E::AdminOnly { .. } | E::NotYourTenant { .. } | E::HighClassNotAllowed { .. } => {
+            Code::PermissionDenied
+        }
         E::TenantExists { .. } => Code::AlreadyExists,
         E::AmbiguousPoolName { .. }
         | E::PublicPoolIsBuiltIn

@@ -464,6 +464,7 @@ fn tenant_to_pb(t: &Tenant, cluster: &Cluster, share: &Share) -> pb::Tenant {
             max_gpus: t.quota.max_gpus,
             public_max_gpus: t.quota.public_max_gpus,
             public_weight: t.quota.public_weight.max(1),
+            allow_high_class: t.quota.allow_high_class,
         }),
         public_gpu_milli_used: share.tenants.get(&t.name).map_or(0, |s| s.used[0]),
         public_share_ppm: (share.dominant(&t.name) * 1e6).round() as u64,
@@ -481,6 +482,7 @@ fn quota_from_pb(q: Option<pb::Quota>) -> Quota {
         max_gpus: q.max_gpus,
         public_max_gpus: q.public_max_gpus,
         public_weight: q.public_weight,
+        allow_high_class: q.allow_high_class,
     })
     .unwrap_or_default()
 }

@@ -45,6 +45,10 @@ pub enum ClusterError {
     AdminOnly { what: &'static str },
     #[error("tenant {name} is not yours")]
     NotYourTenant { name: String },
+    #[error(
+        "tenant {tenant} may not submit high-class jobs (they preempt other tenants' work): the admin grants it with `gpupool tenant quota {tenant} --allow-high-class true`"
+    )]
+    HighClassNotAllowed { tenant: String },
 
     // ---- already there ---------------------------------------------------
     #[error("tenant {name} already exists")]

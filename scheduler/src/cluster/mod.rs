@@ -1270,6 +1270,17 @@ impl Cluster {
     ) -> Result<Job, ClusterError> {
         let raw = self.tensorboard_of(caller, raw)?;
         let spec = raw.validate_for(&self.settings.kinds)?;
+        if spec.priority_class == PriorityClass::High
+            && !caller.admin
+            && !self
+                .tenants
+                .get(&caller.tenant)
+                .is_some_and(|t| t.quota.allow_high_class)
+        {
+            return Err(ClusterError::HighClassNotAllowed {
+                tenant: caller.tenant.clone(),
+            });
+        }
         let limit = self.settings.limits.max_retries;
         if spec.max_retries > limit {
             return Err(SpecError::RetriesOverLimit {

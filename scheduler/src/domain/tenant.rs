@@ -16,6 +16,10 @@ pub struct Quota {
     /// The tenant's weight in the public pool's fair share; 0 counts as 1.
     #[serde(default)]
     pub public_weight: u32,
+    /// May submit high-class jobs (which preempt lower classes, other
+    /// tenants' included). The admin always may.
+    #[serde(default)]
+    pub allow_high_class: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +150,7 @@ mod tests {
         max_gpus: 16,
         public_max_gpus: None,
         public_weight: 0,
+        allow_high_class: false,
     };
 
     #[test]
