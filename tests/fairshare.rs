@@ -168,7 +168,7 @@ fn classed(class: pb::PriorityClass, command: &[&str]) -> pb::JobSpec {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_high_class_job_preempts_a_preemptible_one_which_runs_again() {
     let dir = tempfile::tempdir().unwrap();
-    let sched = Scheduler::start(dir.path()).await;
+    let sched = Scheduler::start_with_top(dir.path(), "preemption_min_runtime_secs = 2").await;
     let _agent = Agent::start(dir.path(), &sched, "n1", "2xA100-40GB");
     wait_ready(&sched, 1).await;
     let mut admin = sched.admin().await;
@@ -193,7 +193,7 @@ async fn a_high_class_job_preempts_a_preemptible_one_which_runs_again() {
     wait_state(&sched, &a_jobs[1], pb::JobState::Running).await;
     let log = cli_ok(&sched, &["job", "logs", &a_jobs[0]]);
     assert!(log.contains("preemptible=1"), "{log}");
-    // Past the minimum run time (2 s in the tests' config), a preemptible
+    // Past the minimum run time (2 s in this test's config), a preemptible
     // job still preempts nothing: the third stays queued.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(state_of(&sched, &a_jobs[2]).await.0, pb::JobState::Queued);

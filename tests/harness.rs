@@ -246,6 +246,16 @@ impl Scheduler {
         Self::start_with(dir, config_path).await
     }
 
+    /// [`Scheduler::start`] with top-level settings (`key = value` lines,
+    /// before the config's tables) added; the previous release refuses
+    /// keys it does not know, so the base config holds none of 0.2.0's.
+    pub async fn start_with_top(dir: &Path, top: &str) -> Self {
+        let config_path = Self::write_config(dir, "127.0.0.1", "");
+        let text = std::fs::read_to_string(&config_path).unwrap();
+        std::fs::write(&config_path, format!("{top}\n{text}")).unwrap();
+        Self::start_with(dir, config_path).await
+    }
+
     /// Starts a scheduler with TOML appended to its config without waiting
     /// for it to serve (e.g. one that serves TLS, which the plaintext wait
     /// cannot reach).
@@ -325,7 +335,6 @@ impl Scheduler {
                  heartbeat_interval_ms = {HEARTBEAT_MS}\n\
                  node_grace_ms = {GRACE_MS}\n\
                  stop_grace_ms = 1000\n\
-                 preemption_min_runtime_secs = 2\n\
                  join_token = \"test-join-token\"\n\
                  admin_token = \"{ADMIN_TOKEN}\"\n\
                  {BILLING}{extra}\n",
@@ -383,7 +392,6 @@ impl Scheduler {
                  heartbeat_interval_ms = {HEARTBEAT_MS}\n\
                  node_grace_ms = {GRACE_MS}\n\
                  stop_grace_ms = 1000\n\
-                 preemption_min_runtime_secs = 2\n\
                  join_token = \"test-join-token\"\n\
                  admin_token = \"{ADMIN_TOKEN}\"\n\
                  {BILLING}"

@@ -108,10 +108,12 @@ pub fn class_from_pb(c: i32) -> PriorityClass {
     }
 }
 
+/// Normal is sent as unset, as before classes existed (so a job's spec
+/// reads back the same to an older client or across an upgrade).
 fn class_to_pb(c: PriorityClass) -> pb::PriorityClass {
     match c {
         PriorityClass::Preemptible => pb::PriorityClass::Preemptible,
-        PriorityClass::Normal => pb::PriorityClass::Normal,
+        PriorityClass::Normal => pb::PriorityClass::Unspecified,
         PriorityClass::High => pb::PriorityClass::High,
     }
 }
