@@ -365,6 +365,7 @@ pub fn simulate(
                     .iter()
                     .map(|(_, j, a)| Candidate {
                         job_id: &jobs[*j].id,
+                        tenant: &tenant_names[jobs[*j].tenant],
                         pool: "public",
                         class: class_of(jobs[*j].tenant),
                         started_ms: jobs[*j].start_s.unwrap_or(now) * 1000,

@@ -29,15 +29,21 @@ impl Cluster {
                 p.stopping.entry(by.as_str()).or_default().push(&job.job_id);
                 continue;
             }
+            // Not one being stopped already (a drain, a failed rank).
             if job.spec.kind != JobKind::Training
                 || job.spec.priority_class == PriorityClass::High
                 || job.stop_cause.is_some()
+                || job.drained_from.is_some()
                 || job.state.is_terminal()
+                || job
+                    .active_instances()
+                    .any(|i| i.state == crate::domain::InstanceState::Stopping)
             {
                 continue;
             }
             p.candidates.push(Candidate {
                 job_id: &job.job_id,
+                tenant: &job.tenant,
                 pool: &job.pool_id,
                 class: job.spec.priority_class,
                 started_ms: job.started_at_ms.unwrap_or(i64::MAX),
@@ -65,11 +71,18 @@ impl Cluster {
             return;
         };
         job.preempted_by = Some(by.to_string());
-        job.last_preempted_by = by.to_string();
         job.preemptions += 1;
-        let why = format!(
-            "preempted by {by} (tenant {tenant}, class {class}): queued again once stopped"
-        );
+        // Another tenant's job is not named to it.
+        let (by_shown, why) = if job.tenant == tenant {
+            let why = format!("preempted by {by} (class {class}): queued again once stopped");
+            (by.to_string(), why)
+        } else {
+            let why = format!(
+                "preempted by another tenant's {class}-class job: queued again once stopped"
+            );
+            ("(another tenant's job)".to_string(), why)
+        };
+        job.last_preempted_by = by_shown;
         let run = job.retries;
         for inst in job
             .instances

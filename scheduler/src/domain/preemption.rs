@@ -24,6 +24,7 @@ pub const EXACT_UP_TO: usize = 12;
 #[derive(Debug, Clone)]
 pub struct Candidate<'a> {
     pub job_id: &'a str,
+    pub tenant: &'a str,
     pub pool: &'a str,
     pub class: PriorityClass,
     /// When its current run started (ms).
@@ -112,13 +113,15 @@ fn release(nodes: &mut [NodeCapacity], c: &Candidate<'_>) {
 
 /// The victims (indexes into `candidates`) that make room for `instances`
 /// instances of `res` in `pool`, cheapest first by the module's rule; None
-/// when evicting every eligible candidate would not make room. Candidates
-/// of another pool, of `class` or above, or younger than `min_runtime_ms`
-/// are not taken.
+/// when evicting every eligible candidate would not make room (or there
+/// is none). Candidates of another pool, of `class` or above, or younger
+/// than `min_runtime_ms` are not taken; another tenant's only if
+/// preemptible (a normal job is preempted only by its own tenant's).
 #[allow(clippy::too_many_arguments)]
 pub fn choose(
     nodes: &[NodeCapacity],
     pool: &str,
+    tenant: &str,
     res: &Resources,
     instances: u32,
     class: PriorityClass,
@@ -133,9 +136,23 @@ pub fn choose(
             !taken.get(i).copied().unwrap_or(false)
                 && c.pool == pool
                 && c.class < class
+                && (c.class == PriorityClass::Preemptible || c.tenant == tenant)
                 && now_ms - c.started_ms >= min_runtime_ms
         })
         .collect();
+    if eligible.is_empty() {
+        return None;
+    }
+    // The eligible candidates by node.
+    let mut by_node: std::collections::HashMap<&str, Vec<usize>> = Default::default();
+    for &i in &eligible {
+        for (node, _) in &candidates[i].instances {
+            let list = by_node.entry(node).or_default();
+            if list.last() != Some(&i) {
+                list.push(i);
+            }
+        }
+    }
     let mut sim: Vec<NodeCapacity> = nodes.iter().filter(|n| n.pool == pool).cloned().collect();
     let mut chosen: Vec<usize> = Vec::new();
     for _ in 0..instances {
@@ -148,17 +165,10 @@ pub fn choose(
             if !node.schedulable {
                 continue;
             }
-            let here: Vec<usize> = eligible
-                .iter()
-                .copied()
-                .filter(|i| !chosen.contains(i))
-                .filter(|&i| {
-                    candidates[i]
-                        .instances
-                        .iter()
-                        .any(|(n, _)| *n == node.node_id)
-                })
-                .collect();
+            let Some(on) = by_node.get(node.node_id.as_str()) else {
+                continue;
+            };
+            let here: Vec<usize> = on.iter().copied().filter(|i| !chosen.contains(i)).collect();
             if let Some((cost, set)) = cheapest_on(&sim, pos, res, &here, candidates, now_ms)
                 && best.as_ref().is_none_or(|b| cost < b.0)
             {
@@ -292,6 +302,7 @@ mod tests {
         rs.iter()
             .map(|r| Candidate {
                 job_id: &r.id,
+                tenant: "t",
                 pool: "public",
                 class: r.class,
                 started_ms: r.started,
@@ -360,7 +371,7 @@ mod tests {
             let cands = candidates(&running);
             let min_ms = min_minutes * 60_000;
             let res = gpus(want);
-            let got = choose(&nodes, "public", &res, 1, class, &cands, &[], min_ms, NOW);
+            let got = choose(&nodes, "public", "t", &res, 1, class, &cands, &[], min_ms, NOW);
             let ok = |i: usize| cands[i].class < class && NOW - cands[i].started_ms >= min_ms;
             // Brute force over every subset of every candidate.
             let mut best: Option<(u64, i64)> = None;
@@ -385,7 +396,11 @@ mod tests {
                 }
             }
             let fits_now = nodes.iter().any(|n| fits(n, &res));
+            let any_eligible = (0..cands.len()).any(ok);
             match (got, best) {
+                // Nothing eligible: no choice is made (the planner asks only
+                // after a request failed).
+                (None, Some(_)) if !any_eligible => {}
                 (Some(set), Some(best)) => {
                     prop_assert!(set.iter().all(|&i| ok(i)), "an ineligible victim");
                     let cost = set.iter().fold((0, 0), |(a, b), &i| {
@@ -432,6 +447,7 @@ mod tests {
             choose(
                 &nodes,
                 "public",
+                "t",
                 &gpus(2),
                 1,
                 PriorityClass::Normal,
@@ -446,6 +462,7 @@ mod tests {
         let got = choose(
             &nodes,
             "public",
+            "t",
             &gpus(2),
             1,
             PriorityClass::High,
@@ -455,11 +472,30 @@ mod tests {
             NOW,
         );
         assert_eq!(got, Some(vec![0, 1]));
+        // Another tenant's high job takes only preemptible victims: the
+        // gang alone does not make room.
+        let other = choose(
+            &nodes,
+            "public",
+            "u",
+            &gpus(2),
+            1,
+            PriorityClass::High,
+            &cands,
+            &[],
+            0,
+            NOW,
+        );
+        assert_eq!(
+            other, None,
+            "a normal job is preempted only by its own tenant"
+        );
         // Two 1-GPU instances (a gang): evicting the gang alone frees one
         // GPU on each node.
         let got = choose(
             &nodes,
             "public",
+            "t",
             &gpus(1),
             2,
             PriorityClass::Normal,
@@ -487,6 +523,7 @@ mod tests {
             choose(
                 &nodes,
                 "public",
+                "t",
                 &gpus(1),
                 1,
                 PriorityClass::Normal,
@@ -502,6 +539,7 @@ mod tests {
             choose(
                 &nodes,
                 "public",
+                "t",
                 &gpus(1),
                 1,
                 PriorityClass::Normal,
@@ -517,6 +555,7 @@ mod tests {
             choose(
                 &nodes,
                 "p1",
+                "t",
                 &gpus(1),
                 1,
                 PriorityClass::Normal,

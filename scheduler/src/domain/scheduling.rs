@@ -53,14 +53,16 @@
 //!    The class still comes first: a tenant's high-class job goes before
 //!    any tenant's normal one.
 //! 8. **Preemption** ([`Preemption`], [`crate::domain::preemption`]): a
-//!    gang of a class above `preemptible` that does not fit may preempt
-//!    running training jobs of a lower class in its pool that have run the
-//!    minimum run time: the cheapest victim set that makes room (fewest
-//!    instances, then least run time lost; a victim's whole run). The
-//!    victims get [`Decision::Preempt`], the request waits
-//!    ([`Wait::Preempting`]) and becomes its pool's head if there is none,
-//!    so what the victims free is kept for it. While its victims stop it
-//!    preempts no more. Victims chosen in a pass are not chosen again.
+//!    gang of a class above `preemptible` that does not fit and would be
+//!    its pool's head (none yet this pass) may preempt running training
+//!    jobs of a lower class in its pool that have run the minimum run time
+//!    (another tenant's only if preemptible): the cheapest victim set that
+//!    makes room (fewest instances, then least run time lost; a victim's
+//!    whole run). The victims get [`Decision::Preempt`], the request waits
+//!    ([`Wait::Preempting`]) as its pool's head, so what the victims free
+//!    is kept for it. While its victims stop it preempts no more. Victims
+//!    chosen in a pass are not chosen again, and a shape that found none
+//!    does not look again in the pass.
 //!
 //! A wait is reported as a [`Wait`]; its `Display` is the reason the job
 //! shows (`gpupool job get`).
@@ -271,10 +273,11 @@ impl std::fmt::Display for Wait {
                 f,
                 "{why} (behind {head}, which keeps the nodes it can use; others may be backfilled)"
             ),
+            // Counted, not named: a victim may be another tenant's.
             Wait::Preempting { victims } => write!(
                 f,
-                "preempting {} (a lower priority class): starts once they have stopped",
-                victims.join(", ")
+                "preempting {} job(s) of a lower priority class: starts once they have stopped",
+                victims.len()
             ),
             Wait::Limit {
                 tenant,
@@ -425,6 +428,7 @@ pub fn plan_shared(
         out: Vec::new(),
         preempt,
         taken: vec![false; preempt.map_or(0, |p| p.candidates.len())],
+        no_victims: Default::default(),
     };
     let Some(share) = share else {
         for req in order {
@@ -581,6 +585,9 @@ struct Pass<'a, 'p> {
     preempt: Option<&'p Preemption<'p>>,
     /// Candidates already preempted this pass.
     taken: Vec<bool>,
+    /// Request shapes (pool, resources, instances, class, tenant) that
+    /// found no victims this pass.
+    no_victims: std::collections::HashSet<(&'a str, &'a Resources, u32, PriorityClass, &'a str)>,
 }
 
 impl<'a> Pass<'a, '_> {
@@ -599,9 +606,16 @@ impl<'a> Pass<'a, '_> {
         if req.class == PriorityClass::Preemptible {
             return None;
         }
+        // A shape that found no victims this pass finds none again (the
+        // victims chosen since only shrink the candidates).
+        let shape = (req.pool, req.resources, instances, req.class, req.tenant);
+        if self.no_victims.contains(&shape) {
+            return None;
+        }
         let chosen = preemption::choose(
             placer.nodes(),
             req.pool,
+            req.tenant,
             req.resources,
             instances,
             req.class,
@@ -609,10 +623,11 @@ impl<'a> Pass<'a, '_> {
             &self.taken,
             p.min_runtime_ms,
             now_ms,
-        )?;
-        if chosen.is_empty() {
+        );
+        let Some(chosen) = chosen.filter(|c| !c.is_empty()) else {
+            self.no_victims.insert(shape);
             return None;
-        }
+        };
         let mut victims = Vec::new();
         for i in chosen {
             self.taken[i] = true;
@@ -678,13 +693,14 @@ impl<'a> Pass<'a, '_> {
         let Some(why) = failure else {
             return count;
         };
+        // Only a request that would be its pool's head preempts: behind
+        // another head, what it freed would be the head's to keep.
         if matches!(why, Wait::NoRoom(_))
+            && !self.heads.contains_key(req.pool)
             && let Some(why) = self.preempting(req, placer, now_ms)
         {
             // It keeps the nodes it could use while its victims stop.
-            if !self.heads.contains_key(req.pool) {
-                become_head(&mut self.heads, placer, req);
-            }
+            become_head(&mut self.heads, placer, req);
             self.out.push(Decision::Wait {
                 job_id: req.job_id.to_string(),
                 why: Arc::new(why),
