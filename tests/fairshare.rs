@@ -43,16 +43,6 @@ async fn wait_state(s: &Scheduler, id: &str, state: pb::JobState) {
     wait_job(s, id, state, Duration::from_secs(30)).await;
 }
 
-fn cli_ok(s: &Scheduler, args: &[&str]) -> String {
-    let out = s.cli(args);
-    assert!(
-        out.status.success(),
-        "gpupool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Tenant A fills both GPUs and queues two more jobs; B then submits one.
 /// When one of A's jobs ends, B's starts, not A's older one. With A held
 /// to 1 GPU in the public pool, A's next job waits saying so, until the

@@ -820,6 +820,17 @@ pub fn training(gpus: i32, command: &[&str]) -> pb::JobSpec {
     }
 }
 
+/// Runs the CLI as the admin; panics with its stderr unless it succeeds.
+pub fn cli_ok(s: &Scheduler, args: &[&str]) -> String {
+    let out = s.cli(args);
+    assert!(
+        out.status.success(),
+        "gpupool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Submits a job over gRPC.
 pub async fn submit(s: &Scheduler, spec: pb::JobSpec) -> Result<pb::Job, tonic::Status> {
     s.jobs()

@@ -41,16 +41,6 @@ fn split_url(url: &str) -> (String, String) {
     (rest[..slash].to_string(), rest[slash..].to_string())
 }
 
-fn cli_ok(s: &Scheduler, args: &[&str]) -> String {
-    let out = s.cli(args);
-    assert!(
-        out.status.success(),
-        "gpupool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notebook_url_answers_and_an_idle_notebook_is_culled() {
     let dir = tempfile::tempdir().unwrap();
