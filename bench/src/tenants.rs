@@ -12,10 +12,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use gpupool_scheduler::domain::job::{PriorityClass, Resources};
-use gpupool_scheduler::domain::placement::{Assignment, GpuSlot, NodeCapacity, Placer};
+use gpupool_scheduler::domain::placement::{Assignment, GpuSlot, NodeCapacity, Placer, gpu_ask};
 use gpupool_scheduler::domain::preemption::Candidate;
 use gpupool_scheduler::domain::scheduling::{
-    self, Decision, Preemption, Request, Shape, Share, TenantShare,
+    self, Decision, Preemption, Request, Shape, Share, TenantShare, dominant_share,
 };
 use serde::Serialize;
 
@@ -194,10 +194,12 @@ fn cluster(nodes: &[NodeSpec]) -> Vec<NodeCapacity> {
         .collect()
 }
 
-/// Takes (`sign` −1) or gives back (+1) what `a` holds of `res`.
+/// Takes (`sign` −1) or gives back (+1) what `a` holds of `res` on its
+/// node, and adds it to (−1) or takes it from (+1) its tenant's `used`.
 fn apply(
     nodes: &mut [NodeCapacity],
     index: &HashMap<String, usize>,
+    used: &mut [u64; 3],
     res: &Resources,
     a: &Assignment,
     sign: i64,
@@ -205,7 +207,7 @@ fn apply(
     let n = &mut nodes[index[&a.node_id]];
     n.cpu_free_milli += sign * res.cpu_milli as i64;
     n.memory_free_mib += sign * res.memory_mib as i64;
-    let per = if res.gpus > 0 { 1000 } else { res.gpu_milli } as i64;
+    let per = gpu_ask(res).1;
     for idx in &a.gpu_indexes {
         let g = n
             .gpus
@@ -213,6 +215,9 @@ fn apply(
             .find(|g| g.index == *idx)
             .expect("known GPU");
         g.free_milli = (i64::from(g.free_milli) + sign * per) as u32;
+    }
+    for (u, h) in used.iter_mut().zip(res.held()) {
+        *u = if sign < 0 { *u + h } else { *u - h };
     }
 }
 
@@ -310,11 +315,7 @@ pub fn simulate(
             }
             let res = &jobs[*j].resources;
             held_milli_s += f64::from(res.gpu_demand_milli()) * jobs[*j].duration_s as f64;
-            apply(&mut caps, &index, res, a, 1);
-            let u = &mut used[jobs[*j].tenant];
-            u[0] -= u64::from(res.gpu_demand_milli());
-            u[1] -= res.cpu_milli;
-            u[2] -= res.memory_mib;
+            apply(&mut caps, &index, &mut used[jobs[*j].tenant], res, a, 1);
             false
         });
         if running.len() != before {
@@ -399,12 +400,15 @@ pub fn simulate(
             {
                 let j: usize = job_id[1..].parse().expect("j<n>");
                 placed.push(j);
-                let res = jobs[j].resources.clone();
-                apply(&mut caps, &index, &res, &assignment, -1);
-                let u = &mut used[jobs[j].tenant];
-                u[0] += u64::from(res.gpu_demand_milli());
-                u[1] += res.cpu_milli;
-                u[2] += res.memory_mib;
+                let tenant = jobs[j].tenant;
+                apply(
+                    &mut caps,
+                    &index,
+                    &mut used[tenant],
+                    &jobs[j].resources,
+                    &assignment,
+                    -1,
+                );
                 jobs[j].start_s = Some(now);
                 running.push((now + jobs[j].duration_s, j, assignment));
             }
@@ -417,15 +421,13 @@ pub fn simulate(
                 continue;
             };
             let (_, j, a) = running.remove(at);
-            let res = jobs[j].resources.clone();
-            apply(&mut caps, &index, &res, &a, 1);
-            let u = &mut used[jobs[j].tenant];
-            u[0] -= u64::from(res.gpu_demand_milli());
-            u[1] -= res.cpu_milli;
-            u[2] -= res.memory_mib;
-            let ran = now - jobs[j].start_s.take().expect("running");
-            lost_milli_s += f64::from(res.gpu_demand_milli()) * ran as f64;
-            held_milli_s += f64::from(res.gpu_demand_milli()) * ran as f64;
+            let res = &jobs[j].resources;
+            apply(&mut caps, &index, &mut used[jobs[j].tenant], res, &a, 1);
+            let ran_milli_s = f64::from(res.gpu_demand_milli())
+                * (now - jobs[j].start_s.expect("running")) as f64;
+            jobs[j].start_s = None;
+            lost_milli_s += ran_milli_s;
+            held_milli_s += ran_milli_s;
             preemptions += 1;
             queue.push(j);
             placer = None;
@@ -443,12 +445,7 @@ pub fn simulate(
             }
             let x: Vec<f64> = (0..TENANTS)
                 .filter(|&t| backlogged[t])
-                .map(|t| {
-                    let most = (0..3)
-                        .map(|r| used[t][r] as f64 / capacity[r] as f64)
-                        .fold(0.0, f64::max);
-                    most / f64::from(WEIGHTS[t])
-                })
+                .map(|t| dominant_share(&used[t], &capacity, WEIGHTS[t]))
                 .collect();
             if x.len() >= 2 {
                 fairness += jain(&x);

@@ -26,7 +26,7 @@ impl Cluster {
                 continue;
             }
             if let Some(by) = &job.preempted_by {
-                p.stopping.entry(by.as_str()).or_default().push(&job.job_id);
+                *p.stopping.entry(by.as_str()).or_default() += 1;
                 continue;
             }
             // Not one being stopped already (a drain, a failed rank).

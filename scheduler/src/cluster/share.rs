@@ -45,15 +45,11 @@ impl Cluster {
             if job.pool_id != PUBLIC_POOL {
                 continue;
             }
-            let held = job.active_instances().count() as u64;
-            if held == 0 {
-                continue;
+            let held = job.active_instances().count() as u32;
+            if held > 0 {
+                let t = share.tenants.entry(job.tenant.clone()).or_default();
+                t.hold(&job.spec.resources, held);
             }
-            let res = &job.spec.resources;
-            let t = share.tenants.entry(job.tenant.clone()).or_default();
-            t.used[0] += u64::from(res.gpu_demand_milli()) * held;
-            t.used[1] += res.cpu_milli * held;
-            t.used[2] += res.memory_mib * held;
         }
         share
     }

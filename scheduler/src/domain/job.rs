@@ -47,6 +47,16 @@ impl Resources {
         self.gpus * 1000 + self.gpu_milli
     }
 
+    /// What one instance holds: GPU milli, CPU milli, memory MiB (the
+    /// resources a fair share is measured in).
+    pub fn held(&self) -> [u64; 3] {
+        [
+            u64::from(self.gpu_demand_milli()),
+            self.cpu_milli,
+            self.memory_mib,
+        ]
+    }
+
     /// "4 GPU, 1000m CPU, 1024 MiB".
     pub fn describe(&self) -> String {
         let gpu = if self.gpu_milli > 0 {

@@ -92,11 +92,7 @@ fn take(n: &mut NodeCapacity, res: &Resources) {
 
 /// Gives back what `c`'s instances hold on the nodes.
 fn release(nodes: &mut [NodeCapacity], c: &Candidate<'_>) {
-    let per = if c.resources.gpus > 0 {
-        1000
-    } else {
-        c.resources.gpu_milli
-    };
+    let per = super::placement::gpu_ask(c.resources).1 as u32;
     for (node, gpus) in &c.instances {
         let Some(n) = nodes.iter_mut().find(|n| n.node_id == *node) else {
             continue;
@@ -208,6 +204,11 @@ fn cheapest_on(
             (a + x, b.saturating_add(y))
         })
     };
+    // Freeing more never hurts: if all of them do not make room, no
+    // subset does (spares the subsets on nodes that cannot help).
+    if !room_after(here) {
+        return None;
+    }
     if here.len() <= EXACT_UP_TO {
         let mut best: Option<((u64, i64), Vec<usize>)> = None;
         for mask in 1u32..(1 << here.len()) {

@@ -240,7 +240,7 @@ pub enum Wait {
     Behind { head: String, why: Box<Wait> },
     /// It preempted these jobs (a lower class) and starts once they have
     /// stopped.
-    Preempting { victims: Vec<String> },
+    Preempting { victims: usize },
     /// Its tenant's limit in a fair-shared pool is reached (GPU milli).
     Limit {
         tenant: String,
@@ -276,8 +276,7 @@ impl std::fmt::Display for Wait {
             // Counted, not named: a victim may be another tenant's.
             Wait::Preempting { victims } => write!(
                 f,
-                "preempting {} job(s) of a lower priority class: starts once they have stopped",
-                victims.len()
+                "preempting {victims} job(s) of a lower priority class: starts once they have stopped"
             ),
             Wait::Limit {
                 tenant,
@@ -349,23 +348,35 @@ impl Share<'_> {
     /// the pool has) over its weight.
     pub fn dominant(&self, tenant: &str) -> f64 {
         let t = self.of(tenant);
-        let most = (0..3)
-            .filter(|&i| self.capacity[i] > 0)
-            .map(|i| t.used[i] as f64 / self.capacity[i] as f64)
-            .fold(0.0, f64::max);
-        most / f64::from(t.weight.max(1))
+        dominant_share(&t.used, &self.capacity, t.weight)
     }
 
     fn charge(&mut self, tenant: &str, res: &Resources, instances: u32) {
-        let n = u64::from(instances);
         let t = match self.tenants.get_mut(tenant) {
             Some(t) => t,
             None => self.tenants.entry(tenant.to_string()).or_default(),
         };
-        t.used[0] += u64::from(res.gpu_demand_milli()) * n;
-        t.used[1] += res.cpu_milli * n;
-        t.used[2] += res.memory_mib * n;
+        t.hold(res, instances);
     }
+}
+
+impl TenantShare {
+    /// Adds what `instances` instances of `res` hold.
+    pub fn hold(&mut self, res: &Resources, instances: u32) {
+        for (u, d) in self.used.iter_mut().zip(res.held()) {
+            *u += d * u64::from(instances);
+        }
+    }
+}
+
+/// The largest fraction of any resource of `capacity` that `used` is,
+/// over `weight` (0 counts as 1).
+pub fn dominant_share(used: &[u64; 3], capacity: &[u64; 3], weight: u32) -> f64 {
+    let most = (0..3)
+        .filter(|&i| capacity[i] > 0)
+        .map(|i| used[i] as f64 / capacity[i] as f64)
+        .fold(0.0, f64::max);
+    most / f64::from(weight.max(1))
 }
 
 /// A pool's head: the job and the nodes (by position) it reserves.
@@ -398,9 +409,9 @@ pub struct Preemption<'a> {
     pub candidates: Vec<Candidate<'a>>,
     /// A job runs at least this long before it may be preempted.
     pub min_runtime_ms: i64,
-    /// Requests whose victims are still stopping: they wait for those and
-    /// preempt no more.
-    pub stopping: HashMap<&'a str, Vec<&'a str>>,
+    /// Requests whose victims are still stopping, with how many: they
+    /// wait for those and preempt no more.
+    pub stopping: HashMap<&'a str, usize>,
 }
 
 /// [`plan`], with `share`'s pool shared fairly between tenants (step 7):
@@ -596,8 +607,7 @@ impl<'a> Pass<'a, '_> {
     /// preempted earlier are still stopping.
     fn preempting(&mut self, req: &Request<'a>, placer: &Placer, now_ms: i64) -> Option<Wait> {
         let p = self.preempt?;
-        if let Some(victims) = p.stopping.get(req.job_id) {
-            let victims = victims.iter().map(|v| v.to_string()).collect();
+        if let Some(&victims) = p.stopping.get(req.job_id) {
             return Some(Wait::Preempting { victims });
         }
         let Shape::Gang { instances, .. } = req.shape else {
@@ -628,15 +638,13 @@ impl<'a> Pass<'a, '_> {
             self.no_victims.insert(shape);
             return None;
         };
-        let mut victims = Vec::new();
+        let victims = chosen.len();
         for i in chosen {
             self.taken[i] = true;
-            let id = p.candidates[i].job_id.to_string();
             self.out.push(Decision::Preempt {
-                job_id: id.clone(),
+                job_id: p.candidates[i].job_id.to_string(),
                 by: req.job_id.to_string(),
             });
-            victims.push(id);
         }
         Some(Wait::Preempting { victims })
     }
