@@ -160,6 +160,7 @@ fn preload_ledger(data: &std::path::Path, now_ms: i64) -> (i64, usize) {
                 amount_micros: amount,
                 gpu_allocated_ms: HOUR,
                 gpu_used_ms: HOUR / 2,
+                preemptible: false,
             });
         }
         hour += HOUR;

@@ -144,6 +144,47 @@ async fn submit_spec(
         .map(tonic::Response::into_inner)
 }
 
+const PUBLIC_HOUR: i64 = 360_000;
+const PREEMPTIBLE_HOUR: i64 = 120_000;
+
+/// The victim's usage, as its tenant reads it: its first run's rows are
+/// preemptible, at the preemptible price, and meter exactly the time from
+/// its start to its stop; its second run is metered from its own start.
+async fn ledger_ends_at_the_stop(s: &Scheduler, token: &str, victim: &pb::Job) {
+    let rows = s
+        .clients(Some(token))
+        .await
+        .usage
+        .list_usage(pb::ListUsageRequest {
+            job: victim.job_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let ms = |t: &Option<_>| gpupool_proto::unix_ms_from_timestamp(t.as_ref().unwrap());
+    let first = victim.instances.iter().find(|i| i.finished_at.is_some());
+    let first = first.expect("the preempted run has ended");
+    let metered: i64 = rows
+        .iter()
+        .filter(|r| r.instance_id == first.instance_id)
+        .map(|r| r.unit_ms)
+        .sum();
+    assert_eq!(
+        metered,
+        ms(&first.finished_at) - ms(&first.started_at),
+        "the preempted run is metered to its stop: {rows:?}"
+    );
+    assert!(rows.len() >= 2, "both runs are metered: {rows:?}");
+    for r in &rows {
+        assert!(r.preemptible, "{r:?}");
+        assert_eq!(r.unit_price_micros, PREEMPTIBLE_HOUR, "{r:?}");
+        let exact = r.unit_ms as f64 * PREEMPTIBLE_HOUR as f64 / 3_600_000.0;
+        assert!((r.amount_micros as f64 - exact).abs() <= 0.5, "{r:?}");
+    }
+}
+
 fn classed(class: pb::PriorityClass, command: &[&str]) -> pb::JobSpec {
     pb::JobSpec {
         priority_class: class as i32,
@@ -158,7 +199,16 @@ fn classed(class: pb::PriorityClass, command: &[&str]) -> pb::JobSpec {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_high_class_job_preempts_a_preemptible_one_which_runs_again() {
     let dir = tempfile::tempdir().unwrap();
-    let sched = Scheduler::start_with_top(dir.path(), "preemption_min_runtime_secs = 2").await;
+    let sched = Scheduler::start_with_top_and_config(
+        dir.path(),
+        "preemption_min_runtime_secs = 2",
+        &format!(
+            "[billing.prices.\"gpu-2xA100-40GB-2c-24g\"]\n\
+             public_instance_hour_micros = {PUBLIC_HOUR}\n\
+             preemptible_instance_hour_micros = {PREEMPTIBLE_HOUR}\n"
+        ),
+    )
+    .await;
     let _agent = Agent::start(dir.path(), &sched, "n1", "2xA100-40GB");
     wait_ready(&sched, 1).await;
     let mut admin = sched.admin().await;
@@ -253,6 +303,7 @@ async fn a_high_class_job_preempts_a_preemptible_one_which_runs_again() {
         "{text}"
     );
     assert!(text.contains("class preemptible"), "{text}");
+    ledger_ends_at_the_stop(&sched, &a, &again).await;
 
     // Only training jobs may be preemptible.
     let mut nb = classed(pre, &[]);

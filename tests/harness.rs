@@ -250,7 +250,12 @@ impl Scheduler {
     /// before the config's tables) added; the previous release refuses
     /// keys it does not know, so the base config holds none of 0.2.0's.
     pub async fn start_with_top(dir: &Path, top: &str) -> Self {
-        let config_path = Self::write_config(dir, "127.0.0.1", "");
+        Self::start_with_top_and_config(dir, top, "").await
+    }
+
+    /// [`Scheduler::start_with_top`] with TOML (tables) appended too.
+    pub async fn start_with_top_and_config(dir: &Path, top: &str, extra: &str) -> Self {
+        let config_path = Self::write_config(dir, "127.0.0.1", extra);
         let text = std::fs::read_to_string(&config_path).unwrap();
         std::fs::write(&config_path, format!("{top}\n{text}")).unwrap();
         Self::start_with(dir, config_path).await

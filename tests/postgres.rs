@@ -119,6 +119,7 @@ fn exercise(store: Box<dyn Store>, reopen: impl Fn() -> Box<dyn Store>) -> Strin
                     amount_micros: 100 + s,
                     gpu_allocated_ms: 0,
                     gpu_used_ms: 0,
+                    preemptible: false,
                 });
             }
         }

@@ -393,6 +393,7 @@ async fn usage_phase(
                     amount_micros: 1_000_000,
                     gpu_allocated_ms: HOUR,
                     gpu_used_ms: HOUR / 2,
+                    preemptible: false,
                 });
             }
             hour += HOUR;

@@ -87,7 +87,7 @@ pub struct BillArgs {
 }
 
 /// The CSV header of `usage --csv`.
-const USAGE_CSV_HEADER: [&str; 15] = [
+const USAGE_CSV_HEADER: [&str; 16] = [
     "period",
     "tenant",
     "pool_id",
@@ -103,6 +103,7 @@ const USAGE_CSV_HEADER: [&str; 15] = [
     "amount_micros",
     "gpu_allocated_ms",
     "gpu_used_ms",
+    "preemptible",
 ];
 
 pub(super) async fn usage_command(
@@ -276,7 +277,7 @@ fn usage_table(r: &pb::ListUsageResponse) -> String {
             u.job_id.clone(),
             u.instance_id.clone(),
             u.spec.clone(),
-            billing_mode_name(u.billing_mode).to_string(),
+            mode_label(u.billing_mode, u.preemptible),
             u.entry_kind.clone(),
             u.quantity.to_string(),
             u.seconds.to_string(),
@@ -288,6 +289,17 @@ fn usage_table(r: &pb::ListUsageResponse) -> String {
         ]);
     }
     format!("{}total: {}\n", t.render(), format_micros(r.total_micros))
+}
+
+/// The mode column: a preemptible job's rows say so (their price is the
+/// preemptible one).
+fn mode_label(mode: i32, preemptible: bool) -> String {
+    let name = billing_mode_name(mode);
+    if preemptible {
+        format!("{name} (preemptible)")
+    } else {
+        name.to_string()
+    }
 }
 
 /// Used GPU time as a share of allocated GPU time, or `-` without GPUs.
@@ -319,6 +331,7 @@ fn usage_csv(records: &[pb::UsageRecord]) -> String {
             u.amount_micros.to_string(),
             u.gpu_allocated_ms.to_string(),
             u.gpu_used_ms.to_string(),
+            u.preemptible.to_string(),
         ]));
     }
     text
@@ -358,7 +371,7 @@ fn bill_text(b: &pb::Bill) -> String {
             l.pool_id.clone(),
             l.job_id.clone(),
             l.spec.clone(),
-            billing_mode_name(l.billing_mode).to_string(),
+            mode_label(l.billing_mode, l.preemptible),
             l.seconds.to_string(),
             format_micros(l.amount_micros),
         ]);
@@ -513,6 +526,7 @@ mod tests {
             period: period.into(),
             gpu_allocated_ms: 3_600_000,
             gpu_used_ms: 900_000,
+            preemptible: false,
         }
     }
 
@@ -603,6 +617,7 @@ mod tests {
             record("", "usage", 2_500_000),
             pb::UsageRecord {
                 pool_id: "team, \"a\"".into(),
+                preemptible: true,
                 ..record("2026-11", "refund", -12_500_000)
             },
         ];
@@ -612,17 +627,18 @@ mod tests {
         assert_eq!(
             lines[0],
             "period,tenant,pool_id,job_id,instance_id,spec,billing_mode,entry_kind,\
-             quantity,seconds,unit_ms,unit_price_micros,amount_micros,gpu_allocated_ms,gpu_used_ms"
+             quantity,seconds,unit_ms,unit_price_micros,amount_micros,gpu_allocated_ms,gpu_used_ms,\
+             preemptible"
         );
         assert_eq!(
             lines[1],
             "2026-11-27T10:00:00Z,acme,public,j-1,j-1-0,1xH100,on-demand,usage,\
-             2,1800,3600000,2500000,2500000,3600000,900000"
+             2,1800,3600000,2500000,2500000,3600000,900000,false"
         );
         assert_eq!(
             lines[2],
             "2026-11,acme,\"team, \"\"a\"\"\",j-1,j-1-0,1xH100,on-demand,refund,\
-             2,1800,3600000,2500000,-12500000,3600000,900000"
+             2,1800,3600000,2500000,-12500000,3600000,900000,true"
         );
         assert!(text.ends_with("\r\n"));
         // No records: the header alone.
@@ -683,6 +699,7 @@ mod tests {
                 billing_mode: pb::BillingMode::OnDemand as i32,
                 seconds: 7200,
                 amount_micros: 5_000_000,
+                preemptible: false,
             }],
             orders: vec![order("new", 30_000_000), order("refund", -10_000_000)],
             usage_micros: 5_000_000,

@@ -373,6 +373,7 @@ pub fn usage_record(r: &UsageRecord) -> Value {
         "period": r.period,
         "gpu_allocated_ms": r.gpu_allocated_ms,
         "gpu_used_ms": r.gpu_used_ms,
+        "preemptible": r.preemptible,
     })
 }
 
@@ -414,6 +415,7 @@ pub fn bill_line(l: &BillLine) -> Value {
         "billing_mode": billing_mode_name(l.billing_mode),
         "seconds": l.seconds,
         "amount_micros": l.amount_micros,
+        "preemptible": l.preemptible,
     })
 }
 
@@ -625,6 +627,7 @@ mod tests {
                 period: "2026-11-27".into(),
                 gpu_allocated_ms: 90_400,
                 gpu_used_ms: 45_200,
+                preemptible: true,
             }],
             total_micros: 50_000,
             next_page_token: String::new(),
@@ -651,6 +654,7 @@ mod tests {
             "period",
             "gpu_allocated_ms",
             "gpu_used_ms",
+            "preemptible",
         ];
         expected.sort_unstable();
         assert_eq!(keys(rec), expected);
@@ -692,6 +696,7 @@ mod tests {
                 billing_mode: gpupool_proto::v1::BillingMode::OnDemand as i32,
                 seconds: 3600,
                 amount_micros: 2_000_000,
+                preemptible: false,
             }],
             orders: vec![o],
             usage_micros: 2_000_000,
@@ -722,6 +727,7 @@ mod tests {
                 "billing_mode": "on-demand",
                 "seconds": 3600,
                 "amount_micros": 2_000_000,
+                "preemptible": false,
             }])
         );
         assert_eq!(v["orders"][0]["order_id"], "o-1");

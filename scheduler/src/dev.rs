@@ -78,6 +78,7 @@ fn dev_prices(config: &mut SchedulerConfig) -> bool {
             on_demand_node_hour_micros: 2_000_000,
             subscription_node_month_micros: 1_000_000_000,
             public_instance_hour_micros: 500_000,
+            preemptible_instance_hour_micros: Some(200_000),
         };
     }
     if config.subscription_regions.is_empty() {
@@ -400,7 +401,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          \x20 scheduler gRPC : http://{grpc_addr}\n\
          \x20 metrics        : http://{metrics_addr}/metrics (scheduler)\n\
          \x20 local agents   : {} node(s), {gpus}; instances run as {}\n{}\n\
-         \x20 prices         : {} (on demand {}/node-hour, subscription {}/node-month, public {}/instance-hour)\n\
+         \x20 prices         : {} (on demand {}/node-hour, subscription {}/node-month, public {}/instance-hour, preemptible {})\n\
          \x20 data           : {} (agents started by hand enrol with the join_token in join-token)\n\
          \x20 authentication : {}\n\n\
          In another terminal:\n\
@@ -421,6 +422,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         money(prices.on_demand_node_hour_micros),
         money(prices.subscription_node_month_micros),
         money(prices.public_instance_hour_micros),
+        money(prices.public_hour_micros(true)),
         data_dir.display(),
         if auth_on {
             "on (export GPUPOOL_TOKEN=<admin token> for the CLI)"

@@ -860,6 +860,7 @@ mod tests {
             amount_micros: 5,
             gpu_allocated_ms: 7,
             gpu_used_ms: 3,
+            preemptible: false,
         }
     }
 

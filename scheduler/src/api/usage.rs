@@ -145,6 +145,7 @@ fn row_to_pb(r: &LedgerRow, period_label: String) -> pb::UsageRecord {
         period: period_label,
         gpu_allocated_ms: r.gpu_allocated_ms,
         gpu_used_ms: r.gpu_used_ms,
+        preemptible: r.preemptible,
     }
 }
 
@@ -366,7 +367,7 @@ impl pb::usage_service_server::UsageService for Api {
             closed_rows.append(&mut rows);
             rows = closed_rows;
         }
-        let mut lines: BTreeMap<(String, String, String, i32), (i64, i64)> = BTreeMap::new();
+        let mut lines: BTreeMap<(String, String, String, i32), (i64, i64, bool)> = BTreeMap::new();
         for r in rows.iter().filter(|r| r.tenant == tenant) {
             let e = lines
                 .entry((
@@ -378,17 +379,19 @@ impl pb::usage_service_server::UsageService for Api {
                 .or_default();
             e.0 += r.unit_ms;
             e.1 += r.amount_micros;
+            e.2 |= r.preemptible;
         }
         let usage: Vec<pb::BillLine> = lines
             .into_iter()
             .map(
-                |((pool_id, job_id, spec, mode), (unit_ms, amount))| pb::BillLine {
+                |((pool_id, job_id, spec, mode), (unit_ms, amount, preemptible))| pb::BillLine {
                     pool_id,
                     job_id,
                     spec,
                     billing_mode: mode,
                     seconds: billing::round_div(i128::from(unit_ms), 1000),
                     amount_micros: amount,
+                    preemptible,
                 },
             )
             .collect();

@@ -12,6 +12,7 @@ use super::{Cluster, ClusterError, Outbox};
 use crate::domain::billing::{
     self, ExpiryAction, LedgerRow, ModeSpan, Order, OrderKind, Span, SpecPrice, Term, hour_floor,
 };
+use crate::domain::job::PriorityClass;
 use crate::domain::pool::{BillingMode, Pool, PoolError, PoolStatus, PoolType, SubscriptionTerms};
 use crate::domain::tenant::Caller;
 use crate::domain::{PUBLIC_POOL, StopCause};
@@ -132,6 +133,7 @@ impl Cluster {
                     quantity: r.quantity,
                     unit_price_micros: r.unit_price_micros,
                     amount_micros: r.amount_micros,
+                    preemptible: false,
                 });
             }
         }
@@ -149,7 +151,8 @@ impl Cluster {
                     .get(&inst.node_id)
                     .map(|n| n.spec_name())
                     .unwrap_or_default();
-                let price = self.price_of(&spec).public_instance_hour_micros;
+                let preemptible = job.spec.priority_class == PriorityClass::Preemptible;
+                let price = self.price_of(&spec).public_hour_micros(preemptible);
                 let res = &job.spec.resources;
                 let share_milli = i64::from(res.gpus) * 1000 + i64::from(res.gpu_milli);
                 let span = Span {
@@ -177,6 +180,7 @@ impl Cluster {
                         quantity: r.quantity,
                         unit_price_micros: r.unit_price_micros,
                         amount_micros: r.amount_micros,
+                        preemptible,
                     });
                 }
             }

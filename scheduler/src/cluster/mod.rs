@@ -1954,6 +1954,7 @@ mod tests {
                 on_demand_node_hour_micros: 3_600_000,
                 subscription_node_month_micros: 1_000_000_000,
                 public_instance_hour_micros: 360_000,
+                preemptible_instance_hour_micros: Some(120_000),
             },
             frozen_retention_ms: 24 * 3_600_000,
             kinds: KindTable::default(),

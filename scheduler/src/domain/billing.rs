@@ -28,6 +28,19 @@ pub struct SpecPrice {
     pub subscription_node_month_micros: i64,
     /// Public pool: per instance-hour on a node of this spec (R-POOL-1).
     pub public_instance_hour_micros: i64,
+    /// Public pool, a preemptible job's instance-hour; unset: the public
+    /// price.
+    pub preemptible_instance_hour_micros: Option<i64>,
+}
+
+impl SpecPrice {
+    /// What a public instance-hour costs, preemptible or not.
+    pub fn public_hour_micros(&self, preemptible: bool) -> i64 {
+        match self.preemptible_instance_hour_micros {
+            Some(price) if preemptible => price,
+            _ => self.public_instance_hour_micros,
+        }
+    }
 }
 
 /// One metered unit (a node of a dedicated pool, or a public job instance)
@@ -263,6 +276,9 @@ pub struct LedgerRow {
     /// GPU-milliseconds used, from utilization samples.
     #[serde(default)]
     pub gpu_used_ms: i64,
+    /// A preemptible job's instance, metered at the preemptible price.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preemptible: bool,
 }
 
 impl LedgerRow {

@@ -40,6 +40,7 @@ fn row(subject: &str, tenant: &str, hour: i64, mode: BillingMode, amount: i64) -
         amount_micros: amount,
         gpu_allocated_ms: 0,
         gpu_used_ms: 0,
+        preemptible: false,
     }
 }
 

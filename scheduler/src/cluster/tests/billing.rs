@@ -14,6 +14,7 @@ const T0: i64 = 1_795_773_600_000;
 const NODE_HOUR: i64 = 3_600_000; // settings(): on-demand price per node-hour
 const NODE_MONTH: i64 = 1_000_000_000; // subscription price per node-month
 const INSTANCE_HOUR: i64 = 360_000; // public price per instance-hour
+const PREEMPTIBLE_HOUR: i64 = 120_000; // a preemptible job's instance-hour
 
 fn cluster_with_nodes(dir: &std::path::Path, n: usize, now: i64) -> Cluster {
     let mut c = open(dir, now);
@@ -349,6 +350,8 @@ struct Model {
     /// pool subject -> [(from, mode)]
     modes: BTreeMap<String, Vec<(i64, BillingMode)>>,
     price: BTreeMap<String, i64>,
+    /// Subjects metered at the preemptible price.
+    preemptible: std::collections::BTreeSet<String>,
 }
 
 impl Model {
@@ -387,7 +390,10 @@ struct Timeline {
     now: i64,
     model: Model,
     running: Vec<String>,
+    /// Preempted instances whose stop the agent has not reported yet.
+    stopping: Vec<String>,
     pools: Vec<String>,
+    preemptions: usize,
 }
 
 impl Timeline {
@@ -404,7 +410,9 @@ impl Timeline {
             now,
             model: Model::default(),
             running: Vec::new(),
+            stopping: Vec::new(),
             pools: Vec::new(),
+            preemptions: 0,
         }
     }
 
@@ -491,38 +499,109 @@ impl Timeline {
         }
     }
 
+    /// A public job, preemptible or not; its instance starts with
+    /// [`Self::start_placed`].
     fn start_instance(&mut self) {
-        let job = self
-            .c
-            .submit(&tenant(), raw(0), self.now, &mut self.out)
+        let preemptible = self.rng.below(2) == 0;
+        let spec = RawJobSpec {
+            priority_class: if preemptible {
+                crate::domain::job::PriorityClass::Preemptible
+            } else {
+                Default::default()
+            },
+            ..raw(0)
+        };
+        self.c
+            .submit(&tenant(), spec, self.now, &mut self.out)
             .unwrap();
-        let Some(inst) = job.instances.first() else {
+        self.start_placed();
+    }
+
+    /// The agent reports every placed instance running now (a preempted
+    /// job's next run, too); the model meters each from now at its price.
+    fn start_placed(&mut self) {
+        let placed: Vec<(String, String, bool)> = self
+            .c
+            .jobs()
+            .filter(|j| j.pool_id == PUBLIC_POOL)
+            .flat_map(|j| {
+                let preemptible =
+                    j.spec.priority_class == crate::domain::job::PriorityClass::Preemptible;
+                j.instances
+                    .iter()
+                    .filter(|i| i.state == InstanceState::Scheduled)
+                    .map(move |i| (i.node_id.clone(), i.instance_id.clone(), preemptible))
+            })
+            .collect();
+        for (node, id, preemptible) in placed {
+            let running = vec![report(&id, InstanceState::Running, None)];
+            self.c
+                .heartbeat(&node, None, running, self.now, &mut self.out);
+            let subject = format!("instance:{id}");
+            self.model
+                .spans
+                .insert(subject.clone(), vec![(self.now, None)]);
+            let price = if preemptible {
+                self.model.preemptible.insert(subject.clone());
+                PREEMPTIBLE_HOUR
+            } else {
+                INSTANCE_HOUR
+            };
+            self.model.price.insert(subject, price);
+            self.running.push(id);
+        }
+    }
+
+    fn node_of(&self, id: &str) -> String {
+        self.c
+            .jobs()
+            .flat_map(|j| j.instances.iter())
+            .find(|i| i.instance_id == id)
+            .unwrap()
+            .node_id
+            .clone()
+    }
+
+    /// A running preemptible job is preempted: it is metered on until its
+    /// agent reports the stop.
+    fn preempt(&mut self) {
+        let Some(pos) = self
+            .running
+            .iter()
+            .position(|id| self.model.preemptible.contains(&format!("instance:{id}")))
+        else {
             return;
         };
-        let (node, id) = (inst.node_id.clone(), inst.instance_id.clone());
-        let running = vec![report(&id, InstanceState::Running, None)];
+        let id = self.running.remove(pos);
+        let job = self
+            .c
+            .jobs()
+            .find(|j| j.instances.iter().any(|i| i.instance_id == id))
+            .unwrap()
+            .job_id
+            .clone();
+        self.c.preempt(&job, "j-999999", &mut self.out);
+        self.preemptions += 1;
+        self.stopping.push(id);
+    }
+
+    /// The agent reports a preempted instance gone (SIGTERM): its meter
+    /// ends now, and its job is queued again.
+    fn stopped(&mut self) {
+        let id = self.stopping.remove(0);
+        let node = self.node_of(&id);
+        let mut gone = report(&id, InstanceState::Failed, None);
+        gone.signal = Some(15); // SIGTERM
         self.c
-            .heartbeat(&node, None, running, self.now, &mut self.out);
-        let subject = format!("instance:{id}");
-        self.model
-            .spans
-            .insert(subject.clone(), vec![(self.now, None)]);
-        self.model.price.insert(subject, INSTANCE_HOUR);
-        self.running.push(id);
+            .heartbeat(&node, None, vec![gone], self.now, &mut self.out);
+        self.model.spans.get_mut(&format!("instance:{id}")).unwrap()[0].1 = Some(self.now);
     }
 
     fn end_instance(&mut self) {
         let id = self
             .running
             .remove(self.rng.below(self.running.len() as u64) as usize);
-        let node = self
-            .c
-            .jobs()
-            .flat_map(|j| j.instances.iter())
-            .find(|i| i.instance_id == id)
-            .unwrap()
-            .node_id
-            .clone();
+        let node = self.node_of(&id);
         let done = vec![report(&id, InstanceState::Succeeded, Some(0))];
         self.c.heartbeat(&node, None, done, self.now, &mut self.out);
         self.model.spans.get_mut(&format!("instance:{id}")).unwrap()[0].1 = Some(self.now);
@@ -545,7 +624,8 @@ impl Timeline {
             self.now += 1 + self.rng.below(2 * HOUR_MS as u64) as i64;
             keep_alive(&mut self.c, self.now, &mut self.out);
             self.c.tick(self.now, &mut self.out);
-            match self.rng.below(9) {
+            self.start_placed();
+            match self.rng.below(11) {
                 0 | 1 => self.create_pool(step),
                 2 => {
                     if let Some(id) = self.some_pool() {
@@ -567,6 +647,8 @@ impl Timeline {
                         self.convert(&id);
                     }
                 }
+                9 => self.preempt(),
+                10 if !self.stopping.is_empty() => self.stopped(),
                 _ => {}
             }
             if self.rng.below(3) == 0 {
@@ -576,14 +658,22 @@ impl Timeline {
     }
 
     /// Closes the last hours and checks the ledger against the model;
-    /// returns the (pool, instance, conversion) subjects it covered.
-    fn check(mut self, seed: u64) -> (usize, usize, usize) {
+    /// returns the (pool, instance, conversion, preemptible instance)
+    /// subjects it covered.
+    fn check(mut self, seed: u64) -> (usize, usize, usize, usize) {
         self.now += 1 + self.rng.below(HOUR_MS as u64) as i64;
         let now = self.now;
         self.c.close_hours(now);
         let rows = self.c.usage_rows(T0 - HOUR_MS, now).unwrap();
         let mut got: BTreeMap<(String, BillingMode), (i64, i64, i64)> = BTreeMap::new();
         for r in &rows {
+            assert_eq!(
+                r.preemptible,
+                self.model.preemptible.contains(&r.subject),
+                "seed {seed}: {} marked preemptible {}",
+                r.subject,
+                r.preemptible
+            );
             let e = got.entry((r.subject.clone(), r.mode)).or_default();
             e.0 += r.unit_ms;
             e.1 += r.amount_micros;
@@ -623,25 +713,38 @@ impl Timeline {
             want.keys()
                 .filter(|k| k.1 == BillingMode::Subscription)
                 .count(),
+            want.keys()
+                .filter(|k| self.model.preemptible.contains(&k.0))
+                .count(),
         )
     }
 }
 
+/// R-POOL-1 and the preemptible price: public and preemptible instances,
+/// preempted and run again, are each metered exactly from start to stop.
 #[test]
 fn ledger_equals_an_independent_integration_of_random_timelines() {
     let (mut pools_seen, mut instances_seen, mut conversions_seen) = (0, 0, 0);
+    let (mut preemptible_seen, mut preemptions) = (0, 0);
     for seed in 1..=12u64 {
         let mut timeline = Timeline::new(seed);
         timeline.run();
-        let (pools, instances, conversions) = timeline.check(seed);
+        preemptions += timeline.preemptions;
+        let (pools, instances, conversions, preemptible) = timeline.check(seed);
         pools_seen += pools;
         instances_seen += instances;
         conversions_seen += conversions;
+        preemptible_seen += preemptible;
     }
-    // The timelines really exercised pools, public instances and conversions.
+    // The timelines really exercised pools, public instances, conversions
+    // and preemptions (a preempted job's later runs are instances too).
     assert!(
-        pools_seen > 20 && instances_seen > 20 && conversions_seen > 3,
-        "{pools_seen} {instances_seen} {conversions_seen}"
+        pools_seen > 20
+            && instances_seen > 20
+            && conversions_seen > 3
+            && preemptible_seen > 10
+            && preemptions > 5,
+        "{pools_seen} {instances_seen} {conversions_seen} {preemptible_seen} {preemptions}"
     );
 }
 
