@@ -133,6 +133,7 @@ fn preload_ledger(data: &std::path::Path, now_ms: i64) -> (i64, usize) {
         quota: Quota::default(),
         created_at_ms: 0,
         network_id: "net-acme".into(),
+        recent: Default::default(),
     };
     store.write(&[Record::Tenant(&tenant)], 0).unwrap();
     const HOUR: i64 = 3_600_000;

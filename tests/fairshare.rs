@@ -86,7 +86,12 @@ async fn a_flooding_tenant_does_not_starve_another_and_its_limit_holds() {
     };
     assert_eq!(of("tenant-a")["public_gpu_milli_used"], 1000, "{list}");
     assert_eq!(of("tenant-b")["public_gpu_milli_used"], 1000, "{list}");
-    assert_eq!(of("tenant-a")["public_share_ppm"], 500_000, "{list}");
+    // Half the pool now, plus the little of it held in the seconds since
+    // (the recent share; half-life 3600 s).
+    let recent = of("tenant-a")["public_recent_share_ppm"].as_u64().unwrap();
+    assert!(recent > 0 && recent < 10_000, "{list}");
+    let share = of("tenant-a")["public_share_ppm"].as_u64().unwrap();
+    assert!(share.abs_diff(500_000 + recent) <= 1, "{list}");
 
     // A may hold 1 GPU in the public pool: when B's job ends, A's next
     // waits on its limit, not on room.
@@ -215,10 +220,14 @@ async fn a_high_class_job_preempts_a_preemptible_one_which_runs_again() {
     let a = tenant_with_token(&mut admin, "tenant-a", 0, 0).await;
     let b = tenant_with_token(&mut admin, "tenant-b", 0, 0).await;
     let pre = pb::PriorityClass::Preemptible;
+    // A job that checkpoints when told: on SIGTERM it reads why from its
+    // notice file and exits 0 (it is queued again all the same).
     let long = [
         "sh",
         "-c",
-        "echo preemptible=$GPUPOOL_PREEMPTIBLE; exec sleep 120",
+        "echo preemptible=$GPUPOOL_PREEMPTIBLE; \
+         trap 'echo \"notice: $(cat \"$GPUPOOL_STOP_NOTICE\")\"; exit 0' TERM; \
+         sleep 120 & wait",
     ];
     let mut a_jobs = Vec::new();
     for _ in 0..3 {
@@ -290,6 +299,13 @@ async fn a_high_class_job_preempts_a_preemptible_one_which_runs_again() {
     assert!(
         !reason.contains(&b_job) && !reason.contains("tenant-b"),
         "{reason}"
+    );
+    // Stopped, queued again (B's runs 3 s): its run's log says it read why.
+    wait_state(&sched, &victim.job_id, pb::JobState::Queued).await;
+    let log = cli_ok(&sched, &["job", "logs", &victim.job_id]);
+    assert!(
+        log.contains("notice: preempted by another tenant's high-class job"),
+        "the victim read why it was stopped: {log}"
     );
     // B's job ends; the victim (older than A's third) runs again, its
     // retries untouched.

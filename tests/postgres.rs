@@ -22,6 +22,7 @@ fn settings() -> Settings {
         node_grace_ms: 60_000,
         stop_grace_ms: 500,
         preemption_min_runtime_ms: 0,
+        fair_share_half_life_ms: 0,
         subscription_regions: Vec::new(),
         currency: "USD".into(),
         prices: BTreeMap::new(),

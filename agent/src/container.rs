@@ -27,6 +27,8 @@ pub const WORKDIR: &str = "/work";
 
 /// Where a TensorBoard's (or training job's) log directory appears.
 pub const LOGDIR: &str = "/logs";
+/// Where the instance's notice directory is mounted, read-only.
+pub const NOTICE_DIR: &str = "/run/gpupool";
 
 /// Everything the bundle is made from.
 #[derive(Debug)]
@@ -42,6 +44,9 @@ pub struct BundleSpec<'a> {
     pub workdir: &'a Path,
     /// Host directory mounted at [`LOGDIR`] (read-write), if any.
     pub logdir: Option<&'a Path>,
+    /// The agent's notice directory for the instance, mounted read-only
+    /// at [`NOTICE_DIR`].
+    pub notice_dir: Option<&'a Path>,
     pub host_network: bool,
     /// The CUDA MPS daemon's pipe directory, mounted at the same path.
     pub mps_pipe_dir: Option<&'a Path>,
@@ -359,6 +364,12 @@ pub fn runtime_spec(
         mounts.push(json!({"destination": LOGDIR, "type": "bind", "source": dir,
                "options": ["rbind", "rw", "nosuid", "nodev"]}));
     }
+    if let Some(dir) = b.notice_dir {
+        mounts.push(
+            json!({"destination": NOTICE_DIR, "type": "bind", "source": dir,
+               "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}),
+        );
+    }
     let mut namespaces = vec![
         json!({"type": "pid"}),
         json!({"type": "ipc"}),
@@ -516,12 +527,22 @@ mod tests {
             identity: identity(),
             workdir: Path::new("/w"),
             logdir: None,
+            notice_dir: Some(Path::new("/state/notices/i-1")),
             host_network: false,
             mps_pipe_dir: None,
             cgroups_path: "gpupool",
         };
         let spec = runtime_spec(&b, Path::new("/nonexistent")).unwrap();
         let v = serde_json::to_value(&spec).unwrap();
+        // The stop notice: the agent's directory, read-only.
+        let notice = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == NOTICE_DIR)
+            .expect("the notice directory is mounted");
+        assert_eq!(notice["source"], "/state/notices/i-1");
+        assert!(notice["options"].as_array().unwrap().contains(&json!("ro")));
         assert_eq!(v["process"]["args"], json!(["/bin/sh", "-c", "echo hi"]));
         let envs: Vec<String> = serde_json::from_value(v["process"]["env"].clone()).unwrap();
         assert!(envs.contains(&"PATH=/img/bin".into()), "{envs:?}");

@@ -285,6 +285,8 @@ impl Runtime {
             ("instances", 0o700),
             ("work", 0o711),
             ("tenants", 0o711),
+            // Passable: each instance reads its own stop notice.
+            ("notices", 0o711),
             // Passable: the runtime resolves a bundle's root and mount
             // points inside the container's user namespace.
             ("bundles", 0o711),
@@ -495,6 +497,38 @@ impl Runtime {
     pub fn with_shim(mut self, binary: PathBuf) -> Self {
         self.shim = Some(binary);
         self
+    }
+
+    /// The instance's notice directory (root's, readable, not writable by
+    /// the job): the agent writes `stop` there before it signals a stop.
+    fn notice_dir(&self, instance_id: &str) -> PathBuf {
+        self.state_dir.join("notices").join(instance_id)
+    }
+
+    /// Makes the instance's notice directory, empty.
+    fn make_notice_dir(&self, instance_id: &str) -> anyhow::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.notice_dir(instance_id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        Ok(dir)
+    }
+
+    /// Writes why the instance is being stopped to its notice file
+    /// (`GPUPOOL_STOP_NOTICE`), whole or not at all, before the SIGTERM: a
+    /// preemption's reason begins with `preempted`.
+    fn write_notice(&self, instance_id: &str, reason: &str) {
+        let dir = self.notice_dir(instance_id);
+        if !dir.is_dir() {
+            return;
+        }
+        let tmp = dir.join(".stop");
+        let written = std::fs::write(&tmp, format!("{reason}\n"))
+            .and_then(|()| std::fs::rename(&tmp, dir.join(NOTICE_FILE)));
+        if let Err(err) = written {
+            tracing::warn!(instance = %instance_id, error = %err, "cannot write the stop notice");
+        }
     }
 
     fn record_path(&self, instance_id: &str) -> PathBuf {
@@ -1230,6 +1264,11 @@ impl Runtime {
         Self::expand(spec, port);
         spec.env
             .insert("GPUPOOL_TENANT_DIR".into(), root.display().to_string());
+        let notice = self.make_notice_dir(&spec.instance_id)?;
+        spec.env.insert(
+            "GPUPOOL_STOP_NOTICE".into(),
+            notice.join(NOTICE_FILE).display().to_string(),
+        );
         if identity.is_none() {
             // The agent's own user: the directory is made here.
             std::fs::create_dir_all(&workdir)?;
@@ -1256,6 +1295,11 @@ impl Runtime {
                 .insert("GPUPOOL_LOG_DIR".into(), crate::container::LOGDIR.into());
         }
         Self::expand(spec, port);
+        let notice = self.make_notice_dir(&spec.instance_id)?;
+        spec.env.insert(
+            "GPUPOOL_STOP_NOTICE".into(),
+            format!("{}/{NOTICE_FILE}", crate::container::NOTICE_DIR),
+        );
         let host_network = match spec.network.as_str() {
             "host" => true,
             "none" => false,
@@ -1277,6 +1321,7 @@ impl Runtime {
             identity,
             workdir: &dirs.mnt_work,
             logdir: logdir.as_ref().map(|_| dirs.mnt_logs.as_path()),
+            notice_dir: Some(&notice),
             host_network,
             mps_pipe_dir: spec
                 .mps
@@ -1416,6 +1461,7 @@ impl Runtime {
                         c.arg("--hide").arg(h);
                     }
                     c.arg("--keep").arg(keep);
+                    c.arg("--keep").arg(self.notice_dir(&spec.instance_id));
                     // The MPS daemon's pipes, wherever they are (a /tmp one
                     // would be under the instance's own /tmp).
                     if let Some(mps) = spec.mps.as_ref().filter(|m| m.pipe_dir.is_dir()) {
@@ -1809,6 +1855,7 @@ impl Runtime {
         self.changed.notify_one();
         let Some(pgid) = pgid else { return };
         tracing::info!(instance = %instance_id, pgid, ?grace, "stopping instance");
+        self.write_notice(instance_id, reason);
         signal_group(pgid, libc::SIGTERM);
         let cgroup = self
             .entries
@@ -1894,6 +1941,7 @@ impl Runtime {
             let _ = std::fs::remove_file(self.exit_path(instance_id));
             let _ = std::fs::remove_file(self.env_path(instance_id));
             let _ = std::fs::remove_dir_all(self.bundles_dir().join(instance_id));
+            let _ = std::fs::remove_dir_all(self.notice_dir(instance_id));
         }
     }
 
@@ -1963,6 +2011,9 @@ pub const DEFAULT_PORT_RANGE: (u16, u16) = (30_000, 32_767);
 
 /// How often a watched instance is checked for user activity.
 const ACTIVITY_PERIOD: Duration = Duration::from_secs(1);
+
+/// The stop notice's file name, in the instance's notice directory.
+const NOTICE_FILE: &str = "stop";
 
 /// The environment an instance sees: nothing of the agent's but PATH and
 /// LANG, then the job's own variables, then what gpupool sets (which wins).
@@ -2466,6 +2517,44 @@ mod tests {
         let r = wait_terminal(&rt, "i3").await;
         assert_eq!(r.phase, Phase::Failed);
         assert!(r.reason.contains("failed to start"), "{}", r.reason);
+    }
+
+    /// Before the SIGTERM, the reason is in the file `GPUPOOL_STOP_NOTICE`
+    /// names (a preempted job can tell it is one and checkpoint); the job
+    /// cannot write there; forgetting the instance removes it.
+    #[tokio::test]
+    async fn a_stopped_instance_reads_why_from_its_notice_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(dir.path()).unwrap();
+        let ready = dir.path().join("ready");
+        let script = format!(
+            "trap 'echo notice: $(cat \"$GPUPOOL_STOP_NOTICE\"); exit 0' TERM; \
+             test -e \"$GPUPOOL_STOP_NOTICE\" && echo early; touch {}; \
+             while true; do sleep 0.05; done",
+            ready.display()
+        );
+        rt.start(spec("i9", &["sh", "-c", &script]));
+        for _ in 0..200 {
+            if ready.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(ready.exists(), "the job started");
+        let why = "preempted by j-000007 (class high): queued again once stopped";
+        rt.stop("i9", Duration::from_secs(5), why);
+        let r = wait_terminal(&rt, "i9").await;
+        let (log, _) = rt.read_log("i9", 0, 1 << 16).await.unwrap();
+        let log = String::from_utf8_lossy(&log);
+        assert!(log.contains(&format!("notice: {why}")), "{log}");
+        assert!(!log.contains("early"), "no notice before the stop: {log}");
+        assert_eq!(r.exit_code, Some(0), "{r:?}");
+        let notice = rt.notice_dir("i9");
+        let mode = std::fs::metadata(&notice).unwrap().permissions();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.mode() & 0o777, 0o755);
+        rt.forget("i9");
+        assert!(!notice.exists(), "forgotten with its instance");
     }
 
     #[tokio::test]

@@ -17,6 +17,7 @@ use gpupool_scheduler::domain::preemption::Candidate;
 use gpupool_scheduler::domain::scheduling::{
     self, Decision, Preemption, Request, Shape, Share, TenantShare, dominant_share,
 };
+use gpupool_scheduler::domain::tenant::RecentShare;
 use serde::Serialize;
 
 use crate::replay::{NodeSpec, PodSpec};
@@ -50,6 +51,10 @@ pub struct TenantsArgs {
     /// Simulated seconds between scheduling passes.
     #[arg(long, default_value_t = 30)]
     pub tick_s: i64,
+    /// The fair share's half-life of recent use, seconds (the scheduler's
+    /// `fair_share_half_life_secs`; 0: only what is held now counts).
+    #[arg(long, default_value_t = 3600)]
+    pub half_life_s: i64,
 }
 
 /// The tenants: `t0` is the heavy one.
@@ -64,6 +69,8 @@ pub struct TenantsResult {
     pub policy: &'static str,
     pub seed: u64,
     pub jobs: usize,
+    /// The fair policies' half-life of recent use, seconds.
+    pub half_life_s: i64,
     /// Jain's index of the backlogged tenants' weighted dominant shares,
     /// averaged over the passes where demand exceeds supply (2+ tenants
     /// backlogged).
@@ -292,6 +299,7 @@ pub fn simulate(
     let order: Vec<usize> = Rng::new(args.seed ^ 0x5eed).permutation(caps.len());
     let mut placer: Option<Placer> = None;
     let mut used = vec![[0u64; 3]; TENANTS];
+    let mut recent = vec![RecentShare::default(); TENANTS];
     let mut queue: Vec<usize> = Vec::new();
     let mut running: Vec<(i64, usize, Assignment)> = Vec::new();
     let (mut next, horizon) = (0, (args.hours * 3600.0) as i64);
@@ -325,6 +333,12 @@ pub fn simulate(
             queue.push(next);
             next += 1;
         }
+        // What the scheduler's tick does (the clock starts at 1 ms: 0 is
+        // "never sampled").
+        for (r, u) in recent.iter_mut().zip(&used) {
+            let held = (dominant_share(u, &capacity, 1) * 1e9).round() as u64;
+            *r = r.advance(now * 1000 + 1, held, args.half_life_s * 1000);
+        }
         let mut p = placer
             .take()
             .unwrap_or_else(|| Placer::with_order(caps.clone(), &shapes, &order));
@@ -356,6 +370,7 @@ pub fn simulate(
                                 used: used[t],
                                 weight: WEIGHTS[t],
                                 max_gpu_milli: None,
+                                recent_ppb: recent[t].avg_ppb,
                             },
                         )
                     })
@@ -469,6 +484,7 @@ pub fn simulate(
         policy: policy.name(),
         seed: args.seed,
         jobs: jobs.len(),
+        half_life_s: args.half_life_s,
         fairness: if fair_n == 0 {
             1.0
         } else {
@@ -509,8 +525,8 @@ pub fn run_tenants(args: &TenantsArgs) -> anyhow::Result<()> {
     let durations = crate::data::read_pod_durations(&args.pods)?;
     anyhow::ensure!(!pods.is_empty(), "the pod list is empty");
     anyhow::ensure!(
-        args.tick_s > 0 && args.hours > 0.0 && args.load > 0.0,
-        "--tick-s, --hours and --load must be positive"
+        args.tick_s > 0 && args.hours > 0.0 && args.load > 0.0 && args.half_life_s >= 0,
+        "--tick-s, --hours and --load must be positive, --half-life-s not negative"
     );
     let fifo = simulate(&nodes, &pods, &durations, args, Policy::Fifo);
     let mut fair = simulate(&nodes, &pods, &durations, args, Policy::Fair);
@@ -582,6 +598,7 @@ mod tests {
             load: 1.5,
             max_duration_s: 7200,
             tick_s: 30,
+            half_life_s: 3600,
         };
         let fifo = simulate(&nodes, &pods, &durations, &args, Policy::Fifo);
         let fair = simulate(&nodes, &pods, &durations, &args, Policy::Fair);

@@ -306,6 +306,7 @@ pub fn tenant(t: &Tenant) -> Value {
         "allow_high_class": quota.allow_high_class,
         "public_gpu_milli_used": t.public_gpu_milli_used,
         "public_share_ppm": t.public_share_ppm,
+        "public_recent_share_ppm": t.public_recent_share_ppm,
         "tokens": t.tokens,
         "network_id": t.network_id,
         "created_at_ms": ts(t.created_at.as_ref()),
@@ -549,6 +550,7 @@ mod tests {
             network_id: "net-acme".into(),
             public_gpu_milli_used: 1500,
             public_share_ppm: 250_000,
+            public_recent_share_ppm: 100_000,
         };
         let v = tenant(&t);
         let mut expected = [
@@ -562,6 +564,7 @@ mod tests {
             "allow_high_class",
             "public_gpu_milli_used",
             "public_share_ppm",
+            "public_recent_share_ppm",
             "tokens",
             "network_id",
             "created_at_ms",

@@ -227,6 +227,7 @@ fn tenant_table(tenants: &[pb::Tenant]) -> String {
         "public max gpus",
         "public gpus used",
         "weight",
+        "recent share",
         "public share",
         "tokens",
         "network",
@@ -243,6 +244,7 @@ fn tenant_table(tenants: &[pb::Tenant]) -> String {
             quota.public_max_gpus.map_or("-".into(), |g| g.to_string()),
             format!("{}", t.public_gpu_milli_used as f64 / 1000.0),
             quota.public_weight.max(1).to_string(),
+            format!("{:.1}%", t.public_recent_share_ppm as f64 / 1e4),
             format!("{:.1}%", t.public_share_ppm as f64 / 1e4),
             t.tokens.to_string(),
             t.network_id.clone(),
@@ -399,6 +401,7 @@ mod tests {
             network_id: "net-acme".into(),
             public_gpu_milli_used: 1500,
             public_share_ppm: 125_000,
+            public_recent_share_ppm: 62_000,
         };
         let text = tenant_table(&[t]);
         let mut lines = text.lines();
@@ -420,6 +423,7 @@ mod tests {
                 "PUBLIC MAX GPUS",
                 "PUBLIC GPUS USED",
                 "WEIGHT",
+                "RECENT SHARE",
                 "PUBLIC SHARE",
                 "TOKENS",
                 "NETWORK",
@@ -438,6 +442,7 @@ mod tests {
                 "-",
                 "1.5",
                 "1",
+                "6.2%",
                 "12.5%",
                 "2",
                 "net-acme",

@@ -50,6 +50,11 @@ pub struct SchedulerConfig {
     /// it, in seconds (no thrashing).
     #[serde(default = "default_preemption_min_runtime_secs")]
     pub preemption_min_runtime_secs: u64,
+    /// The public pool's fair share adds each tenant's recent share, its
+    /// use averaged with weights halving every this many seconds (Slurm's
+    /// `PriorityDecayHalfLife`); 0: only what is held now counts.
+    #[serde(default = "default_fair_share_half_life_secs")]
+    pub fair_share_half_life_secs: u64,
     /// Cluster join token: a node without a credential of its own enrols
     /// with it (and is then issued one, bound to its node id). Required when
     /// `grpc_listen` reaches beyond loopback, unless agents must present a
@@ -279,6 +284,9 @@ fn default_stop_grace_ms() -> u32 {
 fn default_preemption_min_runtime_secs() -> u64 {
     120
 }
+fn default_fair_share_half_life_secs() -> u64 {
+    3600
+}
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -292,6 +300,7 @@ impl Default for SchedulerConfig {
             node_grace_ms: default_grace_ms(),
             stop_grace_ms: default_stop_grace_ms(),
             preemption_min_runtime_secs: default_preemption_min_runtime_secs(),
+            fair_share_half_life_secs: default_fair_share_half_life_secs(),
             join_token: None,
             secret_key_file: None,
             admin_token: None,

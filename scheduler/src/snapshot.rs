@@ -335,6 +335,7 @@ mod tests {
             quota: Default::default(),
             created_at_ms: 1,
             network_id: format!("net-{name}"),
+            recent: Default::default(),
         }
     }
 

@@ -468,6 +468,7 @@ fn tenant_to_pb(t: &Tenant, cluster: &Cluster, share: &Share) -> pb::Tenant {
         }),
         public_gpu_milli_used: share.tenants.get(&t.name).map_or(0, |s| s.used[0]),
         public_share_ppm: (share.dominant(&t.name) * 1e6).round() as u64,
+        public_recent_share_ppm: t.recent.avg_ppb.div_ceil(1000),
         created_at: Some(ts(t.created_at_ms)),
         dedicated_nodes_used: used.nodes,
         gpus_used: used.gpus,

@@ -216,6 +216,8 @@ pub struct Settings {
     pub stop_grace_ms: u32,
     /// A job runs at least this long before it may be preempted.
     pub preemption_min_runtime_ms: i64,
+    /// The half-life of the public pool's recent shares; 0: none kept.
+    pub fair_share_half_life_ms: i64,
     /// Regions where deploy pools may be bought by subscription (R-CREATE-11).
     pub subscription_regions: Vec<String>,
     /// Currency of all amounts.
@@ -281,6 +283,9 @@ pub struct Cluster {
     waiting: std::collections::BTreeSet<String>,
     /// What each pool's work asks for, learned from its submissions.
     learned: shapes::Learned,
+    /// When the tenants' recent shares were last written (they are kept
+    /// current in memory and written once a minute).
+    recent_written_ms: i64,
     /// The next audit record's sequence number (never reused: a failed
     /// commit leaves a gap).
     next_audit_seq: u64,
@@ -383,6 +388,7 @@ impl Cluster {
             unwritten: None,
             waiting: Default::default(),
             learned: shapes::Learned::load(snapshot.placement_shapes.as_deref()),
+            recent_written_ms: now_ms,
             next_audit_seq: 1,
         };
         for pool in snapshot.pools {
@@ -1200,6 +1206,7 @@ impl Cluster {
         self.enforce_time_limits(now_ms, out);
         self.advance_drains(now_ms, out);
         self.advance_rollouts(now_ms, out);
+        self.advance_recent_shares(now_ms);
         self.schedule(now_ms, out);
     }
 
@@ -1940,6 +1947,7 @@ mod tests {
     mod kinds;
     mod limits;
     mod shapes;
+    mod share;
     mod store_contract;
 
     fn settings() -> Settings {
@@ -1947,6 +1955,7 @@ mod tests {
             node_grace_ms: 1_000,
             stop_grace_ms: 500,
             preemption_min_runtime_ms: 0,
+            fair_share_half_life_ms: 0,
             subscription_regions: vec!["region-1".into()],
             currency: "USD".into(),
             prices: BTreeMap::new(),

@@ -100,6 +100,7 @@ impl Cluster {
             quota,
             created_at_ms: now_ms,
             network_id: format!("net-{name}"),
+            recent: Default::default(),
         };
         self.store.write(&[Record::Tenant(&t)], now_ms)?;
         self.tenants.insert(name.to_string(), t.clone());

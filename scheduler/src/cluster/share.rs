@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use super::Cluster;
 use crate::domain::PUBLIC_POOL;
-use crate::domain::scheduling::{Share, TenantShare};
+use crate::domain::scheduling::{self, Share, TenantShare};
+use crate::store::{Record, Store as _};
 
 impl Cluster {
     /// The public pool's capacity (its schedulable nodes) and every
@@ -25,6 +26,7 @@ impl Cluster {
                     used: [0; 3],
                     weight: t.quota.public_weight.max(1),
                     max_gpu_milli: t.quota.public_max_gpus.map(|g| u64::from(g) * 1000),
+                    recent_ppb: t.recent.avg_ppb,
                 },
             );
         }
@@ -52,5 +54,37 @@ impl Cluster {
             }
         }
         share
+    }
+
+    /// How often the recent shares are written (a crash loses at most
+    /// this much of their history).
+    const RECENT_WRITE_MS: i64 = 60_000;
+
+    /// Folds the time since the last tick into each tenant's recent share
+    /// of the public pool (its dominant share now, not over its weight);
+    /// writes them once a minute.
+    pub(super) fn advance_recent_shares(&mut self, now_ms: i64) {
+        let half_life = self.settings.fair_share_half_life_ms;
+        if half_life <= 0 && self.tenants.values().all(|t| t.recent.is_empty()) {
+            return;
+        }
+        let share = self.public_share();
+        for t in self.tenants.values_mut() {
+            let now = share.tenants.get(&t.name).map_or(0, |s| {
+                let held = scheduling::dominant_share(&s.used, &share.capacity, 1);
+                (held * 1e9).round() as u64
+            });
+            t.recent = t.recent.advance(now_ms, now, half_life);
+        }
+        if now_ms - self.recent_written_ms < Self::RECENT_WRITE_MS {
+            return;
+        }
+        let tenants: Vec<Record<'_>> = self.tenants.values().map(Record::Tenant).collect();
+        match self.store.write(&tenants, now_ms) {
+            Ok(()) => self.recent_written_ms = now_ms,
+            Err(err) => {
+                tracing::warn!(error = %crate::ErrorChain(&err), "cannot write the tenants' recent shares; will retry");
+            }
+        }
     }
 }

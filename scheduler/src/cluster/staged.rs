@@ -334,12 +334,26 @@ impl Cluster {
             .filter(|j| j.state == JobState::Queued || !j.pending.is_empty())
             .map(|j| (j.job_id.clone(), j.state, j.reason.clone()))
             .collect();
+        // Nor the tenants' recent shares (written once a minute): the
+        // newer stay.
+        let recent: Vec<(String, crate::domain::tenant::RecentShare)> = self
+            .tenants
+            .values()
+            .map(|t| (t.name.clone(), t.recent))
+            .collect();
+        let recent_written_ms = self.recent_written_ms;
         // Audit numbers are never given out twice: past both what memory
         // gave out and what the store holds.
         let stored = inner.audit_max_seq().unwrap_or(0);
         let next_audit_seq = self.next_audit_seq.max(stored + 1);
         *self = Cluster::from_snapshot(inner, settings, snapshot, now_ms);
         self.next_audit_seq = next_audit_seq;
+        self.recent_written_ms = recent_written_ms;
+        for (name, r) in recent {
+            if let Some(t) = self.tenants.get_mut(&name) {
+                t.recent = r;
+            }
+        }
         for (id, at) in seen {
             if let Some(n) = self.nodes.get_mut(&id) {
                 n.last_heartbeat_ms = at;
@@ -372,6 +386,7 @@ mod tests {
             },
             created_at_ms: 0,
             network_id: "net-acme".into(),
+            recent: Default::default(),
         }
     }
 

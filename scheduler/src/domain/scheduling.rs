@@ -44,7 +44,7 @@
 //!    not fit ends the job's turn; the ranks placed before it stand.
 //! 7. **Fair share** ([`plan_shared`], the public pool): the shared pool's
 //!    requests are taken one at a time from the tenant with the lowest
-//!    weighted dominant share ([`Share::dominant`]), ties by priority then
+//!    weighted dominant share, its recent share added ([`Share::dominant`]), ties by priority then
 //!    `seq`; inside a tenant, step 1's order. Each placement adds to its
 //!    tenant's use. A request that would take its tenant over its GPU
 //!    limit waits ([`Wait::Limit`]) without becoming the head; a replica
@@ -327,6 +327,9 @@ pub struct TenantShare {
     pub weight: u32,
     /// Most GPU milli in use at once; None: no limit.
     pub max_gpu_milli: Option<u64>,
+    /// Its recent dominant share (decayed over the half-life; not over
+    /// the weight), in parts per billion: 0 without a half-life.
+    pub recent_ppb: u64,
 }
 
 impl Default for TenantShare {
@@ -335,6 +338,7 @@ impl Default for TenantShare {
             used: [0; 3],
             weight: 1,
             max_gpu_milli: None,
+            recent_ppb: 0,
         }
     }
 }
@@ -344,9 +348,17 @@ impl Share<'_> {
         self.tenants.get(tenant).copied().unwrap_or_default()
     }
 
-    /// The tenant's dominant share (its largest fraction of any resource
-    /// the pool has) over its weight.
+    /// What orders the tenants: the tenant's dominant share (its largest
+    /// fraction of any resource the pool has) plus its recent share, over
+    /// its weight.
     pub fn dominant(&self, tenant: &str) -> f64 {
+        let t = self.of(tenant);
+        let recent = t.recent_ppb as f64 / 1e9;
+        (dominant_share(&t.used, &self.capacity, 1) + recent) / f64::from(t.weight.max(1))
+    }
+
+    /// The tenant's dominant share now, over its weight.
+    pub fn held(&self, tenant: &str) -> f64 {
         let t = self.of(tenant);
         dominant_share(&t.used, &self.capacity, t.weight)
     }
@@ -1259,6 +1271,7 @@ mod tests {
             used in prop::collection::vec(0u64..4000, 3),
             weights in prop::collection::vec(1u32..4, 3),
             limits in prop::collection::vec(prop::option::of(0u64..6000), 3),
+            recents in prop::collection::vec(0u64..1_000_000_000, 3),
         ) {
             const NAMES: [&str; 3] = ["ta", "tb", "tc"];
             let order: Vec<usize> = (0..nodes.len()).collect();
@@ -1275,6 +1288,7 @@ mod tests {
                             used: [used[t], 0, 0],
                             weight: weights[t],
                             max_gpu_milli: limits[t],
+                            recent_ppb: recents[t],
                         };
                         (NAMES[t].to_string(), ts)
                     })
@@ -1414,6 +1428,7 @@ mod fair_tests {
                         used: [*gpu_milli, 0, 0],
                         weight: *weight,
                         max_gpu_milli: *max,
+                        recent_ppb: 0,
                     };
                     (t.to_string(), share)
                 })
@@ -1518,6 +1533,37 @@ mod fair_tests {
         // B's 3/8 GPUs is below A's half of the CPU.
         let (fair, _) = run(1, &q, Some(&mut s2));
         assert_eq!(fair, ["j1"]);
+    }
+
+    #[test]
+    fn a_tenant_that_used_the_pool_recently_goes_after_one_that_did_not() {
+        // Neither holds anything now; A held half the pool lately. One GPU
+        // free: B's younger job starts, not A's older one.
+        let q = jobs(&[("a", 0, 1), ("b", 0, 1)]);
+        let mut s = share(&[]);
+        s.tenants.insert(
+            "a".into(),
+            TenantShare {
+                recent_ppb: 500_000_000,
+                ..Default::default()
+            },
+        );
+        assert_eq!(s.dominant("a"), 0.5);
+        assert_eq!(s.held("a"), 0.0, "what it holds now is shown apart");
+        let (fair, _) = run(1, &q, Some(&mut s.clone()));
+        assert_eq!(fair, ["j1"]);
+        // The weight divides the sum: A of weight 4 (0.5 / 4) goes before
+        // B holding a quarter now.
+        s.tenants.get_mut("a").unwrap().weight = 4;
+        s.tenants.insert(
+            "b".into(),
+            TenantShare {
+                used: [2000, 0, 0],
+                ..Default::default()
+            },
+        );
+        let (fair, _) = run(1, &q, Some(&mut s));
+        assert_eq!(fair, ["j0"]);
     }
 
     #[test]

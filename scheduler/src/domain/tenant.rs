@@ -29,6 +29,52 @@ pub struct Tenant {
     pub created_at_ms: i64,
     /// The tenant's own isolated network (R-CREATE-14).
     pub network_id: String,
+    /// Its recent use of the public pool, for the fair share.
+    #[serde(default, skip_serializing_if = "RecentShare::is_empty")]
+    pub recent: RecentShare,
+}
+
+/// A tenant's recent share of the public pool: its dominant share (not
+/// over its weight) averaged over time with weights halving every
+/// `fair_share_half_life_secs` (an exponential moving average; a tenant
+/// that has held a share `s` for long has `s`). In parts per billion.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RecentShare {
+    /// The average up to `as_of_ms`.
+    pub avg_ppb: u64,
+    /// The share held at `as_of_ms` (counted as held until the next
+    /// sample).
+    pub held_ppb: u64,
+    pub as_of_ms: i64,
+}
+
+impl RecentShare {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The average at `now_ms`, `held_ppb` counted as held since
+    /// `as_of_ms`, and `held_now_ppb` from now on.
+    pub fn advance(self, now_ms: i64, held_now_ppb: u64, half_life_ms: i64) -> Self {
+        if half_life_ms <= 0 {
+            return Self::default();
+        }
+        if self.as_of_ms == 0 || now_ms < self.as_of_ms {
+            return Self {
+                avg_ppb: self.avg_ppb,
+                held_ppb: held_now_ppb,
+                as_of_ms: now_ms,
+            };
+        }
+        let keep = 0.5f64.powf((now_ms - self.as_of_ms) as f64 / half_life_ms as f64);
+        let avg = self.avg_ppb as f64 * keep + self.held_ppb as f64 * (1.0 - keep);
+        Self {
+            avg_ppb: avg.round() as u64,
+            held_ppb: held_now_ppb,
+            as_of_ms: now_ms,
+        }
+    }
 }
 
 /// Who is calling, as established by authentication.
@@ -144,6 +190,40 @@ pub fn check_quota(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HOUR: i64 = 3_600_000;
+
+    #[test]
+    fn recent_share_averages_with_weights_halving_every_half_life() {
+        // Sampled every second, a half held for ten half-lives is a half.
+        let mut r = RecentShare::default().advance(1, 500_000_000, HOUR);
+        assert_eq!((r.avg_ppb, r.held_ppb), (0, 500_000_000));
+        for t in 1..=36_000 {
+            r = r.advance(1 + t * 1000, 500_000_000, HOUR);
+        }
+        let half = r.avg_ppb as f64 / 1e9;
+        assert!(
+            (half - 0.5 * (1.0 - 0.5f64.powi(10))).abs() < 1e-4,
+            "{half}"
+        );
+        // Then nothing held: one half-life later the average has halved
+        // (in one step or in many).
+        let z = r.advance(r.as_of_ms + 1, 0, HOUR);
+        let once = z.advance(z.as_of_ms + HOUR, 0, HOUR);
+        let mut many = z;
+        for t in 1..=3600 {
+            many = many.advance(z.as_of_ms + t * 1000, 0, HOUR);
+        }
+        let want = z.avg_ppb as f64 / 2.0;
+        for got in [once.avg_ppb, many.avg_ppb] {
+            assert!((got as f64 - want).abs() / want < 1e-6, "{got} vs {want}");
+        }
+        // No half-life: no history.
+        assert!(r.advance(r.as_of_ms + 1, 7, 0).is_empty());
+        // A clock that went back starts the sample again, keeping the average.
+        let back = r.advance(r.as_of_ms - 10, 9, HOUR);
+        assert_eq!((back.avg_ppb, back.held_ppb), (r.avg_ppb, 9));
+    }
 
     const Q: Quota = Quota {
         max_dedicated_nodes: 4,

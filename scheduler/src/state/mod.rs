@@ -241,6 +241,7 @@ pub fn load(
         node_grace_ms: i64::from(config.node_grace_ms),
         stop_grace_ms: config.stop_grace_ms,
         preemption_min_runtime_ms: (config.preemption_min_runtime_secs as i64).saturating_mul(1000),
+        fair_share_half_life_ms: (config.fair_share_half_life_secs as i64).saturating_mul(1000),
         subscription_regions: config.subscription_regions.clone(),
         currency: config.billing.currency.clone(),
         prices: config.billing.prices.clone(),

@@ -21,6 +21,7 @@ fn tenant(name: &str, max_gpus: u32) -> Tenant {
         },
         created_at_ms: 1,
         network_id: format!("net-{name}"),
+        recent: Default::default(),
     }
 }
 
