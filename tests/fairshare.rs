@@ -43,8 +43,8 @@ async fn wait_state(s: &Scheduler, id: &str, state: pb::JobState) {
     wait_job(s, id, state, Duration::from_secs(30)).await;
 }
 
-/// Tenant A fills both GPUs and queues two more jobs; B then submits one.
-/// When one of A's jobs ends, B's starts, not A's older one. With A held
+/// Tenant A floods the pool with 100 jobs; B then submits one. When one
+/// of A's jobs ends, B's starts, not A's older ones. With A held
 /// to 1 GPU in the public pool, A's next job waits saying so, until the
 /// limit is lifted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,22 +57,26 @@ async fn a_flooding_tenant_does_not_starve_another_and_its_limit_holds() {
     let a = tenant_with_token(&mut admin, "tenant-a", 0, 0).await;
     let b = tenant_with_token(&mut admin, "tenant-b", 0, 0).await;
 
+    // A floods the pool: 100 one-GPU jobs, 2 running, 98 queued.
     let a_long = submit_as(&sched, &a, &["sleep", "120"]).await;
     let a_short = submit_as(&sched, &a, &["sleep", "120"]).await;
     wait_state(&sched, &a_long, pb::JobState::Running).await;
     wait_state(&sched, &a_short, pb::JobState::Running).await;
-    let a_next = submit_as(&sched, &a, &["sleep", "120"]).await;
-    let a_last = submit_as(&sched, &a, &["sleep", "120"]).await;
+    let mut a_queued = Vec::new();
+    for _ in 0..98 {
+        a_queued.push(submit_as(&sched, &a, &["sleep", "120"]).await);
+    }
     let b_job = submit_as(&sched, &b, &["sleep", "120"]).await;
     assert_eq!(state_of(&sched, &b_job).await.0, pb::JobState::Queued);
 
     // A GPU frees: B's job is next (A holds half the pool, B nothing),
-    // though A's two waited longer.
+    // though A's 98 waited longer.
     cancel(&sched, &a, &a_short).await;
     wait_state(&sched, &b_job, pb::JobState::Running).await;
-    for id in [&a_next, &a_last] {
+    for id in &a_queued {
         assert_eq!(state_of(&sched, id).await.0, pb::JobState::Queued);
     }
+    let a_next = &a_queued[0];
     let list = cli_ok(&sched, &["tenant", "list", "-o", "json"]);
     let tenants: serde_json::Value = serde_json::from_str(&list).unwrap();
     let of = |name: &str| {
@@ -114,7 +118,7 @@ async fn a_flooding_tenant_does_not_starve_another_and_its_limit_holds() {
     );
     cancel(&sched, &b, &b_job).await;
     let reason = eventually(Duration::from_secs(20), "the limit's reason", || async {
-        let (state, reason) = state_of(&sched, &a_next).await;
+        let (state, reason) = state_of(&sched, a_next).await;
         assert_eq!(state, pb::JobState::Queued, "{reason}");
         reason.contains("limit in pool public").then_some(reason)
     })
@@ -133,7 +137,7 @@ async fn a_flooding_tenant_does_not_starve_another_and_its_limit_holds() {
         &sched,
         &["tenant", "quota", "tenant-a", "--public-max-gpus", "none"],
     );
-    wait_state(&sched, &a_next, pb::JobState::Running).await;
+    wait_state(&sched, a_next, pb::JobState::Running).await;
 }
 
 async fn submit_spec(
@@ -197,12 +201,14 @@ fn classed(class: pb::PriorityClass, command: &[&str]) -> pb::JobSpec {
     }
 }
 
-/// A's preemptible jobs fill both GPUs; B's high-class job starts within
-/// seconds: one of A's is stopped (SIGTERM, grace), queued again without
-/// spending a retry, and runs again once there is room. A preemptible job
-/// preempts nothing; only training jobs may be preemptible.
+/// A floods the pool with 100 preemptible jobs; B's normal job starts
+/// within seconds: one of A's is stopped (its notice file says why,
+/// SIGTERM, grace), queued again without spending a retry, metered at the
+/// preemptible price exactly to the stop, and runs again once there is
+/// room. A preemptible job preempts nothing; `high` needs the admin's
+/// grant; only training jobs may be preemptible.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_high_class_job_preempts_a_preemptible_one_which_runs_again() {
+async fn a_normal_job_preempts_a_preemptible_one_which_runs_again() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Scheduler::start_with_top_and_config(
         dir.path(),
@@ -230,7 +236,7 @@ async fn a_high_class_job_preempts_a_preemptible_one_which_runs_again() {
          sleep 120 & wait",
     ];
     let mut a_jobs = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..100 {
         a_jobs.push(
             submit_spec(&sched, &a, classed(pre, &long))
                 .await
@@ -243,31 +249,13 @@ async fn a_high_class_job_preempts_a_preemptible_one_which_runs_again() {
     let log = cli_ok(&sched, &["job", "logs", &a_jobs[0]]);
     assert!(log.contains("preemptible=1"), "{log}");
     // Past the minimum run time (2 s in this test's config), a preemptible
-    // job still preempts nothing: the third stays queued.
+    // job still preempts nothing: the rest stay queued.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(state_of(&sched, &a_jobs[2]).await.0, pb::JobState::Queued);
 
-    // High-class jobs preempt other tenants' work: the admin grants them.
-    let high = pb::PriorityClass::High;
-    let refused = submit_spec(&sched, &b, classed(high, &["sleep", "3"]))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
-    assert!(
-        refused.message().contains("--allow-high-class"),
-        "{refused}"
-    );
-    let own = sched.cli_as(
-        &b,
-        &["tenant", "quota", "tenant-b", "--allow-high-class", "true"],
-    );
-    assert!(!own.status.success(), "a tenant grants itself nothing");
-    cli_ok(
-        &sched,
-        &["tenant", "quota", "tenant-b", "--allow-high-class", "true"],
-    );
+    // B's normal job starts within seconds: one of A's is preempted.
     let started = std::time::Instant::now();
-    let b_job = submit_spec(&sched, &b, classed(high, &["sleep", "3"]))
+    let b_job = submit_spec(&sched, &b, training(1, &["sleep", "3"]))
         .await
         .unwrap()
         .job_id;
@@ -293,7 +281,7 @@ async fn a_high_class_job_preempts_a_preemptible_one_which_runs_again() {
     assert_eq!(victim.preempted_by, "(another tenant's job)");
     let reason = &victim.instances[0].reason;
     assert!(
-        reason.contains("preempted by another tenant's high-class job"),
+        reason.contains("preempted by another tenant's normal-class job"),
         "{reason}"
     );
     assert!(
@@ -304,7 +292,7 @@ async fn a_high_class_job_preempts_a_preemptible_one_which_runs_again() {
     wait_state(&sched, &victim.job_id, pb::JobState::Queued).await;
     let log = cli_ok(&sched, &["job", "logs", &victim.job_id]);
     assert!(
-        log.contains("notice: preempted by another tenant's high-class job"),
+        log.contains("notice: preempted by another tenant's normal-class job"),
         "the victim read why it was stopped: {log}"
     );
     // B's job ends; the victim (older than A's third) runs again, its
@@ -320,6 +308,32 @@ async fn a_high_class_job_preempts_a_preemptible_one_which_runs_again() {
     );
     assert!(text.contains("class preemptible"), "{text}");
     ledger_ends_at_the_stop(&sched, &a, &again).await;
+
+    // High-class jobs preempt other tenants' normal work too: the admin
+    // grants them.
+    let high = pb::PriorityClass::High;
+    let refused = submit_spec(&sched, &b, classed(high, &["sleep", "3"]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert!(
+        refused.message().contains("--allow-high-class"),
+        "{refused}"
+    );
+    let own = sched.cli_as(
+        &b,
+        &["tenant", "quota", "tenant-b", "--allow-high-class", "true"],
+    );
+    assert!(!own.status.success(), "a tenant grants itself nothing");
+    cli_ok(
+        &sched,
+        &["tenant", "quota", "tenant-b", "--allow-high-class", "true"],
+    );
+    let b_high = submit_spec(&sched, &b, classed(high, &["sleep", "3"]))
+        .await
+        .unwrap()
+        .job_id;
+    cancel(&sched, &b, &b_high).await;
 
     // Only training jobs may be preemptible.
     let mut nb = classed(pre, &[]);
