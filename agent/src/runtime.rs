@@ -505,13 +505,14 @@ impl Runtime {
         self.state_dir.join("notices").join(instance_id)
     }
 
-    /// Makes the instance's notice directory, empty.
-    fn make_notice_dir(&self, instance_id: &str) -> anyhow::Result<PathBuf> {
-        use std::os::unix::fs::PermissionsExt;
+    /// Makes the instance's notice directory, empty: the agent's, 0700;
+    /// or, with `group` (the job's group on the host), root's and that
+    /// group's to read (0750): no other tenant's job sees it.
+    fn make_notice_dir(&self, instance_id: &str, group: Option<u32>) -> anyhow::Result<PathBuf> {
         let dir = self.notice_dir(instance_id);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        share_notice_dir(&dir, group)?;
         Ok(dir)
     }
 
@@ -523,8 +524,10 @@ impl Runtime {
         if !dir.is_dir() {
             return;
         }
+        use std::os::unix::fs::PermissionsExt;
         let tmp = dir.join(".stop");
         let written = std::fs::write(&tmp, format!("{reason}\n"))
+            .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)))
             .and_then(|()| std::fs::rename(&tmp, dir.join(NOTICE_FILE)));
         if let Err(err) = written {
             tracing::warn!(instance = %instance_id, error = %err, "cannot write the stop notice");
@@ -915,6 +918,12 @@ impl Runtime {
 
     /// Starts an instance. Idempotent: a known id is left alone.
     pub fn start(&self, mut spec: InstanceSpec) {
+        if !valid_id(&spec.instance_id) {
+            // Ids name files and directories here: the scheduler sends
+            // none such, and none is ever used.
+            tracing::error!(instance = ?spec.instance_id, "refusing an instance with an invalid id");
+            return;
+        }
         let port = {
             let mut entries = self.entries.lock().unwrap();
             if entries.contains_key(&spec.instance_id) {
@@ -1264,7 +1273,7 @@ impl Runtime {
         Self::expand(spec, port);
         spec.env
             .insert("GPUPOOL_TENANT_DIR".into(), root.display().to_string());
-        let notice = self.make_notice_dir(&spec.instance_id)?;
+        let notice = self.make_notice_dir(&spec.instance_id, identity.map(|i| i.gid))?;
         spec.env.insert(
             "GPUPOOL_STOP_NOTICE".into(),
             notice.join(NOTICE_FILE).display().to_string(),
@@ -1295,7 +1304,7 @@ impl Runtime {
                 .insert("GPUPOOL_LOG_DIR".into(), crate::container::LOGDIR.into());
         }
         Self::expand(spec, port);
-        let notice = self.make_notice_dir(&spec.instance_id)?;
+        let notice = self.make_notice_dir(&spec.instance_id, None)?;
         spec.env.insert(
             "GPUPOOL_STOP_NOTICE".into(),
             format!("{}/{NOTICE_FILE}", crate::container::NOTICE_DIR),
@@ -1354,6 +1363,10 @@ impl Runtime {
             .process()
             .as_ref()
             .map(|p| (p.user().uid(), p.user().gid()));
+        // Its group (on the host, in the instance's id range) reads the
+        // notice directory.
+        let gid = identity.range_base + owner.map_or(0, |o| o.1);
+        share_notice_dir(&notice, Some(gid))?;
         Ok(Launch::Container {
             owner,
             identity,
@@ -1931,6 +1944,9 @@ impl Runtime {
 
     /// Drops a finished instance the scheduler has recorded. Its log stays.
     pub fn forget(&self, instance_id: &str) {
+        if !valid_id(instance_id) {
+            return;
+        }
         let mut entries = self.entries.lock().unwrap();
         if entries
             .get(instance_id)
@@ -2255,6 +2271,19 @@ fn tree_size(path: &Path) -> (u64, std::time::SystemTime) {
     (bytes, newest)
 }
 
+/// Gives `dir` to root and `group` to read (0750), or keeps it the
+/// agent's alone (0700).
+fn share_notice_dir(dir: &Path, group: Option<u32>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match group {
+        Some(gid) => {
+            std::os::unix::fs::chown(dir, None, Some(gid))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+        }
+        None => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)),
+    }
+}
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
@@ -2552,7 +2581,7 @@ mod tests {
         let notice = rt.notice_dir("i9");
         let mode = std::fs::metadata(&notice).unwrap().permissions();
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(mode.mode() & 0o777, 0o755);
+        assert_eq!(mode.mode() & 0o777, 0o700, "the agent's own user runs it");
         rt.forget("i9");
         assert!(!notice.exists(), "forgotten with its instance");
     }

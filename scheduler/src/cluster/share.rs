@@ -69,19 +69,36 @@ impl Cluster {
             return;
         }
         let share = self.public_share();
+        // Tenants whose history just ran out are written at once (the
+        // minute's write covers those with one).
+        let mut emptied = Vec::new();
         for t in self.tenants.values_mut() {
             let now = share.tenants.get(&t.name).map_or(0, |s| {
-                let held = scheduling::dominant_share(&s.used, &share.capacity, 1);
+                // At most the whole pool: jobs on nodes that went NotReady
+                // or were cordoned still count, their capacity does not.
+                let held = scheduling::dominant_share(&s.used, &share.capacity, 1).min(1.0);
                 (held * 1e9).round() as u64
             });
+            let was = t.recent;
             t.recent = t.recent.advance(now_ms, now, half_life);
+            if !was.is_empty() && t.recent.is_empty() {
+                emptied.push(t.name.clone());
+            }
         }
-        if now_ms - self.recent_written_ms < Self::RECENT_WRITE_MS {
+        // A clock that went back writes at once, not once it has caught up.
+        let due = !(0..Self::RECENT_WRITE_MS).contains(&(now_ms - self.recent_written_ms));
+        let tenants: Vec<Record<'_>> = self
+            .tenants
+            .values()
+            .filter(|t| emptied.contains(&t.name) || (due && !t.recent.is_empty()))
+            .map(Record::Tenant)
+            .collect();
+        if tenants.is_empty() && !due {
             return;
         }
-        let tenants: Vec<Record<'_>> = self.tenants.values().map(Record::Tenant).collect();
         match self.store.write(&tenants, now_ms) {
-            Ok(()) => self.recent_written_ms = now_ms,
+            Ok(()) if due => self.recent_written_ms = now_ms,
+            Ok(()) => {}
             Err(err) => {
                 tracing::warn!(error = %crate::ErrorChain(&err), "cannot write the tenants' recent shares; will retry");
             }

@@ -56,7 +56,9 @@
 //!    gang of a class above `preemptible` that does not fit and would be
 //!    its pool's head (none yet this pass) may preempt running training
 //!    jobs of a lower class in its pool that have run the minimum run time
-//!    (another tenant's only if preemptible): the cheapest victim set that
+//!    (another tenant's only if preemptible and, in a shared pool below
+//!    the high class, only while its tenant keeps at least the share the
+//!    preemptor's tenant gets, [`Share::dominant_after`]): the cheapest victim set that
 //!    makes room (fewest instances, then least run time lost; a victim's
 //!    whole run). The victims get [`Decision::Preempt`], the request waits
 //!    ([`Wait::Preempting`]) as its pool's head, so what the victims free
@@ -352,7 +354,17 @@ impl Share<'_> {
     /// fraction of any resource the pool has) plus its recent share, over
     /// its weight.
     pub fn dominant(&self, tenant: &str) -> f64 {
-        let t = self.of(tenant);
+        self.dominant_after(tenant, &Resources::default(), 0)
+    }
+
+    /// [`Share::dominant`] once `instances` more instances of `res` are
+    /// held (fewer, for a negative count).
+    pub fn dominant_after(&self, tenant: &str, res: &Resources, instances: i64) -> f64 {
+        let mut t = self.of(tenant);
+        for (u, d) in t.used.iter_mut().zip(res.held()) {
+            let delta = i128::from(d) * i128::from(instances);
+            *u = (i128::from(*u) + delta).clamp(0, i128::from(u64::MAX)) as u64;
+        }
         let recent = t.recent_ppb as f64 / 1e9;
         (dominant_share(&t.used, &self.capacity, 1) + recent) / f64::from(t.weight.max(1))
     }
@@ -455,14 +467,14 @@ pub fn plan_shared(
     };
     let Some(share) = share else {
         for req in order {
-            pass.consider(req, placer, now_ms);
+            pass.consider(req, placer, now_ms, None);
         }
         return pass.out;
     };
     let (shared, rest): (Vec<&Request>, Vec<&Request>) =
         order.into_iter().partition(|r| r.pool == share.pool);
     for req in rest {
-        pass.consider(req, placer, now_ms);
+        pass.consider(req, placer, now_ms, None);
     }
     // Each tenant's requests, in class, priority and age order.
     let mut tenants: Vec<std::collections::VecDeque<&Request>> = Vec::new();
@@ -499,11 +511,11 @@ pub fn plan_shared(
             .expect("a ready tenant has a request");
         match within_limit(req, share, now_ms) {
             Room::All => {
-                let placed = pass.consider(req, placer, now_ms);
+                let placed = pass.consider(req, placer, now_ms, Some(share));
                 share.charge(req.tenant, req.resources, placed);
             }
             Room::Some(cut) => {
-                let placed = pass.consider(&cut, placer, now_ms);
+                let placed = pass.consider(&cut, placer, now_ms, Some(share));
                 share.charge(req.tenant, req.resources, placed);
                 let waits = matches!(pass.out.last(), Some(Decision::Wait { job_id, .. }) if job_id == req.job_id);
                 if !waits {
@@ -617,7 +629,13 @@ impl<'a> Pass<'a, '_> {
     /// Step 8 for a gang that does not fit: the wait it gets if it
     /// preempts (the victims' decisions are pushed) or if the victims it
     /// preempted earlier are still stopping.
-    fn preempting(&mut self, req: &Request<'a>, placer: &Placer, now_ms: i64) -> Option<Wait> {
+    fn preempting(
+        &mut self,
+        req: &Request<'a>,
+        placer: &Placer,
+        now_ms: i64,
+        share: Option<&Share<'_>>,
+    ) -> Option<Wait> {
         let p = self.preempt?;
         if let Some(&victims) = p.stopping.get(req.job_id) {
             return Some(Wait::Preempting { victims });
@@ -634,6 +652,23 @@ impl<'a> Pass<'a, '_> {
         if self.no_victims.contains(&shape) {
             return None;
         }
+        // In a shared pool, below the high class, another tenant's job is
+        // a victim only if its tenant keeps at least the share the
+        // preemptor's tenant gets (no preemption pushes a tenant below
+        // the one it yields to).
+        let fair: Option<Vec<bool>> = share.filter(|_| req.class < PriorityClass::High).map(|s| {
+            let mine = s.dominant_after(req.tenant, req.resources, i64::from(instances));
+            p.candidates
+                .iter()
+                .zip(&self.taken)
+                .map(|(c, &taken)| {
+                    taken
+                        || (c.tenant != req.tenant
+                            && s.dominant_after(c.tenant, c.resources, -(c.instances.len() as i64))
+                                < mine)
+                })
+                .collect()
+        });
         let chosen = preemption::choose(
             placer.nodes(),
             req.pool,
@@ -642,7 +677,7 @@ impl<'a> Pass<'a, '_> {
             instances,
             req.class,
             &p.candidates,
-            &self.taken,
+            fair.as_deref().unwrap_or(&self.taken),
             p.min_runtime_ms,
             now_ms,
         );
@@ -661,8 +696,15 @@ impl<'a> Pass<'a, '_> {
         Some(Wait::Preempting { victims })
     }
 
-    /// Steps 3 to 6 for one request; returns how many instances it placed.
-    fn consider(&mut self, req: &Request<'a>, placer: &mut Placer, now_ms: i64) -> u32 {
+    /// Steps 3 to 6 for one request (`share`: its pool's, if shared);
+    /// returns how many instances it placed.
+    fn consider(
+        &mut self,
+        req: &Request<'a>,
+        placer: &mut Placer,
+        now_ms: i64,
+        share: Option<&Share<'_>>,
+    ) -> u32 {
         let (heads, failed, out) = (&mut self.heads, &mut self.failed, &mut self.out);
         let head = heads.get(req.pool);
         let avoid = head.map_or(&[][..], |h| &h.reserved[..]);
@@ -717,7 +759,7 @@ impl<'a> Pass<'a, '_> {
         // another head, what it freed would be the head's to keep.
         if matches!(why, Wait::NoRoom(_))
             && !self.heads.contains_key(req.pool)
-            && let Some(why) = self.preempting(req, placer, now_ms)
+            && let Some(why) = self.preempting(req, placer, now_ms, share)
         {
             // It keeps the nodes it could use while its victims stop.
             become_head(&mut self.heads, placer, req);
@@ -1533,6 +1575,84 @@ mod fair_tests {
         // B's 3/8 GPUs is below A's half of the CPU.
         let (fair, _) = run(1, &q, Some(&mut s2));
         assert_eq!(fair, ["j1"]);
+    }
+
+    /// Preemption in the shared pool: B's normal job preempts A's
+    /// preemptible one while A keeps at least B's share after it; not
+    /// when that would push A below B; a high-class job regardless.
+    #[test]
+    fn preemption_in_a_shared_pool_never_pushes_the_victims_tenant_below_the_preemptors() {
+        let res = one_gpu();
+        // n1's two GPUs: GPU 0 held by A's preemptible a0, GPU 1 by `other`.
+        let decide = |other: &'static str, class: PriorityClass| {
+            let mut node = public_node(2);
+            for g in &mut node.gpus {
+                g.free_milli = 0;
+            }
+            node.cpu_free_milli -= 2000;
+            node.memory_free_mib -= 2048;
+            let mut placer = Placer::new(vec![node], &default_shapes(), 7);
+            let gpu0 = [0u32];
+            let gpu1 = [1u32];
+            let candidates = vec![
+                Candidate {
+                    job_id: "a0",
+                    tenant: "a",
+                    pool: "public",
+                    class: PriorityClass::Preemptible,
+                    started_ms: 0,
+                    resources: &res,
+                    instances: vec![("n1", &gpu0[..])],
+                },
+                Candidate {
+                    job_id: "x1",
+                    tenant: other,
+                    pool: "public",
+                    class: PriorityClass::Normal,
+                    started_ms: 0,
+                    resources: &res,
+                    instances: vec![("n1", &gpu1[..])],
+                },
+            ];
+            let preempt = Preemption {
+                candidates,
+                min_runtime_ms: 0,
+                stopping: HashMap::new(),
+            };
+            let mut share = Share {
+                pool: "public",
+                capacity: [2000, 64_000, 256 * 1024],
+                tenants: HashMap::new(),
+            };
+            share.charge("a", &res, 1);
+            share.charge(other, &res, 1);
+            let q = [Request {
+                job_id: "b9",
+                tenant: "b",
+                class,
+                priority: 0,
+                seq: 9,
+                pool: "public",
+                resources: &res,
+                shape: Shape::Gang {
+                    instances: 1,
+                    not_before_ms: 0,
+                },
+            }];
+            plan_shared(&q, &mut placer, NOW, Some(&mut share), Some(&preempt))
+                .into_iter()
+                .filter_map(|d| match d {
+                    Decision::Preempt { job_id, .. } => Some(job_id),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        // The other GPU is A's too: A keeps half, B gets half.
+        assert_eq!(decide("a", PriorityClass::Normal), ["a0"]);
+        // The other GPU is B's own: B would hold all, A nothing.
+        assert!(decide("b", PriorityClass::Normal).is_empty());
+        // High is the admin's grant: it preempts regardless.
+        assert_eq!(decide("b", PriorityClass::High), ["a0"]);
     }
 
     #[test]

@@ -57,24 +57,33 @@ impl RecentShare {
     /// The average at `now_ms`, `held_ppb` counted as held since
     /// `as_of_ms`, and `held_now_ppb` from now on.
     pub fn advance(self, now_ms: i64, held_now_ppb: u64, half_life_ms: i64) -> Self {
-        if half_life_ms <= 0 {
+        // Nothing held, then or now, and (next to) nothing before: no
+        // history (an idle tenant is not kept or written for ever).
+        let idle = held_now_ppb == 0 && self.held_ppb == 0;
+        if half_life_ms <= 0 || idle && (self.avg_ppb as f64) < Self::FLOOR_PPB {
             return Self::default();
         }
-        if self.as_of_ms == 0 || now_ms < self.as_of_ms {
+        if self.as_of_ms <= 0 || now_ms < self.as_of_ms {
             return Self {
                 avg_ppb: self.avg_ppb,
                 held_ppb: held_now_ppb,
                 as_of_ms: now_ms,
             };
         }
-        let keep = 0.5f64.powf((now_ms - self.as_of_ms) as f64 / half_life_ms as f64);
+        let keep = 0.5f64.powf(now_ms.saturating_sub(self.as_of_ms) as f64 / half_life_ms as f64);
         let avg = self.avg_ppb as f64 * keep + self.held_ppb as f64 * (1.0 - keep);
+        if idle && avg < Self::FLOOR_PPB {
+            return Self::default();
+        }
         Self {
             avg_ppb: avg.round() as u64,
             held_ppb: held_now_ppb,
             as_of_ms: now_ms,
         }
     }
+
+    /// A millionth of the pool.
+    const FLOOR_PPB: f64 = 1000.0;
 }
 
 /// Who is calling, as established by authentication.
@@ -220,6 +229,16 @@ mod tests {
         }
         // No half-life: no history.
         assert!(r.advance(r.as_of_ms + 1, 7, 0).is_empty());
+        // A tenant that never held anything has none either; one whose
+        // average fell below a millionth of the pool, none any more.
+        assert!(RecentShare::default().advance(5, 0, HOUR).is_empty());
+        let tiny = RecentShare {
+            avg_ppb: 999,
+            held_ppb: 0,
+            as_of_ms: 5,
+        };
+        assert!(tiny.advance(6, 0, HOUR).is_empty());
+        assert!(!tiny.advance(6, 1, HOUR).is_empty(), "it holds some now");
         // A clock that went back starts the sample again, keeping the average.
         let back = r.advance(r.as_of_ms - 10, 9, HOUR);
         assert_eq!((back.avg_ppb, back.held_ppb), (r.avg_ppb, 9));
