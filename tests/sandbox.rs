@@ -845,6 +845,45 @@ async fn containers_keep_limits_stops_and_restarts() {
     })
     .await;
 
+    // Before the SIGTERM the container can read why from its notice file
+    // (read-only to it).
+    let told = with_image(training(
+        0,
+        &[
+            "sh",
+            "-c",
+            "touch /run/gpupool/x 2>/dev/null || echo notice-dir-read-only; \
+             trap 'echo \"notice: $(cat \"$GPUPOOL_STOP_NOTICE\")\"; exit 0' TERM; \
+             echo waiting; sleep 1003 & wait",
+        ],
+    ));
+    let j = submit_as(&c.sched, &c.a, told).await;
+    wait_for(&c, &j.job_id, pb::JobState::Running).await;
+    eventually(Duration::from_secs(20), "the job waiting", || async {
+        logs_as(&c.sched, &c.a, &j.job_id)
+            .await
+            .contains("waiting")
+            .then_some(())
+    })
+    .await;
+    c.sched
+        .clients(Some(&c.a))
+        .await
+        .jobs
+        .cancel_job(pb::CancelJobRequest {
+            job_id: j.job_id.clone(),
+        })
+        .await
+        .unwrap();
+    // (Cancelled at once; the instance stops within the grace.)
+    let log = eventually(Duration::from_secs(20), "the notice read", || async {
+        let log = logs_as(&c.sched, &c.a, &j.job_id).await;
+        log.contains("notice:").then_some(log)
+    })
+    .await;
+    assert!(log.contains("notice-dir-read-only"), "{log}");
+    assert!(log.contains("notice: killed by user"), "{log}");
+
     // SIGKILL the agent while a container runs; the restarted agent
     // reattaches it and reports its real end.
     let j = submit_as(
