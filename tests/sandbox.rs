@@ -202,6 +202,8 @@ try precreate-path sh -c 'mkdir -p {state}/tenants/tenant-a/planted && [ -e {a_d
 try read-credential cat {state}/node-credential
 try read-config grep -q scheduler_addr {config}
 try list-state sh -c 'ls {state}/instances | grep -q .'
+try list-notice ls {state}/notices/{a_instance}/
+try write-notice touch {state}/notices/{a_instance}/stop
 echo ATTACKS-DONE
 "#
     )
@@ -221,7 +223,7 @@ fn assert_all_blocked(log: &str, steps: &[&str]) {
     assert!(!log.contains("LEAKED"), "an attack succeeded:\n{log}");
 }
 
-const STEPS: [&str; 15] = [
+const STEPS: [&str; 17] = [
     "list-processes",
     "read-cmdline",
     "read-environ",
@@ -237,6 +239,8 @@ const STEPS: [&str; 15] = [
     "read-credential",
     "read-config",
     "list-state",
+    "list-notice",
+    "write-notice",
 ];
 
 struct Cluster {
