@@ -342,3 +342,44 @@ async fn a_normal_job_preempts_a_preemptible_one_which_runs_again() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     assert!(err.message().contains("only training jobs"), "{err}");
 }
+
+/// With `fair_share_preemption`, B's normal job takes a GPU from A's
+/// normal ones at once (A holds the whole pool, B nothing): A's victim is
+/// queued again; B's next job preempts nothing (A would fall below B).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_share_preemption_reclaims_from_a_tenant_over_its_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let sched = Scheduler::start_with_top(
+        dir.path(),
+        "preemption_min_runtime_secs = 1\nfair_share_preemption = true",
+    )
+    .await;
+    let _agent = Agent::start(dir.path(), &sched, "n1", "2xA100-40GB");
+    wait_ready(&sched, 1).await;
+    let mut admin = sched.admin().await;
+    let a = tenant_with_token(&mut admin, "tenant-a", 0, 0).await;
+    let b = tenant_with_token(&mut admin, "tenant-b", 0, 0).await;
+    let mut a_jobs = Vec::new();
+    for _ in 0..100 {
+        a_jobs.push(submit_as(&sched, &a, &["sleep", "120"]).await);
+    }
+    wait_state(&sched, &a_jobs[0], pb::JobState::Running).await;
+    wait_state(&sched, &a_jobs[1], pb::JobState::Running).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b_first = submit_as(&sched, &b, &["sleep", "120"]).await;
+    wait_state(&sched, &b_first, pb::JobState::Running).await;
+    let mut preempted = 0;
+    for id in &a_jobs[..2] {
+        preempted += get_job(&sched, id).await.preemptions;
+    }
+    assert_eq!(preempted, 1, "one of A's two running jobs");
+    // Half each now: B's second job would push A below B.
+    let b_second = submit_as(&sched, &b, &["sleep", "120"]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(state_of(&sched, &b_second).await.0, pb::JobState::Queued);
+    let mut preempted = 0;
+    for id in &a_jobs[..2] {
+        preempted += get_job(&sched, id).await.preemptions;
+    }
+    assert_eq!(preempted, 1, "no second victim");
+}

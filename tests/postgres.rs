@@ -23,6 +23,7 @@ fn settings() -> Settings {
         stop_grace_ms: 500,
         preemption_min_runtime_ms: 0,
         fair_share_half_life_ms: 0,
+        fair_share_preemption: false,
         subscription_regions: Vec::new(),
         currency: "USD".into(),
         prices: BTreeMap::new(),

@@ -256,6 +256,10 @@ pub enum Policy {
     /// preempt them (after the minimum run time); a victim restarts from
     /// the beginning.
     FairPreempt,
+    /// Fair share with fair-share preemption (`fair_share_preemption`):
+    /// every job normal; a tenant under its share preempts another's
+    /// while that one keeps at least its share.
+    FairReclaim,
 }
 
 impl Policy {
@@ -264,6 +268,7 @@ impl Policy {
             Policy::Fifo => "fifo",
             Policy::Fair => "fair-share",
             Policy::FairPreempt => "fair-share+preemption",
+            Policy::FairReclaim => "fair-share+reclaim",
         }
     }
 }
@@ -299,7 +304,7 @@ pub fn simulate(
     let order: Vec<usize> = Rng::new(args.seed ^ 0x5eed).permutation(caps.len());
     let mut placer: Option<Placer> = None;
     let mut used = vec![[0u64; 3]; TENANTS];
-    let mut recent = vec![RecentShare::default(); TENANTS];
+    let mut recent = [RecentShare::default(); TENANTS];
     let mut queue: Vec<usize> = Vec::new();
     let mut running: Vec<(i64, usize, Assignment)> = Vec::new();
     let (mut next, horizon) = (0, (args.hours * 3600.0) as i64);
@@ -376,22 +381,24 @@ pub fn simulate(
                     })
                     .collect(),
             };
-            let preempt = (policy == Policy::FairPreempt).then(|| Preemption {
-                candidates: running
-                    .iter()
-                    .map(|(_, j, a)| Candidate {
-                        job_id: &jobs[*j].id,
-                        tenant: &tenant_names[jobs[*j].tenant],
-                        pool: "public",
-                        class: class_of(jobs[*j].tenant),
-                        started_ms: jobs[*j].start_s.unwrap_or(now) * 1000,
-                        resources: &jobs[*j].resources,
-                        instances: vec![(a.node_id.as_str(), &a.gpu_indexes[..])],
-                    })
-                    .collect(),
-                min_runtime_ms: MIN_RUNTIME_S * 1000,
-                stopping: HashMap::new(),
-            });
+            let preempt =
+                matches!(policy, Policy::FairPreempt | Policy::FairReclaim).then(|| Preemption {
+                    candidates: running
+                        .iter()
+                        .map(|(_, j, a)| Candidate {
+                            job_id: &jobs[*j].id,
+                            tenant: &tenant_names[jobs[*j].tenant],
+                            pool: "public",
+                            class: class_of(jobs[*j].tenant),
+                            started_ms: jobs[*j].start_s.unwrap_or(now) * 1000,
+                            resources: &jobs[*j].resources,
+                            instances: vec![(a.node_id.as_str(), &a.gpu_indexes[..])],
+                        })
+                        .collect(),
+                    min_runtime_ms: MIN_RUNTIME_S * 1000,
+                    stopping: HashMap::new(),
+                    reclaim: policy == Policy::FairReclaim,
+                });
             scheduling::plan_shared(
                 &reqs,
                 &mut p,
@@ -531,9 +538,11 @@ pub fn run_tenants(args: &TenantsArgs) -> anyhow::Result<()> {
     let fifo = simulate(&nodes, &pods, &durations, args, Policy::Fifo);
     let mut fair = simulate(&nodes, &pods, &durations, args, Policy::Fair);
     let mut preempt = simulate(&nodes, &pods, &durations, args, Policy::FairPreempt);
-    fair.fifo_light_p99_wait_s = Some(fifo.light_p99_wait_s);
-    preempt.fifo_light_p99_wait_s = Some(fifo.light_p99_wait_s);
-    for r in [&fifo, &fair, &preempt] {
+    let mut reclaim = simulate(&nodes, &pods, &durations, args, Policy::FairReclaim);
+    for r in [&mut fair, &mut preempt, &mut reclaim] {
+        r.fifo_light_p99_wait_s = Some(fifo.light_p99_wait_s);
+    }
+    for r in [&fifo, &fair, &preempt, &reclaim] {
         match args.output {
             crate::OutputFormat::Json => println!("{}", serde_json::to_string(r)?),
             crate::OutputFormat::Text => println!(

@@ -55,6 +55,11 @@ pub struct SchedulerConfig {
     /// `PriorityDecayHalfLife`); 0: only what is held now counts.
     #[serde(default = "default_fair_share_half_life_secs")]
     pub fair_share_half_life_secs: u64,
+    /// In the public pool, a job whose tenant is under its fair share may
+    /// also preempt another tenant's training jobs of its own class (not
+    /// only lower classes), while that tenant keeps at least its share.
+    #[serde(default)]
+    pub fair_share_preemption: bool,
     /// Cluster join token: a node without a credential of its own enrols
     /// with it (and is then issued one, bound to its node id). Required when
     /// `grpc_listen` reaches beyond loopback, unless agents must present a
@@ -301,6 +306,7 @@ impl Default for SchedulerConfig {
             stop_grace_ms: default_stop_grace_ms(),
             preemption_min_runtime_secs: default_preemption_min_runtime_secs(),
             fair_share_half_life_secs: default_fair_share_half_life_secs(),
+            fair_share_preemption: false,
             join_token: None,
             secret_key_file: None,
             admin_token: None,

@@ -218,6 +218,8 @@ pub struct Settings {
     pub preemption_min_runtime_ms: i64,
     /// The half-life of the public pool's recent shares; 0: none kept.
     pub fair_share_half_life_ms: i64,
+    /// A tenant under its share may preempt another's jobs of its class.
+    pub fair_share_preemption: bool,
     /// Regions where deploy pools may be bought by subscription (R-CREATE-11).
     pub subscription_regions: Vec<String>,
     /// Currency of all amounts.
@@ -1511,10 +1513,9 @@ impl Cluster {
             .iter()
             .any(|r| r.pool == crate::domain::PUBLIC_POOL)
             .then(|| self.public_share());
-        let preempt = queue
-            .iter()
-            .any(|r| r.class > PriorityClass::Preemptible)
-            .then(|| self.preemption());
+        let preempt = (self.settings.fair_share_preemption
+            || queue.iter().any(|r| r.class > PriorityClass::Preemptible))
+        .then(|| self.preemption());
         let decisions = scheduling::plan_shared(
             &queue,
             &mut placer,
@@ -1956,6 +1957,7 @@ mod tests {
             stop_grace_ms: 500,
             preemption_min_runtime_ms: 0,
             fair_share_half_life_ms: 0,
+            fair_share_preemption: false,
             subscription_regions: vec!["region-1".into()],
             currency: "USD".into(),
             prices: BTreeMap::new(),

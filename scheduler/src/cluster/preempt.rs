@@ -20,6 +20,7 @@ impl Cluster {
             candidates: Vec::new(),
             min_runtime_ms: self.settings.preemption_min_runtime_ms,
             stopping: HashMap::new(),
+            reclaim: self.settings.fair_share_preemption,
         };
         for job in on_nodes.into_iter().filter_map(|id| self.jobs.get(id)) {
             if job.active_instances().next().is_none() {

@@ -112,7 +112,10 @@ fn release(nodes: &mut [NodeCapacity], c: &Candidate<'_>) {
 /// when evicting every eligible candidate would not make room (or there
 /// is none). Candidates of another pool, of `class` or above, or younger
 /// than `min_runtime_ms` are not taken; another tenant's only if
-/// preemptible (a normal job is preempted only by its own tenant's).
+/// preemptible (a normal job is preempted only by its own tenant's) or,
+/// with `reclaim` (fair-share preemption: the caller has already masked,
+/// in `taken`, another tenant's candidates its share protects), of
+/// `class` or below.
 #[allow(clippy::too_many_arguments)]
 pub fn choose(
     nodes: &[NodeCapacity],
@@ -123,16 +126,19 @@ pub fn choose(
     class: PriorityClass,
     candidates: &[Candidate<'_>],
     taken: &[bool],
+    reclaim: bool,
     min_runtime_ms: i64,
     now_ms: i64,
 ) -> Option<Vec<usize>> {
     let eligible: Vec<usize> = (0..candidates.len())
         .filter(|&i| {
             let c = &candidates[i];
+            let by_class =
+                c.class < class && (c.class == PriorityClass::Preemptible || c.tenant == tenant);
+            let by_share = reclaim && c.tenant != tenant && c.class <= class;
             !taken.get(i).copied().unwrap_or(false)
                 && c.pool == pool
-                && c.class < class
-                && (c.class == PriorityClass::Preemptible || c.tenant == tenant)
+                && (by_class || by_share)
                 && now_ms - c.started_ms >= min_runtime_ms
         })
         .collect();
@@ -372,7 +378,7 @@ mod tests {
             let cands = candidates(&running);
             let min_ms = min_minutes * 60_000;
             let res = gpus(want);
-            let got = choose(&nodes, "public", "t", &res, 1, class, &cands, &[], min_ms, NOW);
+            let got = choose(&nodes, "public", "t", &res, 1, class, &cands, &[], false, min_ms, NOW);
             let ok = |i: usize| cands[i].class < class && NOW - cands[i].started_ms >= min_ms;
             // Brute force over every subset of every candidate.
             let mut best: Option<(u64, i64)> = None;
@@ -454,6 +460,7 @@ mod tests {
                 PriorityClass::Normal,
                 &cands,
                 &[],
+                false,
                 0,
                 NOW
             ),
@@ -469,6 +476,7 @@ mod tests {
             PriorityClass::High,
             &cands,
             &[],
+            false,
             0,
             NOW,
         );
@@ -484,6 +492,7 @@ mod tests {
             PriorityClass::High,
             &cands,
             &[],
+            false,
             0,
             NOW,
         );
@@ -502,6 +511,7 @@ mod tests {
             PriorityClass::Normal,
             &cands,
             &[],
+            false,
             0,
             NOW,
         );
@@ -530,6 +540,7 @@ mod tests {
                 PriorityClass::Normal,
                 &cands,
                 &[],
+                false,
                 min,
                 NOW,
             )
@@ -546,6 +557,7 @@ mod tests {
                 PriorityClass::Normal,
                 &cands,
                 &[true],
+                false,
                 0,
                 NOW
             ),
@@ -562,6 +574,7 @@ mod tests {
                 PriorityClass::Normal,
                 &cands,
                 &[],
+                false,
                 0,
                 NOW
             ),

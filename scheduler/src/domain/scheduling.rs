@@ -58,7 +58,9 @@
 //!    jobs of a lower class in its pool that have run the minimum run time
 //!    (another tenant's only if preemptible and, in a shared pool below
 //!    the high class, only while its tenant keeps at least the share the
-//!    preemptor's tenant gets, [`Share::dominant_after`]): the cheapest victim set that
+//!    preemptor's tenant gets, [`Share::dominant_after`]; with
+//!    [`Preemption::reclaim`], such a tenant's jobs of the request's own
+//!    class too): the cheapest victim set that
 //!    makes room (fewest instances, then least run time lost; a victim's
 //!    whole run). The victims get [`Decision::Preempt`], the request waits
 //!    ([`Wait::Preempting`]) as its pool's head, so what the victims free
@@ -436,6 +438,10 @@ pub struct Preemption<'a> {
     /// Requests whose victims are still stopping, with how many: they
     /// wait for those and preempt no more.
     pub stopping: HashMap<&'a str, usize>,
+    /// Fair-share preemption (`fair_share_preemption`): in the shared
+    /// pool, a request may also take another tenant's jobs of its own
+    /// class or below while that tenant keeps at least its share.
+    pub reclaim: bool,
 }
 
 /// [`plan`], with `share`'s pool shared fairly between tenants (step 7):
@@ -643,7 +649,11 @@ impl<'a> Pass<'a, '_> {
         let Shape::Gang { instances, .. } = req.shape else {
             return None;
         };
-        if req.class == PriorityClass::Preemptible {
+        // Fair-share preemption: in a shared pool, below the high class,
+        // another tenant's jobs of the request's class or below whose
+        // tenant keeps at least this one's share (the mask below).
+        let reclaim = p.reclaim && share.is_some() && req.class < PriorityClass::High;
+        if req.class == PriorityClass::Preemptible && !reclaim {
             return None;
         }
         // A shape that found no victims this pass finds none again (the
@@ -678,6 +688,7 @@ impl<'a> Pass<'a, '_> {
             req.class,
             &p.candidates,
             fair.as_deref().unwrap_or(&self.taken),
+            reclaim,
             p.min_runtime_ms,
             now_ms,
         );
@@ -1584,68 +1595,73 @@ mod fair_tests {
     fn preemption_in_a_shared_pool_never_pushes_the_victims_tenant_below_the_preemptors() {
         let res = one_gpu();
         // n1's two GPUs: GPU 0 held by A's preemptible a0, GPU 1 by `other`.
+        let decide_with =
+            |other: &'static str, class: PriorityClass, a0: PriorityClass, reclaim: bool| {
+                let mut node = public_node(2);
+                for g in &mut node.gpus {
+                    g.free_milli = 0;
+                }
+                node.cpu_free_milli -= 2000;
+                node.memory_free_mib -= 2048;
+                let mut placer = Placer::new(vec![node], &default_shapes(), 7);
+                let gpu0 = [0u32];
+                let gpu1 = [1u32];
+                let candidates = vec![
+                    Candidate {
+                        job_id: "a0",
+                        tenant: "a",
+                        pool: "public",
+                        class: a0,
+                        started_ms: 0,
+                        resources: &res,
+                        instances: vec![("n1", &gpu0[..])],
+                    },
+                    Candidate {
+                        job_id: "x1",
+                        tenant: other,
+                        pool: "public",
+                        class: PriorityClass::Normal,
+                        started_ms: 0,
+                        resources: &res,
+                        instances: vec![("n1", &gpu1[..])],
+                    },
+                ];
+                let preempt = Preemption {
+                    candidates,
+                    min_runtime_ms: 0,
+                    stopping: HashMap::new(),
+                    reclaim,
+                };
+                let mut share = Share {
+                    pool: "public",
+                    capacity: [2000, 64_000, 256 * 1024],
+                    tenants: HashMap::new(),
+                };
+                share.charge("a", &res, 1);
+                share.charge(other, &res, 1);
+                let q = [Request {
+                    job_id: "b9",
+                    tenant: "b",
+                    class,
+                    priority: 0,
+                    seq: 9,
+                    pool: "public",
+                    resources: &res,
+                    shape: Shape::Gang {
+                        instances: 1,
+                        not_before_ms: 0,
+                    },
+                }];
+                plan_shared(&q, &mut placer, NOW, Some(&mut share), Some(&preempt))
+                    .into_iter()
+                    .filter_map(|d| match d {
+                        Decision::Preempt { job_id, .. } => Some(job_id),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            };
         let decide = |other: &'static str, class: PriorityClass| {
-            let mut node = public_node(2);
-            for g in &mut node.gpus {
-                g.free_milli = 0;
-            }
-            node.cpu_free_milli -= 2000;
-            node.memory_free_mib -= 2048;
-            let mut placer = Placer::new(vec![node], &default_shapes(), 7);
-            let gpu0 = [0u32];
-            let gpu1 = [1u32];
-            let candidates = vec![
-                Candidate {
-                    job_id: "a0",
-                    tenant: "a",
-                    pool: "public",
-                    class: PriorityClass::Preemptible,
-                    started_ms: 0,
-                    resources: &res,
-                    instances: vec![("n1", &gpu0[..])],
-                },
-                Candidate {
-                    job_id: "x1",
-                    tenant: other,
-                    pool: "public",
-                    class: PriorityClass::Normal,
-                    started_ms: 0,
-                    resources: &res,
-                    instances: vec![("n1", &gpu1[..])],
-                },
-            ];
-            let preempt = Preemption {
-                candidates,
-                min_runtime_ms: 0,
-                stopping: HashMap::new(),
-            };
-            let mut share = Share {
-                pool: "public",
-                capacity: [2000, 64_000, 256 * 1024],
-                tenants: HashMap::new(),
-            };
-            share.charge("a", &res, 1);
-            share.charge(other, &res, 1);
-            let q = [Request {
-                job_id: "b9",
-                tenant: "b",
-                class,
-                priority: 0,
-                seq: 9,
-                pool: "public",
-                resources: &res,
-                shape: Shape::Gang {
-                    instances: 1,
-                    not_before_ms: 0,
-                },
-            }];
-            plan_shared(&q, &mut placer, NOW, Some(&mut share), Some(&preempt))
-                .into_iter()
-                .filter_map(|d| match d {
-                    Decision::Preempt { job_id, .. } => Some(job_id),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
+            decide_with(other, class, PriorityClass::Preemptible, false)
         };
         // The other GPU is A's too: A keeps half, B gets half.
         assert_eq!(decide("a", PriorityClass::Normal), ["a0"]);
@@ -1653,6 +1669,16 @@ mod fair_tests {
         assert!(decide("b", PriorityClass::Normal).is_empty());
         // High is the admin's grant: it preempts regardless.
         assert_eq!(decide("b", PriorityClass::High), ["a0"]);
+        // A's job is normal: only fair-share preemption takes it, and
+        // only while A keeps B's share.
+        let normal = PriorityClass::Normal;
+        assert!(decide_with("a", normal, normal, false).is_empty());
+        assert_eq!(decide_with("a", normal, normal, true), ["a0"]);
+        assert!(decide_with("b", normal, normal, true).is_empty());
+        // A preemptible request reclaims from another preemptible one.
+        let pre = PriorityClass::Preemptible;
+        assert!(decide_with("a", pre, pre, false).is_empty());
+        assert_eq!(decide_with("a", pre, pre, true), ["a0"]);
     }
 
     #[test]

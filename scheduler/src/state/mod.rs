@@ -242,6 +242,7 @@ pub fn load(
         stop_grace_ms: config.stop_grace_ms,
         preemption_min_runtime_ms: (config.preemption_min_runtime_secs as i64).saturating_mul(1000),
         fair_share_half_life_ms: (config.fair_share_half_life_secs as i64).saturating_mul(1000),
+        fair_share_preemption: config.fair_share_preemption,
         subscription_regions: config.subscription_regions.clone(),
         currency: config.billing.currency.clone(),
         prices: config.billing.prices.clone(),
