@@ -20,15 +20,14 @@ async fn submit_as(s: &Scheduler, token: &str, command: &[&str]) -> String {
         .job_id
 }
 
-async fn cancel(s: &Scheduler, token: &str, id: &str) {
-    s.clients(Some(token))
-        .await
-        .jobs
-        .cancel_job(pb::CancelJobRequest {
-            job_id: id.to_string(),
-        })
-        .await
-        .unwrap();
+/// One agent (two GPUs) and tenants A and B with a token each.
+async fn two_tenants(dir: &std::path::Path, s: &Scheduler) -> (Agent, String, String) {
+    let agent = Agent::start(dir, s, "n1", "2xA100-40GB");
+    wait_ready(s, 1).await;
+    let mut admin = s.admin().await;
+    let a = tenant_with_token(&mut admin, "tenant-a", 0, 0).await;
+    let b = tenant_with_token(&mut admin, "tenant-b", 0, 0).await;
+    (agent, a, b)
 }
 
 async fn state_of(s: &Scheduler, id: &str) -> (pb::JobState, String) {
@@ -51,11 +50,7 @@ async fn wait_state(s: &Scheduler, id: &str, state: pb::JobState) {
 async fn a_flooding_tenant_does_not_starve_another_and_its_limit_holds() {
     let dir = tempfile::tempdir().unwrap();
     let sched = Scheduler::start(dir.path()).await;
-    let _agent = Agent::start(dir.path(), &sched, "n1", "2xA100-40GB");
-    wait_ready(&sched, 1).await;
-    let mut admin = sched.admin().await;
-    let a = tenant_with_token(&mut admin, "tenant-a", 0, 0).await;
-    let b = tenant_with_token(&mut admin, "tenant-b", 0, 0).await;
+    let (_agent, a, b) = two_tenants(dir.path(), &sched).await;
 
     // A floods the pool: 100 one-GPU jobs, 2 running, 98 queued.
     let a_long = submit_as(&sched, &a, &["sleep", "120"]).await;
@@ -71,7 +66,7 @@ async fn a_flooding_tenant_does_not_starve_another_and_its_limit_holds() {
 
     // A GPU frees: B's job is next (A holds half the pool, B nothing),
     // though A's 98 waited longer.
-    cancel(&sched, &a, &a_short).await;
+    cancel_as(&sched, &a, &a_short).await;
     wait_state(&sched, &b_job, pb::JobState::Running).await;
     for id in &a_queued {
         assert_eq!(state_of(&sched, id).await.0, pb::JobState::Queued);
@@ -116,7 +111,7 @@ async fn a_flooding_tenant_does_not_starve_another_and_its_limit_holds() {
         set.contains("\"max_gpus\": 0"),
         "the other quotas are kept: {set}"
     );
-    cancel(&sched, &b, &b_job).await;
+    cancel_as(&sched, &b, &b_job).await;
     let reason = eventually(Duration::from_secs(20), "the limit's reason", || async {
         let (state, reason) = state_of(&sched, a_next).await;
         assert_eq!(state, pb::JobState::Queued, "{reason}");
@@ -220,11 +215,7 @@ async fn a_normal_job_preempts_a_preemptible_one_which_runs_again() {
         ),
     )
     .await;
-    let _agent = Agent::start(dir.path(), &sched, "n1", "2xA100-40GB");
-    wait_ready(&sched, 1).await;
-    let mut admin = sched.admin().await;
-    let a = tenant_with_token(&mut admin, "tenant-a", 0, 0).await;
-    let b = tenant_with_token(&mut admin, "tenant-b", 0, 0).await;
+    let (_agent, a, b) = two_tenants(dir.path(), &sched).await;
     let pre = pb::PriorityClass::Preemptible;
     // A job that checkpoints when told: on SIGTERM it reads why from its
     // notice file and exits 0 (it is queued again all the same).
@@ -333,7 +324,7 @@ async fn a_normal_job_preempts_a_preemptible_one_which_runs_again() {
         .await
         .unwrap()
         .job_id;
-    cancel(&sched, &b, &b_high).await;
+    cancel_as(&sched, &b, &b_high).await;
 
     // Only training jobs may be preemptible.
     let mut nb = classed(pre, &[]);
@@ -354,11 +345,7 @@ async fn fair_share_preemption_reclaims_from_a_tenant_over_its_share() {
         "preemption_min_runtime_secs = 1\nfair_share_preemption = true",
     )
     .await;
-    let _agent = Agent::start(dir.path(), &sched, "n1", "2xA100-40GB");
-    wait_ready(&sched, 1).await;
-    let mut admin = sched.admin().await;
-    let a = tenant_with_token(&mut admin, "tenant-a", 0, 0).await;
-    let b = tenant_with_token(&mut admin, "tenant-b", 0, 0).await;
+    let (_agent, a, b) = two_tenants(dir.path(), &sched).await;
     let mut a_jobs = Vec::new();
     for _ in 0..100 {
         a_jobs.push(submit_as(&sched, &a, &["sleep", "120"]).await);

@@ -845,6 +845,18 @@ pub async fn submit(s: &Scheduler, spec: pb::JobSpec) -> Result<pb::Job, tonic::
         .map(tonic::Response::into_inner)
 }
 
+/// Cancels job `id` as the holder of `token`.
+pub async fn cancel_as(s: &Scheduler, token: &str, id: &str) {
+    s.clients(Some(token))
+        .await
+        .jobs
+        .cancel_job(pb::CancelJobRequest {
+            job_id: id.to_string(),
+        })
+        .await
+        .unwrap();
+}
+
 /// Fetches a job over gRPC.
 pub async fn get_job(s: &Scheduler, id: &str) -> pb::Job {
     s.jobs()

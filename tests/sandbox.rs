@@ -809,15 +809,7 @@ async fn containers_keep_limits_stops_and_restarts() {
         (0.3..=0.7).contains(&usage),
         "used {usage:.2} cores under a 0.5 core quota"
     );
-    c.sched
-        .clients(Some(&c.a))
-        .await
-        .jobs
-        .cancel_job(pb::CancelJobRequest {
-            job_id: j.job_id.clone(),
-        })
-        .await
-        .unwrap();
+    cancel_as(&c.sched, &c.a, &j.job_id).await;
 
     // A stop takes the SIGTERM-ignoring child too.
     let stubborn = with_image(training(
@@ -834,15 +826,7 @@ async fn containers_keep_limits_stops_and_restarts() {
         (host_pid_of("sleep 1001").is_some() && host_pid_of("sleep 1002").is_some()).then_some(())
     })
     .await;
-    c.sched
-        .clients(Some(&c.a))
-        .await
-        .jobs
-        .cancel_job(pb::CancelJobRequest {
-            job_id: j.job_id.clone(),
-        })
-        .await
-        .unwrap();
+    cancel_as(&c.sched, &c.a, &j.job_id).await;
     wait_for(&c, &j.job_id, pb::JobState::Cancelled).await;
     eventually(Duration::from_secs(20), "nothing left", || async {
         (host_pid_of("sleep 1001").is_none() && host_pid_of("sleep 1002").is_none()).then_some(())
@@ -870,15 +854,7 @@ async fn containers_keep_limits_stops_and_restarts() {
             .then_some(())
     })
     .await;
-    c.sched
-        .clients(Some(&c.a))
-        .await
-        .jobs
-        .cancel_job(pb::CancelJobRequest {
-            job_id: j.job_id.clone(),
-        })
-        .await
-        .unwrap();
+    cancel_as(&c.sched, &c.a, &j.job_id).await;
     // (Cancelled at once; the instance stops within the grace.)
     let log = eventually(Duration::from_secs(20), "the notice read", || async {
         let log = logs_as(&c.sched, &c.a, &j.job_id).await;
