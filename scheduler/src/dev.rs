@@ -401,7 +401,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          \x20 scheduler gRPC : http://{grpc_addr}\n\
          \x20 metrics        : http://{metrics_addr}/metrics (scheduler)\n\
          \x20 local agents   : {} node(s), {gpus}; instances run as {}\n{}\n\
-         \x20 prices         : {} (on demand {}/node-hour, subscription {}/node-month, public {}/instance-hour, preemptible {})\n\
+         \x20 prices         : {} (on demand {}/node-hour, subscription {}/node-month, public {}/instance-hour, preemptible {}/instance-hour)\n\
          \x20 data           : {} (agents started by hand enrol with the join_token in join-token)\n\
          \x20 authentication : {}\n\n\
          In another terminal:\n\
