@@ -1513,9 +1513,16 @@ impl Cluster {
             .iter()
             .any(|r| r.pool == crate::domain::PUBLIC_POOL)
             .then(|| self.public_share());
-        let preempt = (self.settings.fair_share_preemption
-            || queue.iter().any(|r| r.class > PriorityClass::Preemptible))
-        .then(|| self.preemption());
+        // Only when a request may preempt: one above the lowest class, or
+        // any in the public pool with fair-share preemption on.
+        let reclaim = self.settings.fair_share_preemption;
+        let preempt = queue
+            .iter()
+            .any(|r| {
+                r.class > PriorityClass::Preemptible
+                    || (reclaim && r.pool == crate::domain::PUBLIC_POOL)
+            })
+            .then(|| self.preemption());
         let decisions = scheduling::plan_shared(
             &queue,
             &mut placer,
