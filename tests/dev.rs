@@ -75,6 +75,7 @@ fn start_dev(dir: &Path, config: &Path, grpc: u16) -> Proc {
         .arg(dir.join("data"))
         .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
         .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--console-listen", &format!("127.0.0.1:{}", free_port())])
         .args([
             "--agent-metrics-listen",
             &format!("127.0.0.1:{}", free_port()),

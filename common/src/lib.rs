@@ -13,5 +13,6 @@
 pub mod arith;
 pub mod calendar;
 pub mod config;
+pub mod display;
 pub mod sdnotify;
 pub mod tls;

@@ -24,6 +24,11 @@ pub struct SchedulerConfig {
     /// Prometheus `/metrics` listen address; omit to disable.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// The web console's listen address (HTTP, or HTTPS with `[tls]`);
+    /// omit to disable. `gpupool-scheduler dev` serves it on
+    /// 127.0.0.1:7080 by default.
+    #[serde(default)]
+    pub console_listen: Option<SocketAddr>,
     /// Directory of the SQLite database `gpupool.db`.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
@@ -298,6 +303,7 @@ impl Default for SchedulerConfig {
         Self {
             grpc_listen: default_grpc_listen(),
             metrics_listen: None,
+            console_listen: None,
             data_dir: default_data_dir(),
             database_url: None,
             advertise_url: None,
@@ -436,6 +442,15 @@ impl SchedulerConfig {
                         .into(),
                 );
             }
+        }
+        if let Some(console) = self.console_listen
+            && !console.ip().is_loopback()
+            && self.admin_token.is_none()
+        {
+            return Err(format!(
+                "field `console_listen` ({console}) reaches beyond loopback, but without \
+                 `admin_token` every browser is the admin: set `admin_token`"
+            ));
         }
         if !self.grpc_listen.ip().is_loopback() {
             if self.admin_token.is_none() {

@@ -36,6 +36,10 @@ pub struct DevArgs {
     /// Scheduler metrics listen address (default 127.0.0.1:9400).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Web console listen address (default 127.0.0.1:7080, or the
+    /// config's).
+    #[arg(long)]
+    pub console_listen: Option<SocketAddr>,
     /// Metrics address of the first local agent; the others take the next
     /// ports.
     #[arg(long, default_value = "127.0.0.1:9401")]
@@ -275,6 +279,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .or(config.metrics_listen)
             .unwrap_or_else(|| "127.0.0.1:9400".parse().unwrap()),
     );
+    config.console_listen = Some(
+        args.console_listen
+            .or(config.console_listen)
+            .unwrap_or_else(|| "127.0.0.1:7080".parse().unwrap()),
+    );
     if args.admin_token.is_some() {
         config.admin_token = args.admin_token.clone();
     }
@@ -314,6 +323,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             )
         })?;
     let metrics_addr = config.metrics_listen.expect("set above");
+    let console = config.console_listen.map_or("off".to_string(), |a| {
+        format!(
+            "{}://{a}/",
+            if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            }
+        )
+    });
     let metrics = tokio::net::TcpListener::bind(metrics_addr)
         .await
         .with_context(|| format!("cannot listen on {metrics_addr} (use --metrics-listen)"))?;
@@ -396,9 +415,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         |s| format!("simulated {s} each"),
     );
     let money = |m: i64| format!("{}.{:02}", m / 1_000_000, m % 1_000_000 / 10_000);
+
     println!(
         "gpupool dev cluster is up\n\
          \x20 scheduler gRPC : http://{grpc_addr}\n\
+         \x20 web console    : {console} (sign in with the admin token, or a tenant's)\n\
          \x20 metrics        : http://{metrics_addr}/metrics (scheduler)\n\
          \x20 local agents   : {} node(s), {gpus}; instances run as {}\n{}\n\
          \x20 prices         : {} (on demand {}/node-hour, subscription {}/node-month, public {}/instance-hour, preemptible {}/instance-hour)\n\

@@ -24,6 +24,7 @@
 pub mod api;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod dev;
 pub mod domain;
 pub mod metrics;

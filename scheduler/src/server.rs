@@ -157,6 +157,27 @@ pub async fn serve(
     )));
     let max_request = shared.config.limits.max_request_bytes;
     let addr = grpc.local_addr()?;
+    // The web console: the same services behind the same guards, in process.
+    let console_task = match shared.config.console_listen {
+        Some(at) => {
+            let listener = tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("cannot listen on console_listen {at}"))?;
+            let console = crate::console::Console::new(
+                shared.clone(),
+                limiter.clone(),
+                shared.config.tls.as_ref(),
+            )?;
+            tracing::info!(addr = %listener.local_addr()?, tls = shared.config.tls.is_some(), "console listening");
+            let stop = stopped(stop_rx.clone());
+            Some(tokio::spawn(async move {
+                if let Err(err) = crate::console::serve(listener, console, stop).await {
+                    tracing::error!(error = %err, "console server failed");
+                }
+            }))
+        }
+        None => None,
+    };
     let incoming = crate::net::nodelay_incoming(grpc);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &shared.config.tls {
@@ -328,6 +349,15 @@ pub async fn serve(
     }
     if let Some(task) = metrics_task {
         let _ = task.await;
+    }
+    if let Some(task) = console_task {
+        // Open pages (a log being followed) get no longer than the streams.
+        if tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("console connections did not finish within 5s; closed");
+        }
     }
     tracing::info!("stopped");
     Ok(())

@@ -118,7 +118,7 @@ fn class_to_pb(c: PriorityClass) -> pb::PriorityClass {
     }
 }
 
-fn kind_to_pb(k: JobKind) -> pb::JobKind {
+pub fn kind_to_pb(k: JobKind) -> pb::JobKind {
     match k {
         JobKind::Notebook => pb::JobKind::Notebook,
         JobKind::Training => pb::JobKind::Training,

@@ -1,0 +1,523 @@
+//! The web console (`console_listen`): server-rendered pages over the
+//! gRPC API. Every page calls the API's own services in process, through
+//! the same [`Guard`] the gRPC listener puts in front of them, with the
+//! signed-in browser's token as its bearer token: the console has no
+//! access rules of its own, and a tenant's browser sees exactly what its
+//! token shows on the CLI.
+//!
+//! Sessions: the token is kept in an HttpOnly, `SameSite=Strict` cookie
+//! (`Secure` under TLS). Every form carries a CSRF token (an HMAC of the
+//! session's token under a key made at start), and a POST whose `Origin`
+//! or `Sec-Fetch-Site` says it comes from another site is refused before
+//! it is read.
+
+mod admin;
+mod jobs;
+mod pools;
+mod tls;
+mod usage;
+mod view;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use gpupool_proto::v1 as pb;
+use hmac::{KeyInit, Mac};
+use pb::job_service_server::JobServiceServer;
+use pb::node_service_server::NodeServiceServer;
+use pb::pool_service_server::PoolServiceServer;
+use pb::tenant_service_server::TenantServiceServer;
+use pb::usage_service_server::UsageServiceServer;
+
+use crate::api::access::Guard;
+use crate::api::client::Api;
+use crate::api::limits::RateLimiter;
+use crate::state::Shared;
+
+/// The session cookie's name.
+const COOKIE: &str = "gpupool_console";
+
+type Guarded<S> = Guard<S>;
+
+/// The API's services, each behind its guard, and what the console keeps.
+pub struct Console {
+    jobs: pb::job_service_client::JobServiceClient<Guarded<JobServiceServer<Api>>>,
+    nodes: pb::node_service_client::NodeServiceClient<Guarded<NodeServiceServer<Api>>>,
+    pools: pb::pool_service_client::PoolServiceClient<Guarded<PoolServiceServer<Api>>>,
+    usage: pb::usage_service_client::UsageServiceClient<Guarded<UsageServiceServer<Api>>>,
+    tenants: pb::tenant_service_client::TenantServiceClient<Guarded<TenantServiceServer<Api>>>,
+    /// Signs the CSRF tokens of this process's forms.
+    csrf_key: [u8; 32],
+    /// `[tls]`'s identity: the console is served over TLS, its cookies
+    /// are `Secure`.
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// The cluster has no admin token: every caller is the admin.
+    auth_off: bool,
+    /// Prices for the create and convert forms (the config's catalog).
+    pub(crate) shared: Arc<Shared>,
+}
+
+type App = Arc<Console>;
+
+/// A signed-in browser: its token, its forms' CSRF token, who it is.
+pub struct Session {
+    token: String,
+    pub csrf: String,
+    pub tenant: String,
+    pub admin: bool,
+    peer: Option<SocketAddr>,
+}
+
+impl Console {
+    pub fn new(
+        shared: Arc<Shared>,
+        limiter: Arc<Mutex<RateLimiter>>,
+        tls: Option<&crate::config::TlsConfig>,
+    ) -> anyhow::Result<Self> {
+        use std::io::Read;
+        let api = Api {
+            shared: shared.clone(),
+        };
+        let mut csrf_key = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut csrf_key)?;
+        Ok(Self {
+            jobs: pb::job_service_client::JobServiceClient::new(Guard::new(
+                JobServiceServer::new(api.clone()),
+                shared.clone(),
+                limiter.clone(),
+            )),
+            nodes: pb::node_service_client::NodeServiceClient::new(Guard::new(
+                NodeServiceServer::new(api.clone()),
+                shared.clone(),
+                limiter.clone(),
+            )),
+            pools: pb::pool_service_client::PoolServiceClient::new(Guard::new(
+                PoolServiceServer::new(api.clone()),
+                shared.clone(),
+                limiter.clone(),
+            )),
+            usage: pb::usage_service_client::UsageServiceClient::new(Guard::new(
+                UsageServiceServer::new(api.clone()),
+                shared.clone(),
+                limiter.clone(),
+            )),
+            tenants: pb::tenant_service_client::TenantServiceClient::new(Guard::new(
+                TenantServiceServer::new(api),
+                shared.clone(),
+                limiter.clone(),
+            )),
+            csrf_key,
+            tls: tls.map(tls::server_config).transpose()?,
+            auth_off: shared.config.admin_token.is_none(),
+            shared,
+        })
+    }
+
+    fn csrf_of(&self, token: &str) -> String {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.csrf_key).expect("any key");
+        mac.update(b"gpupool console csrf\0");
+        mac.update(token.as_bytes());
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// A request of the API as the session's caller.
+    fn request<T>(&self, session: &Session, message: T) -> tonic::Request<T> {
+        request_as(&session.token, session.peer, message)
+    }
+
+    /// The session of a request's cookie, asked of the API (WhoAmI), or
+    /// the response that sends the browser to sign in.
+    async fn session(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<SocketAddr>,
+    ) -> Result<Session, Response> {
+        let Some(token) = cookie(headers, COOKIE).filter(|t| token_ok(t)) else {
+            return Err(to_login());
+        };
+        let who = self
+            .tenants
+            .clone()
+            .who_am_i(request_as(&token, peer, pb::WhoAmIRequest {}))
+            .await;
+        match who {
+            Ok(who) => {
+                let who = who.into_inner();
+                Ok(Session {
+                    csrf: self.csrf_of(&token),
+                    token,
+                    tenant: who.tenant,
+                    admin: who.admin,
+                    peer,
+                })
+            }
+            Err(status) if status.code() == tonic::Code::Unauthenticated => Err(to_login()),
+            Err(status) => Err(view::failure(None, &status)),
+        }
+    }
+
+    /// Whether a form's CSRF token is the session's.
+    fn csrf_ok(&self, session: &Session, sent: &str) -> bool {
+        crate::api::auth::constant_time_eq(sent.as_bytes(), session.csrf.as_bytes())
+    }
+}
+
+fn request_as<T>(token: &str, peer: Option<SocketAddr>, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    // The audit trail names the browser's address as a gRPC caller's.
+    request
+        .extensions_mut()
+        .insert(tonic::transport::server::TcpConnectInfo {
+            local_addr: None,
+            remote_addr: peer,
+        });
+    request
+}
+
+/// Tokens are printable ASCII without spaces (they become a header).
+fn token_ok(token: &str) -> bool {
+    !token.is_empty() && token.len() <= 512 && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+fn to_login() -> Response {
+    (
+        [(header::SET_COOKIE, clear_cookie())],
+        Redirect::to("/login"),
+    )
+        .into_response()
+}
+
+fn clear_cookie() -> String {
+    format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+}
+
+/// The router of every page.
+pub fn router(console: Console) -> Router {
+    let app: App = Arc::new(console);
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/pools") }))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
+        .route("/assets/{file}", get(asset))
+        .merge(pools::routes())
+        .merge(jobs::routes())
+        .merge(usage::routes())
+        .merge(admin::routes())
+        .fallback(not_found)
+        .layer(middleware::from_fn(guard_request))
+        .with_state(app)
+}
+
+async fn not_found(
+    State(app): State<App>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    match app.session(&headers, Some(peer)).await {
+        Ok(session) => view::not_found(&session, "no such page"),
+        Err(login) => login,
+    }
+}
+
+/// Every response: no caching, no framing, no inline script, no referrer
+/// to other sites. A POST from another site is refused before a handler
+/// sees it.
+async fn guard_request(request: Request, next: Next) -> Response {
+    if request.method() == Method::POST && cross_site(request.headers()) {
+        return (
+            StatusCode::FORBIDDEN,
+            "cross-site request refused: this form must be sent from the console's own pages",
+        )
+            .into_response();
+    }
+    let asset = request.uri().path().starts_with("/assets/");
+    let mut response = next.run(request).await;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+             connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    // `same-origin`: no referrer to other sites (notebook links carry their
+    // token), and the console's own posts keep their Origin (under
+    // `no-referrer` browsers send `Origin: null`, refused above).
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    if !asset {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+/// A request that says it comes from another origin: `Sec-Fetch-Site`
+/// other than same-origin (or none: typed, bookmarked), or an `Origin`
+/// whose host is not the one asked.
+fn cross_site(headers: &HeaderMap) -> bool {
+    let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    if site.is_some_and(|s| s != "same-origin" && s != "none") {
+        return true;
+    }
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin_host = origin
+        .split_once("://")
+        .map(|(_, rest)| rest.trim_end_matches('/'));
+    origin == "null" || origin_host.is_none() || origin_host != host
+}
+
+async fn asset(axum::extract::Path(file): axum::extract::Path<String>) -> Response {
+    let (body, kind): (&'static [u8], &str) = match file.as_str() {
+        "htmx-2.0.11.min.js" => (
+            include_bytes!("assets/htmx-2.0.11.min.js"),
+            "text/javascript",
+        ),
+        "chart-4.6.1.umd.min.js" => (
+            include_bytes!("assets/chart-4.6.1.umd.min.js"),
+            "text/javascript",
+        ),
+        "console.js" => (include_bytes!("assets/console.js"), "text/javascript"),
+        "console.css" => (include_bytes!("assets/console.css"), "text/css"),
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(kind).expect("ascii"),
+            ),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("max-age=3600"),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login_page(State(app): State<App>) -> Html<String> {
+    Html(view::login(app.auth_off, None).into_string())
+}
+
+async fn login(
+    State(app): State<App>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    axum::Form(form): axum::Form<LoginForm>,
+) -> Response {
+    let token = form.token.trim().to_string();
+    if !token_ok(&token) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Html(
+                view::login(
+                    app.auth_off,
+                    Some("enter an API token (gpupool tenant token NAME prints one)"),
+                )
+                .into_string(),
+            ),
+        )
+            .into_response();
+    }
+    let who = app
+        .tenants
+        .clone()
+        .who_am_i(request_as(&token, Some(peer), pb::WhoAmIRequest {}))
+        .await;
+    match who {
+        Ok(_) => {
+            let secure = if app.tls.is_some() { "; Secure" } else { "" };
+            (
+                [(
+                    header::SET_COOKIE,
+                    format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}"),
+                )],
+                Redirect::to("/pools"),
+            )
+                .into_response()
+        }
+        Err(status) => (
+            StatusCode::UNAUTHORIZED,
+            Html(view::login(app.auth_off, Some(status.message())).into_string()),
+        )
+            .into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct CsrfOnly {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn logout(
+    State(app): State<App>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    axum::Form(form): axum::Form<CsrfOnly>,
+) -> Response {
+    if let Ok(session) = app.session(&headers, Some(peer)).await
+        && !app.csrf_ok(&session, &form.csrf)
+    {
+        return view::forbidden_form();
+    }
+    to_login()
+}
+
+/// Serves the console on `listener` until `stop` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    console: Console,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    match console.tls.clone() {
+        Some(config) => {
+            let listener = tls::TlsListener::new(listener, config)?;
+            let app = router(console).into_make_service_with_connect_info::<Peer>();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        None => {
+            let listener = PlainListener(listener);
+            let app = router(console).into_make_service_with_connect_info::<Peer>();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    }
+}
+
+/// The browser's address, for the audit trail.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
+/// Plain HTTP, every connection with TCP_NODELAY.
+struct PlainListener(tokio::net::TcpListener);
+
+impl axum::serve::Listener for PlainListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (stream, peer) = axum::serve::Listener::accept(&mut self.0).await;
+        crate::net::nodelay(&stream);
+        (stream, peer)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, PlainListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, PlainListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
+/// The session of a page request, or the sign-in redirect.
+macro_rules! session {
+    ($app:expr, $headers:expr, $peer:expr) => {
+        match $app.session(&$headers, Some($peer)).await {
+            Ok(session) => session,
+            Err(response) => return response,
+        }
+    };
+}
+pub(crate) use session;
+
+/// Checks a form's CSRF token, else answers 403.
+macro_rules! check_csrf {
+    ($app:expr, $session:expr, $sent:expr) => {
+        if !$app.csrf_ok(&$session, &$sent) {
+            return view::forbidden_form();
+        }
+    };
+}
+pub(crate) use check_csrf;
+
+/// An html! fragment answered as a page.
+pub(crate) fn page(markup: maud::Markup) -> Response {
+    Html(markup.into_string()).into_response()
+}
+
+/// A form's fields, repeated names kept (the scale-in form's nodes).
+pub(crate) struct Fields(Vec<(String, String)>);
+
+impl Fields {
+    pub fn parse(body: &[u8]) -> Self {
+        Self(serde_urlencoded::from_bytes(body).unwrap_or_default())
+    }
+
+    /// The first value of `name`, trimmed; empty when absent.
+    pub fn get(&self, name: &str) -> &str {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.trim())
+    }
+
+    pub fn all(&self, name: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .collect()
+    }
+
+    pub fn checked(&self, name: &str) -> bool {
+        !self.get(name).is_empty()
+    }
+}
