@@ -212,9 +212,10 @@ pub struct Scheduler {
     pub exe: PathBuf,
 }
 
-/// The regions and prices every test scheduler's config ends with.
-const BILLING: &str = "subscription_regions = [\"region-1\"]\n\
-     [billing.default_price]\n\
+/// The regions and prices of every test scheduler's config: its own keys
+/// come first (`extra` may start with top-level keys), its tables last.
+const REGIONS: &str = "subscription_regions = [\"region-1\"]\n";
+const BILLING: &str = "[billing.default_price]\n\
      on_demand_node_hour_micros = 3600000\n\
      subscription_node_month_micros = 1000000000\n\
      public_instance_hour_micros = 360000\n";
@@ -342,7 +343,7 @@ impl Scheduler {
                  stop_grace_ms = 1000\n\
                  join_token = \"test-join-token\"\n\
                  admin_token = \"{ADMIN_TOKEN}\"\n\
-                 {BILLING}{extra}\n",
+                 {REGIONS}{extra}\n{BILLING}",
                 dir.join("data").display()
             ),
         )
@@ -399,7 +400,7 @@ impl Scheduler {
                  stop_grace_ms = 1000\n\
                  join_token = \"test-join-token\"\n\
                  admin_token = \"{ADMIN_TOKEN}\"\n\
-                 {BILLING}"
+                 {REGIONS}{BILLING}"
             ),
         )
         .unwrap();

@@ -59,6 +59,43 @@ fn cli(addr: &str, ca: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The web console with `[tls]`: HTTPS with the scheduler's certificate,
+/// a `Secure` session cookie, and no plain HTTP on its port.
+fn console_over_tls(port: u16, ca: &Path) {
+    let Some(curl) = require_tool("curl", "curl") else {
+        return;
+    };
+    let url = format!("https://127.0.0.1:{port}");
+    let run = |args: &[&str]| {
+        let out = Command::new(&curl).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let cacert = ca.display().to_string();
+    let page = run(&["-s", "--cacert", &cacert, &format!("{url}/login")]);
+    assert!(page.contains("<h1>Sign in</h1>"), "{page}");
+    let login = run(&[
+        "-s",
+        "-i",
+        "--cacert",
+        &cacert,
+        "-d",
+        &format!("token={ADMIN_TOKEN}"),
+        &format!("{url}/login"),
+    ]);
+    let cookie = login
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie: {login}"));
+    assert!(
+        cookie.contains("HttpOnly")
+            && cookie.contains("SameSite=Strict")
+            && cookie.contains("Secure"),
+        "{cookie}"
+    );
+    let plain = run(&["-s", "-m", "5", &format!("http://127.0.0.1:{port}/login")]);
+    assert!(!plain.contains("Sign in"), "plain HTTP answered: {plain}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_over_tls_with_mutual_tls_for_agents() {
     let dir = tempfile::tempdir().unwrap();
@@ -92,10 +129,11 @@ async fn grpc_over_tls_with_mutual_tls_for_agents() {
         ExtendedKeyUsagePurpose::ClientAuth,
     );
 
+    let console_port = free_port();
     let mut sched = Scheduler::spawn_with_config(
         dir.path(),
         &format!(
-            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\nrequire_agent_client_cert = true\n",
+            "console_listen = \"127.0.0.1:{console_port}\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\nrequire_agent_client_cert = true\n",
             server_cert.display(),
             server_key.display(),
             ca_pem.display()
@@ -121,6 +159,7 @@ async fn grpc_over_tls_with_mutual_tls_for_agents() {
         .output()
         .unwrap();
     assert!(!plain.status.success());
+    console_over_tls(console_port, &ca_pem);
     let wrong = cli(&https, &rogue_pem, &["node", "list"]);
     assert!(!wrong.status.success());
     let err = String::from_utf8_lossy(&wrong.stderr);

@@ -196,8 +196,9 @@ let jobId;
   check(!(await b.content()).includes("hello-from-console"), "tenant B cannot read A's log");
   await b.goto(`${URL_}/jobs`);
   check(!(await b.content()).includes(jobId), "tenant B's job list does not show A's job");
-  await b.goto(`${URL_}/admin/nodes`);
-  check((await b.textContent("p.error")).includes("admin"), "tenant B is refused the admin pages");
+  await b.goto(`${URL_}/admin/tenants`);
+  check((await b.textContent("p.error")).includes("for the admin only"), "tenant B is refused the tenant list");
+  check(!(await b.content()).includes("alpha"), "tenant B does not see tenant A");
   await ctxB.close();
 }
 

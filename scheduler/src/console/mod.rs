@@ -187,9 +187,15 @@ fn request_as<T>(token: &str, peer: Option<SocketAddr>, message: T) -> tonic::Re
     request
 }
 
-/// Tokens are printable ASCII without spaces (they become a header).
+/// Tokens are cookie octets (RFC 6265: printable ASCII but for `"`, `,`,
+/// `;` and `\\`): they become a header and the cookie's value, and cannot
+/// add an attribute to it.
 fn token_ok(token: &str) -> bool {
-    !token.is_empty() && token.len() <= 512 && token.bytes().all(|b| b.is_ascii_graphic())
+    !token.is_empty()
+        && token.len() <= 512
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b',' | b';' | b'\\'))
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
@@ -519,5 +525,81 @@ impl Fields {
 
     pub fn checked(&self, name: &str) -> bool {
         !self.get(name).is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn posts_from_other_sites_are_refused() {
+        let host = ("host", "127.0.0.1:7080");
+        // The console's own pages (and a client that sends neither header).
+        assert!(!cross_site(&headers(&[host])));
+        assert!(!cross_site(&headers(&[
+            host,
+            ("origin", "http://127.0.0.1:7080")
+        ])));
+        assert!(!cross_site(&headers(&[
+            host,
+            ("sec-fetch-site", "same-origin")
+        ])));
+        // Another site, another port, an opaque origin, a same-site page.
+        assert!(cross_site(&headers(&[
+            host,
+            ("origin", "http://evil.example")
+        ])));
+        assert!(cross_site(&headers(&[
+            host,
+            ("origin", "http://127.0.0.1:8888")
+        ])));
+        assert!(cross_site(&headers(&[host, ("origin", "null")])));
+        assert!(cross_site(&headers(&[host, ("origin", "garbage")])));
+        assert!(cross_site(&headers(&[
+            host,
+            ("sec-fetch-site", "cross-site")
+        ])));
+        assert!(cross_site(&headers(&[
+            host,
+            ("sec-fetch-site", "same-site")
+        ])));
+        // A forged Origin that names the host as a prefix.
+        assert!(cross_site(&headers(&[
+            host,
+            ("origin", "http://127.0.0.1:7080.evil.example")
+        ])));
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others_and_tokens_stay_header_safe() {
+        let h = headers(&[("cookie", "a=1; gpupool_console=gpt_abc; b=2")]);
+        assert_eq!(cookie(&h, COOKIE).as_deref(), Some("gpt_abc"));
+        assert_eq!(
+            cookie(&headers(&[("cookie", "xgpupool_console=1")]), COOKIE),
+            None
+        );
+        assert!(token_ok("gpt_abc"));
+        for bad in [
+            "",
+            "a b",
+            "a;Domain=evil",
+            "a\r\nSet-Cookie: x",
+            "é",
+            "a,b",
+            "a\"b",
+            "a\\b",
+        ] {
+            assert!(!token_ok(bad), "{bad:?}");
+        }
+        assert!(!token_ok(&"a".repeat(513)));
     }
 }
