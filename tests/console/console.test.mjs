@@ -173,8 +173,11 @@ let jobId;
 {
   await a.goto(`${URL_}/pools/${poolId}`);
   await a.selectOption("form[action$='/convert'] select", "12");
-  check((await a.textContent("form[action$='/convert'] option[value='12']")).includes("billed as 10"),
-    "the 12-month option says it is billed as 10");
+  const twelve = await a.textContent("form[action$='/convert'] option[value='12']");
+  const one = await a.textContent("form[action$='/convert'] option[value='1']");
+  const price = (t) => BigInt(t.match(/: ([0-9]+)\.([0-9]{6}) /).slice(1).join(""));
+  check(twelve.includes("billed as 10") && price(twelve) === 10n * price(one),
+    `the 12-month option is billed as 10 months (${twelve.trim()}; ${one.trim()})`);
   await a.click("form[action$='/convert'] button[type=submit]");
   await a.waitForSelector("#term");
   check((await a.textContent("#term")).includes("12 months, billed 10"), "the term is 12 months, billed 10");

@@ -238,7 +238,6 @@ fn create_markup(
 ) -> Markup {
     let train = kind == pb::PoolType::Train;
     let kind_name = if train { "train" } else { "deploy" };
-    let max_months = if train { 12 } else { 11 };
     let billing = &app.shared.config.billing;
     let subscription_regions = &app.shared.config.subscription_regions;
     frame(
@@ -296,20 +295,13 @@ fn create_markup(
                 fieldset {
                     legend { "Billing" }
                     label.inline { input type="radio" name="billing" value="on-demand" checked[d.billing != "subscription"]; " On demand, by the hour" }
-                    label.inline { input type="radio" name="billing" value="subscription" checked[d.billing == "subscription"]; " Subscription" }
+                    label.inline { input type="radio" name="billing" value="subscription" checked[d.billing == "subscription"]
+                        disabled[!train && subscription_regions.is_empty()]; " Subscription" }
                     @if !train && subscription_regions.is_empty() {
                         p.hint { "This cluster sells no deploy subscriptions (no subscription regions)." }
                     }
                     label for="months" { "Duration" }
-                    select #months name="months" {
-                        @for m in 1..=max_months {
-                            @let billed = crate::domain::billing::billed_months(if train { crate::domain::pool::PoolType::Train } else { crate::domain::pool::PoolType::Deploy }, m);
-                            option value=(m) data-billed=(billed) selected[d.months == m.to_string()] {
-                                (m) (if m == 1 { " month" } else { " months" })
-                                @if billed != m { " (billed as " (billed) ")" }
-                            }
-                        }
-                    }
+                    select #months name="months" { (duration_options(train, &d.months, None)) }
                     p.hint { "Price: " output #price { "node-month price × billed months × nodes" } }
                     label.inline { input type="checkbox" name="auto_renew"; " Renew automatically" }
                 }
@@ -558,7 +550,7 @@ fn detail_markup(app: &App, s: &Session, d: &Detail, error: Option<&str>) -> Mar
                 dt { "Type" } dd { (pool_type_name(p.r#type)) }
                 dt { "Spec" } dd { (p.spec) }
                 dt { "Nodes" } dd { (p.nodes_ready) " ready of " (p.node_count) }
-                dt { "AZ" } dd { (p.resolved_az) }
+                dt { "AZ" } dd { (if p.resolved_az.is_empty() { &p.az } else { &p.resolved_az }) }
                 dt { "Billing" } dd { (billing_mode_name(p.billing_mode)) }
                 @if let Some(sub) = sub {
                     dt { "Term" } dd #term { (sub.months) " months, billed " (sub.billed_months) ", " (time(sub.starts_at.as_ref())) " to " (time(sub.ends_at.as_ref())) }
@@ -573,7 +565,7 @@ fn detail_markup(app: &App, s: &Session, d: &Detail, error: Option<&str>) -> Mar
             p { a.button href={"/jobs/new?pool=" (id)} { "Submit a job here" } }
             @if dedicated {
                 (scale_forms(s, d))
-                (billing_forms(s, p, subscribed, currency))
+                (billing_forms(app, s, p, subscribed, currency))
                 h2 { "Orders" }
                 (super::usage::orders_table(&d.orders, currency))
                 h2 { "Delete" }
@@ -643,9 +635,41 @@ fn scale_forms(s: &Session, d: &Detail) -> Markup {
     }
 }
 
-fn billing_forms(s: &Session, p: &pb::Pool, subscribed: bool, currency: &str) -> Markup {
+/// The options of a subscription's duration: 1 to 12 months for a train
+/// pool (12 billed as 10, R-CREATE-8), 1 to 11 for a deploy pool
+/// (R-CREATE-17), each with its price when `price` gives one month's.
+fn duration_options(train: bool, selected: &str, price: Option<(i64, &str)>) -> Markup {
+    use crate::domain::pool::PoolType;
+    let kind = if train {
+        PoolType::Train
+    } else {
+        PoolType::Deploy
+    };
+    html! {
+        @for m in 1..=(if train { 12 } else { 11 }) {
+            @let billed = crate::domain::billing::billed_months(kind, m);
+            option value=(m) data-billed=(billed) selected[selected == m.to_string()] {
+                (m) (if m == 1 { " month" } else { " months" })
+                @if billed != m { " (billed as " (billed) ")" }
+                @if let Some((month, currency)) = price {
+                    ": " (money(month.saturating_mul(i64::from(billed)), currency))
+                }
+            }
+        }
+    }
+}
+
+fn billing_forms(app: &App, s: &Session, p: &pb::Pool, subscribed: bool, currency: &str) -> Markup {
     let id = &p.pool_id;
     let train = p.r#type == pb::PoolType::Train as i32;
+    let billing = &app.shared.config.billing;
+    let node_month = billing
+        .prices
+        .get(&p.spec)
+        .copied()
+        .unwrap_or(billing.default_price)
+        .subscription_node_month_micros;
+    let month_price = node_month.saturating_mul(i64::from(p.node_count));
     html! {
         h2 { "Billing" }
         div.columns {
@@ -654,14 +678,9 @@ fn billing_forms(s: &Session, p: &pb::Pool, subscribed: bool, currency: &str) ->
                     h3 { "Convert to a subscription" }
                     (csrf(s))
                     label for="months" { "Duration" }
-                    select #months name="months" {
-                        @for m in 1..=(if train { 12 } else { 11 }) {
-                            @let billed = crate::domain::billing::billed_months(if train { crate::domain::pool::PoolType::Train } else { crate::domain::pool::PoolType::Deploy }, m);
-                            option value=(m) { (m) (if m == 1 { " month" } else { " months" }) @if billed != m { " (billed as " (billed) ")" } }
-                        }
-                    }
+                    select #months name="months" { (duration_options(train, "", Some((month_price, currency)))) }
                     label.inline { input type="checkbox" name="auto_renew"; " Renew automatically" }
-                    p.hint { "Prices in " (currency) "; the order is listed below once made." }
+                    p.hint { "For " (p.node_count) " node(s); the order is listed below once made." }
                     button type="submit" { "Convert" }
                 }
             } @else {
