@@ -92,6 +92,29 @@ fn console_over_tls(port: u16, ca: &Path) {
             && cookie.contains("Secure"),
         "{cookie}"
     );
+    assert!(cookie.contains("__Host-gpupool_console=gcs_"), "{cookie}");
+    // A browser's form post over HTTP/2 (no Host header, `:authority`
+    // instead) with its own origin is taken; another origin's is not.
+    let origin = format!("Origin: https://127.0.0.1:{port}");
+    let post = |origin: &str| {
+        run(&[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+            "--http2",
+            "--cacert",
+            &cacert,
+            "-H",
+            origin,
+            "-d",
+            &format!("token={ADMIN_TOKEN}"),
+            &format!("{url}/login"),
+        ])
+    };
+    assert_eq!(post(&origin), "2 303");
+    assert_eq!(post(&format!("Origin: http://127.0.0.1:{port}")), "2 403");
     let plain = run(&["-s", "-m", "5", &format!("http://127.0.0.1:{port}/login")]);
     assert!(!plain.contains("Sign in"), "plain HTTP answered: {plain}");
 }

@@ -29,6 +29,11 @@ pub struct SchedulerConfig {
     /// 127.0.0.1:7080 by default.
     #[serde(default)]
     pub console_listen: Option<SocketAddr>,
+    /// Host names the console answers to besides its IP addresses and
+    /// `localhost` (the name in its URL behind DNS); requests for any
+    /// other name are refused, so a DNS-rebinding page cannot reach it.
+    #[serde(default)]
+    pub console_hosts: Vec<String>,
     /// Directory of the SQLite database `gpupool.db`.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
@@ -304,6 +309,7 @@ impl Default for SchedulerConfig {
             grpc_listen: default_grpc_listen(),
             metrics_listen: None,
             console_listen: None,
+            console_hosts: Vec::new(),
             data_dir: default_data_dir(),
             database_url: None,
             advertise_url: None,
@@ -450,6 +456,15 @@ impl SchedulerConfig {
             return Err(format!(
                 "field `console_listen` ({console}) reaches beyond loopback, but without \
                  `admin_token` every browser is the admin: set `admin_token`"
+            ));
+        }
+        if let Some(console) = self.console_listen
+            && !console.ip().is_loopback()
+            && self.tls.is_none()
+        {
+            return Err(format!(
+                "field `console_listen` ({console}) reaches beyond loopback without `[tls]`: \
+                 tokens would cross the network in clear; set `[tls]` or listen on loopback"
             ));
         }
         if !self.grpc_listen.ip().is_loopback() {

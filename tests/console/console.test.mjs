@@ -308,13 +308,33 @@ let jobId;
   await ctx.close();
 }
 
-// 11. Signing out ends the session.
+// 11. The cookie holds a session id, not the token; signing out ends the
+// session itself (its cookie, replayed, no longer works).
 {
+  const [c] = (await ctxA.cookies()).filter((c) => c.name === "gpupool_console");
+  check(c && c.httpOnly && c.sameSite === "Strict" && c.value.startsWith("gcs_") && c.value !== TOKEN_A,
+    "the session cookie is an HttpOnly, SameSite=Strict session id, not the API token");
   await a.goto(`${URL_}/pools`);
   await a.click("header button[type=submit]");
   await a.waitForURL(`${URL_}/login`);
   await a.goto(`${URL_}/pools`);
   check(a.url() === `${URL_}/login`, "after signing out the console asks to sign in again");
+  const replay = await browser.newContext({ viewport });
+  await replay.addCookies([{ name: c.name, value: c.value, url: URL_ }]);
+  const r = await replay.newPage();
+  await r.goto(`${URL_}/pools`);
+  check(r.url() === `${URL_}/login`, "the signed-out session's cookie, replayed, gets the sign-in page");
+  await replay.close();
+}
+
+// 12. A page of another host name (a DNS-rebinding site) is refused.
+{
+  const port = new URL(URL_).port;
+  const status = await new Promise((resolve, reject) => {
+    http.get({ host: "127.0.0.1", port, path: "/login", headers: { host: `rebound.example:${port}` } },
+      (res) => { res.resume(); resolve(res.statusCode); }).on("error", reject);
+  });
+  check(status === 421, `a request for host rebound.example is refused (HTTP ${status})`);
 }
 
 await browser.close();

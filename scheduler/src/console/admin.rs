@@ -82,7 +82,7 @@ async fn nodes(
                             }
                             td { (time(n.last_heartbeat.as_ref())) }
                             td {
-                                form method="post" action={"/admin/nodes/" (n.node_id) (if n.cordoned { "/uncordon" } else { "/cordon" })} {
+                                form method="post" action={"/admin/nodes/" (view::seg(&n.node_id)) (if n.cordoned { "/uncordon" } else { "/cordon" })} {
                                     (csrf(&s))
                                     button type="submit" { @if n.cordoned { "Uncordon" } @else { "Cordon" } }
                                 }

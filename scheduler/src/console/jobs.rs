@@ -415,49 +415,92 @@ async fn detail(
                 }
             }
             h2 { "Log" }
-            (log_block(&j, "", true))
+            (log_block(&j))
         },
     ))
 }
 
-/// The log of rank 0: followed (polled every second) until the job ends.
-fn log_block(j: &pb::Job, text: &str, first: bool) -> Markup {
-    let follow = !finished(j) || first;
+/// The log of rank 0, as the detail page first has it: empty, read at
+/// once from the start.
+fn log_block(j: &pb::Job) -> Markup {
     html! {
-        div #log hx-get={"/jobs/" (j.job_id) "/log"}
-            hx-trigger=(if first { "load" } else if follow { "every 1s" } else { "none" })
-            hx-swap="outerHTML" data-state=(job_state_name(j.state)) {
-            p.hint { "State: " b #log-state { (job_state_name(j.state)) } @if !finished(j) { " · following" } }
-            pre.log { (text) }
+        div #log {
+            p.hint { "State: " b #log-state { (job_state_name(j.state)) } }
+            (log_poll(j, 0, "load"))
+            pre #log-text .log {}
         }
     }
 }
 
+/// What fetches the log from `offset` on, when `trigger` fires.
+fn log_poll(j: &pb::Job, offset: u64, trigger: &str) -> Markup {
+    html! {
+        div #log-poll hx-get={"/jobs/" (j.job_id) "/log?offset=" (offset)}
+            hx-trigger=(trigger) hx-swap="outerHTML" {}
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct LogQuery {
+    #[serde(default)]
+    offset: u64,
+}
+
+/// The log's bytes from `offset` on (at most [`LOG_STEP`] per request,
+/// so a poll costs what is new, not the whole log): the next poller, the
+/// new text appended to the page's (out of band), and the state. It
+/// polls every second while the job runs, and once more after it ends.
 async fn log(
     State(app): State<App>,
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
 ) -> Response {
     let s = session!(app, headers, peer);
     let j = match get_job(&app, &s, &id).await {
         Ok(j) => j,
         Err(status) => return view::failure(Some(&s), &status),
     };
-    let text = if j.instances.is_empty() {
-        String::new()
+    let (text, next) = if j.instances.is_empty() {
+        (String::new(), q.offset)
     } else {
-        match read_log(&app, &s, &id).await {
-            Ok(text) => text,
-            Err(status) => format!("(the log cannot be read: {})", status.message()),
+        match read_log(&app, &s, &id, q.offset).await {
+            Ok(read) => read,
+            Err(status) => (
+                format!("(the log cannot be read: {})\n", status.message()),
+                q.offset,
+            ),
         }
     };
-    page(log_block(&j, &text, false))
+    let more = next > q.offset;
+    let trigger = if more {
+        "load delay:100ms"
+    } else if finished(&j) {
+        "none"
+    } else {
+        "every 1s"
+    };
+    page(html! {
+        (log_poll(&j, next, trigger))
+        b #log-state hx-swap-oob="true" { (job_state_name(j.state)) }
+        @if !text.is_empty() {
+            pre #log-text hx-swap-oob="beforeend" { (text) }
+        }
+    })
 }
 
-/// Rank 0's log as it is now, its last 256 KiB at most.
-async fn read_log(app: &App, s: &Session, id: &str) -> Result<String, tonic::Status> {
-    const TAIL: usize = 256 << 10;
+/// Most log bytes one request reads.
+const LOG_STEP: usize = 256 << 10;
+
+/// Rank 0's log from `offset`, at most [`LOG_STEP`] bytes of it, and the
+/// offset after them.
+async fn read_log(
+    app: &App,
+    s: &Session,
+    id: &str,
+    offset: u64,
+) -> Result<(String, u64), tonic::Status> {
     let mut stream = app
         .jobs
         .clone()
@@ -467,22 +510,34 @@ async fn read_log(app: &App, s: &Session, id: &str) -> Result<String, tonic::Sta
                 job_id: id.into(),
                 instance: 0,
                 follow: false,
-                offset: 0,
+                offset,
             },
         ))
         .await?
         .into_inner();
     let mut bytes = Vec::new();
-    while let Some(chunk) = stream.message().await? {
-        bytes.extend_from_slice(&chunk.data);
-        if bytes.len() > 2 * TAIL {
-            bytes.drain(..bytes.len() - TAIL);
-        }
+    let mut next = offset;
+    while bytes.len() < LOG_STEP
+        && let Some(chunk) = stream.message().await?
+    {
+        let room = LOG_STEP - bytes.len();
+        let take = chunk.data.len().min(room);
+        bytes.extend_from_slice(&chunk.data[..take]);
+        next = if take == chunk.data.len() {
+            chunk.next_offset
+        } else {
+            chunk.next_offset - (chunk.data.len() - take) as u64
+        };
     }
-    if bytes.len() > TAIL {
-        bytes.drain(..bytes.len() - TAIL);
-    }
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+    // A character cut at the step's end is completed by the next read.
+    let valid = match std::str::from_utf8(&bytes) {
+        Ok(_) => bytes.len(),
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => bytes.len(),
+    };
+    next -= (bytes.len() - valid) as u64;
+    bytes.truncate(valid);
+    Ok((String::from_utf8_lossy(&bytes).into_owned(), next))
 }
 
 async fn cancel(

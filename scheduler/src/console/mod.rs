@@ -40,8 +40,24 @@ use crate::api::client::Api;
 use crate::api::limits::RateLimiter;
 use crate::state::Shared;
 
-/// The session cookie's name.
+/// The session cookie's name (under TLS with the `__Host-` prefix: only
+/// a secure origin, this host, path `/`, may set it).
 const COOKIE: &str = "gpupool_console";
+const HOST_COOKIE: &str = "__Host-gpupool_console";
+
+/// A session unused this long ends (ms).
+const SESSION_IDLE_MS: i64 = 12 * 3_600_000;
+/// Most sessions kept; the least recently used goes first.
+const MAX_SESSIONS: usize = 10_000;
+/// Most connections served at once (each holds a file descriptor).
+const MAX_CONNECTIONS: usize = 512;
+
+/// A signed-in browser's session, kept in memory: the cookie holds only
+/// its random id, never the API token (a restart signs everyone out).
+struct Stored {
+    token: String,
+    last_ms: i64,
+}
 
 type Guarded<S> = Guard<S>;
 
@@ -54,6 +70,12 @@ pub struct Console {
     tenants: pb::tenant_service_client::TenantServiceClient<Guarded<TenantServiceServer<Api>>>,
     /// Signs the CSRF tokens of this process's forms.
     csrf_key: [u8; 32],
+    /// Session id -> the token it stands for.
+    sessions: Mutex<std::collections::HashMap<String, Stored>>,
+    /// Host names the console answers to besides IP addresses and
+    /// `localhost` (`console_hosts`): a page of any other name is refused,
+    /// so a DNS-rebound site cannot reach it.
+    hosts: Vec<String>,
     /// `[tls]`'s identity: the console is served over TLS, its cookies
     /// are `Secure`.
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
@@ -68,6 +90,7 @@ type App = Arc<Console>;
 /// A signed-in browser: its token, its forms' CSRF token, who it is.
 pub struct Session {
     token: String,
+    id: String,
     pub csrf: String,
     pub tenant: String,
     pub admin: bool,
@@ -113,6 +136,8 @@ impl Console {
                 limiter.clone(),
             )),
             csrf_key,
+            sessions: Mutex::new(std::collections::HashMap::new()),
+            hosts: shared.config.console_hosts.clone(),
             tls: tls.map(tls::server_config).transpose()?,
             auth_off: shared.config.admin_token.is_none(),
             shared,
@@ -135,15 +160,74 @@ impl Console {
         request_as(&session.token, session.peer, message)
     }
 
+    fn cookie_name(&self) -> &'static str {
+        if self.tls.is_some() {
+            HOST_COOKIE
+        } else {
+            COOKIE
+        }
+    }
+
+    /// A new session for `token`; its id.
+    fn open_session(&self, token: String) -> std::io::Result<String> {
+        let id = crate::api::auth::new_token()?.replacen("gpt_", "gcs_", 1);
+        let now = gpupool_common::display::now_ms();
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions.len() >= MAX_SESSIONS {
+            sessions.retain(|_, s| now - s.last_ms < SESSION_IDLE_MS);
+        }
+        if sessions.len() >= MAX_SESSIONS
+            && let Some(oldest) = sessions
+                .iter()
+                .min_by_key(|(_, s)| s.last_ms)
+                .map(|(k, _)| k.clone())
+        {
+            sessions.remove(&oldest);
+        }
+        sessions.insert(
+            id.clone(),
+            Stored {
+                token,
+                last_ms: now,
+            },
+        );
+        Ok(id)
+    }
+
+    /// The token of session `id`, if it is open (and now used).
+    fn token_of(&self, id: &str) -> Option<String> {
+        let now = gpupool_common::display::now_ms();
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let stored = sessions.get_mut(id)?;
+        if now - stored.last_ms >= SESSION_IDLE_MS {
+            sessions.remove(id);
+            return None;
+        }
+        stored.last_ms = now;
+        Some(stored.token.clone())
+    }
+
+    fn close_session(&self, id: &str) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
     /// The session of a request's cookie, asked of the API (WhoAmI), or
-    /// the response that sends the browser to sign in.
+    /// the response that sends the browser to sign in. Two session
+    /// cookies (one planted by another page of this host) are none.
     async fn session(
         &self,
         headers: &HeaderMap,
         peer: Option<SocketAddr>,
     ) -> Result<Session, Response> {
-        let Some(token) = cookie(headers, COOKIE).filter(|t| token_ok(t)) else {
-            return Err(to_login());
+        let ids = cookies(headers, self.cookie_name());
+        let [id] = ids.as_slice() else {
+            return Err(self.to_login());
+        };
+        let Some(token) = self.token_of(id) else {
+            return Err(self.to_login());
         };
         let who = self
             .tenants
@@ -154,14 +238,19 @@ impl Console {
             Ok(who) => {
                 let who = who.into_inner();
                 Ok(Session {
-                    csrf: self.csrf_of(&token),
+                    csrf: self.csrf_of(id),
+                    id: id.clone(),
                     token,
                     tenant: who.tenant,
                     admin: who.admin,
                     peer,
                 })
             }
-            Err(status) if status.code() == tonic::Code::Unauthenticated => Err(to_login()),
+            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                // The token was revoked: so is the session.
+                self.close_session(id);
+                Err(self.to_login())
+            }
             Err(status) => Err(view::failure(None, &status)),
         }
     }
@@ -198,28 +287,37 @@ fn token_ok(token: &str) -> bool {
             .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b',' | b';' | b'\\'))
 }
 
-/// The value of cookie `name` in the request's `Cookie` headers.
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+/// The values of cookie `name` in the request's `Cookie` headers.
+fn cookies(headers: &HeaderMap, name: &str) -> Vec<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
+        .filter(|(k, _)| *k == name)
         .map(|(_, v)| v.to_string())
+        .collect()
 }
 
-fn to_login() -> Response {
-    (
-        [(header::SET_COOKIE, clear_cookie())],
-        Redirect::to("/login"),
-    )
-        .into_response()
-}
+impl Console {
+    fn to_login(&self) -> Response {
+        (
+            [(header::SET_COOKIE, self.session_cookie("", true))],
+            Redirect::to("/login"),
+        )
+            .into_response()
+    }
 
-fn clear_cookie() -> String {
-    format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+    /// The `Set-Cookie` value of session `id` (or its removal).
+    fn session_cookie(&self, id: &str, clear: bool) -> String {
+        let secure = if self.tls.is_some() { "; Secure" } else { "" };
+        let age = if clear { "; Max-Age=0" } else { "" };
+        format!(
+            "{}={id}; Path=/; HttpOnly; SameSite=Strict{secure}{age}",
+            self.cookie_name()
+        )
+    }
 }
 
 /// The router of every page.
@@ -235,7 +333,7 @@ pub fn router(console: Console) -> Router {
         .merge(usage::routes())
         .merge(admin::routes())
         .fallback(not_found)
-        .layer(middleware::from_fn(guard_request))
+        .layer(middleware::from_fn_with_state(app.clone(), guard_request))
         .with_state(app)
 }
 
@@ -253,8 +351,28 @@ async fn not_found(
 /// Every response: no caching, no framing, no inline script, no referrer
 /// to other sites. A POST from another site is refused before a handler
 /// sees it.
-async fn guard_request(request: Request, next: Next) -> Response {
-    if request.method() == Method::POST && cross_site(request.headers()) {
+async fn guard_request(State(app): State<App>, request: Request, next: Next) -> Response {
+    // The host asked for: `Host`, or HTTP/2's `:authority`.
+    let authority = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| request.uri().authority().map(|a| a.to_string()));
+    if !authority
+        .as_deref()
+        .is_some_and(|a| host_allowed(a, &app.hosts))
+    {
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            "unknown host: the console answers to its IP addresses, localhost and the names in console_hosts",
+        )
+            .into_response();
+    }
+    let scheme = if app.tls.is_some() { "https" } else { "http" };
+    if request.method() == Method::POST
+        && cross_site(request.headers(), authority.as_deref(), scheme)
+    {
         return (
             StatusCode::FORBIDDEN,
             "cross-site request refused: this form must be sent from the console's own pages",
@@ -289,10 +407,27 @@ async fn guard_request(request: Request, next: Next) -> Response {
     response
 }
 
+/// Whether `authority` (`host[:port]`) names this console: an IP
+/// address, `localhost`, or one of `names`. A name a DNS-rebinding site
+/// made point here is none of those.
+fn host_allowed(authority: &str, names: &[String]) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split_once(']')
+                .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.parse::<std::net::Ipv4Addr>().is_ok()
+        || host.eq_ignore_ascii_case("localhost")
+        || names.iter().any(|n| n.eq_ignore_ascii_case(host))
+}
+
 /// A request that says it comes from another origin: `Sec-Fetch-Site`
 /// other than same-origin (or none: typed, bookmarked), or an `Origin`
-/// whose host is not the one asked.
-fn cross_site(headers: &HeaderMap) -> bool {
+/// other than `scheme://authority` of this request.
+fn cross_site(headers: &HeaderMap, authority: Option<&str>, scheme: &str) -> bool {
     let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
     if site.is_some_and(|s| s != "same-origin" && s != "none") {
         return true;
@@ -300,11 +435,10 @@ fn cross_site(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-    let origin_host = origin
-        .split_once("://")
-        .map(|(_, rest)| rest.trim_end_matches('/'));
-    origin == "null" || origin_host.is_none() || origin_host != host
+    match authority {
+        Some(authority) => !origin.eq_ignore_ascii_case(&format!("{scheme}://{authority}")),
+        None => true,
+    }
 }
 
 async fn asset(axum::extract::Path(file): axum::extract::Path<String>) -> Response {
@@ -371,17 +505,18 @@ async fn login(
         .who_am_i(request_as(&token, Some(peer), pb::WhoAmIRequest {}))
         .await;
     match who {
-        Ok(_) => {
-            let secure = if app.tls.is_some() { "; Secure" } else { "" };
-            (
-                [(
-                    header::SET_COOKIE,
-                    format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}"),
-                )],
+        Ok(_) => match app.open_session(token) {
+            Ok(id) => (
+                [(header::SET_COOKIE, app.session_cookie(&id, false))],
                 Redirect::to("/pools"),
             )
-                .into_response()
-        }
+                .into_response(),
+            Err(err) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot make a session: {err}"),
+            )
+                .into_response(),
+        },
         Err(status) => (
             StatusCode::UNAUTHORIZED,
             Html(view::login(app.auth_off, Some(status.message())).into_string()),
@@ -402,12 +537,13 @@ async fn logout(
     headers: HeaderMap,
     axum::Form(form): axum::Form<CsrfOnly>,
 ) -> Response {
-    if let Ok(session) = app.session(&headers, Some(peer)).await
-        && !app.csrf_ok(&session, &form.csrf)
-    {
-        return view::forbidden_form();
+    if let Ok(session) = app.session(&headers, Some(peer)).await {
+        if !app.csrf_ok(&session, &form.csrf) {
+            return view::forbidden_form();
+        }
+        app.close_session(&session.id);
     }
-    to_login()
+    app.to_login()
 }
 
 /// Serves the console on `listener` until `stop` resolves.
@@ -425,7 +561,7 @@ pub async fn serve(
                 .await
         }
         None => {
-            let listener = PlainListener(listener);
+            let listener = tls::PlainListener::new(listener);
             let app = router(console).into_make_service_with_connect_info::<Peer>();
             axum::serve(listener, app)
                 .with_graceful_shutdown(stop)
@@ -438,28 +574,10 @@ pub async fn serve(
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub SocketAddr);
 
-/// Plain HTTP, every connection with TCP_NODELAY.
-struct PlainListener(tokio::net::TcpListener);
-
-impl axum::serve::Listener for PlainListener {
-    type Io = tokio::net::TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (stream, peer) = axum::serve::Listener::accept(&mut self.0).await;
-        crate::net::nodelay(&stream);
-        (stream, peer)
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.0.local_addr()
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, PlainListener>>
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::PlainListener>>
     for Peer
 {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, PlainListener>) -> Self {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::PlainListener>) -> Self {
         Peer(*stream.remote_addr())
     }
 }
@@ -543,51 +661,66 @@ mod tests {
     #[test]
     fn posts_from_other_sites_are_refused() {
         let host = ("host", "127.0.0.1:7080");
+        let cross = |pairs: &[(&'static str, &str)]| {
+            cross_site(&headers(pairs), Some("127.0.0.1:7080"), "http")
+        };
         // The console's own pages (and a client that sends neither header).
-        assert!(!cross_site(&headers(&[host])));
-        assert!(!cross_site(&headers(&[
-            host,
-            ("origin", "http://127.0.0.1:7080")
-        ])));
-        assert!(!cross_site(&headers(&[
-            host,
-            ("sec-fetch-site", "same-origin")
-        ])));
-        // Another site, another port, an opaque origin, a same-site page.
-        assert!(cross_site(&headers(&[
-            host,
-            ("origin", "http://evil.example")
-        ])));
-        assert!(cross_site(&headers(&[
-            host,
-            ("origin", "http://127.0.0.1:8888")
-        ])));
-        assert!(cross_site(&headers(&[host, ("origin", "null")])));
-        assert!(cross_site(&headers(&[host, ("origin", "garbage")])));
-        assert!(cross_site(&headers(&[
-            host,
-            ("sec-fetch-site", "cross-site")
-        ])));
-        assert!(cross_site(&headers(&[
-            host,
-            ("sec-fetch-site", "same-site")
-        ])));
-        // A forged Origin that names the host as a prefix.
-        assert!(cross_site(&headers(&[
-            host,
-            ("origin", "http://127.0.0.1:7080.evil.example")
-        ])));
+        assert!(!cross(&[host]));
+        assert!(!cross(&[host, ("origin", "http://127.0.0.1:7080")]));
+        assert!(!cross(&[host, ("sec-fetch-site", "same-origin")]));
+        // Another site, port or scheme, an opaque origin, a same-site page.
+        for origin in [
+            "http://evil.example",
+            "http://127.0.0.1:8888",
+            "https://127.0.0.1:7080",
+            "null",
+            "garbage",
+            "http://127.0.0.1:7080.evil.example",
+        ] {
+            assert!(cross(&[host, ("origin", origin)]), "{origin}");
+        }
+        assert!(cross(&[host, ("sec-fetch-site", "cross-site")]));
+        assert!(cross(&[host, ("sec-fetch-site", "same-site")]));
+        // HTTP/2 sends no Host: the authority decides.
+        let h2 = headers(&[("origin", "https://gpu.example:7080")]);
+        assert!(!cross_site(&h2, Some("gpu.example:7080"), "https"));
+        assert!(cross_site(&h2, None, "https"));
+    }
+
+    #[test]
+    fn only_ip_addresses_localhost_and_named_hosts_are_served() {
+        let names = vec!["gpu.example.org".to_string()];
+        for ok in [
+            "127.0.0.1:7080",
+            "10.0.0.5",
+            "[::1]:7080",
+            "localhost:7080",
+            "GPU.example.org:443",
+        ] {
+            assert!(host_allowed(ok, &names), "{ok}");
+        }
+        for bad in [
+            "evil.example:7080",
+            "127.0.0.1.evil.example:7080",
+            "[::1",
+            "",
+            "gpu.example.org.evil:1",
+        ] {
+            assert!(!host_allowed(bad, &names), "{bad}");
+        }
     }
 
     #[test]
     fn the_session_cookie_is_found_among_others_and_tokens_stay_header_safe() {
-        let h = headers(&[("cookie", "a=1; gpupool_console=gpt_abc; b=2")]);
-        assert_eq!(cookie(&h, COOKIE).as_deref(), Some("gpt_abc"));
-        assert_eq!(
-            cookie(&headers(&[("cookie", "xgpupool_console=1")]), COOKIE),
-            None
-        );
-        assert!(token_ok("gpt_abc"));
+        let h = headers(&[("cookie", "a=1; gpupool_console=gcs_abc; b=2")]);
+        assert_eq!(cookies(&h, COOKIE), ["gcs_abc"]);
+        assert!(cookies(&headers(&[("cookie", "xgpupool_console=1")]), COOKIE).is_empty());
+        // A second one (planted for a path by another page of the host).
+        let two = headers(&[(
+            "cookie",
+            "gpupool_console=gcs_theirs; gpupool_console=gcs_mine",
+        )]);
+        assert_eq!(cookies(&two, COOKIE).len(), 2);
         for bad in [
             "",
             "a b",

@@ -1,15 +1,21 @@
-//! The console over TLS, with the gRPC listener's certificate and key
-//! (`[tls]`): a listener that hands axum only connections whose handshake
-//! finished, each handshake in its own task under a deadline (a client
-//! that never finishes one holds nothing but its task).
+//! The console's listeners. Both hold at most [`super::MAX_CONNECTIONS`]
+//! connections at once (a permit per connection, returned when it closes),
+//! so a flood of sockets takes the console's share of file descriptors,
+//! not the scheduler's. Over TLS, with the gRPC listener's certificate and
+//! key (`[tls]`), axum gets only connections whose handshake finished,
+//! each handshake in its own task under a deadline.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::Context as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tokio_rustls::server::TlsStream;
@@ -31,9 +37,115 @@ pub fn server_config(tls: &crate::config::TlsConfig) -> anyhow::Result<Arc<rustl
     Ok(Arc::new(config))
 }
 
+/// A connection holding one of the listener's permits.
+pub struct Limited<S> {
+    inner: S,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts a TCP connection once a permit is free (TCP_NODELAY set).
+async fn accept_limited(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
+    let permit = permits
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                crate::net::nodelay(&tcp);
+                return (tcp, peer, permit);
+            }
+            Err(err) => {
+                // Out of descriptors, say: wait, then accept again.
+                tracing::warn!(error = %err, "console accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Plain HTTP.
+pub struct PlainListener {
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+}
+
+impl PlainListener {
+    pub fn new(listener: TcpListener) -> Self {
+        Self {
+            listener,
+            permits: Arc::new(Semaphore::new(super::MAX_CONNECTIONS)),
+        }
+    }
+}
+
+impl axum::serve::Listener for PlainListener {
+    type Io = Limited<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (inner, peer, permit) = accept_limited(&self.listener, &self.permits).await;
+        (
+            Limited {
+                inner,
+                _permit: permit,
+            },
+            peer,
+        )
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
 pub struct TlsListener {
     local: SocketAddr,
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Receiver<(Limited<TlsStream<TcpStream>>, SocketAddr)>,
 }
 
 impl TlsListener {
@@ -41,17 +153,10 @@ impl TlsListener {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
+        let permits = Arc::new(Semaphore::new(super::MAX_CONNECTIONS));
         tokio::spawn(async move {
             loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "console accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
+                let (tcp, peer, permit) = accept_limited(&listener, &permits).await;
                 if tx.is_closed() {
                     return;
                 }
@@ -59,8 +164,16 @@ impl TlsListener {
                 tokio::spawn(async move {
                     match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
                     {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send((stream, peer)).await;
+                        Ok(Ok(inner)) => {
+                            let _ = tx
+                                .send((
+                                    Limited {
+                                        inner,
+                                        _permit: permit,
+                                    },
+                                    peer,
+                                ))
+                                .await;
                         }
                         Ok(Err(err)) => {
                             tracing::debug!(%peer, error = %err, "console TLS handshake failed")
@@ -75,7 +188,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Limited<TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

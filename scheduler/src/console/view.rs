@@ -149,3 +149,34 @@ pub fn badge(word: &str) -> Markup {
     };
     html! { span class={"badge " (class)} { (word) } }
 }
+
+/// `s` as one URL path segment: everything but unreserved characters
+/// percent-encoded, so a value that came from an agent (a node id such as
+/// `../../jobs/j-1/cancel?`) cannot turn a form's action into another one.
+pub fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric()
+                || matches!(b, b'-' | b'_' | b'.' | b'~') && s != "." && s != ".."
+            {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn path_segments_cannot_climb_or_add_a_query() {
+        assert_eq!(super::seg("vm-1.az_2~"), "vm-1.az_2~");
+        assert_eq!(
+            super::seg("../../jobs/j-1/cancel?"),
+            "..%2F..%2Fjobs%2Fj-1%2Fcancel%3F"
+        );
+        assert_eq!(super::seg(".."), "%2E%2E");
+        assert_eq!(super::seg("a b#c"), "a%20b%23c");
+    }
+}
