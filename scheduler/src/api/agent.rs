@@ -34,9 +34,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let identity = identity_of(&req)?;
         let req = req.into_inner();
         let node_id = req.node_id.trim().to_string();
-        if node_id.is_empty() {
-            return Err(Status::invalid_argument("node_id must not be empty"));
-        }
+        crate::domain::node::check_node_id(&node_id).map_err(Status::invalid_argument)?;
         // The version-skew policy (README, *Upgrades*).
         crate::domain::node::check_agent_version(&req.agent_version, env!("CARGO_PKG_VERSION"))
             .map_err(|why| {
@@ -47,6 +45,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .inventory
             .map(inventory_from_pb)
             .ok_or_else(|| Status::invalid_argument("inventory is required"))?;
+        crate::domain::node::check_node_address(&inventory.address)
+            .map_err(Status::invalid_argument)?;
         // Made before the check so the lock is not held over the read; used
         // only if this registration enrols the node.
         let fresh = super::auth::new_node_token()
@@ -239,9 +239,16 @@ pub(super) async fn handle(
                         .iter()
                         .map(|g| (g.index, g.utilization_pct))
                         .collect();
+                    // An inventory with an address that is not one is
+                    // dropped (the node keeps the one it registered with).
+                    let inventory = hb.inventory.map(inventory_from_pb).filter(|i| {
+                        crate::domain::node::check_node_address(&i.address)
+                            .inspect_err(|why| tracing::warn!(node = %node_id, %why, "heartbeat inventory ignored"))
+                            .is_ok()
+                    });
                     core.cluster.heartbeat(
                         node_id,
-                        hb.inventory.map(inventory_from_pb),
+                        inventory,
                         reported,
                         now,
                         out,

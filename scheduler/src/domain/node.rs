@@ -285,8 +285,85 @@ pub fn check_agent_version(agent: &str, scheduler: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A node id an agent may register: 1 to 253 letters, digits, `.`, `_`,
+/// `-` and `:` (host names and the ids `gpupool-agent` makes), not `.` or
+/// `..`. It names the node in URLs, paths and logs, where a `/`, `?` or
+/// space of a rogue agent's would become something else.
+pub fn check_node_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 253
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "node id {:?} must be 1 to 253 letters, digits, '.', '_', '-' or ':'",
+            id.chars().take(64).collect::<String>()
+        ))
+    }
+}
+
+/// The address an agent says it is reached at: empty (its host name is
+/// used), an IP address, or a host name — nothing that would add a path,
+/// a user or a port to the URLs made of it (a notebook's "open" link).
+pub fn check_node_address(address: &str) -> Result<(), String> {
+    let host_name = !address.is_empty()
+        && address.len() <= 253
+        && address.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if address.is_empty() || address.parse::<std::net::IpAddr>().is_ok() || host_name {
+        Ok(())
+    } else {
+        Err(format!(
+            "node address {:?} is neither an IP address nor a host name",
+            address.chars().take(64).collect::<String>()
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn node_ids_and_addresses_stay_plain() {
+        for ok in ["vm-1", "gpu-node.dc1.example.org", "extra_a100", "host:2"] {
+            assert!(super::check_node_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../../jobs/j-1/cancel?",
+            "a b",
+            "a/b",
+            "a?b",
+            "x\u{1b}[2J",
+        ] {
+            assert!(super::check_node_id(bad).is_err(), "{bad:?}");
+        }
+        for ok in ["", "10.0.0.5", "::1", "gpu-1.example.org", "vm-1"] {
+            assert!(super::check_node_address(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "evil.example/x",
+            "user@host",
+            "host:8080",
+            "a..b",
+            "javascript:alert(1)",
+            "h#x",
+        ] {
+            assert!(super::check_node_address(bad).is_err(), "{bad:?}");
+        }
+    }
+
     use super::*;
 
     #[test]
