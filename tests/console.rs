@@ -31,17 +31,6 @@ fn cli(addr: &str, token: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !f() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// node, chromium and tests/console/node_modules/playwright-core, or None
 /// (outside CI: the test is skipped, loudly).
 fn browser_tools(dir: &Path) -> Option<(PathBuf, PathBuf)> {
@@ -110,7 +99,7 @@ fn console_in_a_real_browser() {
         ])
         .args(["--admin-token", ADMIN]);
     let dev = Proc::spawn(cmd, dir.path().join("dev.log"));
-    wait_for("dev's three nodes", || {
+    wait_until(Duration::from_secs(60), "dev's three nodes", || {
         dev.log_text().contains("gpupool dev cluster is up")
             && cli(&addr, ADMIN, &["node", "list"])
                 .matches("Ready")
@@ -140,7 +129,7 @@ fn console_in_a_real_browser() {
     let mut agent = Command::new(bin("gpupool-agent"));
     agent.arg("--config").arg(&agent_toml);
     let _agent = Proc::spawn(agent, dir.path().join("agent.log"));
-    wait_for("the A100 node", || {
+    wait_until(Duration::from_secs(60), "the A100 node", || {
         cli(&addr, ADMIN, &["spec", "list"]).contains("A100")
     });
     let sold_out = cli(&addr, ADMIN, &["spec", "list"])
@@ -168,7 +157,7 @@ fn console_in_a_real_browser() {
             "1",
         ],
     );
-    wait_for("the A100 spec sold out", || {
+    wait_until(Duration::from_secs(60), "the A100 spec sold out", || {
         cli(&addr, &token_a, &["spec", "list"])
             .lines()
             .any(|l| l.starts_with(&sold_out) && l.contains("sold out"))

@@ -54,17 +54,6 @@ fn processes_with(marker: &str) -> Vec<i32> {
     pids
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn start_dev(dir: &Path, config: &Path, grpc: u16) -> Proc {
     let mut cmd = Command::new(bin("gpupool-scheduler"));
     cmd.arg("dev")
@@ -227,7 +216,7 @@ fn dev_shows_the_whole_product_and_ctrl_c_stops_its_instances() {
             "AZ2",
         ],
     );
-    wait_for("both pools Running", || {
+    wait_until(Duration::from_secs(30), "both pools Running", || {
         let pools = json(&addr, &token, &["pool", "list"]);
         pools
             .as_array()
@@ -282,7 +271,7 @@ fn dev_shows_the_whole_product_and_ctrl_c_stops_its_instances() {
             &m2,
         ],
     );
-    wait_for("both jobs running", || {
+    wait_until(Duration::from_secs(30), "both jobs running", || {
         let jobs = json(&addr, &token, &["job", "list"]);
         jobs.as_array()
             .unwrap()
@@ -302,7 +291,7 @@ fn dev_shows_the_whole_product_and_ctrl_c_stops_its_instances() {
         .as_str()
         .unwrap()
         .to_string();
-    wait_for("the training job's output", || {
+    wait_until(Duration::from_secs(30), "the training job's output", || {
         ok(&addr, &token, &["job", "logs", &train_id]).contains("trained")
     });
     let out = ok(&addr, &token, &["job", "logs", &train_id]);
@@ -324,10 +313,14 @@ fn dev_shows_the_whole_product_and_ctrl_c_stops_its_instances() {
         &token,
         &["pool", "scale-out", "acme_train", "--count", "1"],
     );
-    wait_for("two nodes in the train pool", || {
-        let p = json(&addr, &token, &["pool", "get", "acme_train"]);
-        p["status"] == "Running" && p["node_ids"].as_array().is_some_and(|n| n.len() == 2)
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "two nodes in the train pool",
+        || {
+            let p = json(&addr, &token, &["pool", "get", "acme_train"]);
+            p["status"] == "Running" && p["node_ids"].as_array().is_some_and(|n| n.len() == 2)
+        },
+    );
     std::thread::sleep(Duration::from_millis(50));
     ok(
         &addr,
@@ -342,7 +335,7 @@ fn dev_shows_the_whole_product_and_ctrl_c_stops_its_instances() {
         &["pool", "unsubscribe", "acme_train", "--yes"],
     );
     ok(&addr, &token, &["pool", "delete", "acme-serve", "--yes"]);
-    wait_for("both pools Deleted", || {
+    wait_until(Duration::from_secs(30), "both pools Deleted", || {
         let pools = json(&addr, &token, &["pool", "list", "--all"]);
         pools
             .as_array()
@@ -388,9 +381,11 @@ fn dev_shows_the_whole_product_and_ctrl_c_stops_its_instances() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let nine = format!("{mark}9");
-    wait_for("the job that ignores SIGTERM", || {
-        !processes_with(&nine).is_empty()
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "the job that ignores SIGTERM",
+        || !processes_with(&nine).is_empty(),
+    );
     dev.signal(libc::SIGINT);
     let mut dev = dev;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -5,8 +5,8 @@
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::HeaderMap;
+use axum::extract::Path;
+
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use gpupool_common::display::{format_milli, node_status_name};
@@ -14,22 +14,16 @@ use gpupool_proto::v1 as pb;
 use maud::html;
 
 use super::view::{self, badge, csrf, frame, time};
-use super::{App, Fields, Peer, check_csrf, page, session};
+use super::{App, Fields, Signed, check_csrf, page};
 
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/admin/nodes", get(nodes))
-        .route("/admin/nodes/{id}/cordon", post(cordon))
-        .route("/admin/nodes/{id}/uncordon", post(uncordon))
+        .route("/admin/nodes/{id}/{action}", post(cordon))
         .route("/admin/tenants", get(tenants))
 }
 
-async fn nodes(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn nodes(Signed { app, s }: Signed) -> Response {
     // What ListNodes shows this caller (the nav offers the page to the
     // admin; cordoning is the API's to refuse).
     let nodes = match app
@@ -95,52 +89,26 @@ async fn nodes(
     ))
 }
 
+/// Cordons or uncordons a node (`action`: `cordon` | `uncordon`).
 async fn cordon(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    Signed { app, s }: Signed,
+    Path((id, action)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    let s = session!(app, headers, peer);
     check_csrf!(app, s, Fields::parse(&body).get("csrf"));
-    match app
-        .nodes
-        .clone()
-        .cordon_node(app.request(&s, pb::CordonNodeRequest { node_id: id }))
-        .await
-    {
+    let request = app.request(&s, pb::CordonNodeRequest { node_id: id });
+    let done = match action.as_str() {
+        "cordon" => app.nodes.clone().cordon_node(request).await,
+        "uncordon" => app.nodes.clone().uncordon_node(request).await,
+        _ => return view::not_found(&s, "a node is cordoned or uncordoned"),
+    };
+    match done {
         Ok(_) => Redirect::to("/admin/nodes").into_response(),
         Err(status) => view::failure(Some(&s), &status),
     }
 }
 
-async fn uncordon(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    let s = session!(app, headers, peer);
-    check_csrf!(app, s, Fields::parse(&body).get("csrf"));
-    match app
-        .nodes
-        .clone()
-        .uncordon_node(app.request(&s, pb::CordonNodeRequest { node_id: id }))
-        .await
-    {
-        Ok(_) => Redirect::to("/admin/nodes").into_response(),
-        Err(status) => view::failure(Some(&s), &status),
-    }
-}
-
-async fn tenants(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn tenants(Signed { app, s }: Signed) -> Response {
     let tenants = match app
         .tenants
         .clone()

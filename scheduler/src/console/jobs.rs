@@ -3,8 +3,8 @@
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, Query};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use gpupool_common::display::{format_command, instance_state_name, job_kind_name, job_state_name};
@@ -12,7 +12,7 @@ use gpupool_proto::v1 as pb;
 use maud::{Markup, html};
 
 use super::view::{self, badge, csrf, error_line, frame, time};
-use super::{App, Fields, Peer, Session, check_csrf, page, session};
+use super::{App, Fields, Session, Signed, check_csrf, page};
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -124,13 +124,7 @@ fn jobs_block(jobs: &[pb::Job], filter: &Filter) -> Markup {
     }
 }
 
-async fn list(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Query(filter): Query<Filter>,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn list(Signed { app, s }: Signed, Query(filter): Query<Filter>) -> Response {
     let jobs = match jobs_of(&app, &s, &filter.pool, &filter.states()).await {
         Ok(jobs) => jobs,
         Err(status) => return view::failure(Some(&s), &status),
@@ -158,13 +152,7 @@ async fn list(
     ))
 }
 
-async fn table(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Query(filter): Query<Filter>,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn table(Signed { app, s }: Signed, Query(filter): Query<Filter>) -> Response {
     match jobs_of(&app, &s, &filter.pool, &filter.states()).await {
         Ok(jobs) => page(jobs_block(&jobs, &filter)),
         Err(status) => view::failure(Some(&s), &status),
@@ -177,13 +165,7 @@ struct NewQuery {
     pool: String,
 }
 
-async fn submit_form(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Query(q): Query<NewQuery>,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn submit_form(Signed { app, s }: Signed, Query(q): Query<NewQuery>) -> Response {
     let mut draft = Fields(Vec::new());
     draft.0.push(("pool".into(), q.pool));
     submit_page(&app, &s, &draft, None).await
@@ -318,13 +300,7 @@ fn spec_of(f: &Fields) -> Result<pb::JobSpec, String> {
     })
 }
 
-async fn submit(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn submit(Signed { app, s }: Signed, body: Bytes) -> Response {
     let f = Fields::parse(&body);
     check_csrf!(app, s, f.get("csrf"));
     let spec = match spec_of(&f) {
@@ -356,13 +332,7 @@ fn finished(j: &pb::Job) -> bool {
     )
 }
 
-async fn detail(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn detail(Signed { app, s }: Signed, Path(id): Path<String>) -> Response {
     let j = match get_job(&app, &s, &id).await {
         Ok(j) => j,
         Err(status) => return view::failure(Some(&s), &status),
@@ -451,13 +421,10 @@ struct LogQuery {
 /// new text appended to the page's (out of band), and the state. It
 /// polls every second while the job runs, and once more after it ends.
 async fn log(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    Signed { app, s }: Signed,
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Response {
-    let s = session!(app, headers, peer);
     let j = match get_job(&app, &s, &id).await {
         Ok(j) => j,
         Err(status) => return view::failure(Some(&s), &status),
@@ -540,14 +507,7 @@ async fn read_log(
     Ok((String::from_utf8_lossy(&bytes).into_owned(), next))
 }
 
-async fn cancel(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn cancel(Signed { app, s }: Signed, Path(id): Path<String>, body: Bytes) -> Response {
     let f = Fields::parse(&body);
     check_csrf!(app, s, f.get("csrf"));
     match app

@@ -337,15 +337,8 @@ pub fn router(console: Console) -> Router {
         .with_state(app)
 }
 
-async fn not_found(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-) -> Response {
-    match app.session(&headers, Some(peer)).await {
-        Ok(session) => view::not_found(&session, "no such page"),
-        Err(login) => login,
-    }
+async fn not_found(Signed { s, .. }: Signed) -> Response {
+    view::not_found(&s, "no such page")
 }
 
 /// Every response: no caching, no framing, no inline script, no referrer
@@ -531,18 +524,9 @@ struct CsrfOnly {
     csrf: String,
 }
 
-async fn logout(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    axum::Form(form): axum::Form<CsrfOnly>,
-) -> Response {
-    if let Ok(session) = app.session(&headers, Some(peer)).await {
-        if !app.csrf_ok(&session, &form.csrf) {
-            return view::forbidden_form();
-        }
-        app.close_session(&session.id);
-    }
+async fn logout(Signed { app, s }: Signed, axum::Form(form): axum::Form<CsrfOnly>) -> Response {
+    check_csrf!(app, s, form.csrf);
+    app.close_session(&s.id);
     app.to_login()
 }
 
@@ -590,16 +574,29 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls:
     }
 }
 
-/// The session of a page request, or the sign-in redirect.
-macro_rules! session {
-    ($app:expr, $headers:expr, $peer:expr) => {
-        match $app.session(&$headers, Some($peer)).await {
-            Ok(session) => session,
-            Err(response) => return response,
-        }
-    };
+/// A signed-in request: the console and the session of its cookie. A
+/// handler that takes one is never called for a browser that is not
+/// signed in: it is sent to sign in.
+pub struct Signed {
+    pub app: App,
+    pub s: Session,
 }
-pub(crate) use session;
+
+impl axum::extract::FromRequestParts<App> for Signed {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        app: &App,
+    ) -> Result<Self, Response> {
+        let peer = parts.extensions.get::<ConnectInfo<Peer>>().map(|c| c.0.0);
+        let s = app.session(&parts.headers, peer).await?;
+        Ok(Self {
+            app: app.clone(),
+            s,
+        })
+    }
+}
 
 /// Checks a form's CSRF token, else answers 403.
 macro_rules! check_csrf {

@@ -4,8 +4,8 @@
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, Query};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use gpupool_common::display::{billing_mode_name, pool_status_name, pool_type_name};
@@ -13,7 +13,7 @@ use gpupool_proto::v1 as pb;
 use maud::{Markup, html};
 
 use super::view::{self, badge, csrf, error_line, frame, money, time};
-use super::{App, Fields, Peer, Session, check_csrf, page, session};
+use super::{App, Fields, Session, Signed, check_csrf, page};
 use crate::domain::pool::{validate_deploy_name, validate_train_name};
 
 pub fn routes() -> Router<App> {
@@ -93,12 +93,7 @@ fn pool_table(pools: &[pb::Pool]) -> Markup {
     }
 }
 
-async fn list(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn list(Signed { app, s }: Signed) -> Response {
     match pools_of(&app, &s).await {
         Ok(pools) => page(frame(
             Some(&s),
@@ -115,24 +110,14 @@ async fn list(
     }
 }
 
-async fn table(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn table(Signed { app, s }: Signed) -> Response {
     match pools_of(&app, &s).await {
         Ok(pools) => page(pool_table(&pools)),
         Err(status) => view::failure(Some(&s), &status),
     }
 }
 
-async fn choose_type(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn choose_type(Signed { s, .. }: Signed) -> Response {
     page(frame(
         Some(&s),
         "Create a pool",
@@ -194,13 +179,7 @@ fn kind_of(kind: &str) -> Option<pb::PoolType> {
     }
 }
 
-async fn create_form(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(kind): Path<String>,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn create_form(Signed { app, s }: Signed, Path(kind): Path<String>) -> Response {
     let Some(kind) = kind_of(&kind) else {
         return view::not_found(&s, "pools are of type train or deploy");
     };
@@ -321,13 +300,7 @@ struct NameQuery {
 
 /// The name rule of the pool type, checked as the user types (the same
 /// functions `CreatePool` applies).
-async fn check_name(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Query(q): Query<NameQuery>,
-) -> Response {
-    let _s = session!(app, headers, peer);
+async fn check_name(_signed_in: Signed, Query(q): Query<NameQuery>) -> Response {
     let checked = match kind_of(&q.kind) {
         Some(pb::PoolType::Train) => validate_train_name(&q.name),
         _ => validate_deploy_name(&q.name),
@@ -386,13 +359,7 @@ fn create_request(kind: pb::PoolType, f: &Fields) -> Result<pb::CreatePoolReques
     })
 }
 
-async fn create(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn create(Signed { app, s }: Signed, body: Bytes) -> Response {
     let f = Fields::parse(&body);
     check_csrf!(app, s, f.get("csrf"));
     let Some(kind) = kind_of(f.get("type")) else {
@@ -505,13 +472,7 @@ async fn detail_of(app: &App, s: &Session, id: &str) -> Result<Detail, tonic::St
     })
 }
 
-async fn detail(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn detail(Signed { app, s }: Signed, Path(id): Path<String>) -> Response {
     detail_page(&app, &s, &id, None).await
 }
 
@@ -711,23 +672,17 @@ where
     }
 }
 
+/// The fields of a form, once its CSRF token is checked (else 403).
 macro_rules! form_of {
-    ($app:expr, $headers:expr, $peer:expr, $body:expr) => {{
-        let s = session!($app, $headers, $peer);
+    ($app:expr, $s:expr, $body:expr) => {{
         let f = Fields::parse(&$body);
-        check_csrf!($app, s, f.get("csrf"));
-        (s, f)
+        check_csrf!($app, $s, f.get("csrf"));
+        f
     }};
 }
 
-async fn scale_out(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    let (s, f) = form_of!(app, headers, peer, body);
+async fn scale_out(Signed { app, s }: Signed, Path(id): Path<String>, body: Bytes) -> Response {
+    let f = form_of!(app, s, body);
     let Ok(add) = f.get("add").parse::<u32>() else {
         return detail_page(
             &app,
@@ -737,56 +692,50 @@ async fn scale_out(
         )
         .await;
     };
-    let request = app.request(
+    scale(
+        &app,
         &s,
-        pb::ScalePoolRequest {
-            pool: id.clone(),
-            change: Some(pb::scale_pool_request::Change::AddNodes(add)),
-            force: false,
-        },
-    );
-    act(&app, &s, &id, || async {
-        app.pools.clone().scale_pool(request).await.map(drop)
-    })
+        &id,
+        pb::scale_pool_request::Change::AddNodes(add),
+        false,
+    )
     .await
 }
 
-async fn scale_in(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    let (s, f) = form_of!(app, headers, peer, body);
+async fn scale_in(Signed { app, s }: Signed, Path(id): Path<String>, body: Bytes) -> Response {
+    let f = form_of!(app, s, body);
     let nodes = f.all("node");
     if nodes.is_empty() {
         return detail_page(&app, &s, &id, Some("choose the nodes to remove")).await;
     }
+    let change = pb::scale_pool_request::Change::RemoveNodes(pb::NodeIds { node_ids: nodes });
+    scale(&app, &s, &id, change, f.checked("force")).await
+}
+
+/// Scales the pool out or in; back to its page.
+async fn scale(
+    app: &App,
+    s: &Session,
+    id: &str,
+    change: pb::scale_pool_request::Change,
+    force: bool,
+) -> Response {
     let request = app.request(
-        &s,
+        s,
         pb::ScalePoolRequest {
-            pool: id.clone(),
-            change: Some(pb::scale_pool_request::Change::RemoveNodes(pb::NodeIds {
-                node_ids: nodes,
-            })),
-            force: f.checked("force"),
+            pool: id.into(),
+            change: Some(change),
+            force,
         },
     );
-    act(&app, &s, &id, || async {
+    act(app, s, id, || async {
         app.pools.clone().scale_pool(request).await.map(drop)
     })
     .await
 }
 
-async fn convert(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    let (s, f) = form_of!(app, headers, peer, body);
+async fn convert(Signed { app, s }: Signed, Path(id): Path<String>, body: Bytes) -> Response {
+    let f = form_of!(app, s, body);
     let Ok(months) = f.get("months").parse::<u32>() else {
         return detail_page(&app, &s, &id, Some("choose a duration")).await;
     };
@@ -808,14 +757,8 @@ async fn convert(
     .await
 }
 
-async fn renewal(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    let (s, f) = form_of!(app, headers, peer, body);
+async fn renewal(Signed { app, s }: Signed, Path(id): Path<String>, body: Bytes) -> Response {
+    let f = form_of!(app, s, body);
     let request = app.request(
         &s,
         pb::SetRenewalRequest {
@@ -873,13 +816,7 @@ async fn get_pool(app: &App, s: &Session, id: &str) -> Result<pb::Pool, Response
         .map_err(|status| view::failure(Some(s), &status))
 }
 
-async fn delete_confirm(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn delete_confirm(Signed { app, s }: Signed, Path(id): Path<String>) -> Response {
     match get_pool(&app, &s, &id).await {
         Ok(p) => page(confirm_markup(&s, &p, "Delete", delete_note(&p), None)),
         Err(r) => r,
@@ -896,14 +833,8 @@ fn delete_note(p: &pb::Pool) -> Markup {
     }
 }
 
-async fn delete(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    let (s, f) = form_of!(app, headers, peer, body);
+async fn delete(Signed { app, s }: Signed, Path(id): Path<String>, body: Bytes) -> Response {
+    let f = form_of!(app, s, body);
     let p = match get_pool(&app, &s, &id).await {
         Ok(p) => p,
         Err(r) => return r,
@@ -960,13 +891,7 @@ fn refund_now(orders: &[pb::Order]) -> i64 {
         .sum()
 }
 
-async fn unsubscribe_confirm(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn unsubscribe_confirm(Signed { app, s }: Signed, Path(id): Path<String>) -> Response {
     match detail_of(&app, &s, &id).await {
         Ok(d) => page(confirm_markup(
             &s,
@@ -986,14 +911,8 @@ fn refund_note(app: &App, orders: &[pb::Order]) -> Markup {
     }
 }
 
-async fn unsubscribe(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    let (s, f) = form_of!(app, headers, peer, body);
+async fn unsubscribe(Signed { app, s }: Signed, Path(id): Path<String>, body: Bytes) -> Response {
+    let f = form_of!(app, s, body);
     let d = match detail_of(&app, &s, &id).await {
         Ok(d) => d,
         Err(status) => return view::failure(Some(&s), &status),

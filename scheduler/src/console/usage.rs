@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use gpupool_common::display::{billing_mode_name, csv_line, format_milli, format_time, ts_ms};
@@ -13,7 +13,7 @@ use gpupool_proto::v1 as pb;
 use maud::{Markup, PreEscaped, html};
 
 use super::view::{self, frame, money, time};
-use super::{App, Peer, Session, page, session};
+use super::{App, Session, Signed, page};
 
 pub fn routes() -> Router<App> {
     Router::new()
@@ -84,12 +84,7 @@ fn chart_json(days: &BTreeMap<String, (i64, i64)>) -> String {
         .replace('<', "\\u003c")
 }
 
-async fn usage(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn usage(Signed { app, s }: Signed) -> Response {
     let (records, total) = match records(&app, &s).await {
         Ok(r) => r,
         Err(status) => return view::failure(Some(&s), &status),
@@ -225,12 +220,7 @@ pub(super) fn orders_table(orders: &[pb::Order], currency: &str) -> Markup {
     }
 }
 
-async fn usage_csv(
-    State(app): State<App>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
-    headers: HeaderMap,
-) -> Response {
-    let s = session!(app, headers, peer);
+async fn usage_csv(Signed { app, s }: Signed) -> Response {
     let (records, _) = match records(&app, &s).await {
         Ok(r) => r,
         Err(status) => return view::failure(Some(&s), &status),
