@@ -324,14 +324,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         })?;
     let metrics_addr = config.metrics_listen.expect("set above");
     let console = config.console_listen.map_or("off".to_string(), |a| {
-        format!(
-            "{}://{a}/",
-            if config.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            }
-        )
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let who = if config.admin_token.is_some() {
+            "sign in with the admin token, or a tenant's"
+        } else {
+            "authentication off: any token signs in as the admin"
+        };
+        format!("{scheme}://{a}/ ({who})")
     });
     let metrics = tokio::net::TcpListener::bind(metrics_addr)
         .await
@@ -419,7 +422,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!(
         "gpupool dev cluster is up\n\
          \x20 scheduler gRPC : http://{grpc_addr}\n\
-         \x20 web console    : {console} (sign in with the admin token, or a tenant's)\n\
+         \x20 web console    : {console}\n\
          \x20 metrics        : http://{metrics_addr}/metrics (scheduler)\n\
          \x20 local agents   : {} node(s), {gpus}; instances run as {}\n{}\n\
          \x20 prices         : {} (on demand {}/node-hour, subscription {}/node-month, public {}/instance-hour, preemptible {}/instance-hour)\n\
