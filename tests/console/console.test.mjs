@@ -11,6 +11,7 @@
 // Every step prints a line; the first failed check throws (exit 1).
 import { chromium } from "playwright-core";
 import http from "node:http";
+import net from "node:net";
 import fs from "node:fs";
 import path from "node:path";
 
@@ -335,6 +336,21 @@ let jobId;
       (res) => { res.resume(); resolve(res.statusCode); }).on("error", reject);
   });
   check(status === 421, `a request for host rebound.example is refused (HTTP ${status})`);
+}
+
+// 13. A client that never finishes its request's headers is cut off.
+{
+  const port = Number(new URL(URL_).port);
+  const started = Date.now();
+  const closed = await new Promise((resolve) => {
+    const sock = net.connect(port, "127.0.0.1", () => sock.write("GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\n"));
+    sock.on("data", () => {});
+    sock.on("close", () => resolve(true));
+    sock.on("error", () => resolve(true));
+    setTimeout(() => { sock.destroy(); resolve(false); }, 20000);
+  });
+  const secs = ((Date.now() - started) / 1000).toFixed(1);
+  check(closed, `a request whose headers never end is closed by the console (after ${secs} s)`);
 }
 
 await browser.close();

@@ -538,41 +538,76 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     match console.tls.clone() {
         Some(config) => {
-            let listener = tls::TlsListener::new(listener, config)?;
-            let app = router(console).into_make_service_with_connect_info::<Peer>();
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
+            run(
+                tls::TlsListener::new(listener, config)?,
+                router(console),
+                stop,
+            )
+            .await
         }
-        None => {
-            let listener = tls::PlainListener::new(listener);
-            let app = router(console).into_make_service_with_connect_info::<Peer>();
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-        }
+        None => run(tls::PlainListener::new(listener), router(console), stop).await,
     }
+}
+
+/// Serves `router` on the connections of `listener` (HTTP/1.1 and 2),
+/// each request told its peer (`ConnectInfo<Peer>`). A client gets 10 s
+/// to send a request's headers and HTTP/2 connections are pinged, so a
+/// slow or silent client does not keep a connection (and its permit).
+/// When `stop` resolves, open connections finish their requests.
+async fn run<L>(
+    mut listener: L,
+    router: Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use std::time::Duration;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => break,
+        };
+        let service = tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(Peer(peer)));
+                request
+            },
+        );
+        let connection = builder
+            .serve_connection_with_upgrades(
+                TokioIo::new(io),
+                hyper_util::service::TowerToHyperService::new(service),
+            )
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(%peer, error = %err, "console connection ended");
+            }
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// The browser's address, for the audit trail.
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::PlainListener>>
-    for Peer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::PlainListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
-    for Peer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
 
 /// A signed-in request: the console and the session of its cookie. A
 /// handler that takes one is never called for a browser that is not
