@@ -15,21 +15,7 @@ use gpupool_e2e::*;
 
 const ADMIN: &str = "console-test-admin-token-0123456789";
 
-fn cli(addr: &str, token: &str, args: &[&str]) -> String {
-    let out = Command::new(bin("gpupool"))
-        .args(args)
-        .env("GPUPOOL_ADDR", addr)
-        .env("GPUPOOL_TOKEN", token)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "gpupool {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use gpupool_e2e::cli_ok_at as cli;
 
 /// node, chromium and tests/console/node_modules/playwright-core, or None
 /// (outside CI: the test is skipped, loudly).

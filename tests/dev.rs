@@ -5,33 +5,14 @@
 //! (SIGINT) leaves no instance running.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use gpupool_e2e::*;
 
 const ADMIN: &str = "dev-test-admin-token-0123456789";
 
-fn cli(addr: &str, token: &str, args: &[&str]) -> Output {
-    Command::new(bin("gpupool"))
-        .args(args)
-        .env("GPUPOOL_ADDR", addr)
-        .env("GPUPOOL_TOKEN", token)
-        .output()
-        .unwrap()
-}
-
-/// Runs the CLI; panics with its output unless it succeeds. Returns stdout.
-fn ok(addr: &str, token: &str, args: &[&str]) -> String {
-    let out = cli(addr, token, args);
-    assert!(
-        out.status.success(),
-        "gpupool {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use gpupool_e2e::{cli_at as cli, cli_ok_at as ok};
 
 fn json(addr: &str, token: &str, args: &[&str]) -> serde_json::Value {
     let mut all = args.to_vec();

@@ -761,6 +761,28 @@ impl Agent {
     }
 }
 
+/// The CLI against the scheduler at `addr` with `token`.
+pub fn cli_at(addr: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(bin("gpupool"))
+        .args(args)
+        .env("GPUPOOL_ADDR", addr)
+        .env("GPUPOOL_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+/// [`cli_at`], panicking with its output unless it succeeds; its stdout.
+pub fn cli_ok_at(addr: &str, token: &str, args: &[&str]) -> String {
+    let out = cli_at(addr, token, args);
+    assert!(
+        out.status.success(),
+        "gpupool {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Polls `f` every 200 ms until it holds; panics naming `what` after
 /// `timeout` (the blocking twin of [`eventually`]).
 pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {

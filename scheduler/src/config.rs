@@ -263,6 +263,13 @@ pub struct BillingConfig {
     pub frozen_retention_hours: u32,
 }
 
+impl BillingConfig {
+    /// The price of `spec`: its `[billing.prices]` entry, else the default.
+    pub fn price_of(&self, spec: &str) -> crate::domain::billing::SpecPrice {
+        self.prices.get(spec).copied().unwrap_or(self.default_price)
+    }
+}
+
 impl Default for BillingConfig {
     fn default() -> Self {
         Self {

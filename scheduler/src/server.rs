@@ -163,11 +163,7 @@ pub async fn serve(
             let listener = tokio::net::TcpListener::bind(at)
                 .await
                 .with_context(|| format!("cannot listen on console_listen {at}"))?;
-            let console = crate::console::Console::new(
-                shared.clone(),
-                limiter.clone(),
-                shared.config.tls.as_ref(),
-            )?;
+            let console = crate::console::Console::new(shared.clone(), limiter.clone())?;
             tracing::info!(addr = %listener.local_addr()?, tls = shared.config.tls.is_some(), "console listening");
             let stop = stopped(stop_rx.clone());
             Some(tokio::spawn(async move {

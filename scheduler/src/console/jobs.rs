@@ -322,14 +322,9 @@ async fn get_job(app: &App, s: &Session, id: &str) -> Result<pb::Job, tonic::Sta
         .map(tonic::Response::into_inner)
 }
 
+/// The domain's rule: a job in a terminal state is done with.
 fn finished(j: &pb::Job) -> bool {
-    matches!(
-        pb::JobState::try_from(j.state),
-        Ok(pb::JobState::Succeeded
-            | pb::JobState::Failed
-            | pb::JobState::Cancelled
-            | pb::JobState::Lost)
-    )
+    crate::api::job_state_from_pb(j.state).is_some_and(crate::domain::JobState::is_terminal)
 }
 
 async fn detail(Signed { app, s }: Signed, Path(id): Path<String>) -> Response {

@@ -59,29 +59,22 @@ struct Stored {
     last_ms: i64,
 }
 
-type Guarded<S> = Guard<S>;
-
 /// The API's services, each behind its guard, and what the console keeps.
 pub struct Console {
-    jobs: pb::job_service_client::JobServiceClient<Guarded<JobServiceServer<Api>>>,
-    nodes: pb::node_service_client::NodeServiceClient<Guarded<NodeServiceServer<Api>>>,
-    pools: pb::pool_service_client::PoolServiceClient<Guarded<PoolServiceServer<Api>>>,
-    usage: pb::usage_service_client::UsageServiceClient<Guarded<UsageServiceServer<Api>>>,
-    tenants: pb::tenant_service_client::TenantServiceClient<Guarded<TenantServiceServer<Api>>>,
+    jobs: pb::job_service_client::JobServiceClient<Guard<JobServiceServer<Api>>>,
+    nodes: pb::node_service_client::NodeServiceClient<Guard<NodeServiceServer<Api>>>,
+    pools: pb::pool_service_client::PoolServiceClient<Guard<PoolServiceServer<Api>>>,
+    usage: pb::usage_service_client::UsageServiceClient<Guard<UsageServiceServer<Api>>>,
+    tenants: pb::tenant_service_client::TenantServiceClient<Guard<TenantServiceServer<Api>>>,
     /// Signs the CSRF tokens of this process's forms.
     csrf_key: [u8; 32],
     /// Session id -> the token it stands for.
     sessions: Mutex<std::collections::HashMap<String, Stored>>,
-    /// Host names the console answers to besides IP addresses and
-    /// `localhost` (`console_hosts`): a page of any other name is refused,
-    /// so a DNS-rebound site cannot reach it.
-    hosts: Vec<String>,
     /// `[tls]`'s identity: the console is served over TLS, its cookies
     /// are `Secure`.
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
-    /// The cluster has no admin token: every caller is the admin.
-    auth_off: bool,
-    /// Prices for the create and convert forms (the config's catalog).
+    /// The config (prices, currency and regions for the forms; the host
+    /// names it answers to; whether authentication is on).
     pub(crate) shared: Arc<Shared>,
 }
 
@@ -98,48 +91,52 @@ pub struct Session {
 }
 
 impl Console {
-    pub fn new(
-        shared: Arc<Shared>,
-        limiter: Arc<Mutex<RateLimiter>>,
-        tls: Option<&crate::config::TlsConfig>,
-    ) -> anyhow::Result<Self> {
+    /// The console of `shared`, its API calls under the gRPC listener's
+    /// rate limits (`limiter`), over TLS when the config has `[tls]`.
+    pub fn new(shared: Arc<Shared>, limiter: Arc<Mutex<RateLimiter>>) -> anyhow::Result<Self> {
         use std::io::Read;
         let api = Api {
             shared: shared.clone(),
         };
+        fn guard<S>(svc: S, shared: &Arc<Shared>, limiter: &Arc<Mutex<RateLimiter>>) -> Guard<S> {
+            Guard::new(svc, shared.clone(), limiter.clone())
+        }
         let mut csrf_key = [0u8; 32];
         std::fs::File::open("/dev/urandom")?.read_exact(&mut csrf_key)?;
         Ok(Self {
-            jobs: pb::job_service_client::JobServiceClient::new(Guard::new(
+            jobs: pb::job_service_client::JobServiceClient::new(guard(
                 JobServiceServer::new(api.clone()),
-                shared.clone(),
-                limiter.clone(),
+                &shared,
+                &limiter,
             )),
-            nodes: pb::node_service_client::NodeServiceClient::new(Guard::new(
+            nodes: pb::node_service_client::NodeServiceClient::new(guard(
                 NodeServiceServer::new(api.clone()),
-                shared.clone(),
-                limiter.clone(),
+                &shared,
+                &limiter,
             )),
-            pools: pb::pool_service_client::PoolServiceClient::new(Guard::new(
+            pools: pb::pool_service_client::PoolServiceClient::new(guard(
                 PoolServiceServer::new(api.clone()),
-                shared.clone(),
-                limiter.clone(),
+                &shared,
+                &limiter,
             )),
-            usage: pb::usage_service_client::UsageServiceClient::new(Guard::new(
+            usage: pb::usage_service_client::UsageServiceClient::new(guard(
                 UsageServiceServer::new(api.clone()),
-                shared.clone(),
-                limiter.clone(),
+                &shared,
+                &limiter,
             )),
-            tenants: pb::tenant_service_client::TenantServiceClient::new(Guard::new(
+            tenants: pb::tenant_service_client::TenantServiceClient::new(guard(
                 TenantServiceServer::new(api),
-                shared.clone(),
-                limiter.clone(),
+                &shared,
+                &limiter,
             )),
             csrf_key,
             sessions: Mutex::new(std::collections::HashMap::new()),
-            hosts: shared.config.console_hosts.clone(),
-            tls: tls.map(tls::server_config).transpose()?,
-            auth_off: shared.config.admin_token.is_none(),
+            tls: shared
+                .config
+                .tls
+                .as_ref()
+                .map(tls::server_config)
+                .transpose()?,
             shared,
         })
     }
@@ -158,6 +155,11 @@ impl Console {
     /// A request of the API as the session's caller.
     fn request<T>(&self, session: &Session, message: T) -> tonic::Request<T> {
         request_as(&session.token, session.peer, message)
+    }
+
+    /// The cluster has no admin token: every caller is the admin.
+    fn auth_off(&self) -> bool {
+        self.shared.config.admin_token.is_none()
     }
 
     fn cookie_name(&self) -> &'static str {
@@ -354,7 +356,7 @@ async fn guard_request(State(app): State<App>, request: Request, next: Next) -> 
         .or_else(|| request.uri().authority().map(|a| a.to_string()));
     if !authority
         .as_deref()
-        .is_some_and(|a| host_allowed(a, &app.hosts))
+        .is_some_and(|a| host_allowed(a, &app.shared.config.console_hosts))
     {
         return (
             StatusCode::MISDIRECTED_REQUEST,
@@ -470,7 +472,7 @@ struct LoginForm {
 }
 
 async fn login_page(State(app): State<App>) -> Html<String> {
-    Html(view::login(app.auth_off, None).into_string())
+    Html(view::login(app.auth_off(), None).into_string())
 }
 
 async fn login(
@@ -484,7 +486,7 @@ async fn login(
             StatusCode::UNAUTHORIZED,
             Html(
                 view::login(
-                    app.auth_off,
+                    app.auth_off(),
                     Some("enter an API token (gpupool tenant token NAME prints one)"),
                 )
                 .into_string(),
@@ -512,7 +514,7 @@ async fn login(
         },
         Err(status) => (
             StatusCode::UNAUTHORIZED,
-            Html(view::login(app.auth_off, Some(status.message())).into_string()),
+            Html(view::login(app.auth_off(), Some(status.message())).into_string()),
         )
             .into_response(),
     }

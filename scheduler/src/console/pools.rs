@@ -243,7 +243,7 @@ fn create_markup(
                 label for="spec" { "Spec" }
                 select #spec name="spec" required {
                     @for sp in specs {
-                        @let price = billing.prices.get(&sp.name).copied().unwrap_or(billing.default_price);
+                        @let price = billing.price_of(&sp.name);
                         option value=(sp.name) disabled[sp.sold_out] selected[d.spec == sp.name]
                             data-month-price=(price.subscription_node_month_micros)
                             data-currency=(billing.currency) {
@@ -624,12 +624,7 @@ fn billing_forms(app: &App, s: &Session, p: &pb::Pool, subscribed: bool, currenc
     let id = &p.pool_id;
     let train = p.r#type == pb::PoolType::Train as i32;
     let billing = &app.shared.config.billing;
-    let node_month = billing
-        .prices
-        .get(&p.spec)
-        .copied()
-        .unwrap_or(billing.default_price)
-        .subscription_node_month_micros;
+    let node_month = billing.price_of(&p.spec).subscription_node_month_micros;
     let month_price = node_month.saturating_mul(i64::from(p.node_count));
     html! {
         h2 { "Billing" }
