@@ -103,6 +103,11 @@ fn console_over_tls(port: u16, ca: &Path) {
             "/dev/null",
             "-w",
             "%{http_version} %{http_code}",
+            // A connection that fails under load (not an HTTP answer) is
+            // tried again.
+            "--retry",
+            "3",
+            "--retry-all-errors",
             "--http2",
             "--cacert",
             &cacert,

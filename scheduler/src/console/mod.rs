@@ -368,6 +368,10 @@ async fn guard_request(State(app): State<App>, request: Request, next: Next) -> 
     if request.method() == Method::POST
         && cross_site(request.headers(), authority.as_deref(), scheme)
     {
+        // The form's body (64 KiB at most) is read and dropped first: a
+        // reply before the request is sent is reset mid-upload by some
+        // clients, which then see no answer at all.
+        let _ = axum::body::to_bytes(request.into_body(), 64 << 10).await;
         return (
             StatusCode::FORBIDDEN,
             "cross-site request refused: this form must be sent from the console's own pages",
