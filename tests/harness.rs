@@ -242,6 +242,11 @@ impl Scheduler {
         Self::start_configured(dir, "127.0.0.1", extra).await
     }
 
+    /// [`Scheduler::start_on`] with TOML appended to its config.
+    pub async fn start_on_with_config(dir: &Path, ip: &str, extra: &str) -> Self {
+        Self::start_configured(dir, ip, extra).await
+    }
+
     async fn start_configured(dir: &Path, ip: &str, extra: &str) -> Self {
         let config_path = Self::write_config(dir, ip, extra);
         Self::start_with(dir, config_path).await
@@ -692,6 +697,29 @@ impl Agent {
         Self::spawn(dir, scheduler_addr, node_id, fake_gpus, "", "", Some(netns))
     }
 
+    /// An agent on a test host: in network namespace `netns`, in zone `az`,
+    /// advertising `address` (its own in that namespace).
+    pub fn start_on_host(
+        dir: &Path,
+        scheduler_addr: &str,
+        node_id: &str,
+        fake_gpus: &str,
+        az: &str,
+        netns: &str,
+        address: &str,
+    ) -> Self {
+        let extra = format!("advertise_address = \"{address}\"");
+        Self::spawn(
+            dir,
+            scheduler_addr,
+            node_id,
+            fake_gpus,
+            az,
+            &extra,
+            Some(netns),
+        )
+    }
+
     fn spawn(
         dir: &Path,
         scheduler_addr: &str,
@@ -734,9 +762,14 @@ impl Agent {
             format!(
                 "scheduler_addr = \"{}\"\nnode_id = \"{node_id}\"\nstate_dir = \"{}\"\n\
                  join_token = \"test-join-token\"\n\
-                 max_backoff_ms = 500\naz = \"{az}\"\nadvertise_address = \"127.0.0.1\"\n{extra}\n",
+                 max_backoff_ms = 500\naz = \"{az}\"\n{advertise}{extra}\n",
                 scheduler_addr,
-                state.join("state").display()
+                state.join("state").display(),
+                advertise = if extra.contains("advertise_address") {
+                    ""
+                } else {
+                    "advertise_address = \"127.0.0.1\"\n"
+                },
             ),
         )
         .unwrap();

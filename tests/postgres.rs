@@ -32,6 +32,7 @@ fn settings() -> Settings {
         kinds: KindTable::default(),
         limits: Default::default(),
         token_key: gpupool_scheduler::cluster::SecretKey(vec![1; 32]),
+        networks: None,
     }
 }
 

@@ -48,6 +48,8 @@ pub struct BundleSpec<'a> {
     /// at [`NOTICE_DIR`].
     pub notice_dir: Option<&'a Path>,
     pub host_network: bool,
+    /// In an instance network: its names, mounted at /etc/hosts.
+    pub hosts_file: Option<&'a Path>,
     /// The CUDA MPS daemon's pipe directory, mounted at the same path.
     pub mps_pipe_dir: Option<&'a Path>,
     /// `cgroupsPath`: relative (v1: below the runtime's own cgroup, the
@@ -345,8 +347,12 @@ pub fn runtime_spec(
                "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}),
         );
         for f in ["/etc/resolv.conf", "/etc/hosts"] {
-            if Path::new(f).exists() {
-                mounts.push(json!({"destination": f, "type": "bind", "source": f,
+            let source = match b.hosts_file {
+                Some(h) if f == "/etc/hosts" => h,
+                _ => Path::new(f),
+            };
+            if source.exists() {
+                mounts.push(json!({"destination": f, "type": "bind", "source": source,
                        "options": ["bind", "ro", "nosuid", "nodev"]}));
             }
         }
@@ -529,6 +535,7 @@ mod tests {
             logdir: None,
             notice_dir: Some(Path::new("/state/notices/i-1")),
             host_network: false,
+            hosts_file: None,
             mps_pipe_dir: None,
             cgroups_path: "gpupool",
         };
@@ -564,6 +571,7 @@ mod tests {
         let b = BundleSpec {
             command: &cmd,
             host_network: true,
+            hosts_file: None,
             ..b
         };
         let v = serde_json::to_value(runtime_spec(&b, Path::new("/x")).unwrap()).unwrap();

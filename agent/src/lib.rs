@@ -20,6 +20,7 @@ pub mod health;
 pub mod identity;
 pub mod image;
 pub mod metrics;
+pub mod network;
 pub mod probe;
 pub mod runtime;
 pub mod serving;
@@ -175,7 +176,20 @@ pub async fn run(
         }
         (_, false) => runtime,
     };
+    // Instance networks: a root agent with an IPv4 address builds them.
+    let runtime = if root {
+        match network::Networks::new(&config.state_dir, &address) {
+            Ok(n) => runtime.with_networks(n),
+            Err(err) => {
+                tracing::warn!(%err, "instance networks are off on this node");
+                runtime
+            }
+        }
+    } else {
+        runtime
+    };
     runtime.recover();
+    runtime.reconcile_networks();
     let ctx = Arc::new(session::AgentCtx {
         node_id: node_id.clone(),
         host,

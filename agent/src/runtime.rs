@@ -44,6 +44,10 @@ pub struct InstanceSpec {
     pub network: String,
     /// The node's GPU indexes given to the instance (CDI names them).
     pub gpu_indexes: Vec<u32>,
+    /// Its place in its network (the scheduler's `[networks]`).
+    pub attach: Option<crate::network::Attach>,
+    /// Set once attached: its namespace and hosts file.
+    pub attached: Option<crate::network::Attached>,
 }
 
 /// How an instance serves: its port, readiness check and activity watch.
@@ -57,6 +61,10 @@ pub struct Serve {
     /// Token of the notebook server's API (for the activity watch).
     #[serde(default)]
     pub token: String,
+    /// In a network: the instance's address, where checks reach it (else
+    /// the node's loopback).
+    #[serde(default)]
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 /// CUDA MPS limits of a fractional-GPU instance.
@@ -210,6 +218,8 @@ pub struct Runtime {
     oci: Option<OciRuntime>,
     /// Image pulls, cache hits and bytes pulled, for the metrics.
     pub image_counters: Arc<ImageCounters>,
+    /// Instance networks (a root agent with an IPv4 address).
+    networks: Option<Arc<crate::network::Networks>>,
 }
 
 /// The OCI runtime that runs image instances.
@@ -311,7 +321,73 @@ impl Runtime {
             images: None,
             oci: None,
             image_counters: Arc::default(),
+            networks: None,
         })
+    }
+
+    /// Gives instances that the scheduler puts in a network their
+    /// namespace there.
+    pub fn with_networks(mut self, networks: crate::network::Networks) -> Self {
+        self.networks = Some(Arc::new(networks));
+        self
+    }
+
+    /// Floods network `vni` to these nodes.
+    pub fn set_network_peers(&self, vni: u32, peers: &[String]) {
+        if let Some(n) = &self.networks
+            && let Err(err) = n.set_peers(vni, peers)
+        {
+            tracing::warn!(vni, %err, "cannot update the network's peers");
+        }
+    }
+
+    /// After [`Runtime::recover`]: removes the networks of instances that
+    /// are gone.
+    pub fn reconcile_networks(&self) {
+        let Some(n) = &self.networks else { return };
+        let live: std::collections::HashSet<String> = self
+            .entries
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|e| !e.report.phase.is_terminal())
+            .map(|e| e.report.instance_id.clone())
+            .collect();
+        n.reconcile(&live);
+    }
+
+    /// Attaches `spec` to its network, if it has one; an error says why it
+    /// cannot start.
+    fn attach_network(&self, spec: &mut InstanceSpec, port: u16) -> Result<(), String> {
+        let Some(a) = &spec.attach else {
+            return Ok(());
+        };
+        let Some(n) = &self.networks else {
+            return Err(format!(
+                "the scheduler puts this instance in network {}, but this node cannot build networks (the agent must run as root with an IPv4 advertise_address)",
+                a.name
+            ));
+        };
+        if spec.image.is_empty() && (self.isolate.is_none() || self.identities.is_none()) {
+            return Err(
+                "host processes join a network only in their own namespaces (a root agent)".into(),
+            );
+        }
+        let attached = n
+            .attach(&spec.instance_id, a, port)
+            .map_err(|e| format!("cannot attach to network {}: {e}", a.name))?;
+        tracing::info!(instance = %spec.instance_id, network = %a.name, address = %attached.address, "instance attached to its network");
+        if let Some(serve) = &mut spec.serve {
+            serve.address = Some(attached.address);
+        }
+        spec.attached = Some(attached);
+        Ok(())
+    }
+
+    fn detach_network(&self, instance_id: &str) {
+        if let Some(n) = &self.networks {
+            n.detach(instance_id);
+        }
     }
 
     /// Runs each tenant's instances under its own identity.
@@ -1008,6 +1084,16 @@ impl Runtime {
             }
             self.update(&spec.instance_id, |e| e.report.port = port);
         }
+        if let Err(why) = self.attach_network(&mut spec, port) {
+            tracing::warn!(instance = %spec.instance_id, %why, "instance failed to start");
+            self.detach_network(&spec.instance_id);
+            self.update(&spec.instance_id, |e| {
+                e.report.phase = Phase::Failed;
+                e.report.reason = format!("failed to start: {why}");
+            });
+            self.changed.notify_one();
+            return;
+        }
         if spec.image.is_empty() {
             let result = self
                 .prepare_host(&mut spec, port)
@@ -1309,11 +1395,14 @@ impl Runtime {
             "GPUPOOL_STOP_NOTICE".into(),
             format!("{}/{NOTICE_FILE}", crate::container::NOTICE_DIR),
         );
-        let host_network = match spec.network.as_str() {
-            "host" => true,
-            "none" => false,
-            _ => spec.serve.is_some() || spec.world_size > 1,
-        };
+        // In a network, the shim joins its namespace and the container
+        // stays in it.
+        let host_network = spec.attached.is_some()
+            || match spec.network.as_str() {
+                "host" => true,
+                "none" => false,
+                _ => spec.serve.is_some() || spec.world_size > 1,
+            };
         let env = instance_env(spec, Path::new(crate::container::WORKDIR));
         let cgroups_path = match &self.cgroups {
             Some(m) => m
@@ -1332,6 +1421,7 @@ impl Runtime {
             logdir: logdir.as_ref().map(|_| dirs.mnt_logs.as_path()),
             notice_dir: Some(&notice),
             host_network,
+            hosts_file: spec.attached.as_ref().map(|a| a.hosts_file.as_path()),
             mps_pipe_dir: spec
                 .mps
                 .as_ref()
@@ -1420,6 +1510,9 @@ impl Runtime {
                         identity.range_base + gid
                     ));
                 }
+                if let Some(a) = &spec.attached {
+                    c.arg("--netns").arg(&a.netns);
+                }
                 c.arg("--stage").arg(workdir).arg(&dirs.mnt_work);
                 if let Some(dir) = logdir {
                     c.arg("--stage").arg(dir).arg(&dirs.mnt_logs);
@@ -1468,6 +1561,9 @@ impl Runtime {
                 }
                 c.arg("--env-file").arg("-");
                 c.arg("--cwd").arg(workdir);
+                if let Some(a) = &spec.attached {
+                    c.arg("--netns").arg(&a.netns);
+                }
                 if let (Some(hide), Some(_)) = (&self.isolate, identity) {
                     c.arg("--isolate");
                     for h in hide {
@@ -1475,6 +1571,9 @@ impl Runtime {
                     }
                     c.arg("--keep").arg(keep);
                     c.arg("--keep").arg(self.notice_dir(&spec.instance_id));
+                    if let Some(a) = &spec.attached {
+                        c.arg("--hosts").arg(&a.hosts_file);
+                    }
                     // The MPS daemon's pipes, wherever they are (a /tmp one
                     // would be under the instance's own /tmp).
                     if let Some(mps) = spec.mps.as_ref().filter(|m| m.pipe_dir.is_dir()) {
@@ -1749,6 +1848,11 @@ impl Runtime {
             let bundle = self.bundles_dir().join(&instance_id);
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(bundle)).await;
         }
+        // Its namespace, veth and published port go with it.
+        if let Some(n) = self.networks.clone() {
+            let id = instance_id.clone();
+            let _ = tokio::task::spawn_blocking(move || n.detach(&id)).await;
+        }
         self.update(&instance_id, |e| {
             match &status {
                 Ok((code, signal)) => {
@@ -1814,8 +1918,9 @@ impl Runtime {
                     this.update(&instance_id, |e| e.report.ready = false);
                     return;
                 }
+                let ip = serve.address.unwrap_or(std::net::Ipv4Addr::LOCALHOST);
                 if let Some(h) = &serve.health {
-                    let ok = crate::serving::probe_ready(port, h).await;
+                    let ok = crate::serving::probe_ready(ip, port, h).await;
                     if readiness.observe(ok, h.failure_threshold) {
                         let ready = readiness.ready;
                         tracing::info!(instance = %instance_id, ready, "readiness changed");
@@ -1825,7 +1930,13 @@ impl Runtime {
                 }
                 if serve.watch_activity && tokio::time::Instant::now() >= next_activity {
                     next_activity = tokio::time::Instant::now() + ACTIVITY_PERIOD;
-                    if activity.active(port, &serve.token).await {
+                    // Its connections are in its namespace, which its
+                    // shim (the group leader) joined.
+                    let net = match (serve.address, this.pgid_of(&instance_id)) {
+                        (Some(_), Some(pgid)) => PathBuf::from(format!("/proc/{pgid}/net")),
+                        _ => PathBuf::from("/proc/net"),
+                    };
+                    if activity.active(ip, &net, port, &serve.token).await {
                         this.update(&instance_id, |e| {
                             e.last_activity = Some(std::time::Instant::now());
                         });
@@ -1834,6 +1945,10 @@ impl Runtime {
                 tokio::time::sleep(period).await;
             }
         });
+    }
+
+    fn pgid_of(&self, instance_id: &str) -> Option<i32> {
+        self.entries.lock().unwrap().get(instance_id)?.pgid
     }
 
     fn update(&self, instance_id: &str, f: impl FnOnce(&mut Entry)) {
@@ -1953,6 +2068,7 @@ impl Runtime {
             .is_some_and(|e| e.report.phase.is_terminal())
         {
             entries.remove(instance_id);
+            self.detach_network(instance_id);
             let _ = std::fs::remove_file(self.record_path(instance_id));
             let _ = std::fs::remove_file(self.exit_path(instance_id));
             let _ = std::fs::remove_file(self.env_path(instance_id));

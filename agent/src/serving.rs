@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, TcpListener};
+use std::path::Path;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -69,15 +70,16 @@ pub struct Answer {
 /// GET `http://127.0.0.1:<port><path>` with extra header lines, within
 /// `timeout`.
 pub async fn http_get(
+    ip: Ipv4Addr,
     port: u16,
     path: &str,
     headers: &[(&str, &str)],
     timeout: Duration,
 ) -> std::io::Result<Answer> {
     tokio::time::timeout(timeout, async {
-        let mut stream = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
+        let mut stream = tokio::net::TcpStream::connect((ip, port)).await?;
         let mut request = format!(
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: gpupool-agent\r\nAccept: */*\r\nConnection: close\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: gpupool-agent\r\nAccept: */*\r\nConnection: close\r\n"
         );
         for (name, value) in headers {
             request.push_str(&format!("{name}: {value}\r\n"));
@@ -139,18 +141,15 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 }
 
 /// One readiness probe: an HTTP GET answered 2xx/3xx, or a TCP connect.
-pub async fn probe_ready(port: u16, check: &HealthSpec) -> bool {
+pub async fn probe_ready(ip: Ipv4Addr, port: u16, check: &HealthSpec) -> bool {
     let timeout = Duration::from_millis(u64::from(check.timeout_ms.max(1)));
     match &check.http_path {
-        Some(path) => http_get(port, path, &[], timeout)
+        Some(path) => http_get(ip, port, path, &[], timeout)
             .await
             .is_ok_and(|a| (200..400).contains(&a.status)),
-        None => tokio::time::timeout(
-            timeout,
-            tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok()),
+        None => tokio::time::timeout(timeout, tokio::net::TcpStream::connect((ip, port)))
+            .await
+            .is_ok_and(|r| r.is_ok()),
     }
 }
 
@@ -190,7 +189,8 @@ impl ActivityWatch {
     /// previous look. A server with the Jupyter API (`/api/status`) counts
     /// by its `last_activity` and busy kernels (a browser tab left open is
     /// not activity); anything else by established connections to its port.
-    pub async fn active(&mut self, port: u16, token: &str) -> bool {
+    /// `ip`: where it answers; `net`: its network namespace's `/proc/.../net`.
+    pub async fn active(&mut self, ip: Ipv4Addr, net: &Path, port: u16, token: &str) -> bool {
         let auth = format!("token {token}");
         let headers: &[(&str, &str)] = if token.is_empty() {
             &[]
@@ -200,9 +200,16 @@ impl ActivityWatch {
         let timeout = Duration::from_secs(2);
         // Connections first: our own API requests below are then closed
         // (TIME_WAIT), not counted.
-        let connections = established_connections(port);
+        let connections = established_connections(net, port);
         // `no_track_activity`: our own requests must not count as activity.
-        let status = http_get(port, "/api/status?no_track_activity=1", headers, timeout).await;
+        let status = http_get(
+            ip,
+            port,
+            "/api/status?no_track_activity=1",
+            headers,
+            timeout,
+        )
+        .await;
         let last = status
             .ok()
             .filter(|a| a.status == 200)
@@ -213,27 +220,34 @@ impl ActivityWatch {
         };
         let changed = self.last_seen.as_ref().is_some_and(|seen| *seen != last);
         self.last_seen = Some(last);
-        let busy = http_get(port, "/api/kernels?no_track_activity=1", headers, timeout)
-            .await
-            .ok()
-            .filter(|a| a.status == 200)
-            .and_then(|a| serde_json::from_slice::<serde_json::Value>(&a.body).ok())
-            .and_then(|v| {
-                v.as_array().map(|ks| {
-                    ks.iter()
-                        .any(|k| k.get("execution_state").and_then(|s| s.as_str()) == Some("busy"))
-                })
+        let busy = http_get(
+            ip,
+            port,
+            "/api/kernels?no_track_activity=1",
+            headers,
+            timeout,
+        )
+        .await
+        .ok()
+        .filter(|a| a.status == 200)
+        .and_then(|a| serde_json::from_slice::<serde_json::Value>(&a.body).ok())
+        .and_then(|v| {
+            v.as_array().map(|ks| {
+                ks.iter()
+                    .any(|k| k.get("execution_state").and_then(|s| s.as_str()) == Some("busy"))
             })
-            .unwrap_or(false);
+        })
+        .unwrap_or(false);
         changed || busy
     }
 }
 
-/// Established TCP connections whose local port is `port` (IPv4 and IPv6).
-pub fn established_connections(port: u16) -> usize {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
+/// Established TCP connections whose local port is `port` (IPv4 and IPv6),
+/// in the network namespace whose `/proc/.../net` is `net`.
+pub fn established_connections(net: &Path, port: u16) -> usize {
+    ["tcp", "tcp6"]
         .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .filter_map(|f| std::fs::read_to_string(net.join(f)).ok())
         .map(|text| count_established(&text, port))
         .sum()
 }
@@ -348,13 +362,13 @@ mod tests {
             failure_threshold: 1,
             initial_delay_ms: 0,
         };
-        assert!(probe_ready(port, &check(Some("/healthz"))).await);
-        assert!(!probe_ready(port, &check(Some("/other"))).await);
-        assert!(probe_ready(port, &check(None)).await);
+        assert!(probe_ready(Ipv4Addr::LOCALHOST, port, &check(Some("/healthz"))).await);
+        assert!(!probe_ready(Ipv4Addr::LOCALHOST, port, &check(Some("/other"))).await);
+        assert!(probe_ready(Ipv4Addr::LOCALHOST, port, &check(None)).await);
         let closed = {
             let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
             l.local_addr().unwrap().port()
         };
-        assert!(!probe_ready(closed, &check(None)).await);
+        assert!(!probe_ready(Ipv4Addr::LOCALHOST, closed, &check(None)).await);
     }
 }

@@ -303,6 +303,7 @@ async fn handle(
             &stop.reason,
         ),
         Some(Msg::Forget(forget)) => ctx.runtime.forget(&forget.instance_id),
+        Some(Msg::NetworkPeers(p)) => ctx.runtime.set_network_peers(p.vni, &p.peers),
         Some(Msg::ReadLogs(read)) => {
             let max = (read.max_bytes as usize).clamp(1, MAX_LOG_CHUNK);
             let chunk = match ctx
@@ -465,6 +466,16 @@ fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
         gpu_indexes: s.gpu_indexes,
         image: s.image,
         network: s.network,
+        attach: s.attach.map(|a| crate::network::Attach {
+            name: a.name,
+            vni: a.vni,
+            subnet: a.subnet,
+            gateway: a.gateway,
+            address: a.address,
+            peers: a.peers,
+            hosts: a.hosts.into_iter().collect(),
+        }),
+        attached: None,
         rank: s.rank,
         world_size: s.world_size,
         metadata: s.metadata.into_iter().collect(),
@@ -479,6 +490,7 @@ fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
             }),
             watch_activity: s.watch_activity,
             token: token.clone(),
+            address: None,
         }),
     }
 }

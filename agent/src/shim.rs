@@ -118,11 +118,17 @@ struct Args<'a> {
     /// gid, the image's user when it is not root.
     owner: Option<(u32, u32)>,
     container: Option<Container<'a>>,
+    /// The instance's network namespace (`/run/netns/NAME`), joined first:
+    /// the command (or the container runtime, and so the container) runs
+    /// in it.
+    netns: Option<&'a str>,
+    /// Host processes (`--isolate`): bound read-only over `/etc/hosts`.
+    hosts: Option<&'a str>,
     command: &'a [String],
 }
 
 const USAGE: &str = "usage: shim EXIT_FILE [--join CGROUP_PROCS]... [--as UID:GID] [--env-file FILE] [--cwd DIR] \
-[--isolate [--hide PATH]... [--keep PATH]...] -- COMMAND ARGS...\n   \
+[--netns NETNS] [--isolate [--hosts FILE] [--hide PATH]... [--keep PATH]...] -- COMMAND ARGS...\n   \
 or: shim EXIT_FILE --container RUNTIME ROOT BUNDLE ID LOWER:UPPER:WORK:TARGET";
 
 fn parse(args: &[String]) -> Option<Args<'_>> {
@@ -149,6 +155,14 @@ fn parse(args: &[String]) -> Option<Args<'_>> {
             }
             Some("--cwd") => {
                 a.cwd = Some(value(1)?);
+                rest = &rest[2..];
+            }
+            Some("--netns") => {
+                a.netns = Some(value(1)?);
+                rest = &rest[2..];
+            }
+            Some("--hosts") => {
+                a.hosts = Some(value(1)?);
                 rest = &rest[2..];
             }
             Some("--isolate") => {
@@ -266,7 +280,11 @@ fn shim(args: &[String]) -> i32 {
     // build's jobserver pipes) stays out of the instance: every descriptor
     // but 0-2 closes at exec.
     mark_cloexec_above_stderr();
-    let exit = if let Err(err) = join_cgroups(&args.join) {
+    let exit = if let Err(err) = args.netns.map_or(Ok(()), join_netns) {
+        // Nothing runs on the node's network that should not.
+        eprintln!("shim: {err}");
+        Exit::Code(127)
+    } else if let Err(err) = join_cgroups(&args.join) {
         // Nothing runs outside the instance's cgroup.
         eprintln!("shim: {err}");
         Exit::Code(127)
@@ -483,6 +501,32 @@ fn mount(
     }
 }
 
+/// Moves the shim into the network namespace at `path`.
+fn join_netns(path: &str) -> std::io::Result<()> {
+    let p = c_path(path);
+    // SAFETY: open(2) of a NUL-terminated path.
+    let fd = unsafe { libc::open(p.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            err.kind(),
+            format!("open {path}: {err}"),
+        ));
+    }
+    // SAFETY: setns(2) on a descriptor we opened, then closing it.
+    let joined = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing a descriptor we opened.
+    unsafe { libc::close(fd) };
+    if joined != 0 {
+        return Err(std::io::Error::new(
+            err.kind(),
+            format!("cannot join the network namespace {path}: {err}"),
+        ));
+    }
+    Ok(())
+}
+
 /// A private mount namespace whose changes never reach the host's.
 fn private_mounts() -> std::io::Result<()> {
     // SAFETY: unshare(2) on our own process.
@@ -514,6 +558,20 @@ fn sandbox_mounts(args: &Args) -> std::io::Result<()> {
         }
         kept.push((*k, fd));
     }
+    // The hosts file is in the agent's state, covered below: opened first.
+    let hosts = match args.hosts {
+        None => None,
+        Some(h) => {
+            let p = c_path(h);
+            // SAFETY: open(2) of a NUL-terminated path.
+            let fd = unsafe { libc::open(p.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+            if fd < 0 {
+                let err = std::io::Error::last_os_error();
+                return Err(std::io::Error::new(err.kind(), format!("open {h}: {err}")));
+            }
+            Some(fd)
+        }
+    };
     let hidden = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount("proc", "/proc", "proc", hidden, "")?;
     // Private scratch: /tmp, /var/tmp, /run/lock and POSIX shared memory
@@ -571,6 +629,19 @@ fn sandbox_mounts(args: &Args) -> std::io::Result<()> {
     }
     for h in covered {
         mount("", h, "", libc::MS_REMOUNT | libc::MS_RDONLY | hidden, "")?;
+    }
+    if let Some(fd) = hosts {
+        let source = format!("/proc/self/fd/{fd}");
+        mount(&source, "/etc/hosts", "", libc::MS_BIND, "")?;
+        mount(
+            "",
+            "/etc/hosts",
+            "",
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | hidden,
+            "",
+        )?;
+        // SAFETY: closing a descriptor we opened.
+        unsafe { libc::close(fd) };
     }
     Ok(())
 }

@@ -826,8 +826,8 @@ fn sim_command(
             }
             false
         }
-        // Simulated instances write no logs.
-        Some(Msg::ReadLogs(_)) | None => false,
+        // Simulated instances write no logs and build no networks.
+        Some(Msg::ReadLogs(_) | Msg::NetworkPeers(_)) | None => false,
     }
 }
 

@@ -702,7 +702,8 @@ fn add_run_fields(d: &mut Details, j: &pb::Job, spec: &pb::JobSpec) {
 /// One row per instance: where it runs, its state, readiness and exit.
 fn instance_table(j: &pb::Job) -> String {
     let mut t = Table::new(&[
-        "rank", "instance", "node", "gpus", "state", "ready", "endpoint", "exit", "reason",
+        "rank", "instance", "node", "gpus", "state", "ready", "endpoint", "address", "exit",
+        "reason",
     ]);
     for i in &j.instances {
         let exit = match (i.exit_code, i.signal) {
@@ -728,6 +729,7 @@ fn instance_table(j: &pb::Job) -> String {
             }
             .to_string(),
             i.endpoint.clone(),
+            i.network_address.clone(),
             exit,
             if i.pulling {
                 format!(

@@ -96,6 +96,8 @@ pub fn instance(i: &Instance) -> Value {
         "port": i.port,
         "ready": i.ready,
         "endpoint": i.endpoint,
+        "network": i.network,
+        "network_address": i.network_address,
         "replaced": i.replaced,
         "image_digest": i.image_digest,
         "pulling": i.pulling,

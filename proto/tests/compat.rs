@@ -162,6 +162,7 @@ fn samples() -> Vec<(&'static str, Sample)> {
             watch_activity: true,
             image: "registry.local/app:1".into(),
             network: "none".into(),
+            attach: None,
         })),
     };
     let stop = pb::SchedulerMessage {

@@ -109,6 +109,58 @@ pub struct SchedulerConfig {
     /// (`gpupool job kinds` shows the result).
     #[serde(default)]
     pub kinds: std::collections::BTreeMap<String, KindConfig>,
+    /// Instance networks: each tenant's own across its dedicated pools'
+    /// nodes, each public-pool job's own (VXLAN between the agents). Off:
+    /// instances use the host's network, as before.
+    #[serde(default)]
+    pub networks: NetworksConfig,
+}
+
+/// `[networks]`: the address plan the scheduler hands out.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworksConfig {
+    /// Give instances their network (agents must run as root).
+    #[serde(default)]
+    pub enabled: bool,
+    /// The range every network's subnet comes from. It must not overlap
+    /// the nodes' own networks.
+    #[serde(default = "default_networks_cidr")]
+    pub cidr: String,
+    /// Prefix length of one network's subnet (22: 1,021 instances each,
+    /// 1,024 networks in the default /12).
+    #[serde(default = "default_networks_subnet_prefix_len")]
+    pub subnet_prefix_len: u8,
+}
+
+impl Default for NetworksConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            cidr: default_networks_cidr(),
+            subnet_prefix_len: default_networks_subnet_prefix_len(),
+        }
+    }
+}
+
+impl NetworksConfig {
+    /// The plan, when enabled; an error names what is wrong.
+    pub fn plan(&self) -> Result<Option<crate::domain::network::Plan>, String> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        crate::domain::network::Plan::new(&self.cidr, self.subnet_prefix_len)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn default_networks_cidr() -> String {
+    "10.144.0.0/12".into()
+}
+
+fn default_networks_subnet_prefix_len() -> u8 {
+    22
 }
 
 /// `[tls]`: the scheduler's certificate, and mutual TLS for agents.
@@ -335,6 +387,7 @@ impl Default for SchedulerConfig {
             limits: LimitsConfig::default(),
             audit: AuditConfig::default(),
             tls: None,
+            networks: NetworksConfig::default(),
         }
     }
 }
@@ -403,6 +456,7 @@ impl SchedulerConfig {
             return Err("field `admin_token` must be at least 16 characters".into());
         }
         self.kind_table()?;
+        self.networks.plan()?;
         if let Some(tls) = &self.tls
             && tls.require_agent_client_cert
             && tls.client_ca_file.is_none()

@@ -315,6 +315,12 @@ pub fn job_to_pb(j: &domain::Job) -> pb::Job {
                 pulling: i.pull.is_some(),
                 pull_done_bytes: i.pull.map_or(0, |p| p.0),
                 pull_total_bytes: i.pull.map_or(0, |p| p.1),
+                network_address: i
+                    .net
+                    .as_ref()
+                    .map(|n| n.address.clone())
+                    .unwrap_or_default(),
+                network: i.net.as_ref().map(|n| n.name.clone()).unwrap_or_default(),
             })
             .collect(),
         submitted_at: Some(ts(j.submitted_at_ms)),
@@ -491,6 +497,15 @@ pub fn command_to_pb(cmd: AgentCommand) -> pb::SchedulerMessage {
             watch_activity: s.watch_activity,
             image: s.image,
             network: s.network,
+            attach: s.attach.map(|a| pb::NetworkAttach {
+                name: a.name,
+                vni: a.vni,
+                subnet: a.subnet,
+                gateway: a.gateway,
+                address: a.address,
+                peers: a.peers,
+                hosts: a.hosts.into_iter().collect(),
+            }),
         }),
         AgentCommand::Stop {
             instance_id,
@@ -502,6 +517,9 @@ pub fn command_to_pb(cmd: AgentCommand) -> pb::SchedulerMessage {
             reason,
         }),
         AgentCommand::Forget { instance_id } => Msg::Forget(pb::ForgetInstance { instance_id }),
+        AgentCommand::NetworkPeers { vni, peers } => {
+            Msg::NetworkPeers(pb::NetworkPeers { vni, peers })
+        }
     };
     pb::SchedulerMessage { msg: Some(msg) }
 }

@@ -18,6 +18,7 @@ mod capacity;
 mod drain;
 mod error;
 mod kinds;
+mod networks;
 mod pools;
 mod preempt;
 mod shapes;
@@ -55,6 +56,11 @@ pub enum AgentCommand {
     Forget {
         instance_id: String,
     },
+    /// The nodes a network spans changed: the agent's VXLAN floods to these.
+    NetworkPeers {
+        vni: u32,
+        peers: Vec<String>,
+    },
 }
 
 /// Everything the agent needs to start one instance. Its `Debug` names the
@@ -85,6 +91,8 @@ pub struct StartSpec {
     /// OCI image to run in (empty: a host process) and its network.
     pub image: String,
     pub network: String,
+    /// Its network attachment (networks on, and the job has one).
+    pub attach: Option<crate::domain::network::Attach>,
 }
 
 impl std::fmt::Debug for StartSpec {
@@ -231,6 +239,9 @@ pub struct Settings {
     pub frozen_retention_ms: i64,
     /// Per-kind defaults and limits.
     pub kinds: KindTable,
+    /// Instance networks' address plan; None: instances keep the host's
+    /// network (or loopback only), as before networks.
+    pub networks: Option<crate::domain::network::Plan>,
 }
 
 /// Resources in use on one node, derived from its active instances.
@@ -1591,6 +1602,20 @@ impl Cluster {
         now_ms: i64,
         out: &mut Outbox,
     ) {
+        let mut nets = match self.allocate_nets(job_id, placed.len()) {
+            None => Vec::new(),
+            Some(Ok(nets)) => nets,
+            Some(Err(err)) => {
+                // Started without its network it would reach what it must
+                // not: it stays queued, saying why.
+                tracing::warn!(job = %job_id, %err, "no network address");
+                if let Some(job) = self.jobs.get_mut(job_id) {
+                    job.reason = format!("waiting for a network address: {err}");
+                }
+                return;
+            }
+        }
+        .into_iter();
         let job = self.jobs.get_mut(job_id).expect("planned job exists");
         let attempt = job.retries;
         let mut new_ids = Vec::new();
@@ -1612,6 +1637,7 @@ impl Cluster {
             inst.node_id = a.node_id;
             inst.gpu_indexes = a.gpu_indexes;
             inst.gpu_uuids = a.gpu_uuids;
+            inst.net = nets.next();
             inst.address = self
                 .nodes
                 .get(&inst.node_id)
@@ -1879,8 +1905,14 @@ fn start_spec(
         .current()
         .find(|i| i.rank == 0)
         .and_then(|i| nodes.get(&i.node_id));
+    let master_net = job
+        .current()
+        .find(|i| i.rank == 0)
+        .and_then(|i| i.net.as_ref());
     if let Some(master) = master {
-        env.insert("MASTER_ADDR".into(), master.address().to_string());
+        // On the job's network, rank 0's own address.
+        let addr = master_net.map_or(master.address(), |n| n.address.as_str());
+        env.insert("MASTER_ADDR".into(), addr.to_string());
         env.insert(
             "MASTER_PORT".into(),
             (MASTER_PORT_BASE + (job.seq % 1000) as u32).to_string(),
@@ -1940,6 +1972,7 @@ fn start_spec(
         image: spec.image.clone(),
         network: spec.network.clone(),
         watch_activity: spec.kind.interactive(),
+        attach: networks::attach_of(job, inst),
     }
 }
 
@@ -1978,6 +2011,7 @@ mod tests {
             kinds: KindTable::default(),
             limits: JobLimits::default(),
             token_key: SecretKey(vec![7; 32]),
+            networks: None,
         }
     }
 

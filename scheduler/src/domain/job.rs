@@ -695,6 +695,9 @@ pub struct Instance {
     /// Address of its node, for endpoints and URLs.
     #[serde(default)]
     pub address: String,
+    /// Its place in its network (tenant's or job's), when networks are on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<super::network::InstanceNet>,
 }
 
 impl Instance {
@@ -723,6 +726,7 @@ impl Instance {
             address: String::new(),
             image_digest: String::new(),
             pull: None,
+            net: None,
         }
     }
 

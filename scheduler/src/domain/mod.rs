@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod billing;
 pub mod job;
+pub mod network;
 pub mod node;
 pub mod placement;
 pub mod pool;

@@ -50,7 +50,8 @@ pub enum StateError {
 /// Why the state could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// The `[kinds.*]` tables do not make a kind table.
+    /// The `[kinds.*]` tables do not make a kind table, or `[networks]`
+    /// no address plan.
     #[error("{0}")]
     Kinds(String),
     #[error(transparent)]
@@ -249,6 +250,7 @@ pub fn load(
         default_price: config.billing.default_price,
         frozen_retention_ms: i64::from(config.billing.frozen_retention_hours) * 3_600_000,
         kinds: config.kind_table().map_err(LoadError::Kinds)?,
+        networks: config.networks.plan().map_err(LoadError::Kinds)?,
         limits: JobLimits {
             max_retries: config.limits.max_retries,
             retry_backoff_ms: config.limits.retry_backoff_ms,
@@ -336,6 +338,7 @@ impl Shared {
         let generation = self.begin(&mut core);
         let mut out = Outbox::new();
         let value = f(&mut core, &mut out);
+        core.cluster.network_peers(&mut out);
         let staged = core.cluster.take_staged();
         self.pipeline
             .push(generation, staged, out, done(&value), &core.sessions);
@@ -461,6 +464,7 @@ impl Shared {
                     {
                         audited = stage_audit(&mut core, &call).map(|e| (call, e));
                     }
+                    core.cluster.network_peers(&mut out);
                     let staged = core.cluster.take_staged();
                     if staged.is_empty() && out.is_empty() {
                         // Nothing of its own to write, but its answer may

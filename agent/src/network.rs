@@ -1,0 +1,531 @@
+//! Instance networks on the node (R-CREATE-14, R-POOL-1): the kernel's
+//! building blocks, driven through iproute2 (`ip`, `bridge`) and nftables
+//! (`nft`), as the CNI reference plugins do.
+//!
+//! For a network (the scheduler's address plan names its VNI, subnet and
+//! gateway) the node has a bridge `gpbVNI` holding the gateway address
+//! (the same address and MAC on every node, so an instance always finds
+//! its own node's gateway) and a VXLAN device `gpxVNI` on the bridge that
+//! floods to the network's peers (head-end replication, `bridge fdb`
+//! entries; no multicast needed). Each instance gets a network namespace
+//! with one end of a veth pair (`eth0`, its address, a default route via
+//! the gateway); the other end is on the bridge. Instances of one network
+//! talk on the bridge and across the VXLAN; nothing is routed between
+//! networks.
+//!
+//! One nftables table, `inet gpupool`, holds the rules, rendered whole
+//! from the records on every change:
+//! - nothing is routed into a network (from another network, the node or
+//!   the world) except replies and published ports;
+//! - instances reach nothing of the node itself (its agent, its other
+//!   ports) except replies, nor any node's VXLAN port;
+//! - instances reach the rest of the world through masquerade;
+//! - a published port (a serving instance's `host:port`) is DNAT to the
+//!   instance's address, as the `portmap` plugin does.
+//!
+//! Every namespace is recorded in the agent's state (`networks/ID.json`)
+//! before it is made, so a restarted agent removes what no live instance
+//! owns ([`Networks::reconcile`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// The VXLAN UDP port (IANA's).
+pub const VXLAN_PORT: u16 = 4789;
+/// VXLAN's own headers over IPv4.
+const VXLAN_OVERHEAD: u32 = 50;
+
+/// What the scheduler says about one instance's network.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attach {
+    pub name: String,
+    pub vni: u32,
+    pub subnet: String,
+    pub gateway: String,
+    pub address: String,
+    pub peers: Vec<String>,
+    pub hosts: BTreeMap<String, String>,
+}
+
+/// An instance attached: where its namespace and hosts file are.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub netns: PathBuf,
+    pub hosts_file: PathBuf,
+    pub address: Ipv4Addr,
+}
+
+/// What the agent keeps about one attached instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    instance_id: String,
+    netns: String,
+    veth: String,
+    vni: u32,
+    subnet: String,
+    gateway: String,
+    address: String,
+    /// The published port (0: none).
+    #[serde(default)]
+    port: u16,
+}
+
+/// The node's side of the instance networks.
+pub struct Networks {
+    dir: PathBuf,
+    /// This node's address: the VXLAN's local end, and where published
+    /// ports answer.
+    local: Ipv4Addr,
+    /// Names made here start with this (unique per agent: test hosts share
+    /// one `/run/netns`).
+    tag: String,
+    lock: Mutex<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{0}")]
+    Command(String),
+    #[error("bad network settings from the scheduler: {0}")]
+    Bad(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl Networks {
+    /// Networks kept under `state_dir/networks`, this node's address
+    /// `local` (an IPv4 address: the VXLAN runs over it).
+    pub fn new(state_dir: &Path, local: &str) -> Result<Self, NetError> {
+        let local: Ipv4Addr = local.parse().map_err(|_| {
+            NetError::Bad(format!(
+                "instance networks need the node's IPv4 address (advertise_address), not {local:?}"
+            ))
+        })?;
+        let dir = state_dir.join("networks");
+        std::fs::create_dir_all(&dir)?;
+        let tag = format!("{:06x}", fnv(dir.to_string_lossy().as_bytes()) & 0xff_ffff);
+        Ok(Self {
+            dir,
+            local,
+            tag,
+            lock: Mutex::new(()),
+        })
+    }
+
+    fn names(&self, instance_id: &str) -> (String, String, String) {
+        let h = fnv(format!("{}/{instance_id}", self.tag).as_bytes());
+        let short = format!("{:08x}", h as u32);
+        (
+            format!("gpi-{}-{short}", self.tag),
+            format!("gv{short}"),
+            format!("gt{short}"),
+        )
+    }
+
+    fn record_path(&self, instance_id: &str) -> PathBuf {
+        self.dir.join(format!("{instance_id}.json"))
+    }
+
+    fn records(&self) -> Vec<Record> {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        dir.filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+            .collect()
+    }
+
+    /// Gives `instance_id` its namespace in the network `a` says, with
+    /// `port` (when not 0) published on the node's address.
+    pub fn attach(&self, instance_id: &str, a: &Attach, port: u16) -> Result<Attached, NetError> {
+        let _g = self.lock.lock().unwrap();
+        let address: Ipv4Addr = a
+            .address
+            .parse()
+            .map_err(|_| NetError::Bad(format!("address {:?}", a.address)))?;
+        let (_, len) = a
+            .subnet
+            .split_once('/')
+            .ok_or_else(|| NetError::Bad(format!("subnet {:?}", a.subnet)))?;
+        let _: Ipv4Addr = a
+            .gateway
+            .parse()
+            .map_err(|_| NetError::Bad(format!("gateway {:?}", a.gateway)))?;
+        let (netns, veth, temp) = self.names(instance_id);
+        let record = Record {
+            instance_id: instance_id.to_string(),
+            netns: netns.clone(),
+            veth: veth.clone(),
+            vni: a.vni,
+            subnet: a.subnet.clone(),
+            gateway: a.gateway.clone(),
+            address: a.address.clone(),
+            port,
+        };
+        // Recorded first: whatever of it exists after a crash is found.
+        write_atomic(
+            &self.record_path(instance_id),
+            &serde_json::to_vec(&record).unwrap(),
+        )?;
+        let mtu = self.ensure_network(a)?;
+        self.set_peers_locked(a.vni, &a.peers)?;
+        let _ = ip(&["netns", "del", &netns]);
+        ip(&["netns", "add", &netns])?;
+        ip(&[
+            "link", "add", &veth, "mtu", &mtu, "type", "veth", "peer", "name", &temp, "mtu", &mtu,
+        ])?;
+        ip(&["link", "set", &temp, "netns", &netns])?;
+        ip(&["link", "set", &veth, "master", &bridge(a.vni), "up"])?;
+        ip(&["-n", &netns, "link", "set", &temp, "name", "eth0"])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{}/{len}", a.address),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &netns, "route", "add", "default", "via", &a.gateway])?;
+        let hosts_file = self.dir.join(format!("{instance_id}.hosts"));
+        let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost\n");
+        for (name, addr) in &a.hosts {
+            hosts.push_str(&format!("{addr}\t{name}\n"));
+        }
+        write_atomic(&hosts_file, hosts.as_bytes())?;
+        // Readable by the instance's user (its mount covers /etc/hosts).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hosts_file, std::fs::Permissions::from_mode(0o644))?;
+        self.render_rules()?;
+        Ok(Attached {
+            netns: PathBuf::from("/run/netns").join(&netns),
+            hosts_file,
+            address,
+        })
+    }
+
+    /// The bridge and VXLAN of network `a`, made if missing; the MTU its
+    /// instances get.
+    fn ensure_network(&self, a: &Attach) -> Result<String, NetError> {
+        let br = bridge(a.vni);
+        let vx = vxlan(a.vni);
+        if !link_exists(&br) {
+            // A node forwards for its instances (their gateway, NAT).
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+            ip(&["link", "add", &br, "type", "bridge"])?;
+            ip(&["link", "set", &br, "address", &gateway_mac(a.vni)])?;
+            let (_, len) = a.subnet.split_once('/').unwrap_or(("", "32"));
+            ip(&["addr", "add", &format!("{}/{len}", a.gateway), "dev", &br])?;
+        }
+        if !link_exists(&vx) {
+            let mtu = underlay_mtu(self.local).saturating_sub(VXLAN_OVERHEAD);
+            ip(&[
+                "link",
+                "add",
+                &vx,
+                "mtu",
+                &mtu.to_string(),
+                "type",
+                "vxlan",
+                "id",
+                &a.vni.to_string(),
+                "local",
+                &self.local.to_string(),
+                "dstport",
+                &VXLAN_PORT.to_string(),
+            ])?;
+            ip(&["link", "set", &vx, "master", &br, "up"])?;
+        }
+        ip(&["link", "set", &br, "up"])?;
+        Ok(link_mtu(&vx).unwrap_or(1450).to_string())
+    }
+
+    /// Floods network `vni`'s unknown and broadcast frames to `peers`
+    /// (this node left out), no other.
+    pub fn set_peers(&self, vni: u32, peers: &[String]) -> Result<(), NetError> {
+        let _g = self.lock.lock().unwrap();
+        if !link_exists(&vxlan(vni)) {
+            return Ok(());
+        }
+        self.set_peers_locked(vni, peers)
+    }
+
+    fn set_peers_locked(&self, vni: u32, peers: &[String]) -> Result<(), NetError> {
+        let vx = vxlan(vni);
+        let want: BTreeSet<String> = peers
+            .iter()
+            .filter(|p| p.parse::<Ipv4Addr>().is_ok_and(|a| a != self.local))
+            .cloned()
+            .collect();
+        let have = flood_entries(&vx);
+        for p in want.difference(&have) {
+            bridge_cmd(&["fdb", "append", "00:00:00:00:00:00", "dev", &vx, "dst", p])?;
+        }
+        for p in have.difference(&want) {
+            let _ = bridge_cmd(&["fdb", "del", "00:00:00:00:00:00", "dev", &vx, "dst", p]);
+        }
+        Ok(())
+    }
+
+    /// Removes `instance_id`'s namespace (its veth goes with it), its
+    /// published port, and the network's devices once no instance here
+    /// uses them. Does nothing for an instance without one.
+    pub fn detach(&self, instance_id: &str) {
+        let _g = self.lock.lock().unwrap();
+        let path = self.record_path(instance_id);
+        let Some(record) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+        else {
+            return;
+        };
+        self.remove(&record);
+        let _ = self.render_rules();
+    }
+
+    fn remove(&self, record: &Record) {
+        let _ = ip(&["netns", "del", &record.netns]);
+        let _ = ip(&["link", "del", &record.veth]);
+        let _ = std::fs::remove_file(self.record_path(&record.instance_id));
+        let _ = std::fs::remove_file(self.dir.join(format!("{}.hosts", record.instance_id)));
+        if !self.records().iter().any(|r| r.vni == record.vni) {
+            let _ = ip(&["link", "del", &vxlan(record.vni)]);
+            let _ = ip(&["link", "del", &bridge(record.vni)]);
+        }
+    }
+
+    /// After a restart: removes the namespaces, devices and rules of every
+    /// instance not in `live`, and the networks none of `live` uses.
+    pub fn reconcile(&self, live: &HashSet<String>) {
+        let _g = self.lock.lock().unwrap();
+        for r in self.records() {
+            if !live.contains(&r.instance_id) {
+                tracing::info!(instance = %r.instance_id, netns = %r.netns, "removing a network namespace no instance owns");
+                self.remove(&r);
+            }
+        }
+        let used: HashSet<u32> = self.records().iter().map(|r| r.vni).collect();
+        for name in links_named("gpx") {
+            if let Some(vni) = name.strip_prefix("gpx").and_then(|v| v.parse().ok())
+                && !used.contains(&vni)
+            {
+                let _ = ip(&["link", "del", &name]);
+                let _ = ip(&["link", "del", &bridge(vni)]);
+            }
+        }
+        let _ = self.render_rules();
+    }
+
+    /// Writes the whole `inet gpupool` table from the records.
+    fn render_rules(&self) -> Result<(), NetError> {
+        let records = self.records();
+        // Frames between a network's own instances stay on its bridge (also
+        // where br_netfilter sends bridged frames through these hooks).
+        let mut same = String::new();
+        for vni in records.iter().map(|r| r.vni).collect::<BTreeSet<_>>() {
+            same.push_str(&format!(
+                "    iifname \"{b}\" oifname \"{b}\" accept\n",
+                b = bridge(vni)
+            ));
+        }
+        let mut dnat = String::new();
+        for r in records.iter().filter(|r| r.port != 0) {
+            dnat.push_str(&format!(
+                "    ip daddr {local} tcp dport {port} dnat ip to {addr}:{port}\n",
+                local = self.local,
+                port = r.port,
+                addr = r.address
+            ));
+        }
+        let rules = format!(
+            "table inet gpupool {{\n}}\n\
+             delete table inet gpupool\n\
+             table inet gpupool {{\n\
+             \x20 chain input {{\n\
+             \x20   type filter hook input priority filter; policy accept;\n\
+             \x20   iifname \"gpb*\" ct state established,related accept\n\
+             \x20   iifname \"gpb*\" drop\n\
+             \x20 }}\n\
+             \x20 chain forward {{\n\
+             \x20   type filter hook forward priority filter; policy accept;\n\
+             {same}\
+             \x20   oifname \"gpb*\" ct state established,related accept\n\
+             \x20   oifname \"gpb*\" ct status dnat accept\n\
+             \x20   oifname \"gpb*\" drop\n\
+             \x20   iifname \"gpb*\" udp dport {VXLAN_PORT} drop\n\
+             \x20 }}\n\
+             \x20 chain prerouting {{\n\
+             \x20   type nat hook prerouting priority dstnat; policy accept;\n\
+             {dnat}\
+             \x20 }}\n\
+             \x20 chain output {{\n\
+             \x20   type nat hook output priority -100; policy accept;\n\
+             {dnat}\
+             \x20 }}\n\
+             \x20 chain postrouting {{\n\
+             \x20   type nat hook postrouting priority srcnat; policy accept;\n\
+             \x20   iifname \"gpb*\" oifname != \"gpb*\" masquerade\n\
+             \x20 }}\n\
+             }}\n"
+        );
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| NetError::Command(format!("nft: {e} (install nftables)")))?;
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(rules.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            return Err(NetError::Command(format!(
+                "nft: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Writes `path` whole or not at all (a crash leaves the old file).
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn bridge(vni: u32) -> String {
+    format!("gpb{vni}")
+}
+
+fn vxlan(vni: u32) -> String {
+    format!("gpx{vni}")
+}
+
+/// The gateway's MAC: locally administered, the same on every node.
+fn gateway_mac(vni: u32) -> String {
+    format!(
+        "02:67:70:{:02x}:{:02x}:{:02x}",
+        (vni >> 16) & 0xff,
+        (vni >> 8) & 0xff,
+        vni & 0xff
+    )
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String, NetError> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| NetError::Command(format!("{program}: {e} (install iproute2)")))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(NetError::Command(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+fn ip(args: &[&str]) -> Result<String, NetError> {
+    run("ip", args)
+}
+
+fn bridge_cmd(args: &[&str]) -> Result<String, NetError> {
+    run("bridge", args)
+}
+
+fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+fn link_mtu(name: &str) -> Option<u32> {
+    std::fs::read_to_string(Path::new("/sys/class/net").join(name).join("mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn links_named(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The MTU of the link that holds `local` (1500 if not found).
+fn underlay_mtu(local: Ipv4Addr) -> u32 {
+    let out = ip(&["-o", "-4", "addr", "show"]).unwrap_or_default();
+    let needle = format!("inet {local}/");
+    out.lines()
+        .find(|l| l.contains(&needle))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(|dev| dev.split('@').next().unwrap_or(dev).to_string())
+        .and_then(|dev| link_mtu(&dev))
+        .unwrap_or(1500)
+}
+
+/// The all-zero (flood) destinations of a VXLAN device.
+fn flood_entries(vx: &str) -> BTreeSet<String> {
+    bridge_cmd(&["fdb", "show", "dev", vx])
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("00:00:00:00:00:00"))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            w.position(|x| x == "dst")?;
+            w.next().map(String::from)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_the_kernel_and_differ_per_agent() {
+        let a = Networks::new(tempfile::tempdir().unwrap().path(), "10.0.0.1").unwrap();
+        let b = Networks::new(tempfile::tempdir().unwrap().path(), "10.0.0.1").unwrap();
+        let (ns, veth, temp) = a.names("j-000001-0");
+        assert!(veth.len() <= 15 && temp.len() <= 15, "{veth} {temp}");
+        assert_ne!(a.names("j-000001-0").0, b.names("j-000001-0").0);
+        assert_ne!(ns, a.names("j-000001-1").0);
+        assert!(bridge(0x10_0000 + 1023).len() <= 15);
+        assert_eq!(gateway_mac(0x10_0003), "02:67:70:10:00:03");
+    }
+
+    #[test]
+    fn an_address_that_is_not_ipv4_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Networks::new(dir.path(), "node-1.example").is_err());
+    }
+}

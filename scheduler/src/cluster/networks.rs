@@ -1,0 +1,137 @@
+//! Instance networks: addresses for new instances from the plan
+//! ([`crate::domain::network`]), and the VXLAN peers of each network sent
+//! to the agents that build it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{AgentCommand, Cluster, Outbox};
+use crate::domain::network::{self, InstanceNet, PlanError};
+use crate::domain::pool::Network;
+
+impl Cluster {
+    /// Attachments for `count` new instances of `job_id`: None when the
+    /// job joins no network (networks off, a custom network, `--network
+    /// host|none`).
+    pub(super) fn allocate_nets(
+        &self,
+        job_id: &str,
+        count: usize,
+    ) -> Option<Result<Vec<InstanceNet>, PlanError>> {
+        let plan = self.settings.networks?;
+        let job = self.jobs.get(job_id)?;
+        let pool = self.pools.get(&job.pool_id);
+        let name = network::network_of(
+            pool.map(|p| p.pool_type),
+            pool.is_some_and(|p| matches!(p.network, Some(Network::Custom { .. }))),
+            &job.tenant,
+            &job.job_id,
+            &job.spec.network,
+        )?;
+        let live = self
+            .jobs
+            .values()
+            .flat_map(|j| j.instances.iter())
+            .filter(|i| !i.state.is_terminal())
+            .filter_map(|i| i.net.as_ref());
+        Some(plan.allocate(&name, count, live))
+    }
+
+    /// Fills in the VXLAN peers (the addresses of the nodes with a live
+    /// instance of the network) of every start command in `out`, and sends
+    /// the new peer list to the network's other nodes when a start brings
+    /// it to a node it did not span. Stale peers (nodes whose instances
+    /// ended) go with the next change: flooding to them is harmless.
+    pub fn network_peers(&self, out: &mut Outbox) {
+        if self.settings.networks.is_none() {
+            return;
+        }
+        // network name -> (vni, instance ids being started)
+        let mut starting: BTreeMap<String, (u32, BTreeSet<String>)> = BTreeMap::new();
+        for (_, cmd) in out.iter() {
+            if let AgentCommand::Start(s) = cmd
+                && let Some(a) = &s.attach
+            {
+                starting
+                    .entry(a.name.clone())
+                    .or_insert_with(|| (a.vni, BTreeSet::new()))
+                    .1
+                    .insert(s.instance_id.clone());
+            }
+        }
+        if starting.is_empty() {
+            return;
+        }
+        // network name -> (all its nodes, those it spanned before)
+        let mut spans: BTreeMap<&str, (BTreeSet<&str>, BTreeSet<&str>)> = BTreeMap::new();
+        for job in self.jobs.values() {
+            for inst in job.instances.iter().filter(|i| !i.state.is_terminal()) {
+                let Some(net) = &inst.net else { continue };
+                let Some((_, ids)) = starting.get(&net.name) else {
+                    continue;
+                };
+                let span = spans.entry(&net.name).or_default();
+                span.0.insert(&inst.node_id);
+                if !ids.contains(&inst.instance_id) {
+                    span.1.insert(&inst.node_id);
+                }
+            }
+        }
+        let address = |node: &str| {
+            self.nodes
+                .get(node)
+                .map(|n| n.address().to_string())
+                .unwrap_or_default()
+        };
+        let mut updates = Vec::new();
+        for (name, (all, before)) in &spans {
+            let peers: Vec<String> = all.iter().map(|n| address(n)).collect();
+            for (_, cmd) in out.iter_mut() {
+                if let AgentCommand::Start(s) = cmd
+                    && let Some(a) = &mut s.attach
+                    && a.name == *name
+                {
+                    a.peers = peers.clone();
+                }
+            }
+            if all.len() > before.len() {
+                let vni = starting[*name].0;
+                for node in before {
+                    updates.push((
+                        node.to_string(),
+                        AgentCommand::NetworkPeers {
+                            vni,
+                            peers: peers.clone(),
+                        },
+                    ));
+                }
+            }
+        }
+        // The nodes already in the network learn of the new ones first.
+        out.splice(0..0, updates);
+    }
+}
+
+/// The attachment of `inst` of `job` for its start command, without its
+/// peers ([`Cluster::network_peers`] adds them).
+pub(super) fn attach_of(
+    job: &crate::domain::Job,
+    inst: &crate::domain::Instance,
+) -> Option<network::Attach> {
+    let net = inst.net.as_ref()?;
+    let mut hosts = BTreeMap::new();
+    for i in job.current() {
+        if let Some(n) = &i.net {
+            hosts.insert(format!("{}.{}", i.rank, job.job_id), n.address.clone());
+            hosts.insert(format!("{}-{}", job.job_id, i.rank), n.address.clone());
+        }
+    }
+    Some(network::Attach {
+        name: net.name.clone(),
+        vni: net.vni,
+        subnet: net.subnet.clone(),
+        gateway: net.gateway.clone(),
+        address: net.address.clone(),
+        peers: Vec::new(),
+        hosts,
+    })
+}

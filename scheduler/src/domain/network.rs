@@ -1,0 +1,302 @@
+//! The address plan of instance networks (R-CREATE-14, R-POOL-1).
+//!
+//! A network is a layer-2 segment that spans the nodes its instances run
+//! on: the kernel's VXLAN (one VNI per network) bridged on each node, with
+//! the node as the instances' gateway. Which network an instance joins:
+//!
+//! - a dedicated pool (deploy or train) without a custom network: its
+//!   tenant's own (`tenant/NAME`), shared by all the tenant's pools;
+//! - the public pool: the job's own (`job/ID`), isolated per job;
+//! - a custom network, or an image job asking for `host` or `none`: none
+//!   (the instance keeps the host's or a loopback-only network).
+//!
+//! The plan is a function of the live instances, which are persisted with
+//! their address: a network holds the `index`th subnet of the configured
+//! range while one of its instances lives, and its VNI is `VNI_BASE +
+//! index`. Addresses are handed out lowest first; `.1` is each node's
+//! gateway. Nothing here knows about nodes' links or rules: the agent
+//! builds them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+/// VNIs start here (clear of the small numbers other overlays take).
+pub const VNI_BASE: u32 = 0x10_0000;
+
+/// The instance networks' address range, as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    base: u32,
+    /// Prefix length of the whole range.
+    range_len: u8,
+    /// Prefix length of one network's subnet.
+    subnet_len: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("networks.cidr must be an IPv4 range like 10.144.0.0/12 (got {0:?})")]
+    BadRange(String),
+    #[error(
+        "networks.subnet_prefix_len must be longer than the range's ({range}) and at most 29 (got {subnet})"
+    )]
+    BadSubnet { range: u8, subnet: u8 },
+    #[error("every network of {0} is in use")]
+    RangeFull(String),
+    #[error("network {0} has no address left")]
+    SubnetFull(String),
+}
+
+impl Plan {
+    pub fn new(cidr: &str, subnet_len: u8) -> Result<Self, PlanError> {
+        let bad = || PlanError::BadRange(cidr.to_string());
+        let (ip, len) = cidr.split_once('/').ok_or_else(bad)?;
+        let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+        let range_len: u8 = len.parse().map_err(|_| bad())?;
+        if !(1..=28).contains(&range_len) {
+            return Err(bad());
+        }
+        if subnet_len <= range_len || subnet_len > 29 {
+            return Err(PlanError::BadSubnet {
+                range: range_len,
+                subnet: subnet_len,
+            });
+        }
+        let base = u32::from(ip);
+        if base & !mask(range_len) != 0 {
+            return Err(bad());
+        }
+        Ok(Self {
+            base,
+            range_len,
+            subnet_len,
+        })
+    }
+
+    fn networks(&self) -> u32 {
+        1u32 << (self.subnet_len - self.range_len)
+    }
+
+    fn subnet_size(&self) -> u32 {
+        1u32 << (32 - self.subnet_len)
+    }
+
+    fn subnet_base(&self, index: u32) -> u32 {
+        self.base + index * self.subnet_size()
+    }
+
+    /// The attachment of host number `host` (2..) in the `index`th network.
+    fn attachment(&self, name: &str, index: u32, host: u32) -> InstanceNet {
+        let base = self.subnet_base(index);
+        InstanceNet {
+            name: name.to_string(),
+            vni: VNI_BASE + index,
+            subnet: format!("{}/{}", Ipv4Addr::from(base), self.subnet_len),
+            gateway: Ipv4Addr::from(base + 1).to_string(),
+            address: Ipv4Addr::from(base + host).to_string(),
+        }
+    }
+
+    /// Addresses for `count` new instances of network `name`, given the
+    /// attachments of every live instance (of all networks).
+    pub fn allocate<'a>(
+        &self,
+        name: &str,
+        count: usize,
+        live: impl IntoIterator<Item = &'a InstanceNet>,
+    ) -> Result<Vec<InstanceNet>, PlanError> {
+        let mut taken_index = BTreeSet::new();
+        let mut index = None;
+        let mut hosts = BTreeSet::new();
+        for n in live {
+            let Some(i) = n.vni.checked_sub(VNI_BASE) else {
+                continue;
+            };
+            taken_index.insert(i);
+            if n.name == name {
+                index = Some(i);
+                if let Ok(a) = n.address.parse::<Ipv4Addr>() {
+                    hosts.insert(u32::from(a).wrapping_sub(self.subnet_base(i)));
+                }
+            }
+        }
+        let index = match index {
+            Some(i) if i < self.networks() => i,
+            _ => (0..self.networks())
+                .find(|i| !taken_index.contains(i))
+                .ok_or_else(|| PlanError::RangeFull(self.to_string()))?,
+        };
+        // .0 the network, .1 the gateway, the last the broadcast.
+        let mut out = Vec::with_capacity(count);
+        let mut host = 2;
+        while out.len() < count {
+            if host >= self.subnet_size() - 1 {
+                return Err(PlanError::SubnetFull(name.to_string()));
+            }
+            if !hosts.contains(&host) {
+                out.push(self.attachment(name, index, host));
+            }
+            host += 1;
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", Ipv4Addr::from(self.base), self.range_len)
+    }
+}
+
+fn mask(len: u8) -> u32 {
+    if len == 0 { 0 } else { u32::MAX << (32 - len) }
+}
+
+/// An instance's place in a network, persisted with the instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceNet {
+    /// `tenant/NAME` or `job/ID`.
+    pub name: String,
+    pub vni: u32,
+    /// The network's subnet (CIDR).
+    pub subnet: String,
+    pub gateway: String,
+    pub address: String,
+}
+
+/// Which network an instance of a job joins (module docs); None: none.
+pub fn network_of(
+    pool_type: Option<super::pool::PoolType>,
+    custom_network: bool,
+    tenant: &str,
+    job_id: &str,
+    job_network: &str,
+) -> Option<String> {
+    use super::pool::PoolType;
+    if !job_network.is_empty() {
+        // "host" (train pools) or "none" (loopback only), as asked.
+        return None;
+    }
+    match pool_type {
+        None => Some(format!("job/{job_id}")),
+        Some(_) if custom_network => None,
+        Some(PoolType::Deploy | PoolType::Train) => Some(format!("tenant/{tenant}")),
+    }
+}
+
+/// What an agent needs to attach one instance: its address, the nodes
+/// its network spans (VXLAN peers) and the names of its job's instances.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attach {
+    /// The network's name (`tenant/NAME`, `job/ID`).
+    pub name: String,
+    pub vni: u32,
+    pub subnet: String,
+    pub gateway: String,
+    pub address: String,
+    /// Addresses of the nodes with a live instance of the network.
+    pub peers: Vec<String>,
+    /// `RANK.JOB` (and `JOB-RANK`) → address, for the sandbox's hosts file.
+    pub hosts: BTreeMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan::new("10.144.0.0/12", 22).unwrap()
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        assert!(matches!(
+            Plan::new("10.144.0.1/12", 22),
+            Err(PlanError::BadRange(_))
+        ));
+        assert!(matches!(
+            Plan::new("10.144.0.0", 22),
+            Err(PlanError::BadRange(_))
+        ));
+        assert!(matches!(
+            Plan::new("10.144.0.0/24", 24),
+            Err(PlanError::BadSubnet { .. })
+        ));
+        assert!(Plan::new("192.168.0.0/16", 24).is_ok());
+    }
+
+    #[test]
+    fn r_create_14_each_network_its_own_subnet_and_vni() {
+        let p = plan();
+        let a = p.allocate("tenant/a", 2, []).unwrap();
+        assert_eq!(a[0].subnet, "10.144.0.0/22");
+        assert_eq!(a[0].gateway, "10.144.0.1");
+        assert_eq!(
+            a.iter().map(|n| n.address.as_str()).collect::<Vec<_>>(),
+            ["10.144.0.2", "10.144.0.3"]
+        );
+        let b = p.allocate("tenant/b", 1, &a).unwrap();
+        assert_eq!(b[0].subnet, "10.144.4.0/22");
+        assert_ne!(a[0].vni, b[0].vni);
+        // More of A's instances join A's network, after its addresses.
+        let live: Vec<_> = a.iter().chain(&b).cloned().collect();
+        let more = p.allocate("tenant/a", 1, &live).unwrap();
+        assert_eq!(
+            (more[0].vni, more[0].address.as_str()),
+            (a[0].vni, "10.144.0.4")
+        );
+    }
+
+    #[test]
+    fn freed_addresses_and_networks_are_reused() {
+        let p = plan();
+        let a = p.allocate("job/j-1", 3, []).unwrap();
+        // Rank 1 ended: its address is free again.
+        let live = [a[0].clone(), a[2].clone()];
+        let again = p.allocate("job/j-1", 1, &live).unwrap();
+        assert_eq!(again[0].address, a[1].address);
+        // Every instance of j-1 ended: j-2 takes its subnet.
+        let next = p.allocate("job/j-2", 1, []).unwrap();
+        assert_eq!(next[0].subnet, a[0].subnet);
+    }
+
+    #[test]
+    fn full_ranges_and_subnets_are_errors() {
+        let p = Plan::new("10.0.0.0/28", 29).unwrap();
+        // Two /29 networks of 5 addresses each (.2 .. .6).
+        let a = p.allocate("job/a", 5, []).unwrap();
+        assert!(matches!(
+            p.allocate("job/a", 1, &a),
+            Err(PlanError::SubnetFull(_))
+        ));
+        let b = p.allocate("job/b", 1, &a).unwrap();
+        let live: Vec<_> = a.iter().chain(&b).cloned().collect();
+        assert!(matches!(
+            p.allocate("job/c", 1, &live),
+            Err(PlanError::RangeFull(_))
+        ));
+    }
+
+    #[test]
+    fn which_network_an_instance_joins() {
+        use crate::domain::pool::PoolType;
+        assert_eq!(
+            network_of(None, false, "a", "j-1", "").as_deref(),
+            Some("job/j-1")
+        );
+        assert_eq!(
+            network_of(Some(PoolType::Deploy), false, "a", "j-1", "").as_deref(),
+            Some("tenant/a")
+        );
+        assert_eq!(
+            network_of(Some(PoolType::Deploy), true, "a", "j-1", ""),
+            None
+        );
+        assert_eq!(
+            network_of(Some(PoolType::Train), false, "a", "j-1", "host"),
+            None
+        );
+    }
+}
