@@ -698,7 +698,9 @@ impl Agent {
     }
 
     /// An agent on a test host: in network namespace `netns`, in zone `az`,
-    /// advertising `address` (its own in that namespace).
+    /// advertising `address` (its own in that namespace); `extra` is
+    /// appended to its config.
+    #[allow(clippy::too_many_arguments)]
     pub fn start_on_host(
         dir: &Path,
         scheduler_addr: &str,
@@ -707,8 +709,9 @@ impl Agent {
         az: &str,
         netns: &str,
         address: &str,
+        extra: &str,
     ) -> Self {
-        let extra = format!("advertise_address = \"{address}\"");
+        let extra = format!("advertise_address = \"{address}\"\n{extra}");
         Self::spawn(
             dir,
             scheduler_addr,

@@ -80,6 +80,10 @@ else:
     time.sleep(3600)
 "#;
 
+/// The tests here count the machine's instance namespaces and share the
+/// hosts' names: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One test host: a network namespace with a veth on the test bridge.
 struct Host {
     ns: String,
@@ -305,6 +309,7 @@ fn submit_id(s: &Scheduler, token: &str, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_and_job_networks_are_real_and_isolated() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     if !can_run() {
         return;
     }
@@ -336,6 +341,7 @@ async fn tenant_and_job_networks_are_real_and_isolated() {
                 zones[k],
                 &h.ns,
                 &h.address,
+                "",
             )
         })
         .collect();
@@ -611,6 +617,7 @@ async fn tenant_and_job_networks_are_real_and_isolated() {
         "AZ2",
         &hosts.hosts[2].ns,
         &hosts.hosts[2].address,
+        "",
     );
 
     wait_until(
@@ -641,4 +648,253 @@ async fn tenant_and_job_networks_are_real_and_isolated() {
     }
     assert_eq!(left(), Vec::<String>::new(), "left behind");
     drop(agents);
+}
+
+/// The instance of a custom network: serves on 9000 (its security group
+/// lets the VPC in) and 9001 (it does not), then tries the VPC host on
+/// 8080 (allowed out) and 8081 (not).
+const VPC_INSTANCE: &str = r#"
+import os, socket, threading, time
+def serve(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(16)
+    while True:
+        c, _ = s.accept(); c.sendall(b"instance\n"); c.close()
+for p in (9000, 9001):
+    threading.Thread(target=serve, args=(p,), daemon=True).start()
+vpc = os.environ["VPC_HOST"]
+for port in (8080, 8081):
+    try:
+        c = socket.create_connection((vpc, port), timeout=3)
+        print(f"reached {vpc}:{port}: {c.recv(100).decode().strip()}", flush=True)
+    except Exception as e:
+        print(f"blocked {vpc}:{port}: {type(e).__name__}", flush=True)
+print("probed", flush=True)
+time.sleep(3600)
+"#;
+
+/// Listens on 8080 and 8081 ("vpc host PORT" to each connection).
+const VPC_HOST: &str = r#"
+import socket, threading, time
+def serve(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(16)
+    while True:
+        c, _ = s.accept(); c.sendall(f"vpc host {port}\n".encode()); c.close()
+for p in (8080, 8081):
+    threading.Thread(target=serve, args=(p,), daemon=True).start()
+time.sleep(3600)
+"#;
+
+/// From namespace `ns`: "reached" or "blocked" for each target (PROBE).
+fn probe_from(ns: &str, targets: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", PROBE])
+        .env("TARGETS", targets)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// R-CREATE-14 with a custom network: the operator's bridge on a test host
+/// holds a "VPC host"; a deploy pool naming the VPC's subnet and a
+/// security group puts its instance on that bridge with an address of the
+/// configured range, and the group decides what passes, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_network_is_the_vpc_with_its_security_groups() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    if !can_run() {
+        return;
+    }
+    let hosts = match Hosts::create(1) {
+        Ok(h) => h,
+        Err(err) => {
+            assert!(!in_ci(), "cannot make the test hosts: {err}");
+            eprintln!("SKIPPED: cannot make the test hosts: {err}");
+            return;
+        }
+    };
+    let before = instance_namespaces();
+    let dir = test_dir();
+    let id = std::process::id() % 200 + 20;
+    // The operator's side, in host 1: a bridge on the VPC, and a VPC host.
+    let host = &hosts.hosts[0];
+    let (vpc_br, vpc_ns) = (format!("gptvb{id}"), format!("gptv{id}"));
+    let (vpc_if, vpc_peer) = (format!("gptv{id}a"), format!("gptv{id}b"));
+    let vpc_host = format!("192.168.{id}.10");
+    let _vpc = VpcHost { ns: vpc_ns.clone() };
+    for args in [
+        vec!["-n", &host.ns, "link", "add", &vpc_br, "type", "bridge"],
+        vec!["-n", &host.ns, "link", "set", &vpc_br, "up"],
+        vec!["netns", "add", &vpc_ns],
+        vec![
+            "-n", &host.ns, "link", "add", &vpc_if, "type", "veth", "peer", "name", &vpc_peer,
+        ],
+        vec!["-n", &host.ns, "link", "set", &vpc_peer, "netns", &vpc_ns],
+        vec![
+            "-n", &host.ns, "link", "set", &vpc_if, "master", &vpc_br, "up",
+        ],
+        vec!["-n", &vpc_ns, "link", "set", &vpc_peer, "name", "eth0"],
+    ] {
+        ip(&args).unwrap();
+    }
+    let cidr = format!("{vpc_host}/24");
+    for args in [
+        vec!["-n", &vpc_ns, "addr", "add", &cidr, "dev", "eth0"],
+        vec!["-n", &vpc_ns, "link", "set", "eth0", "up"],
+        vec!["-n", &vpc_ns, "link", "set", "lo", "up"],
+    ] {
+        ip(&args).unwrap();
+    }
+    let mut vpc_server = Proc::spawn(
+        {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &vpc_ns, "python3", "-c", VPC_HOST]);
+            c
+        },
+        dir.path().join("vpc-host.log"),
+    );
+
+    let config = format!(
+        "[networks]\nenabled = true\n\
+         [networks.subnets.subnet-t]\nvpc = \"vpc-t\"\ncidr = \"192.168.{id}.0/24\"\n\
+         first = \"192.168.{id}.100\"\nlast = \"192.168.{id}.120\"\n\
+         [networks.security_groups.sg-t]\n\
+         ingress = [{{ protocol = \"tcp\", ports = \"9000\", cidr = \"192.168.{id}.0/24\" }}]\n\
+         egress = [{{ protocol = \"tcp\", ports = \"8080\", cidr = \"{vpc_host}/32\" }}]\n"
+    );
+    let sched = Scheduler::start_on_with_config(dir.path(), "0.0.0.0", &config).await;
+    let addr = sched.addr().replace("127.0.0.1", &hosts.gateway);
+    let _agent = Agent::start_on_host(
+        dir.path(),
+        &addr,
+        "h1",
+        "1xH100-80GB",
+        "AZ1",
+        &host.ns,
+        &host.address,
+        &format!("[networks.vpcs]\n\"vpc-t\" = \"{vpc_br}\"\n"),
+    );
+    wait_ready(&sched, 1).await;
+    let mut admin = sched.admin().await;
+    let token = tenant_with_token(&mut admin, "net-c", 1, 8).await;
+    let spec = admin
+        .pools
+        .list_specs(pb::ListSpecsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .specs
+        .into_iter()
+        .find(|s| s.gpu_model == "H100-80GB")
+        .expect("a spec of the fake GPUs")
+        .name;
+    let create = |subnet: &str, group: &str| {
+        sched.cli_as(
+            &token,
+            &[
+                "pool",
+                "create",
+                "--type",
+                "deploy",
+                "--name",
+                "c-svc",
+                "--spec",
+                &spec,
+                "--nodes",
+                "1",
+                "--az",
+                "AZ1",
+                "--vpc",
+                "vpc-t",
+                "--subnet",
+                subnet,
+                "--security-group",
+                group,
+            ],
+        )
+    };
+    // Unknown ids are refused, each named.
+    let refused = create("subnet-x", "sg-x");
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        why.contains("\"subnet-x\"") && why.contains("\"sg-x\""),
+        "{why}"
+    );
+    let out = create("subnet-t", "sg-t");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(Duration::from_secs(30), "the pool Running", || {
+        String::from_utf8_lossy(&sched.cli_as(&token, &["pool", "list"]).stdout)
+            .lines()
+            .any(|l| l.contains("c-svc") && l.contains("Running"))
+    });
+
+    let vpc_env = format!("VPC_HOST={vpc_host}");
+    let svc = submit_id(
+        &sched,
+        &token,
+        &[
+            "--kind",
+            "batch-service",
+            "--pool",
+            "c-svc",
+            "--env",
+            &vpc_env,
+            "--",
+            "python3",
+            "-c",
+            VPC_INSTANCE,
+        ],
+    );
+    let job = wait_state(&sched, &svc, pb::JobState::Running).await;
+    let inst = &job.instances[0];
+    assert_eq!(inst.network, "subnet/subnet-t");
+    assert_eq!(inst.network_address, format!("192.168.{id}.100"));
+    wait_until(Duration::from_secs(30), "the instance's probes", || {
+        logs(&sched, &svc, 0).contains("probed")
+    });
+    let seen = logs(&sched, &svc, 0);
+    assert!(
+        seen.contains(&format!("reached {vpc_host}:8080: vpc host 8080")),
+        "egress allowed on 8080: {seen}"
+    );
+    assert!(
+        seen.contains(&format!("blocked {vpc_host}:8081")),
+        "egress not allowed on 8081: {seen}"
+    );
+    // Ingress: the VPC host reaches the instance on 9000 only.
+    let a = &inst.network_address;
+    let seen = probe_from(&vpc_ns, &format!("{a}:9000,{a}:9001"));
+    assert!(seen.contains(&format!("reached {a}:9000")), "{seen}");
+    assert!(seen.contains(&format!("blocked {a}:9001")), "{seen}");
+
+    cli_ok(&sched, &["job", "cancel", &svc]);
+    wait_state(&sched, &svc, pb::JobState::Cancelled).await;
+    wait_until(Duration::from_secs(30), "the namespace removed", || {
+        instance_namespaces() == before
+    });
+    // The operator's bridge stays; nothing of ours is on it.
+    let ports = ip(&["-n", &host.ns, "-o", "link", "show", "master", &vpc_br]).unwrap();
+    assert!(
+        ports.lines().all(|l| !l.contains(": gv")),
+        "a veth left on the VPC bridge: {ports}"
+    );
+    assert!(hosts.leftovers(1).is_empty(), "{:?}", hosts.leftovers(1));
+    vpc_server.kill();
+}
+
+/// The VPC host's namespace, removed on drop.
+struct VpcHost {
+    ns: String,
+}
+
+impl Drop for VpcHost {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.ns]);
+    }
 }

@@ -33,6 +33,7 @@ fn settings() -> Settings {
         limits: Default::default(),
         token_key: gpupool_scheduler::cluster::SecretKey(vec![1; 32]),
         networks: None,
+        custom_networks: Default::default(),
     }
 }
 

@@ -2,7 +2,9 @@
 //! `cargo run --release -p gpupool-e2e --bin startbench [STARTS]` (as root).
 //!
 //! Starts Debian's docker-registry, the real scheduler and one real root
-//! agent, pushes a busybox image, and measures submit → process running on
+//! agent, pushes a busybox image, makes the node a tenant's train pool (the
+//! image job needs the host network to reach this program's listener, and
+//! the host network is for training jobs there), and measures submit → process running on
 //! the idle node, STARTS times each (default 50), for: a host process, the
 //! image from the node's cache, and `podman run` of the same image (when
 //! podman is installed). "Running" is the moment the process connects to a
@@ -51,13 +53,37 @@ fn accepted(listener: &TcpListener, timeout: Duration) -> Option<Instant> {
     None
 }
 
-async fn measure(sched: &Scheduler, spec: impl Fn(u16) -> pb::JobSpec, starts: usize) -> Vec<f64> {
+/// Submits as the tenant whose train pool is `POOL`.
+async fn submit_in_pool(tenant: &mut Clients, spec: pb::JobSpec) -> pb::Job {
+    tenant
+        .jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(pb::JobSpec {
+                pool: POOL.into(),
+                ..spec
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The tenant's own train pool: the host network (which the image job
+/// needs to reach the benchmark's listener) is for training jobs there.
+const POOL: &str = "bench";
+
+async fn measure(
+    sched: &Scheduler,
+    tenant: &mut Clients,
+    spec: impl Fn(u16) -> pb::JobSpec,
+    starts: usize,
+) -> Vec<f64> {
     let mut out = Vec::new();
     for _ in 0..starts {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let t0 = Instant::now();
-        let job = submit(sched, spec(port)).await.unwrap();
+        let job = submit_in_pool(tenant, spec(port)).await;
         let at = tokio::task::spawn_blocking(move || accepted(&listener, Duration::from_secs(60)))
             .await
             .unwrap()
@@ -109,6 +135,10 @@ async fn main() {
         &format!("[registries.\"{}\"]\ninsecure = true\n", registry.addr),
     );
     wait_ready(&sched, 1).await;
+    let mut admin = sched.admin().await;
+    let token = tenant_with_token(&mut admin, "bench", 1, 1).await;
+    let mut tenant = sched.clients(Some(&token)).await;
+    train_pool(&mut tenant, POOL, "A100-40GB", 1).await;
     let connect = |port: u16| {
         vec![
             "/bin/busybox".to_string(),
@@ -118,15 +148,14 @@ async fn main() {
         ]
     };
     // Warm-up: the first pull fills the cache.
-    let warm = submit(
-        &sched,
+    let warm = submit_in_pool(
+        &mut tenant,
         pb::JobSpec {
             image: image.clone(),
             ..training(0, &["true"])
         },
     )
-    .await
-    .unwrap();
+    .await;
     wait_job(
         &sched,
         &warm.job_id,
@@ -137,6 +166,7 @@ async fn main() {
     println!("instance start latency, submit -> process running, {starts} starts each");
     let host = measure(
         &sched,
+        &mut tenant,
         |port| pb::JobSpec {
             command: connect(port),
             ..training(0, &[])
@@ -147,6 +177,7 @@ async fn main() {
     let host_p50 = report("host process", host);
     let cached = measure(
         &sched,
+        &mut tenant,
         |port| pb::JobSpec {
             command: connect(port),
             image: image.clone(),

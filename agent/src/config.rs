@@ -146,6 +146,21 @@ pub struct AgentConfig {
     /// and reattaches.
     #[serde(default)]
     pub stop_instances_on_exit: bool,
+    /// Instance networks on this node (the scheduler's `[networks]` turns
+    /// them on).
+    #[serde(default)]
+    pub networks: NetworksConfig,
+}
+
+/// `[networks]` of the agent.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworksConfig {
+    /// Custom networks: the node's bridge on each VPC, by VPC id, e.g.
+    /// `{ "vpc-1" = "br-vpc1" }` (a bridge the operator made, holding the
+    /// node's link, VLAN or macvlan parent on that VPC).
+    #[serde(default)]
+    pub vpcs: std::collections::BTreeMap<String, String>,
 }
 
 /// `[registries."host:port"]`.

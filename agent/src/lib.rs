@@ -179,7 +179,7 @@ pub async fn run(
     // Instance networks: a root agent with an IPv4 address builds them.
     let runtime = if root {
         match network::Networks::new(&config.state_dir, &address) {
-            Ok(n) => runtime.with_networks(n),
+            Ok(n) => runtime.with_networks(n.with_vpcs(config.networks.vpcs.clone())),
             Err(err) => {
                 tracing::warn!(%err, "instance networks are off on this node");
                 runtime

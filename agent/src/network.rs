@@ -50,6 +50,23 @@ pub struct Attach {
     pub address: String,
     pub peers: Vec<String>,
     pub hosts: BTreeMap<String, String>,
+    /// A custom network's VPC id: the instance goes on the bridge this
+    /// node's config maps it to ("": the overlay above).
+    pub vpc: String,
+    /// A custom network's security group rules, enforced in the
+    /// instance's namespace.
+    pub rules: Vec<Rule>,
+}
+
+/// One security group rule (the scheduler's, as sent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub ingress: bool,
+    /// `tcp`, `udp`, `icmp` or `all`.
+    pub protocol: String,
+    /// Destination ports, inclusive; (0, 0): all.
+    pub ports: (u16, u16),
+    pub cidr: String,
 }
 
 /// An instance attached: where its namespace and hosts file are.
@@ -73,6 +90,9 @@ struct Record {
     /// The published port (0: none).
     #[serde(default)]
     port: u16,
+    /// A custom network's VPC ("": the overlay).
+    #[serde(default)]
+    vpc: String,
 }
 
 /// The node's side of the instance networks.
@@ -84,6 +104,8 @@ pub struct Networks {
     /// Names made here start with this (unique per agent: test hosts share
     /// one `/run/netns`).
     tag: String,
+    /// VPC id -> the node's bridge on that VPC (custom networks).
+    vpcs: BTreeMap<String, String>,
     lock: Mutex<()>,
 }
 
@@ -113,8 +135,16 @@ impl Networks {
             dir,
             local,
             tag,
+            vpcs: BTreeMap::new(),
             lock: Mutex::new(()),
         })
+    }
+
+    /// The node's bridges of custom networks, by VPC id (agent config
+    /// `[networks.vpcs]`).
+    pub fn with_vpcs(mut self, vpcs: BTreeMap<String, String>) -> Self {
+        self.vpcs = vpcs;
+        self
     }
 
     fn names(&self, instance_id: &str) -> (String, String, String) {
@@ -153,10 +183,29 @@ impl Networks {
             .subnet
             .split_once('/')
             .ok_or_else(|| NetError::Bad(format!("subnet {:?}", a.subnet)))?;
-        let _: Ipv4Addr = a
-            .gateway
-            .parse()
-            .map_err(|_| NetError::Bad(format!("gateway {:?}", a.gateway)))?;
+        if !(a.gateway.is_empty() && !a.vpc.is_empty()) {
+            let _: Ipv4Addr = a
+                .gateway
+                .parse()
+                .map_err(|_| NetError::Bad(format!("gateway {:?}", a.gateway)))?;
+        }
+        let custom_bridge = if a.vpc.is_empty() {
+            None
+        } else {
+            let br = self.vpcs.get(&a.vpc).ok_or_else(|| {
+                NetError::Bad(format!(
+                    "this node has no bridge for VPC {:?} (agent config [networks.vpcs])",
+                    a.vpc
+                ))
+            })?;
+            if !link_exists(br) {
+                return Err(NetError::Command(format!(
+                    "bridge {br} of VPC {} does not exist on this node",
+                    a.vpc
+                )));
+            }
+            Some(br.clone())
+        };
         let (netns, veth, temp) = self.names(instance_id);
         let record = Record {
             instance_id: instance_id.to_string(),
@@ -167,21 +216,28 @@ impl Networks {
             gateway: a.gateway.clone(),
             address: a.address.clone(),
             port,
+            vpc: a.vpc.clone(),
         };
         // Recorded first: whatever of it exists after a crash is found.
         write_atomic(
             &self.record_path(instance_id),
             &serde_json::to_vec(&record).unwrap(),
         )?;
-        let mtu = self.ensure_network(a)?;
-        self.set_peers_locked(a.vni, &a.peers)?;
+        let (mtu, master) = match &custom_bridge {
+            Some(br) => (link_mtu(br).unwrap_or(1500).to_string(), br.clone()),
+            None => {
+                let mtu = self.ensure_network(a)?;
+                self.set_peers_locked(a.vni, &a.peers)?;
+                (mtu, bridge(a.vni))
+            }
+        };
         let _ = ip(&["netns", "del", &netns]);
         ip(&["netns", "add", &netns])?;
         ip(&[
             "link", "add", &veth, "mtu", &mtu, "type", "veth", "peer", "name", &temp, "mtu", &mtu,
         ])?;
         ip(&["link", "set", &temp, "netns", &netns])?;
-        ip(&["link", "set", &veth, "master", &bridge(a.vni), "up"])?;
+        ip(&["link", "set", &veth, "master", &master, "up"])?;
         ip(&["-n", &netns, "link", "set", &temp, "name", "eth0"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
@@ -194,7 +250,12 @@ impl Networks {
             "dev",
             "eth0",
         ])?;
-        ip(&["-n", &netns, "route", "add", "default", "via", &a.gateway])?;
+        if !a.gateway.is_empty() {
+            ip(&["-n", &netns, "route", "add", "default", "via", &a.gateway])?;
+        }
+        if custom_bridge.is_some() {
+            nft(Some(&netns), &security_rules(&a.rules))?;
+        }
         let hosts_file = self.dir.join(format!("{instance_id}.hosts"));
         let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost\n");
         for (name, addr) in &a.hosts {
@@ -296,7 +357,7 @@ impl Networks {
         let _ = ip(&["link", "del", &record.veth]);
         let _ = std::fs::remove_file(self.record_path(&record.instance_id));
         let _ = std::fs::remove_file(self.dir.join(format!("{}.hosts", record.instance_id)));
-        if !self.records().iter().any(|r| r.vni == record.vni) {
+        if record.vpc.is_empty() && !self.records().iter().any(|r| r.vni == record.vni) {
             let _ = ip(&["link", "del", &vxlan(record.vni)]);
             let _ = ip(&["link", "del", &bridge(record.vni)]);
         }
@@ -312,7 +373,12 @@ impl Networks {
                 self.remove(&r);
             }
         }
-        let used: HashSet<u32> = self.records().iter().map(|r| r.vni).collect();
+        let used: HashSet<u32> = self
+            .records()
+            .iter()
+            .filter(|r| r.vpc.is_empty())
+            .map(|r| r.vni)
+            .collect();
         for name in links_named("gpx") {
             if let Some(vni) = name.strip_prefix("gpx").and_then(|v| v.parse().ok())
                 && !used.contains(&vni)
@@ -330,7 +396,8 @@ impl Networks {
         // Frames between a network's own instances stay on its bridge (also
         // where br_netfilter sends bridged frames through these hooks).
         let mut same = String::new();
-        for vni in records.iter().map(|r| r.vni).collect::<BTreeSet<_>>() {
+        let overlay = records.iter().filter(|r| r.vpc.is_empty());
+        for vni in overlay.map(|r| r.vni).collect::<BTreeSet<_>>() {
             same.push_str(&format!(
                 "    iifname \"{b}\" oifname \"{b}\" accept\n",
                 b = bridge(vni)
@@ -376,28 +443,100 @@ impl Networks {
              \x20 }}\n\
              }}\n"
         );
-        let mut child = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| NetError::Command(format!("nft: {e} (install nftables)")))?;
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(rules.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            return Err(NetError::Command(format!(
-                "nft: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+        nft(None, &rules)
     }
+}
+
+/// The `inet gpupool_sg` table of a custom network's instance, in its own
+/// namespace: it receives what the ingress rules let in and sends what the
+/// egress rules let out, and replies; nothing else (the instance's user
+/// holds no capability over the namespace to change it).
+fn security_rules(rules: &[Rule]) -> String {
+    // Built from checked parts only (a malformed rule is left out: it
+    // lets nothing through).
+    let line = |r: &Rule| {
+        let (ip, len) = r.cidr.split_once('/')?;
+        let (_, len): (Ipv4Addr, u8) = (ip.parse().ok()?, len.parse().ok()?);
+        if len > 32 {
+            return None;
+        }
+        let dir = if r.ingress { "saddr" } else { "daddr" };
+        let addr = if r.cidr.ends_with("/0") {
+            "meta nfproto ipv4".to_string()
+        } else {
+            format!("ip {dir} {}", r.cidr)
+        };
+        let what = match (r.protocol.as_str(), r.ports) {
+            ("tcp" | "udp", (0, _)) => format!("meta l4proto {}", r.protocol),
+            ("tcp" | "udp", (a, b)) if a == b => format!("{} dport {a}", r.protocol),
+            ("tcp" | "udp", (a, b)) => format!("{} dport {a}-{b}", r.protocol),
+            ("icmp", _) => "meta l4proto icmp".to_string(),
+            ("all", _) => String::new(),
+            _ => return None,
+        };
+        Some(format!("    {addr} {what} accept\n"))
+    };
+    let ingress: String = rules
+        .iter()
+        .filter(|r| r.ingress)
+        .filter_map(line)
+        .collect();
+    let egress: String = rules
+        .iter()
+        .filter(|r| !r.ingress)
+        .filter_map(line)
+        .collect();
+    format!(
+        "table inet gpupool_sg {{\n}}\n\
+         delete table inet gpupool_sg\n\
+         table inet gpupool_sg {{\n\
+         \x20 chain input {{\n\
+         \x20   type filter hook input priority filter; policy drop;\n\
+         \x20   iifname \"lo\" accept\n\
+         \x20   ct state established,related accept\n\
+         {ingress}\
+         \x20 }}\n\
+         \x20 chain output {{\n\
+         \x20   type filter hook output priority filter; policy drop;\n\
+         \x20   oifname \"lo\" accept\n\
+         \x20   ct state established,related accept\n\
+         {egress}\
+         \x20 }}\n\
+         }}\n"
+    )
+}
+
+/// Loads `rules` into namespace `netns` (the node's own when None).
+fn nft(netns: Option<&str>, rules: &str) -> Result<(), NetError> {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "nft"]);
+            c
+        }
+        None => Command::new("nft"),
+    };
+    let mut child = cmd
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| NetError::Command(format!("nft: {e} (install nftables)")))?;
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(NetError::Command(format!(
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 /// Writes `path` whole or not at all (a crash leaves the old file).
@@ -458,27 +597,58 @@ fn bridge_cmd(args: &[&str]) -> Result<String, NetError> {
     run("bridge", args)
 }
 
+// Links are asked of `ip`, not read under /sys/class/net: sysfs shows the
+// namespace it was mounted in, which is not this process's own when it
+// entered a network namespace without remounting it (nsenter --net).
+
+/// `ip -o link show` lines: `IDX: NAME[@PEER]: <FLAGS> mtu N ...`.
+fn link_lines(name: Option<&str>) -> Vec<String> {
+    let mut args = vec!["-o", "link", "show"];
+    if let Some(n) = name {
+        args.extend(["dev", n]);
+    }
+    ip(&args)
+        .map(|out| out.lines().map(String::from).collect())
+        .unwrap_or_default()
+}
+
+/// The name and MTU of one `ip -o link show` line.
+fn parse_link_line(line: &str) -> Option<(String, Option<u32>)> {
+    let mut fields = line.split_whitespace();
+    let name = fields.nth(1)?.trim_end_matches(':');
+    let name = name.split('@').next()?.to_string();
+    let mut mtu = None;
+    while let Some(f) = fields.next() {
+        if f == "mtu" {
+            mtu = fields.next().and_then(|m| m.parse().ok());
+            break;
+        }
+    }
+    Some((name, mtu))
+}
+
 fn link_exists(name: &str) -> bool {
-    Path::new("/sys/class/net").join(name).exists()
+    link_lines(Some(name))
+        .iter()
+        .filter_map(|l| parse_link_line(l))
+        .any(|(n, _)| n == name)
 }
 
 fn link_mtu(name: &str) -> Option<u32> {
-    std::fs::read_to_string(Path::new("/sys/class/net").join(name).join("mtu"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    link_lines(Some(name))
+        .iter()
+        .filter_map(|l| parse_link_line(l))
+        .find(|(n, _)| n == name)
+        .and_then(|(_, mtu)| mtu)
 }
 
 fn links_named(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/sys/class/net")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
+    link_lines(None)
+        .iter()
+        .filter_map(|l| parse_link_line(l))
+        .map(|(n, _)| n)
+        .filter(|n| n.starts_with(prefix))
+        .collect()
 }
 
 /// The MTU of the link that holds `local` (1500 if not found).
@@ -521,6 +691,55 @@ mod tests {
         assert_ne!(ns, a.names("j-000001-1").0);
         assert!(bridge(0x10_0000 + 1023).len() <= 15);
         assert_eq!(gateway_mac(0x10_0003), "02:67:70:10:00:03");
+    }
+
+    #[test]
+    fn a_link_line_gives_its_name_and_mtu() {
+        let veth = "7: gv2d36ec01@if4: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1450 qdisc noqueue \\    link/ether de:4f";
+        assert_eq!(
+            parse_link_line(veth),
+            Some(("gv2d36ec01".to_string(), Some(1450)))
+        );
+        let br = "5: gpb1052671: <BROADCAST,MULTICAST,UP> mtu 1500 qdisc noqueue state UP";
+        assert_eq!(
+            parse_link_line(br),
+            Some(("gpb1052671".to_string(), Some(1500)))
+        );
+        assert_eq!(parse_link_line(""), None);
+    }
+
+    #[test]
+    fn security_rules_let_through_what_they_name_and_malformed_ones_nothing() {
+        let rule = |ingress, protocol: &str, ports, cidr: &str| Rule {
+            ingress,
+            protocol: protocol.into(),
+            ports,
+            cidr: cidr.into(),
+        };
+        let text = security_rules(&[
+            rule(true, "tcp", (9000, 9000), "192.168.1.0/24"),
+            rule(false, "udp", (53, 54), "0.0.0.0/0"),
+            rule(false, "icmp", (0, 0), "10.0.0.1/32"),
+            // Left out: not a CIDR, an injection, an unknown protocol.
+            rule(true, "tcp", (22, 22), "any"),
+            rule(true, "tcp", (22, 22), "1.2.3.4/32 accept; policy accept"),
+            rule(true, "gre", (0, 0), "10.0.0.0/8"),
+        ]);
+        assert!(
+            text.contains("ip saddr 192.168.1.0/24 tcp dport 9000 accept"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meta nfproto ipv4 udp dport 53-54 accept"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ip daddr 10.0.0.1/32 meta l4proto icmp accept"),
+            "{text}"
+        );
+        assert_eq!(text.matches(" accept\n").count(), 4 + 3, "{text}");
+        assert_eq!(text.matches("policy drop").count(), 2);
+        assert!(!text.contains("dport 22"), "{text}");
     }
 
     #[test]

@@ -474,6 +474,23 @@ fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
             address: a.address,
             peers: a.peers,
             hosts: a.hosts.into_iter().collect(),
+            vpc: a.vpc,
+            rules: a
+                .rules
+                .into_iter()
+                // A port out of range leaves the rule out (it lets nothing in).
+                .filter_map(|r| {
+                    Some(crate::network::Rule {
+                        ingress: r.ingress,
+                        protocol: r.protocol,
+                        ports: (
+                            u16::try_from(r.port_first).ok()?,
+                            u16::try_from(r.port_last).ok()?,
+                        ),
+                        cidr: r.cidr,
+                    })
+                })
+                .collect(),
         }),
         attached: None,
         rank: s.rank,

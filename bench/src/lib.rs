@@ -30,6 +30,7 @@
 pub mod churn;
 pub mod data;
 pub mod load;
+pub mod net;
 pub mod policy;
 pub mod procs;
 pub mod replay;
@@ -56,6 +57,14 @@ pub enum BenchCommand {
     Churn(churn::ChurnArgs),
     /// The public pool shared by 8 tenants over simulated hours: FIFO vs fair share.
     Tenants(tenants::TenantsArgs),
+    /// Two instances on two hosts: throughput and round trip over an instance network vs the host network (root).
+    Net(net::NetArgs),
+    /// (`net`'s helper, run in a host namespace.)
+    #[command(hide = true)]
+    NetAttach(net::AttachArgs),
+    /// (`net`'s helper: a 1-byte TCP echo.)
+    #[command(hide = true)]
+    NetEcho(net::EchoArgs),
 }
 
 /// Output format of `replay` and `churn`.
@@ -93,6 +102,9 @@ pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Load(args) => load::run_load(args),
         BenchCommand::Churn(args) => churn::run_churn(args),
         BenchCommand::Tenants(args) => tenants::run_tenants(args),
+        BenchCommand::Net(args) => net::run_net(args),
+        BenchCommand::NetAttach(args) => net::run_attach(args),
+        BenchCommand::NetEcho(args) => net::run_echo(args),
     }
 }
 

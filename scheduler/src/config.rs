@@ -131,6 +131,54 @@ pub struct NetworksConfig {
     /// 1,024 networks in the default /12).
     #[serde(default = "default_networks_subnet_prefix_len")]
     pub subnet_prefix_len: u8,
+    /// Custom networks' subnets by id (R-CREATE-14): a pool naming one
+    /// puts its instances on the operator's segment of that VPC.
+    #[serde(default)]
+    pub subnets: std::collections::BTreeMap<String, SubnetConfig>,
+    /// Security groups by id: what a custom network's instances may
+    /// receive (`ingress`) and send (`egress`); nothing else passes.
+    #[serde(default)]
+    pub security_groups: std::collections::BTreeMap<String, SecurityGroupConfig>,
+}
+
+/// `[networks.subnets.ID]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubnetConfig {
+    /// The VPC it belongs to (agents map VPC ids to a node-side bridge).
+    pub vpc: String,
+    /// The subnet, e.g. `192.168.50.0/24`.
+    pub cidr: String,
+    /// Its router, the instances' default route (none when absent).
+    #[serde(default)]
+    pub gateway: String,
+    /// The addresses gpupool may hand out, inclusive (keep them out of
+    /// the VPC's own DHCP range).
+    pub first: String,
+    pub last: String,
+}
+
+/// `[networks.security_groups.ID]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityGroupConfig {
+    #[serde(default)]
+    pub ingress: Vec<SecurityRuleConfig>,
+    #[serde(default)]
+    pub egress: Vec<SecurityRuleConfig>,
+}
+
+/// `{ protocol = "tcp", ports = "8000-8100", cidr = "10.0.0.0/8" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityRuleConfig {
+    /// `tcp`, `udp`, `icmp` or `all`.
+    pub protocol: String,
+    /// `PORT` or `FIRST-LAST`; empty: all.
+    #[serde(default)]
+    pub ports: String,
+    /// Where from (ingress) or to (egress).
+    pub cidr: String,
 }
 
 impl Default for NetworksConfig {
@@ -139,6 +187,8 @@ impl Default for NetworksConfig {
             enabled: false,
             cidr: default_networks_cidr(),
             subnet_prefix_len: default_networks_subnet_prefix_len(),
+            subnets: Default::default(),
+            security_groups: Default::default(),
         }
     }
 }
@@ -152,6 +202,70 @@ impl NetworksConfig {
         crate::domain::network::Plan::new(&self.cidr, self.subnet_prefix_len)
             .map(Some)
             .map_err(|e| e.to_string())
+    }
+}
+
+impl NetworksConfig {
+    /// The custom subnets and security groups, checked; an error names the
+    /// entry and what is wrong.
+    pub fn custom(&self) -> Result<crate::domain::network::Custom, String> {
+        use crate::domain::network::{Custom, CustomSubnet, SgRule, parse_cidr};
+        use std::net::Ipv4Addr;
+        let mut out = Custom::default();
+        for (id, s) in &self.subnets {
+            let at = |e: String| format!("networks.subnets.{id}: {e}");
+            let (base, len) = parse_cidr(&s.cidr).map_err(at)?;
+            let size = if len == 0 {
+                u32::MAX
+            } else {
+                (1u32 << (32 - len)) - 1
+            };
+            let inside = |field: &str, v: &str| -> Result<u32, String> {
+                let a: Ipv4Addr = v
+                    .parse()
+                    .map_err(|_| at(format!("{field} {v:?} is not an IPv4 address")))?;
+                let a = u32::from(a);
+                if a.wrapping_sub(base) > size {
+                    return Err(at(format!("{field} {v} is outside {}", s.cidr)));
+                }
+                Ok(a)
+            };
+            let (first, last) = (inside("first", &s.first)?, inside("last", &s.last)?);
+            if last < first {
+                return Err(at(format!("last {} is before first {}", s.last, s.first)));
+            }
+            if !s.gateway.is_empty() {
+                inside("gateway", &s.gateway)?;
+            }
+            if s.vpc.trim().is_empty() {
+                return Err(at("vpc must be given".into()));
+            }
+            out.subnets.insert(
+                id.clone(),
+                CustomSubnet {
+                    vpc: s.vpc.clone(),
+                    cidr: s.cidr.trim().to_string(),
+                    gateway: s.gateway.clone(),
+                    first,
+                    last,
+                },
+            );
+        }
+        for (id, g) in &self.security_groups {
+            let mut rules = Vec::new();
+            for (ingress, list) in [(true, &g.ingress), (false, &g.egress)] {
+                for (k, r) in list.iter().enumerate() {
+                    let dir = if ingress { "ingress" } else { "egress" };
+                    rules.push(
+                        SgRule::parse(ingress, &r.protocol, &r.ports, &r.cidr).map_err(|e| {
+                            format!("networks.security_groups.{id}.{dir}[{k}]: {e}")
+                        })?,
+                    );
+                }
+            }
+            out.groups.insert(id.clone(), rules);
+        }
+        Ok(out)
     }
 }
 
@@ -457,6 +571,7 @@ impl SchedulerConfig {
         }
         self.kind_table()?;
         self.networks.plan()?;
+        self.networks.custom()?;
         if let Some(tls) = &self.tls
             && tls.require_agent_client_cert
             && tls.client_ca_file.is_none()
@@ -605,6 +720,48 @@ mod tests {
         let c = SchedulerConfig::parse("").unwrap();
         assert_eq!(c.grpc_listen.port(), 7070);
         assert_eq!(c.node_grace_ms, 15_000);
+    }
+
+    const CUSTOM: &str = "[networks]\nenabled = true\n\
+        [networks.subnets.s1]\nvpc = \"v1\"\ncidr = \"192.168.5.0/24\"\n\
+        first = \"192.168.5.100\"\nlast = \"192.168.5.101\"\n\
+        [networks.security_groups.web]\n\
+        ingress = [{ protocol = \"tcp\", ports = \"80\", cidr = \"0.0.0.0/0\" }]\n";
+
+    #[test]
+    fn r_create_14_custom_subnets_and_security_groups_are_checked() {
+        let custom = SchedulerConfig::parse(CUSTOM)
+            .unwrap()
+            .networks
+            .custom()
+            .unwrap();
+        assert_eq!(custom.groups["web"][0].ports, (80, 80));
+        let no = |ids: (&str, &str, &[&str])| {
+            let groups: Vec<String> = ids.2.iter().map(|g| g.to_string()).collect();
+            custom.check(ids.0, ids.1, &groups).unwrap_err()
+        };
+        let err = no(("v1", "s9", &["web", "db"]));
+        assert!(
+            err.contains("subnet \"s9\"") && err.contains("security group \"db\""),
+            "{err}"
+        );
+        assert!(no(("v2", "s1", &[])).contains("in VPC \"v1\""));
+        assert!(custom.check("v1", "s1", &["web".into()]).is_ok());
+        // Two addresses: the third instance waits for one.
+        let two = custom.allocate("s1", &["web".into()], 2, []).unwrap();
+        assert_eq!(two[1].address, "192.168.5.101");
+        assert_eq!(two[0].rules.len(), 1);
+        assert!(custom.allocate("s1", &[], 1, &two).is_err());
+        for (bad, what) in [
+            ("last = \"192.168.5.101\"", "last = \"192.168.6.1\""),
+            ("cidr = \"192.168.5.0/24\"", "cidr = \"192.168.5.1/24\""),
+            ("ports = \"80\"", "ports = \"80-70\""),
+            ("protocol = \"tcp\"", "protocol = \"sctp\""),
+        ] {
+            let text = CUSTOM.replace(bad, what);
+            let err = SchedulerConfig::parse(&text).unwrap_err();
+            assert!(err.contains("networks."), "{what}: {err}");
+        }
     }
 
     #[test]

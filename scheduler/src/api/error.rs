@@ -90,6 +90,7 @@ fn pool_code(err: &PoolError) -> Code {
         P::SoldOut { .. } => Code::ResourceExhausted,
         P::NameTaken(_) => Code::AlreadyExists,
         P::UnknownSpec(_) => Code::NotFound,
+        P::UnknownNetwork(_) => Code::InvalidArgument,
         P::NotRunning { .. }
         | P::WrongKind { .. }
         | P::SubscriptionDelete(_)
@@ -158,6 +159,7 @@ fn spec_code(err: &SpecError) -> Code {
         | S::BadImage(..)
         | S::BadNetwork(_)
         | S::NetworkWithoutImage
+        | S::HostNetworkNotHere(_)
         | S::DotDotPath { .. }
         | S::NameTooLong
         | S::BadGpuModels(_) => Code::InvalidArgument,

@@ -505,6 +505,18 @@ pub fn command_to_pb(cmd: AgentCommand) -> pb::SchedulerMessage {
                 address: a.address,
                 peers: a.peers,
                 hosts: a.hosts.into_iter().collect(),
+                vpc: a.vpc,
+                rules: a
+                    .rules
+                    .into_iter()
+                    .map(|r| pb::SecurityRule {
+                        ingress: r.ingress,
+                        protocol: r.protocol,
+                        port_first: r.ports.0.into(),
+                        port_last: r.ports.1.into(),
+                        cidr: r.cidr,
+                    })
+                    .collect(),
             }),
         }),
         AgentCommand::Stop {

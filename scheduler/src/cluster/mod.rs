@@ -242,6 +242,8 @@ pub struct Settings {
     /// Instance networks' address plan; None: instances keep the host's
     /// network (or loopback only), as before networks.
     pub networks: Option<crate::domain::network::Plan>,
+    /// The operator's custom subnets and security groups (networks on).
+    pub custom_networks: std::sync::Arc<crate::domain::network::Custom>,
 }
 
 /// Resources in use on one node, derived from its active instances.
@@ -1309,8 +1311,8 @@ impl Cluster {
             }
             .into());
         }
-        let pool_id = match self.resolve_pool(caller, &spec.pool)? {
-            PoolRef::Public => PUBLIC_POOL.to_string(),
+        let (pool_id, pool_type) = match self.resolve_pool(caller, &spec.pool)? {
+            PoolRef::Public => (PUBLIC_POOL.to_string(), None),
             PoolRef::Dedicated(pool) => {
                 crate::domain::pool::admit_job(
                     &pool.pool_id,
@@ -1319,9 +1321,10 @@ impl Cluster {
                     &pool.status_reason,
                     spec.kind,
                 )?;
-                pool.pool_id.clone()
+                (pool.pool_id.clone(), Some(pool.pool_type))
             }
         };
+        crate::domain::network::admit_network(&pool_id, pool_type, spec.kind, &spec.network)?;
         let seq = self.next_seq;
         let access_token = if spec.kind == JobKind::Notebook {
             self.settings
@@ -1604,6 +1607,15 @@ impl Cluster {
     ) {
         let mut nets = match self.allocate_nets(job_id, placed.len()) {
             None => Vec::new(),
+            Some(Ok(_)) if self.old_agent_among(&placed).is_some() => {
+                let node = self.old_agent_among(&placed).unwrap_or_default();
+                if let Some(job) = self.jobs.get_mut(job_id) {
+                    job.reason = format!(
+                        "waiting: node {node}'s agent is older than 0.2.0 and cannot give instances their network"
+                    );
+                }
+                return;
+            }
             Some(Ok(nets)) => nets,
             Some(Err(err)) => {
                 // Started without its network it would reach what it must
@@ -1987,6 +1999,7 @@ mod tests {
     mod drain;
     mod kinds;
     mod limits;
+    mod networks;
     mod shapes;
     mod share;
     mod store_contract;
@@ -2012,6 +2025,7 @@ mod tests {
             limits: JobLimits::default(),
             token_key: SecretKey(vec![7; 32]),
             networks: None,
+            custom_networks: Default::default(),
         }
     }
 

@@ -20,6 +20,27 @@ impl Cluster {
         let plan = self.settings.networks?;
         let job = self.jobs.get(job_id)?;
         let pool = self.pools.get(&job.pool_id);
+        let live = || {
+            self.jobs
+                .values()
+                .flat_map(|j| j.instances.iter())
+                .filter(|i| !i.state.is_terminal())
+                .filter_map(|i| i.net.as_ref())
+        };
+        if let Some(Network::Custom {
+            subnet_id,
+            security_group_ids,
+            ..
+        }) = pool.and_then(|p| p.network.as_ref())
+            && job.spec.network.is_empty()
+        {
+            return Some(self.settings.custom_networks.allocate(
+                subnet_id,
+                security_group_ids,
+                count,
+                live(),
+            ));
+        }
         let name = network::network_of(
             pool.map(|p| p.pool_type),
             pool.is_some_and(|p| matches!(p.network, Some(Network::Custom { .. }))),
@@ -27,13 +48,23 @@ impl Cluster {
             &job.job_id,
             &job.spec.network,
         )?;
-        let live = self
-            .jobs
-            .values()
-            .flat_map(|j| j.instances.iter())
-            .filter(|i| !i.state.is_terminal())
-            .filter_map(|i| i.net.as_ref());
-        Some(plan.allocate(&name, count, live))
+        Some(plan.allocate(&name, count, live()))
+    }
+
+    /// A node among `placed` whose agent cannot build networks.
+    pub(super) fn old_agent_among(
+        &self,
+        placed: &[(u32, crate::domain::placement::Assignment)],
+    ) -> Option<String> {
+        placed
+            .iter()
+            .map(|(_, a)| &a.node_id)
+            .find(|n| {
+                self.nodes
+                    .get(*n)
+                    .is_none_or(|n| !network::agent_builds_networks(&n.agent_version))
+            })
+            .cloned()
     }
 
     /// Fills in the VXLAN peers (the addresses of the nodes with a live
@@ -50,6 +81,7 @@ impl Cluster {
         for (_, cmd) in out.iter() {
             if let AgentCommand::Start(s) = cmd
                 && let Some(a) = &s.attach
+                && a.vpc.is_empty()
             {
                 starting
                     .entry(a.name.clone())
@@ -133,5 +165,7 @@ pub(super) fn attach_of(
         address: net.address.clone(),
         peers: Vec::new(),
         hosts,
+        vpc: net.vpc.clone(),
+        rules: net.rules.clone(),
     })
 }

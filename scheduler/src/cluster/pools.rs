@@ -358,6 +358,18 @@ impl Cluster {
             return Err(ClusterError::TenantNotFound { name: owner });
         }
         let v = pool::validate_create(req, &self.settings.subscription_regions)?;
+        if self.settings.networks.is_some()
+            && let Some(pool::Network::Custom {
+                vpc_id,
+                subnet_id,
+                security_group_ids,
+            }) = &v.custom_network
+        {
+            self.settings
+                .custom_networks
+                .check(vpc_id, subnet_id, security_group_ids)
+                .map_err(PoolError::UnknownNetwork)?;
+        }
         if self
             .pools
             .values()

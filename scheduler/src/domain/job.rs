@@ -406,6 +406,10 @@ pub enum SpecError {
     BadNetwork(String),
     #[error("network applies to image jobs only (give --image)")]
     NetworkWithoutImage,
+    #[error(
+        "the host network is for training jobs in a train pool (its nodes are the tenant's own), not for {0}"
+    )]
+    HostNetworkNotHere(String),
     #[error("{field} {path:?} must not contain `..`")]
     DotDotPath { field: &'static str, path: String },
     #[error("name must be at most 128 characters")]

@@ -47,6 +47,8 @@ pub enum PlanError {
     RangeFull(String),
     #[error("network {0} has no address left")]
     SubnetFull(String),
+    #[error("custom subnet {0:?} is not in the scheduler's [networks.subnets]")]
+    UnknownSubnet(String),
 }
 
 impl Plan {
@@ -96,6 +98,8 @@ impl Plan {
             subnet: format!("{}/{}", Ipv4Addr::from(base), self.subnet_len),
             gateway: Ipv4Addr::from(base + 1).to_string(),
             address: Ipv4Addr::from(base + host).to_string(),
+            vpc: String::new(),
+            rules: Vec::new(),
         }
     }
 
@@ -157,13 +161,177 @@ fn mask(len: u8) -> u32 {
 /// An instance's place in a network, persisted with the instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceNet {
-    /// `tenant/NAME` or `job/ID`.
+    /// `tenant/NAME`, `job/ID` or, in a custom network, `subnet/ID`.
     pub name: String,
+    /// 0 in a custom network (the operator's own segment, no VXLAN).
     pub vni: u32,
     /// The network's subnet (CIDR).
     pub subnet: String,
+    /// The default route ("" in a custom subnet without one).
     pub gateway: String,
     pub address: String,
+    /// A custom network's VPC id (the node's attachment for it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vpc: String,
+    /// A custom network's security groups, resolved when it started.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<SgRule>,
+}
+
+/// One rule of a security group: traffic it lets in (ingress: from
+/// `cidr` to the instance) or out (egress: from the instance to `cidr`).
+/// Everything else is dropped, but replies to what was let through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SgRule {
+    pub ingress: bool,
+    /// `tcp`, `udp`, `icmp` or `all`.
+    pub protocol: String,
+    /// Destination ports, inclusive (0, 0: all; tcp and udp only).
+    pub ports: (u16, u16),
+    pub cidr: String,
+}
+
+impl SgRule {
+    /// A rule from the config's `{ protocol, ports, cidr }`: ports are
+    /// `"80"`, `"8000-8100"` or empty (all).
+    pub fn parse(ingress: bool, protocol: &str, ports: &str, cidr: &str) -> Result<Self, String> {
+        let protocol = protocol.trim().to_ascii_lowercase();
+        if !matches!(protocol.as_str(), "tcp" | "udp" | "icmp" | "all") {
+            return Err(format!(
+                "protocol must be tcp, udp, icmp or all (got {protocol:?})"
+            ));
+        }
+        let ports = ports.trim();
+        let ports = if ports.is_empty() {
+            (0, 0)
+        } else {
+            if !matches!(protocol.as_str(), "tcp" | "udp") {
+                return Err(format!(
+                    "ports apply to tcp and udp only (got {ports:?} for {protocol})"
+                ));
+            }
+            let bad = || format!("ports must be PORT or FIRST-LAST, 1 to 65535 (got {ports:?})");
+            let (a, b) = ports.split_once('-').unwrap_or((ports, ports));
+            let a: u16 = a.trim().parse().map_err(|_| bad())?;
+            let b: u16 = b.trim().parse().map_err(|_| bad())?;
+            if a == 0 || b < a {
+                return Err(bad());
+            }
+            (a, b)
+        };
+        parse_cidr(cidr)?;
+        Ok(Self {
+            ingress,
+            protocol,
+            ports,
+            cidr: cidr.trim().to_string(),
+        })
+    }
+}
+
+/// `A.B.C.D/LEN` with no host bits set: (base, len).
+pub fn parse_cidr(cidr: &str) -> Result<(u32, u8), String> {
+    let bad = || format!("{cidr:?} is not an IPv4 CIDR like 192.168.0.0/24");
+    let (ip, len) = cidr.trim().split_once('/').ok_or_else(bad)?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    if len > 32 || u32::from(ip) & !mask(len) != 0 {
+        return Err(bad());
+    }
+    Ok((u32::from(ip), len))
+}
+
+/// A custom subnet of the operator's (`[networks.subnets.ID]`): instances
+/// get addresses `first..=last` in `cidr`, on the node-side attachment the
+/// agents map its VPC to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomSubnet {
+    pub vpc: String,
+    pub cidr: String,
+    pub gateway: String,
+    pub first: u32,
+    pub last: u32,
+}
+
+/// The operator's custom subnets and security groups, by id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Custom {
+    pub subnets: BTreeMap<String, CustomSubnet>,
+    pub groups: BTreeMap<String, Vec<SgRule>>,
+}
+
+impl Custom {
+    /// Refuses a pool's custom network whose ids the config does not hold,
+    /// naming them.
+    pub fn check(&self, vpc_id: &str, subnet_id: &str, groups: &[String]) -> Result<(), String> {
+        let mut unknown = Vec::new();
+        match self.subnets.get(subnet_id) {
+            None => unknown.push(format!("subnet {subnet_id:?}")),
+            Some(s) if s.vpc != vpc_id => {
+                return Err(format!(
+                    "subnet {subnet_id:?} is in VPC {:?}, not {vpc_id:?}",
+                    s.vpc
+                ));
+            }
+            Some(_) => {}
+        }
+        for g in groups.iter().filter(|g| !self.groups.contains_key(*g)) {
+            unknown.push(format!("security group {g:?}"));
+        }
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "unknown {} (the scheduler's [networks.subnets] and [networks.security_groups] hold the ids)",
+                unknown.join(", ")
+            ))
+        }
+    }
+
+    /// Addresses for `count` new instances in subnet `subnet_id` with
+    /// `groups`' rules, given every live instance's attachment.
+    pub fn allocate<'a>(
+        &self,
+        subnet_id: &str,
+        groups: &[String],
+        count: usize,
+        live: impl IntoIterator<Item = &'a InstanceNet>,
+    ) -> Result<Vec<InstanceNet>, PlanError> {
+        let name = format!("subnet/{subnet_id}");
+        let s = self
+            .subnets
+            .get(subnet_id)
+            .ok_or_else(|| PlanError::UnknownSubnet(subnet_id.to_string()))?;
+        let taken: BTreeSet<u32> = live
+            .into_iter()
+            .filter(|n| n.name == name)
+            .filter_map(|n| n.address.parse::<Ipv4Addr>().ok())
+            .map(u32::from)
+            .collect();
+        let rules: Vec<SgRule> = groups
+            .iter()
+            .filter_map(|g| self.groups.get(g))
+            .flatten()
+            .cloned()
+            .collect();
+        let free = (s.first..=s.last).filter(|a| !taken.contains(a));
+        let out: Vec<InstanceNet> = free
+            .take(count)
+            .map(|a| InstanceNet {
+                name: name.clone(),
+                vni: 0,
+                subnet: s.cidr.clone(),
+                gateway: s.gateway.clone(),
+                address: Ipv4Addr::from(a).to_string(),
+                vpc: s.vpc.clone(),
+                rules: rules.clone(),
+            })
+            .collect();
+        if out.len() < count {
+            return Err(PlanError::SubnetFull(name));
+        }
+        Ok(out)
+    }
 }
 
 /// Which network an instance of a job joins (module docs); None: none.
@@ -186,6 +354,37 @@ pub fn network_of(
     }
 }
 
+/// The host network (`--network host`, for NCCL over RDMA) only for a
+/// training job in a train pool, whose nodes hold no other tenant's
+/// instances; never in the public pool or a deploy pool.
+pub fn admit_network(
+    pool_id: &str,
+    pool_type: Option<super::pool::PoolType>,
+    kind: super::job::JobKind,
+    job_network: &str,
+) -> Result<(), super::job::SpecError> {
+    use super::job::{JobKind, SpecError};
+    use super::pool::PoolType;
+    if job_network == "host" && !(pool_type == Some(PoolType::Train) && kind == JobKind::Training) {
+        let place = match pool_type {
+            None => "the public pool".to_string(),
+            Some(_) if kind != JobKind::Training => format!("a {} job", kind.name()),
+            Some(_) => format!("deploy pool {pool_id}"),
+        };
+        return Err(SpecError::HostNetworkNotHere(place));
+    }
+    Ok(())
+}
+
+/// Agents from 0.2.0 build networks; an older one would ignore the
+/// attachment and run the instance on the host's network.
+pub fn agent_builds_networks(agent_version: &str) -> bool {
+    let mut parts = agent_version.split(['.', '-', '+']);
+    let major: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (0, 2)
+}
+
 /// What an agent needs to attach one instance: its address, the nodes
 /// its network spans (VXLAN peers) and the names of its job's instances.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -200,6 +399,10 @@ pub struct Attach {
     pub peers: Vec<String>,
     /// `RANK.JOB` (and `JOB-RANK`) → address, for the sandbox's hosts file.
     pub hosts: BTreeMap<String, String>,
+    /// A custom network's VPC id ("" for the overlay).
+    pub vpc: String,
+    /// A custom network's security group rules.
+    pub rules: Vec<SgRule>,
 }
 
 #[cfg(test)]
@@ -225,6 +428,23 @@ mod tests {
             Err(PlanError::BadSubnet { .. })
         ));
         assert!(Plan::new("192.168.0.0/16", 24).is_ok());
+    }
+
+    #[test]
+    fn the_host_network_only_for_training_in_a_train_pool() {
+        use crate::domain::job::JobKind;
+        use crate::domain::pool::PoolType;
+        let admit = |t, k| admit_network("p-1", t, k, "host").map_err(|e| e.to_string());
+        assert!(admit(Some(PoolType::Train), JobKind::Training).is_ok());
+        let public = admit(None, JobKind::Training).unwrap_err();
+        assert!(public.ends_with("not for the public pool"), "{public}");
+        let deploy = admit(Some(PoolType::Deploy), JobKind::Training).unwrap_err();
+        assert!(deploy.ends_with("not for deploy pool p-1"), "{deploy}");
+        let notebook = admit(Some(PoolType::Train), JobKind::Notebook).unwrap_err();
+        assert!(notebook.ends_with("not for a notebook job"), "{notebook}");
+        for net in ["", "none"] {
+            assert!(admit_network("p-1", None, JobKind::Notebook, net).is_ok());
+        }
     }
 
     #[test]
@@ -277,6 +497,16 @@ mod tests {
             p.allocate("job/c", 1, &live),
             Err(PlanError::RangeFull(_))
         ));
+    }
+
+    #[test]
+    fn only_agents_that_build_networks_get_instances_in_one() {
+        for v in ["0.2.0", "0.2.1-dev", "0.10.0", "1.0.0"] {
+            assert!(agent_builds_networks(v), "{v}");
+        }
+        for v in ["0.1.0", "0.1.9", "", "x"] {
+            assert!(!agent_builds_networks(v), "{v}");
+        }
     }
 
     #[test]

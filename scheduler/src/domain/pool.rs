@@ -178,6 +178,8 @@ pub struct ValidCreate {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PoolError {
+    #[error("R-CREATE-14: custom network: {0}")]
+    UnknownNetwork(String),
     #[error(
         "R-CREATE-1: choose the pool type: train (development/training) or deploy (deployment)"
     )]

@@ -251,6 +251,7 @@ pub fn load(
         frozen_retention_ms: i64::from(config.billing.frozen_retention_hours) * 3_600_000,
         kinds: config.kind_table().map_err(LoadError::Kinds)?,
         networks: config.networks.plan().map_err(LoadError::Kinds)?,
+        custom_networks: std::sync::Arc::new(config.networks.custom().map_err(LoadError::Kinds)?),
         limits: JobLimits {
             max_retries: config.limits.max_retries,
             retry_backoff_ms: config.limits.retry_backoff_ms,

@@ -1,0 +1,130 @@
+//! Instance networks on a cluster (R-POOL-1): a public job's instances get
+//! addresses in the job's own network, rank 0's is MASTER_ADDR, the start
+//! commands name the network's nodes, a node the network newly reaches is
+//! announced to the others, and the addresses survive a reload.
+
+use super::*;
+
+fn cluster(dir: &std::path::Path, now: i64) -> Cluster {
+    let store = SqliteStore::open(&dir.join("t.db")).unwrap();
+    let settings = Settings {
+        networks: Some(crate::domain::network::Plan::new("10.144.0.0/12", 22).unwrap()),
+        ..settings()
+    };
+    Cluster::load(Box::new(store), settings, now).unwrap()
+}
+
+fn node(address: &str) -> Inventory {
+    Inventory {
+        address: address.into(),
+        ..inventory(1)
+    }
+}
+
+fn starts(out: &Outbox) -> Vec<(&str, &StartSpec)> {
+    out.iter()
+        .filter_map(|(n, cmd)| match cmd {
+            AgentCommand::Start(s) => Some((n.as_str(), &**s)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn r_pool_1_a_public_job_gets_a_network_of_its_own_across_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 0);
+    for (n, a) in [
+        ("n1", "192.0.2.1"),
+        ("n2", "192.0.2.2"),
+        ("n3", "192.0.2.3"),
+    ] {
+        c.register_node(n, node(a), 0).unwrap();
+    }
+    let mut out = Outbox::new();
+    let gang = c
+        .submit(
+            &admin(),
+            RawJobSpec {
+                instances: 2,
+                ..raw(1)
+            },
+            10,
+            &mut out,
+        )
+        .unwrap();
+    c.network_peers(&mut out);
+    let s = starts(&out);
+    assert_eq!(s.len(), 2);
+    let a0 = s.iter().find(|(_, s)| s.rank == 0).unwrap().1;
+    let a1 = s.iter().find(|(_, s)| s.rank == 1).unwrap().1;
+    let (n0, n1) = (a0.attach.clone().unwrap(), a1.attach.clone().unwrap());
+    assert_eq!(n0.name, format!("job/{}", gang.job_id));
+    assert_eq!((n0.vni, n0.subnet.as_str()), (n1.vni, "10.144.0.0/22"));
+    assert_ne!(n0.address, n1.address);
+    assert_eq!(a1.env["MASTER_ADDR"], n0.address);
+    let mut peers = n0.peers.clone();
+    peers.sort();
+    assert_eq!(peers.len(), 2);
+    assert_eq!(n1.peers, n0.peers);
+    assert_eq!(
+        n0.hosts.get(&format!("1.{}", gang.job_id)),
+        Some(&n1.address)
+    );
+
+    // Another job: another network, another subnet.
+    out.clear();
+    let other = c.submit(&admin(), raw(1), 20, &mut out).unwrap();
+    c.network_peers(&mut out);
+    let s = starts(&out);
+    let n2 = s[0].1.attach.clone().unwrap();
+    assert_eq!(n2.name, format!("job/{}", other.job_id));
+    assert_eq!(n2.subnet, "10.144.4.0/22");
+    assert_ne!(n2.vni, n0.vni);
+    // A network reaching no new node sends no peer update.
+    assert!(
+        !out.iter()
+            .any(|(_, c)| matches!(c, AgentCommand::NetworkPeers { .. }))
+    );
+
+    // The plan is persisted with the instances.
+    drop(c);
+    let c = cluster(dir.path(), 30);
+    let job = c.job(&admin(), &gang.job_id).unwrap();
+    let addrs: Vec<&str> = job
+        .instances
+        .iter()
+        .filter_map(|i| i.net.as_ref().map(|n| n.address.as_str()))
+        .collect();
+    assert_eq!(addrs.len(), 2);
+    assert!(addrs.contains(&n0.address.as_str()) && addrs.contains(&n1.address.as_str()));
+}
+
+#[test]
+fn networks_off_give_no_attachment() {
+    let mut c = open_mem(0);
+    c.register_node("n1", node("192.0.2.1"), 0).unwrap();
+    let mut out = Outbox::new();
+    c.submit(&admin(), raw(1), 10, &mut out).unwrap();
+    c.network_peers(&mut out);
+    assert!(starts(&out)[0].1.attach.is_none());
+}
+
+#[test]
+fn an_agent_older_than_networks_gets_no_networked_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 0);
+    let me = AgentIdentity::Node {
+        node_id: "old".into(),
+        credential_sha256: "in-process:old".into(),
+    };
+    c.register_agent("old", node("192.0.2.9"), "0.1.0", &me, "in-process:old", 0)
+        .unwrap();
+    c.confirm_credential("old", &me, 0).unwrap();
+    let mut out = Outbox::new();
+    let job = c.submit(&admin(), raw(1), 10, &mut out).unwrap();
+    assert!(starts(&out).is_empty(), "{out:?}");
+    let job = c.job(&admin(), &job.job_id).unwrap();
+    assert_eq!(job.state, JobState::Queued);
+    assert!(job.reason.contains("older than 0.2.0"), "{}", job.reason);
+}
