@@ -458,6 +458,70 @@ async fn tenant_and_job_networks_are_real_and_isolated() {
         assert!(text.starts_with("replica "), "{ep} answered {text:?}");
     }
 
+    // A rolling restart replaces both replicas, one at a time: the
+    // endpoints answer again, and each new replica's hosts file (its
+    // sandbox's /etc/hosts) names its sibling's new address, also the
+    // first one, started while its sibling was still the old one.
+    let old_ids: Vec<String> = replicas.iter().map(|i| i.instance_id.clone()).collect();
+    cli_ok_at(&sched.addr(), &token_a, &["service", "restart", &svc]);
+    let renewed = eventually(
+        Duration::from_secs(60),
+        "both replicas replaced",
+        || async {
+            let j = get_job(&sched, &svc).await;
+            let now: Vec<pb::Instance> = j
+                .instances
+                .into_iter()
+                .filter(|i| i.state == pb::InstanceState::Running as i32 && i.ready)
+                .filter(|i| !old_ids.contains(&i.instance_id))
+                .collect();
+            (now.len() == 2).then_some(now)
+        },
+    )
+    .await;
+    for i in &renewed {
+        let sibling = renewed.iter().find(|o| o.rank != i.rank).unwrap();
+        let file = dir.path().join(format!(
+            "agent-{}/state/networks/{}.hosts",
+            i.node_id, i.instance_id
+        ));
+        wait_until(Duration::from_secs(10), "the hosts file updated", || {
+            std::fs::read_to_string(&file)
+                .unwrap_or_default()
+                .contains(&format!(
+                    "{}\t{}.{svc}\n",
+                    sibling.network_address, sibling.rank
+                ))
+        });
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the endpoints after the restart",
+        || async {
+            let out = sched.cli_as(&token_a, &["service", "endpoints", &svc]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let eps: Vec<String> = text
+                .split_whitespace()
+                .filter(|w| w.ends_with(":18080"))
+                .map(String::from)
+                .collect();
+            let answered = eps.iter().all(|ep| {
+                std::net::TcpStream::connect_timeout(&ep.parse().unwrap(), Duration::from_secs(2))
+                    .ok()
+                    .and_then(|mut c| {
+                        let mut text = String::new();
+                        std::io::Read::read_to_string(&mut c, &mut text).ok()?;
+                        Some(text.starts_with("replica "))
+                    })
+                    .unwrap_or(false)
+            });
+            (eps.len() == 2 && answered).then_some(())
+        },
+    )
+    .await;
+    let replicas = renewed;
+    let replicas: Vec<&pb::Instance> = replicas.iter().collect();
+
     // Tenant B, on host 3, reaches neither of A's replicas, even with the
     // underlay routing A's subnet to host 1 (only host 1's rules stop it).
     let a_subnet = format!(
@@ -663,12 +727,13 @@ def serve(port):
 for p in (9000, 9001):
     threading.Thread(target=serve, args=(p,), daemon=True).start()
 vpc = os.environ["VPC_HOST"]
-for port in (8080, 8081):
+# (not `{port}` in the text: the agent expands that in a service's command)
+for dest in (8080, 8081):
     try:
-        c = socket.create_connection((vpc, port), timeout=3)
-        print(f"reached {vpc}:{port}: {c.recv(100).decode().strip()}", flush=True)
+        c = socket.create_connection((vpc, dest), timeout=3)
+        print(f"reached {vpc}:{dest}: {c.recv(100).decode().strip()}", flush=True)
     except Exception as e:
-        print(f"blocked {vpc}:{port}: {type(e).__name__}", flush=True)
+        print(f"blocked {vpc}:{dest}: {type(e).__name__}", flush=True)
 print("probed", flush=True)
 time.sleep(3600)
 "#;
@@ -699,7 +764,8 @@ fn probe_from(ns: &str, targets: &str) -> String {
 /// R-CREATE-14 with a custom network: the operator's bridge on a test host
 /// holds a "VPC host"; a deploy pool naming the VPC's subnet and a
 /// security group puts its instance on that bridge with an address of the
-/// configured range, and the group decides what passes, both ways.
+/// configured range, and the group decides what passes, both ways; its
+/// health check works from inside its namespace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_custom_network_is_the_vpc_with_its_security_groups() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
@@ -840,9 +906,12 @@ async fn a_custom_network_is_the_vpc_with_its_security_groups() {
         &token,
         &[
             "--kind",
-            "batch-service",
+            "online-service",
             "--pool",
             "c-svc",
+            "--port",
+            "9000",
+            "--health-tcp",
             "--env",
             &vpc_env,
             "--",
@@ -851,7 +920,14 @@ async fn a_custom_network_is_the_vpc_with_its_security_groups() {
             VPC_INSTANCE,
         ],
     );
-    let job = wait_state(&sched, &svc, pb::JobState::Running).await;
+    wait_state(&sched, &svc, pb::JobState::Running).await;
+    // Ready: the agent's health check reaches it from inside its namespace
+    // (the node has no address on the VPC).
+    let job = eventually(Duration::from_secs(30), "the replica ready", || async {
+        let j = get_job(&sched, &svc).await;
+        j.instances.first().is_some_and(|i| i.ready).then_some(j)
+    })
+    .await;
     let inst = &job.instances[0];
     assert_eq!(inst.network, "subnet/subnet-t");
     assert_eq!(inst.network_address, format!("192.168.{id}.100"));
@@ -884,7 +960,9 @@ async fn a_custom_network_is_the_vpc_with_its_security_groups() {
         ports.lines().all(|l| !l.contains(": gv")),
         "a veth left on the VPC bridge: {ports}"
     );
-    assert!(hosts.leftovers(1).is_empty(), "{:?}", hosts.leftovers(1));
+    wait_until(Duration::from_secs(10), "no rule left", || {
+        hosts.leftovers(1).is_empty()
+    });
     vpc_server.kill();
 }
 

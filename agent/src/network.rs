@@ -157,6 +157,30 @@ impl Networks {
         )
     }
 
+    fn hosts_path(&self, instance_id: &str) -> PathBuf {
+        self.dir.join(format!("{instance_id}.hosts"))
+    }
+
+    /// Rewrites the hosts file of `instance_id` (attached here) in place:
+    /// the sandbox's `/etc/hosts` is a bind mount of that very file.
+    pub fn set_hosts(
+        &self,
+        instance_id: &str,
+        hosts: &BTreeMap<String, String>,
+    ) -> Result<(), NetError> {
+        let _g = self.lock.lock().unwrap();
+        if !self.record_path(instance_id).exists() {
+            return Ok(());
+        }
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(self.hosts_path(instance_id))?;
+        f.write_all(hosts_text(hosts).as_bytes())?;
+        Ok(())
+    }
+
     fn record_path(&self, instance_id: &str) -> PathBuf {
         self.dir.join(format!("{instance_id}.json"))
     }
@@ -256,12 +280,8 @@ impl Networks {
         if custom_bridge.is_some() {
             nft(Some(&netns), &security_rules(&a.rules))?;
         }
-        let hosts_file = self.dir.join(format!("{instance_id}.hosts"));
-        let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost\n");
-        for (name, addr) in &a.hosts {
-            hosts.push_str(&format!("{addr}\t{name}\n"));
-        }
-        write_atomic(&hosts_file, hosts.as_bytes())?;
+        let hosts_file = self.hosts_path(instance_id);
+        write_atomic(&hosts_file, hosts_text(&a.hosts).as_bytes())?;
         // Readable by the instance's user (its mount covers /etc/hosts).
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&hosts_file, std::fs::Permissions::from_mode(0o644))?;
@@ -316,7 +336,8 @@ impl Networks {
         if !link_exists(&vxlan(vni)) {
             return Ok(());
         }
-        self.set_peers_locked(vni, peers)
+        self.set_peers_locked(vni, peers)?;
+        self.render_rules()
     }
 
     fn set_peers_locked(&self, vni: u32, peers: &[String]) -> Result<(), NetError> {
@@ -356,7 +377,7 @@ impl Networks {
         let _ = ip(&["netns", "del", &record.netns]);
         let _ = ip(&["link", "del", &record.veth]);
         let _ = std::fs::remove_file(self.record_path(&record.instance_id));
-        let _ = std::fs::remove_file(self.dir.join(format!("{}.hosts", record.instance_id)));
+        let _ = std::fs::remove_file(self.hosts_path(&record.instance_id));
         if record.vpc.is_empty() && !self.records().iter().any(|r| r.vni == record.vni) {
             let _ = ip(&["link", "del", &vxlan(record.vni)]);
             let _ = ip(&["link", "del", &bridge(record.vni)]);
@@ -412,6 +433,7 @@ impl Networks {
                 addr = r.address
             ));
         }
+        let vxlan_from = vxlan_sources(&links_named("gpx"));
         let rules = format!(
             "table inet gpupool {{\n}}\n\
              delete table inet gpupool\n\
@@ -420,6 +442,7 @@ impl Networks {
              \x20   type filter hook input priority filter; policy accept;\n\
              \x20   iifname \"gpb*\" ct state established,related accept\n\
              \x20   iifname \"gpb*\" drop\n\
+             {vxlan_from}\
              \x20 }}\n\
              \x20 chain forward {{\n\
              \x20   type filter hook forward priority filter; policy accept;\n\
@@ -537,6 +560,22 @@ fn nft(netns: Option<&str>, rules: &str) -> Result<(), NetError> {
         )));
     }
     Ok(())
+}
+
+/// A hosts file: localhost, then each name with its address; an entry
+/// that is not an IPv4 address and one plain name is left out.
+fn hosts_text(hosts: &BTreeMap<String, String>) -> String {
+    let mut text = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost\n");
+    for (name, addr) in hosts {
+        let plain = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if plain && addr.parse::<Ipv4Addr>().is_ok() {
+            text.push_str(&format!("{addr}\t{name}\n"));
+        }
+    }
+    text
 }
 
 /// Writes `path` whole or not at all (a crash leaves the old file).
@@ -663,6 +702,32 @@ fn underlay_mtu(local: Ipv4Addr) -> u32 {
         .unwrap_or(1500)
 }
 
+/// The input rule that takes VXLAN only from the nodes our networks flood
+/// to (their peers): a frame from any other address would land on a
+/// tenant's bridge. None while this node has no VXLAN device.
+fn vxlan_sources(vxlans: &[String]) -> String {
+    if vxlans.is_empty() {
+        return String::new();
+    }
+    let peers: BTreeSet<Ipv4Addr> = vxlans
+        .iter()
+        .flat_map(|vx| flood_entries(vx))
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    vxlan_rule(&peers)
+}
+
+fn vxlan_rule(peers: &BTreeSet<Ipv4Addr>) -> String {
+    if peers.is_empty() {
+        return format!("    udp dport {VXLAN_PORT} drop\n");
+    }
+    let set: Vec<String> = peers.iter().map(Ipv4Addr::to_string).collect();
+    format!(
+        "    udp dport {VXLAN_PORT} ip saddr != {{ {} }} drop\n    udp dport {VXLAN_PORT} meta nfproto ipv6 drop\n",
+        set.join(", ")
+    )
+}
+
 /// The all-zero (flood) destinations of a VXLAN device.
 fn flood_entries(vx: &str) -> BTreeSet<String> {
     bridge_cmd(&["fdb", "show", "dev", vx])
@@ -740,6 +805,19 @@ mod tests {
         assert_eq!(text.matches(" accept\n").count(), 4 + 3, "{text}");
         assert_eq!(text.matches("policy drop").count(), 2);
         assert!(!text.contains("dport 22"), "{text}");
+    }
+
+    #[test]
+    fn vxlan_is_taken_from_the_peers_only() {
+        let peers: BTreeSet<Ipv4Addr> = ["10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap()]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            vxlan_rule(&peers),
+            "    udp dport 4789 ip saddr != { 10.0.0.2, 10.0.0.3 } drop\n    udp dport 4789 meta nfproto ipv6 drop\n"
+        );
+        assert_eq!(vxlan_rule(&BTreeSet::new()), "    udp dport 4789 drop\n");
+        assert_eq!(vxlan_sources(&[]), "");
     }
 
     #[test]

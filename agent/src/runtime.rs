@@ -65,6 +65,9 @@ pub struct Serve {
     /// the node's loopback).
     #[serde(default)]
     pub address: Option<std::net::Ipv4Addr>,
+    /// In a network: its namespace, where the checks connect from.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 /// CUDA MPS limits of a fractional-GPU instance.
@@ -341,6 +344,20 @@ impl Runtime {
         }
     }
 
+    /// Rewrites a running instance's hosts file (its job's instances
+    /// changed).
+    pub fn set_network_hosts(
+        &self,
+        instance_id: &str,
+        hosts: &std::collections::BTreeMap<String, String>,
+    ) {
+        if let Some(n) = &self.networks
+            && let Err(err) = n.set_hosts(instance_id, hosts)
+        {
+            tracing::warn!(instance = %instance_id, %err, "cannot update the instance's hosts file");
+        }
+    }
+
     /// After [`Runtime::recover`]: removes the networks of instances that
     /// are gone.
     pub fn reconcile_networks(&self) {
@@ -379,6 +396,7 @@ impl Runtime {
         tracing::info!(instance = %spec.instance_id, network = %a.name, address = %attached.address, "instance attached to its network");
         if let Some(serve) = &mut spec.serve {
             serve.address = Some(attached.address);
+            serve.netns = Some(attached.netns.clone());
         }
         spec.attached = Some(attached);
         Ok(())
@@ -1920,7 +1938,7 @@ impl Runtime {
                 }
                 let ip = serve.address.unwrap_or(std::net::Ipv4Addr::LOCALHOST);
                 if let Some(h) = &serve.health {
-                    let ok = crate::serving::probe_ready(ip, port, h).await;
+                    let ok = crate::serving::probe_ready(ip, serve.netns.as_deref(), port, h).await;
                     if readiness.observe(ok, h.failure_threshold) {
                         let ready = readiness.ready;
                         tracing::info!(instance = %instance_id, ready, "readiness changed");
@@ -1936,7 +1954,8 @@ impl Runtime {
                         (Some(_), Some(pgid)) => PathBuf::from(format!("/proc/{pgid}/net")),
                         _ => PathBuf::from("/proc/net"),
                     };
-                    if activity.active(ip, &net, port, &serve.token).await {
+                    let at = (ip, serve.netns.as_deref());
+                    if activity.active(at, &net, port, &serve.token).await {
                         this.update(&instance_id, |e| {
                             e.last_activity = Some(std::time::Instant::now());
                         });

@@ -2,9 +2,10 @@
 //! services): port allocation, the readiness check of a service replica,
 //! and the user-activity watch of a notebook or TensorBoard.
 //!
-//! Checks talk to the instance on `127.0.0.1:<port>` with a minimal
-//! HTTP/1.1 client (GET, `Connection: close`), enough for health endpoints
-//! and the Jupyter server API.
+//! Checks talk to the instance on `127.0.0.1:<port>` (or, in a network, at
+//! its address from inside its namespace) with a minimal HTTP/1.1 client
+//! (GET, `Connection: close`), enough for health endpoints and the Jupyter
+//! server API.
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, TcpListener};
@@ -67,17 +68,55 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
-/// GET `http://127.0.0.1:<port><path>` with extra header lines, within
-/// `timeout`.
+/// A TCP connection to `ip:port`, made in network namespace `netns` (a
+/// file under /run/netns) when given: an instance network's address is
+/// then reached from inside, whatever the node's routes and the instance's
+/// security groups (its own address is its loopback there). The socket is
+/// made on a thread of its own that enters the namespace and ends.
+pub async fn connect(
+    ip: Ipv4Addr,
+    port: u16,
+    netns: Option<&Path>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let Some(netns) = netns else {
+        return tokio::net::TcpStream::connect((ip, port)).await;
+    };
+    let netns = netns.to_path_buf();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let made = (|| {
+            use std::os::fd::AsRawFd;
+            let ns = std::fs::File::open(&netns)?;
+            // SAFETY: setns on a namespace file this thread opened; it
+            // changes this thread's network namespace only.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let s =
+                std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(10))?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })();
+        let _ = tx.send(made);
+    });
+    let s = rx
+        .await
+        .map_err(|_| std::io::Error::other("connect thread ended"))??;
+    tokio::net::TcpStream::from_std(s)
+}
+
+/// GET `http://IP:<port><path>` (in `netns` when given) with extra header
+/// lines, within `timeout`.
 pub async fn http_get(
     ip: Ipv4Addr,
+    netns: Option<&Path>,
     port: u16,
     path: &str,
     headers: &[(&str, &str)],
     timeout: Duration,
 ) -> std::io::Result<Answer> {
     tokio::time::timeout(timeout, async {
-        let mut stream = tokio::net::TcpStream::connect((ip, port)).await?;
+        let mut stream = connect(ip, port, netns).await?;
         let mut request = format!(
             "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: gpupool-agent\r\nAccept: */*\r\nConnection: close\r\n"
         );
@@ -141,13 +180,18 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 }
 
 /// One readiness probe: an HTTP GET answered 2xx/3xx, or a TCP connect.
-pub async fn probe_ready(ip: Ipv4Addr, port: u16, check: &HealthSpec) -> bool {
+pub async fn probe_ready(
+    ip: Ipv4Addr,
+    netns: Option<&Path>,
+    port: u16,
+    check: &HealthSpec,
+) -> bool {
     let timeout = Duration::from_millis(u64::from(check.timeout_ms.max(1)));
     match &check.http_path {
-        Some(path) => http_get(ip, port, path, &[], timeout)
+        Some(path) => http_get(ip, netns, port, path, &[], timeout)
             .await
             .is_ok_and(|a| (200..400).contains(&a.status)),
-        None => tokio::time::timeout(timeout, tokio::net::TcpStream::connect((ip, port)))
+        None => tokio::time::timeout(timeout, connect(ip, port, netns))
             .await
             .is_ok_and(|r| r.is_ok()),
     }
@@ -189,8 +233,15 @@ impl ActivityWatch {
     /// previous look. A server with the Jupyter API (`/api/status`) counts
     /// by its `last_activity` and busy kernels (a browser tab left open is
     /// not activity); anything else by established connections to its port.
-    /// `ip`: where it answers; `net`: its network namespace's `/proc/.../net`.
-    pub async fn active(&mut self, ip: Ipv4Addr, net: &Path, port: u16, token: &str) -> bool {
+    /// `ip` (in `netns` when given): where it answers; `net`: its network
+    /// namespace's `/proc/.../net`.
+    pub async fn active(
+        &mut self,
+        (ip, netns): (Ipv4Addr, Option<&Path>),
+        net: &Path,
+        port: u16,
+        token: &str,
+    ) -> bool {
         let auth = format!("token {token}");
         let headers: &[(&str, &str)] = if token.is_empty() {
             &[]
@@ -204,6 +255,7 @@ impl ActivityWatch {
         // `no_track_activity`: our own requests must not count as activity.
         let status = http_get(
             ip,
+            netns,
             port,
             "/api/status?no_track_activity=1",
             headers,
@@ -222,6 +274,7 @@ impl ActivityWatch {
         self.last_seen = Some(last);
         let busy = http_get(
             ip,
+            netns,
             port,
             "/api/kernels?no_track_activity=1",
             headers,
@@ -362,13 +415,13 @@ mod tests {
             failure_threshold: 1,
             initial_delay_ms: 0,
         };
-        assert!(probe_ready(Ipv4Addr::LOCALHOST, port, &check(Some("/healthz"))).await);
-        assert!(!probe_ready(Ipv4Addr::LOCALHOST, port, &check(Some("/other"))).await);
-        assert!(probe_ready(Ipv4Addr::LOCALHOST, port, &check(None)).await);
+        assert!(probe_ready(Ipv4Addr::LOCALHOST, None, port, &check(Some("/healthz"))).await);
+        assert!(!probe_ready(Ipv4Addr::LOCALHOST, None, port, &check(Some("/other"))).await);
+        assert!(probe_ready(Ipv4Addr::LOCALHOST, None, port, &check(None)).await);
         let closed = {
             let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
             l.local_addr().unwrap().port()
         };
-        assert!(!probe_ready(Ipv4Addr::LOCALHOST, closed, &check(None)).await);
+        assert!(!probe_ready(Ipv4Addr::LOCALHOST, None, closed, &check(None)).await);
     }
 }

@@ -304,6 +304,9 @@ async fn handle(
         ),
         Some(Msg::Forget(forget)) => ctx.runtime.forget(&forget.instance_id),
         Some(Msg::NetworkPeers(p)) => ctx.runtime.set_network_peers(p.vni, &p.peers),
+        Some(Msg::NetworkHosts(h)) => ctx
+            .runtime
+            .set_network_hosts(&h.instance_id, &h.hosts.into_iter().collect()),
         Some(Msg::ReadLogs(read)) => {
             let max = (read.max_bytes as usize).clamp(1, MAX_LOG_CHUNK);
             let chunk = match ctx
@@ -508,6 +511,7 @@ fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
             watch_activity: s.watch_activity,
             token: token.clone(),
             address: None,
+            netns: None,
         }),
     }
 }

@@ -827,7 +827,7 @@ fn sim_command(
             false
         }
         // Simulated instances write no logs and build no networks.
-        Some(Msg::ReadLogs(_) | Msg::NetworkPeers(_)) | None => false,
+        Some(Msg::ReadLogs(_) | Msg::NetworkPeers(_) | Msg::NetworkHosts(_)) | None => false,
     }
 }
 

@@ -532,6 +532,10 @@ pub fn command_to_pb(cmd: AgentCommand) -> pb::SchedulerMessage {
         AgentCommand::NetworkPeers { vni, peers } => {
             Msg::NetworkPeers(pb::NetworkPeers { vni, peers })
         }
+        AgentCommand::NetworkHosts { instance_id, hosts } => Msg::NetworkHosts(pb::NetworkHosts {
+            instance_id,
+            hosts: hosts.into_iter().collect(),
+        }),
     };
     pb::SchedulerMessage { msg: Some(msg) }
 }

@@ -61,6 +61,11 @@ pub enum AgentCommand {
         vni: u32,
         peers: Vec<String>,
     },
+    /// A job's instances changed: a running one's new hosts file.
+    NetworkHosts {
+        instance_id: String,
+        hosts: BTreeMap<String, String>,
+    },
 }
 
 /// Everything the agent needs to start one instance. Its `Debug` names the

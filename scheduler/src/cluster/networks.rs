@@ -51,6 +51,43 @@ impl Cluster {
         Some(plan.allocate(&name, count, live()))
     }
 
+    /// Sends the running instances of every job with an instance being
+    /// started their job's new names: a replacement's address is not the
+    /// one of the instance it replaces (which may still be stopping).
+    fn network_hosts(&self, out: &mut Outbox) {
+        let mut starting: BTreeMap<&str, (BTreeSet<&str>, &BTreeMap<String, String>)> =
+            BTreeMap::new();
+        for (_, cmd) in out.iter() {
+            if let AgentCommand::Start(s) = cmd
+                && let Some(a) = &s.attach
+            {
+                starting
+                    .entry(s.job_id.as_str())
+                    .or_insert_with(|| (BTreeSet::new(), &a.hosts))
+                    .0
+                    .insert(s.instance_id.as_str());
+            }
+        }
+        let mut updates = Vec::new();
+        for (job_id, (ids, hosts)) in &starting {
+            let Some(job) = self.jobs.get(*job_id) else {
+                continue;
+            };
+            for inst in job.current().filter(|i| {
+                i.net.is_some() && !i.state.is_terminal() && !ids.contains(i.instance_id.as_str())
+            }) {
+                updates.push((
+                    inst.node_id.clone(),
+                    AgentCommand::NetworkHosts {
+                        instance_id: inst.instance_id.clone(),
+                        hosts: (*hosts).clone(),
+                    },
+                ));
+            }
+        }
+        out.extend(updates);
+    }
+
     /// A node among `placed` whose agent cannot build networks.
     pub(super) fn old_agent_among(
         &self,
@@ -76,6 +113,7 @@ impl Cluster {
         if self.settings.networks.is_none() {
             return;
         }
+        self.network_hosts(out);
         // network name -> (vni, instance ids being started)
         let mut starting: BTreeMap<String, (u32, BTreeSet<String>)> = BTreeMap::new();
         for (_, cmd) in out.iter() {

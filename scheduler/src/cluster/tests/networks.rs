@@ -128,3 +128,58 @@ fn an_agent_older_than_networks_gets_no_networked_instance() {
     assert_eq!(job.state, JobState::Queued);
     assert!(job.reason.contains("older than 0.2.0"), "{}", job.reason);
 }
+
+#[test]
+fn a_replacement_s_siblings_are_told_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 0);
+    for (n, a) in [("n1", "192.0.2.1"), ("n2", "192.0.2.2")] {
+        c.register_node(n, node(a), 0).unwrap();
+    }
+    let mut out = Outbox::new();
+    let gang = c
+        .submit(
+            &admin(),
+            RawJobSpec {
+                instances: 2,
+                ..raw(1)
+            },
+            10,
+            &mut out,
+        )
+        .unwrap();
+    c.network_peers(&mut out);
+    // Both start together: no sibling runs yet, none is told anything.
+    assert!(
+        !out.iter()
+            .any(|(_, c)| matches!(c, AgentCommand::NetworkHosts { .. }))
+    );
+    let (node0, rank0) = starts(&out)
+        .into_iter()
+        .find(|(_, s)| s.rank == 0)
+        .map(|(n, s)| (n.to_string(), s.instance_id.clone()))
+        .unwrap();
+    // Rank 1 started again (a replacement, with a new address).
+    let mut again = starts(&out)
+        .into_iter()
+        .find(|(_, s)| s.rank == 1)
+        .map(|(n, s)| (n.to_string(), s.clone()))
+        .unwrap();
+    again.1.instance_id = format!("{}-1-n1", gang.job_id);
+    let name = format!("1.{}", gang.job_id);
+    let attach = again.1.attach.as_mut().unwrap();
+    attach.hosts.insert(name.clone(), "10.144.0.9".into());
+    let mut out = vec![(again.0, AgentCommand::Start(Box::new(again.1)))];
+    c.network_peers(&mut out);
+    let told: Vec<_> = out
+        .iter()
+        .filter_map(|(n, c)| match c {
+            AgentCommand::NetworkHosts { instance_id, hosts } => Some((n, instance_id, hosts)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(told.len(), 2, "{told:?}");
+    let to_rank0 = told.iter().find(|t| *t.1 == rank0).expect("rank 0 told");
+    assert_eq!(*to_rank0.0, node0);
+    assert_eq!(to_rank0.2[&name], "10.144.0.9");
+}
