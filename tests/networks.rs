@@ -236,6 +236,29 @@ impl Drop for Route {
     }
 }
 
+/// Runs `args` in instance namespace `ns`, entered through its shim's
+/// process (the agents run in mount namespaces of their own, where its
+/// /run/netns mount is).
+fn in_instance_ns(ns: &str, args: &[&str]) -> String {
+    let needle = format!("--netns\0/run/netns/{ns}\0");
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .unwrap_or_else(|| panic!("no process of {ns}"));
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .arg("--")
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The instance namespaces (`gpi-*`) on this machine.
 fn instance_namespaces() -> Vec<String> {
     ip(&["netns", "list"])
@@ -416,6 +439,20 @@ async fn tenant_and_job_networks_are_real_and_isolated() {
         assert!(i.network_address.starts_with("10.144."), "{i:?}");
     }
     assert_ne!(replicas[0].network_address, replicas[1].network_address);
+    // IPv4 only in the instances' namespaces: no IPv6 address at all.
+    let mine: Vec<String> = instance_namespaces()
+        .into_iter()
+        .filter(|n| !before.contains(n))
+        .collect();
+    assert_eq!(mine.len(), 2, "{mine:?}");
+    for ns in &mine {
+        let v6 = in_instance_ns(ns, &["ip", "-6", "addr", "show"]);
+        assert!(v6.trim().is_empty(), "{ns}: {v6}");
+        assert!(
+            in_instance_ns(ns, &["ip", "-4", "addr", "show"]).contains("10.144."),
+            "the check sees the instance's namespace"
+        );
+    }
     for rank in 0..2 {
         let other = &replicas[1 - rank];
         wait_until(
@@ -535,10 +572,13 @@ async fn tenant_and_job_networks_are_real_and_isolated() {
     let h1 = replicas.iter().find(|i| i.node_id == "h1").unwrap();
     let _route = Route::add(&a_subnet, &hosts.hosts[0].address);
     assert!(h1.network_address.starts_with("10.144.0."), "{h1:?}");
-    let targets: Vec<String> = replicas
+    let mut targets: Vec<String> = replicas
         .iter()
         .map(|i| format!("{}:18080", i.network_address))
         .collect();
+    // Nor the scheduler, on the nodes' own network (the underlay).
+    let scheduler = addr.trim_start_matches("http://").to_string();
+    targets.push(scheduler.clone());
     let probe = submit_id(
         &sched,
         &token_b,
@@ -727,7 +767,7 @@ def serve(port):
 for p in (9000, 9001):
     threading.Thread(target=serve, args=(p,), daemon=True).start()
 vpc = os.environ["VPC_HOST"]
-# (not `{port}` in the text: the agent expands that in a service's command)
+# (no brace-wrapped "port" in this text: the agent expands it in a service command)
 for dest in (8080, 8081):
     try:
         c = socket.create_connection((vpc, dest), timeout=3)
@@ -824,8 +864,8 @@ async fn a_custom_network_is_the_vpc_with_its_security_groups() {
     let config = format!(
         "[networks]\nenabled = true\n\
          [networks.subnets.subnet-t]\nvpc = \"vpc-t\"\ncidr = \"192.168.{id}.0/24\"\n\
-         first = \"192.168.{id}.100\"\nlast = \"192.168.{id}.120\"\n\
-         [networks.security_groups.sg-t]\n\
+         first = \"192.168.{id}.100\"\nlast = \"192.168.{id}.120\"\ntenants = [\"net-c\"]\n\
+         [networks.security_groups.sg-t]\ntenants = [\"net-c\"]\n\
          ingress = [{{ protocol = \"tcp\", ports = \"9000\", cidr = \"192.168.{id}.0/24\" }}]\n\
          egress = [{{ protocol = \"tcp\", ports = \"8080\", cidr = \"{vpc_host}/32\" }}]\n"
     );
@@ -844,6 +884,7 @@ async fn a_custom_network_is_the_vpc_with_its_security_groups() {
     wait_ready(&sched, 1).await;
     let mut admin = sched.admin().await;
     let token = tenant_with_token(&mut admin, "net-c", 1, 8).await;
+    let other = tenant_with_token(&mut admin, "net-d", 1, 8).await;
     let spec = admin
         .pools
         .list_specs(pb::ListSpecsRequest {})
@@ -855,9 +896,9 @@ async fn a_custom_network_is_the_vpc_with_its_security_groups() {
         .find(|s| s.gpu_model == "H100-80GB")
         .expect("a spec of the fake GPUs")
         .name;
-    let create = |subnet: &str, group: &str| {
+    let create_as = |token: &str, subnet: &str, group: &str| {
         sched.cli_as(
-            &token,
+            token,
             &[
                 "pool",
                 "create",
@@ -880,7 +921,16 @@ async fn a_custom_network_is_the_vpc_with_its_security_groups() {
             ],
         )
     };
-    // Unknown ids are refused, each named.
+    let create = |subnet: &str, group: &str| create_as(&token, subnet, group);
+    // Unknown ids are refused, each named; so are ids not open to the
+    // tenant.
+    let refused = create_as(&other, "subnet-t", "sg-t");
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        why.contains("\"subnet-t\"") && why.contains("\"sg-t\""),
+        "{why}"
+    );
     let refused = create("subnet-x", "sg-x");
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());

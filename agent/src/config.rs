@@ -161,6 +161,11 @@ pub struct NetworksConfig {
     /// node's link, VLAN or macvlan parent on that VPC).
     #[serde(default)]
     pub vpcs: std::collections::BTreeMap<String, String>,
+    /// Ranges instances may not reach through the node, besides those
+    /// always denied (link-local, i.e. cloud metadata, and the node's own
+    /// subnet), e.g. `["10.0.0.0/8"]` for a management network.
+    #[serde(default)]
+    pub egress_deny: Vec<String>,
 }
 
 /// `[registries."host:port"]`.
@@ -253,6 +258,26 @@ impl AgentConfig {
                 "field `port_range` must be [first, last] with 0 < first <= last (got [{first}, {last}])"
             ));
         }
+        if let Some(bad) = self
+            .networks
+            .egress_deny
+            .iter()
+            .find(|c| !crate::network::is_cidr(c.trim()))
+        {
+            return Err(format!(
+                "field `networks.egress_deny`: {bad:?} is not an IPv4 CIDR like 10.0.0.0/8"
+            ));
+        }
+        if let Some((vpc, br)) = self
+            .networks
+            .vpcs
+            .iter()
+            .find(|(_, br)| !crate::network::is_ifname(br))
+        {
+            return Err(format!(
+                "field `networks.vpcs`: {vpc:?} = {br:?} is not an interface name"
+            ));
+        }
         Ok(())
     }
 
@@ -282,6 +307,20 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_settings_are_checked() {
+        let base = "scheduler_addr = \"127.0.0.1:7070\"\n[networks]\n";
+        assert!(AgentConfig::parse(&format!("{base}egress_deny = [\"10.0.0.0/8\"]")).is_ok());
+        for bad in [
+            "egress_deny = [\"10.0.0.0/+8\"]",
+            "egress_deny = [\"10.0.0.0/8 accept\"]",
+            "vpcs = { v = \"br0 accept\" }",
+        ] {
+            let err = AgentConfig::parse(&format!("{base}{bad}")).unwrap_err();
+            assert!(err.contains("networks."), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

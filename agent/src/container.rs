@@ -362,6 +362,12 @@ pub fn runtime_spec(
                "options": ["nosuid", "noexec", "nodev", "ro"]}),
         );
     }
+    // In an instance network the node's sysfs is bound in (above): its
+    // network devices (every instance's veth and counters) are hidden.
+    let mut masked: Vec<&str> = MASKED.to_vec();
+    if b.host_network && b.hosts_file.is_some() {
+        masked.extend(["/sys/class/net", "/sys/devices/virtual/net"]);
+    }
     if let Some(dir) = b.mps_pipe_dir {
         mounts.push(json!({"destination": dir, "type": "bind", "source": dir,
                "options": ["rbind", "rw", "nosuid", "nodev"]}));
@@ -422,7 +428,7 @@ pub fn runtime_spec(
                 "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64"],
                 "syscalls": seccomp_rules(),
             },
-            "maskedPaths": MASKED,
+            "maskedPaths": masked,
             "readonlyPaths": READONLY,
         },
     });
@@ -577,6 +583,17 @@ mod tests {
         let v = serde_json::to_value(runtime_spec(&b, Path::new("/x")).unwrap()).unwrap();
         assert_eq!(v["process"]["args"], json!(["/bin/sh", "-c", "ls"]));
         assert!(!v["linux"]["namespaces"].to_string().contains("network"));
+        let masked = |v: &serde_json::Value| v["linux"]["maskedPaths"].to_string();
+        assert!(!masked(&v).contains("/sys/class/net"));
+        // In an instance network (its hosts file): the node's network
+        // devices are hidden.
+        let b = BundleSpec {
+            hosts_file: Some(Path::new("/state/networks/i-1.hosts")),
+            ..b
+        };
+        let v = serde_json::to_value(runtime_spec(&b, Path::new("/x")).unwrap()).unwrap();
+        assert!(masked(&v).contains("\"/sys/class/net\""), "{}", masked(&v));
+        assert!(masked(&v).contains("/sys/devices/virtual/net"));
     }
 
     #[test]

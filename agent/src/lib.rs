@@ -178,8 +178,11 @@ pub async fn run(
     };
     // Instance networks: a root agent with an IPv4 address builds them.
     let runtime = if root {
-        match network::Networks::new(&config.state_dir, &address) {
-            Ok(n) => runtime.with_networks(n.with_vpcs(config.networks.vpcs.clone())),
+        let networks = network::Networks::new(&config.state_dir, &address)
+            .and_then(|n| n.with_vpcs(config.networks.vpcs.clone()))
+            .and_then(|n| n.with_egress_deny(&config.networks.egress_deny));
+        match networks {
+            Ok(n) => runtime.with_networks(n),
             Err(err) => {
                 tracing::warn!(%err, "instance networks are off on this node");
                 runtime

@@ -106,6 +106,10 @@ pub struct Networks {
     tag: String,
     /// VPC id -> the node's bridge on that VPC (custom networks).
     vpcs: BTreeMap<String, String>,
+    /// Where instances may not send (besides the node itself): link-local
+    /// (cloud metadata), the node's own subnet (the other nodes, the
+    /// scheduler) and the operator's `egress_deny`.
+    deny: Vec<String>,
     lock: Mutex<()>,
 }
 
@@ -136,15 +140,41 @@ impl Networks {
             local,
             tag,
             vpcs: BTreeMap::new(),
+            deny: [Some("169.254.0.0/16".to_string()), underlay_cidr(local)]
+                .into_iter()
+                .flatten()
+                .collect(),
             lock: Mutex::new(()),
         })
     }
 
+    /// More ranges instances may not reach (agent config
+    /// `[networks] egress_deny`); each must be an IPv4 CIDR.
+    pub fn with_egress_deny(mut self, cidrs: &[String]) -> Result<Self, NetError> {
+        for c in cidrs {
+            let c = c.trim();
+            if !is_cidr(c) {
+                return Err(NetError::Bad(format!(
+                    "egress_deny: {c:?} is not an IPv4 CIDR like 10.0.0.0/8"
+                )));
+            }
+            self.deny.push(c.to_string());
+        }
+        Ok(self)
+    }
+
     /// The node's bridges of custom networks, by VPC id (agent config
     /// `[networks.vpcs]`).
-    pub fn with_vpcs(mut self, vpcs: BTreeMap<String, String>) -> Self {
+    pub fn with_vpcs(mut self, vpcs: BTreeMap<String, String>) -> Result<Self, NetError> {
+        for br in vpcs.values() {
+            if !is_ifname(br) {
+                return Err(NetError::Bad(format!(
+                    "vpcs: {br:?} is not an interface name"
+                )));
+            }
+        }
         self.vpcs = vpcs;
-        self
+        Ok(self)
     }
 
     fn names(&self, instance_id: &str) -> (String, String, String) {
@@ -263,6 +293,20 @@ impl Networks {
         ip(&["link", "set", &temp, "netns", &netns])?;
         ip(&["link", "set", &veth, "master", &master, "up"])?;
         ip(&["-n", &netns, "link", "set", &temp, "name", "eth0"])?;
+        // IPv4 only: no link-local address, no router advertisement taken.
+        // (Best effort: a kernel without IPv6 has nothing to turn off.)
+        let _ = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &netns,
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; \
+                 echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
+            ],
+        );
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         ip(&[
@@ -434,6 +478,20 @@ impl Networks {
             ));
         }
         let vxlan_from = vxlan_sources(&links_named("gpx"));
+        // What instances may not reach through the node: the deny ranges,
+        // and the custom networks' bridges (another tenant's VPC).
+        let mut deny = format!(
+            "    iifname \"gpb*\" ip daddr {{ {} }} drop\n",
+            self.deny.join(", ")
+        );
+        let vpc_bridges: BTreeSet<&String> = self.vpcs.values().collect();
+        if !vpc_bridges.is_empty() {
+            let names: Vec<String> = vpc_bridges.iter().map(|b| format!("\"{b}\"")).collect();
+            deny.push_str(&format!(
+                "    iifname \"gpb*\" oifname {{ {} }} drop\n",
+                names.join(", ")
+            ));
+        }
         let rules = format!(
             "table inet gpupool {{\n}}\n\
              delete table inet gpupool\n\
@@ -450,6 +508,8 @@ impl Networks {
              \x20   oifname \"gpb*\" ct state established,related accept\n\
              \x20   oifname \"gpb*\" ct status dnat accept\n\
              \x20   oifname \"gpb*\" drop\n\
+             \x20   iifname \"gpb*\" ct state established,related accept\n\
+             {deny}\
              \x20   iifname \"gpb*\" udp dport {VXLAN_PORT} drop\n\
              \x20 }}\n\
              \x20 chain prerouting {{\n\
@@ -478,9 +538,7 @@ fn security_rules(rules: &[Rule]) -> String {
     // Built from checked parts only (a malformed rule is left out: it
     // lets nothing through).
     let line = |r: &Rule| {
-        let (ip, len) = r.cidr.split_once('/')?;
-        let (_, len): (Ipv4Addr, u8) = (ip.parse().ok()?, len.parse().ok()?);
-        if len > 32 {
+        if !is_cidr(&r.cidr) {
             return None;
         }
         let dir = if r.ingress { "saddr" } else { "daddr" };
@@ -700,6 +758,44 @@ fn underlay_mtu(local: Ipv4Addr) -> u32 {
         .map(|dev| dev.split('@').next().unwrap_or(dev).to_string())
         .and_then(|dev| link_mtu(&dev))
         .unwrap_or(1500)
+}
+
+/// The subnet of the link that holds `local` (`10.0.0.0/24`).
+fn underlay_cidr(local: Ipv4Addr) -> Option<String> {
+    let out = ip(&["-o", "-4", "addr", "show"]).ok()?;
+    let needle = format!("inet {local}/");
+    let line = out.lines().find(|l| l.contains(&needle))?;
+    let len: u8 = line
+        .split(&needle)
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    if len > 32 {
+        return None;
+    }
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Some(format!("{}/{len}", Ipv4Addr::from(u32::from(local) & mask)))
+}
+
+/// A plain interface name (what `ip` and `nft` take as one word).
+pub(crate) fn is_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// `A.B.C.D/LEN`, LEN 0..=32 in digits.
+pub(crate) fn is_cidr(text: &str) -> bool {
+    text.split_once('/').is_some_and(|(ip, len)| {
+        ip.parse::<Ipv4Addr>().is_ok()
+            && !len.is_empty()
+            && len.bytes().all(|b| b.is_ascii_digit())
+            && len.parse::<u8>().is_ok_and(|l| l <= 32)
+    })
 }
 
 /// The input rule that takes VXLAN only from the nodes our networks flood

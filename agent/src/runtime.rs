@@ -1136,6 +1136,7 @@ impl Runtime {
                 .is_none_or(|e| e.stop_requested);
             match prepared {
                 Ok(_) if stopped => {
+                    this.detach_network(&spec.instance_id);
                     this.update(&spec.instance_id, |e| {
                         e.report.phase = Phase::Stopped;
                         e.report.pull = None;
@@ -1156,6 +1157,7 @@ impl Runtime {
                 }
                 Err(err) => {
                     tracing::warn!(instance = %spec.instance_id, error = %err, "image not prepared");
+                    this.detach_network(&spec.instance_id);
                     this.update(&spec.instance_id, |e| {
                         e.report.pull = None;
                         e.report.phase = Phase::Failed;
@@ -1301,6 +1303,8 @@ impl Runtime {
             Err(err) => {
                 tracing::warn!(instance = %spec.instance_id, error = %err, "instance failed to start");
                 let _ = std::fs::remove_dir_all(self.bundles_dir().join(&spec.instance_id));
+                // Its address goes back to the plan: nothing may keep it.
+                self.detach_network(&spec.instance_id);
                 self.update(&spec.instance_id, |e| {
                     e.report.phase = Phase::Failed;
                     e.report.reason = format!("failed to start: {err}");

@@ -156,6 +156,10 @@ pub struct SubnetConfig {
     /// the VPC's own DHCP range).
     pub first: String,
     pub last: String,
+    /// The tenants whose pools may use it (`"*"`: every tenant); none by
+    /// default.
+    #[serde(default)]
+    pub tenants: Vec<String>,
 }
 
 /// `[networks.security_groups.ID]`.
@@ -166,6 +170,10 @@ pub struct SecurityGroupConfig {
     pub ingress: Vec<SecurityRuleConfig>,
     #[serde(default)]
     pub egress: Vec<SecurityRuleConfig>,
+    /// The tenants whose pools may use it (`"*"`: every tenant); none by
+    /// default.
+    #[serde(default)]
+    pub tenants: Vec<String>,
 }
 
 /// `{ protocol = "tcp", ports = "8000-8100", cidr = "10.0.0.0/8" }`.
@@ -240,6 +248,26 @@ impl NetworksConfig {
             if s.vpc.trim().is_empty() {
                 return Err(at("vpc must be given".into()));
             }
+            let overlaps = |(b, l): (u32, u8)| {
+                let m = crate::domain::network::mask(len.min(l));
+                b & m == base & m
+            };
+            if self.enabled
+                && let Ok(range) = parse_cidr(&self.cidr)
+                && overlaps(range)
+            {
+                return Err(at(format!(
+                    "{} overlaps networks.cidr {}",
+                    s.cidr, self.cidr
+                )));
+            }
+            if let Some((other, _)) = out
+                .subnets
+                .iter()
+                .find(|(_, o)| parse_cidr(&o.cidr).is_ok_and(overlaps))
+            {
+                return Err(at(format!("{} overlaps networks.subnets.{other}", s.cidr)));
+            }
             out.subnets.insert(
                 id.clone(),
                 CustomSubnet {
@@ -248,6 +276,7 @@ impl NetworksConfig {
                     gateway: s.gateway.clone(),
                     first,
                     last,
+                    tenants: s.tenants.clone(),
                 },
             );
         }
@@ -264,6 +293,7 @@ impl NetworksConfig {
                 }
             }
             out.groups.insert(id.clone(), rules);
+            out.group_tenants.insert(id.clone(), g.tenants.clone());
         }
         Ok(out)
     }
@@ -724,9 +754,10 @@ mod tests {
 
     const CUSTOM: &str = "[networks]\nenabled = true\n\
         [networks.subnets.s1]\nvpc = \"v1\"\ncidr = \"192.168.5.0/24\"\n\
-        first = \"192.168.5.100\"\nlast = \"192.168.5.101\"\n\
-        [networks.security_groups.web]\n\
-        ingress = [{ protocol = \"tcp\", ports = \"80\", cidr = \"0.0.0.0/0\" }]\n";
+        first = \"192.168.5.100\"\nlast = \"192.168.5.101\"\ntenants = [\"acme\"]\n\
+        [networks.security_groups.web]\ntenants = [\"*\"]\n\
+        ingress = [{ protocol = \"tcp\", ports = \"80\", cidr = \"0.0.0.0/0\" }]\n\
+        [networks.security_groups.db]\ntenants = [\"beta\"]\n";
 
     #[test]
     fn r_create_14_custom_subnets_and_security_groups_are_checked() {
@@ -736,17 +767,25 @@ mod tests {
             .custom()
             .unwrap();
         assert_eq!(custom.groups["web"][0].ports, (80, 80));
-        let no = |ids: (&str, &str, &[&str])| {
+        let no = |tenant: &str, ids: (&str, &str, &[&str])| {
             let groups: Vec<String> = ids.2.iter().map(|g| g.to_string()).collect();
-            custom.check(ids.0, ids.1, &groups).unwrap_err()
+            custom.check(tenant, ids.0, ids.1, &groups).unwrap_err()
         };
-        let err = no(("v1", "s9", &["web", "db"]));
+        let err = no("acme", ("v1", "s9", &["web", "nope"]));
         assert!(
-            err.contains("subnet \"s9\"") && err.contains("security group \"db\""),
+            err.contains("subnet \"s9\"") && err.contains("security group \"nope\""),
             "{err}"
         );
-        assert!(no(("v2", "s1", &[])).contains("in VPC \"v1\""));
-        assert!(custom.check("v1", "s1", &["web".into()]).is_ok());
+        assert!(no("acme", ("v2", "s1", &[])).contains("in VPC \"v1\""));
+        assert!(custom.check("acme", "v1", "s1", &["web".into()]).is_ok());
+        // Open to its tenants only: another's reads as unknown.
+        let err = no("beta", ("v1", "s1", &["web"]));
+        assert!(
+            err.contains("subnet \"s1\"") && !err.contains("VPC"),
+            "{err}"
+        );
+        let err = no("acme", ("v1", "s1", &["db"]));
+        assert!(err.contains("security group \"db\""), "{err}");
         // Two addresses: the third instance waits for one.
         let two = custom.allocate("s1", &["web".into()], 2, []).unwrap();
         assert_eq!(two[1].address, "192.168.5.101");
@@ -757,6 +796,13 @@ mod tests {
             ("cidr = \"192.168.5.0/24\"", "cidr = \"192.168.5.1/24\""),
             ("ports = \"80\"", "ports = \"80-70\""),
             ("protocol = \"tcp\"", "protocol = \"sctp\""),
+            ("cidr = \"0.0.0.0/0\"", "cidr = \"0.0.0.0/+0\""),
+            (
+                "tenants = [\"beta\"]\n",
+                "tenants = [\"beta\"]\n[networks.subnets.s2]\nvpc = \"v1\"\n\
+                 cidr = \"192.168.0.0/16\"\nfirst = \"192.168.9.1\"\nlast = \"192.168.9.2\"\n",
+            ),
+            ("cidr = \"192.168.5.0/24\"", "cidr = \"10.144.5.0/24\""),
         ] {
             let text = CUSTOM.replace(bad, what);
             let err = SchedulerConfig::parse(&text).unwrap_err();

@@ -367,7 +367,7 @@ impl Cluster {
         {
             self.settings
                 .custom_networks
-                .check(vpc_id, subnet_id, security_group_ids)
+                .check(&owner, vpc_id, subnet_id, security_group_ids)
                 .map_err(PoolError::UnknownNetwork)?;
         }
         if self

@@ -154,7 +154,7 @@ impl std::fmt::Display for Plan {
     }
 }
 
-fn mask(len: u8) -> u32 {
+pub(crate) fn mask(len: u8) -> u32 {
     if len == 0 { 0 } else { u32::MAX << (32 - len) }
 }
 
@@ -234,6 +234,9 @@ pub fn parse_cidr(cidr: &str) -> Result<(u32, u8), String> {
     let bad = || format!("{cidr:?} is not an IPv4 CIDR like 192.168.0.0/24");
     let (ip, len) = cidr.trim().split_once('/').ok_or_else(bad)?;
     let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
     let len: u8 = len.parse().map_err(|_| bad())?;
     if len > 32 || u32::from(ip) & !mask(len) != 0 {
         return Err(bad());
@@ -251,6 +254,8 @@ pub struct CustomSubnet {
     pub gateway: String,
     pub first: u32,
     pub last: u32,
+    /// Tenants whose pools may use it (`*`: all).
+    pub tenants: Vec<String>,
 }
 
 /// The operator's custom subnets and security groups, by id.
@@ -258,14 +263,30 @@ pub struct CustomSubnet {
 pub struct Custom {
     pub subnets: BTreeMap<String, CustomSubnet>,
     pub groups: BTreeMap<String, Vec<SgRule>>,
+    /// Tenants whose pools may use each group (`*`: all).
+    pub group_tenants: BTreeMap<String, Vec<String>>,
+}
+
+fn open_to(tenants: &[String], tenant: &str) -> bool {
+    tenants.iter().any(|t| t == "*" || t == tenant)
 }
 
 impl Custom {
-    /// Refuses a pool's custom network whose ids the config does not hold,
-    /// naming them.
-    pub fn check(&self, vpc_id: &str, subnet_id: &str, groups: &[String]) -> Result<(), String> {
+    /// Refuses `tenant`'s pool a custom network whose ids the config does
+    /// not hold, or does not open to the tenant, naming them. (Not open
+    /// and unknown read alike: a tenant learns no other tenant's ids.)
+    pub fn check(
+        &self,
+        tenant: &str,
+        vpc_id: &str,
+        subnet_id: &str,
+        groups: &[String],
+    ) -> Result<(), String> {
         let mut unknown = Vec::new();
         match self.subnets.get(subnet_id) {
+            Some(s) if !open_to(&s.tenants, tenant) => {
+                unknown.push(format!("subnet {subnet_id:?}"));
+            }
             None => unknown.push(format!("subnet {subnet_id:?}")),
             Some(s) if s.vpc != vpc_id => {
                 return Err(format!(
@@ -275,14 +296,20 @@ impl Custom {
             }
             Some(_) => {}
         }
-        for g in groups.iter().filter(|g| !self.groups.contains_key(*g)) {
-            unknown.push(format!("security group {g:?}"));
+        for g in groups {
+            let open = self
+                .group_tenants
+                .get(g)
+                .is_some_and(|t| open_to(t, tenant));
+            if !open {
+                unknown.push(format!("security group {g:?}"));
+            }
         }
         if unknown.is_empty() {
             Ok(())
         } else {
             Err(format!(
-                "unknown {} (the scheduler's [networks.subnets] and [networks.security_groups] hold the ids)",
+                "unknown {} (the scheduler's [networks.subnets] and [networks.security_groups] hold the ids and the tenants each is open to)",
                 unknown.join(", ")
             ))
         }
