@@ -798,30 +798,51 @@ pub(crate) fn is_cidr(text: &str) -> bool {
     })
 }
 
-/// The input rule that takes VXLAN only from the nodes our networks flood
-/// to (their peers): a frame from any other address would land on a
-/// tenant's bridge. None while this node has no VXLAN device.
+/// The input rules that take each network's VXLAN only from the nodes it
+/// floods to (its peers), matched on the VNI in the VXLAN header, and no
+/// VXLAN for a network this node does not hold: a frame from anywhere else
+/// would land on a tenant's bridge. None while this node has no VXLAN
+/// device.
 fn vxlan_sources(vxlans: &[String]) -> String {
-    if vxlans.is_empty() {
-        return String::new();
-    }
-    let peers: BTreeSet<Ipv4Addr> = vxlans
+    let nets: BTreeMap<u32, BTreeSet<Ipv4Addr>> = vxlans
         .iter()
-        .flat_map(|vx| flood_entries(vx))
-        .filter_map(|p| p.parse().ok())
+        .filter_map(|vx| Some((vx.strip_prefix("gpx")?.parse().ok()?, vx)))
+        .map(|(vni, vx)| {
+            let peers = flood_entries(vx)
+                .iter()
+                .filter_map(|p| p.parse().ok())
+                .collect();
+            (vni, peers)
+        })
         .collect();
-    vxlan_rule(&peers)
+    vxlan_rules(&nets)
 }
 
-fn vxlan_rule(peers: &BTreeSet<Ipv4Addr>) -> String {
-    if peers.is_empty() {
-        return format!("    udp dport {VXLAN_PORT} drop\n");
+/// The VNI: bits 96..120 of the UDP datagram (8 bytes of UDP header, then
+/// flags and 3 reserved bytes of VXLAN's).
+fn vxlan_rules(nets: &BTreeMap<u32, BTreeSet<Ipv4Addr>>) -> String {
+    if nets.is_empty() {
+        return String::new();
     }
-    let set: Vec<String> = peers.iter().map(Ipv4Addr::to_string).collect();
-    format!(
-        "    udp dport {VXLAN_PORT} ip saddr != {{ {} }} drop\n    udp dport {VXLAN_PORT} meta nfproto ipv6 drop\n",
-        set.join(", ")
-    )
+    let vni = "@th,96,24";
+    let mut out = String::new();
+    for (id, peers) in nets {
+        if peers.is_empty() {
+            out.push_str(&format!("    udp dport {VXLAN_PORT} {vni} {id} drop\n"));
+        } else {
+            let set: Vec<String> = peers.iter().map(Ipv4Addr::to_string).collect();
+            out.push_str(&format!(
+                "    udp dport {VXLAN_PORT} {vni} {id} ip saddr != {{ {} }} drop\n",
+                set.join(", ")
+            ));
+        }
+    }
+    let ids: Vec<String> = nets.keys().map(u32::to_string).collect();
+    out.push_str(&format!(
+        "    udp dport {VXLAN_PORT} {vni} != {{ {} }} drop\n    udp dport {VXLAN_PORT} meta nfproto ipv6 drop\n",
+        ids.join(", ")
+    ));
+    out
 }
 
 /// The all-zero (flood) destinations of a VXLAN device.
@@ -904,15 +925,19 @@ mod tests {
     }
 
     #[test]
-    fn vxlan_is_taken_from_the_peers_only() {
+    fn vxlan_is_taken_from_each_network_s_peers_only() {
         let peers: BTreeSet<Ipv4Addr> = ["10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap()]
             .into_iter()
             .collect();
+        let nets = BTreeMap::from([(0x10_0001, peers), (0x10_0002, BTreeSet::new())]);
         assert_eq!(
-            vxlan_rule(&peers),
-            "    udp dport 4789 ip saddr != { 10.0.0.2, 10.0.0.3 } drop\n    udp dport 4789 meta nfproto ipv6 drop\n"
+            vxlan_rules(&nets),
+            "    udp dport 4789 @th,96,24 1048577 ip saddr != { 10.0.0.2, 10.0.0.3 } drop\n\
+             \x20   udp dport 4789 @th,96,24 1048578 drop\n\
+             \x20   udp dport 4789 @th,96,24 != { 1048577, 1048578 } drop\n\
+             \x20   udp dport 4789 meta nfproto ipv6 drop\n"
         );
-        assert_eq!(vxlan_rule(&BTreeSet::new()), "    udp dport 4789 drop\n");
+        assert_eq!(vxlan_rules(&BTreeMap::new()), "");
         assert_eq!(vxlan_sources(&[]), "");
     }
 

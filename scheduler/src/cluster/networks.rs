@@ -20,11 +20,20 @@ impl Cluster {
         let plan = self.settings.networks?;
         let job = self.jobs.get(job_id)?;
         let pool = self.pools.get(&job.pool_id);
+        // Held: the addresses of live instances, and of those lost on a
+        // node that has not come back (it may still run them: their
+        // namespace is on the network's bridge there).
         let live = || {
             self.jobs
                 .values()
                 .flat_map(|j| j.instances.iter())
-                .filter(|i| !i.state.is_terminal())
+                .filter(|i| {
+                    !i.state.is_terminal()
+                        || (i.state == crate::domain::InstanceState::Lost
+                            && self.nodes.get(&i.node_id).is_some_and(|n| {
+                                n.status != crate::domain::node::NodeStatus::Ready
+                            }))
+                })
                 .filter_map(|i| i.net.as_ref())
         };
         if let Some(Network::Custom {

@@ -183,3 +183,43 @@ fn a_replacement_s_siblings_are_told_its_name() {
     assert_eq!(*to_rank0.0, node0);
     assert_eq!(to_rank0.2[&name], "10.144.0.9");
 }
+
+#[test]
+fn a_lost_instance_s_address_is_held_while_its_node_is_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 0);
+    let grace = settings().node_grace_ms;
+    c.register_node("n1", node("192.0.2.1"), 0).unwrap();
+    let mut out = Outbox::new();
+    let job = c
+        .submit(
+            &admin(),
+            RawJobSpec {
+                max_retries: 1,
+                ..raw(1)
+            },
+            10,
+            &mut out,
+        )
+        .unwrap();
+    let first = starts(&out)[0].1.attach.clone().unwrap().address;
+    // n1 goes silent (it may still run the instance); n2 is there.
+    c.register_node("n2", node("192.0.2.2"), grace).unwrap();
+    out.clear();
+    c.tick(grace + 10, &mut out);
+    // The retry waits its backoff; n2 keeps beating.
+    let mut now = grace + 10;
+    while now < grace + 10 + 60_000 {
+        now += grace / 2;
+        c.heartbeat("n2", None, vec![], now, &mut out);
+        c.tick(now, &mut out);
+    }
+    let job = c.job(&admin(), &job.job_id).unwrap();
+    let retry = job
+        .instances
+        .iter()
+        .find(|i| i.node_id == "n2")
+        .expect("retried on n2");
+    let again = &retry.net.as_ref().unwrap().address;
+    assert_ne!(*again, first, "the lost instance's address was reused");
+}
