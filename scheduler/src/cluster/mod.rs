@@ -296,6 +296,9 @@ pub struct Cluster {
     jobs_on_node: HashMap<String, std::collections::BTreeSet<String>>,
     /// The job `submit` is placing, written by `submit` itself.
     unwritten: Option<String>,
+    /// Network name -> (VNI, the nodes its agents were last told it
+    /// spans); in memory only (after a restart, from the next start on).
+    net_spans: HashMap<String, (u32, std::collections::BTreeSet<String>)>,
     /// Jobs that waited to be placed at the last pass (or were submitted
     /// since): with the jobs written since (the store's
     /// [`staged::StagedStore::touched_jobs`]), every job that may wait now,
@@ -406,6 +409,7 @@ impl Cluster {
             waits: HashMap::new(),
             jobs_on_node: HashMap::new(),
             unwritten: None,
+            net_spans: HashMap::new(),
             waiting: Default::default(),
             learned: shapes::Learned::load(snapshot.placement_shapes.as_deref()),
             recent_written_ms: now_ms,
@@ -1228,6 +1232,7 @@ impl Cluster {
         self.advance_rollouts(now_ms, out);
         self.advance_recent_shares(now_ms);
         self.schedule(now_ms, out);
+        self.prune_network_peers(out);
     }
 
     /// Every live instance on the node is Lost, for `why`; their jobs

@@ -2,7 +2,7 @@
 //! ([`crate::domain::network`]), and the VXLAN peers of each network sent
 //! to the agents that build it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{AgentCommand, Cluster, Outbox};
 use crate::domain::network::{self, InstanceNet, PlanError};
@@ -118,7 +118,7 @@ impl Cluster {
     /// the new peer list to the network's other nodes when a start brings
     /// it to a node it did not span. Stale peers (nodes whose instances
     /// ended) go with the next change: flooding to them is harmless.
-    pub fn network_peers(&self, out: &mut Outbox) {
+    pub fn network_peers(&mut self, out: &mut Outbox) {
         if self.settings.networks.is_none() {
             return;
         }
@@ -162,7 +162,15 @@ impl Cluster {
                 .unwrap_or_default()
         };
         let mut updates = Vec::new();
+        let mut told = Vec::new();
         for (name, (all, before)) in &spans {
+            told.push((
+                name.to_string(),
+                (
+                    starting[*name].0,
+                    all.iter().map(|n| n.to_string()).collect(),
+                ),
+            ));
             let peers: Vec<String> = all.iter().map(|n| address(n)).collect();
             for (_, cmd) in out.iter_mut() {
                 if let AgentCommand::Start(s) = cmd
@@ -187,6 +195,57 @@ impl Cluster {
         }
         // The nodes already in the network learn of the new ones first.
         out.splice(0..0, updates);
+        self.net_spans.extend(told);
+    }
+
+    /// Tells the nodes of every network that no longer spans a node it
+    /// spanned (its instances there ended) the shorter peer list: they
+    /// stop flooding to it and taking VXLAN from it.
+    pub(super) fn prune_network_peers(&mut self, out: &mut Outbox) {
+        if self.net_spans.is_empty() {
+            return;
+        }
+        let mut now: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+        for job in self.jobs.values() {
+            for inst in job.instances.iter().filter(|i| !i.state.is_terminal()) {
+                if let Some(net) = &inst.net
+                    && self.net_spans.contains_key(&net.name)
+                {
+                    now.entry(&net.name).or_default().insert(&inst.node_id);
+                }
+            }
+        }
+        let mut shrunk = Vec::new();
+        for (name, (vni, before)) in &self.net_spans {
+            let nodes: BTreeSet<String> = now
+                .get(name.as_str())
+                .map(|s| s.iter().map(|n| n.to_string()).collect())
+                .unwrap_or_default();
+            if nodes.len() < before.len() {
+                shrunk.push((name.clone(), *vni, nodes));
+            }
+        }
+        for (name, vni, nodes) in shrunk {
+            let peers: Vec<String> = nodes
+                .iter()
+                .filter_map(|n| self.nodes.get(n))
+                .map(|n| n.address().to_string())
+                .collect();
+            for node in &nodes {
+                out.push((
+                    node.clone(),
+                    AgentCommand::NetworkPeers {
+                        vni,
+                        peers: peers.clone(),
+                    },
+                ));
+            }
+            if nodes.is_empty() {
+                self.net_spans.remove(&name);
+            } else {
+                self.net_spans.insert(name, (vni, nodes));
+            }
+        }
     }
 }
 

@@ -223,3 +223,45 @@ fn a_lost_instance_s_address_is_held_while_its_node_is_away() {
     let again = &retry.net.as_ref().unwrap().address;
     assert_ne!(*again, first, "the lost instance's address was reused");
 }
+
+#[test]
+fn a_network_s_nodes_are_told_when_it_leaves_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 0);
+    let grace = settings().node_grace_ms;
+    c.register_node("n1", node("192.0.2.1"), 0).unwrap();
+    c.register_node("n2", node("192.0.2.2"), 0).unwrap();
+    let mut out = Outbox::new();
+    c.submit(
+        &admin(),
+        RawJobSpec {
+            instances: 2,
+            ..raw(1)
+        },
+        10,
+        &mut out,
+    )
+    .unwrap();
+    c.network_peers(&mut out);
+    let vni = starts(&out)[0].1.attach.as_ref().unwrap().vni;
+    // n2 goes away: its rank is lost, the network spans n1 only.
+    out.clear();
+    c.heartbeat("n1", None, vec![], grace, &mut out);
+    c.tick(grace + 10, &mut out);
+    let told: Vec<_> = out
+        .iter()
+        .filter_map(|(n, c)| match c {
+            AgentCommand::NetworkPeers { vni: v, peers } if *v == vni => Some((n.as_str(), peers)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(told, [("n1", &vec!["192.0.2.1".to_string()])]);
+    // Said once.
+    out.clear();
+    c.heartbeat("n1", None, vec![], grace + 20, &mut out);
+    c.tick(grace + 30, &mut out);
+    assert!(
+        !out.iter()
+            .any(|(_, c)| matches!(c, AgentCommand::NetworkPeers { .. }))
+    );
+}
