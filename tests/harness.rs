@@ -1017,11 +1017,9 @@ pub async fn tenant_with_token(admin: &mut Clients, tenant: &str, nodes: u32, gp
         .token
 }
 
-/// Creates, as `c`'s tenant, an on-demand train pool `name` of `nodes`
-/// nodes of the spec whose GPUs are `model` (e.g. `H100-80GB`).
-pub async fn train_pool(c: &mut Clients, name: &str, model: &str, nodes: u32) -> pb::Pool {
-    let spec = c
-        .pools
+/// The name of the node spec whose GPUs are `model` (e.g. `H100-80GB`).
+pub async fn spec_of(c: &mut Clients, model: &str) -> String {
+    c.pools
         .list_specs(pb::ListSpecsRequest {})
         .await
         .unwrap()
@@ -1030,7 +1028,13 @@ pub async fn train_pool(c: &mut Clients, name: &str, model: &str, nodes: u32) ->
         .into_iter()
         .find(|s| s.gpu_model == model)
         .unwrap_or_else(|| panic!("no spec of {model}"))
-        .name;
+        .name
+}
+
+/// Creates, as `c`'s tenant, an on-demand train pool `name` of `nodes`
+/// nodes of the spec whose GPUs are `model` (e.g. `H100-80GB`).
+pub async fn train_pool(c: &mut Clients, name: &str, model: &str, nodes: u32) -> pb::Pool {
+    let spec = spec_of(c, model).await;
     c.pools
         .create_pool(pb::CreatePoolRequest {
             r#type: pb::PoolType::Train as i32,

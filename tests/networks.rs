@@ -236,6 +236,62 @@ impl Drop for Route {
     }
 }
 
+/// One test's hosts, the instance namespaces there were before it and its
+/// directory. On drop (a panic too) its instances' processes are killed
+/// and their namespaces removed, so a failed test leaves nothing running.
+struct Bed {
+    hosts: Hosts,
+    before: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl Bed {
+    /// None (after saying why) where the test cannot run here.
+    fn make(hosts: usize) -> Option<Bed> {
+        if !can_run() {
+            return None;
+        }
+        let hosts = match Hosts::create(hosts) {
+            Ok(h) => h,
+            Err(err) => {
+                assert!(!in_ci(), "cannot make the test hosts: {err}");
+                eprintln!("SKIPPED: cannot make the test hosts: {err}");
+                return None;
+            }
+        };
+        Some(Bed {
+            hosts,
+            before: instance_namespaces(),
+            dir: test_dir(),
+        })
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let path = self.dir.path().to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&path) {
+                // SAFETY: kill has no memory preconditions; the shims lead
+                // their process groups.
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        for ns in instance_namespaces() {
+            if !self.before.contains(&ns) {
+                let _ = ip(&["netns", "del", &ns]);
+            }
+        }
+    }
+}
+
 /// Runs `args` in instance namespace `ns`, entered through its shim's
 /// process (the agents run in mount namespaces of their own, where its
 /// /run/netns mount is).
@@ -333,19 +389,8 @@ fn submit_id(s: &Scheduler, token: &str, args: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_and_job_networks_are_real_and_isolated() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
-    if !can_run() {
-        return;
-    }
-    let hosts = match Hosts::create(5) {
-        Ok(h) => h,
-        Err(err) => {
-            assert!(!in_ci(), "cannot make the test hosts: {err}");
-            eprintln!("SKIPPED: cannot make the test hosts: {err}");
-            return;
-        }
-    };
-    let before = instance_namespaces();
-    let dir = test_dir();
+    let Some(bed) = Bed::make(5) else { return };
+    let (hosts, before, dir) = (&bed.hosts, &bed.before, &bed.dir);
     let sched =
         Scheduler::start_on_with_config(dir.path(), "0.0.0.0", "[networks]\nenabled = true\n")
             .await;
@@ -372,17 +417,7 @@ async fn tenant_and_job_networks_are_real_and_isolated() {
     let mut admin = sched.admin().await;
     let token_a = tenant_with_token(&mut admin, "net-a", 2, 8).await;
     let token_b = tenant_with_token(&mut admin, "net-b", 1, 8).await;
-    let spec = admin
-        .pools
-        .list_specs(pb::ListSpecsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .specs
-        .into_iter()
-        .find(|s| s.gpu_model == "H100-80GB")
-        .expect("a spec of the fake GPUs")
-        .name;
+    let spec = spec_of(&mut admin, "H100-80GB").await;
     for (token, name, nodes, az) in [
         (&token_a, "a-svc", "2", "AZ1"),
         (&token_b, "b-svc", "1", "AZ2"),
@@ -809,19 +844,8 @@ fn probe_from(ns: &str, targets: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_custom_network_is_the_vpc_with_its_security_groups() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
-    if !can_run() {
-        return;
-    }
-    let hosts = match Hosts::create(1) {
-        Ok(h) => h,
-        Err(err) => {
-            assert!(!in_ci(), "cannot make the test hosts: {err}");
-            eprintln!("SKIPPED: cannot make the test hosts: {err}");
-            return;
-        }
-    };
-    let before = instance_namespaces();
-    let dir = test_dir();
+    let Some(bed) = Bed::make(1) else { return };
+    let (hosts, before, dir) = (&bed.hosts, &bed.before, &bed.dir);
     let id = std::process::id() % 200 + 20;
     // The operator's side, in host 1: a bridge on the VPC, and a VPC host.
     let host = &hosts.hosts[0];
@@ -885,17 +909,7 @@ async fn a_custom_network_is_the_vpc_with_its_security_groups() {
     let mut admin = sched.admin().await;
     let token = tenant_with_token(&mut admin, "net-c", 1, 8).await;
     let other = tenant_with_token(&mut admin, "net-d", 1, 8).await;
-    let spec = admin
-        .pools
-        .list_specs(pb::ListSpecsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .specs
-        .into_iter()
-        .find(|s| s.gpu_model == "H100-80GB")
-        .expect("a spec of the fake GPUs")
-        .name;
+    let spec = spec_of(&mut admin, "H100-80GB").await;
     let create_as = |token: &str, subnet: &str, group: &str| {
         sched.cli_as(
             token,
@@ -1002,7 +1016,7 @@ async fn a_custom_network_is_the_vpc_with_its_security_groups() {
     cli_ok(&sched, &["job", "cancel", &svc]);
     wait_state(&sched, &svc, pb::JobState::Cancelled).await;
     wait_until(Duration::from_secs(30), "the namespace removed", || {
-        instance_namespaces() == before
+        instance_namespaces() == *before
     });
     // The operator's bridge stays; nothing of ours is on it.
     let ports = ip(&["-n", &host.ns, "-o", "link", "show", "master", &vpc_br]).unwrap();

@@ -877,6 +877,16 @@ async fn containers_keep_limits_stops_and_restarts() {
         host_pid_of("sleep 4").map(|_| ())
     })
     .await;
+    // Killed once it has recorded the instance (the container may run a
+    // moment before the record is written: a crash in that moment loses
+    // it, which this test is not about).
+    let record = c
+        ._dir
+        .path()
+        .join(format!("agent-n1/state/instances/{}-0.json", j.job_id));
+    wait_until(Duration::from_secs(20), "the instance recorded", || {
+        record.exists()
+    });
     c._agent.proc.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
     c._agent = Agent::start_with(

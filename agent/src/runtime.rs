@@ -358,18 +358,22 @@ impl Runtime {
         }
     }
 
-    /// After [`Runtime::recover`]: removes the networks of instances that
-    /// are gone.
-    pub fn reconcile_networks(&self) {
-        let Some(n) = &self.networks else { return };
-        let live: std::collections::HashSet<String> = self
-            .entries
+    /// The instances not yet ended.
+    fn live_ids(&self) -> std::collections::HashSet<String> {
+        self.entries
             .lock()
             .unwrap()
             .values()
             .filter(|e| !e.report.phase.is_terminal())
             .map(|e| e.report.instance_id.clone())
-            .collect();
+            .collect()
+    }
+
+    /// After [`Runtime::recover`]: removes the networks of instances that
+    /// are gone.
+    pub fn reconcile_networks(&self) {
+        let Some(n) = &self.networks else { return };
+        let live = self.live_ids();
         n.reconcile(&live);
     }
 
@@ -861,14 +865,7 @@ impl Runtime {
         if total <= budget_bytes {
             return Vec::new();
         }
-        let live: std::collections::HashSet<String> = self
-            .entries
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|e| !e.report.phase.is_terminal())
-            .map(|e| e.report.instance_id.clone())
-            .collect();
+        let live = self.live_ids();
         // The instance id of an item: the key, less a tenant's prefix.
         let id_of = |key: &str| key.rsplit('/').next().unwrap_or(key).to_string();
         let mut ended: Vec<(std::time::SystemTime, String, u64)> = files

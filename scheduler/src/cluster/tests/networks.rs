@@ -30,6 +30,20 @@ fn starts(out: &Outbox) -> Vec<(&str, &StartSpec)> {
         .collect()
 }
 
+/// A 2-rank public job, submitted at 10.
+fn submit_gang(c: &mut Cluster, out: &mut Outbox) -> Job {
+    c.submit(
+        &admin(),
+        RawJobSpec {
+            instances: 2,
+            ..raw(1)
+        },
+        10,
+        out,
+    )
+    .unwrap()
+}
+
 #[test]
 fn r_pool_1_a_public_job_gets_a_network_of_its_own_across_nodes() {
     let dir = tempfile::tempdir().unwrap();
@@ -42,17 +56,7 @@ fn r_pool_1_a_public_job_gets_a_network_of_its_own_across_nodes() {
         c.register_node(n, node(a), 0).unwrap();
     }
     let mut out = Outbox::new();
-    let gang = c
-        .submit(
-            &admin(),
-            RawJobSpec {
-                instances: 2,
-                ..raw(1)
-            },
-            10,
-            &mut out,
-        )
-        .unwrap();
+    let gang = submit_gang(&mut c, &mut out);
     c.network_peers(&mut out);
     let s = starts(&out);
     assert_eq!(s.len(), 2);
@@ -137,17 +141,7 @@ fn a_replacement_s_siblings_are_told_its_name() {
         c.register_node(n, node(a), 0).unwrap();
     }
     let mut out = Outbox::new();
-    let gang = c
-        .submit(
-            &admin(),
-            RawJobSpec {
-                instances: 2,
-                ..raw(1)
-            },
-            10,
-            &mut out,
-        )
-        .unwrap();
+    let gang = submit_gang(&mut c, &mut out);
     c.network_peers(&mut out);
     // Both start together: no sibling runs yet, none is told anything.
     assert!(
@@ -232,16 +226,7 @@ fn a_network_s_nodes_are_told_when_it_leaves_one() {
     c.register_node("n1", node("192.0.2.1"), 0).unwrap();
     c.register_node("n2", node("192.0.2.2"), 0).unwrap();
     let mut out = Outbox::new();
-    c.submit(
-        &admin(),
-        RawJobSpec {
-            instances: 2,
-            ..raw(1)
-        },
-        10,
-        &mut out,
-    )
-    .unwrap();
+    submit_gang(&mut c, &mut out);
     c.network_peers(&mut out);
     let vni = starts(&out)[0].1.attach.as_ref().unwrap().vni;
     // n2 goes away: its rank is lost, the network spans n1 only.
