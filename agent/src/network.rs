@@ -458,6 +458,10 @@ impl Networks {
     /// Writes the whole `inet gpupool` table from the records.
     fn render_rules(&self) -> Result<(), NetError> {
         let records = self.records();
+        if records.is_empty() && links_named("gpx").is_empty() {
+            // No instance network here: no table either.
+            return nft(None, "table inet gpupool {\n}\ndelete table inet gpupool\n");
+        }
         // Frames between a network's own instances stay on its bridge (also
         // where br_netfilter sends bridged frames through these hooks).
         let mut same = String::new();

@@ -160,7 +160,8 @@ fn connect_retrying(target: &str) -> anyhow::Result<std::net::TcpStream> {
     }
 }
 
-/// The two hosts and their instances; removed on drop.
+/// The two hosts and their instances; removed on drop. (Its links are not
+/// named `gpb*`: a node's rules take those for instance bridges.)
 struct Bed {
     id: u32,
     hosts: Vec<(String, String)>,
@@ -188,13 +189,13 @@ impl Bed {
             instance_ns: Vec::new(),
             state,
         };
-        let br = format!("gpbnb{id}");
+        let br = format!("gnbb{id}");
         run("ip", &["link", "add", &br, "type", "bridge"])?;
         run("ip", &["link", "set", &br, "up"])?;
         for k in 1..=2u32 {
-            let ns = format!("gpbn{id}-{k}");
+            let ns = format!("gnb{id}-{k}");
             let addr = format!("10.234.{id}.{}", 10 + k);
-            let (veth, peer) = (format!("gpbn{id}v{k}"), format!("gpbn{id}p{k}"));
+            let (veth, peer) = (format!("gnb{id}v{k}"), format!("gnb{id}p{k}"));
             run("ip", &["netns", "add", &ns])?;
             bed.hosts.push((ns.clone(), addr.clone()));
             run(
@@ -356,12 +357,12 @@ impl Drop for Bed {
         }
         for (k, (ns, _)) in self.hosts.iter().enumerate() {
             let _ = Command::new("ip")
-                .args(["link", "del", &format!("gpbn{}v{}", self.id, k + 1)])
+                .args(["link", "del", &format!("gnb{}v{}", self.id, k + 1)])
                 .output();
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
         let _ = Command::new("ip")
-            .args(["link", "del", &format!("gpbnb{}", self.id)])
+            .args(["link", "del", &format!("gnbb{}", self.id)])
             .output();
     }
 }
