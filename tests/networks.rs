@@ -236,6 +236,39 @@ impl Drop for Route {
     }
 }
 
+/// "The world": an address outside the hosts' network, in the test's
+/// namespace where the hosts' default route leads (on the test bridge),
+/// with a TCP listener; removed on drop.
+struct World {
+    dev: String,
+    address: String,
+    target: String,
+    _listener: std::net::TcpListener,
+}
+
+impl World {
+    fn make(bridge: &str) -> World {
+        let id = std::process::id() % 200 + 20;
+        let address = format!("198.18.{id}.1/32");
+        ip(&["addr", "add", &address, "dev", bridge]).unwrap();
+        let ip4 = address.trim_end_matches("/32").to_string();
+        let listener = std::net::TcpListener::bind((ip4.as_str(), 0)).unwrap();
+        let target = format!("{ip4}:{}", listener.local_addr().unwrap().port());
+        World {
+            dev: bridge.to_string(),
+            address,
+            target,
+            _listener: listener,
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = ip(&["addr", "del", &self.address, "dev", &self.dev]);
+    }
+}
+
 /// One test's hosts, the instance namespaces there were before it and its
 /// directory. On drop (a panic too) its instances' processes are killed
 /// and their namespaces removed, so a failed test leaves nothing running.
@@ -418,17 +451,17 @@ async fn tenant_and_job_networks_are_real_and_isolated() {
     let token_a = tenant_with_token(&mut admin, "net-a", 2, 8).await;
     let token_b = tenant_with_token(&mut admin, "net-b", 1, 8).await;
     let spec = spec_of(&mut admin, "H100-80GB").await;
-    for (token, name, nodes, az) in [
-        (&token_a, "a-svc", "2", "AZ1"),
-        (&token_b, "b-svc", "1", "AZ2"),
+    // B's pool lets nothing out of its network.
+    for (token, name, nodes, az, egress) in [
+        (&token_a, "a-svc", "2", "AZ1", None),
+        (&token_b, "b-svc", "1", "AZ2", Some("--no-egress")),
     ] {
-        let out = sched.cli_as(
-            token,
-            &[
-                "pool", "create", "--type", "deploy", "--name", name, "--spec", &spec, "--nodes",
-                nodes, "--az", az,
-            ],
-        );
+        let mut args = vec![
+            "pool", "create", "--type", "deploy", "--name", name, "--spec", &spec, "--nodes",
+            nodes, "--az", az,
+        ];
+        args.extend(egress);
+        let out = sched.cli_as(token, &args);
         assert!(
             out.status.success(),
             "{}",
@@ -611,9 +644,37 @@ async fn tenant_and_job_networks_are_real_and_isolated() {
         .iter()
         .map(|i| format!("{}:18080", i.network_address))
         .collect();
-    // Nor the scheduler, on the nodes' own network (the underlay).
+    // Nor the scheduler, on the nodes' own network (the underlay); nor,
+    // its pool being no_egress, the world, which A's instances reach.
     let scheduler = addr.trim_start_matches("http://").to_string();
     targets.push(scheduler.clone());
+    let world = World::make(&hosts.bridge);
+    targets.push(world.target.clone());
+    let a_out = submit_id(
+        &sched,
+        &token_a,
+        &[
+            "--kind",
+            "batch-service",
+            "--pool",
+            "a-svc",
+            "--cpu-only",
+            "--completions",
+            "1",
+            "--env",
+            &format!("TARGETS={}", world.target),
+            "--",
+            "python3",
+            "-c",
+            PROBE,
+        ],
+    );
+    wait_state(&sched, &a_out, pb::JobState::Succeeded).await;
+    let seen = logs(&sched, &a_out, 0);
+    assert!(
+        seen.contains(&format!("reached {}", world.target)),
+        "A's egress: {seen}"
+    );
     let probe = submit_id(
         &sched,
         &token_b,

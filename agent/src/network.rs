@@ -56,6 +56,8 @@ pub struct Attach {
     /// A custom network's security group rules, enforced in the
     /// instance's namespace.
     pub rules: Vec<Rule>,
+    /// Nothing leaves the network from it (but replies).
+    pub no_egress: bool,
 }
 
 /// One security group rule (the scheduler's, as sent).
@@ -93,6 +95,9 @@ struct Record {
     /// A custom network's VPC ("": the overlay).
     #[serde(default)]
     vpc: String,
+    /// Nothing leaves the network from it.
+    #[serde(default)]
+    no_egress: bool,
 }
 
 /// The node's side of the instance networks.
@@ -271,6 +276,7 @@ impl Networks {
             address: a.address.clone(),
             port,
             vpc: a.vpc.clone(),
+            no_egress: a.no_egress,
         };
         // Recorded first: whatever of it exists after a crash is found.
         write_atomic(
@@ -488,6 +494,17 @@ impl Networks {
             "    iifname \"gpb*\" ip daddr {{ {} }} drop\n",
             self.deny.join(", ")
         );
+        let closed: Vec<&str> = records
+            .iter()
+            .filter(|r| r.no_egress && r.vpc.is_empty())
+            .map(|r| r.address.as_str())
+            .collect();
+        if !closed.is_empty() {
+            deny.push_str(&format!(
+                "    iifname \"gpb*\" ip saddr {{ {} }} drop\n",
+                closed.join(", ")
+            ));
+        }
         let vpc_bridges: BTreeSet<&String> = self.vpcs.values().collect();
         if !vpc_bridges.is_empty() {
             let names: Vec<String> = vpc_bridges.iter().map(|b| format!("\"{b}\"")).collect();

@@ -494,6 +494,7 @@ fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
                     })
                 })
                 .collect(),
+            no_egress: a.no_egress,
         }),
         attached: None,
         rank: s.rank,

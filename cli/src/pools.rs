@@ -154,6 +154,10 @@ pub struct PoolCreateArgs {
     /// Custom network: security group id (repeatable).
     #[arg(long = "security-group", value_name = "ID")]
     pub security_groups: Vec<String>,
+    /// Its instances reach nothing outside their network (no egress to
+    /// the world; published ports still answer). Needs [networks] on.
+    #[arg(long)]
+    pub no_egress: bool,
 }
 
 /// `--type` of `pool create`.
@@ -514,6 +518,7 @@ fn create_pool_request(a: PoolCreateArgs) -> pb::CreatePoolRequest {
         } as i32,
         subscription,
         region: opt(a.region),
+        no_egress: a.no_egress,
     }
 }
 
@@ -622,6 +627,9 @@ fn pool_detail(p: &pb::Pool, now: i64) -> String {
         None => String::new(),
     };
     d.add("Network", network);
+    if p.no_egress {
+        d.add("Egress", "none (no_egress)");
+    }
     d.add("Billing", billing_mode_name(p.billing_mode));
     if let Some(s) = &p.subscription {
         d.add(

@@ -91,6 +91,7 @@ fn pool_code(err: &PoolError) -> Code {
         P::NameTaken(_) => Code::AlreadyExists,
         P::UnknownSpec(_) => Code::NotFound,
         P::UnknownNetwork(_) => Code::InvalidArgument,
+        P::EgressWithoutNetworks => Code::FailedPrecondition,
         P::NotRunning { .. }
         | P::WrongKind { .. }
         | P::SubscriptionDelete(_)

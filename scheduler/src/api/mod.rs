@@ -517,6 +517,7 @@ pub fn command_to_pb(cmd: AgentCommand) -> pb::SchedulerMessage {
                         cidr: r.cidr,
                     })
                     .collect(),
+                no_egress: a.no_egress,
             }),
         }),
         AgentCommand::Stop {

@@ -83,6 +83,7 @@ fn pool_to_pb(p: &Pool, cluster: &Cluster) -> pb::Pool {
         spec: p.spec.clone(),
         node_count: p.node_ids.len() as u32,
         target_node_count: p.target_node_count() as u32,
+        no_egress: p.no_egress,
         az: p.az_requested.clone(),
         resolved_az: p.az.clone(),
         network: p.network.as_ref().map(network_to_pb),
@@ -180,6 +181,7 @@ fn create_from_pb(r: pb::CreatePoolRequest) -> CreateRequest {
         node_count: r.node_count,
         az: r.az,
         custom_network,
+        no_egress: r.no_egress,
         billing_mode,
         // An all-default subscription message means "none".
         subscription: r

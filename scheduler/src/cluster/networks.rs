@@ -57,7 +57,12 @@ impl Cluster {
             &job.job_id,
             &job.spec.network,
         )?;
-        Some(plan.allocate(&name, count, live()))
+        let no_egress = pool.is_some_and(|p| p.no_egress);
+        Some(plan.allocate(&name, count, live()).map(|nets| {
+            nets.into_iter()
+                .map(|n| InstanceNet { no_egress, ..n })
+                .collect()
+        }))
     }
 
     /// Sends the running instances of every job with an instance being
@@ -273,5 +278,6 @@ pub(super) fn attach_of(
         hosts,
         vpc: net.vpc.clone(),
         rules: net.rules.clone(),
+        no_egress: net.no_egress,
     })
 }

@@ -358,6 +358,9 @@ impl Cluster {
             return Err(ClusterError::TenantNotFound { name: owner });
         }
         let v = pool::validate_create(req, &self.settings.subscription_regions)?;
+        if v.no_egress && self.settings.networks.is_none() {
+            return Err(PoolError::EgressWithoutNetworks.into());
+        }
         if self.settings.networks.is_some()
             && let Some(pool::Network::Custom {
                 vpc_id,
@@ -422,6 +425,7 @@ impl Cluster {
             }),
             az,
             network,
+            no_egress: v.no_egress,
             billing_mode: v.billing_mode,
             subscription: v.subscription,
             region: v.region,

@@ -269,6 +269,7 @@ fn create_markup(
                         input #subnet_id name="subnet_id" value=(d.subnet);
                         label for="security_groups" { "Security groups (comma-separated)" }
                         input #security_groups name="security_groups" value=(d.groups);
+                        label.inline { input type="checkbox" name="no_egress"; " No egress: instances reach nothing outside their network" }
                     }
                 }
                 fieldset {
@@ -356,6 +357,7 @@ fn create_request(kind: pb::PoolType, f: &Fields) -> Result<pb::CreatePoolReques
             ..Default::default()
         }),
         region: f.get("region").into(),
+        no_egress: f.checked("no_egress"),
     })
 }
 

@@ -100,6 +100,7 @@ impl Plan {
             address: Ipv4Addr::from(base + host).to_string(),
             vpc: String::new(),
             rules: Vec::new(),
+            no_egress: false,
         }
     }
 
@@ -176,6 +177,9 @@ pub struct InstanceNet {
     /// A custom network's security groups, resolved when it started.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<SgRule>,
+    /// Nothing leaves the network from it (its pool's `no_egress`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_egress: bool,
 }
 
 /// One rule of a security group: traffic it lets in (ingress: from
@@ -352,6 +356,7 @@ impl Custom {
                 address: Ipv4Addr::from(a).to_string(),
                 vpc: s.vpc.clone(),
                 rules: rules.clone(),
+                no_egress: false,
             })
             .collect();
         if out.len() < count {
@@ -430,6 +435,8 @@ pub struct Attach {
     pub vpc: String,
     /// A custom network's security group rules.
     pub rules: Vec<SgRule>,
+    /// Nothing leaves the network from this instance.
+    pub no_egress: bool,
 }
 
 #[cfg(test)]

@@ -155,6 +155,8 @@ pub struct CreateRequest {
     pub az: String,
     /// None = the tenant's isolated network.
     pub custom_network: Option<(String, String, Vec<String>)>,
+    /// Instances reach nothing outside their network.
+    pub no_egress: bool,
     pub billing_mode: Option<BillingMode>,
     pub subscription: Option<SubscriptionTerms>,
     pub region: String,
@@ -171,6 +173,7 @@ pub struct ValidCreate {
     /// None = random (R-CREATE-15); train pools take nodes from any zone.
     pub zone: Option<String>,
     pub custom_network: Option<Network>,
+    pub no_egress: bool,
     pub billing_mode: BillingMode,
     pub subscription: Option<SubscriptionTerms>,
     pub region: String,
@@ -180,6 +183,10 @@ pub struct ValidCreate {
 pub enum PoolError {
     #[error("R-CREATE-14: custom network: {0}")]
     UnknownNetwork(String),
+    #[error(
+        "no_egress needs instance networks (the scheduler's [networks] enabled = true); without them instances use the host's network"
+    )]
+    EgressWithoutNetworks,
     #[error(
         "R-CREATE-1: choose the pool type: train (development/training) or deploy (deployment)"
     )]
@@ -398,6 +405,7 @@ pub fn validate_create(
         node_count: req.node_count,
         zone,
         custom_network,
+        no_egress: req.no_egress,
         billing_mode,
         subscription,
         region: req.region,
@@ -1688,6 +1696,9 @@ pub struct Pool {
     /// The zone the nodes are in (deploy pools).
     pub az: String,
     pub network: Option<Network>,
+    /// Its instances reach nothing outside their network (networks on).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_egress: bool,
     pub billing_mode: BillingMode,
     pub subscription: Option<SubscriptionTerms>,
     pub region: String,
