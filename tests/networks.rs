@@ -403,6 +403,31 @@ fn logs(s: &Scheduler, id: &str, instance: usize) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A one-shot PROBE of `targets` (`host:port,...`) in `pool`, as `token`'s
+/// tenant: its job id.
+fn probe_job(s: &Scheduler, token: &str, pool: &str, targets: &str) -> String {
+    let env = format!("TARGETS={targets}");
+    submit_id(
+        s,
+        token,
+        &[
+            "--kind",
+            "batch-service",
+            "--pool",
+            pool,
+            "--cpu-only",
+            "--completions",
+            "1",
+            "--env",
+            &env,
+            "--",
+            "python3",
+            "-c",
+            PROBE,
+        ],
+    )
+}
+
 fn submit_id(s: &Scheduler, token: &str, args: &[&str]) -> String {
     let mut all = vec!["job", "submit", "--cpu", "100m", "--memory", "64MiB"];
     all.extend_from_slice(args);
@@ -650,50 +675,14 @@ async fn tenant_and_job_networks_are_real_and_isolated() {
     targets.push(scheduler.clone());
     let world = World::make(&hosts.bridge);
     targets.push(world.target.clone());
-    let a_out = submit_id(
-        &sched,
-        &token_a,
-        &[
-            "--kind",
-            "batch-service",
-            "--pool",
-            "a-svc",
-            "--cpu-only",
-            "--completions",
-            "1",
-            "--env",
-            &format!("TARGETS={}", world.target),
-            "--",
-            "python3",
-            "-c",
-            PROBE,
-        ],
-    );
+    let a_out = probe_job(&sched, &token_a, "a-svc", &world.target);
     wait_state(&sched, &a_out, pb::JobState::Succeeded).await;
     let seen = logs(&sched, &a_out, 0);
     assert!(
         seen.contains(&format!("reached {}", world.target)),
         "A's egress: {seen}"
     );
-    let probe = submit_id(
-        &sched,
-        &token_b,
-        &[
-            "--kind",
-            "batch-service",
-            "--pool",
-            "b-svc",
-            "--cpu-only",
-            "--completions",
-            "1",
-            "--env",
-            &format!("TARGETS={}", targets.join(",")),
-            "--",
-            "python3",
-            "-c",
-            PROBE,
-        ],
-    );
+    let probe = probe_job(&sched, &token_b, "b-svc", &targets.join(","));
     let done = wait_state(&sched, &probe, pb::JobState::Succeeded).await;
     assert_eq!(done.instances[0].node_id, "h3");
     assert_eq!(done.instances[0].network, "tenant/net-b");
