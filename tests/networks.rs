@@ -403,6 +403,16 @@ fn logs(s: &Scheduler, id: &str, instance: usize) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The `host:18080` endpoints `service endpoints` lists for `svc`.
+fn endpoints_of(s: &Scheduler, token: &str, svc: &str) -> Vec<String> {
+    let out = s.cli_as(token, &["service", "endpoints", svc]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|w| w.ends_with(":18080"))
+        .map(String::from)
+        .collect()
+}
+
 /// A one-shot PROBE of `targets` (`host:port,...`) in `pool`, as `token`'s
 /// tenant: its job id.
 fn probe_job(s: &Scheduler, token: &str, pool: &str, targets: &str) -> String {
@@ -562,13 +572,7 @@ async fn tenant_and_job_networks_are_real_and_isolated() {
 
     // The endpoints answer from outside the cluster (the test's namespace).
     let endpoints: Vec<String> = eventually(Duration::from_secs(20), "both endpoints", || async {
-        let out = sched.cli_as(&token_a, &["service", "endpoints", &svc]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let eps: Vec<String> = text
-            .split_whitespace()
-            .filter(|w| w.ends_with(":18080"))
-            .map(String::from)
-            .collect();
+        let eps = endpoints_of(&sched, &token_a, &svc);
         (eps.len() == 2).then_some(eps)
     })
     .await;
@@ -628,13 +632,7 @@ async fn tenant_and_job_networks_are_real_and_isolated() {
         Duration::from_secs(20),
         "the endpoints after the restart",
         || async {
-            let out = sched.cli_as(&token_a, &["service", "endpoints", &svc]);
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            let eps: Vec<String> = text
-                .split_whitespace()
-                .filter(|w| w.ends_with(":18080"))
-                .map(String::from)
-                .collect();
+            let eps = endpoints_of(&sched, &token_a, &svc);
             let answered = eps.iter().all(|ep| {
                 std::net::TcpStream::connect_timeout(&ep.parse().unwrap(), Duration::from_secs(2))
                     .ok()

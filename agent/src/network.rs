@@ -464,7 +464,8 @@ impl Networks {
     /// Writes the whole `inet gpupool` table from the records.
     fn render_rules(&self) -> Result<(), NetError> {
         let records = self.records();
-        if records.is_empty() && links_named("gpx").is_empty() {
+        let vxlans = links_named("gpx");
+        if records.is_empty() && vxlans.is_empty() {
             // No instance network here: no table either.
             return nft(None, "table inet gpupool {\n}\ndelete table inet gpupool\n");
         }
@@ -487,7 +488,7 @@ impl Networks {
                 addr = r.address
             ));
         }
-        let vxlan_from = vxlan_sources(&links_named("gpx"));
+        let vxlan_from = vxlan_sources(&vxlans);
         // What instances may not reach through the node: the deny ranges,
         // and the custom networks' bridges (another tenant's VPC).
         let mut deny = format!(
@@ -769,23 +770,14 @@ fn links_named(prefix: &str) -> Vec<String> {
         .collect()
 }
 
-/// The MTU of the link that holds `local` (1500 if not found).
-fn underlay_mtu(local: Ipv4Addr) -> u32 {
-    let out = ip(&["-o", "-4", "addr", "show"]).unwrap_or_default();
-    let needle = format!("inet {local}/");
-    out.lines()
-        .find(|l| l.contains(&needle))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .map(|dev| dev.split('@').next().unwrap_or(dev).to_string())
-        .and_then(|dev| link_mtu(&dev))
-        .unwrap_or(1500)
-}
-
-/// The subnet of the link that holds `local` (`10.0.0.0/24`).
-fn underlay_cidr(local: Ipv4Addr) -> Option<String> {
+/// The link that holds `local` and its prefix length, from `ip -o -4
+/// addr show` (`IDX: DEV    inet A.B.C.D/LEN ...`).
+fn underlay(local: Ipv4Addr) -> Option<(String, u8)> {
     let out = ip(&["-o", "-4", "addr", "show"]).ok()?;
     let needle = format!("inet {local}/");
     let line = out.lines().find(|l| l.contains(&needle))?;
+    let dev = line.split_whitespace().nth(1)?;
+    let dev = dev.split('@').next().unwrap_or(dev).to_string();
     let len: u8 = line
         .split(&needle)
         .nth(1)?
@@ -793,9 +785,19 @@ fn underlay_cidr(local: Ipv4Addr) -> Option<String> {
         .next()?
         .parse()
         .ok()?;
-    if len > 32 {
-        return None;
-    }
+    (len <= 32).then_some((dev, len))
+}
+
+/// The MTU of the link that holds `local` (1500 if not found).
+fn underlay_mtu(local: Ipv4Addr) -> u32 {
+    underlay(local)
+        .and_then(|(dev, _)| link_mtu(&dev))
+        .unwrap_or(1500)
+}
+
+/// The subnet of the link that holds `local` (`10.0.0.0/24`).
+fn underlay_cidr(local: Ipv4Addr) -> Option<String> {
+    let (_, len) = underlay(local)?;
     let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
     Some(format!("{}/{len}", Ipv4Addr::from(u32::from(local) & mask)))
 }

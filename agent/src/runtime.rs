@@ -352,6 +352,7 @@ impl Runtime {
         hosts: &std::collections::BTreeMap<String, String>,
     ) {
         if let Some(n) = &self.networks
+            && valid_id(instance_id)
             && let Err(err) = n.set_hosts(instance_id, hosts)
         {
             tracing::warn!(instance = %instance_id, %err, "cannot update the instance's hosts file");

@@ -1617,16 +1617,17 @@ impl Cluster {
     ) {
         let mut nets = match self.allocate_nets(job_id, placed.len()) {
             None => Vec::new(),
-            Some(Ok(_)) if self.old_agent_among(&placed).is_some() => {
-                let node = self.old_agent_among(&placed).unwrap_or_default();
-                if let Some(job) = self.jobs.get_mut(job_id) {
-                    job.reason = format!(
-                        "waiting: node {node}'s agent is older than 0.2.0 and cannot give instances their network"
-                    );
+            Some(Ok(nets)) => match self.old_agent_among(&placed) {
+                None => nets,
+                Some(node) => {
+                    if let Some(job) = self.jobs.get_mut(job_id) {
+                        job.reason = format!(
+                            "waiting: node {node}'s agent is older than 0.2.0 and cannot give instances their network"
+                        );
+                    }
+                    return;
                 }
-                return;
-            }
-            Some(Ok(nets)) => nets,
+            },
             Some(Err(err)) => {
                 // Started without its network it would reach what it must
                 // not: it stays queued, saying why.

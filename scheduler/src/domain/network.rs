@@ -7,8 +7,10 @@
 //! - a dedicated pool (deploy or train) without a custom network: its
 //!   tenant's own (`tenant/NAME`), shared by all the tenant's pools;
 //! - the public pool: the job's own (`job/ID`), isolated per job;
-//! - a custom network, or an image job asking for `host` or `none`: none
-//!   (the instance keeps the host's or a loopback-only network).
+//! - a custom network: the operator's subnet ([`Custom`]: an address of its
+//!   range on the VPC's bridge, no VXLAN, its security groups);
+//! - an image job asking for `host` or `none`: none (the instance keeps
+//!   the host's or a loopback-only network).
 //!
 //! The plan is a function of the live instances, which are persisted with
 //! their address: a network holds the `index`th subnet of the configured
@@ -366,7 +368,8 @@ impl Custom {
     }
 }
 
-/// Which network an instance of a job joins (module docs); None: none.
+/// Which overlay network an instance of a job joins (module docs); None:
+/// none (a custom network's subnet is [`Custom::allocate`]'s).
 pub fn network_of(
     pool_type: Option<super::pool::PoolType>,
     custom_network: bool,
