@@ -1,6 +1,7 @@
 //! Instance networks for real (R-CREATE-14, R-POOL-1): five test hosts,
 //! each an agent in its own network namespace on one bridge, the scheduler
-//! on the host with `[networks] enabled`.
+//! on the host with `[networks] enabled`; the checks below run twice, with
+//! the overlay (VXLAN) and with `mode = "routed"` (routes between hosts).
 //!
 //! - Tenant A's deploy pool on hosts 1 and 2: A's two service replicas
 //!   reach each other by name (`RANK.JOB`, the sandbox's hosts file) over
@@ -11,7 +12,7 @@
 //! - The public pool: a 2-rank training job on hosts 4 and 5 meets at
 //!   MASTER_ADDR:MASTER_PORT over the job's own network; another job
 //!   cannot connect to rank 0.
-//! - Nothing is left behind: no namespace, veth, bridge, VXLAN or DNAT
+//! - Nothing is left behind: no namespace, veth, bridge, VXLAN, route or DNAT
 //!   rule once the jobs end, also after an agent SIGKILL whose instance
 //!   died while it was down (the restarted agent removes its namespace).
 //!
@@ -194,6 +195,13 @@ impl Hosts {
                 .lines()
                 .filter(|l| l.contains("dnat ip to") || l.contains("dnat to"))
                 .map(|l| l.trim().to_string()),
+        );
+        // A routed network's routes to instances on other hosts.
+        left.extend(
+            ip(&["-n", ns, "route", "show", "proto", "201"])
+                .unwrap_or_default()
+                .lines()
+                .map(|l| format!("route {}", l.trim())),
         );
         left
     }
@@ -456,12 +464,22 @@ fn submit_id(s: &Scheduler, token: &str, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_and_job_networks_are_real_and_isolated() {
+    networks_are_real_and_isolated("overlay").await;
+}
+
+/// The same checks with `[networks] mode = "routed"`: no VXLAN, the hosts
+/// route to each other's instances (they share the test bridge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_tenant_and_job_networks_are_real_and_isolated() {
+    networks_are_real_and_isolated("routed").await;
+}
+
+async fn networks_are_real_and_isolated(mode: &str) {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let Some(bed) = Bed::make(5) else { return };
     let (hosts, before, dir) = (&bed.hosts, &bed.before, &bed.dir);
-    let sched =
-        Scheduler::start_on_with_config(dir.path(), "0.0.0.0", "[networks]\nenabled = true\n")
-            .await;
+    let config = format!("[networks]\nenabled = true\nmode = \"{mode}\"\n");
+    let sched = Scheduler::start_on_with_config(dir.path(), "0.0.0.0", &config).await;
     let addr = sched.addr().replace("127.0.0.1", &hosts.gateway);
     let zones = ["AZ1", "AZ1", "AZ2", "AZ3", "AZ3"];
     let mut agents: Vec<Agent> = hosts
@@ -568,6 +586,24 @@ async fn tenant_and_job_networks_are_real_and_isolated() {
                 ))
             },
         );
+    }
+
+    // Across the hosts over VXLAN, or (routed) through host 1's route to
+    // host 2's replica, with no VXLAN device.
+    let on = |node: &str| replicas.iter().find(|i| i.node_id == node).unwrap();
+    let links = ip(&["-n", &hosts.hosts[0].ns, "-o", "link", "show"]).unwrap();
+    let routes = ip(&["-n", &hosts.hosts[0].ns, "route", "show", "proto", "201"]).unwrap();
+    let via_h2 = format!(
+        "{} via {} ",
+        on("h2").network_address,
+        hosts.hosts[1].address
+    );
+    if mode == "routed" {
+        assert!(!links.contains(": gpx"), "{links}");
+        assert!(routes.contains(&via_h2), "{routes}");
+    } else {
+        assert!(links.contains(": gpx"), "{links}");
+        assert!(routes.trim().is_empty(), "{routes}");
     }
 
     // The endpoints answer from outside the cluster (the test's namespace).

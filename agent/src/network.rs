@@ -58,7 +58,17 @@ pub struct Attach {
     pub rules: Vec<Rule>,
     /// Nothing leaves the network from it (but replies).
     pub no_egress: bool,
+    /// Routed between nodes, no VXLAN: the node proxies ARP on the bridge
+    /// for the network's instances elsewhere and routes to each through
+    /// its node (`routes`: address -> node address; this node's own are
+    /// skipped).
+    pub routed: bool,
+    pub routes: BTreeMap<String, String>,
 }
+
+/// The route protocol number that marks this agent's routes to routed
+/// networks' instances on other nodes (`ip route ... proto 201`).
+const ROUTE_PROTO: &str = "201";
 
 /// One security group rule (the scheduler's, as sent).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +108,9 @@ struct Record {
     /// Nothing leaves the network from it.
     #[serde(default)]
     no_egress: bool,
+    /// Its network is routed between nodes (no VXLAN).
+    #[serde(default)]
+    routed: bool,
 }
 
 /// The node's side of the instance networks.
@@ -277,6 +290,7 @@ impl Networks {
             port,
             vpc: a.vpc.clone(),
             no_egress: a.no_egress,
+            routed: a.routed && a.vpc.is_empty(),
         };
         // Recorded first: whatever of it exists after a crash is found.
         write_atomic(
@@ -287,7 +301,11 @@ impl Networks {
             Some(br) => (link_mtu(br).unwrap_or(1500).to_string(), br.clone()),
             None => {
                 let mtu = self.ensure_network(a)?;
-                self.set_peers_locked(a.vni, &a.peers)?;
+                if a.routed {
+                    self.set_routes_locked(&a.subnet, &a.routes)?;
+                } else {
+                    self.set_peers_locked(a.vni, &a.peers)?;
+                }
                 (mtu, bridge(a.vni))
             }
         };
@@ -356,6 +374,14 @@ impl Networks {
             let (_, len) = a.subnet.split_once('/').unwrap_or(("", "32"));
             ip(&["addr", "add", &format!("{}/{len}", a.gateway), "dev", &br])?;
         }
+        if a.routed {
+            // The bridge answers ARP for the network's instances on other
+            // nodes (those it has a route to), at once.
+            std::fs::write(format!("/proc/sys/net/ipv4/conf/{br}/proxy_arp"), "1")?;
+            std::fs::write(format!("/proc/sys/net/ipv4/neigh/{br}/proxy_delay"), "0")?;
+            ip(&["link", "set", &br, "up"])?;
+            return Ok(underlay_mtu(self.local).to_string());
+        }
         if !link_exists(&vx) {
             let mtu = underlay_mtu(self.local).saturating_sub(VXLAN_OVERHEAD);
             ip(&[
@@ -381,13 +407,59 @@ impl Networks {
 
     /// Floods network `vni`'s unknown and broadcast frames to `peers`
     /// (this node left out), no other.
-    pub fn set_peers(&self, vni: u32, peers: &[String]) -> Result<(), NetError> {
+    /// A routed network's instances changed: sets its `routes` instead.
+    pub fn set_peers(
+        &self,
+        vni: u32,
+        peers: &[String],
+        routes: &BTreeMap<String, String>,
+    ) -> Result<(), NetError> {
         let _g = self.lock.lock().unwrap();
+        if let Some(r) = self
+            .records()
+            .into_iter()
+            .find(|r| r.vni == vni && r.routed && r.vpc.is_empty())
+        {
+            return self.set_routes_locked(&r.subnet, routes);
+        }
         if !link_exists(&vxlan(vni)) {
             return Ok(());
         }
         self.set_peers_locked(vni, peers)?;
         self.render_rules()
+    }
+
+    /// Routes each address of `subnet` in `routes` whose node is not this
+    /// one through that node, and removes this agent's other routes into
+    /// `subnet`.
+    fn set_routes_locked(
+        &self,
+        subnet: &str,
+        routes: &BTreeMap<String, String>,
+    ) -> Result<(), NetError> {
+        let want: BTreeMap<Ipv4Addr, Ipv4Addr> = routes
+            .iter()
+            .filter_map(|(a, n)| Some((a.parse().ok()?, n.parse().ok()?)))
+            .filter(|(a, n)| *n != self.local && in_cidr(*a, subnet))
+            .collect();
+        let have = our_routes(subnet);
+        for (addr, node) in &want {
+            if have.get(addr) != Some(node) {
+                ip(&[
+                    "route",
+                    "replace",
+                    &format!("{addr}/32"),
+                    "via",
+                    &node.to_string(),
+                    "proto",
+                    ROUTE_PROTO,
+                ])?;
+            }
+        }
+        for addr in have.keys().filter(|a| !want.contains_key(a)) {
+            let _ = ip(&["route", "del", &format!("{addr}/32"), "proto", ROUTE_PROTO]);
+        }
+        Ok(())
     }
 
     fn set_peers_locked(&self, vni: u32, peers: &[String]) -> Result<(), NetError> {
@@ -431,6 +503,7 @@ impl Networks {
         if record.vpc.is_empty() && !self.records().iter().any(|r| r.vni == record.vni) {
             let _ = ip(&["link", "del", &vxlan(record.vni)]);
             let _ = ip(&["link", "del", &bridge(record.vni)]);
+            let _ = self.set_routes_locked(&record.subnet, &BTreeMap::new());
         }
     }
 
@@ -450,12 +523,27 @@ impl Networks {
             .filter(|r| r.vpc.is_empty())
             .map(|r| r.vni)
             .collect();
-        for name in links_named("gpx") {
-            if let Some(vni) = name.strip_prefix("gpx").and_then(|v| v.parse().ok())
+        for name in links_named("gpx").into_iter().chain(links_named("gpb")) {
+            if let Some(vni) = name
+                .strip_prefix("gpx")
+                .or_else(|| name.strip_prefix("gpb"))
+                .and_then(|v| v.parse().ok())
                 && !used.contains(&vni)
             {
                 let _ = ip(&["link", "del", &name]);
                 let _ = ip(&["link", "del", &bridge(vni)]);
+            }
+        }
+        // Routes into routed networks none of `live` is on here.
+        let subnets: Vec<String> = self
+            .records()
+            .iter()
+            .filter(|r| r.routed)
+            .map(|r| r.subnet.clone())
+            .collect();
+        for addr in our_routes("0.0.0.0/0").keys() {
+            if !subnets.iter().any(|s| in_cidr(*addr, s)) {
+                let _ = ip(&["route", "del", &format!("{addr}/32"), "proto", ROUTE_PROTO]);
             }
         }
         let _ = self.render_rules();
@@ -489,6 +577,8 @@ impl Networks {
             ));
         }
         let vxlan_from = vxlan_sources(&vxlans);
+        let (routed_in, routed_out, routed_nat) =
+            routed_rules(&records, underlay(self.local).map(|(dev, _)| dev));
         // What instances may not reach through the node: the deny ranges,
         // and the custom networks' bridges (another tenant's VPC).
         let mut deny = format!(
@@ -527,9 +617,11 @@ impl Networks {
              \x20 chain forward {{\n\
              \x20   type filter hook forward priority filter; policy accept;\n\
              {same}\
+             {routed_in}\
              \x20   oifname \"gpb*\" ct state established,related accept\n\
              \x20   oifname \"gpb*\" ct status dnat accept\n\
              \x20   oifname \"gpb*\" drop\n\
+             {routed_out}\
              \x20   iifname \"gpb*\" ct state established,related accept\n\
              {deny}\
              \x20   iifname \"gpb*\" udp dport {VXLAN_PORT} drop\n\
@@ -544,12 +636,41 @@ impl Networks {
              \x20 }}\n\
              \x20 chain postrouting {{\n\
              \x20   type nat hook postrouting priority srcnat; policy accept;\n\
+             {routed_nat}\
              \x20   iifname \"gpb*\" oifname != \"gpb*\" masquerade\n\
              \x20 }}\n\
              }}\n"
         );
         nft(None, &rules)
     }
+}
+
+/// The `inet gpupool` rules of the routed networks among `records`:
+/// (forward, into a network from the underlay `dev`; forward, out of one;
+/// postrouting). A network's instances send only from its subnet, reach
+/// its instances on other nodes unmasqueraded, and are reached from the
+/// underlay only from its subnet.
+fn routed_rules(records: &[Record], dev: Option<String>) -> (String, String, String) {
+    let nets: BTreeMap<u32, &str> = records
+        .iter()
+        .filter(|r| r.routed && r.vpc.is_empty() && is_cidr(&r.subnet))
+        .map(|r| (r.vni, r.subnet.as_str()))
+        .collect();
+    let (mut into, mut out, mut nat) = (String::new(), String::new(), String::new());
+    for (vni, subnet) in nets {
+        let b = bridge(vni);
+        if let Some(dev) = dev.as_deref().filter(|d| is_ifname(d)) {
+            into.push_str(&format!(
+                "    iifname \"{dev}\" oifname \"{b}\" ip saddr {subnet} accept\n"
+            ));
+        }
+        out.push_str(&format!(
+            "    iifname \"{b}\" ip saddr != {subnet} drop\n\
+             \x20   iifname \"{b}\" ip daddr {subnet} accept\n"
+        ));
+        nat.push_str(&format!("    iifname \"{b}\" ip daddr {subnet} return\n"));
+    }
+    (into, out, nat)
 }
 
 /// The `inet gpupool_sg` table of a custom network's instance, in its own
@@ -663,6 +784,47 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
+}
+
+/// This agent's routes into `subnet`: address -> the node it goes via.
+fn our_routes(subnet: &str) -> BTreeMap<Ipv4Addr, Ipv4Addr> {
+    let Ok(out) = ip(&[
+        "-4",
+        "-o",
+        "route",
+        "show",
+        "proto",
+        ROUTE_PROTO,
+        "root",
+        subnet,
+    ]) else {
+        return BTreeMap::new();
+    };
+    out.lines().filter_map(parse_route_line).collect()
+}
+
+/// `10.144.0.5 via 10.0.0.12 dev eth0 ...` -> (10.144.0.5, 10.0.0.12).
+fn parse_route_line(line: &str) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    let mut words = line.split_whitespace();
+    let dst = words.next()?;
+    let dst = dst.strip_suffix("/32").unwrap_or(dst).parse().ok()?;
+    let via = words.skip_while(|w| *w != "via").nth(1)?.parse().ok()?;
+    Some((dst, via))
+}
+
+/// Whether `addr` is in `cidr` (`10.144.0.0/22`); false when malformed.
+fn in_cidr(addr: Ipv4Addr, cidr: &str) -> bool {
+    let Some((base, len)) = cidr.split_once('/') else {
+        return false;
+    };
+    let (Ok(base), Ok(len)) = (base.parse::<Ipv4Addr>(), len.parse::<u32>()) else {
+        return false;
+    };
+    if len > 32 {
+        return false;
+    }
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    u32::from(addr) & mask == u32::from(base) & mask
 }
 
 fn bridge(vni: u32) -> String {
@@ -945,6 +1107,62 @@ mod tests {
         assert_eq!(text.matches(" accept\n").count(), 4 + 3, "{text}");
         assert_eq!(text.matches("policy drop").count(), 2);
         assert!(!text.contains("dport 22"), "{text}");
+    }
+
+    #[test]
+    fn routed_networks_send_from_their_subnet_only_and_take_it_from_the_underlay() {
+        let rec = |id: &str, vni: u32, subnet: &str, routed: bool| Record {
+            instance_id: id.into(),
+            netns: String::new(),
+            veth: String::new(),
+            vni,
+            subnet: subnet.into(),
+            gateway: String::new(),
+            address: String::new(),
+            port: 0,
+            vpc: String::new(),
+            no_egress: false,
+            routed,
+        };
+        let records = [
+            rec("a", 0x10_0001, "10.144.0.0/22", true),
+            rec("b", 0x10_0001, "10.144.0.0/22", true),
+            rec("c", 0x10_0002, "10.144.4.0/22", false),
+            rec("d", 0x10_0003, "10.144.8.0/22; drop", true),
+        ];
+        let (into, out, nat) = routed_rules(&records, Some("eth0".into()));
+        assert_eq!(
+            into,
+            "    iifname \"eth0\" oifname \"gpb1048577\" ip saddr 10.144.0.0/22 accept\n"
+        );
+        assert_eq!(
+            out,
+            "    iifname \"gpb1048577\" ip saddr != 10.144.0.0/22 drop\n\
+             \x20   iifname \"gpb1048577\" ip daddr 10.144.0.0/22 accept\n"
+        );
+        assert_eq!(
+            nat,
+            "    iifname \"gpb1048577\" ip daddr 10.144.0.0/22 return\n"
+        );
+        // No underlay found, or a name nft would misread: nothing comes in.
+        assert_eq!(routed_rules(&records, None).0, "");
+        assert_eq!(routed_rules(&records, Some("e\"th0".into())).0, "");
+    }
+
+    #[test]
+    fn routes_are_read_back_and_addresses_placed_in_subnets() {
+        assert_eq!(
+            parse_route_line("10.144.0.5 via 10.0.0.12 dev eth0 proto 201 "),
+            Some(("10.144.0.5".parse().unwrap(), "10.0.0.12".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_route_line("10.144.0.0/22 dev gpb1 proto kernel"),
+            None
+        );
+        let a: Ipv4Addr = "10.144.3.7".parse().unwrap();
+        assert!(in_cidr(a, "10.144.0.0/22") && in_cidr(a, "0.0.0.0/0"));
+        assert!(!in_cidr(a, "10.144.4.0/22") && !in_cidr(a, "10.144.0.0/33"));
+        assert!(!in_cidr(a, "10.144.0.0") && !in_cidr(a, "x/22"));
     }
 
     #[test]

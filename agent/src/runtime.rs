@@ -336,9 +336,14 @@ impl Runtime {
     }
 
     /// Floods network `vni` to these nodes.
-    pub fn set_network_peers(&self, vni: u32, peers: &[String]) {
+    pub fn set_network_peers(
+        &self,
+        vni: u32,
+        peers: &[String],
+        routes: &std::collections::BTreeMap<String, String>,
+    ) {
         if let Some(n) = &self.networks
-            && let Err(err) = n.set_peers(vni, peers)
+            && let Err(err) = n.set_peers(vni, peers, routes)
         {
             tracing::warn!(vni, %err, "cannot update the network's peers");
         }

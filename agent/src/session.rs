@@ -303,7 +303,10 @@ async fn handle(
             &stop.reason,
         ),
         Some(Msg::Forget(forget)) => ctx.runtime.forget(&forget.instance_id),
-        Some(Msg::NetworkPeers(p)) => ctx.runtime.set_network_peers(p.vni, &p.peers),
+        Some(Msg::NetworkPeers(p)) => {
+            ctx.runtime
+                .set_network_peers(p.vni, &p.peers, &p.routes.into_iter().collect())
+        }
         Some(Msg::NetworkHosts(h)) => ctx
             .runtime
             .set_network_hosts(&h.instance_id, &h.hosts.into_iter().collect()),
@@ -495,6 +498,8 @@ fn spec_from_pb(s: pb::StartInstance, ctx: &AgentCtx) -> InstanceSpec {
                 })
                 .collect(),
             no_egress: a.no_egress,
+            routed: a.routed,
+            routes: a.routes.into_iter().collect(),
         }),
         attached: None,
         rank: s.rank,

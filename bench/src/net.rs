@@ -1,6 +1,8 @@
 //! `net`: throughput and round-trip time between two instances on two
 //! hosts, over an instance network (the agent's own code builds it: bridge,
-//! VXLAN, namespaces, nftables) and over the host network, in the same run.
+//! VXLAN or routes, namespaces, nftables) and over the host network, in the
+//! same run: the overlay (`[networks] mode = "overlay"`, VXLAN) and the
+//! routed mode (`mode = "routed"`) side by side.
 //!
 //! The hosts are network namespaces on one bridge (as `tests/networks.rs`
 //! makes them); in each, this program runs itself (`net-attach`) to attach
@@ -45,6 +47,9 @@ pub struct AttachArgs {
     pub address: String,
     #[arg(long)]
     pub peers: String,
+    /// A routed network (no VXLAN) with these routes, `ADDR=NODE,...`.
+    #[arg(long)]
+    pub routes: Option<String>,
     /// Detach instead.
     #[arg(long)]
     pub detach: bool,
@@ -61,9 +66,11 @@ pub struct EchoArgs {
     pub round_trips: u32,
 }
 
-const VNI: u32 = 0x10_0fff;
-const SUBNET: &str = "10.250.0.0/24";
-const GATEWAY: &str = "10.250.0.1";
+/// The overlay network's and the routed one's VNI, subnet and gateway.
+const NETS: [(u32, &str, &str); 2] = [
+    (0x10_0fff, "10.250.0.0/24", "10.250.0.1"),
+    (0x10_0ffe, "10.251.0.0/24", "10.251.0.1"),
+];
 
 fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(program)
@@ -88,14 +95,23 @@ pub fn run_attach(a: &AttachArgs) -> anyhow::Result<()> {
         n.detach(&a.instance);
         return Ok(());
     }
+    let (vni, subnet, gateway) = NETS[usize::from(a.routes.is_some())];
+    let routes = a
+        .routes
+        .iter()
+        .flat_map(|r| r.split(','))
+        .filter_map(|r| r.split_once('='))
+        .map(|(addr, node)| (addr.to_string(), node.to_string()))
+        .collect();
     let attach = gpupool_agent::network::Attach {
         name: "bench".into(),
-        vni: VNI,
-        subnet: SUBNET.into(),
-        gateway: GATEWAY.into(),
+        vni,
+        subnet: subnet.into(),
+        gateway: gateway.into(),
         address: a.address.clone(),
         peers: a.peers.split(',').map(String::from).collect(),
-        hosts: Default::default(),
+        routed: a.routes.is_some(),
+        routes,
         ..Default::default()
     };
     let attached = n.attach(&a.instance, &attach, 0)?;
@@ -223,32 +239,43 @@ impl Bed {
         let me = std::env::current_exe()?;
         let me = me.to_string_lossy();
         let peers = format!("{},{}", bed.hosts[0].1, bed.hosts[1].1);
-        for k in 0..2 {
-            let (ns, addr) = bed.hosts[k].clone();
-            let state = bed.state.0.join(format!("h{k}"));
-            // nsenter, not `ip netns exec`: the latter runs in a mount
-            // namespace of its own, where the instance namespace's bind
-            // mount under /run/netns would stay.
-            let out = run(
-                "nsenter",
-                &[
-                    &format!("--net=/run/netns/{ns}"),
-                    "--",
-                    &me,
-                    "net-attach",
-                    "--state",
-                    &state.to_string_lossy(),
-                    "--local",
-                    &addr,
-                    "--instance",
-                    &format!("bench-{k}"),
-                    "--address",
-                    &format!("10.250.0.{}", 10 + k),
-                    "--peers",
-                    &peers,
-                ],
-            )?;
-            bed.instance_ns.push(out.trim().to_string());
+        let routes = format!(
+            "10.251.0.10={},10.251.0.11={}",
+            bed.hosts[0].1, bed.hosts[1].1
+        );
+        // Overlay instances 10.250.0.1K, then routed ones 10.251.0.1K.
+        for (net, name) in ["o", "r"].iter().enumerate() {
+            for k in 0..2 {
+                let (ns, addr) = bed.hosts[k].clone();
+                let state = bed.state.0.join(format!("h{k}"));
+                let instance = format!("bench-{name}{k}");
+                let address = format!("10.25{net}.0.{}", 10 + k);
+                let mut args = vec![
+                    format!("--net=/run/netns/{ns}"),
+                    "--".into(),
+                    me.to_string(),
+                    "net-attach".into(),
+                    "--state".into(),
+                    state.to_string_lossy().into_owned(),
+                    "--local".into(),
+                    addr,
+                    "--instance".into(),
+                    instance,
+                    "--address".into(),
+                    address,
+                    "--peers".into(),
+                    peers.clone(),
+                ];
+                if net == 1 {
+                    args.extend(["--routes".into(), routes.clone()]);
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                // nsenter, not `ip netns exec`: the latter runs in a mount
+                // namespace of its own, where the instance namespace's bind
+                // mount under /run/netns would stay.
+                let out = run("nsenter", &args)?;
+                bed.instance_ns.push(out.trim().to_string());
+            }
         }
         Ok(bed)
     }
@@ -342,17 +369,19 @@ impl Bed {
 impl Drop for Bed {
     fn drop(&mut self) {
         if let Ok(me) = std::env::current_exe() {
-            for (k, (ns, addr)) in self.hosts.iter().enumerate() {
-                let state = self.state.0.join(format!("h{k}"));
-                let _ = Command::new("nsenter")
-                    .arg(format!("--net=/run/netns/{ns}"))
-                    .arg("--")
-                    .arg(&me)
-                    .args(["net-attach", "--detach", "--state"])
-                    .arg(&state)
-                    .args(["--local", addr, "--instance", &format!("bench-{k}")])
-                    .args(["--address", "0.0.0.0", "--peers", ""])
-                    .output();
+            for name in ["o", "r"] {
+                for (k, (ns, addr)) in self.hosts.iter().enumerate() {
+                    let state = self.state.0.join(format!("h{k}"));
+                    let _ = Command::new("nsenter")
+                        .arg(format!("--net=/run/netns/{ns}"))
+                        .arg("--")
+                        .arg(&me)
+                        .args(["net-attach", "--detach", "--state"])
+                        .arg(&state)
+                        .args(["--local", addr, "--instance", &format!("bench-{name}{k}")])
+                        .args(["--address", "0.0.0.0", "--peers", ""])
+                        .output();
+                }
             }
         }
         for (k, (ns, _)) in self.hosts.iter().enumerate() {
@@ -380,47 +409,63 @@ pub fn run_net(a: &NetArgs) -> anyhow::Result<()> {
     }
     let bed = Bed::make()?;
     let (h1, h2) = (&bed.hosts[0], &bed.hosts[1]);
-    let (i1, i2) = (&bed.instance_ns[0], &bed.instance_ns[1]);
-    let (mut host_bps, mut inst_bps, mut host_rtt, mut inst_rtt) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut host_p99, mut inst_p99) = (Vec::new(), Vec::new());
+    // (client namespace, server namespace, server address) of each path:
+    // host network, overlay, routed.
+    let paths = [
+        (h1.0.as_str(), h2.0.as_str(), h2.1.as_str()),
+        (&bed.instance_ns[0], &bed.instance_ns[1], "10.250.0.11"),
+        (&bed.instance_ns[2], &bed.instance_ns[3], "10.251.0.11"),
+    ];
+    let mut bps = vec![Vec::new(); 3];
+    let mut p50 = vec![Vec::new(); 3];
+    let mut p99 = vec![Vec::new(); 3];
     for _ in 0..a.repetitions.max(1) {
-        host_bps.push(bed.iperf(&h2.0, &h1.0, &h2.1, a.seconds)?);
-        inst_bps.push(bed.iperf(i2, i1, "10.250.0.11", a.seconds)?);
-        let (p50, p99) = bed.rtt(&h2.0, &h1.0, &h2.1, a.round_trips)?;
-        host_rtt.push(p50);
-        host_p99.push(p99);
-        let (p50, p99) = bed.rtt(i2, i1, "10.250.0.11", a.round_trips)?;
-        inst_rtt.push(p50);
-        inst_p99.push(p99);
+        for (k, (client, server, addr)) in paths.iter().enumerate() {
+            bps[k].push(bed.iperf(server, client, addr, a.seconds)?);
+        }
+        for (k, (client, server, addr)) in paths.iter().enumerate() {
+            let (m, t) = bed.rtt(server, client, addr, a.round_trips)?;
+            p50[k].push(m);
+            p99[k].push(t);
+        }
     }
-    let (hb, ib) = (median(host_bps), median(inst_bps));
-    let (hr, ir) = (median(host_rtt), median(inst_rtt));
-    let (hp, ip) = (median(host_p99), median(inst_p99));
+    let b: Vec<f64> = bps.into_iter().map(median).collect();
+    let r: Vec<f64> = p50.into_iter().map(median).collect();
+    let t: Vec<f64> = p99.into_iter().map(median).collect();
     match a.output {
         crate::OutputFormat::Json => println!(
             "{}",
             serde_json::json!({
-                "host_gbps": hb / 1e9, "instance_gbps": ib / 1e9,
-                "throughput_ratio": ib / hb,
-                "host_rtt_p50_us": hr, "instance_rtt_p50_us": ir,
-                "host_rtt_p99_us": hp, "instance_rtt_p99_us": ip,
-                "added_rtt_p50_us": ir - hr,
+                "host_gbps": b[0] / 1e9, "instance_gbps": b[1] / 1e9,
+                "routed_gbps": b[2] / 1e9,
+                "throughput_ratio": b[1] / b[0], "routed_throughput_ratio": b[2] / b[0],
+                "host_rtt_p50_us": r[0], "instance_rtt_p50_us": r[1], "routed_rtt_p50_us": r[2],
+                "host_rtt_p99_us": t[0], "instance_rtt_p99_us": t[1], "routed_rtt_p99_us": t[2],
+                "added_rtt_p50_us": r[1] - r[0], "routed_added_rtt_p50_us": r[2] - r[0],
             })
         ),
         crate::OutputFormat::Text => {
             println!(
-                "throughput (iperf3, 1 TCP stream, {} s, median of {}): host {:.2} Gbit/s, instance network {:.2} Gbit/s ({:.1} %)",
+                "throughput (iperf3, 1 TCP stream, {} s, median of {}): host {:.2} Gbit/s; overlay {:.2} Gbit/s ({:.1} %); routed {:.2} Gbit/s ({:.1} %)",
                 a.seconds,
                 a.repetitions,
-                hb / 1e9,
-                ib / 1e9,
-                100.0 * ib / hb
+                b[0] / 1e9,
+                b[1] / 1e9,
+                100.0 * b[1] / b[0],
+                b[2] / 1e9,
+                100.0 * b[2] / b[0],
             );
             println!(
-                "round trip (1-byte TCP echo, {} trips): host p50 {hr:.1} µs p99 {hp:.1} µs; instance network p50 {ir:.1} µs p99 {ip:.1} µs (+{:.1} µs at p50)",
+                "round trip (1-byte TCP echo, {} trips): host p50 {:.1} µs p99 {:.1} µs; overlay p50 {:.1} µs p99 {:.1} µs (+{:.1} µs at p50); routed p50 {:.1} µs p99 {:.1} µs (+{:.1} µs at p50)",
                 a.round_trips,
-                ir - hr
+                r[0],
+                t[0],
+                r[1],
+                t[1],
+                r[1] - r[0],
+                r[2],
+                t[2],
+                r[2] - r[0],
             );
         }
     }

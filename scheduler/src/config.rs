@@ -131,6 +131,14 @@ pub struct NetworksConfig {
     /// 1,024 networks in the default /12).
     #[serde(default = "default_networks_subnet_prefix_len")]
     pub subnet_prefix_len: u8,
+    /// How a network crosses nodes: `"overlay"` (the default: a VXLAN per
+    /// network, the nodes need only reach each other over IPv4) or
+    /// `"routed"` (no encapsulation: each node routes to the network's
+    /// instances on the others and answers ARP for them; the nodes must
+    /// share one layer-2 segment, as with flannel's `host-gw`; faster,
+    /// see BENCHMARKS.md).
+    #[serde(default)]
+    pub mode: NetworkMode,
     /// Custom networks' subnets by id (R-CREATE-14): a pool naming one
     /// puts its instances on the operator's segment of that VPC.
     #[serde(default)]
@@ -139,6 +147,15 @@ pub struct NetworksConfig {
     /// receive (`ingress`) and send (`egress`); nothing else passes.
     #[serde(default)]
     pub security_groups: std::collections::BTreeMap<String, SecurityGroupConfig>,
+}
+
+/// `[networks] mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    #[default]
+    Overlay,
+    Routed,
 }
 
 /// `[networks.subnets.ID]`.
@@ -195,6 +212,7 @@ impl Default for NetworksConfig {
             enabled: false,
             cidr: default_networks_cidr(),
             subnet_prefix_len: default_networks_subnet_prefix_len(),
+            mode: NetworkMode::Overlay,
             subnets: Default::default(),
             security_groups: Default::default(),
         }
@@ -208,7 +226,7 @@ impl NetworksConfig {
             return Ok(None);
         }
         crate::domain::network::Plan::new(&self.cidr, self.subnet_prefix_len)
-            .map(Some)
+            .map(|p| Some(p.routed(self.mode == NetworkMode::Routed)))
             .map_err(|e| e.to_string())
     }
 }
@@ -758,6 +776,19 @@ mod tests {
         [networks.security_groups.web]\ntenants = [\"*\"]\n\
         ingress = [{ protocol = \"tcp\", ports = \"80\", cidr = \"0.0.0.0/0\" }]\n\
         [networks.security_groups.db]\ntenants = [\"beta\"]\n";
+
+    #[test]
+    fn networks_mode_is_overlay_unless_routed_is_asked_and_nothing_else_is_taken() {
+        let plan = |text: &str| SchedulerConfig::parse(text).map(|c| c.networks.plan());
+        let on = "[networks]\nenabled = true\n";
+        assert!(!plan(on).unwrap().unwrap().unwrap().is_routed);
+        let routed = format!("{on}mode = \"routed\"\n");
+        assert!(plan(&routed).unwrap().unwrap().unwrap().is_routed);
+        let err = plan(&format!("{on}mode = \"vxlan\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("overlay") && err.contains("routed"), "{err}");
+    }
 
     #[test]
     fn r_create_14_custom_subnets_and_security_groups_are_checked() {

@@ -518,6 +518,8 @@ pub fn command_to_pb(cmd: AgentCommand) -> pb::SchedulerMessage {
                     })
                     .collect(),
                 no_egress: a.no_egress,
+                routed: a.routed,
+                routes: a.routes.into_iter().collect(),
             }),
         }),
         AgentCommand::Stop {
@@ -530,9 +532,11 @@ pub fn command_to_pb(cmd: AgentCommand) -> pb::SchedulerMessage {
             reason,
         }),
         AgentCommand::Forget { instance_id } => Msg::Forget(pb::ForgetInstance { instance_id }),
-        AgentCommand::NetworkPeers { vni, peers } => {
-            Msg::NetworkPeers(pb::NetworkPeers { vni, peers })
-        }
+        AgentCommand::NetworkPeers { vni, peers, routes } => Msg::NetworkPeers(pb::NetworkPeers {
+            vni,
+            peers,
+            routes: routes.into_iter().collect(),
+        }),
         AgentCommand::NetworkHosts { instance_id, hosts } => Msg::NetworkHosts(pb::NetworkHosts {
             instance_id,
             hosts: hosts.into_iter().collect(),

@@ -56,10 +56,12 @@ pub enum AgentCommand {
     Forget {
         instance_id: String,
     },
-    /// The nodes a network spans changed: the agent's VXLAN floods to these.
+    /// The nodes a network spans changed: the agent's VXLAN floods to these
+    /// (a routed network's instances changed: the routes to them).
     NetworkPeers {
         vni: u32,
         peers: Vec<String>,
+        routes: BTreeMap<String, String>,
     },
     /// A job's instances changed: a running one's new hosts file.
     NetworkHosts {

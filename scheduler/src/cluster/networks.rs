@@ -2,7 +2,7 @@
 //! ([`crate::domain::network`]), and the VXLAN peers of each network sent
 //! to the agents that build it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{AgentCommand, Cluster, Outbox};
 use crate::domain::network::{self, InstanceNet, PlanError};
@@ -122,11 +122,13 @@ impl Cluster {
     /// instance of the network) of every start command in `out`, and sends
     /// the new peer list to the network's other nodes when a start brings
     /// it to a node it did not span. Stale peers (nodes whose instances
-    /// ended) go with the next change: flooding to them is harmless.
+    /// ended) go with the next change: flooding to them is harmless. A
+    /// routed network's starts carry its routes (every live instance's
+    /// address and node), and its other nodes get them at every start.
     pub fn network_peers(&mut self, out: &mut Outbox) {
-        if self.settings.networks.is_none() {
+        let Some(plan) = self.settings.networks else {
             return;
-        }
+        };
         self.network_hosts(out);
         // network name -> (vni, instance ids being started)
         let mut starting: BTreeMap<String, (u32, BTreeSet<String>)> = BTreeMap::new();
@@ -145,54 +147,46 @@ impl Cluster {
         if starting.is_empty() {
             return;
         }
-        // network name -> (all its nodes, those it spanned before)
-        let mut spans: BTreeMap<&str, (BTreeSet<&str>, BTreeSet<&str>)> = BTreeMap::new();
-        for job in self.jobs.values() {
-            for inst in job.instances.iter().filter(|i| !i.state.is_terminal()) {
-                let Some(net) = &inst.net else { continue };
-                let Some((_, ids)) = starting.get(&net.name) else {
-                    continue;
-                };
-                let span = spans.entry(&net.name).or_default();
-                span.0.insert(&inst.node_id);
-                if !ids.contains(&inst.instance_id) {
-                    span.1.insert(&inst.node_id);
-                }
-            }
+        let mut spans = self.spans_of(|name| starting.contains_key(name));
+        // Those it spanned before: the nodes of its other instances.
+        for (name, span) in spans.iter_mut() {
+            let ids = &starting[name.as_str()].1;
+            span.before = span
+                .members
+                .iter()
+                .filter(|(id, _)| !ids.contains(id))
+                .map(|(_, node)| node.clone())
+                .collect();
         }
-        let address = |node: &str| {
-            self.nodes
-                .get(node)
-                .map(|n| n.address().to_string())
-                .unwrap_or_default()
-        };
         let mut updates = Vec::new();
         let mut told = Vec::new();
-        for (name, (all, before)) in &spans {
-            told.push((
-                name.to_string(),
-                (
-                    starting[*name].0,
-                    all.iter().map(|n| n.to_string()).collect(),
-                ),
-            ));
-            let peers: Vec<String> = all.iter().map(|n| address(n)).collect();
+        for (name, span) in &spans {
+            let vni = starting[name.as_str()].0;
+            told.push((name.to_string(), (vni, span.nodes.clone())));
+            let peers = self.addresses(&span.nodes);
+            let routes = if plan.is_routed {
+                span.routes.clone()
+            } else {
+                BTreeMap::new()
+            };
             for (_, cmd) in out.iter_mut() {
                 if let AgentCommand::Start(s) = cmd
                     && let Some(a) = &mut s.attach
                     && a.name == *name
                 {
                     a.peers = peers.clone();
+                    a.routed = plan.is_routed;
+                    a.routes = routes.clone();
                 }
             }
-            if all.len() > before.len() {
-                let vni = starting[*name].0;
-                for node in before {
+            if span.nodes.len() > span.before.len() || plan.is_routed {
+                for node in &span.before {
                     updates.push((
-                        node.to_string(),
+                        node.clone(),
                         AgentCommand::NetworkPeers {
                             vni,
                             peers: peers.clone(),
+                            routes: routes.clone(),
                         },
                     ));
                 }
@@ -203,55 +197,90 @@ impl Cluster {
         self.net_spans.extend(told);
     }
 
+    /// The live instances of the networks `wanted` names: their nodes,
+    /// and (address → node address) of each.
+    fn spans_of(&self, wanted: impl Fn(&str) -> bool) -> BTreeMap<String, Span> {
+        let mut spans: BTreeMap<String, Span> = BTreeMap::new();
+        for job in self.jobs.values() {
+            for inst in job.instances.iter().filter(|i| !i.state.is_terminal()) {
+                let Some(net) = &inst.net else { continue };
+                if !net.vpc.is_empty() || !wanted(&net.name) {
+                    continue;
+                }
+                let span = spans.entry(net.name.clone()).or_default();
+                span.nodes.insert(inst.node_id.clone());
+                span.members
+                    .push((inst.instance_id.clone(), inst.node_id.clone()));
+                if let Some(n) = self.nodes.get(&inst.node_id) {
+                    span.routes
+                        .insert(net.address.clone(), n.address().to_string());
+                }
+            }
+        }
+        spans
+    }
+
+    fn addresses(&self, nodes: &BTreeSet<String>) -> Vec<String> {
+        nodes
+            .iter()
+            .filter_map(|n| self.nodes.get(n))
+            .map(|n| n.address().to_string())
+            .collect()
+    }
+
     /// Tells the nodes of every network that no longer spans a node it
     /// spanned (its instances there ended) the shorter peer list: they
-    /// stop flooding to it and taking VXLAN from it.
+    /// stop flooding to it and taking VXLAN from it (a routed network's
+    /// routes to it go too).
     pub(super) fn prune_network_peers(&mut self, out: &mut Outbox) {
         if self.net_spans.is_empty() {
             return;
         }
-        let mut now: HashMap<&str, BTreeSet<&str>> = HashMap::new();
-        for job in self.jobs.values() {
-            for inst in job.instances.iter().filter(|i| !i.state.is_terminal()) {
-                if let Some(net) = &inst.net
-                    && self.net_spans.contains_key(&net.name)
-                {
-                    now.entry(&net.name).or_default().insert(&inst.node_id);
-                }
-            }
-        }
+        let routed = self.settings.networks.is_some_and(|p| p.is_routed);
+        let spans = self.spans_of(|name| self.net_spans.contains_key(name));
         let mut shrunk = Vec::new();
         for (name, (vni, before)) in &self.net_spans {
-            let nodes: BTreeSet<String> = now
-                .get(name.as_str())
-                .map(|s| s.iter().map(|n| n.to_string()).collect())
-                .unwrap_or_default();
-            if nodes.len() < before.len() {
-                shrunk.push((name.clone(), *vni, nodes));
+            let span = spans.get(name).cloned().unwrap_or_default();
+            if span.nodes.len() < before.len() {
+                shrunk.push((name.clone(), *vni, span));
             }
         }
-        for (name, vni, nodes) in shrunk {
-            let peers: Vec<String> = nodes
-                .iter()
-                .filter_map(|n| self.nodes.get(n))
-                .map(|n| n.address().to_string())
-                .collect();
-            for node in &nodes {
+        for (name, vni, span) in shrunk {
+            let peers = self.addresses(&span.nodes);
+            for node in &span.nodes {
                 out.push((
                     node.clone(),
                     AgentCommand::NetworkPeers {
                         vni,
                         peers: peers.clone(),
+                        routes: if routed {
+                            span.routes.clone()
+                        } else {
+                            BTreeMap::new()
+                        },
                     },
                 ));
             }
-            if nodes.is_empty() {
+            if span.nodes.is_empty() {
                 self.net_spans.remove(&name);
             } else {
-                self.net_spans.insert(name, (vni, nodes));
+                self.net_spans.insert(name, (vni, span.nodes));
             }
         }
     }
+}
+
+/// One network's live instances ([`Cluster::spans_of`]).
+#[derive(Debug, Clone, Default)]
+struct Span {
+    /// The nodes they run on.
+    nodes: BTreeSet<String>,
+    /// (instance id, node id) of each.
+    members: Vec<(String, String)>,
+    /// The nodes of those not being started (filled in by the caller).
+    before: BTreeSet<String>,
+    /// Address → its node's address.
+    routes: BTreeMap<String, String>,
 }
 
 /// The attachment of `inst` of `job` for its start command, without its
@@ -279,5 +308,7 @@ pub(super) fn attach_of(
         vpc: net.vpc.clone(),
         rules: net.rules.clone(),
         no_egress: net.no_egress,
+        routed: false,
+        routes: BTreeMap::new(),
     })
 }

@@ -35,6 +35,8 @@ pub struct Plan {
     range_len: u8,
     /// Prefix length of one network's subnet.
     subnet_len: u8,
+    /// Networks are routed between nodes, not bridged over VXLAN.
+    pub is_routed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,7 +78,17 @@ impl Plan {
             base,
             range_len,
             subnet_len,
+            is_routed: false,
         })
+    }
+
+    /// The same plan, its networks routed between nodes (`true`) or
+    /// bridged over VXLAN.
+    pub fn routed(self, routed: bool) -> Self {
+        Self {
+            is_routed: routed,
+            ..self
+        }
     }
 
     fn networks(&self) -> u32 {
@@ -440,6 +452,10 @@ pub struct Attach {
     pub rules: Vec<SgRule>,
     /// Nothing leaves the network from this instance.
     pub no_egress: bool,
+    /// The network is routed between nodes ([`Plan::routed`]).
+    pub routed: bool,
+    /// A routed network's live instances: address → their node's address.
+    pub routes: BTreeMap<String, String>,
 }
 
 #[cfg(test)]

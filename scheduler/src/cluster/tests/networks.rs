@@ -6,9 +6,14 @@
 use super::*;
 
 fn cluster(dir: &std::path::Path, now: i64) -> Cluster {
+    cluster_routed(dir, now, false)
+}
+
+fn cluster_routed(dir: &std::path::Path, now: i64, routed: bool) -> Cluster {
     let store = SqliteStore::open(&dir.join("t.db")).unwrap();
+    let plan = crate::domain::network::Plan::new("10.144.0.0/12", 22).unwrap();
     let settings = Settings {
-        networks: Some(crate::domain::network::Plan::new("10.144.0.0/12", 22).unwrap()),
+        networks: Some(plan.routed(routed)),
         ..settings()
     };
     Cluster::load(Box::new(store), settings, now).unwrap()
@@ -71,6 +76,8 @@ fn r_pool_1_a_public_job_gets_a_network_of_its_own_across_nodes() {
     peers.sort();
     assert_eq!(peers.len(), 2);
     assert_eq!(n1.peers, n0.peers);
+    // An overlay: no routes.
+    assert!(!n0.routed && n0.routes.is_empty());
     assert_eq!(
         n0.hosts.get(&format!("1.{}", gang.job_id)),
         Some(&n1.address)
@@ -236,7 +243,9 @@ fn a_network_s_nodes_are_told_when_it_leaves_one() {
     let told: Vec<_> = out
         .iter()
         .filter_map(|(n, c)| match c {
-            AgentCommand::NetworkPeers { vni: v, peers } if *v == vni => Some((n.as_str(), peers)),
+            AgentCommand::NetworkPeers { vni: v, peers, .. } if *v == vni => {
+                Some((n.as_str(), peers))
+            }
             _ => None,
         })
         .collect();
@@ -249,4 +258,47 @@ fn a_network_s_nodes_are_told_when_it_leaves_one() {
         !out.iter()
             .any(|(_, c)| matches!(c, AgentCommand::NetworkPeers { .. }))
     );
+}
+
+#[test]
+fn a_routed_network_s_starts_carry_each_instance_s_node_and_its_leaving_node_s_routes_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster_routed(dir.path(), 0, true);
+    let grace = settings().node_grace_ms;
+    c.register_node("n1", node("192.0.2.1"), 0).unwrap();
+    c.register_node("n2", node("192.0.2.2"), 0).unwrap();
+    let mut out = Outbox::new();
+    submit_gang(&mut c, &mut out);
+    c.network_peers(&mut out);
+    let s = starts(&out);
+    let on = |node: &str| {
+        s.iter()
+            .find(|(n, _)| *n == node)
+            .unwrap()
+            .1
+            .attach
+            .clone()
+            .unwrap()
+    };
+    let (a1, a2) = (on("n1"), on("n2"));
+    assert!(a1.routed && a2.routed);
+    let want: BTreeMap<String, String> = [
+        (a1.address.clone(), "192.0.2.1".to_string()),
+        (a2.address.clone(), "192.0.2.2".to_string()),
+    ]
+    .into();
+    assert_eq!((&a1.routes, &a2.routes), (&want, &want));
+    // n2 goes away: n1 is told the routes of what is left, its own.
+    out.clear();
+    c.heartbeat("n1", None, vec![], grace, &mut out);
+    c.tick(grace + 10, &mut out);
+    let told: Vec<_> = out
+        .iter()
+        .filter_map(|(n, c)| match c {
+            AgentCommand::NetworkPeers { routes, .. } => Some((n.as_str(), routes)),
+            _ => None,
+        })
+        .collect();
+    let left: BTreeMap<String, String> = [(a1.address.clone(), "192.0.2.1".to_string())].into();
+    assert_eq!(told, [("n1", &left)]);
 }
