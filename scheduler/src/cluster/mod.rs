@@ -336,6 +336,7 @@ impl Cluster {
         let next_audit_seq = store.audit_max_seq()? + 1;
         let mut cluster = Self::from_snapshot(store, settings, snapshot, now_ms);
         cluster.next_audit_seq = next_audit_seq;
+        cluster.track_loaded_spans();
         Ok(cluster)
     }
 

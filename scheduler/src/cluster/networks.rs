@@ -208,6 +208,7 @@ impl Cluster {
                     continue;
                 }
                 let span = spans.entry(net.name.clone()).or_default();
+                span.vni = net.vni;
                 span.nodes.insert(inst.node_id.clone());
                 span.members
                     .push((inst.instance_id.clone(), inst.node_id.clone()));
@@ -218,6 +219,20 @@ impl Cluster {
             }
         }
         spans
+    }
+
+    /// After a load: the nodes each network spans, as if its agents had
+    /// just been told (so a network leaving a node is pruned after a
+    /// scheduler restart as before it).
+    pub(super) fn track_loaded_spans(&mut self) {
+        if self.settings.networks.is_none() {
+            return;
+        }
+        self.net_spans = self
+            .spans_of(|_| true)
+            .into_iter()
+            .map(|(name, span)| (name, (span.vni, span.nodes)))
+            .collect();
     }
 
     fn addresses(&self, nodes: &BTreeSet<String>) -> Vec<String> {
@@ -273,6 +288,7 @@ impl Cluster {
 /// One network's live instances ([`Cluster::spans_of`]).
 #[derive(Debug, Clone, Default)]
 struct Span {
+    vni: u32,
     /// The nodes they run on.
     nodes: BTreeSet<String>,
     /// (instance id, node id) of each.

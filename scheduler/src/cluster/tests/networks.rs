@@ -302,3 +302,34 @@ fn a_routed_network_s_starts_carry_each_instance_s_node_and_its_leaving_node_s_r
     let left: BTreeMap<String, String> = [(a1.address.clone(), "192.0.2.1".to_string())].into();
     assert_eq!(told, [("n1", &left)]);
 }
+
+#[test]
+fn a_network_leaving_a_node_is_pruned_after_a_scheduler_restart_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path(), 0);
+    let grace = settings().node_grace_ms;
+    c.register_node("n1", node("192.0.2.1"), 0).unwrap();
+    c.register_node("n2", node("192.0.2.2"), 0).unwrap();
+    let mut out = Outbox::new();
+    submit_gang(&mut c, &mut out);
+    c.network_peers(&mut out);
+    let vni = starts(&out)[0].1.attach.as_ref().unwrap().vni;
+    // The scheduler restarts; the agents come back, then n2 goes away.
+    drop(c);
+    let mut c = cluster(dir.path(), 10);
+    c.register_node("n1", node("192.0.2.1"), 10).unwrap();
+    c.register_node("n2", node("192.0.2.2"), 10).unwrap();
+    out.clear();
+    c.heartbeat("n1", None, vec![], grace, &mut out);
+    c.tick(grace + 20, &mut out);
+    let told: Vec<_> = out
+        .iter()
+        .filter_map(|(n, c)| match c {
+            AgentCommand::NetworkPeers { vni: v, peers, .. } if *v == vni => {
+                Some((n.as_str(), peers))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(told, [("n1", &vec!["192.0.2.1".to_string()])]);
+}
