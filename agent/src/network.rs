@@ -128,6 +128,8 @@ pub struct Networks {
     /// (cloud metadata), the node's own subnet (the other nodes, the
     /// scheduler) and the operator's `egress_deny`.
     deny: Vec<String>,
+    /// The node's own subnet: routed networks' next hops must be in it.
+    underlay_net: Option<String>,
     lock: Mutex<()>,
 }
 
@@ -153,15 +155,17 @@ impl Networks {
         let dir = state_dir.join("networks");
         std::fs::create_dir_all(&dir)?;
         let tag = format!("{:06x}", fnv(dir.to_string_lossy().as_bytes()) & 0xff_ffff);
+        let underlay_net = underlay_cidr(local);
         Ok(Self {
             dir,
             local,
             tag,
             vpcs: BTreeMap::new(),
-            deny: [Some("169.254.0.0/16".to_string()), underlay_cidr(local)]
+            deny: [Some("169.254.0.0/16".to_string()), underlay_net.clone()]
                 .into_iter()
                 .flatten()
                 .collect(),
+            underlay_net,
             lock: Mutex::new(()),
         })
     }
@@ -261,6 +265,9 @@ impl Networks {
                 .parse()
                 .map_err(|_| NetError::Bad(format!("gateway {:?}", a.gateway)))?;
         }
+        if a.vpc.is_empty() {
+            self.check_overlay_or_routed(a, address)?;
+        }
         let custom_bridge = if a.vpc.is_empty() {
             None
         } else {
@@ -302,7 +309,7 @@ impl Networks {
             None => {
                 let mtu = self.ensure_network(a)?;
                 if a.routed {
-                    self.set_routes_locked(&a.subnet, &a.routes)?;
+                    self.set_routes_locked(&a.subnet, &a.routes);
                 } else {
                     self.set_peers_locked(a.vni, &a.peers)?;
                 }
@@ -359,6 +366,44 @@ impl Networks {
             hosts_file,
             address,
         })
+    }
+
+    /// Refuses a network whose subnet is not a plain one holding `address`,
+    /// or whose instances here were built in the other mode (the
+    /// scheduler's `[networks] mode` changed while it lived).
+    fn check_overlay_or_routed(&self, a: &Attach, address: Ipv4Addr) -> Result<(), NetError> {
+        let plain = a
+            .subnet
+            .split_once('/')
+            .and_then(|(base, len)| {
+                Some((base.parse::<Ipv4Addr>().ok()?, len.parse::<u32>().ok()?))
+            })
+            .is_some_and(|(base, len)| {
+                (8..=30).contains(&len) && in_cidr(address, &a.subnet) && {
+                    let mask = u32::MAX << (32 - len);
+                    u32::from(base) & !mask == 0
+                }
+            });
+        if !plain {
+            return Err(NetError::Bad(format!(
+                "subnet {:?} for address {address}",
+                a.subnet
+            )));
+        }
+        let other = |r: &Record| r.vni == a.vni && r.vpc.is_empty() && r.routed != a.routed;
+        if self.records().iter().any(other) {
+            let (was, now) = if a.routed {
+                ("overlay", "routed")
+            } else {
+                ("routed", "overlay")
+            };
+            return Err(NetError::Bad(format!(
+                "network {} runs {was} on this node and this instance asks for {now} \
+                 (the scheduler's [networks] mode changed while the network lived)",
+                a.name
+            )));
+        }
+        Ok(())
     }
 
     /// The bridge and VXLAN of network `a`, made if missing; the MTU its
@@ -420,7 +465,8 @@ impl Networks {
             .into_iter()
             .find(|r| r.vni == vni && r.routed && r.vpc.is_empty())
         {
-            return self.set_routes_locked(&r.subnet, routes);
+            self.set_routes_locked(&r.subnet, routes);
+            return self.render_rules();
         }
         if !link_exists(&vxlan(vni)) {
             return Ok(());
@@ -430,22 +476,23 @@ impl Networks {
     }
 
     /// Routes each address of `subnet` in `routes` whose node is not this
-    /// one through that node, and removes this agent's other routes into
-    /// `subnet`.
-    fn set_routes_locked(
-        &self,
-        subnet: &str,
-        routes: &BTreeMap<String, String>,
-    ) -> Result<(), NetError> {
+    /// one (and is on this node's own subnet) through that node, and
+    /// removes this agent's other routes into `subnet`. Best effort: a
+    /// route the kernel refuses is logged and the others still go in.
+    fn set_routes_locked(&self, subnet: &str, routes: &BTreeMap<String, String>) {
         let want: BTreeMap<Ipv4Addr, Ipv4Addr> = routes
             .iter()
             .filter_map(|(a, n)| Some((a.parse().ok()?, n.parse().ok()?)))
             .filter(|(a, n)| *n != self.local && in_cidr(*a, subnet))
+            .filter(|(_, n)| self.underlay_net.as_deref().is_none_or(|u| in_cidr(*n, u)))
             .collect();
         let have = our_routes(subnet);
+        for addr in have.keys().filter(|a| !want.contains_key(a)) {
+            let _ = ip(&["route", "del", &format!("{addr}/32"), "proto", ROUTE_PROTO]);
+        }
         for (addr, node) in &want {
-            if have.get(addr) != Some(node) {
-                ip(&[
+            if have.get(addr) != Some(node)
+                && let Err(err) = ip(&[
                     "route",
                     "replace",
                     &format!("{addr}/32"),
@@ -453,13 +500,11 @@ impl Networks {
                     &node.to_string(),
                     "proto",
                     ROUTE_PROTO,
-                ])?;
+                ])
+            {
+                tracing::warn!(%addr, %node, %err, "cannot route to an instance on another node");
             }
         }
-        for addr in have.keys().filter(|a| !want.contains_key(a)) {
-            let _ = ip(&["route", "del", &format!("{addr}/32"), "proto", ROUTE_PROTO]);
-        }
-        Ok(())
     }
 
     fn set_peers_locked(&self, vni: u32, peers: &[String]) -> Result<(), NetError> {
@@ -503,7 +548,7 @@ impl Networks {
         if record.vpc.is_empty() && !self.records().iter().any(|r| r.vni == record.vni) {
             let _ = ip(&["link", "del", &vxlan(record.vni)]);
             let _ = ip(&["link", "del", &bridge(record.vni)]);
-            let _ = self.set_routes_locked(&record.subnet, &BTreeMap::new());
+            self.set_routes_locked(&record.subnet, &BTreeMap::new());
         }
     }
 
@@ -577,12 +622,17 @@ impl Networks {
             ));
         }
         let vxlan_from = vxlan_sources(&vxlans);
-        let (routed_in, routed_out, routed_nat) =
-            routed_rules(&records, underlay(self.local).map(|(dev, _)| dev));
+        let remote: BTreeMap<u32, BTreeSet<Ipv4Addr>> = records
+            .iter()
+            .filter(|r| r.routed && r.vpc.is_empty())
+            .map(|r| (r.vni, our_routes(&r.subnet).into_keys().collect()))
+            .collect();
+        let [routed_in, routed_out, routed_between, routed_nat] =
+            routed_rules(&records, underlay(self.local).map(|(dev, _)| dev), &remote);
         // What instances may not reach through the node: the deny ranges,
         // and the custom networks' bridges (another tenant's VPC).
         let mut deny = format!(
-            "    iifname \"gpb*\" ip daddr {{ {} }} drop\n",
+            "    iifname \"gpb*\" ip daddr {{ {} }} drop\n{routed_between}",
             self.deny.join(", ")
         );
         let closed: Vec<&str> = records
@@ -647,21 +697,30 @@ impl Networks {
 
 /// The `inet gpupool` rules of the routed networks among `records`:
 /// (forward, into a network from the underlay `dev`; forward, out of one;
-/// postrouting). A network's instances send only from its subnet, reach
-/// its instances on other nodes unmasqueraded, and are reached from the
-/// underlay only from its subnet.
-fn routed_rules(records: &[Record], dev: Option<String>) -> (String, String, String) {
+/// forward, after the replies; postrouting). A network's instances send
+/// only from its subnet, reach its instances on other nodes unmasqueraded
+/// (and no other routed network's subnet), and are reached from the
+/// underlay only from the addresses this node routes to other nodes
+/// (`remote`: its instances there, by VNI).
+fn routed_rules(
+    records: &[Record],
+    dev: Option<String>,
+    remote: &BTreeMap<u32, BTreeSet<Ipv4Addr>>,
+) -> [String; 4] {
     let nets: BTreeMap<u32, &str> = records
         .iter()
         .filter(|r| r.routed && r.vpc.is_empty() && is_cidr(&r.subnet))
         .map(|r| (r.vni, r.subnet.as_str()))
         .collect();
-    let (mut into, mut out, mut nat) = (String::new(), String::new(), String::new());
-    for (vni, subnet) in nets {
-        let b = bridge(vni);
-        if let Some(dev) = dev.as_deref().filter(|d| is_ifname(d)) {
+    let [mut into, mut out, mut between, mut nat]: [String; 4] = Default::default();
+    for (vni, subnet) in &nets {
+        let b = bridge(*vni);
+        let from = remote.get(vni).filter(|a| !a.is_empty());
+        if let (Some(dev), Some(from)) = (dev.as_deref().filter(|d| is_ifname(d)), from) {
+            let from: Vec<String> = from.iter().map(Ipv4Addr::to_string).collect();
             into.push_str(&format!(
-                "    iifname \"{dev}\" oifname \"{b}\" ip saddr {subnet} accept\n"
+                "    iifname \"{dev}\" oifname \"{b}\" ip saddr {{ {} }} accept\n",
+                from.join(", ")
             ));
         }
         out.push_str(&format!(
@@ -670,7 +729,14 @@ fn routed_rules(records: &[Record], dev: Option<String>) -> (String, String, Str
         ));
         nat.push_str(&format!("    iifname \"{b}\" ip daddr {subnet} return\n"));
     }
-    (into, out, nat)
+    if !nets.is_empty() {
+        let all: Vec<&str> = nets.values().copied().collect();
+        between = format!(
+            "    iifname \"gpb*\" ip daddr {{ {} }} drop\n",
+            all.join(", ")
+        );
+    }
+    [into, out, between, nat]
 }
 
 /// The `inet gpupool_sg` table of a custom network's instance, in its own
@@ -1130,10 +1196,18 @@ mod tests {
             rec("c", 0x10_0002, "10.144.4.0/22", false),
             rec("d", 0x10_0003, "10.144.8.0/22; drop", true),
         ];
-        let (into, out, nat) = routed_rules(&records, Some("eth0".into()));
+        let h = |a: &str| a.parse::<Ipv4Addr>().unwrap();
+        let remote = BTreeMap::from([
+            (
+                0x10_0001,
+                BTreeSet::from([h("10.144.0.7"), h("10.144.0.9")]),
+            ),
+            (0x10_0002, BTreeSet::from([h("10.144.4.2")])),
+        ]);
+        let [into, out, between, nat] = routed_rules(&records, Some("eth0".into()), &remote);
         assert_eq!(
             into,
-            "    iifname \"eth0\" oifname \"gpb1048577\" ip saddr 10.144.0.0/22 accept\n"
+            "    iifname \"eth0\" oifname \"gpb1048577\" ip saddr { 10.144.0.7, 10.144.0.9 } accept\n"
         );
         assert_eq!(
             out,
@@ -1141,12 +1215,88 @@ mod tests {
              \x20   iifname \"gpb1048577\" ip daddr 10.144.0.0/22 accept\n"
         );
         assert_eq!(
+            between,
+            "    iifname \"gpb*\" ip daddr { 10.144.0.0/22 } drop\n"
+        );
+        assert_eq!(
             nat,
             "    iifname \"gpb1048577\" ip daddr 10.144.0.0/22 return\n"
         );
-        // No underlay found, or a name nft would misread: nothing comes in.
-        assert_eq!(routed_rules(&records, None).0, "");
-        assert_eq!(routed_rules(&records, Some("e\"th0".into())).0, "");
+        // No underlay found, a name nft would misread, or no instance on
+        // another node: nothing comes in.
+        assert_eq!(routed_rules(&records, None, &remote)[0], "");
+        assert_eq!(
+            routed_rules(&records, Some("e\"th0".into()), &remote)[0],
+            ""
+        );
+        assert_eq!(
+            routed_rules(&records, Some("eth0".into()), &BTreeMap::new())[0],
+            ""
+        );
+        assert!(
+            routed_rules(&[], Some("eth0".into()), &remote)
+                .iter()
+                .all(String::is_empty)
+        );
+    }
+
+    #[test]
+    fn a_network_is_refused_in_the_other_mode_or_with_a_subnet_not_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = Networks::new(dir.path(), "192.0.2.1").unwrap();
+        let a = Attach {
+            name: "tenant/acme".into(),
+            vni: 0x10_0001,
+            subnet: "10.144.0.0/22".into(),
+            gateway: "10.144.0.1".into(),
+            address: "10.144.0.2".into(),
+            routed: true,
+            ..Default::default()
+        };
+        let addr: Ipv4Addr = "10.144.0.2".parse().unwrap();
+        assert!(n.check_overlay_or_routed(&a, addr).is_ok());
+        for subnet in [
+            "10.144.0.1/22",
+            "0.0.0.0/0",
+            "10.144.4.0/22",
+            "10.144.0.0/31",
+            "x",
+        ] {
+            let bad = Attach {
+                subnet: subnet.into(),
+                ..a.clone()
+            };
+            let err = n
+                .check_overlay_or_routed(&bad, addr)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("subnet"), "{subnet}: {err}");
+        }
+        // An overlay instance of the network lives here.
+        let record = Record {
+            instance_id: "i-1".into(),
+            netns: String::new(),
+            veth: String::new(),
+            vni: a.vni,
+            subnet: a.subnet.clone(),
+            gateway: a.gateway.clone(),
+            address: "10.144.0.3".into(),
+            port: 0,
+            vpc: String::new(),
+            no_egress: false,
+            routed: false,
+        };
+        std::fs::write(n.record_path("i-1"), serde_json::to_vec(&record).unwrap()).unwrap();
+        let err = n.check_overlay_or_routed(&a, addr).unwrap_err().to_string();
+        assert!(
+            err.contains("runs overlay") && err.contains("mode changed"),
+            "{err}"
+        );
+        let overlay = Attach {
+            routed: false,
+            ..a.clone()
+        };
+        assert!(n.check_overlay_or_routed(&overlay, addr).is_ok());
     }
 
     #[test]

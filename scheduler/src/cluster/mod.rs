@@ -825,6 +825,7 @@ impl Cluster {
             self.settle(&id, now_ms, out);
             self.persist_job(&id, now_ms);
         }
+        self.network_state_to(node_id, out);
         self.schedule(now_ms, out);
     }
 

@@ -221,6 +221,31 @@ impl Cluster {
         spans
     }
 
+    /// A node's session opened: the peers (and a routed network's routes)
+    /// of every network it spans, which it may have missed while away
+    /// (commands to a node without a session are dropped).
+    pub(super) fn network_state_to(&self, node_id: &str, out: &mut Outbox) {
+        let Some(plan) = self.settings.networks else {
+            return;
+        };
+        for span in self.spans_of(|_| true).into_values() {
+            if span.nodes.contains(node_id) {
+                out.push((
+                    node_id.to_string(),
+                    AgentCommand::NetworkPeers {
+                        vni: span.vni,
+                        peers: self.addresses(&span.nodes),
+                        routes: if plan.is_routed {
+                            span.routes
+                        } else {
+                            BTreeMap::new()
+                        },
+                    },
+                ));
+            }
+        }
+    }
+
     /// After a load: the nodes each network spans, as if its agents had
     /// just been told (so a network leaving a node is pruned after a
     /// scheduler restart as before it).

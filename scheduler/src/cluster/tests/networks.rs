@@ -333,3 +333,33 @@ fn a_network_leaving_a_node_is_pruned_after_a_scheduler_restart_too() {
         .collect();
     assert_eq!(told, [("n1", &vec!["192.0.2.1".to_string()])]);
 }
+
+#[test]
+fn a_node_whose_session_opens_again_is_told_its_networks_peers_and_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster_routed(dir.path(), 0, true);
+    c.register_node("n1", node("192.0.2.1"), 0).unwrap();
+    c.register_node("n2", node("192.0.2.2"), 0).unwrap();
+    let mut out = Outbox::new();
+    submit_gang(&mut c, &mut out);
+    c.network_peers(&mut out);
+    let s = starts(&out);
+    let on_n1 = s.iter().find(|(n, _)| *n == "n1").unwrap().1;
+    let attach = on_n1.attach.clone().unwrap();
+    let reported = vec![report(&on_n1.instance_id, InstanceState::Running, None)];
+    out.clear();
+    c.hello("n1", reported, 100, &mut out);
+    let told: Vec<_> = out
+        .iter()
+        .filter_map(|(n, c)| match c {
+            AgentCommand::NetworkPeers { vni, peers, routes } => {
+                Some((n.as_str(), *vni, peers, routes))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!((told[0].0, told[0].1), ("n1", attach.vni));
+    assert_eq!(told[0].2.len(), 2);
+    assert_eq!(told[0].3, &attach.routes);
+}
