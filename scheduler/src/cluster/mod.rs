@@ -783,16 +783,24 @@ impl Cluster {
         for r in reported {
             self.apply_report(node_id, r, now_ms, out);
         }
-        let mut changed_jobs = Vec::new();
+        let (mut changed_jobs, mut released_jobs) = (Vec::new(), Vec::new());
         for job in self.jobs.values_mut() {
-            let mut changed = false;
+            let (mut changed, mut released) = (false, false);
             let mut restart = Vec::new();
             for inst in job
                 .instances
                 .iter_mut()
-                .filter(|i| i.node_id == node_id && !i.state.is_terminal())
+                .filter(|i| i.node_id == node_id && !reported_ids.contains(&i.instance_id))
             {
-                if reported_ids.contains(&inst.instance_id) {
+                // The agent does not run it: a Lost one's address is free.
+                if let Some(net) = inst.net.as_mut().filter(|n| !n.released)
+                    && (inst.state == InstanceState::Lost || !inst.state.is_terminal())
+                    && inst.state != InstanceState::Scheduled
+                {
+                    net.released = true;
+                    released = true;
+                }
+                if inst.state.is_terminal() {
                     continue;
                 }
                 if inst.state == InstanceState::Scheduled {
@@ -819,10 +827,15 @@ impl Cluster {
             if changed {
                 job.refresh_state(now_ms);
                 changed_jobs.push(job.job_id.clone());
+            } else if released {
+                released_jobs.push(job.job_id.clone());
             }
         }
         for id in changed_jobs {
             self.settle(&id, now_ms, out);
+            self.persist_job(&id, now_ms);
+        }
+        for id in released_jobs {
             self.persist_job(&id, now_ms);
         }
         self.network_state_to(node_id, out);
@@ -984,6 +997,13 @@ impl Cluster {
         };
         if inst.state.is_terminal() {
             let cmd = if r.state.is_terminal() {
+                // Its namespace is gone: a Lost one's address is free now.
+                if let Some(net) = inst.net.as_mut().filter(|n| !n.released) {
+                    net.released = true;
+                    if let Some(id) = &job_id {
+                        self.persist_job(id, now_ms);
+                    }
+                }
                 AgentCommand::Forget {
                     instance_id: r.instance_id,
                 }

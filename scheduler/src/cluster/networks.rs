@@ -21,8 +21,9 @@ impl Cluster {
         let job = self.jobs.get(job_id)?;
         let pool = self.pools.get(&job.pool_id);
         // Held: the addresses of live instances, and of those lost on a
-        // node that has not come back (it may still run them: their
-        // namespace is on the network's bridge there).
+        // node whose agent has not said it no longer runs them (their
+        // namespace may still be on the network's bridge there, also
+        // while a node that came back stops them).
         let live = || {
             self.jobs
                 .values()
@@ -30,9 +31,8 @@ impl Cluster {
                 .filter(|i| {
                     !i.state.is_terminal()
                         || (i.state == crate::domain::InstanceState::Lost
-                            && self.nodes.get(&i.node_id).is_some_and(|n| {
-                                n.status != crate::domain::node::NodeStatus::Ready
-                            }))
+                            && i.net.as_ref().is_some_and(|n| !n.released)
+                            && self.nodes.contains_key(&i.node_id))
                 })
                 .filter_map(|i| i.net.as_ref())
         };

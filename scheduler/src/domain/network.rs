@@ -115,6 +115,7 @@ impl Plan {
             vpc: String::new(),
             rules: Vec::new(),
             no_egress: false,
+            released: false,
         }
     }
 
@@ -194,6 +195,11 @@ pub struct InstanceNet {
     /// Nothing leaves the network from it (its pool's `no_egress`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_egress: bool,
+    /// Its node's agent no longer runs it (it reported it ended, or does
+    /// not know it): a Lost instance's address and network are held until
+    /// then, since its namespace may still be on the network's bridge.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
 }
 
 /// One rule of a security group: traffic it lets in (ingress: from
@@ -371,6 +377,7 @@ impl Custom {
                 vpc: s.vpc.clone(),
                 rules: rules.clone(),
                 no_egress: false,
+                released: false,
             })
             .collect();
         if out.len() < count {

@@ -223,6 +223,43 @@ fn a_lost_instance_s_address_is_held_while_its_node_is_away() {
         .expect("retried on n2");
     let again = &retry.net.as_ref().unwrap().address;
     assert_ne!(*again, first, "the lost instance's address was reused");
+
+    // n1 comes back still running it: it is stopped, and its address stays
+    // held until n1 says it ended.
+    let lost = job
+        .instances
+        .iter()
+        .find(|i| i.node_id == "n1")
+        .unwrap()
+        .instance_id
+        .clone();
+    let job_id = job.job_id.clone();
+    let next = |c: &Cluster| {
+        c.allocate_nets(&job_id, 1).unwrap().unwrap()[0]
+            .address
+            .clone()
+    };
+    out.clear();
+    c.hello(
+        "n1",
+        vec![report(&lost, InstanceState::Running, None)],
+        now + 10,
+        &mut out,
+    );
+    assert!(out.iter().any(|(n, c)| n == "n1"
+        && matches!(c, AgentCommand::Stop { instance_id, .. } if *instance_id == lost)));
+    assert_ne!(next(&c), first, "held while n1 stops it");
+    c.apply_report(
+        "n1",
+        report(&lost, InstanceState::Stopped, None),
+        now + 20,
+        &mut out,
+    );
+    assert_eq!(next(&c), first, "free once n1 said it ended");
+    // And after a reload.
+    drop(c);
+    let c = cluster(dir.path(), now + 30);
+    assert_eq!(next(&c), first);
 }
 
 #[test]
