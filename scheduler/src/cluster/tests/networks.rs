@@ -35,6 +35,18 @@ fn starts(out: &Outbox) -> Vec<(&str, &StartSpec)> {
         .collect()
 }
 
+/// The peer lists `out` sends for network `vni`, by node.
+fn peers_told(out: &Outbox, vni: u32) -> Vec<(&str, &Vec<String>)> {
+    out.iter()
+        .filter_map(|(n, c)| match c {
+            AgentCommand::NetworkPeers { vni: v, peers, .. } if *v == vni => {
+                Some((n.as_str(), peers))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// A 2-rank public job, submitted at 10.
 fn submit_gang(c: &mut Cluster, out: &mut Outbox) -> Job {
     c.submit(
@@ -277,16 +289,10 @@ fn a_network_s_nodes_are_told_when_it_leaves_one() {
     out.clear();
     c.heartbeat("n1", None, vec![], grace, &mut out);
     c.tick(grace + 10, &mut out);
-    let told: Vec<_> = out
-        .iter()
-        .filter_map(|(n, c)| match c {
-            AgentCommand::NetworkPeers { vni: v, peers, .. } if *v == vni => {
-                Some((n.as_str(), peers))
-            }
-            _ => None,
-        })
-        .collect();
-    assert_eq!(told, [("n1", &vec!["192.0.2.1".to_string()])]);
+    assert_eq!(
+        peers_told(&out, vni),
+        [("n1", &vec!["192.0.2.1".to_string()])]
+    );
     // Said once.
     out.clear();
     c.heartbeat("n1", None, vec![], grace + 20, &mut out);
@@ -359,16 +365,10 @@ fn a_network_leaving_a_node_is_pruned_after_a_scheduler_restart_too() {
     out.clear();
     c.heartbeat("n1", None, vec![], grace, &mut out);
     c.tick(grace + 20, &mut out);
-    let told: Vec<_> = out
-        .iter()
-        .filter_map(|(n, c)| match c {
-            AgentCommand::NetworkPeers { vni: v, peers, .. } if *v == vni => {
-                Some((n.as_str(), peers))
-            }
-            _ => None,
-        })
-        .collect();
-    assert_eq!(told, [("n1", &vec!["192.0.2.1".to_string()])]);
+    assert_eq!(
+        peers_told(&out, vni),
+        [("n1", &vec!["192.0.2.1".to_string()])]
+    );
 }
 
 #[test]
