@@ -541,8 +541,10 @@ impl Networks {
     }
 
     fn remove(&self, record: &Record) {
-        let _ = ip(&["netns", "del", &record.netns]);
+        // The veth first (its peer in the namespace goes with it): once the
+        // namespace's name is gone, nothing of the instance is on a bridge.
         let _ = ip(&["link", "del", &record.veth]);
+        let _ = ip(&["netns", "del", &record.netns]);
         let _ = std::fs::remove_file(self.record_path(&record.instance_id));
         let _ = std::fs::remove_file(self.hosts_path(&record.instance_id));
         if record.vpc.is_empty() && !self.records().iter().any(|r| r.vni == record.vni) {
