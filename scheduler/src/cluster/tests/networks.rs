@@ -35,6 +35,17 @@ fn starts(out: &Outbox) -> Vec<(&str, &StartSpec)> {
         .collect()
 }
 
+/// Nodes n1 and n2, and a 2-rank public job started on them: the start
+/// commands.
+fn gang_on_two_nodes(c: &mut Cluster) -> Outbox {
+    c.register_node("n1", node("192.0.2.1"), 0).unwrap();
+    c.register_node("n2", node("192.0.2.2"), 0).unwrap();
+    let mut out = Outbox::new();
+    submit_gang(c, &mut out);
+    c.network_peers(&mut out);
+    out
+}
+
 /// The peer lists `out` sends for network `vni`, by node.
 fn peers_told(out: &Outbox, vni: u32) -> Vec<(&str, &Vec<String>)> {
     out.iter()
@@ -279,11 +290,7 @@ fn a_network_s_nodes_are_told_when_it_leaves_one() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = cluster(dir.path(), 0);
     let grace = settings().node_grace_ms;
-    c.register_node("n1", node("192.0.2.1"), 0).unwrap();
-    c.register_node("n2", node("192.0.2.2"), 0).unwrap();
-    let mut out = Outbox::new();
-    submit_gang(&mut c, &mut out);
-    c.network_peers(&mut out);
+    let mut out = gang_on_two_nodes(&mut c);
     let vni = starts(&out)[0].1.attach.as_ref().unwrap().vni;
     // n2 goes away: its rank is lost, the network spans n1 only.
     out.clear();
@@ -308,11 +315,7 @@ fn a_routed_network_s_starts_carry_each_instance_s_node_and_its_leaving_node_s_r
     let dir = tempfile::tempdir().unwrap();
     let mut c = cluster_routed(dir.path(), 0, true);
     let grace = settings().node_grace_ms;
-    c.register_node("n1", node("192.0.2.1"), 0).unwrap();
-    c.register_node("n2", node("192.0.2.2"), 0).unwrap();
-    let mut out = Outbox::new();
-    submit_gang(&mut c, &mut out);
-    c.network_peers(&mut out);
+    let mut out = gang_on_two_nodes(&mut c);
     let s = starts(&out);
     let on = |node: &str| {
         s.iter()
@@ -351,11 +354,7 @@ fn a_network_leaving_a_node_is_pruned_after_a_scheduler_restart_too() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = cluster(dir.path(), 0);
     let grace = settings().node_grace_ms;
-    c.register_node("n1", node("192.0.2.1"), 0).unwrap();
-    c.register_node("n2", node("192.0.2.2"), 0).unwrap();
-    let mut out = Outbox::new();
-    submit_gang(&mut c, &mut out);
-    c.network_peers(&mut out);
+    let mut out = gang_on_two_nodes(&mut c);
     let vni = starts(&out)[0].1.attach.as_ref().unwrap().vni;
     // The scheduler restarts; the agents come back, then n2 goes away.
     drop(c);
@@ -375,11 +374,7 @@ fn a_network_leaving_a_node_is_pruned_after_a_scheduler_restart_too() {
 fn a_node_whose_session_opens_again_is_told_its_networks_peers_and_routes() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = cluster_routed(dir.path(), 0, true);
-    c.register_node("n1", node("192.0.2.1"), 0).unwrap();
-    c.register_node("n2", node("192.0.2.2"), 0).unwrap();
-    let mut out = Outbox::new();
-    submit_gang(&mut c, &mut out);
-    c.network_peers(&mut out);
+    let mut out = gang_on_two_nodes(&mut c);
     let s = starts(&out);
     let on_n1 = s.iter().find(|(n, _)| *n == "n1").unwrap().1;
     let attach = on_n1.attach.clone().unwrap();
