@@ -900,13 +900,14 @@ time.sleep(3600)
 /// Listens on 8080 and 8081 ("vpc host PORT" to each connection).
 const VPC_HOST: &str = r#"
 import socket, threading, time
-def serve(port):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(16)
+def serve(s, port):
     while True:
         c, _ = s.accept(); c.sendall(f"vpc host {port}\n".encode()); c.close()
 for p in (8080, 8081):
-    threading.Thread(target=serve, args=(p,), daemon=True).start()
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", p)); s.listen(16)
+    threading.Thread(target=serve, args=(s, p), daemon=True).start()
+print("vpc host up", flush=True)
 time.sleep(3600)
 "#;
 
@@ -968,6 +969,11 @@ async fn a_custom_network_is_the_vpc_with_its_security_groups() {
         },
         dir.path().join("vpc-host.log"),
     );
+    // Listening before any instance probes it.
+    wait_until(Duration::from_secs(30), "the VPC host listening", || {
+        std::fs::read_to_string(dir.path().join("vpc-host.log"))
+            .is_ok_and(|l| l.contains("vpc host up"))
+    });
 
     let config = format!(
         "[networks]\nenabled = true\n\
