@@ -372,18 +372,9 @@ impl Networks {
     /// or whose instances here were built in the other mode (the
     /// scheduler's `[networks] mode` changed while it lived).
     fn check_overlay_or_routed(&self, a: &Attach, address: Ipv4Addr) -> Result<(), NetError> {
-        let plain = a
-            .subnet
-            .split_once('/')
-            .and_then(|(base, len)| {
-                Some((base.parse::<Ipv4Addr>().ok()?, len.parse::<u32>().ok()?))
-            })
-            .is_some_and(|(base, len)| {
-                (8..=30).contains(&len) && in_cidr(address, &a.subnet) && {
-                    let mask = u32::MAX << (32 - len);
-                    u32::from(base) & !mask == 0
-                }
-            });
+        let plain = cidr_parts(&a.subnet).is_some_and(|(base, len)| {
+            (8..=30).contains(&len) && base & !prefix_mask(len) == 0 && in_cidr(address, &a.subnet)
+        });
         if !plain {
             return Err(NetError::Bad(format!(
                 "subnet {:?} for address {address}",
@@ -570,16 +561,16 @@ impl Networks {
             .filter(|r| r.vpc.is_empty())
             .map(|r| r.vni)
             .collect();
-        for name in links_named("gpx").into_iter().chain(links_named("gpb")) {
-            if let Some(vni) = name
-                .strip_prefix("gpx")
-                .or_else(|| name.strip_prefix("gpb"))
-                .and_then(|v| v.parse().ok())
-                && !used.contains(&vni)
-            {
-                let _ = ip(&["link", "del", &name]);
-                let _ = ip(&["link", "del", &bridge(vni)]);
-            }
+        // Networks' VXLANs and bridges (a routed network has no VXLAN).
+        let unused: BTreeSet<u32> = links_named("gp")
+            .iter()
+            .filter_map(|n| n.strip_prefix("gpx").or_else(|| n.strip_prefix("gpb")))
+            .filter_map(|v| v.parse().ok())
+            .filter(|vni| !used.contains(vni))
+            .collect();
+        for vni in unused {
+            let _ = ip(&["link", "del", &vxlan(vni)]);
+            let _ = ip(&["link", "del", &bridge(vni)]);
         }
         // Routes into routed networks none of `live` is on here.
         let subnets: Vec<String> = self
@@ -624,13 +615,16 @@ impl Networks {
             ));
         }
         let vxlan_from = vxlan_sources(&vxlans);
-        let remote: BTreeMap<u32, BTreeSet<Ipv4Addr>> = records
+        let routed_nets = routed_nets(&records);
+        let remote: BTreeMap<u32, BTreeSet<Ipv4Addr>> = routed_nets
             .iter()
-            .filter(|r| r.routed && r.vpc.is_empty())
-            .map(|r| (r.vni, our_routes(&r.subnet).into_keys().collect()))
+            .map(|(vni, subnet)| (*vni, our_routes(subnet).into_keys().collect()))
             .collect();
-        let [routed_in, routed_out, routed_between, routed_nat] =
-            routed_rules(&records, underlay(self.local).map(|(dev, _)| dev), &remote);
+        let [routed_in, routed_out, routed_between, routed_nat] = routed_rules(
+            &routed_nets,
+            underlay(self.local).map(|(dev, _)| dev),
+            &remote,
+        );
         // What instances may not reach through the node: the deny ranges,
         // and the custom networks' bridges (another tenant's VPC).
         let mut deny = format!(
@@ -697,7 +691,17 @@ impl Networks {
     }
 }
 
-/// The `inet gpupool` rules of the routed networks among `records`:
+/// The routed networks among `records` (a malformed subnet left out):
+/// VNI -> subnet.
+fn routed_nets(records: &[Record]) -> BTreeMap<u32, &str> {
+    records
+        .iter()
+        .filter(|r| r.routed && r.vpc.is_empty() && is_cidr(&r.subnet))
+        .map(|r| (r.vni, r.subnet.as_str()))
+        .collect()
+}
+
+/// The `inet gpupool` rules of the routed networks `nets`:
 /// (forward, into a network from the underlay `dev`; forward, out of one;
 /// forward, after the replies; postrouting). A network's instances send
 /// only from its subnet, reach its instances on other nodes unmasqueraded
@@ -705,17 +709,12 @@ impl Networks {
 /// underlay only from the addresses this node routes to other nodes
 /// (`remote`: its instances there, by VNI).
 fn routed_rules(
-    records: &[Record],
+    nets: &BTreeMap<u32, &str>,
     dev: Option<String>,
     remote: &BTreeMap<u32, BTreeSet<Ipv4Addr>>,
 ) -> [String; 4] {
-    let nets: BTreeMap<u32, &str> = records
-        .iter()
-        .filter(|r| r.routed && r.vpc.is_empty() && is_cidr(&r.subnet))
-        .map(|r| (r.vni, r.subnet.as_str()))
-        .collect();
     let [mut into, mut out, mut between, mut nat]: [String; 4] = Default::default();
-    for (vni, subnet) in &nets {
+    for (vni, subnet) in nets {
         let b = bridge(*vni);
         let from = remote.get(vni).filter(|a| !a.is_empty());
         if let (Some(dev), Some(from)) = (dev.as_deref().filter(|d| is_ifname(d)), from) {
@@ -880,19 +879,22 @@ fn parse_route_line(line: &str) -> Option<(Ipv4Addr, Ipv4Addr)> {
     Some((dst, via))
 }
 
+/// `10.144.0.0/22` -> (its base address, 22); None when malformed.
+fn cidr_parts(cidr: &str) -> Option<(u32, u32)> {
+    let (base, len) = cidr.split_once('/')?;
+    let (base, len) = (base.parse::<Ipv4Addr>().ok()?, len.parse::<u32>().ok()?);
+    (len <= 32).then_some((u32::from(base), len))
+}
+
+/// The netmask of a prefix length (0..=32).
+fn prefix_mask(len: u32) -> u32 {
+    if len == 0 { 0 } else { u32::MAX << (32 - len) }
+}
+
 /// Whether `addr` is in `cidr` (`10.144.0.0/22`); false when malformed.
 fn in_cidr(addr: Ipv4Addr, cidr: &str) -> bool {
-    let Some((base, len)) = cidr.split_once('/') else {
-        return false;
-    };
-    let (Ok(base), Ok(len)) = (base.parse::<Ipv4Addr>(), len.parse::<u32>()) else {
-        return false;
-    };
-    if len > 32 {
-        return false;
-    }
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-    u32::from(addr) & mask == u32::from(base) & mask
+    cidr_parts(cidr)
+        .is_some_and(|(base, len)| u32::from(addr) & prefix_mask(len) == base & prefix_mask(len))
 }
 
 fn bridge(vni: u32) -> String {
@@ -1028,7 +1030,7 @@ fn underlay_mtu(local: Ipv4Addr) -> u32 {
 /// The subnet of the link that holds `local` (`10.0.0.0/24`).
 fn underlay_cidr(local: Ipv4Addr) -> Option<String> {
     let (_, len) = underlay(local)?;
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    let mask = prefix_mask(u32::from(len));
     Some(format!("{}/{len}", Ipv4Addr::from(u32::from(local) & mask)))
 }
 
@@ -1206,7 +1208,8 @@ mod tests {
             ),
             (0x10_0002, BTreeSet::from([h("10.144.4.2")])),
         ]);
-        let [into, out, between, nat] = routed_rules(&records, Some("eth0".into()), &remote);
+        let nets = routed_nets(&records);
+        let [into, out, between, nat] = routed_rules(&nets, Some("eth0".into()), &remote);
         assert_eq!(
             into,
             "    iifname \"eth0\" oifname \"gpb1048577\" ip saddr { 10.144.0.7, 10.144.0.9 } accept\n"
@@ -1226,17 +1229,14 @@ mod tests {
         );
         // No underlay found, a name nft would misread, or no instance on
         // another node: nothing comes in.
-        assert_eq!(routed_rules(&records, None, &remote)[0], "");
+        assert_eq!(routed_rules(&nets, None, &remote)[0], "");
+        assert_eq!(routed_rules(&nets, Some("e\"th0".into()), &remote)[0], "");
         assert_eq!(
-            routed_rules(&records, Some("e\"th0".into()), &remote)[0],
-            ""
-        );
-        assert_eq!(
-            routed_rules(&records, Some("eth0".into()), &BTreeMap::new())[0],
+            routed_rules(&nets, Some("eth0".into()), &BTreeMap::new())[0],
             ""
         );
         assert!(
-            routed_rules(&[], Some("eth0".into()), &remote)
+            routed_rules(&routed_nets(&[]), Some("eth0".into()), &remote)
                 .iter()
                 .all(String::is_empty)
         );

@@ -147,28 +147,22 @@ impl Cluster {
         if starting.is_empty() {
             return;
         }
-        let mut spans = self.spans_of(|name| starting.contains_key(name));
-        // Those it spanned before: the nodes of its other instances.
-        for (name, span) in spans.iter_mut() {
-            let ids = &starting[name.as_str()].1;
-            span.before = span
-                .members
-                .iter()
-                .filter(|(id, _)| !ids.contains(id))
-                .map(|(_, node)| node.clone())
-                .collect();
-        }
+        let spans = self.spans_of(|name| starting.contains_key(name));
         let mut updates = Vec::new();
         let mut told = Vec::new();
         for (name, span) in &spans {
-            let vni = starting[name.as_str()].0;
+            let (vni, ids) = &starting[name.as_str()];
+            let vni = *vni;
+            // Those it spanned before: the nodes of its other instances.
+            let before: BTreeSet<&String> = span
+                .members
+                .iter()
+                .filter(|(id, _)| !ids.contains(id))
+                .map(|(_, node)| node)
+                .collect();
             told.push((name.to_string(), (vni, span.nodes.clone())));
             let peers = self.addresses(&span.nodes);
-            let routes = if plan.is_routed {
-                span.routes.clone()
-            } else {
-                BTreeMap::new()
-            };
+            let routes = span.routes_if(plan.is_routed);
             for (_, cmd) in out.iter_mut() {
                 if let AgentCommand::Start(s) = cmd
                     && let Some(a) = &mut s.attach
@@ -179,8 +173,8 @@ impl Cluster {
                     a.routes = routes.clone();
                 }
             }
-            if span.nodes.len() > span.before.len() || plan.is_routed {
-                for node in &span.before {
+            if span.nodes.len() > before.len() || plan.is_routed {
+                for node in before {
                     updates.push((
                         node.clone(),
                         AgentCommand::NetworkPeers {
@@ -235,11 +229,7 @@ impl Cluster {
                     AgentCommand::NetworkPeers {
                         vni: span.vni,
                         peers: self.addresses(&span.nodes),
-                        routes: if plan.is_routed {
-                            span.routes
-                        } else {
-                            BTreeMap::new()
-                        },
+                        routes: span.routes_if(plan.is_routed),
                     },
                 ));
             }
@@ -293,11 +283,7 @@ impl Cluster {
                     AgentCommand::NetworkPeers {
                         vni,
                         peers: peers.clone(),
-                        routes: if routed {
-                            span.routes.clone()
-                        } else {
-                            BTreeMap::new()
-                        },
+                        routes: span.routes_if(routed),
                     },
                 ));
             }
@@ -318,10 +304,19 @@ struct Span {
     nodes: BTreeSet<String>,
     /// (instance id, node id) of each.
     members: Vec<(String, String)>,
-    /// The nodes of those not being started (filled in by the caller).
-    before: BTreeSet<String>,
     /// Address → its node's address.
     routes: BTreeMap<String, String>,
+}
+
+impl Span {
+    /// What an agent is told of the routes: none for an overlay.
+    fn routes_if(&self, routed: bool) -> BTreeMap<String, String> {
+        if routed {
+            self.routes.clone()
+        } else {
+            BTreeMap::new()
+        }
+    }
 }
 
 /// The attachment of `inst` of `job` for its start command, without its
