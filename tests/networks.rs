@@ -173,7 +173,7 @@ impl Hosts {
     }
 
     /// The instance-network devices and namespaces host `k` (1-based)
-    /// still has: links named gpb*/gpx*/gv*, and DNAT rules.
+    /// still has: links named gpb*/gpx*/gv*/gpr*, DNAT rules and routes.
     fn leftovers(&self, k: usize) -> Vec<String> {
         let ns = &self.hosts[k - 1].ns;
         let mut left: Vec<String> = ip(&["-n", ns, "-o", "link", "show"])
@@ -181,7 +181,7 @@ impl Hosts {
             .lines()
             .filter_map(|l| l.split(": ").nth(1))
             .map(|n| n.split('@').next().unwrap_or(n).to_string())
-            .filter(|n| n.starts_with("gpb") || n.starts_with("gpx") || n.starts_with("gv"))
+            .filter(|n| ["gpb", "gpx", "gv", "gpr"].iter().any(|p| n.starts_with(p)))
             .collect();
         let rules = Command::new("ip")
             .args([
@@ -589,7 +589,8 @@ async fn networks_are_real_and_isolated(mode: &str) {
     }
 
     // Across the hosts over VXLAN, or (routed) through host 1's route to
-    // host 2's replica, with no VXLAN device.
+    // host 2's replica, with no VXLAN device and no bridge: the replica's
+    // veth on host 1 is on no bridge, and its address is routed on it.
     let on = |node: &str| replicas.iter().find(|i| i.node_id == node).unwrap();
     let links = ip(&["-n", &hosts.hosts[0].ns, "-o", "link", "show"]).unwrap();
     let routes = ip(&["-n", &hosts.hosts[0].ns, "route", "show", "proto", "201"]).unwrap();
@@ -599,8 +600,22 @@ async fn networks_are_real_and_isolated(mode: &str) {
         hosts.hosts[1].address
     );
     if mode == "routed" {
-        assert!(!links.contains(": gpx"), "{links}");
+        assert!(
+            !links.contains(": gpx") && !links.contains(": gpb"),
+            "{links}"
+        );
         assert!(routes.contains(&via_h2), "{routes}");
+        let veth = links
+            .lines()
+            .find(|l| l.contains(": gpr"))
+            .unwrap_or_else(|| panic!("no routed veth on host 1: {links}"));
+        assert!(!veth.contains(" master "), "{veth}");
+        let name = veth.split(": ").nth(1).unwrap().split('@').next().unwrap();
+        let local = ip(&["-n", &hosts.hosts[0].ns, "route", "show", "dev", name]).unwrap();
+        assert!(
+            local.contains(&format!("{} ", on("h1").network_address)),
+            "{name}: {local}"
+        );
     } else {
         assert!(links.contains(": gpx"), "{links}");
         assert!(routes.trim().is_empty(), "{routes}");

@@ -13,10 +13,19 @@
 //! talk on the bridge and across the VXLAN; nothing is routed between
 //! networks.
 //!
+//! A routed network (`[networks] mode = "routed"`) has neither bridge nor
+//! VXLAN, as Calico without encapsulation: each instance's veth ends on
+//! the node as a routed link (`gpr...`) that holds the gateway as a /32
+//! (the instance's next hop) and a /32 route to the instance; the node
+//! routes the network's instances on other nodes through those nodes
+//! (`proto 201`). Instances share no layer 2, not even on one node.
+//!
 //! One nftables table, `inet gpupool`, holds the rules, rendered whole
 //! from the records on every change:
 //! - nothing is routed into a network (from another network, the node or
 //!   the world) except replies and published ports;
+//! - a routed instance sends from its own address only, and takes from
+//!   the underlay only what comes from its network's instances elsewhere;
 //! - instances reach nothing of the node itself (its agent, its other
 //!   ports) except replies, nor any node's VXLAN port;
 //! - instances reach the rest of the world through masquerade;
@@ -58,10 +67,10 @@ pub struct Attach {
     pub rules: Vec<Rule>,
     /// Nothing leaves the network from it (but replies).
     pub no_egress: bool,
-    /// Routed between nodes, no VXLAN: the node proxies ARP on the bridge
-    /// for the network's instances elsewhere and routes to each through
-    /// its node (`routes`: address -> node address; this node's own are
-    /// skipped).
+    /// Routed, no bridge and no VXLAN: the node routes to each of the
+    /// network's instances here on its veth, and to each elsewhere
+    /// through its node (`routes`: address -> node address; this node's
+    /// own are skipped).
     pub routed: bool,
     pub routes: BTreeMap<String, String>,
 }
@@ -108,7 +117,7 @@ struct Record {
     /// Nothing leaves the network from it.
     #[serde(default)]
     no_egress: bool,
-    /// Its network is routed between nodes (no VXLAN).
+    /// Its network is routed (no bridge, no VXLAN; `veth` is a `gpr...` link).
     #[serde(default)]
     routed: bool,
 }
@@ -199,12 +208,16 @@ impl Networks {
         Ok(self)
     }
 
-    fn names(&self, instance_id: &str) -> (String, String, String) {
+    /// The namespace, node-side veth and temporary peer names of an
+    /// instance: a routed instance's veth is `gpr...` (the node routes on
+    /// it), another's `gv...` (a bridge port).
+    fn names(&self, instance_id: &str, routed: bool) -> (String, String, String) {
         let h = fnv(format!("{}/{instance_id}", self.tag).as_bytes());
         let short = format!("{:08x}", h as u32);
+        let veth = if routed { "gpr" } else { "gv" };
         (
             format!("gpi-{}-{short}", self.tag),
-            format!("gv{short}"),
+            format!("{veth}{short}"),
             format!("gt{short}"),
         )
     }
@@ -285,7 +298,8 @@ impl Networks {
             }
             Some(br.clone())
         };
-        let (netns, veth, temp) = self.names(instance_id);
+        let routed = a.routed && a.vpc.is_empty();
+        let (netns, veth, temp) = self.names(instance_id, routed);
         let record = Record {
             instance_id: instance_id.to_string(),
             netns: netns.clone(),
@@ -297,23 +311,26 @@ impl Networks {
             port,
             vpc: a.vpc.clone(),
             no_egress: a.no_egress,
-            routed: a.routed && a.vpc.is_empty(),
+            routed,
         };
         // Recorded first: whatever of it exists after a crash is found.
         write_atomic(
             &self.record_path(instance_id),
             &serde_json::to_vec(&record).unwrap(),
         )?;
+        // Where the veth goes: a bridge, or (routed) none.
         let (mtu, master) = match &custom_bridge {
-            Some(br) => (link_mtu(br).unwrap_or(1500).to_string(), br.clone()),
+            Some(br) => (link_mtu(br).unwrap_or(1500).to_string(), Some(br.clone())),
+            None if routed => {
+                // A node forwards for its instances (their gateway, NAT).
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+                self.set_routes_locked(&a.subnet, &a.routes);
+                (underlay_mtu(self.local).to_string(), None)
+            }
             None => {
                 let mtu = self.ensure_network(a)?;
-                if a.routed {
-                    self.set_routes_locked(&a.subnet, &a.routes);
-                } else {
-                    self.set_peers_locked(a.vni, &a.peers)?;
-                }
-                (mtu, bridge(a.vni))
+                self.set_peers_locked(a.vni, &a.peers)?;
+                (mtu, Some(bridge(a.vni)))
             }
         };
         let _ = ip(&["netns", "del", &netns]);
@@ -322,7 +339,12 @@ impl Networks {
             "link", "add", &veth, "mtu", &mtu, "type", "veth", "peer", "name", &temp, "mtu", &mtu,
         ])?;
         ip(&["link", "set", &temp, "netns", &netns])?;
-        ip(&["link", "set", &veth, "master", &master, "up"])?;
+        match &master {
+            Some(br) => {
+                ip(&["link", "set", &veth, "master", br, "up"])?;
+            }
+            None => route_to_veth(&veth, &a.gateway, &a.address)?,
+        }
         ip(&["-n", &netns, "link", "set", &temp, "name", "eth0"])?;
         // IPv4 only: no link-local address, no router advertisement taken.
         // (Best effort: a kernel without IPv6 has nothing to turn off.)
@@ -340,6 +362,9 @@ impl Networks {
         );
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        // A routed instance has its address alone on its link: all it
+        // sends goes to the gateway (the node's end of the veth).
+        let len = if routed { "32" } else { len };
         ip(&[
             "-n",
             &netns,
@@ -349,7 +374,11 @@ impl Networks {
             "dev",
             "eth0",
         ])?;
-        if !a.gateway.is_empty() {
+        if routed {
+            ip(&[
+                "-n", &netns, "route", "add", "default", "via", &a.gateway, "dev", "eth0", "onlink",
+            ])?;
+        } else if !a.gateway.is_empty() {
             ip(&["-n", &netns, "route", "add", "default", "via", &a.gateway])?;
         }
         if custom_bridge.is_some() {
@@ -409,14 +438,6 @@ impl Networks {
             ip(&["link", "set", &br, "address", &gateway_mac(a.vni)])?;
             let (_, len) = a.subnet.split_once('/').unwrap_or(("", "32"));
             ip(&["addr", "add", &format!("{}/{len}", a.gateway), "dev", &br])?;
-        }
-        if a.routed {
-            // The bridge answers ARP for the network's instances on other
-            // nodes (those it has a route to), at once.
-            std::fs::write(format!("/proc/sys/net/ipv4/conf/{br}/proxy_arp"), "1")?;
-            std::fs::write(format!("/proc/sys/net/ipv4/neigh/{br}/proxy_delay"), "0")?;
-            ip(&["link", "set", &br, "up"])?;
-            return Ok(underlay_mtu(self.local).to_string());
         }
         if !link_exists(&vx) {
             let mtu = underlay_mtu(self.local).saturating_sub(VXLAN_OVERHEAD);
@@ -558,10 +579,11 @@ impl Networks {
         let used: HashSet<u32> = self
             .records()
             .iter()
-            .filter(|r| r.vpc.is_empty())
+            .filter(|r| r.vpc.is_empty() && !r.routed)
             .map(|r| r.vni)
             .collect();
-        // Networks' VXLANs and bridges (a routed network has no VXLAN).
+        // Overlay networks' VXLANs and bridges (a routed network has
+        // neither).
         let unused: BTreeSet<u32> = links_named("gp")
             .iter()
             .filter_map(|n| n.strip_prefix("gpx").or_else(|| n.strip_prefix("gpb")))
@@ -571,6 +593,11 @@ impl Networks {
         for vni in unused {
             let _ = ip(&["link", "del", &vxlan(vni)]);
             let _ = ip(&["link", "del", &bridge(vni)]);
+        }
+        // Routed instances' veths no record owns.
+        let veths: HashSet<String> = self.records().into_iter().map(|r| r.veth).collect();
+        for link in links_named("gpr").iter().filter(|l| !veths.contains(*l)) {
+            let _ = ip(&["link", "del", link]);
         }
         // Routes into routed networks none of `live` is on here.
         let subnets: Vec<String> = self
@@ -598,7 +625,7 @@ impl Networks {
         // Frames between a network's own instances stay on its bridge (also
         // where br_netfilter sends bridged frames through these hooks).
         let mut same = String::new();
-        let overlay = records.iter().filter(|r| r.vpc.is_empty());
+        let overlay = records.iter().filter(|r| r.vpc.is_empty() && !r.routed);
         for vni in overlay.map(|r| r.vni).collect::<BTreeSet<_>>() {
             same.push_str(&format!(
                 "    iifname \"{b}\" oifname \"{b}\" accept\n",
@@ -618,59 +645,88 @@ impl Networks {
         let routed_nets = routed_nets(&records);
         let remote: BTreeMap<u32, BTreeSet<Ipv4Addr>> = routed_nets
             .iter()
-            .map(|(vni, subnet)| (*vni, our_routes(subnet).into_keys().collect()))
+            .map(|(vni, net)| (*vni, our_routes(net.subnet).into_keys().collect()))
             .collect();
-        let [routed_in, routed_out, routed_between, routed_nat] = routed_rules(
+        let [
+            routed_guard,
+            routed_in,
+            routed_out,
+            routed_between,
+            routed_nat,
+        ] = routed_rules(
             &routed_nets,
             underlay(self.local).map(|(dev, _)| dev),
             &remote,
         );
         // What instances may not reach through the node: the deny ranges,
         // and the custom networks' bridges (another tenant's VPC).
-        let mut deny = format!(
-            "    iifname \"gpb*\" ip daddr {{ {} }} drop\n{routed_between}",
-            self.deny.join(", ")
-        );
+        let mut deny = per_link(|l| {
+            format!(
+                "    iifname \"{l}\" ip daddr {{ {} }} drop\n",
+                self.deny.join(", ")
+            )
+        });
+        deny.push_str(&routed_between);
         let closed: Vec<&str> = records
             .iter()
             .filter(|r| r.no_egress && r.vpc.is_empty())
             .map(|r| r.address.as_str())
             .collect();
         if !closed.is_empty() {
-            deny.push_str(&format!(
-                "    iifname \"gpb*\" ip saddr {{ {} }} drop\n",
-                closed.join(", ")
-            ));
+            deny.push_str(&per_link(|l| {
+                format!(
+                    "    iifname \"{l}\" ip saddr {{ {} }} drop\n",
+                    closed.join(", ")
+                )
+            }));
         }
         let vpc_bridges: BTreeSet<&String> = self.vpcs.values().collect();
         if !vpc_bridges.is_empty() {
             let names: Vec<String> = vpc_bridges.iter().map(|b| format!("\"{b}\"")).collect();
-            deny.push_str(&format!(
-                "    iifname \"gpb*\" oifname {{ {} }} drop\n",
-                names.join(", ")
-            ));
+            deny.push_str(&per_link(|l| {
+                format!(
+                    "    iifname \"{l}\" oifname {{ {} }} drop\n",
+                    names.join(", ")
+                )
+            }));
         }
+        let input = per_link(|l| {
+            format!(
+                "    iifname \"{l}\" ct state established,related accept\n\
+                 \x20   iifname \"{l}\" drop\n"
+            )
+        });
+        let into = per_link(|l| {
+            format!(
+                "    oifname \"{l}\" ct state established,related accept\n\
+                 \x20   oifname \"{l}\" ct status dnat accept\n\
+                 \x20   oifname \"{l}\" drop\n"
+            )
+        });
+        let replies =
+            per_link(|l| format!("    iifname \"{l}\" ct state established,related accept\n"));
+        let no_vxlan = per_link(|l| format!("    iifname \"{l}\" udp dport {VXLAN_PORT} drop\n"));
+        let masquerade =
+            per_link(|l| format!("    iifname \"{l}\" oifname != \"{l}\" masquerade\n"));
         let rules = format!(
             "table inet gpupool {{\n}}\n\
              delete table inet gpupool\n\
              table inet gpupool {{\n\
              \x20 chain input {{\n\
              \x20   type filter hook input priority filter; policy accept;\n\
-             \x20   iifname \"gpb*\" ct state established,related accept\n\
-             \x20   iifname \"gpb*\" drop\n\
+             {input}\
              {vxlan_from}\
              \x20 }}\n\
              \x20 chain forward {{\n\
              \x20   type filter hook forward priority filter; policy accept;\n\
+             {routed_guard}\
              {same}\
              {routed_in}\
-             \x20   oifname \"gpb*\" ct state established,related accept\n\
-             \x20   oifname \"gpb*\" ct status dnat accept\n\
-             \x20   oifname \"gpb*\" drop\n\
+             {into}\
              {routed_out}\
-             \x20   iifname \"gpb*\" ct state established,related accept\n\
+             {replies}\
              {deny}\
-             \x20   iifname \"gpb*\" udp dport {VXLAN_PORT} drop\n\
+             {no_vxlan}\
              \x20 }}\n\
              \x20 chain prerouting {{\n\
              \x20   type nat hook prerouting priority dstnat; policy accept;\n\
@@ -683,7 +739,7 @@ impl Networks {
              \x20 chain postrouting {{\n\
              \x20   type nat hook postrouting priority srcnat; policy accept;\n\
              {routed_nat}\
-             \x20   iifname \"gpb*\" oifname != \"gpb*\" masquerade\n\
+             {masquerade}\
              \x20 }}\n\
              }}\n"
         );
@@ -691,53 +747,115 @@ impl Networks {
     }
 }
 
-/// The routed networks among `records` (a malformed subnet left out):
-/// VNI -> subnet.
-fn routed_nets(records: &[Record]) -> BTreeMap<u32, &str> {
-    records
-        .iter()
-        .filter(|r| r.routed && r.vpc.is_empty() && is_cidr(&r.subnet))
-        .map(|r| (r.vni, r.subnet.as_str()))
-        .collect()
+/// The links instances' traffic comes to the node on: overlay networks'
+/// bridges (`gpbVNI`) and routed instances' veths (`gpr...`).
+const INSTANCE_LINKS: [&str; 2] = ["gpb*", "gpr*"];
+
+/// `line` of each of [`INSTANCE_LINKS`], one after the other.
+fn per_link(line: impl Fn(&str) -> String) -> String {
+    INSTANCE_LINKS.iter().map(|l| line(l)).collect()
 }
 
-/// The `inet gpupool` rules of the routed networks `nets`:
-/// (forward, into a network from the underlay `dev`; forward, out of one;
-/// forward, after the replies; postrouting). A network's instances send
-/// only from its subnet, reach its instances on other nodes unmasqueraded
-/// (and no other routed network's subnet), and are reached from the
-/// underlay only from the addresses this node routes to other nodes
-/// (`remote`: its instances there, by VNI).
+/// A routed network on this node: its subnet and its instances here
+/// (their node-side veth and address).
+struct RoutedNet<'a> {
+    subnet: &'a str,
+    links: Vec<(&'a str, Ipv4Addr)>,
+}
+
+/// The routed networks among `records`, by VNI (a malformed subnet, name
+/// or address left out).
+fn routed_nets(records: &[Record]) -> BTreeMap<u32, RoutedNet<'_>> {
+    let mut nets: BTreeMap<u32, RoutedNet<'_>> = BTreeMap::new();
+    let routed = records
+        .iter()
+        .filter(|r| r.routed && r.vpc.is_empty() && is_cidr(&r.subnet));
+    for r in routed {
+        let net = nets.entry(r.vni).or_insert_with(|| RoutedNet {
+            subnet: &r.subnet,
+            links: Vec::new(),
+        });
+        if let Ok(addr) = r.address.parse::<Ipv4Addr>()
+            && is_ifname(&r.veth)
+            && net.subnet == r.subnet
+            && in_cidr(addr, net.subnet)
+        {
+            net.links.push((&r.veth, addr));
+        }
+    }
+    nets
+}
+
+/// The `inet gpupool` rules of the routed networks `nets`: (forward,
+/// first; forward, into a network from the underlay `dev`; forward, out
+/// of one; forward, after the replies; postrouting). An instance sends
+/// only from its own address, reaches its network's instances on this
+/// node and (unmasqueraded) on other nodes, and no other routed network's
+/// subnet; it is reached from the underlay only from the addresses this
+/// node routes to other nodes (`remote`: the network's instances there,
+/// by VNI).
 fn routed_rules(
-    nets: &BTreeMap<u32, &str>,
+    nets: &BTreeMap<u32, RoutedNet<'_>>,
     dev: Option<String>,
     remote: &BTreeMap<u32, BTreeSet<Ipv4Addr>>,
-) -> [String; 4] {
-    let [mut into, mut out, mut between, mut nat]: [String; 4] = Default::default();
-    for (vni, subnet) in nets {
-        let b = bridge(*vni);
+) -> [String; 5] {
+    let [mut guard, mut into, mut out, mut between, mut nat]: [String; 5] = Default::default();
+    for (vni, net) in nets.iter().filter(|(_, n)| !n.links.is_empty()) {
+        let subnet = net.subnet;
+        for (link, addr) in &net.links {
+            guard.push_str(&format!("    iifname \"{link}\" ip saddr != {addr} drop\n"));
+        }
+        let links: Vec<String> = net.links.iter().map(|(l, _)| format!("\"{l}\"")).collect();
+        let links = links.join(", ");
+        guard.push_str(&format!(
+            "    iifname {{ {links} }} oifname {{ {links} }} accept\n"
+        ));
         let from = remote.get(vni).filter(|a| !a.is_empty());
         if let (Some(dev), Some(from)) = (dev.as_deref().filter(|d| is_ifname(d)), from) {
             let from: Vec<String> = from.iter().map(Ipv4Addr::to_string).collect();
             into.push_str(&format!(
-                "    iifname \"{dev}\" oifname \"{b}\" ip saddr {{ {} }} accept\n",
+                "    iifname \"{dev}\" oifname {{ {links} }} ip saddr {{ {} }} accept\n",
                 from.join(", ")
             ));
         }
         out.push_str(&format!(
-            "    iifname \"{b}\" ip saddr != {subnet} drop\n\
-             \x20   iifname \"{b}\" ip daddr {subnet} accept\n"
+            "    iifname {{ {links} }} ip daddr {subnet} accept\n"
         ));
-        nat.push_str(&format!("    iifname \"{b}\" ip daddr {subnet} return\n"));
+        nat.push_str(&format!(
+            "    iifname {{ {links} }} ip daddr {subnet} return\n"
+        ));
     }
     if !nets.is_empty() {
-        let all: Vec<&str> = nets.values().copied().collect();
-        between = format!(
-            "    iifname \"gpb*\" ip daddr {{ {} }} drop\n",
-            all.join(", ")
-        );
+        let all: BTreeSet<&str> = nets.values().map(|n| n.subnet).collect();
+        let all: Vec<&str> = all.into_iter().collect();
+        between = per_link(|l| {
+            format!(
+                "    iifname \"{l}\" ip daddr {{ {} }} drop\n",
+                all.join(", ")
+            )
+        });
     }
-    [into, out, between, nat]
+    [guard, into, out, between, nat]
+}
+
+/// A routed instance's node-side veth `veth`: up, holding the network's
+/// `gateway` (as a /32: the instance's next hop, answered here, routing
+/// nothing) and the route to the instance's `address` through it.
+fn route_to_veth(veth: &str, gateway: &str, address: &str) -> Result<(), NetError> {
+    // No IPv6 on the node's end either (best effort, as in the namespace).
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{veth}/disable_ipv6"), "1");
+    ip(&["link", "set", veth, "up"])?;
+    ip(&["addr", "add", &format!("{gateway}/32"), "dev", veth])?;
+    ip(&[
+        "route",
+        "replace",
+        &format!("{address}/32"),
+        "dev",
+        veth,
+        "scope",
+        "link",
+    ])?;
+    Ok(())
 }
 
 /// The `inet gpupool_sg` table of a custom network's instance, in its own
@@ -1122,10 +1240,16 @@ mod tests {
     fn names_fit_the_kernel_and_differ_per_agent() {
         let a = Networks::new(tempfile::tempdir().unwrap().path(), "10.0.0.1").unwrap();
         let b = Networks::new(tempfile::tempdir().unwrap().path(), "10.0.0.1").unwrap();
-        let (ns, veth, temp) = a.names("j-000001-0");
+        let (ns, veth, temp) = a.names("j-000001-0", false);
         assert!(veth.len() <= 15 && temp.len() <= 15, "{veth} {temp}");
-        assert_ne!(a.names("j-000001-0").0, b.names("j-000001-0").0);
-        assert_ne!(ns, a.names("j-000001-1").0);
+        let (_, routed, _) = a.names("j-000001-0", true);
+        assert!(routed.len() <= 15 && routed.starts_with("gpr"), "{routed}");
+        assert!(veth.starts_with("gv"), "{veth}");
+        assert_ne!(
+            a.names("j-000001-0", false).0,
+            b.names("j-000001-0", false).0
+        );
+        assert_ne!(ns, a.names("j-000001-1", false).0);
         assert!(bridge(0x10_0000 + 1023).len() <= 15);
         assert_eq!(gateway_mac(0x10_0003), "02:67:70:10:00:03");
     }
@@ -1180,25 +1304,28 @@ mod tests {
     }
 
     #[test]
-    fn routed_networks_send_from_their_subnet_only_and_take_it_from_the_underlay() {
-        let rec = |id: &str, vni: u32, subnet: &str, routed: bool| Record {
+    fn routed_instances_send_from_their_address_only_and_are_reached_from_the_underlay() {
+        let rec = |id: &str, vni: u32, subnet: &str, address: &str, routed: bool| Record {
             instance_id: id.into(),
             netns: String::new(),
-            veth: String::new(),
+            veth: format!("gpr{id}"),
             vni,
             subnet: subnet.into(),
             gateway: String::new(),
-            address: String::new(),
+            address: address.into(),
             port: 0,
             vpc: String::new(),
             no_egress: false,
             routed,
         };
         let records = [
-            rec("a", 0x10_0001, "10.144.0.0/22", true),
-            rec("b", 0x10_0001, "10.144.0.0/22", true),
-            rec("c", 0x10_0002, "10.144.4.0/22", false),
-            rec("d", 0x10_0003, "10.144.8.0/22; drop", true),
+            rec("a", 0x10_0001, "10.144.0.0/22", "10.144.0.2", true),
+            rec("b", 0x10_0001, "10.144.0.0/22", "10.144.0.3", true),
+            rec("c", 0x10_0002, "10.144.4.0/22", "10.144.4.2", false),
+            rec("d", 0x10_0003, "10.144.8.0/22; drop", "10.144.8.2", true),
+            // An address outside its subnet, a name nft would misread.
+            rec("e", 0x10_0004, "10.144.12.0/22", "10.144.0.2", true),
+            rec("f\"", 0x10_0004, "10.144.12.0/22", "10.144.12.3", true),
         ];
         let h = |a: &str| a.parse::<Ipv4Addr>().unwrap();
         let remote = BTreeMap::from([
@@ -1209,30 +1336,37 @@ mod tests {
             (0x10_0002, BTreeSet::from([h("10.144.4.2")])),
         ]);
         let nets = routed_nets(&records);
-        let [into, out, between, nat] = routed_rules(&nets, Some("eth0".into()), &remote);
+        assert!(nets[&0x10_0004].links.is_empty());
+        let [guard, into, out, between, nat] = routed_rules(&nets, Some("eth0".into()), &remote);
+        assert_eq!(
+            guard,
+            "    iifname \"gpra\" ip saddr != 10.144.0.2 drop\n\
+             \x20   iifname \"gprb\" ip saddr != 10.144.0.3 drop\n\
+             \x20   iifname { \"gpra\", \"gprb\" } oifname { \"gpra\", \"gprb\" } accept\n"
+        );
         assert_eq!(
             into,
-            "    iifname \"eth0\" oifname \"gpb1048577\" ip saddr { 10.144.0.7, 10.144.0.9 } accept\n"
+            "    iifname \"eth0\" oifname { \"gpra\", \"gprb\" } ip saddr { 10.144.0.7, 10.144.0.9 } accept\n"
         );
         assert_eq!(
             out,
-            "    iifname \"gpb1048577\" ip saddr != 10.144.0.0/22 drop\n\
-             \x20   iifname \"gpb1048577\" ip daddr 10.144.0.0/22 accept\n"
+            "    iifname { \"gpra\", \"gprb\" } ip daddr 10.144.0.0/22 accept\n"
         );
         assert_eq!(
             between,
-            "    iifname \"gpb*\" ip daddr { 10.144.0.0/22 } drop\n"
+            "    iifname \"gpb*\" ip daddr { 10.144.0.0/22, 10.144.12.0/22 } drop\n\
+             \x20   iifname \"gpr*\" ip daddr { 10.144.0.0/22, 10.144.12.0/22 } drop\n"
         );
         assert_eq!(
             nat,
-            "    iifname \"gpb1048577\" ip daddr 10.144.0.0/22 return\n"
+            "    iifname { \"gpra\", \"gprb\" } ip daddr 10.144.0.0/22 return\n"
         );
         // No underlay found, a name nft would misread, or no instance on
         // another node: nothing comes in.
-        assert_eq!(routed_rules(&nets, None, &remote)[0], "");
-        assert_eq!(routed_rules(&nets, Some("e\"th0".into()), &remote)[0], "");
+        assert_eq!(routed_rules(&nets, None, &remote)[1], "");
+        assert_eq!(routed_rules(&nets, Some("e\"th0".into()), &remote)[1], "");
         assert_eq!(
-            routed_rules(&nets, Some("eth0".into()), &BTreeMap::new())[0],
+            routed_rules(&nets, Some("eth0".into()), &BTreeMap::new())[1],
             ""
         );
         assert!(

@@ -22,8 +22,9 @@ pub struct NetArgs {
     /// Seconds of each iperf3 run.
     #[arg(long, default_value_t = 5)]
     pub seconds: u32,
-    /// Runs of each measure (alternating host and instance network); the
-    /// median is reported.
+    /// Runs of each measure (each run measures every path, starting at
+    /// another each time); medians are reported, throughput also as each
+    /// instance network's against the host network's in the same run.
     #[arg(long, default_value_t = 3)]
     pub repetitions: u32,
     /// Round trips per RTT run.
@@ -419,8 +420,12 @@ pub fn run_net(a: &NetArgs) -> anyhow::Result<()> {
     let mut bps = vec![Vec::new(); 3];
     let mut p50 = vec![Vec::new(); 3];
     let mut p99 = vec![Vec::new(); 3];
-    for _ in 0..a.repetitions.max(1) {
-        for (k, (client, server, addr)) in paths.iter().enumerate() {
+    for run in 0..a.repetitions.max(1) as usize {
+        // Each run starts at another path: none is always first (or last)
+        // while the machine's speed drifts.
+        for j in 0..paths.len() {
+            let k = (run + j) % paths.len();
+            let (client, server, addr) = paths[k];
             bps[k].push(bed.iperf(server, client, addr, a.seconds)?);
         }
         for (k, (client, server, addr)) in paths.iter().enumerate() {
@@ -429,6 +434,18 @@ pub fn run_net(a: &NetArgs) -> anyhow::Result<()> {
             p99[k].push(t);
         }
     }
+    // Each instance network against the host network of the same run.
+    let ratios: Vec<Vec<f64>> = (1..3)
+        .map(|k| bps[k].iter().zip(&bps[0]).map(|(x, h)| x / h).collect())
+        .collect();
+    let range = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        (100.0 * lo, 100.0 * hi)
+    };
+    let (olo, ohi) = range(&ratios[0]);
+    let (rlo, rhi) = range(&ratios[1]);
+    let ratio: Vec<f64> = ratios.into_iter().map(median).collect();
     let b: Vec<f64> = bps.into_iter().map(median).collect();
     let r: Vec<f64> = p50.into_iter().map(median).collect();
     let t: Vec<f64> = p99.into_iter().map(median).collect();
@@ -438,7 +455,8 @@ pub fn run_net(a: &NetArgs) -> anyhow::Result<()> {
             serde_json::json!({
                 "host_gbps": b[0] / 1e9, "instance_gbps": b[1] / 1e9,
                 "routed_gbps": b[2] / 1e9,
-                "throughput_ratio": b[1] / b[0], "routed_throughput_ratio": b[2] / b[0],
+                "throughput_ratio": ratio[0], "routed_throughput_ratio": ratio[1],
+                "throughput_ratio_range_pct": [olo, ohi], "routed_throughput_ratio_range_pct": [rlo, rhi],
                 "host_rtt_p50_us": r[0], "instance_rtt_p50_us": r[1], "routed_rtt_p50_us": r[2],
                 "host_rtt_p99_us": t[0], "instance_rtt_p99_us": t[1], "routed_rtt_p99_us": t[2],
                 "added_rtt_p50_us": r[1] - r[0], "routed_added_rtt_p50_us": r[2] - r[0],
@@ -446,14 +464,14 @@ pub fn run_net(a: &NetArgs) -> anyhow::Result<()> {
         ),
         crate::OutputFormat::Text => {
             println!(
-                "throughput (iperf3, 1 TCP stream, {} s, median of {}): host {:.2} Gbit/s; overlay {:.2} Gbit/s ({:.1} %); routed {:.2} Gbit/s ({:.1} %)",
+                "throughput (iperf3, 1 TCP stream, {} s, median of {} runs; % of the host network in the same run, median and range): host {:.2} Gbit/s; overlay {:.2} Gbit/s ({:.1} %, {olo:.1}–{ohi:.1}); routed {:.2} Gbit/s ({:.1} %, {rlo:.1}–{rhi:.1})",
                 a.seconds,
                 a.repetitions,
                 b[0] / 1e9,
                 b[1] / 1e9,
-                100.0 * b[1] / b[0],
+                100.0 * ratio[0],
                 b[2] / 1e9,
-                100.0 * b[2] / b[0],
+                100.0 * ratio[1],
             );
             println!(
                 "round trip (1-byte TCP echo, {} trips): host p50 {:.1} µs p99 {:.1} µs; overlay p50 {:.1} µs p99 {:.1} µs (+{:.1} µs at p50); routed p50 {:.1} µs p99 {:.1} µs (+{:.1} µs at p50)",
