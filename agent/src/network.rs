@@ -647,16 +647,12 @@ impl Networks {
             .iter()
             .map(|(vni, net)| (*vni, our_routes(net.subnet).into_keys().collect()))
             .collect();
-        let [
-            routed_guard,
-            routed_in,
-            routed_out,
-            routed_between,
-            routed_nat,
-        ] = routed_rules(
+        let published: BTreeSet<u16> = records.iter().map(|r| r.port).filter(|p| *p != 0).collect();
+        let routed = routed_rules(
             &routed_nets,
             underlay(self.local).map(|(dev, _)| dev),
             &remote,
+            &published,
         );
         // What instances may not reach through the node: the deny ranges,
         // and the custom networks' bridges (another tenant's VPC).
@@ -666,7 +662,7 @@ impl Networks {
                 self.deny.join(", ")
             )
         });
-        deny.push_str(&routed_between);
+        deny.push_str(&routed.between);
         let closed: Vec<&str> = records
             .iter()
             .filter(|r| r.no_egress && r.vpc.is_empty())
@@ -708,10 +704,22 @@ impl Networks {
         let no_vxlan = per_link(|l| format!("    iifname \"{l}\" udp dport {VXLAN_PORT} drop\n"));
         let masquerade =
             per_link(|l| format!("    iifname \"{l}\" oifname != \"{l}\" masquerade\n"));
+        let RoutedRules {
+            untracked,
+            guard,
+            into: routed_in,
+            out: routed_out,
+            nat: routed_nat,
+            ..
+        } = routed;
         let rules = format!(
             "table inet gpupool {{\n}}\n\
              delete table inet gpupool\n\
              table inet gpupool {{\n\
+             \x20 chain raw {{\n\
+             \x20   type filter hook prerouting priority raw; policy accept;\n\
+             {untracked}\
+             \x20 }}\n\
              \x20 chain input {{\n\
              \x20   type filter hook input priority filter; policy accept;\n\
              {input}\
@@ -719,7 +727,7 @@ impl Networks {
              \x20 }}\n\
              \x20 chain forward {{\n\
              \x20   type filter hook forward priority filter; policy accept;\n\
-             {routed_guard}\
+             {guard}\
              {same}\
              {routed_in}\
              {into}\
@@ -786,56 +794,88 @@ fn routed_nets(records: &[Record]) -> BTreeMap<u32, RoutedNet<'_>> {
     nets
 }
 
-/// The `inet gpupool` rules of the routed networks `nets`: (forward,
-/// first; forward, into a network from the underlay `dev`; forward, out
-/// of one; forward, after the replies; postrouting). An instance sends
-/// only from its own address, reaches its network's instances on this
-/// node and (unmasqueraded) on other nodes, and no other routed network's
-/// subnet; it is reached from the underlay only from the addresses this
-/// node routes to other nodes (`remote`: the network's instances there,
-/// by VNI).
+/// The `inet gpupool` rules of the routed networks, by where they go.
+#[derive(Debug, Default)]
+struct RoutedRules {
+    /// Prerouting, before conntrack: a network's own traffic is let
+    /// through statelessly (the rules below), so it is not tracked.
+    untracked: String,
+    /// Forward, first: sources, and a network's instances on this node.
+    guard: String,
+    /// Forward: into a network from the underlay.
+    into: String,
+    /// Forward: out of a network, to its instances elsewhere.
+    out: String,
+    /// Forward, after the replies: no other routed network.
+    between: String,
+    /// Postrouting: no masquerade within a network.
+    nat: String,
+}
+
+/// The rules of the routed networks `nets`. An instance sends only from
+/// its own address, reaches its network's instances on this node and
+/// (unmasqueraded) on other nodes, and no other routed network's subnet;
+/// it is reached from the underlay `dev` only from the addresses this node
+/// routes to other nodes (`remote`: the network's instances there, by
+/// VNI). That traffic is not tracked, but for replies from a `published`
+/// port (a connection DNAT made, to be undone on the way back).
 fn routed_rules(
     nets: &BTreeMap<u32, RoutedNet<'_>>,
     dev: Option<String>,
     remote: &BTreeMap<u32, BTreeSet<Ipv4Addr>>,
-) -> [String; 5] {
-    let [mut guard, mut into, mut out, mut between, mut nat]: [String; 5] = Default::default();
+    published: &BTreeSet<u16>,
+) -> RoutedRules {
+    let mut r = RoutedRules::default();
+    let ports: Vec<String> = published.iter().map(u16::to_string).collect();
     for (vni, net) in nets.iter().filter(|(_, n)| !n.links.is_empty()) {
         let subnet = net.subnet;
         for (link, addr) in &net.links {
-            guard.push_str(&format!("    iifname \"{link}\" ip saddr != {addr} drop\n"));
+            r.guard
+                .push_str(&format!("    iifname \"{link}\" ip saddr != {addr} drop\n"));
         }
         let links: Vec<String> = net.links.iter().map(|(l, _)| format!("\"{l}\"")).collect();
         let links = links.join(", ");
-        guard.push_str(&format!(
+        r.guard.push_str(&format!(
             "    iifname {{ {links} }} oifname {{ {links} }} accept\n"
+        ));
+        if !ports.is_empty() {
+            r.untracked.push_str(&format!(
+                "    iifname {{ {links} }} ip daddr {subnet} tcp sport {{ {} }} return\n",
+                ports.join(", ")
+            ));
+        }
+        r.untracked.push_str(&format!(
+            "    iifname {{ {links} }} ip daddr {subnet} notrack\n"
         ));
         let from = remote.get(vni).filter(|a| !a.is_empty());
         if let (Some(dev), Some(from)) = (dev.as_deref().filter(|d| is_ifname(d)), from) {
             let from: Vec<String> = from.iter().map(Ipv4Addr::to_string).collect();
-            into.push_str(&format!(
-                "    iifname \"{dev}\" oifname {{ {links} }} ip saddr {{ {} }} accept\n",
-                from.join(", ")
+            let from = from.join(", ");
+            r.into.push_str(&format!(
+                "    iifname \"{dev}\" oifname {{ {links} }} ip saddr {{ {from} }} accept\n"
+            ));
+            r.untracked.push_str(&format!(
+                "    iifname \"{dev}\" ip saddr {{ {from} }} ip daddr {subnet} notrack\n"
             ));
         }
-        out.push_str(&format!(
+        r.out.push_str(&format!(
             "    iifname {{ {links} }} ip daddr {subnet} accept\n"
         ));
-        nat.push_str(&format!(
+        r.nat.push_str(&format!(
             "    iifname {{ {links} }} ip daddr {subnet} return\n"
         ));
     }
     if !nets.is_empty() {
         let all: BTreeSet<&str> = nets.values().map(|n| n.subnet).collect();
         let all: Vec<&str> = all.into_iter().collect();
-        between = per_link(|l| {
+        r.between = per_link(|l| {
             format!(
                 "    iifname \"{l}\" ip daddr {{ {} }} drop\n",
                 all.join(", ")
             )
         });
     }
-    [guard, into, out, between, nat]
+    r
 }
 
 /// A routed instance's node-side veth `veth`: up, holding the network's
@@ -1337,7 +1377,30 @@ mod tests {
         ]);
         let nets = routed_nets(&records);
         assert!(nets[&0x10_0004].links.is_empty());
-        let [guard, into, out, between, nat] = routed_rules(&nets, Some("eth0".into()), &remote);
+        let published = BTreeSet::from([8000, 8080]);
+        let RoutedRules {
+            untracked,
+            guard,
+            into,
+            out,
+            between,
+            nat,
+        } = routed_rules(&nets, Some("eth0".into()), &remote, &published);
+        // Replies from a published port are tracked (DNAT is undone on
+        // them); the rest of the network's own traffic is not.
+        assert_eq!(
+            untracked,
+            "    iifname { \"gpra\", \"gprb\" } ip daddr 10.144.0.0/22 tcp sport { 8000, 8080 } return\n\
+             \x20   iifname { \"gpra\", \"gprb\" } ip daddr 10.144.0.0/22 notrack\n\
+             \x20   iifname \"eth0\" ip saddr { 10.144.0.7, 10.144.0.9 } ip daddr 10.144.0.0/22 notrack\n"
+        );
+        assert_eq!(
+            routed_rules(&nets, Some("eth0".into()), &remote, &BTreeSet::new())
+                .untracked
+                .lines()
+                .count(),
+            2
+        );
         assert_eq!(
             guard,
             "    iifname \"gpra\" ip saddr != 10.144.0.2 drop\n\
@@ -1363,16 +1426,27 @@ mod tests {
         );
         // No underlay found, a name nft would misread, or no instance on
         // another node: nothing comes in.
-        assert_eq!(routed_rules(&nets, None, &remote)[1], "");
-        assert_eq!(routed_rules(&nets, Some("e\"th0".into()), &remote)[1], "");
-        assert_eq!(
-            routed_rules(&nets, Some("eth0".into()), &BTreeMap::new())[1],
-            ""
-        );
+        let none = BTreeSet::new();
+        for rules in [
+            routed_rules(&nets, None, &remote, &none),
+            routed_rules(&nets, Some("e\"th0".into()), &remote, &none),
+            routed_rules(&nets, Some("eth0".into()), &BTreeMap::new(), &none),
+        ] {
+            assert_eq!(rules.into, "");
+            assert!(!rules.untracked.contains("saddr"), "{}", rules.untracked);
+        }
+        let empty = routed_rules(&routed_nets(&[]), Some("eth0".into()), &remote, &published);
         assert!(
-            routed_rules(&routed_nets(&[]), Some("eth0".into()), &remote)
-                .iter()
-                .all(String::is_empty)
+            [
+                empty.untracked,
+                empty.guard,
+                empty.into,
+                empty.out,
+                empty.between,
+                empty.nat
+            ]
+            .iter()
+            .all(String::is_empty)
         );
     }
 
