@@ -579,7 +579,7 @@ impl Networks {
         let used: HashSet<u32> = self
             .records()
             .iter()
-            .filter(|r| r.vpc.is_empty() && !r.routed)
+            .filter(|r| r.vpc.is_empty() && !(r.routed && r.veth.starts_with("gpr")))
             .map(|r| r.vni)
             .collect();
         // Overlay networks' VXLANs and bridges (a routed network has
@@ -594,11 +594,8 @@ impl Networks {
             let _ = ip(&["link", "del", &vxlan(vni)]);
             let _ = ip(&["link", "del", &bridge(vni)]);
         }
-        // Routed instances' veths no record owns.
-        let veths: HashSet<String> = self.records().into_iter().map(|r| r.veth).collect();
-        for link in links_named("gpr").iter().filter(|l| !veths.contains(*l)) {
-            let _ = ip(&["link", "del", link]);
-        }
+        // (A routed instance's veth has no life of its own: its record is
+        // written before it is made and removed after it is gone.)
         // Routes into routed networks none of `live` is on here.
         let subnets: Vec<String> = self
             .records()
@@ -706,12 +703,13 @@ impl Networks {
             per_link(|l| format!("    iifname \"{l}\" oifname != \"{l}\" masquerade\n"));
         let RoutedRules {
             untracked,
-            guard,
-            into: routed_in,
-            out: routed_out,
+            fast,
             nat: routed_nat,
             ..
         } = routed;
+        // Nothing of IPv6 is forwarded for an instance (its namespace has
+        // none; this holds even where the node forwards IPv6).
+        let no_ipv6 = per_link(|l| format!("    iifname \"{l}\" meta nfproto ipv6 drop\n"));
         let rules = format!(
             "table inet gpupool {{\n}}\n\
              delete table inet gpupool\n\
@@ -727,11 +725,10 @@ impl Networks {
              \x20 }}\n\
              \x20 chain forward {{\n\
              \x20   type filter hook forward priority filter; policy accept;\n\
-             {guard}\
+             {fast}\
              {same}\
-             {routed_in}\
+             {no_ipv6}\
              {into}\
-             {routed_out}\
              {replies}\
              {deny}\
              {no_vxlan}\
@@ -783,8 +780,11 @@ fn routed_nets(records: &[Record]) -> BTreeMap<u32, RoutedNet<'_>> {
             subnet: &r.subnet,
             links: Vec::new(),
         });
+        // (An instance an older agent put on a routed network's bridge is
+        // left to the bridge's rules: none of these accepts its traffic.)
         if let Ok(addr) = r.address.parse::<Ipv4Addr>()
             && is_ifname(&r.veth)
+            && r.veth.starts_with("gpr")
             && net.subnet == r.subnet
             && in_cidr(addr, net.subnet)
         {
@@ -798,14 +798,11 @@ fn routed_nets(records: &[Record]) -> BTreeMap<u32, RoutedNet<'_>> {
 #[derive(Debug, Default)]
 struct RoutedRules {
     /// Prerouting, before conntrack: a network's own traffic is let
-    /// through statelessly (the rules below), so it is not tracked.
+    /// through statelessly (`fast`), so it is not tracked.
     untracked: String,
-    /// Forward, first: sources, and a network's instances on this node.
-    guard: String,
-    /// Forward: into a network from the underlay.
-    into: String,
-    /// Forward: out of a network, to its instances elsewhere.
-    out: String,
+    /// Forward, first (what most packets take, in as few rules as can
+    /// be): sources checked, then a network's own traffic accepted.
+    fast: String,
     /// Forward, after the replies: no other routed network.
     between: String,
     /// Postrouting: no masquerade within a network.
@@ -814,11 +811,12 @@ struct RoutedRules {
 
 /// The rules of the routed networks `nets`. An instance sends only from
 /// its own address, reaches its network's instances on this node and
-/// (unmasqueraded) on other nodes, and no other routed network's subnet;
-/// it is reached from the underlay `dev` only from the addresses this node
-/// routes to other nodes (`remote`: the network's instances there, by
-/// VNI). That traffic is not tracked, but for replies from a `published`
-/// port (a connection DNAT made, to be undone on the way back).
+/// (unmasqueraded, through the underlay `dev`) on other nodes, and no
+/// other routed network's subnet; it is reached from the underlay only
+/// from the addresses this node routes to other nodes (`remote`: the
+/// network's instances there, by VNI). That traffic is not tracked, but
+/// for replies from a `published` port (a connection DNAT made, to be
+/// undone on the way back).
 fn routed_rules(
     nets: &BTreeMap<u32, RoutedNet<'_>>,
     dev: Option<String>,
@@ -826,18 +824,24 @@ fn routed_rules(
     published: &BTreeSet<u16>,
 ) -> RoutedRules {
     let mut r = RoutedRules::default();
+    let dev = dev.filter(|d| is_ifname(d));
     let ports: Vec<String> = published.iter().map(u16::to_string).collect();
+    let owners: Vec<String> = nets
+        .values()
+        .flat_map(|n| &n.links)
+        .map(|(l, a)| format!("\"{l}\" . {a}"))
+        .collect();
+    if !owners.is_empty() {
+        // One lookup: a routed link sends from its instance's address only.
+        r.fast.push_str(&format!(
+            "    iifname \"gpr*\" iifname . ip saddr != {{ {} }} drop\n",
+            owners.join(", ")
+        ));
+    }
     for (vni, net) in nets.iter().filter(|(_, n)| !n.links.is_empty()) {
         let subnet = net.subnet;
-        for (link, addr) in &net.links {
-            r.guard
-                .push_str(&format!("    iifname \"{link}\" ip saddr != {addr} drop\n"));
-        }
         let links: Vec<String> = net.links.iter().map(|(l, _)| format!("\"{l}\"")).collect();
         let links = links.join(", ");
-        r.guard.push_str(&format!(
-            "    iifname {{ {links} }} oifname {{ {links} }} accept\n"
-        ));
         if !ports.is_empty() {
             r.untracked.push_str(&format!(
                 "    iifname {{ {links} }} ip daddr {subnet} tcp sport {{ {} }} return\n",
@@ -848,18 +852,21 @@ fn routed_rules(
             "    iifname {{ {links} }} ip daddr {subnet} notrack\n"
         ));
         let from = remote.get(vni).filter(|a| !a.is_empty());
-        if let (Some(dev), Some(from)) = (dev.as_deref().filter(|d| is_ifname(d)), from) {
+        if let (Some(dev), Some(from)) = (&dev, from) {
             let from: Vec<String> = from.iter().map(Ipv4Addr::to_string).collect();
             let from = from.join(", ");
-            r.into.push_str(&format!(
+            r.fast.push_str(&format!(
+                "    iifname {{ {links} }} oifname \"{dev}\" ip daddr {{ {from} }} accept\n"
+            ));
+            r.fast.push_str(&format!(
                 "    iifname \"{dev}\" oifname {{ {links} }} ip saddr {{ {from} }} accept\n"
             ));
             r.untracked.push_str(&format!(
                 "    iifname \"{dev}\" ip saddr {{ {from} }} ip daddr {subnet} notrack\n"
             ));
         }
-        r.out.push_str(&format!(
-            "    iifname {{ {links} }} ip daddr {subnet} accept\n"
+        r.fast.push_str(&format!(
+            "    iifname {{ {links} }} oifname {{ {links} }} accept\n"
         ));
         r.nat.push_str(&format!(
             "    iifname {{ {links} }} ip daddr {subnet} return\n"
@@ -882,8 +889,13 @@ fn routed_rules(
 /// `gateway` (as a /32: the instance's next hop, answered here, routing
 /// nothing) and the route to the instance's `address` through it.
 fn route_to_veth(veth: &str, gateway: &str, address: &str) -> Result<(), NetError> {
-    // No IPv6 on the node's end either (best effort, as in the namespace).
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{veth}/disable_ipv6"), "1");
+    // No IPv6 on the node's end either (the rules drop it anyway), and ARP
+    // answered for the gateway only, not for the node's other addresses.
+    if let Err(err) = std::fs::write(format!("/proc/sys/net/ipv6/conf/{veth}/disable_ipv6"), "1") {
+        tracing::debug!(%veth, %err, "cannot turn IPv6 off on a routed veth");
+    }
+    std::fs::write(format!("/proc/sys/net/ipv4/conf/{veth}/arp_ignore"), "1")?;
+    std::fs::write(format!("/proc/sys/net/ipv4/conf/{veth}/arp_announce"), "2")?;
     ip(&["link", "set", veth, "up"])?;
     ip(&["addr", "add", &format!("{gateway}/32"), "dev", veth])?;
     ip(&[
@@ -1380,9 +1392,7 @@ mod tests {
         let published = BTreeSet::from([8000, 8080]);
         let RoutedRules {
             untracked,
-            guard,
-            into,
-            out,
+            fast,
             between,
             nat,
         } = routed_rules(&nets, Some("eth0".into()), &remote, &published);
@@ -1401,19 +1411,16 @@ mod tests {
                 .count(),
             2
         );
+        // Sources in one lookup (e's address is not in its subnet, f's
+        // name not plain: neither is an owner, so both links send nothing),
+        // then out to the network's instances elsewhere, in from them, and
+        // between its instances here.
         assert_eq!(
-            guard,
-            "    iifname \"gpra\" ip saddr != 10.144.0.2 drop\n\
-             \x20   iifname \"gprb\" ip saddr != 10.144.0.3 drop\n\
+            fast,
+            "    iifname \"gpr*\" iifname . ip saddr != { \"gpra\" . 10.144.0.2, \"gprb\" . 10.144.0.3 } drop\n\
+             \x20   iifname { \"gpra\", \"gprb\" } oifname \"eth0\" ip daddr { 10.144.0.7, 10.144.0.9 } accept\n\
+             \x20   iifname \"eth0\" oifname { \"gpra\", \"gprb\" } ip saddr { 10.144.0.7, 10.144.0.9 } accept\n\
              \x20   iifname { \"gpra\", \"gprb\" } oifname { \"gpra\", \"gprb\" } accept\n"
-        );
-        assert_eq!(
-            into,
-            "    iifname \"eth0\" oifname { \"gpra\", \"gprb\" } ip saddr { 10.144.0.7, 10.144.0.9 } accept\n"
-        );
-        assert_eq!(
-            out,
-            "    iifname { \"gpra\", \"gprb\" } ip daddr 10.144.0.0/22 accept\n"
         );
         assert_eq!(
             between,
@@ -1425,28 +1432,28 @@ mod tests {
             "    iifname { \"gpra\", \"gprb\" } ip daddr 10.144.0.0/22 return\n"
         );
         // No underlay found, a name nft would misread, or no instance on
-        // another node: nothing comes in.
+        // another node: nothing crosses the underlay, in or out.
         let none = BTreeSet::new();
         for rules in [
             routed_rules(&nets, None, &remote, &none),
             routed_rules(&nets, Some("e\"th0".into()), &remote, &none),
             routed_rules(&nets, Some("eth0".into()), &BTreeMap::new(), &none),
         ] {
-            assert_eq!(rules.into, "");
+            assert!(!rules.fast.contains("eth0"), "{}", rules.fast);
             assert!(!rules.untracked.contains("saddr"), "{}", rules.untracked);
         }
+        // An instance an older agent put on the network's bridge (a `gv`
+        // veth) gets none of these rules: the bridge's hold it.
+        let old = [Record {
+            veth: "gv0a0b0c0d".into(),
+            ..rec("g", 0x10_0005, "10.144.16.0/22", "10.144.16.2", true)
+        }];
+        assert!(routed_nets(&old)[&0x10_0005].links.is_empty());
         let empty = routed_rules(&routed_nets(&[]), Some("eth0".into()), &remote, &published);
         assert!(
-            [
-                empty.untracked,
-                empty.guard,
-                empty.into,
-                empty.out,
-                empty.between,
-                empty.nat
-            ]
-            .iter()
-            .all(String::is_empty)
+            [empty.untracked, empty.fast, empty.between, empty.nat]
+                .iter()
+                .all(String::is_empty)
         );
     }
 
