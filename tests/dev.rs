@@ -46,10 +46,9 @@ fn start_dev(dir: &Path, config: &Path, grpc: u16) -> Proc {
         .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
         .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--console-listen", &format!("127.0.0.1:{}", free_port())])
-        .args([
-            "--agent-metrics-listen",
-            &format!("127.0.0.1:{}", free_port()),
-        ])
+        // Any free ports: three consecutive ones from a free one may not be
+        // (CI saw the second taken by another test's connection).
+        .args(["--agent-metrics-listen", "127.0.0.1:0"])
         .args(["--admin-token", ADMIN]);
     Proc::spawn(cmd, dir.join("dev.log"))
 }

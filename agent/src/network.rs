@@ -436,10 +436,16 @@ impl Networks {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
             ip(&["link", "add", &br, "type", "bridge"])?;
             ip(&["link", "set", &br, "address", &gateway_mac(a.vni)])?;
+            // No IPv6 on the gateway (its multicast would flood the VXLAN).
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{br}/disable_ipv6"), "1");
             let (_, len) = a.subnet.split_once('/').unwrap_or(("", "32"));
             ip(&["addr", "add", &format!("{}/{len}", a.gateway), "dev", &br])?;
         }
         if !link_exists(&vx) {
+            // The gateway's frames are kept off the VXLAN from its first.
+            let mut vxlans = links_named("gpx");
+            vxlans.push(vx.clone());
+            nft(None, &gateway_rules(&vxlans))?;
             let mtu = underlay_mtu(self.local).saturating_sub(VXLAN_OVERHEAD);
             ip(&[
                 "link",
@@ -617,7 +623,13 @@ impl Networks {
         let vxlans = links_named("gpx");
         if records.is_empty() && vxlans.is_empty() {
             // No instance network here: no table either.
-            return nft(None, "table inet gpupool {\n}\ndelete table inet gpupool\n");
+            return nft(
+                None,
+                &format!(
+                    "table inet gpupool {{\n}}\ndelete table inet gpupool\n{}",
+                    gateway_rules(&[])
+                ),
+            );
         }
         // Frames between a network's own instances stay on its bridge (also
         // where br_netfilter sends bridged frames through these hooks).
@@ -748,7 +760,7 @@ impl Networks {
              \x20 }}\n\
              }}\n"
         );
-        nft(None, &rules)
+        nft(None, &format!("{rules}{}", gateway_rules(&vxlans)))
     }
 }
 
@@ -1270,6 +1282,42 @@ fn vxlan_rules(nets: &BTreeMap<u32, BTreeSet<Ipv4Addr>>) -> String {
     out
 }
 
+/// The `bridge gpupool` table: each node's gateway is its own (the same
+/// address and MAC on every node), so no frame from a gateway's MAC
+/// crosses a VXLAN, either way (a node's ARP for an address in the
+/// network stays on its bridge, another node's gateway's answer to an
+/// instance here does not come in, and no bridge sees its own MAC arrive
+/// from another node). None while this node has no VXLAN device.
+fn gateway_rules(vxlans: &[String]) -> String {
+    let head = "table bridge gpupool {\n}\ndelete table bridge gpupool\n";
+    let macs: BTreeSet<String> = vxlans
+        .iter()
+        .filter_map(|vx| vx.strip_prefix("gpx")?.parse::<u32>().ok())
+        .map(gateway_mac)
+        .collect();
+    if macs.is_empty() {
+        return head.to_string();
+    }
+    let macs: Vec<String> = macs.into_iter().collect();
+    let macs = macs.join(", ");
+    format!(
+        "{head}table bridge gpupool {{\n\
+         \x20 chain prerouting {{\n\
+         \x20   type filter hook prerouting priority filter; policy accept;\n\
+         \x20   iifname \"gpx*\" ether saddr {{ {macs} }} drop\n\
+         \x20 }}\n\
+         \x20 chain output {{\n\
+         \x20   type filter hook output priority filter; policy accept;\n\
+         \x20   oifname \"gpx*\" ether saddr {{ {macs} }} drop\n\
+         \x20 }}\n\
+         \x20 chain forward {{\n\
+         \x20   type filter hook forward priority filter; policy accept;\n\
+         \x20   oifname \"gpx*\" ether saddr {{ {macs} }} drop\n\
+         \x20 }}\n\
+         }}\n"
+    )
+}
+
 /// The all-zero (flood) destinations of a VXLAN device.
 fn flood_entries(vx: &str) -> BTreeSet<String> {
     bridge_cmd(&["fdb", "show", "dev", vx])
@@ -1530,6 +1578,24 @@ mod tests {
         assert!(in_cidr(a, "10.144.0.0/22") && in_cidr(a, "0.0.0.0/0"));
         assert!(!in_cidr(a, "10.144.4.0/22") && !in_cidr(a, "10.144.0.0/33"));
         assert!(!in_cidr(a, "10.144.0.0") && !in_cidr(a, "x/22"));
+    }
+
+    #[test]
+    fn no_gateway_frame_crosses_a_vxlan() {
+        let rules = gateway_rules(&["gpx1048577".into(), "gpx1048578".into(), "gpxbad".into()]);
+        assert!(rules.starts_with("table bridge gpupool {\n}\ndelete table bridge gpupool\n"));
+        for hook in ["iifname", "oifname"] {
+            assert!(
+                rules.contains(&format!(
+                    "{hook} \"gpx*\" ether saddr {{ 02:67:70:10:00:01, 02:67:70:10:00:02 }} drop"
+                )),
+                "{rules}"
+            );
+        }
+        assert_eq!(
+            gateway_rules(&[]),
+            "table bridge gpupool {\n}\ndelete table bridge gpupool\n"
+        );
     }
 
     #[test]
