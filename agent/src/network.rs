@@ -21,7 +21,8 @@
 //! (`proto 201`). Instances share no layer 2, not even on one node.
 //!
 //! One nftables table, `inet gpupool`, holds the rules, rendered whole
-//! from the records on every change:
+//! from the records on every change (with a `bridge gpupool` table that
+//! keeps the gateways' frames off the VXLANs):
 //! - nothing is routed into a network (from another network, the node or
 //!   the world) except replies and published ports;
 //! - a routed instance sends from its own address only, and takes from
@@ -122,6 +123,17 @@ struct Record {
     routed: bool,
 }
 
+/// The name prefix of a routed instance's node-side veth.
+const ROUTED_LINK: &str = "gpr";
+
+impl Record {
+    /// A routed instance on a routed link (not one an older agent put on
+    /// a routed network's bridge, which keeps that bridge and its rules).
+    fn on_routed_link(&self) -> bool {
+        self.routed && self.veth.starts_with(ROUTED_LINK)
+    }
+}
+
 /// The node's side of the instance networks.
 pub struct Networks {
     dir: PathBuf,
@@ -214,7 +226,7 @@ impl Networks {
     fn names(&self, instance_id: &str, routed: bool) -> (String, String, String) {
         let h = fnv(format!("{}/{instance_id}", self.tag).as_bytes());
         let short = format!("{:08x}", h as u32);
-        let veth = if routed { "gpr" } else { "gv" };
+        let veth = if routed { ROUTED_LINK } else { "gv" };
         (
             format!("gpi-{}-{short}", self.tag),
             format!("{veth}{short}"),
@@ -585,7 +597,7 @@ impl Networks {
         let used: HashSet<u32> = self
             .records()
             .iter()
-            .filter(|r| r.vpc.is_empty() && !(r.routed && r.veth.starts_with("gpr")))
+            .filter(|r| r.vpc.is_empty() && !r.on_routed_link())
             .map(|r| r.vni)
             .collect();
         // Overlay networks' VXLANs and bridges (a routed network has
@@ -634,7 +646,9 @@ impl Networks {
         // Frames between a network's own instances stay on its bridge (also
         // where br_netfilter sends bridged frames through these hooks).
         let mut same = String::new();
-        let overlay = records.iter().filter(|r| r.vpc.is_empty() && !r.routed);
+        let overlay = records
+            .iter()
+            .filter(|r| r.vpc.is_empty() && !r.on_routed_link());
         for vni in overlay.map(|r| r.vni).collect::<BTreeSet<_>>() {
             same.push_str(&format!(
                 "    iifname \"{b}\" oifname \"{b}\" accept\n",
@@ -796,7 +810,7 @@ fn routed_nets(records: &[Record]) -> BTreeMap<u32, RoutedNet<'_>> {
         // left to the bridge's rules: none of these accepts its traffic.)
         if let Ok(addr) = r.address.parse::<Ipv4Addr>()
             && is_ifname(&r.veth)
-            && r.veth.starts_with("gpr")
+            && r.on_routed_link()
             && net.subnet == r.subnet
             && in_cidr(addr, net.subnet)
         {
