@@ -55,6 +55,11 @@ pub struct TenantsArgs {
     /// `fair_share_half_life_secs`; 0: only what is held now counts).
     #[arg(long, default_value_t = 3600)]
     pub half_life_s: i64,
+    /// A public-pool quota on the heavy tenant `t0` for the fair
+    /// policies: at most this percentage of the pool's GPU capacity in use
+    /// at once (`tenant quota t0 --public-max-gpus`); none by default.
+    #[arg(long)]
+    pub heavy_max_gpu_pct: Option<f64>,
 }
 
 /// The tenants: `t0` is the heavy one.
@@ -71,6 +76,10 @@ pub struct TenantsResult {
     pub jobs: usize,
     /// The fair policies' half-life of recent use, seconds.
     pub half_life_s: i64,
+    /// `t0`'s quota, % of the pool's GPUs (`--heavy-max-gpu-pct`; FIFO
+    /// ignores it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heavy_max_gpu_pct: Option<f64>,
     /// Jain's index of the backlogged tenants' weighted dominant shares,
     /// averaged over the passes where demand exceeds supply (2+ tenants
     /// backlogged).
@@ -93,6 +102,10 @@ pub struct TenantsResult {
     pub preemptions: u64,
     /// Per tenant: (p50, p99) wait in seconds.
     pub waits: BTreeMap<String, (f64, f64)>,
+    /// Per tenant, over the passes the index counts: (the fraction of them
+    /// in which it was backlogged, its mean weighted dominant share in
+    /// those), what the index compares.
+    pub backlogged_shares: BTreeMap<String, (f64, f64)>,
     pub sim_ms: f64,
 }
 
@@ -310,6 +323,12 @@ pub fn simulate(
     let (mut next, horizon) = (0, (args.hours * 3600.0) as i64);
     let (mut fairness, mut fair_n, mut alloc, mut alloc_n) = (0.0, 0usize, 0.0, 0usize);
     let mut contended = false;
+    let heavy_max = args
+        .heavy_max_gpu_pct
+        .map(|pct| (pct / 100.0 * capacity[0] as f64) as u64);
+    // Per tenant: passes counted while backlogged, and the sum of its
+    // weighted shares in them.
+    let mut backlog = [(0usize, 0f64); TENANTS];
     let (mut lost_milli_s, mut held_milli_s, mut preemptions) = (0f64, 0f64, 0u64);
     let class_of = |tenant: usize| {
         if policy == Policy::FairPreempt && tenant == 0 {
@@ -374,7 +393,7 @@ pub fn simulate(
                             TenantShare {
                                 used: used[t],
                                 weight: WEIGHTS[t],
-                                max_gpu_milli: None,
+                                max_gpu_milli: heavy_max.filter(|_| t == 0),
                                 recent_ppb: recent[t].avg_ppb,
                             },
                         )
@@ -465,13 +484,17 @@ pub fn simulate(
             for &j in &queue {
                 backlogged[jobs[j].tenant] = true;
             }
-            let x: Vec<f64> = (0..TENANTS)
+            let x: Vec<(usize, f64)> = (0..TENANTS)
                 .filter(|&t| backlogged[t])
-                .map(|t| dominant_share(&used[t], &capacity, WEIGHTS[t]))
+                .map(|t| (t, dominant_share(&used[t], &capacity, WEIGHTS[t])))
                 .collect();
             if x.len() >= 2 {
-                fairness += jain(&x);
+                fairness += jain(&x.iter().map(|(_, v)| *v).collect::<Vec<_>>());
                 fair_n += 1;
+                for (t, v) in x {
+                    backlog[t].0 += 1;
+                    backlog[t].1 += v;
+                }
             }
         }
         now += args.tick_s;
@@ -492,6 +515,7 @@ pub fn simulate(
         seed: args.seed,
         jobs: jobs.len(),
         half_life_s: args.half_life_s,
+        heavy_max_gpu_pct: args.heavy_max_gpu_pct.filter(|_| fair),
         fairness: if fair_n == 0 {
             1.0
         } else {
@@ -521,6 +545,16 @@ pub fn simulate(
                 )
             })
             .collect(),
+        backlogged_shares: (0..TENANTS)
+            .map(|t| {
+                let (n, sum) = backlog[t];
+                let mean = if n == 0 { 0.0 } else { sum / n as f64 };
+                (
+                    tenant_names[t].clone(),
+                    (n as f64 / fair_n.max(1) as f64, mean),
+                )
+            })
+            .collect(),
         sim_ms: started.elapsed().as_secs_f64() * 1000.0,
     }
 }
@@ -535,6 +569,12 @@ pub fn run_tenants(args: &TenantsArgs) -> anyhow::Result<()> {
         args.tick_s > 0 && args.hours > 0.0 && args.load > 0.0 && args.half_life_s >= 0,
         "--tick-s, --hours and --load must be positive, --half-life-s not negative"
     );
+    if let Some(pct) = args.heavy_max_gpu_pct {
+        anyhow::ensure!(
+            pct > 0.0 && pct <= 100.0,
+            "--heavy-max-gpu-pct must be in (0, 100], got {pct}"
+        );
+    }
     let fifo = simulate(&nodes, &pods, &durations, args, Policy::Fifo);
     let mut fair = simulate(&nodes, &pods, &durations, args, Policy::Fair);
     let mut preempt = simulate(&nodes, &pods, &durations, args, Policy::FairPreempt);
@@ -608,6 +648,7 @@ mod tests {
             max_duration_s: 7200,
             tick_s: 30,
             half_life_s: 3600,
+            heavy_max_gpu_pct: None,
         };
         let fifo = simulate(&nodes, &pods, &durations, &args, Policy::Fifo);
         let fair = simulate(&nodes, &pods, &durations, &args, Policy::Fair);
@@ -627,6 +668,22 @@ mod tests {
             simulate(&nodes, &pods, &durations, &args, Policy::Fair).fairness,
             fair.fairness,
             "deterministic"
+        );
+        // A quota on t0 holds its share below what fair share alone lets
+        // it take; FIFO does not use it.
+        let capped_args = TenantsArgs {
+            heavy_max_gpu_pct: Some(15.0),
+            ..args.clone()
+        };
+        let capped = simulate(&nodes, &pods, &durations, &capped_args, Policy::Fair);
+        let t0 = |r: &TenantsResult| r.backlogged_shares["t0"].1;
+        assert!(t0(&capped) < t0(&fair), "{capped:?}\n{fair:?}");
+        assert_eq!(capped.heavy_max_gpu_pct, Some(15.0));
+        let fifo_capped = simulate(&nodes, &pods, &durations, &capped_args, Policy::Fifo);
+        assert_eq!(fifo_capped.heavy_max_gpu_pct, None);
+        assert_eq!(
+            fifo_capped.fairness, fifo.fairness,
+            "FIFO ignores the quota"
         );
     }
 }
